@@ -1,0 +1,157 @@
+// attnkit/core/simd.hpp — SIMD helpers over xsimd, with the instruction set as a template
+// parameter (Arch, default: the best one the compiler targets).
+//
+// xsimd 8.1 lacks reduce_max and masked loads, and knows nothing of bf16; this header fills
+// those gaps. Loops over n elements process whole batches and finish with a scalar tail.
+// bf16 x bf16 dot products use AVX512-BF16 (vdpbf16ps) when the compiler targets it.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <xsimd/xsimd.hpp>
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#include "attnkit/core/bf16.hpp"
+
+namespace attnkit::simd {
+
+using default_arch = xsimd::default_arch;
+template <class Arch = default_arch>
+using fbatch = xsimd::batch<float, Arch>;
+template <class Arch = default_arch>
+inline constexpr std::size_t width = fbatch<Arch>::size;
+
+template <class Arch = default_arch>
+inline fbatch<Arch> load(const float* p) {
+  return fbatch<Arch>::load_unaligned(p);
+}
+
+// Loads width<Arch> bf16 values widened to float (exact).
+template <class Arch = default_arch>
+inline fbatch<Arch> load(const bf16* p) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<Arch, xsimd::avx512bw> || std::is_same_v<Arch, xsimd::avx512dq> ||
+                std::is_same_v<Arch, xsimd::avx512cd> || std::is_same_v<Arch, xsimd::avx512f>) {
+    const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    return fbatch<Arch>(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+  }
+#endif
+#if defined(__AVX2__)
+  if constexpr (std::is_same_v<Arch, xsimd::avx2> || std::is_same_v<Arch, xsimd::fma3<xsimd::avx2>>) {
+    const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return fbatch<Arch>(_mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)));
+  }
+#endif
+  alignas(64) float tmp[width<Arch>];
+  for (std::size_t i = 0; i < width<Arch>; ++i) tmp[i] = to_float(p[i]);
+  return fbatch<Arch>::load_aligned(tmp);
+}
+
+template <class Arch = default_arch>
+inline void store(float* p, fbatch<Arch> v) {
+  v.store_unaligned(p);
+}
+
+// Stores width<Arch> floats as bf16, rounding to nearest even.
+template <class Arch = default_arch>
+inline void store(bf16* p, fbatch<Arch> v) {
+#if defined(__AVX512BF16__)
+  if constexpr (width<Arch> == 16) {
+    // vcvtneps2bf16 rounds to nearest even (NaN handling differs only in payload).
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+    return;
+  }
+#endif
+  alignas(64) float tmp[width<Arch>];
+  v.store_aligned(tmp);
+  for (std::size_t i = 0; i < width<Arch>; ++i) p[i] = bf16(tmp[i]);
+}
+
+template <class Arch>
+inline float reduce_add(fbatch<Arch> v) {
+  return xsimd::hadd(v);
+}
+
+template <class Arch>
+inline float reduce_max(fbatch<Arch> v) {
+#if defined(__AVX512F__)
+  if constexpr (width<Arch> == 16) return _mm512_reduce_max_ps(v);
+#endif
+  alignas(64) float tmp[width<Arch>];
+  v.store_aligned(tmp);
+  float m = tmp[0];
+  for (std::size_t i = 1; i < width<Arch>; ++i) m = tmp[i] > m ? tmp[i] : m;
+  return m;
+}
+
+// sum_i a[i] * b[i] in float32 with float32 products. A may be float or bf16, B likewise.
+template <class Arch = default_arch, class A, class B>
+inline float dot(const A* a, const B* b, std::int64_t n) {
+  constexpr std::int64_t W = static_cast<std::int64_t>(width<Arch>);
+  fbatch<Arch> acc0(0.f), acc1(0.f);
+  std::int64_t i = 0;
+  for (; i + 2 * W <= n; i += 2 * W) {
+    acc0 = xsimd::fma(load<Arch>(a + i), load<Arch>(b + i), acc0);
+    acc1 = xsimd::fma(load<Arch>(a + i + W), load<Arch>(b + i + W), acc1);
+  }
+  for (; i + W <= n; i += W) acc0 = xsimd::fma(load<Arch>(a + i), load<Arch>(b + i), acc0);
+  float s = reduce_add<Arch>(acc0 + acc1);
+  for (; i < n; ++i) s += to_float(a[i]) * to_float(b[i]);
+  return s;
+}
+
+// bf16 x bf16 dot product: products are exact in float32, accumulation in float32. Uses the
+// AVX512-BF16 dot-product instruction (32 products per instruction) when available.
+template <class Arch = default_arch>
+inline float dot_bf16(const bf16* a, const bf16* b, std::int64_t n) {
+#if defined(__AVX512BF16__)
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  std::int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
+    acc1 = _mm512_dpbf16_ps(acc1, (__m512bh)_mm512_loadu_si512(a + i + 32),
+                            (__m512bh)_mm512_loadu_si512(b + i + 32));
+  }
+  for (; i + 32 <= n; i += 32)
+    acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += to_float(a[i]) * to_float(b[i]);
+  return s;
+#else
+  return dot<Arch>(a, b, n);
+#endif
+}
+
+// y[i] += alpha * x[i]
+template <class Arch = default_arch, class X>
+inline void axpy(float alpha, const X* x, float* y, std::int64_t n) {
+  constexpr std::int64_t W = static_cast<std::int64_t>(width<Arch>);
+  const fbatch<Arch> a(alpha);
+  std::int64_t i = 0;
+  for (; i + W <= n; i += W) store<Arch>(y + i, xsimd::fma(a, load<Arch>(x + i), load<Arch>(y + i)));
+  for (; i < n; ++i) y[i] += alpha * to_float(x[i]);
+}
+
+// y[i] *= alpha
+template <class Arch = default_arch>
+inline void scale(float alpha, float* y, std::int64_t n) {
+  constexpr std::int64_t W = static_cast<std::int64_t>(width<Arch>);
+  const fbatch<Arch> a(alpha);
+  std::int64_t i = 0;
+  for (; i + W <= n; i += W) store<Arch>(y + i, a * load<Arch>(y + i));
+  for (; i < n; ++i) y[i] *= alpha;
+}
+
+// Converts n floats to bf16 (round to nearest even) with SIMD where available.
+template <class Arch = default_arch>
+inline void to_bf16(const float* src, bf16* dst, std::int64_t n) {
+  constexpr std::int64_t W = static_cast<std::int64_t>(width<Arch>);
+  std::int64_t i = 0;
+  for (; i + W <= n; i += W) store<Arch>(dst + i, load<Arch>(src + i));
+  for (; i < n; ++i) dst[i] = bf16(src[i]);
+}
+
+}  // namespace attnkit::simd
