@@ -1,0 +1,71 @@
+// tests/test_util.hpp — helpers shared by the test executables: seeded random data, poisoning,
+// relative L2 error with NaN detection.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "attnkit/core/bf16.hpp"
+
+namespace attnkit::test {
+
+// A fresh seed per call (so every case sees new inputs) that is printed on failure by the caller.
+inline std::uint64_t fresh_seed() {
+  static std::random_device rd;
+  return (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+}
+
+struct Rng {
+  std::mt19937_64 gen;
+  explicit Rng(std::uint64_t seed) : gen(seed) {}
+  float uniform(float lo = -1.f, float hi = 1.f) { return std::uniform_real_distribution<float>(lo, hi)(gen); }
+  float normal(float stddev = 1.f) { return std::normal_distribution<float>(0.f, stddev)(gen); }
+  std::int64_t integer(std::int64_t lo, std::int64_t hi) {  // inclusive
+    return std::uniform_int_distribution<std::int64_t>(lo, hi)(gen);
+  }
+  std::vector<float> normal_vec(std::size_t n, float stddev = 1.f) {
+    std::vector<float> v(n);
+    for (auto& x : v) x = normal(stddev);
+    return v;
+  }
+};
+
+// Fills with NaN so any element a kernel forgets to write fails the comparison.
+template <class T>
+void poison(std::vector<T>& v) {
+  for (auto& x : v) {
+    if constexpr (std::is_same_v<T, bf16>) x = bf16(std::numeric_limits<float>::quiet_NaN());
+    else x = std::numeric_limits<T>::quiet_NaN();
+  }
+}
+
+// ||a - b|| / ||b|| over n elements; returns +inf if any element of a or b is not finite, so NaN
+// never passes a bound. If ||b|| == 0 returns ||a - b||.
+template <class A, class B>
+double rel_l2(const A* a, const B* b, std::size_t n) {
+  double num = 0, den = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const double x = static_cast<double>(to_float(a[i])), y = static_cast<double>(b[i]);
+    if (!std::isfinite(x) || !std::isfinite(y)) return std::numeric_limits<double>::infinity();
+    num += (x - y) * (x - y);
+    den += y * y;
+  }
+  return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
+}
+template <class A, class B>
+double rel_l2(const std::vector<A>& a, const std::vector<B>& b) {
+  return a.size() == b.size() ? rel_l2(a.data(), b.data(), a.size()) : std::numeric_limits<double>::infinity();
+}
+
+inline double to_float(double x) { return x; }
+
+template <class T>
+bool bit_equal(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+}  // namespace attnkit::test
