@@ -1,0 +1,253 @@
+// attnkit-qwen3 — run a Qwen3 forward pass on the CPU with attnkit.
+//
+//   attnkit-qwen3                                  built-in small random model, random prompt
+//   attnkit-qwen3 --model DIR --ids 1,2,3 --generate 8
+//   attnkit-qwen3 --random qwen3-0.6b --dtype bf16 --prompt-len 512 --generate 32 --precision fast
+//
+// Prints a model summary and `prefill: N tok/s` / `decode: N tok/s`; exits 1 with a message on
+// bad input. See --help.
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <random>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "attnkit/attnkit.hpp"
+
+using namespace attnkit;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+const char* kUsage = R"(usage: attnkit-qwen3 [options]
+model (default: a built-in small deterministic random Qwen3, nothing to download):
+  --model DIR              Hugging Face checkpoint directory (config.json + safetensors)
+  --random NAME|FILE.json  random weights of a named shape (qwen3-0.6b, tiny) or of a config file
+  --dtype f32|bf16         weight type for --random and the default model (default bf16)
+  --seed N                 seed of the random weights (default 0)
+input (default: --prompt-len 32 random ids):
+  --ids 1,2,3              token ids
+  --ids-from FILE:TENSOR   token ids from an I64/I32 tensor of a safetensors file
+  --prompt-len N           N random token ids (benchmarking)
+run:
+  --decode                 feed the ids one token at a time through the caches instead of one prefill
+  --chunk N                prefill in chunks of N tokens (continuing the caches)
+  --generate N             greedy continuation of N tokens; prints `generated: id id ...`
+  --logits-out FILE        write tensor `logits` F32 [T, vocab], one row per input token
+  --threads N              OpenMP threads (default: OMP_NUM_THREADS or all cores)
+  --precision exact|fast   matrix products: fp32-accurate (default) or bf16-rounded activations (faster)
+  --kv-cache f32|bf16      KV cache storage (default f32)
+  --help
+)";
+
+[[noreturn]] void die(const std::string& msg) {
+  std::fprintf(stderr, "attnkit-qwen3: error: %s\n", msg.c_str());
+  std::exit(1);
+}
+
+std::int64_t parse_int(const std::string& s, const char* what, std::int64_t lo = 0) {
+  std::size_t pos = 0;
+  long long v = 0;
+  try {
+    v = std::stoll(s, &pos);
+  } catch (...) {
+    die(std::string(what) + ": not an integer: '" + s + "'");
+  }
+  if (pos != s.size()) die(std::string(what) + ": not an integer: '" + s + "'");
+  if (v < lo) die(std::string(what) + ": must be >= " + std::to_string(lo) + ", got " + s);
+  return v;
+}
+
+std::vector<std::int64_t> parse_ids(const std::string& s) {
+  std::vector<std::int64_t> ids;
+  std::stringstream ss(s);
+  std::string tok;
+  while (std::getline(ss, tok, ',')) {
+    if (tok.empty()) die("--ids: empty entry in '" + s + "'");
+    ids.push_back(parse_int(tok, "--ids"));
+  }
+  if (ids.empty()) die("--ids: no token ids given");
+  return ids;
+}
+
+// The built-in default: small enough to build in well under a second, with both layer types.
+io::Qwen3Config builtin_config() {
+  nlohmann::json j = {{"model_type", "qwen3"},       {"vocab_size", 4096},          {"hidden_size", 256},
+                      {"intermediate_size", 768},    {"num_hidden_layers", 4},      {"num_attention_heads", 8},
+                      {"num_key_value_heads", 4},    {"head_dim", 64},              {"rms_norm_eps", 1e-6},
+                      {"rope_parameters", {{"rope_theta", 1000000.0}, {"rope_type", "default"}}},
+                      {"max_position_embeddings", 4096}, {"tie_word_embeddings", true}, {"hidden_act", "silu"},
+                      {"use_sliding_window", true},  {"sliding_window", 64},
+                      {"layer_types", {"full_attention", "sliding_attention", "full_attention", "sliding_attention"}},
+                      {"dtype", "bfloat16"}};
+  return io::Qwen3Config::from_json(j, "built-in default");
+}
+
+io::Qwen3Config named_config(const std::string& name) {
+  if (name == "qwen3-0.6b" || name == "Qwen3-0.6B") return io::qwen3_0_6b_config();
+  if (name == "tiny" || name == "default") return builtin_config();
+  if (name.size() > 5 && name.substr(name.size() - 5) == ".json") return io::Qwen3Config::load(name);
+  die("--random: unknown shape '" + name + "' (known: qwen3-0.6b, tiny, or a config .json file)");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::string model_dir, random_name, dtype = "bf16", ids_arg, ids_from, logits_out;
+  std::int64_t prompt_len = -1, generate = -1, chunk = 0, seed = 0;
+  int threads = 0;
+  bool decode = false;
+  Precision precision = Precision::exact;
+  model::CacheType kv = model::CacheType::f32;
+
+  std::vector<std::string> args(argv + 1, argv + argc);
+  for (std::size_t i = 0; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= args.size()) die(a + ": missing value");
+      return args[++i];
+    };
+    if (a == "--help" || a == "-h") {
+      std::fputs(kUsage, stdout);
+      return 0;
+    } else if (a == "--model") model_dir = value();
+    else if (a == "--random") random_name = value();
+    else if (a == "--dtype") {
+      dtype = value();
+      if (dtype != "f32" && dtype != "bf16") die("--dtype: expected f32 or bf16, got '" + dtype + "'");
+    } else if (a == "--seed") seed = parse_int(value(), "--seed");
+    else if (a == "--ids") ids_arg = value();
+    else if (a == "--ids-from") ids_from = value();
+    else if (a == "--prompt-len") prompt_len = parse_int(value(), "--prompt-len", 1);
+    else if (a == "--logits-out") logits_out = value();
+    else if (a == "--decode") decode = true;
+    else if (a == "--chunk") chunk = parse_int(value(), "--chunk", 1);
+    else if (a == "--generate") generate = parse_int(value(), "--generate", 0);
+    else if (a == "--threads") threads = static_cast<int>(parse_int(value(), "--threads", 1));
+    else if (a == "--precision") {
+      const std::string p = value();
+      if (p == "exact") precision = Precision::exact;
+      else if (p == "fast") precision = Precision::fast;
+      else die("--precision: expected exact or fast, got '" + p + "'");
+    } else if (a == "--kv-cache") {
+      const std::string p = value();
+      if (p == "f32") kv = model::CacheType::f32;
+      else if (p == "bf16") kv = model::CacheType::bf16;
+      else die("--kv-cache: expected f32 or bf16, got '" + p + "'");
+    } else die("unknown option '" + a + "' (see --help)");
+  }
+  if (!model_dir.empty() && !random_name.empty()) die("--model and --random exclude each other");
+  if ((!ids_arg.empty()) + (!ids_from.empty()) + (prompt_len > 0) > 1)
+    die("give at most one of --ids, --ids-from, --prompt-len");
+  if (decode && chunk > 0) die("--decode and --chunk exclude each other");
+  if (threads > 0) omp_set_num_threads(threads);
+  const int nthreads = default_num_threads();
+
+  try {
+    // ---- model
+    const auto t_load = Clock::now();
+    const bool builtin = model_dir.empty() && random_name.empty();
+    const auto wtype = dtype == "f32" ? model::WeightType::f32 : model::WeightType::bf16;
+    model::Qwen3Model m = !model_dir.empty()
+                              ? model::Qwen3Model::load(model_dir)
+                              : model::Qwen3Model::random(builtin ? builtin_config() : named_config(random_name), wtype,
+                                                          static_cast<std::uint64_t>(seed));
+    const double load_s = std::chrono::duration<double>(Clock::now() - t_load).count();
+    const auto& c = m.config();
+    std::int64_t sliding = 0;
+    for (auto t : c.layer_types) sliding += t == io::LayerType::sliding_attention;
+    std::printf("model: %s%s\n", builtin ? "built-in default, " : "", m.source().c_str());
+    std::printf("  %lld layers (%lld sliding, window %lld), hidden %lld, heads %lld/%lld kv, head_dim %lld, "
+                "intermediate %lld, vocab %lld, %s weights, %.1f MB packed, %s embeddings, built in %.2f s\n",
+                (long long)c.num_hidden_layers, (long long)sliding, (long long)c.sliding_window.value_or(0),
+                (long long)c.hidden_size, (long long)c.num_attention_heads, (long long)c.num_key_value_heads,
+                (long long)c.head_dim, (long long)c.intermediate_size, (long long)c.vocab_size,
+                model::weight_type_name(m.weight_type()), m.weight_bytes() / 1e6,
+                c.tie_word_embeddings ? "tied" : "untied", load_s);
+    std::printf("  threads %d, precision %s, kv cache %s\n", nthreads, precision == Precision::exact ? "exact" : "fast",
+                kv == model::CacheType::f32 ? "f32" : "bf16");
+
+    // ---- input ids
+    std::vector<std::int64_t> ids;
+    if (!ids_arg.empty()) ids = parse_ids(ids_arg);
+    else if (!ids_from.empty()) {
+      const auto colon = ids_from.rfind(':');
+      if (colon == std::string::npos || colon == 0 || colon + 1 == ids_from.size())
+        die("--ids-from: expected FILE.safetensors:TENSOR, got '" + ids_from + "'");
+      auto f = io::SafetensorsFile::open(ids_from.substr(0, colon));
+      ids = io::to_i64(f.tensor(ids_from.substr(colon + 1)));
+      if (ids.empty()) die("--ids-from: tensor '" + ids_from.substr(colon + 1) + "' is empty");
+    } else {
+      std::mt19937_64 gen(static_cast<std::uint64_t>(seed) + 1);
+      std::uniform_int_distribution<std::int64_t> tok(0, c.vocab_size - 1);
+      ids.resize(static_cast<std::size_t>(prompt_len > 0 ? prompt_len : 32));
+      for (auto& t : ids) t = tok(gen);
+    }
+    const std::int64_t T = static_cast<std::int64_t>(ids.size()), V = c.vocab_size;
+    for (std::int64_t t = 0; t < T; ++t)
+      if (ids[t] < 0 || ids[t] >= V)
+        die("token id " + std::to_string(ids[t]) + " at index " + std::to_string(t) + " outside the vocabulary [0, " +
+            std::to_string(V) + ")");
+    if (builtin && generate < 0) generate = 16;
+
+    // ---- run
+    model::SessionOptions so;
+    so.kv_type = kv;
+    so.reserve_tokens = T + std::max<std::int64_t>(generate, 0);
+    model::Session s = m.new_session(so);
+    model::ForwardOptions fo;
+    fo.precision = precision;
+    const bool want_all = !logits_out.empty();
+    std::vector<float> logits(static_cast<std::size_t>((want_all ? T : 1) * V));
+    const auto t0 = Clock::now();
+    if (decode) {
+      fo.logits = model::LogitsRows::last;
+      for (std::int64_t t = 0; t < T; ++t) {
+        float* row = logits.data() + (want_all ? t : 0) * V;
+        m.forward(s, std::span<const std::int64_t>(&ids[t], 1), View2<float>(row, {1, V}), fo);
+      }
+    } else {
+      const std::int64_t step = chunk > 0 ? chunk : T;
+      for (std::int64_t b = 0; b < T; b += step) {
+        const std::int64_t n = std::min(step, T - b);
+        const bool last = b + n == T;
+        fo.logits = want_all ? model::LogitsRows::all : (last ? model::LogitsRows::last : model::LogitsRows::none);
+        View2<float> out = want_all ? View2<float>(logits.data() + b * V, {n, V})
+                                    : (last ? View2<float>(logits.data(), {1, V}) : View2<float>());
+        m.forward(s, std::span<const std::int64_t>(ids.data() + b, static_cast<std::size_t>(n)), out, fo);
+      }
+    }
+    const double in_s = std::chrono::duration<double>(Clock::now() - t0).count();
+    std::printf("%s: %.1f tok/s (%lld tokens in %.3f s)\n", decode ? "decode" : "prefill", T / in_s, (long long)T, in_s);
+
+    if (!logits_out.empty()) {
+      io::SafetensorsWriter w;
+      w.add_f32("logits", {T, V}, logits.data());
+      w.write(logits_out);
+      std::printf("logits: wrote [%lld, %lld] to %s\n", (long long)T, (long long)V, logits_out.c_str());
+    }
+
+    if (generate > 0) {
+      std::vector<std::int64_t> gen;
+      fo.logits = model::LogitsRows::last;
+      std::vector<float> row(logits.end() - V, logits.end());
+      const auto tg = Clock::now();
+      for (std::int64_t i = 0; i < generate; ++i) {
+        gen.push_back(ops::argmax(row.data(), V));
+        if (i + 1 < generate) m.forward(s, std::span<const std::int64_t>(&gen.back(), 1), View2<float>(row.data(), {1, V}), fo);
+      }
+      const double gs = std::chrono::duration<double>(Clock::now() - tg).count();
+      std::printf("generated:");
+      for (auto g : gen) std::printf(" %lld", (long long)g);
+      std::printf("\n");
+      if (generate > 1) std::printf("decode: %.1f tok/s (%lld tokens in %.3f s)\n", (generate - 1) / gs, (long long)(generate - 1), gs);
+    }
+  } catch (const std::exception& e) {
+    die(e.what());
+  }
+  return 0;
+}

@@ -1,0 +1,27 @@
+// attnkit/attnkit.hpp — umbrella header: includes the whole library.
+// Engines that want only one kernel include its header directly (each is self-contained).
+#pragma once
+
+#include "attnkit/core/bf16.hpp"
+#include "attnkit/core/error.hpp"
+#include "attnkit/core/simd.hpp"
+#include "attnkit/core/threading.hpp"
+#include "attnkit/core/view.hpp"
+
+#include "attnkit/attention/common.hpp"
+#include "attnkit/attention/decode.hpp"
+#include "attnkit/attention/kv_cache.hpp"
+#include "attnkit/attention/merge.hpp"
+#include "attnkit/attention/prefill.hpp"
+
+#include "attnkit/linalg/packed_linear.hpp"
+
+#include "attnkit/io/config.hpp"
+#include "attnkit/io/safetensors.hpp"
+
+#include "attnkit/model/attention_mixer.hpp"
+#include "attnkit/model/mixer.hpp"
+#include "attnkit/model/ops.hpp"
+#include "attnkit/model/qwen3.hpp"
+#include "attnkit/model/residual.hpp"
+#include "attnkit/model/tensor_source.hpp"

@@ -1,0 +1,115 @@
+// attnkit/model/mixer.hpp — the token-mixer seam of a decoder block.
+//
+// A decoder block is  h -> pre-norm -> token mixer -> (residual policy) -> pre-norm -> MLP.
+// The token mixer is the part that moves information across tokens (attention of some kind,
+// a recurrence, ...). Each mixer owns its weights and creates its own per-sequence state (KV
+// cache, ring buffer, recurrent state). Adding a mixer is a new file with a TokenMixer subclass
+// and a factory registered under the config's layer-type name; nothing else changes.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+
+#include "attnkit/core/error.hpp"
+#include "attnkit/core/view.hpp"
+#include "attnkit/io/config.hpp"
+#include "attnkit/linalg/packed_linear.hpp"
+#include "attnkit/model/ops.hpp"
+#include "attnkit/model/tensor_source.hpp"
+
+namespace attnkit::model {
+
+enum class CacheType { f32, bf16 };
+
+// Per-sequence settings that shape the mixer states.
+struct SessionOptions {
+  CacheType kv_type = CacheType::f32;
+  std::int64_t reserve_tokens = 0;  // KV capacity to reserve up front (0: grow on demand)
+};
+
+// Per-call settings of one forward step (a prefill chunk or a decode step).
+struct StepContext {
+  std::int64_t pos0 = 0;     // absolute position of the first token of this step
+  int num_threads = 0;       // 0: OpenMP default
+  Precision precision = Precision::exact;
+};
+
+class MixerState {
+ public:
+  virtual ~MixerState() = default;
+};
+
+class TokenMixer {
+ public:
+  virtual ~TokenMixer() = default;
+  virtual std::string kind() const = 0;
+  virtual std::unique_ptr<MixerState> new_state(const SessionOptions& opt) const = 0;
+  // x: normalised input [T, D]; out: [T, D] (overwritten). Consumes the step's tokens into `state`.
+  virtual void forward(ConstView2<float> x, View2<float> out, MixerState& state, const StepContext& ctx) const = 0;
+  virtual std::size_t weight_bytes() const = 0;
+};
+
+// What a mixer factory gets: the config, the layer index, the weight source, and objects shared
+// across layers (e.g. the RoPE table).
+struct BuildContext {
+  const io::Qwen3Config& config;
+  const TensorSource& source;
+  std::shared_ptr<const ops::Rope> rope;
+  std::string prefix(int layer) const { return "model.layers." + std::to_string(layer) + "."; }
+};
+
+using MixerFactory = std::function<std::unique_ptr<TokenMixer>(const BuildContext&, int layer)>;
+
+// Layer-type name (config.json's layer_types vocabulary) -> factory.
+class MixerRegistry {
+ public:
+  void add(std::string layer_type, MixerFactory f) { factories_[std::move(layer_type)] = std::move(f); }
+  bool has(const std::string& layer_type) const { return factories_.count(layer_type) != 0; }
+  std::unique_ptr<TokenMixer> build(const std::string& layer_type, const BuildContext& ctx, int layer) const {
+    auto it = factories_.find(layer_type);
+    ATTNKIT_REQUIRE(it != factories_.end(), "MixerRegistry::build: layer ", layer, ": no token mixer registered for layer type '",
+                    layer_type, "'");
+    return it->second(ctx, layer);
+  }
+
+ private:
+  std::map<std::string, MixerFactory> factories_;
+};
+
+// Packs a linear layer from a source tensor [out, in], keeping its storage type.
+inline PackedLinear pack_linear(const HostTensor& t) {
+  const std::int64_t out = t.shape.at(0), in = t.shape.at(1);
+  return t.type == WeightType::bf16 ? PackedLinear::pack(t.bf16_data(), out, in, in) : PackedLinear::pack(t.f32(), out, in, in);
+}
+
+// Packs several [out_i, in] tensors as one [sum out_i, in] linear layer (fused q/k/v or
+// gate/up: one pass over the activations instead of several). All parts must share a type.
+inline PackedLinear pack_fused(const std::vector<const HostTensor*>& parts) {
+  const std::int64_t in = parts.at(0)->shape.at(1);
+  std::int64_t out = 0;
+  for (auto* p : parts) {
+    ATTNKIT_REQUIRE(p->shape.at(1) == in && p->type == parts[0]->type, "pack_fused: parts differ in width or type");
+    out += p->shape[0];
+  }
+  if (parts[0]->type == WeightType::bf16) {
+    std::vector<bf16> w(static_cast<std::size_t>(out * in));
+    std::int64_t row = 0;
+    for (auto* p : parts) {
+      std::memcpy(w.data() + row * in, p->data, static_cast<std::size_t>(p->numel()) * sizeof(bf16));
+      row += p->shape[0];
+    }
+    return PackedLinear::pack(w.data(), out, in, in);
+  }
+  std::vector<float> w(static_cast<std::size_t>(out * in));
+  std::int64_t row = 0;
+  for (auto* p : parts) {
+    std::memcpy(w.data() + row * in, p->data, static_cast<std::size_t>(p->numel()) * sizeof(float));
+    row += p->shape[0];
+  }
+  return PackedLinear::pack(w.data(), out, in, in);
+}
+
+}  // namespace attnkit::model

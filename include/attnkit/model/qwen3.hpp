@@ -1,0 +1,256 @@
+// attnkit/model/qwen3.hpp — the Qwen3 decoder, composed from token mixers and a residual policy.
+//
+//   x0 = embed[ids];  per layer l:  h = R.input(l, mixer); R.add(mixer_l(RMSNorm_in(h)))
+//                                    h = R.input(l, mlp);   R.add(MLP_l(RMSNorm_post(h)))
+//   logits = RMSNorm_final(R.output()) E^T            (spec §1.5; E tied or lm_head.weight)
+// With the plain SumResidual policy this is exactly Hugging Face's Qwen3ForCausalLM. The token
+// mixer of each layer comes from a MixerRegistry keyed by config layer_types; the residual policy
+// is a parameter. Weights stay in their stored type (f32 or bf16) and are packed once at build.
+//
+// Inference: a Session holds the per-layer states (KV caches). forward() runs any number of new
+// tokens at the session's current position: a whole prompt (prefill), a chunk of one (chunked
+// prefill), or one token (decode); the states advance by that many tokens.
+#pragma once
+
+#include <chrono>
+#include <filesystem>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "attnkit/io/config.hpp"
+#include "attnkit/io/safetensors.hpp"
+#include "attnkit/model/attention_mixer.hpp"
+#include "attnkit/model/mixer.hpp"
+#include "attnkit/model/ops.hpp"
+#include "attnkit/model/residual.hpp"
+#include "attnkit/model/tensor_source.hpp"
+
+namespace attnkit::model {
+
+// SwiGLU MLP (spec §1.4) with gate and up fused into one packed [2I, D] product.
+class SwiGLU {
+ public:
+  SwiGLU() = default;
+  SwiGLU(const BuildContext& ctx, int layer) {
+    const auto& c = ctx.config;
+    I_ = c.intermediate_size;
+    const std::string p = ctx.prefix(layer) + "mlp.";
+    HostTensor g = ctx.source.get(p + "gate_proj.weight", {I_, c.hidden_size});
+    HostTensor u = ctx.source.get(p + "up_proj.weight", {I_, c.hidden_size});
+    gate_up_ = pack_fused({&g, &u});
+    down_ = pack_linear(ctx.source.get(p + "down_proj.weight", {c.hidden_size, I_}));
+  }
+  void forward(ConstView2<float> x, View2<float> out, const StepContext& ctx) const {
+    const std::int64_t T = x.shape[0];
+    std::vector<float> gu(static_cast<std::size_t>(T * 2 * I_)), act(static_cast<std::size_t>(T * I_));
+    gate_up_.forward(x, View2<float>(gu.data(), {T, 2 * I_}), {ctx.precision, ctx.num_threads, false});
+    ops::silu_mul(View2<float>(gu.data(), {T, 2 * I_}), View2<float>(act.data(), {T, I_}));
+    down_.forward(View2<float>(act.data(), {T, I_}), out, {ctx.precision, ctx.num_threads, false});
+  }
+  std::size_t weight_bytes() const { return gate_up_.bytes() + down_.bytes(); }
+
+ private:
+  std::int64_t I_ = 0;
+  PackedLinear gate_up_, down_;
+};
+
+struct DecoderLayer {
+  std::unique_ptr<TokenMixer> mixer;
+  SwiGLU mlp;
+  std::vector<float> input_norm, post_norm;
+};
+
+inline MixerRegistry default_mixers() {
+  MixerRegistry r;
+  register_qwen3_attention(r);
+  return r;
+}
+
+inline std::string layer_type_name(io::LayerType t) {
+  return t == io::LayerType::sliding_attention ? "sliding_attention" : "full_attention";
+}
+
+class Session;
+
+// Which rows of logits a forward step computes.
+enum class LogitsRows { all, last, none };
+
+struct ForwardOptions {
+  LogitsRows logits = LogitsRows::all;
+  Precision precision = Precision::exact;
+  int num_threads = 0;
+  // Called with (index, hidden [T, D]) for the embeddings (0), after each layer (1..L), and
+  // after the final norm (L+1) — the layout of Hugging Face's output_hidden_states.
+  std::function<void(int, ConstView2<float>)> on_hidden;
+};
+
+class Qwen3Model {
+ public:
+  // Builds from any tensor source. The source must outlive the model only while building,
+  // except that a CheckpointSource's mapping is not needed afterwards either (weights are packed).
+  static Qwen3Model build(const io::Qwen3Config& config, const TensorSource& source,
+                          const MixerRegistry& mixers = default_mixers(),
+                          std::shared_ptr<const ResidualPolicy> residual = std::make_shared<SumResidual>()) {
+    config.validate();
+    Qwen3Model m;
+    m.config_ = config;
+    m.source_ = source.describe();
+    m.residual_ = std::move(residual);
+    auto rope = std::make_shared<const ops::Rope>(config.head_dim, config.rope_theta);
+    BuildContext ctx{m.config_, source, rope};
+    const std::int64_t D = config.hidden_size, V = config.vocab_size;
+    for (int l = 0; l < config.num_hidden_layers; ++l) {
+      DecoderLayer layer;
+      layer.mixer = mixers.build(layer_type_name(config.layer_types.at(static_cast<std::size_t>(l))), ctx, l);
+      layer.mlp = SwiGLU(ctx, l);
+      layer.input_norm = source.get(ctx.prefix(l) + "input_layernorm.weight", {D}).to_f32();
+      layer.post_norm = source.get(ctx.prefix(l) + "post_attention_layernorm.weight", {D}).to_f32();
+      m.layers_.push_back(std::move(layer));
+    }
+    m.final_norm_ = source.get("model.norm.weight", {D}).to_f32();
+    HostTensor embed = source.get("model.embed_tokens.weight", {V, D});
+    m.weight_type_ = embed.type;
+    if (config.tie_word_embeddings && !source.contains("lm_head.weight")) {
+      m.lm_head_ = pack_linear(embed);  // tied: lookups read rows back from the packed head
+      m.tied_ = true;
+    } else {
+      m.lm_head_ = pack_linear(source.get("lm_head.weight", {V, D}));
+      m.embed_ = pack_linear(embed);
+    }
+    return m;
+  }
+
+  // Loads a Hugging Face checkpoint directory (config.json + safetensors).
+  static Qwen3Model load(const std::filesystem::path& dir, const MixerRegistry& mixers = default_mixers()) {
+    io::Qwen3Config config = io::Qwen3Config::load(dir / "config.json");
+    CheckpointSource src(dir);
+    return build(config, src, mixers);
+  }
+
+  // Deterministic random weights of the given shape (benchmarks, the built-in default model).
+  static Qwen3Model random(const io::Qwen3Config& config, WeightType type, std::uint64_t seed = 0) {
+    RandomSource src(type, seed);
+    return build(config, src);
+  }
+
+  const io::Qwen3Config& config() const { return config_; }
+  const std::string& source() const { return source_; }
+  WeightType weight_type() const { return weight_type_; }
+  int num_layers() const { return static_cast<int>(layers_.size()); }
+  const TokenMixer& mixer(int layer) const { return *layers_.at(static_cast<std::size_t>(layer)).mixer; }
+  std::size_t weight_bytes() const {
+    std::size_t b = lm_head_.bytes() + (tied_ ? 0 : embed_.bytes());
+    for (auto& l : layers_) b += l.mixer->weight_bytes() + l.mlp.weight_bytes();
+    return b;
+  }
+
+  inline Session new_session(const SessionOptions& opt = {}) const;
+
+  // Runs ids at the session's position; writes logits [T, V] (LogitsRows::all) or [1, V]
+  // (last) into `logits`, which must have that shape (or be empty for LogitsRows::none).
+  inline void forward(Session& s, std::span<const std::int64_t> ids, View2<float> logits,
+                      const ForwardOptions& opt = {}) const;
+
+  // Embedding row of token `id` as float.
+  void embed(std::int64_t id, float* dst) const {
+    ATTNKIT_REQUIRE(id >= 0 && id < config_.vocab_size, "Qwen3Model: token id ", id, " outside the vocabulary [0, ",
+                    config_.vocab_size, ")");
+    (tied_ ? lm_head_ : embed_).row(id, dst);
+  }
+
+ private:
+  io::Qwen3Config config_;
+  std::string source_;
+  WeightType weight_type_ = WeightType::f32;
+  std::vector<DecoderLayer> layers_;
+  std::vector<float> final_norm_;
+  PackedLinear embed_, lm_head_;
+  bool tied_ = false;
+  std::shared_ptr<const ResidualPolicy> residual_;
+};
+
+class Session {
+ public:
+  std::int64_t position() const { return position_; }
+  const SessionOptions& options() const { return opt_; }
+
+ private:
+  friend class Qwen3Model;
+  SessionOptions opt_;
+  std::vector<std::unique_ptr<MixerState>> states_;
+  std::int64_t position_ = 0;
+};
+
+inline Session Qwen3Model::new_session(const SessionOptions& opt) const {
+  Session s;
+  s.opt_ = opt;
+  for (auto& l : layers_) s.states_.push_back(l.mixer->new_state(opt));
+  return s;
+}
+
+inline void Qwen3Model::forward(Session& s, std::span<const std::int64_t> ids, View2<float> logits,
+                                const ForwardOptions& opt) const {
+  const std::int64_t T = static_cast<std::int64_t>(ids.size());
+  const std::int64_t D = config_.hidden_size, V = config_.vocab_size;
+  ATTNKIT_REQUIRE(T > 0, "Qwen3Model::forward: argument 'ids': empty");
+  ATTNKIT_REQUIRE(s.states_.size() == layers_.size(), "Qwen3Model::forward: argument 'session': made by another model");
+  const std::int64_t rows = opt.logits == LogitsRows::all ? T : opt.logits == LogitsRows::last ? 1 : 0;
+  if (rows > 0) {
+    ATTNKIT_REQUIRE(logits.shape[0] == rows && logits.shape[1] == V, "Qwen3Model::forward: argument 'logits': shape ",
+                    detail::shape_string(logits), ", expected [", rows, ", ", V, "]");
+    check_view(logits, "Qwen3Model::forward", "logits");
+  }
+  for (std::int64_t t = 0; t < T; ++t)
+    ATTNKIT_REQUIRE(ids[t] >= 0 && ids[t] < V, "Qwen3Model::forward: argument 'ids': token id ", ids[t], " at index ", t,
+                    " outside the vocabulary [0, ", V, ")");
+
+  std::vector<float> x(static_cast<std::size_t>(T * D)), xn(x.size()), y(x.size());
+  for (std::int64_t t = 0; t < T; ++t) embed(ids[t], x.data() + t * D);
+  View2<float> xv(x.data(), {T, D}), xnv(xn.data(), {T, D}), yv(y.data(), {T, D});
+  if (opt.on_hidden) opt.on_hidden(0, xv);
+
+  const StepContext ctx{s.position_, opt.num_threads, opt.precision};
+  auto stream = residual_->begin(xv);
+  for (std::size_t l = 0; l < layers_.size(); ++l) {
+    const DecoderLayer& layer = layers_[l];
+    const int li = static_cast<int>(l);
+    const float eps = static_cast<float>(config_.rms_norm_eps);
+    ops::rms_norm(stream->input(li, Sublayer::mixer), layer.input_norm.data(), eps, xnv);
+    layer.mixer->forward(xnv, yv, *s.states_[l], ctx);
+    stream->add_output(li, Sublayer::mixer, yv);
+    ops::rms_norm(stream->input(li, Sublayer::mlp), layer.post_norm.data(), eps, xnv);
+    layer.mlp.forward(xnv, yv, ctx);
+    stream->add_output(li, Sublayer::mlp, yv);
+    if (opt.on_hidden && l + 1 < layers_.size()) opt.on_hidden(li + 1, stream->output());
+  }
+  ops::rms_norm(stream->output(), final_norm_.data(), static_cast<float>(config_.rms_norm_eps), xnv);
+  if (opt.on_hidden) opt.on_hidden(static_cast<int>(layers_.size()), xnv);
+  s.position_ += T;
+  if (rows == 0) return;
+  ConstView2<float> head_in = rows == T ? ConstView2<float>(xnv) : ConstView2<float>(xnv.slice(0, T - 1, T));
+  lm_head_.forward(head_in, logits, {opt.precision, opt.num_threads, false});
+}
+
+// Greedy continuation: prefills `prompt` (in one step) then decodes n tokens, each the argmax of
+// the previous logits. Returns the n generated ids.
+inline std::vector<std::int64_t> generate_greedy(const Qwen3Model& m, Session& s, std::span<const std::int64_t> prompt,
+                                                 std::int64_t n, const ForwardOptions& base = {}) {
+  const std::int64_t V = m.config().vocab_size;
+  std::vector<float> logits(static_cast<std::size_t>(V));
+  ForwardOptions opt = base;
+  opt.logits = LogitsRows::last;
+  std::vector<std::int64_t> out;
+  if (n <= 0) return out;
+  m.forward(s, prompt, View2<float>(logits.data(), {1, V}), opt);
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::int64_t next = ops::argmax(logits.data(), V);
+    out.push_back(next);
+    if (i + 1 < n) m.forward(s, std::span<const std::int64_t>(&out.back(), 1), View2<float>(logits.data(), {1, V}), opt);
+  }
+  return out;
+}
+
+}  // namespace attnkit::model

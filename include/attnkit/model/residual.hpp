@@ -1,0 +1,66 @@
+// attnkit/model/residual.hpp — the residual-policy seam of a decoder stack.
+//
+// A residual policy decides what each sublayer (token mixer, MLP) sees as input and what
+// becomes of its output. The plain transformer sums outputs into one stream; Attention
+// Residuals instead route over earlier layer outputs with a softmax. The stack asks a
+// per-forward ResidualStream for each sublayer's input, hands it each sublayer's output, and
+// takes the stream's final output to the final norm. Policies that need weights read them from
+// the TensorSource at build time.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "attnkit/core/view.hpp"
+#include "attnkit/model/ops.hpp"
+
+namespace attnkit::model {
+
+enum class Sublayer { mixer, mlp };
+
+class ResidualStream {
+ public:
+  virtual ~ResidualStream() = default;
+  // Input of sublayer `s` of layer `layer`, before its pre-norm: [T, D], valid until the next call.
+  virtual ConstView2<float> input(int layer, Sublayer s) = 0;
+  // Output of sublayer `s` of layer `layer`: [T, D].
+  virtual void add_output(int layer, Sublayer s, ConstView2<float> out) = 0;
+  // The hidden state after the layers run so far (what the final norm sees at the end).
+  virtual ConstView2<float> output() = 0;
+};
+
+class ResidualPolicy {
+ public:
+  virtual ~ResidualPolicy() = default;
+  virtual std::string kind() const = 0;
+  virtual std::unique_ptr<ResidualStream> begin(ConstView2<float> embeddings) const = 0;
+};
+
+// x_{l+1} = x_l + f(x_l): one stream, every sublayer output added to it.
+class SumResidual final : public ResidualPolicy {
+ public:
+  std::string kind() const override { return "sum"; }
+  std::unique_ptr<ResidualStream> begin(ConstView2<float> embeddings) const override {
+    return std::make_unique<Stream>(embeddings);
+  }
+
+ private:
+  class Stream final : public ResidualStream {
+   public:
+    explicit Stream(ConstView2<float> e) : rows_(e.shape[0]), cols_(e.shape[1]), x_(static_cast<std::size_t>(rows_ * cols_)) {
+      for (std::int64_t r = 0; r < rows_; ++r) std::copy(e.ptr(r), e.ptr(r) + cols_, x_.data() + r * cols_);
+    }
+    ConstView2<float> input(int, Sublayer) override { return view(); }
+    void add_output(int, Sublayer, ConstView2<float> out) override { ops::add_inplace(view(), out); }
+    ConstView2<float> output() override { return view(); }
+
+   private:
+    View2<float> view() { return View2<float>(x_.data(), {rows_, cols_}); }
+    std::int64_t rows_, cols_;
+    std::vector<float> x_;
+  };
+};
+
+}  // namespace attnkit::model

@@ -1,0 +1,163 @@
+// attnkit/model/tensor_source.hpp — where model builders get their weights from.
+//
+// A TensorSource hands out named tensors as float32 or bf16 (kept as stored: a bf16 checkpoint
+// stays bf16, F16/F64 are converted to float32). Two sources exist: a checkpoint directory
+// (zero-copy views into the memory-mapped safetensors files) and a deterministic random
+// generator (benchmarks and the built-in default model). Builders name the tensors and shapes
+// they expect; a missing tensor or a wrong shape is an error naming both. Mixers added later
+// (loop gates, AttnRes projections, ...) pull their extra tensors through the same interface.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "attnkit/core/bf16.hpp"
+#include "attnkit/core/error.hpp"
+#include "attnkit/core/threading.hpp"
+#include "attnkit/io/safetensors.hpp"
+
+namespace attnkit::model {
+
+enum class WeightType { f32, bf16 };
+inline const char* weight_type_name(WeightType t) { return t == WeightType::f32 ? "f32" : "bf16"; }
+
+// A tensor handed to a builder. Move-only: `data` points either into a mapping that outlives the
+// build, or into this object's own storage.
+struct HostTensor {
+  WeightType type = WeightType::f32;
+  std::vector<std::int64_t> shape;
+  const void* data = nullptr;
+  std::vector<float> owned_f32;
+  std::vector<bf16> owned_bf16;
+
+  HostTensor() = default;
+  HostTensor(HostTensor&&) noexcept = default;
+  HostTensor& operator=(HostTensor&&) noexcept = default;
+  HostTensor(const HostTensor&) = delete;
+  HostTensor& operator=(const HostTensor&) = delete;
+
+  std::int64_t numel() const {
+    std::int64_t n = 1;
+    for (auto s : shape) n *= s;
+    return n;
+  }
+  const float* f32() const { return type == WeightType::f32 ? static_cast<const float*>(data) : nullptr; }
+  const bf16* bf16_data() const { return type == WeightType::bf16 ? static_cast<const bf16*>(data) : nullptr; }
+  // Float32 copy (exact for both storage types).
+  std::vector<float> to_f32() const {
+    std::vector<float> out(static_cast<std::size_t>(numel()));
+    if (type == WeightType::f32) std::memcpy(out.data(), data, out.size() * sizeof(float));
+    else convert(static_cast<const bf16*>(data), out.data(), numel());
+    return out;
+  }
+};
+
+inline std::string shape_str(const std::vector<std::int64_t>& s) {
+  std::string r = "[";
+  for (std::size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+class TensorSource {
+ public:
+  virtual ~TensorSource() = default;
+  virtual bool contains(const std::string& name) const = 0;
+  // The tensor `name`, which must have exactly `shape` (an empty shape means a 0-dim scalar).
+  virtual HostTensor get(const std::string& name, const std::vector<std::int64_t>& shape) const = 0;
+  virtual std::string describe() const = 0;
+};
+
+// Tensors of a Hugging Face checkpoint directory (model.safetensors or a sharded index).
+class CheckpointSource : public TensorSource {
+ public:
+  explicit CheckpointSource(const std::filesystem::path& dir) : ckpt_(io::Checkpoint::open(dir)), where_(dir.string()) {}
+  bool contains(const std::string& name) const override { return ckpt_.contains(name); }
+  HostTensor get(const std::string& name, const std::vector<std::int64_t>& shape) const override {
+    const io::TensorInfo& t = ckpt_.tensor(name, std::span<const std::int64_t>(shape.data(), shape.size()));
+    HostTensor h;
+    h.shape = shape;
+    if (t.dtype == io::DType::F32) {
+      h.type = WeightType::f32;
+      h.data = t.data;
+    } else if (t.dtype == io::DType::BF16) {
+      h.type = WeightType::bf16;
+      h.data = t.data;
+    } else {  // F16 / F64 (integers are rejected by to_f32 with a message naming the tensor)
+      h.type = WeightType::f32;
+      h.owned_f32 = io::to_f32(t);
+      h.data = h.owned_f32.data();
+    }
+    return h;
+  }
+  std::string describe() const override { return "checkpoint " + where_; }
+  const io::Checkpoint& checkpoint() const { return ckpt_; }
+
+ private:
+  io::Checkpoint ckpt_;
+  std::string where_;
+};
+
+// Deterministic random weights: element i of tensor `name` depends only on (seed, name, i), so
+// the result is the same for any thread count. RMSNorm weights ("...norm.weight") are ones, as
+// initialised in transformers; everything else is uniform with standard deviation `stddev`.
+class RandomSource : public TensorSource {
+ public:
+  RandomSource(WeightType type, std::uint64_t seed, float stddev = 0.02f) : type_(type), seed_(seed), stddev_(stddev) {}
+  bool contains(const std::string&) const override { return true; }
+  HostTensor get(const std::string& name, const std::vector<std::int64_t>& shape) const override {
+    HostTensor h;
+    h.shape = shape;
+    const std::int64_t n = h.numel();
+    const bool ones = name.size() >= 11 && name.compare(name.size() - 11, 11, "norm.weight") == 0;
+    const std::uint64_t key = seed_ ^ hash(name);
+    const float a = stddev_ * 1.7320508f;  // uniform on [-a, a] has standard deviation a / sqrt(3)
+    auto value = [&](std::int64_t i) {
+      if (ones) return 1.0f;
+      const std::uint64_t r = mix(key + static_cast<std::uint64_t>(i) * 0x9e3779b97f4a7c15ull);
+      return a * (static_cast<float>(r >> 40) * (2.0f / 16777216.0f) - 1.0f);
+    };
+    constexpr std::int64_t chunk = 1 << 16;
+    const std::int64_t chunks = (n + chunk - 1) / chunk;
+    if (type_ == WeightType::f32) {
+      h.type = WeightType::f32;
+      h.owned_f32.resize(static_cast<std::size_t>(n));
+      float* d = h.owned_f32.data();
+      parallel_for(chunks, 0, [&](std::int64_t c) {
+        for (std::int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i) d[i] = value(i);
+      });
+      h.data = d;
+    } else {
+      h.type = WeightType::bf16;
+      h.owned_bf16.resize(static_cast<std::size_t>(n));
+      bf16* d = h.owned_bf16.data();
+      parallel_for(chunks, 0, [&](std::int64_t c) {
+        for (std::int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i) d[i] = bf16(value(i));
+      });
+      h.data = d;
+    }
+    return h;
+  }
+  std::string describe() const override {
+    return std::string("random ") + weight_type_name(type_) + " weights (seed " + std::to_string(seed_) + ")";
+  }
+
+ private:
+  static std::uint64_t mix(std::uint64_t z) {  // splitmix64 finaliser
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+  }
+  static std::uint64_t hash(const std::string& s) {  // FNV-1a
+    std::uint64_t h = 1469598103934665603ull;
+    for (unsigned char c : s) h = (h ^ c) * 1099511628211ull;
+    return mix(h);
+  }
+  WeightType type_;
+  std::uint64_t seed_;
+  float stddev_;
+};
+
+}  // namespace attnkit::model

@@ -1,0 +1,206 @@
+// Qwen3 composition layer against the fixtures in tests/data/fixtures (transformers' float64
+// outputs for tiny checkpoints): prefill logits, per-layer hidden states, token-by-token decode,
+// chunked prefill, greedy ids; plus thread determinism, bf16 caches, fast precision, bad input.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "attnkit/attnkit.hpp"
+#include "test_util.hpp"
+
+using namespace attnkit;
+namespace fs = std::filesystem;
+
+namespace {
+
+fs::path fixture(const std::string& name) { return fs::path(ATTNKIT_TEST_DATA) / "fixtures" / name; }
+
+struct Reference {
+  std::vector<std::int64_t> ids, greedy;
+  std::vector<float> logits, hidden;  // hidden: [L+1, T, D]
+};
+
+Reference load_reference(const fs::path& dir) {
+  auto f = io::SafetensorsFile::open(dir / "reference.safetensors");
+  Reference r;
+  r.ids = io::to_i64(f.tensor("input_ids"));
+  r.greedy = io::to_i64(f.tensor("greedy_ids"));
+  r.logits = io::to_f32(f.tensor("logits"));
+  r.hidden = io::to_f32(f.tensor("hidden_states"));
+  return r;
+}
+
+std::vector<float> prefill_logits(const model::Qwen3Model& m, const std::vector<std::int64_t>& ids,
+                                  model::ForwardOptions fo = {}, model::SessionOptions so = {}) {
+  const std::int64_t T = static_cast<std::int64_t>(ids.size()), V = m.config().vocab_size;
+  std::vector<float> out(static_cast<std::size_t>(T * V));
+  test::poison(out);
+  auto s = m.new_session(so);
+  m.forward(s, ids, View2<float>(out.data(), {T, V}), fo);
+  return out;
+}
+
+std::vector<float> decode_logits(const model::Qwen3Model& m, const std::vector<std::int64_t>& ids,
+                                 model::SessionOptions so = {}) {
+  const std::int64_t T = static_cast<std::int64_t>(ids.size()), V = m.config().vocab_size;
+  std::vector<float> out(static_cast<std::size_t>(T * V));
+  test::poison(out);
+  auto s = m.new_session(so);
+  model::ForwardOptions fo;
+  fo.logits = model::LogitsRows::last;
+  for (std::int64_t t = 0; t < T; ++t) {
+    m.forward(s, std::span<const std::int64_t>(&ids[t], 1), View2<float>(out.data() + t * V, {1, V}), fo);
+    REQUIRE(s.position() == t + 1);
+  }
+  return out;
+}
+
+std::vector<float> chunked_logits(const model::Qwen3Model& m, const std::vector<std::int64_t>& ids,
+                                  std::vector<std::int64_t> cuts) {
+  const std::int64_t T = static_cast<std::int64_t>(ids.size()), V = m.config().vocab_size;
+  std::vector<float> out(static_cast<std::size_t>(T * V));
+  test::poison(out);
+  auto s = m.new_session();
+  cuts.push_back(T);
+  std::int64_t b = 0;
+  for (auto e : cuts) {
+    m.forward(s, std::span<const std::int64_t>(ids.data() + b, e - b), View2<float>(out.data() + b * V, {e - b, V}));
+    b = e;
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("qwen3 fixtures: prefill, hidden states, decode, chunked prefill, greedy", "[model][fixture]") {
+  const std::string name = GENERATE("qwen3-tiny-f32", "qwen3-tiny-bf16", "qwen3-tiny-swa", "qwen3-tiny-oldconfig");
+  CAPTURE(name);
+  const fs::path dir = fixture(name);
+  const Reference ref = load_reference(dir);
+  const model::Qwen3Model m = model::Qwen3Model::load(dir);
+  const auto& c = m.config();
+  const std::int64_t T = static_cast<std::int64_t>(ref.ids.size()), D = c.hidden_size, L = c.num_hidden_layers;
+  REQUIRE(ref.logits.size() == static_cast<std::size_t>(T * c.vocab_size));
+
+  // Bound: 1e-4 relative L2 (issue 3); a float32 implementation lands near 1e-6.
+  constexpr double kBound = 1e-4;
+
+  SECTION("prefill logits and per-layer hidden states") {
+    std::vector<float> hidden(static_cast<std::size_t>((L + 1) * T * D));
+    test::poison(hidden);
+    model::ForwardOptions fo;
+    fo.on_hidden = [&](int i, ConstView2<float> h) {
+      REQUIRE(h.shape[0] == T);
+      for (std::int64_t t = 0; t < T; ++t) std::copy(h.ptr(t), h.ptr(t) + D, hidden.data() + (i * T + t) * D);
+    };
+    const auto logits = prefill_logits(m, ref.ids, fo);
+    CHECK(test::rel_l2(logits, ref.logits) <= kBound);
+    for (std::int64_t l = 0; l <= L; ++l) {
+      CAPTURE(l);
+      CHECK(test::rel_l2(hidden.data() + l * T * D, ref.hidden.data() + l * T * D, static_cast<std::size_t>(T * D)) <= kBound);
+    }
+  }
+  SECTION("token-by-token decode reproduces the reference logits") {
+    CHECK(test::rel_l2(decode_logits(m, ref.ids), ref.logits) <= kBound);
+  }
+  SECTION("chunked prefill (two chunks, and uneven three) equals one prefill") {
+    const auto whole = prefill_logits(m, ref.ids);
+    // Different chunkings change only which rows share a GEMM call: same math, so 1e-6.
+    CHECK(test::rel_l2(chunked_logits(m, ref.ids, {T / 2}), whole) <= 1e-6);
+    CHECK(test::rel_l2(chunked_logits(m, ref.ids, {1, T - 3}), whole) <= 1e-6);
+    CHECK(test::rel_l2(chunked_logits(m, ref.ids, {T / 2}), ref.logits) <= kBound);
+  }
+  SECTION("greedy continuation through the caches") {
+    auto s = m.new_session();
+    const auto gen = model::generate_greedy(m, s, ref.ids, static_cast<std::int64_t>(ref.greedy.size()));
+    CHECK(gen == ref.greedy);
+    CHECK(s.position() == T + static_cast<std::int64_t>(ref.greedy.size()) - 1);
+  }
+  SECTION("bf16 KV cache stays close; decode equals prefill with it") {
+    model::SessionOptions so;
+    so.kv_type = model::CacheType::bf16;
+    const auto pre = prefill_logits(m, ref.ids, {}, so);
+    CHECK(test::rel_l2(pre, ref.logits) <= 1e-2);  // bf16 keys/values: ~2^-9 relative per element
+    CHECK(test::rel_l2(decode_logits(m, ref.ids, so), pre) <= 1e-5);
+  }
+  SECTION("fast precision (bf16-rounded activations) stays close") {
+    model::ForwardOptions fo;
+    fo.precision = Precision::fast;
+    CHECK(test::rel_l2(prefill_logits(m, ref.ids, fo), ref.logits) <= 2e-2);
+  }
+}
+
+TEST_CASE("model results do not depend on the thread count", "[model]") {
+  const model::Qwen3Model m = model::Qwen3Model::load(fixture("qwen3-tiny-swa"));
+  const Reference ref = load_reference(fixture("qwen3-tiny-swa"));
+  model::ForwardOptions one, two;
+  one.num_threads = 1;
+  two.num_threads = 2;
+  CHECK(test::bit_equal(prefill_logits(m, ref.ids, one), prefill_logits(m, ref.ids, two)));
+}
+
+TEST_CASE("random models are deterministic and run every layer type", "[model]") {
+  nlohmann::json j = {{"model_type", "qwen3"}, {"vocab_size", 200}, {"hidden_size", 40}, {"intermediate_size", 72},
+                      {"num_hidden_layers", 3}, {"num_attention_heads", 6}, {"num_key_value_heads", 2}, {"head_dim", 24},
+                      {"rms_norm_eps", 1e-6}, {"rope_theta", 10000.0}, {"max_position_embeddings", 512},
+                      {"tie_word_embeddings", false}, {"hidden_act", "silu"}, {"use_sliding_window", true},
+                      {"sliding_window", 5}, {"layer_types", {"sliding_attention", "full_attention", "sliding_attention"}}};
+  const auto cfg = io::Qwen3Config::from_json(j, "test");
+  const auto type = GENERATE(model::WeightType::f32, model::WeightType::bf16);
+  const auto a = model::Qwen3Model::random(cfg, type, 7), b = model::Qwen3Model::random(cfg, type, 7);
+  const auto c = model::Qwen3Model::random(cfg, type, 8);
+  std::vector<std::int64_t> ids(29);
+  for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<std::int64_t>((i * 37 + 11) % 200);
+  const auto la = prefill_logits(a, ids);
+  CHECK(test::bit_equal(la, prefill_logits(b, ids)));
+  CHECK_FALSE(test::bit_equal(la, prefill_logits(c, ids)));
+  CHECK(test::rel_l2(decode_logits(a, ids), la) <= 1e-5);
+  CHECK(test::rel_l2(chunked_logits(a, ids, {3, 11, 12}), la) <= 1e-6);
+}
+
+TEST_CASE("model errors name the problem", "[model][errors]") {
+  const fs::path dir = fixture("qwen3-tiny-f32");
+  const model::Qwen3Model m = model::Qwen3Model::load(dir);
+  const std::int64_t V = m.config().vocab_size;
+  std::vector<float> out(static_cast<std::size_t>(2 * V));
+  auto s = m.new_session();
+  std::vector<std::int64_t> bad = {1, V};
+  REQUIRE_THROWS_WITH(m.forward(s, bad, View2<float>(out.data(), {2, V})), Catch::Contains("outside the vocabulary"));
+  std::vector<std::int64_t> ok = {1, 2};
+  REQUIRE_THROWS_WITH(m.forward(s, ok, View2<float>(out.data(), {1, V})), Catch::Contains("argument 'logits'"));
+  REQUIRE_THROWS_WITH(m.forward(s, std::span<const std::int64_t>(), View2<float>(out.data(), {0, V})),
+                      Catch::Contains("empty"));
+  REQUIRE_THROWS_AS(model::Qwen3Model::load(fixture("does-not-exist")), Error);
+
+  // A checkpoint with one tensor missing and one of the wrong shape.
+  const fs::path tmp = fs::temp_directory_path() / ("attnkit-model-test-" + std::to_string(test::fresh_seed()));
+  fs::create_directories(tmp);
+  fs::copy_file(dir / "config.json", tmp / "config.json");
+  auto src = io::SafetensorsFile::open(dir / "model.safetensors");
+  auto write_without = [&](const std::string& drop, const std::string& reshape) {
+    io::SafetensorsWriter w;
+    for (const auto& n : src.names()) {
+      if (n == drop) continue;
+      const auto& t = src.tensor(n);
+      auto shape = t.shape;
+      if (n == reshape) shape = {t.numel()};  // same bytes, wrong shape
+      w.add(n, t.dtype, shape, t.data, t.nbytes);
+    }
+    w.write(tmp / "model.safetensors");
+  };
+  write_without("model.layers.1.mlp.down_proj.weight", "");
+  REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp), Catch::Contains("model.layers.1.mlp.down_proj.weight"));
+  write_without("", "model.layers.0.self_attn.k_proj.weight");
+  REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp), Catch::Contains("model.layers.0.self_attn.k_proj.weight"));
+
+  // A layer type nobody registered.
+  nlohmann::json j = nlohmann::json::parse(std::ifstream(dir / "config.json"));
+  auto cfg = io::Qwen3Config::from_json(j, "test");
+  model::MixerRegistry empty;
+  model::RandomSource rnd(model::WeightType::f32, 1);
+  REQUIRE_THROWS_WITH(model::Qwen3Model::build(cfg, rnd, empty), Catch::Contains("no token mixer registered"));
+  fs::remove_all(tmp);
+}
