@@ -1,0 +1,325 @@
+// attnkit/linalg/packed_linear.hpp — a linear layer with weights packed once at load.
+//
+// Computes y = x W^T (or y += x W^T with accumulate) for W stored PyTorch-style [out, in]:
+//   x [tokens, in]  (any row stride, inner dimension contiguous)
+//   y [tokens, out] (any row stride, inner dimension contiguous; must not overlap x)
+// Weights are packed into blocks of 16 output rows (zero-padded tails): bf16 weights as
+// [out/16][in/2][16][2] (K-pairs interleaved, the operand of AVX512-BF16 vdpbf16ps), f32
+// weights as [out/16][in][16]. forward() never re-packs.
+//
+// Precision (bf16 weights):
+//  * exact: x is split into bf16 hi + lo (x - hi rounded again), both products are exact in
+//    float32 and accumulate in float32: relative error ~2^-17 per product, i.e. fp32-GEMM-like
+//    (rel. L2 well below 1e-5). Inputs/products below the float32 normal range are flushed
+//    to zero by the bf16 dot-product unit.
+//  * fast: x is rounded to bf16 once per call (RNE), one bf16 dot product per K-pair
+//    (llama.cpp's bf16 path); ~1e-3 relative error.
+// f32 weights always use float32 FMA: fast is the same as exact for them.
+//
+// Threads: OpenMP, output blocks split into contiguous per-thread ranges; every output's
+// arithmetic is independent of the split, so results are bit-identical for any thread count.
+// Prefill (tokens > 8) runs a register-blocked GEMM (8 tokens x 48 outputs per tile) with
+// K blocking so each weight micro-panel stays in L1; decode (tokens <= 8) streams each weight
+// byte once. Scratch for converted activations is thread-local to the calling thread and
+// reused across calls.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <new>
+
+#include "attnkit/core/bf16.hpp"
+#include "attnkit/core/error.hpp"
+#include "attnkit/core/threading.hpp"
+#include "attnkit/core/view.hpp"
+#include "attnkit/linalg/detail/linear_kernels.hpp"
+
+namespace attnkit {
+
+enum class Precision {
+  exact,  // float32-accurate products (bf16 weights: x split into bf16 hi + lo)
+  fast    // activations rounded to bf16 once per call, one vdpbf16ps per pair; ~1e-3 relative error
+};
+
+struct LinearOptions {
+  Precision precision = Precision::exact;
+  int num_threads = 0;      // 0 -> OpenMP default
+  bool accumulate = false;  // y += x W^T instead of y = x W^T
+};
+
+namespace detail::linear {
+
+inline constexpr std::size_t kAlign = 64;
+inline constexpr std::int64_t kMC = 256;       // tokens converted and blocked per chunk
+inline constexpr std::int64_t kKCPairs = 128;  // bf16 K-pairs per K block (3 x 8 KiB weight micro-panel)
+inline constexpr std::int64_t kKCf32 = 128;    // f32 K per K block (3 x 8 KiB weight micro-panel)
+inline constexpr double kMinParallelMacs = 1 << 18;
+
+inline std::shared_ptr<void> aligned_alloc_shared(std::size_t bytes) {
+  void* p = ::operator new(bytes, std::align_val_t(kAlign));
+  return std::shared_ptr<void>(p, [](void* q) { ::operator delete(q, std::align_val_t(kAlign)); });
+}
+
+// Growable, 64-byte-aligned scratch owned by one thread.
+struct Scratch {
+  std::unique_ptr<std::uint32_t[], void (*)(std::uint32_t*)> buf{nullptr, [](std::uint32_t*) {}};
+  std::size_t capacity = 0;
+  std::uint32_t* get(std::size_t n) {
+    if (n > capacity) {
+      auto* p = static_cast<std::uint32_t*>(::operator new(n * sizeof(std::uint32_t), std::align_val_t(kAlign)));
+      buf = decltype(buf)(p, [](std::uint32_t* q) { ::operator delete(q, std::align_val_t(kAlign)); });
+      capacity = n;
+    }
+    return buf.get();
+  }
+};
+
+inline std::uint32_t* activation_scratch(std::size_t n) {
+  static thread_local Scratch s;
+  return s.get(n);
+}
+
+}  // namespace detail::linear
+
+class PackedLinear {
+ public:
+  PackedLinear() = default;
+
+  // Packs f32 weights w[out, in] (row stride ld_w) and keeps them as f32.
+  static PackedLinear pack(const float* w, std::int64_t out_features, std::int64_t in_features, std::int64_t ld_w) {
+    check_pack_args(w, out_features, in_features, ld_w, "PackedLinear::pack");
+    PackedLinear p(out_features, in_features, false);
+    float* dst = static_cast<float*>(p.data_.get());
+    const std::int64_t K = in_features, N = out_features;
+    parallel_for(p.blocks_, 0, [&](std::int64_t b) {
+      float* blk = dst + b * K * kBlock;
+      for (int l = 0; l < kBlock; ++l) {
+        const std::int64_t o = b * kBlock + l;
+        for (std::int64_t k = 0; k < K; ++k) blk[k * kBlock + l] = o < N ? w[o * ld_w + k] : 0.f;
+      }
+    });
+    return p;
+  }
+
+  // Packs bf16 weights and keeps them as bf16 (bit-exact).
+  static PackedLinear pack(const bf16* w, std::int64_t out_features, std::int64_t in_features, std::int64_t ld_w) {
+    check_pack_args(w, out_features, in_features, ld_w, "PackedLinear::pack");
+    PackedLinear p(out_features, in_features, true);
+    p.fill_bf16([&](std::int64_t o, std::int64_t k) { return w[o * ld_w + k].bits; });
+    return p;
+  }
+
+  // Packs f32 weights rounded (RNE) to bf16.
+  static PackedLinear pack_as_bf16(const float* w, std::int64_t out_features, std::int64_t in_features,
+                                   std::int64_t ld_w) {
+    check_pack_args(w, out_features, in_features, ld_w, "PackedLinear::pack_as_bf16");
+    PackedLinear p(out_features, in_features, true);
+    p.fill_bf16([&](std::int64_t o, std::int64_t k) { return bf16::round(w[o * ld_w + k]); });
+    return p;
+  }
+
+  std::int64_t out_features() const { return out_; }
+  std::int64_t in_features() const { return in_; }
+  bool is_bf16() const { return is_bf16_; }
+  // Bytes of packed weight storage (including the zero padding of the last block / odd K).
+  std::size_t bytes() const { return bytes_; }
+
+  // y = x W^T (or y += x W^T). x [tokens, in], y [tokens, out].
+  void forward(ConstView2<float> x, View2<float> y, const LinearOptions& opt = {}) const {
+    constexpr const char* fn = "PackedLinear::forward";
+    ATTNKIT_REQUIRE(data_ != nullptr, fn, ": argument 'this': the layer is empty (default-constructed, not packed)");
+    check_view(x, fn, "x");
+    check_view(y, fn, "y");
+    ATTNKIT_REQUIRE(x.shape[1] == in_, fn, ": argument 'x': expected ", in_, " columns (in_features), got shape ",
+                    detail::shape_string(x));
+    ATTNKIT_REQUIRE(y.shape[1] == out_, fn, ": argument 'y': expected ", out_,
+                    " columns (out_features), got shape ", detail::shape_string(y));
+    ATTNKIT_REQUIRE(y.shape[0] == x.shape[0], fn, ": argument 'y': token count ", y.shape[0],
+                    " does not match x's ", x.shape[0]);
+    const std::int64_t T = x.shape[0];
+    if (T == 0) return;
+    ATTNKIT_REQUIRE(x.shape[0] == 1 || x.stride[0] >= 0, fn, ": argument 'x': negative row stride");
+    ATTNKIT_REQUIRE(y.shape[0] == 1 || y.stride[0] >= out_, fn, ": argument 'y': row stride ", y.stride[0],
+                    " is smaller than out_features ", out_, " (rows would overlap)");
+    {
+      const auto x0 = reinterpret_cast<std::uintptr_t>(x.data), y0 = reinterpret_cast<std::uintptr_t>(y.data);
+      const auto x1 = reinterpret_cast<std::uintptr_t>(x.data + (T - 1) * x.stride[0] + in_);
+      const auto y1 = reinterpret_cast<std::uintptr_t>(y.data + (T - 1) * y.stride[0] + out_);
+      ATTNKIT_REQUIRE(y1 <= x0 || x1 <= y0, fn, ": argument 'y': overlaps x (in-place is not supported)");
+    }
+    const double macs = static_cast<double>(T) * static_cast<double>(out_) * static_cast<double>(in_);
+    int nt = resolve_threads(opt.num_threads);
+    if (macs < detail::linear::kMinParallelMacs) nt = 1;
+    nt = static_cast<int>(std::min<std::int64_t>(nt, blocks_));
+    if (is_bf16_) forward_bf16(x, y, opt.precision == Precision::exact, opt.accumulate, nt);
+    else forward_f32(x, y, opt.accumulate, nt);
+  }
+
+  // Unpacks W[o, :] as float into dst[in].
+  void row(std::int64_t o, float* dst) const {
+    constexpr const char* fn = "PackedLinear::row";
+    ATTNKIT_REQUIRE(data_ != nullptr, fn, ": argument 'this': the layer is empty (default-constructed, not packed)");
+    ATTNKIT_REQUIRE(o >= 0 && o < out_, fn, ": argument 'o': row ", o, " out of range [0, ", out_, ")");
+    ATTNKIT_REQUIRE(dst != nullptr, fn, ": argument 'dst': null pointer");
+    const std::int64_t b = o / kBlock, l = o % kBlock;
+    if (is_bf16_) {
+      const std::uint16_t* blk = static_cast<const std::uint16_t*>(data_.get()) + b * kpairs_ * kBlock * 2;
+      for (std::int64_t k = 0; k < in_; ++k) dst[k] = bf16::to_float(blk[((k / 2) * kBlock + l) * 2 + (k % 2)]);
+    } else {
+      const float* blk = static_cast<const float*>(data_.get()) + b * in_ * kBlock;
+      for (std::int64_t k = 0; k < in_; ++k) dst[k] = blk[k * kBlock + l];
+    }
+  }
+
+ private:
+  static constexpr int kBlock = detail::linear::kBlock;
+
+  std::int64_t out_ = 0, in_ = 0, blocks_ = 0, kpairs_ = 0;
+  bool is_bf16_ = false;
+  std::size_t bytes_ = 0;
+  std::shared_ptr<void> data_;  // immutable after packing: copies share it
+
+  PackedLinear(std::int64_t out, std::int64_t in, bool is_bf16)
+      : out_(out), in_(in), blocks_((out + kBlock - 1) / kBlock), kpairs_((in + 1) / 2), is_bf16_(is_bf16) {
+    bytes_ = is_bf16 ? static_cast<std::size_t>(blocks_ * kpairs_ * kBlock) * 4
+                     : static_cast<std::size_t>(blocks_ * in_ * kBlock) * 4;
+    data_ = detail::linear::aligned_alloc_shared(bytes_);
+  }
+
+  template <class T>
+  static void check_pack_args(const T* w, std::int64_t out, std::int64_t in, std::int64_t ld_w, const char* fn) {
+    ATTNKIT_REQUIRE(out > 0, fn, ": argument 'out_features': must be positive, got ", out);
+    ATTNKIT_REQUIRE(in > 0, fn, ": argument 'in_features': must be positive, got ", in);
+    ATTNKIT_REQUIRE(ld_w >= in, fn, ": argument 'ld_w': row stride ", ld_w, " is smaller than in_features ", in);
+    ATTNKIT_REQUIRE(w != nullptr, fn, ": argument 'w': null pointer");
+  }
+
+  // get(o, k) -> bf16 bits of W[o, k] for o < out, k < in.
+  template <class Get>
+  void fill_bf16(Get&& get) {
+    std::uint16_t* dst = static_cast<std::uint16_t*>(data_.get());
+    const std::int64_t K = in_, N = out_, KP = kpairs_;
+    parallel_for(blocks_, 0, [&](std::int64_t b) {
+      std::uint16_t* blk = dst + b * KP * kBlock * 2;
+      for (int l = 0; l < kBlock; ++l) {
+        const std::int64_t o = b * kBlock + l;
+        for (std::int64_t k = 0; k < 2 * KP; ++k)
+          blk[((k / 2) * kBlock + l) * 2 + (k % 2)] = (o < N && k < K) ? get(o, k) : std::uint16_t{0};
+      }
+    });
+  }
+
+  // Thread t's contiguous range of packed blocks.
+  std::int64_t block_begin(int t, int nt) const { return blocks_ * t / nt; }
+
+  // Tile loop for one thread over its blocks [b0, b1), tokens [0, mc) of the chunk and the
+  // K range [k0, k0 + kc). Kernels come from the caller's picker (bf16 or f32).
+  template <class Pick, class Run>
+  void tile_loop(std::int64_t b0, std::int64_t b1, std::int64_t mc, Pick&& pick, Run&& run) const {
+    using detail::linear::kMR;
+    using detail::linear::kNB;
+    for (std::int64_t bs = b0; bs < b1; bs += kNB) {
+      const int nb = static_cast<int>(std::min<std::int64_t>(kNB, b1 - bs));
+      const std::int64_t last_block = bs + nb - 1;
+      const int last_lanes = static_cast<int>(std::min<std::int64_t>(kBlock, out_ - last_block * kBlock));
+      auto full = pick(std::min<std::int64_t>(kMR, mc), nb);
+      for (std::int64_t t0 = 0; t0 < mc; t0 += kMR) {
+        const int mr = static_cast<int>(std::min<std::int64_t>(kMR, mc - t0));
+        run(mr == kMR || mc < kMR ? full : pick(mr, nb), bs, t0, last_lanes);
+      }
+    }
+  }
+
+  void forward_bf16(ConstView2<float> x, View2<float> y, bool exact, bool accumulate, int nt) const {
+    namespace L = detail::linear;
+    const std::int64_t T = x.shape[0], K = in_, KP = kpairs_;
+    const std::int64_t xs = exact ? 2 : 1;                      // uint32 per K-pair in scratch
+    const std::int64_t ldx = (KP * xs + 15) / 16 * 16;          // scratch row stride (64-byte rows)
+    const std::int64_t MC = std::min<std::int64_t>(L::kMC, T);
+    // A single token tile cannot reuse a weight micro-panel: stream all of K in one pass.
+    const bool single_tile = T <= L::kMR;
+    const std::int64_t KC = single_tile ? KP : L::kKCPairs;
+    std::uint32_t* xb = L::activation_scratch(static_cast<std::size_t>(MC * ldx));
+    const std::uint32_t* W = static_cast<const std::uint32_t*>(data_.get());
+    const std::int64_t ldw = KP * kBlock;
+    auto pick = [&](std::int64_t mr, std::int64_t nb) {
+      if (exact) return single_tile ? L::pick_bf16<true, true>(int(mr), int(nb)) : L::pick_bf16<true, false>(int(mr), int(nb));
+      return single_tile ? L::pick_bf16<false, true>(int(mr), int(nb)) : L::pick_bf16<false, false>(int(mr), int(nb));
+    };
+    auto body = [&](int t, int nthreads) {
+      const std::int64_t b0 = block_begin(t, nthreads), b1 = block_begin(t + 1, nthreads);
+      for (std::int64_t m0 = 0; m0 < T; m0 += MC) {
+        const std::int64_t mc = std::min(MC, T - m0);
+        // Each thread converts a share of the chunk's rows; all threads read all of them.
+        for (std::int64_t r = mc * t / nthreads; r < mc * (t + 1) / nthreads; ++r) {
+          const float* xr = x.data + (m0 + r) * x.stride[0];
+          if (exact) L::convert_exact(xr, K, xb + r * ldx);
+          else L::convert_fast(xr, K, xb + r * ldx);
+        }
+        barrier(nthreads);
+        for (std::int64_t k0 = 0; k0 < KP; k0 += KC) {
+          const std::int64_t kc = std::min(KC, KP - k0);
+          const bool load_y = accumulate || k0 > 0;
+          tile_loop(b0, b1, mc, pick, [&](L::KernelBf16 kern, std::int64_t bs, std::int64_t t0, int last_lanes) {
+            kern(xb + t0 * ldx + k0 * xs, ldx, W + bs * ldw + k0 * kBlock, ldw, kc,
+                 y.data + (m0 + t0) * y.stride[0] + bs * kBlock, y.stride[0], last_lanes, load_y);
+          });
+        }
+        barrier(nthreads);  // the next chunk overwrites the scratch
+      }
+    };
+    run_parallel(nt, body);
+  }
+
+  void forward_f32(ConstView2<float> x, View2<float> y, bool accumulate, int nt) const {
+    namespace L = detail::linear;
+    const std::int64_t T = x.shape[0], K = in_;
+    const bool single_tile = T <= L::kMR;
+    const std::int64_t KC = single_tile ? K : L::kKCf32;
+    const float* W = static_cast<const float*>(data_.get());
+    const std::int64_t ldw = K * kBlock;
+    auto pick = [&](std::int64_t mr, std::int64_t nb) {
+      return single_tile ? L::pick_f32<true>(int(mr), int(nb)) : L::pick_f32<false>(int(mr), int(nb));
+    };
+    auto body = [&](int t, int nthreads) {
+      const std::int64_t b0 = block_begin(t, nthreads), b1 = block_begin(t + 1, nthreads);
+      for (std::int64_t m0 = 0; m0 < T; m0 += L::kMC) {
+        const std::int64_t mc = std::min(L::kMC, T - m0);
+        for (std::int64_t k0 = 0; k0 < K; k0 += KC) {
+          const std::int64_t kc = std::min(KC, K - k0);
+          const bool load_y = accumulate || k0 > 0;
+          tile_loop(b0, b1, mc, pick, [&](L::KernelF32 kern, std::int64_t bs, std::int64_t t0, int last_lanes) {
+            kern(x.data + (m0 + t0) * x.stride[0] + k0, x.stride[0], W + bs * ldw + k0 * kBlock, ldw, kc,
+                 y.data + (m0 + t0) * y.stride[0] + bs * kBlock, y.stride[0], last_lanes, load_y);
+          });
+        }
+      }
+    };
+    run_parallel(nt, body);
+  }
+
+  static void barrier([[maybe_unused]] int nthreads) {
+#if defined(_OPENMP)
+    if (nthreads > 1) {
+#pragma omp barrier
+    }
+#endif
+  }
+
+  // Runs body(t, nt) on nt threads (one OpenMP team; body may use barrier()).
+  template <class Body>
+  static void run_parallel(int nt, Body&& body) {
+#if defined(_OPENMP)
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+      body(omp_get_thread_num(), omp_get_num_threads());
+      return;
+    }
+#endif
+    body(0, 1);
+  }
+};
+
+}  // namespace attnkit
