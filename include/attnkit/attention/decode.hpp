@@ -1,0 +1,432 @@
+// attnkit/attention/decode.hpp — attention of one query token against a KV cache (decode).
+//
+//   out[h] = Σ_s softmax_s(scale · q[h]·k[s, h/G]) · v[s, h/G],   lse[h] = log Σ_s exp(scale · q[h]·k[s, h/G])
+//
+// Shapes: q [H, d_k] f32; k [T_kv, H_kv, d_k], v [T_kv, H_kv, d_v] with KV = float or bf16 and any
+// strides (last dimension contiguous), e.g. KVCache's head-major storage; out [H, d_v] f32;
+// lse [H] optional (natural log). G = H / H_kv; query head h reads KV head h / G. Every key
+// passed is visible and their order does not matter (a sliding layer passes its ring buffer's
+// slots). T_kv = 0 gives out = 0 and lse = -inf. Only the query heads in opt.heads are written.
+// out must not overlap q, k or v.
+//
+// Design: the keys are split into chunks of a fixed size (opt.kv_chunk, never derived from the
+// thread count). A work item (KV head j, chunk c) streams each K and V row of the chunk once and
+// updates the online-softmax state of all G query heads that share KV head j, so a head-major
+// cache is read sequentially at memory bandwidth. The per-chunk states are then merged by
+// log-sum-exp in chunk order, so the result is bit-identical for any number of threads.
+// bf16 K/V are widened to f32 in registers (exact); all arithmetic is f32.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <memory>
+#include <type_traits>
+
+#include "attnkit/attention/common.hpp"
+#include "attnkit/attention/merge.hpp"
+#include "attnkit/core/bf16.hpp"
+#include "attnkit/core/error.hpp"
+#include "attnkit/core/simd.hpp"
+#include "attnkit/core/threading.hpp"
+#include "attnkit/core/view.hpp"
+
+namespace attnkit {
+
+struct DecodeOptions {
+  float scale = 0.f;          // 0 -> 1/sqrt(d_k)
+  Range heads{};              // query heads to compute (others untouched)
+  int num_threads = 0;        // 0 -> OpenMP default
+  std::int64_t kv_chunk = 0;  // keys per work item; 0 -> 512; never derived from the thread count
+};
+
+namespace detail::decode {
+
+inline constexpr std::int64_t kDefaultChunk = 512;
+inline constexpr int kBlock = 32;  // keys whose scores are computed before one softmax update
+inline constexpr float kLog2e = 1.4426950408889634f;
+inline constexpr float kLn2 = 0.6931471805599453f;
+inline constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+inline std::int64_t round_up16(std::int64_t n) { return (n + 15) / 16 * 16; }
+
+// Grow-only 64-byte aligned float scratch, one per thread, reused across calls.
+class Scratch {
+ public:
+  float* get(std::int64_t n) {
+    if (n > capacity_) {
+      const std::int64_t cap = round_up16(std::max<std::int64_t>(n, capacity_ * 3 / 2));
+      data_.reset(static_cast<float*>(std::aligned_alloc(64, static_cast<std::size_t>(cap) * sizeof(float))));
+      if (!data_) throw std::bad_alloc();
+      capacity_ = cap;
+    }
+    return data_.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float, Free> data_;
+  std::int64_t capacity_ = 0;
+};
+
+inline Scratch& item_scratch() {
+  thread_local Scratch s;
+  return s;
+}
+inline Scratch& partial_scratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+// What one work item needs: the query heads [g0, g1) of KV head j (all offsets in elements).
+struct Problem {
+  std::int64_t H, G, dk, dv, dk_pad, dv_pad;
+  float scale_log2;  // scale * log2(e): scores are kept in base 2
+};
+
+// Per-item state layout inside the item scratch: qs [G][dk_pad] (scaled query, zero padded),
+// p [G][kBlock] (scores, then probabilities), m [G], l [G], alpha [G].
+struct ItemState {
+  float* qs;
+  float* p;
+  float* m;
+  float* l;
+  float* alpha;
+};
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+
+inline __mmask16 tail_mask(std::int64_t n) {  // lanes [0, n) of a 16-lane slice
+  return static_cast<__mmask16>(n >= 16 ? 0xffffu : n <= 0 ? 0u : (1u << n) - 1u);
+}
+
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const bf16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline float hsum(__m512 v) {  // horizontal sum without the GCC 12 _mm512_reduce_add_ps warning
+  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4e));
+  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xb1));
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4e));
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xb1));
+  return _mm512_cvtss_f32(v);
+}
+inline float hmax(__m512 v) {
+  v = _mm512_max_ps(v, _mm512_shuffle_f32x4(v, v, 0x4e));
+  v = _mm512_max_ps(v, _mm512_shuffle_f32x4(v, v, 0xb1));
+  v = _mm512_max_ps(v, _mm512_permute_ps(v, 0x4e));
+  v = _mm512_max_ps(v, _mm512_permute_ps(v, 0xb1));
+  return _mm512_cvtss_f32(v);
+}
+
+// Scores of keys [0, n) of a block against heads [g0, g1) for K slices [s0, s0 + NK): the K
+// row slices are loaded (and widened) once and reused by every head. Adds into p when `add`.
+template <int NK, class KV>
+inline void scores_group(const KV* k0, std::int64_t kstride, int n, const ItemState& st, std::int64_t g0,
+                         std::int64_t g1, std::int64_t dk, std::int64_t dk_pad, std::int64_t s0, bool add) {
+  const __mmask16 last = tail_mask(dk - (s0 + NK - 1) * 16);
+  for (int i = 0; i < n; ++i) {
+    const KV* kr = k0 + i * kstride + s0 * 16;
+    __m512 kreg[NK];
+#pragma GCC unroll 8
+    for (int s = 0; s < NK; ++s) kreg[s] = load16(kr + s * 16, s == NK - 1 ? last : __mmask16(0xffff));
+    for (std::int64_t g = g0; g < g1; ++g) {
+      const float* q = st.qs + g * dk_pad + s0 * 16;
+      __m512 a0 = _mm512_mul_ps(kreg[0], _mm512_loadu_ps(q));
+      __m512 a1 = _mm512_setzero_ps();
+#pragma GCC unroll 8
+      for (int s = 1; s < NK; ++s) {
+        if (s & 1) a1 = _mm512_fmadd_ps(kreg[s], _mm512_loadu_ps(q + s * 16), a1);
+        else a0 = _mm512_fmadd_ps(kreg[s], _mm512_loadu_ps(q + s * 16), a0);
+      }
+      const float sc = hsum(_mm512_add_ps(a0, a1));
+      st.p[g * kBlock + i] = add ? st.p[g * kBlock + i] + sc : sc;
+    }
+  }
+}
+
+template <class KV>
+inline void scores_block(const KV* k0, std::int64_t kstride, int n, const ItemState& st, std::int64_t g0,
+                         std::int64_t g1, std::int64_t dk, std::int64_t dk_pad) {
+  const std::int64_t nks = dk_pad / 16;
+  for (std::int64_t s0 = 0; s0 < nks; s0 += 8) {
+    const bool add = s0 > 0;
+    switch (std::min<std::int64_t>(8, nks - s0)) {
+      case 1: scores_group<1>(k0, kstride, n, st, g0, g1, dk, dk_pad, s0, add); break;
+      case 2: scores_group<2>(k0, kstride, n, st, g0, g1, dk, dk_pad, s0, add); break;
+      case 3: scores_group<3>(k0, kstride, n, st, g0, g1, dk, dk_pad, s0, add); break;
+      case 4: scores_group<4>(k0, kstride, n, st, g0, g1, dk, dk_pad, s0, add); break;
+      case 5: scores_group<5>(k0, kstride, n, st, g0, g1, dk, dk_pad, s0, add); break;
+      case 6: scores_group<6>(k0, kstride, n, st, g0, g1, dk, dk_pad, s0, add); break;
+      case 7: scores_group<7>(k0, kstride, n, st, g0, g1, dk, dk_pad, s0, add); break;
+      default: scores_group<8>(k0, kstride, n, st, g0, g1, dk, dk_pad, s0, add); break;
+    }
+  }
+}
+
+// Online-softmax update of head g for one block: p[g][0, n) holds base-2 scores on entry and
+// probabilities exp2(score - m_new) on exit; alpha[g] = exp2(m_old - m_new) rescales the past.
+inline void softmax_block(int n, const ItemState& st, std::int64_t g) {
+  static_assert(kBlock % 16 == 0);
+  float* p = st.p + g * kBlock;
+  __m512 mx = _mm512_set1_ps(kNegInf);
+  for (int i = 0; i < kBlock; i += 16) mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(n - i), p + i));
+  const float m_old = st.m[g];
+  const float m_new = std::max(m_old, hmax(mx));
+  // All scores -inf (only possible with infinite inputs): nothing to add, keep the state.
+  const float base = m_new == kNegInf ? 0.f : m_new;
+  using batch = xsimd::batch<float, xsimd::avx512bw>;
+  const batch vb(base);
+  __m512 sum = _mm512_setzero_ps();
+  for (int i = 0; i < kBlock; i += 16) {
+    const __mmask16 msk = tail_mask(n - i);
+    const __m512 s = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), msk, p + i);
+    const __m512 e = xsimd::exp2(batch(s) - vb);
+    sum = _mm512_add_ps(sum, e);
+    _mm512_storeu_ps(p + i, e);
+  }
+  const float alpha = m_old == kNegInf ? 0.f : std::exp2(m_old - base);
+  st.alpha[g] = alpha;
+  st.l[g] = st.l[g] * alpha + hsum(sum);
+  st.m[g] = m_new;
+}
+
+// o[g] = alpha[g] * o[g] + Σ_i p[g][i] v_i for V slices [s0, s0 + NV) and heads g0, g0 + 1
+// (GT of them): each V slice is loaded once per key and used by both heads.
+template <int NV, int GT, class KV>
+inline void accumulate_group(const KV* v0, std::int64_t vstride, int n, const ItemState& st, float* o,
+                             std::int64_t g0, std::int64_t dv, std::int64_t dv_pad, std::int64_t s0) {
+  const __mmask16 last = tail_mask(dv - (s0 + NV - 1) * 16);
+  __m512 acc[GT][NV];
+#pragma GCC unroll 2
+  for (int t = 0; t < GT; ++t) {
+    const __m512 alpha = _mm512_set1_ps(st.alpha[g0 + t]);
+#pragma GCC unroll 8
+    for (int s = 0; s < NV; ++s) acc[t][s] = _mm512_mul_ps(alpha, _mm512_load_ps(o + (g0 + t) * dv_pad + (s0 + s) * 16));
+  }
+  for (int i = 0; i < n; ++i) {
+    const KV* vr = v0 + i * vstride + s0 * 16;
+    __m512 p[GT];
+#pragma GCC unroll 2
+    for (int t = 0; t < GT; ++t) p[t] = _mm512_set1_ps(st.p[(g0 + t) * kBlock + i]);
+#pragma GCC unroll 8
+    for (int s = 0; s < NV; ++s) {
+      const __m512 vv = load16(vr + s * 16, s == NV - 1 ? last : __mmask16(0xffff));
+#pragma GCC unroll 2
+      for (int t = 0; t < GT; ++t) acc[t][s] = _mm512_fmadd_ps(p[t], vv, acc[t][s]);
+    }
+  }
+#pragma GCC unroll 2
+  for (int t = 0; t < GT; ++t)
+#pragma GCC unroll 8
+    for (int s = 0; s < NV; ++s) _mm512_store_ps(o + (g0 + t) * dv_pad + (s0 + s) * 16, acc[t][s]);
+}
+
+template <int GT, class KV>
+inline void accumulate_heads(const KV* v0, std::int64_t vstride, int n, const ItemState& st, float* o,
+                             std::int64_t g, std::int64_t dv, std::int64_t dv_pad) {
+  const std::int64_t nvs = dv_pad / 16;
+  for (std::int64_t s0 = 0; s0 < nvs; s0 += 8) {
+    switch (std::min<std::int64_t>(8, nvs - s0)) {
+      case 1: accumulate_group<1, GT>(v0, vstride, n, st, o, g, dv, dv_pad, s0); break;
+      case 2: accumulate_group<2, GT>(v0, vstride, n, st, o, g, dv, dv_pad, s0); break;
+      case 3: accumulate_group<3, GT>(v0, vstride, n, st, o, g, dv, dv_pad, s0); break;
+      case 4: accumulate_group<4, GT>(v0, vstride, n, st, o, g, dv, dv_pad, s0); break;
+      case 5: accumulate_group<5, GT>(v0, vstride, n, st, o, g, dv, dv_pad, s0); break;
+      case 6: accumulate_group<6, GT>(v0, vstride, n, st, o, g, dv, dv_pad, s0); break;
+      case 7: accumulate_group<7, GT>(v0, vstride, n, st, o, g, dv, dv_pad, s0); break;
+      default: accumulate_group<8, GT>(v0, vstride, n, st, o, g, dv, dv_pad, s0); break;
+    }
+  }
+}
+
+template <class KV>
+inline void accumulate_block(const KV* v0, std::int64_t vstride, int n, const ItemState& st, float* o,
+                             std::int64_t g0, std::int64_t g1, std::int64_t dv, std::int64_t dv_pad) {
+  std::int64_t g = g0;
+  for (; g + 2 <= g1; g += 2) accumulate_heads<2>(v0, vstride, n, st, o, g, dv, dv_pad);
+  if (g < g1) accumulate_heads<1>(v0, vstride, n, st, o, g, dv, dv_pad);
+}
+
+#endif  // AVX-512
+
+// Portable block primitives (scalar + xsimd through core/simd.hpp), same structure.
+template <class KV>
+inline void scores_block_generic(const KV* k0, std::int64_t kstride, int n, const ItemState& st, std::int64_t g0,
+                                 std::int64_t g1, std::int64_t dk, std::int64_t dk_pad) {
+  for (int i = 0; i < n; ++i)
+    for (std::int64_t g = g0; g < g1; ++g) st.p[g * kBlock + i] = simd::dot(st.qs + g * dk_pad, k0 + i * kstride, dk);
+}
+
+inline void softmax_block_generic(int n, const ItemState& st, std::int64_t g) {
+  float* p = st.p + g * kBlock;
+  float mx = kNegInf;
+  for (int i = 0; i < n; ++i) mx = std::max(mx, p[i]);
+  const float m_old = st.m[g];
+  const float m_new = std::max(m_old, mx);
+  const float base = m_new == kNegInf ? 0.f : m_new;
+  float sum = 0.f;
+  for (int i = 0; i < n; ++i) {
+    p[i] = std::exp2(p[i] - base);
+    sum += p[i];
+  }
+  const float alpha = m_old == kNegInf ? 0.f : std::exp2(m_old - base);
+  st.alpha[g] = alpha;
+  st.l[g] = st.l[g] * alpha + sum;
+  st.m[g] = m_new;
+}
+
+template <class KV>
+inline void accumulate_block_generic(const KV* v0, std::int64_t vstride, int n, const ItemState& st, float* o,
+                                     std::int64_t g0, std::int64_t g1, std::int64_t dv, std::int64_t dv_pad) {
+  for (std::int64_t g = g0; g < g1; ++g) {
+    float* og = o + g * dv_pad;
+    simd::scale(st.alpha[g], og, dv);
+    for (int i = 0; i < n; ++i) simd::axpy(st.p[g * kBlock + i], v0 + i * vstride, og, dv);
+  }
+}
+
+// One work item: keys [t0, t1) of KV head j for its query heads [g0, g1) (local indices within
+// the group). Writes the normalised partial output o_part[g] (row stride dv_pad) and its lse.
+template <bool Vectorized, class KV>
+void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, std::int64_t j,
+                 std::int64_t g0, std::int64_t g1, std::int64_t t0, std::int64_t t1, float* o_part, float* lse_part) {
+  const std::int64_t G = pb.G;
+  float* base = item_scratch().get(G * pb.dk_pad + G * kBlock + 3 * G);
+  const ItemState st{base, base + G * pb.dk_pad, base + G * (pb.dk_pad + kBlock), base + G * (pb.dk_pad + kBlock) + G,
+                     base + G * (pb.dk_pad + kBlock) + 2 * G};
+  for (std::int64_t g = g0; g < g1; ++g) {
+    const float* qr = q.ptr(j * G + g);
+    float* qs = st.qs + g * pb.dk_pad;
+    for (std::int64_t e = 0; e < pb.dk; ++e) qs[e] = qr[e] * pb.scale_log2;
+    std::fill(qs + pb.dk, qs + pb.dk_pad, 0.f);
+    st.m[g] = kNegInf;
+    st.l[g] = 0.f;
+    std::fill(o_part + g * pb.dv_pad, o_part + (g + 1) * pb.dv_pad, 0.f);
+  }
+  const std::int64_t ks = k.stride[0], vs = v.stride[0];
+  for (std::int64_t b = t0; b < t1; b += kBlock) {
+    const int n = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - b));
+    const KV* k0 = k.ptr(b, j);
+    const KV* v0 = v.ptr(b, j);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if constexpr (Vectorized) {
+      scores_block(k0, ks, n, st, g0, g1, pb.dk, pb.dk_pad);
+      for (std::int64_t g = g0; g < g1; ++g) softmax_block(n, st, g);
+      accumulate_block(v0, vs, n, st, o_part, g0, g1, pb.dv, pb.dv_pad);
+      continue;
+    }
+#endif
+    scores_block_generic(k0, ks, n, st, g0, g1, pb.dk, pb.dk_pad);
+    for (std::int64_t g = g0; g < g1; ++g) softmax_block_generic(n, st, g);
+    accumulate_block_generic(v0, vs, n, st, o_part, g0, g1, pb.dv, pb.dv_pad);
+  }
+  for (std::int64_t g = g0; g < g1; ++g) {
+    const float l = st.l[g];
+    float* og = o_part + g * pb.dv_pad;
+    if (l > 0.f) {
+      simd::scale(1.f / l, og, pb.dv);
+      lse_part[g] = (st.m[g] + std::log2(l)) * kLn2;
+    } else {
+      std::fill(og, og + pb.dv, 0.f);
+      lse_part[g] = kNegInf;
+    }
+  }
+}
+
+template <class KV>
+void validate(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<float> out, const DecodeOptions& opt,
+              View1<float> lse) {
+  constexpr const char* fn = "attention_decode";
+  check_view(q, fn, "q");
+  check_view(k, fn, "k");
+  check_view(v, fn, "v");
+  check_view(out, fn, "out");
+  const std::int64_t H = q.shape[0], dk = q.shape[1];
+  const std::int64_t T = k.shape[0], H_kv = k.shape[1];
+  ATTNKIT_REQUIRE(dk >= 1, fn, ": argument 'q': head dimension d_k must be >= 1, got shape ", shape_string(q));
+  ATTNKIT_REQUIRE(H_kv >= 1, fn, ": argument 'k': number of KV heads H_kv must be >= 1, got shape ", shape_string(k));
+  ATTNKIT_REQUIRE(k.shape[2] == dk, fn, ": argument 'k': head dimension d_k = ", k.shape[2],
+                  " differs from the query's d_k = ", dk);
+  ATTNKIT_REQUIRE(v.shape[0] == T, fn, ": argument 'v': has ", v.shape[0], " keys (T_kv) but 'k' has ", T);
+  ATTNKIT_REQUIRE(v.shape[1] == H_kv, fn, ": argument 'v': has ", v.shape[1], " KV heads but 'k' has ", H_kv);
+  ATTNKIT_REQUIRE(v.shape[2] >= 1, fn, ": argument 'v': head dimension d_v must be >= 1, got shape ", shape_string(v));
+  ATTNKIT_REQUIRE(H % H_kv == 0, fn, ": argument 'q': number of query heads H = ", H,
+                  " is not a multiple of the number of KV heads H_kv = ", H_kv);
+  ATTNKIT_REQUIRE(out.shape[0] == H && out.shape[1] == v.shape[2], fn, ": argument 'out': shape ", shape_string(out),
+                  " must be [H, d_v] = [", H, ", ", v.shape[2], "]");
+  if (!lse.empty()) {
+    check_view(lse, fn, "lse");
+    ATTNKIT_REQUIRE(lse.shape[0] == H, fn, ": argument 'lse': shape ", shape_string(lse), " must be [H] = [", H, "]");
+  }
+  const std::int64_t hb = opt.heads.begin, he = opt.heads.resolve_end(H);
+  ATTNKIT_REQUIRE(hb >= 0 && hb <= he && he <= H, fn, ": argument 'opt.heads': range [", opt.heads.begin, ", ",
+                  opt.heads.end, ") is not within [0, H = ", H, "]");
+  ATTNKIT_REQUIRE(opt.kv_chunk >= 0, fn, ": argument 'opt.kv_chunk': must be >= 0 (0 = default), got ", opt.kv_chunk);
+  ATTNKIT_REQUIRE(opt.num_threads >= 0, fn, ": argument 'opt.num_threads': must be >= 0 (0 = default), got ",
+                  opt.num_threads);
+}
+
+template <bool Vectorized, class KV>
+void run(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<float> out, const DecodeOptions& opt,
+         View1<float> lse) {
+  static_assert(is_storage_type_v<KV>, "attention_decode: K/V must be float or bf16");
+  validate(q, k, v, out, opt, lse);
+  const std::int64_t H = q.shape[0], dk = q.shape[1], T = k.shape[0], H_kv = k.shape[1], dv = v.shape[2];
+  const std::int64_t G = H / H_kv;
+  const std::int64_t hb = opt.heads.begin, he = opt.heads.resolve_end(H);
+  if (hb == he) return;
+  const bool want_lse = !lse.empty();
+  if (T == 0) {
+    for (std::int64_t h = hb; h < he; ++h) {
+      std::fill(out.ptr(h), out.ptr(h) + dv, 0.f);
+      if (want_lse) lse(h) = kNegInf;
+    }
+    return;
+  }
+  const Problem pb{H, G, dk, dv, round_up16(dk), round_up16(dv), resolve_scale(opt.scale, dk) * kLog2e};
+  const std::int64_t chunk = opt.kv_chunk > 0 ? opt.kv_chunk : kDefaultChunk;
+  const std::int64_t n_chunks = (T + chunk - 1) / chunk;
+  const std::int64_t j_begin = hb / G, j_end = (he - 1) / G + 1;
+  const std::int64_t n_items = (j_end - j_begin) * n_chunks;
+
+  // Partial states: o [n_chunks][H][dv_pad] then lse [n_chunks][H] (only active heads written).
+  float* part = partial_scratch().get(n_chunks * H * (pb.dv_pad + 1));
+  float* part_lse = part + n_chunks * H * pb.dv_pad;
+
+  parallel_for(n_items, opt.num_threads, [&](std::int64_t item) {
+    const std::int64_t j = j_begin + item / n_chunks, c = item % n_chunks;
+    const std::int64_t g0 = std::max(hb, j * G) - j * G, g1 = std::min(he, (j + 1) * G) - j * G;
+    const std::int64_t t0 = c * chunk, t1 = std::min(T, t0 + chunk);
+    chunk_state<Vectorized>(pb, q, k, v, j, g0, g1, t0, t1, part + (c * H + j * G) * pb.dv_pad,
+                            part_lse + c * H + j * G);
+  });
+
+  // Merge the chunk states of each head in chunk order (fixed, so bits do not depend on threads).
+  parallel_for(he - hb, opt.num_threads, [&](std::int64_t i) {
+    const std::int64_t h = hb + i;
+    float* o = out.ptr(h);
+    std::copy(part + h * pb.dv_pad, part + h * pb.dv_pad + dv, o);
+    float l = part_lse[h];
+    for (std::int64_t c = 1; c < n_chunks; ++c)
+      merge_state_inplace(o, l, part + (c * H + h) * pb.dv_pad, part_lse[c * H + h], dv);
+    if (want_lse) lse(h) = l;
+  });
+}
+
+}  // namespace detail::decode
+
+// See the contract at the top of this file.
+template <class KV>
+void attention_decode(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<float> out,
+                      const DecodeOptions& opt = {}, View1<float> lse = {}) {
+  detail::decode::run<true>(q, k, v, out, opt, lse);
+}
+
+}  // namespace attnkit
