@@ -77,9 +77,7 @@ inline float reduce_add(fbatch<Arch> v) {
 
 template <class Arch>
 inline float reduce_max(fbatch<Arch> v) {
-#if defined(__AVX512F__)
-  if constexpr (width<Arch> == 16) return _mm512_reduce_max_ps(v);
-#endif
+  // (GCC 12's _mm512_reduce_max_ps trips -Wuninitialized inside its own header: spill instead.)
   alignas(64) float tmp[width<Arch>];
   v.store_aligned(tmp);
   float m = tmp[0];
@@ -117,7 +115,7 @@ inline float dot_bf16(const bf16* a, const bf16* b, std::int64_t n) {
   }
   for (; i + 32 <= n; i += 32)
     acc0 = _mm512_dpbf16_ps(acc0, (__m512bh)_mm512_loadu_si512(a + i), (__m512bh)_mm512_loadu_si512(b + i));
-  float s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  float s = xsimd::hadd(xsimd::batch<float, xsimd::avx512bw>(_mm512_add_ps(acc0, acc1)));
   for (; i < n; ++i) s += to_float(a[i]) * to_float(b[i]);
   return s;
 #else

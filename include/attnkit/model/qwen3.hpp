@@ -69,10 +69,6 @@ inline MixerRegistry default_mixers() {
   return r;
 }
 
-inline std::string layer_type_name(io::LayerType t) {
-  return t == io::LayerType::sliding_attention ? "sliding_attention" : "full_attention";
-}
-
 class Session;
 
 // Which rows of logits a forward step computes.
@@ -104,7 +100,7 @@ class Qwen3Model {
     const std::int64_t D = config.hidden_size, V = config.vocab_size;
     for (int l = 0; l < config.num_hidden_layers; ++l) {
       DecoderLayer layer;
-      layer.mixer = mixers.build(layer_type_name(config.layer_types.at(static_cast<std::size_t>(l))), ctx, l);
+      layer.mixer = mixers.build(io::layer_type_name(config.layer_types.at(static_cast<std::size_t>(l))), ctx, l);
       layer.mlp = SwiGLU(ctx, l);
       layer.input_norm = source.get(ctx.prefix(l) + "input_layernorm.weight", {D}).to_f32();
       layer.post_norm = source.get(ctx.prefix(l) + "post_attention_layernorm.weight", {D}).to_f32();
