@@ -53,8 +53,10 @@ namespace detail::linear {
 
 inline constexpr std::size_t kAlign = 64;
 inline constexpr std::int64_t kMC = 256;       // tokens converted and blocked per chunk
-inline constexpr std::int64_t kKCPairs = 128;  // bf16 K-pairs per K block (3 x 8 KiB weight micro-panel)
-inline constexpr std::int64_t kKCf32 = 128;    // f32 K per K block (3 x 8 KiB weight micro-panel)
+#ifndef ATTNKIT_LINEAR_KC
+#define ATTNKIT_LINEAR_KC 128
+#endif
+inline constexpr std::int64_t kKC = ATTNKIT_LINEAR_KC;  // K per K block (even): a 3 x 8 KiB f32 weight micro-panel
 inline constexpr double kMinParallelMacs = 1 << 18;
 
 inline std::shared_ptr<void> aligned_alloc_shared(std::size_t bytes) {
@@ -64,21 +66,27 @@ inline std::shared_ptr<void> aligned_alloc_shared(std::size_t bytes) {
 
 // Growable, 64-byte-aligned scratch owned by one thread.
 struct Scratch {
-  std::unique_ptr<std::uint32_t[], void (*)(std::uint32_t*)> buf{nullptr, [](std::uint32_t*) {}};
+  std::shared_ptr<void> buf;
   std::size_t capacity = 0;
-  std::uint32_t* get(std::size_t n) {
-    if (n > capacity) {
-      auto* p = static_cast<std::uint32_t*>(::operator new(n * sizeof(std::uint32_t), std::align_val_t(kAlign)));
-      buf = decltype(buf)(p, [](std::uint32_t* q) { ::operator delete(q, std::align_val_t(kAlign)); });
-      capacity = n;
+  float* get(std::size_t floats) {
+    if (floats > capacity) {
+      buf = aligned_alloc_shared(floats * sizeof(float));
+      capacity = floats;
     }
-    return buf.get();
+    return static_cast<float*>(buf.get());
   }
 };
 
-inline std::uint32_t* activation_scratch(std::size_t n) {
+// bf16-rounded activations (Precision::fast), filled by all threads of one call.
+inline float* activation_scratch(std::size_t floats) {
   static thread_local Scratch s;
-  return s.get(n);
+  return s.get(floats);
+}
+
+// One worker's widened weight micro-panel.
+inline float* panel_scratch(std::size_t floats) {
+  static thread_local Scratch s;
+  return s.get(floats);
 }
 
 }  // namespace detail::linear
@@ -214,20 +222,22 @@ class PackedLinear {
   // Thread t's contiguous range of packed blocks.
   std::int64_t block_begin(int t, int nt) const { return blocks_ * t / nt; }
 
-  // Tile loop for one thread over its blocks [b0, b1), tokens [0, mc) of the chunk and the
-  // K range [k0, k0 + kc). Kernels come from the caller's picker (bf16 or f32).
-  template <class Pick, class Run>
-  void tile_loop(std::int64_t b0, std::int64_t b1, std::int64_t mc, Pick&& pick, Run&& run) const {
+  // Tile loop for one thread over its blocks [b0, b1) and tokens [0, mc) of a chunk: strips
+  // of up to kNB blocks (strip(bs, nb) runs first), then token tiles of up to kMR.
+  template <class Pick, class Strip, class Run>
+  void tile_loop(std::int64_t b0, std::int64_t b1, std::int64_t mc, Pick&& pick, Strip&& strip, Run&& run) const {
     using detail::linear::kMR;
     using detail::linear::kNB;
     for (std::int64_t bs = b0; bs < b1; bs += kNB) {
       const int nb = static_cast<int>(std::min<std::int64_t>(kNB, b1 - bs));
       const std::int64_t last_block = bs + nb - 1;
       const int last_lanes = static_cast<int>(std::min<std::int64_t>(kBlock, out_ - last_block * kBlock));
-      auto full = pick(std::min<std::int64_t>(kMR, mc), nb);
+      strip(bs, nb);
+      const int mr_full = static_cast<int>(std::min<std::int64_t>(kMR, mc));
+      const auto full = pick(mr_full, nb);
       for (std::int64_t t0 = 0; t0 < mc; t0 += kMR) {
         const int mr = static_cast<int>(std::min<std::int64_t>(kMR, mc - t0));
-        run(mr == kMR || mc < kMR ? full : pick(mr, nb), bs, t0, last_lanes);
+        run(mr == mr_full ? full : pick(mr, nb), bs, t0, last_lanes);
       }
     }
   }
@@ -235,39 +245,53 @@ class PackedLinear {
   void forward_bf16(ConstView2<float> x, View2<float> y, bool exact, bool accumulate, int nt) const {
     namespace L = detail::linear;
     const std::int64_t T = x.shape[0], K = in_, KP = kpairs_;
-    const std::int64_t xs = exact ? 2 : 1;                      // uint32 per K-pair in scratch
-    const std::int64_t ldx = (KP * xs + 15) / 16 * 16;          // scratch row stride (64-byte rows)
     const std::int64_t MC = std::min<std::int64_t>(L::kMC, T);
-    // A single token tile cannot reuse a weight micro-panel: stream all of K in one pass.
+    const std::int64_t ldr = (K + 15) / 16 * 16;  // rounded-activation row stride
+    float* xr = exact ? nullptr : L::activation_scratch(static_cast<std::size_t>(MC * ldr));
+    // A single token tile cannot reuse weights: widen them in registers, streaming all of K.
+    // Otherwise widen a K block of a strip once into an f32 panel and reuse it for all tiles.
     const bool single_tile = T <= L::kMR;
-    const std::int64_t KC = single_tile ? KP : L::kKCPairs;
-    std::uint32_t* xb = L::activation_scratch(static_cast<std::size_t>(MC * ldx));
+    const std::int64_t KCP = L::kKC / 2;
     const std::uint32_t* W = static_cast<const std::uint32_t*>(data_.get());
     const std::int64_t ldw = KP * kBlock;
-    auto pick = [&](std::int64_t mr, std::int64_t nb) {
-      if (exact) return single_tile ? L::pick_bf16<true, true>(int(mr), int(nb)) : L::pick_bf16<true, false>(int(mr), int(nb));
-      return single_tile ? L::pick_bf16<false, true>(int(mr), int(nb)) : L::pick_bf16<false, false>(int(mr), int(nb));
-    };
+    auto none = [](std::int64_t, int) {};
     auto body = [&](int t, int nthreads) {
       const std::int64_t b0 = block_begin(t, nthreads), b1 = block_begin(t + 1, nthreads);
+      float* panel = single_tile ? nullptr : L::panel_scratch(static_cast<std::size_t>(L::kNB * L::kKC * kBlock));
       for (std::int64_t m0 = 0; m0 < T; m0 += MC) {
         const std::int64_t mc = std::min(MC, T - m0);
-        // Each thread converts a share of the chunk's rows; all threads read all of them.
-        for (std::int64_t r = mc * t / nthreads; r < mc * (t + 1) / nthreads; ++r) {
-          const float* xr = x.data + (m0 + r) * x.stride[0];
-          if (exact) L::convert_exact(xr, K, xb + r * ldx);
-          else L::convert_fast(xr, K, xb + r * ldx);
+        const float* xa = x.data + m0 * x.stride[0];
+        std::int64_t lda = x.stride[0];
+        if (!exact) {
+          // Each thread rounds a share of the chunk's rows; all threads read all of them.
+          for (std::int64_t r = mc * t / nthreads; r < mc * (t + 1) / nthreads; ++r)
+            L::round_to_bf16_row(xa + r * lda, K, xr + r * ldr);
+          barrier(nthreads);
+          xa = xr;
+          lda = ldr;
         }
-        barrier(nthreads);
-        for (std::int64_t k0 = 0; k0 < KP; k0 += KC) {
-          const std::int64_t kc = std::min(KC, KP - k0);
-          const bool load_y = accumulate || k0 > 0;
-          tile_loop(b0, b1, mc, pick, [&](L::KernelBf16 kern, std::int64_t bs, std::int64_t t0, int last_lanes) {
-            kern(xb + t0 * ldx + k0 * xs, ldx, W + bs * ldw + k0 * kBlock, ldw, kc,
-                 y.data + (m0 + t0) * y.stride[0] + bs * kBlock, y.stride[0], last_lanes, load_y);
-          });
+        float* ym = y.data + m0 * y.stride[0];
+        const std::int64_t ldy = y.stride[0];
+        if (single_tile) {
+          tile_loop(b0, b1, mc, [](int mr, int nb) { return L::pick_bf16<true>(mr, nb); }, none,
+                    [&](L::KernelBf16 kern, std::int64_t bs, std::int64_t t0, int last_lanes) {
+                      kern(xa + t0 * lda, lda, W + bs * ldw, ldw, K / 2, K % 2 != 0, ym + t0 * ldy + bs * kBlock,
+                           ldy, last_lanes, accumulate);
+                    });
+        } else {
+          for (std::int64_t k0 = 0; k0 < KP; k0 += KCP) {
+            const std::int64_t kcp = std::min(KCP, KP - k0), kc = std::min(2 * kcp, K - 2 * k0);
+            const bool load_y = accumulate || k0 > 0;
+            tile_loop(
+                b0, b1, mc, [](int mr, int nb) { return L::pick_f32<false>(mr, nb); },
+                [&](std::int64_t bs, int nb) { L::widen_panel(W + bs * ldw + k0 * kBlock, ldw, nb, kcp, panel); },
+                [&](L::KernelF32 kern, std::int64_t bs, std::int64_t t0, int last_lanes) {
+                  kern(xa + t0 * lda + 2 * k0, lda, panel, 2 * kcp * kBlock, kc, ym + t0 * ldy + bs * kBlock, ldy,
+                       last_lanes, load_y);
+                });
+          }
         }
-        barrier(nthreads);  // the next chunk overwrites the scratch
+        if (!exact) barrier(nthreads);  // the next chunk overwrites the rounded rows
       }
     };
     run_parallel(nt, body);
@@ -277,12 +301,10 @@ class PackedLinear {
     namespace L = detail::linear;
     const std::int64_t T = x.shape[0], K = in_;
     const bool single_tile = T <= L::kMR;
-    const std::int64_t KC = single_tile ? K : L::kKCf32;
+    const std::int64_t KC = single_tile ? K : L::kKC;
     const float* W = static_cast<const float*>(data_.get());
     const std::int64_t ldw = K * kBlock;
-    auto pick = [&](std::int64_t mr, std::int64_t nb) {
-      return single_tile ? L::pick_f32<true>(int(mr), int(nb)) : L::pick_f32<false>(int(mr), int(nb));
-    };
+    auto none = [](std::int64_t, int) {};
     auto body = [&](int t, int nthreads) {
       const std::int64_t b0 = block_begin(t, nthreads), b1 = block_begin(t + 1, nthreads);
       for (std::int64_t m0 = 0; m0 < T; m0 += L::kMC) {
@@ -290,10 +312,13 @@ class PackedLinear {
         for (std::int64_t k0 = 0; k0 < K; k0 += KC) {
           const std::int64_t kc = std::min(KC, K - k0);
           const bool load_y = accumulate || k0 > 0;
-          tile_loop(b0, b1, mc, pick, [&](L::KernelF32 kern, std::int64_t bs, std::int64_t t0, int last_lanes) {
-            kern(x.data + (m0 + t0) * x.stride[0] + k0, x.stride[0], W + bs * ldw + k0 * kBlock, ldw, kc,
-                 y.data + (m0 + t0) * y.stride[0] + bs * kBlock, y.stride[0], last_lanes, load_y);
-          });
+          tile_loop(
+              b0, b1, mc,
+              [&](int mr, int nb) { return single_tile ? L::pick_f32<true>(mr, nb) : L::pick_f32<false>(mr, nb); },
+              none, [&](L::KernelF32 kern, std::int64_t bs, std::int64_t t0, int last_lanes) {
+                kern(x.data + (m0 + t0) * x.stride[0] + k0, x.stride[0], W + bs * ldw + k0 * kBlock, ldw, kc,
+                     y.data + (m0 + t0) * y.stride[0] + bs * kBlock, y.stride[0], last_lanes, load_y);
+              });
         }
       }
     };

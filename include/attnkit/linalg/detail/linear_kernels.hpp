@@ -2,15 +2,13 @@
 //
 // Packed layouts (64-byte aligned, every block zero-padded to 16 output rows):
 //  * bf16: [blocks][kpairs][16][2] bf16, seen here as uint32 pairs [blocks][kpairs][16]: one
-//    zmm load is 16 outputs x one K-pair, the operand shape of vdpbf16ps. An odd K is padded
-//    with a zero column.
+//    zmm load is 16 outputs x one K-pair. An odd K is padded with a zero column.
 //  * f32:  [blocks][K][16] f32.
-// Converted activations (scratch, one row per token):
-//  * fast:  [kpairs] uint32, each the bf16 pair (x[2k], x[2k+1]) (low half = even element).
-//  * exact: [kpairs][2] uint32: the hi pair bf16(x) then the lo pair bf16(x - hi); x = hi + lo
-//    to ~2^-17 relative, and both products with bf16 weights are exact in float32.
 // A microkernel computes an MR-token x NB-block (16 outputs each) tile over a K range, keeping
 // MR*NB accumulators in registers; it either starts from zero or from the values in y.
+// All arithmetic is float32 FMA: on this CPU class vdpbf16ps retires one instruction per two
+// cycles (32 products) against two 16-lane FMAs per cycle, so widening bf16 weights to f32
+// (a shift or a mask) and using FMA is both faster and exact.
 #pragma once
 
 #include <cstdint>
@@ -25,75 +23,75 @@
 namespace attnkit::detail::linear {
 
 inline constexpr int kBlock = 16;  // output rows per packed block
-inline constexpr int kMR = 8;      // tokens per register tile
-inline constexpr int kNB = 3;      // packed blocks per register tile (48 outputs)
+#ifndef ATTNKIT_LINEAR_MR
+#define ATTNKIT_LINEAR_MR 8
+#define ATTNKIT_LINEAR_NB 3
+#endif
+inline constexpr int kMR = ATTNKIT_LINEAR_MR;  // tokens per register tile
+inline constexpr int kNB = ATTNKIT_LINEAR_NB;  // packed blocks per register tile
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define ATTNKIT_LINEAR_AVX512BF16 1
 #endif
 
-// ---- activation conversion -------------------------------------------------------------------
+// ---- conversions -------------------------------------------------------------------------------
 
-inline std::uint32_t pack_pair(float a, float b) {
-  return static_cast<std::uint32_t>(bf16::round(a)) | (static_cast<std::uint32_t>(bf16::round(b)) << 16);
-}
-
-// x[K] -> dst[kpairs] bf16 pairs (RNE), zero in the pad column of an odd K.
-inline void convert_fast(const float* x, std::int64_t K, std::uint32_t* dst) {
+// dst[k] = x[k] rounded to the nearest bf16 (RNE), as float: the activations of Precision::fast.
+inline void round_to_bf16_row(const float* x, std::int64_t K, float* dst) {
   std::int64_t i = 0;
 #if defined(ATTNKIT_LINEAR_AVX512BF16)
-  for (; i + 32 <= K; i += 32) {
-    const __m512 v0 = _mm512_loadu_ps(x + i), v1 = _mm512_loadu_ps(x + i + 16);
-    _mm512_storeu_si512(dst + i / 2, (__m512i)_mm512_cvtne2ps_pbh(v1, v0));
+  for (; i + 16 <= K; i += 16) {
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i));
+    _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
   }
 #endif
-  for (; i + 2 <= K; i += 2) dst[i / 2] = pack_pair(x[i], x[i + 1]);
-  if (i < K) dst[i / 2] = pack_pair(x[i], 0.f);
+  for (; i < K; ++i) dst[i] = bf16::to_float(bf16::round(x[i]));
 }
 
-// x[K] -> dst[kpairs][2] (hi pair, lo pair).
-inline void convert_exact(const float* x, std::int64_t K, std::uint32_t* dst) {
-  std::int64_t i = 0;
-#if defined(ATTNKIT_LINEAR_AVX512BF16)
-  const __m512i idx0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i idx1 = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  for (; i + 32 <= K; i += 32) {
-    const __m512 v0 = _mm512_loadu_ps(x + i), v1 = _mm512_loadu_ps(x + i + 16);
-    const __m512i hb = (__m512i)_mm512_cvtne2ps_pbh(v1, v0);
-    const __m512 h0 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(hb)), 16));
-    const __m512 h1 =
-        _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(hb, 1)), 16));
-    const __m512i lb = (__m512i)_mm512_cvtne2ps_pbh(_mm512_sub_ps(v1, h1), _mm512_sub_ps(v0, h0));
-    _mm512_storeu_si512(dst + i, _mm512_permutex2var_epi32(hb, idx0, lb));
-    _mm512_storeu_si512(dst + i + 16, _mm512_permutex2var_epi32(hb, idx1, lb));
-  }
+// Widens kc K-pairs of nb packed bf16 blocks (uint32 pairs, block stride ldw) into an f32 panel
+// [nb][2*kc][16]: the weight micro-panel the f32 kernel reuses across all token tiles.
+inline void widen_panel(const std::uint32_t* w, std::int64_t ldw, int nb, std::int64_t kc, float* dst) {
+  for (int j = 0; j < nb; ++j) {
+    const std::uint32_t* src = w + j * ldw;
+    float* out = dst + j * 2 * kc * kBlock;
+    for (std::int64_t k = 0; k < kc; ++k) {
+#if defined(__AVX512F__)
+      const __m512i v = _mm512_load_si512(src + k * kBlock);
+      _mm512_store_ps(out + (2 * k) * kBlock, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)));
+      _mm512_store_ps(out + (2 * k + 1) * kBlock,
+                      _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u)))));
+#else
+      for (int l = 0; l < kBlock; ++l) {
+        out[(2 * k) * kBlock + l] = bf16::to_float(static_cast<std::uint16_t>(src[k * kBlock + l]));
+        out[(2 * k + 1) * kBlock + l] = bf16::to_float(static_cast<std::uint16_t>(src[k * kBlock + l] >> 16));
+      }
 #endif
-  for (; i < K; i += 2) {
-    const float a = x[i], b = i + 1 < K ? x[i + 1] : 0.f;
-    const float ra = a - bf16::to_float(bf16::round(a)), rb = b - bf16::to_float(bf16::round(b));
-    dst[i] = pack_pair(a, b);
-    dst[i + 1] = pack_pair(ra, rb);
+    }
   }
 }
 
 // ---- microkernels ------------------------------------------------------------------------------
-// Arguments shared by all kernels:
-//   x, ldx   converted activations (bf16) or the caller's x rows (f32), first row of the tile,
-//            already offset to the K range; ldx is the row stride in elements of that type
+// Arguments shared by the kernels:
+//   x, ldx   float activations of the tile's first token at the K range; ldx = row stride
 //   w, ldw   first packed block of the tile at the K range; ldw = elements between blocks
-//   kc       K steps (pairs for bf16, elements for f32)
+//   kc       K steps: elements (f32 kernel) or whole K-pairs (bf16 kernel)
 //   y, ldy   output tile; last_lanes = valid outputs of the tile's last block (1..16)
 //   load_y   start from y (accumulate / later K range) instead of zero
-// `Stream` adds software prefetch of the weight streams (single-token GEMV: memory bound).
+// kernel_f32 multiplies f32 weights (packed f32 weights, or a widened bf16 panel) with FMA.
+// kernel_bf16 widens packed bf16 pairs in registers (exact: bf16 -> f32 is a shift) and
+// multiplies with FMA; it serves the few-token case, where each weight is used once and the
+// loop is bound by memory bandwidth. `tail` adds the even half of one more pair (odd K).
+// `Stream` adds software prefetch of the weight streams.
 
 inline constexpr std::int64_t kPrefetchBytes = 1024;
 
-#if defined(ATTNKIT_LINEAR_AVX512BF16)
+#if defined(__AVX512F__)
 
-template <int MR, int NB, bool Exact, bool Stream>
-void kernel_bf16(const std::uint32_t* x, std::int64_t ldx, const std::uint32_t* w, std::int64_t ldw, std::int64_t kc,
-                 float* y, std::int64_t ldy, int last_lanes, bool load_y) {
+template <int MR, int NB, bool Stream>
+void kernel_bf16(const float* x, std::int64_t ldx, const std::uint32_t* w, std::int64_t ldw, std::int64_t kc,
+                 bool tail, float* y, std::int64_t ldy, int last_lanes, bool load_y) {
   const __mmask16 last_mask = static_cast<__mmask16>((1u << last_lanes) - 1u);
+  const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
   __m512 acc[MR][NB];
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
@@ -102,25 +100,29 @@ void kernel_bf16(const std::uint32_t* x, std::int64_t ldx, const std::uint32_t* 
       const __mmask16 m = j == NB - 1 ? last_mask : static_cast<__mmask16>(0xffff);
       acc[i][j] = load_y ? _mm512_maskz_loadu_ps(m, y + i * ldy + j * kBlock) : _mm512_setzero_ps();
     }
-  constexpr int xs = Exact ? 2 : 1;
   for (std::int64_t k = 0; k < kc; ++k) {
-    __m512bh wv[NB];
+    __m512 we[NB], wo[NB];
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) {
       const std::uint32_t* wp = w + j * ldw + k * kBlock;
       if constexpr (Stream) _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes, _MM_HINT_T0);
-      wv[j] = (__m512bh)_mm512_load_si512(wp);
+      const __m512i v = _mm512_load_si512(wp);
+      we[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      wo[j] = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
     }
 #pragma GCC unroll 8
     for (int i = 0; i < MR; ++i) {
-      const __m512bh xh = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[i * ldx + k * xs]));
+      const __m512 xe = _mm512_set1_ps(x[i * ldx + 2 * k]), xo = _mm512_set1_ps(x[i * ldx + 2 * k + 1]);
 #pragma GCC unroll 4
-      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv[j], xh);
-      if constexpr (Exact) {
-        const __m512bh xl = (__m512bh)_mm512_set1_epi32(static_cast<int>(x[i * ldx + k * xs + 1]));
+      for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(wo[j], xo, _mm512_fmadd_ps(we[j], xe, acc[i][j]));
+    }
+  }
+  if (tail) {
 #pragma GCC unroll 4
-        for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], wv[j], xl);
-      }
+    for (int j = 0; j < NB; ++j) {
+      const __m512 we = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_load_si512(w + j * ldw + kc * kBlock), 16));
+#pragma GCC unroll 8
+      for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_fmadd_ps(we, _mm512_set1_ps(x[i * ldx + 2 * kc]), acc[i][j]);
     }
   }
 #pragma GCC unroll 8
@@ -132,29 +134,23 @@ void kernel_bf16(const std::uint32_t* x, std::int64_t ldx, const std::uint32_t* 
     }
 }
 
-#else  // portable fallback: same layouts, float32 arithmetic
+#else  // portable fallback: same layouts and order of operations, scalar float32
 
-template <int MR, int NB, bool Exact, bool Stream>
-void kernel_bf16(const std::uint32_t* x, std::int64_t ldx, const std::uint32_t* w, std::int64_t ldw, std::int64_t kc,
-                 float* y, std::int64_t ldy, int last_lanes, bool load_y) {
-  constexpr int xs = Exact ? 2 : 1;
+template <int MR, int NB, bool Stream>
+void kernel_bf16(const float* x, std::int64_t ldx, const std::uint32_t* w, std::int64_t ldw, std::int64_t kc,
+                 bool tail, float* y, std::int64_t ldy, int last_lanes, bool load_y) {
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NB; ++j) {
       const int lanes = j == NB - 1 ? last_lanes : kBlock;
       float acc[kBlock];
       for (int l = 0; l < kBlock; ++l) acc[l] = load_y && l < lanes ? y[i * ldy + j * kBlock + l] : 0.f;
-      for (std::int64_t k = 0; k < kc; ++k) {
-        const std::uint32_t xp = x[i * ldx + k * xs];
-        float x0 = bf16::to_float(static_cast<std::uint16_t>(xp)), x1 = bf16::to_float(static_cast<std::uint16_t>(xp >> 16));
-        if constexpr (Exact) {
-          const std::uint32_t lp = x[i * ldx + k * xs + 1];
-          x0 += bf16::to_float(static_cast<std::uint16_t>(lp));
-          x1 += bf16::to_float(static_cast<std::uint16_t>(lp >> 16));
+      const std::uint32_t* wb = w + j * ldw;
+      for (std::int64_t k = 0; k < kc + (tail ? 1 : 0); ++k) {
+        const float xe = x[i * ldx + 2 * k], xo = k < kc ? x[i * ldx + 2 * k + 1] : 0.f;
+        for (int l = 0; l < kBlock; ++l) {
+          acc[l] += bf16::to_float(static_cast<std::uint16_t>(wb[k * kBlock + l])) * xe;
+          if (k < kc) acc[l] += bf16::to_float(static_cast<std::uint16_t>(wb[k * kBlock + l] >> 16)) * xo;
         }
-        const std::uint32_t* wp = w + j * ldw + k * kBlock;
-        for (int l = 0; l < kBlock; ++l)
-          acc[l] += bf16::to_float(static_cast<std::uint16_t>(wp[l])) * x0 +
-                    bf16::to_float(static_cast<std::uint16_t>(wp[l] >> 16)) * x1;
       }
       for (int l = 0; l < lanes; ++l) y[i * ldy + j * kBlock + l] = acc[l];
     }
@@ -223,16 +219,16 @@ void kernel_f32(const float* x, std::int64_t ldx, const float* w, std::int64_t l
 
 // ---- dispatch on the runtime tile shape (mr in 1..kMR, nb in 1..kNB) ---------------------------
 
-using KernelBf16 = void (*)(const std::uint32_t*, std::int64_t, const std::uint32_t*, std::int64_t, std::int64_t,
+using KernelBf16 = void (*)(const float*, std::int64_t, const std::uint32_t*, std::int64_t, std::int64_t, bool,
                             float*, std::int64_t, int, bool);
 using KernelF32 = void (*)(const float*, std::int64_t, const float*, std::int64_t, std::int64_t, float*,
                            std::int64_t, int, bool);
 
-template <bool Exact, bool Stream, int MR = 1, int NB = 1>
+template <bool Stream, int MR = 1, int NB = 1>
 KernelBf16 pick_bf16(int mr, int nb) {
-  if (mr == MR && nb == NB) return &kernel_bf16<MR, NB, Exact, Stream>;
-  if constexpr (NB < kNB) return pick_bf16<Exact, Stream, MR, NB + 1>(mr, nb);
-  else if constexpr (MR < kMR) return pick_bf16<Exact, Stream, MR + 1, 1>(mr, nb);
+  if (mr == MR && nb == NB) return &kernel_bf16<MR, NB, Stream>;
+  if constexpr (NB < kNB) return pick_bf16<Stream, MR, NB + 1>(mr, nb);
+  else if constexpr (MR < kMR) return pick_bf16<Stream, MR + 1, 1>(mr, nb);
   else return nullptr;
 }
 
