@@ -62,10 +62,12 @@ class Qwen3Attention final : public TokenMixer {
     View3<float> q(qkv.data(), {T, H_, d_}, {width, d_, 1});
     View3<float> k(qkv.data() + H_ * d_, {T, Hkv_, d_}, {width, d_, 1});
     View3<float> v(qkv.data() + (H_ + Hkv_) * d_, {T, Hkv_, d_}, {width, d_, 1});
-    ops::rms_norm_heads(q, q_norm_.data(), eps_);
-    ops::rms_norm_heads(k, k_norm_.data(), eps_);
-    rope_->apply(q, ctx.pos0);
-    rope_->apply(k, ctx.pos0);
+    ops::rms_norm_heads(q, q_norm_.data(), eps_, ctx.num_threads);
+    ops::rms_norm_heads(k, k_norm_.data(), eps_, ctx.num_threads);
+    const ops::Rope::Angles own = ctx.rope ? ops::Rope::Angles{} : rope_->angles(ctx.pos0, T);
+    const ops::Rope::Angles& ang = ctx.rope ? *ctx.rope : own;
+    rope_->apply(q, ang, ctx.num_threads);
+    rope_->apply(k, ang, ctx.num_threads);
 
     std::vector<float> attn(static_cast<std::size_t>(T * H_ * d_));
     View3<float> a(attn.data(), {T, H_, d_});

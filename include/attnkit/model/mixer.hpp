@@ -35,6 +35,7 @@ struct StepContext {
   std::int64_t pos0 = 0;     // absolute position of the first token of this step
   int num_threads = 0;       // 0: OpenMP default
   Precision precision = Precision::exact;
+  const ops::Rope::Angles* rope = nullptr;  // RoPE angles of this step's positions, shared by all layers
 };
 
 class MixerState {

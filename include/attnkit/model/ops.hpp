@@ -27,16 +27,18 @@ inline void rms_norm_row(const float* x, const float* w, float eps, float* y, st
 }
 
 // Row-wise RMSNorm of x [rows, n] into y [rows, n] (y may alias x).
-inline void rms_norm(ConstView2<float> x, const float* w, float eps, View2<float> y) {
+inline void rms_norm(ConstView2<float> x, const float* w, float eps, View2<float> y, int threads = 0) {
   ATTNKIT_REQUIRE(x.shape == y.shape, "rms_norm: argument 'y': shape ", detail::shape_string(y),
                   " differs from x ", detail::shape_string(x));
-  for (std::int64_t r = 0; r < x.shape[0]; ++r) rms_norm_row(x.ptr(r), w, eps, y.ptr(r), x.shape[1]);
+  const std::int64_t rows = x.shape[0];
+  parallel_for(rows, rows >= 16 ? threads : 1, [&](std::int64_t r) { rms_norm_row(x.ptr(r), w, eps, y.ptr(r), x.shape[1]); });
 }
 
 // Per-head RMSNorm in place over x [tokens, heads, d] (Qwen3's q_norm / k_norm).
-inline void rms_norm_heads(View3<float> x, const float* w, float eps) {
-  for (std::int64_t t = 0; t < x.shape[0]; ++t)
+inline void rms_norm_heads(View3<float> x, const float* w, float eps, int threads = 0) {
+  parallel_for(x.shape[0], x.shape[0] >= 16 ? threads : 1, [&](std::int64_t t) {
     for (std::int64_t h = 0; h < x.shape[1]; ++h) rms_norm_row(x.ptr(t, h), w, eps, x.ptr(t, h), x.shape[2]);
+  });
 }
 
 // Rotate-half RoPE (spec §1.3): dimension i pairs with i + d/2; angle = position * inv_freq_i,
@@ -56,28 +58,48 @@ class Rope {
   }
   std::int64_t head_dim() const { return d_; }
 
-  // Applies RoPE in place to x [tokens, heads, d]; token t is at absolute position pos0 + t.
-  void apply(View3<float> x, std::int64_t pos0) const {
-    ATTNKIT_REQUIRE(x.shape[2] == d_, "Rope::apply: argument 'x': head_dim ", x.shape[2], " != ", d_);
-    const std::int64_t half = d_ / 2;
-    std::vector<float> c(half), s(half);
-    for (std::int64_t t = 0; t < x.shape[0]; ++t) {
+  // cos / sin of every angle for tokens at positions pos0 .. pos0+T-1: computed once per step
+  // and shared by q, k and every layer.
+  struct Angles {
+    std::int64_t pos0 = 0, tokens = 0, half = 0;
+    std::vector<float> cos, sin;  // [tokens, half]
+  };
+  Angles angles(std::int64_t pos0, std::int64_t tokens) const {
+    Angles a{pos0, tokens, d_ / 2, {}, {}};
+    a.cos.resize(static_cast<std::size_t>(tokens * a.half));
+    a.sin.resize(a.cos.size());
+    for (std::int64_t t = 0; t < tokens; ++t) {
       const float p = static_cast<float>(pos0 + t);
-      for (std::int64_t i = 0; i < half; ++i) {
-        const float a = p * inv_freq_[i];  // float32 product, as the reference computes the angle
-        c[i] = static_cast<float>(std::cos(static_cast<double>(a)));
-        s[i] = static_cast<float>(std::sin(static_cast<double>(a)));
+      for (std::int64_t i = 0; i < a.half; ++i) {
+        const float ang = p * inv_freq_[i];  // float32 product, as the reference computes the angle
+        a.cos[t * a.half + i] = static_cast<float>(std::cos(static_cast<double>(ang)));
+        a.sin[t * a.half + i] = static_cast<float>(std::sin(static_cast<double>(ang)));
       }
+    }
+    return a;
+  }
+
+  // Applies RoPE in place to x [tokens, heads, d] with precomputed angles for those tokens.
+  void apply(View3<float> x, const Angles& a, int threads = 0) const {
+    ATTNKIT_REQUIRE(x.shape[2] == d_, "Rope::apply: argument 'x': head_dim ", x.shape[2], " != ", d_);
+    ATTNKIT_REQUIRE(x.shape[0] == a.tokens && a.half == d_ / 2, "Rope::apply: argument 'angles': made for ", a.tokens,
+                    " tokens of head_dim ", 2 * a.half, ", x has ", x.shape[0], " of ", d_);
+    const std::int64_t half = d_ / 2;
+    parallel_for(x.shape[0], x.shape[0] >= 16 ? threads : 1, [&](std::int64_t t) {
+      const float* c = a.cos.data() + t * half;
+      const float* s = a.sin.data() + t * half;
       for (std::int64_t h = 0; h < x.shape[1]; ++h) {
         float* v = x.ptr(t, h);
         for (std::int64_t i = 0; i < half; ++i) {
-          const float a = v[i], b = v[i + half];
-          v[i] = a * c[i] - b * s[i];
-          v[i + half] = b * c[i] + a * s[i];
+          const float p = v[i], q = v[i + half];
+          v[i] = p * c[i] - q * s[i];
+          v[i + half] = q * c[i] + p * s[i];
         }
       }
-    }
+    });
   }
+  // Convenience: token t of x at absolute position pos0 + t.
+  void apply(View3<float> x, std::int64_t pos0) const { apply(x, angles(pos0, x.shape[0]), 1); }
 
  private:
   std::int64_t d_ = 0;
@@ -85,17 +107,24 @@ class Rope {
 };
 
 // act[t, i] = SiLU(gu[t, i]) * gu[t, I + i] for gu [T, 2I] (gate rows first, then up), act [T, I].
-inline void silu_mul(ConstView2<float> gate_up, View2<float> act) {
+inline void silu_mul(ConstView2<float> gate_up, View2<float> act, int threads = 0) {
   const std::int64_t I = act.shape[1];
   ATTNKIT_REQUIRE(gate_up.shape[1] == 2 * I && gate_up.shape[0] == act.shape[0],
                   "silu_mul: argument 'act': shape ", detail::shape_string(act), " does not match gate_up ",
                   detail::shape_string(gate_up));
-  for (std::int64_t t = 0; t < act.shape[0]; ++t) {
+  using B = simd::fbatch<>;
+  constexpr std::int64_t W = static_cast<std::int64_t>(B::size);
+  parallel_for(act.shape[0], act.shape[0] >= 4 ? threads : 1, [&](std::int64_t t) {
     const float* g = gate_up.ptr(t);
     const float* u = g + I;
     float* y = act.ptr(t);
-    for (std::int64_t i = 0; i < I; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
-  }
+    std::int64_t i = 0;
+    for (; i + W <= I; i += W) {
+      const B gv = B::load_unaligned(g + i);
+      (gv / (B(1.0f) + xsimd::exp(-gv)) * B::load_unaligned(u + i)).store_unaligned(y + i);
+    }
+    for (; i < I; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
+  });
 }
 
 // y += x over [rows, n].

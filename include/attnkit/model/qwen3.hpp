@@ -47,7 +47,7 @@ class SwiGLU {
     const std::int64_t T = x.shape[0];
     std::vector<float> gu(static_cast<std::size_t>(T * 2 * I_)), act(static_cast<std::size_t>(T * I_));
     gate_up_.forward(x, View2<float>(gu.data(), {T, 2 * I_}), {ctx.precision, ctx.num_threads, false});
-    ops::silu_mul(View2<float>(gu.data(), {T, 2 * I_}), View2<float>(act.data(), {T, I_}));
+    ops::silu_mul(View2<float>(gu.data(), {T, 2 * I_}), View2<float>(act.data(), {T, I_}), ctx.num_threads);
     down_.forward(View2<float>(act.data(), {T, I_}), out, {ctx.precision, ctx.num_threads, false});
   }
   std::size_t weight_bytes() const { return gate_up_.bytes() + down_.bytes(); }
@@ -96,6 +96,7 @@ class Qwen3Model {
     m.source_ = source.describe();
     m.residual_ = std::move(residual);
     auto rope = std::make_shared<const ops::Rope>(config.head_dim, config.rope_theta);
+    m.rope_ = rope;
     BuildContext ctx{m.config_, source, rope};
     const std::int64_t D = config.hidden_size, V = config.vocab_size;
     for (int l = 0; l < config.num_hidden_layers; ++l) {
@@ -166,6 +167,7 @@ class Qwen3Model {
   PackedLinear embed_, lm_head_;
   bool tied_ = false;
   std::shared_ptr<const ResidualPolicy> residual_;
+  std::shared_ptr<const ops::Rope> rope_;
 };
 
 class Session {
@@ -208,16 +210,17 @@ inline void Qwen3Model::forward(Session& s, std::span<const std::int64_t> ids, V
   View2<float> xv(x.data(), {T, D}), xnv(xn.data(), {T, D}), yv(y.data(), {T, D});
   if (opt.on_hidden) opt.on_hidden(0, xv);
 
-  const StepContext ctx{s.position_, opt.num_threads, opt.precision};
+  const ops::Rope::Angles angles = rope_->angles(s.position_, T);
+  const StepContext ctx{s.position_, opt.num_threads, opt.precision, &angles};
   auto stream = residual_->begin(xv);
   for (std::size_t l = 0; l < layers_.size(); ++l) {
     const DecoderLayer& layer = layers_[l];
     const int li = static_cast<int>(l);
     const float eps = static_cast<float>(config_.rms_norm_eps);
-    ops::rms_norm(stream->input(li, Sublayer::mixer), layer.input_norm.data(), eps, xnv);
+    ops::rms_norm(stream->input(li, Sublayer::mixer), layer.input_norm.data(), eps, xnv, opt.num_threads);
     layer.mixer->forward(xnv, yv, *s.states_[l], ctx);
     stream->add_output(li, Sublayer::mixer, yv);
-    ops::rms_norm(stream->input(li, Sublayer::mlp), layer.post_norm.data(), eps, xnv);
+    ops::rms_norm(stream->input(li, Sublayer::mlp), layer.post_norm.data(), eps, xnv, opt.num_threads);
     layer.mlp.forward(xnv, yv, ctx);
     stream->add_output(li, Sublayer::mlp, yv);
     if (opt.on_hidden && l + 1 < layers_.size()) opt.on_hidden(li + 1, stream->output());
