@@ -68,7 +68,7 @@ void BM_model_decode(benchmark::State& state) {
     next = ops::argmax(logits.data(), V);
   }
   state.counters["tok_s"] = benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
-  const double bytes = static_cast<double>(m.weight_bytes());
+  const double bytes = static_cast<double>(m.streamed_bytes_per_token());
   state.counters["GBps"] = benchmark::Counter(bytes * state.iterations() / 1e9, benchmark::Counter::kIsRate);
   state.counters["bw_frac"] =
       benchmark::Counter(bytes * state.iterations() / 1e9 / bench::roofline().read_gbps, benchmark::Counter::kIsRate);

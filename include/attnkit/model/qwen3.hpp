@@ -110,8 +110,10 @@ class Qwen3Model {
     m.final_norm_ = source.get("model.norm.weight", {D}).to_f32();
     HostTensor embed = source.get("model.embed_tokens.weight", {V, D});
     m.weight_type_ = embed.type;
-    if (config.tie_word_embeddings && !source.contains("lm_head.weight")) {
-      m.lm_head_ = pack_linear(embed);  // tied: lookups read rows back from the packed head
+    if (config.tie_word_embeddings) {
+      // Tied (as transformers does, a stored lm_head.weight is ignored): one packed matrix
+      // serves as the head, and embedding lookups read rows back from it.
+      m.lm_head_ = pack_linear(embed);
       m.tied_ = true;
     } else {
       m.lm_head_ = pack_linear(source.get("lm_head.weight", {V, D}));
@@ -138,8 +140,11 @@ class Qwen3Model {
   WeightType weight_type() const { return weight_type_; }
   int num_layers() const { return static_cast<int>(layers_.size()); }
   const TokenMixer& mixer(int layer) const { return *layers_.at(static_cast<std::size_t>(layer)).mixer; }
-  std::size_t weight_bytes() const {
-    std::size_t b = lm_head_.bytes() + (tied_ ? 0 : embed_.bytes());
+  // Bytes of packed weights held in memory.
+  std::size_t weight_bytes() const { return streamed_bytes_per_token() + (tied_ ? 0 : embed_.bytes()); }
+  // Bytes of weights one decode step reads (every layer and the head; one embedding row aside).
+  std::size_t streamed_bytes_per_token() const {
+    std::size_t b = lm_head_.bytes();
     for (auto& l : layers_) b += l.mixer->weight_bytes() + l.mlp.weight_bytes();
     return b;
   }
