@@ -100,8 +100,15 @@ struct WorkItem {
   std::int64_t t_begin, t_end;  // query rows of the segment
 };
 
-// Queries per tile: about 64 rows per item (rows = heads of the group x queries).
+// Queries per sub-tile: about 64 rows (rows = heads of the group x queries), which keeps Q^T,
+// S^T and the output accumulators of a sub-tile in L1/L2.
 inline std::int64_t query_tile(std::int64_t G) { return std::clamp<std::int64_t>(64 / std::max<std::int64_t>(G, 1), 8, 64); }
+// Queries per work item: about 512 rows, so a packed K/V tile serves that many rows before the
+// next one is read (K/V streaming from DRAM is what limits smaller items).
+inline std::int64_t item_queries(std::int64_t G) {
+  const std::int64_t bq = query_tile(G);
+  return bq * std::max<std::int64_t>(1, 512 / (bq * std::max<std::int64_t>(G, 1)));
+}
 
 // 64-byte aligned float scratch owned by one work item.
 class Scratch {
@@ -215,124 +222,192 @@ inline void pack_rows(const ConstView3<KV>& src, std::int64_t head, std::int64_t
   if (kc < kBc) std::memset(dst + kc * ld, 0, static_cast<std::size_t>((kBc - kc) * ld) * sizeof(float));
 }
 
-template <class Arch, class KV, class Mask>
-void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const WorkItem& it) {
+template <class T>
+inline void prefetch_row(const T* p, std::int64_t n) {
+  const char* b = reinterpret_cast<const char*>(p);
+  for (std::int64_t off = 0; off < n * static_cast<std::int64_t>(sizeof(T)); off += 64) __builtin_prefetch(b + off);
+}
+
+// State of one query sub-tile of a work item: rows (head, query) with row r = (head
+// h_begin + r / nq, query t_begin + r % nq); Q^T is [d_k][rp] with rows zero-padded to rp.
+struct SubTile {
+  std::int64_t t_begin, nq, rows, rp;
+  float* qt;    // [d_k][rp], scaled by Shape::q_scale
+  float* obuf;  // [rows][dvp], unnormalised output
+  float* m;     // [rp] running max (base 2)
+  float* l;     // [rp] running sum
+};
+
+// Scratch shared by the sub-tiles of an item for the key tile at hand.
+struct TileBuffers {
+  float* st;     // [kBc][rp] S^T, then P^T
+  float* kbuf;   // [kBc][d_k]
+  float* vbuf;   // [kBc][dvp]
+  float* alpha;  // [rp] per-row rescale of O for this tile
+  float* lo;     // [rp] first / last visible key of each row, relative to the tile
+  float* hi;
+};
+
+// One key tile [k0, k0 + kc) for one sub-tile: S^T = K Q^T, online softmax, O = alpha O + P V.
+template <class Arch, class Mask>
+void tile_step(const SubTile& sub, const TileBuffers& tb, const Shape& sh, const Mask& mask, std::int64_t q_offset,
+               std::int64_t T_k, std::int64_t k0, std::int64_t kc) {
   using B = fb<Arch>;
   constexpr std::int64_t W = lanes<Arch>;
-  const std::int64_t nq = it.t_end - it.t_begin, nh = it.h_end - it.h_begin;
-  const std::int64_t rows = nq * nh, rp = round_up(rows, W), dvp = round_up(sh.d_v, W), d_k = sh.d_k;
+  const std::int64_t rp = sub.rp, rows = sub.rows, nq = sub.nq, dvp = round_up(sh.d_v, W);
+  float* st = tb.st;
+
+  std::int64_t rb = 0;
+  for (; rb + 2 * W <= rp; rb += 2 * W)
+    for (std::int64_t kb = 0; kb < kBc; kb += kKeyBlock) qk_block<Arch, 2>(tb.kbuf, sub.qt, st, sh.d_k, rp, kb, rb);
+  if (rb < rp)
+    for (std::int64_t kb = 0; kb < kBc; kb += kKeyBlock) qk_block<Arch, 1>(tb.kbuf, sub.qt, st, sh.d_k, rp, kb, rb);
+
+  // The whole tile is visible to every row iff it is full and lies inside the visible range
+  // of both the first and the last query (ranges move monotonically with position).
+  const std::int64_t p_first = q_offset + sub.t_begin, p_last = p_first + nq - 1;
+  const bool masked = kc < kBc || mask.first_key(p_last) > k0 || k0 + kBc - 1 > mask.last_key(p_first);
+  if (masked) {
+    for (std::int64_t r = 0; r < rp; ++r) {
+      if (r < rows) {
+        const std::int64_t p = p_first + r % nq;
+        tb.lo[r] = static_cast<float>(std::clamp<std::int64_t>(mask.first_key(p) - k0, -1, kBc));
+        tb.hi[r] = static_cast<float>(std::clamp<std::int64_t>(std::min(mask.last_key(p), T_k - 1) - k0, -1, kBc));
+      } else {
+        tb.lo[r] = 0.f;
+        tb.hi[r] = -1.f;  // padding rows see nothing
+      }
+    }
+  }
+  const B neg_inf(-std::numeric_limits<float>::infinity());
+  for (std::int64_t r = 0; r < rp; r += W) {
+    B mx = neg_inf;
+    if (masked) {
+      const B vlo = B::load_aligned(tb.lo + r), vhi = B::load_aligned(tb.hi + r);
+      for (std::int64_t c = 0; c < kBc; ++c) {
+        const B cf(static_cast<float>(c));
+        B s = B::load_aligned(st + c * rp + r);
+        s = xsimd::select((vlo <= cf) && (cf <= vhi), s, neg_inf);
+        s.store_aligned(st + c * rp + r);
+        mx = xsimd::max(mx, s);
+      }
+    } else {
+      for (std::int64_t c = 0; c < kBc; ++c) mx = xsimd::max(mx, B::load_aligned(st + c * rp + r));
+    }
+    const B m_old = B::load_aligned(sub.m + r);
+    const B m_new = xsimd::max(m_old, mx);
+    const B m_use = xsimd::select(m_new == neg_inf, B(0.f), m_new);  // all masked so far: avoid -inf - -inf
+    const B a = exp2<Arch>(m_old - m_use);
+    // Two partial sums halve the add latency chain; the order is fixed, so still deterministic.
+    B sum0(0.f), sum1(0.f);
+    for (std::int64_t c = 0; c < kBc; c += 2) {
+      const B p0 = exp2<Arch>(B::load_aligned(st + c * rp + r) - m_use);
+      const B p1 = exp2<Arch>(B::load_aligned(st + (c + 1) * rp + r) - m_use);
+      p0.store_aligned(st + c * rp + r);
+      p1.store_aligned(st + (c + 1) * rp + r);
+      sum0 += p0;
+      sum1 += p1;
+    }
+    xsimd::fma(B::load_aligned(sub.l + r), a, sum0 + sum1).store_aligned(sub.l + r);
+    m_new.store_aligned(sub.m + r);
+    a.store_aligned(tb.alpha + r);
+  }
+
+  std::int64_t c0 = 0;
+  for (; c0 + kPvCols * W <= dvp; c0 += kPvCols * W)
+    pv_rows<Arch, kPvCols>(st, tb.vbuf, sub.obuf, tb.alpha, rows, rp, dvp, kc, c0);
+  switch ((dvp - c0) / W) {
+    case 1: pv_rows<Arch, 1>(st, tb.vbuf, sub.obuf, tb.alpha, rows, rp, dvp, kc, c0); break;
+    case 2: pv_rows<Arch, 2>(st, tb.vbuf, sub.obuf, tb.alpha, rows, rp, dvp, kc, c0); break;
+    case 3: pv_rows<Arch, 3>(st, tb.vbuf, sub.obuf, tb.alpha, rows, rp, dvp, kc, c0); break;
+    default: break;
+  }
+  static_assert(kPvCols == 4);
+}
+
+// One work item: its queries are split into sub-tiles of query_tile(G) queries (about 64
+// rows each, sized for L1/L2), and the key-tile loop is outermost, so each K/V tile is read
+// from memory and packed once per item however many sub-tiles use it.
+template <class Arch, class KV, class Mask>
+void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const WorkItem& it) {
+  constexpr std::int64_t W = lanes<Arch>;
+  const std::int64_t nh = it.h_end - it.h_begin, bq = query_tile(sh.G);
+  const std::int64_t n_sub = (it.t_end - it.t_begin + bq - 1) / bq;
+  const std::int64_t rp_max = round_up(bq * nh, W), dvp = round_up(sh.d_v, W), d_k = sh.d_k;
   const std::int64_t T_k = seg.k.shape[0];
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
 
-  Scratch scratch(Scratch::need(d_k * rp) + Scratch::need(kBc * rp) + Scratch::need(kBc * d_k) +
-                  Scratch::need(kBc * dvp) + Scratch::need(rows * dvp) + 5 * Scratch::need(rp));
-  float* qt = scratch.take(d_k * rp);    // Q^T, scaled, rows zero-padded to rp
-  float* st = scratch.take(kBc * rp);    // S^T, then P^T
-  float* kbuf = scratch.take(kBc * d_k);
-  float* vbuf = scratch.take(kBc * dvp);
-  float* obuf = scratch.take(rows * dvp);
-  float* m = scratch.take(rp);
-  float* l = scratch.take(rp);
-  float* alpha = scratch.take(rp);
-  float* lo = scratch.take(rp);  // per tile: first / last visible key, relative to the tile
-  float* hi = scratch.take(rp);
-
-  // Row r = (head it.h_begin + r / nq, query it.t_begin + r % nq).
-  for (std::int64_t r = 0; r < rows; ++r) {
-    const float* src = seg.q.ptr(it.t_begin + r % nq, it.h_begin + r / nq);
-    for (std::int64_t d = 0; d < d_k; ++d) qt[d * rp + r] = src[d] * sh.q_scale;
+  Scratch scratch(n_sub * (Scratch::need(d_k * rp_max) + Scratch::need(bq * nh * dvp) + 2 * Scratch::need(rp_max)) +
+                  Scratch::need(kBc * rp_max) + Scratch::need(kBc * d_k) + Scratch::need(kBc * dvp) +
+                  3 * Scratch::need(rp_max));
+  TileBuffers tb;
+  tb.st = scratch.take(kBc * rp_max);
+  tb.kbuf = scratch.take(kBc * d_k);
+  tb.vbuf = scratch.take(kBc * dvp);
+  tb.alpha = scratch.take(rp_max);
+  tb.lo = scratch.take(rp_max);
+  tb.hi = scratch.take(rp_max);
+  std::vector<SubTile> subs(static_cast<std::size_t>(n_sub));
+  for (std::int64_t s = 0; s < n_sub; ++s) {
+    SubTile& sub = subs[s];
+    sub.t_begin = it.t_begin + s * bq;
+    sub.nq = std::min(bq, it.t_end - sub.t_begin);
+    sub.rows = sub.nq * nh;
+    sub.rp = round_up(sub.rows, W);
+    sub.qt = scratch.take(d_k * rp_max);
+    sub.obuf = scratch.take(bq * nh * dvp);
+    sub.m = scratch.take(rp_max);
+    sub.l = scratch.take(rp_max);
+    for (std::int64_t r = 0; r < sub.rows; ++r) {
+      const float* src = seg.q.ptr(sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq);
+      for (std::int64_t d = 0; d < d_k; ++d) sub.qt[d * sub.rp + r] = src[d] * sh.q_scale;
+    }
+    for (std::int64_t d = 0; d < d_k; ++d)
+      for (std::int64_t r = sub.rows; r < sub.rp; ++r) sub.qt[d * sub.rp + r] = 0.f;
+    std::fill(sub.m, sub.m + sub.rp, neg_inf);
+    std::fill(sub.l, sub.l + sub.rp, 0.f);
+    std::fill(sub.obuf, sub.obuf + sub.rows * dvp, 0.f);
   }
-  for (std::int64_t d = 0; d < d_k; ++d)
-    for (std::int64_t r = rows; r < rp; ++r) qt[d * rp + r] = 0.f;
-  std::fill(m, m + rp, -std::numeric_limits<float>::infinity());
-  std::fill(l, l + rp, 0.f);
-  std::fill(obuf, obuf + rows * dvp, 0.f);
 
-  const std::int64_t p_first = seg.q_offset + it.t_begin, p_last = seg.q_offset + it.t_end - 1;
-  const std::int64_t key_lo = mask.first_key(p_first);
-  const std::int64_t key_hi = std::min(mask.last_key(p_last), T_k - 1);
-  if (key_hi >= key_lo && key_hi >= 0) {
-    for (std::int64_t kt = std::max<std::int64_t>(key_lo, 0) / kBc; kt <= key_hi / kBc; ++kt) {
+  // Visible keys of the first / last query of a range (clipped to [0, T_k)).
+  const auto key_range = [&](std::int64_t t_first, std::int64_t t_last) {
+    return std::pair<std::int64_t, std::int64_t>{std::max<std::int64_t>(mask.first_key(seg.q_offset + t_first), 0),
+                                                 std::min(mask.last_key(seg.q_offset + t_last), T_k - 1)};
+  };
+  const auto [key_lo, key_hi] = key_range(it.t_begin, it.t_end - 1);
+  if (key_hi >= key_lo) {
+    for (std::int64_t kt = key_lo / kBc; kt <= key_hi / kBc; ++kt) {
       const std::int64_t k0 = kt * kBc, kc = std::min(kBc, T_k - k0);
-      pack_rows<Arch>(seg.k, it.kv_head, k0, kc, d_k, d_k, kbuf);
-      pack_rows<Arch>(seg.v, it.kv_head, k0, kc, sh.d_v, dvp, vbuf);
-
-      std::int64_t rb = 0;
-      for (; rb + 2 * W <= rp; rb += 2 * W)
-        for (std::int64_t kb = 0; kb < kBc; kb += kKeyBlock) qk_block<Arch, 2>(kbuf, qt, st, d_k, rp, kb, rb);
-      if (rb < rp)
-        for (std::int64_t kb = 0; kb < kBc; kb += kKeyBlock) qk_block<Arch, 1>(kbuf, qt, st, d_k, rp, kb, rb);
-
-      // The whole tile is visible to every row iff it is full and lies inside the visible
-      // range of both the first and the last query (ranges move monotonically with position).
-      const bool masked = kc < kBc || mask.first_key(p_last) > k0 || k0 + kBc - 1 > mask.last_key(p_first);
-      if (masked) {
-        for (std::int64_t r = 0; r < rp; ++r) {
-          if (r < rows) {
-            const std::int64_t p = seg.q_offset + it.t_begin + r % nq;
-            lo[r] = static_cast<float>(std::clamp<std::int64_t>(mask.first_key(p) - k0, -1, kBc));
-            hi[r] = static_cast<float>(std::clamp<std::int64_t>(std::min(mask.last_key(p), T_k - 1) - k0, -1, kBc));
-          } else {
-            lo[r] = 0.f;
-            hi[r] = -1.f;  // padding rows see nothing
-          }
+      if (kt < key_hi / kBc) {  // start fetching the next tile's K/V rows: they often come from DRAM
+        for (std::int64_t c = k0 + kBc, ce = std::min(k0 + 2 * kBc, T_k); c < ce; ++c) {
+          prefetch_row(seg.k.ptr(c, it.kv_head), d_k);
+          prefetch_row(seg.v.ptr(c, it.kv_head), sh.d_v);
         }
       }
-      const B neg_inf(-std::numeric_limits<float>::infinity());
-      for (std::int64_t r = 0; r < rp; r += W) {
-        B mx = neg_inf;
-        if (masked) {
-          const B vlo = B::load_aligned(lo + r), vhi = B::load_aligned(hi + r);
-          for (std::int64_t c = 0; c < kBc; ++c) {
-            const B cf(static_cast<float>(c));
-            B s = B::load_aligned(st + c * rp + r);
-            s = xsimd::select((vlo <= cf) && (cf <= vhi), s, neg_inf);
-            s.store_aligned(st + c * rp + r);
-            mx = xsimd::max(mx, s);
-          }
-        } else {
-          for (std::int64_t c = 0; c < kBc; ++c) mx = xsimd::max(mx, B::load_aligned(st + c * rp + r));
-        }
-        const B m_old = B::load_aligned(m + r);
-        const B m_new = xsimd::max(m_old, mx);
-        const B m_use = xsimd::select(m_new == neg_inf, B(0.f), m_new);
-        const B a = exp2<Arch>(m_old - m_use);
-        B sum(0.f);
-        for (std::int64_t c = 0; c < kBc; ++c) {
-          const B p = exp2<Arch>(B::load_aligned(st + c * rp + r) - m_use);
-          p.store_aligned(st + c * rp + r);
-          sum += p;
-        }
-        xsimd::fma(B::load_aligned(l + r), a, sum).store_aligned(l + r);
-        m_new.store_aligned(m + r);
-        a.store_aligned(alpha + r);
+      pack_rows<Arch>(seg.k, it.kv_head, k0, kc, d_k, d_k, tb.kbuf);
+      pack_rows<Arch>(seg.v, it.kv_head, k0, kc, sh.d_v, dvp, tb.vbuf);
+      for (const SubTile& sub : subs) {
+        const auto [lo, hi] = key_range(sub.t_begin, sub.t_begin + sub.nq - 1);
+        if (hi < lo || k0 > hi || k0 + kc - 1 < lo) continue;  // no row of the sub-tile sees this tile
+        tile_step<Arch>(sub, tb, sh, mask, seg.q_offset, T_k, k0, kc);
       }
-
-      std::int64_t c0 = 0;
-      for (; c0 + kPvCols * W <= dvp; c0 += kPvCols * W)
-        pv_rows<Arch, kPvCols>(st, vbuf, obuf, alpha, rows, rp, dvp, kc, c0);
-      switch ((dvp - c0) / W) {
-        case 1: pv_rows<Arch, 1>(st, vbuf, obuf, alpha, rows, rp, dvp, kc, c0); break;
-        case 2: pv_rows<Arch, 2>(st, vbuf, obuf, alpha, rows, rp, dvp, kc, c0); break;
-        case 3: pv_rows<Arch, 3>(st, vbuf, obuf, alpha, rows, rp, dvp, kc, c0); break;
-        default: break;
-      }
-      static_assert(kPvCols == 4);
     }
   }
 
-  for (std::int64_t r = 0; r < rows; ++r) {
-    const std::int64_t t = it.t_begin + r % nq, h = it.h_begin + r / nq;
-    float* dst = seg.out.ptr(t, h);
-    const float* src = obuf + r * dvp;
-    if (m[r] == -std::numeric_limits<float>::infinity()) {  // the row saw no key
-      std::fill(dst, dst + sh.d_v, 0.f);
-      if (seg.lse.data) seg.lse(t, h) = -std::numeric_limits<float>::infinity();
-      continue;
+  for (const SubTile& sub : subs)
+    for (std::int64_t r = 0; r < sub.rows; ++r) {
+      const std::int64_t t = sub.t_begin + r % sub.nq, h = it.h_begin + r / sub.nq;
+      float* dst = seg.out.ptr(t, h);
+      const float* src = sub.obuf + r * dvp;
+      if (sub.m[r] == neg_inf) {  // the row saw no key
+        std::fill(dst, dst + sh.d_v, 0.f);
+        if (seg.lse.data) seg.lse(t, h) = neg_inf;
+        continue;
+      }
+      const float inv = 1.f / sub.l[r];
+      for (std::int64_t d = 0; d < sh.d_v; ++d) dst[d] = src[d] * inv;
+      if (seg.lse.data) seg.lse(t, h) = sub.m[r] * kLn2 + std::log(sub.l[r]);
     }
-    const float inv = 1.f / l[r];
-    for (std::int64_t d = 0; d < sh.d_v; ++d) dst[d] = src[d] * inv;
-    if (seg.lse.data) seg.lse(t, h) = m[r] * kLn2 + std::log(l[r]);
-  }
 }
 
 // Runs queries [q_range) and heads [h_range) of every segment. Items are ordered with the
@@ -341,7 +416,7 @@ template <class Arch, class KV, class Mask>
 void run_prefill(const std::vector<Segment<KV>>& segs, const Shape& sh, const Mask& mask, std::int64_t h_begin,
                  std::int64_t h_end, const std::vector<std::pair<std::int64_t, std::int64_t>>& q_ranges,
                  int num_threads) {
-  const std::int64_t bq = query_tile(sh.G);
+  const std::int64_t bq = item_queries(sh.G);
   std::vector<WorkItem> items;
   for (std::size_t s = 0; s < segs.size(); ++s) {
     const auto [qb, qe] = q_ranges[s];
@@ -352,8 +427,13 @@ void run_prefill(const std::vector<Segment<KV>>& segs, const Shape& sh, const Ma
                          static_cast<std::int32_t>(he), t, std::min(qe, t + bq)});
       }
   }
+  // KV-head major (consecutive items reuse that head's K/V from cache), latest query tiles
+  // first within a head (under a causal mask they are the longest, so the schedule ends on
+  // short items).
   std::stable_sort(items.begin(), items.end(), [&](const WorkItem& a, const WorkItem& b) {
-    return segs[a.segment].q_offset + a.t_end > segs[b.segment].q_offset + b.t_end;
+    if (a.segment != b.segment) return a.segment < b.segment;
+    if (a.kv_head != b.kv_head) return a.kv_head < b.kv_head;
+    return a.t_begin > b.t_begin;
   });
   parallel_for(
       static_cast<std::int64_t>(items.size()), num_threads,
