@@ -422,6 +422,18 @@ TEST_CASE("to_f32: F16 exhaustively, BF16 and F64 vs known values; to_i64", "[io
               std::bit_cast<std::uint32_t>(got[i]));  // scalar == SIMD, bit for bit
     }
   }
+  // BF16: every bit pattern (SIMD path, then a 5-element scalar tail) is the upper half of the float.
+  w.add("b_all", DType::BF16, {65536}, all.data(), all.size() * 2);
+  w.add("b_tail", DType::BF16, {5}, all.data() + 0x7f7e, 10);
+  const auto image_b = w.serialize();
+  const auto fb = SafetensorsFile::from_memory(image_b.data(), image_b.size(), "bf16");
+  std::vector<float> got_b(65536, 0.f);
+  to_f32(fb.tensor("b_all"), got_b.data());
+  for (std::size_t i = 0; i < all.size(); ++i)
+    REQUIRE(std::bit_cast<std::uint32_t>(got_b[i]) == static_cast<std::uint32_t>(i) << 16);
+  const auto tail_b = to_f32(fb.tensor("b_tail"));
+  for (std::size_t i = 0; i < 5; ++i) REQUIRE(std::bit_cast<std::uint32_t>(tail_b[i]) == (0x7f7eu + i) << 16);
+
   const auto tail = to_f32(f.tensor("h_tail"));
   CHECK(tail[2] == 65504.f);  // largest finite half
   CHECK(std::isinf(tail[3]));

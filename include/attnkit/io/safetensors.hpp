@@ -504,13 +504,21 @@ inline void to_f32(const TensorInfo& t, float* dst) {
     case DType::F32:
       if (n) std::memcpy(dst, src, n * 4);
       break;
-    case DType::BF16:
-      for (std::size_t i = 0; i < n; ++i) {
+    case DType::BF16: {
+      std::size_t i = 0;
+#if defined(__AVX512F__)
+      for (; i + 16 <= n; i += 16) {
+        const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 2 * i));
+        _mm512_storeu_ps(dst + i, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)));
+      }
+#endif
+      for (; i < n; ++i) {
         std::uint16_t h;
         std::memcpy(&h, src + 2 * i, 2);
         dst[i] = bf16::to_float(h);
       }
       break;
+    }
     case DType::F16: {
       std::size_t i = 0;
 #if defined(__AVX512F__)
