@@ -90,6 +90,13 @@ Result run(const PackedLinear& lin, const Activations& a, const LinearOptions& o
   return r;
 }
 
+// Forces the FMA path for Precision::fast prefill (instead of AMX) while alive.
+struct AmxSwitch {
+  bool previous;
+  explicit AmxSwitch(bool enabled) : previous(detail::linear::amx_enabled().exchange(enabled)) {}
+  ~AmxSwitch() { detail::linear::amx_enabled() = previous; }
+};
+
 struct Shape {
   std::int64_t T, N, K;
 };
@@ -130,18 +137,23 @@ TEST_CASE("PackedLinear exact and fast match the float64 reference", "[linear]")
 
       // fast: <= 1e-2 against the exact reference, and <= 1e-5 against the reference with x
       // rounded to bf16 (so it is really the bf16-activation product). f32 weights: fast == exact.
-      const Result fa = run(L.lin, a, {Precision::fast, 0, false}, ypad);
-      CHECK(fa.padding_untouched);
-      CHECK(attnkit::test::rel_l2(fa.dense, ref) <= (kind == WKind::f32 ? 1e-5 : 1e-2));
-      if (kind != WKind::f32) {
-        std::vector<float> xr = a.x;
-        for (auto& v : xr) v = round_to_bf16(v);
-        const auto ref_r = ref::linear(xr.data(), a.ldx, L.w.data(), sh.K, sh.T, sh.N, sh.K);
-        CHECK(attnkit::test::rel_l2(fa.dense, ref_r) <= 1e-5);
-        // ...and measurably not the exact result (bf16 activations lose ~8 bits).
-        if (sh.K >= 16) CHECK(attnkit::test::rel_l2(fa.dense, ref) > 1e-5);
-      } else {
-        CHECK(attnkit::test::bit_equal(fa.dense, ex.dense));
+      // Prefill runs fast on AMX where available; check the FMA path too.
+      for (const bool amx : {true, false}) {
+        INFO("AMX allowed: " << amx);
+        const AmxSwitch sw(amx);
+        const Result fa = run(L.lin, a, {Precision::fast, 0, false}, ypad);
+        CHECK(fa.padding_untouched);
+        CHECK(attnkit::test::rel_l2(fa.dense, ref) <= (kind == WKind::f32 ? 1e-5 : 1e-2));
+        if (kind != WKind::f32) {
+          std::vector<float> xr = a.x;
+          for (auto& v : xr) v = round_to_bf16(v);
+          const auto ref_r = ref::linear(xr.data(), a.ldx, L.w.data(), sh.K, sh.T, sh.N, sh.K);
+          CHECK(attnkit::test::rel_l2(fa.dense, ref_r) <= 1e-5);
+          // ...and measurably not the exact result (bf16 activations lose ~8 bits).
+          if (sh.K >= 16) CHECK(attnkit::test::rel_l2(fa.dense, ref) > 1e-5);
+        } else {
+          CHECK(attnkit::test::bit_equal(fa.dense, ex.dense));
+        }
       }
     }
   }
@@ -154,9 +166,12 @@ TEST_CASE("PackedLinear accumulate adds to y", "[linear]") {
   const std::vector<Shape> shapes = {{1, 37, 129}, {5, 16, 2}, {23, 70, 300}, {rng.integer(1, 40), rng.integer(1, 90), rng.integer(1, 400)}};
   for (const Shape& sh : shapes) {
     for (WKind kind : {WKind::f32, WKind::bf16}) {
-      for (Precision prec : {Precision::exact, Precision::fast}) {
+      for (Precision prec : {Precision::exact, Precision::fast})
+      for (const bool amx : {true, false}) {
+        if (amx && prec == Precision::exact) continue;
         INFO("T=" << sh.T << " N=" << sh.N << " K=" << sh.K << " weights=" << kind_name(kind)
-                  << " precision=" << (prec == Precision::exact ? "exact" : "fast"));
+                  << " precision=" << (prec == Precision::exact ? "exact" : "fast") << " AMX allowed: " << amx);
+        const AmxSwitch sw(amx);
         const Layer L = make_layer(rng, sh.N, sh.K, kind);
         const Activations a = make_x(rng, sh.T, sh.K);
         const std::vector<float> y0 = rng.normal_vec(static_cast<std::size_t>(sh.T * sh.N));
@@ -180,9 +195,12 @@ TEST_CASE("PackedLinear results are bit-identical for 1 and 2 threads", "[linear
   const std::vector<Shape> shapes = {{37, 201, 300}, {1, 2001, 301}, {4, 999, 257}, {270, 77, 131}};
   for (const Shape& sh : shapes) {
     for (WKind kind : {WKind::f32, WKind::bf16}) {
-      for (Precision prec : {Precision::exact, Precision::fast}) {
+      for (Precision prec : {Precision::exact, Precision::fast})
+      for (const bool amx : {true, false}) {
+        if (amx && prec == Precision::exact) continue;
         INFO("T=" << sh.T << " N=" << sh.N << " K=" << sh.K << " weights=" << kind_name(kind)
-                  << " precision=" << (prec == Precision::exact ? "exact" : "fast"));
+                  << " precision=" << (prec == Precision::exact ? "exact" : "fast") << " AMX allowed: " << amx);
+        const AmxSwitch sw(amx);
         const Layer L = make_layer(rng, sh.N, sh.K, kind);
         const Activations a = make_x(rng, sh.T, sh.K);
         const Result r1 = run(L.lin, a, {prec, 1, false}, 0);
@@ -207,7 +225,8 @@ TEST_CASE("PackedLinear row() returns the stored weights; copies share them", "[
     const Layer L = make_layer(rng, N, K, kind);
     const PackedLinear copy = L.lin;
     const std::int64_t blocks = (N + 15) / 16;
-    CHECK(L.lin.bytes() == static_cast<std::size_t>(kind == WKind::f32 ? blocks * 16 * K * 4 : blocks * 16 * ((K + 1) / 2) * 4));
+    const std::int64_t stored_pairs = ((K + 1) / 2 + 15) / 16 * 16;  // bf16: K-pairs padded to whole AMX steps
+    CHECK(L.lin.bytes() == static_cast<std::size_t>(kind == WKind::f32 ? blocks * 16 * K * 4 : blocks * 16 * stored_pairs * 4));
     std::vector<float> r(static_cast<std::size_t>(K));
     for (std::int64_t o = 0; o < N; ++o) {
       attnkit::test::poison(r);

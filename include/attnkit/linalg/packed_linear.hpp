@@ -1,32 +1,35 @@
 // attnkit/linalg/packed_linear.hpp — a linear layer with weights packed once at load.
 //
 // Computes y = x W^T (or y += x W^T with accumulate) for W stored PyTorch-style [out, in]:
-//   x [tokens, in]  (any row stride, inner dimension contiguous)
-//   y [tokens, out] (any row stride, inner dimension contiguous; must not overlap x)
+//   x [tokens, in]  (any row stride >= 0, inner dimension contiguous)
+//   y [tokens, out] (row stride >= out, inner dimension contiguous; must not overlap x)
 // Weights are packed into blocks of 16 output rows (zero-padded tails): bf16 weights as
-// [out/16][in/2][16][2] (K-pairs interleaved, the operand of AVX512-BF16 vdpbf16ps), f32
-// weights as [out/16][in][16]. forward() never re-packs.
+// [out/16][in/2 padded to 16][16][2] (K-pairs interleaved: the AVX512-BF16 / AMX operand
+// layout), f32 weights as [out/16][in][16]. forward() never re-packs.
 //
 // Precision (bf16 weights):
-//  * exact: x is split into bf16 hi + lo (x - hi rounded again), both products are exact in
-//    float32 and accumulate in float32: relative error ~2^-17 per product, i.e. fp32-GEMM-like
-//    (rel. L2 well below 1e-5). Inputs/products below the float32 normal range are flushed
-//    to zero by the bf16 dot-product unit.
-//  * fast: x is rounded to bf16 once per call (RNE), one bf16 dot product per K-pair
-//    (llama.cpp's bf16 path); ~1e-3 relative error.
+//  * exact: float32 products and float32 accumulation: the bf16 weights are widened to f32
+//    (exact) and multiplied with FMA, so the result is that of an fp32 GEMM.
+//  * fast: x is rounded to bf16 (RNE) once per call and multiplied bf16 x bf16 with float32
+//    accumulation (llama.cpp's bf16 path), ~1e-3 relative error. With more than 8 tokens this
+//    runs on AMX tiles when the CPU and OS allow it (~3x the FMA peak); otherwise on FMA.
 // f32 weights always use float32 FMA: fast is the same as exact for them.
+// Measured on this CPU class: vdpbf16ps retires at half the FLOP rate of fp32 FMA, so no path
+// uses it; AMX or FMA is faster in every case.
 //
-// Threads: OpenMP, output blocks split into contiguous per-thread ranges; every output's
-// arithmetic is independent of the split, so results are bit-identical for any thread count.
-// Prefill (tokens > 8) runs a register-blocked GEMM (8 tokens x 48 outputs per tile) with
-// K blocking so each weight micro-panel stays in L1; decode (tokens <= 8) streams each weight
-// byte once. Scratch for converted activations is thread-local to the calling thread and
-// reused across calls.
+// Execution: tokens <= 8 (decode) stream every packed weight byte once (memory bound; both
+// precisions cost the same). More tokens: a register-blocked GEMM, 8 tokens x 48 outputs per
+// FMA tile with K blocks of 128 whose weight panel stays in L1 (bf16 panels widened to f32
+// once per block), or 32 x 32 AMX tiles over all of K. Threads (OpenMP) split the output
+// blocks into contiguous ranges; each output's arithmetic does not depend on the split, so
+// results are bit-identical for any thread count. Scratch (rounded activations, weight panels)
+// is thread-local and reused across calls.
 #pragma once
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <new>
 
@@ -53,10 +56,8 @@ namespace detail::linear {
 
 inline constexpr std::size_t kAlign = 64;
 inline constexpr std::int64_t kMC = 256;       // tokens converted and blocked per chunk
-#ifndef ATTNKIT_LINEAR_KC
-#define ATTNKIT_LINEAR_KC 128
-#endif
-inline constexpr std::int64_t kKC = ATTNKIT_LINEAR_KC;  // K per K block (even): a 3 x 8 KiB f32 weight micro-panel
+inline constexpr std::int64_t kMCAmx = 128;    // tokens per chunk on the AMX path (multiple of 32; measured 128/256/512)
+inline constexpr std::int64_t kKC = 128;       // K per K block (even): a 3 x 8 KiB f32 weight micro-panel in L1
 inline constexpr double kMinParallelMacs = 1 << 18;
 
 inline std::shared_ptr<void> aligned_alloc_shared(std::size_t bytes) {
@@ -183,14 +184,20 @@ class PackedLinear {
 
  private:
   static constexpr int kBlock = detail::linear::kBlock;
+  static constexpr std::int64_t kPairAlign = detail::linear::kAmxK / 2;  // stored K-pairs: a whole number of AMX steps
 
-  std::int64_t out_ = 0, in_ = 0, blocks_ = 0, kpairs_ = 0;
+  std::int64_t out_ = 0, in_ = 0, blocks_ = 0;
+  std::int64_t kpairs_ = 0;  // stored K-pairs per block (bf16): ceil(in / 2) rounded up to kPairAlign
   bool is_bf16_ = false;
   std::size_t bytes_ = 0;
   std::shared_ptr<void> data_;  // immutable after packing: copies share it
 
   PackedLinear(std::int64_t out, std::int64_t in, bool is_bf16)
-      : out_(out), in_(in), blocks_((out + kBlock - 1) / kBlock), kpairs_((in + 1) / 2), is_bf16_(is_bf16) {
+      : out_(out),
+        in_(in),
+        blocks_((out + kBlock - 1) / kBlock),
+        kpairs_(((in + 1) / 2 + kPairAlign - 1) / kPairAlign * kPairAlign),
+        is_bf16_(is_bf16) {
     bytes_ = is_bf16 ? static_cast<std::size_t>(blocks_ * kpairs_ * kBlock) * 4
                      : static_cast<std::size_t>(blocks_ * in_ * kBlock) * 4;
     data_ = detail::linear::aligned_alloc_shared(bytes_);
@@ -244,7 +251,10 @@ class PackedLinear {
 
   void forward_bf16(ConstView2<float> x, View2<float> y, bool exact, bool accumulate, int nt) const {
     namespace L = detail::linear;
-    const std::int64_t T = x.shape[0], K = in_, KP = kpairs_;
+    const std::int64_t T = x.shape[0], K = in_, KP = (in_ + 1) / 2;
+#if defined(ATTNKIT_LINEAR_AMX)
+    if (!exact && T > L::kMR && L::amx_available()) return forward_bf16_amx(x, y, accumulate, nt);
+#endif
     const std::int64_t MC = std::min<std::int64_t>(L::kMC, T);
     const std::int64_t ldr = (K + 15) / 16 * 16;  // rounded-activation row stride
     float* xr = exact ? nullptr : L::activation_scratch(static_cast<std::size_t>(MC * ldr));
@@ -253,7 +263,7 @@ class PackedLinear {
     const bool single_tile = T <= L::kMR;
     const std::int64_t KCP = L::kKC / 2;
     const std::uint32_t* W = static_cast<const std::uint32_t*>(data_.get());
-    const std::int64_t ldw = KP * kBlock;
+    const std::int64_t ldw = kpairs_ * kBlock;
     auto none = [](std::int64_t, int) {};
     auto body = [&](int t, int nthreads) {
       const std::int64_t b0 = block_begin(t, nthreads), b1 = block_begin(t + 1, nthreads);
@@ -297,26 +307,88 @@ class PackedLinear {
     run_parallel(nt, body);
   }
 
+#if defined(ATTNKIT_LINEAR_AMX)
+  // Precision::fast prefill on AMX: activations rounded to bf16 once per token chunk, then
+  // 32-token x 32-output register tiles over all of K (no K blocking: the accumulators are tiles).
+  void forward_bf16_amx(ConstView2<float> x, View2<float> y, bool accumulate, int nt) const {
+    namespace L = detail::linear;
+    const std::int64_t T = x.shape[0], K = in_;
+    const std::int64_t MC = std::min<std::int64_t>(L::kMCAmx, (T + 31) / 32 * 32);
+    const std::int64_t lda = 2 * kpairs_ + 32;  // bf16 per activation row; +64 bytes against 4 KiB aliasing
+    std::uint16_t* xb = reinterpret_cast<std::uint16_t*>(L::activation_scratch(static_cast<std::size_t>(MC * lda / 2)));
+    const std::uint32_t* W = static_cast<const std::uint32_t*>(data_.get());
+    const std::int64_t ldw = kpairs_ * kBlock, ksteps = kpairs_ / kPairAlign;
+    auto body = [&](int t, int nthreads) {
+      const std::int64_t b0 = block_begin(t, nthreads), b1 = block_begin(t + 1, nthreads);
+      alignas(64) float c[4 * 256];
+      L::amx_configure();
+      for (std::int64_t m0 = 0; m0 < T; m0 += MC) {
+        const std::int64_t mc = std::min(MC, T - m0), mcr = (mc + 15) / 16 * 16;
+        for (std::int64_t r = mcr * t / nthreads; r < mcr * (t + 1) / nthreads; ++r)
+          L::round_row_to_bf16(r < mc ? x.data + (m0 + r) * x.stride[0] : x.data, r < mc ? K : 0, xb + r * lda, lda);
+        barrier(nthreads);
+        for (std::int64_t bs = b0; bs < b1; bs += 2) {
+          const int nw = static_cast<int>(std::min<std::int64_t>(2, b1 - bs));
+          for (std::int64_t t0 = 0; t0 < mc; t0 += 32) {
+            const int na = mc - t0 > 16 ? 2 : 1;
+            L::pick_amx(na, nw)(xb + t0 * lda, lda * 2, W + bs * ldw, ldw, ksteps, c);
+            for (int a = 0; a < na; ++a)
+              for (int b = 0; b < nw; ++b) {
+                const std::int64_t o0 = (bs + b) * kBlock;
+                const int lanes = static_cast<int>(std::min<std::int64_t>(kBlock, out_ - o0));
+                const float* ct = c + (a * nw + b) * 256;
+                for (std::int64_t r = 0; r < 16 && t0 + a * 16 + r < mc; ++r) {
+                  float* yr = y.data + (m0 + t0 + a * 16 + r) * y.stride[0] + o0;
+                  const __mmask16 m = static_cast<__mmask16>((1u << lanes) - 1u);
+                  __m512 v = _mm512_load_ps(ct + r * 16);
+                  if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, yr));
+                  _mm512_mask_storeu_ps(yr, m, v);
+                }
+              }
+          }
+        }
+        barrier(nthreads);  // the next chunk overwrites the activations
+      }
+      L::amx_release();
+    };
+    run_parallel(nt, body);
+  }
+#endif
+
   void forward_f32(ConstView2<float> x, View2<float> y, bool accumulate, int nt) const {
     namespace L = detail::linear;
     const std::int64_t T = x.shape[0], K = in_;
+    // Single token tile: stream the packed weights. Otherwise copy a K block of a strip into a
+    // compact panel first (the packed blocks are K*64 bytes apart, which aliases in L1).
     const bool single_tile = T <= L::kMR;
     const std::int64_t KC = single_tile ? K : L::kKC;
     const float* W = static_cast<const float*>(data_.get());
     const std::int64_t ldw = K * kBlock;
-    auto none = [](std::int64_t, int) {};
     auto body = [&](int t, int nthreads) {
       const std::int64_t b0 = block_begin(t, nthreads), b1 = block_begin(t + 1, nthreads);
+      float* panel = single_tile ? nullptr : L::panel_scratch(static_cast<std::size_t>(L::kNB * L::kKC * kBlock));
       for (std::int64_t m0 = 0; m0 < T; m0 += L::kMC) {
         const std::int64_t mc = std::min(L::kMC, T - m0);
         for (std::int64_t k0 = 0; k0 < K; k0 += KC) {
           const std::int64_t kc = std::min(KC, K - k0);
           const bool load_y = accumulate || k0 > 0;
+          const float* src = panel;
+          std::int64_t lds = kc * kBlock;
+          if (single_tile) {
+            src = W + k0 * kBlock;
+            lds = ldw;
+          }
           tile_loop(
               b0, b1, mc,
               [&](int mr, int nb) { return single_tile ? L::pick_f32<true>(mr, nb) : L::pick_f32<false>(mr, nb); },
-              none, [&](L::KernelF32 kern, std::int64_t bs, std::int64_t t0, int last_lanes) {
-                kern(x.data + (m0 + t0) * x.stride[0] + k0, x.stride[0], W + bs * ldw + k0 * kBlock, ldw, kc,
+              [&](std::int64_t bs, int nb) {
+                if (single_tile) return;
+                for (int j = 0; j < nb; ++j)
+                  std::memcpy(panel + j * kc * kBlock, W + (bs + j) * ldw + k0 * kBlock,
+                              static_cast<std::size_t>(kc * kBlock) * sizeof(float));
+              },
+              [&](L::KernelF32 kern, std::int64_t bs, std::int64_t t0, int last_lanes) {
+                kern(x.data + (m0 + t0) * x.stride[0] + k0, x.stride[0], single_tile ? src + bs * lds : src, lds, kc,
                      y.data + (m0 + t0) * y.stride[0] + bs * kBlock, y.stride[0], last_lanes, load_y);
               });
         }

@@ -11,6 +11,7 @@
 // (a shift or a mask) and using FMA is both faster and exact.
 #pragma once
 
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -18,17 +19,19 @@
 #include <immintrin.h>
 #endif
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#define ATTNKIT_LINEAR_AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 #include "attnkit/core/bf16.hpp"
 
 namespace attnkit::detail::linear {
 
 inline constexpr int kBlock = 16;  // output rows per packed block
-#ifndef ATTNKIT_LINEAR_MR
-#define ATTNKIT_LINEAR_MR 8
-#define ATTNKIT_LINEAR_NB 3
-#endif
-inline constexpr int kMR = ATTNKIT_LINEAR_MR;  // tokens per register tile
-inline constexpr int kNB = ATTNKIT_LINEAR_NB;  // packed blocks per register tile
+inline constexpr int kMR = 8;  // tokens per register tile (measured best of 8x3, 6x4, 12x2, 4x6)
+inline constexpr int kNB = 3;  // packed blocks per register tile: 24 accumulators
 
 #if defined(__AVX512F__) && defined(__AVX512BF16__)
 #define ATTNKIT_LINEAR_AVX512BF16 1
@@ -214,6 +217,100 @@ void kernel_f32(const float* x, std::int64_t ldx, const float* w, std::int64_t l
       for (int l = 0; l < lanes; ++l) y[i * ldy + j * kBlock + l] = acc[l];
     }
 }
+
+#endif
+
+// ---- AMX (bf16 tiles) --------------------------------------------------------------------------
+// Used for Precision::fast prefill with bf16 weights: C[16 tokens x 16 outputs] (f32 tile) +=
+// A[16 tokens x 32 K] (bf16 activations) . B[16 K-pairs x 16 outputs x 2] (a packed block,
+// rows 64 bytes apart: the packed layout is already the B-tile layout). Packed K-pairs are
+// padded to a multiple of 16 so every B tile lies inside its block.
+
+inline constexpr int kAmxK = 32;  // K per tile step
+
+// Process-wide switch (default on) so tests and comparisons can force the FMA path.
+inline std::atomic<bool>& amx_enabled() {
+  static std::atomic<bool> on{true};
+  return on;
+}
+
+#if defined(ATTNKIT_LINEAR_AMX)
+
+// Linux keeps AMX tile data disabled until the process asks for it (once, for all threads).
+inline bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+inline bool amx_available() { return amx_enabled().load(std::memory_order_relaxed) && amx_permitted(); }
+
+struct alignas(64) TileConfig {
+  std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  std::uint16_t colsb[16] = {};
+  std::uint8_t rows[16] = {};
+};
+
+// Every tile 16 rows x 64 bytes: tmm0-3 accumulators, tmm4-5 activations, tmm6-7 weights.
+inline void amx_configure() {
+  TileConfig cfg;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+inline void amx_release() { _tile_release(); }
+
+// NA activation tiles (16 tokens each, rows lda_bytes apart) x NW packed blocks (ldw uint32
+// apart) over ksteps K steps; writes the NA*NW accumulator tiles to c[(a*NW + b)*256].
+template <int NA, int NW>
+void amx_kernel(const std::uint16_t* a, std::int64_t lda_bytes, const std::uint32_t* w, std::int64_t ldw,
+                std::int64_t ksteps, float* c) {
+  _tile_zero(0);
+  if constexpr (NW == 2) _tile_zero(1);
+  if constexpr (NA == 2) _tile_zero(2);
+  if constexpr (NA == 2 && NW == 2) _tile_zero(3);
+  const char* a0 = reinterpret_cast<const char*>(a);
+  const char* a1 = a0 + 16 * lda_bytes;
+  for (std::int64_t s = 0; s < ksteps; ++s) {
+    _tile_loadd(4, a0 + s * kAmxK * 2, lda_bytes);
+    _tile_loadd(6, w + s * 16 * kBlock, 64);
+    if constexpr (NW == 2) _tile_loadd(7, w + ldw + s * 16 * kBlock, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NW == 2) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (NA == 2) {
+      _tile_loadd(5, a1 + s * kAmxK * 2, lda_bytes);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NW == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, c, 64);
+  if constexpr (NW == 2) _tile_stored(1, c + 256, 64);
+  if constexpr (NA == 2) _tile_stored(2, c + NW * 256, 64);
+  if constexpr (NA == 2 && NW == 2) _tile_stored(3, c + 3 * 256, 64);
+}
+
+using AmxKernel = void (*)(const std::uint16_t*, std::int64_t, const std::uint32_t*, std::int64_t, std::int64_t,
+                           float*);
+inline AmxKernel pick_amx(int na, int nw) {
+  if (na == 2) return nw == 2 ? &amx_kernel<2, 2> : &amx_kernel<2, 1>;
+  return nw == 2 ? &amx_kernel<1, 2> : &amx_kernel<1, 1>;
+}
+
+// x[K] -> dst[ld] bf16 (RNE), zero from K to ld.
+inline void round_row_to_bf16(const float* x, std::int64_t K, std::uint16_t* dst, std::int64_t ld) {
+  std::int64_t i = 0;
+  for (; i + 16 <= K; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
+  for (; i < K; ++i) dst[i] = bf16::round(x[i]);
+  for (; i < ld; ++i) dst[i] = 0;
+}
+
+#else
+
+inline bool amx_available() { return false; }
 
 #endif
 
