@@ -222,11 +222,41 @@ inline void pack_rows(const ConstView3<KV>& src, std::int64_t head, std::int64_t
   if (kc < kBc) std::memset(dst + kc * ld, 0, static_cast<std::size_t>((kBc - kc) * ld) * sizeof(float));
 }
 
-template <class T>
-inline void prefetch_row(const T* p, std::int64_t n) {
-  const char* b = reinterpret_cast<const char*>(p);
-  for (std::int64_t off = 0; off < n * static_cast<std::int64_t>(sizeof(T)); off += 64) __builtin_prefetch(b + off);
-}
+// Software prefetch spread over the microkernel calls of a tile step. K/V rows of one head
+// (and Q rows) are one page apart, so the hardware prefetcher cannot follow them; issuing
+// all their lines at once would stall on the line-fill buffers, so tick() issues a few lines
+// after every S micro-tile instead.
+class Prefetcher {
+ public:
+  void clear() {
+    rows_.clear();
+    row_ = 0;
+    line_ = 0;
+    lines_ = 0;
+  }
+  template <class T>
+  void add_row(const T* p, std::int64_t n) {
+    const auto lines = static_cast<std::int64_t>((n * static_cast<std::int64_t>(sizeof(T)) + 63) / 64);
+    rows_.push_back({reinterpret_cast<const char*>(p), lines});
+    lines_ += lines;
+  }
+  // Spreads what is queued over about `ticks` calls of tick().
+  void plan(std::int64_t ticks) { per_tick_ = (lines_ + std::max<std::int64_t>(ticks, 1) - 1) / std::max<std::int64_t>(ticks, 1); }
+  void tick() {
+    for (std::int64_t n = 0; n < per_tick_ && row_ < rows_.size(); ++n) {
+      __builtin_prefetch(rows_[row_].first + 64 * line_);
+      if (++line_ == rows_[row_].second) {
+        ++row_;
+        line_ = 0;
+      }
+    }
+  }
+
+ private:
+  std::vector<std::pair<const char*, std::int64_t>> rows_;
+  std::size_t row_ = 0;
+  std::int64_t line_ = 0, lines_ = 0, per_tick_ = 0;
+};
 
 // State of one query sub-tile of a work item: rows (head, query) with row r = (head
 // h_begin + r / nq, query t_begin + r % nq); Q^T is [d_k][rp] with rows zero-padded to rp.
@@ -251,7 +281,7 @@ struct TileBuffers {
 // One key tile [k0, k0 + kc) for one sub-tile: S^T = K Q^T, online softmax, O = alpha O + P V.
 template <class Arch, class Mask>
 void tile_step(const SubTile& sub, const TileBuffers& tb, const Shape& sh, const Mask& mask, std::int64_t q_offset,
-               std::int64_t T_k, std::int64_t k0, std::int64_t kc) {
+               std::int64_t T_k, std::int64_t k0, std::int64_t kc, Prefetcher& pf_q, Prefetcher& pf_kv) {
   using B = fb<Arch>;
   constexpr std::int64_t W = lanes<Arch>;
   const std::int64_t rp = sub.rp, rows = sub.rows, nq = sub.nq, dvp = round_up(sh.d_v, W);
@@ -259,9 +289,17 @@ void tile_step(const SubTile& sub, const TileBuffers& tb, const Shape& sh, const
 
   std::int64_t rb = 0;
   for (; rb + 2 * W <= rp; rb += 2 * W)
-    for (std::int64_t kb = 0; kb < kBc; kb += kKeyBlock) qk_block<Arch, 2>(tb.kbuf, sub.qt, st, sh.d_k, rp, kb, rb);
+    for (std::int64_t kb = 0; kb < kBc; kb += kKeyBlock) {
+      qk_block<Arch, 2>(tb.kbuf, sub.qt, st, sh.d_k, rp, kb, rb);
+      pf_q.tick();
+      pf_kv.tick();
+    }
   if (rb < rp)
-    for (std::int64_t kb = 0; kb < kBc; kb += kKeyBlock) qk_block<Arch, 1>(tb.kbuf, sub.qt, st, sh.d_k, rp, kb, rb);
+    for (std::int64_t kb = 0; kb < kBc; kb += kKeyBlock) {
+      qk_block<Arch, 1>(tb.kbuf, sub.qt, st, sh.d_k, rp, kb, rb);
+      pf_q.tick();
+      pf_kv.tick();
+    }
 
   // The whole tile is visible to every row iff it is full and lies inside the visible range
   // of both the first and the last query (ranges move monotonically with position).
@@ -358,12 +396,6 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
     sub.obuf = scratch.take(bq * nh * dvp);
     sub.m = scratch.take(rp_max);
     sub.l = scratch.take(rp_max);
-    for (std::int64_t r = 0; r < sub.rows; ++r) {
-      const float* src = seg.q.ptr(sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq);
-      for (std::int64_t d = 0; d < d_k; ++d) sub.qt[d * sub.rp + r] = src[d] * sh.q_scale;
-    }
-    for (std::int64_t d = 0; d < d_k; ++d)
-      for (std::int64_t r = sub.rows; r < sub.rp; ++r) sub.qt[d * sub.rp + r] = 0.f;
     std::fill(sub.m, sub.m + sub.rp, neg_inf);
     std::fill(sub.l, sub.l + sub.rp, 0.f);
     std::fill(sub.obuf, sub.obuf + sub.rows * dvp, 0.f);
@@ -374,22 +406,53 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
     return std::pair<std::int64_t, std::int64_t>{std::max<std::int64_t>(mask.first_key(seg.q_offset + t_first), 0),
                                                  std::min(mask.last_key(seg.q_offset + t_last), T_k - 1)};
   };
+  // Q^T of a sub-tile is packed when the sub-tile first meets a key tile, and the next
+  // sub-tile's Q rows are prefetched meanwhile (they come from DRAM).
+  std::vector<char> packed(static_cast<std::size_t>(n_sub), 0);
+  const auto pack_q = [&](std::int64_t s) {
+    const SubTile& sub = subs[s];
+    for (std::int64_t r = 0; r < sub.rows; ++r) {
+      const float* src = seg.q.ptr(sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq);
+      for (std::int64_t d = 0; d < d_k; ++d) sub.qt[d * sub.rp + r] = src[d] * sh.q_scale;
+    }
+    for (std::int64_t d = 0; d < d_k; ++d)
+      for (std::int64_t r = sub.rows; r < sub.rp; ++r) sub.qt[d * sub.rp + r] = 0.f;
+    packed[s] = 1;
+  };
+  Prefetcher pf_q, pf_kv;
+  const std::int64_t ticks_per_step = (rp_max / W) * (kBc / kKeyBlock) / 2;  // qk_block calls, about
   const auto [key_lo, key_hi] = key_range(it.t_begin, it.t_end - 1);
   if (key_hi >= key_lo) {
     for (std::int64_t kt = key_lo / kBc; kt <= key_hi / kBc; ++kt) {
       const std::int64_t k0 = kt * kBc, kc = std::min(kBc, T_k - k0);
-      if (kt < key_hi / kBc) {  // start fetching the next tile's K/V rows: they often come from DRAM
-        for (std::int64_t c = k0 + kBc, ce = std::min(k0 + 2 * kBc, T_k); c < ce; ++c) {
-          prefetch_row(seg.k.ptr(c, it.kv_head), d_k);
-          prefetch_row(seg.v.ptr(c, it.kv_head), sh.d_v);
-        }
-      }
       pack_rows<Arch>(seg.k, it.kv_head, k0, kc, d_k, d_k, tb.kbuf);
       pack_rows<Arch>(seg.v, it.kv_head, k0, kc, sh.d_v, dvp, tb.vbuf);
-      for (const SubTile& sub : subs) {
-        const auto [lo, hi] = key_range(sub.t_begin, sub.t_begin + sub.nq - 1);
-        if (hi < lo || k0 > hi || k0 + kc - 1 < lo) continue;  // no row of the sub-tile sees this tile
-        tile_step<Arch>(sub, tb, sh, mask, seg.q_offset, T_k, k0, kc);
+      // Sub-tiles that see this key tile (a contiguous run: visible ranges move with position).
+      std::int64_t s_first = n_sub, s_end = 0;
+      for (std::int64_t s = 0; s < n_sub; ++s) {
+        const auto [lo, hi] = key_range(subs[s].t_begin, subs[s].t_begin + subs[s].nq - 1);
+        if (hi < lo || k0 > hi || k0 + kc - 1 < lo) continue;
+        s_first = std::min(s_first, s);
+        s_end = s + 1;
+      }
+      // Fetch the next tile's K/V rows while this one is computed: they usually come from DRAM.
+      pf_kv.clear();
+      if (kt < key_hi / kBc)
+        for (std::int64_t c = k0 + kBc, ce = std::min(k0 + 2 * kBc, T_k); c < ce; ++c) {
+          pf_kv.add_row(seg.k.ptr(c, it.kv_head), d_k);
+          pf_kv.add_row(seg.v.ptr(c, it.kv_head), sh.d_v);
+        }
+      pf_kv.plan(std::max<std::int64_t>(s_end - s_first, 1) * ticks_per_step);
+      for (std::int64_t s = s_first; s < s_end; ++s) {
+        if (!packed[s]) pack_q(s);
+        pf_q.clear();
+        if (s + 1 < s_end && !packed[s + 1]) {  // the next sub-tile's Q rows, during this step
+          const SubTile& next = subs[s + 1];
+          for (std::int64_t r = 0; r < next.rows; ++r)
+            pf_q.add_row(seg.q.ptr(next.t_begin + r % next.nq, it.h_begin + r / next.nq), d_k);
+        }
+        pf_q.plan(ticks_per_step);
+        tile_step<Arch>(subs[s], tb, sh, mask, seg.q_offset, T_k, k0, kc, pf_q, pf_kv);
       }
     }
   }
