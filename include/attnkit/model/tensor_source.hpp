@@ -79,12 +79,25 @@ class CheckpointSource : public TensorSource {
     const io::TensorInfo& t = ckpt_.tensor(name, std::span<const std::int64_t>(shape.data(), shape.size()));
     HostTensor h;
     h.shape = shape;
+    // Zero-copy when the data is aligned for its type (files written by Python's safetensors
+    // are); otherwise (a writer that packs tensors tightly) copy to aligned memory.
+    const auto addr = reinterpret_cast<std::uintptr_t>(t.data);
     if (t.dtype == io::DType::F32) {
       h.type = WeightType::f32;
       h.data = t.data;
+      if (addr % alignof(float) != 0) {
+        h.owned_f32.resize(static_cast<std::size_t>(t.numel()));
+        std::memcpy(h.owned_f32.data(), t.data, t.nbytes);
+        h.data = h.owned_f32.data();
+      }
     } else if (t.dtype == io::DType::BF16) {
       h.type = WeightType::bf16;
       h.data = t.data;
+      if (addr % alignof(bf16) != 0) {
+        h.owned_bf16.resize(static_cast<std::size_t>(t.numel()));
+        std::memcpy(h.owned_bf16.data(), t.data, t.nbytes);
+        h.data = h.owned_bf16.data();
+      }
     } else {  // F16 / F64 (integers are rejected by to_f32 with a message naming the tensor)
       h.type = WeightType::f32;
       h.owned_f32 = io::to_f32(t);
