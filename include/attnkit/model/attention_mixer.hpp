@@ -86,6 +86,16 @@ class Qwen3Attention final : public TokenMixer {
     throw Error("Qwen3Attention: state was not created by this mixer");
   }
 
+  // One query token against every key in k/v (all visible).
+  template <class KV>
+  void decode_one(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, View3<float> out,
+                  const StepContext& ctx) const {
+    DecodeOptions opt;
+    opt.num_threads = ctx.num_threads;
+    attention_decode<KV>(ConstView2<float>(q.data, {H_, d_}, {q.stride[1], 1}), k, v,
+                         View2<float>(out.data, {H_, d_}, {out.stride[1], 1}), opt);
+  }
+
   template <class KV>
   void attend(KVCache<KV>& cache, ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, View3<float> out,
               const StepContext& ctx) const {
@@ -94,11 +104,7 @@ class Qwen3Attention final : public TokenMixer {
                     " but the cache holds ", cache.size(), " tokens");
     cache.append(k, v);
     if (T == 1) {
-      View2<float> o1(out.data, {H_, d_}, {out.stride[1], 1});
-      ConstView2<float> q1(q.data, {H_, d_}, {q.stride[1], 1});
-      DecodeOptions opt;
-      opt.num_threads = ctx.num_threads;
-      attention_decode<KV>(q1, cache.keys(), cache.values(), o1, opt);
+      decode_one<KV>(q, cache.keys(), cache.values(), out, ctx);
     } else {
       AttentionOptions opt;
       opt.num_threads = ctx.num_threads;
@@ -114,11 +120,7 @@ class Qwen3Attention final : public TokenMixer {
                     " but the ring buffer has seen ", ring.total(), " tokens");
     if (T == 1) {
       ring.append(k, v);  // the ring now holds exactly the W positions the query may see
-      View2<float> o1(out.data, {H_, d_}, {out.stride[1], 1});
-      ConstView2<float> q1(q.data, {H_, d_}, {q.stride[1], 1});
-      DecodeOptions opt;
-      opt.num_threads = ctx.num_threads;
-      attention_decode<KV>(q1, ring.keys(), ring.values(), o1, opt);
+      decode_one<KV>(q, ring.keys(), ring.values(), out, ctx);
       return;
     }
     // Chunk: the last W-1 cached positions (in order) followed by the chunk's own keys, stored

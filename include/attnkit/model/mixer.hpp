@@ -95,22 +95,17 @@ inline PackedLinear pack_fused(const std::vector<const HostTensor*>& parts) {
     ATTNKIT_REQUIRE(p->shape.at(1) == in && p->type == parts[0]->type, "pack_fused: parts differ in width or type");
     out += p->shape[0];
   }
-  if (parts[0]->type == WeightType::bf16) {
-    std::vector<bf16> w(static_cast<std::size_t>(out * in));
+  auto concat = [&](auto tag) {
+    using T = decltype(tag);
+    std::vector<T> w(static_cast<std::size_t>(out * in));
     std::int64_t row = 0;
     for (auto* p : parts) {
-      std::memcpy(w.data() + row * in, p->data, static_cast<std::size_t>(p->numel()) * sizeof(bf16));
+      std::memcpy(w.data() + row * in, p->data, static_cast<std::size_t>(p->numel()) * sizeof(T));
       row += p->shape[0];
     }
     return PackedLinear::pack(w.data(), out, in, in);
-  }
-  std::vector<float> w(static_cast<std::size_t>(out * in));
-  std::int64_t row = 0;
-  for (auto* p : parts) {
-    std::memcpy(w.data() + row * in, p->data, static_cast<std::size_t>(p->numel()) * sizeof(float));
-    row += p->shape[0];
-  }
-  return PackedLinear::pack(w.data(), out, in, in);
+  };
+  return parts[0]->type == WeightType::bf16 ? concat(bf16{}) : concat(float{});
 }
 
 }  // namespace attnkit::model

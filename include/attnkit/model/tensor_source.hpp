@@ -134,22 +134,20 @@ class RandomSource : public TensorSource {
     };
     constexpr std::int64_t chunk = 1 << 16;
     const std::int64_t chunks = (n + chunk - 1) / chunk;
+    auto fill = [&](auto* d) {
+      using T = std::remove_pointer_t<decltype(d)>;
+      parallel_for(chunks, 0, [&](std::int64_t c) {
+        for (std::int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i) d[i] = T(value(i));
+      });
+      h.data = d;
+    };
+    h.type = type_;
     if (type_ == WeightType::f32) {
-      h.type = WeightType::f32;
       h.owned_f32.resize(static_cast<std::size_t>(n));
-      float* d = h.owned_f32.data();
-      parallel_for(chunks, 0, [&](std::int64_t c) {
-        for (std::int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i) d[i] = value(i);
-      });
-      h.data = d;
+      fill(h.owned_f32.data());
     } else {
-      h.type = WeightType::bf16;
       h.owned_bf16.resize(static_cast<std::size_t>(n));
-      bf16* d = h.owned_bf16.data();
-      parallel_for(chunks, 0, [&](std::int64_t c) {
-        for (std::int64_t i = c * chunk; i < std::min(n, (c + 1) * chunk); ++i) d[i] = bf16(value(i));
-      });
-      h.data = d;
+      fill(h.owned_bf16.data());
     }
     return h;
   }
