@@ -56,7 +56,8 @@ namespace detail::linear {
 
 inline constexpr std::size_t kAlign = 64;
 inline constexpr std::int64_t kMC = 256;       // tokens converted and blocked per chunk
-inline constexpr std::int64_t kMCAmx = 128;    // tokens per chunk on the AMX path (multiple of 32; measured 128/256/512)
+inline constexpr std::int64_t kMCAmx = 128;    // most tokens per chunk on the AMX path (multiple of 32; measured 128/256/512)
+inline constexpr std::int64_t kAmxChunkBytes = std::int64_t{1} << 20;  // activation planes of one AMX chunk (L2: 2 MiB)
 inline constexpr std::int64_t kKC = 128;       // K per K block (even): a 3 x 8 KiB f32 weight micro-panel in L1
 inline constexpr double kMinParallelMacs = 1 << 18;
 
@@ -253,7 +254,8 @@ class PackedLinear {
     namespace L = detail::linear;
     const std::int64_t T = x.shape[0], K = in_, KP = (in_ + 1) / 2;
 #if defined(ATTNKIT_LINEAR_AMX)
-    if (!exact && T > L::kMR && L::amx_available()) return forward_bf16_amx(x, y, accumulate, nt);
+    if (T > L::kMR && L::amx_available())
+      return exact ? forward_bf16_amx<3>(x, y, accumulate, nt) : forward_bf16_amx<1>(x, y, accumulate, nt);
 #endif
     const std::int64_t MC = std::min<std::int64_t>(L::kMC, T);
     const std::int64_t ldr = (K + 15) / 16 * 16;  // rounded-activation row stride
@@ -308,14 +310,21 @@ class PackedLinear {
   }
 
 #if defined(ATTNKIT_LINEAR_AMX)
-  // Precision::fast prefill on AMX: activations rounded to bf16 once per token chunk, then
-  // 32-token x 32-output register tiles over all of K (no K blocking: the accumulators are tiles).
+  // Prefill on AMX: activations split into P bf16 planes once per token chunk (P = 1: fast,
+  // P = 3: exact), then 32-token x 32-output register tiles over all of K (the accumulators
+  // are tiles, so there is no K blocking).
+  template <int P>
   void forward_bf16_amx(ConstView2<float> x, View2<float> y, bool accumulate, int nt) const {
     namespace L = detail::linear;
     const std::int64_t T = x.shape[0], K = in_;
-    const std::int64_t MC = std::min<std::int64_t>(L::kMCAmx, (T + 31) / 32 * 32);
     const std::int64_t lda = 2 * kpairs_ + 32;  // bf16 per activation row; +64 bytes against 4 KiB aliasing
-    std::uint16_t* xb = reinterpret_cast<std::uint16_t*>(L::activation_scratch(static_cast<std::size_t>(MC * lda / 2)));
+    // Token chunk: the chunk's activation planes are re-read for every weight strip, so they
+    // should stay in L2 (kAmxChunkBytes); 32..kMCAmx tokens.
+    const std::int64_t fit = L::kAmxChunkBytes / (P * lda * 2) / 32 * 32;
+    const std::int64_t MC = std::min<std::int64_t>(std::clamp<std::int64_t>(fit, 32, L::kMCAmx), (T + 31) / 32 * 32);
+    const std::int64_t plane = MC * lda;
+    std::uint16_t* xb =
+        reinterpret_cast<std::uint16_t*>(L::activation_scratch(static_cast<std::size_t>(P * plane / 2)));
     const std::uint32_t* W = static_cast<const std::uint32_t*>(data_.get());
     const std::int64_t ldw = kpairs_ * kBlock, ksteps = kpairs_ / kPairAlign;
     auto body = [&](int t, int nthreads) {
@@ -325,21 +334,22 @@ class PackedLinear {
       for (std::int64_t m0 = 0; m0 < T; m0 += MC) {
         const std::int64_t mc = std::min(MC, T - m0), mcr = (mc + 15) / 16 * 16;
         for (std::int64_t r = mcr * t / nthreads; r < mcr * (t + 1) / nthreads; ++r)
-          L::round_row_to_bf16(r < mc ? x.data + (m0 + r) * x.stride[0] : x.data, r < mc ? K : 0, xb + r * lda, lda);
+          L::split_row_to_bf16<P>(r < mc ? x.data + (m0 + r) * x.stride[0] : x.data, r < mc ? K : 0, xb + r * lda,
+                                  plane, lda);
         barrier(nthreads);
         for (std::int64_t bs = b0; bs < b1; bs += 2) {
           const int nw = static_cast<int>(std::min<std::int64_t>(2, b1 - bs));
           for (std::int64_t t0 = 0; t0 < mc; t0 += 32) {
             const int na = mc - t0 > 16 ? 2 : 1;
-            L::pick_amx(na, nw)(xb + t0 * lda, lda * 2, W + bs * ldw, ldw, ksteps, c);
+            L::pick_amx<P>(na, nw)(xb + t0 * lda, lda * 2, plane * 2, W + bs * ldw, ldw, ksteps, c);
             for (int a = 0; a < na; ++a)
               for (int b = 0; b < nw; ++b) {
                 const std::int64_t o0 = (bs + b) * kBlock;
                 const int lanes = static_cast<int>(std::min<std::int64_t>(kBlock, out_ - o0));
+                const __mmask16 m = static_cast<__mmask16>((1u << lanes) - 1u);
                 const float* ct = c + (a * nw + b) * 256;
                 for (std::int64_t r = 0; r < 16 && t0 + a * 16 + r < mc; ++r) {
                   float* yr = y.data + (m0 + t0 + a * 16 + r) * y.stride[0] + o0;
-                  const __mmask16 m = static_cast<__mmask16>((1u << lanes) - 1u);
                   __m512 v = _mm512_load_ps(ct + r * 16);
                   if (accumulate) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, yr));
                   _mm512_mask_storeu_ps(yr, m, v);

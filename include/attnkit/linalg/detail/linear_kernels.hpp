@@ -263,27 +263,31 @@ inline void amx_configure() {
 }
 inline void amx_release() { _tile_release(); }
 
-// NA activation tiles (16 tokens each, rows lda_bytes apart) x NW packed blocks (ldw uint32
-// apart) over ksteps K steps; writes the NA*NW accumulator tiles to c[(a*NW + b)*256].
-template <int NA, int NW>
-void amx_kernel(const std::uint16_t* a, std::int64_t lda_bytes, const std::uint32_t* w, std::int64_t ldw,
-                std::int64_t ksteps, float* c) {
+// NA activation tiles (16 tokens each, rows lda_bytes apart, P planes plane_bytes apart) x NW
+// packed blocks (ldw uint32 apart) over ksteps K steps; writes the NA*NW accumulator tiles to
+// c[(a*NW + b)*256]. P = 3 planes are x = hi + mid + lo (Precision::exact), P = 1 is bf16(x).
+template <int NA, int NW, int P>
+void amx_kernel(const std::uint16_t* a, std::int64_t lda_bytes, std::int64_t plane_bytes, const std::uint32_t* w,
+                std::int64_t ldw, std::int64_t ksteps, float* c) {
   _tile_zero(0);
   if constexpr (NW == 2) _tile_zero(1);
   if constexpr (NA == 2) _tile_zero(2);
   if constexpr (NA == 2 && NW == 2) _tile_zero(3);
   const char* a0 = reinterpret_cast<const char*>(a);
-  const char* a1 = a0 + 16 * lda_bytes;
   for (std::int64_t s = 0; s < ksteps; ++s) {
-    _tile_loadd(4, a0 + s * kAmxK * 2, lda_bytes);
     _tile_loadd(6, w + s * 16 * kBlock, 64);
     if constexpr (NW == 2) _tile_loadd(7, w + ldw + s * 16 * kBlock, 64);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (NW == 2) _tile_dpbf16ps(1, 4, 7);
-    if constexpr (NA == 2) {
-      _tile_loadd(5, a1 + s * kAmxK * 2, lda_bytes);
-      _tile_dpbf16ps(2, 5, 6);
-      if constexpr (NW == 2) _tile_dpbf16ps(3, 5, 7);
+#pragma GCC unroll 3
+    for (int p = 0; p < P; ++p) {
+      const char* ap = a0 + p * plane_bytes + s * kAmxK * 2;
+      _tile_loadd(4, ap, lda_bytes);
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (NW == 2) _tile_dpbf16ps(1, 4, 7);
+      if constexpr (NA == 2) {
+        _tile_loadd(5, ap + 16 * lda_bytes, lda_bytes);
+        _tile_dpbf16ps(2, 5, 6);
+        if constexpr (NW == 2) _tile_dpbf16ps(3, 5, 7);
+      }
     }
   }
   _tile_stored(0, c, 64);
@@ -292,20 +296,41 @@ void amx_kernel(const std::uint16_t* a, std::int64_t lda_bytes, const std::uint3
   if constexpr (NA == 2 && NW == 2) _tile_stored(3, c + 3 * 256, 64);
 }
 
-using AmxKernel = void (*)(const std::uint16_t*, std::int64_t, const std::uint32_t*, std::int64_t, std::int64_t,
-                           float*);
-inline AmxKernel pick_amx(int na, int nw) {
-  if (na == 2) return nw == 2 ? &amx_kernel<2, 2> : &amx_kernel<2, 1>;
-  return nw == 2 ? &amx_kernel<1, 2> : &amx_kernel<1, 1>;
+using AmxKernel = void (*)(const std::uint16_t*, std::int64_t, std::int64_t, const std::uint32_t*, std::int64_t,
+                           std::int64_t, float*);
+template <int P>
+AmxKernel pick_amx(int na, int nw) {
+  if (na == 2) return nw == 2 ? &amx_kernel<2, 2, P> : &amx_kernel<2, 1, P>;
+  return nw == 2 ? &amx_kernel<1, 2, P> : &amx_kernel<1, 1, P>;
 }
 
-// x[K] -> dst[ld] bf16 (RNE), zero from K to ld.
-inline void round_row_to_bf16(const float* x, std::int64_t K, std::uint16_t* dst, std::int64_t ld) {
+inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
+
+// x[K] -> P planes of bf16 rows dst[p * plane + 0 .. ld), zero from K to ld. P = 1: bf16(x)
+// (RNE). P = 3: hi = bf16(x), mid = bf16(x - hi), lo = bf16(x - hi - mid); hi + mid + lo == x
+// for normal floats (3 x 8 significant bits), so the products with bf16 weights are exact.
+template <int P>
+void split_row_to_bf16(const float* x, std::int64_t K, std::uint16_t* dst, std::int64_t plane, std::int64_t ld) {
   std::int64_t i = 0;
-  for (; i + 16 <= K; i += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + i)));
-  for (; i < K; ++i) dst[i] = bf16::round(x[i]);
-  for (; i < ld; ++i) dst[i] = 0;
+  for (; i + 16 <= K; i += 16) {
+    __m512 r = _mm512_loadu_ps(x + i);
+#pragma GCC unroll 3
+    for (int p = 0; p < P; ++p) {
+      const __m256i h = (__m256i)_mm512_cvtneps_pbh(r);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + p * plane + i), h);
+      if (p + 1 < P) r = _mm512_sub_ps(r, widen_bf16(h));
+    }
+  }
+  for (; i < K; ++i) {
+    float r = x[i];
+    for (int p = 0; p < P; ++p) {
+      const std::uint16_t h = bf16::round(r);
+      dst[p * plane + i] = h;
+      r -= bf16::to_float(h);
+    }
+  }
+  for (int p = 0; p < P; ++p)
+    for (std::int64_t j = i; j < ld; ++j) dst[p * plane + j] = 0;
 }
 
 #else
