@@ -165,10 +165,10 @@ inline void qk_block(const float* kbuf, const float* qt, float* st, std::int64_t
     for (int j = 0; j < NB; ++j) acc[i][j].store_aligned(st + (kb + i) * rp + rb + j * W);
 }
 
-// O[r0 + i][c0 + j*W ...] = alpha[r0 + i] * O[...] + sum_{c < kc} P^T[c][r0 + i] * V[c][c0 + j*W ...].
+// O[r0 + i][c0 + j*W ...] = alpha[r0 + i] * O[...] + sum_{kb <= c < ke} P^T[c][r0 + i] * V[c][c0 + j*W ...].
 template <class Arch, int R, int NC>
 inline void pv_block(const float* st, const float* vbuf, float* obuf, const float* alpha, std::int64_t rp,
-                     std::int64_t dvp, std::int64_t kc, std::int64_t r0, std::int64_t c0) {
+                     std::int64_t dvp, std::int64_t kb, std::int64_t ke, std::int64_t r0, std::int64_t c0) {
   using B = fb<Arch>;
   constexpr std::int64_t W = lanes<Arch>;
   B acc[R][NC];
@@ -178,7 +178,7 @@ inline void pv_block(const float* st, const float* vbuf, float* obuf, const floa
 #pragma GCC unroll 4
     for (int j = 0; j < NC; ++j) acc[i][j] = a * B::load_aligned(obuf + (r0 + i) * dvp + c0 + j * W);
   }
-  for (std::int64_t c = 0; c < kc; ++c) {
+  for (std::int64_t c = kb; c < ke; ++c) {
     B vv[NC];
 #pragma GCC unroll 4
     for (int j = 0; j < NC; ++j) vv[j] = B::load_aligned(vbuf + c * dvp + c0 + j * W);
@@ -198,15 +198,15 @@ inline void pv_block(const float* st, const float* vbuf, float* obuf, const floa
 
 template <class Arch, int NC>
 inline void pv_rows(const float* st, const float* vbuf, float* obuf, const float* alpha, std::int64_t rows,
-                    std::int64_t rp, std::int64_t dvp, std::int64_t kc, std::int64_t c0) {
+                    std::int64_t rp, std::int64_t dvp, std::int64_t kb, std::int64_t ke, std::int64_t c0) {
   std::int64_t r = 0;
-  for (; r + kPvRows <= rows; r += kPvRows) pv_block<Arch, kPvRows, NC>(st, vbuf, obuf, alpha, rp, dvp, kc, r, c0);
+  for (; r + kPvRows <= rows; r += kPvRows) pv_block<Arch, kPvRows, NC>(st, vbuf, obuf, alpha, rp, dvp, kb, ke, r, c0);
   switch (rows - r) {
-    case 1: pv_block<Arch, 1, NC>(st, vbuf, obuf, alpha, rp, dvp, kc, r, c0); break;
-    case 2: pv_block<Arch, 2, NC>(st, vbuf, obuf, alpha, rp, dvp, kc, r, c0); break;
-    case 3: pv_block<Arch, 3, NC>(st, vbuf, obuf, alpha, rp, dvp, kc, r, c0); break;
-    case 4: pv_block<Arch, 4, NC>(st, vbuf, obuf, alpha, rp, dvp, kc, r, c0); break;
-    case 5: pv_block<Arch, 5, NC>(st, vbuf, obuf, alpha, rp, dvp, kc, r, c0); break;
+    case 1: pv_block<Arch, 1, NC>(st, vbuf, obuf, alpha, rp, dvp, kb, ke, r, c0); break;
+    case 2: pv_block<Arch, 2, NC>(st, vbuf, obuf, alpha, rp, dvp, kb, ke, r, c0); break;
+    case 3: pv_block<Arch, 3, NC>(st, vbuf, obuf, alpha, rp, dvp, kb, ke, r, c0); break;
+    case 4: pv_block<Arch, 4, NC>(st, vbuf, obuf, alpha, rp, dvp, kb, ke, r, c0); break;
+    case 5: pv_block<Arch, 5, NC>(st, vbuf, obuf, alpha, rp, dvp, kb, ke, r, c0); break;
     default: break;
   }
   static_assert(kPvRows == 6);
@@ -294,24 +294,34 @@ void tile_step(const SubTile& sub, const TileBuffers& tb, const Shape& sh, const
   const std::int64_t rp = sub.rp, rows = sub.rows, nq = sub.nq, dvp = round_up(sh.d_v, W);
   float* st = tb.st;
 
+  // The whole tile is visible to every row iff it is full and lies inside the visible range
+  // of both the first and the last query (ranges move monotonically with position).
+  const std::int64_t p_first = q_offset + sub.t_begin, p_last = p_first + nq - 1;
+  const bool masked = kc < kBc || mask.first_key(p_last) > k0 || k0 + kBc - 1 > mask.last_key(p_first);
+  // Key columns [c_begin, c_end) that some row can see, widened to whole key blocks; the
+  // columns outside are masked for every row, so skipping them changes no bit (they would
+  // contribute exact zeros).
+  std::int64_t c_begin = 0, c_end = kBc;
+  if (masked) {
+    c_begin = std::clamp<std::int64_t>(mask.first_key(p_first) - k0, 0, kBc) / kKeyBlock * kKeyBlock;
+    c_end = round_up(std::clamp<std::int64_t>(std::min(mask.last_key(p_last), T_k - 1) - k0 + 1, 0, kBc), kKeyBlock);
+  }
+  const std::int64_t pv_end = std::min(c_end, kc);
+
   std::int64_t rb = 0;
   for (; rb + 2 * W <= rp; rb += 2 * W)
-    for (std::int64_t kb = 0; kb < kBc; kb += kKeyBlock) {
+    for (std::int64_t kb = c_begin; kb < c_end; kb += kKeyBlock) {
       qk_block<Arch, 2>(tb.kbuf, sub.qt, st, sh.d_k, rp, kb, rb);
       pf_q.tick();
       pf_kv.tick();
     }
   if (rb < rp)
-    for (std::int64_t kb = 0; kb < kBc; kb += kKeyBlock) {
+    for (std::int64_t kb = c_begin; kb < c_end; kb += kKeyBlock) {
       qk_block<Arch, 1>(tb.kbuf, sub.qt, st, sh.d_k, rp, kb, rb);
       pf_q.tick();
       pf_kv.tick();
     }
 
-  // The whole tile is visible to every row iff it is full and lies inside the visible range
-  // of both the first and the last query (ranges move monotonically with position).
-  const std::int64_t p_first = q_offset + sub.t_begin, p_last = p_first + nq - 1;
-  const bool masked = kc < kBc || mask.first_key(p_last) > k0 || k0 + kBc - 1 > mask.last_key(p_first);
   if (masked) {
     for (std::int64_t r = 0; r < rp; ++r) {
       if (r < rows) {
@@ -329,7 +339,7 @@ void tile_step(const SubTile& sub, const TileBuffers& tb, const Shape& sh, const
     B mx = neg_inf;
     if (masked) {
       const B vlo = B::load_aligned(tb.lo + r), vhi = B::load_aligned(tb.hi + r);
-      for (std::int64_t c = 0; c < kBc; ++c) {
+      for (std::int64_t c = c_begin; c < c_end; ++c) {
         const B cf(static_cast<float>(c));
         B s = B::load_aligned(st + c * rp + r);
         s = xsimd::select((vlo <= cf) && (cf <= vhi), s, neg_inf);
@@ -337,7 +347,7 @@ void tile_step(const SubTile& sub, const TileBuffers& tb, const Shape& sh, const
         mx = xsimd::max(mx, s);
       }
     } else {
-      for (std::int64_t c = 0; c < kBc; ++c) mx = xsimd::max(mx, B::load_aligned(st + c * rp + r));
+      for (std::int64_t c = c_begin; c < c_end; ++c) mx = xsimd::max(mx, B::load_aligned(st + c * rp + r));
     }
     const B m_old = B::load_aligned(sub.m + r);
     const B m_new = xsimd::max(m_old, mx);
@@ -345,7 +355,7 @@ void tile_step(const SubTile& sub, const TileBuffers& tb, const Shape& sh, const
     const B a = exp2<Arch>(m_old - m_use);
     // Two partial sums halve the add latency chain; the order is fixed, so still deterministic.
     B sum0(0.f), sum1(0.f);
-    for (std::int64_t c = 0; c < kBc; c += 2) {
+    for (std::int64_t c = c_begin; c < c_end; c += 2) {
       const B p0 = exp2<Arch>(B::load_aligned(st + c * rp + r) - m_use);
       const B p1 = exp2<Arch>(B::load_aligned(st + (c + 1) * rp + r) - m_use);
       p0.store_aligned(st + c * rp + r);
@@ -360,11 +370,11 @@ void tile_step(const SubTile& sub, const TileBuffers& tb, const Shape& sh, const
 
   std::int64_t c0 = 0;
   for (; c0 + kPvCols * W <= dvp; c0 += kPvCols * W)
-    pv_rows<Arch, kPvCols>(st, tb.vbuf, sub.obuf, tb.alpha, rows, rp, dvp, kc, c0);
+    pv_rows<Arch, kPvCols>(st, tb.vbuf, sub.obuf, tb.alpha, rows, rp, dvp, c_begin, pv_end, c0);
   switch ((dvp - c0) / W) {
-    case 1: pv_rows<Arch, 1>(st, tb.vbuf, sub.obuf, tb.alpha, rows, rp, dvp, kc, c0); break;
-    case 2: pv_rows<Arch, 2>(st, tb.vbuf, sub.obuf, tb.alpha, rows, rp, dvp, kc, c0); break;
-    case 3: pv_rows<Arch, 3>(st, tb.vbuf, sub.obuf, tb.alpha, rows, rp, dvp, kc, c0); break;
+    case 1: pv_rows<Arch, 1>(st, tb.vbuf, sub.obuf, tb.alpha, rows, rp, dvp, c_begin, pv_end, c0); break;
+    case 2: pv_rows<Arch, 2>(st, tb.vbuf, sub.obuf, tb.alpha, rows, rp, dvp, c_begin, pv_end, c0); break;
+    case 3: pv_rows<Arch, 3>(st, tb.vbuf, sub.obuf, tb.alpha, rows, rp, dvp, c_begin, pv_end, c0); break;
     default: break;
   }
   static_assert(kPvCols == 4);
