@@ -438,6 +438,26 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
   };
   Prefetcher pf_q, pf_kv;
   const std::int64_t ticks_per_step = (rp_max / W) * (kBc / kKeyBlock) / 2;  // qk_block calls, about
+  // Normalises a finished sub-tile into out / lse. Done right after its last key tile, so the
+  // stores (usually cache misses) overlap with the remaining work.
+  std::vector<char> done(static_cast<std::size_t>(n_sub), 0);
+  const auto finalize = [&](std::int64_t s) {
+    const SubTile& sub = subs[s];
+    done[s] = 1;
+    for (std::int64_t r = 0; r < sub.rows; ++r) {
+      const std::int64_t t = sub.t_begin + r % sub.nq, h = it.h_begin + r / sub.nq;
+      float* dst = seg.out.ptr(t, h);
+      const float* src = sub.obuf + r * dvp;
+      if (sub.m[r] == neg_inf) {  // the row saw no key
+        std::fill(dst, dst + sh.d_v, 0.f);
+        if (seg.lse.data) seg.lse(t, h) = neg_inf;
+        continue;
+      }
+      const float inv = 1.f / sub.l[r];
+      for (std::int64_t d = 0; d < sh.d_v; ++d) dst[d] = src[d] * inv;
+      if (seg.lse.data) seg.lse(t, h) = sub.m[r] * kLn2 + std::log(sub.l[r]);
+    }
+  };
   const auto [key_lo, key_hi] = key_range(it.t_begin, it.t_end - 1);
   if (key_hi >= key_lo) {
     for (std::int64_t kt = key_lo / kBc; kt <= key_hi / kBc; ++kt) {
@@ -459,6 +479,11 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
           pf_kv.add_row(seg.k.ptr(c, it.kv_head), d_k);
           pf_kv.add_row(seg.v.ptr(c, it.kv_head), sh.d_v);
         }
+      if (s_end < n_sub && !packed[s_end]) {  // the sub-tile that joins next: its Q rows
+        const SubTile& next = subs[s_end];
+        for (std::int64_t r = 0; r < next.rows; ++r)
+          pf_kv.add_row(seg.q.ptr(next.t_begin + r % next.nq, it.h_begin + r / next.nq), d_k);
+      }
       pf_kv.plan(std::max<std::int64_t>(s_end - s_first, 1) * ticks_per_step);
       for (std::int64_t s = s_first; s < s_end; ++s) {
         if (!packed[s]) pack_q(s);
@@ -470,24 +495,13 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
         }
         pf_q.plan(ticks_per_step);
         tile_step<Arch>(subs[s], tb, sh, mask, seg.q_offset, T_k, k0, kc, pf_q, pf_kv);
+        if (key_range(subs[s].t_begin, subs[s].t_begin + subs[s].nq - 1).second < k0 + kc) finalize(s);
       }
     }
   }
 
-  for (const SubTile& sub : subs)
-    for (std::int64_t r = 0; r < sub.rows; ++r) {
-      const std::int64_t t = sub.t_begin + r % sub.nq, h = it.h_begin + r / sub.nq;
-      float* dst = seg.out.ptr(t, h);
-      const float* src = sub.obuf + r * dvp;
-      if (sub.m[r] == neg_inf) {  // the row saw no key
-        std::fill(dst, dst + sh.d_v, 0.f);
-        if (seg.lse.data) seg.lse(t, h) = neg_inf;
-        continue;
-      }
-      const float inv = 1.f / sub.l[r];
-      for (std::int64_t d = 0; d < sh.d_v; ++d) dst[d] = src[d] * inv;
-      if (seg.lse.data) seg.lse(t, h) = sub.m[r] * kLn2 + std::log(sub.l[r]);
-    }
+  for (std::int64_t s = 0; s < n_sub; ++s)
+    if (!done[s]) finalize(s);
 }
 
 // Runs queries [q_range) and heads [h_range) of every segment. Items are ordered with the
