@@ -117,11 +117,19 @@ inline std::int64_t item_queries(std::int64_t G) {
   return bq * std::max<std::int64_t>(1, 512 / (bq * std::max<std::int64_t>(G, 1)));
 }
 
-// 64-byte aligned float scratch owned by one work item.
+// 64-byte aligned float scratch for one work item, carved from a per-thread buffer that is
+// kept between items and calls (fresh allocations of this size would page-fault every time).
 class Scratch {
  public:
-  explicit Scratch(std::int64_t n) : n_(n), p_(new (std::align_val_t(64)) float[static_cast<std::size_t>(n)]) {}
-  ~Scratch() { ::operator delete[](p_, std::align_val_t(64)); }
+  explicit Scratch(std::int64_t n) {
+    Buffer& b = buffer();
+    if (b.size < n) {
+      b.release();
+      b.data = new (std::align_val_t(64)) float[static_cast<std::size_t>(n)];
+      b.size = n;
+    }
+    p_ = b.data;
+  }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
   float* take(std::int64_t n) {  // n floats, 64-byte aligned
@@ -132,8 +140,22 @@ class Scratch {
   static std::int64_t need(std::int64_t n) { return round_up(n, 16); }
 
  private:
-  std::int64_t n_, used_ = 0;
+  struct Buffer {
+    float* data = nullptr;
+    std::int64_t size = 0;
+    void release() {
+      if (data) ::operator delete[](data, std::align_val_t(64));
+      data = nullptr;
+      size = 0;
+    }
+    ~Buffer() { release(); }
+  };
+  static Buffer& buffer() {
+    thread_local Buffer b;
+    return b;
+  }
   float* p_;
+  std::int64_t used_ = 0;
 };
 
 // S^T[kb + i][rb + j*W ...] = sum_d K[kb + i][d] * QT[d][rb + j*W ...] for i < kKeyBlock, j < NB.
