@@ -105,9 +105,11 @@ class PackedLinear {
     const std::int64_t K = in_features, N = out_features;
     parallel_for(p.blocks_, 0, [&](std::int64_t b) {
       float* blk = dst + b * K * kBlock;
-      for (int l = 0; l < kBlock; ++l) {
-        const std::int64_t o = b * kBlock + l;
-        for (std::int64_t k = 0; k < K; ++k) blk[k * kBlock + l] = o < N ? w[o * ld_w + k] : 0.f;
+      const int rows = static_cast<int>(std::min<std::int64_t>(kBlock, N - b * kBlock));
+      const float* src = w + b * kBlock * ld_w;
+      for (std::int64_t k = 0; k < K; ++k) {  // sequential writes, 16 read streams
+        for (int l = 0; l < rows; ++l) blk[k * kBlock + l] = src[l * ld_w + k];
+        for (int l = rows; l < kBlock; ++l) blk[k * kBlock + l] = 0.f;
       }
     });
     return p;
@@ -215,14 +217,19 @@ class PackedLinear {
   // get(o, k) -> bf16 bits of W[o, k] for o < out, k < in.
   template <class Get>
   void fill_bf16(Get&& get) {
-    std::uint16_t* dst = static_cast<std::uint16_t*>(data_.get());
-    const std::int64_t K = in_, N = out_, KP = kpairs_;
+    std::uint32_t* dst = static_cast<std::uint32_t*>(data_.get());
+    const std::int64_t K = in_, N = out_, KP = kpairs_, full_pairs = in_ / 2;
     parallel_for(blocks_, 0, [&](std::int64_t b) {
-      std::uint16_t* blk = dst + b * KP * kBlock * 2;
-      for (int l = 0; l < kBlock; ++l) {
-        const std::int64_t o = b * kBlock + l;
-        for (std::int64_t k = 0; k < 2 * KP; ++k)
-          blk[((k / 2) * kBlock + l) * 2 + (k % 2)] = (o < N && k < K) ? get(o, k) : std::uint16_t{0};
+      std::uint32_t* blk = dst + b * KP * kBlock;
+      const std::int64_t o0 = b * kBlock;
+      const int rows = static_cast<int>(std::min<std::int64_t>(kBlock, N - o0));
+      for (std::int64_t k = 0; k < KP; ++k) {  // sequential writes, 16 read streams
+        for (int l = 0; l < rows; ++l) {
+          const std::uint32_t even = k < full_pairs || 2 * k < K ? get(o0 + l, 2 * k) : 0u;
+          const std::uint32_t odd = k < full_pairs ? get(o0 + l, 2 * k + 1) : 0u;
+          blk[k * kBlock + l] = even | (odd << 16);
+        }
+        for (int l = rows; l < kBlock; ++l) blk[k * kBlock + l] = 0u;
       }
     });
   }
