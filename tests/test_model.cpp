@@ -133,6 +133,30 @@ TEST_CASE("qwen3 fixtures: prefill, hidden states, decode, chunked prefill, gree
   }
 }
 
+TEST_CASE("a sharded checkpoint (index + two shards) gives the same model", "[model][io]") {
+  const fs::path dir = fixture("qwen3-tiny-bf16");
+  const fs::path tmp = fs::temp_directory_path() / ("attnkit-shards-" + std::to_string(test::fresh_seed()));
+  fs::create_directories(tmp);
+  fs::copy_file(dir / "config.json", tmp / "config.json");
+  auto src = io::SafetensorsFile::open(dir / "model.safetensors");
+  io::SafetensorsWriter a, b;
+  nlohmann::json index = {{"metadata", nlohmann::json::object()}, {"weight_map", nlohmann::json::object()}};
+  int i = 0;
+  for (const auto& n : src.names()) {
+    const auto& t = src.tensor(n);
+    const bool first = (i++ % 2) == 0;
+    (first ? a : b).add(n, t.dtype, t.shape, t.data, t.nbytes);
+    index["weight_map"][n] = first ? "model-00001-of-00002.safetensors" : "model-00002-of-00002.safetensors";
+  }
+  a.write(tmp / "model-00001-of-00002.safetensors");
+  b.write(tmp / "model-00002-of-00002.safetensors");
+  std::ofstream(tmp / "model.safetensors.index.json") << index.dump();
+  const Reference ref = load_reference(dir);
+  const auto whole = prefill_logits(model::Qwen3Model::load(dir), ref.ids);
+  CHECK(test::bit_equal(prefill_logits(model::Qwen3Model::load(tmp), ref.ids), whole));
+  fs::remove_all(tmp);
+}
+
 TEST_CASE("model results do not depend on the thread count", "[model]") {
   const model::Qwen3Model m = model::Qwen3Model::load(fixture("qwen3-tiny-swa"));
   const Reference ref = load_reference(fixture("qwen3-tiny-swa"));
