@@ -2,9 +2,11 @@
 // behind attention_prefill / attention_prefill_varlen. Not a public API: prefill.hpp validates
 // arguments and calls run_prefill().
 //
-// Work item = (segment, KV head, query tile). The rows of an item are the (query head, query)
-// pairs of every query head of that KV head's group (restricted to opt.heads) for the tile's
-// queries, so one packed K/V tile serves all G heads. Per key tile of kBc keys:
+// Work item = (segment, KV head, block of queries). The rows of an item are the (query head,
+// query) pairs of every query head of that KV head's group (restricted to opt.heads), about
+// 512 of them, split into sub-tiles of about 64 rows. The key-tile loop is outermost: each K/V
+// tile is read from memory and widened to f32 once per item and then serves every sub-tile
+// (all G heads) that can see it. Per key tile of kBc keys and sub-tile:
 //   S^T[key][row] = K_tile · Q^T     (Q pre-scaled by scale·log2(e), rows along SIMD lanes, so
 //                                    the softmax reductions over keys are vertical)
 //   online softmax in base 2 (running max m, running sum l per row)
