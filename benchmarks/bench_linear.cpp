@@ -1,8 +1,10 @@
 // benchmarks/bench_linear.cpp — PackedLinear on the Qwen3-0.6B projection shapes.
 //
 //  linear/prefill/<bf16|f32>/<fast|exact>/N:<out>/K:<in>/M:<tokens>
-//      counters GFLOPS (2*M*N*K / time) and peak_frac: vs the bf16 dot-product peak for
-//      bf16/fast, vs the fp32 FMA peak for exact (roofline.hpp).
+//      counters GFLOPS (2*M*N*K / time) and peak_frac: vs the bf16 dot-product (vdpbf16ps)
+//      peak for bf16/fast, vs the fp32 FMA peak for exact (roofline.hpp). bf16 prefill runs on
+//      AMX tiles where available, which roofline.hpp does not measure: peak_frac > 1 there
+//      means faster than the vector units can go.
 //  linear/decode/<bf16|f32>/N:<out>/K:<in>
 //      one token, Precision::exact; counters GBps (packed weight bytes / time) and bw_frac vs
 //      the measured DRAM read bandwidth. Each iteration uses the next of several packed copies
