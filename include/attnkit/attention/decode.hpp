@@ -51,6 +51,16 @@ inline constexpr float kLn2 = 0.6931471805599453f;
 inline constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 inline std::int64_t round_up16(std::int64_t n) { return (n + 15) / 16 * 16; }
+inline std::int64_t round_up32(std::int64_t n) { return (n + 31) / 32 * 32; }
+
+// bf16 rows are processed in 32-element pairs on the AVX-512 path.
+template <bool Vectorized, class KV>
+inline constexpr bool uses_pairs_v =
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    Vectorized && std::is_same_v<KV, bf16>;
+#else
+    false;
+#endif
 
 // Grow-only 64-byte aligned float scratch, one per thread, reused across calls.
 class Scratch {
@@ -84,7 +94,8 @@ inline Scratch& partial_scratch() {
 
 // What one work item needs: the query heads [g0, g1) of KV head j (all offsets in elements).
 struct Problem {
-  std::int64_t H, G, dk, dv, dk_pad, dv_pad;
+  std::int64_t H, G, dk, dv;
+  std::int64_t dk_pad, dv_pad;  // padded to 16 (f32) or 32 (bf16 pairs) floats; dv_pad is the partial row stride
   float scale_log2;  // scale * log2(e): scores are kept in base 2
 };
 
@@ -125,28 +136,49 @@ inline float hmax(__m512 v) {
   return _mm512_cvtss_f32(v);
 }
 
-// Scores of keys [0, n) of a block against heads [g0, g1) for K slices [s0, s0 + NK): the K
-// row slices are loaded (and widened) once and reused by every head. Adds into p when `add`.
+// Sums of 16 vectors, one per lane, in order (a transpose-and-add tree: 45 shuffles/adds for
+// 16 dot products instead of 16 separate horizontal reductions).
+inline __m512 reduce16(const __m512 (&v)[16]) {
+  __m512 t[8], u[4];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xee));
+  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
+  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xdd));
+}
+
+// Stores (or adds, for later slice groups) 16 scores of head g, keys [i0, i0 + 16) of the block.
+inline void put_scores(const ItemState& st, std::int64_t g, int i0, __m512 sc, bool add) {
+  float* dst = st.p + g * kBlock + i0;
+  _mm512_storeu_ps(dst, add ? _mm512_add_ps(_mm512_loadu_ps(dst), sc) : sc);
+}
+
+// Scores of keys [0, n) of a block against heads [g0, g1), K slices [s0, s0 + NK) (16 floats
+// each): per head, the query slices stay in registers and 16 keys are reduced together. Lanes
+// past n reuse the last row (in bounds) and are masked out by the softmax.
 template <int NK, class KV>
 inline void scores_group(const KV* k0, std::int64_t kstride, int n, const ItemState& st, std::int64_t g0,
                          std::int64_t g1, std::int64_t dk, std::int64_t dk_pad, std::int64_t s0, bool add) {
   const __mmask16 last = tail_mask(dk - (s0 + NK - 1) * 16);
-  for (int i = 0; i < n; ++i) {
-    const KV* kr = k0 + i * kstride + s0 * 16;
-    __m512 kreg[NK];
+  for (std::int64_t g = g0; g < g1; ++g) {
+    __m512 q[NK];
 #pragma GCC unroll 8
-    for (int s = 0; s < NK; ++s) kreg[s] = load16(kr + s * 16, s == NK - 1 ? last : __mmask16(0xffff));
-    for (std::int64_t g = g0; g < g1; ++g) {
-      const float* q = st.qs + g * dk_pad + s0 * 16;
-      __m512 a0 = _mm512_mul_ps(kreg[0], _mm512_loadu_ps(q));
-      __m512 a1 = _mm512_setzero_ps();
+    for (int s = 0; s < NK; ++s) q[s] = _mm512_loadu_ps(st.qs + g * dk_pad + (s0 + s) * 16);
+    for (int i0 = 0; i0 < n; i0 += 16) {
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) {
+        const KV* kr = k0 + std::min(i0 + r, n - 1) * kstride + s0 * 16;
+        acc[r] = _mm512_mul_ps(q[0], load16(kr, NK == 1 ? last : __mmask16(0xffff)));
 #pragma GCC unroll 8
-      for (int s = 1; s < NK; ++s) {
-        if (s & 1) a1 = _mm512_fmadd_ps(kreg[s], _mm512_loadu_ps(q + s * 16), a1);
-        else a0 = _mm512_fmadd_ps(kreg[s], _mm512_loadu_ps(q + s * 16), a0);
+        for (int s = 1; s < NK; ++s)
+          acc[r] = _mm512_fmadd_ps(q[s], load16(kr + s * 16, s == NK - 1 ? last : __mmask16(0xffff)), acc[r]);
       }
-      const float sc = hsum(_mm512_add_ps(a0, a1));
-      st.p[g * kBlock + i] = add ? st.p[g * kBlock + i] + sc : sc;
+      put_scores(st, g, i0, reduce16(acc), add);
     }
   }
 }
@@ -254,6 +286,141 @@ inline void accumulate_block(const KV* v0, std::int64_t vstride, int n, const It
   if (g < g1) accumulate_heads<1>(v0, vstride, n, st, o, g, dv, dv_pad);
 }
 
+// bf16 K/V: a 64-byte load holds 32 values; shifting each 32-bit lane left by 16 widens the
+// even-indexed ones and masking off the low half widens the odd-indexed ones (both exact). So
+// each 32-element "pair" becomes two f32 vectors (even, odd): the query is stored permuted the
+// same way (dot products do not care about order) and the V accumulators are kept permuted and
+// interleaved back once per item (unpermute_pairs).
+inline __mmask32 tail_mask32(std::int64_t n) {
+  return static_cast<__mmask32>(n >= 32 ? 0xffffffffu : n <= 0 ? 0u : (1u << n) - 1u);
+}
+inline void load_pair(const bf16* p, __mmask32 m, __m512& even, __m512& odd) {
+  const __m512i x = _mm512_maskz_loadu_epi16(m, p);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+}
+
+// Pairs [p0, p0 + NP) of every key row in the block (d_k padded to 32 in qs); as scores_group.
+template <int NP>
+inline void scores_group_bf16(const bf16* k0, std::int64_t kstride, int n, const ItemState& st, std::int64_t g0,
+                              std::int64_t g1, std::int64_t dk, std::int64_t qs_pad, std::int64_t p0, bool add) {
+  const __mmask32 last = tail_mask32(dk - (p0 + NP - 1) * 32);
+  for (std::int64_t g = g0; g < g1; ++g) {
+    __m512 q[2 * NP];
+#pragma GCC unroll 8
+    for (int s = 0; s < 2 * NP; ++s) q[s] = _mm512_loadu_ps(st.qs + g * qs_pad + p0 * 32 + s * 16);
+    for (int i0 = 0; i0 < n; i0 += 16) {
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) {
+        const bf16* kr = k0 + std::min(i0 + r, n - 1) * kstride + p0 * 32;
+        __m512 ev, od;
+        load_pair(kr, NP == 1 ? last : __mmask32(0xffffffffu), ev, od);
+        acc[r] = _mm512_fmadd_ps(q[1], od, _mm512_mul_ps(q[0], ev));
+#pragma GCC unroll 4
+        for (int s = 1; s < NP; ++s) {
+          load_pair(kr + s * 32, s == NP - 1 ? last : __mmask32(0xffffffffu), ev, od);
+          acc[r] = _mm512_fmadd_ps(q[2 * s], ev, acc[r]);
+          acc[r] = _mm512_fmadd_ps(q[2 * s + 1], od, acc[r]);
+        }
+      }
+      put_scores(st, g, i0, reduce16(acc), add);
+    }
+  }
+}
+
+inline void scores_block_bf16(const bf16* k0, std::int64_t kstride, int n, const ItemState& st, std::int64_t g0,
+                              std::int64_t g1, std::int64_t dk, std::int64_t qs_pad) {
+  const std::int64_t np = qs_pad / 32;
+  for (std::int64_t p0 = 0; p0 < np; p0 += 4) {
+    const bool add = p0 > 0;
+    switch (std::min<std::int64_t>(4, np - p0)) {
+      case 1: scores_group_bf16<1>(k0, kstride, n, st, g0, g1, dk, qs_pad, p0, add); break;
+      case 2: scores_group_bf16<2>(k0, kstride, n, st, g0, g1, dk, qs_pad, p0, add); break;
+      case 3: scores_group_bf16<3>(k0, kstride, n, st, g0, g1, dk, qs_pad, p0, add); break;
+      default: scores_group_bf16<4>(k0, kstride, n, st, g0, g1, dk, qs_pad, p0, add); break;
+    }
+  }
+}
+
+template <int NP, int GT>
+inline void accumulate_group_bf16(const bf16* v0, std::int64_t vstride, int n, const ItemState& st, float* o,
+                                  std::int64_t g0, std::int64_t dv, std::int64_t dv_pad, std::int64_t p0) {
+  const __mmask32 last = tail_mask32(dv - (p0 + NP - 1) * 32);
+  __m512 acc[GT][2 * NP];
+#pragma GCC unroll 2
+  for (int t = 0; t < GT; ++t) {
+    const __m512 alpha = _mm512_set1_ps(st.alpha[g0 + t]);
+#pragma GCC unroll 8
+    for (int s = 0; s < 2 * NP; ++s)
+      acc[t][s] = _mm512_mul_ps(alpha, _mm512_load_ps(o + (g0 + t) * dv_pad + p0 * 32 + s * 16));
+  }
+  for (int i = 0; i < n; ++i) {
+    const bf16* vr = v0 + i * vstride + p0 * 32;
+    __m512 p[GT];
+#pragma GCC unroll 2
+    for (int t = 0; t < GT; ++t) p[t] = _mm512_set1_ps(st.p[(g0 + t) * kBlock + i]);
+#pragma GCC unroll 4
+    for (int s = 0; s < NP; ++s) {
+      __m512 ev, od;
+      load_pair(vr + s * 32, s == NP - 1 ? last : __mmask32(0xffffffffu), ev, od);
+#pragma GCC unroll 2
+      for (int t = 0; t < GT; ++t) {
+        acc[t][2 * s] = _mm512_fmadd_ps(p[t], ev, acc[t][2 * s]);
+        acc[t][2 * s + 1] = _mm512_fmadd_ps(p[t], od, acc[t][2 * s + 1]);
+      }
+    }
+  }
+#pragma GCC unroll 2
+  for (int t = 0; t < GT; ++t)
+#pragma GCC unroll 8
+    for (int s = 0; s < 2 * NP; ++s) _mm512_store_ps(o + (g0 + t) * dv_pad + p0 * 32 + s * 16, acc[t][s]);
+}
+
+template <int GT>
+inline void accumulate_heads_bf16(const bf16* v0, std::int64_t vstride, int n, const ItemState& st, float* o,
+                                  std::int64_t g, std::int64_t dv, std::int64_t dv_pad) {
+  const std::int64_t np = dv_pad / 32;
+  for (std::int64_t p0 = 0; p0 < np; p0 += 4) {
+    switch (std::min<std::int64_t>(4, np - p0)) {
+      case 1: accumulate_group_bf16<1, GT>(v0, vstride, n, st, o, g, dv, dv_pad, p0); break;
+      case 2: accumulate_group_bf16<2, GT>(v0, vstride, n, st, o, g, dv, dv_pad, p0); break;
+      case 3: accumulate_group_bf16<3, GT>(v0, vstride, n, st, o, g, dv, dv_pad, p0); break;
+      default: accumulate_group_bf16<4, GT>(v0, vstride, n, st, o, g, dv, dv_pad, p0); break;
+    }
+  }
+}
+
+inline void accumulate_block_bf16(const bf16* v0, std::int64_t vstride, int n, const ItemState& st, float* o,
+                                  std::int64_t g0, std::int64_t g1, std::int64_t dv, std::int64_t dv_pad) {
+  std::int64_t g = g0;
+  for (; g + 2 <= g1; g += 2) accumulate_heads_bf16<2>(v0, vstride, n, st, o, g, dv, dv_pad);
+  if (g < g1) accumulate_heads_bf16<1>(v0, vstride, n, st, o, g, dv, dv_pad);
+}
+
+// Row of dv_pad (a multiple of 32) floats stored as (even, odd) pairs -> natural order.
+inline void unpermute_pairs(float* o, std::int64_t dv_pad) {
+  const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+  for (std::int64_t p = 0; p < dv_pad; p += 32) {
+    const __m512 ev = _mm512_load_ps(o + p), od = _mm512_load_ps(o + p + 16);
+    _mm512_store_ps(o + p, _mm512_permutex2var_ps(ev, lo, od));
+    _mm512_store_ps(o + p + 16, _mm512_permutex2var_ps(ev, hi, od));
+  }
+}
+
+// The permuted query layout of load_pair: within each 32-block, evens then odds.
+inline void permute_query_pairs(float* qs, std::int64_t qs_pad) {
+  alignas(64) float tmp[32];
+  for (std::int64_t p = 0; p < qs_pad; p += 32) {
+    for (int i = 0; i < 16; ++i) {
+      tmp[i] = qs[p + 2 * i];
+      tmp[16 + i] = qs[p + 2 * i + 1];
+    }
+    std::copy(tmp, tmp + 32, qs + p);
+  }
+}
+
 #endif  // AVX-512
 
 // Portable block primitives (scalar + xsimd through core/simd.hpp), same structure.
@@ -306,6 +473,9 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
     float* qs = st.qs + g * pb.dk_pad;
     for (std::int64_t e = 0; e < pb.dk; ++e) qs[e] = qr[e] * pb.scale_log2;
     std::fill(qs + pb.dk, qs + pb.dk_pad, 0.f);
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if constexpr (uses_pairs_v<Vectorized, KV>) permute_query_pairs(qs, pb.dk_pad);
+#endif
     st.m[g] = kNegInf;
     st.l[g] = 0.f;
     std::fill(o_part + g * pb.dv_pad, o_part + (g + 1) * pb.dv_pad, 0.f);
@@ -316,7 +486,12 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
     const KV* k0 = k.ptr(b, j);
     const KV* v0 = v.ptr(b, j);
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    if constexpr (Vectorized) {
+    if constexpr (uses_pairs_v<Vectorized, KV>) {
+      scores_block_bf16(k0, ks, n, st, g0, g1, pb.dk, pb.dk_pad);
+      for (std::int64_t g = g0; g < g1; ++g) softmax_block(n, st, g);
+      accumulate_block_bf16(v0, vs, n, st, o_part, g0, g1, pb.dv, pb.dv_pad);
+      continue;
+    } else if constexpr (Vectorized) {
       scores_block(k0, ks, n, st, g0, g1, pb.dk, pb.dk_pad);
       for (std::int64_t g = g0; g < g1; ++g) softmax_block(n, st, g);
       accumulate_block(v0, vs, n, st, o_part, g0, g1, pb.dv, pb.dv_pad);
@@ -330,6 +505,9 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
   for (std::int64_t g = g0; g < g1; ++g) {
     const float l = st.l[g];
     float* og = o_part + g * pb.dv_pad;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if constexpr (uses_pairs_v<Vectorized, KV>) unpermute_pairs(og, pb.dv_pad);
+#endif
     if (l > 0.f) {
       simd::scale(1.f / l, og, pb.dv);
       lse_part[g] = (st.m[g] + std::log2(l)) * kLn2;
@@ -390,7 +568,9 @@ void run(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<float> o
     }
     return;
   }
-  const Problem pb{H, G, dk, dv, round_up16(dk), round_up16(dv), resolve_scale(opt.scale, dk) * kLog2e};
+  constexpr bool pairs = uses_pairs_v<Vectorized, KV>;
+  const Problem pb{H, G, dk, dv, pairs ? round_up32(dk) : round_up16(dk), pairs ? round_up32(dv) : round_up16(dv),
+                   resolve_scale(opt.scale, dk) * kLog2e};
   const std::int64_t chunk = opt.kv_chunk > 0 ? opt.kv_chunk : kDefaultChunk;
   const std::int64_t n_chunks = (T + chunk - 1) / chunk;
   const std::int64_t j_begin = hb / G, j_end = (he - 1) / G + 1;
@@ -406,7 +586,7 @@ void run(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<float> o
     const std::int64_t t0 = c * chunk, t1 = std::min(T, t0 + chunk);
     chunk_state<Vectorized>(pb, q, k, v, j, g0, g1, t0, t1, part + (c * H + j * G) * pb.dv_pad,
                             part_lse + c * H + j * G);
-  });
+  }, /*dynamic=*/true);
 
   // Merge the chunk states of each head in chunk order (fixed, so bits do not depend on threads).
   parallel_for(he - hb, opt.num_threads, [&](std::int64_t i) {

@@ -24,6 +24,10 @@
 #include <new>
 #include <type_traits>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/error.hpp"
 #include "attnkit/core/simd.hpp"
@@ -40,12 +44,20 @@ struct AlignedFree {
 template <class T>
 using AlignedArray = std::unique_ptr<T[], AlignedFree<T>>;
 
+// Large buffers are 2 MiB aligned and, on Linux, marked for transparent huge pages: decode
+// streams the whole cache every step, and 4 KiB pages cost a TLB miss every 4 KiB of it.
 template <class T>
 AlignedArray<T> aligned_array(std::int64_t n) {
-  const std::size_t bytes = (static_cast<std::size_t>(n) * sizeof(T) + 63) / 64 * 64;
+  constexpr std::size_t kHuge = std::size_t{1} << 21;
+  std::size_t bytes = (static_cast<std::size_t>(n) * sizeof(T) + 63) / 64 * 64;
   if (bytes == 0) return AlignedArray<T>();
-  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
+  const bool huge = bytes >= 2 * kHuge;
+  if (huge) bytes = (bytes + kHuge - 1) / kHuge * kHuge;
+  T* p = static_cast<T*>(std::aligned_alloc(huge ? kHuge : 64, bytes));
   if (!p) throw std::bad_alloc();
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (huge) madvise(p, bytes, MADV_HUGEPAGE);  // advisory: failure just means small pages
+#endif
   return AlignedArray<T>(p);
 }
 
