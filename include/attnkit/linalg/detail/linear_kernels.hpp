@@ -2,13 +2,14 @@
 //
 // Packed layouts (64-byte aligned, every block zero-padded to 16 output rows):
 //  * bf16: [blocks][kpairs][16][2] bf16, seen here as uint32 pairs [blocks][kpairs][16]: one
-//    zmm load is 16 outputs x one K-pair. An odd K is padded with a zero column.
+//    zmm load is 16 outputs x one K-pair, and 16 consecutive K-pairs of a block are one AMX
+//    B tile. kpairs = ceil(K / 2) rounded up to 16, zero-filled.
 //  * f32:  [blocks][K][16] f32.
-// A microkernel computes an MR-token x NB-block (16 outputs each) tile over a K range, keeping
-// MR*NB accumulators in registers; it either starts from zero or from the values in y.
-// All arithmetic is float32 FMA: on this CPU class vdpbf16ps retires one instruction per two
-// cycles (32 products) against two 16-lane FMAs per cycle, so widening bf16 weights to f32
-// (a shift or a mask) and using FMA is both faster and exact.
+// Vector microkernels compute an MR-token x NB-block (16 outputs each) tile over a K range,
+// keeping MR*NB accumulators in registers, starting from zero or from the values in y; they
+// use float32 FMA. On this CPU class vdpbf16ps retires one instruction (32 products) per two
+// cycles against two 16-lane FMAs per cycle, so bf16 weights are widened to f32 (a shift or
+// a mask, exact) instead. The AMX kernels compute 32 x 32 tiles from bf16 activation planes.
 #pragma once
 
 #include <atomic>
