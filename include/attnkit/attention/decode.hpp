@@ -202,6 +202,23 @@ inline void scores_block(const KV* k0, std::int64_t kstride, int n, const ItemSt
   }
 }
 
+// 2^x for x <= 128, relative error ~1e-7; x = -inf (or anything below -160) gives exactly 0.
+// x = n + f with n = round(x), |f| <= 1/2; 2^f = e^{f ln 2} by its degree-7 Taylor polynomial.
+inline __m512 exp2_ps(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 t = _mm512_mul_ps(_mm512_sub_ps(x, n), _mm512_set1_ps(kLn2));
+  __m512 p = _mm512_set1_ps(1.f / 5040.f);
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.f / 720.f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.f / 120.f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.f / 24.f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.f / 6.f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.f));
+  p = _mm512_fmadd_ps(p, t, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);  // p * 2^n, underflowing to 0 below the denormals
+}
+
 // Online-softmax update of head g for one block: p[g][0, n) holds base-2 scores on entry and
 // probabilities exp2(score - m_new) on exit; alpha[g] = exp2(m_old - m_new) rescales the past.
 inline void softmax_block(int n, const ItemState& st, std::int64_t g) {
@@ -213,13 +230,12 @@ inline void softmax_block(int n, const ItemState& st, std::int64_t g) {
   const float m_new = std::max(m_old, hmax(mx));
   // All scores -inf (only possible with infinite inputs): nothing to add, keep the state.
   const float base = m_new == kNegInf ? 0.f : m_new;
-  using batch = xsimd::batch<float, xsimd::avx512bw>;
-  const batch vb(base);
+  const __m512 vb = _mm512_set1_ps(base);
   __m512 sum = _mm512_setzero_ps();
   for (int i = 0; i < kBlock; i += 16) {
     const __mmask16 msk = tail_mask(n - i);
     const __m512 s = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), msk, p + i);
-    const __m512 e = xsimd::exp2(batch(s) - vb);
+    const __m512 e = exp2_ps(_mm512_sub_ps(s, vb));
     sum = _mm512_add_ps(sum, e);
     _mm512_storeu_ps(p + i, e);
   }
