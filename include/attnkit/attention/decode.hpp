@@ -605,7 +605,9 @@ void run(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<float> o
   }, /*dynamic=*/true);
 
   // Merge the chunk states of each head in chunk order (fixed, so bits do not depend on threads).
-  parallel_for(he - hb, opt.num_threads, [&](std::int64_t i) {
+  // A small merge stays on the caller's thread: a second fork/join would cost more than it saves.
+  const int merge_threads = n_chunks * (he - hb) * dv >= (std::int64_t{1} << 16) ? opt.num_threads : 1;
+  parallel_for(he - hb, merge_threads, [&](std::int64_t i) {
     const std::int64_t h = hb + i;
     float* o = out.ptr(h);
     std::copy(part + h * pb.dv_pad, part + h * pb.dv_pad + dv, o);
