@@ -8,17 +8,20 @@
 // layout), f32 weights as [out/16][in][16]. forward() never re-packs.
 //
 // Precision (bf16 weights):
-//  * exact: float32 products and float32 accumulation: the bf16 weights are widened to f32
-//    (exact) and multiplied with FMA, so the result is that of an fp32 GEMM.
+//  * exact: float32 products, float32 accumulation: the result of an fp32 GEMM (rel. error
+//    ~1e-7). With more than 8 tokens and AMX available, x is split into three bf16 planes
+//    (hi + mid + lo == x for normal floats) and each plane is multiplied on AMX tiles, so
+//    every product is still exact; otherwise bf16 weights are widened to f32 and use FMA.
+//    Products and inputs below the float32 normal range are flushed to zero on AMX.
 //  * fast: x is rounded to bf16 (RNE) once per call and multiplied bf16 x bf16 with float32
-//    accumulation (llama.cpp's bf16 path), ~1e-3 relative error. With more than 8 tokens this
-//    runs on AMX tiles when the CPU and OS allow it (~3x the FMA peak); otherwise on FMA.
+//    accumulation (llama.cpp's bf16 path), ~1e-3 relative error; AMX tiles with more than 8
+//    tokens when available, FMA otherwise.
 // f32 weights always use float32 FMA: fast is the same as exact for them.
-// Measured on this CPU class: vdpbf16ps retires at half the FLOP rate of fp32 FMA, so no path
-// uses it; AMX or FMA is faster in every case.
+// Measured on this CPU class (2 threads): fp32 FMA ~425 GFLOP/s, vdpbf16ps ~213 (half), AMX
+// 0.8-2 TFLOP/s in these kernels, so no path uses vdpbf16ps.
 //
-// Execution: tokens <= 8 (decode) stream every packed weight byte once (memory bound; both
-// precisions cost the same). More tokens: a register-blocked GEMM, 8 tokens x 48 outputs per
+// Execution: tokens <= 8 (decode) stream every packed weight byte once with FMA (memory
+// bound; both precisions cost the same). More tokens: a register-blocked GEMM, 8 tokens x 48 outputs per
 // FMA tile with K blocks of 128 whose weight panel stays in L1 (bf16 panels widened to f32
 // once per block), or 32 x 32 AMX tiles over all of K. Threads (OpenMP) split the output
 // blocks into contiguous ranges; each output's arithmetic does not depend on the split, so
