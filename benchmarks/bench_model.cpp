@@ -48,7 +48,7 @@ void BM_model_prefill(benchmark::State& state, Precision precision) {
 }
 
 // Decode: after a prefill of `T` tokens (untimed), each iteration decodes one token.
-void BM_model_decode(benchmark::State& state) {
+void BM_model_decode(benchmark::State& state, model::CacheType kv) {
   const auto& m = qwen3_0_6b();
   const std::int64_t T = state.range(0);
   const int threads = static_cast<int>(state.range(1));
@@ -59,7 +59,7 @@ void BM_model_decode(benchmark::State& state) {
   fo.logits = model::LogitsRows::last;
   fo.num_threads = threads;
   fo.precision = Precision::fast;  // prefill only; a one-token step is bandwidth bound either way
-  auto s = m.new_session({model::CacheType::f32, T + 4096});
+  auto s = m.new_session({kv, T + 4096});
   m.forward(s, ids, View2<float>(logits.data(), {1, V}), fo);
   fo.precision = Precision::exact;
   std::int64_t next = ops::argmax(logits.data(), V);
@@ -68,35 +68,29 @@ void BM_model_decode(benchmark::State& state) {
     next = ops::argmax(logits.data(), V);
   }
   state.counters["tok_s"] = benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
-  const double bytes = static_cast<double>(m.streamed_bytes_per_token());
-  state.counters["GBps"] = benchmark::Counter(bytes * state.iterations() / 1e9, benchmark::Counter::kIsRate);
-  state.counters["bw_frac"] =
-      benchmark::Counter(bytes * state.iterations() / 1e9 / bench::roofline().read_gbps, benchmark::Counter::kIsRate);
+  // Weight bytes only (the KV cache read adds 2 * T * layers * H_kv * d * sizeof(kv) per step).
+  const double gb = static_cast<double>(m.streamed_bytes_per_token()) * state.iterations() / 1e9;
+  state.counters["GBps"] = benchmark::Counter(gb, benchmark::Counter::kIsRate);
+  state.counters["bw_frac"] = benchmark::Counter(gb / bench::roofline().read_gbps, benchmark::Counter::kIsRate);
 }
 
-}  // namespace
+template <class F, class... A>
+void add(const char* name, int iterations, F fn, A... args) {
+  benchmark::RegisterBenchmark(name, fn, args...)
+      ->ArgNames({"T", "threads"})
+      ->Args({512, 1})
+      ->Args({512, 2})
+      ->Unit(benchmark::kMillisecond)
+      ->UseRealTime()
+      ->Iterations(iterations);
+}
 
-BENCHMARK_CAPTURE(BM_model_prefill, "model/prefill/bf16/fast", Precision::fast)
-    ->Name("model/prefill/bf16/fast")
-    ->ArgNames({"T", "threads"})
-    ->Args({512, 1})
-    ->Args({512, 2})
-    ->Unit(benchmark::kMillisecond)
-    ->UseRealTime()
-    ->Iterations(2);
-BENCHMARK_CAPTURE(BM_model_prefill, "model/prefill/bf16/exact", Precision::exact)
-    ->Name("model/prefill/bf16/exact")
-    ->ArgNames({"T", "threads"})
-    ->Args({512, 1})
-    ->Args({512, 2})
-    ->Unit(benchmark::kMillisecond)
-    ->UseRealTime()
-    ->Iterations(2);
-BENCHMARK(BM_model_decode)
-    ->Name("model/decode/bf16")
-    ->ArgNames({"T", "threads"})
-    ->Args({512, 1})
-    ->Args({512, 2})
-    ->Unit(benchmark::kMillisecond)
-    ->UseRealTime()
-    ->Iterations(24);
+const bool registered = [] {
+  add("model/prefill/bf16/fast", 2, BM_model_prefill, Precision::fast);
+  add("model/prefill/bf16/exact", 2, BM_model_prefill, Precision::exact);
+  add("model/decode/bf16/kv:f32", 32, BM_model_decode, model::CacheType::f32);
+  add("model/decode/bf16/kv:bf16", 32, BM_model_decode, model::CacheType::bf16);
+  return true;
+}();
+
+}  // namespace

@@ -38,6 +38,7 @@
 
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/error.hpp"
+#include "attnkit/core/memory.hpp"
 #include "attnkit/core/threading.hpp"
 #include "attnkit/core/view.hpp"
 #include "attnkit/linalg/detail/linear_kernels.hpp"
@@ -206,7 +207,7 @@ class PackedLinear {
         is_bf16_(is_bf16) {
     bytes_ = is_bf16 ? static_cast<std::size_t>(blocks_ * kpairs_ * kBlock) * 4
                      : static_cast<std::size_t>(blocks_ * in_ * kBlock) * 4;
-    data_ = detail::linear::aligned_alloc_shared(bytes_);
+    data_ = allocate_aligned_shared(bytes_);  // huge pages: decode streams these bytes every token
   }
 
   template <class T>
