@@ -24,12 +24,10 @@
 #include <new>
 #include <type_traits>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/error.hpp"
+#include "attnkit/core/memory.hpp"
 #include "attnkit/core/simd.hpp"
 #include "attnkit/core/view.hpp"
 
@@ -44,21 +42,12 @@ struct AlignedFree {
 template <class T>
 using AlignedArray = std::unique_ptr<T[], AlignedFree<T>>;
 
-// Large buffers are 2 MiB aligned and, on Linux, marked for transparent huge pages: decode
-// streams the whole cache every step, and 4 KiB pages cost a TLB miss every 4 KiB of it.
+// Large buffers get transparent huge pages (core/memory.hpp): decode streams the whole cache
+// every step.
 template <class T>
 AlignedArray<T> aligned_array(std::int64_t n) {
-  constexpr std::size_t kHuge = std::size_t{1} << 21;
-  std::size_t bytes = (static_cast<std::size_t>(n) * sizeof(T) + 63) / 64 * 64;
-  if (bytes == 0) return AlignedArray<T>();
-  const bool huge = bytes >= 2 * kHuge;
-  if (huge) bytes = (bytes + kHuge - 1) / kHuge * kHuge;
-  T* p = static_cast<T*>(std::aligned_alloc(huge ? kHuge : 64, bytes));
-  if (!p) throw std::bad_alloc();
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  if (huge) madvise(p, bytes, MADV_HUGEPAGE);  // advisory: failure just means small pages
-#endif
-  return AlignedArray<T>(p);
+  // Never null (an empty request still gets 64 bytes), so copies from it need no special case.
+  return AlignedArray<T>(static_cast<T*>(allocate_aligned(static_cast<std::size_t>(std::max<std::int64_t>(n, 0)) * sizeof(T))));
 }
 
 // Stores n floats as T (bf16: round to nearest even).

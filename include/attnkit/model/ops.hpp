@@ -119,10 +119,7 @@ inline void silu_mul(ConstView2<float> gate_up, View2<float> act, int threads = 
     const float* u = g + I;
     float* y = act.ptr(t);
     std::int64_t i = 0;
-    for (; i + W <= I; i += W) {
-      const B gv = B::load_unaligned(g + i);
-      (gv / (B(1.0f) + xsimd::exp(-gv)) * B::load_unaligned(u + i)).store_unaligned(y + i);
-    }
+    for (; i + W <= I; i += W) (simd::silu(B::load_unaligned(g + i)) * B::load_unaligned(u + i)).store_unaligned(y + i);
     for (; i < I; ++i) y[i] = g[i] / (1.0f + std::exp(-g[i])) * u[i];
   });
 }

@@ -56,35 +56,10 @@ inline constexpr std::int64_t lanes = static_cast<std::int64_t>(fb<Arch>::size);
 
 inline std::int64_t round_up(std::int64_t x, std::int64_t m) { return (x + m - 1) / m * m; }
 
-// 2^x for x <= 0 (the softmax only evaluates s - max and m_old - m_new), about 1 ulp down to
-// x = -126. Returns exactly 1 at x = 0 and exactly 0 for x < -126 and x = -inf (masked
-// logits), which is what makes visiting a masked tile an exact no-op.
+// 2^x for x <= 0: the softmax only evaluates s - max and m_old - m_new (core/simd.hpp).
 template <class Arch>
 inline fb<Arch> exp2(fb<Arch> x) {
-  using B = fb<Arch>;
-  const B xc = xsimd::max(x, B(-126.f));
-  const B n = xsimd::nearbyint(xc);
-  const B f = xc - n;  // [-0.5, 0.5]
-  // Taylor series of e^(f ln 2) to degree 7: truncation error < 6e-9 relative on [-0.5, 0.5].
-  B p(1.5252733804059840e-05f);
-  p = xsimd::fma(p, f, B(1.5403530393381608e-04f));
-  p = xsimd::fma(p, f, B(1.3333558146428443e-03f));
-  p = xsimd::fma(p, f, B(9.6181291076284772e-03f));
-  p = xsimd::fma(p, f, B(5.5504108664821580e-02f));
-  p = xsimd::fma(p, f, B(2.4022650695910071e-01f));
-  p = xsimd::fma(p, f, B(6.9314718055994531e-01f));
-  p = xsimd::fma(p, f, B(1.f));
-#if defined(__AVX512F__)
-  if constexpr (lanes<Arch> == 16) {
-    // vscalefps: p * 2^n in one instruction; then flush x < -126 (incl. -inf) to exactly 0.
-    const __m512 r = _mm512_scalef_ps(p, n);
-    return B(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_GE_OQ), r));
-  }
-#endif
-  using I = xsimd::batch<std::int32_t, Arch>;
-  const I e = (xsimd::to_int(n) + I(127)) << 23;
-  const B r = p * xsimd::bitwise_cast<B>(e);
-  return xsimd::select(x < B(-126.f), B(0.f), r);
+  return simd::exp2_nonpositive<Arch>(x);
 }
 
 // One attention problem: a single sequence (varlen splits into several).

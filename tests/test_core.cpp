@@ -1,0 +1,150 @@
+// Core pieces: bf16 conversion, SIMD helpers, views, the model's small ops (RMSNorm, RoPE,
+// SiLU) against float64 definitions.
+#include <catch2/catch.hpp>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "attnkit/core/bf16.hpp"
+#include "attnkit/core/simd.hpp"
+#include "attnkit/core/view.hpp"
+#include "attnkit/model/ops.hpp"
+#include "test_util.hpp"
+
+using namespace attnkit;
+
+TEST_CASE("bf16 rounds to nearest even and keeps NaN / inf", "[core]") {
+  auto bits = [](float f) { return bf16(f).bits; };
+  CHECK(bits(1.0f) == 0x3f80);
+  // 1 + 2^-8 is exactly halfway between two bf16 values: ties go to the even one (1.0).
+  CHECK(bits(1.0f + std::ldexp(1.0f, -8)) == 0x3f80);
+  // 1 + 3 * 2^-8 is halfway between 1 + 2^-7 (odd) and 1 + 2^-6 (even): rounds up.
+  CHECK(bits(1.0f + 3 * std::ldexp(1.0f, -8)) == 0x3f82);
+  CHECK(bits(-2.0f) == 0xc000);
+  CHECK(std::isnan(to_float(bf16(std::numeric_limits<float>::quiet_NaN()))));
+  CHECK(std::isinf(to_float(bf16(std::numeric_limits<float>::infinity()))));
+  CHECK(std::isinf(to_float(bf16(std::numeric_limits<float>::max()))));  // rounds past the largest bf16
+  // Vector conversion equals the scalar one on random data (with tails).
+  test::Rng rng(test::fresh_seed());
+  for (std::int64_t n : {1, 15, 16, 17, 100, 1027}) {
+    auto x = rng.normal_vec(static_cast<std::size_t>(n), 100.f);
+    std::vector<bf16> a(x.size()), b(x.size());
+    simd::to_bf16(x.data(), a.data(), n);
+    for (std::int64_t i = 0; i < n; ++i) b[i] = bf16(x[i]);
+    CHECK(test::bit_equal(a, b));
+  }
+}
+
+TEST_CASE("SIMD dot products, exp2 and SiLU against float64", "[core]") {
+  const auto seed = test::fresh_seed();
+  CAPTURE(seed);
+  test::Rng rng(seed);
+  for (std::int64_t n : {0, 1, 7, 16, 31, 32, 33, 64, 129, 1000}) {
+    CAPTURE(n);
+    auto a = rng.normal_vec(static_cast<std::size_t>(n)), b = rng.normal_vec(static_cast<std::size_t>(n));
+    std::vector<bf16> ab(a.size()), bb(b.size());
+    for (std::size_t i = 0; i < a.size(); ++i) ab[i] = bf16(a[i]), bb[i] = bf16(b[i]);
+    double ref = 0, ref_b = 0, norm = 0;
+    for (std::int64_t i = 0; i < n; ++i) {
+      ref += double(a[i]) * b[i];
+      ref_b += double(to_float(ab[i])) * to_float(bb[i]);
+      norm += std::abs(double(a[i]) * b[i]);
+    }
+    const double tol = 1e-6 * (norm + 1);
+    CHECK(std::abs(simd::dot(a.data(), b.data(), n) - ref) <= tol);
+    CHECK(std::abs(simd::dot(a.data(), bb.data(), n) - [&] {
+            double r = 0;
+            for (std::int64_t i = 0; i < n; ++i) r += double(a[i]) * to_float(bb[i]);
+            return r;
+          }()) <= tol);
+    CHECK(std::abs(simd::dot_bf16(ab.data(), bb.data(), n) - ref_b) <= tol);
+  }
+  using B = simd::fbatch<>;
+  constexpr std::size_t W = B::size;
+  alignas(64) float in[W], out[W];
+  double worst_exp = 0, worst_silu = 0;
+  for (int trial = 0; trial < 2000; ++trial) {
+    for (auto& x : in) x = rng.uniform(-120.f, 0.f);
+    simd::exp2_nonpositive<simd::default_arch>(B::load_aligned(in)).store_aligned(out);
+    for (std::size_t i = 0; i < W; ++i) worst_exp = std::max(worst_exp, std::abs(out[i] / std::exp2(double(in[i])) - 1));
+    for (auto& x : in) x = rng.uniform(-30.f, 30.f);
+    simd::silu<simd::default_arch>(B::load_aligned(in)).store_aligned(out);
+    for (std::size_t i = 0; i < W; ++i) {
+      const double r = in[i] / (1 + std::exp(-double(in[i])));
+      worst_silu = std::max(worst_silu, std::abs(out[i] - r) / std::max(1e-30, std::abs(r)));
+    }
+  }
+  CHECK(worst_exp <= 4e-7);   // about 1 ulp
+  // x * log2(e) is rounded to float: relative error ~|x| * 6e-8 in the exponent, ~2e-6 at |x| = 30.
+  CHECK(worst_silu <= 4e-6);
+  for (auto& x : in) x = -std::numeric_limits<float>::infinity();
+  simd::exp2_nonpositive<simd::default_arch>(B::load_aligned(in)).store_aligned(out);
+  for (float o : out) CHECK(o == 0.f);  // masked logits contribute exactly nothing
+}
+
+TEST_CASE("views: strides, slices, const conversion, checks", "[core]") {
+  std::vector<float> buf(4 * 5 * 6);
+  for (std::size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<float>(i);
+  View3<float> v(buf.data(), {4, 5, 6});
+  CHECK(v(2, 3, 4) == 2 * 30 + 3 * 6 + 4);
+  CHECK(v.contiguous());
+  ConstView3<float> c = v.slice(1, 1, 4);
+  CHECK(c.shape[1] == 3);
+  CHECK(c(0, 0, 0) == 6);
+  CHECK_FALSE(c.contiguous());
+  View3<float> bad(buf.data(), {4, 5, 3}, {30, 6, 2});
+  REQUIRE_THROWS_WITH(check_view(bad, "f", "x"), Catch::Contains("f: argument 'x': the last dimension must be contiguous"));
+  View3<float> null(nullptr, {1, 1, 1});
+  REQUIRE_THROWS_WITH(check_view(null, "f", "x"), Catch::Contains("null data pointer"));
+}
+
+TEST_CASE("model ops against float64: RMSNorm, RoPE (rotate-half), SiLU*up", "[core][model]") {
+  const auto seed = test::fresh_seed();
+  CAPTURE(seed);
+  test::Rng rng(seed);
+  const std::int64_t T = 13, H = 3, d = 24, D = 37, I = 45;
+  // RMSNorm
+  auto x = rng.normal_vec(T * D, 3.f), w = rng.normal_vec(D);
+  std::vector<float> y(x.size());
+  test::poison(y);
+  ops::rms_norm(View2<float>(x.data(), {T, D}), w.data(), 1e-6f, View2<float>(y.data(), {T, D}), 2);
+  std::vector<double> ref(x.size());
+  for (std::int64_t t = 0; t < T; ++t) {
+    double ss = 0;
+    for (std::int64_t i = 0; i < D; ++i) ss += double(x[t * D + i]) * x[t * D + i];
+    const double inv = 1 / std::sqrt(ss / D + 1e-6);
+    for (std::int64_t i = 0; i < D; ++i) ref[t * D + i] = w[i] * x[t * D + i] * inv;
+  }
+  CHECK(test::rel_l2(y, ref) <= 1e-6);
+  // RoPE at positions 100..112, theta 1e6, pairs (i, i + d/2)
+  auto q = rng.normal_vec(T * H * d);
+  auto qr = q;
+  ops::Rope rope(d, 1e6);
+  rope.apply(View3<float>(qr.data(), {T, H, d}), 100);
+  std::vector<double> rr(q.size());
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t h = 0; h < H; ++h)
+      for (std::int64_t i = 0; i < d / 2; ++i) {
+        const double inv_freq = std::pow(1e6, -2.0 * i / d), a = (100 + t) * inv_freq;
+        const double x0 = q[(t * H + h) * d + i], x1 = q[(t * H + h) * d + i + d / 2];
+        rr[(t * H + h) * d + i] = x0 * std::cos(a) - x1 * std::sin(a);
+        rr[(t * H + h) * d + i + d / 2] = x1 * std::cos(a) + x0 * std::sin(a);
+      }
+  CHECK(test::rel_l2(qr, rr) <= 1e-5);  // the angle is formed in float32, as transformers does
+  REQUIRE_THROWS_WITH(ops::Rope(7, 1e6), Catch::Contains("must be positive and even"));
+  // SiLU(gate) * up
+  auto gu = rng.normal_vec(T * 2 * I, 4.f);
+  std::vector<float> act(static_cast<std::size_t>(T * I));
+  test::poison(act);
+  ops::silu_mul(View2<float>(gu.data(), {T, 2 * I}), View2<float>(act.data(), {T, I}), 2);
+  std::vector<double> ra(act.size());
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t i = 0; i < I; ++i) {
+      const double g = gu[t * 2 * I + i], u = gu[t * 2 * I + I + i];
+      ra[t * I + i] = g / (1 + std::exp(-g)) * u;
+    }
+  CHECK(test::rel_l2(act, ra) <= 1e-6);
+  REQUIRE_THROWS_WITH(ops::silu_mul(View2<float>(gu.data(), {T, 2 * I}), View2<float>(act.data(), {T, I - 1})),
+                      Catch::Contains("silu_mul: argument 'act'"));
+}
