@@ -157,6 +157,28 @@ TEST_CASE("a sharded checkpoint (index + two shards) gives the same model", "[mo
   fs::remove_all(tmp);
 }
 
+TEST_CASE("tied embeddings: a stored lm_head.weight is ignored, as in transformers", "[model][io]") {
+  const fs::path dir = fixture("qwen3-tiny-f32");  // tie_word_embeddings = true, no lm_head.weight
+  const fs::path tmp = fs::temp_directory_path() / ("attnkit-tied-" + std::to_string(test::fresh_seed()));
+  fs::create_directories(tmp);
+  fs::copy_file(dir / "config.json", tmp / "config.json");
+  auto src = io::SafetensorsFile::open(dir / "model.safetensors");
+  REQUIRE_FALSE(src.contains("lm_head.weight"));
+  io::SafetensorsWriter w;
+  for (const auto& n : src.names()) {
+    const auto& t = src.tensor(n);
+    w.add(n, t.dtype, t.shape, t.data, t.nbytes);
+  }
+  const auto& e = src.tensor("model.embed_tokens.weight");
+  std::vector<float> junk(static_cast<std::size_t>(e.numel()), 0.5f);
+  w.add_f32("lm_head.weight", e.shape, junk.data());
+  w.write(tmp / "model.safetensors");
+  const Reference ref = load_reference(dir);
+  CHECK(test::bit_equal(prefill_logits(model::Qwen3Model::load(tmp), ref.ids),
+                        prefill_logits(model::Qwen3Model::load(dir), ref.ids)));
+  fs::remove_all(tmp);
+}
+
 TEST_CASE("model results do not depend on the thread count", "[model]") {
   const model::Qwen3Model m = model::Qwen3Model::load(fixture("qwen3-tiny-swa"));
   const Reference ref = load_reference(fixture("qwen3-tiny-swa"));
