@@ -207,6 +207,63 @@ TEST_CASE("random models are deterministic and run every layer type", "[model]")
   CHECK(test::rel_l2(chunked_logits(a, ids, {3, 11, 12}), la) <= 1e-6);
 }
 
+namespace {
+// A stateless mixer that records the passes it sees: out = 0.5 * x.
+struct HalfMixer final : model::TokenMixer {
+  std::vector<int>* passes;
+  explicit HalfMixer(std::vector<int>* p) : passes(p) {}
+  std::string kind() const override { return "half"; }
+  std::unique_ptr<model::MixerState> new_state(const model::SessionOptions&) const override {
+    return std::make_unique<model::MixerState>();
+  }
+  void forward(ConstView2<float> x, View2<float> out, model::MixerState&, const model::StepContext& ctx) const override {
+    passes->push_back(ctx.pass);
+    for (std::int64_t t = 0; t < x.shape[0]; ++t)
+      for (std::int64_t i = 0; i < x.shape[1]; ++i) out(t, i) = 0.5f * x(t, i);
+  }
+  std::size_t weight_bytes() const override { return 0; }
+};
+struct TwoPasses final : model::StackPolicy {
+  mutable int calls = 0;
+  std::string kind() const override { return "two"; }
+  int passes() const override { return 2; }
+  void between_passes(int pass, View2<float> x) const override {
+    CHECK(pass == 0);
+    ++calls;
+    for (std::int64_t t = 0; t < x.shape[0]; ++t)
+      for (std::int64_t i = 0; i < x.shape[1]; ++i) x(t, i) = 0.f;  // the second pass restarts from zero
+  }
+};
+}  // namespace
+
+TEST_CASE("composition seams: custom mixer registry and a two-pass stack policy", "[model]") {
+  nlohmann::json j = nlohmann::json::parse(std::ifstream(fixture("qwen3-tiny-f32") / "config.json"));
+  const auto cfg = io::Qwen3Config::from_json(j, "test");
+  std::vector<int> seen;
+  model::MixerRegistry reg;
+  reg.add("full_attention", [&](const model::BuildContext&, int) { return std::make_unique<HalfMixer>(&seen); });
+  model::RandomSource rnd(model::WeightType::f32, 3);
+  auto two = std::make_shared<TwoPasses>();
+  const auto m2 = model::Qwen3Model::build(cfg, rnd, reg, std::make_shared<model::SumResidual>(), two);
+  const auto m1 = model::Qwen3Model::build(cfg, rnd, reg);
+  std::vector<std::int64_t> ids = {3, 1, 4, 1, 5};
+  seen.clear();
+  const auto l2 = prefill_logits(m2, ids);
+  CHECK(seen == std::vector<int>{0, 0, 1, 1});  // two layers, two passes
+  CHECK(two->calls == 1);
+  // The second pass restarts from zeros, whose embedding-free output does not depend on the ids:
+  // every row of the logits is the same.
+  const std::int64_t V = cfg.vocab_size;
+  for (std::int64_t t = 1; t < 5; ++t) CHECK(std::equal(l2.begin(), l2.begin() + V, l2.begin() + t * V));
+  const auto l1 = prefill_logits(m1, ids);
+  CHECK_FALSE(std::equal(l1.begin(), l1.begin() + V, l1.begin() + V));
+  // The stock attention mixer refuses a second pass rather than corrupting its cache.
+  const auto m_att = model::Qwen3Model::build(cfg, rnd, model::default_mixers(), std::make_shared<model::SumResidual>(), two);
+  auto s = m_att.new_session();
+  std::vector<float> out(static_cast<std::size_t>(5 * V));
+  REQUIRE_THROWS_WITH(m_att.forward(s, ids, View2<float>(out.data(), {5, V})), Catch::Contains("single-pass stacks only"));
+}
+
 TEST_CASE("model errors name the problem", "[model][errors]") {
   const fs::path dir = fixture("qwen3-tiny-f32");
   const model::Qwen3Model m = model::Qwen3Model::load(dir);

@@ -56,6 +56,8 @@ class Qwen3Attention final : public TokenMixer {
 
   void forward(ConstView2<float> x, View2<float> out, MixerState& state, const StepContext& ctx) const override {
     const std::int64_t T = x.shape[0];
+    ATTNKIT_REQUIRE(ctx.pass == 0, "Qwen3Attention::forward: pass ", ctx.pass,
+                    ": this mixer keeps one cache per layer and runs in single-pass stacks only");
     const std::int64_t width = (H_ + 2 * Hkv_) * d_;
     std::vector<float> qkv(static_cast<std::size_t>(T * width));
     qkv_.forward(x, View2<float>(qkv.data(), {T, width}), {ctx.precision, ctx.num_threads, false});

@@ -36,6 +36,7 @@ struct StepContext {
   int num_threads = 0;       // 0: OpenMP default
   Precision precision = Precision::exact;
   const ops::Rope::Angles* rope = nullptr;  // RoPE angles of this step's positions, shared by all layers
+  int pass = 0;                             // which run over the layer stack (looped stacks run it several times)
 };
 
 class MixerState {

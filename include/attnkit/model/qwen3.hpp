@@ -5,7 +5,8 @@
 //   logits = RMSNorm_final(R.output()) E^T            (spec §1.5; E tied or lm_head.weight)
 // With the plain SumResidual policy this is exactly Hugging Face's Qwen3ForCausalLM. The token
 // mixer of each layer comes from a MixerRegistry keyed by config layer_types; the residual policy
-// is a parameter. Weights stay in their stored type (f32 or bf16) and are packed once at build.
+// (what each sublayer sees) and the stack policy (how many passes over the layers) are
+// parameters. Weights stay in their stored type (f32 or bf16) and are packed once at build.
 //
 // Inference: a Session holds the per-layer states (KV caches). forward() runs any number of new
 // tokens at the session's current position: a whole prompt (prefill), a chunk of one (chunked
@@ -89,12 +90,16 @@ class Qwen3Model {
   // except that a CheckpointSource's mapping is not needed afterwards either (weights are packed).
   static Qwen3Model build(const io::Qwen3Config& config, const TensorSource& source,
                           const MixerRegistry& mixers = default_mixers(),
-                          std::shared_ptr<const ResidualPolicy> residual = std::make_shared<SumResidual>()) {
+                          std::shared_ptr<const ResidualPolicy> residual = std::make_shared<SumResidual>(),
+                          std::shared_ptr<const StackPolicy> stack = std::make_shared<SinglePass>()) {
     config.validate();
     Qwen3Model m;
     m.config_ = config;
     m.source_ = source.describe();
     m.residual_ = std::move(residual);
+    m.stack_ = std::move(stack);
+    ATTNKIT_REQUIRE(m.residual_ && m.stack_ && m.stack_->passes() >= 1,
+                    "Qwen3Model::build: the residual and stack policies must be set, with at least one pass");
     auto rope = std::make_shared<const ops::Rope>(config.head_dim, config.rope_theta);
     m.rope_ = rope;
     BuildContext ctx{m.config_, source, rope};
@@ -172,6 +177,7 @@ class Qwen3Model {
   PackedLinear embed_, lm_head_;
   bool tied_ = false;
   std::shared_ptr<const ResidualPolicy> residual_;
+  std::shared_ptr<const StackPolicy> stack_;
   std::shared_ptr<const ops::Rope> rope_;
 };
 
@@ -216,19 +222,30 @@ inline void Qwen3Model::forward(Session& s, std::span<const std::int64_t> ids, V
   if (opt.on_hidden) opt.on_hidden(0, xv);
 
   const ops::Rope::Angles angles = rope_->angles(s.position_, T);
-  const StepContext ctx{s.position_, opt.num_threads, opt.precision, &angles};
-  auto stream = residual_->begin(xv);
-  for (std::size_t l = 0; l < layers_.size(); ++l) {
-    const DecoderLayer& layer = layers_[l];
-    const int li = static_cast<int>(l);
-    const float eps = static_cast<float>(config_.rms_norm_eps);
-    ops::rms_norm(stream->input(li, Sublayer::mixer), layer.input_norm.data(), eps, xnv, opt.num_threads);
-    layer.mixer->forward(xnv, yv, *s.states_[l], ctx);
-    stream->add_output(li, Sublayer::mixer, yv);
-    ops::rms_norm(stream->input(li, Sublayer::mlp), layer.post_norm.data(), eps, xnv, opt.num_threads);
-    layer.mlp.forward(xnv, yv, ctx);
-    stream->add_output(li, Sublayer::mlp, yv);
-    if (opt.on_hidden && l + 1 < layers_.size()) opt.on_hidden(li + 1, stream->output());
+  StepContext ctx{s.position_, opt.num_threads, opt.precision, &angles, 0};
+  const float eps = static_cast<float>(config_.rms_norm_eps);
+  const int passes = stack_->passes();
+  std::unique_ptr<ResidualStream> stream;
+  for (int pass = 0; pass < passes; ++pass) {  // x holds this pass's input
+    ctx.pass = pass;
+    stream = residual_->begin(xv);
+    const bool report = opt.on_hidden && pass + 1 == passes;  // hidden states of the last pass
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const DecoderLayer& layer = layers_[l];
+      const int li = static_cast<int>(l);
+      ops::rms_norm(stream->input(li, Sublayer::mixer), layer.input_norm.data(), eps, xnv, opt.num_threads);
+      layer.mixer->forward(xnv, yv, *s.states_[l], ctx);
+      stream->add_output(li, Sublayer::mixer, yv);
+      ops::rms_norm(stream->input(li, Sublayer::mlp), layer.post_norm.data(), eps, xnv, opt.num_threads);
+      layer.mlp.forward(xnv, yv, ctx);
+      stream->add_output(li, Sublayer::mlp, yv);
+      if (report && l + 1 < layers_.size()) opt.on_hidden(li + 1, stream->output());
+    }
+    if (pass + 1 < passes) {
+      const ConstView2<float> o = stream->output();
+      for (std::int64_t t = 0; t < T; ++t) std::copy(o.ptr(t), o.ptr(t) + D, x.data() + t * D);
+      stack_->between_passes(pass, xv);
+    }
   }
   ops::rms_norm(stream->output(), final_norm_.data(), static_cast<float>(config_.rms_norm_eps), xnv);
   if (opt.on_hidden) opt.on_hidden(static_cast<int>(layers_.size()), xnv);

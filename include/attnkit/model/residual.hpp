@@ -63,4 +63,25 @@ class SumResidual final : public ResidualPolicy {
   };
 };
 
+// The stack-policy seam: how many times the layer stack runs per step and what happens to the
+// hidden state between runs. Looped stacks (LT2 / Ouro-style, Loop Attention's second pass)
+// are a StackPolicy plus, where a layer must remember an earlier pass, a mixer that reads
+// StepContext::pass; each pass starts a fresh residual stream from the previous pass's output.
+class StackPolicy {
+ public:
+  virtual ~StackPolicy() = default;
+  virtual std::string kind() const = 0;
+  virtual int passes() const = 0;
+  // Called after every pass but the last with that pass's output [T, D]; may transform it in
+  // place into the next pass's input (Ouro normalises it, for instance).
+  virtual void between_passes(int /*pass*/, View2<float> /*x*/) const {}
+};
+
+// The plain transformer: one pass.
+class SinglePass final : public StackPolicy {
+ public:
+  std::string kind() const override { return "single"; }
+  int passes() const override { return 1; }
+};
+
 }  // namespace attnkit::model
