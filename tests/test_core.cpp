@@ -2,12 +2,14 @@
 // SiLU) against float64 definitions.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
 
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/simd.hpp"
+#include "attnkit/core/threading.hpp"
 #include "attnkit/core/view.hpp"
 #include "attnkit/model/ops.hpp"
 #include "test_util.hpp"
@@ -147,4 +149,16 @@ TEST_CASE("model ops against float64: RMSNorm, RoPE (rotate-half), SiLU*up", "[c
   CHECK(test::rel_l2(act, ra) <= 1e-6);
   REQUIRE_THROWS_WITH(ops::silu_mul(View2<float>(gu.data(), {T, 2 * I}), View2<float>(act.data(), {T, I - 1})),
                       Catch::Contains("silu_mul: argument 'act'"));
+}
+
+TEST_CASE("parallel_for runs every item once and carries worker exceptions to the caller", "[core]") {
+  for (bool dynamic : {false, true}) {
+    std::vector<int> hits(1000, 0);
+    parallel_for(1000, 2, [&](std::int64_t i) { hits[i] += 1; }, dynamic);
+    CHECK(std::count(hits.begin(), hits.end(), 1) == 1000);
+    REQUIRE_THROWS_WITH(parallel_for(64, 2, [&](std::int64_t i) {
+                          if (i == 37) throw Error("item 37 failed");
+                        }, dynamic),
+                        Catch::Contains("item 37 failed"));
+  }
 }

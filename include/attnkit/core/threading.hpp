@@ -7,6 +7,8 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
+#include <exception>
 #include <cstdint>
 
 #if defined(_OPENMP)
@@ -29,19 +31,33 @@ inline int resolve_threads(int requested) { return requested > 0 ? requested : d
 // Runs fn(i) for i in [0, n) on `threads` threads (0 = default). Items are handed out
 // dynamically when `dynamic` is set (uneven item costs, e.g. causal tiles) and in static
 // contiguous blocks otherwise; either way each item's arithmetic is independent of the thread
-// that runs it. Exceptions must not escape fn.
+// that runs it. An exception thrown by fn on any thread (std::bad_alloc, say) is rethrown on
+// the calling thread after the loop; items not yet started are skipped.
 template <class F>
 void parallel_for(std::int64_t n, int threads, F&& fn, bool dynamic = false) {
   threads = static_cast<int>(std::min<std::int64_t>(resolve_threads(threads), std::max<std::int64_t>(n, 1)));
 #if defined(_OPENMP)
   if (threads > 1 && n > 1) {
+    std::exception_ptr error;
+    std::atomic<bool> failed{false};
+    auto guarded = [&](std::int64_t i) {
+      if (failed.load(std::memory_order_relaxed)) return;
+      try {
+        fn(i);
+      } catch (...) {
+#pragma omp critical(attnkit_parallel_for_error)
+        if (!error) error = std::current_exception();
+        failed.store(true, std::memory_order_relaxed);
+      }
+    };
     if (dynamic) {
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-      for (std::int64_t i = 0; i < n; ++i) fn(i);
+      for (std::int64_t i = 0; i < n; ++i) guarded(i);
     } else {
 #pragma omp parallel for num_threads(threads) schedule(static)
-      for (std::int64_t i = 0; i < n; ++i) fn(i);
+      for (std::int64_t i = 0; i < n; ++i) guarded(i);
     }
+    if (error) std::rethrow_exception(error);
     return;
   }
 #endif
