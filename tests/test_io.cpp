@@ -385,7 +385,7 @@ TEST_CASE("sharded checkpoint: two shards and an index", "[io][checkpoint]") {
   }
   SECTION("index that is not JSON") {
     std::ofstream(tmp.path / "model.safetensors.index.json") << "{\"weight_map\": ";
-    REQUIRE_THROWS_WITH(Checkpoint::open(tmp.path), Contains("model.safetensors.index.json: index is not valid JSON"));
+    REQUIRE_THROWS_WITH(Checkpoint::open(tmp.path), Contains("model.safetensors.index.json: index file is not valid JSON"));
   }
   SECTION("directory without model files, path that does not exist") {
     fs::create_directories(tmp.path / "empty");
@@ -913,7 +913,7 @@ TEST_CASE("config: errors name the field and the file", "[io][config][errors]") 
     TempDir tmp(seed);
     REQUIRE_THROWS_WITH(Qwen3Config::load(tmp.path), Contains("config.json: cannot open config file"));
     std::ofstream(tmp.path / "config.json") << "{\"model_type\": \"qwen3\",";
-    REQUIRE_THROWS_WITH(Qwen3Config::load(tmp.path), Contains("config.json: not valid JSON"));
+    REQUIRE_THROWS_WITH(Qwen3Config::load(tmp.path), Contains("config.json: config file is not valid JSON"));
     std::ofstream(tmp.path / "config.json") << base_config().dump();
     CHECK(Qwen3Config::load(tmp.path / "config.json").hidden_size == 64);
   }

@@ -31,6 +31,7 @@
 #include <nlohmann/json.hpp>
 
 #include "attnkit/core/error.hpp"
+#include "attnkit/io/json_file.hpp"
 
 namespace attnkit::io {
 
@@ -292,18 +293,7 @@ inline Qwen3Config Qwen3Config::load(const std::filesystem::path& config_json_or
   std::error_code ec;
   const auto file = std::filesystem::is_directory(config_json_or_dir, ec) ? config_json_or_dir / "config.json"
                                                                           : config_json_or_dir;
-  const std::string name = file.string();
-  std::ifstream in(file, std::ios::binary);
-  ATTNKIT_REQUIRE(in.good(), name, ": cannot open config file");
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  nlohmann::json j;
-  try {
-    j = nlohmann::json::parse(ss.str());
-  } catch (const nlohmann::json::exception& e) {
-    detail::throw_error(name, ": not valid JSON: ", e.what());
-  }
-  return from_json(j, name, model_types);
+  return from_json(read_json_file(file, "config file"), file.string(), model_types);
 }
 
 // The published Qwen/Qwen3-0.6B config.json (older layout, as released).

@@ -51,6 +51,7 @@
 
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/error.hpp"
+#include "attnkit/io/json_file.hpp"
 
 namespace attnkit::io {
 
@@ -449,16 +450,7 @@ class Checkpoint {
     Checkpoint c;
     c.path_ = index_file.string();
     const std::string& idx = c.path_;
-    std::ifstream in(index_file, std::ios::binary);
-    ATTNKIT_REQUIRE(in.good(), idx, ": cannot open index file");
-    std::ostringstream ss;
-    ss << in.rdbuf();
-    nlohmann::json j;
-    try {
-      j = nlohmann::json::parse(ss.str());
-    } catch (const nlohmann::json::exception& e) {
-      detail::throw_error(idx, ": index is not valid JSON: ", e.what());
-    }
+    const nlohmann::json j = read_json_file(index_file, "index file");
     ATTNKIT_REQUIRE(j.is_object() && j.contains("weight_map") && j["weight_map"].is_object(), idx,
                     ": 'weight_map' must be an object of tensor name -> shard file");
     const auto dir = index_file.parent_path();
