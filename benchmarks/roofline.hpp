@@ -27,10 +27,8 @@
 #if defined(_OPENMP)
 #include <omp.h>
 #endif
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
 
+#include "attnkit/core/memory.hpp"
 #include "attnkit/core/threading.hpp"
 
 namespace attnkit::bench {
@@ -190,18 +188,11 @@ struct FreeDeleter {
 using Buffer = std::unique_ptr<float, FreeDeleter>;
 
 // A buffer of n floats (n a multiple of 2^19) written by the threads that will read it (first
-// touch), so the pages are really allocated before any timing. It is 2 MiB aligned and asks for
-// transparent huge pages, as KVCache does, so the ceiling is the best the machine can stream.
+// touch), so the pages are really allocated before any timing. It comes from attnkit's own
+// allocator (2 MiB aligned, transparent huge pages), as the KV caches and packed weights do, so
+// the ceiling is the best the machine can stream.
 inline Buffer make_read_buffer(std::int64_t n, int threads) {
-  const std::size_t bytes = static_cast<std::size_t>(n) * sizeof(float);
-  Buffer buf(static_cast<float*>(std::aligned_alloc(std::size_t{1} << 21, bytes)));
-  if (!buf) {
-    std::fprintf(stderr, "roofline: cannot allocate %lld bytes\n", static_cast<long long>(bytes));
-    std::abort();
-  }
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  madvise(buf.get(), bytes, MADV_HUGEPAGE);
-#endif
+  Buffer buf(static_cast<float*>(allocate_aligned(static_cast<std::size_t>(n) * sizeof(float))));
   float* p = buf.get();
   parallel_for(threads, threads, [&](std::int64_t t) {
     const std::int64_t b = n * t / threads, e = n * (t + 1) / threads;

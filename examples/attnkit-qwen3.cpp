@@ -232,14 +232,9 @@ int main(int argc, char** argv) {
     }
 
     if (generate > 0) {
-      std::vector<std::int64_t> gen;
-      fo.logits = model::LogitsRows::last;
-      std::vector<float> row(logits.end() - V, logits.end());
+      std::vector<float> row(logits.end() - V, logits.end());  // logits of the last input token
       const auto tg = Clock::now();
-      for (std::int64_t i = 0; i < generate; ++i) {
-        gen.push_back(ops::argmax(row.data(), V));
-        if (i + 1 < generate) m.forward(s, std::span<const std::int64_t>(&gen.back(), 1), View2<float>(row.data(), {1, V}), fo);
-      }
+      const std::vector<std::int64_t> gen = model::continue_greedy(m, s, row, generate, fo);
       const double gs = std::chrono::duration<double>(Clock::now() - tg).count();
       std::printf("generated:");
       for (auto g : gen) std::printf(" %lld", (long long)g);

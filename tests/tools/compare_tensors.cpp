@@ -2,11 +2,11 @@
 // Prints the relative L2 error ||A - B|| / ||B|| of two float tensors of the same shape and
 // exits 0 iff it is <= BOUND. With ROWS, only the first ROWS rows of B are compared (B may hold
 // more rows, e.g. a reference that also covers generated tokens). Used by the example's tests.
-#include <cmath>
 #include <cstdio>
 #include <string>
 
 #include "attnkit/io/safetensors.hpp"
+#include "test_util.hpp"
 
 using namespace attnkit;
 
@@ -35,16 +35,7 @@ int main(int argc, char** argv) {
       std::fprintf(stderr, "compare_tensors: sizes differ: %zu vs %zu\n", a.size(), n);
       return 1;
     }
-    double num = 0, den = 0;
-    for (std::size_t i = 0; i < n; ++i) {
-      if (!std::isfinite(a[i])) {
-        std::fprintf(stderr, "compare_tensors: non-finite value at %zu\n", i);
-        return 1;
-      }
-      num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
-      den += double(b[i]) * b[i];
-    }
-    const double rel = std::sqrt(num / den);
+    const double rel = test::rel_l2(a.data(), b.data(), n);  // +inf if anything is not finite
     std::printf("relative L2 error %.3e (bound %.1e)\n", rel, bound);
     return rel <= bound ? 0 : 1;
   } catch (const std::exception& e) {

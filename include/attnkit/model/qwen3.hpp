@@ -255,23 +255,34 @@ inline void Qwen3Model::forward(Session& s, std::span<const std::int64_t> ids, V
   lm_head_.forward(head_in, logits, {opt.precision, opt.num_threads, false});
 }
 
-// Greedy continuation: prefills `prompt` (in one step) then decodes n tokens, each the argmax of
-// the previous logits. Returns the n generated ids.
+// Greedy continuation from a session whose last step left `logits` [V] (the last row): each
+// new id is the argmax of the previous logits and is decoded through the caches, except the
+// last (its logits are not needed). Returns the n generated ids; `logits` is updated in place.
+inline std::vector<std::int64_t> continue_greedy(const Qwen3Model& m, Session& s, std::span<float> logits,
+                                                 std::int64_t n, const ForwardOptions& base = {}) {
+  const std::int64_t V = m.config().vocab_size;
+  ATTNKIT_REQUIRE(static_cast<std::int64_t>(logits.size()) == V, "continue_greedy: argument 'logits': size ",
+                  logits.size(), " != vocab_size ", V);
+  ForwardOptions opt = base;
+  opt.logits = LogitsRows::last;
+  std::vector<std::int64_t> out;
+  for (std::int64_t i = 0; i < n; ++i) {
+    out.push_back(ops::argmax(logits.data(), V));
+    if (i + 1 < n) m.forward(s, std::span<const std::int64_t>(&out.back(), 1), View2<float>(logits.data(), {1, V}), opt);
+  }
+  return out;
+}
+
+// Greedy continuation: prefills `prompt` (in one step) then generates n ids (continue_greedy).
 inline std::vector<std::int64_t> generate_greedy(const Qwen3Model& m, Session& s, std::span<const std::int64_t> prompt,
                                                  std::int64_t n, const ForwardOptions& base = {}) {
+  if (n <= 0) return {};
   const std::int64_t V = m.config().vocab_size;
   std::vector<float> logits(static_cast<std::size_t>(V));
   ForwardOptions opt = base;
   opt.logits = LogitsRows::last;
-  std::vector<std::int64_t> out;
-  if (n <= 0) return out;
   m.forward(s, prompt, View2<float>(logits.data(), {1, V}), opt);
-  for (std::int64_t i = 0; i < n; ++i) {
-    const std::int64_t next = ops::argmax(logits.data(), V);
-    out.push_back(next);
-    if (i + 1 < n) m.forward(s, std::span<const std::int64_t>(&out.back(), 1), View2<float>(logits.data(), {1, V}), opt);
-  }
-  return out;
+  return continue_greedy(m, s, logits, n, opt);
 }
 
 }  // namespace attnkit::model

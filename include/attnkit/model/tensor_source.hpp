@@ -81,23 +81,20 @@ class CheckpointSource : public TensorSource {
     h.shape = shape;
     // Zero-copy when the data is aligned for its type (files written by Python's safetensors
     // are); otherwise (a writer that packs tensors tightly) copy to aligned memory.
-    const auto addr = reinterpret_cast<std::uintptr_t>(t.data);
+    auto borrow = [&](WeightType type, auto& owned) {
+      using T = typename std::remove_reference_t<decltype(owned)>::value_type;
+      h.type = type;
+      h.data = t.data;
+      if (reinterpret_cast<std::uintptr_t>(t.data) % alignof(T) != 0) {
+        owned.resize(static_cast<std::size_t>(t.numel()));
+        std::memcpy(owned.data(), t.data, t.nbytes);
+        h.data = owned.data();
+      }
+    };
     if (t.dtype == io::DType::F32) {
-      h.type = WeightType::f32;
-      h.data = t.data;
-      if (addr % alignof(float) != 0) {
-        h.owned_f32.resize(static_cast<std::size_t>(t.numel()));
-        std::memcpy(h.owned_f32.data(), t.data, t.nbytes);
-        h.data = h.owned_f32.data();
-      }
+      borrow(WeightType::f32, h.owned_f32);
     } else if (t.dtype == io::DType::BF16) {
-      h.type = WeightType::bf16;
-      h.data = t.data;
-      if (addr % alignof(bf16) != 0) {
-        h.owned_bf16.resize(static_cast<std::size_t>(t.numel()));
-        std::memcpy(h.owned_bf16.data(), t.data, t.nbytes);
-        h.data = h.owned_bf16.data();
-      }
+      borrow(WeightType::bf16, h.owned_bf16);
     } else {  // F16 / F64 (integers are rejected by to_f32 with a message naming the tensor)
       h.type = WeightType::f32;
       h.owned_f32 = io::to_f32(t);
