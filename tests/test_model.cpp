@@ -257,11 +257,22 @@ TEST_CASE("composition seams: custom mixer registry and a two-pass stack policy"
   for (std::int64_t t = 1; t < 5; ++t) CHECK(std::equal(l2.begin(), l2.begin() + V, l2.begin() + t * V));
   const auto l1 = prefill_logits(m1, ids);
   CHECK_FALSE(std::equal(l1.begin(), l1.begin() + V, l1.begin() + V));
-  // The stock attention mixer refuses a second pass rather than corrupting its cache.
-  const auto m_att = model::Qwen3Model::build(cfg, rnd, model::default_mixers(), std::make_shared<model::SumResidual>(), two);
-  auto s = m_att.new_session();
-  std::vector<float> out(static_cast<std::size_t>(5 * V));
-  REQUIRE_THROWS_WITH(m_att.forward(s, ids, View2<float>(out.data(), {5, V})), Catch::Contains("single-pass stacks only"));
+  // The stock attention mixer serves every pass with a cache of its own: prefill, decode and
+  // chunked prefill of a twice-repeated stack agree, and differ from one pass.
+  const auto m_att = model::Qwen3Model::build(cfg, rnd, model::default_mixers(), std::make_shared<model::SumResidual>(),
+                                              std::make_shared<model::RepeatStack>(2));
+  const auto m_one = model::Qwen3Model::build(cfg, rnd);
+  REQUIRE(m_att.passes() == 2);
+  const std::vector<std::int64_t> more = {3, 1, 4, 1, 5, 9, 2, 6, 5};
+  const auto p2 = prefill_logits(m_att, more);
+  CHECK(test::rel_l2(decode_logits(m_att, more), p2) <= 1e-5);
+  CHECK(test::rel_l2(chunked_logits(m_att, more, {4}), p2) <= 1e-5);
+  CHECK(test::rel_l2(prefill_logits(m_one, more), p2) > 1e-3);
+  std::vector<int> visits;
+  model::ForwardOptions fo;
+  fo.on_pass_hidden = [&](int pass, int index, ConstView2<float>) { visits.push_back(pass * 100 + index); };
+  prefill_logits(m_att, more, fo);
+  CHECK(visits == std::vector<int>{0, 1, 2, 100, 101, 102});  // every pass reported: input, then each layer
 }
 
 TEST_CASE("model errors name the problem", "[model][errors]") {

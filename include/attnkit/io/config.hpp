@@ -22,6 +22,7 @@
 #include <filesystem>
 #include <fstream>
 #include <optional>
+#include <set>
 #include <span>
 #include <sstream>
 #include <string>
@@ -35,14 +36,36 @@
 
 namespace attnkit::io {
 
-enum class LayerType { full_attention, sliding_attention };
+// A layer type as config.json names it ("full_attention", "linear_attention", ...). The name
+// travels unchanged to the model's mixer registry, which decides what runs; the constants are
+// the two types plain Qwen3 knows.
+struct LayerType {
+  std::string name;
+  static const LayerType full_attention, sliding_attention;
+  friend bool operator==(const LayerType& a, const LayerType& b) { return a.name == b.name; }
+};
+inline const LayerType LayerType::full_attention{"full_attention"};
+inline const LayerType LayerType::sliding_attention{"sliding_attention"};
 
-inline const char* layer_type_name(LayerType t) {
-  return t == LayerType::sliding_attention ? "sliding_attention" : "full_attention";
-}
+inline const char* layer_type_name(const LayerType& t) { return t.name.c_str(); }
 
 // model_type values from_json accepts by default; variants pass their own list.
 inline constexpr std::string_view kQwen3ModelTypes[] = {"qwen3"};
+// layer_types entries from_json accepts by default; a model loader passes its registry's names.
+inline constexpr std::string_view kQwen3LayerTypes[] = {"full_attention", "sliding_attention"};
+
+// Fields of config.json the Qwen3 parser interprets.
+inline constexpr std::string_view kQwen3Fields[] = {
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
+    "hidden_act", "attention_bias", "rope_parameters", "rope_theta", "rope_scaling", "dtype", "torch_dtype",
+    "use_sliding_window", "sliding_window", "layer_types", "max_window_layers"};
+// Fields that describe the file, training or generation, not the computation: never an error.
+inline constexpr std::string_view kInertConfigFields[] = {
+    "architectures", "auto_map", "_name_or_path", "attention_dropout", "bos_token_id", "eos_token_id",
+    "pad_token_id", "initializer_range", "transformers_version", "use_cache", "output_attentions",
+    "output_hidden_states", "return_dict", "torchscript", "tokenizer_class", "_attn_implementation",
+    "_attn_implementation_autoset", "keys_to_ignore_at_inference"};
 
 struct Qwen3Config {
   std::string model_type = "qwen3";
@@ -55,12 +78,17 @@ struct Qwen3Config {
   std::vector<LayerType> layer_types;          // resolved, one per layer
   std::string dtype = "float32";               // from "dtype" (new) or "torch_dtype" (old)
   nlohmann::json raw;                          // the whole file, for extensions (loop/attnres fields)
+  std::string source = "config.json";          // where it came from (error messages)
 
+  // model_types / layer_types: the accepted values of those fields (a model loader passes the
+  // names its recipes and mixers know; anything else is an error listing them).
   static Qwen3Config from_json(const nlohmann::json& j, const std::string& source = "config.json",
-                               std::span<const std::string_view> model_types = kQwen3ModelTypes);
+                               std::span<const std::string_view> model_types = kQwen3ModelTypes,
+                               std::span<const std::string_view> layer_types = kQwen3LayerTypes);
   // A config.json file, or a directory holding one.
   static Qwen3Config load(const std::filesystem::path& config_json_or_dir,
-                          std::span<const std::string_view> model_types = kQwen3ModelTypes);
+                          std::span<const std::string_view> model_types = kQwen3ModelTypes,
+                          std::span<const std::string_view> layer_types = kQwen3LayerTypes);
   // Newer layout (rope_parameters, dtype, layer_types); fields of `raw` that the parser does not
   // interpret are kept, so extensions survive a round trip.
   nlohmann::json to_json() const;
@@ -132,12 +160,14 @@ inline void check_rope_type(const Reader& r, const nlohmann::json& v, std::strin
 }  // namespace detail_config
 
 inline Qwen3Config Qwen3Config::from_json(const nlohmann::json& j, const std::string& source,
-                                          std::span<const std::string_view> model_types) {
+                                          std::span<const std::string_view> model_types,
+                                          std::span<const std::string_view> layer_types) {
   if (!j.is_object()) detail::throw_error(source, ": config is not a JSON object (", j.type_name(), ")");
   try {
     const detail_config::Reader r(j, source);
     Qwen3Config c;
     c.raw = j;
+    c.source = source;
 
     c.model_type = r.string("model_type");
     bool known = false;
@@ -208,9 +238,14 @@ inline Qwen3Config Qwen3Config::from_json(const nlohmann::json& j, const std::st
         r.fail("layer_types", "has ", lt.size(), " entries, num_hidden_layers is ", c.num_hidden_layers);
       for (std::size_t i = 0; i < lt.size(); ++i) {
         const std::string s = r.as_string(lt[i], "layer_types");
-        if (s == "full_attention") c.layer_types.push_back(LayerType::full_attention);
-        else if (s == "sliding_attention") c.layer_types.push_back(LayerType::sliding_attention);
-        else r.fail("layer_types", "entry ", i, " is '", s, "' (expected full_attention or sliding_attention)");
+        bool ok = false;
+        std::string known;
+        for (auto name : layer_types) {
+          ok = ok || name == s;
+          known += (known.empty() ? "" : ", ") + std::string(name);
+        }
+        if (!ok) r.fail("layer_types", "entry ", i, " is '", s, "' (known layer types: ", known, ")");
+        c.layer_types.push_back(LayerType{s});
       }
     } else {
       const std::int64_t max_window_layers = r.integer("max_window_layers", 28);
@@ -289,12 +324,53 @@ inline nlohmann::json Qwen3Config::to_json() const {
 }
 
 inline Qwen3Config Qwen3Config::load(const std::filesystem::path& config_json_or_dir,
-                                     std::span<const std::string_view> model_types) {
+                                     std::span<const std::string_view> model_types,
+                                     std::span<const std::string_view> layer_types) {
   std::error_code ec;
   const auto file = std::filesystem::is_directory(config_json_or_dir, ec) ? config_json_or_dir / "config.json"
                                                                           : config_json_or_dir;
-  return from_json(read_json_file(file, "config file"), file.string(), model_types);
+  return from_json(read_json_file(file, "config file"), file.string(), model_types, layer_types);
 }
+
+// The fields of a config.json beyond what the Qwen3 parser interprets, read by the parts of a
+// model that need them (a recipe, a mixer, a residual policy). Every read marks the field
+// consumed; unconsumed() lists the fields nothing read, which a loader rejects: a field such as
+// `loop_num` or `attnres_num_blocks` selects a mechanism, and running the checkpoint without it
+// would give wrong numbers in silence. Errors name the file and the field.
+class ConfigFields {
+ public:
+  explicit ConfigFields(const Qwen3Config& c) : c_(c) {
+    for (auto f : kQwen3Fields) used_.insert(std::string(f));
+    for (auto f : kInertConfigFields) used_.insert(std::string(f));
+  }
+  const Qwen3Config& config() const { return c_; }
+  // Present and not null.
+  bool has(const std::string& f) const { return c_.raw.is_object() && c_.raw.contains(f) && !c_.raw.at(f).is_null(); }
+  void consume(const std::string& f) { used_.insert(f); }
+  std::int64_t integer(const std::string& f, std::int64_t def) { return consume(f), reader().integer(f.c_str(), def); }
+  double number(const std::string& f, double def) { return consume(f), reader().number(f.c_str(), def); }
+  bool boolean(const std::string& f, bool def) { return consume(f), reader().boolean(f.c_str(), def); }
+  std::string string(const std::string& f, std::string def) { return consume(f), reader().string(f.c_str(), std::move(def)); }
+  // The raw value (null when absent), for structured fields.
+  const nlohmann::json& json(const std::string& f) {
+    static const nlohmann::json null;
+    consume(f);
+    return has(f) ? c_.raw.at(f) : null;
+  }
+  [[noreturn]] void fail(std::string_view field, auto&&... problem) const { reader().fail(field, problem...); }
+  std::vector<std::string> unconsumed() const {
+    std::vector<std::string> out;
+    if (c_.raw.is_object())
+      for (const auto& [k, v] : c_.raw.items())
+        if (!used_.count(k)) out.push_back(k);
+    return out;
+  }
+
+ private:
+  detail_config::Reader reader() const { return detail_config::Reader(c_.raw, c_.source); }
+  const Qwen3Config& c_;
+  std::set<std::string> used_;
+};
 
 // The published Qwen/Qwen3-0.6B config.json (older layout, as released).
 inline Qwen3Config qwen3_0_6b_config() {

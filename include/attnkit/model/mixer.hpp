@@ -30,6 +30,8 @@ struct SessionOptions {
   std::int64_t reserve_tokens = 0;  // KV capacity to reserve up front (0: grow on demand)
 };
 
+class Trace;
+
 // Per-call settings of one forward step (a prefill chunk or a decode step).
 struct StepContext {
   std::int64_t pos0 = 0;     // absolute position of the first token of this step
@@ -37,6 +39,7 @@ struct StepContext {
   Precision precision = Precision::exact;
   const ops::Rope::Angles* rope = nullptr;  // RoPE angles of this step's positions, shared by all layers
   int pass = 0;                             // which run over the layer stack (looped stacks run it several times)
+  Trace* trace = nullptr;                   // where mechanisms record their internals (gates, ...); may be null
 };
 
 class MixerState {
@@ -54,12 +57,16 @@ class TokenMixer {
   virtual std::size_t weight_bytes() const = 0;
 };
 
-// What a mixer factory gets: the config, the layer index, the weight source, and objects shared
-// across layers (e.g. the RoPE table).
+// What every factory (mixer, residual policy, stack policy) gets: the config and its extension
+// fields (reads mark them consumed), the weight source, the number of passes the stack makes
+// over the layers (known once the stack policy is built; 1 before), and objects shared across
+// layers (the RoPE table).
 struct BuildContext {
   const io::Qwen3Config& config;
   const TensorSource& source;
   std::shared_ptr<const ops::Rope> rope;
+  io::ConfigFields& fields;
+  int passes = 1;
   std::string prefix(int layer) const { return "model.layers." + std::to_string(layer) + "."; }
 };
 
@@ -73,8 +80,18 @@ class MixerRegistry {
   std::unique_ptr<TokenMixer> build(const std::string& layer_type, const BuildContext& ctx, int layer) const {
     auto it = factories_.find(layer_type);
     ATTNKIT_REQUIRE(it != factories_.end(), "MixerRegistry::build: layer ", layer, ": no token mixer registered for layer type '",
-                    layer_type, "'");
+                    layer_type, "' (known: ", known(), ")");
     return it->second(ctx, layer);
+  }
+  std::vector<std::string> names() const {
+    std::vector<std::string> n;
+    for (auto& [k, f] : factories_) n.push_back(k);
+    return n;
+  }
+  std::string known() const {
+    std::string s;
+    for (auto& [k, f] : factories_) s += (s.empty() ? "" : ", ") + k;
+    return s.empty() ? "none" : s;
   }
 
  private:

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <chrono>
+#include <cstdio>
 #include <filesystem>
 #include <functional>
 #include <memory>
@@ -23,8 +24,10 @@
 
 #include "attnkit/io/config.hpp"
 #include "attnkit/io/safetensors.hpp"
-#include "attnkit/model/attention_mixer.hpp"
+#include "attnkit/model/builtin.hpp"
 #include "attnkit/model/mixer.hpp"
+#include "attnkit/model/recipe.hpp"
+#include "attnkit/model/trace.hpp"
 #include "attnkit/model/ops.hpp"
 #include "attnkit/model/residual.hpp"
 #include "attnkit/model/tensor_source.hpp"
@@ -62,8 +65,10 @@ struct DecoderLayer {
   std::unique_ptr<TokenMixer> mixer;
   SwiGLU mlp;
   std::vector<float> input_norm, post_norm;
+  std::vector<float> mixer_out_norm, mlp_out_norm;  // BlockShape's optional output norms (empty: none)
 };
 
+// The mixers plain Qwen3 registers (full and sliding attention).
 inline MixerRegistry default_mixers() {
   MixerRegistry r;
   register_qwen3_attention(r);
@@ -80,70 +85,75 @@ struct ForwardOptions {
   Precision precision = Precision::exact;
   int num_threads = 0;
   // Called with (index, hidden [T, D]) for the embeddings (0), after each layer (1..L), and
-  // after the final norm (L+1) — the layout of Hugging Face's output_hidden_states.
+  // after the final norm (L+1) — the layout of Hugging Face's output_hidden_states — of the
+  // last pass over the layers.
   std::function<void(int, ConstView2<float>)> on_hidden;
+  // Called for every pass of a looped stack with (pass, index, hidden [T, D]): index 0 is the
+  // pass's input, 1..L the output of each layer.
+  std::function<void(int, int, ConstView2<float>)> on_pass_hidden;
+  // Mechanisms record their internals here (gates, routing weights, ...); null: not recorded.
+  Trace* trace = nullptr;
+};
+
+// What to do with checkpoint tensors or config fields that no part of the model consumed.
+enum class Unused { error, warn };
+
+struct LoadOptions {
+  const Registry* registry = nullptr;  // null: default_registry()
+  Unused unused = Unused::error;
+  // With Unused::warn, where the warnings go (null: standard error).
+  std::function<void(const std::string&)> on_warning;
 };
 
 class Qwen3Model {
  public:
-  // Builds from any tensor source. The source must outlive the model only while building,
-  // except that a CheckpointSource's mapping is not needed afterwards either (weights are packed).
+  // Builds from any tensor source with the given mixers (per config layer_types), residual and
+  // stack policies, bypassing recipes. The source must outlive the model only while building
+  // (weights are packed).
   static Qwen3Model build(const io::Qwen3Config& config, const TensorSource& source,
                           const MixerRegistry& mixers = default_mixers(),
                           std::shared_ptr<const ResidualPolicy> residual = std::make_shared<SumResidual>(),
                           std::shared_ptr<const StackPolicy> stack = std::make_shared<SinglePass>()) {
     config.validate();
+    io::ConfigFields fields(config);
     Qwen3Model m;
-    m.config_ = config;
-    m.source_ = source.describe();
+    m.init(config, source, fields);
+    ATTNKIT_REQUIRE(residual && stack && stack->passes() >= 1,
+                    "Qwen3Model::build: the residual and stack policies must be set, with at least one pass");
     m.residual_ = std::move(residual);
     m.stack_ = std::move(stack);
-    ATTNKIT_REQUIRE(m.residual_ && m.stack_ && m.stack_->passes() >= 1,
-                    "Qwen3Model::build: the residual and stack policies must be set, with at least one pass");
-    auto rope = std::make_shared<const ops::Rope>(config.head_dim, config.rope_theta);
-    m.rope_ = rope;
-    BuildContext ctx{m.config_, source, rope};
-    const std::int64_t D = config.hidden_size, V = config.vocab_size;
-    for (int l = 0; l < config.num_hidden_layers; ++l) {
-      DecoderLayer layer;
-      layer.mixer = mixers.build(io::layer_type_name(config.layer_types.at(static_cast<std::size_t>(l))), ctx, l);
-      layer.mlp = SwiGLU(ctx, l);
-      layer.input_norm = source.get(ctx.prefix(l) + "input_layernorm.weight", {D}).to_f32();
-      layer.post_norm = source.get(ctx.prefix(l) + "post_attention_layernorm.weight", {D}).to_f32();
-      m.layers_.push_back(std::move(layer));
-    }
-    m.final_norm_ = source.get("model.norm.weight", {D}).to_f32();
-    HostTensor embed = source.get("model.embed_tokens.weight", {V, D});
-    m.weight_type_ = embed.type;
-    if (config.tie_word_embeddings) {
-      // Tied (as transformers does, a stored lm_head.weight is ignored): one packed matrix
-      // serves as the head, and embedding lookups read rows back from it.
-      m.lm_head_ = pack_linear(embed);
-      m.tied_ = true;
-    } else {
-      m.lm_head_ = pack_linear(source.get("lm_head.weight", {V, D}));
-      m.embed_ = pack_linear(embed);
-    }
+    BuildContext ctx{m.config_, source, m.rope_, fields, m.stack_->passes()};
+    std::vector<std::string> types;
+    for (auto& t : config.layer_types) types.push_back(t.name);
+    m.assemble(ctx, mixers, types, BlockShape{});
+    m.recipe_ = "custom";
     return m;
   }
 
-  // Loads a Hugging Face checkpoint directory (config.json + safetensors).
-  static Qwen3Model load(const std::filesystem::path& dir, const MixerRegistry& mixers = default_mixers()) {
-    io::Qwen3Config config = io::Qwen3Config::load(dir / "config.json");
-    CheckpointSource src(dir);
-    return build(config, src, mixers);
-  }
+  // Builds through the recipe that accepts `config` (see recipe.hpp), then checks that every
+  // tensor of the source and every field of the config was consumed (opt.unused).
+  static Qwen3Model compose(const io::Qwen3Config& config, const TensorSource& source, const LoadOptions& opt = {});
 
-  // Deterministic random weights of the given shape (benchmarks, the built-in default model).
-  static Qwen3Model random(const io::Qwen3Config& config, WeightType type, std::uint64_t seed = 0) {
+  // Loads a Hugging Face checkpoint directory (config.json + safetensors) through the recipes.
+  static Qwen3Model load(const std::filesystem::path& dir, const LoadOptions& opt = {});
+
+  // Deterministic random weights for any config a recipe accepts (benchmarks, the built-in model).
+  static Qwen3Model random(const io::Qwen3Config& config, WeightType type, std::uint64_t seed = 0,
+                           const Registry* registry = nullptr) {
     RandomSource src(type, seed);
-    return build(config, src);
+    LoadOptions opt;
+    opt.registry = registry;
+    return compose(config, src, opt);
   }
 
   const io::Qwen3Config& config() const { return config_; }
   const std::string& source() const { return source_; }
   WeightType weight_type() const { return weight_type_; }
   int num_layers() const { return static_cast<int>(layers_.size()); }
+  int passes() const { return stack_->passes(); }
+  const std::string& recipe() const { return recipe_; }
+  const ResidualPolicy& residual_policy() const { return *residual_; }
+  const StackPolicy& stack_policy() const { return *stack_; }
   const TokenMixer& mixer(int layer) const { return *layers_.at(static_cast<std::size_t>(layer)).mixer; }
   // Bytes of packed weights held in memory.
   std::size_t weight_bytes() const { return streamed_bytes_per_token() + (tied_ ? 0 : embed_.bytes()); }
@@ -169,8 +179,49 @@ class Qwen3Model {
   }
 
  private:
+  // Shared state every build path sets first: config, RoPE table, embeddings and head.
+  void init(const io::Qwen3Config& config, const TensorSource& source, io::ConfigFields&) {
+    config_ = config;
+    source_ = source.describe();
+    rope_ = std::make_shared<const ops::Rope>(config.head_dim, config.rope_theta);
+    const std::int64_t D = config.hidden_size, V = config.vocab_size;
+    final_norm_ = source.get("model.norm.weight", {D}).to_f32();
+    HostTensor embed = source.get("model.embed_tokens.weight", {V, D});
+    weight_type_ = embed.type;
+    if (config.tie_word_embeddings) {
+      // Tied (as transformers does, a stored lm_head.weight is ignored): one packed matrix
+      // serves as the head, and embedding lookups read rows back from it.
+      lm_head_ = pack_linear(embed);
+      tied_ = true;
+      source.ignore("lm_head.weight");
+    } else {
+      lm_head_ = pack_linear(source.get("lm_head.weight", {V, D}));
+      embed_ = pack_linear(embed);
+    }
+  }
+  // The layers: mixer `types[l]` from `mixers`, SwiGLU, pre-norms and the block's output norms.
+  void assemble(const BuildContext& ctx, const MixerRegistry& mixers, const std::vector<std::string>& types,
+                const BlockShape& block) {
+    const auto& c = ctx.config;
+    const std::int64_t D = c.hidden_size;
+    ATTNKIT_REQUIRE(static_cast<std::int64_t>(types.size()) == c.num_hidden_layers, "Qwen3Model: the plan names ",
+                    types.size(), " mixers for ", c.num_hidden_layers, " layers");
+    for (int l = 0; l < c.num_hidden_layers; ++l) {
+      DecoderLayer layer;
+      layer.mixer = mixers.build(types[static_cast<std::size_t>(l)], ctx, l);
+      layer.mlp = SwiGLU(ctx, l);
+      layer.input_norm = ctx.source.get(ctx.prefix(l) + "input_layernorm.weight", {D}).to_f32();
+      layer.post_norm = ctx.source.get(ctx.prefix(l) + "post_attention_layernorm.weight", {D}).to_f32();
+      if (!block.mixer_output_norm.empty())
+        layer.mixer_out_norm = ctx.source.get(ctx.prefix(l) + block.mixer_output_norm + ".weight", {D}).to_f32();
+      if (!block.mlp_output_norm.empty())
+        layer.mlp_out_norm = ctx.source.get(ctx.prefix(l) + block.mlp_output_norm + ".weight", {D}).to_f32();
+      layers_.push_back(std::move(layer));
+    }
+  }
+
   io::Qwen3Config config_;
-  std::string source_;
+  std::string source_, recipe_;
   WeightType weight_type_ = WeightType::f32;
   std::vector<DecoderLayer> layers_;
   std::vector<float> final_norm_;
@@ -222,7 +273,7 @@ inline void Qwen3Model::forward(Session& s, std::span<const std::int64_t> ids, V
   if (opt.on_hidden) opt.on_hidden(0, xv);
 
   const ops::Rope::Angles angles = rope_->angles(s.position_, T);
-  StepContext ctx{s.position_, opt.num_threads, opt.precision, &angles, 0};
+  StepContext ctx{s.position_, opt.num_threads, opt.precision, &angles, 0, opt.trace};
   const float eps = static_cast<float>(config_.rms_norm_eps);
   const int passes = stack_->passes();
   std::unique_ptr<ResidualStream> stream;
@@ -230,16 +281,20 @@ inline void Qwen3Model::forward(Session& s, std::span<const std::int64_t> ids, V
     ctx.pass = pass;
     stream = residual_->begin(xv);
     const bool report = opt.on_hidden && pass + 1 == passes;  // hidden states of the last pass
+    if (opt.on_pass_hidden) opt.on_pass_hidden(pass, 0, xv);
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const DecoderLayer& layer = layers_[l];
       const int li = static_cast<int>(l);
       ops::rms_norm(stream->input(li, Sublayer::mixer), layer.input_norm.data(), eps, xnv, opt.num_threads);
       layer.mixer->forward(xnv, yv, *s.states_[l], ctx);
+      if (!layer.mixer_out_norm.empty()) ops::rms_norm(yv, layer.mixer_out_norm.data(), eps, yv, opt.num_threads);
       stream->add_output(li, Sublayer::mixer, yv);
       ops::rms_norm(stream->input(li, Sublayer::mlp), layer.post_norm.data(), eps, xnv, opt.num_threads);
       layer.mlp.forward(xnv, yv, ctx);
+      if (!layer.mlp_out_norm.empty()) ops::rms_norm(yv, layer.mlp_out_norm.data(), eps, yv, opt.num_threads);
       stream->add_output(li, Sublayer::mlp, yv);
       if (report && l + 1 < layers_.size()) opt.on_hidden(li + 1, stream->output());
+      if (opt.on_pass_hidden) opt.on_pass_hidden(pass, li + 1, stream->output());
     }
     if (pass + 1 < passes) {
       const ConstView2<float> o = stream->output();
@@ -253,6 +308,69 @@ inline void Qwen3Model::forward(Session& s, std::span<const std::int64_t> ids, V
   if (rows == 0) return;
   ConstView2<float> head_in = rows == T ? ConstView2<float>(xnv) : ConstView2<float>(xnv.slice(0, T - 1, T));
   lm_head_.forward(head_in, logits, {opt.precision, opt.num_threads, false});
+}
+
+inline Qwen3Model Qwen3Model::compose(const io::Qwen3Config& config, const TensorSource& source,
+                                      const LoadOptions& opt) {
+  const Registry fallback = opt.registry ? Registry{} : default_registry();
+  const Registry& reg = opt.registry ? *opt.registry : fallback;
+  config.validate(config.source);
+  io::ConfigFields fields(config);
+  const Recipe& recipe = reg.recipe_for(config);
+  Plan plan = recipe.plan(fields);
+  if (plan.mixers.empty())
+    for (auto& t : config.layer_types) plan.mixers.push_back(t.name);
+  Qwen3Model m;
+  m.init(config, source, fields);
+  m.recipe_ = recipe.name;
+  BuildContext ctx{m.config_, source, m.rope_, fields, 1};
+  m.stack_ = reg.stack(plan.stack, ctx);
+  ATTNKIT_REQUIRE(m.stack_ && m.stack_->passes() >= 1, "Qwen3Model: stack policy '", plan.stack,
+                  "' must make at least one pass");
+  ctx.passes = m.stack_->passes();
+  m.residual_ = reg.residual(plan.residual, ctx);
+  m.assemble(ctx, reg.mixers, plan.mixers, plan.block);
+
+  // Nothing of the checkpoint may be dropped in silence.
+  std::string problems;
+  const auto fields_left = fields.unconsumed();
+  if (!fields_left.empty()) {
+    problems += config.source + ": config fields that recipe '" + recipe.name + "' does not use:";
+    for (auto& f : fields_left) problems += " " + f;
+    problems += " (they select a mechanism or setting attnkit does not implement for this model)";
+  }
+  const auto tensors_left = source.unconsumed();
+  if (!tensors_left.empty()) {
+    if (!problems.empty()) problems += "; ";
+    problems += source.describe() + ": " + std::to_string(tensors_left.size()) + " tensors that recipe '" + recipe.name +
+                "' does not use:";
+    std::size_t shown = 0;
+    for (auto& t : tensors_left) {
+      if (++shown > 16) {
+        problems += " ... (" + std::to_string(tensors_left.size() - 16) + " more)";
+        break;
+      }
+      problems += " " + t;
+    }
+  }
+  if (!problems.empty()) {
+    if (opt.unused == Unused::error)
+      detail::throw_error("Qwen3Model: ", problems, " — pass LoadOptions::unused = Unused::warn to load anyway");
+    const std::string msg = "attnkit: warning: " + problems;
+    if (opt.on_warning) opt.on_warning(msg);
+    else std::fprintf(stderr, "%s\n", msg.c_str());
+  }
+  return m;
+}
+
+inline Qwen3Model Qwen3Model::load(const std::filesystem::path& dir, const LoadOptions& opt) {
+  const Registry fallback = opt.registry ? Registry{} : default_registry();
+  const Registry& reg = opt.registry ? *opt.registry : fallback;
+  const io::Qwen3Config config = reg.load_config(dir);
+  CheckpointSource src(dir);
+  LoadOptions o = opt;
+  o.registry = &reg;
+  return compose(config, src, o);
 }
 
 // Greedy continuation from a session whose last step left `logits` [V] (the last row): each

@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "attnkit/core/error.hpp"
 #include "attnkit/core/view.hpp"
 #include "attnkit/model/ops.hpp"
 
@@ -82,6 +83,18 @@ class SinglePass final : public StackPolicy {
  public:
   std::string kind() const override { return "single"; }
   int passes() const override { return 1; }
+};
+
+// The same layers run `n` times per step, each pass from the previous pass's output as it is
+// (Loop Attention's stack mode: no norm between passes).
+class RepeatStack final : public StackPolicy {
+ public:
+  explicit RepeatStack(int n) : n_(n) { ATTNKIT_REQUIRE(n >= 1, "RepeatStack: argument 'n': must be >= 1, got ", n); }
+  std::string kind() const override { return "repeat"; }
+  int passes() const override { return n_; }
+
+ private:
+  int n_;
 };
 
 }  // namespace attnkit::model

@@ -10,7 +10,10 @@
 
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 #include <memory>
+#include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -68,6 +71,12 @@ class TensorSource {
   // The tensor `name`, which must have exactly `shape` (an empty shape means a 0-dim scalar).
   virtual HostTensor get(const std::string& name, const std::vector<std::int64_t>& shape) const = 0;
   virtual std::string describe() const = 0;
+  // Tensors the source holds that no get() asked for and ignore() did not excuse, sorted: a
+  // loader rejects them (a checkpoint part nothing consumed means a mechanism would be dropped
+  // in silence). Sources that make tensors on demand hold none.
+  virtual std::vector<std::string> unconsumed() const { return {}; }
+  // Marks a stored tensor as deliberately unused (a tied model's lm_head.weight, as transformers does).
+  virtual void ignore(const std::string& /*name*/) const {}
 };
 
 // Tensors of a Hugging Face checkpoint directory (model.safetensors or a sharded index).
@@ -77,6 +86,7 @@ class CheckpointSource : public TensorSource {
   bool contains(const std::string& name) const override { return ckpt_.contains(name); }
   HostTensor get(const std::string& name, const std::vector<std::int64_t>& shape) const override {
     const io::TensorInfo& t = ckpt_.tensor(name, std::span<const std::int64_t>(shape.data(), shape.size()));
+    ignore(name);
     HostTensor h;
     h.shape = shape;
     // Zero-copy when the data is aligned for its type (files written by Python's safetensors
@@ -104,10 +114,24 @@ class CheckpointSource : public TensorSource {
   }
   std::string describe() const override { return "checkpoint " + where_; }
   const io::Checkpoint& checkpoint() const { return ckpt_; }
+  std::vector<std::string> unconsumed() const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    std::vector<std::string> out;
+    for (auto& n : ckpt_.names())
+      if (!used_.count(n)) out.push_back(n);
+    std::sort(out.begin(), out.end());
+    return out;
+  }
+  void ignore(const std::string& name) const override {
+    std::lock_guard<std::mutex> lock(mu_);
+    used_.insert(name);
+  }
 
  private:
   io::Checkpoint ckpt_;
   std::string where_;
+  mutable std::mutex mu_;
+  mutable std::set<std::string> used_;
 };
 
 // Deterministic random weights: element i of tensor `name` depends only on (seed, name, i), so

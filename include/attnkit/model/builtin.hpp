@@ -1,0 +1,19 @@
+// attnkit/model/builtin.hpp — the registry of every mechanism attnkit ships: one line each.
+#pragma once
+
+#include "attnkit/model/recipe.hpp"
+#include "attnkit/model/recipes/loop.hpp"
+#include "attnkit/model/recipes/qwen3.hpp"
+
+namespace attnkit::model {
+
+// A fresh registry with the built-in mixers, policies and recipes; add your own to it and pass
+// it in LoadOptions::registry.
+inline Registry default_registry() {
+  Registry r;
+  register_qwen3(r);
+  register_loop_attention(r);
+  return r;
+}
+
+}  // namespace attnkit::model

@@ -1,0 +1,73 @@
+// attnkit/model/mixers/attention.hpp — Qwen3 self-attention as a token mixer (spec §1.2):
+// layer types "full_attention" and "sliding_attention".
+//
+// x [T, D] -> QKVProjection (fused q/k/v, q/k norms, RoPE) -> AttentionCache (append, then
+// causal or sliding-window GQA attention over the cached keys) -> o_proj. The state keeps one
+// cache per pass of the layer stack, so a looped stack (the same weights run several times per
+// token) gives every pass its own keys, as Ouro-style models need.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "attnkit/model/mixer.hpp"
+#include "attnkit/model/parts/cached_attention.hpp"
+#include "attnkit/model/parts/qkv_projection.hpp"
+
+namespace attnkit::model {
+
+class Qwen3Attention final : public TokenMixer {
+ public:
+  // window == 0: full causal attention; otherwise sliding window of `window` keys.
+  Qwen3Attention(const BuildContext& ctx, int layer, std::int64_t window, QKVProjection::Options po = {})
+      : window_(window), passes_(ctx.passes) {
+    if (po.prefix.empty()) po.prefix = ctx.prefix(layer) + "self_attn.";
+    proj_ = QKVProjection(ctx, po);
+    o_ = pack_linear(ctx.source.get(po.prefix + "o_proj.weight", {ctx.config.hidden_size, proj_.heads() * proj_.head_dim()}));
+  }
+
+  std::string kind() const override { return window_ ? "sliding_attention" : "full_attention"; }
+  std::int64_t window() const { return window_; }
+  std::size_t weight_bytes() const override { return proj_.weight_bytes() + o_.bytes(); }
+
+  std::unique_ptr<MixerState> new_state(const SessionOptions& opt) const override {
+    auto s = std::make_unique<State>();
+    for (int p = 0; p < passes_; ++p)
+      s->caches.emplace_back(proj_.kv_heads(), proj_.head_dim(), proj_.head_dim(), window_, opt);
+    return s;
+  }
+
+  void forward(ConstView2<float> x, View2<float> out, MixerState& state, const StepContext& ctx) const override {
+    auto* st = dynamic_cast<State*>(&state);
+    ATTNKIT_REQUIRE(st != nullptr, "Qwen3Attention::forward: argument 'state': not created by this mixer");
+    ATTNKIT_REQUIRE(ctx.pass >= 0 && ctx.pass < static_cast<int>(st->caches.size()), "Qwen3Attention::forward: pass ",
+                    ctx.pass, " but the model was built for ", st->caches.size(), " passes");
+    const std::int64_t T = x.shape[0], H = proj_.heads(), d = proj_.head_dim();
+    QKV qkv;
+    proj_.forward(x, qkv, ctx);
+    std::vector<float> attn(static_cast<std::size_t>(T * H * d));
+    st->caches[static_cast<std::size_t>(ctx.pass)].attend(qkv.q, qkv.k, qkv.v, View3<float>(attn.data(), {T, H, d}), ctx);
+    o_.forward(View2<float>(attn.data(), {T, H * d}), out, {ctx.precision, ctx.num_threads, false});
+  }
+
+ private:
+  struct State final : MixerState {
+    std::vector<AttentionCache> caches;  // one per pass
+  };
+  std::int64_t window_;
+  int passes_;
+  QKVProjection proj_;
+  PackedLinear o_;
+};
+
+// Registers Qwen3's two layer types.
+inline void register_qwen3_attention(MixerRegistry& r) {
+  r.add("full_attention", [](const BuildContext& c, int layer) { return std::make_unique<Qwen3Attention>(c, layer, 0); });
+  r.add("sliding_attention", [](const BuildContext& c, int layer) {
+    ATTNKIT_REQUIRE(c.config.sliding_window && *c.config.sliding_window > 0, "Qwen3Attention: layer ", layer,
+                    " slides but the config has no positive sliding_window");
+    return std::make_unique<Qwen3Attention>(c, layer, *c.config.sliding_window);
+  });
+}
+
+}  // namespace attnkit::model

@@ -1,0 +1,198 @@
+// attnkit/model/mixers/loop_attention.hpp — Loop Attention as a token mixer (spec §4.3–4.4;
+// IQuest LoopCoder convention): a global causal pass and a local sliding-window pass blended
+// per token and query head by g = sigmoid(gate_w[h]·q[t,h] + gate_b[h]) from the post-RoPE query.
+//
+// Two readings (LoopSettings::mode; config field `loop_mode`):
+//  * stack: the stack runs `loop_num` times with the same weights. Pass 0 is plain causal
+//    attention whose post-RoPE keys/values K1/V1 are kept (the layer's full cache); every later
+//    pass p projects q, k, v again from its own input, attends globally over K1/V1 and locally
+//    over its own k/v in a window of W, and blends. Decode state per layer: the full K1/V1 cache
+//    plus, per later pass, a ring buffer of the last W positions (memory O(W), not O(T)).
+//  * layer: one pass; global and local both from the layer's own q, k, v (the fused kernel path:
+//    each score computed once). Decode state: the layer's full cache; local = its last W rows.
+// Tensors: the attention's own (q/k/v/o projections, q/k norms) plus
+// model.gate_projections.{i}.weight [H, head_dim] and .bias [H].
+// Trace: "gates" [T, H] per layer of the looping pass (stack mode with loop_num > 2 also
+// records the earlier looping passes as "gates_pass{p}").
+#pragma once
+
+#include <memory>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "attnkit/attention/loop.hpp"
+#include "attnkit/model/mixer.hpp"
+#include "attnkit/model/parts/cached_attention.hpp"
+#include "attnkit/model/parts/qkv_projection.hpp"
+#include "attnkit/model/trace.hpp"
+
+namespace attnkit::model {
+
+enum class LoopMode { stack, layer };
+
+struct LoopSettings {
+  int loop_num = 2;          // passes over the stack in stack mode (layer mode runs one)
+  std::int64_t window = 64;  // local window W, keys including the query's own position
+  LoopMode mode = LoopMode::stack;
+  int passes() const { return mode == LoopMode::stack ? loop_num : 1; }
+};
+
+// Reads (and consumes) loop_num, loop_window_size and loop_mode, with the IQuest defaults.
+inline LoopSettings read_loop_settings(io::ConfigFields& f) {
+  LoopSettings s;
+  const std::int64_t n = f.integer("loop_num", 2);
+  if (n < 1 || n > 64) f.fail("loop_num", "must be in [1, 64], got ", n);
+  s.loop_num = static_cast<int>(n);
+  s.window = f.integer("loop_window_size", 64);
+  if (s.window < 1) f.fail("loop_window_size", "must be >= 1, got ", s.window);
+  const std::string mode = f.string("loop_mode", "stack");
+  if (mode == "stack") s.mode = LoopMode::stack;
+  else if (mode == "layer") s.mode = LoopMode::layer;
+  else f.fail("loop_mode", "unknown loop mode '", mode, "' (expected \"stack\" or \"layer\")");
+  return s;
+}
+
+class LoopAttention final : public TokenMixer {
+ public:
+  LoopAttention(const BuildContext& ctx, int layer, const LoopSettings& s) : layer_(layer), s_(s), passes_(ctx.passes) {
+    const std::string p = ctx.prefix(layer) + "self_attn.";
+    proj_ = QKVProjection(ctx, {p});
+    const std::int64_t H = proj_.heads(), d = proj_.head_dim();
+    o_ = pack_linear(ctx.source.get(p + "o_proj.weight", {ctx.config.hidden_size, H * d}));
+    const std::string g = "model.gate_projections." + std::to_string(layer) + ".";
+    gate_w_ = ctx.source.get(g + "weight", {H, d}).to_f32();
+    gate_b_ = ctx.source.get(g + "bias", {H}).to_f32();
+  }
+
+  std::string kind() const override { return "loop_attention"; }
+  const LoopSettings& settings() const { return s_; }
+  std::size_t weight_bytes() const override {
+    return proj_.weight_bytes() + o_.bytes() + (gate_w_.size() + gate_b_.size()) * sizeof(float);
+  }
+
+  std::unique_ptr<MixerState> new_state(const SessionOptions& opt) const override {
+    auto st = std::make_unique<State>();
+    const std::int64_t Hkv = proj_.kv_heads(), d = proj_.head_dim();
+    if (s_.mode == LoopMode::stack) {
+      st->global.emplace_back(Hkv, d, d, 0, opt);  // K1/V1 of pass 0
+      for (int p = 1; p < passes_; ++p) st->local.emplace_back(Hkv, d, d, s_.window, opt);
+    } else {
+      for (int p = 0; p < passes_; ++p) st->global.emplace_back(Hkv, d, d, 0, opt);  // one per pass of an outer loop
+    }
+    return st;
+  }
+
+  void forward(ConstView2<float> x, View2<float> out, MixerState& state, const StepContext& ctx) const override {
+    auto* st = dynamic_cast<State*>(&state);
+    ATTNKIT_REQUIRE(st != nullptr, "LoopAttention::forward: argument 'state': not created by this mixer");
+    ATTNKIT_REQUIRE(ctx.pass >= 0 && ctx.pass < passes_, "LoopAttention::forward: pass ", ctx.pass,
+                    " but the model was built for ", passes_, " passes");
+    const std::int64_t T = x.shape[0], H = proj_.heads(), d = proj_.head_dim();
+    QKV qkv;
+    proj_.forward(x, qkv, ctx);
+    std::vector<float> attn(static_cast<std::size_t>(T * H * d)), gates(static_cast<std::size_t>(T * H));
+    View3<float> a(attn.data(), {T, H, d});
+    View2<float> gv(gates.data(), {T, H});
+    if (s_.mode == LoopMode::stack && ctx.pass == 0) {
+      st->global[0].attend(qkv.q, qkv.k, qkv.v, a, ctx);  // the global pass: plain attention, keeps K1/V1
+    } else if (s_.mode == LoopMode::stack) {
+      AttentionCache& ring = st->local[static_cast<std::size_t>(ctx.pass - 1)];
+      ATTNKIT_REQUIRE(ring.position() == ctx.pos0 && st->global[0].position() == ctx.pos0 + T,
+                      "LoopAttention: pass ", ctx.pass, " at position ", ctx.pos0,
+                      " does not follow pass 0 of the same step (caches out of step)");
+      st->global[0].visit([&](auto& g) {
+        ring.visit([&](auto& r) { looping_pass(g, r, qkv, a, gv, ctx); });
+      });
+      record(ctx, gv, ctx.pass + 1 == passes_ ? "gates" : "gates_pass" + std::to_string(ctx.pass));
+    } else {
+      AttentionCache& c = st->global[static_cast<std::size_t>(ctx.pass)];
+      ATTNKIT_REQUIRE(c.position() == ctx.pos0, "LoopAttention: step starts at position ", ctx.pos0,
+                      " but the cache has seen ", c.position(), " tokens");
+      c.visit([&](auto& g) { single_pass(g, qkv, a, gv, ctx); });
+      record(ctx, gv, "gates");
+    }
+    o_.forward(View2<float>(attn.data(), {T, H * d}), out, {ctx.precision, ctx.num_threads, false});
+  }
+
+ private:
+  struct State final : MixerState {
+    std::vector<AttentionCache> global;  // stack: [K1/V1]; layer: one full cache per pass
+    std::vector<AttentionCache> local;   // stack: ring of W per looping pass
+  };
+
+  ConstView2<float> gate_w() const { return ConstView2<float>(gate_w_.data(), {proj_.heads(), proj_.head_dim()}); }
+  std::span<const float> gate_b() const { return std::span<const float>(gate_b_.data(), gate_b_.size()); }
+
+  void record(const StepContext& ctx, ConstView2<float> g, const std::string& name) const {
+    if (ctx.trace) ctx.trace->record(name, layer_, ctx.pos0, g);
+  }
+
+  static ConstView2<float> row0(ConstView3<float> x) { return ConstView2<float>(x.data, {x.shape[1], x.shape[2]}, {x.stride[1], 1}); }
+  static View2<float> row0(View3<float> x) { return View2<float>(x.data, {x.shape[1], x.shape[2]}, {x.stride[1], 1}); }
+
+  // Stack mode, pass >= 1: global over pass 0's cache g (already holding this step), local over
+  // the ring r of this pass plus the step's own keys.
+  template <class G, class R>
+  void looping_pass(G& g, R& r, const QKV& qkv, View3<float> a, View2<float> gv, const StepContext& ctx) const {
+    if constexpr (!std::is_same_v<G, KVCache<float>> && !std::is_same_v<G, KVCache<bf16>>) {
+      throw Error("LoopAttention: the global cache is not a full cache");
+    } else if constexpr (!std::is_same_v<R, RingKVCache<float>> && !std::is_same_v<R, RingKVCache<bf16>>) {
+      throw Error("LoopAttention: the local cache is not a ring buffer");
+    } else if constexpr (!std::is_same_v<decltype(g.keys()), decltype(r.keys())>) {
+      throw Error("LoopAttention: global and local caches differ in storage type");
+    } else {
+      using KV = std::remove_const_t<std::remove_reference_t<decltype(*g.keys().data)>>;
+      const std::int64_t T = qkv.q.shape[0];
+      if (T == 1) {
+        r.append(qkv.k, qkv.v);  // the ring now holds exactly the window of the new token
+        DecodeOptions o;
+        o.num_threads = ctx.num_threads;
+        loop_attention_decode<KV>(row0(ConstView3<float>(qkv.q)), g.keys(), g.values(), r.keys(), r.values(), gate_w(),
+                                  gate_b(), row0(a), o, std::span<float>(gv.data, static_cast<std::size_t>(gv.shape[1])));
+        return;
+      }
+      const WindowKV<KV> w = window_keys(r, qkv.k, qkv.v);
+      LoopOptions o;
+      o.num_threads = ctx.num_threads;
+      o.q_offset = ctx.pos0;
+      o.local_offset = w.pos0;
+      loop_attention<KV>(qkv.q, g.keys(), g.values(), w.k, w.v, gate_w(), gate_b(), s_.window, a, o, gv);
+      r.append(qkv.k, qkv.v);
+    }
+  }
+
+  // Layer mode: append to the full cache, then global and local over it (fused).
+  template <class G>
+  void single_pass(G& g, const QKV& qkv, View3<float> a, View2<float> gv, const StepContext& ctx) const {
+    if constexpr (!std::is_same_v<G, KVCache<float>> && !std::is_same_v<G, KVCache<bf16>>) {
+      throw Error("LoopAttention: the layer's cache is not a full cache");
+    } else {
+      using KV = std::remove_const_t<std::remove_reference_t<decltype(*g.keys().data)>>;
+      g.append(qkv.k, qkv.v);
+      const std::int64_t n = g.size();
+      if (qkv.q.shape[0] == 1) {
+        const std::int64_t w = std::min(s_.window, n);
+        DecodeOptions o;
+        o.num_threads = ctx.num_threads;
+        loop_attention_decode<KV>(row0(ConstView3<float>(qkv.q)), g.keys(), g.values(), g.keys().slice(0, n - w, n),
+                                  g.values().slice(0, n - w, n), gate_w(), gate_b(), row0(a), o,
+                                  std::span<float>(gv.data, static_cast<std::size_t>(gv.shape[1])));
+        return;
+      }
+      LoopOptions o;
+      o.num_threads = ctx.num_threads;
+      o.q_offset = ctx.pos0;
+      loop_attention<KV>(qkv.q, g.keys(), g.values(), g.keys(), g.values(), gate_w(), gate_b(), s_.window, a, o, gv);
+    }
+  }
+
+  int layer_;
+  LoopSettings s_;
+  int passes_;
+  QKVProjection proj_;
+  PackedLinear o_;
+  std::vector<float> gate_w_, gate_b_;
+};
+
+}  // namespace attnkit::model

@@ -1,0 +1,132 @@
+// attnkit/model/parts/cached_attention.hpp — a layer's KV cache and "append, then attend",
+// as a part every softmax-attention mixer reuses.
+//
+// AttentionCache holds either a growable full cache (causal attention over every earlier
+// position) or a ring buffer of the last W positions (sliding window W), in f32 or bf16.
+// attend() appends the step's post-RoPE k/v at the step's position and attends q over what
+// the mask lets it see. Keys are always read back from the cache (never from the fresh
+// projection), so a bf16 cache gives the same numbers in prefill, chunked prefill and decode.
+// Mechanisms that need the cached keys themselves (Loop Attention's global pass, a sparse
+// indexer) reach the typed cache through visit(), and window_keys() gives the keys a chunk's
+// sliding window needs (the ring's last W-1 positions followed by the chunk's own).
+#pragma once
+
+#include <algorithm>
+#include <variant>
+#include <vector>
+
+#include "attnkit/attention/decode.hpp"
+#include "attnkit/attention/kv_cache.hpp"
+#include "attnkit/attention/prefill.hpp"
+#include "attnkit/model/mixer.hpp"
+
+namespace attnkit::model {
+
+// Keys and values of a window in the cache's storage type: rows are consecutive positions
+// starting at pos0 (owned copies).
+template <class KV>
+struct WindowKV {
+  std::vector<KV> kb, vb;
+  std::int64_t pos0 = 0, rows = 0;
+  ConstView3<KV> k, v;
+};
+
+// The ring's most recent min(W-1, size) positions, then the rows of k/v (a chunk at positions
+// ring.total() ..), converted to the ring's type: what a sliding window over the chunk sees.
+template <class KV>
+WindowKV<KV> window_keys(const RingKVCache<KV>& ring, ConstView3<float> k, ConstView3<float> v) {
+  const std::int64_t T = k.shape[0], Hkv = ring.kv_heads(), dk = ring.head_dim_k(), dv = ring.head_dim_v();
+  const std::int64_t prev = std::min<std::int64_t>(ring.window() - 1, ring.size());
+  WindowKV<KV> w;
+  w.rows = prev + T;
+  w.pos0 = ring.total() - prev;
+  w.kb.resize(static_cast<std::size_t>(w.rows * Hkv * dk));
+  w.vb.resize(static_cast<std::size_t>(w.rows * Hkv * dv));
+  View3<KV> kk(w.kb.data(), {w.rows, Hkv, dk}), vv(w.vb.data(), {w.rows, Hkv, dv});
+  if (prev > 0) ring.copy_recent(prev, kk.slice(0, 0, prev), vv.slice(0, 0, prev));
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t h = 0; h < Hkv; ++h) {
+      convert(k.ptr(t, h), kk.ptr(prev + t, h), dk);
+      convert(v.ptr(t, h), vv.ptr(prev + t, h), dv);
+    }
+  w.k = kk;
+  w.v = vv;
+  return w;
+}
+
+class AttentionCache {
+ public:
+  // window == 0: full cache; otherwise a ring buffer of `window` positions.
+  AttentionCache(std::int64_t kv_heads, std::int64_t d_k, std::int64_t d_v, std::int64_t window,
+                 const SessionOptions& opt)
+      : window_(window) {
+    if (window == 0) {
+      if (opt.kv_type == CacheType::f32) cache_.emplace<KVCache<float>>(kv_heads, d_k, d_v, opt.reserve_tokens);
+      else cache_.emplace<KVCache<bf16>>(kv_heads, d_k, d_v, opt.reserve_tokens);
+    } else {
+      if (opt.kv_type == CacheType::f32) cache_.emplace<RingKVCache<float>>(kv_heads, d_k, d_v, window);
+      else cache_.emplace<RingKVCache<bf16>>(kv_heads, d_k, d_v, window);
+    }
+  }
+
+  std::int64_t window() const { return window_; }
+  // Positions seen so far (the next step starts here).
+  std::int64_t position() const {
+    return std::visit([](const auto& c) -> std::int64_t {
+      if constexpr (requires { c.total(); }) return c.total();
+      else return c.size();
+    }, cache_);
+  }
+  // f(cache) with the typed cache: KVCache<float|bf16> or RingKVCache<float|bf16>.
+  template <class F>
+  decltype(auto) visit(F&& f) { return std::visit(std::forward<F>(f), cache_); }
+  template <class F>
+  decltype(auto) visit(F&& f) const { return std::visit(std::forward<F>(f), cache_); }
+
+  // Appends k/v [T, H_kv, d] at position ctx.pos0 and writes out [T, H, d_v] = attention of q
+  // [T, H, d_k] over the visible cached keys (causal, or the last `window` positions).
+  void attend(ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, View3<float> out, const StepContext& ctx) {
+    ATTNKIT_REQUIRE(position() == ctx.pos0, "AttentionCache: step starts at position ", ctx.pos0,
+                    " but the cache has seen ", position(), " tokens");
+    std::visit([&](auto& c) { attend_in(c, q, k, v, out, ctx); }, cache_);
+  }
+
+ private:
+  template <class KV>
+  static void decode_one(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, View3<float> out, const StepContext& ctx) {
+    DecodeOptions opt;
+    opt.num_threads = ctx.num_threads;
+    const std::int64_t H = q.shape[1];
+    attention_decode<KV>(ConstView2<float>(q.data, {H, q.shape[2]}, {q.stride[1], 1}), k, v,
+                         View2<float>(out.data, {H, out.shape[2]}, {out.stride[1], 1}), opt);
+  }
+
+  template <class KV>
+  void attend_in(KVCache<KV>& cache, ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, View3<float> out,
+                 const StepContext& ctx) {
+    cache.append(k, v);
+    if (q.shape[0] == 1) return decode_one<KV>(q, cache.keys(), cache.values(), out, ctx);
+    AttentionOptions opt;
+    opt.num_threads = ctx.num_threads;
+    attention_prefill<KV>(q, cache.keys(), cache.values(), out, CausalMask{}, opt);
+  }
+
+  template <class KV>
+  void attend_in(RingKVCache<KV>& ring, ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, View3<float> out,
+                 const StepContext& ctx) {
+    if (q.shape[0] == 1) {
+      ring.append(k, v);  // the ring now holds exactly the W positions the query may see
+      return decode_one<KV>(q, ring.keys(), ring.values(), out, ctx);
+    }
+    const WindowKV<KV> w = window_keys(ring, k, v);
+    AttentionOptions opt;
+    opt.num_threads = ctx.num_threads;
+    attention_prefill<KV>(q, w.k, w.v, out, SlidingWindowMask{window_}, opt);
+    ring.append(k, v);
+  }
+
+  std::int64_t window_;
+  std::variant<KVCache<float>, KVCache<bf16>, RingKVCache<float>, RingKVCache<bf16>> cache_{std::in_place_index<0>, 1, 1, 1, 0};
+};
+
+}  // namespace attnkit::model

@@ -1,0 +1,340 @@
+// Loop Attention models (fixtures loop-stack-tiny, loop-layer-tiny: an independent float64
+// implementation of spec §4.3/§4.4) and the composition layer's recipe seam: prefill, decode and
+// chunked logits and the gates against the reference; registering a layer type, residual policy
+// and recipe from outside the library; nothing of a checkpoint dropped in silence.
+#include <catch2/catch.hpp>
+
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include "attnkit/attnkit.hpp"
+#include "test_util.hpp"
+
+using namespace attnkit;
+namespace fs = std::filesystem;
+using Catch::Contains;
+
+namespace {
+
+fs::path fixture(const std::string& name) { return fs::path(ATTNKIT_TEST_DATA) / "fixtures" / name; }
+
+struct LoopReference {
+  std::vector<std::int64_t> ids;
+  std::vector<float> logits, gates;  // gates [layers, T, heads]
+};
+
+LoopReference load_reference(const fs::path& dir) {
+  auto f = io::SafetensorsFile::open(dir / "reference.safetensors");
+  return {io::to_i64(f.tensor("input_ids")), io::to_f32(f.tensor("logits")), io::to_f32(f.tensor("gates"))};
+}
+
+// Runs ids through a fresh session in steps of the given sizes (empty: one prefill); returns the
+// logits of every token and the trace.
+struct Run {
+  std::vector<float> logits;
+  model::Trace trace;
+};
+Run run(const model::Qwen3Model& m, const std::vector<std::int64_t>& ids, std::vector<std::int64_t> steps = {},
+        model::SessionOptions so = {}, int threads = 0) {
+  const std::int64_t T = static_cast<std::int64_t>(ids.size()), V = m.config().vocab_size;
+  Run r;
+  r.logits.resize(static_cast<std::size_t>(T * V));
+  test::poison(r.logits);
+  if (steps.empty()) steps = {T};
+  auto s = m.new_session(so);
+  model::ForwardOptions fo;
+  fo.trace = &r.trace;
+  fo.num_threads = threads;
+  std::int64_t b = 0;
+  for (std::size_t i = 0; b < T; ++i) {
+    const std::int64_t n = std::min(steps[std::min(i, steps.size() - 1)], T - b);
+    m.forward(s, std::span<const std::int64_t>(ids.data() + b, n), View2<float>(r.logits.data() + b * V, {n, V}), fo);
+    b += n;
+  }
+  return r;
+}
+
+// A temporary directory removed on scope exit.
+struct TempDir {
+  fs::path path = fs::temp_directory_path() / ("attnkit-loop-test-" + std::to_string(test::fresh_seed()));
+  TempDir() { fs::create_directories(path); }
+  ~TempDir() { fs::remove_all(path); }
+};
+
+// Copies a fixture's checkpoint into dir with a modified config and tensors (drop / reshape /
+// add a name).
+void write_checkpoint(const fs::path& from, const fs::path& dir, const nlohmann::json& config,
+                      const std::string& drop = "", const std::string& reshape = "", const std::string& add = "") {
+  std::ofstream(dir / "config.json") << config.dump(1);
+  auto src = io::SafetensorsFile::open(from / "model.safetensors");
+  io::SafetensorsWriter w;
+  for (const auto& n : src.names()) {
+    if (n == drop) continue;
+    const auto& t = src.tensor(n);
+    auto shape = t.shape;
+    if (n == reshape) shape = {t.numel()};
+    w.add(n, t.dtype, shape, t.data, t.nbytes);
+  }
+  if (!add.empty()) {
+    const float one = 1.f;
+    w.add_f32(add, {1}, &one);
+  }
+  w.write(dir / "model.safetensors");
+}
+
+nlohmann::json read_config(const fs::path& dir) { return nlohmann::json::parse(std::ifstream(dir / "config.json")); }
+
+}  // namespace
+
+TEST_CASE("loop fixtures: prefill, decode, chunked logits and gates against the float64 reference", "[model][loop]") {
+  const std::string name = GENERATE("loop-stack-tiny", "loop-layer-tiny");
+  CAPTURE(name);
+  const auto m = model::Qwen3Model::load(fixture(name));
+  const LoopReference ref = load_reference(fixture(name));
+  CHECK(m.recipe() == "qwen3-loop");
+  CHECK(m.mixer(0).kind() == "loop_attention");
+  CHECK(m.passes() == (name == "loop-stack-tiny" ? 2 : 1));
+  const std::int64_t T = static_cast<std::int64_t>(ref.ids.size()), L = m.num_layers(), H = m.config().num_attention_heads;
+  REQUIRE(T > 2 * 8);  // longer than the window (8): the local pass really slides
+
+  const Run prefill = run(m, ref.ids);
+  CHECK(test::rel_l2(prefill.logits, ref.logits) <= 1e-4);
+  const auto gates = prefill.trace.tensor("gates");
+  REQUIRE(gates.shape == std::vector<std::int64_t>{L, T, H});
+  CHECK(test::rel_l2(gates.data, ref.gates) <= 1e-4);
+
+  const Run decode = run(m, ref.ids, {1});
+  CHECK(test::rel_l2(decode.logits, ref.logits) <= 1e-4);
+  CHECK(test::rel_l2(decode.trace.tensor("gates").data, ref.gates) <= 1e-4);
+  CHECK(test::rel_l2(decode.logits, prefill.logits) <= 1e-5);
+
+  for (std::vector<std::int64_t> steps : {std::vector<std::int64_t>{5}, {11, 1, 7}, {3, 20}}) {
+    CAPTURE(steps);
+    const Run chunked = run(m, ref.ids, steps);
+    CHECK(test::rel_l2(chunked.logits, prefill.logits) <= 1e-5);
+    CHECK(test::rel_l2(chunked.trace.tensor("gates").data, gates.data) <= 1e-5);
+  }
+
+  // bf16 KV caches: looser, stated bound (keys and values rounded once to 8 bits of mantissa).
+  model::SessionOptions bf;
+  bf.kv_type = model::CacheType::bf16;
+  CHECK(test::rel_l2(run(m, ref.ids, {}, bf).logits, ref.logits) <= 2e-2);
+  CHECK(test::rel_l2(run(m, ref.ids, {1}, bf).logits, run(m, ref.ids, {}, bf).logits) <= 1e-5);
+
+  // Thread count never changes a bit.
+  CHECK(test::bit_equal(run(m, ref.ids, {}, {}, 1).logits, run(m, ref.ids, {}, {}, 2).logits));
+  CHECK(test::bit_equal(run(m, ref.ids, {1}, {}, 1).logits, run(m, ref.ids, {1}, {}, 2).logits));
+}
+
+TEST_CASE("loop: layer mode with W >= T is plain Qwen3 whatever the gates", "[model][loop]") {
+  // Local = global when the window covers every key, so the blend is the plain model for any
+  // gate value; the plain model loads from the same checkpoint without its loop fields (the
+  // gates are then left over: a warning, as asked for).
+  TempDir tmp;
+  auto cfg = read_config(fixture("loop-layer-tiny"));
+  cfg["loop_window_size"] = 4096;
+  write_checkpoint(fixture("loop-layer-tiny"), tmp.path, cfg);
+  const auto m = model::Qwen3Model::load(tmp.path);
+  const auto plain_cfg = [&] {
+    auto c = cfg;
+    for (const char* f : {"loop_num", "loop_window_size", "loop_mode"}) c.erase(f);
+    return c;
+  }();
+  // Layer mode, W >= T: local = global, so the model is plain Qwen3 whatever the gates.
+  model::LoadOptions lenient;
+  lenient.unused = model::Unused::warn;
+  std::vector<std::string> warnings;
+  lenient.on_warning = [&](const std::string& w) { warnings.push_back(w); };
+  TempDir plain_dir;
+  write_checkpoint(fixture("loop-layer-tiny"), plain_dir.path, plain_cfg);
+  const auto plain = model::Qwen3Model::load(plain_dir.path, lenient);
+  REQUIRE(warnings.size() == 1);
+  CHECK_THAT(warnings[0], Contains("model.gate_projections.0.weight"));
+  const LoopReference ref = load_reference(fixture("loop-layer-tiny"));
+  CHECK(test::rel_l2(run(m, ref.ids).logits, run(plain, ref.ids).logits) <= 1e-5);
+}
+
+TEST_CASE("loop: configuration and checkpoint errors name the field or tensor", "[model][loop][errors]") {
+  TempDir tmp;
+  const fs::path fx = fixture("loop-stack-tiny");
+  auto cfg = read_config(fx);
+  SECTION("unknown loop_mode") {
+    cfg["loop_mode"] = "spiral";
+    write_checkpoint(fx, tmp.path, cfg);
+    REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path), Contains("field 'loop_mode': unknown loop mode 'spiral'"));
+  }
+  SECTION("window < 1") {
+    cfg["loop_window_size"] = 0;
+    write_checkpoint(fx, tmp.path, cfg);
+    REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path), Contains("field 'loop_window_size': must be >= 1, got 0"));
+  }
+  SECTION("loop_num of the wrong type") {
+    cfg["loop_num"] = "two";
+    write_checkpoint(fx, tmp.path, cfg);
+    REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path), Contains("field 'loop_num': expected an integer"));
+  }
+  SECTION("missing gate tensor") {
+    write_checkpoint(fx, tmp.path, cfg, "model.gate_projections.1.bias");
+    REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path), Contains("model.gate_projections.1.bias"));
+  }
+  SECTION("gate of the wrong shape") {
+    write_checkpoint(fx, tmp.path, cfg, "", "model.gate_projections.2.weight");
+    REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path), Contains("model.gate_projections.2.weight"));
+  }
+  SECTION("sliding layers") {
+    cfg["use_sliding_window"] = true;
+    cfg["sliding_window"] = 4;
+    cfg["layer_types"] = {"full_attention", "sliding_attention", "full_attention"};
+    write_checkpoint(fx, tmp.path, cfg);
+    REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path), Contains("Loop Attention runs on full-attention layers only"));
+  }
+}
+
+TEST_CASE("loading never drops part of a checkpoint in silence", "[model][errors]") {
+  TempDir tmp;
+  SECTION("a loop checkpoint without its loop fields: the gate tensors are left over") {
+    auto cfg = read_config(fixture("loop-stack-tiny"));
+    for (const char* f : {"loop_num", "loop_window_size", "loop_mode"}) cfg.erase(f);
+    write_checkpoint(fixture("loop-stack-tiny"), tmp.path, cfg);
+    REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path),
+                        Contains("6 tensors that recipe 'qwen3' does not use: model.gate_projections.0.bias") &&
+                            Contains("Unused::warn"));
+  }
+  SECTION("a stray tensor") {
+    write_checkpoint(fixture("qwen3-tiny-f32"), tmp.path, read_config(fixture("qwen3-tiny-f32")), "", "", "model.extra.scale");
+    REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path), Contains("model.extra.scale"));
+  }
+  SECTION("a config field that selects a mechanism") {
+    auto cfg = read_config(fixture("qwen3-tiny-f32"));
+    cfg["attnres_num_blocks"] = 2;
+    write_checkpoint(fixture("qwen3-tiny-f32"), tmp.path, cfg);
+    REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path),
+                        Contains("config fields that recipe 'qwen3' does not use: attnres_num_blocks"));
+  }
+  SECTION("an unknown layer type lists the known ones") {
+    auto cfg = read_config(fixture("qwen3-tiny-f32"));
+    cfg["layer_types"] = {"full_attention", "linear_attention"};
+    write_checkpoint(fixture("qwen3-tiny-f32"), tmp.path, cfg);
+    REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path),
+                        Contains("entry 1 is 'linear_attention' (known layer types: full_attention, loop_attention, "
+                                 "sliding_attention)"));
+  }
+  SECTION("an unknown model type lists the recipes' types") {
+    auto cfg = read_config(fixture("qwen3-tiny-f32"));
+    cfg["model_type"] = "ouro";
+    write_checkpoint(fixture("qwen3-tiny-f32"), tmp.path, cfg);
+    REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path), Contains("unsupported model type 'ouro' (accepted: qwen3)"));
+  }
+}
+
+namespace {
+// A mechanism written outside the library: attention whose output is scaled by a learned
+// per-layer scalar (tensor model.layers.{i}.self_attn.out_scale [1]), a residual policy that
+// scales every sublayer output by a config field, and a recipe for model_type "scaled_qwen3".
+struct ScaledAttention final : model::TokenMixer {
+  std::unique_ptr<model::TokenMixer> inner;
+  float scale;
+  ScaledAttention(const model::BuildContext& c, int layer)
+      : inner(std::make_unique<model::Qwen3Attention>(c, layer, 0)),
+        scale(c.source.get(c.prefix(layer) + "self_attn.out_scale", {1}).to_f32()[0]) {}
+  std::string kind() const override { return "scaled_attention"; }
+  std::unique_ptr<model::MixerState> new_state(const model::SessionOptions& o) const override { return inner->new_state(o); }
+  void forward(ConstView2<float> x, View2<float> out, model::MixerState& s, const model::StepContext& ctx) const override {
+    inner->forward(x, out, s, ctx);
+    for (std::int64_t t = 0; t < out.shape[0]; ++t)
+      for (std::int64_t i = 0; i < out.shape[1]; ++i) out(t, i) *= scale;
+  }
+  std::size_t weight_bytes() const override { return inner->weight_bytes(); }
+};
+struct ScaledSum final : model::ResidualPolicy {
+  float k;
+  explicit ScaledSum(float k) : k(k) {}
+  std::string kind() const override { return "scaled_sum"; }
+  std::unique_ptr<model::ResidualStream> begin(ConstView2<float> e) const override {
+    struct Stream final : model::ResidualStream {
+      std::vector<float> x;
+      std::int64_t T, D;
+      float k;
+      Stream(ConstView2<float> e, float k) : x(static_cast<std::size_t>(e.shape[0] * e.shape[1])), T(e.shape[0]), D(e.shape[1]), k(k) {
+        for (std::int64_t t = 0; t < T; ++t) std::copy(e.ptr(t), e.ptr(t) + D, x.data() + t * D);
+      }
+      ConstView2<float> input(int, model::Sublayer) override { return ConstView2<float>(x.data(), {T, D}); }
+      void add_output(int, model::Sublayer, ConstView2<float> o) override {
+        for (std::int64_t t = 0; t < T; ++t)
+          for (std::int64_t i = 0; i < D; ++i) x[t * D + i] += k * o(t, i);
+      }
+      ConstView2<float> output() override { return ConstView2<float>(x.data(), {T, D}); }
+    };
+    return std::make_unique<Stream>(e, k);
+  }
+};
+}  // namespace
+
+TEST_CASE("a layer type, residual policy and recipe registered from outside the library", "[model][recipe]") {
+  model::Registry reg = model::default_registry();
+  reg.mixers.add("scaled_attention", [](const model::BuildContext& c, int layer) { return std::make_unique<ScaledAttention>(c, layer); });
+  reg.add_residual("scaled_sum", [](const model::BuildContext& c) {
+    return std::make_shared<ScaledSum>(static_cast<float>(c.fields.number("residual_scale", 1.0)));
+  });
+  reg.add_recipe({"scaled", {"scaled_qwen3"}, nullptr, [](io::ConfigFields&) {
+                    model::Plan p;  // mixers: the config's layer_types
+                    p.residual = "scaled_sum";
+                    return p;
+                  }});
+
+  const fs::path fx = fixture("qwen3-tiny-f32");
+  TempDir tmp;
+  auto cfg = read_config(fx);
+  cfg["model_type"] = "scaled_qwen3";
+  cfg["residual_scale"] = 1.0;
+  cfg["layer_types"] = {"scaled_attention", "scaled_attention"};
+  // out_scale = 1 for both layers: the model is exactly plain Qwen3.
+  {
+    std::ofstream(tmp.path / "config.json") << cfg.dump();
+    auto src = io::SafetensorsFile::open(fx / "model.safetensors");
+    io::SafetensorsWriter w;
+    for (const auto& n : src.names()) w.add(n, src.tensor(n).dtype, src.tensor(n).shape, src.tensor(n).data, src.tensor(n).nbytes);
+    const float one = 1.f;
+    for (int l = 0; l < 2; ++l) w.add_f32("model.layers." + std::to_string(l) + ".self_attn.out_scale", {1}, &one);
+    w.write(tmp.path / "model.safetensors");
+  }
+  model::LoadOptions opt;
+  opt.registry = &reg;
+  const auto m = model::Qwen3Model::load(tmp.path, opt);
+  CHECK(m.recipe() == "scaled");
+  CHECK(m.mixer(1).kind() == "scaled_attention");
+  CHECK(m.residual_policy().kind() == "scaled_sum");
+  const std::vector<std::int64_t> ids = {5, 17, 3, 99, 42, 7, 7, 1};
+  const auto plain = model::Qwen3Model::load(fx);
+  CHECK(test::rel_l2(run(m, ids).logits, run(plain, ids).logits) <= 1e-6);
+  // The default registry does not know the new model type.
+  REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path), Contains("unsupported model type 'scaled_qwen3'"));
+  // Random weights through the same recipe (any config a recipe accepts).
+  const auto r = model::Qwen3Model::random(reg.parse_config(cfg), model::WeightType::f32, 1, &reg);
+  CHECK(r.recipe() == "scaled");
+}
+
+TEST_CASE("random loop models: decode and chunks match prefill in both modes", "[model][loop]") {
+  nlohmann::json j = {{"model_type", "qwen3"}, {"vocab_size", 96}, {"hidden_size", 40}, {"intermediate_size", 56},
+                      {"num_hidden_layers", 2}, {"num_attention_heads", 6}, {"num_key_value_heads", 2}, {"head_dim", 24},
+                      {"rope_theta", 10000.0}, {"tie_word_embeddings", true}, {"loop_window_size", 5}};
+  const std::string mode = GENERATE("stack", "layer");
+  const int loops = GENERATE(2, 3);
+  j["loop_mode"] = mode;
+  j["loop_num"] = loops;
+  CAPTURE(mode, loops);
+  const auto reg = model::default_registry();
+  const auto m = model::Qwen3Model::random(reg.parse_config(j), model::WeightType::f32, 11);
+  CHECK(m.passes() == (mode == "stack" ? loops : 1));
+  std::vector<std::int64_t> ids(23);
+  for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<std::int64_t>((i * 31 + 7) % 96);
+  const Run p = run(m, ids);
+  CHECK(test::rel_l2(run(m, ids, {1}).logits, p.logits) <= 1e-5);
+  CHECK(test::rel_l2(run(m, ids, {4, 9}).logits, p.logits) <= 1e-5);
+  const auto names = p.trace.names();
+  CHECK(names.front() == "gates");
+  CHECK(names.size() == (mode == "stack" ? static_cast<std::size_t>(loops - 1) : 1u));
+  for (float g : p.trace.tensor("gates").data) REQUIRE((g > 0.f && g < 1.f));
+}
