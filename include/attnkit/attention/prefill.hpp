@@ -44,21 +44,24 @@ namespace detail {
 template <class KV, class Mask>
 flash::Shape check_prefill(const char* fn, const ConstView3<float>& q, const ConstView3<KV>& k,
                            const ConstView3<KV>& v, const View3<float>& out, const Mask& mask,
-                           const AttentionOptions& opt, const View2<float>& lse) {
+                           const AttentionOptions& opt, const View2<float>& lse, const char* kn = "k",
+                           const char* vn = "v") {
+  // kn / vn: how the caller names k and v in messages (loop_attention: k_glob, v_glob).
   static_assert(is_storage_type_v<KV>, "attention_prefill: K/V must be float or bf16");
   check_view(q, fn, "q");
-  check_view(k, fn, "k");
-  check_view(v, fn, "v");
+  check_view(k, fn, kn);
+  check_view(v, fn, vn);
   check_view(out, fn, "out");
   const std::int64_t T_q = q.shape[0], H = q.shape[1], d_k = q.shape[2];
   const std::int64_t T_k = k.shape[0], H_kv = k.shape[1], d_v = v.shape[2];
   ATTNKIT_REQUIRE(d_k >= 1, fn, ": argument 'q': head_dim d_k must be >= 1, got shape ", shape_string(q));
-  ATTNKIT_REQUIRE(k.shape[2] == d_k, fn, ": argument 'k': head_dim ", k.shape[2], " does not match q's head_dim ",
-                  d_k);
-  ATTNKIT_REQUIRE(v.shape[0] == T_k, fn, ": argument 'v': ", v.shape[0], " rows, but k has T_k = ", T_k);
-  ATTNKIT_REQUIRE(H_kv >= 1, fn, ": argument 'k': number of KV heads H_kv must be >= 1, got shape ",
+  ATTNKIT_REQUIRE(k.shape[2] == d_k, fn, ": argument '", kn, "': head_dim ", k.shape[2],
+                  " does not match q's head_dim ", d_k);
+  ATTNKIT_REQUIRE(v.shape[0] == T_k, fn, ": argument '", vn, "': ", v.shape[0], " rows, but ", kn, " has T_k = ", T_k);
+  ATTNKIT_REQUIRE(H_kv >= 1, fn, ": argument '", kn, "': number of KV heads H_kv must be >= 1, got shape ",
                   shape_string(k));
-  ATTNKIT_REQUIRE(v.shape[1] == H_kv, fn, ": argument 'v': ", v.shape[1], " KV heads, but k has H_kv = ", H_kv);
+  ATTNKIT_REQUIRE(v.shape[1] == H_kv, fn, ": argument '", vn, "': ", v.shape[1], " KV heads, but ", kn,
+                  " has H_kv = ", H_kv);
   ATTNKIT_REQUIRE(H % H_kv == 0, fn, ": argument 'q': number of query heads H = ", H,
                   " is not a multiple of the number of KV heads H_kv = ", H_kv);
   ATTNKIT_REQUIRE(out.shape[0] == T_q && out.shape[1] == H && out.shape[2] == d_v, fn,

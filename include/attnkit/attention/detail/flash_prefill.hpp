@@ -21,6 +21,18 @@
 // The kernel is templated on the xsimd Arch: the same source compiles to AVX-512 (16 lanes,
 // the hot path) or to narrower instruction sets (the portable path, tested via
 // detail::attention_prefill_arch).
+//
+// Loop Attention (attention/loop.hpp) adds an epilogue policy, the last template parameter
+// (Plain for ordinary attention; every Loop-only step is behind `if constexpr`, so the plain
+// instantiation is the code above, unchanged):
+//  * BlendIntoOut: one accumulator as usual, finalised as out = g·out + (1 - g)·(softmax·V),
+//    blending into what a previous (global) pass left in out;
+//  * FusedWindow: a second online-softmax state (m2, l2, O2) per row for a sliding window
+//    inside the causal mask. Each S^T tile is computed once; for the key tiles that meet some
+//    row's window, the window's softmax reads it (masked to the window, copied to st2) before
+//    the global softmax exponentiates it in place, and a second P·V updates O2. Finalised as
+//    out = g·global + (1 - g)·local.
+// Both compute the gate g = sigmoid(w[h]·q + b[h]) of the raw query row while packing Q.
 #pragma once
 
 #include <algorithm>
@@ -30,6 +42,7 @@
 #include <limits>
 #include <memory>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include <xsimd/xsimd.hpp>
@@ -83,6 +96,30 @@ struct WorkItem {
   std::int32_t h_begin, h_end;  // query heads (all within kv_head's group)
   std::int64_t t_begin, t_end;  // query rows of the segment
 };
+
+// Epilogue policies (see the header comment). Plain: out = softmax·V.
+struct Plain {};
+// g[t, h] = sigmoid(w[h]·q[t, h] + b[h]) of the raw query row; written to `out` ([T_q, H] in
+// segment rows) when out.data != nullptr.
+struct LoopGate {
+  ConstView2<float> w;  // [H, d_k]
+  const float* b;       // [H]
+  View2<float> out;
+};
+struct BlendIntoOut {
+  LoopGate gate;
+};
+struct FusedWindow {
+  LoopGate gate;
+  std::int64_t window;  // keys p - window + 1 .. p (inside the causal mask)
+};
+template <class E>
+inline constexpr bool has_gate_v = !std::is_same_v<E, Plain>;
+template <class E>
+inline constexpr bool is_fused_v = std::is_same_v<E, FusedWindow>;
+
+// Loop Attention's gate nonlinearity, in double and rounded (the decode path uses it too).
+inline float gate_sigmoid(float z) { return static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(z)))); }
 
 // Queries per sub-tile: about 64 rows (rows = heads of the group x queries), which keeps Q^T,
 // S^T and the output accumulators of a sub-tile in L1/L2.
@@ -272,6 +309,11 @@ struct SubTile {
   float* obuf;  // [rows][dvp], unnormalised output
   float* m;     // [rp] running max (base 2)
   float* l;     // [rp] running sum
+  // FusedWindow: the window's state, as obuf / m / l; gate: g per row (any gated policy).
+  float* o2 = nullptr;
+  float* m2 = nullptr;
+  float* l2 = nullptr;
+  float* gate = nullptr;
 };
 
 // Scratch shared by the sub-tiles of an item for the key tile at hand.
@@ -282,29 +324,125 @@ struct TileBuffers {
   float* alpha;  // [rp] per-row rescale of O for this tile
   float* lo;     // [rp] first / last visible key of each row, relative to the tile
   float* hi;
+  // FusedWindow: the window's P^T, alpha and visible range.
+  float* st2 = nullptr;
+  float* alpha2 = nullptr;
+  float* lo2 = nullptr;
+  float* hi2 = nullptr;
 };
 
-// One key tile [k0, k0 + kc) for one sub-tile: S^T = K Q^T, online softmax, O = alpha O + P V.
-template <class Arch, class Mask>
-void tile_step(const SubTile& sub, const TileBuffers& tb, const Shape& sh, const Mask& mask, std::int64_t q_offset,
-               std::int64_t T_k, std::int64_t k0, std::int64_t kc, Prefetcher& pf_q, Prefetcher& pf_kv) {
+// Online softmax of one key tile for rows [0, rp), columns [c_begin, c_end): reads base-2
+// scores from src and writes the probabilities exp2(s - m_new) to dst (dst may be src; the
+// window state of FusedWindow reads S^T and writes its own buffer); updates m and l and sets
+// alpha = exp2(m_old - m_new). masked: columns outside [lo[r], hi[r]] count as -inf.
+template <class Arch>
+inline void softmax_tile(const float* src, float* dst, std::int64_t rp, std::int64_t c_begin, std::int64_t c_end,
+                         bool masked, const float* lo, const float* hi, float* m, float* l, float* alpha) {
   using B = fb<Arch>;
+  constexpr std::int64_t W = lanes<Arch>;
+  const B neg_inf(-std::numeric_limits<float>::infinity());
+  const float* in = masked ? dst : src;  // the exp2 pass reads the masked copy
+  for (std::int64_t r = 0; r < rp; r += W) {
+    B mx = neg_inf;
+    if (masked) {
+      const B vlo = B::load_aligned(lo + r), vhi = B::load_aligned(hi + r);
+      for (std::int64_t c = c_begin; c < c_end; ++c) {
+        const B cf(static_cast<float>(c));
+        B s = B::load_aligned(src + c * rp + r);
+        s = xsimd::select((vlo <= cf) && (cf <= vhi), s, neg_inf);
+        s.store_aligned(dst + c * rp + r);
+        mx = xsimd::max(mx, s);
+      }
+    } else {
+      for (std::int64_t c = c_begin; c < c_end; ++c) mx = xsimd::max(mx, B::load_aligned(src + c * rp + r));
+    }
+    const B m_old = B::load_aligned(m + r);
+    const B m_new = xsimd::max(m_old, mx);
+    const B m_use = xsimd::select(m_new == neg_inf, B(0.f), m_new);  // all masked so far: avoid -inf - -inf
+    const B a = exp2<Arch>(m_old - m_use);
+    // Two partial sums halve the add latency chain; the order is fixed, so still deterministic.
+    B sum0(0.f), sum1(0.f);
+    for (std::int64_t c = c_begin; c < c_end; c += 2) {
+      const B p0 = exp2<Arch>(B::load_aligned(in + c * rp + r) - m_use);
+      const B p1 = exp2<Arch>(B::load_aligned(in + (c + 1) * rp + r) - m_use);
+      p0.store_aligned(dst + c * rp + r);
+      p1.store_aligned(dst + (c + 1) * rp + r);
+      sum0 += p0;
+      sum1 += p1;
+    }
+    xsimd::fma(B::load_aligned(l + r), a, sum0 + sum1).store_aligned(l + r);
+    m_new.store_aligned(m + r);
+    a.store_aligned(alpha + r);
+  }
+}
+
+// O = alpha·O + P·V over key columns [kb, ke) for rows [0, rows).
+template <class Arch>
+inline void pv_tile(const float* st, const float* vbuf, float* obuf, const float* alpha, std::int64_t rows,
+                    std::int64_t rp, std::int64_t dvp, std::int64_t kb, std::int64_t ke) {
+  constexpr std::int64_t W = lanes<Arch>;
+  std::int64_t c0 = 0;
+  for (; c0 + kPvCols * W <= dvp; c0 += kPvCols * W) pv_rows<Arch, kPvCols>(st, vbuf, obuf, alpha, rows, rp, dvp, kb, ke, c0);
+  switch ((dvp - c0) / W) {
+    case 1: pv_rows<Arch, 1>(st, vbuf, obuf, alpha, rows, rp, dvp, kb, ke, c0); break;
+    case 2: pv_rows<Arch, 2>(st, vbuf, obuf, alpha, rows, rp, dvp, kb, ke, c0); break;
+    case 3: pv_rows<Arch, 3>(st, vbuf, obuf, alpha, rows, rp, dvp, kb, ke, c0); break;
+    default: break;
+  }
+  static_assert(kPvCols == 4);
+}
+
+// Key columns [c_begin, c_end) of tile [k0, k0 + kc) that some row of a sub-tile (positions
+// p_first .. p_last) can see under `mask`, widened to whole key blocks, and whether any row
+// sees less than the whole tile (then lo / hi must be filled and applied).
+struct TileCols {
+  bool masked;
+  std::int64_t c_begin, c_end;
+};
+template <class Mask>
+inline TileCols tile_cols(const Mask& mask, std::int64_t p_first, std::int64_t p_last, std::int64_t T_k,
+                          std::int64_t k0, std::int64_t kc) {
+  // The whole tile is visible to every row iff it is full and lies inside the visible range
+  // of both the first and the last query (ranges move monotonically with position).
+  TileCols tc{kc < kBc || mask.first_key(p_last) > k0 || k0 + kBc - 1 > mask.last_key(p_first), 0, kBc};
+  // The columns outside are masked for every row, so skipping them changes no bit (they would
+  // contribute exact zeros).
+  if (tc.masked) {
+    tc.c_begin = std::clamp<std::int64_t>(mask.first_key(p_first) - k0, 0, kBc) / kKeyBlock * kKeyBlock;
+    tc.c_end = round_up(std::clamp<std::int64_t>(std::min(mask.last_key(p_last), T_k - 1) - k0 + 1, 0, kBc), kKeyBlock);
+  }
+  return tc;
+}
+
+// Per-row visible columns [lo, hi] of the tile (relative to k0; padding rows see nothing).
+template <class Mask>
+inline void row_bounds(const Mask& mask, const SubTile& sub, std::int64_t p_first, std::int64_t T_k, std::int64_t k0,
+                       float* lo, float* hi) {
+  for (std::int64_t r = 0; r < sub.rp; ++r) {
+    if (r < sub.rows) {
+      const std::int64_t p = p_first + r % sub.nq;
+      lo[r] = static_cast<float>(std::clamp<std::int64_t>(mask.first_key(p) - k0, -1, kBc));
+      hi[r] = static_cast<float>(std::clamp<std::int64_t>(std::min(mask.last_key(p), T_k - 1) - k0, -1, kBc));
+    } else {
+      lo[r] = 0.f;
+      hi[r] = -1.f;  // padding rows see nothing
+    }
+  }
+}
+
+// One key tile [k0, k0 + kc) for one sub-tile: S^T = K Q^T, online softmax, O = alpha O + P V
+// (and, for FusedWindow, the window's softmax and P·V from the same S^T).
+template <class Arch, class Mask, class Extra = Plain>
+void tile_step(const SubTile& sub, const TileBuffers& tb, const Shape& sh, const Mask& mask, std::int64_t q_offset,
+               std::int64_t T_k, std::int64_t k0, std::int64_t kc, Prefetcher& pf_q, Prefetcher& pf_kv,
+               const Extra& ex = {}) {
   constexpr std::int64_t W = lanes<Arch>;
   const std::int64_t rp = sub.rp, rows = sub.rows, nq = sub.nq, dvp = round_up(sh.d_v, W);
   float* st = tb.st;
 
-  // The whole tile is visible to every row iff it is full and lies inside the visible range
-  // of both the first and the last query (ranges move monotonically with position).
   const std::int64_t p_first = q_offset + sub.t_begin, p_last = p_first + nq - 1;
-  const bool masked = kc < kBc || mask.first_key(p_last) > k0 || k0 + kBc - 1 > mask.last_key(p_first);
-  // Key columns [c_begin, c_end) that some row can see, widened to whole key blocks; the
-  // columns outside are masked for every row, so skipping them changes no bit (they would
-  // contribute exact zeros).
-  std::int64_t c_begin = 0, c_end = kBc;
-  if (masked) {
-    c_begin = std::clamp<std::int64_t>(mask.first_key(p_first) - k0, 0, kBc) / kKeyBlock * kKeyBlock;
-    c_end = round_up(std::clamp<std::int64_t>(std::min(mask.last_key(p_last), T_k - 1) - k0 + 1, 0, kBc), kKeyBlock);
-  }
+  const TileCols tc = tile_cols(mask, p_first, p_last, T_k, k0, kc);
+  const std::int64_t c_begin = tc.c_begin, c_end = tc.c_end;
   const std::int64_t pv_end = std::min(c_end, kc);
 
   std::int64_t rb = 0;
@@ -321,69 +459,47 @@ void tile_step(const SubTile& sub, const TileBuffers& tb, const Shape& sh, const
       pf_kv.tick();
     }
 
-  if (masked) {
-    for (std::int64_t r = 0; r < rp; ++r) {
-      if (r < rows) {
-        const std::int64_t p = p_first + r % nq;
-        tb.lo[r] = static_cast<float>(std::clamp<std::int64_t>(mask.first_key(p) - k0, -1, kBc));
-        tb.hi[r] = static_cast<float>(std::clamp<std::int64_t>(std::min(mask.last_key(p), T_k - 1) - k0, -1, kBc));
-      } else {
-        tb.lo[r] = 0.f;
-        tb.hi[r] = -1.f;  // padding rows see nothing
-      }
+  // The window's softmax reads S^T before the global one exponentiates it in place. Its
+  // columns lie inside [c_begin, c_end): the window is inside the causal mask.
+  bool window = false;
+  TileCols wc{};
+  if constexpr (is_fused_v<Extra>) {
+    static_assert(std::is_same_v<Mask, CausalMask>, "FusedWindow: the global mask must be causal");
+    const SlidingWindowMask wm{ex.window};
+    const std::int64_t wf = std::max<std::int64_t>(wm.first_key(p_first), 0), wl = std::min(p_last, T_k - 1);
+    window = wl >= wf && k0 <= wl && k0 + kc - 1 >= wf;
+    if (window) {
+      wc = tile_cols(wm, p_first, p_last, T_k, k0, kc);
+      if (wc.masked) row_bounds(wm, sub, p_first, T_k, k0, tb.lo2, tb.hi2);
+      softmax_tile<Arch>(st, tb.st2, rp, wc.c_begin, wc.c_end, wc.masked, tb.lo2, tb.hi2, sub.m2, sub.l2, tb.alpha2);
     }
-  }
-  const B neg_inf(-std::numeric_limits<float>::infinity());
-  for (std::int64_t r = 0; r < rp; r += W) {
-    B mx = neg_inf;
-    if (masked) {
-      const B vlo = B::load_aligned(tb.lo + r), vhi = B::load_aligned(tb.hi + r);
-      for (std::int64_t c = c_begin; c < c_end; ++c) {
-        const B cf(static_cast<float>(c));
-        B s = B::load_aligned(st + c * rp + r);
-        s = xsimd::select((vlo <= cf) && (cf <= vhi), s, neg_inf);
-        s.store_aligned(st + c * rp + r);
-        mx = xsimd::max(mx, s);
-      }
-    } else {
-      for (std::int64_t c = c_begin; c < c_end; ++c) mx = xsimd::max(mx, B::load_aligned(st + c * rp + r));
-    }
-    const B m_old = B::load_aligned(sub.m + r);
-    const B m_new = xsimd::max(m_old, mx);
-    const B m_use = xsimd::select(m_new == neg_inf, B(0.f), m_new);  // all masked so far: avoid -inf - -inf
-    const B a = exp2<Arch>(m_old - m_use);
-    // Two partial sums halve the add latency chain; the order is fixed, so still deterministic.
-    B sum0(0.f), sum1(0.f);
-    for (std::int64_t c = c_begin; c < c_end; c += 2) {
-      const B p0 = exp2<Arch>(B::load_aligned(st + c * rp + r) - m_use);
-      const B p1 = exp2<Arch>(B::load_aligned(st + (c + 1) * rp + r) - m_use);
-      p0.store_aligned(st + c * rp + r);
-      p1.store_aligned(st + (c + 1) * rp + r);
-      sum0 += p0;
-      sum1 += p1;
-    }
-    xsimd::fma(B::load_aligned(sub.l + r), a, sum0 + sum1).store_aligned(sub.l + r);
-    m_new.store_aligned(sub.m + r);
-    a.store_aligned(tb.alpha + r);
   }
 
-  std::int64_t c0 = 0;
-  for (; c0 + kPvCols * W <= dvp; c0 += kPvCols * W)
-    pv_rows<Arch, kPvCols>(st, tb.vbuf, sub.obuf, tb.alpha, rows, rp, dvp, c_begin, pv_end, c0);
-  switch ((dvp - c0) / W) {
-    case 1: pv_rows<Arch, 1>(st, tb.vbuf, sub.obuf, tb.alpha, rows, rp, dvp, c_begin, pv_end, c0); break;
-    case 2: pv_rows<Arch, 2>(st, tb.vbuf, sub.obuf, tb.alpha, rows, rp, dvp, c_begin, pv_end, c0); break;
-    case 3: pv_rows<Arch, 3>(st, tb.vbuf, sub.obuf, tb.alpha, rows, rp, dvp, c_begin, pv_end, c0); break;
-    default: break;
-  }
-  static_assert(kPvCols == 4);
+  if (tc.masked) row_bounds(mask, sub, p_first, T_k, k0, tb.lo, tb.hi);
+  softmax_tile<Arch>(st, st, rp, c_begin, c_end, tc.masked, tb.lo, tb.hi, sub.m, sub.l, tb.alpha);
+  pv_tile<Arch>(st, tb.vbuf, sub.obuf, tb.alpha, rows, rp, dvp, c_begin, pv_end);
+  if (window) pv_tile<Arch>(tb.st2, tb.vbuf, sub.o2, tb.alpha2, rows, rp, dvp, wc.c_begin, std::min(wc.c_end, kc));
+}
+
+// dst[d] = g·(a[d]·ia) + (1 - g)·(b[d]·ib) for d < n, as one fixed sequence of float32
+// operations (a may be dst): the fused and the unfused Loop Attention round identically.
+template <class Arch>
+inline void blend_finalize(float* dst, const float* a, float ia, const float* b, float ib, float g, std::int64_t n) {
+  using B = fb<Arch>;
+  constexpr std::int64_t W = lanes<Arch>;
+  const float omg = 1.f - g;
+  const B vg(g), vomg(omg), via(ia), vib(ib);
+  std::int64_t d = 0;
+  for (; d + W <= n; d += W)
+    xsimd::fma(vg, B::load_unaligned(a + d) * via, vomg * (B::load_unaligned(b + d) * vib)).store_unaligned(dst + d);
+  for (; d < n; ++d) dst[d] = std::fma(g, a[d] * ia, omg * (b[d] * ib));
 }
 
 // One work item: its queries are split into sub-tiles of query_tile(G) queries (about 64
 // rows each, sized for L1/L2), and the key-tile loop is outermost, so each K/V tile is read
 // from memory and packed once per item however many sub-tiles use it.
-template <class Arch, class KV, class Mask>
-void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const WorkItem& it) {
+template <class Arch, class KV, class Mask, class Extra = Plain>
+void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const WorkItem& it, const Extra& ex = {}) {
   constexpr std::int64_t W = lanes<Arch>;
   const std::int64_t nh = it.h_end - it.h_begin, bq = query_tile(sh.G);
   const std::int64_t n_sub = (it.t_end - it.t_begin + bq - 1) / bq;
@@ -391,9 +507,12 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
   const std::int64_t T_k = seg.k.shape[0];
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
 
-  Scratch scratch(n_sub * (Scratch::need(d_k * rp_max) + Scratch::need(bq * nh * dvp) + 2 * Scratch::need(rp_max)) +
-                  Scratch::need(kBc * rp_max) + Scratch::need(kBc * d_k) + Scratch::need(kBc * dvp) +
-                  3 * Scratch::need(rp_max));
+  constexpr bool fused = is_fused_v<Extra>, gated = has_gate_v<Extra>;
+  const std::int64_t sub_need = Scratch::need(d_k * rp_max) + Scratch::need(bq * nh * dvp) + 2 * Scratch::need(rp_max) +
+                                (fused ? Scratch::need(bq * nh * dvp) + 2 * Scratch::need(rp_max) : 0) +
+                                (gated ? Scratch::need(rp_max) : 0);
+  Scratch scratch(n_sub * sub_need + Scratch::need(kBc * rp_max) + Scratch::need(kBc * d_k) + Scratch::need(kBc * dvp) +
+                  3 * Scratch::need(rp_max) + (fused ? Scratch::need(kBc * rp_max) + 3 * Scratch::need(rp_max) : 0));
   TileBuffers tb;
   tb.st = scratch.take(kBc * rp_max);
   tb.kbuf = scratch.take(kBc * d_k);
@@ -401,6 +520,12 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
   tb.alpha = scratch.take(rp_max);
   tb.lo = scratch.take(rp_max);
   tb.hi = scratch.take(rp_max);
+  if constexpr (fused) {
+    tb.st2 = scratch.take(kBc * rp_max);
+    tb.alpha2 = scratch.take(rp_max);
+    tb.lo2 = scratch.take(rp_max);
+    tb.hi2 = scratch.take(rp_max);
+  }
   std::vector<SubTile> subs(static_cast<std::size_t>(n_sub));
   for (std::int64_t s = 0; s < n_sub; ++s) {
     SubTile& sub = subs[s];
@@ -415,6 +540,15 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
     std::fill(sub.m, sub.m + sub.rp, neg_inf);
     std::fill(sub.l, sub.l + sub.rp, 0.f);
     std::fill(sub.obuf, sub.obuf + sub.rows * dvp, 0.f);
+    if constexpr (fused) {
+      sub.o2 = scratch.take(bq * nh * dvp);
+      sub.m2 = scratch.take(rp_max);
+      sub.l2 = scratch.take(rp_max);
+      std::fill(sub.m2, sub.m2 + sub.rp, neg_inf);
+      std::fill(sub.l2, sub.l2 + sub.rp, 0.f);
+      std::fill(sub.o2, sub.o2 + sub.rows * dvp, 0.f);
+    }
+    if constexpr (gated) sub.gate = scratch.take(rp_max);
   }
 
   // Visible keys of the first / last query of a range (clipped to [0, T_k)).
@@ -428,8 +562,11 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
   const auto pack_q = [&](std::int64_t s) {
     const SubTile& sub = subs[s];
     for (std::int64_t r = 0; r < sub.rows; ++r) {
-      const float* src = seg.q.ptr(sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq);
+      const std::int64_t h = it.h_begin + r / sub.nq;
+      const float* src = seg.q.ptr(sub.t_begin + r % sub.nq, h);
       for (std::int64_t d = 0; d < d_k; ++d) sub.qt[d * sub.rp + r] = src[d] * sh.q_scale;
+      if constexpr (gated)  // from the raw query row, in the same float32 order as loop_attention_decode
+        sub.gate[r] = gate_sigmoid(simd::dot<Arch>(ex.gate.w.ptr(h), src, d_k) + ex.gate.b[h]);
     }
     for (std::int64_t d = 0; d < d_k; ++d)
       for (std::int64_t r = sub.rows; r < sub.rp; ++r) sub.qt[d * sub.rp + r] = 0.f;
@@ -447,6 +584,18 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
       const std::int64_t t = sub.t_begin + r % sub.nq, h = it.h_begin + r / sub.nq;
       float* dst = seg.out.ptr(t, h);
       const float* src = sub.obuf + r * dvp;
+      if constexpr (gated) {
+        // Rows that saw no key contribute 0 (cannot happen for validated Loop Attention input).
+        const float g = sub.gate[r], inv = sub.m[r] == neg_inf ? 0.f : 1.f / sub.l[r];
+        if constexpr (fused) {
+          const float inv2 = sub.m2[r] == neg_inf ? 0.f : 1.f / sub.l2[r];
+          blend_finalize<Arch>(dst, src, inv, sub.o2 + r * dvp, inv2, g, sh.d_v);
+        } else {
+          blend_finalize<Arch>(dst, dst, 1.f, src, inv, g, sh.d_v);
+        }
+        if (ex.gate.out.data) ex.gate.out(t, h) = g;
+        continue;
+      }
       if (sub.m[r] == neg_inf) {  // the row saw no key
         std::fill(dst, dst + sh.d_v, 0.f);
         if (seg.lse.data) seg.lse(t, h) = neg_inf;
@@ -493,7 +642,7 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
             pf_q.add_row(seg.q.ptr(next.t_begin + r % next.nq, it.h_begin + r / next.nq), d_k);
         }
         pf_q.plan(ticks_per_step);
-        tile_step<Arch>(subs[s], tb, sh, mask, seg.q_offset, T_k, k0, kc, pf_q, pf_kv);
+        tile_step<Arch>(subs[s], tb, sh, mask, seg.q_offset, T_k, k0, kc, pf_q, pf_kv, ex);
         if (key_range(subs[s].t_begin, subs[s].t_begin + subs[s].nq - 1).second < k0 + kc) finalize(s);
       }
     }
@@ -505,10 +654,10 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
 
 // Runs queries [q_range) and heads [h_range) of every segment. Items are ordered with the
 // longest (latest query tiles under a causal mask) first for the dynamic schedule.
-template <class Arch, class KV, class Mask>
+template <class Arch, class KV, class Mask, class Extra = Plain>
 void run_prefill(const std::vector<Segment<KV>>& segs, const Shape& sh, const Mask& mask, std::int64_t h_begin,
                  std::int64_t h_end, const std::vector<std::pair<std::int64_t, std::int64_t>>& q_ranges,
-                 int num_threads) {
+                 int num_threads, const Extra& ex = {}) {
   const std::int64_t bq = item_queries(sh.G);
   std::vector<WorkItem> items;
   for (std::size_t s = 0; s < segs.size(); ++s) {
@@ -530,7 +679,7 @@ void run_prefill(const std::vector<Segment<KV>>& segs, const Shape& sh, const Ma
   });
   parallel_for(
       static_cast<std::int64_t>(items.size()), num_threads,
-      [&](std::int64_t i) { run_item<Arch>(segs[items[i].segment], sh, mask, items[i]); }, /*dynamic=*/true);
+      [&](std::int64_t i) { run_item<Arch>(segs[items[i].segment], sh, mask, items[i], ex); }, /*dynamic=*/true);
 }
 
 }  // namespace attnkit::detail::flash
