@@ -3,7 +3,9 @@
 //   attnkit-qwen3                                  built-in small random model, random prompt
 //   attnkit-qwen3 --model DIR --ids 1,2,3 --generate 8
 //   attnkit-qwen3 --random qwen3-0.6b --dtype bf16 --prompt-len 512 --generate 32 --precision fast
+//   attnkit-qwen3 --model loop-checkpoint --ids 1,2,3 --trace-out trace.safetensors --plot gates.svg
 //
+// Any checkpoint or config a built-in recipe accepts runs as it is (plain Qwen3, Loop Attention).
 // Prints a model summary and `prefill: N tok/s` / `decode: N tok/s`; exits 1 with a message on
 // bad input. See --help.
 #include <chrono>
@@ -17,6 +19,7 @@
 #include <vector>
 
 #include "attnkit/attnkit.hpp"
+#include "attnkit/viz/trace_plot.hpp"
 
 using namespace attnkit;
 using Clock = std::chrono::steady_clock;
@@ -26,7 +29,11 @@ namespace {
 const char* kUsage = R"(usage: attnkit-qwen3 [options]
 model (default: a built-in small deterministic random Qwen3, nothing to download):
   --model DIR              Hugging Face checkpoint directory (config.json + safetensors)
-  --random NAME|FILE.json  random weights of a named shape (qwen3-0.6b, tiny) or of a config file
+  --random NAME|FILE.json  random weights of a named shape (qwen3-0.6b, qwen3-0.6b-loop, tiny, tiny-loop)
+                           or of any config file a recipe accepts, whatever its mechanism
+  --loop-mode stack|layer  Loop Attention mode of a random model (adds the loop fields if absent)
+  --loop-window N          Loop Attention window of a random model
+  --allow-unused           load a checkpoint even if some tensors or config fields go unused (warns)
   --dtype f32|bf16         weight type for --random and the default model (default bf16)
   --seed N                 seed of the random weights (default 0)
 input (default: --prompt-len 32 random ids):
@@ -38,6 +45,9 @@ run:
   --chunk N                prefill in chunks of N tokens (continuing the caches)
   --generate N             greedy continuation of N tokens; prints `generated: id id ...`
   --logits-out FILE        write tensor `logits` F32 [T, vocab], one row per input token
+  --trace-out FILE         write the mechanism's internals over the input tokens as safetensors
+                           (Loop Attention: `gates` F32 [layers, T, heads] of the looping pass)
+  --plot FILE.svg          draw the trace as an SVG picture (heat maps with axes and colour scale)
   --threads N              OpenMP threads (default: OMP_NUM_THREADS or all cores)
   --precision exact|fast   matrix products: fp32-accurate (default) or bf16-rounded activations (faster)
   --kv-cache f32|bf16      KV cache storage (default f32)
@@ -75,29 +85,55 @@ std::vector<std::int64_t> parse_ids(const std::string& s) {
 }
 
 // The built-in default: small enough to build in well under a second, with both layer types.
-io::Qwen3Config builtin_config() {
-  nlohmann::json j = {{"model_type", "qwen3"},       {"vocab_size", 4096},          {"hidden_size", 256},
-                      {"intermediate_size", 768},    {"num_hidden_layers", 4},      {"num_attention_heads", 8},
-                      {"num_key_value_heads", 4},    {"head_dim", 64},              {"rms_norm_eps", 1e-6},
-                      {"rope_parameters", {{"rope_theta", 1000000.0}, {"rope_type", "default"}}},
-                      {"max_position_embeddings", 4096}, {"tie_word_embeddings", true}, {"hidden_act", "silu"},
-                      {"use_sliding_window", true},  {"sliding_window", 64},
-                      {"layer_types", {"full_attention", "sliding_attention", "full_attention", "sliding_attention"}},
-                      {"dtype", "bfloat16"}};
-  return io::Qwen3Config::from_json(j, "built-in default");
+nlohmann::json builtin_config() {
+  return {{"model_type", "qwen3"},       {"vocab_size", 4096},          {"hidden_size", 256},
+          {"intermediate_size", 768},    {"num_hidden_layers", 4},      {"num_attention_heads", 8},
+          {"num_key_value_heads", 4},    {"head_dim", 64},              {"rms_norm_eps", 1e-6},
+          {"rope_parameters", {{"rope_theta", 1000000.0}, {"rope_type", "default"}}},
+          {"max_position_embeddings", 4096}, {"tie_word_embeddings", true}, {"hidden_act", "silu"},
+          {"use_sliding_window", true},  {"sliding_window", 64},
+          {"layer_types", {"full_attention", "sliding_attention", "full_attention", "sliding_attention"}},
+          {"dtype", "bfloat16"}};
 }
 
-io::Qwen3Config named_config(const std::string& name) {
-  if (name == "qwen3-0.6b" || name == "Qwen3-0.6B") return io::qwen3_0_6b_config();
-  if (name == "tiny" || name == "default") return builtin_config();
-  if (name.size() > 5 && name.substr(name.size() - 5) == ".json") return io::Qwen3Config::load(name);
-  die("--random: unknown shape '" + name + "' (known: qwen3-0.6b, tiny, or a config .json file)");
+// Loop Attention on a plain config: every layer full attention, IQuest defaults.
+nlohmann::json with_loop(nlohmann::json j) {
+  j["use_sliding_window"] = false;
+  j["sliding_window"] = nullptr;
+  j.erase("layer_types");
+  j["loop_num"] = 2;
+  j["loop_window_size"] = 64;
+  j["loop_mode"] = "stack";
+  return j;
+}
+
+// A named shape or a config file, as JSON (parsed later by the registry of recipes).
+std::pair<nlohmann::json, std::string> named_config(const std::string& name) {
+  if (name == "qwen3-0.6b" || name == "Qwen3-0.6B") return {io::qwen3_0_6b_config().raw, name};
+  if (name == "qwen3-0.6b-loop") return {with_loop(io::qwen3_0_6b_config().raw), name};
+  if (name == "tiny" || name == "default") return {builtin_config(), name};
+  if (name == "tiny-loop") return {with_loop(builtin_config()), name};
+  if (name.size() > 5 && name.substr(name.size() - 5) == ".json") return {io::read_json_file(name, "config file"), name};
+  die("--random: unknown shape '" + name + "' (known: qwen3-0.6b, qwen3-0.6b-loop, tiny, tiny-loop, or a config .json file)");
+}
+
+// One line on the mechanism a model runs.
+std::string mechanism_summary(const model::Qwen3Model& m) {
+  std::string s = "recipe " + m.recipe() + ", " + std::to_string(m.passes()) + (m.passes() == 1 ? " pass" : " passes");
+  if (auto* loop = dynamic_cast<const model::LoopAttention*>(&m.mixer(0))) {
+    const auto& ls = loop->settings();
+    s += std::string(", Loop Attention ") + (ls.mode == model::LoopMode::stack ? "stack" : "layer") + " mode, window " +
+         std::to_string(ls.window);
+  }
+  return s;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string model_dir, random_name, dtype = "bf16", ids_arg, ids_from, logits_out;
+  std::string model_dir, random_name, dtype = "bf16", ids_arg, ids_from, logits_out, trace_out, plot_out, loop_mode;
+  std::int64_t loop_window = 0;
+  bool allow_unused = false;
   std::int64_t prompt_len = -1, generate = -1, chunk = 0, seed = 0;
   int threads = 0;
   bool decode = false;
@@ -124,6 +160,13 @@ int main(int argc, char** argv) {
     else if (a == "--ids-from") ids_from = value();
     else if (a == "--prompt-len") prompt_len = parse_int(value(), "--prompt-len", 1);
     else if (a == "--logits-out") logits_out = value();
+    else if (a == "--trace-out") trace_out = value();
+    else if (a == "--plot") plot_out = value();
+    else if (a == "--loop-mode") {
+      loop_mode = value();
+      if (loop_mode != "stack" && loop_mode != "layer") die("--loop-mode: expected stack or layer, got '" + loop_mode + "'");
+    } else if (a == "--loop-window") loop_window = parse_int(value(), "--loop-window", 1);
+    else if (a == "--allow-unused") allow_unused = true;
     else if (a == "--decode") decode = true;
     else if (a == "--chunk") chunk = parse_int(value(), "--chunk", 1);
     else if (a == "--generate") generate = parse_int(value(), "--generate", 0);
@@ -144,6 +187,8 @@ int main(int argc, char** argv) {
   if ((!ids_arg.empty()) + (!ids_from.empty()) + (prompt_len > 0) > 1)
     die("give at most one of --ids, --ids-from, --prompt-len");
   if (decode && chunk > 0) die("--decode and --chunk exclude each other");
+  if (!model_dir.empty() && (!loop_mode.empty() || loop_window > 0))
+    die("--loop-mode and --loop-window shape random models; a checkpoint runs as its config.json says");
   if (threads > 0) omp_set_num_threads(threads);
   const int nthreads = default_num_threads();
 
@@ -152,14 +197,24 @@ int main(int argc, char** argv) {
     const auto t_load = Clock::now();
     const bool builtin = model_dir.empty() && random_name.empty();
     const auto wtype = dtype == "f32" ? model::WeightType::f32 : model::WeightType::bf16;
-    model::Qwen3Model m = !model_dir.empty()
-                              ? model::Qwen3Model::load(model_dir)
-                              : model::Qwen3Model::random(builtin ? builtin_config() : named_config(random_name), wtype,
-                                                          static_cast<std::uint64_t>(seed));
+    const model::Registry registry = model::default_registry();
+    model::LoadOptions lo;
+    lo.registry = &registry;
+    if (allow_unused) lo.unused = model::Unused::warn;
+    model::Qwen3Model m = [&] {
+      if (!model_dir.empty()) return model::Qwen3Model::load(model_dir, lo);
+      auto [j, where] = builtin ? std::pair{builtin_config(), std::string("built-in default")} : named_config(random_name);
+      if (!loop_mode.empty() || loop_window > 0) {
+        if (!model::is_loop_config(registry.parse_config(j, where))) j = with_loop(std::move(j));
+        if (!loop_mode.empty()) j["loop_mode"] = loop_mode;
+        if (loop_window > 0) j["loop_window_size"] = loop_window;
+      }
+      return model::Qwen3Model::random(registry.parse_config(j, where), wtype, static_cast<std::uint64_t>(seed), &registry);
+    }();
     const double load_s = std::chrono::duration<double>(Clock::now() - t_load).count();
     const auto& c = m.config();
     std::int64_t sliding = 0;
-    for (auto t : c.layer_types) sliding += t == io::LayerType::sliding_attention;
+    for (auto& t : c.layer_types) sliding += t == io::LayerType::sliding_attention;
     std::printf("model: %s%s\n", builtin ? "built-in default, " : "", m.source().c_str());
     std::printf("  %lld layers (%lld sliding, window %lld), hidden %lld, heads %lld/%lld kv, head_dim %lld, "
                 "intermediate %lld, vocab %lld, %s weights, %.1f MB packed, %s embeddings, built in %.2f s\n",
@@ -168,6 +223,7 @@ int main(int argc, char** argv) {
                 (long long)c.head_dim, (long long)c.intermediate_size, (long long)c.vocab_size,
                 model::weight_type_name(m.weight_type()), m.weight_bytes() / 1e6,
                 c.tie_word_embeddings ? "tied" : "untied", load_s);
+    std::printf("  %s\n", mechanism_summary(m).c_str());
     std::printf("  threads %d, precision %s, kv cache %s\n", nthreads, precision == Precision::exact ? "exact" : "fast",
                 kv == model::CacheType::f32 ? "f32" : "bf16");
 
@@ -201,6 +257,8 @@ int main(int argc, char** argv) {
     model::Session s = m.new_session(so);
     model::ForwardOptions fo;
     fo.precision = precision;
+    model::Trace trace;
+    if (!trace_out.empty() || !plot_out.empty()) fo.trace = &trace;
     const bool want_all = !logits_out.empty();
     std::vector<float> logits(static_cast<std::size_t>((want_all ? T : 1) * V));
     const auto t0 = Clock::now();
@@ -223,6 +281,30 @@ int main(int argc, char** argv) {
     }
     const double in_s = std::chrono::duration<double>(Clock::now() - t0).count();
     std::printf("%s: %.1f tok/s (%lld tokens in %.3f s)\n", decode ? "decode" : "prefill", T / in_s, (long long)T, in_s);
+
+    fo.trace = nullptr;  // the trace covers the input tokens
+    if (!trace_out.empty() || !plot_out.empty()) {
+      if (trace.empty()) die("--trace-out/--plot: this model records no internals (recipe " + m.recipe() + ")");
+      std::vector<viz::TraceTensor> tensors;
+      io::SafetensorsWriter w;
+      for (const auto& name : trace.names()) {
+        model::Trace::Tensor t = trace.tensor(name);
+        w.add_f32(name, t.shape, t.data.data());
+        std::printf("trace: %s [%lld, %lld, %lld]\n", name.c_str(), (long long)t.shape[0], (long long)t.shape[1],
+                    (long long)t.shape[2]);
+        tensors.push_back({name, t.shape, std::move(t.data)});
+      }
+      if (!trace_out.empty()) {
+        w.write(trace_out);
+        std::printf("trace: wrote %s\n", trace_out.c_str());
+      }
+      if (!plot_out.empty()) {
+        viz::PlotOptions po;
+        po.title = m.source() + " — " + mechanism_summary(m);
+        viz::write_trace_svg(plot_out, tensors, po);
+        std::printf("plot: wrote %s\n", plot_out.c_str());
+      }
+    }
 
     if (!logits_out.empty()) {
       io::SafetensorsWriter w;

@@ -26,6 +26,8 @@
 #include "attnkit/model/parts/qkv_projection.hpp"
 #include "attnkit/model/recipe.hpp"
 #include "attnkit/model/trace.hpp"
+
+#include "attnkit/viz/trace_plot.hpp"
 #include "attnkit/model/mixer.hpp"
 #include "attnkit/model/ops.hpp"
 #include "attnkit/model/qwen3.hpp"
