@@ -3,10 +3,13 @@
 //   x0 = embed[ids];  per layer l:  h = R.input(l, mixer); R.add(mixer_l(RMSNorm_in(h)))
 //                                    h = R.input(l, mlp);   R.add(MLP_l(RMSNorm_post(h)))
 //   logits = RMSNorm_final(R.output()) E^T            (spec §1.5; E tied or lm_head.weight)
-// With the plain SumResidual policy this is exactly Hugging Face's Qwen3ForCausalLM. The token
-// mixer of each layer comes from a MixerRegistry keyed by config layer_types; the residual policy
-// (what each sublayer sees) and the stack policy (how many passes over the layers) are
-// parameters. Weights stay in their stored type (f32 or bf16) and are packed once at build.
+// With the plain SumResidual policy this is exactly Hugging Face's Qwen3ForCausalLM. load() and
+// compose() ask the recipe that accepts the config (recipe.hpp) for a plan: the token mixer of
+// each layer (by registry name), the residual policy (what each sublayer sees), the stack policy
+// (how many passes over the layers, and what happens between them) and the block shape
+// (optional norms after each sublayer); then they check that no tensor or config field went
+// unused. build() takes the parts directly. Weights stay in their stored type (f32 or bf16) and
+// are packed once at build.
 //
 // Inference: a Session holds the per-layer states (KV caches). forward() runs any number of new
 // tokens at the session's current position: a whole prompt (prefill), a chunk of one (chunked
@@ -156,10 +159,15 @@ class Qwen3Model {
   const StackPolicy& stack_policy() const { return *stack_; }
   const TokenMixer& mixer(int layer) const { return *layers_.at(static_cast<std::size_t>(layer)).mixer; }
   // Bytes of packed weights held in memory.
-  std::size_t weight_bytes() const { return streamed_bytes_per_token() + (tied_ ? 0 : embed_.bytes()); }
+  std::size_t weight_bytes() const { return lm_head_.bytes() + layer_bytes() + (tied_ ? 0 : embed_.bytes()); }
   // Bytes of weights one decode step reads (every layer and the head; one embedding row aside).
+  // (A stack of several passes reads the layers once per pass.)
   std::size_t streamed_bytes_per_token() const {
-    std::size_t b = lm_head_.bytes();
+    return lm_head_.bytes() + static_cast<std::size_t>(passes()) * layer_bytes();
+  }
+  // Bytes of the layers' weights (mixers and MLPs): what each pass over the stack reads.
+  std::size_t layer_bytes() const {
+    std::size_t b = 0;
     for (auto& l : layers_) b += l.mixer->weight_bytes() + l.mlp.weight_bytes();
     return b;
   }
