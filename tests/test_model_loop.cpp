@@ -338,3 +338,72 @@ TEST_CASE("random loop models: decode and chunks match prefill in both modes", "
   CHECK(names.size() == (mode == "stack" ? static_cast<std::size_t>(loops - 1) : 1u));
   for (float g : p.trace.tensor("gates").data) REQUIRE((g > 0.f && g < 1.f));
 }
+
+namespace {
+// Writes the constant c to every output element: after an RMSNorm with unit weight that is
+// sign(c) everywhere, whatever c is.
+struct ConstantMixer final : model::TokenMixer {
+  float c;
+  explicit ConstantMixer(float c) : c(c) {}
+  std::string kind() const override { return "constant"; }
+  std::unique_ptr<model::MixerState> new_state(const model::SessionOptions&) const override {
+    return std::make_unique<model::MixerState>();
+  }
+  void forward(ConstView2<float>, View2<float> out, model::MixerState&, const model::StepContext&) const override {
+    for (std::int64_t t = 0; t < out.shape[0]; ++t)
+      for (std::int64_t i = 0; i < out.shape[1]; ++i) out(t, i) = c;
+  }
+  std::size_t weight_bytes() const override { return 0; }
+};
+}  // namespace
+
+TEST_CASE("block shape: norms after the sublayers (sandwich norms)", "[model][recipe]") {
+  model::Registry reg = model::default_registry();
+  reg.mixers.add("constant", [](const model::BuildContext&, int) { return std::make_unique<ConstantMixer>(7.5f); });
+  for (bool sandwich : {false, true})
+    reg.add_recipe({sandwich ? "sandwich" : "open", {sandwich ? "sandwich_test" : "open_test"}, nullptr,
+                    [sandwich](io::ConfigFields&) {
+                      model::Plan p;
+                      if (sandwich) p.block = {"input_layernorm_2", "post_attention_layernorm_2"};
+                      return p;
+                    }});
+  nlohmann::json j = {{"model_type", "sandwich_test"}, {"vocab_size", 50}, {"hidden_size", 32}, {"intermediate_size", 40},
+                      {"num_hidden_layers", 1}, {"num_attention_heads", 2}, {"head_dim", 16}, {"rms_norm_eps", 1e-12},
+                      {"tie_word_embeddings", true}, {"layer_types", {"constant"}}};
+  const auto m = model::Qwen3Model::random(reg.parse_config(j), model::WeightType::f32, 3, &reg);
+  j["model_type"] = "open_test";
+  const auto open = model::Qwen3Model::random(reg.parse_config(j), model::WeightType::f32, 3, &reg);
+  const std::vector<std::int64_t> ids = {4, 8, 15, 16, 23};
+  const auto hidden = [&](const model::Qwen3Model& mm) {
+    std::vector<std::vector<float>> h;
+    model::ForwardOptions fo;
+    fo.on_pass_hidden = [&](int, int, ConstView2<float> x) { h.emplace_back(x.data, x.data + x.shape[0] * x.shape[1]); };
+    auto s = mm.new_session();
+    std::vector<float> logits(static_cast<std::size_t>(ids.size() * 50));
+    mm.forward(s, ids, View2<float>(logits.data(), {5, 50}), fo);
+    return h;
+  };
+  // Random norm weights are ones: layer output = x + 1 (the normalised constant) + an MLP
+  // output normalised to RMS 1, per token.
+  const auto h = hidden(m);
+  REQUIRE(h.size() == 2);
+  for (std::int64_t t = 0; t < 5; ++t) {
+    double ss = 0;
+    for (std::int64_t i = 0; i < 32; ++i) {
+      const double r = h[1][t * 32 + i] - h[0][t * 32 + i] - 1.0;
+      ss += r * r;
+    }
+    CHECK(std::sqrt(ss / 32) == Approx(1.0).epsilon(1e-4));
+  }
+  // Without the norms the constant goes in as it is, and the raw MLP output of small random
+  // weights is far from RMS 1.
+  const auto ho = hidden(open);
+  for (std::int64_t t = 0; t < 5; ++t) {
+    double ss = 0;
+    for (std::int64_t i = 0; i < 32; ++i) {
+      const double r = ho[1][t * 32 + i] - ho[0][t * 32 + i] - 7.5;
+      ss += r * r;
+    }
+    CHECK(std::sqrt(ss / 32) < 0.5);
+  }
+}

@@ -137,6 +137,8 @@ class CheckpointSource : public TensorSource {
 // Deterministic random weights: element i of tensor `name` depends only on (seed, name, i), so
 // the result is the same for any thread count. RMSNorm weights ("...norm.weight") are ones, as
 // initialised in transformers; everything else is uniform with standard deviation `stddev`.
+// A norm weight is a ".weight" whose module name contains "norm" (model.norm, q_norm,
+// input_layernorm_2, ...).
 class RandomSource : public TensorSource {
  public:
   RandomSource(WeightType type, std::uint64_t seed, float stddev = 0.02f) : type_(type), seed_(seed), stddev_(stddev) {}
@@ -145,7 +147,7 @@ class RandomSource : public TensorSource {
     HostTensor h;
     h.shape = shape;
     const std::int64_t n = h.numel();
-    const bool ones = name.size() >= 11 && name.compare(name.size() - 11, 11, "norm.weight") == 0;
+    const bool ones = is_norm_weight(name);
     const std::uint64_t key = seed_ ^ hash(name);
     const float a = stddev_ * 1.7320508f;  // uniform on [-a, a] has standard deviation a / sqrt(3)
     auto value = [&](std::int64_t i) {
@@ -177,6 +179,13 @@ class RandomSource : public TensorSource {
   }
 
  private:
+  static bool is_norm_weight(const std::string& name) {
+    const std::string suffix = ".weight";
+    if (name.size() <= suffix.size() || name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) return false;
+    const std::string module = name.substr(0, name.size() - suffix.size());
+    const auto dot = module.rfind('.');
+    return module.find("norm", dot == std::string::npos ? 0 : dot + 1) != std::string::npos;
+  }
   static std::uint64_t mix(std::uint64_t z) {  // splitmix64 finaliser
     z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
