@@ -1,7 +1,7 @@
 // Tests of loop_attention / loop_attention_decode (attention/loop.hpp) against the float64
 // reference (tests/reference/loop_ref.hpp), plus the invariants: window >= T gives global
-// attention, a saturated gate gives global (bit for bit) or local attention, the fused path
-// equals the two-pass path, decode equals the last row of prefill, thread count and sub-ranges
+// attention, a saturated gate gives global (bit for bit) or local attention, the one-run paths
+// (fused, two-source) equal the two-pass path, decode equals the last row of prefill, thread count and sub-ranges
 // do not change a bit, the portable code path, and every validation error.
 #include <catch2/catch.hpp>
 
@@ -281,12 +281,12 @@ TEMPLATE_TEST_CASE("gate bias +30 gives global attention bit for bit, -30 local 
   }
 }
 
-TEMPLATE_TEST_CASE("fused path equals the two-pass path", "[loop][fused]", float, bf16) {
+TEMPLATE_TEST_CASE("one-run paths (fused, two-source) equal the two-pass path", "[loop][fused]", float, bf16) {
   const auto seed = test::fresh_seed();
   CAPTURE(seed);
   Rng rng(seed);
-  for (int i = 0; i < 10 / kScale + 2; ++i) {
-    const Case c = random_case(rng, 400 / kScale, Mode::layer);
+  for (int i = 0; i < 12 / kScale + 2; ++i) {
+    const Case c = random_case(rng, 400 / kScale, i % 2 ? Mode::stack : Mode::layer);
     LOOP_CAPTURE(c);
     const Inputs<TestType> in(rng, c);
     LoopOptions opt = in.options();

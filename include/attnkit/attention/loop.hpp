@@ -28,20 +28,25 @@
 // max(0, p_first - window + 1) and local_offset + T_l > p_last for the first and last query
 // positions p_first, p_last. out must not overlap the inputs.
 //
-// Paths:
-//   * unfused (fuse = never, or local K/V other than the global K/V): the causal flash kernel
-//     writes global into out, then the flash kernel runs again with SlidingWindowMask{window}
-//     over (k_loc, v_loc) with the query positions shifted by -local_offset, and its finalize
-//     step blends into out (BlendIntoOut) — no temporary buffer and no extra pass over out.
-//   * fused (fuse = automatic and k_loc / v_loc have the data pointers, shapes and strides of
-//     k_glob / v_glob, local_offset 0): one run of the flash kernel keeps two online-softmax
-//     states per row (detail/flash_prefill.hpp, FusedWindow). Why: both attentions score the
-//     same (query, key) pairs inside the window, and a window of W = 64 keys touches only the
-//     last one or two key tiles of each query sub-tile, so computing S once and running a
-//     second softmax + P·V on those tiles costs a few percent on top of causal prefill, where a
-//     second kernel run would compute those scores again and re-pack Q and K/V.
-//   Both paths perform the same float32 operations per row (same scores, same online-softmax
-//   sequence, same blend), so fused and unfused agree to rounding (in practice bit for bit).
+// Paths (all built on the flash prefill kernel, detail/flash_prefill.hpp):
+//   * two-pass (fuse = never): the causal kernel writes global into out, then the kernel runs
+//     again with SlidingWindowMask{window} over (k_loc, v_loc), the query positions shifted by
+//     -local_offset, and its finalize step blends into out (BlendIntoOut): no temporary buffer
+//     and no extra pass over out. The plainest composition; the reference for the others.
+//   * fused (fuse = automatic, k_loc / v_loc with the data pointers, shapes and strides of
+//     k_glob / v_glob, local_offset 0 — the "layer" reading): one kernel run keeps two
+//     online-softmax states per row (FusedWindow). Why: both attentions score the same
+//     (query, key) pairs inside the window, and a window of W = 64 keys meets only the last one
+//     or two key tiles of each query sub-tile, so computing S once and running a second
+//     softmax + P·V on those tiles costs a few percent on top of causal prefill, where a second
+//     run would compute those scores again and re-pack Q and K/V.
+//   * two-source (fuse = automatic, other local K/V — the "stack" reading): one kernel run in
+//     which each work item sweeps the global key tiles and then the local key tiles of its
+//     windows into the second state (WindowSource). Why: at W = 64 a separate sliding-window
+//     run spends about a third of its time packing Q, initialising and finalising rather than
+//     computing; here Q is packed and the gate computed once, and one finalize writes out.
+//   All paths perform the same float32 operations per row (same scores, same online-softmax
+//   sequence, same blend), so they agree to rounding (in practice bit for bit).
 //
 // loop_attention_decode: one query token q [H, d_k] at the newest position; every key passed is
 // visible: k_glob / v_glob the whole global cache (e.g. KVCache), k_loc / v_loc the window's
@@ -74,17 +79,20 @@ namespace attnkit {
 
 struct LoopOptions : AttentionOptions {  // scale, q_offset, heads, queries, num_threads as in prefill
   std::int64_t local_offset = -1;        // absolute position of k_loc row 0; -1 -> T_glob - T_loc
-  // automatic: the fused path when the local K/V are the global K/V (same data pointers, shapes
-  // and strides, local_offset 0); never: always the two-pass path.
+  // automatic: one kernel run — the fused path when the local K/V are the global K/V (same data
+  // pointers, shapes and strides, local_offset 0), else the two-source run; never: always the
+  // two-pass path (causal run, then a sliding-window run blending into out).
   enum class Fuse { automatic, never } fuse = Fuse::automatic;
 };
 
 namespace detail {
 
+enum class LoopPath { fused, two_source, two_pass };
+
 struct LoopPlan {
   flash::Shape sh;
   std::int64_t q_offset, local_offset;
-  bool fused;
+  LoopPath path;
 };
 
 template <class KV>
@@ -140,9 +148,9 @@ LoopPlan check_loop(const char* fn, const ConstView3<float>& q, const ConstView3
     ATTNKIT_REQUIRE(local_offset + T_l > p_last, fn, ": argument 'k_loc': local keys cover positions [", local_offset,
                     ", ", local_offset + T_l, "), which end before the last query's position ", p_last);
   }
-  const bool fused = opt.fuse == LoopOptions::Fuse::automatic && local_offset == 0 && same_view(k_loc, k_glob) &&
-                     same_view(v_loc, v_glob);
-  return {sh, q_offset, local_offset, fused};
+  const bool one_run = opt.fuse == LoopOptions::Fuse::automatic;
+  const bool shared = local_offset == 0 && same_view(k_loc, k_glob) && same_view(v_loc, v_glob);
+  return {sh, q_offset, local_offset, one_run ? (shared ? LoopPath::fused : LoopPath::two_source) : LoopPath::two_pass};
 }
 
 // loop_attention on an explicit xsimd instruction set (the public function uses the best one
@@ -159,13 +167,20 @@ void loop_attention_arch(ConstView3<float> q, ConstView3<KV> k_glob, ConstView3<
   const std::vector<std::pair<std::int64_t, std::int64_t>> ranges{{opt.queries.begin, opt.queries.resolve_end(T_q)}};
   const flash::LoopGate gate{gate_w, gate_b.data(), gates};
   const std::vector<flash::Segment<KV>> glob{{q, k_glob, v_glob, out, View2<float>{}, plan.q_offset}};
-  if (plan.fused) {
-    flash::run_prefill<Arch>(glob, plan.sh, CausalMask{}, hb, he, ranges, opt.num_threads,
-                             flash::FusedWindow{gate, window});
-    return;
+  const std::int64_t local_q_offset = plan.q_offset - plan.local_offset;  // query row 0 among the local rows
+  switch (plan.path) {
+    case LoopPath::fused:
+      flash::run_prefill<Arch>(glob, plan.sh, CausalMask{}, hb, he, ranges, opt.num_threads,
+                               flash::FusedWindow{gate, window});
+      return;
+    case LoopPath::two_source:
+      flash::run_prefill<Arch>(glob, plan.sh, CausalMask{}, hb, he, ranges, opt.num_threads,
+                               flash::WindowSource<KV>{gate, window, k_loc, v_loc, local_q_offset});
+      return;
+    case LoopPath::two_pass: break;
   }
   flash::run_prefill<Arch>(glob, plan.sh, CausalMask{}, hb, he, ranges, opt.num_threads);
-  const std::vector<flash::Segment<KV>> loc{{q, k_loc, v_loc, out, View2<float>{}, plan.q_offset - plan.local_offset}};
+  const std::vector<flash::Segment<KV>> loc{{q, k_loc, v_loc, out, View2<float>{}, local_q_offset}};
   flash::run_prefill<Arch>(loc, plan.sh, SlidingWindowMask{window}, hb, he, ranges, opt.num_threads,
                            flash::BlendIntoOut{gate});
 }

@@ -32,7 +32,10 @@
 //    row's window, the window's softmax reads it (masked to the window, copied to st2) before
 //    the global softmax exponentiates it in place, and a second P·V updates O2. Finalised as
 //    out = g·global + (1 - g)·local.
-// Both compute the gate g = sigmoid(w[h]·q + b[h]) of the raw query row while packing Q.
+//  * WindowSource: the window's K/V are separate; after the global key tiles, the item's
+//    sub-tiles sweep the local key tiles (as the sliding-window kernel would) into the second
+//    state, then finalise as FusedWindow does.
+// All of them compute the gate g = sigmoid(w[h]·q + b[h]) of the raw query row while packing Q.
 #pragma once
 
 #include <algorithm>
@@ -113,10 +116,28 @@ struct FusedWindow {
   LoopGate gate;
   std::int64_t window;  // keys p - window + 1 .. p (inside the causal mask)
 };
+// The window's K/V are separate (stack reading): after the global key tiles of a work item,
+// its sub-tiles sweep the local key tiles (the sliding-window kernel's loop, into the second
+// state) — one kernel run, Q packed and the gate computed once, one blended finalize.
+template <class KV>
+struct WindowSource {
+  LoopGate gate;
+  std::int64_t window;
+  ConstView3<KV> k, v;    // local K/V [T_l, H_kv, d]
+  std::int64_t q_offset;  // local key row that query row 0 sits at (query position - local_offset)
+};
 template <class E>
 inline constexpr bool has_gate_v = !std::is_same_v<E, Plain>;
 template <class E>
-inline constexpr bool is_fused_v = std::is_same_v<E, FusedWindow>;
+inline constexpr bool is_fused_v = std::is_same_v<E, FusedWindow>;  // window state fed from the same S^T
+template <class E>
+struct is_window_source : std::false_type {};
+template <class KV>
+struct is_window_source<WindowSource<KV>> : std::true_type {};
+template <class E>
+inline constexpr bool is_source_v = is_window_source<E>::value;
+template <class E>
+inline constexpr bool has_window_state_v = is_fused_v<E> || is_source_v<E>;  // (o2, m2, l2) per row
 
 // Loop Attention's gate nonlinearity, in double and rounded (the decode path uses it too).
 inline float gate_sigmoid(float z) { return static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(z)))); }
@@ -504,12 +525,11 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
   const std::int64_t nh = it.h_end - it.h_begin, bq = query_tile(sh.G);
   const std::int64_t n_sub = (it.t_end - it.t_begin + bq - 1) / bq;
   const std::int64_t rp_max = round_up(bq * nh, W), dvp = round_up(sh.d_v, W), d_k = sh.d_k;
-  const std::int64_t T_k = seg.k.shape[0];
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
 
-  constexpr bool fused = is_fused_v<Extra>, gated = has_gate_v<Extra>;
+  constexpr bool fused = is_fused_v<Extra>, dual = has_window_state_v<Extra>, gated = has_gate_v<Extra>;
   const std::int64_t sub_need = Scratch::need(d_k * rp_max) + Scratch::need(bq * nh * dvp) + 2 * Scratch::need(rp_max) +
-                                (fused ? Scratch::need(bq * nh * dvp) + 2 * Scratch::need(rp_max) : 0) +
+                                (dual ? Scratch::need(bq * nh * dvp) + 2 * Scratch::need(rp_max) : 0) +
                                 (gated ? Scratch::need(rp_max) : 0);
   Scratch scratch(n_sub * sub_need + Scratch::need(kBc * rp_max) + Scratch::need(kBc * d_k) + Scratch::need(kBc * dvp) +
                   3 * Scratch::need(rp_max) + (fused ? Scratch::need(kBc * rp_max) + 3 * Scratch::need(rp_max) : 0));
@@ -540,7 +560,7 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
     std::fill(sub.m, sub.m + sub.rp, neg_inf);
     std::fill(sub.l, sub.l + sub.rp, 0.f);
     std::fill(sub.obuf, sub.obuf + sub.rows * dvp, 0.f);
-    if constexpr (fused) {
+    if constexpr (dual) {
       sub.o2 = scratch.take(bq * nh * dvp);
       sub.m2 = scratch.take(rp_max);
       sub.l2 = scratch.take(rp_max);
@@ -551,10 +571,12 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
     if constexpr (gated) sub.gate = scratch.take(rp_max);
   }
 
-  // Visible keys of the first / last query of a range (clipped to [0, T_k)).
-  const auto key_range = [&](std::int64_t t_first, std::int64_t t_last) {
-    return std::pair<std::int64_t, std::int64_t>{std::max<std::int64_t>(mask.first_key(seg.q_offset + t_first), 0),
-                                                 std::min(mask.last_key(seg.q_offset + t_last), T_k - 1)};
+  // Visible keys of the first / last query of a range under mask m, for query row 0 at
+  // position q_off among n_keys keys (clipped to [0, n_keys)).
+  const auto key_range = [](const auto& m, std::int64_t q_off, std::int64_t n_keys, std::int64_t t_first,
+                            std::int64_t t_last) {
+    return std::pair<std::int64_t, std::int64_t>{std::max<std::int64_t>(m.first_key(q_off + t_first), 0),
+                                                 std::min(m.last_key(q_off + t_last), n_keys - 1)};
   };
   // Q^T of a sub-tile is packed when the sub-tile first meets a key tile, and the next
   // sub-tile's Q rows are prefetched meanwhile (they come from DRAM).
@@ -587,7 +609,7 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
       if constexpr (gated) {
         // Rows that saw no key contribute 0 (cannot happen for validated Loop Attention input).
         const float g = sub.gate[r], inv = sub.m[r] == neg_inf ? 0.f : 1.f / sub.l[r];
-        if constexpr (fused) {
+        if constexpr (dual) {
           const float inv2 = sub.m2[r] == neg_inf ? 0.f : 1.f / sub.l2[r];
           blend_finalize<Arch>(dst, src, inv, sub.o2 + r * dvp, inv2, g, sh.d_v);
         } else {
@@ -606,16 +628,22 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
       if (seg.lse.data) seg.lse(t, h) = sub.m[r] * kLn2 + std::log(sub.l[r]);
     }
   };
-  const auto [key_lo, key_hi] = key_range(it.t_begin, it.t_end - 1);
-  if (key_hi >= key_lo) {
+  // The key-tile loop over (k, v) under mask m (query row 0 at position q_off). window_state:
+  // the sub-tiles accumulate into their window state (o2, m2, l2); finish: a sub-tile is
+  // finalised right after its last key tile. tile_extra goes to tile_step.
+  const auto sweep = [&](const ConstView3<KV>& k, const ConstView3<KV>& v, const auto& m, std::int64_t q_off,
+                         bool window_state, bool finish, const auto& tile_extra) {
+    const std::int64_t n_keys = k.shape[0];
+    const auto [key_lo, key_hi] = key_range(m, q_off, n_keys, it.t_begin, it.t_end - 1);
+    if (key_hi < key_lo) return;
     for (std::int64_t kt = key_lo / kBc; kt <= key_hi / kBc; ++kt) {
-      const std::int64_t k0 = kt * kBc, kc = std::min(kBc, T_k - k0);
-      pack_rows<Arch>(seg.k, it.kv_head, k0, kc, d_k, d_k, tb.kbuf);
-      pack_rows<Arch>(seg.v, it.kv_head, k0, kc, sh.d_v, dvp, tb.vbuf);
+      const std::int64_t k0 = kt * kBc, kc = std::min(kBc, n_keys - k0);
+      pack_rows<Arch>(k, it.kv_head, k0, kc, d_k, d_k, tb.kbuf);
+      pack_rows<Arch>(v, it.kv_head, k0, kc, sh.d_v, dvp, tb.vbuf);
       // Sub-tiles that see this key tile (a contiguous run: visible ranges move with position).
       std::int64_t s_first = n_sub, s_end = 0;
       for (std::int64_t s = 0; s < n_sub; ++s) {
-        const auto [lo, hi] = key_range(subs[s].t_begin, subs[s].t_begin + subs[s].nq - 1);
+        const auto [lo, hi] = key_range(m, q_off, n_keys, subs[s].t_begin, subs[s].t_begin + subs[s].nq - 1);
         if (hi < lo || k0 > hi || k0 + kc - 1 < lo) continue;
         s_first = std::min(s_first, s);
         s_end = s + 1;
@@ -623,9 +651,9 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
       // Fetch the next tile's K/V rows while this one is computed: they usually come from DRAM.
       pf_kv.clear();
       if (kt < key_hi / kBc)
-        for (std::int64_t c = k0 + kBc, ce = std::min(k0 + 2 * kBc, T_k); c < ce; ++c) {
-          pf_kv.add_row(seg.k.ptr(c, it.kv_head), d_k);
-          pf_kv.add_row(seg.v.ptr(c, it.kv_head), sh.d_v);
+        for (std::int64_t c = k0 + kBc, ce = std::min(k0 + 2 * kBc, n_keys); c < ce; ++c) {
+          pf_kv.add_row(k.ptr(c, it.kv_head), d_k);
+          pf_kv.add_row(v.ptr(c, it.kv_head), sh.d_v);
         }
       if (s_end < n_sub && !packed[s_end]) {  // the sub-tile that joins next: its Q rows
         const SubTile& next = subs[s_end];
@@ -642,10 +670,22 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
             pf_q.add_row(seg.q.ptr(next.t_begin + r % next.nq, it.h_begin + r / next.nq), d_k);
         }
         pf_q.plan(ticks_per_step);
-        tile_step<Arch>(subs[s], tb, sh, mask, seg.q_offset, T_k, k0, kc, pf_q, pf_kv, ex);
-        if (key_range(subs[s].t_begin, subs[s].t_begin + subs[s].nq - 1).second < k0 + kc) finalize(s);
+        SubTile sub = subs[s];
+        if (window_state) {
+          sub.obuf = sub.o2;
+          sub.m = sub.m2;
+          sub.l = sub.l2;
+        }
+        tile_step<Arch>(sub, tb, sh, m, q_off, n_keys, k0, kc, pf_q, pf_kv, tile_extra);
+        if (finish && key_range(m, q_off, n_keys, sub.t_begin, sub.t_begin + sub.nq - 1).second < k0 + kc) finalize(s);
       }
     }
+  };
+  if constexpr (is_source_v<Extra>) {
+    sweep(seg.k, seg.v, mask, seg.q_offset, false, false, Plain{});
+    sweep(ex.k, ex.v, SlidingWindowMask{ex.window}, ex.q_offset, true, true, Plain{});
+  } else {
+    sweep(seg.k, seg.v, mask, seg.q_offset, false, true, ex);
   }
 
   for (std::int64_t s = 0; s < n_sub; ++s)
