@@ -448,6 +448,54 @@ TEST_CASE("decode with a sub-range of heads writes only those", "[loop][decode]"
   CHECK(wrong == 0);
 }
 
+TEMPLATE_TEST_CASE("strided views: fused qkv buffer, head-major K/V, padded out and gates", "[loop]", float,
+                   bf16) {
+  const auto seed = test::fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  for (Mode mode : {Mode::layer, Mode::stack}) {
+    const std::int64_t T = rng.integer(40, 200 / kScale + 40), H = 4, H_kv = 2, d = 40;
+    const Case c{T, T, H, H_kv, d, d, 17, -1, 0, false, mode};
+    LOOP_CAPTURE(c);
+    const Inputs<TestType> in(rng, c);
+    const Outputs dense = run(in, in.options());
+    // q inside a [T, q | pad] buffer; K/V head-major [H_kv, T, d] (as KVCache stores them).
+    const std::int64_t qrow = H * d + 5;
+    std::vector<float> qbuf(static_cast<std::size_t>(T * qrow), kNaN);
+    for (std::int64_t t = 0; t < T; ++t)
+      for (std::int64_t i = 0; i < H * d; ++i) qbuf[t * qrow + i] = in.q[t * H * d + i];
+    const auto head_major = [&](const std::vector<TestType>& x) {
+      std::vector<TestType> y(x.size());
+      for (std::int64_t t = 0; t < T; ++t)
+        for (std::int64_t j = 0; j < H_kv; ++j)
+          for (std::int64_t e = 0; e < d; ++e) y[(j * T + t) * d + e] = x[(t * H_kv + j) * d + e];
+      return y;
+    };
+    const std::vector<TestType> kg = head_major(in.kg), vg = head_major(in.vg), kl = head_major(in.kl_all()),
+                                vl = head_major(in.vl_all());
+    const auto hm = [&](const std::vector<TestType>& x) { return ConstView3<TestType>(x.data(), {T, H_kv, d}, {d, T * d, 1}); };
+    const std::int64_t orow = H * d + 3;
+    const std::int64_t grow = H + 3;
+    std::vector<float> out(static_cast<std::size_t>(T * orow), kNaN), gates_p(static_cast<std::size_t>(T * grow), kNaN);
+    // Layer mode passes the same views twice (the fused path); stack mode separate ones.
+    const ConstView3<TestType> klv = mode == Mode::layer ? hm(kg) : hm(kl), vlv = mode == Mode::layer ? hm(vg) : hm(vl);
+    loop_attention<TestType>(ConstView3<float>(qbuf.data(), {T, H, d}, {qrow, d, 1}), hm(kg), hm(vg), klv, vlv, in.wv(),
+                             in.bv(), c.window, View3<float>(out.data(), {T, H, d}, {orow, d, 1}), {},
+                             View2<float>(gates_p.data(), {T, H}, {grow, 1}));
+    std::vector<float> o(dense.out.size()), g(dense.gates.size());
+    std::size_t pad_touched = 0;
+    for (std::int64_t t = 0; t < T; ++t) {
+      for (std::int64_t i = 0; i < H * d; ++i) o[t * H * d + i] = out[t * orow + i];
+      for (std::int64_t i = H * d; i < orow; ++i) pad_touched += !std::isnan(out[t * orow + i]);
+      for (std::int64_t h = 0; h < H; ++h) g[t * H + h] = gates_p[t * grow + h];
+      for (std::int64_t h = H; h < grow; ++h) pad_touched += !std::isnan(gates_p[t * grow + h]);
+    }
+    CHECK(pad_touched == 0);
+    CHECK(test::bit_equal(o, dense.out));  // same rows, same arithmetic, whatever the strides
+    CHECK(test::bit_equal(g, dense.gates));
+  }
+}
+
 // The instruction sets the portable path is compiled for here (whatever the build targets).
 #if XSIMD_WITH_AVX2
 #define ATTNKIT_PORTABLE_ARCHS xsimd::sse2, xsimd::avx2
