@@ -512,8 +512,9 @@ TEMPLATE_TEST_CASE("portable (non-AVX-512) code path matches the reference", "[l
   Rng rng(seed);
   for (int i = 0; i < 8 / kScale + 2; ++i) {
     const Case c = random_case(rng, 160 / kScale, i % 2 ? Mode::stack : Mode::layer);
-    if (i % 4 < 2) check_against_reference<float, TestType>(rng, c);
-    else check_against_reference<bf16, TestType>(rng, c);
+    const auto fuse = i % 3 == 2 ? LoopOptions::Fuse::never : LoopOptions::Fuse::automatic;
+    if (i % 4 < 2) check_against_reference<float, TestType>(rng, c, fuse);
+    else check_against_reference<bf16, TestType>(rng, c, fuse);
   }
 }
 
@@ -626,6 +627,12 @@ TEST_CASE("loop_attention validation errors name the function and the argument",
   a.opt.local_offset = 0;
   CHECK_THROWS_WITH(call(a), Contains("loop_attention: argument 'k_loc': local keys cover positions [0, 5), which end "
                                       "before the last query's position 5"));
+  // No queries: nothing to do, nothing written.
+  a = good;
+  a.q = qv.slice(0, 0, 0);
+  a.out = ov.slice(0, 0, 0);
+  a.gates = gv.slice(0, 0, 0);
+  REQUIRE_NOTHROW(call(a));
   // A continuation chunk: queries at positions 4, 5 (W = 3) need local keys from position 2 on.
   a = good;
   a.q = qv.slice(0, 0, 2);

@@ -510,10 +510,10 @@ inline void blend_finalize(float* dst, const float* a, float ia, const float* b,
   constexpr std::int64_t W = lanes<Arch>;
   const float omg = 1.f - g;
   const B vg(g), vomg(omg), via(ia), vib(ib);
-  std::int64_t d = 0;
-  for (; d + W <= n; d += W)
+  const std::int64_t nv = n / W * W;
+  for (std::int64_t d = 0; d < nv; d += W)
     xsimd::fma(vg, B::load_unaligned(a + d) * via, vomg * (B::load_unaligned(b + d) * vib)).store_unaligned(dst + d);
-  for (; d < n; ++d) dst[d] = std::fma(g, a[d] * ia, omg * (b[d] * ib));
+  for (std::int64_t d = nv; d < n; ++d) dst[d] = std::fma(g, a[d] * ia, omg * (b[d] * ib));
 }
 
 // One work item: its queries are split into sub-tiles of query_tile(G) queries (about 64
