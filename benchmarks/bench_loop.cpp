@@ -32,6 +32,7 @@
 #include "attnkit/attention/loop.hpp"
 #include "attnkit/attention/prefill.hpp"
 #include "attnkit/core/memory.hpp"
+#include "bench_data.hpp"
 #include "roofline.hpp"
 
 namespace {
@@ -39,33 +40,12 @@ namespace {
 using namespace attnkit;
 using clk = std::chrono::steady_clock;
 
-constexpr std::int64_t kH = 16, kHkv = 8, kD = 128;
-
-// Deterministic pseudo-random values in [-1, 1) in attnkit's (huge-page) memory, as in
-// bench_prefill.cpp.
-template <class T>
-struct Buffer {
-  std::shared_ptr<void> mem;
-  T* data() const { return static_cast<T*>(mem.get()); }
-};
-template <class T>
-Buffer<T> fill(std::int64_t n, std::uint32_t seed, float amplitude = 1.f) {
-  Buffer<T> b{allocate_aligned_shared(static_cast<std::size_t>(n) * sizeof(T))};
-  std::uint32_t s = seed;
-  for (std::int64_t i = 0; i < n; ++i) {
-    s = s * 1664525u + 1013904223u;
-    const float f = amplitude * (static_cast<float>(s >> 8) * (2.f / 16777216.f) - 1.f);
-    if constexpr (std::is_same_v<T, bf16>) b.data()[i] = bf16(f);
-    else b.data()[i] = f;
-  }
-  return b;
-}
-
-double attended_pairs(std::int64_t T, std::int64_t window) {
-  double n = 0;
-  for (std::int64_t t = 0; t < T; ++t) n += static_cast<double>(window > 0 ? std::min(t + 1, window) : t + 1);
-  return n;
-}
+using bench::attended_pairs;
+using bench::Buffer;
+using bench::fill;
+using bench::kD;
+using bench::kH;
+using bench::kHkv;
 
 double seconds(clk::time_point t0, clk::time_point t1) { return std::chrono::duration<double>(t1 - t0).count(); }
 

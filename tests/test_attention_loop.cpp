@@ -25,11 +25,7 @@ using Catch::Contains;
 
 namespace {
 
-#if defined(ATTNKIT_SANITIZED)
-constexpr int kScale = 4;  // fewer and smaller cases under ASan/UBSan
-#else
-constexpr int kScale = 1;
-#endif
+using attnkit::test::kScale;
 
 constexpr double kOutTol = 2e-6;   // relative L2 of out against the float64 reference
 constexpr double kGateTol = 1e-6;  // max |g - g_ref|
@@ -60,10 +56,7 @@ struct Inputs {
   std::vector<KV> kg, vg, kl, vl;
 
   static void make_kv(Rng& rng, std::size_t n, std::vector<float>& f, std::vector<KV>& x) {
-    f = rng.normal_vec(n);
-    x.resize(n);
-    convert(f.data(), x.data(), static_cast<long>(n));
-    convert(x.data(), f.data(), static_cast<long>(n));  // the exact values the kernel reads
+    test::rounded_normal(rng, n, f, x);
   }
   Inputs(Rng& rng, const Case& cs) : c(cs) {
     q = rng.normal_vec(static_cast<std::size_t>(c.T_q * c.H * c.d_k));

@@ -20,11 +20,7 @@ using attnkit::test::Rng;
 
 namespace {
 
-#if defined(ATTNKIT_SANITIZED)
-constexpr int kScale = 4;  // fewer and smaller cases under ASan/UBSan
-#else
-constexpr int kScale = 1;
-#endif
+using attnkit::test::kScale;
 
 constexpr double kOutTol = 1e-5;  // relative L2 of out against the float64 reference
 constexpr double kLseTol = 1e-5;  // |lse - ref| <= kLseTol * max(1, |ref|)
@@ -45,14 +41,8 @@ struct Inputs {
 
   Inputs(Rng& rng, Dims d) : dims(d) {
     q = rng.normal_vec(static_cast<std::size_t>(d.T_q * d.H * d.d_k));
-    kf = rng.normal_vec(static_cast<std::size_t>(d.T_k * d.H_kv * d.d_k));
-    vf = rng.normal_vec(static_cast<std::size_t>(d.T_k * d.H_kv * d.d_v));
-    k.resize(kf.size());
-    v.resize(vf.size());
-    convert(kf.data(), k.data(), static_cast<long>(k.size()));
-    convert(vf.data(), v.data(), static_cast<long>(v.size()));
-    convert(k.data(), kf.data(), static_cast<long>(k.size()));  // the exact values the kernel reads
-    convert(v.data(), vf.data(), static_cast<long>(v.size()));
+    test::rounded_normal(rng, static_cast<std::size_t>(d.T_k * d.H_kv * d.d_k), kf, k);
+    test::rounded_normal(rng, static_cast<std::size_t>(d.T_k * d.H_kv * d.d_v), vf, v);
   }
   ConstView3<float> qv() const { return {q.data(), {dims.T_q, dims.H, dims.d_k}}; }
   ConstView3<KV> kv() const { return {k.data(), {dims.T_k, dims.H_kv, dims.d_k}}; }

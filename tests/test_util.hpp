@@ -13,6 +13,13 @@
 
 namespace attnkit::test {
 
+// Randomised kernel tests run fewer and smaller cases under ASan/UBSan (about 10x slower).
+#if defined(ATTNKIT_SANITIZED)
+inline constexpr int kScale = 4;
+#else
+inline constexpr int kScale = 1;
+#endif
+
 // A fresh seed per call (so every case sees new inputs) that is printed on failure by the caller.
 inline std::uint64_t fresh_seed() {
   static std::random_device rd;
@@ -62,6 +69,16 @@ double rel_l2(const std::vector<A>& a, const std::vector<B>& b) {
 }
 
 inline double to_float(double x) { return x; }
+
+// n normal values stored as T in x, and as float in f exactly as the kernel will read them
+// (bf16-rounded when T = bf16): what a float64 reference should be fed.
+template <class T>
+void rounded_normal(Rng& rng, std::size_t n, std::vector<float>& f, std::vector<T>& x) {
+  f = rng.normal_vec(n);
+  x.resize(n);
+  convert(f.data(), x.data(), static_cast<long>(n));
+  convert(x.data(), f.data(), static_cast<long>(n));
+}
 
 template <class T>
 bool bit_equal(const std::vector<T>& a, const std::vector<T>& b) {

@@ -1,0 +1,47 @@
+// benchmarks/bench_data.hpp — inputs shared by the kernel benchmarks: deterministic
+// pseudo-random values in [-amplitude, amplitude) (a cheap LCG: the data only needs to be
+// non-trivial), in memory from attnkit's allocator: huge pages for large buffers, as the KV
+// caches and an engine's arena provide (4 KiB pages cost ~5% here: every K/V row of a
+// [T, H_kv, d] layout sits in a different page).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+
+#include "attnkit/core/bf16.hpp"
+#include "attnkit/core/memory.hpp"
+
+namespace attnkit::bench {
+
+// Qwen3-0.6B attention heads: the shape every kernel benchmark uses.
+inline constexpr std::int64_t kH = 16, kHkv = 8, kD = 128;
+
+// (query, key) pairs a causal (window 0) or sliding-window prefill of T tokens attends.
+inline double attended_pairs(std::int64_t T, std::int64_t window) {
+  double n = 0;
+  for (std::int64_t t = 0; t < T; ++t) n += static_cast<double>(window > 0 ? std::min(t + 1, window) : t + 1);
+  return n;
+}
+
+template <class T>
+struct Buffer {
+  std::shared_ptr<void> mem;
+  T* data() const { return static_cast<T*>(mem.get()); }
+};
+
+template <class T>
+Buffer<T> fill(std::int64_t n, std::uint32_t seed, float amplitude = 1.f) {
+  Buffer<T> b{allocate_aligned_shared(static_cast<std::size_t>(n) * sizeof(T))};
+  std::uint32_t s = seed;
+  for (std::int64_t i = 0; i < n; ++i) {
+    s = s * 1664525u + 1013904223u;
+    const float f = amplitude * (static_cast<float>(s >> 8) * (2.f / 16777216.f) - 1.f);
+    if constexpr (std::is_same_v<T, bf16>) b.data()[i] = bf16(f);
+    else b.data()[i] = f;
+  }
+  return b;
+}
+
+}  // namespace attnkit::bench
