@@ -121,7 +121,11 @@ TEST_CASE("loop fixtures: prefill, decode, chunked logits and gates against the 
   model::SessionOptions bf;
   bf.kv_type = model::CacheType::bf16;
   CHECK(test::rel_l2(run(m, ref.ids, {}, bf).logits, ref.logits) <= 2e-2);
-  CHECK(test::rel_l2(run(m, ref.ids, {1}, bf).logits, run(m, ref.ids, {}, bf).logits) <= 1e-5);
+  // Decode computes k/v by a GEMV, prefill by a GEMM: sums in another order, 1 ulp apart, and a
+  // 1-ulp difference can flip a bf16 rounding (2^-9 relative). Stack mode rounds twice (K1 and
+  // the looping pass's keys) and feeds pass 0's output into pass 1, so it amplifies more than a
+  // plain model (measured up to 1.3e-4 under -O2, 0 under -O3).
+  CHECK(test::rel_l2(run(m, ref.ids, {1}, bf).logits, run(m, ref.ids, {}, bf).logits) <= 1e-3);
 
   // Thread count never changes a bit.
   CHECK(test::bit_equal(run(m, ref.ids, {}, {}, 1).logits, run(m, ref.ids, {}, {}, 2).logits));
