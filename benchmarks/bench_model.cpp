@@ -3,9 +3,13 @@
 // against the measured DRAM read bandwidth (decode reads every weight once per token).
 // Loop Attention variants of the same shape (qwen3-0.6b-loop: gates, loop_num 2, window 64)
 // run beside the plain model in the same binary: model/loop-stack/... and model/loop-layer/....
-// Stack mode makes two passes over the weights per token, so its ideal is 0.5x plain.
+// Stack mode makes two passes over the weights per token, so its ideal is 0.5x plain. The
+// loop benchmarks alternate with the plain model step by step and report vs_plain (their speed
+// as a fraction of plain's, median over the pairs).
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
+#include <chrono>
 #include <map>
 #include <memory>
 #include <string>
@@ -45,9 +49,30 @@ std::vector<std::int64_t> prompt(std::int64_t n, std::int64_t vocab) {
   return ids;
 }
 
+using clk = std::chrono::steady_clock;
+double seconds_since(clk::time_point t0) { return std::chrono::duration<double>(clk::now() - t0).count(); }
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0.0 : v[v.size() / 2];
+}
+
+// A variant is timed alternately with the plain model, step for step, and vs_plain is the
+// median over the pairs of (plain time / variant time), i.e. the variant's speed as a fraction
+// of plain's: load from elsewhere on a shared machine skews one pair, not the ratio. The
+// reported time and tok_s are the variant's alone.
+struct Pairs {
+  std::vector<double> ratios;
+  void add(double plain_s, double variant_s) { ratios.push_back(plain_s / variant_s); }
+  void report(benchmark::State& state) const {
+    if (!ratios.empty()) state.counters["vs_plain"] = median(ratios);
+  }
+};
+
 // Prefill: the whole prompt in one step; logits of the last row only (what generation needs).
 void BM_model_prefill(benchmark::State& state, Precision precision, std::string variant) {
   const auto& m = qwen3_0_6b(variant);
+  const bool paired = variant != "plain";
   const std::int64_t T = state.range(0);
   const int threads = static_cast<int>(state.range(1));
   const auto ids = prompt(T, m.config().vocab_size);
@@ -56,17 +81,32 @@ void BM_model_prefill(benchmark::State& state, Precision precision, std::string 
   fo.logits = model::LogitsRows::last;
   fo.precision = precision;
   fo.num_threads = threads;
-  for (auto _ : state) {
-    auto s = m.new_session({model::CacheType::f32, T});
-    m.forward(s, ids, View2<float>(logits.data(), {1, m.config().vocab_size}), fo);
+  const auto step = [&](const model::Qwen3Model& mm) {
+    auto s = mm.new_session({model::CacheType::f32, T});
+    const auto t0 = clk::now();
+    mm.forward(s, ids, View2<float>(logits.data(), {1, mm.config().vocab_size}), fo);
     benchmark::DoNotOptimize(logits.data());
+    return seconds_since(t0);
+  };
+  Pairs pairs;
+  double total = 0;
+  for (auto _ : state) {
+    const double plain_s = paired ? step(qwen3_0_6b()) : 0.0;
+    const double s = step(m);
+    if (paired) pairs.add(plain_s, s);
+    state.SetIterationTime(s);
+    total += s;
   }
-  state.counters["tok_s"] = benchmark::Counter(static_cast<double>(T) * state.iterations(), benchmark::Counter::kIsRate);
+  state.counters["tok_s"] = static_cast<double>(T) * static_cast<double>(state.iterations()) / total;
+  pairs.report(state);
 }
 
-// Decode: after a prefill of `T` tokens (untimed), each iteration decodes one token.
+// Decode: after a prefill of `T` tokens (untimed), each iteration decodes one token (and one
+// of the plain model, for a variant).
 void BM_model_decode(benchmark::State& state, model::CacheType kv, std::string variant) {
   const auto& m = qwen3_0_6b(variant);
+  const auto& plain = qwen3_0_6b();
+  const bool paired = variant != "plain";
   const std::int64_t T = state.range(0);
   const int threads = static_cast<int>(state.range(1));
   const std::int64_t V = m.config().vocab_size;
@@ -75,21 +115,44 @@ void BM_model_decode(benchmark::State& state, model::CacheType kv, std::string v
   model::ForwardOptions fo;
   fo.logits = model::LogitsRows::last;
   fo.num_threads = threads;
-  fo.precision = Precision::fast;  // prefill only; a one-token step is bandwidth bound either way
-  auto s = m.new_session({kv, T + 4096});
-  m.forward(s, ids, View2<float>(logits.data(), {1, V}), fo);
-  fo.precision = Precision::exact;
-  std::int64_t next = ops::argmax(logits.data(), V);
+  struct Stream {
+    model::Session s;
+    std::int64_t next = 0;
+  };
+  const auto start = [&](const model::Qwen3Model& mm) {
+    Stream st{mm.new_session({kv, T + 4096})};
+    fo.precision = Precision::fast;  // prefill only; a one-token step is bandwidth bound either way
+    mm.forward(st.s, ids, View2<float>(logits.data(), {1, V}), fo);
+    fo.precision = Precision::exact;
+    st.next = ops::argmax(logits.data(), V);
+    return st;
+  };
+  const auto step = [&](const model::Qwen3Model& mm, Stream& st) {
+    const auto t0 = clk::now();
+    mm.forward(st.s, std::span<const std::int64_t>(&st.next, 1), View2<float>(logits.data(), {1, V}), fo);
+    const double sec = seconds_since(t0);
+    st.next = ops::argmax(logits.data(), V);
+    return sec;
+  };
+  Stream mine = start(m);
+  Stream base = paired ? start(plain) : Stream{};
+  Pairs pairs;
+  double total = 0;
   for (auto _ : state) {
-    m.forward(s, std::span<const std::int64_t>(&next, 1), View2<float>(logits.data(), {1, V}), fo);
-    next = ops::argmax(logits.data(), V);
+    const double plain_s = paired ? step(plain, base) : 0.0;
+    const double s = step(m, mine);
+    if (paired) pairs.add(plain_s, s);
+    state.SetIterationTime(s);
+    total += s;
   }
-  state.counters["tok_s"] = benchmark::Counter(static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  const double iters = static_cast<double>(state.iterations());
+  state.counters["tok_s"] = iters / total;
   // Weight bytes only (the KV cache read adds 2 * T * layers * H_kv * d * sizeof(kv) per step);
   // a stack of several passes reads the layers' weights once per pass.
-  const double gb = static_cast<double>(m.streamed_bytes_per_token()) * state.iterations() / 1e9;
-  state.counters["GBps"] = benchmark::Counter(gb, benchmark::Counter::kIsRate);
-  state.counters["bw_frac"] = benchmark::Counter(gb / bench::roofline().read_gbps, benchmark::Counter::kIsRate);
+  const double gbps = static_cast<double>(m.streamed_bytes_per_token()) * iters / total / 1e9;
+  state.counters["GBps"] = gbps;
+  state.counters["bw_frac"] = gbps / bench::roofline().read_gbps;
+  pairs.report(state);
 }
 
 template <class F, class... A>
@@ -99,7 +162,7 @@ void add(const char* name, int iterations, F fn, A... args) {
       ->Args({512, 1})
       ->Args({512, 2})
       ->Unit(benchmark::kMillisecond)
-      ->UseRealTime()
+      ->UseManualTime()
       ->Iterations(iterations);
 }
 
@@ -110,8 +173,8 @@ const bool registered = [] {
   add("model/decode/bf16/kv:bf16", 32, BM_model_decode, model::CacheType::bf16, std::string("plain"));
   for (const char* v : {"loop-stack", "loop-layer"}) {
     const std::string n = std::string("model/") + v;
-    add((n + "/prefill/bf16/fast").c_str(), 2, BM_model_prefill, Precision::fast, std::string(v));
-    add((n + "/prefill/bf16/exact").c_str(), 2, BM_model_prefill, Precision::exact, std::string(v));
+    add((n + "/prefill/bf16/fast").c_str(), 3, BM_model_prefill, Precision::fast, std::string(v));
+    add((n + "/prefill/bf16/exact").c_str(), 3, BM_model_prefill, Precision::exact, std::string(v));
     add((n + "/decode/bf16/kv:f32").c_str(), 32, BM_model_decode, model::CacheType::f32, std::string(v));
     add((n + "/decode/bf16/kv:bf16").c_str(), 32, BM_model_decode, model::CacheType::bf16, std::string(v));
   }
