@@ -1,4 +1,4 @@
-// attnkit-kernels — runs causal prefill, sliding-window prefill and decode on random data of
+// attnkit-kernels — runs causal prefill, sliding-window prefill, decode and Loop Attention on random data of
 // Qwen3-0.6B's attention shape, prints each kernel's agreement with a float64 reference (on a
 // short sequence) and its speed (on a long one).
 //
@@ -110,6 +110,25 @@ int main(int argc, char** argv) {
     std::vector<float> qlast(q.end() - H * d, q.end());
     std::printf("decode           T_kv=%lld: relative L2 error %.2e\n", (long long)t,
                 rel_err(o1, reference(qlast, k, v, 1, t, H, Hkv, d, 0)));
+
+    // Loop Attention (layer reading: local keys = global keys): g·global + (1 - g)·local with
+    // g = sigmoid(gate_w[h]·q + gate_b[h]), the reference blended in float64.
+    auto gw = randn(H * d, gen);
+    for (auto& x : gw) x /= std::sqrt(float(d));
+    std::vector<float> gb(H, 0.25f);
+    LoopOptions lopt;
+    lopt.num_threads = threads;
+    loop_attention<float>(qv, kv, vv, kv, vv, ConstView2<float>(gw.data(), {H, d}), gb, w,
+                          View3<float>(o.data(), {t, H, d}), lopt);
+    const auto glob = reference(q, k, v, t, t, H, Hkv, d, 0), loc = reference(q, k, v, t, t, H, Hkv, d, w);
+    std::vector<double> blend(glob.size());
+    for (std::int64_t r = 0; r < t * H; ++r) {
+      double z = gb[r % H];
+      for (std::int64_t i = 0; i < d; ++i) z += double(gw[(r % H) * d + i]) * q[r * d + i];
+      const double g = 1 / (1 + std::exp(-z));
+      for (std::int64_t i = 0; i < d; ++i) blend[r * d + i] = g * glob[r * d + i] + (1 - g) * loc[r * d + i];
+    }
+    std::printf("loop attention   T=%lld W=%lld: relative L2 error %.2e\n", (long long)t, (long long)w, rel_err(o, blend));
   }
 
   // Speed on Qwen3-0.6B-shaped attention.
@@ -126,6 +145,18 @@ int main(int argc, char** argv) {
   const double ts = best_seconds([&] { attention_prefill<float>(qv, kv, vv, View3<float>(o.data(), {T, H, d}), SlidingWindowMask{W}, opt); }, 3);
   std::printf("sliding prefill  T=%lld W=%lld: %.1f ms, %.1f GFLOP/s\n", (long long)T, (long long)W, ts * 1e3,
               4.0 * d * H * pairs_w / ts / 1e9);
+  {
+    std::vector<float> gw(H * d, 0.01f), gb(H, 0.f);
+    LoopOptions lopt;
+    lopt.num_threads = threads;
+    const std::int64_t lw = 64;
+    const double tl = best_seconds([&] {
+      loop_attention<float>(qv, kv, vv, kv, vv, ConstView2<float>(gw.data(), {H, d}), gb, lw,
+                            View3<float>(o.data(), {T, H, d}), lopt);
+    }, 3);
+    std::printf("loop attention   T=%lld W=%lld (fused): %.1f ms, %.2fx causal prefill\n", (long long)T, (long long)lw,
+                tl * 1e3, tl / tc);
+  }
   DecodeOptions dopt;
   dopt.num_threads = threads;
   std::vector<float> o1(H * d);

@@ -11,6 +11,7 @@
 #include "attnkit/attention/common.hpp"
 #include "attnkit/attention/decode.hpp"
 #include "attnkit/attention/kv_cache.hpp"
+#include "attnkit/attention/loop.hpp"
 #include "attnkit/attention/merge.hpp"
 #include "attnkit/attention/prefill.hpp"
 
