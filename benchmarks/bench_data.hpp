@@ -6,9 +6,11 @@
 #pragma once
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <type_traits>
+#include <vector>
 
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/memory.hpp"
@@ -43,5 +45,39 @@ Buffer<T> fill(std::int64_t n, std::uint32_t seed, float amplitude = 1.f) {
   }
   return b;
 }
+
+using clk = std::chrono::steady_clock;
+inline double seconds(clk::time_point t0, clk::time_point t1) { return std::chrono::duration<double>(t1 - t0).count(); }
+
+inline double median(std::vector<double> x) {
+  if (x.empty()) return 0;
+  std::sort(x.begin(), x.end());
+  const std::size_t n = x.size();
+  return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
+}
+
+// A variant timed alternately with the plain kernel or model it varies, call for call: load
+// from elsewhere on a shared machine skews one pair, not the medians of the pairs' ratios.
+struct Paired {
+  double variant_s = 0, plain_s = 0;       // totals
+  std::vector<double> variant, plain;      // per pair
+  void add(double variant_seconds, double plain_seconds) {
+    variant_s += variant_seconds;
+    plain_s += plain_seconds;
+    variant.push_back(variant_seconds);
+    plain.push_back(plain_seconds);
+  }
+  // Median of variant time / plain time (kernels: how much longer the variant takes).
+  double time_ratio() const { return median(ratios(variant, plain)); }
+  // Median of plain time / variant time (models: the variant's speed as a fraction of plain's).
+  double speed_ratio() const { return median(ratios(plain, variant)); }
+
+ private:
+  static std::vector<double> ratios(const std::vector<double>& a, const std::vector<double>& b) {
+    std::vector<double> r(a.size());
+    for (std::size_t i = 0; i < a.size(); ++i) r[i] = a[i] / b[i];
+    return r;
+  }
+};
 
 }  // namespace attnkit::bench

@@ -38,8 +38,6 @@
 namespace {
 
 using namespace attnkit;
-using clk = std::chrono::steady_clock;
-
 using bench::attended_pairs;
 using bench::Buffer;
 using bench::fill;
@@ -47,14 +45,8 @@ using bench::kD;
 using bench::kH;
 using bench::kHkv;
 
-double seconds(clk::time_point t0, clk::time_point t1) { return std::chrono::duration<double>(t1 - t0).count(); }
-
-double median(std::vector<double> x) {
-  if (x.empty()) return 0;
-  std::sort(x.begin(), x.end());
-  const std::size_t n = x.size();
-  return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
-}
+using bench::clk;
+using bench::seconds;
 
 template <class KV>
 void BM_loop(benchmark::State& state, std::int64_t T, std::int64_t W, bool stack) {
@@ -73,8 +65,7 @@ void BM_loop(benchmark::State& state, std::int64_t T, std::int64_t W, bool stack
   AttentionOptions popt;
   popt.num_threads = 2;
   const double peak = bench::roofline().fma_gflops;
-  double loop_s = 0, plain_s = 0;
-  std::vector<double> ratios;
+  bench::Paired pairs;
   for (auto _ : state) {
     const auto t0 = clk::now();
     loop_attention<KV>(qv, kv, vv, klv, vlv, ConstView2<float>(gw.data(), {kH, kD}),
@@ -87,17 +78,15 @@ void BM_loop(benchmark::State& state, std::int64_t T, std::int64_t W, bool stack
     benchmark::ClobberMemory();
     const auto t2 = clk::now();
     state.SetIterationTime(seconds(t0, t1));
-    loop_s += seconds(t0, t1);
-    plain_s += seconds(t1, t2);
-    ratios.push_back(seconds(t0, t1) / seconds(t1, t2));
+    pairs.add(seconds(t0, t1), seconds(t1, t2));
   }
   const double n = static_cast<double>(state.iterations());
   const double flops = (attended_pairs(T, 0) + attended_pairs(T, W)) * static_cast<double>(kH) * (4.0 * kD);
-  const double gflops = flops / (loop_s / n) / 1e9;
+  const double gflops = flops / (pairs.variant_s / n) / 1e9;
   state.counters["GFLOPS"] = gflops;
   state.counters["peak_frac"] = gflops / peak;
-  state.counters["vs_plain"] = median(ratios);
-  state.counters["plain_ms"] = plain_s / n * 1e3;
+  state.counters["vs_plain"] = pairs.time_ratio();
+  state.counters["plain_ms"] = pairs.plain_s / n * 1e3;
 }
 
 template <class KV>
@@ -129,8 +118,7 @@ void BM_loop_decode(benchmark::State& state, std::int64_t T, std::int64_t W) {
   opt.num_threads = 2;
   const ConstView2<float> qv(q.data(), {kH, kD}), wv(gw.data(), {kH, kD});
   const View2<float> ov(out.data(), {kH, kD});
-  double loop_s = 0, plain_s = 0;
-  std::vector<double> ratios;
+  bench::Paired pairs;
   std::size_t i = 0;
   for (auto _ : state) {
     const std::size_t a = i++ % caches.size(), b = i++ % caches.size();  // a different set for each call
@@ -145,16 +133,14 @@ void BM_loop_decode(benchmark::State& state, std::int64_t T, std::int64_t W) {
     benchmark::ClobberMemory();
     const auto t2 = clk::now();
     state.SetIterationTime(seconds(t0, t1));
-    loop_s += seconds(t0, t1);
-    plain_s += seconds(t1, t2);
-    ratios.push_back(seconds(t0, t1) / seconds(t1, t2));
+    pairs.add(seconds(t0, t1), seconds(t1, t2));
   }
   const double gb_read = static_cast<double>(bytes) * 1e-9;
-  const double per_call = loop_s / static_cast<double>(state.iterations());
+  const double per_call = pairs.variant_s / static_cast<double>(state.iterations());
   state.counters["GBps"] = gb_read / per_call;
   state.counters["bw_frac"] = gb_read / per_call / bench::roofline().read_gbps;
-  state.counters["vs_plain"] = median(ratios);
-  state.counters["plain_us"] = plain_s / static_cast<double>(state.iterations()) * 1e6;
+  state.counters["vs_plain"] = pairs.time_ratio();
+  state.counters["plain_us"] = pairs.plain_s / static_cast<double>(state.iterations()) * 1e6;
   state.counters["caches"] = static_cast<double>(n_sets);
 }
 

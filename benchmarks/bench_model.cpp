@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "attnkit/attnkit.hpp"
+#include "bench_data.hpp"
 #include "roofline.hpp"
 
 using namespace attnkit;
@@ -49,25 +50,15 @@ std::vector<std::int64_t> prompt(std::int64_t n, std::int64_t vocab) {
   return ids;
 }
 
-using clk = std::chrono::steady_clock;
-double seconds_since(clk::time_point t0) { return std::chrono::duration<double>(clk::now() - t0).count(); }
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v.empty() ? 0.0 : v[v.size() / 2];
-}
+using bench::clk;
+double seconds_since(clk::time_point t0) { return bench::seconds(t0, clk::now()); }
 
 // A variant is timed alternately with the plain model, step for step, and vs_plain is the
 // median over the pairs of (plain time / variant time), i.e. the variant's speed as a fraction
-// of plain's: load from elsewhere on a shared machine skews one pair, not the ratio. The
-// reported time and tok_s are the variant's alone.
-struct Pairs {
-  std::vector<double> ratios;
-  void add(double plain_s, double variant_s) { ratios.push_back(plain_s / variant_s); }
-  void report(benchmark::State& state) const {
-    if (!ratios.empty()) state.counters["vs_plain"] = median(ratios);
-  }
-};
+// of plain's. The reported time and tok_s are the variant's alone.
+void report_pairs(benchmark::State& state, const bench::Paired& pairs) {
+  if (!pairs.variant.empty()) state.counters["vs_plain"] = pairs.speed_ratio();
+}
 
 // Prefill: the whole prompt in one step; logits of the last row only (what generation needs).
 void BM_model_prefill(benchmark::State& state, Precision precision, std::string variant) {
@@ -88,17 +79,17 @@ void BM_model_prefill(benchmark::State& state, Precision precision, std::string 
     benchmark::DoNotOptimize(logits.data());
     return seconds_since(t0);
   };
-  Pairs pairs;
+  bench::Paired pairs;
   double total = 0;
   for (auto _ : state) {
     const double plain_s = paired ? step(qwen3_0_6b()) : 0.0;
     const double s = step(m);
-    if (paired) pairs.add(plain_s, s);
+    if (paired) pairs.add(s, plain_s);
     state.SetIterationTime(s);
     total += s;
   }
   state.counters["tok_s"] = static_cast<double>(T) * static_cast<double>(state.iterations()) / total;
-  pairs.report(state);
+  report_pairs(state, pairs);
 }
 
 // Decode: after a prefill of `T` tokens (untimed), each iteration decodes one token (and one
@@ -136,12 +127,12 @@ void BM_model_decode(benchmark::State& state, model::CacheType kv, std::string v
   };
   Stream mine = start(m);
   Stream base = paired ? start(plain) : Stream{};
-  Pairs pairs;
+  bench::Paired pairs;
   double total = 0;
   for (auto _ : state) {
     const double plain_s = paired ? step(plain, base) : 0.0;
     const double s = step(m, mine);
-    if (paired) pairs.add(plain_s, s);
+    if (paired) pairs.add(s, plain_s);
     state.SetIterationTime(s);
     total += s;
   }
@@ -152,7 +143,7 @@ void BM_model_decode(benchmark::State& state, model::CacheType kv, std::string v
   const double gbps = static_cast<double>(m.streamed_bytes_per_token()) * iters / total / 1e9;
   state.counters["GBps"] = gbps;
   state.counters["bw_frac"] = gbps / bench::roofline().read_gbps;
-  pairs.report(state);
+  report_pairs(state, pairs);
 }
 
 template <class F, class... A>

@@ -117,15 +117,10 @@ std::pair<nlohmann::json, std::string> named_config(const std::string& name) {
   die("--random: unknown shape '" + name + "' (known: qwen3-0.6b, qwen3-0.6b-loop, tiny, tiny-loop, or a config .json file)");
 }
 
-// One line on the mechanism a model runs.
+// One line on the mechanism a model runs: recipe, passes, and the first layer's mixer.
 std::string mechanism_summary(const model::Qwen3Model& m) {
-  std::string s = "recipe " + m.recipe() + ", " + std::to_string(m.passes()) + (m.passes() == 1 ? " pass" : " passes");
-  if (auto* loop = dynamic_cast<const model::LoopAttention*>(&m.mixer(0))) {
-    const auto& ls = loop->settings();
-    s += std::string(", Loop Attention ") + (ls.mode == model::LoopMode::stack ? "stack" : "layer") + " mode, window " +
-         std::to_string(ls.window);
-  }
-  return s;
+  return "recipe " + m.recipe() + ", " + std::to_string(m.passes()) + (m.passes() == 1 ? " pass" : " passes") + ", " +
+         m.mixer(0).describe();
 }
 
 }  // namespace

@@ -51,6 +51,8 @@ class TokenMixer {
  public:
   virtual ~TokenMixer() = default;
   virtual std::string kind() const = 0;
+  // One line on the mixer and its settings, for summaries (default: kind()).
+  virtual std::string describe() const { return kind(); }
   virtual std::unique_ptr<MixerState> new_state(const SessionOptions& opt) const = 0;
   // x: normalised input [T, D]; out: [T, D] (overwritten). Consumes the step's tokens into `state`.
   virtual void forward(ConstView2<float> x, View2<float> out, MixerState& state, const StepContext& ctx) const = 0;

@@ -372,13 +372,15 @@ inline Qwen3Model Qwen3Model::compose(const io::Qwen3Config& config, const Tenso
 }
 
 inline Qwen3Model Qwen3Model::load(const std::filesystem::path& dir, const LoadOptions& opt) {
-  const Registry fallback = opt.registry ? Registry{} : default_registry();
-  const Registry& reg = opt.registry ? *opt.registry : fallback;
-  const io::Qwen3Config config = reg.load_config(dir);
+  if (!opt.registry) {  // the default registry, built once for parsing and composing
+    const Registry reg = default_registry();
+    LoadOptions o = opt;
+    o.registry = &reg;
+    return load(dir, o);
+  }
+  const io::Qwen3Config config = opt.registry->load_config(dir);
   CheckpointSource src(dir);
-  LoadOptions o = opt;
-  o.registry = &reg;
-  return compose(config, src, o);
+  return compose(config, src, opt);
 }
 
 // Greedy continuation from a session whose last step left `logits` [V] (the last row): each

@@ -66,6 +66,10 @@ class LoopAttention final : public TokenMixer {
   }
 
   std::string kind() const override { return "loop_attention"; }
+  std::string describe() const override {
+    return std::string("Loop Attention ") + (s_.mode == LoopMode::stack ? "stack" : "layer") + " mode, window " +
+           std::to_string(s_.window);
+  }
   const LoopSettings& settings() const { return s_; }
   std::size_t weight_bytes() const override {
     return proj_.weight_bytes() + o_.bytes() + (gate_w_.size() + gate_b_.size()) * sizeof(float);
