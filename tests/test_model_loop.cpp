@@ -411,3 +411,46 @@ TEST_CASE("block shape: norms after the sublayers (sandwich norms)", "[model][re
     CHECK(std::sqrt(ss / 32) < 0.5);
   }
 }
+
+TEST_CASE("QKVProjection: RoPE over its own rotary dimension (partial rotary)", "[model][parts]") {
+  nlohmann::json j = {{"model_type", "qwen3"}, {"vocab_size", 50}, {"hidden_size", 32}, {"intermediate_size", 40},
+                      {"num_hidden_layers", 1}, {"num_attention_heads", 4}, {"num_key_value_heads", 2},
+                      {"head_dim", 16}, {"rope_theta", 10000.0}};
+  const auto cfg = io::Qwen3Config::from_json(j, "test");
+  io::ConfigFields fields(cfg);
+  model::RandomSource rnd(model::WeightType::f32, 5, 0.3f);
+  model::BuildContext ctx{cfg, rnd, std::make_shared<const ops::Rope>(16, 10000.0), fields, 1};
+  const std::int64_t r = 8, T = 3, D = 32;
+  const model::QKVProjection partial(ctx, {"model.layers.0.self_attn.", true, r});
+  std::vector<float> x(static_cast<std::size_t>(T * D));
+  test::Rng rng(test::fresh_seed());
+  for (auto& v : x) v = rng.normal();
+  const auto project = [&](std::int64_t pos0) {
+    model::QKV out;
+    model::StepContext sc;
+    sc.pos0 = pos0;
+    sc.num_threads = 1;
+    partial.forward(ConstView2<float>(x.data(), {T, D}), out, sc);
+    return out;
+  };
+  const model::QKV at0 = project(0), at7 = project(7);  // rows at positions t and 7 + t
+  // Dimensions [r, d) are never rotated; [0, r) are rotate-half RoPE of width r, so moving a row
+  // by 7 positions rotates its first r dimensions by RoPE(7) (rotations by angle compose).
+  View3<float> expect_q = at0.q;
+  std::vector<float> head(static_cast<std::size_t>(T * 4 * r));
+  View3<float> hq(head.data(), {T, 4, r});
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t h = 0; h < 4; ++h) std::copy(expect_q.ptr(t, h), expect_q.ptr(t, h) + r, hq.ptr(t, h));
+  const ops::Rope rope_r(r, 10000.0);
+  for (std::int64_t t = 0; t < T; ++t) rope_r.apply(hq.slice(0, t, t + 1), 7);
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t h = 0; h < 4; ++h) {
+      for (std::int64_t i = r; i < 16; ++i) REQUIRE(at7.q(t, h, i) == at0.q(t, h, i));
+      for (std::int64_t i = 0; i < r; ++i) REQUIRE(at7.q(t, h, i) == Approx(hq(t, h, i)).margin(1e-5));
+    }
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t i = r; i < 16; ++i) REQUIRE(at7.k(t, 1, i) == at0.k(t, 1, i));
+  CHECK(at7.q(1, 0, 1) != at0.q(1, 0, 1));  // the rotary part really rotates
+  REQUIRE_THROWS_WITH(model::QKVProjection(ctx, {"model.layers.0.self_attn.", true, 7}),
+                      Contains("rotary_dim must be even"));
+}
