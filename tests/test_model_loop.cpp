@@ -10,15 +10,15 @@
 #include <vector>
 
 #include "attnkit/attnkit.hpp"
+#include "model_test_util.hpp"
 #include "test_util.hpp"
 
 using namespace attnkit;
 namespace fs = std::filesystem;
 using Catch::Contains;
+using namespace attnkit::test;
 
 namespace {
-
-fs::path fixture(const std::string& name) { return fs::path(ATTNKIT_TEST_DATA) / "fixtures" / name; }
 
 struct LoopReference {
   std::vector<std::int64_t> ids;
@@ -29,62 +29,6 @@ LoopReference load_reference(const fs::path& dir) {
   auto f = io::SafetensorsFile::open(dir / "reference.safetensors");
   return {io::to_i64(f.tensor("input_ids")), io::to_f32(f.tensor("logits")), io::to_f32(f.tensor("gates"))};
 }
-
-// Runs ids through a fresh session in steps of the given sizes (empty: one prefill); returns the
-// logits of every token and the trace.
-struct Run {
-  std::vector<float> logits;
-  model::Trace trace;
-};
-Run run(const model::Qwen3Model& m, const std::vector<std::int64_t>& ids, std::vector<std::int64_t> steps = {},
-        model::SessionOptions so = {}, int threads = 0) {
-  const std::int64_t T = static_cast<std::int64_t>(ids.size()), V = m.config().vocab_size;
-  Run r;
-  r.logits.resize(static_cast<std::size_t>(T * V));
-  test::poison(r.logits);
-  if (steps.empty()) steps = {T};
-  auto s = m.new_session(so);
-  model::ForwardOptions fo;
-  fo.trace = &r.trace;
-  fo.num_threads = threads;
-  std::int64_t b = 0;
-  for (std::size_t i = 0; b < T; ++i) {
-    const std::int64_t n = std::min(steps[std::min(i, steps.size() - 1)], T - b);
-    m.forward(s, std::span<const std::int64_t>(ids.data() + b, n), View2<float>(r.logits.data() + b * V, {n, V}), fo);
-    b += n;
-  }
-  return r;
-}
-
-// A temporary directory removed on scope exit.
-struct TempDir {
-  fs::path path = fs::temp_directory_path() / ("attnkit-loop-test-" + std::to_string(test::fresh_seed()));
-  TempDir() { fs::create_directories(path); }
-  ~TempDir() { fs::remove_all(path); }
-};
-
-// Copies a fixture's checkpoint into dir with a modified config and tensors (drop / reshape /
-// add a name).
-void write_checkpoint(const fs::path& from, const fs::path& dir, const nlohmann::json& config,
-                      const std::string& drop = "", const std::string& reshape = "", const std::string& add = "") {
-  std::ofstream(dir / "config.json") << config.dump(1);
-  auto src = io::SafetensorsFile::open(from / "model.safetensors");
-  io::SafetensorsWriter w;
-  for (const auto& n : src.names()) {
-    if (n == drop) continue;
-    const auto& t = src.tensor(n);
-    auto shape = t.shape;
-    if (n == reshape) shape = {t.numel()};
-    w.add(n, t.dtype, shape, t.data, t.nbytes);
-  }
-  if (!add.empty()) {
-    const float one = 1.f;
-    w.add_f32(add, {1}, &one);
-  }
-  w.write(dir / "model.safetensors");
-}
-
-nlohmann::json read_config(const fs::path& dir) { return nlohmann::json::parse(std::ifstream(dir / "config.json")); }
 
 }  // namespace
 
@@ -256,7 +200,7 @@ struct ScaledSum final : model::ResidualPolicy {
   float k;
   explicit ScaledSum(float k) : k(k) {}
   std::string kind() const override { return "scaled_sum"; }
-  std::unique_ptr<model::ResidualStream> begin(ConstView2<float> e) const override {
+  std::unique_ptr<model::ResidualStream> begin(ConstView2<float> e, const model::StepContext&) const override {
     struct Stream final : model::ResidualStream {
       std::vector<float> x;
       std::int64_t T, D;

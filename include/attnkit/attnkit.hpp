@@ -4,7 +4,9 @@
 
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/error.hpp"
+#include "attnkit/core/memory.hpp"
 #include "attnkit/core/simd.hpp"
+#include "attnkit/core/trace_tensor.hpp"
 #include "attnkit/core/threading.hpp"
 #include "attnkit/core/view.hpp"
 
@@ -14,6 +16,8 @@
 #include "attnkit/attention/loop.hpp"
 #include "attnkit/attention/merge.hpp"
 #include "attnkit/attention/prefill.hpp"
+
+#include "attnkit/depth/attnres.hpp"
 
 #include "attnkit/linalg/packed_linear.hpp"
 
@@ -26,6 +30,7 @@
 #include "attnkit/model/parts/cached_attention.hpp"
 #include "attnkit/model/parts/qkv_projection.hpp"
 #include "attnkit/model/recipe.hpp"
+#include "attnkit/model/residuals/attention_residuals.hpp"
 #include "attnkit/model/trace.hpp"
 
 #include "attnkit/viz/trace_plot.hpp"

@@ -7,9 +7,15 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
+#include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <memory>
 #include <new>
+#include <string>
+
+#include "attnkit/core/error.hpp"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -38,4 +44,32 @@ inline std::shared_ptr<void> allocate_aligned_shared(std::size_t bytes) {
   return std::shared_ptr<void>(allocate_aligned(bytes), [](void* p) { std::free(p); });
 }
 
+// Bytes of memory the system can still hand out without swapping (Linux: MemAvailable of
+// /proc/meminfo); 0 when unknown (then nothing is checked).
+inline std::uint64_t available_memory_bytes() {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  std::uint64_t kib = 0;
+  std::string unit;
+  while (f >> key >> kib >> unit)
+    if (key == "MemAvailable:") return kib * 1024;
+  return 0;
+}
+
+inline std::string mib_string(std::uint64_t bytes) {
+  char buf[48];
+  std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(bytes) / (1024.0 * 1024.0));
+  return buf;
+}
+
+// Fails up front, naming the sizes, when a request needs more memory than the machine has
+// available (instead of std::bad_alloc half-way, or the OOM killer). `what` says who asks and
+// for what, e.g. "Attention Residuals: 57 sources x 32768 tokens x 1024 floats".
+inline void require_memory(std::uint64_t bytes, const std::string& what) {
+  const std::uint64_t avail = available_memory_bytes();
+  ATTNKIT_REQUIRE(avail == 0 || bytes <= avail, what, " needs ", mib_string(bytes), " but only ", mib_string(avail),
+                  " of memory are available");
+}
+
 }  // namespace attnkit
+

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "attnkit/model/recipe.hpp"
+#include "attnkit/model/recipes/attnres.hpp"
 #include "attnkit/model/recipes/loop.hpp"
 #include "attnkit/model/recipes/qwen3.hpp"
 
@@ -13,6 +14,7 @@ inline Registry default_registry() {
   Registry r;
   register_qwen3(r);
   register_loop_attention(r);
+  register_attention_residuals(r);
   return r;
 }
 

@@ -287,7 +287,7 @@ inline void Qwen3Model::forward(Session& s, std::span<const std::int64_t> ids, V
   std::unique_ptr<ResidualStream> stream;
   for (int pass = 0; pass < passes; ++pass) {  // x holds this pass's input
     ctx.pass = pass;
-    stream = residual_->begin(xv);
+    stream = residual_->begin(xv, ctx);
     const bool report = opt.on_hidden && pass + 1 == passes;  // hidden states of the last pass
     if (opt.on_pass_hidden) opt.on_pass_hidden(pass, 0, xv);
     for (std::size_t l = 0; l < layers_.size(); ++l) {

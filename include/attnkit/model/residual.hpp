@@ -5,7 +5,8 @@
 // Residuals instead route over earlier layer outputs with a softmax. The stack asks a
 // per-forward ResidualStream for each sublayer's input, hands it each sublayer's output, and
 // takes the stream's final output to the final norm. Policies that need weights read them from
-// the TensorSource at build time.
+// the TensorSource at build time. A stream lives for one pass over the layers of one forward
+// step; the step's context (threads, precision, trace, positions) is handed to begin().
 #pragma once
 
 #include <cstdint>
@@ -15,6 +16,7 @@
 
 #include "attnkit/core/error.hpp"
 #include "attnkit/core/view.hpp"
+#include "attnkit/model/mixer.hpp"
 #include "attnkit/model/ops.hpp"
 
 namespace attnkit::model {
@@ -36,15 +38,18 @@ class ResidualPolicy {
  public:
   virtual ~ResidualPolicy() = default;
   virtual std::string kind() const = 0;
-  virtual std::unique_ptr<ResidualStream> begin(ConstView2<float> embeddings) const = 0;
+  // One line on the policy and its settings, for summaries (default: kind()).
+  virtual std::string describe() const { return kind(); }
+  // A stream over the pass input [T, D] (the embeddings, for the first pass); `ctx` outlives it.
+  virtual std::unique_ptr<ResidualStream> begin(ConstView2<float> input, const StepContext& ctx) const = 0;
 };
 
 // x_{l+1} = x_l + f(x_l): one stream, every sublayer output added to it.
 class SumResidual final : public ResidualPolicy {
  public:
   std::string kind() const override { return "sum"; }
-  std::unique_ptr<ResidualStream> begin(ConstView2<float> embeddings) const override {
-    return std::make_unique<Stream>(embeddings);
+  std::unique_ptr<ResidualStream> begin(ConstView2<float> input, const StepContext&) const override {
+    return std::make_unique<Stream>(input);
   }
 
  private:
