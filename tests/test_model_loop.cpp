@@ -173,7 +173,7 @@ TEST_CASE("loading never drops part of a checkpoint in silence", "[model][errors
     auto cfg = read_config(fixture("qwen3-tiny-f32"));
     cfg["model_type"] = "ouro";
     write_checkpoint(fixture("qwen3-tiny-f32"), tmp.path, cfg);
-    REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path), Contains("unsupported model type 'ouro' (accepted: qwen3)"));
+    REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path), Contains("unsupported model type 'ouro' (accepted: qwen3, qwen3_attnres)"));
   }
 }
 
