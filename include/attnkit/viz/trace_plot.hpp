@@ -1,13 +1,24 @@
 // attnkit/viz/trace_plot.hpp — pictures of a mechanism's internals: a trace drawn as one SVG.
 //
 // A trace is a list of named float32 tensors that a model run recorded (Loop Attention's gates
-// [layers, T, heads], routing weights [layers, T, sources], an exit probability [steps, T], ...).
-// plot_trace_svg turns it into one self-contained SVG (no scripts, no external files, no
-// dependencies) that a researcher reads at a glance in a browser:
+// [layers, T, heads], Attention Residuals' routing weights [layers, 2, T, sources], an exit
+// probability [steps, T], ...). plot_trace_svg turns it into one self-contained SVG (no scripts,
+// no external files, no dependencies) that a researcher reads at a glance in a browser:
 //
-//  * 3-D [layer, token, K]: (a) a layer × K heat map of the mean over tokens — which layers and
-//    heads use the mechanism at all — and (b) a token × K strip of one layer (opt.strip_layer,
-//    default the last layer holding a finite value) — where in the sequence it acts.
+//  * 3-D [layer, token, K]: (a) a layer × K heat map of the mean over tokens (layers across, K
+//    down) — which layers and heads use the mechanism at all — and (b) a token × K strip of one
+//    layer (opt.strip_layer, default the last layer holding a finite value) — where in the
+//    sequence it acts.
+//  * 4-D [layer, sublayer, token, K] (routing: which source each call reads): the 3-D pictures of
+//    the tensor with its layer × sublayer rows folded into one axis of A·B rows (a 4-D tensor is
+//    a 3-D one with A·B rows), except that the mean map puts those rows down and K across, the
+//    usual orientation of a routing matrix: row "3 mlp" is the call of layer 3 before its MLP.
+//    Its axis title is "layer · sublayer"; tooltips read "layer 3 mlp, source emb: 0.734" (with
+//    sublayer indices instead of labels: tick "3·1", tooltip "layer 3, sublayer 1, source 0:
+//    0.734"). Rows with no finite value are listed ("no finite value in rows 2 attn, 2 mlp"),
+//    and row ticks skip whole layers when rows are too thin to label each. The strip
+//    shows one row: the last row holding a finite value, or with opt.strip_layer = l the last
+//    row of layer l holding one (the last row of l if none does).
 //  * 2-D [row, token]: one heat map, rows × tokens.
 //  * Any other rank, or a tensor with no values: a line of text saying it is not drawn.
 //
@@ -21,17 +32,31 @@
 // colour and said to be constant. Non-finite values (NaN, ±inf) are drawn grey and counted in the
 // caption; a mean over any non-finite value is non-finite (a NaN in a trace is a bug, or a layer
 // without the mechanism, which model traces fill with NaN: either way it should show, not be
-// averaged away). Layers with no finite value at all are listed under the layer map.
+// averaged away). Layers (4-D: rows) with no finite value at all are listed under the mean map.
 //
 // Each cell carries a <title> tooltip with its indices and value ("layer 1, head 3: 0.734", three
 // significant digits). Indices are 0-based, as in the tensor and opt.strip_layer. When a tensor
 // has more than opt.max_tokens tokens, tokens are averaged into equal bins (at most max_tokens
 // columns) and the title and caption say so; this bounds the file size (about 110 bytes a cell).
 // Axis titles and tooltips use TraceTensor::dims when given ("source", "step"), else "layer",
-// "token", "head" / "row". Names and titles are XML-escaped; control characters and invalid
-// UTF-8 become '?'.
+// "token", "head" (3-D); "layer", "sublayer", "token", "source" (4-D); "row", "token" (2-D).
+// Names and titles are XML-escaped; control characters and invalid UTF-8 become '?'.
 //
-// Errors (empty trace, shape / data size mismatch, bad options, unwritable file) throw
+// Tick labels: TraceTensor::labels, when given, holds one list per dimension, each either empty
+// (ticks and tooltips show indices) or one label per index ({"attn", "mlp"}; {"emb", "1", ...}).
+// Labels replace the index on the ticks and in tooltips ("layer 3 mlp, source emb"); binned token
+// tooltips keep index ranges. Tick spacing makes room for the widest label of an axis.
+//
+// Marks: each TraceMark points out one cell by its index along every dimension except the token
+// axis — the next-to-last dimension (3-D: {layer, k}; 4-D: {layer, sublayer, k}), the last one of
+// a 2-D [row, token] ({row}) — with a short label ("partial": the source that is the current
+// residual stream). In a mean map a marked cell gets a red outline; in a token strip (and a 2-D
+// map) the marked row gets one along all its tokens. Marked cells' tooltips end in the label
+// ("layer 3 mlp, source 7: 0.25 (partial)"), and each panel with outlines has a legend line per
+// label ("outlined: partial").
+//
+// Errors (empty trace, shape / data size mismatch, labels of the wrong count for a dimension, a
+// mark index of the wrong rank or out of range, bad options, unwritable file) throw
 // attnkit::Error with a message "<function>: <argument>: <problem>".
 #pragma once
 
@@ -49,22 +74,20 @@
 #include <vector>
 
 #include "attnkit/core/error.hpp"
+#include "attnkit/core/trace_tensor.hpp"
 
 namespace attnkit::viz {
 
-struct TraceTensor {
-  std::string name;
-  std::vector<std::int64_t> shape;  // row-major
-  std::vector<float> data;
-  // Optional axis names, one per dimension (e.g. {"layer", "token", "source"}, {"step", "token"}):
-  // used in axis titles and tooltips. Empty: "layer", "token", "head" (3-D); "row", "token" (2-D).
-  std::vector<std::string> dims = {};
-};
+// The tensor type shared with model traces (core/trace_tensor.hpp). dims: axis names used in
+// axis titles and tooltips; labels: tick labels; marks: cells to outline (see above).
+using attnkit::TraceTensor;
+using attnkit::TraceMark;
 
 struct PlotOptions {
   // Layer for the token × K strip; -1 -> the last layer that holds a finite value (the last layer
   // if none does): model traces fill layers without the mechanism with NaN, and a default strip
-  // of nothing but grey would show nothing.
+  // of nothing but grey would show nothing. 4-D: the strip shows one (layer, sublayer) row, the
+  // last one holding a finite value (of this layer, if one is given).
   std::int64_t strip_layer = -1;
   std::string title;              // heading of the picture; empty -> "attnkit trace"
   int max_tokens = 512;           // wider traces are averaged into bins (said in the caption)
@@ -74,6 +97,9 @@ namespace detail {
 
 inline constexpr double kCharWidth = 6.5;  // rough advance of an 11 px sans-serif glyph (layout only)
 inline constexpr const char* kNonFiniteFill = "#c8c8c8";  // light grey: not on the viridis ramp
+// Outline of marked cells: red, far in hue from every viridis colour and of middling lightness,
+// so it shows on dark purple and on bright yellow alike.
+inline constexpr const char* kMarkStroke = "#ff2a2a";
 
 // Appends s escaped for XML text. Names come from user files, so control characters (not allowed
 // in XML 1.0) and invalid UTF-8 (which would make the whole file unreadable) become '?'.
@@ -207,13 +233,25 @@ struct Axis {
   std::string name;
   std::int64_t extent = 0;
   std::int64_t bin = 1;
+  std::vector<std::string> ticks = {};  // tick label per index; empty: the index
+  std::vector<std::string> tips = {};   // tooltip name of each index; empty: name + " " + tick
+  std::int64_t group = 1;               // tick steps above 1 are multiples of this (rows of a layer)
   std::int64_t cells() const { return (extent + bin - 1) / bin; }
-  // "head 3", or "tokens 8-11" for a bin.
+  std::string tick(std::int64_t i) const {
+    return ticks.empty() ? std::to_string(i) : ticks[static_cast<std::size_t>(i)];
+  }
+  // "head 3", "source emb", "layer 3 mlp", or "tokens 8-11" for a bin.
   std::string label(std::int64_t cell) const {
-    if (bin == 1) return name + " " + std::to_string(cell);
+    if (bin == 1) return tips.empty() ? name + " " + tick(cell) : tips[static_cast<std::size_t>(cell)];
     const std::int64_t a = cell * bin, b = std::min(extent, a + bin) - 1;
     return name + "s " + std::to_string(a) + "-" + std::to_string(b);
   }
+};
+
+// Cells [x0, x1) × [y0, y1) of a panel to outline, and what the outline means.
+struct Outline {
+  std::int64_t x0 = 0, y0 = 0, x1 = 0, y1 = 0;
+  std::string label;
 };
 
 struct Panel {
@@ -224,6 +262,7 @@ struct Panel {
   bool unit_scale = false;       // colour scale fixed to [0, 1]
   NonFinite nonfinite;
   std::vector<std::string> notes;  // caption lines (raw text, escaped when drawn)
+  std::vector<Outline> outlines;   // marked cells
   double cw = 10, ch = 10;         // cell size in px
 };
 
@@ -237,6 +276,20 @@ inline std::int64_t tick_step(double px_per_index, double min_gap) {
 
 inline double text_width(std::string_view s, double char_width = kCharWidth) {
   return static_cast<double>(s.size()) * char_width;
+}
+
+// Width of the widest tick label of an axis.
+inline double widest_tick(const Axis& a) {
+  if (a.ticks.empty()) return text_width(std::to_string(std::max<std::int64_t>(a.extent - 1, 0)));
+  double w = 0;
+  for (const std::string& t : a.ticks) w = std::max(w, text_width(t));
+  return w;
+}
+
+// tick_step for an axis whose rows come in groups (a layer's sublayers): a step above 1 is
+// rounded up to whole groups, so the labelled rows are always the same sublayer.
+inline std::int64_t grouped_step(std::int64_t step, std::int64_t group) {
+  return step > 1 && group > 1 ? (step + group - 1) / group * group : step;
 }
 
 // The SVG being built: body text, the lowest y used and the widest x reached.
@@ -276,11 +329,20 @@ inline double draw_panel(Doc& d, const Panel& p, double x0, double y0) {
   auto colour_of = [&](double v) { return constant ? viridis(0.5) : viridis((v - lo) / (hi - lo)); };
 
   // Left margin: rotated axis title, then the widest row label.
-  const double ml = 22 + text_width(std::to_string(std::max<std::int64_t>(p.y.extent - 1, 0))) + 10;
+  const double ml = 22 + widest_tick(p.y) + 10;
   const double mx = x0 + ml, my = y0 + 24;
 
   d.text(x0, y0 + 14, p.title, "font-size=\"13\" font-weight=\"bold\"");
   d.reach(x0 + text_width(p.title, 7.5));
+
+  // What the outlines covering each cell mean, for its tooltip.
+  std::vector<std::vector<std::string>> tags(p.outlines.empty() ? 0 : p.cells.size());
+  for (const Outline& o : p.outlines)
+    for (std::int64_t r = o.y0; r < o.y1; ++r)
+      for (std::int64_t c = o.x0; c < o.x1; ++c) {
+        auto& t = tags[static_cast<std::size_t>(r * cols + c)];
+        if (std::find(t.begin(), t.end(), o.label) == t.end()) t.push_back(o.label);
+      }
 
   // Cells. crispEdges: without it anti-aliasing draws faint seams between adjacent cells.
   d.out += "<g shape-rendering=\"crispEdges\">\n";
@@ -297,30 +359,52 @@ inline double draw_panel(Doc& d, const Panel& p, double x0, double y0) {
         d.out += "not finite (" + std::to_string(a.bad) + " of " + std::to_string(a.n) + " values NaN or inf)";
       else
         d.out += fmt_value(v);
+      if (!tags.empty() && !tags[static_cast<std::size_t>(r * cols + c)].empty()) {
+        const auto& t = tags[static_cast<std::size_t>(r * cols + c)];
+        d.out += " (";
+        for (std::size_t i = 0; i < t.size(); ++i) {
+          if (i) d.out += ", ";
+          append_xml(d.out, t[i].empty() ? "marked" : t[i]);
+        }
+        d.out += ")";
+      }
       d.out += "</title></rect>\n";
     }
   }
   d.out += "</g>\n<rect x=\"" + fmt_coord(mx) + "\" y=\"" + fmt_coord(my) + "\" width=\"" + fmt_coord(mw) +
            "\" height=\"" + fmt_coord(mh) + "\" fill=\"none\" stroke=\"#444\" stroke-width=\"0.6\"/>\n";
 
+  // Outlines of marked cells, on top of the cells and the frame, drawn inside their cells so
+  // that neighbouring outlines do not overlap.
+  std::vector<std::string> mark_labels;
+  for (const Outline& o : p.outlines) {
+    const double w = static_cast<double>(o.x1 - o.x0) * p.cw, h = static_cast<double>(o.y1 - o.y0) * p.ch;
+    const double in = std::min({0.75, w / 4, h / 4});
+    d.out += "<rect x=\"" + fmt_coord(mx + static_cast<double>(o.x0) * p.cw + in) + "\" y=\"" +
+             fmt_coord(my + static_cast<double>(o.y0) * p.ch + in) + "\" width=\"" + fmt_coord(w - 2 * in) +
+             "\" height=\"" + fmt_coord(h - 2 * in) + "\" fill=\"none\" stroke=\"" + kMarkStroke +
+             "\" stroke-width=\"1.5\"/>\n";
+    if (std::find(mark_labels.begin(), mark_labels.end(), o.label) == mark_labels.end()) mark_labels.push_back(o.label);
+  }
+
   // Axes: ticks at cell centres (tokens: at the token's position inside its bin).
   d.out += "<g stroke=\"#444\" stroke-width=\"0.8\">\n";
-  const std::int64_t ys = tick_step(p.ch, 12);
+  const std::int64_t ys = grouped_step(tick_step(p.ch, 12), p.y.group);
   for (std::int64_t i = 0; i < p.y.extent; i += ys) {
     const double y = my + (static_cast<double>(i) + 0.5) * p.ch;
     d.line(mx - 4, y, mx, y);
   }
   const double px_per_x = p.cw / static_cast<double>(p.x.bin);
-  const std::int64_t xs = tick_step(px_per_x, text_width(std::to_string(p.x.extent - 1)) + 16);
+  const std::int64_t xs = grouped_step(tick_step(px_per_x, widest_tick(p.x) + 16), p.x.group);
   for (std::int64_t i = 0; i < p.x.extent; i += xs) {
     const double x = mx + (static_cast<double>(i) + 0.5) * px_per_x;
     d.line(x, my + mh, x, my + mh + 4);
   }
   d.out += "</g>\n<g fill=\"#222\">\n";
   for (std::int64_t i = 0; i < p.y.extent; i += ys)
-    d.text(mx - 6, my + (static_cast<double>(i) + 0.5) * p.ch + 4, std::to_string(i), "text-anchor=\"end\"");
+    d.text(mx - 6, my + (static_cast<double>(i) + 0.5) * p.ch + 4, p.y.tick(i), "text-anchor=\"end\"");
   for (std::int64_t i = 0; i < p.x.extent; i += xs)
-    d.text(mx + (static_cast<double>(i) + 0.5) * px_per_x, my + mh + 15, std::to_string(i), "text-anchor=\"middle\"");
+    d.text(mx + (static_cast<double>(i) + 0.5) * px_per_x, my + mh + 15, p.x.tick(i), "text-anchor=\"middle\"");
   d.text(mx + mw / 2, my + mh + 29, p.x.name, "text-anchor=\"middle\" font-style=\"italic\"");
   {
     // Centred on the map, or on the title's own length when the map is shorter than the title.
@@ -386,6 +470,15 @@ inline double draw_panel(Doc& d, const Panel& p, double x0, double y0) {
     d.reach(x0 + 14 + text_width(l));
     y += 14;
   }
+  for (const std::string& m : mark_labels) {
+    // A swatch of the outline, then what it means.
+    d.out += "<rect x=\"" + fmt_coord(x0 + 0.75) + "\" y=\"" + fmt_coord(y - 8.25) +
+             "\" width=\"8.5\" height=\"8.5\" fill=\"none\" stroke=\"" + kMarkStroke + "\" stroke-width=\"1.5\"/>\n";
+    const std::string l = "outlined: " + (m.empty() ? std::string("marked cells") : m);
+    d.text(x0 + 14, y, l, "fill=\"#333\"");
+    d.reach(x0 + 14 + text_width(l));
+    y += 14;
+  }
   return y - y0;
 }
 
@@ -413,6 +506,159 @@ inline std::string bin_note(const Axis& x, int max_tokens) {
   return s;
 }
 
+// Tick labels of dimension k of t (empty: indices).
+inline std::vector<std::string> ticks_of(const TraceTensor& t, std::size_t k) {
+  return t.labels.empty() ? std::vector<std::string>{} : t.labels[k];
+}
+
+// The token axis of a tensor of rank r, which marks leave out: the next-to-last dimension, the
+// last one of a 2-D [row, token] (and of a 1-D one).
+inline std::size_t token_dim(std::size_t rank) { return rank >= 3 ? rank - 2 : rank == 2 ? 1 : 0; }
+
+// A 3-D [layer, token, K] tensor, or a 4-D [A, B, token, K] one with its A·B (layer, sublayer)
+// rows folded into one axis: row r = a·B + b, which is also where its data lie (row-major), so a
+// 4-D tensor is drawn as a 3-D one with A·B rows.
+struct Rows {
+  std::int64_t R = 0, T = 0, K = 0;
+  Axis rows;                     // extent R; ticks "3" / "3 mlp", tooltip names "layer 3" / "layer 3 mlp"
+  std::string rows_noun;         // the note on rows without a finite value: "layer" / "row"
+  std::int64_t per_layer = 1;    // rows of one layer (B): opt.strip_layer picks a layer
+  std::string tn, kn;            // token and K axis names
+  std::vector<std::string> tticks, kticks;
+  std::string shape_note;        // "shape [3, 5, 4] = (layer, token, head)"
+  bool rows_down = false;        // mean map: rows down, K across (4-D), or layers across, K down (3-D)
+  struct Mark {
+    std::int64_t row, k;
+    std::string label;
+  };
+  std::vector<Mark> marks;
+};
+
+inline Rows fold(const TraceTensor& t) {
+  auto dim = [&](std::size_t k, const char* fallback) { return t.dims.empty() ? std::string(fallback) : t.dims[k]; };
+  Rows f;
+  const bool four = t.shape.size() == 4;
+  const std::int64_t A = t.shape[0], B = four ? t.shape[1] : 1;
+  f.R = A * B;
+  f.T = t.shape[four ? 2 : 1];
+  f.K = t.shape[four ? 3 : 2];
+  f.tn = dim(four ? 2 : 1, "token");
+  f.kn = dim(four ? 3 : 2, four ? "source" : "head");
+  f.tticks = ticks_of(t, four ? 2 : 1);
+  f.kticks = ticks_of(t, four ? 3 : 2);
+  const std::string an = dim(0, "layer");
+  f.shape_note = "shape " + shape_string(t.shape) + " = (" + an + ", ";
+  if (!four) {
+    f.rows = Axis{an, A, 1, ticks_of(t, 0)};
+    f.rows_noun = an;
+    for (const TraceMark& m : t.marks) f.marks.push_back({m.index[0], m.index[1], m.label});
+  } else {
+    const std::string bn = dim(1, "sublayer");
+    const std::vector<std::string> at = ticks_of(t, 0), bt = ticks_of(t, 1);
+    f.rows = Axis{an + " \xc2\xb7 " + bn, f.R, 1};
+    f.rows.group = B;
+    for (std::int64_t a = 0; a < A; ++a)
+      for (std::int64_t b = 0; b < B; ++b) {
+        const std::string as = at.empty() ? std::to_string(a) : at[static_cast<std::size_t>(a)];
+        const std::string bs = bt.empty() ? std::to_string(b) : bt[static_cast<std::size_t>(b)];
+        f.rows.ticks.push_back(as + (bt.empty() ? "\xc2\xb7" : " ") + bs);  // "3 mlp", or "3·1"
+        f.rows.tips.push_back(an + " " + as + (bt.empty() ? ", " + bn + " " : " ") + bs);
+      }
+    f.rows_noun = "row";
+    f.per_layer = B;
+    f.rows_down = true;
+    f.shape_note += bn + ", ";
+    for (const TraceMark& m : t.marks) f.marks.push_back({m.index[0] * B + m.index[1], m.index[2], m.label});
+  }
+  f.shape_note += f.tn + ", " + f.kn + ")";
+  return f;
+}
+
+// Draws the two panels of a 3-D or folded 4-D tensor at (x0, y); returns the y below them.
+inline double draw_rows(Doc& d, const TraceTensor& t, const Rows& f, const std::string& name, bool unit,
+                        const PlotOptions& opt, double x0, double y) {
+  const std::int64_t R = f.R, T = f.T, K = f.K;
+  const auto at = [&](std::int64_t r, std::int64_t tok, std::int64_t k) {
+    return t.data[static_cast<std::size_t>((r * T + tok) * K + k)];
+  };
+  // (a) rows × K, mean over tokens: which layers and heads (sources) use the mechanism.
+  Panel a;
+  a.title = name + ": mean over " + plural(T, f.tn);
+  a.unit_scale = unit;
+  const Axis k_axis{f.kn, K, 1, f.kticks};
+  if (f.rows_down) {
+    a.x = k_axis;
+    a.y = f.rows;
+    a.x_first = false;  // tensor order: row, then K
+    a.ch = std::clamp(720.0 / static_cast<double>(R), 3.0, 14.0);
+    a.cw = std::clamp(720.0 / static_cast<double>(K), 3.0, 28.0);
+  } else {
+    a.x = f.rows;
+    a.y = k_axis;
+    a.x_first = true;
+    a.ch = row_height(K);
+    a.cw = std::clamp(480.0 / static_cast<double>(R), 4.0, 28.0);
+  }
+  const auto cell = [&](std::int64_t r, std::int64_t k) { return static_cast<std::size_t>(f.rows_down ? r * K + k : k * R + r); };
+  a.cells.resize(static_cast<std::size_t>(K * R));
+  for (std::int64_t r = 0; r < R; ++r)
+    for (std::int64_t tok = 0; tok < T; ++tok)
+      for (std::int64_t k = 0; k < K; ++k) {
+        a.cells[cell(r, k)].add(at(r, tok, k));
+        a.nonfinite.add(at(r, tok, k));
+      }
+  for (const Rows::Mark& m : f.marks) {
+    const std::int64_t x = f.rows_down ? m.k : m.row, yy = f.rows_down ? m.row : m.k;
+    a.outlines.push_back({x, yy, x + 1, yy + 1, m.label});
+  }
+  a.notes.push_back(f.shape_note);
+  // Rows without a single finite value are usually layers without the mechanism (a model trace
+  // records NaN there): name them rather than leave the reader to guess.
+  std::vector<std::int64_t> empty_rows;
+  for (std::int64_t r = 0; r < R; ++r) {
+    bool any = false;
+    for (std::int64_t i = 0; i < T * K && !any; ++i) any = std::isfinite(t.data[static_cast<std::size_t>(r * T * K + i)]);
+    if (!any) empty_rows.push_back(r);
+  }
+  if (!empty_rows.empty()) {
+    std::string l = "no finite value in " + f.rows_noun + (empty_rows.size() == 1 ? " " : "s ");
+    for (std::size_t i = 0; i < empty_rows.size() && i < 16; ++i) l += (i ? ", " : "") + f.rows.tick(empty_rows[i]);
+    if (empty_rows.size() > 16) l += ", ... (" + std::to_string(empty_rows.size()) + " in all)";
+    a.notes.push_back(l);
+  }
+  y += draw_panel(d, a, x0, y) + 14;
+
+  // (b) token × K for one row: where in the sequence it acts. The default is the last row that
+  // holds a finite value (of layer opt.strip_layer, if given), else the last one.
+  const std::int64_t first = opt.strip_layer < 0 ? 0 : opt.strip_layer * f.per_layer;
+  const std::int64_t last = opt.strip_layer < 0 ? R - 1 : first + f.per_layer - 1;
+  const auto is_empty = [&](std::int64_t r) { return std::find(empty_rows.begin(), empty_rows.end(), r) != empty_rows.end(); };
+  std::int64_t row = last;
+  while (row > first && is_empty(row)) --row;
+  if (is_empty(row)) row = last;
+  Panel b;
+  b.x = token_axis(f.tn, T, opt.max_tokens);
+  b.x.ticks = f.tticks;
+  b.y = k_axis;
+  b.title = name + ", " + f.rows.label(row) + ": per " + f.tn;
+  if (b.x.bin > 1) b.title += " (means over bins of " + plural(b.x.bin, f.tn) + ")";
+  b.x_first = true;
+  b.unit_scale = unit;
+  b.ch = row_height(K);
+  b.cw = token_cell_width(b.x.cells());
+  const std::int64_t cols = b.x.cells();
+  b.cells.resize(static_cast<std::size_t>(K * cols));
+  for (std::int64_t tok = 0; tok < T; ++tok)
+    for (std::int64_t k = 0; k < K; ++k) {
+      b.cells[static_cast<std::size_t>(k * cols + tok / b.x.bin)].add(at(row, tok, k));
+      b.nonfinite.add(at(row, tok, k));
+    }
+  for (const Rows::Mark& m : f.marks)
+    if (m.row == row) b.outlines.push_back({0, m.k, cols, m.k + 1, m.label});
+  if (b.x.bin > 1) b.notes.push_back(bin_note(b.x, opt.max_tokens));
+  return y + draw_panel(d, b, x0, y) + 26;
+}
+
 inline std::string render(const std::vector<TraceTensor>& trace, const PlotOptions& opt, const char* fn) {
   ATTNKIT_REQUIRE(!trace.empty(), fn, ": trace: is empty (nothing to draw)");
   ATTNKIT_REQUIRE(opt.max_tokens >= 1, fn, ": opt.max_tokens: must be at least 1, got ", opt.max_tokens);
@@ -434,7 +680,32 @@ inline std::string render(const std::vector<TraceTensor>& trace, const PlotOptio
                     " values but data has ", t.data.size());
     ATTNKIT_REQUIRE(t.dims.empty() || t.dims.size() == t.shape.size(), fn, ": trace[", i, "] '", t.name, "': dims has ",
                     t.dims.size(), " names for a shape of rank ", t.shape.size());
-    if (t.shape.size() == 3 && n > 0)
+    const std::size_t rank = t.shape.size();
+    auto dim_name = [&](std::size_t k) {
+      return "dimension " + std::to_string(k) + (t.dims.empty() ? std::string() : " (" + t.dims[k] + ")");
+    };
+    ATTNKIT_REQUIRE(t.labels.empty() || t.labels.size() == rank, fn, ": trace[", i, "] '", t.name, "': labels has ",
+                    t.labels.size(), " lists for a shape of rank ", rank, " (one per dimension, empty for indices)");
+    for (std::size_t k = 0; k < t.labels.size(); ++k)
+      ATTNKIT_REQUIRE(t.labels[k].empty() || static_cast<std::int64_t>(t.labels[k].size()) == t.shape[k], fn, ": trace[",
+                      i, "] '", t.name, "': labels[", k, "] has ", t.labels[k].size(), " labels for ", dim_name(k),
+                      " of extent ", t.shape[k]);
+    const std::size_t tok = token_dim(rank), want = rank == 0 ? 0 : rank - 1;
+    for (std::size_t j = 0; j < t.marks.size(); ++j) {
+      const auto& ix = t.marks[j].index;
+      std::string ixs = "{";
+      for (std::size_t k = 0; k < ix.size(); ++k) ixs += (k ? ", " : "") + std::to_string(ix[k]);
+      ixs += "}";
+      ATTNKIT_REQUIRE(ix.size() == want, fn, ": trace[", i, "] '", t.name, "': marks[", j, "] index ", ixs, " has ",
+                      ix.size(), " entries, needs ", want, " (one per dimension except the token axis, dimension ", tok,
+                      ")");
+      for (std::size_t k = 0; k < ix.size(); ++k) {
+        const std::size_t dk = k < tok ? k : k + 1;
+        ATTNKIT_REQUIRE(ix[k] >= 0 && ix[k] < t.shape[dk], fn, ": trace[", i, "] '", t.name, "': marks[", j, "] index ",
+                        ixs, ": ", ix[k], " is out of range for ", dim_name(dk), " of extent ", t.shape[dk]);
+      }
+    }
+    if ((rank == 3 || rank == 4) && n > 0)
       ATTNKIT_REQUIRE(opt.strip_layer < t.shape[0], fn, ": opt.strip_layer: layer ", opt.strip_layer,
                       " is out of range for trace[", i, "] '", t.name, "' with ", t.shape[0], " layers");
   }
@@ -460,10 +731,11 @@ inline std::string render(const std::vector<TraceTensor>& trace, const PlotOptio
     const std::string name = t.name.empty() ? "(unnamed)" : t.name;
     const std::size_t rank = t.shape.size();
     auto dim = [&](std::size_t k, const char* fallback) { return t.dims.empty() ? std::string(fallback) : t.dims[k]; };
-    const bool drawable = (rank == 2 || rank == 3) && !t.data.empty();
+    const bool drawable = rank >= 2 && rank <= 4 && !t.data.empty();
     if (!drawable) {
-      const std::string why = rank == 2 || rank == 3 ? "it has no values"
-                                                     : "only 2-D [row, token] and 3-D [layer, token, K] tensors are drawn";
+      const std::string why = rank >= 2 && rank <= 4 ? "it has no values"
+                                                     : "only 2-D [row, token], 3-D [layer, token, K] and 4-D "
+                                                       "[layer, sublayer, token, K] tensors are drawn";
       const std::string l = name + " " + shape_string(t.shape) + ": not drawn (" + why + ")";
       d.text(x0, y + 14, l, "font-style=\"italic\" fill=\"#555\"");
       d.reach(x0 + text_width(l));
@@ -475,76 +747,15 @@ inline std::string render(const std::vector<TraceTensor>& trace, const PlotOptio
     for (float v : t.data)
       if (std::isfinite(v) && (v < 0.f || v > 1.f)) { unit = false; break; }
 
-    if (rank == 3) {
-      const std::int64_t L = t.shape[0], T = t.shape[1], K = t.shape[2];
-      const std::string ln = dim(0, "layer"), tn = dim(1, "token"), kn = dim(2, "head");
-      const auto at = [&](std::int64_t l, std::int64_t tok, std::int64_t k) {
-        return t.data[static_cast<std::size_t>((l * T + tok) * K + k)];
-      };
-      // (a) layer × K, mean over tokens: which layers and heads use the mechanism.
-      Panel a;
-      a.title = name + ": mean over " + plural(T, tn);
-      a.x = Axis{ln, L, 1};
-      a.y = Axis{kn, K, 1};
-      a.x_first = true;
-      a.unit_scale = unit;
-      a.ch = row_height(K);
-      a.cw = std::clamp(480.0 / static_cast<double>(L), 4.0, 28.0);
-      a.cells.resize(static_cast<std::size_t>(K * L));
-      for (std::int64_t l = 0; l < L; ++l)
-        for (std::int64_t tok = 0; tok < T; ++tok)
-          for (std::int64_t k = 0; k < K; ++k) {
-            a.cells[static_cast<std::size_t>(k * L + l)].add(at(l, tok, k));
-            a.nonfinite.add(at(l, tok, k));
-          }
-      a.notes.push_back("shape " + shape_string(t.shape) + " = (" + ln + ", " + tn + ", " + kn + ")");
-      // Layers without a single finite value are usually layers without the mechanism (a model
-      // trace records NaN there): name them rather than leave the reader to guess.
-      std::vector<std::int64_t> empty_layers;
-      for (std::int64_t l = 0; l < L; ++l) {
-        bool any = false;
-        for (std::int64_t i = 0; i < T * K && !any; ++i) any = std::isfinite(t.data[static_cast<std::size_t>(l * T * K + i)]);
-        if (!any) empty_layers.push_back(l);
-      }
-      if (!empty_layers.empty()) {
-        std::string l = "no finite value in " + ln + (empty_layers.size() == 1 ? " " : "s ");
-        for (std::size_t i = 0; i < empty_layers.size() && i < 16; ++i) l += (i ? ", " : "") + std::to_string(empty_layers[i]);
-        if (empty_layers.size() > 16) l += ", ... (" + std::to_string(empty_layers.size()) + " in all)";
-        a.notes.push_back(l);
-      }
-      y += draw_panel(d, a, x0, y) + 14;
-
-      // (b) token × K for one layer: where in the sequence it acts.
-      std::int64_t layer = opt.strip_layer;
-      if (layer < 0) {
-        layer = L - 1;
-        while (layer > 0 && std::find(empty_layers.begin(), empty_layers.end(), layer) != empty_layers.end()) --layer;
-        if (std::find(empty_layers.begin(), empty_layers.end(), layer) != empty_layers.end()) layer = L - 1;
-      }
-      Panel b;
-      b.x = token_axis(tn, T, opt.max_tokens);
-      b.y = Axis{kn, K, 1};
-      b.title = name + ", " + ln + " " + std::to_string(layer) + ": per " + tn;
-      if (b.x.bin > 1) b.title += " (means over bins of " + plural(b.x.bin, tn) + ")";
-      b.x_first = true;
-      b.unit_scale = unit;
-      b.ch = row_height(K);
-      b.cw = token_cell_width(b.x.cells());
-      const std::int64_t cols = b.x.cells();
-      b.cells.resize(static_cast<std::size_t>(K * cols));
-      for (std::int64_t tok = 0; tok < T; ++tok)
-        for (std::int64_t k = 0; k < K; ++k) {
-          b.cells[static_cast<std::size_t>(k * cols + tok / b.x.bin)].add(at(layer, tok, k));
-          b.nonfinite.add(at(layer, tok, k));
-        }
-      if (b.x.bin > 1) b.notes.push_back(bin_note(b.x, opt.max_tokens));
-      y += draw_panel(d, b, x0, y) + 26;
+    if (rank >= 3) {
+      y = draw_rows(d, t, fold(t), name, unit, opt, x0, y);
     } else {
       const std::int64_t S = t.shape[0], T = t.shape[1];
       const std::string rn = dim(0, "row"), tn = dim(1, "token");
       Panel p;
       p.x = token_axis(tn, T, opt.max_tokens);
-      p.y = Axis{rn, S, 1};
+      p.x.ticks = ticks_of(t, 1);
+      p.y = Axis{rn, S, 1, ticks_of(t, 0)};
       p.title = name + ": per " + rn + " and " + tn;
       if (p.x.bin > 1) p.title += " (means over bins of " + plural(p.x.bin, tn) + ")";
       p.x_first = false;  // tensor order: row, then token
@@ -559,6 +770,7 @@ inline std::string render(const std::vector<TraceTensor>& trace, const PlotOptio
           p.cells[static_cast<std::size_t>(s * cols + tok / p.x.bin)].add(v);
           p.nonfinite.add(v);
         }
+      for (const TraceMark& m : t.marks) p.outlines.push_back({0, m.index[0], cols, m.index[0] + 1, m.label});
       p.notes.push_back("shape " + shape_string(t.shape) + " = (" + rn + ", " + tn + ")");
       if (p.x.bin > 1) p.notes.push_back(bin_note(p.x, opt.max_tokens));
       y += draw_panel(d, p, x0, y) + 26;
