@@ -10,7 +10,8 @@
 namespace attnkit {
 
 // A cell to point out in pictures (e.g. which source of a routing row is the partial): its index
-// along every dimension except the token axis (the next-to-last one), and a short label.
+// along every dimension except the token axis (the next-to-last one; the last of a 2-D
+// [row, token] tensor), and a short label.
 struct TraceMark {
   std::vector<std::int64_t> index;
   std::string label;
