@@ -6,6 +6,9 @@
 // Stack mode makes two passes over the weights per token, so its ideal is 0.5x plain. The
 // loop benchmarks alternate with the plain model step by step and report vs_plain (their speed
 // as a fraction of plain's, median over the pairs).
+// Attention Residuals variants (model/attnres-block/..., model/attnres-full/...) have the
+// open-attention-residuals 0.6B shape (head_dim 64, 8 blocks) and pair with a plain model of that
+// same shape ("attnres-base"): the routing is the only difference.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -24,22 +27,32 @@ using namespace attnkit;
 
 namespace {
 
-// "plain", "loop-stack" or "loop-layer"; built once, on first use.
+// "plain", "loop-stack", "loop-layer", "attnres-base", "attnres-block" or "attnres-full"; built
+// once, on first use.
 const model::Qwen3Model& qwen3_0_6b(const std::string& variant = "plain") {
   static std::map<std::string, std::unique_ptr<model::Qwen3Model>> models;
   auto& m = models[variant];
   if (!m) {
     nlohmann::json j = io::qwen3_0_6b_config().raw;
-    if (variant != "plain") {
+    if (variant.rfind("loop-", 0) == 0) {
       j["loop_num"] = 2;
       j["loop_window_size"] = 64;
       j["loop_mode"] = variant == "loop-stack" ? "stack" : "layer";
+    } else if (variant.rfind("attnres-", 0) == 0) {
+      j = model::open_attnres_0_6b_config(variant != "attnres-base");
+      if (variant == "attnres-full") j["attnres_mode"] = "full";
     }
     const auto reg = model::default_registry();
     m = std::make_unique<model::Qwen3Model>(
         model::Qwen3Model::random(reg.parse_config(j, "qwen3-0.6b " + variant), model::WeightType::bf16, 1, &reg));
   }
   return *m;
+}
+
+// The model a variant is measured against.
+std::string base_of(const std::string& variant) {
+  if (variant == "plain" || variant == "attnres-base") return "";
+  return variant.rfind("attnres-", 0) == 0 ? "attnres-base" : "plain";
 }
 
 std::vector<std::int64_t> prompt(std::int64_t n, std::int64_t vocab) {
@@ -63,7 +76,8 @@ void report_pairs(benchmark::State& state, const bench::Paired& pairs) {
 // Prefill: the whole prompt in one step; logits of the last row only (what generation needs).
 void BM_model_prefill(benchmark::State& state, Precision precision, std::string variant) {
   const auto& m = qwen3_0_6b(variant);
-  const bool paired = variant != "plain";
+  const std::string base = base_of(variant);
+  const bool paired = !base.empty();
   const std::int64_t T = state.range(0);
   const int threads = static_cast<int>(state.range(1));
   const auto ids = prompt(T, m.config().vocab_size);
@@ -82,7 +96,7 @@ void BM_model_prefill(benchmark::State& state, Precision precision, std::string 
   bench::Paired pairs;
   double total = 0;
   for (auto _ : state) {
-    const double plain_s = paired ? step(qwen3_0_6b()) : 0.0;
+    const double plain_s = paired ? step(qwen3_0_6b(base)) : 0.0;
     const double s = step(m);
     if (paired) pairs.add(s, plain_s);
     state.SetIterationTime(s);
@@ -96,8 +110,9 @@ void BM_model_prefill(benchmark::State& state, Precision precision, std::string 
 // of the plain model, for a variant).
 void BM_model_decode(benchmark::State& state, model::CacheType kv, std::string variant) {
   const auto& m = qwen3_0_6b(variant);
-  const auto& plain = qwen3_0_6b();
-  const bool paired = variant != "plain";
+  const std::string base_name = base_of(variant);
+  const bool paired = !base_name.empty();
+  const auto& plain = qwen3_0_6b(paired ? base_name : variant);
   const std::int64_t T = state.range(0);
   const int threads = static_cast<int>(state.range(1));
   const std::int64_t V = m.config().vocab_size;
@@ -168,6 +183,11 @@ const bool registered = [] {
     add((n + "/prefill/bf16/exact").c_str(), 3, BM_model_prefill, Precision::exact, std::string(v));
     add((n + "/decode/bf16/kv:f32").c_str(), 32, BM_model_decode, model::CacheType::f32, std::string(v));
     add((n + "/decode/bf16/kv:bf16").c_str(), 32, BM_model_decode, model::CacheType::bf16, std::string(v));
+  }
+  for (const char* v : {"attnres-block", "attnres-full"}) {
+    const std::string n = std::string("model/") + v;
+    add((n + "/prefill/bf16/exact").c_str(), 3, BM_model_prefill, Precision::exact, std::string(v));
+    add((n + "/decode/bf16/kv:f32").c_str(), 32, BM_model_decode, model::CacheType::f32, std::string(v));
   }
   return true;
 }();

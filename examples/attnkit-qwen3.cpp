@@ -4,8 +4,10 @@
 //   attnkit-qwen3 --model DIR --ids 1,2,3 --generate 8
 //   attnkit-qwen3 --random qwen3-0.6b --dtype bf16 --prompt-len 512 --generate 32 --precision fast
 //   attnkit-qwen3 --model loop-checkpoint --ids 1,2,3 --trace-out trace.safetensors --plot gates.svg
+//   attnkit-qwen3 --model attnres-checkpoint --prompt-len 64 --plot routing.svg
 //
-// Any checkpoint or config a built-in recipe accepts runs as it is (plain Qwen3, Loop Attention).
+// Any checkpoint or config a built-in recipe accepts runs as it is (plain Qwen3, Loop Attention,
+// Attention Residuals).
 // Prints a model summary and `prefill: N tok/s` / `decode: N tok/s`; exits 1 with a message on
 // bad input. See --help.
 #include <chrono>
@@ -29,10 +31,13 @@ namespace {
 const char* kUsage = R"(usage: attnkit-qwen3 [options]
 model (default: a built-in small deterministic random Qwen3, nothing to download):
   --model DIR              Hugging Face checkpoint directory (config.json + safetensors)
-  --random NAME|FILE.json  random weights of a named shape (qwen3-0.6b, qwen3-0.6b-loop, tiny, tiny-loop)
-                           or of any config file a recipe accepts, whatever its mechanism
+  --random NAME|FILE.json  random weights of a named shape (qwen3-0.6b, qwen3-0.6b-loop, qwen3-0.6b-attnres,
+                           tiny, tiny-loop, tiny-attnres) or of any config file a recipe accepts
   --loop-mode stack|layer  Loop Attention mode of a random model (adds the loop fields if absent)
   --loop-window N          Loop Attention window of a random model
+  --attnres-mode MODE      Attention Residuals mode of a random model: block, full, delta, delta_block
+                           (adds the AttnRes fields if absent)
+  --attnres-form open|kimi Attention Residuals form of a random model (open-attention-residuals or Kimi's)
   --allow-unused           load a checkpoint even if some tensors or config fields go unused (warns)
   --dtype f32|bf16         weight type for --random and the default model (default bf16)
   --seed N                 seed of the random weights (default 0)
@@ -46,7 +51,8 @@ run:
   --generate N             greedy continuation of N tokens; prints `generated: id id ...`
   --logits-out FILE        write tensor `logits` F32 [T, vocab], one row per input token
   --trace-out FILE         write the mechanism's internals over the input tokens as safetensors
-                           (Loop Attention: `gates` F32 [layers, T, heads] of the looping pass)
+                           (Loop Attention: `gates` F32 [layers, T, heads] of the looping pass;
+                           Attention Residuals: `attnres_weights` F32 [layers, 2, T, sources])
   --plot FILE.svg          draw the trace as an SVG picture (heat maps with axes and colour scale)
   --threads N              OpenMP threads (default: OMP_NUM_THREADS or all cores)
   --precision exact|fast   matrix products: fp32-accurate (default) or bf16-rounded activations (faster)
@@ -111,22 +117,28 @@ nlohmann::json with_loop(nlohmann::json j) {
 std::pair<nlohmann::json, std::string> named_config(const std::string& name) {
   if (name == "qwen3-0.6b" || name == "Qwen3-0.6B") return {io::qwen3_0_6b_config().raw, name};
   if (name == "qwen3-0.6b-loop") return {with_loop(io::qwen3_0_6b_config().raw), name};
+  if (name == "qwen3-0.6b-attnres") return {model::open_attnres_0_6b_config(), name};
   if (name == "tiny" || name == "default") return {builtin_config(), name};
   if (name == "tiny-loop") return {with_loop(builtin_config()), name};
+  if (name == "tiny-attnres") return {model::with_attnres(builtin_config()), name};
   if (name.size() > 5 && name.substr(name.size() - 5) == ".json") return {io::read_json_file(name, "config file"), name};
-  die("--random: unknown shape '" + name + "' (known: qwen3-0.6b, qwen3-0.6b-loop, tiny, tiny-loop, or a config .json file)");
+  die("--random: unknown shape '" + name +
+      "' (known: qwen3-0.6b, qwen3-0.6b-loop, qwen3-0.6b-attnres, tiny, tiny-loop, tiny-attnres, or a config .json file)");
 }
 
 // One line on the mechanism a model runs: recipe, passes, and the first layer's mixer.
 std::string mechanism_summary(const model::Qwen3Model& m) {
-  return "recipe " + m.recipe() + ", " + std::to_string(m.passes()) + (m.passes() == 1 ? " pass" : " passes") + ", " +
-         m.mixer(0).describe();
+  std::string s = "recipe " + m.recipe() + ", " + std::to_string(m.passes()) + (m.passes() == 1 ? " pass" : " passes") +
+                  ", " + m.mixer(0).describe();
+  if (m.residual_policy().kind() != "sum") s += ", " + m.residual_policy().describe();
+  return s;
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string model_dir, random_name, dtype = "bf16", ids_arg, ids_from, logits_out, trace_out, plot_out, loop_mode;
+  std::string attnres_mode, attnres_form;
   std::int64_t loop_window = 0;
   bool allow_unused = false;
   std::int64_t prompt_len = -1, generate = -1, chunk = 0, seed = 0;
@@ -161,6 +173,14 @@ int main(int argc, char** argv) {
       loop_mode = value();
       if (loop_mode != "stack" && loop_mode != "layer") die("--loop-mode: expected stack or layer, got '" + loop_mode + "'");
     } else if (a == "--loop-window") loop_window = parse_int(value(), "--loop-window", 1);
+    else if (a == "--attnres-mode") {
+      attnres_mode = value();
+      if (attnres_mode != "block" && attnres_mode != "full" && attnres_mode != "delta" && attnres_mode != "delta_block")
+        die("--attnres-mode: expected block, full, delta or delta_block, got '" + attnres_mode + "'");
+    } else if (a == "--attnres-form") {
+      attnres_form = value();
+      if (attnres_form != "open" && attnres_form != "kimi") die("--attnres-form: expected open or kimi, got '" + attnres_form + "'");
+    }
     else if (a == "--allow-unused") allow_unused = true;
     else if (a == "--decode") decode = true;
     else if (a == "--chunk") chunk = parse_int(value(), "--chunk", 1);
@@ -182,8 +202,9 @@ int main(int argc, char** argv) {
   if ((!ids_arg.empty()) + (!ids_from.empty()) + (prompt_len > 0) > 1)
     die("give at most one of --ids, --ids-from, --prompt-len");
   if (decode && chunk > 0) die("--decode and --chunk exclude each other");
-  if (!model_dir.empty() && (!loop_mode.empty() || loop_window > 0))
-    die("--loop-mode and --loop-window shape random models; a checkpoint runs as its config.json says");
+  if (!model_dir.empty() && (!loop_mode.empty() || loop_window > 0 || !attnres_mode.empty() || !attnres_form.empty()))
+    die("--loop-mode, --loop-window, --attnres-mode and --attnres-form shape random models; a checkpoint runs as its "
+        "config.json says");
   if (threads > 0) omp_set_num_threads(threads);
   const int nthreads = default_num_threads();
 
@@ -203,6 +224,11 @@ int main(int argc, char** argv) {
         if (!model::is_loop_config(registry.parse_config(j, where))) j = with_loop(std::move(j));
         if (!loop_mode.empty()) j["loop_mode"] = loop_mode;
         if (loop_window > 0) j["loop_window_size"] = loop_window;
+      }
+      if (!attnres_mode.empty() || !attnres_form.empty()) {
+        if (j.value("model_type", "") != "qwen3_attnres") j = model::with_attnres(std::move(j));
+        if (!attnres_mode.empty()) j["attnres_mode"] = attnres_mode;
+        if (!attnres_form.empty()) j["attnres_form"] = attnres_form;
       }
       return model::Qwen3Model::random(registry.parse_config(j, where), wtype, static_cast<std::uint64_t>(seed), &registry);
     }();
@@ -285,9 +311,10 @@ int main(int argc, char** argv) {
       for (const auto& name : trace.names()) {
         model::Trace::Tensor t = trace.tensor(name);
         w.add_f32(name, t.shape, t.data.data());
-        std::printf("trace: %s [%lld, %lld, %lld]\n", name.c_str(), (long long)t.shape[0], (long long)t.shape[1],
-                    (long long)t.shape[2]);
-        tensors.push_back({name, t.shape, std::move(t.data)});
+        std::string shape;
+        for (auto d : t.shape) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
+        std::printf("trace: %s [%s]\n", name.c_str(), shape.c_str());
+        tensors.push_back(std::move(t));
       }
       if (!trace_out.empty()) {
         w.write(trace_out);
