@@ -64,8 +64,10 @@ inline std::string mib_string(std::uint64_t bytes) {
 
 // Fails up front, naming the sizes, when a request needs more memory than the machine has
 // available (instead of std::bad_alloc half-way, or the OOM killer). `what` says who asks and
-// for what, e.g. "Attention Residuals: 57 sources x 32768 tokens x 1024 floats".
+// for what, e.g. "Attention Residuals: 57 sources x 32768 tokens x 1024 floats". Requests under
+// 64 MiB are not checked (reading /proc/meminfo would cost more than a decode step's buffers).
 inline void require_memory(std::uint64_t bytes, const std::string& what) {
+  if (bytes < (std::uint64_t{64} << 20)) return;
   const std::uint64_t avail = available_memory_bytes();
   ATTNKIT_REQUIRE(avail == 0 || bytes <= avail, what, " needs ", mib_string(bytes), " but only ", mib_string(avail),
                   " of memory are available");
