@@ -2,6 +2,8 @@
 // width D = 1024, 2 threads, with the norm weight folded per call and a recency bias:
 //   attnres/<src>/N:<N>/T:512/D:1024   512 tokens routed over N sources + the partial (N + 1 rows of
 //                                       D per token): f32 sources at N = 8 and N = 57, bf16 at N = 8;
+//   attnres/f32/scored/N:<N>/...       the same with the N sources' logits given (as the model does:
+//                                       one read of each source, for the weighted sum);
 //   attnres_decode/f32/N:57/D:1024     one token (T = 1, so one thread does the work) over 57
 //                                       sources + the partial, each row in a different place.
 // The cost is reading the sources (4·D flops per D values read), so every call must read them
@@ -79,9 +81,13 @@ void set_counters(benchmark::State& state, double bytes) {
       benchmark::Counter(gb / bench::roofline().read_gbps, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// scored: the N sources come with their logits (DepthSource::logits), as the model passes them
+// (it scores each source against every query once, when the source is made): the call reads them
+// once, for the weighted sum; only the partial is scored.
 template <class S>
-void BM_attnres(benchmark::State& state, std::int64_t N) {
+void BM_attnres(benchmark::State& state, std::int64_t N, bool scored = false) {
   const Pool<S>& p = pool<S>();
+  const auto logits = bench::fill<float>(N * kT, 9);
   bench::roofline();  // measured before the timed loop
   const Query query;
   const auto out = bench::fill<float>(kT * kDim, 4);
@@ -91,7 +97,10 @@ void BM_attnres(benchmark::State& state, std::int64_t N) {
   std::vector<DepthSource> srcs(static_cast<std::size_t>(N));
   std::int64_t next = 0;
   for (auto _ : state) {
-    for (auto& s : srcs) s = source(p.buffer(next++), kT);
+    for (std::size_t n = 0; n < srcs.size(); ++n) {
+      srcs[n] = source(p.buffer(next++), kT);
+      if (scored) srcs[n].logits = logits.data() + static_cast<std::int64_t>(n) * kT;
+    }
     const DepthSource partial = source(p.buffer(next++), kT);
     attnres_route(std::span<const DepthSource>(srcs), partial, query.q, ov, opt);
     benchmark::DoNotOptimize(out.data());
@@ -127,10 +136,11 @@ void BM_attnres_decode(benchmark::State& state, std::int64_t N) {
 const bool registered = [] {
   const std::string shape = "/T:" + std::to_string(kT) + "/D:" + std::to_string(kDim);
   for (std::int64_t N : {8, 57})
-    benchmark::RegisterBenchmark(("attnres/f32/N:" + std::to_string(N) + shape).c_str(),
-                                 [=](benchmark::State& s) { BM_attnres<float>(s, N); })
-        ->UseRealTime()
-        ->Unit(benchmark::kMillisecond);
+    for (bool scored : {false, true})
+      benchmark::RegisterBenchmark(("attnres/f32" + std::string(scored ? "/scored" : "") + "/N:" + std::to_string(N) + shape).c_str(),
+                                   [=](benchmark::State& s) { BM_attnres<float>(s, N, scored); })
+          ->UseRealTime()
+          ->Unit(benchmark::kMillisecond);
   benchmark::RegisterBenchmark(("attnres/bf16/N:8" + shape).c_str(),
                                [](benchmark::State& s) { BM_attnres<bf16>(s, 8); })
       ->UseRealTime()

@@ -367,6 +367,50 @@ TEST_CASE("attnres_route: a source passed twice (same pointer) gets a weight per
   CHECK(test::bit_equal(out2.values(), out.values()));
 }
 
+TEST_CASE("attnres_route: logits scored in advance (DepthSource::logits) give the same output", "[attnres]") {
+  // The model scores each stored source against every call's query once; the call then reads the
+  // source only for the weighted sum. Logits computed as the kernel does give the same bits;
+  // others (a GEMM) agree within the bound.
+  const auto seed = test::fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  const std::int64_t T = 21, D = 133, C = 3;  // C calls' logits interleaved per token
+  std::vector<Source> src;
+  for (int i = 0; i < 4; ++i) src.emplace_back(rng, T, D, Store::f32);
+  Fixed fx(rng, D, 0.3f);
+  std::vector<float> folded(static_cast<std::size_t>(D));
+  attnres_fold_query(fx.proj.data(), fx.gamma.data(), D, folded.data());
+  AttnResQuery q = fx.query;
+  q.proj = folded.data();
+  q.norm_weight = nullptr;
+  std::vector<DepthSource> plain, scored;
+  std::vector<std::vector<float>> logits(3, std::vector<float>(static_cast<std::size_t>(T * C), -1e30f));
+  for (int i = 0; i < 3; ++i) {
+    plain.push_back(src[static_cast<std::size_t>(i)].view());
+    DepthSource d = plain.back();
+    std::vector<float> inv(static_cast<std::size_t>(T));
+    attnres_inv_rms(d, q.eps, inv.data());
+    for (std::int64_t t = 0; t < T; ++t)
+      logits[static_cast<std::size_t>(i)][static_cast<std::size_t>(t * C + 1)] =
+          simd::dot(folded.data(), d.f32 + t * d.row_stride, D) * inv[static_cast<std::size_t>(t)];
+    d.logits = logits[static_cast<std::size_t>(i)].data() + 1;  // call 1 of C
+    d.logit_stride = C;
+    scored.push_back(d);
+  }
+  Out a(T, D), b(T, D);
+  attnres_route(span_of(plain), src[3].view(), q, a.view());
+  attnres_route(span_of(scored), src[3].view(), q, b.view());
+  CHECK(test::bit_equal(a.values(), b.values()));
+  const auto ref = fx.reference({src[0].matrix(), src[1].matrix(), src[2].matrix()}, src[3].matrix());
+  CHECK(test::rel_l2(b.values(), values(ref.out)) <= kTol);
+  // The logits are what the kernel uses: change one and that token changes.
+  logits[0][static_cast<std::size_t>(5 * C + 1)] += 3.f;
+  attnres_route(span_of(scored), src[3].view(), q, b.view());
+  CHECK(!test::bit_equal(a.values(), b.values()));
+  scored[0].logit_stride = -1;
+  REQUIRE_THROWS_WITH(attnres_route(span_of(scored), src[3].view(), q, b.view()), Contains("negative logit stride"));
+}
+
 TEST_CASE("attnres_route: a zero query gives exactly uniform weights, out the average of the sources", "[attnres]") {
   const auto seed = test::fresh_seed();
   CAPTURE(seed);

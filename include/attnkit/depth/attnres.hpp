@@ -21,6 +21,10 @@
 //  * 1/rms is computed in the same pass as the dot product, or taken from the source
 //    (DepthSource::inv_rms, attnres_inv_rms) when the caller keeps it: a source routed by many
 //    sublayers needs it once;
+//  * the queries are static, so a caller that knows every query a source will meet can score
+//    the source against all of them once, when it is made (one small GEMM, the paper's "phase
+//    1"), and pass the logits (DepthSource::logits): the call then reads such a source once,
+//    for the weighted sum, instead of twice;
 //  * tokens are processed in tiles small enough that a tile's rows of all sources stay in L2
 //    between the logit pass and the weighted sum, so each source is read from memory once;
 //    the weighted sum (L2-bound) asks for the next tile's rows, so memory never waits on it;
@@ -52,12 +56,16 @@ namespace attnkit {
 
 // One routed source: `rows` rows of `cols` values (float32 or bf16) at `row_stride` elements
 // apart, owned by the caller. inv_rms (optional, [rows]): 1 / sqrt(mean(v²) + eps) per row,
-// computed with the route's eps (attnres_inv_rms); null: the kernel computes it.
+// computed with the route's eps (attnres_inv_rms); null: the kernel computes it. logits
+// (optional): this call's logit of row t, q · RMSNorm(v_t) without the bias, at
+// logits[t * logit_stride]; the kernel then reads the row only for the weighted sum.
 struct DepthSource {
   const float* f32 = nullptr;
   const bf16* b16 = nullptr;
   std::int64_t rows = 0, cols = 0, row_stride = 0;
   const float* inv_rms = nullptr;
+  const float* logits = nullptr;
+  std::int64_t logit_stride = 1;
 
   DepthSource() = default;
   DepthSource(ConstView2<float> v, const float* inv = nullptr)
@@ -186,6 +194,10 @@ void attnres_tile(std::span<const DepthSource> src, const float* q, float bias, 
     const DepthSource& s = src[static_cast<std::size_t>(n)];
     for (std::int64_t t = t0; t < t1; ++t) {
       here.prefetch(n * rows + (t - t0) + kAhead, D);
+      if (s.logits) {
+        logits[(t - t0) * S + n] = s.logits[t * s.logit_stride];
+        continue;
+      }
       float dot, sq, inv;
       if (s.f32) {
         const float* row = s.f32 + t * s.row_stride;
@@ -260,6 +272,8 @@ void attnres_route(std::span<const DepthSource> sources, const DepthSource& part
     ATTNKIT_REQUIRE(s.inner_stride() == 1 || D <= 1, fn, ": argument '", where(),
                     "': the last dimension must be contiguous (stride 1), got stride ", s.inner_stride());
     ATTNKIT_REQUIRE(s.row_stride >= 0, fn, ": argument '", where(), "': negative row stride ", s.row_stride);
+    ATTNKIT_REQUIRE(!s.logits || s.logit_stride >= 0, fn, ": argument '", where(), "': negative logit stride ",
+                    s.logit_stride);
     const void* p = s.f32 ? static_cast<const void*>(s.f32) : static_cast<const void*>(s.b16);
     const std::size_t bytes = static_cast<std::size_t>(T > 0 ? (T - 1) * s.row_stride + D : 0) * s.element_bytes();
     ATTNKIT_REQUIRE(T == 0 || !detail::overlaps(out.data, out_bytes, p, bytes), fn, ": argument 'out': overlaps ",

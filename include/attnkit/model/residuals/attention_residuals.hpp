@@ -31,6 +31,9 @@
 //    Output: a final route with model.final_res_{proj.weight, norm.weight, bias} (final =
 //    route), or the sum of all sources (final = sum: the plain residual stream).
 // AttnRes keeps nothing across tokens: a decode step holds (sources × D) floats per token.
+// Speed: the queries are static, so each stored source is scored against every call's query
+// once, when it is made (a [T, D] x [D, 2L] product, the paper's "phase 1"); a routing call then
+// reads each stored source once, for the weighted sum, and scores only the partial.
 // Trace: "attnres_weights" [layers, 2, T, S] (sublayer 0 = attn, 1 = mlp; S the most sources of
 // any call; unused entries 0), the partial's column marked; kimi with final = route also
 // "attnres_final_weights" [1, T, S].
@@ -196,6 +199,14 @@ class AttentionResiduals final : public ResidualPolicy {
       plain.null_source = false;
       final_ = AttnResRoute(ctx.source, "model.final_res", "", plain, D_);
     }
+    // Every call's folded query as one [calls, D] matrix: call 2l + s, then the final route.
+    calls_ = 2 * L_ + (final_.query.empty() ? 0 : 1);
+    std::vector<float> q(static_cast<std::size_t>(calls_ * D_));
+    for (int c = 0; c < calls_; ++c) {
+      const auto& r = c < 2 * L_ ? routes_[static_cast<std::size_t>(c / 2)][static_cast<std::size_t>(c % 2)] : final_;
+      std::copy(r.query.begin(), r.query.end(), q.begin() + c * D_);
+    }
+    scorer_ = PackedLinear::pack(q.data(), calls_, D_, D_);
   }
 
   std::string kind() const override { return "attnres"; }
@@ -216,7 +227,7 @@ class AttentionResiduals final : public ResidualPolicy {
     return routes_.at(static_cast<std::size_t>(layer))[s == Sublayer::mixer ? 0 : 1];
   }
   std::size_t weight_bytes() const {
-    std::size_t b = final_.bytes();
+    std::size_t b = final_.bytes() + scorer_.bytes();
     for (auto& r : routes_) b += r[0].bytes() + r[1].bytes();
     return b;
   }
@@ -257,6 +268,8 @@ class AttentionResiduals final : public ResidualPolicy {
   float eps_;
   std::vector<std::array<AttnResRoute, 2>> routes_;
   AttnResRoute final_;
+  int calls_ = 0;         // routing calls per pass (2L, + 1 for a final route)
+  PackedLinear scorer_;   // [calls_, D]: every call's query, to score a source once
 };
 
 class AttentionResiduals::Stream final : public ResidualStream {
@@ -285,7 +298,7 @@ class AttentionResiduals::Stream final : public ResidualStream {
   ConstView2<float> input(int layer, Sublayer s) override {
     const int sub = s == Sublayer::mixer ? 0 : 1;
     const AttnResRoute& r = p_.route(layer, s);
-    route(r, sub, layer, "attnres_weights");
+    route(r, 2 * layer + sub, sub, layer, "attnres_weights");
     gate(r);
     if (p_.s_.form == AttnResForm::kimi && p_.kimi_boundary(layer, sub)) {  // the partial block is complete
       push(partial_);
@@ -324,7 +337,7 @@ class AttentionResiduals::Stream final : public ResidualStream {
   ConstView2<float> output() override {
     if (p_.s_.form != AttnResForm::kimi) return ConstView2<float>(partial_.data(), {T_, D_});
     if (p_.s_.final_output == AttnResFinal::route) {
-      route(p_.final_, 0, -1, "attnres_final_weights");
+      route(p_.final_, 2 * p_.L_, 0, -1, "attnres_final_weights");
     } else {
       h_ = partial_present_ ? partial_ : std::vector<float>(partial_.size(), 0.f);
       View2<float> hv(h_.data(), {T_, D_});
@@ -335,8 +348,9 @@ class AttentionResiduals::Stream final : public ResidualStream {
 
  private:
   struct Source {
-    std::vector<float> data;  // [T, D]
-    std::vector<float> inv_rms;  // [T], computed once: every later call routes over it
+    std::vector<float> data;     // [T, D]
+    std::vector<float> inv_rms;  // [T]
+    std::vector<float> logits;   // [T, calls]: q_c · RMSNorm_c(v_t) for every call c, computed once
   };
 
   std::vector<float> copy_of(ConstView2<float> v) const {
@@ -345,16 +359,28 @@ class AttentionResiduals::Stream final : public ResidualStream {
     return c;
   }
   void push(std::vector<float> data) {
-    Source s{std::move(data), std::vector<float>(static_cast<std::size_t>(T_))};
-    attnres_inv_rms(DepthSource(ConstView2<float>(s.data.data(), {T_, D_})), p_.eps_, s.inv_rms.data(), ctx_.num_threads);
+    const std::int64_t C = p_.calls_;
+    Source s{std::move(data), std::vector<float>(static_cast<std::size_t>(T_)), std::vector<float>(static_cast<std::size_t>(T_ * C))};
+    const ConstView2<float> v(s.data.data(), {T_, D_});
+    attnres_inv_rms(DepthSource(v), p_.eps_, s.inv_rms.data(), ctx_.num_threads);
+    // Always exact: the logits pick the routing, and this product is small.
+    p_.scorer_.forward(v, View2<float>(s.logits.data(), {T_, C}), {Precision::exact, ctx_.num_threads, false});
+    for (std::int64_t t = 0; t < T_; ++t)
+      for (std::int64_t c = 0; c < C; ++c) s.logits[static_cast<std::size_t>(t * C + c)] *= s.inv_rms[static_cast<std::size_t>(t)];
     sources_.push_back(std::move(s));
   }
 
-  // h = route over [null] + sources + [partial] with r's query (layer < 0: the final route).
-  void route(const AttnResRoute& r, int sub, int layer, const char* trace_name) {
+  // h = route over [null] + sources + [partial] with r's query, call number `call` (layer < 0:
+  // the final route).
+  void route(const AttnResRoute& r, int call, int sub, int layer, const char* trace_name) {
     std::vector<DepthSource> src;
     if (!r.null_source.empty()) src.push_back(DepthSource::broadcast(r.null_source.data(), T_, D_));
-    for (auto& s : sources_) src.emplace_back(ConstView2<float>(s.data.data(), {T_, D_}), s.inv_rms.data());
+    for (auto& s : sources_) {
+      DepthSource d(ConstView2<float>(s.data.data(), {T_, D_}), s.inv_rms.data());
+      d.logits = s.logits.data() + call;
+      d.logit_stride = p_.calls_;
+      src.push_back(d);
+    }
     const bool delta = p_.s_.delta();
     const ConstView2<float> pv(partial_.data(), {T_, D_});
     const DepthSource partial = delta || !partial_present_ ? DepthSource{} : DepthSource(pv);
