@@ -4,6 +4,7 @@
 #include "attnkit/model/recipe.hpp"
 #include "attnkit/model/recipes/attnres.hpp"
 #include "attnkit/model/recipes/loop.hpp"
+#include "attnkit/model/recipes/ouro.hpp"
 #include "attnkit/model/recipes/qwen3.hpp"
 
 namespace attnkit::model {
@@ -15,6 +16,7 @@ inline Registry default_registry() {
   register_qwen3(r);
   register_loop_attention(r);
   register_attention_residuals(r);
+  register_looped_stacks(r);
   return r;
 }
 

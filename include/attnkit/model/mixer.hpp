@@ -69,6 +69,8 @@ struct BuildContext {
   std::shared_ptr<const ops::Rope> rope;
   io::ConfigFields& fields;
   int passes = 1;
+  // Sliding layers' window in each pass (the stack policy's pass_windows(); empty: the config's).
+  std::vector<std::int64_t> pass_windows = {};
   std::string prefix(int layer) const { return "model.layers." + std::to_string(layer) + "."; }
 };
 

@@ -21,6 +21,7 @@
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -95,7 +96,13 @@ struct ForwardOptions {
   // pass's input, 1..L the output of each layer.
   std::function<void(int, int, ConstView2<float>)> on_pass_hidden;
   // Mechanisms record their internals here (gates, routing weights, ...); null: not recorded.
+  // A looped stack also records, per step: "exit_gate" [steps, T] (λ, with an exit gate),
+  // "exit_probability" [steps, T] (p), and for the rows whose logits are computed
+  // "logits_per_step" [steps, T, V] and "step_entropy" [steps, T] (of the next-token softmax).
   Trace* trace = nullptr;
+  // Which step's output a looped stack returns (unset: the stack's default, e.g. Ouro's
+  // early_exit_threshold); every step runs regardless.
+  std::optional<ExitRule> exit;
 };
 
 // What to do with checkpoint tensors or config fields that no part of the model consumed.
@@ -125,7 +132,7 @@ class Qwen3Model {
                     "Qwen3Model::build: the residual and stack policies must be set, with at least one pass");
     m.residual_ = std::move(residual);
     m.stack_ = std::move(stack);
-    BuildContext ctx{m.config_, source, m.rope_, fields, m.stack_->passes()};
+    BuildContext ctx{m.config_, source, m.rope_, fields, m.stack_->passes(), m.stack_->pass_windows()};
     std::vector<std::string> types;
     for (auto& t : config.layer_types) types.push_back(t.name);
     m.assemble(ctx, mixers, types, BlockShape{});
@@ -238,6 +245,7 @@ class Qwen3Model {
   std::shared_ptr<const ResidualPolicy> residual_;
   std::shared_ptr<const StackPolicy> stack_;
   std::shared_ptr<const ops::Rope> rope_;
+  class Readout;
 };
 
 class Session {
@@ -258,6 +266,90 @@ inline Session Qwen3Model::new_session(const SessionOptions& opt) const {
   for (auto& l : layers_) s.states_.push_back(l.mixer->new_state(opt));
   return s;
 }
+
+// Reads out one pass of the stack (the final norm of its output, the exit gate, the head's logits
+// for the requested rows) and applies the exit rule; the last pass's read-out is the ordinary
+// output of the model.
+class Qwen3Model::Readout {
+ public:
+  Readout(const Qwen3Model& m, const ForwardOptions& opt, ExitRule rule, std::int64_t pos0, std::int64_t T,
+          std::int64_t rows, View2<float> logits, View2<float> hidden)
+      : m_(m), opt_(opt), rule_(rule), pos0_(pos0), T_(T), rows_(rows), logits_(logits), h_(hidden),
+        gate_(m.stack_->has_exit_gate()), lambda_(static_cast<std::size_t>(T)), survive_(static_cast<std::size_t>(T), 1.f),
+        cum_(static_cast<std::size_t>(T), 0.f), p_(static_cast<std::size_t>(T)), chosen_(static_cast<std::size_t>(rows), 0) {}
+
+  void step(int pass, ConstView2<float> out) {
+    const int passes = m_.stack_->passes();
+    const bool last = pass + 1 == passes;
+    ops::rms_norm(out, m_.final_norm_.data(), static_cast<float>(m_.config_.rms_norm_eps), h_, opt_.num_threads);
+    if (gate_) {
+      m_.stack_->exit_gate(h_, lambda_.data());
+      for (std::int64_t t = 0; t < T_; ++t) {
+        const auto i = static_cast<std::size_t>(t);
+        p_[i] = last ? survive_[i] : lambda_[i] * survive_[i];
+        survive_[i] *= 1.f - lambda_[i];
+        cum_[i] += p_[i];
+      }
+      if (opt_.trace) {
+        opt_.trace->record_values("exit_gate", pass, pos0_, ConstView2<float>(lambda_.data(), {T_, 1}));
+        opt_.trace->record_values("exit_probability", pass, pos0_, ConstView2<float>(p_.data(), {T_, 1}));
+      }
+    }
+    if (rows_ == 0) return;
+    using K = ExitRule::Kind;
+    const bool mine = (rule_.kind == K::last && last) || (rule_.kind == K::step && rule_.step == pass);
+    if (!(mine || rule_.kind == K::expected || rule_.kind == K::threshold || (opt_.trace && passes > 1))) return;
+    const std::int64_t V = m_.config_.vocab_size;
+    const ConstView2<float> head_in = rows_ == T_ ? ConstView2<float>(h_) : ConstView2<float>(h_.slice(0, T_ - 1, T_));
+    View2<float> dst = logits_;
+    if (!mine) {
+      step_logits_.resize(static_cast<std::size_t>(rows_ * V));
+      dst = View2<float>(step_logits_.data(), {rows_, V});
+    }
+    m_.lm_head_.forward(head_in, dst, {opt_.precision, opt_.num_threads, false});
+    const std::int64_t first = T_ - rows_;  // the token of row 0
+    if (opt_.trace && passes > 1) {
+      opt_.trace->record("logits_per_step", pass, pos0_ + first, dst);
+      std::vector<float> ent(static_cast<std::size_t>(rows_));
+      for (std::int64_t r = 0; r < rows_; ++r) ent[static_cast<std::size_t>(r)] = entropy(dst.ptr(r), V);
+      opt_.trace->record_values("step_entropy", pass, pos0_ + first, ConstView2<float>(ent.data(), {rows_, 1}));
+    }
+    if (mine) return;
+    for (std::int64_t r = 0; r < rows_; ++r) {
+      const auto tok = static_cast<std::size_t>(first + r);
+      float* o = logits_.ptr(r);
+      const float* l = dst.ptr(r);
+      if (rule_.kind == K::expected) {
+        for (std::int64_t v = 0; v < V; ++v) o[v] = pass == 0 ? p_[tok] * l[v] : o[v] + p_[tok] * l[v];
+      } else if (rule_.kind == K::threshold && !chosen_[static_cast<std::size_t>(r)] &&
+                 (last || static_cast<double>(cum_[tok]) >= rule_.threshold)) {
+        std::copy(l, l + V, o);
+        chosen_[static_cast<std::size_t>(r)] = 1;
+      }
+    }
+  }
+
+ private:
+  static float entropy(const float* l, std::int64_t V) {
+    double m = l[0];
+    for (std::int64_t v = 1; v < V; ++v) m = std::max(m, static_cast<double>(l[v]));
+    double z = 0, zl = 0;
+    for (std::int64_t v = 0; v < V; ++v) {
+      const double e = std::exp(l[v] - m);
+      z += e;
+      zl += e * (l[v] - m);
+    }
+    return static_cast<float>(std::log(z) - zl / z);
+  }
+  const Qwen3Model& m_;
+  const ForwardOptions& opt_;
+  ExitRule rule_;
+  std::int64_t pos0_, T_, rows_;
+  View2<float> logits_, h_;
+  bool gate_;
+  std::vector<float> lambda_, survive_, cum_, p_, step_logits_;
+  std::vector<char> chosen_;
+};
 
 inline void Qwen3Model::forward(Session& s, std::span<const std::int64_t> ids, View2<float> logits,
                                 const ForwardOptions& opt) const {
@@ -284,6 +376,17 @@ inline void Qwen3Model::forward(Session& s, std::span<const std::int64_t> ids, V
   StepContext ctx{s.position_, opt.num_threads, opt.precision, &angles, 0, opt.trace};
   const float eps = static_cast<float>(config_.rms_norm_eps);
   const int passes = stack_->passes();
+  const ExitRule rule = opt.exit ? *opt.exit : stack_->default_exit();
+  using K = ExitRule::Kind;
+  ATTNKIT_REQUIRE(rule.kind != K::step || (rule.step >= 0 && rule.step < passes), "Qwen3Model::forward: exit rule: step ",
+                  rule.step, " outside the stack's ", passes, " steps");
+  ATTNKIT_REQUIRE(rule.kind != K::threshold || (rule.threshold > 0.0 && rule.threshold <= 1.0),
+                  "Qwen3Model::forward: exit rule: threshold must be in (0, 1], got ", rule.threshold);
+  ATTNKIT_REQUIRE((rule.kind != K::threshold && rule.kind != K::expected) || stack_->has_exit_gate(),
+                  "Qwen3Model::forward: exit rule: a threshold or expected output needs an exit gate, and stack policy '",
+                  stack_->kind(), "' has none");
+  const bool per_step = passes > 1 && (opt.trace || rule.kind != K::last);
+  Readout readout(*this, opt, rule, s.position_, T, rows, logits, xnv);
   std::unique_ptr<ResidualStream> stream;
   for (int pass = 0; pass < passes; ++pass) {  // x holds this pass's input
     ctx.pass = pass;
@@ -304,18 +407,16 @@ inline void Qwen3Model::forward(Session& s, std::span<const std::int64_t> ids, V
       if (report && l + 1 < layers_.size()) opt.on_hidden(li + 1, stream->output());
       if (opt.on_pass_hidden) opt.on_pass_hidden(pass, li + 1, stream->output());
     }
-    if (pass + 1 < passes) {
+    const bool last = pass + 1 == passes;
+    if (last || per_step) readout.step(pass, stream->output());
+    if (!last) {
       const ConstView2<float> o = stream->output();
       for (std::int64_t t = 0; t < T; ++t) std::copy(o.ptr(t), o.ptr(t) + D, x.data() + t * D);
       stack_->between_passes(pass, xv);
     }
   }
-  ops::rms_norm(stream->output(), final_norm_.data(), static_cast<float>(config_.rms_norm_eps), xnv);
   if (opt.on_hidden) opt.on_hidden(static_cast<int>(layers_.size()), xnv);
   s.position_ += T;
-  if (rows == 0) return;
-  ConstView2<float> head_in = rows == T ? ConstView2<float>(xnv) : ConstView2<float>(xnv.slice(0, T - 1, T));
-  lm_head_.forward(head_in, logits, {opt.precision, opt.num_threads, false});
 }
 
 inline Qwen3Model Qwen3Model::compose(const io::Qwen3Config& config, const TensorSource& source,
@@ -326,6 +427,11 @@ inline Qwen3Model Qwen3Model::compose(const io::Qwen3Config& config, const Tenso
   io::ConfigFields fields(config);
   const Recipe& recipe = reg.recipe_for(config);
   Plan plan = recipe.plan(fields);
+  if (fields.has("loop_count")) {  // any recipe's stack looped (stacks/looped.hpp)
+    if (plan.stack != "single")
+      fields.fail("loop_count", "recipe '", recipe.name, "' already runs stack policy '", plan.stack, "'");
+    plan.stack = "looped";
+  }
   if (plan.mixers.empty())
     for (auto& t : config.layer_types) plan.mixers.push_back(t.name);
   Qwen3Model m;
@@ -336,6 +442,9 @@ inline Qwen3Model Qwen3Model::compose(const io::Qwen3Config& config, const Tenso
   ATTNKIT_REQUIRE(m.stack_ && m.stack_->passes() >= 1, "Qwen3Model: stack policy '", plan.stack,
                   "' must make at least one pass");
   ctx.passes = m.stack_->passes();
+  ctx.pass_windows = m.stack_->pass_windows();
+  ATTNKIT_REQUIRE(ctx.pass_windows.empty() || static_cast<int>(ctx.pass_windows.size()) == ctx.passes, "Qwen3Model: stack policy '",
+                  plan.stack, "' gives ", ctx.pass_windows.size(), " windows for ", ctx.passes, " passes");
   m.residual_ = reg.residual(plan.residual, ctx);
   m.assemble(ctx, reg.mixers, plan.mixers, plan.block);
 

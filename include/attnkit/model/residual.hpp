@@ -69,18 +69,43 @@ class SumResidual final : public ResidualPolicy {
   };
 };
 
+// Which output a looped stack's forward returns (Ouro, spec §9.1). Every pass always runs (the
+// deeper passes' caches must be filled); the rule only selects. With an exit gate, λ_τ is the
+// probability of exiting after pass τ and p_τ = λ_τ Π_{j<τ}(1 − λ_j) (the last pass takes the
+// rest), so Σ_τ p_τ = 1.
+struct ExitRule {
+  enum class Kind { last, step, threshold, expected };
+  Kind kind = Kind::last;
+  int step = 0;            // Kind::step: this pass's output (0-based)
+  double threshold = 1.0;  // Kind::threshold: per token, the first pass whose cumulative p reaches it
+  static ExitRule last() { return {}; }
+  static ExitRule at_step(int s) { return {Kind::step, s, 1.0}; }
+  static ExitRule at_threshold(double q) { return {Kind::threshold, 0, q}; }
+  static ExitRule expected() { return {Kind::expected, 0, 1.0}; }
+};
+
 // The stack-policy seam: how many times the layer stack runs per step and what happens to the
 // hidden state between runs. Looped stacks (LT2 / Ouro-style, Loop Attention's second pass)
 // are a StackPolicy plus, where a layer must remember an earlier pass, a mixer that reads
 // StepContext::pass; each pass starts a fresh residual stream from the previous pass's output.
+// Every pass can be read out like the last one (the final norm of its output, then the head).
 class StackPolicy {
  public:
   virtual ~StackPolicy() = default;
   virtual std::string kind() const = 0;
+  virtual std::string describe() const { return kind(); }
   virtual int passes() const = 0;
   // Called after every pass but the last with that pass's output [T, D]; may transform it in
   // place into the next pass's input (Ouro normalises it, for instance).
   virtual void between_passes(int /*pass*/, View2<float> /*x*/) const {}
+  // The sliding window of sliding layers in each pass (LT2's loop-level hybrid: 128, 256, 512,
+  // then 0 = full attention); empty: the config's window in every pass.
+  virtual std::vector<std::int64_t> pass_windows() const { return {}; }
+  // An exit gate over a pass's read-out state h [T, D]: λ per token into lambda [T].
+  virtual bool has_exit_gate() const { return false; }
+  virtual void exit_gate(ConstView2<float> /*h*/, float* /*lambda*/) const {}
+  // The output rule when the caller sets none (ForwardOptions::exit).
+  virtual ExitRule default_exit() const { return ExitRule::last(); }
 };
 
 // The plain transformer: one pass.

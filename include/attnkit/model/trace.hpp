@@ -7,6 +7,7 @@
 //   record(name, layer, pos0, rows)        -> [layers, tokens, width]
 //   record(name, layer, slot, pos0, rows)  -> [layers, slots, tokens, width] (e.g. slot 0 = the
 //                                             call before attention, 1 = before the MLP)
+//   record_values(name, layer, pos0, col)  -> [layers, tokens] (one value per token)
 // Rows may differ in width (a routing call over 3 sources, a later one over 9): the tensor is as
 // wide as the widest, narrower rows are padded with 0. Anything never recorded (a layer without
 // the mechanism) is NaN. Mechanisms may also describe a series (axis names, tick labels) and mark
@@ -35,6 +36,13 @@ class Trace {
   // record of the same (name, layer, position) replaces the earlier one.
   void record(const std::string& name, int layer, std::int64_t pos0, ConstView2<float> rows) {
     put(name, layer, -1, pos0, rows);
+  }
+  // One value per token: the series is [layers, tokens] (an exit gate per step, say).
+  void record_values(const std::string& name, int layer, std::int64_t pos0, ConstView2<float> column) {
+    ATTNKIT_REQUIRE(column.shape[1] == 1, "Trace::record_values: '", name, "': expected one value per token, got ",
+                    column.shape[1]);
+    put(name, layer, -1, pos0, column);
+    series_[name].scalar = true;
   }
   // The same for one slot of a layer: the series becomes [layers, slots, tokens, width].
   void record(const std::string& name, int layer, int slot, std::int64_t pos0, ConstView2<float> rows) {
@@ -77,6 +85,7 @@ class Trace {
     Tensor out;
     out.name = name;
     out.shape = s.slotted ? std::vector<std::int64_t>{L, K, T, W} : std::vector<std::int64_t>{L, T, W};
+    if (s.scalar) out.shape.pop_back();
     out.data.assign(static_cast<std::size_t>(L * K * T * W), std::numeric_limits<float>::quiet_NaN());
     for (auto& [key, rows] : s.rows)
       for (auto& [pos, row] : rows) {
@@ -104,6 +113,7 @@ class Trace {
   struct Series {
     std::int64_t width = -1;  // widest row so far; -1: nothing recorded
     bool slotted = false;
+    bool scalar = false;  // [layers, tokens]: one value per token
     std::map<std::pair<int, int>, std::map<std::int64_t, std::vector<float>>> rows;  // (layer, slot) -> position -> row
     std::vector<std::string> dims;
     std::vector<std::vector<std::string>> labels;

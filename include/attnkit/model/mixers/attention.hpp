@@ -4,7 +4,8 @@
 // x [T, D] -> QKVProjection (fused q/k/v, q/k norms, RoPE) -> AttentionCache (append, then
 // causal or sliding-window GQA attention over the cached keys) -> o_proj. The state keeps one
 // cache per pass of the layer stack, so a looped stack (the same weights run several times per
-// token) gives every pass its own keys, as Ouro-style models need.
+// token) gives every pass its own keys, as Ouro-style models need; a sliding layer may use
+// another window in every pass (BuildContext::pass_windows, 0 = full attention in that pass).
 #pragma once
 
 #include <memory>
@@ -21,6 +22,8 @@ class Qwen3Attention final : public TokenMixer {
   // window == 0: full causal attention; otherwise sliding window of `window` keys.
   Qwen3Attention(const BuildContext& ctx, int layer, std::int64_t window, QKVProjection::Options po = {})
       : window_(window), passes_(ctx.passes) {
+    for (int p = 0; p < passes_; ++p)
+      windows_.push_back(window_ && !ctx.pass_windows.empty() ? ctx.pass_windows.at(static_cast<std::size_t>(p)) : window_);
     if (po.prefix.empty()) po.prefix = ctx.prefix(layer) + "self_attn.";
     proj_ = QKVProjection(ctx, po);
     o_ = pack_linear(ctx.source.get(po.prefix + "o_proj.weight", {ctx.config.hidden_size, proj_.heads() * proj_.head_dim()}));
@@ -28,12 +31,13 @@ class Qwen3Attention final : public TokenMixer {
 
   std::string kind() const override { return window_ ? "sliding_attention" : "full_attention"; }
   std::int64_t window() const { return window_; }
+  std::int64_t window(int pass) const { return windows_.at(static_cast<std::size_t>(pass)); }
   std::size_t weight_bytes() const override { return proj_.weight_bytes() + o_.bytes(); }
 
   std::unique_ptr<MixerState> new_state(const SessionOptions& opt) const override {
     auto s = std::make_unique<State>();
     for (int p = 0; p < passes_; ++p)
-      s->caches.emplace_back(proj_.kv_heads(), proj_.head_dim(), proj_.head_dim(), window_, opt);
+      s->caches.emplace_back(proj_.kv_heads(), proj_.head_dim(), proj_.head_dim(), windows_[static_cast<std::size_t>(p)], opt);
     return s;
   }
 
@@ -55,6 +59,7 @@ class Qwen3Attention final : public TokenMixer {
     std::vector<AttentionCache> caches;  // one per pass
   };
   std::int64_t window_;
+  std::vector<std::int64_t> windows_;  // per pass
   int passes_;
   QKVProjection proj_;
   PackedLinear o_;
