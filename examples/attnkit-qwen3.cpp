@@ -15,6 +15,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iostream>
+#include <optional>
 #include <random>
 #include <sstream>
 #include <string>
@@ -32,12 +33,13 @@ const char* kUsage = R"(usage: attnkit-qwen3 [options]
 model (default: a built-in small deterministic random Qwen3, nothing to download):
   --model DIR              Hugging Face checkpoint directory (config.json + safetensors)
   --random NAME|FILE.json  random weights of a named shape (qwen3-0.6b, qwen3-0.6b-loop, qwen3-0.6b-attnres,
-                           tiny, tiny-loop, tiny-attnres) or of any config file a recipe accepts
+                           tiny, tiny-loop, tiny-attnres, ouro-1.4b, tiny-ouro) or of any config file
   --loop-mode stack|layer  Loop Attention mode of a random model (adds the loop fields if absent)
   --loop-window N          Loop Attention window of a random model
   --attnres-mode MODE      Attention Residuals mode of a random model: block, full, delta, delta_block
                            (adds the AttnRes fields if absent)
   --attnres-form open|kimi Attention Residuals form of a random model (open-attention-residuals or Kimi's)
+  --loops N                loop a random model's layer stack N times (a cache per loop and layer)
   --allow-unused           load a checkpoint even if some tensors or config fields go unused (warns)
   --dtype f32|bf16         weight type for --random and the default model (default bf16)
   --seed N                 seed of the random weights (default 0)
@@ -52,7 +54,9 @@ run:
   --logits-out FILE        write tensor `logits` F32 [T, vocab], one row per input token
   --trace-out FILE         write the mechanism's internals over the input tokens as safetensors
                            (Loop Attention: `gates` F32 [layers, T, heads] of the looping pass;
-                           Attention Residuals: `attnres_weights` F32 [layers, 2, T, sources])
+                           Attention Residuals: `attnres_weights` F32 [layers, 2, T, sources];
+                           looped stacks: `logits_per_step` [steps, T, vocab], `exit_gate` [steps, T], ...)
+  --exit RULE              output of a looped stack: last, step:N (0-based), threshold:Q, expected
   --plot FILE.svg          draw the trace as an SVG picture (heat maps with axes and colour scale)
   --threads N              OpenMP threads (default: OMP_NUM_THREADS or all cores)
   --precision exact|fast   matrix products: fp32-accurate (default) or bf16-rounded activations (faster)
@@ -121,9 +125,12 @@ std::pair<nlohmann::json, std::string> named_config(const std::string& name) {
   if (name == "tiny" || name == "default") return {builtin_config(), name};
   if (name == "tiny-loop") return {with_loop(builtin_config()), name};
   if (name == "tiny-attnres") return {model::with_attnres(builtin_config()), name};
+  if (name == "ouro-1.4b") return {model::ouro_1_4b_config(), name};
+  if (name == "tiny-ouro") return {model::with_ouro(builtin_config()), name};
   if (name.size() > 5 && name.substr(name.size() - 5) == ".json") return {io::read_json_file(name, "config file"), name};
   die("--random: unknown shape '" + name +
-      "' (known: qwen3-0.6b, qwen3-0.6b-loop, qwen3-0.6b-attnres, tiny, tiny-loop, tiny-attnres, or a config .json file)");
+      "' (known: qwen3-0.6b, qwen3-0.6b-loop, qwen3-0.6b-attnres, ouro-1.4b, tiny, tiny-loop, tiny-attnres, tiny-ouro, "
+      "or a config .json file)");
 }
 
 // One line on the mechanism a model runs: recipe, passes, and the first layer's mixer.
@@ -131,6 +138,7 @@ std::string mechanism_summary(const model::Qwen3Model& m) {
   std::string s = "recipe " + m.recipe() + ", " + std::to_string(m.passes()) + (m.passes() == 1 ? " pass" : " passes") +
                   ", " + m.mixer(0).describe();
   if (m.residual_policy().kind() != "sum") s += ", " + m.residual_policy().describe();
+  if (m.passes() > 1 && m.stack_policy().kind() == "looped") s += ", " + m.stack_policy().describe();
   return s;
 }
 
@@ -139,6 +147,8 @@ std::string mechanism_summary(const model::Qwen3Model& m) {
 int main(int argc, char** argv) {
   std::string model_dir, random_name, dtype = "bf16", ids_arg, ids_from, logits_out, trace_out, plot_out, loop_mode;
   std::string attnres_mode, attnres_form;
+  std::optional<model::ExitRule> exit_rule;
+  std::int64_t loops = 0;
   std::int64_t loop_window = 0;
   bool allow_unused = false;
   std::int64_t prompt_len = -1, generate = -1, chunk = 0, seed = 0;
@@ -177,6 +187,18 @@ int main(int argc, char** argv) {
       attnres_mode = value();
       if (attnres_mode != "block" && attnres_mode != "full" && attnres_mode != "delta" && attnres_mode != "delta_block")
         die("--attnres-mode: expected block, full, delta or delta_block, got '" + attnres_mode + "'");
+    } else if (a == "--loops") loops = parse_int(value(), "--loops", 1);
+    else if (a == "--exit") {
+      const std::string r = value();
+      try {
+        if (r == "last") exit_rule = model::ExitRule::last();
+        else if (r == "expected") exit_rule = model::ExitRule::expected();
+        else if (r.rfind("step:", 0) == 0) exit_rule = model::ExitRule::at_step(std::stoi(r.substr(5)));
+        else if (r.rfind("threshold:", 0) == 0) exit_rule = model::ExitRule::at_threshold(std::stod(r.substr(10)));
+        else throw std::invalid_argument(r);
+      } catch (const std::exception&) {
+        die("--exit: expected last, step:N, threshold:Q or expected, got '" + r + "'");
+      }
     } else if (a == "--attnres-form") {
       attnres_form = value();
       if (attnres_form != "open" && attnres_form != "kimi") die("--attnres-form: expected open or kimi, got '" + attnres_form + "'");
@@ -202,9 +224,9 @@ int main(int argc, char** argv) {
   if ((!ids_arg.empty()) + (!ids_from.empty()) + (prompt_len > 0) > 1)
     die("give at most one of --ids, --ids-from, --prompt-len");
   if (decode && chunk > 0) die("--decode and --chunk exclude each other");
-  if (!model_dir.empty() && (!loop_mode.empty() || loop_window > 0 || !attnres_mode.empty() || !attnres_form.empty()))
-    die("--loop-mode, --loop-window, --attnres-mode and --attnres-form shape random models; a checkpoint runs as its "
-        "config.json says");
+  if (!model_dir.empty() && (!loop_mode.empty() || loop_window > 0 || !attnres_mode.empty() || !attnres_form.empty() || loops > 0))
+    die("--loop-mode, --loop-window, --attnres-mode, --attnres-form and --loops shape random models; a checkpoint runs as "
+        "its config.json says");
   if (threads > 0) omp_set_num_threads(threads);
   const int nthreads = default_num_threads();
 
@@ -230,6 +252,7 @@ int main(int argc, char** argv) {
         if (!attnres_mode.empty()) j["attnres_mode"] = attnres_mode;
         if (!attnres_form.empty()) j["attnres_form"] = attnres_form;
       }
+      if (loops > 0) j["loop_count"] = loops;
       return model::Qwen3Model::random(registry.parse_config(j, where), wtype, static_cast<std::uint64_t>(seed), &registry);
     }();
     const double load_s = std::chrono::duration<double>(Clock::now() - t_load).count();
@@ -278,6 +301,7 @@ int main(int argc, char** argv) {
     model::Session s = m.new_session(so);
     model::ForwardOptions fo;
     fo.precision = precision;
+    fo.exit = exit_rule;
     model::Trace trace;
     if (!trace_out.empty() || !plot_out.empty()) fo.trace = &trace;
     const bool want_all = !logits_out.empty();
@@ -323,6 +347,8 @@ int main(int argc, char** argv) {
       if (!plot_out.empty()) {
         viz::PlotOptions po;
         po.title = m.source() + " — " + mechanism_summary(m);
+        // Per-step logits are data for files, not a picture (a column per vocabulary entry).
+        std::erase_if(tensors, [](const viz::TraceTensor& t) { return t.name == "logits_per_step"; });
         viz::write_trace_svg(plot_out, tensors, po);
         std::printf("plot: wrote %s\n", plot_out.c_str());
       }

@@ -158,3 +158,74 @@ TEST_CASE("ouro: configuration and checkpoint errors name the field or tensor", 
   c["loop_count"] = 2;  // Ouro already loops
   REQUIRE_THROWS_WITH(load_with(c), Contains("loop_count") && Contains("already runs stack policy 'ouro'"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// The generic loop of any recipe against the float64 reference forward.
+
+#include "reference/qwen3_ref.hpp"
+
+namespace {
+std::vector<float> to_vec(const ref::MatrixXdR& m) {
+  std::vector<float> v(static_cast<std::size_t>(m.size()));
+  for (Eigen::Index i = 0; i < m.size(); ++i) v[static_cast<std::size_t>(i)] = static_cast<float>(m.data()[i]);
+  return v;
+}
+}  // namespace
+
+TEST_CASE("looped stacks of any recipe: loop counts, what passes between loops, per-loop windows", "[model][looped]") {
+  // qwen3-tiny-swa's shape: sliding (window 8) and full layers, one kv head, untied head.
+  auto base = read_config(fixture("qwen3-tiny-swa"));
+  const model::Registry reg = model::default_registry();
+  const model::RandomSource src(model::WeightType::f32, 17, 0.15f);
+  test::Rng rng(test::fresh_seed());
+  std::vector<std::int64_t> ids(29);  // more than 3 windows of 8
+  for (auto& id : ids) id = rng.integer(0, base["vocab_size"].get<std::int64_t>() - 1);
+
+  struct Case {
+    int loops;
+    std::string between;
+    std::vector<std::int64_t> windows;
+  };
+  const std::vector<Case> cases = {{1, "none", {}}, {2, "none", {}}, {3, "norm", {}}, {4, "none", {4, 8, 16, 0}},
+                                   {3, "norm", {3, 0, 5}}};
+  const auto plain = model::Qwen3Model::compose(reg.parse_config(base), src);
+  for (const auto& c : cases) {
+    CAPTURE(c.loops, c.between, c.windows);
+    auto j = base;
+    j["loop_count"] = c.loops;
+    j["loop_between"] = c.between;
+    if (!c.windows.empty()) j["loop_windows"] = c.windows;
+    const auto m = model::Qwen3Model::compose(reg.parse_config(j), src);
+    CHECK(m.passes() == c.loops);
+    ref::RefOptions ro;
+    ro.steps = c.loops;
+    ro.between = c.between == "norm" ? ref::BetweenSteps::final_norm : ref::BetweenSteps::none;
+    ro.window_per_step = c.windows;
+    const auto want = ref::qwen3_ref_forward(ref::load_qwen3_ref(src, reg.parse_config(base), ro), ids, ro);
+    const Run prefill = run(m, ids);
+    CHECK(test::rel_l2(prefill.logits, to_vec(want.logits)) <= 1e-5);
+    if (c.loops > 1) {  // every loop's read-out
+      std::vector<float> steps;
+      for (auto& l : want.logits_per_step) {
+        const auto v = to_vec(l);
+        steps.insert(steps.end(), v.begin(), v.end());
+      }
+      CHECK(test::rel_l2(prefill.trace.tensor("logits_per_step").data, steps) <= 1e-5);
+    }
+    CHECK(test::rel_l2(run(m, ids, {1}).logits, prefill.logits) <= 1e-5);
+    CHECK(test::rel_l2(run(m, ids, {7, 3}).logits, prefill.logits) <= 1e-5);
+    if (c.loops == 1) CHECK(test::bit_equal(prefill.logits, run(plain, ids).logits));  // one loop is the plain stack
+  }
+  auto bad = base;
+  bad["loop_count"] = 2;
+  bad["loop_windows"] = {8};
+  REQUIRE_THROWS_WITH(model::Qwen3Model::compose(reg.parse_config(bad), src), Contains("loop_windows") && Contains("list of 2"));
+  bad["loop_windows"] = {8, -1};
+  REQUIRE_THROWS_WITH(model::Qwen3Model::compose(reg.parse_config(bad), src), Contains("loop_windows") && Contains(">= 0"));
+  bad.erase("loop_windows");
+  bad["loop_between"] = "sideways";
+  REQUIRE_THROWS_WITH(model::Qwen3Model::compose(reg.parse_config(bad), src), Contains("loop_between"));
+  bad["loop_between"] = "none";
+  bad["loop_count"] = 0;
+  REQUIRE_THROWS_WITH(model::Qwen3Model::compose(reg.parse_config(bad), src), Contains("loop_count") && Contains("got 0"));
+}

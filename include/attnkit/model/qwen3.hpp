@@ -291,6 +291,8 @@ class Qwen3Model::Readout {
         cum_[i] += p_[i];
       }
       if (opt_.trace) {
+        opt_.trace->describe("exit_gate", {"step", "token"});
+        opt_.trace->describe("exit_probability", {"step", "token"});
         opt_.trace->record_values("exit_gate", pass, pos0_, ConstView2<float>(lambda_.data(), {T_, 1}));
         opt_.trace->record_values("exit_probability", pass, pos0_, ConstView2<float>(p_.data(), {T_, 1}));
       }
@@ -309,6 +311,8 @@ class Qwen3Model::Readout {
     m_.lm_head_.forward(head_in, dst, {opt_.precision, opt_.num_threads, false});
     const std::int64_t first = T_ - rows_;  // the token of row 0
     if (opt_.trace && passes > 1) {
+      opt_.trace->describe("logits_per_step", {"step", "token", "vocab"});
+      opt_.trace->describe("step_entropy", {"step", "token"});
       opt_.trace->record("logits_per_step", pass, pos0_ + first, dst);
       std::vector<float> ent(static_cast<std::size_t>(rows_));
       for (std::int64_t r = 0; r < rows_; ++r) ent[static_cast<std::size_t>(r)] = entropy(dst.ptr(r), V);

@@ -26,6 +26,34 @@ inline LoopedSettings read_ouro_settings(io::ConfigFields& f) {
   return s;
 }
 
+// A plain Qwen3 config.json made an Ouro one (4 steps, threshold 1: the last step).
+inline nlohmann::json with_ouro(nlohmann::json j) {
+  j["model_type"] = "ouro";
+  j["total_ut_steps"] = 4;
+  j["early_exit_threshold"] = 1.0;
+  j["tie_word_embeddings"] = false;
+  j.erase("layer_types");
+  j["use_sliding_window"] = false;
+  j["sliding_window"] = nullptr;
+  return j;
+}
+
+// The published Ouro-1.4B shape (spec §9.1): 24 layers, hidden 2048, 16 heads MHA of 128,
+// intermediate 5632, vocab 49152, 4 steps, untied head.
+inline nlohmann::json ouro_1_4b_config() {
+  nlohmann::json j = io::qwen3_0_6b_config().raw;
+  j["hidden_size"] = 2048;
+  j["num_hidden_layers"] = 24;
+  j["num_attention_heads"] = 16;
+  j["num_key_value_heads"] = 16;
+  j["head_dim"] = 128;
+  j["intermediate_size"] = 5632;
+  j["vocab_size"] = 49152;
+  j["max_position_embeddings"] = 65536;
+  j["max_window_layers"] = 24;
+  return with_ouro(std::move(j));
+}
+
 inline void register_looped_stacks(Registry& r) {
   r.mixers.add("ouro_attention", [](const BuildContext& c, int layer) {
     QKVProjection::Options po;
