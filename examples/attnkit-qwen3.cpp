@@ -304,7 +304,8 @@ int main(int argc, char** argv) {
     fo.exit = exit_rule;
     model::Trace trace;
     if (!trace_out.empty() || !plot_out.empty()) fo.trace = &trace;
-    const bool want_all = !logits_out.empty();
+    // Per-step traces of a looped stack cover the tokens whose logits are computed: all of them.
+    const bool want_all = !logits_out.empty() || ((!trace_out.empty() || !plot_out.empty()) && m.passes() > 1);
     std::vector<float> logits(static_cast<std::size_t>((want_all ? T : 1) * V));
     const auto t0 = Clock::now();
     if (decode) {

@@ -97,8 +97,9 @@ struct ForwardOptions {
   std::function<void(int, int, ConstView2<float>)> on_pass_hidden;
   // Mechanisms record their internals here (gates, routing weights, ...); null: not recorded.
   // A looped stack also records, per step: "exit_gate" [steps, T] (λ, with an exit gate),
-  // "exit_probability" [steps, T] (p), and for the rows whose logits are computed
-  // "logits_per_step" [steps, T, V] and "step_entropy" [steps, T] (of the next-token softmax).
+  // "exit_probability" [steps, T] (p), and for the rows whose logits are computed (all rows with
+  // LogitsRows::all, else the last; others NaN) "logits_per_step" [steps, T, V] and
+  // "step_entropy" [steps, T] (of the next-token softmax).
   Trace* trace = nullptr;
   // Which step's output a looped stack returns (unset: the stack's default, e.g. Ouro's
   // early_exit_threshold); every step runs regardless.
