@@ -4,6 +4,7 @@
 
 #include <filesystem>
 #include <fstream>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -18,13 +19,13 @@ namespace fs = std::filesystem;
 inline fs::path fixture(const std::string& name) { return fs::path(ATTNKIT_TEST_DATA) / "fixtures" / name; }
 
 // Runs ids through a fresh session in steps of the given sizes (empty: one prefill); returns the
-// logits of every token and the trace.
 struct Run {
   std::vector<float> logits;
   model::Trace trace;
 };
+// logits of every token and the trace. exit: a looped stack's output rule (unset: its default).
 inline Run run(const model::Qwen3Model& m, const std::vector<std::int64_t>& ids, std::vector<std::int64_t> steps = {},
-        model::SessionOptions so = {}, int threads = 0) {
+               model::SessionOptions so = {}, int threads = 0, std::optional<model::ExitRule> exit = std::nullopt) {
   const std::int64_t T = static_cast<std::int64_t>(ids.size()), V = m.config().vocab_size;
   Run r;
   r.logits.resize(static_cast<std::size_t>(T * V));
@@ -34,6 +35,7 @@ inline Run run(const model::Qwen3Model& m, const std::vector<std::int64_t>& ids,
   model::ForwardOptions fo;
   fo.trace = &r.trace;
   fo.num_threads = threads;
+  fo.exit = exit;
   std::int64_t b = 0;
   for (std::size_t i = 0; b < T; ++i) {
     const std::int64_t n = std::min(steps[std::min(i, steps.size() - 1)], T - b);

@@ -31,22 +31,7 @@ OuroReference load_ouro_reference() {
 
 Run run_with(const model::Qwen3Model& m, const std::vector<std::int64_t>& ids, model::ExitRule rule,
              std::vector<std::int64_t> steps = {}) {
-  const std::int64_t T = static_cast<std::int64_t>(ids.size()), V = m.config().vocab_size;
-  Run r;
-  r.logits.resize(static_cast<std::size_t>(T * V));
-  test::poison(r.logits);
-  if (steps.empty()) steps = {T};
-  auto s = m.new_session();
-  model::ForwardOptions fo;
-  fo.trace = &r.trace;
-  fo.exit = rule;
-  std::int64_t b = 0;
-  for (std::size_t i = 0; b < T; ++i) {
-    const std::int64_t n = std::min(steps[std::min(i, steps.size() - 1)], T - b);
-    m.forward(s, std::span<const std::int64_t>(ids.data() + b, n), View2<float>(r.logits.data() + b * V, {n, V}), fo);
-    b += n;
-  }
-  return r;
+  return run(m, ids, std::move(steps), {}, 0, rule);
 }
 
 }  // namespace

@@ -77,7 +77,10 @@ class LoopedStack final : public StackPolicy {
     if (s_.between == LoopedSettings::Between::norm) d += ", final norm between steps";
     if (!s_.windows.empty()) {
       d += ", windows";
-      for (auto w : s_.windows) d += " " + (w ? std::to_string(w) : std::string("full"));
+      for (auto w : s_.windows) {  // (appended piecewise: GCC 12 warns falsely on " " + string)
+        d += ' ';
+        d += w ? std::to_string(w) : std::string("full");
+      }
     }
     if (s_.exit_gate) d += ", exit gate";
     return d;
