@@ -18,6 +18,9 @@
 #include "attnkit/attention/prefill.hpp"
 
 #include "attnkit/depth/attnres.hpp"
+#include "attnkit/recurrent/gated_delta.hpp"
+#include "attnkit/recurrent/gated_norm.hpp"
+#include "attnkit/recurrent/short_conv.hpp"
 
 #include "attnkit/linalg/packed_linear.hpp"
 
