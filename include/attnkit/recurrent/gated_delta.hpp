@@ -25,6 +25,8 @@
 #include <cstdint>
 #include <vector>
 
+#include <Eigen/Dense>
+
 #include "attnkit/core/error.hpp"
 #include "attnkit/core/simd.hpp"
 #include "attnkit/core/threading.hpp"
@@ -61,9 +63,9 @@ inline std::int64_t check(ConstView3<float> q, ConstView3<float> k, ConstView3<f
   ATTNKIT_REQUIRE(k.shape == q.shape, fn, ": argument 'k': shape ", detail::shape_string(k), " differs from q ",
                   detail::shape_string(q));
   ATTNKIT_REQUIRE(v.shape[0] == T, fn, ": argument 'v': ", v.shape[0], " tokens, q has ", T);
-  ATTNKIT_REQUIRE(Hk > 0 && Hv > 0 && Hv % Hk == 0, fn, ": value heads (", Hv, ") must be a positive multiple of key heads (",
-                  Hk, ")");
-  ATTNKIT_REQUIRE(dk > 0 && dv > 0, fn, ": head dims must be positive, got d_k ", dk, ", d_v ", dv);
+  ATTNKIT_REQUIRE(Hk > 0 && Hv > 0 && Hv % Hk == 0, fn, ": argument 'v': value heads (", Hv,
+                  ") must be a positive multiple of the key heads of q and k (", Hk, ")");
+  ATTNKIT_REQUIRE(dk > 0 && dv > 0, fn, ": arguments 'q' and 'v': head dims must be positive, got d_k ", dk, ", d_v ", dv);
   ATTNKIT_REQUIRE(g.shape[0] == T && g.shape[1] == Hv, fn, ": argument 'g': shape ", detail::shape_string(g), ", expected [",
                   T, ", ", Hv, "]");
   ATTNKIT_REQUIRE(beta.shape[0] == T && beta.shape[1] == Hv, fn, ": argument 'beta': shape ", detail::shape_string(beta),
@@ -77,15 +79,32 @@ inline std::int64_t check(ConstView3<float> q, ConstView3<float> k, ConstView3<f
   return Hv / Hk;
 }
 
-// dst = x · factor / sqrt(|x|² + eps) (when normalising) or x · factor.
+// dst = x · factor / sqrt(|x|² + eps) (when normalising) or x · factor. The sum of squares is
+// accumulated in float32 over SIMD lanes (a scalar float64 loop cost as much as a decode update).
 inline void normalise(const float* x, float* dst, std::int64_t n, bool l2, float eps, float factor) {
+  using B = simd::fbatch<>;
+  constexpr std::int64_t W = static_cast<std::int64_t>(B::size);
   float f = factor;
   if (l2) {
-    double ss = 0;
-    for (std::int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
-    f = static_cast<float>(factor / std::sqrt(ss + eps));
+    B acc0(0.f), acc1(0.f);
+    std::int64_t i = 0;
+    for (; i + 2 * W <= n; i += 2 * W) {
+      const B a = B::load_unaligned(x + i), b = B::load_unaligned(x + i + W);
+      acc0 = xsimd::fma(a, a, acc0);
+      acc1 = xsimd::fma(b, b, acc1);
+    }
+    for (; i + W <= n; i += W) {
+      const B a = B::load_unaligned(x + i);
+      acc0 = xsimd::fma(a, a, acc0);
+    }
+    float ss = simd::reduce_add(acc0 + acc1);
+    for (; i < n; ++i) ss += x[i] * x[i];
+    f = factor / std::sqrt(ss + eps);
   }
-  for (std::int64_t i = 0; i < n; ++i) dst[i] = x[i] * f;
+  const B fb(f);
+  std::int64_t i = 0;
+  for (; i + W <= n; i += W) (B::load_unaligned(x + i) * fb).store_unaligned(dst + i);
+  for (; i < n; ++i) dst[i] = x[i] * f;
 }
 
 // One value head, tokens [0, T), token by token. S: [d_k, d_v] with row stride ss.
@@ -139,6 +158,100 @@ inline void recurrent_head(ConstView3<float> q, ConstView3<float> k, ConstView3<
   }
 }
 
+
+using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+using MatrixMap = Eigen::Map<RowMatrix, Eigen::Unaligned, Eigen::OuterStride<>>;
+
+inline MatrixMap matrix(float* p, std::int64_t rows, std::int64_t cols, std::int64_t row_stride) {
+  return MatrixMap(p, rows, cols, Eigen::OuterStride<>(row_stride));
+}
+
+// exp(x) for x <= 0 (positive x works too, until exp overflows), 16 lanes at a time.
+template <class B>
+inline B exp_batch(B x) {
+  return simd::exp2_nonpositive(x * B(1.4426950408889634f));
+}
+
+// Per-head buffers of the chunked path, sized for chunks of C tokens (allocated once per head).
+struct ChunkScratch {
+  std::int64_t C, dk, dv;
+  std::vector<float> qk;    // [2C, dk]: the chunk's q̂ rows, then its k̂ rows (one [Q; K] operand)
+  std::vector<float> p;     // [2C, dv]: [Q; K] S
+  std::vector<float> gram;  // [2C, C]: [Q; K] K^T, then A (top) and the solve's matrix (bottom)
+  std::vector<float> vt;    // [C, dv]: Ṽ
+  std::vector<float> gam, eg, edec, beta;  // [C]: Γ_r, e^Γ_r, e^(Γ_c − Γ_r), β_r
+  ChunkScratch(std::int64_t C_, std::int64_t dk_, std::int64_t dv_)
+      : C(C_), dk(dk_), dv(dv_), qk(static_cast<std::size_t>(2 * C * dk)), p(static_cast<std::size_t>(2 * C * dv)),
+        gram(static_cast<std::size_t>(2 * C * C)), vt(static_cast<std::size_t>(C * dv)), gam(static_cast<std::size_t>(C)),
+        eg(gam.size()), edec(gam.size()), beta(gam.size()) {}
+};
+
+// One value head, tokens [0, T), in chunks of opt.chunk tokens (spec §7.4, with the pseudo-values
+// computed as Ṽ = (I − L)^-1 diag(β) (V − diag(e^Γ) K̂ S): the same as U − W S, without forming W).
+inline void chunked_head(ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, ConstView2<float> g,
+                         ConstView2<float> beta, float* S_ptr, std::int64_t ss, View3<float> out, std::int64_t h,
+                         std::int64_t j, const GatedDeltaOptions& opt, float scale) {
+  using B = simd::fbatch<>;
+  constexpr std::int64_t W = static_cast<std::int64_t>(B::size);
+  const std::int64_t T = q.shape[0], dk = q.shape[2], dv = v.shape[2], C = std::min(opt.chunk, T);
+  ChunkScratch sc(C, dk, dv);
+  auto S = matrix(S_ptr, dk, dv, ss);
+  for (std::int64_t t0 = 0; t0 < T; t0 += C) {
+    const std::int64_t c = std::min(C, T - t0);
+    // Normalised rows, cumulative log decay and its exponentials.
+    for (std::int64_t r = 0; r < c; ++r) {
+      normalise(q.ptr(t0 + r, j), sc.qk.data() + r * dk, dk, opt.qk_l2norm, opt.l2_eps, scale);
+      normalise(k.ptr(t0 + r, j), sc.qk.data() + (c + r) * dk, dk, opt.qk_l2norm, opt.l2_eps, 1.f);
+      sc.gam[r] = (r ? sc.gam[r - 1] : 0.f) + g(t0 + r, h);
+      sc.beta[r] = beta(t0 + r, h);
+    }
+    for (std::int64_t r = 0; r < c; ++r) {
+      sc.eg[r] = std::exp(sc.gam[r]);
+      sc.edec[r] = std::exp(sc.gam[c - 1] - sc.gam[r]);
+    }
+    auto QK = matrix(sc.qk.data(), 2 * c, dk, dk);
+    auto K = matrix(sc.qk.data() + c * dk, c, dk, dk);
+    auto G = matrix(sc.gram.data(), 2 * c, c, c);
+    auto P = matrix(sc.p.data(), 2 * c, dv, dv);
+    auto Vt = matrix(sc.vt.data(), c, dv, dv);
+    G.noalias() = QK * K.transpose();
+    P.noalias() = QK * S;
+    // A_rs = (q̂_r·k̂_s) D_rs (s <= r) and N_rs = β_r (k̂_r·k̂_s) D_rs (s < r): I − L = I + N.
+    for (std::int64_t r = 0; r < c; ++r) {
+      float* a = sc.gram.data() + r * c;
+      float* n = sc.gram.data() + (c + r) * c;
+      const B gr(sc.gam[r]), br(sc.beta[r]);
+      std::int64_t s = 0;
+      for (; s + W <= r + 1; s += W) {
+        const B d = exp_batch(gr - B::load_unaligned(sc.gam.data() + s));
+        (B::load_unaligned(a + s) * d).store_unaligned(a + s);
+        (B::load_unaligned(n + s) * d * br).store_unaligned(n + s);
+      }
+      for (; s <= r; ++s) {
+        const float d = std::exp(sc.gam[r] - sc.gam[s]);
+        a[s] *= d;
+        n[s] *= d * sc.beta[r];
+      }
+    }
+    // R = diag(β) (V − diag(e^Γ) K̂ S); then Ṽ = (I + N)^-1 R.
+    for (std::int64_t r = 0; r < c; ++r) {
+      const float* vr = v.ptr(t0 + r, h);
+      const float* pr = sc.p.data() + (c + r) * dv;
+      float* o = sc.vt.data() + r * dv;
+      for (std::int64_t col = 0; col < dv; ++col) o[col] = sc.beta[r] * (vr[col] - sc.eg[r] * pr[col]);
+    }
+    G.bottomRows(c).triangularView<Eigen::UnitLower>().solveInPlace(Vt);
+    // O = diag(e^Γ) Q̂ S + A Ṽ.
+    auto O = matrix(out.ptr(t0, h), c, dv, out.stride[0]);
+    O = Eigen::Map<Eigen::VectorXf>(sc.eg.data(), c).asDiagonal() * P.topRows(c);
+    O.noalias() += G.topRows(c).triangularView<Eigen::Lower>() * Vt;
+    // S ← e^Γ_c S + K̂^T diag(e^(Γ_c − Γ)) Ṽ.
+    S *= sc.eg[c - 1];
+    Vt = Eigen::Map<Eigen::VectorXf>(sc.edec.data(), c).asDiagonal() * Vt;
+    S.noalias() += K.transpose() * Vt;
+  }
+}
+
 }  // namespace detail_gdn
 
 // The recurrent path for every head (see the file comment).
@@ -153,11 +266,26 @@ inline void gated_delta_recurrent(ConstView3<float> q, ConstView3<float> k, Cons
   });
 }
 
+// The chunked path for every head (see the file comment).
+inline void gated_delta_chunked(ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, ConstView2<float> g,
+                                ConstView2<float> beta, View3<float> state, View3<float> out,
+                                const GatedDeltaOptions& opt = {}) {
+  const std::int64_t group = detail_gdn::check(q, k, v, g, beta, state, out, opt);
+  ATTNKIT_REQUIRE(state.stride[2] == 1, "gated_delta_rule: argument 'state': last dimension must be contiguous");
+  if (q.shape[0] == 0) return;
+  const float scale = opt.scale != 0.f ? opt.scale : 1.f / std::sqrt(static_cast<float>(q.shape[2]));
+  parallel_for(v.shape[1], opt.num_threads, [&](std::int64_t h) {
+    detail_gdn::chunked_head(q, k, v, g, beta, state.ptr(h), state.stride[1], out, h, h / group, opt, scale);
+  });
+}
+
 // Either path by opt.mode (automatic: recurrent for T <= opt.recurrent_max_tokens, else chunked).
-// TEMPORARY until the chunked path lands: every mode runs the recurrent path.
 inline void gated_delta_rule(ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, ConstView2<float> g,
                              ConstView2<float> beta, View3<float> state, View3<float> out, const GatedDeltaOptions& opt = {}) {
-  gated_delta_recurrent(q, k, v, g, beta, state, out, opt);
+  const bool recurrent = opt.mode == GatedDeltaMode::recurrent ||
+                         (opt.mode == GatedDeltaMode::automatic && q.shape[0] <= opt.recurrent_max_tokens);
+  if (recurrent) gated_delta_recurrent(q, k, v, g, beta, state, out, opt);
+  else gated_delta_chunked(q, k, v, g, beta, state, out, opt);
 }
 
 }  // namespace attnkit
