@@ -163,18 +163,18 @@ TEST_CASE("loading never drops part of a checkpoint in silence", "[model][errors
   }
   SECTION("an unknown layer type lists the known ones") {
     auto cfg = read_config(fixture("qwen3-tiny-f32"));
-    cfg["layer_types"] = {"full_attention", "linear_attention"};
+    cfg["layer_types"] = {"full_attention", "mamba_attention"};
     write_checkpoint(fixture("qwen3-tiny-f32"), tmp.path, cfg);
     REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path),
-                        Contains("entry 1 is 'linear_attention' (known layer types: full_attention, loop_attention, "
-                                 "ouro_attention, sliding_attention)"));
+                        Contains("entry 1 is 'mamba_attention' (known layer types: full_attention, gated_attention, "
+                                 "linear_attention, loop_attention, ouro_attention, sliding_attention)"));
   }
   SECTION("an unknown model type lists the recipes' types") {
     auto cfg = read_config(fixture("qwen3-tiny-f32"));
     cfg["model_type"] = "mamba";
     write_checkpoint(fixture("qwen3-tiny-f32"), tmp.path, cfg);
     REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path),
-                        Contains("unsupported model type 'mamba' (accepted: qwen3, qwen3_attnres, ouro)"));
+                        Contains("unsupported model type 'mamba' (accepted: qwen3, qwen3_attnres, ouro, qwen3_5_text, qwen3_next)"));
   }
 }
 

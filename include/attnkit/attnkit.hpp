@@ -29,6 +29,7 @@
 
 #include "attnkit/model/builtin.hpp"
 #include "attnkit/model/mixers/attention.hpp"
+#include "attnkit/model/mixers/gated_deltanet.hpp"
 #include "attnkit/model/mixers/loop_attention.hpp"
 #include "attnkit/model/parts/cached_attention.hpp"
 #include "attnkit/model/parts/qkv_projection.hpp"

@@ -10,6 +10,11 @@
 // marked sliding without a positive window is an error (transformers would silently run it as
 // full attention). Absent optional fields take the transformers Qwen3Config defaults; head_dim
 // defaults to hidden_size / num_attention_heads and is otherwise independent of them.
+// Partial rotary (`partial_rotary_factor`, top level and/or inside rope_parameters; they must
+// agree) rotates the first int(head_dim · factor) dimensions of every head, as transformers'
+// default RoPE does. Keys of rope_parameters the parser does not interpret (Qwen3.5's
+// mrope_section, say) are not dropped: ConfigFields reports them as "rope_parameters.<key>"
+// until a recipe consumes them.
 //
 // Anything unsupported is rejected with attnkit::Error "<source>: field '<name>': <problem>":
 // unknown model_type, rope scaling other than "default", hidden_act other than silu,
@@ -59,7 +64,10 @@ inline constexpr std::string_view kQwen3Fields[] = {
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "rms_norm_eps", "max_position_embeddings", "tie_word_embeddings",
     "hidden_act", "attention_bias", "rope_parameters", "rope_theta", "rope_scaling", "dtype", "torch_dtype",
-    "use_sliding_window", "sliding_window", "layer_types", "max_window_layers"};
+    "use_sliding_window", "sliding_window", "layer_types", "max_window_layers", "partial_rotary_factor"};
+// Keys of rope_parameters the parser interprets; any other key is a field of its own for
+// ConfigFields ("rope_parameters.<key>").
+inline constexpr std::string_view kRopeParameterKeys[] = {"rope_theta", "rope_type", "partial_rotary_factor"};
 // Fields that describe the file, training or generation, not the computation: never an error.
 inline constexpr std::string_view kInertConfigFields[] = {
     "architectures", "auto_map", "_name_or_path", "attention_dropout", "bos_token_id", "eos_token_id",
@@ -72,6 +80,7 @@ struct Qwen3Config {
   std::int64_t vocab_size = 0, hidden_size = 0, intermediate_size = 0, num_hidden_layers = 0,
                num_attention_heads = 0, num_key_value_heads = 0, head_dim = 0;
   double rms_norm_eps = 1e-6, rope_theta = 10000.0;
+  double partial_rotary_factor = 1.0;          // share of each head's dimensions RoPE rotates
   std::int64_t max_position_embeddings = 0;
   bool tie_word_embeddings = false;
   std::optional<std::int64_t> sliding_window;  // set only if any layer slides
@@ -94,6 +103,9 @@ struct Qwen3Config {
   nlohmann::json to_json() const;
   // Throws attnkit::Error "<source>: field '<name>': <problem>" on inconsistent values.
   void validate(const std::string& source = "Qwen3Config") const;
+
+  // Dimensions of each q/k head that RoPE rotates (the first ones; transformers' int(d · factor)).
+  std::int64_t rotary_dim() const { return static_cast<std::int64_t>(static_cast<double>(head_dim) * partial_rotary_factor); }
 
   std::int64_t num_sliding_layers() const {
     std::int64_t n = 0;
@@ -214,6 +226,17 @@ inline Qwen3Config Qwen3Config::from_json(const nlohmann::json& j, const std::st
     } else {
       c.rope_theta = r.number("rope_theta", 10000.0);
     }
+    // Partial rotary: top level (older configs), inside rope_parameters (newer), or both alike.
+    c.partial_rotary_factor = r.number("partial_rotary_factor", 1.0);
+    if (r.present("rope_parameters") && j.at("rope_parameters").contains("partial_rotary_factor") &&
+        !j.at("rope_parameters").at("partial_rotary_factor").is_null()) {
+      const double inner =
+          r.as_number(j.at("rope_parameters").at("partial_rotary_factor"), "rope_parameters.partial_rotary_factor");
+      if (r.present("partial_rotary_factor") && inner != c.partial_rotary_factor)
+        r.fail("partial_rotary_factor", c.partial_rotary_factor, " differs from rope_parameters.partial_rotary_factor ",
+               inner);
+      c.partial_rotary_factor = inner;
+    }
     if (r.present("rope_scaling")) {
       const auto& rs = j.at("rope_scaling");
       if (!rs.is_object()) r.fail("rope_scaling", "expected an object or null, got ", rs.type_name());
@@ -289,6 +312,11 @@ inline void Qwen3Config::validate(const std::string& source) const {
          num_key_value_heads);
   if (!(rms_norm_eps > 0) || !std::isfinite(rms_norm_eps)) fail("rms_norm_eps", "must be positive, got ", rms_norm_eps);
   if (!(rope_theta > 0) || !std::isfinite(rope_theta)) fail("rope_theta", "must be positive, got ", rope_theta);
+  if (!(partial_rotary_factor > 0 && partial_rotary_factor <= 1))
+    fail("partial_rotary_factor", "must be in (0, 1], got ", partial_rotary_factor);
+  if (rotary_dim() < 2 || rotary_dim() % 2 != 0)
+    fail("partial_rotary_factor", partial_rotary_factor, " of head_dim ", head_dim, " gives ", rotary_dim(),
+         " rotary dimensions; RoPE needs a positive even number");
   if (static_cast<std::int64_t>(layer_types.size()) != num_hidden_layers)
     fail("layer_types", "has ", layer_types.size(), " entries, num_hidden_layers is ", num_hidden_layers);
   if (sliding_window && *sliding_window <= 0) fail("sliding_window", "must be positive, got ", *sliding_window);
@@ -299,7 +327,9 @@ inline void Qwen3Config::validate(const std::string& source) const {
 
 inline nlohmann::json Qwen3Config::to_json() const {
   nlohmann::json j = raw.is_object() ? raw : nlohmann::json::object();
-  for (const char* old_key : {"rope_theta", "rope_scaling", "torch_dtype"}) j.erase(old_key);
+  nlohmann::json rope = j.contains("rope_parameters") && j.at("rope_parameters").is_object() ? j.at("rope_parameters")
+                                                                                           : nlohmann::json::object();
+  for (const char* old_key : {"rope_theta", "rope_scaling", "torch_dtype", "partial_rotary_factor"}) j.erase(old_key);
   j["model_type"] = model_type;
   j["vocab_size"] = vocab_size;
   j["hidden_size"] = hidden_size;
@@ -309,7 +339,11 @@ inline nlohmann::json Qwen3Config::to_json() const {
   j["num_key_value_heads"] = num_key_value_heads;
   j["head_dim"] = head_dim;
   j["rms_norm_eps"] = rms_norm_eps;
-  j["rope_parameters"] = {{"rope_theta", rope_theta}, {"rope_type", "default"}};
+  rope["rope_theta"] = rope_theta;  // keys the parser does not interpret (mrope_section, ...) are kept
+  rope["rope_type"] = "default";
+  if (partial_rotary_factor != 1.0) rope["partial_rotary_factor"] = partial_rotary_factor;
+  else rope.erase("partial_rotary_factor");
+  j["rope_parameters"] = std::move(rope);
   j["max_position_embeddings"] = max_position_embeddings;
   j["tie_word_embeddings"] = tie_word_embeddings;
   j["use_sliding_window"] = sliding_window.has_value();
@@ -336,7 +370,9 @@ inline Qwen3Config Qwen3Config::load(const std::filesystem::path& config_json_or
 // model that need them (a recipe, a mixer, a residual policy). Every read marks the field
 // consumed; unconsumed() lists the fields nothing read, which a loader rejects: a field such as
 // `loop_num` or `attnres_num_blocks` selects a mechanism, and running the checkpoint without it
-// would give wrong numbers in silence. Errors name the file and the field.
+// would give wrong numbers in silence. Errors name the file and the field. Keys of rope_parameters
+// that the parser does not interpret are fields named "rope_parameters.<key>" (has() and json()
+// take such names).
 class ConfigFields {
  public:
   explicit ConfigFields(const Qwen3Config& c) : c_(c) {
@@ -344,8 +380,11 @@ class ConfigFields {
     for (auto f : kInertConfigFields) used_.insert(std::string(f));
   }
   const Qwen3Config& config() const { return c_; }
-  // Present and not null.
-  bool has(const std::string& f) const { return c_.raw.is_object() && c_.raw.contains(f) && !c_.raw.at(f).is_null(); }
+  // Present and not null ("parent.key" names a key of an object field).
+  bool has(const std::string& f) const {
+    const nlohmann::json* v = find(f);
+    return v != nullptr && !v->is_null();
+  }
   void consume(const std::string& f) { used_.insert(f); }
   std::int64_t integer(const std::string& f, std::int64_t def) { return consume(f), reader().integer(f.c_str(), def); }
   double number(const std::string& f, double def) { return consume(f), reader().number(f.c_str(), def); }
@@ -355,7 +394,7 @@ class ConfigFields {
   const nlohmann::json& json(const std::string& f) {
     static const nlohmann::json null;
     consume(f);
-    return has(f) ? c_.raw.at(f) : null;
+    return has(f) ? *find(f) : null;
   }
   [[noreturn]] void fail(std::string_view field, auto&&... problem) const { reader().fail(field, problem...); }
   std::vector<std::string> unconsumed() const {
@@ -363,10 +402,27 @@ class ConfigFields {
     if (c_.raw.is_object())
       for (const auto& [k, v] : c_.raw.items())
         if (!used_.count(k)) out.push_back(k);
+    if (c_.raw.is_object() && c_.raw.contains("rope_parameters") && c_.raw.at("rope_parameters").is_object())
+      for (const auto& [k, v] : c_.raw.at("rope_parameters").items()) {
+        bool interpreted = false;
+        for (auto known : kRopeParameterKeys) interpreted = interpreted || known == k;
+        std::string name = "rope_parameters.";
+        name += k;
+        if (!interpreted && !used_.count(name)) out.push_back(name);
+      }
     return out;
   }
 
  private:
+  const nlohmann::json* find(const std::string& f) const {
+    if (!c_.raw.is_object()) return nullptr;
+    if (c_.raw.contains(f)) return &c_.raw.at(f);
+    const auto dot = f.find('.');
+    if (dot == std::string::npos) return nullptr;
+    const std::string parent = f.substr(0, dot), key = f.substr(dot + 1);
+    if (!c_.raw.contains(parent) || !c_.raw.at(parent).is_object() || !c_.raw.at(parent).contains(key)) return nullptr;
+    return &c_.raw.at(parent).at(key);
+  }
   detail_config::Reader reader() const { return detail_config::Reader(c_.raw, c_.source); }
   const Qwen3Config& c_;
   std::set<std::string> used_;

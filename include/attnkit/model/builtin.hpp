@@ -6,6 +6,7 @@
 #include "attnkit/model/recipes/loop.hpp"
 #include "attnkit/model/recipes/ouro.hpp"
 #include "attnkit/model/recipes/qwen3.hpp"
+#include "attnkit/model/recipes/qwen3_5.hpp"
 
 namespace attnkit::model {
 
@@ -17,6 +18,7 @@ inline Registry default_registry() {
   register_loop_attention(r);
   register_attention_residuals(r);
   register_looped_stacks(r);
+  register_qwen3_5(r);
   return r;
 }
 

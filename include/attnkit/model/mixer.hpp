@@ -71,7 +71,13 @@ struct BuildContext {
   int passes = 1;
   // Sliding layers' window in each pass (the stack policy's pass_windows(); empty: the config's).
   std::vector<std::int64_t> pass_windows = {};
+  // How the checkpoint stores RMSNorm weights (Plan::norm_weight_offset): 1 for (1 + w) norms.
+  float norm_weight_offset = 0.f;
   std::string prefix(int layer) const { return "model.layers." + std::to_string(layer) + "."; }
+  // The effective weight [n] of the RMSNorm `name`, under the model's norm convention.
+  std::vector<float> norm_weight(const std::string& name, std::int64_t n) const {
+    return source.norm_weight(name, n, norm_weight_offset);
+  }
 };
 
 using MixerFactory = std::function<std::unique_ptr<TokenMixer>(const BuildContext&, int layer)>;

@@ -128,7 +128,7 @@ class Qwen3Model {
     config.validate();
     io::ConfigFields fields(config);
     Qwen3Model m;
-    m.init(config, source, fields);
+    m.init(config, source, fields, 0.f);
     ATTNKIT_REQUIRE(residual && stack && stack->passes() >= 1,
                     "Qwen3Model::build: the residual and stack policies must be set, with at least one pass");
     m.residual_ = std::move(residual);
@@ -196,12 +196,12 @@ class Qwen3Model {
 
  private:
   // Shared state every build path sets first: config, RoPE table, embeddings and head.
-  void init(const io::Qwen3Config& config, const TensorSource& source, io::ConfigFields&) {
+  void init(const io::Qwen3Config& config, const TensorSource& source, io::ConfigFields&, float norm_weight_offset) {
     config_ = config;
     source_ = source.describe();
-    rope_ = std::make_shared<const ops::Rope>(config.head_dim, config.rope_theta);
+    rope_ = std::make_shared<const ops::Rope>(config.rotary_dim(), config.rope_theta);
     const std::int64_t D = config.hidden_size, V = config.vocab_size;
-    final_norm_ = source.get("model.norm.weight", {D}).to_f32();
+    final_norm_ = source.norm_weight("model.norm.weight", D, norm_weight_offset);
     HostTensor embed = source.get("model.embed_tokens.weight", {V, D});
     weight_type_ = embed.type;
     if (config.tie_word_embeddings) {
@@ -226,12 +226,12 @@ class Qwen3Model {
       DecoderLayer layer;
       layer.mixer = mixers.build(types[static_cast<std::size_t>(l)], ctx, l);
       layer.mlp = SwiGLU(ctx, l);
-      layer.input_norm = ctx.source.get(ctx.prefix(l) + "input_layernorm.weight", {D}).to_f32();
-      layer.post_norm = ctx.source.get(ctx.prefix(l) + "post_attention_layernorm.weight", {D}).to_f32();
+      layer.input_norm = ctx.norm_weight(ctx.prefix(l) + "input_layernorm.weight", D);
+      layer.post_norm = ctx.norm_weight(ctx.prefix(l) + "post_attention_layernorm.weight", D);
       if (!block.mixer_output_norm.empty())
-        layer.mixer_out_norm = ctx.source.get(ctx.prefix(l) + block.mixer_output_norm + ".weight", {D}).to_f32();
+        layer.mixer_out_norm = ctx.norm_weight(ctx.prefix(l) + block.mixer_output_norm + ".weight", D);
       if (!block.mlp_output_norm.empty())
-        layer.mlp_out_norm = ctx.source.get(ctx.prefix(l) + block.mlp_output_norm + ".weight", {D}).to_f32();
+        layer.mlp_out_norm = ctx.norm_weight(ctx.prefix(l) + block.mlp_output_norm + ".weight", D);
       layers_.push_back(std::move(layer));
     }
   }
@@ -440,9 +440,9 @@ inline Qwen3Model Qwen3Model::compose(const io::Qwen3Config& config, const Tenso
   if (plan.mixers.empty())
     for (auto& t : config.layer_types) plan.mixers.push_back(t.name);
   Qwen3Model m;
-  m.init(config, source, fields);
+  m.init(config, source, fields, plan.norm_weight_offset);
   m.recipe_ = recipe.name;
-  BuildContext ctx{m.config_, source, m.rope_, fields, 1};
+  BuildContext ctx{m.config_, source, m.rope_, fields, 1, {}, plan.norm_weight_offset};
   m.stack_ = reg.stack(plan.stack, ctx);
   ATTNKIT_REQUIRE(m.stack_ && m.stack_->passes() >= 1, "Qwen3Model: stack policy '", plan.stack,
                   "' must make at least one pass");

@@ -39,6 +39,10 @@ struct Plan {
   std::string residual = "sum";
   std::string stack = "single";
   BlockShape block;
+  // The model's RMSNorm weights (pre-norms, final norm, block output norms, q/k norms) are
+  // stored as an offset from this value: 1 for Qwen3.5 / Qwen3-Next's y = norm(x) · (1 + w);
+  // 0 (plain Qwen3) uses the weight as stored.
+  float norm_weight_offset = 0.f;
 };
 
 using ResidualFactory = std::function<std::shared_ptr<const ResidualPolicy>(const BuildContext&)>;

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <cstring>
 #include <algorithm>
+#include <cmath>
 #include <memory>
 #include <mutex>
 #include <set>
@@ -77,6 +78,15 @@ class TensorSource {
   virtual std::vector<std::string> unconsumed() const { return {}; }
   // Marks a stored tensor as deliberately unused (a tied model's lm_head.weight, as transformers does).
   virtual void ignore(const std::string& /*name*/) const {}
+  // The effective f32 weight [n] of an RMSNorm whose checkpoint stores it relative to `offset`:
+  // offset 1 for Qwen3.5 / Qwen3-Next / Gemma norms, y = norm(x) · (1 + w); 0 for plain ones.
+  // The sum is formed in f32, as transformers does, so the result is the same bit for bit.
+  virtual std::vector<float> norm_weight(const std::string& name, std::int64_t n, float offset) const {
+    std::vector<float> w = get(name, {n}).to_f32();
+    if (offset != 0.f)
+      for (auto& x : w) x += offset;
+    return w;
+  }
 };
 
 // Tensors of a Hugging Face checkpoint directory (model.safetensors or a sharded index).
@@ -138,7 +148,10 @@ class CheckpointSource : public TensorSource {
 // the result is the same for any thread count. RMSNorm weights ("...norm.weight") are ones, as
 // initialised in transformers; everything else is uniform with standard deviation `stddev`.
 // A norm weight is a ".weight" whose module name contains "norm" (model.norm, q_norm,
-// input_layernorm_2, ...).
+// input_layernorm_2, ...). Norms stored as an offset (norm_weight with offset != 0) are
+// offset + a small random w, so the effective weight stays near 1. Gated DeltaNet's decay
+// parameters follow transformers' init so random models neither explode nor forget at once:
+// "...A_log" = log A with A uniform in [1, 16], "...dt_bias" = 1.
 class RandomSource : public TensorSource {
  public:
   RandomSource(WeightType type, std::uint64_t seed, float stddev = 0.02f) : type_(type), seed_(seed), stddev_(stddev) {}
@@ -147,13 +160,13 @@ class RandomSource : public TensorSource {
     HostTensor h;
     h.shape = shape;
     const std::int64_t n = h.numel();
-    const bool ones = is_norm_weight(name);
+    const bool ones = is_norm_weight(name) || ends_with(name, ".dt_bias");
+    const bool a_log = ends_with(name, ".A_log");
     const std::uint64_t key = seed_ ^ hash(name);
-    const float a = stddev_ * 1.7320508f;  // uniform on [-a, a] has standard deviation a / sqrt(3)
     auto value = [&](std::int64_t i) {
       if (ones) return 1.0f;
-      const std::uint64_t r = mix(key + static_cast<std::uint64_t>(i) * 0x9e3779b97f4a7c15ull);
-      return a * (static_cast<float>(r >> 40) * (2.0f / 16777216.0f) - 1.0f);
+      if (a_log) return std::log(8.5f + 7.5f * unit(key, i));  // log U[1, 16]
+      return stddev_ * 1.7320508f * unit(key, i);  // uniform on [-a, a] has standard deviation a / sqrt(3)
     };
     constexpr std::int64_t chunk = 1 << 16;
     const std::int64_t chunks = (n + chunk - 1) / chunk;
@@ -177,8 +190,23 @@ class RandomSource : public TensorSource {
   std::string describe() const override {
     return std::string("random ") + weight_type_name(type_) + " weights (seed " + std::to_string(seed_) + ")";
   }
+  std::vector<float> norm_weight(const std::string& name, std::int64_t n, float offset) const override {
+    if (offset == 0.f) return TensorSource::norm_weight(name, n, offset);
+    std::vector<float> w(static_cast<std::size_t>(n));
+    const std::uint64_t key = seed_ ^ hash(name);
+    for (std::int64_t i = 0; i < n; ++i) w[static_cast<std::size_t>(i)] = offset + stddev_ * 1.7320508f * unit(key, i);
+    return w;
+  }
 
  private:
+  // Element i of the tensor with key seed ^ hash(name): uniform on [-1, 1).
+  static float unit(std::uint64_t key, std::int64_t i) {
+    const std::uint64_t r = mix(key + static_cast<std::uint64_t>(i) * 0x9e3779b97f4a7c15ull);
+    return static_cast<float>(r >> 40) * (2.0f / 16777216.0f) - 1.0f;
+  }
+  static bool ends_with(const std::string& s, const std::string& suffix) {
+    return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
+  }
   static bool is_norm_weight(const std::string& name) {
     const std::string suffix = ".weight";
     if (name.size() <= suffix.size() || name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) return false;

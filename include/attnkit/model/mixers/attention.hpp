@@ -6,14 +6,20 @@
 // cache per pass of the layer stack, so a looped stack (the same weights run several times per
 // token) gives every pass its own keys, as Ouro-style models need; a sliding layer may use
 // another window in every pass (BuildContext::pass_windows, 0 = full attention in that pass).
+// With QKVProjection's output gate (Qwen3-Next / Qwen3.5 gated attention, layer type
+// "gated_attention" in the registry) the attention output is multiplied by σ(gate) elementwise
+// before o_proj; a trace then records "attn_gate" [layers, T, H], the mean of σ(gate) over each
+// head's dimensions (of the last pass, for looped stacks).
 #pragma once
 
+#include <cmath>
 #include <memory>
 #include <vector>
 
 #include "attnkit/model/mixer.hpp"
 #include "attnkit/model/parts/cached_attention.hpp"
 #include "attnkit/model/parts/qkv_projection.hpp"
+#include "attnkit/model/trace.hpp"
 
 namespace attnkit::model {
 
@@ -21,7 +27,7 @@ class Qwen3Attention final : public TokenMixer {
  public:
   // window == 0: full causal attention; otherwise sliding window of `window` keys.
   Qwen3Attention(const BuildContext& ctx, int layer, std::int64_t window, QKVProjection::Options po = {})
-      : window_(window), passes_(ctx.passes) {
+      : window_(window), passes_(ctx.passes), layer_(layer) {
     for (int p = 0; p < passes_; ++p)
       windows_.push_back(window_ && !ctx.pass_windows.empty() ? ctx.pass_windows.at(static_cast<std::size_t>(p)) : window_);
     if (po.prefix.empty()) po.prefix = ctx.prefix(layer) + "self_attn.";
@@ -30,6 +36,17 @@ class Qwen3Attention final : public TokenMixer {
   }
 
   std::string kind() const override { return window_ ? "sliding_attention" : "full_attention"; }
+  std::string describe() const override {
+    std::string d = kind();
+    if (proj_.output_gate()) d += ", output gate";
+    if (proj_.rotary_dim() != proj_.head_dim()) {
+      d += ", rotary ";
+      d += std::to_string(proj_.rotary_dim());
+      d += " of ";
+      d += std::to_string(proj_.head_dim());
+    }
+    return d;
+  }
   std::int64_t window() const { return window_; }
   std::int64_t window(int pass) const { return windows_.at(static_cast<std::size_t>(pass)); }
   std::size_t weight_bytes() const override { return proj_.weight_bytes() + o_.bytes(); }
@@ -51,6 +68,7 @@ class Qwen3Attention final : public TokenMixer {
     proj_.forward(x, qkv, ctx);
     std::vector<float> attn(static_cast<std::size_t>(T * H * d));
     st->caches[static_cast<std::size_t>(ctx.pass)].attend(qkv.q, qkv.k, qkv.v, View3<float>(attn.data(), {T, H, d}), ctx);
+    if (proj_.output_gate()) apply_gate(qkv.gate, attn, ctx);
     o_.forward(View2<float>(attn.data(), {T, H * d}), out, {ctx.precision, ctx.num_threads, false});
   }
 
@@ -58,9 +76,33 @@ class Qwen3Attention final : public TokenMixer {
   struct State final : MixerState {
     std::vector<AttentionCache> caches;  // one per pass
   };
+  // attn [T, H, d] *= σ(gate), and the per-head mean of σ(gate) into the trace.
+  void apply_gate(ConstView3<float> gate, std::vector<float>& attn, const StepContext& ctx) const {
+    const std::int64_t T = gate.shape[0], H = gate.shape[1], d = gate.shape[2];
+    std::vector<float> mean(ctx.trace ? static_cast<std::size_t>(T * H) : 0);
+    parallel_for(T, T >= 16 ? ctx.num_threads : 1, [&](std::int64_t t) {
+      for (std::int64_t h = 0; h < H; ++h) {
+        const float* g = gate.ptr(t, h);
+        float* o = attn.data() + (t * H + h) * d;
+        double sum = 0;
+        for (std::int64_t i = 0; i < d; ++i) {
+          const float s = 1.f / (1.f + std::exp(-g[i]));
+          o[i] *= s;
+          sum += s;
+        }
+        if (!mean.empty()) mean[static_cast<std::size_t>(t * H + h)] = static_cast<float>(sum / static_cast<double>(d));
+      }
+    });
+    if (ctx.trace) {
+      ctx.trace->describe("attn_gate", {"layer", "token", "head"});
+      ctx.trace->record("attn_gate", layer_, ctx.pos0, ConstView2<float>(mean.data(), {T, H}));
+    }
+  }
+
   std::int64_t window_;
   std::vector<std::int64_t> windows_;  // per pass
   int passes_;
+  int layer_;
   QKVProjection proj_;
   PackedLinear o_;
 };

@@ -64,7 +64,7 @@ class LoopedStack final : public StackPolicy {
     ATTNKIT_REQUIRE(s.exit_threshold > 0.0 && s.exit_threshold <= 1.0, "LoopedStack: exit threshold must be in (0, 1], got ",
                     s.exit_threshold);
     const std::int64_t D = ctx.config.hidden_size;
-    if (s.between == LoopedSettings::Between::norm) norm_ = ctx.source.get("model.norm.weight", {D}).to_f32();
+    if (s.between == LoopedSettings::Between::norm) norm_ = ctx.norm_weight("model.norm.weight", D);
     if (s.exit_gate) {
       gate_w_ = ctx.source.get("model.early_exit_gate.weight", {1, D}).to_f32();
       gate_b_ = ctx.source.get("model.early_exit_gate.bias", {1}).to_f32().at(0);
