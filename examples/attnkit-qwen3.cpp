@@ -7,7 +7,7 @@
 //   attnkit-qwen3 --model attnres-checkpoint --prompt-len 64 --plot routing.svg
 //
 // Any checkpoint or config a built-in recipe accepts runs as it is (plain Qwen3, Loop Attention,
-// Attention Residuals).
+// Attention Residuals, Ouro, Qwen3.5 / Qwen3-Next hybrids with Gated DeltaNet).
 // Prints a model summary and `prefill: N tok/s` / `decode: N tok/s`; exits 1 with a message on
 // bad input. See --help.
 #include <chrono>
@@ -33,7 +33,8 @@ const char* kUsage = R"(usage: attnkit-qwen3 [options]
 model (default: a built-in small deterministic random Qwen3, nothing to download):
   --model DIR              Hugging Face checkpoint directory (config.json + safetensors)
   --random NAME|FILE.json  random weights of a named shape (qwen3-0.6b, qwen3-0.6b-loop, qwen3-0.6b-attnres,
-                           tiny, tiny-loop, tiny-attnres, ouro-1.4b, tiny-ouro) or of any config file
+                           tiny, tiny-loop, tiny-attnres, ouro-1.4b, tiny-ouro, hybrid-0.6b, tiny-hybrid)
+                           or of any config file
   --loop-mode stack|layer  Loop Attention mode of a random model (adds the loop fields if absent)
   --loop-window N          Loop Attention window of a random model
   --attnres-mode MODE      Attention Residuals mode of a random model: block, full, delta, delta_block
@@ -55,7 +56,9 @@ run:
   --trace-out FILE         write the mechanism's internals over the input tokens as safetensors
                            (Loop Attention: `gates` F32 [layers, T, heads] of the looping pass;
                            Attention Residuals: `attnres_weights` F32 [layers, 2, T, sources];
-                           looped stacks: `logits_per_step` [steps, T, vocab], `exit_gate` [steps, T], ...)
+                           looped stacks: `logits_per_step` [steps, T, vocab], `exit_gate` [steps, T], ...;
+                           Gated DeltaNet: `gdn_beta`, `gdn_decay` [layers, T, value heads]; gated
+                           attention: `attn_gate` [layers, T, heads])
   --exit RULE              output of a looped stack: last, step:N (0-based), threshold:Q, expected
   --plot FILE.svg          draw the trace as an SVG picture (heat maps with axes and colour scale)
   --threads N              OpenMP threads (default: OMP_NUM_THREADS or all cores)
@@ -127,16 +130,27 @@ std::pair<nlohmann::json, std::string> named_config(const std::string& name) {
   if (name == "tiny-attnres") return {model::with_attnres(builtin_config()), name};
   if (name == "ouro-1.4b") return {model::ouro_1_4b_config(), name};
   if (name == "tiny-ouro") return {model::with_ouro(builtin_config()), name};
+  if (name == "hybrid-0.6b") return {model::hybrid_0_6b_config(), name};
+  if (name == "tiny-hybrid") return {model::with_hybrid(builtin_config()), name};
   if (name.size() > 5 && name.substr(name.size() - 5) == ".json") return {io::read_json_file(name, "config file"), name};
   die("--random: unknown shape '" + name +
-      "' (known: qwen3-0.6b, qwen3-0.6b-loop, qwen3-0.6b-attnres, ouro-1.4b, tiny, tiny-loop, tiny-attnres, tiny-ouro, "
-      "or a config .json file)");
+      "' (known: qwen3-0.6b, qwen3-0.6b-loop, qwen3-0.6b-attnres, ouro-1.4b, hybrid-0.6b, tiny, tiny-loop, tiny-attnres, "
+      "tiny-ouro, tiny-hybrid, or a config .json file)");
 }
 
-// One line on the mechanism a model runs: recipe, passes, and the first layer's mixer.
+// One line on the mechanism a model runs: recipe, passes, the first layer's mixer and (hybrids)
+// the first mixer of another kind.
 std::string mechanism_summary(const model::Qwen3Model& m) {
   std::string s = "recipe " + m.recipe() + ", " + std::to_string(m.passes()) + (m.passes() == 1 ? " pass" : " passes") +
                   ", " + m.mixer(0).describe();
+  for (int l = 1; l < m.num_layers(); ++l)
+    if (m.mixer(l).kind() != m.mixer(0).kind()) {
+      s += "; layer ";
+      s += std::to_string(l);
+      s += ": ";
+      s += m.mixer(l).describe();
+      break;
+    }
   if (m.residual_policy().kind() != "sum") s += ", " + m.residual_policy().describe();
   if (m.passes() > 1 && m.stack_policy().kind() == "looped") s += ", " + m.stack_policy().describe();
   return s;
