@@ -1,0 +1,527 @@
+// attnkit-op — run one attnkit kernel on tensors from a safetensors file and write its outputs,
+// so a researcher can check a kernel against their own Python code.
+//
+//   attnkit-op gated-delta --in inputs.safetensors --out outputs.safetensors --mode chunked
+//   attnkit-op linear-attention --in x.safetensors --out y.safetensors --feature-map elu --normalize
+//   attnkit-op attention --in x.safetensors --out y.safetensors --window 128
+//
+// Inputs may be F32, BF16, F16 or F64 (converted to float32); outputs are F32. Tensor shapes use
+// the kernels' layouts ([tokens, heads, head_dim], no batch axis). Every op is one entry of the
+// table in ops(): its tensors (with symbolic shapes checked against each other), its options and
+// its run function; --help is printed from that table.
+// Exit codes: 0 done; 2 bad input (unknown op or option, missing tensor, wrong shape, a kernel's
+// argument error), with a one-line message on stderr; 1 anything else.
+#include <algorithm>
+#include <cctype>
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <map>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "attnkit/attention/decode.hpp"
+#include "attnkit/attention/prefill.hpp"
+#include "attnkit/core/error.hpp"
+#include "attnkit/io/safetensors.hpp"
+#include "attnkit/recurrent/gated_delta.hpp"
+#include "attnkit/recurrent/gated_norm.hpp"
+#include "attnkit/recurrent/linear_attention.hpp"
+#include "attnkit/recurrent/short_conv.hpp"
+
+using namespace attnkit;
+
+namespace {
+
+// A bad command line or input: reported like attnkit::Error (exit code 2).
+[[noreturn]] void fail(const std::string& msg) { throw Error(msg); }
+
+// A tensor's shape as symbols ("T", "H_k"), "NAME-1", or fixed sizes ("1").
+using Pattern = std::vector<std::string>;
+
+std::string pattern_string(const Pattern& p) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < p.size(); ++i) s += (i ? ", " : "") + p[i];
+  return s + "]";
+}
+
+struct TensorSpec {
+  std::string name;
+  std::vector<Pattern> shapes;  // accepted shapes (the first one is shown first in --help)
+  bool optional = false;
+  std::string note;  // shown in --help
+  TensorSpec(std::string n, std::vector<Pattern> s, bool opt = false, std::string nt = {})
+      : name(std::move(n)), shapes(std::move(s)), optional(opt), note(std::move(nt)) {}
+};
+
+struct OptionSpec {
+  std::string name;   // "--chunk"
+  std::string value;  // "N"; empty for a flag
+  std::string help;
+};
+
+class Run;
+
+struct Op {
+  std::string name, summary;
+  std::vector<TensorSpec> inputs, outputs;
+  std::vector<OptionSpec> options;
+  std::function<void(Run&)> run;
+};
+
+struct Loaded {
+  std::vector<float> data;
+  std::vector<std::int64_t> shape;
+};
+
+// One invocation: the op, the input file, the options given, the sizes bound so far and the
+// outputs written.
+class Run {
+ public:
+  Run(const Op& op, const io::SafetensorsFile& in, std::map<std::string, std::string> opts)
+      : op_(op), in_(in), opts_(std::move(opts)) {}
+
+  bool has(const std::string& name) const { return in_.contains(name); }
+
+  // Reads an input tensor of the op's table, converted to float32, checking its shape against
+  // the sizes bound by earlier tensors (and binding the new ones).
+  Loaded& input(const std::string& name) {
+    if (auto it = loaded_.find(name); it != loaded_.end()) return it->second;
+    const TensorSpec& spec = input_spec(name);
+    if (!in_.contains(name)) {
+      std::string have;
+      for (const auto& n : in_.names()) have += (have.empty() ? "" : ", ") + n;
+      fail(op_.name + ": missing tensor '" + name + "' " + pattern_string(spec.shapes[0]) + " in " + in_.path() +
+           " (it has: " + (have.empty() ? "no tensors" : have) + ")");
+    }
+    const io::TensorInfo& t = in_.tensor(name);
+    if (!io::is_float_dtype(t.dtype))
+      fail(op_.name + ": tensor '" + name + "': dtype " + io::dtype_name(t.dtype) +
+           " is not a float type (F32, BF16, F16, F64)");
+    bind(name, spec, t.shape);
+    Loaded& l = loaded_[name];
+    l.shape = t.shape;
+    l.data = io::to_f32(t);
+    return l;
+  }
+  std::optional<std::reference_wrapper<Loaded>> optional_input(const std::string& name) {
+    if (!has(name)) return std::nullopt;
+    return std::ref(input(name));
+  }
+
+  std::int64_t dim(const std::string& sym) const {
+    auto it = dims_.find(sym);
+    if (it == dims_.end()) fail(op_.name + ": internal: size '" + sym + "' is not bound yet");
+    return it->second;
+  }
+  // Sizes not read from a tensor (e.g. the output head count of linear attention).
+  void set_dim(const std::string& sym, std::int64_t v, const std::string& why) {
+    dims_[sym] = v;
+    why_[sym] = why;
+  }
+
+  // A float32 output of the given shape, written to --out at the end.
+  float* output(const std::string& name, std::vector<std::int64_t> shape) {
+    std::int64_t n = 1;
+    for (auto s : shape) n *= s;
+    auto& o = outputs_[name];
+    o.shape = std::move(shape);
+    o.data.assign(static_cast<std::size_t>(n), 0.f);
+    return o.data.data();
+  }
+  const std::map<std::string, Loaded>& outputs() const { return outputs_; }
+
+  // Options (validated against the op's table before the run).
+  bool flag(const std::string& name) const { return opts_.count(name) != 0; }
+  std::optional<std::string> value(const std::string& name) const {
+    auto it = opts_.find(name);
+    return it == opts_.end() ? std::nullopt : std::optional<std::string>(it->second);
+  }
+  std::int64_t integer(const std::string& name, std::int64_t dflt, std::int64_t lo) const {
+    const auto v = value(name);
+    if (!v) return dflt;
+    std::size_t pos = 0;
+    long long x = 0;
+    try {
+      x = std::stoll(*v, &pos);
+    } catch (const std::exception&) {
+      pos = 0;
+    }
+    if (pos == 0 || pos != v->size()) fail(name + ": not an integer: '" + *v + "'");
+    if (x < lo) fail(name + ": must be >= " + std::to_string(lo) + ", got " + *v);
+    return x;
+  }
+  float real(const std::string& name, float dflt) const {
+    const auto v = value(name);
+    if (!v) return dflt;
+    std::size_t pos = 0;
+    float x = 0;
+    try {
+      x = std::stof(*v, &pos);
+    } catch (const std::exception&) {
+      pos = 0;
+    }
+    if (pos == 0 || pos != v->size() || !std::isfinite(x)) fail(name + ": not a finite number: '" + *v + "'");
+    return x;
+  }
+  // One of `choices`; the first is the default.
+  std::string choice(const std::string& name, const std::vector<std::string>& choices) const {
+    const auto v = value(name);
+    if (!v) return choices[0];
+    for (const auto& c : choices)
+      if (*v == c) return c;
+    std::string list;
+    for (std::size_t i = 0; i < choices.size(); ++i) list += (i ? (i + 1 == choices.size() ? " or " : ", ") : "") + choices[i];
+    fail(name + ": expected " + list + ", got '" + *v + "'");
+  }
+  int threads() const { return static_cast<int>(integer("--threads", 0, 0)); }
+
+ private:
+  const TensorSpec& input_spec(const std::string& name) const {
+    for (const auto& s : op_.inputs)
+      if (s.name == name) return s;
+    fail(op_.name + ": internal: tensor '" + name + "' is not in the op's table");
+  }
+
+  // Matches `shape` against one of the spec's patterns; binds new symbols. The error names the
+  // tensor, the dimension and whichever tensor fixed the size it disagrees with.
+  void bind(const std::string& name, const TensorSpec& spec, const std::vector<std::int64_t>& shape) {
+    std::string why;
+    for (const Pattern& p : spec.shapes) {
+      if (p.size() != shape.size()) {  // a reason from a pattern of the right rank says more
+        if (why.empty()) why = "rank " + std::to_string(shape.size()) + ", expected " + pattern_string(p);
+        continue;
+      }
+      std::map<std::string, std::int64_t> fresh;
+      std::string err;
+      for (std::size_t i = 0; i < p.size() && err.empty(); ++i) {
+        std::string sym = p[i];
+        std::int64_t offset = 0;
+        if (sym.size() > 2 && sym.compare(sym.size() - 2, 2, "-1") == 0) sym.resize(sym.size() - 2), offset = 1;
+        const std::int64_t got = shape[i] + offset;  // the symbol's value implied by this dimension
+        if (!sym.empty() && std::isdigit(static_cast<unsigned char>(sym[0]))) {
+          if (shape[i] != std::stoll(sym)) err = "dimension " + std::to_string(i) + " is " + std::to_string(shape[i]) + ", expected " + sym;
+          continue;
+        }
+        std::optional<std::int64_t> known;
+        std::string source;
+        if (auto it = dims_.find(sym); it != dims_.end()) known = it->second, source = why_.at(sym);
+        else if (auto jt = fresh.find(sym); jt != fresh.end()) known = jt->second, source = "'" + name + "'";
+        if (known && *known != got)
+          err = "dimension " + std::to_string(i) + " (" + p[i] + ") is " + std::to_string(shape[i]) + ", but " + p[i] +
+                " = " + std::to_string(*known - offset) + " (set by " + source + ")";
+        else
+          fresh[sym] = got;
+      }
+      if (err.empty()) {
+        for (const auto& [s, v] : fresh)
+          if (!dims_.count(s)) dims_[s] = v, why_[s] = "'" + name + "'";
+        return;
+      }
+      if (why.empty() || why.rfind("rank ", 0) == 0) why = err;
+    }
+    std::string shapes;
+    for (std::size_t i = 0; i < spec.shapes.size(); ++i) shapes += (i ? " or " : "") + pattern_string(spec.shapes[i]);
+    fail(op_.name + ": tensor '" + name + "': shape " + io::shape_string(shape) + ": " + why +
+         (spec.shapes.size() > 1 ? " (accepted: " + shapes + ")" : ""));
+  }
+
+  const Op& op_;
+  const io::SafetensorsFile& in_;
+  std::map<std::string, std::string> opts_;
+  std::map<std::string, std::int64_t> dims_;
+  std::map<std::string, std::string> why_;  // which tensor fixed each size
+  std::map<std::string, Loaded> loaded_;
+  std::map<std::string, Loaded> outputs_;
+};
+
+// Views over loaded tensors (row-major contiguous).
+ConstView1<float> view1(const Loaded& t) { return ConstView1<float>(t.data.data(), {t.shape[0]}); }
+ConstView2<float> view2(const Loaded& t) { return ConstView2<float>(t.data.data(), {t.shape[0], t.shape[1]}); }
+ConstView3<float> view3(const Loaded& t) {
+  return ConstView3<float>(t.data.data(), {t.shape[0], t.shape[1], t.shape[2]});
+}
+
+const OptionSpec kThreads{"--threads", "N", "OpenMP threads (default: OMP_NUM_THREADS or all cores)"};
+const OptionSpec kScale{"--scale", "X", "score scale (default d_k^-1/2)"};
+
+// ---- the ops ------------------------------------------------------------------------------------
+
+void run_gated_delta(Run& r) {
+  const Loaded &q = r.input("q"), &k = r.input("k"), &v = r.input("v"), &g = r.input("g"), &beta = r.input("beta");
+  const std::int64_t T = r.dim("T"), Hv = r.dim("H_v"), dk = r.dim("d_k"), dv = r.dim("d_v");
+  float* state = r.output("final_state", {Hv, dk, dv});
+  if (auto init = r.optional_input("initial_state")) std::copy(init->get().data.begin(), init->get().data.end(), state);
+  GatedDeltaOptions opt;
+  const std::string mode = r.choice("--mode", {"auto", "chunked", "recurrent"});
+  opt.mode = mode == "chunked" ? GatedDeltaMode::chunked
+             : mode == "recurrent" ? GatedDeltaMode::recurrent
+                                   : GatedDeltaMode::automatic;
+  opt.chunk = r.integer("--chunk", opt.chunk, 1);
+  opt.qk_l2norm = !r.flag("--no-l2norm");
+  opt.scale = r.real("--scale", 0.f);
+  opt.num_threads = r.threads();
+  float* out = r.output("out", {T, Hv, dv});
+  gated_delta_rule(view3(q), view3(k), view3(v), view2(g), view2(beta), View3<float>(state, {Hv, dk, dv}),
+                   View3<float>(out, {T, Hv, dv}), opt);
+}
+
+void run_linear_attention(Run& r) {
+  const Loaded &q = r.input("q"), &k = r.input("k"), &v = r.input("v");
+  const std::int64_t H = std::max({q.shape[1], k.shape[1], v.shape[1]});
+  r.set_dim("H", H, "max(H_q, H_k, H_v)");
+  const std::int64_t T = r.dim("T"), dk = r.dim("d_k"), dv = r.dim("d_v");
+  LinearAttentionOptions opt;
+  const std::string fm = r.choice("--feature-map", {"identity", "elu", "relu"});
+  opt.feature_map = fm == "elu" ? LinearFeatureMap::elu : fm == "relu" ? LinearFeatureMap::relu : LinearFeatureMap::identity;
+  opt.normalize = r.flag("--normalize");
+  opt.norm_q = r.flag("--norm-q");
+  opt.norm_k = r.flag("--norm-k");
+  const std::string mode = r.choice("--mode", {"auto", "chunked", "recurrent"});
+  opt.mode = mode == "chunked" ? LinearAttentionMode::chunked
+             : mode == "recurrent" ? LinearAttentionMode::recurrent
+                                   : LinearAttentionMode::automatic;
+  opt.chunk = r.integer("--chunk", opt.chunk, 1);
+  opt.scale = r.real("--scale", 0.f);
+  opt.num_threads = r.threads();
+  float* state = r.output("final_state", {H, dk, dv});
+  if (auto init = r.optional_input("initial_state")) std::copy(init->get().data.begin(), init->get().data.end(), state);
+  View2<float> z;
+  if (opt.normalize) {
+    float* zp = r.output("final_z", {H, dk});
+    if (auto init = r.optional_input("initial_z")) std::copy(init->get().data.begin(), init->get().data.end(), zp);
+    z = View2<float>(zp, {H, dk});
+  } else if (r.has("initial_z")) {
+    fail("linear-attention: tensor 'initial_z' given, but --normalize is off");
+  }
+  float* out = r.output("out", {T, H, dv});
+  linear_attention(view3(q), view3(k), view3(v), View3<float>(state, {H, dk, dv}), z, View3<float>(out, {T, H, dv}),
+                   opt);
+}
+
+void run_attention(Run& r) {
+  const Loaded &q = r.input("q"), &k = r.input("k"), &v = r.input("v");
+  const std::int64_t T = r.dim("T"), H = r.dim("H"), dv = r.dim("d_v");
+  AttentionOptions opt;
+  opt.scale = r.real("--scale", 0.f);
+  opt.num_threads = r.threads();
+  float* out = r.output("out", {T, H, dv});
+  float* lse = r.output("lse", {T, H});
+  const View3<float> o(out, {T, H, dv});
+  const View2<float> l(lse, {T, H});
+  if (const auto w = r.integer("--window", 0, 1); w > 0)
+    attention_prefill<float>(view3(q), view3(k), view3(v), o, SlidingWindowMask{w}, opt, l);
+  else
+    attention_prefill<float>(view3(q), view3(k), view3(v), o, CausalMask{}, opt, l);
+}
+
+void run_decode(Run& r) {
+  const Loaded &q = r.input("q"), &k = r.input("k"), &v = r.input("v");
+  const std::int64_t H = r.dim("H"), T = r.dim("T_kv"), dv = r.dim("d_v");
+  DecodeOptions opt;
+  opt.scale = r.real("--scale", 0.f);
+  opt.num_threads = r.threads();
+  // --window N: only the last N keys (a sliding layer's view of its cache)
+  const std::int64_t first = std::max<std::int64_t>(0, T - r.integer("--window", T, 1));
+  float* out = r.output("out", {H, dv});
+  float* lse = r.output("lse", {H});
+  attention_decode<float>(view2(q), view3(k).slice(0, first, T), view3(v).slice(0, first, T),
+                          View2<float>(out, {H, dv}), opt, View1<float>(lse, {H}));
+}
+
+void run_short_conv(Run& r) {
+  const Loaded &x = r.input("x"), &w = r.input("weight");
+  const std::int64_t T = r.dim("T"), C = r.dim("C"), K = r.dim("K");
+  ShortConvOptions opt;
+  opt.activation = r.choice("--activation", {"silu", "none"}) == "silu" ? ConvActivation::silu : ConvActivation::none;
+  opt.num_threads = r.threads();
+  float* state = r.output("final_state", {K - 1, C});
+  if (auto init = r.optional_input("initial_state")) std::copy(init->get().data.begin(), init->get().data.end(), state);
+  float* y = r.output("y", {T, C});
+  causal_conv1d(view2(x), ConstView2<float>(w.data.data(), {C, K}), View2<float>(state, {K - 1, C}),
+                View2<float>(y, {T, C}), opt);
+}
+
+void run_gated_norm(Run& r) {
+  const Loaded &x = r.input("x"), &z = r.input("z"), &w = r.input("weight");
+  const std::int64_t T = r.dim("T"), H = r.dim("H"), d = r.dim("d");
+  float* y = r.output("y", {T, H, d});
+  gated_rms_norm(view3(x), view3(z), view1(w).data, r.real("--eps", 1e-6f), View3<float>(y, {T, H, d}), r.threads());
+}
+
+const std::vector<OptionSpec> kModeOptions{
+    {"--mode", "auto|chunked|recurrent", "path (auto: recurrent for T <= 16, else chunked)"},
+    {"--chunk", "N", "chunk length of the chunked path (default 64)"}};
+
+std::vector<OptionSpec> join(std::vector<OptionSpec> a, const std::vector<OptionSpec>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  return a;
+}
+
+// The table: one entry per kernel.
+const std::vector<Op>& ops() {
+  static const std::vector<Op> table{
+      {"gated-delta",
+       "gated delta rule (Gated DeltaNet, attnkit::gated_delta_rule)",
+       {{"q", {{"T", "H_k", "d_k"}}},
+        {"k", {{"T", "H_k", "d_k"}}},
+        {"v", {{"T", "H_v", "d_v"}}},
+        {"g", {{"T", "H_v"}}, false, "log decay"},
+        {"beta", {{"T", "H_v"}}},
+        {"initial_state", {{"H_v", "d_k", "d_v"}}, true, "default zeros"}},
+       {{"out", {{"T", "H_v", "d_v"}}}, {"final_state", {{"H_v", "d_k", "d_v"}}}},
+       join(kModeOptions, {{"--no-l2norm", "", "q and k are already L2-normalised (default: normalise inside)"},
+                           kScale,
+                           kThreads}),
+       run_gated_delta},
+      {"linear-attention",
+       "causal linear attention, fla semantics (attnkit::linear_attention)",
+       {{"q", {{"T", "H_q", "d_k"}}},
+        {"k", {{"T", "H_k", "d_k"}}},
+        {"v", {{"T", "H_v", "d_v"}}},
+        {"initial_state", {{"H", "d_k", "d_v"}}, true, "H = max(H_q, H_k, H_v); default zeros"},
+        {"initial_z", {{"H", "d_k"}}, true, "with --normalize; default zeros"}},
+       {{"out", {{"T", "H", "d_v"}}}, {"final_state", {{"H", "d_k", "d_v"}}}, {"final_z", {{"H", "d_k"}}, true, "with --normalize"}},
+       join(kModeOptions, {{"--feature-map", "identity|elu|relu", "feature map φ of q and k (elu: elu + 1)"},
+                           {"--normalize", "", "divide by scale·φ(q)·z (fla normalize)"},
+                           {"--norm-q", "", "φ(q) / (Σφ(q) + 1e-4)"},
+                           {"--norm-k", "", "φ(k) / (Σφ(k) + 1e-4)"},
+                           kScale,
+                           kThreads}),
+       run_linear_attention},
+      {"attention",
+       "causal or sliding-window softmax attention, GQA (attnkit::attention_prefill); queries are the last T keys",
+       {{"q", {{"T", "H", "d_k"}}}, {"k", {{"T_kv", "H_kv", "d_k"}}}, {"v", {{"T_kv", "H_kv", "d_v"}}}},
+       {{"out", {{"T", "H", "d_v"}}}, {"lse", {{"T", "H"}}, false, "natural log"}},
+       {{"--window", "N", "sliding window of N keys including the query (default: causal)"}, kScale, kThreads},
+       run_attention},
+      {"decode",
+       "one query token against a KV cache (attnkit::attention_decode)",
+       {{"q", {{"H", "d_k"}}}, {"k", {{"T_kv", "H_kv", "d_k"}}}, {"v", {{"T_kv", "H_kv", "d_v"}}}},
+       {{"out", {{"H", "d_v"}}}, {"lse", {{"H"}}, false, "natural log"}},
+       {{"--window", "N", "attend to the last N keys only (default: all)"}, kScale, kThreads},
+       run_decode},
+      {"short-conv",
+       "causal depthwise short convolution with decode state (attnkit::causal_conv1d)",
+       {{"x", {{"T", "C"}}},
+        {"weight", {{"C", "1", "K"}, {"C", "K"}}, false, "a conv1d.weight"},
+        {"initial_state", {{"K-1", "C"}}, true, "the previous K-1 inputs, oldest first; default zeros"}},
+       {{"y", {{"T", "C"}}}, {"final_state", {{"K-1", "C"}}}},
+       {{"--activation", "silu|none", "activation after the convolution (default silu)"}, kThreads},
+       run_short_conv},
+      {"gated-norm",
+       "gated RMSNorm: weight ⊙ x / rms(x) ⊙ SiLU(z) per head (attnkit::gated_rms_norm)",
+       {{"x", {{"T", "H", "d"}}}, {"z", {{"T", "H", "d"}}}, {"weight", {{"d"}}}},
+       {{"y", {{"T", "H", "d"}}}},
+       {{"--eps", "X", "epsilon under the square root (default 1e-6)"}, kThreads},
+       run_gated_norm},
+  };
+  return table;
+}
+
+std::string usage() {
+  std::string s =
+      "usage: attnkit-op OP --in FILE.safetensors --out FILE.safetensors [options]\n"
+      "Runs one attnkit kernel on the named tensors of --in (F32, BF16, F16 or F64; no batch axis) and\n"
+      "writes its outputs to --out as F32. Shapes: symbols must agree across tensors.\n"
+      "Exit code 2 on bad input (message on stderr).\n\nops:\n";
+  auto tensors = [](const std::vector<TensorSpec>& list) {
+    std::string t;
+    for (const auto& ts : list) {
+      t += "      " + ts.name + " ";
+      for (std::size_t i = 0; i < ts.shapes.size(); ++i) t += (i ? " or " : "") + pattern_string(ts.shapes[i]);
+      if (ts.optional || !ts.note.empty())
+        t += "  (" + std::string(ts.optional ? "optional" : "") + (ts.optional && !ts.note.empty() ? "; " : "") + ts.note + ")";
+      t += "\n";
+    }
+    return t;
+  };
+  for (const Op& op : ops()) {
+    s += "  " + op.name + ": " + op.summary + "\n    inputs:\n" + tensors(op.inputs) + "    outputs:\n" +
+         tensors(op.outputs) + "    options:\n";
+    for (const auto& o : op.options) {
+      std::string head = "      " + o.name + (o.value.empty() ? "" : " " + o.value);
+      head.resize(std::max<std::size_t>(head.size() + 2, 40), ' ');
+      s += head + o.help + "\n";
+    }
+    s += "\n";
+  }
+  s += "  --help prints this.\n";
+  return s;
+}
+
+int run_main(int argc, char** argv) {
+  std::vector<std::string> args(argv + 1, argv + argc);
+  for (const auto& a : args)
+    if (a == "--help" || a == "-h") {
+      std::fputs(usage().c_str(), stdout);
+      return 0;
+    }
+  if (args.empty()) fail("no op given (try --help)");
+  const Op* op = nullptr;
+  for (const Op& o : ops())
+    if (o.name == args[0]) op = &o;
+  if (!op) {
+    std::string names;
+    for (const Op& o : ops()) names += (names.empty() ? "" : ", ") + o.name;
+    fail("unknown op '" + args[0] + "' (ops: " + names + ")");
+  }
+  std::string in_path, out_path;
+  std::map<std::string, std::string> opts;
+  for (std::size_t i = 1; i < args.size(); ++i) {
+    const std::string& a = args[i];
+    auto value = [&]() -> std::string {
+      if (i + 1 >= args.size()) fail(a + ": missing value");
+      return args[++i];
+    };
+    if (a == "--in") {
+      in_path = value();
+      continue;
+    }
+    if (a == "--out") {
+      out_path = value();
+      continue;
+    }
+    const OptionSpec* spec = nullptr;
+    for (const auto& o : op->options)
+      if (o.name == a) spec = &o;
+    if (!spec) {
+      std::string names = "--in, --out";
+      for (const auto& o : op->options) names += ", " + o.name;
+      fail(op->name + ": unknown option '" + a + "' (options: " + names + ")");
+    }
+    if (opts.count(a)) fail(a + ": given twice");
+    opts[a] = spec->value.empty() ? "" : value();
+  }
+  if (in_path.empty()) fail(op->name + ": --in FILE.safetensors is required");
+  if (out_path.empty()) fail(op->name + ": --out FILE.safetensors is required");
+
+  const io::SafetensorsFile in = io::SafetensorsFile::open(in_path);
+  Run run(*op, in, opts);
+  op->run(run);
+  io::SafetensorsWriter w;
+  std::string written;
+  for (const auto& [name, t] : run.outputs()) {
+    w.add_f32(name, t.shape, t.data.data());
+    written += (written.empty() ? "" : ", ") + name + " " + io::shape_string(t.shape);
+  }
+  w.set_metadata("attnkit-op", op->name);
+  w.write(out_path);
+  std::printf("attnkit-op %s: wrote %s to %s\n", op->name.c_str(), written.c_str(), out_path.c_str());
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run_main(argc, argv);
+  } catch (const Error& e) {
+    std::fprintf(stderr, "attnkit-op: error: %s\n", e.what());
+    return 2;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "attnkit-op: failed: %s\n", e.what());
+    return 1;
+  }
+}
