@@ -23,11 +23,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <iterator>
+#include <memory>
 #include <vector>
 
-#include <Eigen/Dense>
-
 #include "attnkit/core/error.hpp"
+#include "attnkit/core/memory.hpp"
 #include "attnkit/core/simd.hpp"
 #include "attnkit/core/threading.hpp"
 #include "attnkit/core/view.hpp"
@@ -159,97 +160,304 @@ inline void recurrent_head(ConstView3<float> q, ConstView3<float> k, ConstView3<
 }
 
 
-using RowMatrix = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-using MatrixMap = Eigen::Map<RowMatrix, Eigen::Unaligned, Eigen::OuterStride<>>;
+using Batch = simd::fbatch<>;
+inline constexpr std::int64_t kW = static_cast<std::int64_t>(Batch::size);
+inline std::int64_t padded(std::int64_t n) { return (n + kW - 1) / kW * kW; }
 
-inline MatrixMap matrix(float* p, std::int64_t rows, std::int64_t cols, std::int64_t row_stride) {
-  return MatrixMap(p, rows, cols, Eigen::OuterStride<>(row_stride));
-}
+// exp(x) for x <= 0 (positive x works too, until exp overflows), a batch at a time.
+inline Batch exp_batch(Batch x) { return simd::exp2_nonpositive(x * Batch(1.4426950408889634f)); }
 
-// exp(x) for x <= 0 (positive x works too, until exp overflows), 16 lanes at a time.
-template <class B>
-inline B exp_batch(B x) {
-  return simd::exp2_nonpositive(x * B(1.4426950408889634f));
-}
-
-// Per-head buffers of the chunked path, sized for chunks of C tokens (allocated once per head).
-struct ChunkScratch {
-  std::int64_t C, dk, dv;
-  std::vector<float> qk;    // [2C, dk]: the chunk's q̂ rows, then its k̂ rows (one [Q; K] operand)
-  std::vector<float> p;     // [2C, dv]: [Q; K] S
-  std::vector<float> gram;  // [2C, C]: [Q; K] K^T, then A (top) and the solve's matrix (bottom)
-  std::vector<float> vt;    // [C, dv]: Ṽ
-  std::vector<float> gam, eg, edec, beta;  // [C]: Γ_r, e^Γ_r, e^(Γ_c − Γ_r), β_r
-  ChunkScratch(std::int64_t C_, std::int64_t dk_, std::int64_t dv_)
-      : C(C_), dk(dk_), dv(dv_), qk(static_cast<std::size_t>(2 * C * dk)), p(static_cast<std::size_t>(2 * C * dv)),
-        gram(static_cast<std::size_t>(2 * C * C)), vt(static_cast<std::size_t>(C * dv)), gam(static_cast<std::size_t>(C)),
-        eg(gam.size()), edec(gam.size()), beta(gam.size()) {}
+// What C starts from in gemm: C ← diag(row_scale) C + A B, or scale · C + A B without row_scale;
+// scale 0 and no row_scale: C ← A B (C is not read).
+struct GemmInit {
+  const float* row_scale = nullptr;
+  float scale = 0.f;
 };
 
-// One value head, tokens [0, T), in chunks of opt.chunk tokens (spec §7.4, with the pseudo-values
-// computed as Ṽ = (I − L)^-1 diag(β) (V − diag(e^Γ) K̂ S): the same as U − W S, without forming W).
+// One register tile: C[0:R, 0:NV·kW] = init + A[0:R, 0:depth] B[0:depth, 0:NV·kW], row-major.
+// R·NV accumulators stay in registers; each step loads NV batches of B and broadcasts R of A.
+template <int R, int NV>
+inline void gemm_tile(const float* A, std::int64_t lda, const float* B, std::int64_t ldb, float* C, std::int64_t ldc,
+                      std::int64_t depth, GemmInit init) {
+  Batch acc[R][NV];
+  const bool read_c = init.row_scale != nullptr || init.scale != 0.f;
+  for (int i = 0; i < R; ++i) {
+    const Batch s(init.row_scale ? init.row_scale[i] : init.scale);
+    for (int v = 0; v < NV; ++v) acc[i][v] = read_c ? Batch::load_unaligned(C + i * ldc + v * kW) * s : Batch(0.f);
+  }
+  for (std::int64_t p = 0; p < depth; ++p) {
+    Batch b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = Batch::load_unaligned(B + p * ldb + v * kW);
+    for (int i = 0; i < R; ++i) {
+      const Batch a(A[i * lda + p]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = xsimd::fma(a, b[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v].store_unaligned(C + i * ldc + v * kW);
+}
+
+inline constexpr int kTileRows = 6, kTileBatches = 4;  // 24 accumulators of 32 registers (AVX-512)
+using TileFn = void (*)(const float*, std::int64_t, const float*, std::int64_t, float*, std::int64_t, std::int64_t,
+                        GemmInit);
+template <int R>
+inline constexpr TileFn tile_row[kTileBatches] = {&gemm_tile<R, 1>, &gemm_tile<R, 2>, &gemm_tile<R, 3>, &gemm_tile<R, 4>};
+inline constexpr const TileFn* tile_table[kTileRows] = {tile_row<1>, tile_row<2>, tile_row<3>,
+                                                        tile_row<4>, tile_row<5>, tile_row<6>};
+
+// Which part of a product is needed: all of it; only columns <= row (row i's columns past i are
+// left unwritten, up to whole batches); or A is lower-triangular (A[i, p] = 0 for p > i), so a
+// row block stops its depth at its last row.
+enum class Tri { none, lower_cols, lower_depth };
+
+// C[m, n] = init + A[m, depth] B[depth, n], row-major with leading dimensions; n a multiple of kW.
+// Column panels of kTileBatches batches outside, so a panel of B stays in L1 across row tiles.
+inline void gemm(std::int64_t m, std::int64_t n, std::int64_t depth, const float* A, std::int64_t lda, const float* B,
+                 std::int64_t ldb, float* C, std::int64_t ldc, GemmInit init = {}, Tri tri = Tri::none) {
+  for (std::int64_t j0 = 0; j0 < n; j0 += kTileBatches * kW) {
+    const std::int64_t nv = std::min<std::int64_t>(kTileBatches, (n - j0) / kW);
+    for (std::int64_t i0 = tri == Tri::lower_cols ? j0 : 0; i0 < m; i0 += kTileRows) {
+      const std::int64_t r = std::min<std::int64_t>(kTileRows, m - i0);
+      const std::int64_t nvb = tri == Tri::lower_cols ? std::min(nv, (i0 + r - j0 + kW - 1) / kW) : nv;
+      const std::int64_t dep = tri == Tri::lower_depth ? std::min(depth, i0 + r) : depth;
+      GemmInit in = init;
+      if (in.row_scale) in.row_scale += i0;
+      tile_table[r - 1][nvb - 1](A + i0 * lda, lda, B + j0, ldb, C + i0 * ldc + j0, ldc, dep, in);
+    }
+  }
+}
+
+// Grow-only 64-byte aligned scratch, one per thread, reused across calls and heads.
+class Scratch {
+ public:
+  float* get(std::int64_t n) {
+    if (n > capacity_) {
+      data_.reset(static_cast<float*>(allocate_aligned(static_cast<std::size_t>(n) * sizeof(float))));
+      capacity_ = n;
+    }
+    return data_.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float, Free> data_;
+  std::int64_t capacity_ = 0;
+};
+
+inline Scratch& thread_scratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+// The chunked path's buffers for chunks of up to C tokens, carved from one scratch block. Row
+// lengths are padded to whole batches (dkp, dvp, Cp) and the padding is zero (or finite and never
+// used) where a product reads it, so every product runs on whole batches.
+struct ChunkBuffers {
+  std::int64_t C, Cp, dkp, dvp;
+  float* qk;   // [2C, dkp]: the chunk's q̂ rows, then its k̂ rows (one [Q; K] operand)
+  float* kt;   // [dkp, Cp]: K̂^T, later with diag(e^(Γ_c − Γ)) applied to its columns
+  float* S;    // [dkp, dvp]: the head's state
+  float* P;    // [2C, dvp]: [Q; K] S, then O in the top half
+  float* G;    // [2C, Cp]: [Q; K] K^T (lower parts), then N in the bottom half
+  float* A;    // [C, Cp]: (Q̂ K̂^T) ⊙ D, lower with diagonal
+  float* V;    // [C, dvp]: diag(β) (V − diag(e^Γ) K̂ S), then Ṽ
+  float *gam, *eg, *edec, *beta;  // [Cp]: Γ_r, e^Γ_r, e^(Γ_c − Γ_r), β_r
+
+  ChunkBuffers(std::int64_t C_, std::int64_t dk, std::int64_t dv)
+      : C(C_), Cp(padded(C_)), dkp(padded(dk)), dvp(padded(dv)) {
+    const std::int64_t sizes[] = {2 * C * dkp, dkp * Cp, dkp * dvp, 2 * C * dvp, 2 * C * Cp, C * Cp,
+                                  C * dvp,     Cp,       Cp,        Cp,          Cp};
+    std::int64_t total = 0;
+    for (std::int64_t n : sizes) total += n;
+    float* p = thread_scratch().get(total);
+    float** slots[] = {&qk, &kt, &S, &P, &G, &A, &V, &gam, &eg, &edec, &beta};
+    for (std::size_t i = 0; i < std::size(slots); ++i) {
+      *slots[i] = p;
+      p += sizes[i];
+    }
+    // Products read q̂/k̂ columns past d_k and K̂^T rows past d_k: zero.
+    std::fill(qk, qk + 2 * C * dkp, 0.f);
+    std::fill(kt, kt + dkp * Cp, 0.f);
+  }
+};
+
+// Asks for the cache lines of x[0, n) in L2 (a hint), for reading or for writing.
+template <bool Write = false>
+inline void prefetch_l2(const float* x, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; i += 64 / static_cast<std::int64_t>(sizeof(float))) __builtin_prefetch(x + i, Write, 2);
+}
+
+// dst[i * ldd + r] = src[r * lds + i] for r < rows, i < cols (a transpose), in 16 x 16 blocks
+// held in AVX-512 registers where possible.
+inline void transpose(const float* src, std::int64_t lds, float* dst, std::int64_t ldd, std::int64_t rows,
+                      std::int64_t cols) {
+  std::int64_t r0 = 0;
+#if defined(__AVX512F__)
+  for (; r0 + 16 <= rows; r0 += 16) {
+    std::int64_t i0 = 0;
+    for (; i0 + 16 <= cols; i0 += 16) {
+      __m512 x[16];
+      for (int r = 0; r < 16; ++r) x[r] = _mm512_loadu_ps(src + (r0 + r) * lds + i0);
+      // Three rounds of pairwise interleaves (32-bit, 64-bit, 128-bit lanes), then 256-bit halves.
+      __m512 t[16];
+      for (int r = 0; r < 16; r += 2) {
+        t[r] = _mm512_unpacklo_ps(x[r], x[r + 1]);
+        t[r + 1] = _mm512_unpackhi_ps(x[r], x[r + 1]);
+      }
+      for (int r = 0; r < 16; r += 4)
+        for (int u = 0; u < 2; ++u) {
+          x[r + u] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[r + u]), _mm512_castps_pd(t[r + u + 2])));
+          x[r + u + 2] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[r + u]), _mm512_castps_pd(t[r + u + 2])));
+        }
+      for (int r = 0; r < 16; r += 8)
+        for (int u = 0; u < 4; ++u) {
+          t[r + u] = _mm512_shuffle_f32x4(x[r + u], x[r + u + 4], 0x88);
+          t[r + u + 4] = _mm512_shuffle_f32x4(x[r + u], x[r + u + 4], 0xdd);
+        }
+      for (int u = 0; u < 8; ++u) {
+        x[u] = _mm512_shuffle_f32x4(t[u], t[u + 8], 0x88);
+        x[u + 8] = _mm512_shuffle_f32x4(t[u], t[u + 8], 0xdd);
+      }
+      // x[m] now holds column i0 + kColumn[m] of the block's 16 rows.
+      constexpr int kColumn[16] = {0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 14, 13, 15};
+      for (int m = 0; m < 16; ++m) _mm512_storeu_ps(dst + (i0 + kColumn[m]) * ldd + r0, x[m]);
+    }
+    for (std::int64_t i = i0; i < cols; ++i)
+      for (std::int64_t r = r0; r < r0 + 16; ++r) dst[i * ldd + r] = src[r * lds + i];
+  }
+#endif
+  for (std::int64_t r = r0; r < rows; ++r)
+    for (std::int64_t i = 0; i < cols; ++i) dst[i * ldd + r] = src[r * lds + i];
+}
+
+// Lane indices 0, 1, 2, ... of a batch, as floats (masks by column).
+alignas(64) inline constexpr float kLaneIndex[64] = {0,  1,  2,  3,  4,  5,  6,  7,  8,  9,  10, 11, 12, 13, 14, 15,
+                                                     16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29, 30, 31,
+                                                     32, 33, 34, 35, 36, 37, 38, 39, 40, 41, 42, 43, 44, 45, 46, 47,
+                                                     48, 49, 50, 51, 52, 53, 54, 55, 56, 57, 58, 59, 60, 61, 62, 63};
+static_assert(kW <= 64);
+
+// Forward substitution Ṽ_r = R_r − Σ_{s<r} N_rs Ṽ_s over rows r < c, in place in V (row stride ldv),
+// NV batches of columns at a time held in registers.
+template <int NV>
+inline void substitute_block(const float* N, std::int64_t ldn, float* V, std::int64_t ldv, std::int64_t c) {
+  for (std::int64_t r = 0; r < c; ++r) {
+    Batch acc[NV];
+    float* vr = V + r * ldv;
+    for (int u = 0; u < NV; ++u) acc[u] = Batch::load_unaligned(vr + u * kW);
+    const float* nr = N + r * ldn;
+    for (std::int64_t s = 0; s < r; ++s) {
+      const Batch f(-nr[s]);
+      for (int u = 0; u < NV; ++u) acc[u] = xsimd::fma(f, Batch::load_unaligned(V + s * ldv + u * kW), acc[u]);
+    }
+    for (int u = 0; u < NV; ++u) acc[u].store_unaligned(vr + u * kW);
+  }
+}
+
+inline void substitute(const float* N, std::int64_t ldn, float* V, std::int64_t ldv, std::int64_t c, std::int64_t n) {
+  constexpr std::int64_t kBlock = 8;  // 8 independent FMA chains per row: enough to cover the FMA latency
+  using Fn = void (*)(const float*, std::int64_t, float*, std::int64_t, std::int64_t);
+  static constexpr Fn fns[kBlock] = {&substitute_block<1>, &substitute_block<2>, &substitute_block<3>,
+                                     &substitute_block<4>, &substitute_block<5>, &substitute_block<6>,
+                                     &substitute_block<7>, &substitute_block<8>};
+  for (std::int64_t j0 = 0; j0 < n; j0 += kBlock * kW)
+    fns[std::min<std::int64_t>(kBlock, (n - j0) / kW) - 1](N, ldn, V + j0, ldv, c);
+}
+
+// One value head, tokens [0, T), in chunks of opt.chunk tokens (spec §7.4). The pseudo-values are
+// computed as Ṽ = (I − L)^-1 diag(β) (V − diag(e^Γ) K̂ S), which equals U − W S without forming W
+// or M: one forward substitution. [Q; K] is one operand of the products with K^T and with S.
+// S: [d_k, d_v] with row stride ss, read at the start and written at the end.
 inline void chunked_head(ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, ConstView2<float> g,
-                         ConstView2<float> beta, float* S_ptr, std::int64_t ss, View3<float> out, std::int64_t h,
+                         ConstView2<float> beta, float* S_io, std::int64_t ss, View3<float> out, std::int64_t h,
                          std::int64_t j, const GatedDeltaOptions& opt, float scale) {
-  using B = simd::fbatch<>;
-  constexpr std::int64_t W = static_cast<std::int64_t>(B::size);
-  const std::int64_t T = q.shape[0], dk = q.shape[2], dv = v.shape[2], C = std::min(opt.chunk, T);
-  ChunkScratch sc(C, dk, dv);
-  auto S = matrix(S_ptr, dk, dv, ss);
-  for (std::int64_t t0 = 0; t0 < T; t0 += C) {
-    const std::int64_t c = std::min(C, T - t0);
-    // Normalised rows, cumulative log decay and its exponentials.
+  const std::int64_t T = q.shape[0], dk = q.shape[2], dv = v.shape[2];
+  ChunkBuffers b(std::min(opt.chunk, T), dk, dv);
+  const std::int64_t Cp = b.Cp, dkp = b.dkp, dvp = b.dvp;
+  for (std::int64_t i = 0; i < dkp; ++i) {
+    float* row = b.S + i * dvp;
+    if (i < dk) std::copy(S_io + i * ss, S_io + i * ss + dv, row);
+    std::fill(row + (i < dk ? dv : 0), row + dvp, 0.f);
+  }
+  const Batch lanes = Batch::load_aligned(kLaneIndex);
+  for (std::int64_t t0 = 0; t0 < T; t0 += b.C) {
+    const std::int64_t c = std::min(b.C, T - t0), cp = padded(c);
+    float* kq = b.qk + c * dkp;  // the k̂ rows
+    // Normalised rows, K̂^T, cumulative log decay and its exponentials. A tail chunk's padding
+    // tokens get g = 0, β = 0 and zero keys, as spec §7.4 pads.
     for (std::int64_t r = 0; r < c; ++r) {
-      normalise(q.ptr(t0 + r, j), sc.qk.data() + r * dk, dk, opt.qk_l2norm, opt.l2_eps, scale);
-      normalise(k.ptr(t0 + r, j), sc.qk.data() + (c + r) * dk, dk, opt.qk_l2norm, opt.l2_eps, 1.f);
-      sc.gam[r] = (r ? sc.gam[r - 1] : 0.f) + g(t0 + r, h);
-      sc.beta[r] = beta(t0 + r, h);
+      normalise(q.ptr(t0 + r, j), b.qk + r * dkp, dk, opt.qk_l2norm, opt.l2_eps, scale);
+      normalise(k.ptr(t0 + r, j), kq + r * dkp, dk, opt.qk_l2norm, opt.l2_eps, 1.f);
+      b.gam[r] = (r ? b.gam[r - 1] : 0.f) + g(t0 + r, h);
+      b.beta[r] = beta(t0 + r, h);
     }
-    for (std::int64_t r = 0; r < c; ++r) {
-      sc.eg[r] = std::exp(sc.gam[r]);
-      sc.edec[r] = std::exp(sc.gam[c - 1] - sc.gam[r]);
+    transpose(kq, dkp, b.kt, Cp, c, dk);
+    for (std::int64_t r = c; r < cp; ++r) {
+      for (std::int64_t i = 0; i < dk; ++i) b.kt[i * Cp + r] = 0.f;
+      b.gam[r] = b.gam[c - 1];
+      b.beta[r] = 0.f;
     }
-    auto QK = matrix(sc.qk.data(), 2 * c, dk, dk);
-    auto K = matrix(sc.qk.data() + c * dk, c, dk, dk);
-    auto G = matrix(sc.gram.data(), 2 * c, c, c);
-    auto P = matrix(sc.p.data(), 2 * c, dv, dv);
-    auto Vt = matrix(sc.vt.data(), c, dv, dv);
-    G.noalias() = QK * K.transpose();
-    P.noalias() = QK * S;
-    // A_rs = (q̂_r·k̂_s) D_rs (s <= r) and N_rs = β_r (k̂_r·k̂_s) D_rs (s < r): I − L = I + N.
+    for (std::int64_t r = 0; r < cp; r += kW) {
+      const Batch gm = Batch::load_aligned(b.gam + r);
+      exp_batch(gm).store_aligned(b.eg + r);
+      exp_batch(Batch(b.gam[c - 1]) - gm).store_aligned(b.edec + r);
+    }
+    // The next chunk's rows (q, k, v to read, out to write) are asked for in L2 a quarter at a
+    // time between this chunk's products, where the requests overlap compute.
+    const auto prefetch_next = [&](std::int64_t quarter) {
+      const std::int64_t next = t0 + c, n = std::min(b.C, T - next);
+      for (std::int64_t r = n * quarter / 4; r < n * (quarter + 1) / 4; ++r) {
+        prefetch_l2(q.ptr(next + r, j), dk);
+        prefetch_l2(k.ptr(next + r, j), dk);
+        prefetch_l2(v.ptr(next + r, h), dv);
+        prefetch_l2<true>(out.ptr(next + r, h), dv);
+      }
+    };
+    // G = [Q; K] K^T, lower parts only; P = [Q; K] S.
+    prefetch_next(0);
+    gemm(c, cp, dkp, b.qk, dkp, b.kt, Cp, b.G, Cp, {}, Tri::lower_cols);
+    gemm(c, cp, dkp, kq, dkp, b.kt, Cp, b.G + c * Cp, Cp, {}, Tri::lower_cols);
+    prefetch_next(1);
+    gemm(2 * c, dvp, dkp, b.qk, dkp, b.S, dvp, b.P, dvp);
+    // A_rs = (q̂_r·k̂_s) D_rs for s <= r and N_rs = β_r (k̂_r·k̂_s) D_rs for s < r (so I − L = I + N),
+    // D_rs = exp(Γ_r − Γ_s); A is zero elsewhere up to Cp (the products read whole batches).
     for (std::int64_t r = 0; r < c; ++r) {
-      float* a = sc.gram.data() + r * c;
-      float* n = sc.gram.data() + (c + r) * c;
-      const B gr(sc.gam[r]), br(sc.beta[r]);
+      float* a = b.A + r * Cp;
+      float* n = b.G + (c + r) * Cp;
+      const Batch gr(b.gam[r]), br(b.beta[r]), rb(static_cast<float>(r));
       std::int64_t s = 0;
-      for (; s + W <= r + 1; s += W) {
-        const B d = exp_batch(gr - B::load_unaligned(sc.gam.data() + s));
-        (B::load_unaligned(a + s) * d).store_unaligned(a + s);
-        (B::load_unaligned(n + s) * d * br).store_unaligned(n + s);
+      for (; s <= r; s += kW) {
+        const Batch d = exp_batch(gr - Batch::load_aligned(b.gam + s));
+        const Batch col = lanes + Batch(static_cast<float>(s));
+        xsimd::select(col <= rb, Batch::load_aligned(b.G + r * Cp + s) * d, Batch(0.f)).store_aligned(a + s);
+        xsimd::select(col < rb, Batch::load_aligned(n + s) * d * br, Batch(0.f)).store_aligned(n + s);
       }
-      for (; s <= r; ++s) {
-        const float d = std::exp(sc.gam[r] - sc.gam[s]);
-        a[s] *= d;
-        n[s] *= d * sc.beta[r];
-      }
+      std::fill(a + s, a + Cp, 0.f);
     }
-    // R = diag(β) (V − diag(e^Γ) K̂ S); then Ṽ = (I + N)^-1 R.
+    // V = diag(β) (V − diag(e^Γ) K̂ S), then Ṽ = (I + N)^-1 V in place.
     for (std::int64_t r = 0; r < c; ++r) {
       const float* vr = v.ptr(t0 + r, h);
-      const float* pr = sc.p.data() + (c + r) * dv;
-      float* o = sc.vt.data() + r * dv;
-      for (std::int64_t col = 0; col < dv; ++col) o[col] = sc.beta[r] * (vr[col] - sc.eg[r] * pr[col]);
+      const float* pk = b.P + (c + r) * dvp;
+      float* o = b.V + r * dvp;
+      const float br = b.beta[r], er = b.eg[r];
+      for (std::int64_t col = 0; col < dv; ++col) o[col] = br * (vr[col] - er * pk[col]);
+      std::fill(o + dv, o + dvp, 0.f);
     }
-    G.bottomRows(c).triangularView<Eigen::UnitLower>().solveInPlace(Vt);
-    // O = diag(e^Γ) Q̂ S + A Ṽ.
-    auto O = matrix(out.ptr(t0, h), c, dv, out.stride[0]);
-    O = Eigen::Map<Eigen::VectorXf>(sc.eg.data(), c).asDiagonal() * P.topRows(c);
-    O.noalias() += G.topRows(c).triangularView<Eigen::Lower>() * Vt;
-    // S ← e^Γ_c S + K̂^T diag(e^(Γ_c − Γ)) Ṽ.
-    S *= sc.eg[c - 1];
-    Vt = Eigen::Map<Eigen::VectorXf>(sc.edec.data(), c).asDiagonal() * Vt;
-    S.noalias() += K.transpose() * Vt;
+    prefetch_next(2);
+    substitute(b.G + c * Cp, Cp, b.V, dvp, c, dvp);
+    // O = diag(e^Γ) Q̂ S + A Ṽ, in the top half of P, then out.
+    gemm(c, dvp, c, b.A, Cp, b.V, dvp, b.P, dvp, {b.eg, 0.f}, Tri::lower_depth);
+    for (std::int64_t r = 0; r < c; ++r) std::copy(b.P + r * dvp, b.P + r * dvp + dv, out.ptr(t0 + r, h));
+    // S ← e^Γ_c S + (diag(e^(Γ_c − Γ)) K̂)^T Ṽ.
+    for (std::int64_t i = 0; i < dk; ++i)
+      for (std::int64_t r = 0; r < cp; r += kW)
+        (Batch::load_aligned(b.kt + i * Cp + r) * Batch::load_aligned(b.edec + r)).store_aligned(b.kt + i * Cp + r);
+    prefetch_next(3);
+    gemm(dk, dvp, c, b.kt, Cp, b.V, dvp, b.S, dvp, {nullptr, b.eg[c - 1]});
   }
+  for (std::int64_t i = 0; i < dk; ++i) std::copy(b.S + i * dvp, b.S + i * dvp + dv, S_io + i * ss);
 }
 
 }  // namespace detail_gdn
