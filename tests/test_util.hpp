@@ -82,7 +82,7 @@ void rounded_normal(Rng& rng, std::size_t n, std::vector<float>& f, std::vector<
 
 template <class T>
 bool bit_equal(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+  return a.size() == b.size() && (a.empty() || std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0);
 }
 
 }  // namespace attnkit::test

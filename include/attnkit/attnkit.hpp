@@ -20,6 +20,7 @@
 #include "attnkit/depth/attnres.hpp"
 #include "attnkit/recurrent/gated_delta.hpp"
 #include "attnkit/recurrent/gated_norm.hpp"
+#include "attnkit/recurrent/linear_attention.hpp"
 #include "attnkit/recurrent/short_conv.hpp"
 
 #include "attnkit/linalg/packed_linear.hpp"
