@@ -167,11 +167,14 @@ inline std::int64_t padded(std::int64_t n) { return (n + kW - 1) / kW * kW; }
 // exp(x) for x <= 0 (positive x works too, until exp overflows), a batch at a time.
 inline Batch exp_batch(Batch x) { return simd::exp2_nonpositive(x * Batch(1.4426950408889634f)); }
 
-// What C starts from in gemm: C ← diag(row_scale) C + A B, or scale · C + A B without row_scale;
-// scale 0 and no row_scale: C ← A B (C is not read).
+// What C starts from in gemm: C ← diag(row_scale) X + A B, or scale · X + A B without row_scale,
+// where X is `from` (row stride ld_from) or else C itself; scale 0 and no row_scale: C ← A B
+// (nothing is read).
 struct GemmInit {
   const float* row_scale = nullptr;
   float scale = 0.f;
+  const float* from = nullptr;
+  std::int64_t ld_from = 0;
 };
 
 // One register tile: C[0:R, 0:NV·kW] = init + A[0:R, 0:depth] B[0:depth, 0:NV·kW], row-major.
@@ -183,7 +186,8 @@ inline void gemm_tile(const float* A, std::int64_t lda, const float* B, std::int
   const bool read_c = init.row_scale != nullptr || init.scale != 0.f;
   for (int i = 0; i < R; ++i) {
     const Batch s(init.row_scale ? init.row_scale[i] : init.scale);
-    for (int v = 0; v < NV; ++v) acc[i][v] = read_c ? Batch::load_unaligned(C + i * ldc + v * kW) * s : Batch(0.f);
+    const float* x = init.from ? init.from + i * init.ld_from : C + i * ldc;
+    for (int v = 0; v < NV; ++v) acc[i][v] = read_c ? Batch::load_unaligned(x + v * kW) * s : Batch(0.f);
   }
   for (std::int64_t p = 0; p < depth; ++p) {
     Batch b[NV];
@@ -210,10 +214,48 @@ inline constexpr const TileFn* tile_table[kTileRows] = {tile_row<1>, tile_row<2>
 // row block stops its depth at its last row.
 enum class Tri { none, lower_cols, lower_depth };
 
+// Rows of memory whose cache lines are asked for in L2 a few at a time, between the register
+// tiles of the products: a burst of prefetches stalls as soon as the line fill buffers are busy,
+// while a few per tile overlap the arithmetic. Streams: rows[s] + r * stride[s], lines[s] cache
+// lines each, for rows r < n_rows, visited row by row.
+struct PrefetchQueue {
+  static constexpr int kMaxStreams = 6;
+  const float* base[kMaxStreams] = {};
+  std::int64_t stride[kMaxStreams] = {};
+  std::int64_t lines[kMaxStreams] = {};
+  bool write[kMaxStreams] = {};
+  int n_streams = 0;
+  std::int64_t n_rows = 0, r = 0, l = 0;
+  int s = 0;
+
+  void add(const float* p, std::int64_t row_stride, std::int64_t floats, bool for_write = false) {
+    base[n_streams] = p;
+    stride[n_streams] = row_stride;
+    lines[n_streams] = (floats * static_cast<std::int64_t>(sizeof(float)) + 63) / 64;
+    write[n_streams++] = for_write;
+  }
+  void issue(std::int64_t count) {
+    for (; count > 0 && r < n_rows; --count) {
+      const float* p = base[s] + r * stride[s] + l * (64 / static_cast<std::int64_t>(sizeof(float)));
+      if (write[s]) __builtin_prefetch(p, 1, 2);
+      else __builtin_prefetch(p, 0, 2);
+      if (++l == lines[s]) {
+        l = 0;
+        if (++s == n_streams) {
+          s = 0;
+          ++r;
+        }
+      }
+    }
+  }
+};
+
 // C[m, n] = init + A[m, depth] B[depth, n], row-major with leading dimensions; n a multiple of kW.
+// With a prefetch queue, `per_tile` of its lines are asked for after each register tile.
 // Column panels of kTileBatches batches outside, so a panel of B stays in L1 across row tiles.
 inline void gemm(std::int64_t m, std::int64_t n, std::int64_t depth, const float* A, std::int64_t lda, const float* B,
-                 std::int64_t ldb, float* C, std::int64_t ldc, GemmInit init = {}, Tri tri = Tri::none) {
+                 std::int64_t ldb, float* C, std::int64_t ldc, GemmInit init = {}, Tri tri = Tri::none,
+                 PrefetchQueue* prefetch = nullptr, std::int64_t per_tile = 0) {
   for (std::int64_t j0 = 0; j0 < n; j0 += kTileBatches * kW) {
     const std::int64_t nv = std::min<std::int64_t>(kTileBatches, (n - j0) / kW);
     for (std::int64_t i0 = tri == Tri::lower_cols ? j0 : 0; i0 < m; i0 += kTileRows) {
@@ -222,7 +264,9 @@ inline void gemm(std::int64_t m, std::int64_t n, std::int64_t depth, const float
       const std::int64_t dep = tri == Tri::lower_depth ? std::min(depth, i0 + r) : depth;
       GemmInit in = init;
       if (in.row_scale) in.row_scale += i0;
+      if (in.from) in.from += i0 * in.ld_from + j0;
       tile_table[r - 1][nvb - 1](A + i0 * lda, lda, B + j0, ldb, C + i0 * ldc + j0, ldc, dep, in);
+      if (prefetch) prefetch->issue(per_tile);
     }
   }
 }
@@ -282,12 +326,6 @@ struct ChunkBuffers {
     std::fill(kt, kt + dkp * Cp, 0.f);
   }
 };
-
-// Asks for the cache lines of x[0, n) in L2 (a hint), for reading or for writing.
-template <bool Write = false>
-inline void prefetch_l2(const float* x, std::int64_t n) {
-  for (std::int64_t i = 0; i < n; i += 64 / static_cast<std::int64_t>(sizeof(float))) __builtin_prefetch(x + i, Write, 2);
-}
 
 // dst[i * ldd + r] = src[r * lds + i] for r < rows, i < cols (a transpose), in 16 x 16 blocks
 // held in AVX-512 registers where possible.
@@ -404,23 +442,24 @@ inline void chunked_head(ConstView3<float> q, ConstView3<float> k, ConstView3<fl
       exp_batch(gm).store_aligned(b.eg + r);
       exp_batch(Batch(b.gam[c - 1]) - gm).store_aligned(b.edec + r);
     }
-    // The next chunk's rows (q, k, v to read, out to write) are asked for in L2 a quarter at a
-    // time between this chunk's products, where the requests overlap compute.
-    const auto prefetch_next = [&](std::int64_t quarter) {
-      const std::int64_t next = t0 + c, n = std::min(b.C, T - next);
-      for (std::int64_t r = n * quarter / 4; r < n * (quarter + 1) / 4; ++r) {
-        prefetch_l2(q.ptr(next + r, j), dk);
-        prefetch_l2(k.ptr(next + r, j), dk);
-        prefetch_l2(v.ptr(next + r, h), dv);
-        prefetch_l2<true>(out.ptr(next + r, h), dv);
-      }
-    };
+    // The next chunk's rows (q, k, v, g, beta to read, out to write) are fetched into L2 during
+    // this chunk's products; the hardware prefetchers would not (each row is a short run in
+    // another page), and a cold row costs a DRAM round trip.
+    PrefetchQueue next;
+    if (t0 + c < T) {
+      next.add(q.ptr(t0 + c, j), q.stride[0], dk);
+      next.add(k.ptr(t0 + c, j), k.stride[0], dk);
+      next.add(v.ptr(t0 + c, h), v.stride[0], dv);
+      next.add(out.ptr(t0 + c, h), out.stride[0], dv, true);
+      next.add(&g(t0 + c, h), g.stride[0], 1);
+      next.add(&beta(t0 + c, h), beta.stride[0], 1);
+      next.n_rows = std::min(b.C, T - t0 - c);
+    }
     // G = [Q; K] K^T, lower parts only; P = [Q; K] S.
-    prefetch_next(0);
-    gemm(c, cp, dkp, b.qk, dkp, b.kt, Cp, b.G, Cp, {}, Tri::lower_cols);
-    gemm(c, cp, dkp, kq, dkp, b.kt, Cp, b.G + c * Cp, Cp, {}, Tri::lower_cols);
-    prefetch_next(1);
-    gemm(2 * c, dvp, dkp, b.qk, dkp, b.S, dvp, b.P, dvp);
+    constexpr std::int64_t kLinesPerTile = 16;  // ~2200 lines over ~130 tiles at C = 64, d = 128
+    gemm(c, cp, dkp, b.qk, dkp, b.kt, Cp, b.G, Cp, {}, Tri::lower_cols, &next, kLinesPerTile);
+    gemm(c, cp, dkp, kq, dkp, b.kt, Cp, b.G + c * Cp, Cp, {}, Tri::lower_cols, &next, kLinesPerTile);
+    gemm(2 * c, dvp, dkp, b.qk, dkp, b.S, dvp, b.P, dvp, {}, Tri::none, &next, kLinesPerTile);
     // A_rs = (q̂_r·k̂_s) D_rs for s <= r and N_rs = β_r (k̂_r·k̂_s) D_rs for s < r (so I − L = I + N),
     // D_rs = exp(Γ_r − Γ_s); A is zero elsewhere up to Cp (the products read whole batches).
     for (std::int64_t r = 0; r < c; ++r) {
@@ -445,17 +484,22 @@ inline void chunked_head(ConstView3<float> q, ConstView3<float> k, ConstView3<fl
       for (std::int64_t col = 0; col < dv; ++col) o[col] = br * (vr[col] - er * pk[col]);
       std::fill(o + dv, o + dvp, 0.f);
     }
-    prefetch_next(2);
     substitute(b.G + c * Cp, Cp, b.V, dvp, c, dvp);
-    // O = diag(e^Γ) Q̂ S + A Ṽ, in the top half of P, then out.
-    gemm(c, dvp, c, b.A, Cp, b.V, dvp, b.P, dvp, {b.eg, 0.f}, Tri::lower_depth);
-    for (std::int64_t r = 0; r < c; ++r) std::copy(b.P + r * dvp, b.P + r * dvp + dv, out.ptr(t0 + r, h));
+    // O = diag(e^Γ) Q̂ S + A Ṽ: straight into out when its rows are whole batches, else into the
+    // top half of P and copied.
+    if (dv == dvp) {
+      gemm(c, dvp, c, b.A, Cp, b.V, dvp, out.ptr(t0, h), out.stride[0], {b.eg, 0.f, b.P, dvp}, Tri::lower_depth, &next,
+           kLinesPerTile);
+    } else {
+      gemm(c, dvp, c, b.A, Cp, b.V, dvp, b.P, dvp, {b.eg, 0.f}, Tri::lower_depth, &next, kLinesPerTile);
+      for (std::int64_t r = 0; r < c; ++r) std::copy(b.P + r * dvp, b.P + r * dvp + dv, out.ptr(t0 + r, h));
+    }
     // S ← e^Γ_c S + (diag(e^(Γ_c − Γ)) K̂)^T Ṽ.
     for (std::int64_t i = 0; i < dk; ++i)
       for (std::int64_t r = 0; r < cp; r += kW)
         (Batch::load_aligned(b.kt + i * Cp + r) * Batch::load_aligned(b.edec + r)).store_aligned(b.kt + i * Cp + r);
-    prefetch_next(3);
-    gemm(dk, dvp, c, b.kt, Cp, b.V, dvp, b.S, dvp, {nullptr, b.eg[c - 1]});
+    gemm(dk, dvp, c, b.kt, Cp, b.V, dvp, b.S, dvp, {nullptr, b.eg[c - 1]}, Tri::none, &next, kLinesPerTile);
+    next.issue(next.n_rows * 64);  // whatever is left (small shapes have few tiles)
   }
   for (std::int64_t i = 0; i < dk; ++i) std::copy(b.S + i * dvp, b.S + i * dvp + dv, S_io + i * ss);
 }
