@@ -11,10 +11,14 @@
 // Counters:
 //   GFLOPS (prefill) — effective rate, 6·d_k·d_v flops per token and head (the recurrence's
 //     S ← αS, u = S^T k, S += k δ^T, o = S^T q); the chunked path does more (its C·d terms), so
-//     this is the useful work per second; fma_frac = GFLOPS / the measured fp32 FMA peak;
+//     this is the useful work per second; fma_frac = GFLOPS / the measured fp32 FMA peak
+//     (roofline.hpp, once per process); fma_frac_paired = median over the iterations of GFLOPS /
+//     the FMA peak measured (30 ms, the same 2 threads) just before that iteration: on a shared
+//     machine the share of the cores this process gets changes from second to second, and a
+//     pair sees about the same share twice;
 //   tok_s — tokens per second of the layer (all heads);
-//   GBps (decode) — state bytes touched per step / time: the recurrent step makes two passes
-//     over S, each reading and writing H·d_k·d_v·4 bytes (4 MiB per step at this shape);
+//   GBps (decode) — state bytes touched per step / time: the recurrent step makes a read pass over
+//     S, then a read + write pass, H·d_k·d_v·4 bytes each (3 MiB per step at this shape);
 //     bw_frac = GBps / the measured DRAM read bandwidth. The 1 MiB state sits in L2 between
 //     steps (512 KiB per core on 2 cores), so bw_frac > 1 is possible: it is a cache rate;
 //   gdn_speedup (attention cases) — median over the pairs of attention time / gated delta time.
@@ -83,13 +87,23 @@ double seconds_of(const auto& fn) {
 void BM_prefill(benchmark::State& state, std::int64_t T) {
   const Layer layer(T);
   const double peak = bench::roofline().fma_gflops;  // measured before the timed loop
+  namespace rd = bench::roofline_detail;
+  const std::int64_t fma_iters = rd::calibrate(rd::fma_thread, 0.03);
+  const double flops = 6.0 * kDim * kDim * static_cast<double>(kHeads * T);
   double seconds = 0;
-  for (auto _ : state) seconds += seconds_of([&] { layer.run(GatedDeltaMode::chunked); });
-  const double per_call = seconds / static_cast<double>(state.iterations());
-  const double gflops = 6.0 * kDim * kDim * static_cast<double>(kHeads * T) / per_call * 1e-9;
+  std::vector<double> paired;
+  for (auto _ : state) {
+    const double peak_now = rd::parallel_rate(kThreads, fma_iters, rd::fma_thread) * 1e-9;  // untimed
+    const double s = seconds_of([&] { layer.run(GatedDeltaMode::chunked); });
+    state.SetIterationTime(s);
+    seconds += s;
+    paired.push_back(flops / s * 1e-9 / peak_now);
+  }
+  const double gflops = flops / (seconds / static_cast<double>(state.iterations())) * 1e-9;
   state.counters["GFLOPS"] = gflops;
   state.counters["fma_frac"] = gflops / peak;
-  state.counters["tok_s"] = static_cast<double>(T) / per_call;
+  state.counters["fma_frac_paired"] = bench::median(paired);
+  state.counters["tok_s"] = static_cast<double>(T) * static_cast<double>(state.iterations()) / seconds;
 }
 
 // Causal attention over the same heads, paired call for call with the gated delta layer.
@@ -124,7 +138,7 @@ constexpr double kStateBytes = static_cast<double>(kHeads * kDim * kDim * sizeof
 
 void set_decode_counters(benchmark::State& state, double seconds) {
   const double iters = static_cast<double>(state.iterations());
-  const double gbps = 4.0 * kStateBytes * iters / seconds * 1e-9;  // 2 passes x (read + write)
+  const double gbps = 3.0 * kStateBytes * iters / seconds * 1e-9;  // a read pass, then read + write
   state.counters["GBps"] = gbps;
   state.counters["bw_frac"] = gbps / bench::roofline().read_gbps;
   state.counters["tok_s"] = iters / seconds;
@@ -184,7 +198,7 @@ const bool registered = [] {
   for (std::int64_t T : {4096, 32768})
     benchmark::RegisterBenchmark(("gated_delta/prefill/T:" + std::to_string(T)).c_str(),
                                  [=](benchmark::State& s) { BM_prefill(s, T); })
-        ->UseRealTime()
+        ->UseManualTime()
         ->Unit(benchmark::kMillisecond);
   // Attention at T 32768 takes about a minute a call (quadratic): compared at 4096 only.
   benchmark::RegisterBenchmark("gated_delta/prefill/T:4096/attention",

@@ -108,58 +108,6 @@ inline void normalise(const float* x, float* dst, std::int64_t n, bool l2, float
   for (; i < n; ++i) dst[i] = x[i] * f;
 }
 
-// One value head, tokens [0, T), token by token. S: [d_k, d_v] with row stride ss.
-inline void recurrent_head(ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, ConstView2<float> g,
-                           ConstView2<float> beta, float* S, std::int64_t ss, View3<float> out, std::int64_t h,
-                           std::int64_t j, const GatedDeltaOptions& opt, float scale) {
-  using B = simd::fbatch<>;
-  constexpr std::int64_t W = static_cast<std::int64_t>(B::size);
-  const std::int64_t T = q.shape[0], dk = q.shape[2], dv = v.shape[2];
-  std::vector<float> qn(static_cast<std::size_t>(dk)), kn(qn.size()), u(static_cast<std::size_t>(dv));
-  for (std::int64_t t = 0; t < T; ++t) {
-    normalise(q.ptr(t, j), qn.data(), dk, opt.qk_l2norm, opt.l2_eps, scale);
-    normalise(k.ptr(t, j), kn.data(), dk, opt.qk_l2norm, opt.l2_eps, 1.f);
-    const float alpha = std::exp(g(t, h)), b = beta(t, h);
-    const float* vt = v.ptr(t, h);
-    float* o = out.ptr(t, h);
-    // Pass 1: decay S and read the memory at k̂: u = S^T k̂.
-    std::fill(u.begin(), u.end(), 0.f);
-    for (std::int64_t i = 0; i < dk; ++i) {
-      float* row = S + i * ss;
-      const B a(alpha), ki(kn[i]);
-      std::int64_t c = 0;
-      for (; c + W <= dv; c += W) {
-        const B s = B::load_unaligned(row + c) * a;
-        s.store_unaligned(row + c);
-        xsimd::fma(ki, s, B::load_unaligned(u.data() + c)).store_unaligned(u.data() + c);
-      }
-      for (; c < dv; ++c) {
-        row[c] *= alpha;
-        u[c] += kn[i] * row[c];
-      }
-    }
-    // δ = β (v − u), kept in u.
-    for (std::int64_t c = 0; c < dv; ++c) u[c] = b * (vt[c] - u[c]);
-    // Pass 2: S += k̂ δ^T and o = S^T q̂.
-    std::fill(o, o + dv, 0.f);
-    for (std::int64_t i = 0; i < dk; ++i) {
-      float* row = S + i * ss;
-      const B ki(kn[i]), qi(qn[i]);
-      std::int64_t c = 0;
-      for (; c + W <= dv; c += W) {
-        const B s = xsimd::fma(ki, B::load_unaligned(u.data() + c), B::load_unaligned(row + c));
-        s.store_unaligned(row + c);
-        xsimd::fma(qi, s, B::load_unaligned(o + c)).store_unaligned(o + c);
-      }
-      for (; c < dv; ++c) {
-        row[c] += kn[i] * u[c];
-        o[c] += qn[i] * row[c];
-      }
-    }
-  }
-}
-
-
 using Batch = simd::fbatch<>;
 inline constexpr std::int64_t kW = static_cast<std::int64_t>(Batch::size);
 inline std::int64_t padded(std::int64_t n) { return (n + kW - 1) / kW * kW; }
@@ -293,6 +241,76 @@ class Scratch {
 inline Scratch& thread_scratch() {
   thread_local Scratch s;
   return s;
+}
+
+// u = S^T k̂ and w = S^T q̂ over the NV batches of columns at S's column 0 (rows of stride ss),
+// accumulated in registers.
+template <int NV>
+inline void read_columns(const float* S, std::int64_t ss, std::int64_t dk, const float* kn, const float* qn, float* u,
+                         float* w) {
+  Batch au[NV], aw[NV];
+  for (int b = 0; b < NV; ++b) au[b] = aw[b] = Batch(0.f);
+  for (std::int64_t i = 0; i < dk; ++i) {
+    const Batch ki(kn[i]), qi(qn[i]);
+    for (int b = 0; b < NV; ++b) {
+      const Batch x = Batch::load_unaligned(S + i * ss + b * kW);
+      au[b] = xsimd::fma(ki, x, au[b]);
+      aw[b] = xsimd::fma(qi, x, aw[b]);
+    }
+  }
+  for (int b = 0; b < NV; ++b) {
+    au[b].store_unaligned(u + b * kW);
+    aw[b].store_unaligned(w + b * kW);
+  }
+}
+
+// One value head, tokens [0, T), token by token; S: [d_k, d_v] with row stride ss. Per token two
+// passes over S: a read-only one for u = S^T k̂ and w = S^T q̂, then the update
+// S ← α S + k̂ δ^T with δ = β (v − α u). The output needs no third pass:
+// o = S'^T q̂ = α w + (k̂·q̂) δ.
+inline void recurrent_head(ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, ConstView2<float> g,
+                           ConstView2<float> beta, float* S, std::int64_t ss, View3<float> out, std::int64_t h,
+                           std::int64_t j, const GatedDeltaOptions& opt, float scale) {
+  constexpr std::int64_t kBlock = 4;  // batches of columns per read pass: 8 accumulators
+  using Fn = void (*)(const float*, std::int64_t, std::int64_t, const float*, const float*, float*, float*);
+  static constexpr Fn read_fns[kBlock] = {&read_columns<1>, &read_columns<2>, &read_columns<3>, &read_columns<4>};
+  const std::int64_t T = q.shape[0], dk = q.shape[2], dv = v.shape[2];
+  float* qn = thread_scratch().get(2 * padded(dk) + 3 * padded(dv));
+  float* kn = qn + padded(dk);
+  float* u = kn + padded(dk);
+  float* w = u + padded(dv);
+  float* delta = w + padded(dv);
+  const std::int64_t full = dv / kW * kW;  // columns in whole batches; the rest one by one
+  for (std::int64_t t = 0; t < T; ++t) {
+    normalise(q.ptr(t, j), qn, dk, opt.qk_l2norm, opt.l2_eps, scale);
+    normalise(k.ptr(t, j), kn, dk, opt.qk_l2norm, opt.l2_eps, 1.f);
+    const float alpha = std::exp(g(t, h)), b = beta(t, h), kq = simd::dot(kn, qn, dk);
+    const float* vt = v.ptr(t, h);
+    float* o = out.ptr(t, h);
+    for (std::int64_t c0 = 0; c0 < full; c0 += kBlock * kW)
+      read_fns[std::min(kBlock, (full - c0) / kW) - 1](S + c0, ss, dk, kn, qn, u + c0, w + c0);
+    for (std::int64_t c = full; c < dv; ++c) {
+      float su = 0.f, sw = 0.f;
+      for (std::int64_t i = 0; i < dk; ++i) {
+        su += kn[i] * S[i * ss + c];
+        sw += qn[i] * S[i * ss + c];
+      }
+      u[c] = su;
+      w[c] = sw;
+    }
+    for (std::int64_t c = 0; c < dv; ++c) {
+      delta[c] = b * (vt[c] - alpha * u[c]);
+      o[c] = alpha * w[c] + kq * delta[c];
+    }
+    const Batch a(alpha);
+    for (std::int64_t i = 0; i < dk; ++i) {
+      float* row = S + i * ss;
+      const Batch ki(kn[i]);
+      for (std::int64_t c = 0; c < full; c += kW)
+        xsimd::fma(ki, Batch::load_unaligned(delta + c), Batch::load_unaligned(row + c) * a).store_unaligned(row + c);
+      for (std::int64_t c = full; c < dv; ++c) row[c] = kn[i] * delta[c] + row[c] * alpha;
+    }
+  }
 }
 
 // The chunked path's buffers for chunks of up to C tokens, carved from one scratch block. Row
@@ -526,9 +544,10 @@ inline void gated_delta_chunked(ConstView3<float> q, ConstView3<float> k, ConstV
   ATTNKIT_REQUIRE(state.stride[2] == 1, "gated_delta_rule: argument 'state': last dimension must be contiguous");
   if (q.shape[0] == 0) return;
   const float scale = opt.scale != 0.f ? opt.scale : 1.f / std::sqrt(static_cast<float>(q.shape[2]));
+  // Heads handed out one at a time: a core slowed by other work takes fewer of them.
   parallel_for(v.shape[1], opt.num_threads, [&](std::int64_t h) {
     detail_gdn::chunked_head(q, k, v, g, beta, state.ptr(h), state.stride[1], out, h, h / group, opt, scale);
-  });
+  }, /*dynamic=*/true);
 }
 
 // Either path by opt.mode (automatic: recurrent for T <= opt.recurrent_max_tokens, else chunked).
