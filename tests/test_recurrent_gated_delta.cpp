@@ -1,13 +1,14 @@
 // Tests of the gated delta rule (recurrent/gated_delta.hpp): both paths against the float64
 // reference (tests/reference/gated_delta_ref.hpp) and against each other, on fresh random inputs
 // each run (seed printed on failure): odd head dims (d_k != d_v, SIMD tails), GVA groups of 1-3,
-// T not divisible by the chunk, chunks of 16/32/64, nonzero initial states, strong and weak
-// decay. Then: the state carried across calls (a sequence split in 2-3 calls, mixed paths, equals
-// one call), strided views, the automatic dispatch, 1 vs 2 threads (bit-identical), the spec's
-// invariants (β = 0 from a zero state outputs 0; β = 1, g = 0 with orthonormal keys stores v_i
-// under k_i), the transformers fixture gated-delta-a, and every validation error.
+// T not divisible by the chunk, chunks of 16/32/64 (and 1, 7, 20, 100), nonzero initial
+// states, strong and weak decay. Then: the state carried across calls (a sequence split in 2-3
+// calls, mixed paths, equals one call), strided views, the automatic dispatch, 1 vs 2 threads
+// (bit-identical), the spec's invariants (β = 0 from a zero state outputs 0; β = 1, g = 0 with
+// orthonormal keys stores v_i under k_i), the transformers fixture gated-delta-a, and every
+// validation error.
 // Bounds (relative L2 error ‖ours − ref‖ / ‖ref‖, over out and over the final state):
-//   kRefTol   = 1e-5  either path against the float64 reference (worst seen: 3.5e-6, d_k = 1);
+//   kRefTol   = 1e-5  either path against the float64 reference (worst of 1000 cases: 3.6e-6);
 //   kPathTol  = 1e-5  chunked against recurrent (spec §7.4: "about 1e-5");
 //   kSplitTol = 1e-5  a sequence in several calls against one call;
 //   kFixtureTol = 1e-4  both paths against the fixture's float64 result.
@@ -135,7 +136,9 @@ TEST_CASE("gated delta: both paths match the float64 reference and each other on
     sh.Hv = sh.Hk * pick(rng, {1, 2, 3});
     sh.dk = pick(rng, {3, 16, 33, 64, 128 / kScale});
     sh.dv = pick(rng, {5, 16, 40, 128 / kScale});
-    const std::int64_t chunk = pick(rng, {16, 32, 64});
+    // The spec's chunks, and now and then odd ones (1 token, not whole SIMD batches). Chunks far
+    // longer than 64 lose accuracy (one substitution over hundreds of rows: ~1e-5 at 300 tokens).
+    const std::int64_t chunk = c % 6 == 5 ? pick(rng, {1, 7, 20, 100}) : pick(rng, {16, 32, 64});
     sh.T = rng.integer(1, 200 / kScale);
     const float g_min = c % 4 == 3 ? -8.f : -1.f;              // now and then a strong decay
     const float state_scale = c % 5 == 4 ? 0.f : 0.5f;         // now and then a zero state
