@@ -128,6 +128,19 @@ inline std::int64_t padded(std::int64_t n) { return (n + kW - 1) / kW * kW; }
 // exp(x) for x <= 0 (positive x works too, until exp overflows), a batch at a time.
 inline Batch exp_batch(Batch x) { return simd::exp2_nonpositive(x * Batch(1.4426950408889634f)); }
 
+// Cache lines to fetch into L2 while the products run: a register tile asks for one every
+// kPrefetchEvery steps of its depth loop, so the requests trickle out between the arithmetic (a
+// burst of prefetches stalls as soon as the line fill buffers are busy, and so do the products'
+// own L2 reads behind it).
+struct LineQueue {
+  const float* const* next = nullptr;
+  const float* const* end = nullptr;
+  void drain() {
+    for (; next != end; ++next) __builtin_prefetch(*next, 0, 2);
+  }
+};
+inline constexpr std::int64_t kPrefetchEvery = 4;
+
 // What C starts from in gemm: C ← diag(row_scale) X + A B, or scale · X + A B without row_scale,
 // where X is `from` (row stride ld_from) or else C itself; scale 0 and no row_scale: C ← A B
 // (nothing is read).
@@ -142,7 +155,7 @@ struct GemmInit {
 // R·NV accumulators stay in registers; each step loads NV batches of B and broadcasts R of A.
 template <int R, int NV>
 inline void gemm_tile(const float* A, std::int64_t lda, const float* B, std::int64_t ldb, float* C, std::int64_t ldc,
-                      std::int64_t depth, GemmInit init) {
+                      std::int64_t depth, GemmInit init, LineQueue& lines) {
   Batch acc[R][NV];
   const bool read_c = init.row_scale != nullptr || init.scale != 0.f;
   for (int i = 0; i < R; ++i) {
@@ -151,6 +164,7 @@ inline void gemm_tile(const float* A, std::int64_t lda, const float* B, std::int
     for (int v = 0; v < NV; ++v) acc[i][v] = read_c ? Batch::load_unaligned(x + v * kW) * s : Batch(0.f);
   }
   for (std::int64_t p = 0; p < depth; ++p) {
+    if (p % kPrefetchEvery == 0 && lines.next != lines.end) __builtin_prefetch(*lines.next++, 0, 2);
     Batch b[NV];
     for (int v = 0; v < NV; ++v) b[v] = Batch::load_unaligned(B + p * ldb + v * kW);
     for (int i = 0; i < R; ++i) {
@@ -164,7 +178,7 @@ inline void gemm_tile(const float* A, std::int64_t lda, const float* B, std::int
 
 inline constexpr int kTileRows = 6, kTileBatches = 4;  // 24 accumulators of 32 registers (AVX-512)
 using TileFn = void (*)(const float*, std::int64_t, const float*, std::int64_t, float*, std::int64_t, std::int64_t,
-                        GemmInit);
+                        GemmInit, LineQueue&);
 template <int R>
 inline constexpr TileFn tile_row[kTileBatches] = {&gemm_tile<R, 1>, &gemm_tile<R, 2>, &gemm_tile<R, 3>, &gemm_tile<R, 4>};
 inline constexpr const TileFn* tile_table[kTileRows] = {tile_row<1>, tile_row<2>, tile_row<3>,
@@ -175,50 +189,11 @@ inline constexpr const TileFn* tile_table[kTileRows] = {tile_row<1>, tile_row<2>
 // row block stops its depth at its last row.
 enum class Tri { none, lower_cols, lower_depth };
 
-// Rows of memory whose cache lines are asked for in L2 a few at a time, between the register
-// tiles of the products: a burst of prefetches stalls as soon as the line fill buffers are busy,
-// while a few per tile overlap the arithmetic. Stream s: rows base[s] + r · stride[s] of lines[s]
-// cache lines, for r < n_rows, visited row by row. (Not a free function of its own: GCC's
-// pure-const analysis sees no side effect in a prefetch and deletes calls to one that only
-// prefetches; this one advances its cursor.)
-struct PrefetchQueue {
-  static constexpr int kMaxStreams = 6;
-  const float* base[kMaxStreams] = {};
-  std::int64_t stride[kMaxStreams] = {};
-  std::int64_t lines[kMaxStreams] = {};
-  bool write[kMaxStreams] = {};
-  int n_streams = 0;
-  std::int64_t n_rows = 0, r = 0, l = 0;
-  int s = 0;
-
-  void add(const float* p, std::int64_t row_stride, std::int64_t floats, bool for_write = false) {
-    base[n_streams] = p;
-    stride[n_streams] = row_stride;
-    lines[n_streams] = (floats * static_cast<std::int64_t>(sizeof(float)) + 63) / 64;
-    write[n_streams++] = for_write;
-  }
-  void issue(std::int64_t count) {
-    for (; count > 0 && r < n_rows; --count) {
-      const float* p = base[s] + r * stride[s] + l * (64 / static_cast<std::int64_t>(sizeof(float)));
-      if (write[s]) __builtin_prefetch(p, 1, 2);
-      else __builtin_prefetch(p, 0, 2);
-      if (++l == lines[s]) {
-        l = 0;
-        if (++s == n_streams) {
-          s = 0;
-          ++r;
-        }
-      }
-    }
-  }
-};
-
 // C[m, n] = init + A[m, depth] B[depth, n], row-major with leading dimensions; n a multiple of kW.
-// With a prefetch queue, `per_tile` of its lines are asked for after each register tile.
 // Column panels of kTileBatches batches outside, so a panel of B stays in L1 across row tiles.
 inline void gemm(std::int64_t m, std::int64_t n, std::int64_t depth, const float* A, std::int64_t lda, const float* B,
-                 std::int64_t ldb, float* C, std::int64_t ldc, GemmInit init = {}, Tri tri = Tri::none,
-                 PrefetchQueue* prefetch = nullptr, std::int64_t per_tile = 0) {
+                 std::int64_t ldb, float* C, std::int64_t ldc, LineQueue& lines, GemmInit init = {},
+                 Tri tri = Tri::none) {
   for (std::int64_t j0 = 0; j0 < n; j0 += kTileBatches * kW) {
     const std::int64_t nv = std::min<std::int64_t>(kTileBatches, (n - j0) / kW);
     for (std::int64_t i0 = tri == Tri::lower_cols ? j0 : 0; i0 < m; i0 += kTileRows) {
@@ -228,8 +203,7 @@ inline void gemm(std::int64_t m, std::int64_t n, std::int64_t depth, const float
       GemmInit in = init;
       if (in.row_scale) in.row_scale += i0;
       if (in.from) in.from += i0 * in.ld_from + j0;
-      tile_table[r - 1][nvb - 1](A + i0 * lda, lda, B + j0, ldb, C + i0 * ldc + j0, ldc, dep, in);
-      if (prefetch) prefetch->issue(per_tile);
+      tile_table[r - 1][nvb - 1](A + i0 * lda, lda, B + j0, ldb, C + i0 * ldc + j0, ldc, dep, in, lines);
     }
   }
 }
@@ -437,6 +411,30 @@ inline void substitute(const float* N, std::int64_t ldn, float* V, std::int64_t 
     fns[std::min<std::int64_t>(kBlock, (n - j0) / kW) - 1](N, ldn, V + j0, ldv, c);
 }
 
+// The cache lines of tokens [t, t + n) of head h (key head j) that a chunk reads (q, k, v, g,
+// beta) and writes (out), row by row, in a per-thread list; returned as a queue over it.
+inline LineQueue next_chunk_lines(ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, ConstView2<float> g,
+                                  ConstView2<float> beta, View3<float> out, std::int64_t h, std::int64_t j, std::int64_t t,
+                                  std::int64_t n) {
+  thread_local std::vector<const float*> list;
+  constexpr std::int64_t kLine = 64 / static_cast<std::int64_t>(sizeof(float));
+  const std::int64_t dk = q.shape[2], dv = v.shape[2];
+  list.clear();
+  list.reserve(static_cast<std::size_t>(std::max<std::int64_t>(n, 0) * (2 * (dk / kLine + 1) + 2 * (dv / kLine + 1) + 2)));
+  const auto add_row = [&](const float* p, std::int64_t floats) {
+    for (std::int64_t i = 0; i < floats; i += kLine) list.push_back(p + i);
+  };
+  for (std::int64_t r = 0; r < n; ++r) {
+    add_row(q.ptr(t + r, j), dk);
+    add_row(k.ptr(t + r, j), dk);
+    add_row(v.ptr(t + r, h), dv);
+    add_row(out.ptr(t + r, h), dv);
+    list.push_back(&g(t + r, h));
+    list.push_back(&beta(t + r, h));
+  }
+  return {list.data(), list.data() + list.size()};
+}
+
 // One value head, tokens [0, T), in chunks of opt.chunk tokens (spec §7.4). The pseudo-values are
 // computed as Ṽ = (I − L)^-1 diag(β) (V − diag(e^Γ) K̂ S), which equals U − W S without forming W
 // or M: one forward substitution. [Q; K] is one operand of the products with K^T and with S.
@@ -478,21 +476,11 @@ inline void chunked_head(ConstView3<float> q, ConstView3<float> k, ConstView3<fl
     // The next chunk's rows (q, k, v, g, beta to read, out to write) are fetched into L2 during
     // this chunk's products; the hardware prefetchers would not (each row is a short run in
     // another page), and a cold row costs a DRAM round trip.
-    PrefetchQueue next;
-    if (t0 + c < T) {
-      next.add(q.ptr(t0 + c, j), q.stride[0], dk);
-      next.add(k.ptr(t0 + c, j), k.stride[0], dk);
-      next.add(v.ptr(t0 + c, h), v.stride[0], dv);
-      next.add(out.ptr(t0 + c, h), out.stride[0], dv, true);
-      next.add(&g(t0 + c, h), g.stride[0], 1);
-      next.add(&beta(t0 + c, h), beta.stride[0], 1);
-      next.n_rows = std::min(b.C, T - t0 - c);
-    }
+    LineQueue lines = next_chunk_lines(q, k, v, g, beta, out, h, j, t0 + c, std::min(b.C, T - t0 - c));
     // G = [Q; K] K^T, lower parts only; P = [Q; K] S.
-    constexpr std::int64_t kLinesPerTile = 16;  // ~2200 lines over ~130 tiles at C = 64, d = 128
-    gemm(c, cp, dkp, b.qk, dkp, b.kt, Cp, b.G, Cp, {}, Tri::lower_cols, &next, kLinesPerTile);
-    gemm(c, cp, dkp, kq, dkp, b.kt, Cp, b.G + c * Cp, Cp, {}, Tri::lower_cols, &next, kLinesPerTile);
-    gemm(2 * c, dvp, dkp, b.qk, dkp, b.S, dvp, b.P, dvp, {}, Tri::none, &next, kLinesPerTile);
+    gemm(c, cp, dkp, b.qk, dkp, b.kt, Cp, b.G, Cp, lines, {}, Tri::lower_cols);
+    gemm(c, cp, dkp, kq, dkp, b.kt, Cp, b.G + c * Cp, Cp, lines, {}, Tri::lower_cols);
+    gemm(2 * c, dvp, dkp, b.qk, dkp, b.S, dvp, b.P, dvp, lines);
     // A_rs = (q̂_r·k̂_s) D_rs for s <= r and N_rs = β_r (k̂_r·k̂_s) D_rs for s < r (so I − L = I + N),
     // D_rs = exp(Γ_r − Γ_s); A is zero elsewhere up to Cp (the products read whole batches).
     for (std::int64_t r = 0; r < c; ++r) {
@@ -521,18 +509,17 @@ inline void chunked_head(ConstView3<float> q, ConstView3<float> k, ConstView3<fl
     // O = diag(e^Γ) Q̂ S + A Ṽ: straight into out when its rows are whole batches, else into the
     // top half of P and copied.
     if (dv == dvp) {
-      gemm(c, dvp, c, b.A, Cp, b.V, dvp, out.ptr(t0, h), out.stride[0], {b.eg, 0.f, b.P, dvp}, Tri::lower_depth, &next,
-           kLinesPerTile);
+      gemm(c, dvp, c, b.A, Cp, b.V, dvp, out.ptr(t0, h), out.stride[0], lines, {b.eg, 0.f, b.P, dvp}, Tri::lower_depth);
     } else {
-      gemm(c, dvp, c, b.A, Cp, b.V, dvp, b.P, dvp, {b.eg, 0.f}, Tri::lower_depth, &next, kLinesPerTile);
+      gemm(c, dvp, c, b.A, Cp, b.V, dvp, b.P, dvp, lines, {b.eg, 0.f}, Tri::lower_depth);
       for (std::int64_t r = 0; r < c; ++r) std::copy(b.P + r * dvp, b.P + r * dvp + dv, out.ptr(t0 + r, h));
     }
     // S ← e^Γ_c S + (diag(e^(Γ_c − Γ)) K̂)^T Ṽ.
     for (std::int64_t i = 0; i < dk; ++i)
       for (std::int64_t r = 0; r < cp; r += kW)
         (Batch::load_aligned(b.kt + i * Cp + r) * Batch::load_aligned(b.edec + r)).store_aligned(b.kt + i * Cp + r);
-    gemm(dk, dvp, c, b.kt, Cp, b.V, dvp, b.S, dvp, {nullptr, b.eg[c - 1]}, Tri::none, &next, kLinesPerTile);
-    next.issue(next.n_rows * 64);  // whatever is left (small shapes have few tiles)
+    gemm(dk, dvp, c, b.kt, Cp, b.V, dvp, b.S, dvp, lines, {nullptr, b.eg[c - 1]});
+    lines.drain();  // whatever is left (small shapes have short products)
   }
   for (std::int64_t i = 0; i < dk; ++i) std::copy(b.S + i * dvp, b.S + i * dvp + dv, S_io + i * ss);
 }
