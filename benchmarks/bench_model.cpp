@@ -13,6 +13,11 @@
 // random bf16 weights) pairs with a one-step model of the same shape ("ouro-1.4b-1step"):
 // per_step_vs_base = vs_plain x steps, 1.0 when looping adds nothing beyond the layers' own
 // cost; decode's GBps counts every weight once per step.
+// The Qwen3.5-style hybrid (model/hybrid/...: Qwen3-0.6B dimensions, 21 Gated DeltaNet layers of
+// 16 key / 16 value heads of 128 and 7 gated full-attention layers) pairs with plain Qwen3-0.6B.
+// model/{plain,hybrid}/decode_context decodes after 512 and after 8192 tokens of context, step
+// for step alternately, and reports ctx_ratio = median(step time at 512 / step time at 8192):
+// a linear-time mixer keeps it near 1, full attention reads a KV cache 16x longer.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -45,6 +50,8 @@ const model::Qwen3Model& qwen3_0_6b(const std::string& variant = "plain") {
     } else if (variant.rfind("attnres-", 0) == 0) {
       j = model::open_attnres_0_6b_config(variant != "attnres-base");
       if (variant == "attnres-full") j["attnres_mode"] = "full";
+    } else if (variant == "hybrid") {
+      j = model::hybrid_0_6b_config();
     } else if (variant.rfind("ouro-1.4b", 0) == 0) {
       j = model::ouro_1_4b_config();
       if (variant == "ouro-1.4b-1step") j["total_ut_steps"] = 1;
@@ -176,6 +183,61 @@ void BM_model_decode(benchmark::State& state, model::CacheType kv, std::string v
   report_pairs(state, pairs, m.passes());
 }
 
+// Decode after a short and a long context, alternately step for step (same model, two sessions).
+void BM_model_decode_context(benchmark::State& state, model::CacheType kv, std::string variant) {
+  const auto& m = qwen3_0_6b(variant);
+  const std::int64_t short_ctx = 512, long_ctx = state.range(0);
+  const int threads = static_cast<int>(state.range(1));
+  const std::int64_t V = m.config().vocab_size;
+  std::vector<float> logits(static_cast<std::size_t>(V));
+  model::ForwardOptions fo;
+  fo.logits = model::LogitsRows::last;
+  fo.num_threads = threads;
+  struct Stream {
+    model::Session s;
+    std::int64_t next = 0;
+  };
+  const auto start = [&](std::int64_t T) {
+    Stream st{m.new_session({kv, T + 256})};
+    const auto ids = prompt(T, V);
+    fo.precision = Precision::fast;
+    for (std::int64_t p = 0; p < T; p += 2048) {  // chunked prefill bounds the activations
+      const std::int64_t n = std::min<std::int64_t>(2048, T - p);
+      m.forward(st.s, std::span<const std::int64_t>(ids.data() + p, static_cast<std::size_t>(n)),
+                View2<float>(logits.data(), {1, V}), fo);
+    }
+    fo.precision = Precision::exact;
+    for (int warm = 0; warm < 2; ++warm) {  // untimed: first steps fault in fresh cache pages
+      st.next = ops::argmax(logits.data(), V);
+      m.forward(st.s, std::span<const std::int64_t>(&st.next, 1), View2<float>(logits.data(), {1, V}), fo);
+    }
+    st.next = ops::argmax(logits.data(), V);
+    return st;
+  };
+  const auto step = [&](Stream& st) {
+    const auto t0 = clk::now();
+    m.forward(st.s, std::span<const std::int64_t>(&st.next, 1), View2<float>(logits.data(), {1, V}), fo);
+    const double sec = seconds_since(t0);
+    st.next = ops::argmax(logits.data(), V);
+    return sec;
+  };
+  Stream near = start(short_ctx), far = start(long_ctx);
+  bench::Paired pairs;  // "variant" = the long context, "plain" = the short one
+  double total_long = 0, total_short = 0;
+  for (auto _ : state) {
+    const double s_short = step(near);
+    const double s_long = step(far);
+    pairs.add(s_long, s_short);
+    state.SetIterationTime(s_long);
+    total_long += s_long;
+    total_short += s_short;
+  }
+  const double iters = static_cast<double>(state.iterations());
+  state.counters["tok_s_512"] = iters / total_short;
+  state.counters["tok_s_long"] = iters / total_long;
+  state.counters["ctx_ratio"] = pairs.speed_ratio();
+}
+
 template <class F, class... A>
 void add(const char* name, int iterations, F fn, A... args) {
   benchmark::RegisterBenchmark(name, fn, args...)
@@ -203,6 +265,14 @@ const bool registered = [] {
       ->ArgNames({"T", "threads"})->Args({512, 2})->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(2);
   benchmark::RegisterBenchmark("model/ouro-1.4b/decode/bf16/kv:f32", BM_model_decode, model::CacheType::f32, std::string("ouro-1.4b"))
       ->ArgNames({"T", "threads"})->Args({512, 2})->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(8);
+  add("model/hybrid/prefill/bf16/exact", 3, BM_model_prefill, Precision::exact, std::string("hybrid"));
+  add("model/hybrid/decode/bf16/kv:f32", 32, BM_model_decode, model::CacheType::f32, std::string("hybrid"));
+  for (const auto kv : {model::CacheType::f32, model::CacheType::bf16})
+    for (const char* v : {"plain", "hybrid"})
+      benchmark::RegisterBenchmark((std::string("model/") + v + "/decode_context/bf16/kv:" +
+                                    (kv == model::CacheType::f32 ? "f32" : "bf16")).c_str(),
+                                   BM_model_decode_context, kv, std::string(v))
+          ->ArgNames({"T", "threads"})->Args({8192, 2})->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(16);
   for (const char* v : {"attnres-block", "attnres-full"}) {
     const std::string n = std::string("model/") + v;
     add((n + "/prefill/bf16/exact").c_str(), 3, BM_model_prefill, Precision::exact, std::string(v));

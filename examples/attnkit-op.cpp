@@ -351,7 +351,7 @@ void run_gated_norm(Run& r) {
 }
 
 const std::vector<OptionSpec> kModeOptions{
-    {"--mode", "auto|chunked|recurrent", "path (auto: recurrent for T <= 16, else chunked)"},
+    {"--mode", "auto|chunked|recurrent", "path (auto: recurrent for short inputs, else chunked)"},
     {"--chunk", "N", "chunk length of the chunked path (default 64)"}};
 
 std::vector<OptionSpec> join(std::vector<OptionSpec> a, const std::vector<OptionSpec>& b) {

@@ -163,7 +163,9 @@ inline void depth_softmax(float* w, std::int64_t n) {
 
 // Asks for the cache lines of row t of s (a row of D = 1024 floats is one 4 KiB page: the
 // hardware prefetchers stop at page boundaries, so each source row would otherwise start cold).
-inline void prefetch_row(const DepthSource& s, std::int64_t t, std::int64_t D) {
+// Always inlined: GCC deems a function whose only effect is prefetching side-effect free and
+// deletes calls to it that it does not inline.
+[[gnu::always_inline]] inline void prefetch_row(const DepthSource& s, std::int64_t t, std::int64_t D) {
   const char* p = s.f32 ? reinterpret_cast<const char*>(s.f32 + t * s.row_stride)
                         : reinterpret_cast<const char*>(s.b16 + t * s.row_stride);
   const std::int64_t bytes = D * static_cast<std::int64_t>(s.element_bytes());
@@ -175,7 +177,7 @@ struct TileRows {
   std::span<const DepthSource> src;
   std::int64_t t0 = 0, t1 = 0;
   std::int64_t count() const { return static_cast<std::int64_t>(src.size()) * (t1 - t0); }
-  void prefetch(std::int64_t i, std::int64_t D) const {
+  [[gnu::always_inline]] void prefetch(std::int64_t i, std::int64_t D) const {
     if (i < count()) prefetch_row(src[static_cast<std::size_t>(i / (t1 - t0))], t0 + i % (t1 - t0), D);
   }
 };
