@@ -123,52 +123,59 @@ void BM_model_prefill(benchmark::State& state, Precision precision, std::string 
   report_pairs(state, pairs, m.passes());
 }
 
-// Decode: after a prefill of `T` tokens (untimed), each iteration decodes one token (and one
-// of the plain model, for a variant).
+// A decoding session of one model: prefilled with `prompt_len` random ids (untimed, in chunks
+// of 2048 so the activations stay small, Precision::fast: a one-token step is bandwidth bound
+// either way), then one untimed decode step, since the first step after a long prefill can
+// stall on the kernel faulting in and zeroing fresh cache pages (seen up to 7x a steady step at
+// 1.4B x 4 steps); step() then times one greedy decode step.
+struct DecodeStream {
+  const model::Qwen3Model& m;
+  model::Session s;
+  model::ForwardOptions fo;
+  std::vector<float> logits;
+  std::int64_t next = 0;
+
+  DecodeStream(const model::Qwen3Model& mm, model::CacheType kv, std::int64_t prompt_len, int threads)
+      : m(mm), s(mm.new_session({kv, prompt_len + 4096})), logits(static_cast<std::size_t>(mm.config().vocab_size)) {
+    const std::int64_t V = m.config().vocab_size;
+    const auto ids = prompt(prompt_len, V);
+    fo.logits = model::LogitsRows::last;
+    fo.num_threads = threads;
+    fo.precision = Precision::fast;
+    for (std::int64_t p = 0; p < prompt_len; p += 2048) {
+      const std::int64_t n = std::min<std::int64_t>(2048, prompt_len - p);
+      m.forward(s, std::span<const std::int64_t>(ids.data() + p, static_cast<std::size_t>(n)), out(), fo);
+    }
+    fo.precision = Precision::exact;
+    next = ops::argmax(logits.data(), V);
+    step();
+  }
+  View2<float> out() { return View2<float>(logits.data(), {1, m.config().vocab_size}); }
+  double step() {
+    const auto t0 = clk::now();
+    m.forward(s, std::span<const std::int64_t>(&next, 1), out(), fo);
+    const double sec = seconds_since(t0);
+    next = ops::argmax(logits.data(), m.config().vocab_size);
+    return sec;
+  }
+};
+
+// Decode after a prompt of `T` tokens: each iteration decodes one token (and one of the plain
+// model, for a variant).
 void BM_model_decode(benchmark::State& state, model::CacheType kv, std::string variant) {
   const auto& m = qwen3_0_6b(variant);
   const std::string base_name = base_of(variant);
   const bool paired = !base_name.empty();
-  const auto& plain = qwen3_0_6b(paired ? base_name : variant);
   const std::int64_t T = state.range(0);
   const int threads = static_cast<int>(state.range(1));
-  const std::int64_t V = m.config().vocab_size;
-  const auto ids = prompt(T, V);
-  std::vector<float> logits(static_cast<std::size_t>(V));
-  model::ForwardOptions fo;
-  fo.logits = model::LogitsRows::last;
-  fo.num_threads = threads;
-  struct Stream {
-    model::Session s;
-    std::int64_t next = 0;
-  };
-  const auto start = [&](const model::Qwen3Model& mm) {
-    Stream st{mm.new_session({kv, T + 4096})};
-    fo.precision = Precision::fast;  // prefill only; a one-token step is bandwidth bound either way
-    mm.forward(st.s, ids, View2<float>(logits.data(), {1, V}), fo);
-    fo.precision = Precision::exact;
-    st.next = ops::argmax(logits.data(), V);
-    // One untimed decode step: the first step after a long prefill can stall on the kernel
-    // faulting in and zeroing fresh cache pages (seen up to 7x a steady step at 1.4B x 4 steps);
-    // the benchmark measures the steady state.
-    mm.forward(st.s, std::span<const std::int64_t>(&st.next, 1), View2<float>(logits.data(), {1, V}), fo);
-    st.next = ops::argmax(logits.data(), V);
-    return st;
-  };
-  const auto step = [&](const model::Qwen3Model& mm, Stream& st) {
-    const auto t0 = clk::now();
-    mm.forward(st.s, std::span<const std::int64_t>(&st.next, 1), View2<float>(logits.data(), {1, V}), fo);
-    const double sec = seconds_since(t0);
-    st.next = ops::argmax(logits.data(), V);
-    return sec;
-  };
-  Stream mine = start(m);
-  Stream base = paired ? start(plain) : Stream{};
+  DecodeStream mine(m, kv, T, threads);
+  std::unique_ptr<DecodeStream> base;
+  if (paired) base = std::make_unique<DecodeStream>(qwen3_0_6b(base_name), kv, T, threads);
   bench::Paired pairs;
   double total = 0;
   for (auto _ : state) {
-    const double plain_s = paired ? step(plain, base) : 0.0;
-    const double s = step(m, mine);
+    const double plain_s = paired ? base->step() : 0.0;
+    const double s = mine.step();
     if (paired) pairs.add(s, plain_s);
     state.SetIterationTime(s);
     total += s;
@@ -183,50 +190,17 @@ void BM_model_decode(benchmark::State& state, model::CacheType kv, std::string v
   report_pairs(state, pairs, m.passes());
 }
 
-// Decode after a short and a long context, alternately step for step (same model, two sessions).
+// Decode after a short (512) and a long (T) context, alternately step for step (same model, two
+// sessions); ctx_ratio = median(step time at 512 / step time at T).
 void BM_model_decode_context(benchmark::State& state, model::CacheType kv, std::string variant) {
   const auto& m = qwen3_0_6b(variant);
-  const std::int64_t short_ctx = 512, long_ctx = state.range(0);
   const int threads = static_cast<int>(state.range(1));
-  const std::int64_t V = m.config().vocab_size;
-  std::vector<float> logits(static_cast<std::size_t>(V));
-  model::ForwardOptions fo;
-  fo.logits = model::LogitsRows::last;
-  fo.num_threads = threads;
-  struct Stream {
-    model::Session s;
-    std::int64_t next = 0;
-  };
-  const auto start = [&](std::int64_t T) {
-    Stream st{m.new_session({kv, T + 256})};
-    const auto ids = prompt(T, V);
-    fo.precision = Precision::fast;
-    for (std::int64_t p = 0; p < T; p += 2048) {  // chunked prefill bounds the activations
-      const std::int64_t n = std::min<std::int64_t>(2048, T - p);
-      m.forward(st.s, std::span<const std::int64_t>(ids.data() + p, static_cast<std::size_t>(n)),
-                View2<float>(logits.data(), {1, V}), fo);
-    }
-    fo.precision = Precision::exact;
-    for (int warm = 0; warm < 2; ++warm) {  // untimed: first steps fault in fresh cache pages
-      st.next = ops::argmax(logits.data(), V);
-      m.forward(st.s, std::span<const std::int64_t>(&st.next, 1), View2<float>(logits.data(), {1, V}), fo);
-    }
-    st.next = ops::argmax(logits.data(), V);
-    return st;
-  };
-  const auto step = [&](Stream& st) {
-    const auto t0 = clk::now();
-    m.forward(st.s, std::span<const std::int64_t>(&st.next, 1), View2<float>(logits.data(), {1, V}), fo);
-    const double sec = seconds_since(t0);
-    st.next = ops::argmax(logits.data(), V);
-    return sec;
-  };
-  Stream near = start(short_ctx), far = start(long_ctx);
+  DecodeStream near(m, kv, 512, threads), far(m, kv, state.range(0), threads);
   bench::Paired pairs;  // "variant" = the long context, "plain" = the short one
   double total_long = 0, total_short = 0;
   for (auto _ : state) {
-    const double s_short = step(near);
-    const double s_long = step(far);
+    const double s_short = near.step();
+    const double s_long = far.step();
     pairs.add(s_long, s_short);
     state.SetIterationTime(s_long);
     total_long += s_long;

@@ -29,6 +29,7 @@
 #include "attnkit/attention/merge.hpp"
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/error.hpp"
+#include "attnkit/core/memory.hpp"
 #include "attnkit/core/simd.hpp"
 #include "attnkit/core/threading.hpp"
 #include "attnkit/core/view.hpp"
@@ -62,33 +63,13 @@ inline constexpr bool uses_pairs_v =
     false;
 #endif
 
-// Grow-only 64-byte aligned float scratch, one per thread, reused across calls.
-class Scratch {
- public:
-  float* get(std::int64_t n) {
-    if (n > capacity_) {
-      const std::int64_t cap = round_up16(std::max<std::int64_t>(n, capacity_ * 3 / 2));
-      data_.reset(static_cast<float*>(std::aligned_alloc(64, static_cast<std::size_t>(cap) * sizeof(float))));
-      if (!data_) throw std::bad_alloc();
-      capacity_ = cap;
-    }
-    return data_.get();
-  }
-
- private:
-  struct Free {
-    void operator()(float* p) const { std::free(p); }
-  };
-  std::unique_ptr<float, Free> data_;
-  std::int64_t capacity_ = 0;
-};
-
-inline Scratch& item_scratch() {
-  thread_local Scratch s;
+// One per thread, reused across calls.
+inline GrowScratch& item_scratch() {
+  thread_local GrowScratch s;
   return s;
 }
-inline Scratch& partial_scratch() {
-  thread_local Scratch s;
+inline GrowScratch& partial_scratch() {
+  thread_local GrowScratch s;
   return s;
 }
 

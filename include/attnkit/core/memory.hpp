@@ -11,6 +11,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <algorithm>
 #include <memory>
 #include <new>
 #include <string>
@@ -43,6 +44,27 @@ inline void* allocate_aligned(std::size_t bytes) {
 inline std::shared_ptr<void> allocate_aligned_shared(std::size_t bytes) {
   return std::shared_ptr<void>(allocate_aligned(bytes), [](void* p) { std::free(p); });
 }
+
+// Grow-only aligned float scratch (kernels keep one per thread in a thread_local and reuse it
+// across calls, so a steady stream of calls allocates nothing). Grows by at least half its size.
+class GrowScratch {
+ public:
+  float* get(std::int64_t n) {
+    if (n > capacity_) {
+      const std::int64_t cap = std::max<std::int64_t>(n, capacity_ + capacity_ / 2);
+      data_.reset(static_cast<float*>(allocate_aligned(static_cast<std::size_t>(cap) * sizeof(float))));
+      capacity_ = cap;
+    }
+    return data_.get();
+  }
+
+ private:
+  struct Free {
+    void operator()(float* p) const { std::free(p); }
+  };
+  std::unique_ptr<float, Free> data_;
+  std::int64_t capacity_ = 0;
+};
 
 // Bytes of memory the system can still hand out without swapping (Linux: MemAvailable of
 // /proc/meminfo); 0 when unknown (then nothing is checked).

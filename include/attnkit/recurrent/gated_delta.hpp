@@ -208,27 +208,9 @@ inline void gemm(std::int64_t m, std::int64_t n, std::int64_t depth, const float
   }
 }
 
-// Grow-only 64-byte aligned scratch, one per thread, reused across calls and heads.
-class Scratch {
- public:
-  float* get(std::int64_t n) {
-    if (n > capacity_) {
-      data_.reset(static_cast<float*>(allocate_aligned(static_cast<std::size_t>(n) * sizeof(float))));
-      capacity_ = n;
-    }
-    return data_.get();
-  }
-
- private:
-  struct Free {
-    void operator()(float* p) const { std::free(p); }
-  };
-  std::unique_ptr<float, Free> data_;
-  std::int64_t capacity_ = 0;
-};
-
-inline Scratch& thread_scratch() {
-  thread_local Scratch s;
+// One per thread, reused across calls and heads.
+inline GrowScratch& thread_scratch() {
+  thread_local GrowScratch s;
   return s;
 }
 
