@@ -141,8 +141,8 @@ inline void put_scores(const ItemState& st, std::int64_t g, int i0, __m512 sc, b
 // Scores of keys [0, n) of a block against heads [g0, g1), K slices [s0, s0 + NK) (16 floats
 // each): per head, the query slices stay in registers and 16 keys are reduced together. Lanes
 // past n reuse the last row (in bounds) and are masked out by the softmax.
-template <int NK, class KV>
-inline void scores_group(const KV* k0, std::int64_t kstride, int n, const ItemState& st, std::int64_t g0,
+template <int NK, class Rows>
+inline void scores_group(const Rows& k0, int n, const ItemState& st, std::int64_t g0,
                          std::int64_t g1, std::int64_t dk, std::int64_t dk_pad, std::int64_t s0, bool add) {
   const __mmask16 last = tail_mask(dk - (s0 + NK - 1) * 16);
   for (std::int64_t g = g0; g < g1; ++g) {
@@ -153,7 +153,7 @@ inline void scores_group(const KV* k0, std::int64_t kstride, int n, const ItemSt
       __m512 acc[16];
 #pragma GCC unroll 16
       for (int r = 0; r < 16; ++r) {
-        const KV* kr = k0 + std::min(i0 + r, n - 1) * kstride + s0 * 16;
+        const auto* kr = k0(std::min(i0 + r, n - 1)) + s0 * 16;
         acc[r] = _mm512_mul_ps(q[0], load16(kr, NK == 1 ? last : __mmask16(0xffff)));
 #pragma GCC unroll 8
         for (int s = 1; s < NK; ++s)
@@ -164,21 +164,21 @@ inline void scores_group(const KV* k0, std::int64_t kstride, int n, const ItemSt
   }
 }
 
-template <class KV>
-inline void scores_block(const KV* k0, std::int64_t kstride, int n, const ItemState& st, std::int64_t g0,
+template <class Rows>
+inline void scores_block(const Rows& k0, int n, const ItemState& st, std::int64_t g0,
                          std::int64_t g1, std::int64_t dk, std::int64_t dk_pad) {
   const std::int64_t nks = dk_pad / 16;
   for (std::int64_t s0 = 0; s0 < nks; s0 += 8) {
     const bool add = s0 > 0;
     switch (std::min<std::int64_t>(8, nks - s0)) {
-      case 1: scores_group<1>(k0, kstride, n, st, g0, g1, dk, dk_pad, s0, add); break;
-      case 2: scores_group<2>(k0, kstride, n, st, g0, g1, dk, dk_pad, s0, add); break;
-      case 3: scores_group<3>(k0, kstride, n, st, g0, g1, dk, dk_pad, s0, add); break;
-      case 4: scores_group<4>(k0, kstride, n, st, g0, g1, dk, dk_pad, s0, add); break;
-      case 5: scores_group<5>(k0, kstride, n, st, g0, g1, dk, dk_pad, s0, add); break;
-      case 6: scores_group<6>(k0, kstride, n, st, g0, g1, dk, dk_pad, s0, add); break;
-      case 7: scores_group<7>(k0, kstride, n, st, g0, g1, dk, dk_pad, s0, add); break;
-      default: scores_group<8>(k0, kstride, n, st, g0, g1, dk, dk_pad, s0, add); break;
+      case 1: scores_group<1>(k0, n, st, g0, g1, dk, dk_pad, s0, add); break;
+      case 2: scores_group<2>(k0, n, st, g0, g1, dk, dk_pad, s0, add); break;
+      case 3: scores_group<3>(k0, n, st, g0, g1, dk, dk_pad, s0, add); break;
+      case 4: scores_group<4>(k0, n, st, g0, g1, dk, dk_pad, s0, add); break;
+      case 5: scores_group<5>(k0, n, st, g0, g1, dk, dk_pad, s0, add); break;
+      case 6: scores_group<6>(k0, n, st, g0, g1, dk, dk_pad, s0, add); break;
+      case 7: scores_group<7>(k0, n, st, g0, g1, dk, dk_pad, s0, add); break;
+      default: scores_group<8>(k0, n, st, g0, g1, dk, dk_pad, s0, add); break;
     }
   }
 }
@@ -228,8 +228,8 @@ inline void softmax_block(int n, const ItemState& st, std::int64_t g) {
 
 // o[g] = alpha[g] * o[g] + Σ_i p[g][i] v_i for V slices [s0, s0 + NV) and heads g0, g0 + 1
 // (GT of them): each V slice is loaded once per key and used by both heads.
-template <int NV, int GT, class KV>
-inline void accumulate_group(const KV* v0, std::int64_t vstride, int n, const ItemState& st, float* o,
+template <int NV, int GT, class Rows>
+inline void accumulate_group(const Rows& v0, int n, const ItemState& st, float* o,
                              std::int64_t g0, std::int64_t dv, std::int64_t dv_pad, std::int64_t s0) {
   const __mmask16 last = tail_mask(dv - (s0 + NV - 1) * 16);
   __m512 acc[GT][NV];
@@ -240,7 +240,7 @@ inline void accumulate_group(const KV* v0, std::int64_t vstride, int n, const It
     for (int s = 0; s < NV; ++s) acc[t][s] = _mm512_mul_ps(alpha, _mm512_load_ps(o + (g0 + t) * dv_pad + (s0 + s) * 16));
   }
   for (int i = 0; i < n; ++i) {
-    const KV* vr = v0 + i * vstride + s0 * 16;
+    const auto* vr = v0(i) + s0 * 16;
     __m512 p[GT];
 #pragma GCC unroll 2
     for (int t = 0; t < GT; ++t) p[t] = _mm512_set1_ps(st.p[(g0 + t) * kBlock + i]);
@@ -257,30 +257,30 @@ inline void accumulate_group(const KV* v0, std::int64_t vstride, int n, const It
     for (int s = 0; s < NV; ++s) _mm512_store_ps(o + (g0 + t) * dv_pad + (s0 + s) * 16, acc[t][s]);
 }
 
-template <int GT, class KV>
-inline void accumulate_heads(const KV* v0, std::int64_t vstride, int n, const ItemState& st, float* o,
+template <int GT, class Rows>
+inline void accumulate_heads(const Rows& v0, int n, const ItemState& st, float* o,
                              std::int64_t g, std::int64_t dv, std::int64_t dv_pad) {
   const std::int64_t nvs = dv_pad / 16;
   for (std::int64_t s0 = 0; s0 < nvs; s0 += 8) {
     switch (std::min<std::int64_t>(8, nvs - s0)) {
-      case 1: accumulate_group<1, GT>(v0, vstride, n, st, o, g, dv, dv_pad, s0); break;
-      case 2: accumulate_group<2, GT>(v0, vstride, n, st, o, g, dv, dv_pad, s0); break;
-      case 3: accumulate_group<3, GT>(v0, vstride, n, st, o, g, dv, dv_pad, s0); break;
-      case 4: accumulate_group<4, GT>(v0, vstride, n, st, o, g, dv, dv_pad, s0); break;
-      case 5: accumulate_group<5, GT>(v0, vstride, n, st, o, g, dv, dv_pad, s0); break;
-      case 6: accumulate_group<6, GT>(v0, vstride, n, st, o, g, dv, dv_pad, s0); break;
-      case 7: accumulate_group<7, GT>(v0, vstride, n, st, o, g, dv, dv_pad, s0); break;
-      default: accumulate_group<8, GT>(v0, vstride, n, st, o, g, dv, dv_pad, s0); break;
+      case 1: accumulate_group<1, GT>(v0, n, st, o, g, dv, dv_pad, s0); break;
+      case 2: accumulate_group<2, GT>(v0, n, st, o, g, dv, dv_pad, s0); break;
+      case 3: accumulate_group<3, GT>(v0, n, st, o, g, dv, dv_pad, s0); break;
+      case 4: accumulate_group<4, GT>(v0, n, st, o, g, dv, dv_pad, s0); break;
+      case 5: accumulate_group<5, GT>(v0, n, st, o, g, dv, dv_pad, s0); break;
+      case 6: accumulate_group<6, GT>(v0, n, st, o, g, dv, dv_pad, s0); break;
+      case 7: accumulate_group<7, GT>(v0, n, st, o, g, dv, dv_pad, s0); break;
+      default: accumulate_group<8, GT>(v0, n, st, o, g, dv, dv_pad, s0); break;
     }
   }
 }
 
-template <class KV>
-inline void accumulate_block(const KV* v0, std::int64_t vstride, int n, const ItemState& st, float* o,
+template <class Rows>
+inline void accumulate_block(const Rows& v0, int n, const ItemState& st, float* o,
                              std::int64_t g0, std::int64_t g1, std::int64_t dv, std::int64_t dv_pad) {
   std::int64_t g = g0;
-  for (; g + 2 <= g1; g += 2) accumulate_heads<2>(v0, vstride, n, st, o, g, dv, dv_pad);
-  if (g < g1) accumulate_heads<1>(v0, vstride, n, st, o, g, dv, dv_pad);
+  for (; g + 2 <= g1; g += 2) accumulate_heads<2>(v0, n, st, o, g, dv, dv_pad);
+  if (g < g1) accumulate_heads<1>(v0, n, st, o, g, dv, dv_pad);
 }
 
 // bf16 K/V: a 64-byte load holds 32 values; shifting each 32-bit lane left by 16 widens the
@@ -298,8 +298,8 @@ inline void load_pair(const bf16* p, __mmask32 m, __m512& even, __m512& odd) {
 }
 
 // Pairs [p0, p0 + NP) of every key row in the block (d_k padded to 32 in qs); as scores_group.
-template <int NP>
-inline void scores_group_bf16(const bf16* k0, std::int64_t kstride, int n, const ItemState& st, std::int64_t g0,
+template <int NP, class Rows>
+inline void scores_group_bf16(const Rows& k0, int n, const ItemState& st, std::int64_t g0,
                               std::int64_t g1, std::int64_t dk, std::int64_t qs_pad, std::int64_t p0, bool add) {
   const __mmask32 last = tail_mask32(dk - (p0 + NP - 1) * 32);
   for (std::int64_t g = g0; g < g1; ++g) {
@@ -310,7 +310,7 @@ inline void scores_group_bf16(const bf16* k0, std::int64_t kstride, int n, const
       __m512 acc[16];
 #pragma GCC unroll 16
       for (int r = 0; r < 16; ++r) {
-        const bf16* kr = k0 + std::min(i0 + r, n - 1) * kstride + p0 * 32;
+        const auto* kr = k0(std::min(i0 + r, n - 1)) + p0 * 32;
         __m512 ev, od;
         load_pair(kr, NP == 1 ? last : __mmask32(0xffffffffu), ev, od);
         acc[r] = _mm512_fmadd_ps(q[1], od, _mm512_mul_ps(q[0], ev));
@@ -326,22 +326,23 @@ inline void scores_group_bf16(const bf16* k0, std::int64_t kstride, int n, const
   }
 }
 
-inline void scores_block_bf16(const bf16* k0, std::int64_t kstride, int n, const ItemState& st, std::int64_t g0,
+template <class Rows>
+inline void scores_block_bf16(const Rows& k0, int n, const ItemState& st, std::int64_t g0,
                               std::int64_t g1, std::int64_t dk, std::int64_t qs_pad) {
   const std::int64_t np = qs_pad / 32;
   for (std::int64_t p0 = 0; p0 < np; p0 += 4) {
     const bool add = p0 > 0;
     switch (std::min<std::int64_t>(4, np - p0)) {
-      case 1: scores_group_bf16<1>(k0, kstride, n, st, g0, g1, dk, qs_pad, p0, add); break;
-      case 2: scores_group_bf16<2>(k0, kstride, n, st, g0, g1, dk, qs_pad, p0, add); break;
-      case 3: scores_group_bf16<3>(k0, kstride, n, st, g0, g1, dk, qs_pad, p0, add); break;
-      default: scores_group_bf16<4>(k0, kstride, n, st, g0, g1, dk, qs_pad, p0, add); break;
+      case 1: scores_group_bf16<1>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
+      case 2: scores_group_bf16<2>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
+      case 3: scores_group_bf16<3>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
+      default: scores_group_bf16<4>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
     }
   }
 }
 
-template <int NP, int GT>
-inline void accumulate_group_bf16(const bf16* v0, std::int64_t vstride, int n, const ItemState& st, float* o,
+template <int NP, int GT, class Rows>
+inline void accumulate_group_bf16(const Rows& v0, int n, const ItemState& st, float* o,
                                   std::int64_t g0, std::int64_t dv, std::int64_t dv_pad, std::int64_t p0) {
   const __mmask32 last = tail_mask32(dv - (p0 + NP - 1) * 32);
   __m512 acc[GT][2 * NP];
@@ -353,7 +354,7 @@ inline void accumulate_group_bf16(const bf16* v0, std::int64_t vstride, int n, c
       acc[t][s] = _mm512_mul_ps(alpha, _mm512_load_ps(o + (g0 + t) * dv_pad + p0 * 32 + s * 16));
   }
   for (int i = 0; i < n; ++i) {
-    const bf16* vr = v0 + i * vstride + p0 * 32;
+    const auto* vr = v0(i) + p0 * 32;
     __m512 p[GT];
 #pragma GCC unroll 2
     for (int t = 0; t < GT; ++t) p[t] = _mm512_set1_ps(st.p[(g0 + t) * kBlock + i]);
@@ -374,25 +375,26 @@ inline void accumulate_group_bf16(const bf16* v0, std::int64_t vstride, int n, c
     for (int s = 0; s < 2 * NP; ++s) _mm512_store_ps(o + (g0 + t) * dv_pad + p0 * 32 + s * 16, acc[t][s]);
 }
 
-template <int GT>
-inline void accumulate_heads_bf16(const bf16* v0, std::int64_t vstride, int n, const ItemState& st, float* o,
+template <int GT, class Rows>
+inline void accumulate_heads_bf16(const Rows& v0, int n, const ItemState& st, float* o,
                                   std::int64_t g, std::int64_t dv, std::int64_t dv_pad) {
   const std::int64_t np = dv_pad / 32;
   for (std::int64_t p0 = 0; p0 < np; p0 += 4) {
     switch (std::min<std::int64_t>(4, np - p0)) {
-      case 1: accumulate_group_bf16<1, GT>(v0, vstride, n, st, o, g, dv, dv_pad, p0); break;
-      case 2: accumulate_group_bf16<2, GT>(v0, vstride, n, st, o, g, dv, dv_pad, p0); break;
-      case 3: accumulate_group_bf16<3, GT>(v0, vstride, n, st, o, g, dv, dv_pad, p0); break;
-      default: accumulate_group_bf16<4, GT>(v0, vstride, n, st, o, g, dv, dv_pad, p0); break;
+      case 1: accumulate_group_bf16<1, GT>(v0, n, st, o, g, dv, dv_pad, p0); break;
+      case 2: accumulate_group_bf16<2, GT>(v0, n, st, o, g, dv, dv_pad, p0); break;
+      case 3: accumulate_group_bf16<3, GT>(v0, n, st, o, g, dv, dv_pad, p0); break;
+      default: accumulate_group_bf16<4, GT>(v0, n, st, o, g, dv, dv_pad, p0); break;
     }
   }
 }
 
-inline void accumulate_block_bf16(const bf16* v0, std::int64_t vstride, int n, const ItemState& st, float* o,
+template <class Rows>
+inline void accumulate_block_bf16(const Rows& v0, int n, const ItemState& st, float* o,
                                   std::int64_t g0, std::int64_t g1, std::int64_t dv, std::int64_t dv_pad) {
   std::int64_t g = g0;
-  for (; g + 2 <= g1; g += 2) accumulate_heads_bf16<2>(v0, vstride, n, st, o, g, dv, dv_pad);
-  if (g < g1) accumulate_heads_bf16<1>(v0, vstride, n, st, o, g, dv, dv_pad);
+  for (; g + 2 <= g1; g += 2) accumulate_heads_bf16<2>(v0, n, st, o, g, dv, dv_pad);
+  if (g < g1) accumulate_heads_bf16<1>(v0, n, st, o, g, dv, dv_pad);
 }
 
 // Row of dv_pad (a multiple of 32) floats stored as (even, odd) pairs -> natural order.
@@ -421,11 +423,11 @@ inline void permute_query_pairs(float* qs, std::int64_t qs_pad) {
 #endif  // AVX-512
 
 // Portable block primitives (scalar + xsimd through core/simd.hpp), same structure.
-template <class KV>
-inline void scores_block_generic(const KV* k0, std::int64_t kstride, int n, const ItemState& st, std::int64_t g0,
+template <class Rows>
+inline void scores_block_generic(const Rows& k0, int n, const ItemState& st, std::int64_t g0,
                                  std::int64_t g1, std::int64_t dk, std::int64_t dk_pad) {
   for (int i = 0; i < n; ++i)
-    for (std::int64_t g = g0; g < g1; ++g) st.p[g * kBlock + i] = simd::dot(st.qs + g * dk_pad, k0 + i * kstride, dk);
+    for (std::int64_t g = g0; g < g1; ++g) st.p[g * kBlock + i] = simd::dot(st.qs + g * dk_pad, k0(i), dk);
 }
 
 inline void softmax_block_generic(int n, const ItemState& st, std::int64_t g) {
@@ -446,21 +448,50 @@ inline void softmax_block_generic(int n, const ItemState& st, std::int64_t g) {
   st.m[g] = m_new;
 }
 
-template <class KV>
-inline void accumulate_block_generic(const KV* v0, std::int64_t vstride, int n, const ItemState& st, float* o,
+template <class Rows>
+inline void accumulate_block_generic(const Rows& v0, int n, const ItemState& st, float* o,
                                      std::int64_t g0, std::int64_t g1, std::int64_t dv, std::int64_t dv_pad) {
   for (std::int64_t g = g0; g < g1; ++g) {
     float* og = o + g * dv_pad;
     simd::scale(st.alpha[g], og, dv);
-    for (int i = 0; i < n; ++i) simd::axpy(st.p[g * kBlock + i], v0 + i * vstride, og, dv);
+    for (int i = 0; i < n; ++i) simd::axpy(st.p[g * kBlock + i], v0(i), og, dv);
+  }
+}
+
+// Rows of one KV head, as the block primitives read them: consecutive positions of a cache...
+template <class KV>
+struct StridedRows {
+  const KV* base;
+  std::int64_t stride;
+  const KV* operator()(std::int64_t i) const { return base + i * stride; }
+};
+// ... or the positions a sparse selection lists (sparse/sparse_attention.hpp).
+template <class KV>
+struct GatheredRows {
+  const KV* base;
+  std::int64_t stride;
+  const std::int32_t* idx;
+  const KV* operator()(std::int64_t i) const { return base + static_cast<std::int64_t>(idx[i]) * stride; }
+};
+
+// Rows the next block will gather: a selection jumps around the cache, which the hardware
+// prefetcher cannot follow.
+template <class KV>
+inline void prefetch_rows(const GatheredRows<KV>& r, int n, std::int64_t row_elems) {
+  const std::int64_t bytes = row_elems * static_cast<std::int64_t>(sizeof(KV));
+  for (int i = 0; i < n; ++i) {
+    const char* p = reinterpret_cast<const char*>(r(i));
+    for (std::int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
   }
 }
 
 // One work item: keys [t0, t1) of KV head j for its query heads [g0, g1) (local indices within
-// the group). Writes the normalised partial output o_part[g] (row stride dv_pad) and its lse.
+// the group); with idx, the keys are the positions idx[t0 .. t1) instead. Writes the
+// normalised partial output o_part[g] (row stride dv_pad) and its lse.
 template <bool Vectorized, class KV>
 void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, std::int64_t j,
-                 std::int64_t g0, std::int64_t g1, std::int64_t t0, std::int64_t t1, float* o_part, float* lse_part) {
+                 std::int64_t g0, std::int64_t g1, std::int64_t t0, std::int64_t t1, float* o_part, float* lse_part,
+                 const std::int32_t* idx = nullptr) {
   const std::int64_t G = pb.G;
   float* base = item_scratch().get(G * pb.dk_pad + G * kBlock + 3 * G);
   const ItemState st{base, base + G * pb.dk_pad, base + G * (pb.dk_pad + kBlock), base + G * (pb.dk_pad + kBlock) + G,
@@ -478,26 +509,37 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
     std::fill(o_part + g * pb.dv_pad, o_part + (g + 1) * pb.dv_pad, 0.f);
   }
   const std::int64_t ks = k.stride[0], vs = v.stride[0];
-  for (std::int64_t b = t0; b < t1; b += kBlock) {
-    const int n = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - b));
-    const KV* k0 = k.ptr(b, j);
-    const KV* v0 = v.ptr(b, j);
+  auto block = [&](const auto& kr, const auto& vr, int n) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     if constexpr (uses_pairs_v<Vectorized, KV>) {
-      scores_block_bf16(k0, ks, n, st, g0, g1, pb.dk, pb.dk_pad);
+      scores_block_bf16(kr, n, st, g0, g1, pb.dk, pb.dk_pad);
       for (std::int64_t g = g0; g < g1; ++g) softmax_block(n, st, g);
-      accumulate_block_bf16(v0, vs, n, st, o_part, g0, g1, pb.dv, pb.dv_pad);
-      continue;
+      accumulate_block_bf16(vr, n, st, o_part, g0, g1, pb.dv, pb.dv_pad);
+      return;
     } else if constexpr (Vectorized) {
-      scores_block(k0, ks, n, st, g0, g1, pb.dk, pb.dk_pad);
+      scores_block(kr, n, st, g0, g1, pb.dk, pb.dk_pad);
       for (std::int64_t g = g0; g < g1; ++g) softmax_block(n, st, g);
-      accumulate_block(v0, vs, n, st, o_part, g0, g1, pb.dv, pb.dv_pad);
-      continue;
+      accumulate_block(vr, n, st, o_part, g0, g1, pb.dv, pb.dv_pad);
+      return;
     }
 #endif
-    scores_block_generic(k0, ks, n, st, g0, g1, pb.dk, pb.dk_pad);
+    scores_block_generic(kr, n, st, g0, g1, pb.dk, pb.dk_pad);
     for (std::int64_t g = g0; g < g1; ++g) softmax_block_generic(n, st, g);
-    accumulate_block_generic(v0, vs, n, st, o_part, g0, g1, pb.dv, pb.dv_pad);
+    accumulate_block_generic(vr, n, st, o_part, g0, g1, pb.dv, pb.dv_pad);
+  };
+  for (std::int64_t b = t0; b < t1; b += kBlock) {
+    const int n = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - b));
+    if (idx == nullptr) {
+      block(StridedRows<KV>{k.ptr(b, j), ks}, StridedRows<KV>{v.ptr(b, j), vs}, n);
+    } else {
+      const GatheredRows<KV> kr{k.ptr(0, j), ks, idx + b}, vr{v.ptr(0, j), vs, idx + b};
+      if (b + kBlock < t1) {
+        const int nn = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - b - kBlock));
+        prefetch_rows(GatheredRows<KV>{kr.base, ks, idx + b + kBlock}, nn, pb.dk);
+        prefetch_rows(GatheredRows<KV>{vr.base, vs, idx + b + kBlock}, nn, pb.dv);
+      }
+      block(kr, vr, n);
+    }
   }
   for (std::int64_t g = g0; g < g1; ++g) {
     const float l = st.l[g];
@@ -548,12 +590,12 @@ void validate(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<flo
                   opt.num_threads);
 }
 
+// The work of a validated call over T keys: positions 0 .. T-1 of k/v, or with idx the
+// positions idx[0 .. T) (a sparse selection).
 template <bool Vectorized, class KV>
-void run(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<float> out, const DecodeOptions& opt,
-         View1<float> lse) {
-  static_assert(is_storage_type_v<KV>, "attention_decode: K/V must be float or bf16");
-  validate(q, k, v, out, opt, lse);
-  const std::int64_t H = q.shape[0], dk = q.shape[1], T = k.shape[0], H_kv = k.shape[1], dv = v.shape[2];
+void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<float> out, const DecodeOptions& opt,
+                 View1<float> lse, std::int64_t T, const std::int32_t* idx) {
+  const std::int64_t H = q.shape[0], dk = q.shape[1], H_kv = k.shape[1], dv = v.shape[2];
   const std::int64_t G = H / H_kv;
   const std::int64_t hb = opt.heads.begin, he = opt.heads.resolve_end(H);
   if (hb == he) return;
@@ -582,7 +624,7 @@ void run(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<float> o
     const std::int64_t g0 = std::max(hb, j * G) - j * G, g1 = std::min(he, (j + 1) * G) - j * G;
     const std::int64_t t0 = c * chunk, t1 = std::min(T, t0 + chunk);
     chunk_state<Vectorized>(pb, q, k, v, j, g0, g1, t0, t1, part + (c * H + j * G) * pb.dv_pad,
-                            part_lse + c * H + j * G);
+                            part_lse + c * H + j * G, idx);
   }, /*dynamic=*/true);
 
   // Merge the chunk states of each head in chunk order (fixed, so bits do not depend on threads).
@@ -597,6 +639,14 @@ void run(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<float> o
       merge_state_inplace(o, l, part + (c * H + h) * pb.dv_pad, part_lse[c * H + h], dv);
     if (want_lse) lse(h) = l;
   });
+}
+
+template <bool Vectorized, class KV>
+void run(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<float> out, const DecodeOptions& opt,
+         View1<float> lse) {
+  static_assert(is_storage_type_v<KV>, "attention_decode: K/V must be float or bf16");
+  validate(q, k, v, out, opt, lse);
+  decode_keys<Vectorized>(q, k, v, out, opt, lse, k.shape[0], nullptr);
 }
 
 }  // namespace detail::decode

@@ -1,0 +1,243 @@
+// attnkit/sparse/indexer.hpp — DeepSeek's lightning indexer (spec §8.1): which keys each query
+// keeps for sparse attention.
+//
+//   score[t, s] = Σ_j w[t, j] · ReLU(index_q[t, j] · index_k[s])   for s <= p_t = q_offset + t
+//               = -inf                                              for s >  p_t
+//   indices[t]  = the top min(K, p_t + 1) keys s <= p_t by score (ties: lower index), ascending,
+//                 then -1 up to K (sparse/topk.hpp)
+//
+// Shapes: index_q [T, H_I, d_I], index_k [T_k, d_I] (one key head shared by every index head),
+// index_w [T, H_I], all f32, any strides with the last dimension contiguous; score [T, T_k] f32;
+// indices [T, K] int32 with K = indices.shape[1] >= 1. opt.q_offset = -1 puts the queries at
+// the end of the keys (q_offset = T_k - T); otherwise q_offset + T <= T_k. The head weights are
+// taken as given (the model folds H_I^-1/2 · d_I^-1/2 into them).
+//
+// indexer_topk is the model path: it computes the scores of a strip of queries at a time, key
+// block by key block (each block of index keys is read once per strip from cache and used by
+// every query of the strip), and selects per query; no T x T_k buffer exists. A query that sees
+// at most K keys keeps all of them without being scored. indexer_scores writes the whole matrix
+// (tests, tools, pictures). Both give bit-identical scores for any thread count and strip.
+// Arithmetic is f32: on AVX-512 each score is the index heads in vector lanes, summed by a
+// transpose tree; elsewhere a portable loop.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+
+#include "attnkit/attention/decode.hpp"
+#include "attnkit/core/error.hpp"
+#include "attnkit/core/memory.hpp"
+#include "attnkit/core/simd.hpp"
+#include "attnkit/core/threading.hpp"
+#include "attnkit/core/view.hpp"
+#include "attnkit/sparse/topk.hpp"
+
+namespace attnkit {
+
+struct IndexerOptions {
+  std::int64_t q_offset = -1;  // absolute position of query row 0; -1 -> T_k - T
+  int num_threads = 0;         // 0 -> OpenMP default
+};
+
+namespace detail::indexer {
+
+inline constexpr std::int64_t kKeyBlock = 512;  // index keys scored per work item (128 KiB at d_I 64)
+inline constexpr std::int64_t kStrip = 64;      // queries scored together in indexer_topk
+
+struct Shape {
+  std::int64_t T, T_k, H, d, H_pad, q_offset;
+};
+
+inline Shape validate(const char* fn, ConstView3<float> q, ConstView2<float> k, ConstView2<float> w,
+                      const IndexerOptions& opt) {
+  check_view(q, fn, "index_q");
+  check_view(k, fn, "index_k");
+  check_view(w, fn, "index_w");
+  const std::int64_t T = q.shape[0], H = q.shape[1], d = q.shape[2], T_k = k.shape[0];
+  ATTNKIT_REQUIRE(H >= 1 && d >= 1, fn, ": argument 'index_q': needs at least one head of dimension >= 1, got shape ",
+                  detail::shape_string(q));
+  ATTNKIT_REQUIRE(k.shape[1] == d, fn, ": argument 'index_k': dimension ", k.shape[1],
+                  " differs from index_q's head dimension ", d, " (index_k is [T_k, d_I], one key head)");
+  ATTNKIT_REQUIRE(w.shape[0] == T && w.shape[1] == H, fn, ": argument 'index_w': shape ", detail::shape_string(w),
+                  " must be [T, H_I] = [", T, ", ", H, "]");
+  ATTNKIT_REQUIRE(T_k <= INT32_MAX, fn, ": argument 'index_k': ", T_k, " keys exceed the int32 index range");
+  ATTNKIT_REQUIRE(opt.q_offset >= -1, fn, ": argument 'opt.q_offset': must be -1 (default) or >= 0, got ", opt.q_offset);
+  const std::int64_t off = opt.q_offset >= 0 ? opt.q_offset : T_k - T;
+  ATTNKIT_REQUIRE(off >= 0 && off + T <= T_k, fn, ": ", T, " queries at position ", off, " need ", off + T,
+                  " index keys, but index_k has ", T_k);
+  ATTNKIT_REQUIRE(opt.num_threads >= 0, fn, ": argument 'opt.num_threads': must be >= 0 (0 = default), got ",
+                  opt.num_threads);
+  return {T, T_k, H, d, (H + 15) / 16 * 16, off};
+}
+
+// One query, prepared: its index vectors transposed to [d][H_pad] (heads in lanes, zero padded)
+// and its head weights padded with zeros, so padded heads contribute 0.
+inline void prepare_query(const Shape& sh, ConstView3<float> q, ConstView2<float> w, std::int64_t t, float* qt, float* wp) {
+  for (std::int64_t e = 0; e < sh.d; ++e)
+    for (std::int64_t h = 0; h < sh.H_pad; ++h) qt[e * sh.H_pad + h] = h < sh.H ? q(t, h, e) : 0.f;
+  for (std::int64_t h = 0; h < sh.H_pad; ++h) wp[h] = h < sh.H ? w(t, h) : 0.f;
+}
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+// Head chunk [c0, c0 + 16·NH) of the scores of keys [s0, s1) (rows of index_k): NK keys at a time
+// share each loaded query column; 16 keys' per-lane terms are then summed by one transpose tree.
+template <int NH>
+inline void score_keys_chunk(const Shape& sh, const float* qt, const float* wp, std::int64_t c0, ConstView2<float> k,
+                             std::int64_t s0, std::int64_t s1, float* row, bool add) {
+  constexpr int NK = NH == 1 ? 16 : NH == 2 ? 8 : 4;
+  __m512 wv[NH];
+#pragma GCC unroll 4
+  for (int v = 0; v < NH; ++v) wv[v] = _mm512_loadu_ps(wp + c0 + 16 * v);
+  const __m512 zero = _mm512_setzero_ps();
+  for (std::int64_t s = s0; s < s1; s += 16) {
+    __m512 red[16];
+    for (int g = 0; g < 16; g += NK) {
+      const float* kr[NK];
+#pragma GCC unroll 16
+      for (int r = 0; r < NK; ++r) kr[r] = k.ptr(std::min(s + g + r, s1 - 1));
+      __m512 acc[NK][NH];
+#pragma GCC unroll 16
+      for (int r = 0; r < NK; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NH; ++v) acc[r][v] = zero;
+      for (std::int64_t e = 0; e < sh.d; ++e) {
+        __m512 qv[NH];
+#pragma GCC unroll 4
+        for (int v = 0; v < NH; ++v) qv[v] = _mm512_loadu_ps(qt + e * sh.H_pad + c0 + 16 * v);
+#pragma GCC unroll 16
+        for (int r = 0; r < NK; ++r) {
+          const __m512 kb = _mm512_set1_ps(kr[r][e]);
+#pragma GCC unroll 4
+          for (int v = 0; v < NH; ++v) acc[r][v] = _mm512_fmadd_ps(qv[v], kb, acc[r][v]);
+        }
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < NK; ++r) {
+        // max(0, x) with x second: a NaN dot product stays NaN (and is refused by the selection).
+        __m512 x = _mm512_mul_ps(wv[0], _mm512_max_ps(zero, acc[r][0]));
+#pragma GCC unroll 4
+        for (int v = 1; v < NH; ++v) x = _mm512_fmadd_ps(wv[v], _mm512_max_ps(zero, acc[r][v]), x);
+        red[g + r] = x;
+      }
+    }
+    const __m512 sc = detail::decode::reduce16(red);
+    const __mmask16 m = detail::decode::tail_mask(s1 - s);
+    float* dst = row + (s - s0);
+    _mm512_mask_storeu_ps(dst, m, add ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), sc) : sc);
+  }
+}
+#endif
+
+// row[s - s0] = score of key s for s in [s0, s1) (one prepared query).
+inline void score_keys(const Shape& sh, const float* qt, const float* wp, ConstView2<float> k, std::int64_t s0,
+                       std::int64_t s1, float* row) {
+  if (s1 <= s0) return;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+  for (std::int64_t c0 = 0; c0 < sh.H_pad; c0 += 64) {
+    const bool add = c0 > 0;
+    switch (std::min<std::int64_t>(4, (sh.H_pad - c0) / 16)) {
+      case 1: score_keys_chunk<1>(sh, qt, wp, c0, k, s0, s1, row, add); break;
+      case 2: score_keys_chunk<2>(sh, qt, wp, c0, k, s0, s1, row, add); break;
+      case 3: score_keys_chunk<3>(sh, qt, wp, c0, k, s0, s1, row, add); break;
+      default: score_keys_chunk<4>(sh, qt, wp, c0, k, s0, s1, row, add); break;
+    }
+  }
+#else
+  for (std::int64_t s = s0; s < s1; ++s) {
+    const float* kr = k.ptr(s);
+    float sum = 0.f;
+    for (std::int64_t h = 0; h < sh.H; ++h) {
+      float dot = 0.f;
+      for (std::int64_t e = 0; e < sh.d; ++e) dot += qt[e * sh.H_pad + h] * kr[e];
+      sum += wp[h] * std::max(dot, 0.f);
+    }
+    row[s - s0] = sum;
+  }
+#endif
+}
+
+inline GrowScratch& strip_scratch() {
+  thread_local GrowScratch s;
+  return s;
+}
+
+// Scores of queries [t0, t1) against every key each sees, into rows[t - t0][0 .. p_t] (row
+// stride ld): the prepared queries first, then work items of one key block for every query of
+// the strip that sees it.
+inline void score_strip(const Shape& sh, ConstView3<float> q, ConstView2<float> k, ConstView2<float> w, std::int64_t t0,
+                        std::int64_t t1, const std::vector<char>& wanted, float* rows, std::int64_t ld, float* prep,
+                        int threads) {
+  const std::int64_t per = sh.d * sh.H_pad + sh.H_pad;
+  for (std::int64_t t = t0; t < t1; ++t)
+    if (wanted[static_cast<std::size_t>(t - t0)]) prepare_query(sh, q, w, t, prep + (t - t0) * per, prep + (t - t0) * per + sh.d * sh.H_pad);
+  const std::int64_t last = sh.q_offset + t1 - 1;  // the furthest key any query of the strip sees
+  const std::int64_t n_blocks = last / kKeyBlock + 1;
+  parallel_for(n_blocks, threads, [&](std::int64_t b) {
+    const std::int64_t s0 = b * kKeyBlock;
+    for (std::int64_t t = t0; t < t1; ++t) {
+      if (!wanted[static_cast<std::size_t>(t - t0)]) continue;
+      const std::int64_t s1 = std::min(s0 + kKeyBlock, sh.q_offset + t + 1);
+      const float* qt = prep + (t - t0) * per;
+      score_keys(sh, qt, qt + sh.d * sh.H_pad, k, s0, s1, rows + (t - t0) * ld + s0);
+    }
+  }, /*dynamic=*/true);
+}
+
+}  // namespace detail::indexer
+
+// The full score matrix [T, T_k] (-inf above each query's position). See the top of this file.
+inline void indexer_scores(ConstView3<float> index_q, ConstView2<float> index_k, ConstView2<float> index_w,
+                           View2<float> score, const IndexerOptions& opt = {}) {
+  using namespace detail::indexer;
+  constexpr const char* fn = "indexer_scores";
+  const Shape sh = validate(fn, index_q, index_k, index_w, opt);
+  check_view(score, fn, "score");
+  ATTNKIT_REQUIRE(score.shape[0] == sh.T && score.shape[1] == sh.T_k, fn, ": argument 'score': shape ",
+                  detail::shape_string(score), " must be [T, T_k] = [", sh.T, ", ", sh.T_k, "]");
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
+  for (std::int64_t t0 = 0; t0 < sh.T; t0 += kStrip) {
+    const std::int64_t t1 = std::min(sh.T, t0 + kStrip);
+    const std::vector<char> wanted(static_cast<std::size_t>(t1 - t0), 1);
+    float* prep = strip_scratch().get((t1 - t0) * (sh.d * sh.H_pad + sh.H_pad));
+    score_strip(sh, index_q, index_k, index_w, t0, t1, wanted, score.ptr(t0), score.stride[0], prep, opt.num_threads);
+    for (std::int64_t t = t0; t < t1; ++t) std::fill(score.ptr(t) + sh.q_offset + t + 1, score.ptr(t) + sh.T_k, ninf);
+  }
+}
+
+// indices [T, K]: each query's top-K visible keys, ascending, -1 padded. See the top of this file.
+inline void indexer_topk(ConstView3<float> index_q, ConstView2<float> index_k, ConstView2<float> index_w,
+                         View2<std::int32_t> indices, const IndexerOptions& opt = {}) {
+  using namespace detail::indexer;
+  constexpr const char* fn = "indexer_topk";
+  const Shape sh = validate(fn, index_q, index_k, index_w, opt);
+  check_view(indices, fn, "indices");
+  const std::int64_t K = indices.shape[1];
+  ATTNKIT_REQUIRE(indices.shape[0] == sh.T && K >= 1, fn, ": argument 'indices': shape ", detail::shape_string(indices),
+                  " must be [T, K] = [", sh.T, ", K >= 1]");
+  // Rows of one strip; scratch is thread-local and grows to the longest strip seen.
+  const std::int64_t ld = (sh.T_k + 15) / 16 * 16;
+  for (std::int64_t t0 = 0; t0 < sh.T; t0 += kStrip) {
+    const std::int64_t t1 = std::min(sh.T, t0 + kStrip);
+    std::vector<char> wanted(static_cast<std::size_t>(t1 - t0));
+    bool any = false;
+    for (std::int64_t t = t0; t < t1; ++t) {
+      wanted[static_cast<std::size_t>(t - t0)] = sh.q_offset + t + 1 > K;  // else it keeps every key it sees
+      any = any || wanted[static_cast<std::size_t>(t - t0)];
+    }
+    float* rows = nullptr;
+    if (any) {
+      const std::int64_t per = sh.d * sh.H_pad + sh.H_pad;
+      float* buf = strip_scratch().get((t1 - t0) * (ld + per));
+      rows = buf + (t1 - t0) * per;
+      score_strip(sh, index_q, index_k, index_w, t0, t1, wanted, rows, ld, buf, opt.num_threads);
+    }
+    parallel_for(t1 - t0, (t1 - t0) >= 4 ? opt.num_threads : 1, [&](std::int64_t i) {
+      const std::int64_t t = t0 + i;
+      const std::int64_t n = sh.q_offset + t + 1;
+      select_topk(wanted[static_cast<std::size_t>(i)] ? rows + i * ld : nullptr, n, K, indices.ptr(t));
+    });
+  }
+}
+
+}  // namespace attnkit

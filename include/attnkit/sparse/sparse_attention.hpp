@@ -1,0 +1,174 @@
+// attnkit/sparse/sparse_attention.hpp — softmax attention restricted to selected keys
+// (DeepSeek Sparse Attention's main attention, spec §8.2, for GQA).
+//
+//   out[t, h] = Σ_{s ∈ S_t} softmax_s(scale · q[t, h]·k[s, h/G]) · v[s, h/G],   lse[t, h] likewise
+//
+// S_t = the valid entries of indices[t]: one selection per query token, shared by all its heads
+// and KV groups (sparse/indexer.hpp makes it). Shapes: q [T, H, d_k] f32; k [T_k, H_kv, d_k] and
+// v [T_k, H_kv, d_v] of KV = float or bf16 with any strides (last dimension contiguous), e.g. a
+// KVCache's; indices [T, K] int32: valid entries strictly ascending, then only -1 (padding);
+// out [T, H, d_v] f32; lse [T, H] optional. The causal mask is re-applied as a check: every
+// entry must be <= p_t = q_offset + t (opt.q_offset -1 -> T_k - T) and < T_k; a violation is an
+// Error naming the query and entry, never a read out of bounds. A query whose selection is empty
+// gets out = 0, lse = -inf.
+// Decode (one query): q [H, d_k], indices [K], out [H, d_v], lse [H]; the query sits at
+// q_offset (-1 -> T_k - 1).
+//
+// Design: the kernel is the decode kernel (attention/decode.hpp) reading rows through the index
+// list instead of consecutive positions, so the online softmax, the GQA sharing of each loaded
+// K/V row by the G heads of its group, and bf16 widening are the same code; the next block's
+// rows are prefetched because a gather defeats the hardware prefetcher. Decode splits the index
+// list into fixed chunks merged in order; prefill runs one work item per (query, KV head).
+// Results are bit-identical for any thread count; with every key selected they equal
+// attention_decode's over the same keys (same chunking, same arithmetic).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "attnkit/attention/common.hpp"
+#include "attnkit/attention/decode.hpp"
+#include "attnkit/core/error.hpp"
+#include "attnkit/core/threading.hpp"
+#include "attnkit/core/view.hpp"
+
+namespace attnkit {
+
+struct SparseAttentionOptions {
+  float scale = 0.f;           // 0 -> 1/sqrt(d_k)
+  std::int64_t q_offset = -1;  // absolute position of query row 0; -1 -> T_k - T
+  int num_threads = 0;         // 0 -> OpenMP default
+  std::int64_t kv_chunk = 0;   // decode: selected keys per work item; 0 -> 512 (never from the thread count)
+};
+
+namespace detail::sparse {
+
+// Number of valid entries of one selection row, after checking it (see the contract).
+inline std::int64_t checked_count(const char* fn, const std::int32_t* idx, std::int64_t K, std::int64_t pos,
+                                  std::int64_t T_k, std::int64_t t) {
+  std::int64_t n = 0;
+  while (n < K && idx[n] >= 0) {
+    const std::int64_t s = idx[n];
+    if (s > pos || s >= T_k || (n > 0 && s <= idx[n - 1]))
+      detail::throw_error(fn, ": argument 'indices': query ", t, " (position ", pos, "), entry ", n, " = ", s,
+                          s >= T_k ? " is past the last key (T_k = " + std::to_string(T_k) + ")"
+                          : s > pos ? " is after the query's position (causal)"
+                                    : " is not above the entry before it (" + std::to_string(idx[n - 1]) +
+                                          "; entries must be strictly ascending)");
+    ++n;
+  }
+  for (std::int64_t i = n; i < K; ++i)
+    if (idx[i] != -1)
+      detail::throw_error(fn, ": argument 'indices': query ", t, ", entry ", i, " = ", idx[i],
+                          ": after the first -1 every entry must be -1 (padding)");
+  return n;
+}
+
+template <class KV>
+void check_kv(const char* fn, ConstView3<KV> k, ConstView3<KV> v, std::int64_t H, std::int64_t dk) {
+  static_assert(is_storage_type_v<KV>, "sparse attention: K/V must be float or bf16");
+  check_view(k, fn, "k");
+  check_view(v, fn, "v");
+  const std::int64_t H_kv = k.shape[1];
+  ATTNKIT_REQUIRE(dk >= 1, fn, ": argument 'q': head dimension d_k must be >= 1");
+  ATTNKIT_REQUIRE(H_kv >= 1, fn, ": argument 'k': number of KV heads H_kv must be >= 1, got shape ", detail::shape_string(k));
+  ATTNKIT_REQUIRE(k.shape[2] == dk, fn, ": argument 'k': head dimension ", k.shape[2], " differs from q's d_k = ", dk);
+  ATTNKIT_REQUIRE(v.shape[0] == k.shape[0] && v.shape[1] == H_kv, fn, ": argument 'v': shape ", detail::shape_string(v),
+                  " must be [T_k, H_kv, d_v] with T_k = ", k.shape[0], ", H_kv = ", H_kv);
+  ATTNKIT_REQUIRE(v.shape[2] >= 1, fn, ": argument 'v': head dimension d_v must be >= 1");
+  ATTNKIT_REQUIRE(H % H_kv == 0, fn, ": argument 'q': number of query heads H = ", H,
+                  " is not a multiple of the number of KV heads H_kv = ", H_kv);
+  ATTNKIT_REQUIRE(k.shape[0] <= INT32_MAX, fn, ": argument 'k': ", k.shape[0], " keys exceed the int32 index range");
+}
+
+inline void check_options(const char* fn, const SparseAttentionOptions& opt) {
+  ATTNKIT_REQUIRE(std::isfinite(opt.scale), fn, ": argument 'opt.scale': must be finite, got ", opt.scale);
+  ATTNKIT_REQUIRE(opt.q_offset >= -1, fn, ": argument 'opt.q_offset': must be -1 (default) or >= 0, got ", opt.q_offset);
+  ATTNKIT_REQUIRE(opt.num_threads >= 0, fn, ": argument 'opt.num_threads': must be >= 0 (0 = default), got ",
+                  opt.num_threads);
+  ATTNKIT_REQUIRE(opt.kv_chunk >= 0, fn, ": argument 'opt.kv_chunk': must be >= 0 (0 = default), got ", opt.kv_chunk);
+}
+
+inline GrowScratch& query_scratch() {
+  thread_local GrowScratch s;
+  return s;
+}
+
+}  // namespace detail::sparse
+
+// One query against a cache. See the contract at the top of this file.
+template <class KV>
+void sparse_attention_decode(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, ConstView1<std::int32_t> indices,
+                             View2<float> out, const SparseAttentionOptions& opt = {}, View1<float> lse = {}) {
+  constexpr const char* fn = "sparse_attention_decode";
+  check_view(q, fn, "q");
+  check_view(indices, fn, "indices");
+  check_view(out, fn, "out");
+  detail::sparse::check_options(fn, opt);
+  const std::int64_t H = q.shape[0], T_k = k.shape[0];
+  detail::sparse::check_kv(fn, k, v, H, q.shape[1]);
+  ATTNKIT_REQUIRE(out.shape[0] == H && out.shape[1] == v.shape[2], fn, ": argument 'out': shape ",
+                  detail::shape_string(out), " must be [H, d_v] = [", H, ", ", v.shape[2], "]");
+  if (!lse.empty()) {
+    check_view(lse, fn, "lse");
+    ATTNKIT_REQUIRE(lse.shape[0] == H, fn, ": argument 'lse': shape ", detail::shape_string(lse), " must be [H] = [", H, "]");
+  }
+  ATTNKIT_REQUIRE(opt.q_offset < T_k, fn, ": argument 'opt.q_offset': ", opt.q_offset, " is past the last key (T_k = ", T_k, ")");
+  ATTNKIT_REQUIRE(indices.stride[0] == 1 || indices.shape[0] <= 1, fn, ": argument 'indices': must be contiguous");
+  const std::int64_t pos = opt.q_offset >= 0 ? opt.q_offset : T_k - 1;
+  const std::int64_t n = detail::sparse::checked_count(fn, indices.data, indices.shape[0], pos, T_k, 0);
+  DecodeOptions dopt;
+  dopt.scale = opt.scale;
+  dopt.num_threads = opt.num_threads;
+  dopt.kv_chunk = opt.kv_chunk;
+  detail::decode::decode_keys<true>(q, k, v, out, dopt, lse, n, indices.data);
+}
+
+// Many queries, each with its own selection. See the contract at the top of this file.
+template <class KV>
+void sparse_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, ConstView2<std::int32_t> indices,
+                              View3<float> out, const SparseAttentionOptions& opt = {}, View2<float> lse = {}) {
+  using namespace detail::decode;
+  constexpr const char* fn = "sparse_attention_prefill";
+  check_view(q, fn, "q");
+  check_view(indices, fn, "indices");
+  check_view(out, fn, "out");
+  detail::sparse::check_options(fn, opt);
+  const std::int64_t T = q.shape[0], H = q.shape[1], dk = q.shape[2], T_k = k.shape[0], K = indices.shape[1];
+  detail::sparse::check_kv(fn, k, v, H, dk);
+  const std::int64_t H_kv = k.shape[1], G = H / H_kv, dv = v.shape[2];
+  ATTNKIT_REQUIRE(indices.shape[0] == T, fn, ": argument 'indices': ", indices.shape[0], " rows, but q has T = ", T);
+  ATTNKIT_REQUIRE(out.shape[0] == T && out.shape[1] == H && out.shape[2] == dv, fn, ": argument 'out': shape ",
+                  detail::shape_string(out), " must be [T, H, d_v] = [", T, ", ", H, ", ", dv, "]");
+  if (!lse.empty()) {
+    check_view(lse, fn, "lse");
+    ATTNKIT_REQUIRE(lse.shape[0] == T && lse.shape[1] == H, fn, ": argument 'lse': shape ", detail::shape_string(lse),
+                    " must be [T, H] = [", T, ", ", H, "]");
+  }
+  const std::int64_t off = opt.q_offset >= 0 ? opt.q_offset : T_k - T;
+  ATTNKIT_REQUIRE(off >= 0 && off + T <= T_k, fn, ": ", T, " queries at position ", off, " need ", off + T,
+                  " keys, but k has ", T_k);
+  std::vector<std::int64_t> count(static_cast<std::size_t>(T));
+  for (std::int64_t t = 0; t < T; ++t)
+    count[static_cast<std::size_t>(t)] = detail::sparse::checked_count(fn, indices.ptr(t), K, off + t, T_k, t);
+
+  constexpr bool pairs = uses_pairs_v<true, KV>;
+  const Problem pb{H, G, dk, dv, pairs ? round_up32(dk) : round_up16(dk), pairs ? round_up32(dv) : round_up16(dv),
+                   resolve_scale(opt.scale, dk) * kLog2e};
+  parallel_for(T * H_kv, opt.num_threads, [&](std::int64_t item) {
+    const std::int64_t t = item / H_kv, j = item % H_kv;
+    float* part = detail::sparse::query_scratch().get(G * (pb.dv_pad + 1));
+    float* part_lse = part + G * pb.dv_pad;
+    const ConstView2<float> qt(q.ptr(t), {H, dk}, {q.stride[1], 1});
+    chunk_state<true>(pb, qt, k, v, j, 0, G, 0, count[static_cast<std::size_t>(t)], part, part_lse, indices.ptr(t));
+    for (std::int64_t g = 0; g < G; ++g) {
+      std::copy(part + g * pb.dv_pad, part + g * pb.dv_pad + dv, out.ptr(t, j * G + g));
+      if (!lse.empty()) lse(t, j * G + g) = part_lse[g];
+    }
+  }, /*dynamic=*/true);
+}
+
+}  // namespace attnkit

@@ -1,0 +1,395 @@
+// Tests of DeepSeek-style sparse attention (sparse/): top-k selection, the lightning indexer and
+// sparse attention, against the float64 oracle (tests/reference/sparse_ref.hpp) on fresh random
+// inputs each run (seed printed on failure): odd head counts and dims (SIMD tails, index heads
+// not a multiple of 16), q_offset, GQA groups of 1-3, f32 and bf16 K/V, selections with padding
+// and empty ones; then the invariants (every key selected = dense causal attention; decode =
+// the last row of prefill; 1 vs 2 threads bit-identical), the fixture sparse-a, and every
+// validation error.
+// Bounds (relative L2 error ‖ours − ref‖ / ‖ref‖):
+//   kScoreTol = 1e-5  index scores against float64 (f32 dot products of length d_I);
+//   kAttnTol  = 1e-5  sparse attention against float64;
+//   kDenseTol = 1e-6  every key selected against attention_prefill / attention_decode (f32);
+//   fixture: index_score 1e-5, topk_indices identical, out 1e-4 (the bounds).
+// Outputs are NaN-poisoned before every call and NaN never passes a bound (test_util.hpp rel_l2).
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "attnkit/attention/decode.hpp"
+#include "attnkit/attention/prefill.hpp"
+#include "attnkit/io/safetensors.hpp"
+#include "attnkit/sparse/indexer.hpp"
+#include "attnkit/sparse/sparse_attention.hpp"
+#include "attnkit/sparse/topk.hpp"
+#include "reference/sparse_ref.hpp"
+#include "test_util.hpp"
+
+using namespace attnkit;
+using attnkit::test::kScale;
+using attnkit::test::rel_l2;
+using attnkit::test::Rng;
+using Catch::Contains;
+
+namespace {
+
+constexpr double kScoreTol = 1e-5;
+constexpr double kAttnTol = 1e-5;
+constexpr double kDenseTol = 1e-6;
+constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+std::size_t sz(std::int64_t n) { return static_cast<std::size_t>(n); }
+
+// Finite parts compared by relative L2; -inf must sit exactly where the reference has it.
+double score_error(const std::vector<float>& ours, const std::vector<double>& ref) {
+  std::vector<float> a;
+  std::vector<double> b;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    if (std::isinf(ref[i])) {
+      if (!(std::isinf(ours[i]) && ours[i] < 0)) return kInf;
+      continue;
+    }
+    a.push_back(ours[i]);
+    b.push_back(ref[i]);
+  }
+  return rel_l2(a, b);
+}
+
+struct IndexerProblem {
+  std::int64_t T, T_k, H, d, off;
+  std::vector<float> q, k, w;
+  static IndexerProblem random(Rng& rng, std::int64_t T, std::int64_t T_k, std::int64_t H, std::int64_t d) {
+    IndexerProblem p{T, T_k, H, d, T_k - T, {}, {}, {}};
+    p.q = rng.normal_vec(sz(T * H * d));
+    p.k = rng.normal_vec(sz(T_k * d));
+    p.w = rng.normal_vec(sz(T * H));
+    return p;
+  }
+  ConstView3<float> qv() const { return {q.data(), {T, H, d}}; }
+  ConstView2<float> kv() const { return {k.data(), {T_k, d}}; }
+  ConstView2<float> wv() const { return {w.data(), {T, H}}; }
+};
+
+std::vector<float> scores(const IndexerProblem& p, int threads = 0) {
+  std::vector<float> s(sz(p.T * p.T_k));
+  test::poison(s);
+  IndexerOptions o;
+  o.num_threads = threads;
+  indexer_scores(p.qv(), p.kv(), p.wv(), View2<float>(s.data(), {p.T, p.T_k}), o);
+  return s;
+}
+
+std::vector<std::int32_t> topk(const IndexerProblem& p, std::int64_t K, int threads = 0) {
+  std::vector<std::int32_t> idx(sz(p.T * K), -7);
+  IndexerOptions o;
+  o.num_threads = threads;
+  indexer_topk(p.qv(), p.kv(), p.wv(), View2<std::int32_t>(idx.data(), {p.T, K}), o);
+  return idx;
+}
+
+// A random valid selection per query: each visible key kept with probability `keep`, at most K.
+std::vector<std::int32_t> random_selection(Rng& rng, std::int64_t T, std::int64_t K, std::int64_t off, double keep) {
+  std::vector<std::int32_t> idx(sz(T * K), -1);
+  for (std::int64_t t = 0; t < T; ++t) {
+    std::int64_t n = 0;
+    for (std::int64_t s = 0; s <= off + t && n < K; ++s)
+      if (rng.uniform(0.f, 1.f) < keep) idx[sz(t * K + n++)] = static_cast<std::int32_t>(s);
+  }
+  return idx;
+}
+
+template <class KV>
+struct AttnProblem {
+  std::int64_t T, T_k, H, H_kv, dk, dv;
+  std::vector<float> q, kf, vf;  // kf/vf: K/V as the kernel reads them (bf16-rounded for bf16)
+  std::vector<KV> k, v;
+  static AttnProblem random(Rng& rng, std::int64_t T, std::int64_t T_k, std::int64_t H, std::int64_t H_kv,
+                            std::int64_t dk, std::int64_t dv) {
+    AttnProblem p{T, T_k, H, H_kv, dk, dv, rng.normal_vec(sz(T * H * dk)), {}, {}, {}, {}};
+    test::rounded_normal(rng, sz(T_k * H_kv * dk), p.kf, p.k);
+    test::rounded_normal(rng, sz(T_k * H_kv * dv), p.vf, p.v);
+    return p;
+  }
+  ConstView3<KV> kview() const { return {k.data(), {T_k, H_kv, dk}}; }
+  ConstView3<KV> vview() const { return {v.data(), {T_k, H_kv, dv}}; }
+  std::vector<float> prefill(const std::vector<std::int32_t>& idx, std::int64_t K, int threads = 0,
+                             std::vector<float>* lse = nullptr) const {
+    std::vector<float> out(sz(T * H * dv));
+    test::poison(out);
+    SparseAttentionOptions o;
+    o.num_threads = threads;
+    View2<float> lv;
+    if (lse) {
+      lse->assign(sz(T * H), kNaN);
+      lv = View2<float>(lse->data(), {T, H});
+    }
+    sparse_attention_prefill<KV>(ConstView3<float>(q.data(), {T, H, dk}), kview(), vview(),
+                                 ConstView2<std::int32_t>(idx.data(), {T, K}), View3<float>(out.data(), {T, H, dv}), o, lv);
+    return out;
+  }
+};
+
+template <class KV>
+void check_attention_random(Rng& rng) {
+  const std::int64_t H_kv = rng.integer(1, 3), G = rng.integer(1, 3), H = H_kv * G;
+  const std::int64_t dk = rng.integer(1, 3) == 1 ? rng.integer(1, 20) : rng.integer(60, 140);
+  const std::int64_t dv = rng.integer(0, 1) ? dk : rng.integer(1, 70);
+  const std::int64_t T = rng.integer(1, 40 / kScale), T_k = T + rng.integer(0, 300 / kScale);
+  const std::int64_t K = rng.integer(1, 90);
+  const double keep = rng.uniform(0.05f, 1.f);
+  CAPTURE(T, T_k, H, H_kv, dk, dv, K, keep);
+  const auto p = AttnProblem<KV>::random(rng, T, T_k, H, H_kv, dk, dv);
+  const auto idx = random_selection(rng, T, K, T_k - T, keep);
+  std::vector<double> ref_out, ref_lse;
+  ref::sparse_attention(p.q, p.kf, p.vf, idx, T, K, H, H_kv, dk, dv, 1.0 / std::sqrt(double(dk)), ref_out, ref_lse);
+  std::vector<float> lse;
+  const auto out = p.prefill(idx, K, 0, &lse);
+  CHECK(rel_l2(out, ref_out) <= kAttnTol);
+  // lse: -inf exactly for empty selections, otherwise close.
+  CHECK(score_error(lse, ref_lse) <= kAttnTol);
+  CHECK(test::bit_equal(out, p.prefill(idx, K, 1)));
+  CHECK(test::bit_equal(out, p.prefill(idx, K, 2)));
+  // Decode of every row (the query at its own position, a cache of exactly what it may see).
+  for (std::int64_t t = 0; t < T; ++t) {
+    std::vector<float> o(sz(H * dv));
+    test::poison(o);
+    SparseAttentionOptions so;
+    so.q_offset = T_k - T + t;
+    so.kv_chunk = rng.integer(0, 1) ? 0 : rng.integer(1, 40);
+    sparse_attention_decode<KV>(ConstView2<float>(p.q.data() + t * H * dk, {H, dk}), p.kview(), p.vview(),
+                                ConstView1<std::int32_t>(idx.data() + t * K, {K}), View2<float>(o.data(), {H, dv}), so);
+    const std::vector<double> row(ref_out.begin() + t * H * dv, ref_out.begin() + (t + 1) * H * dv);
+    CHECK(rel_l2(o, row) <= kAttnTol);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("select_topk: against a full sort, ties to the lower index", "[sparse][topk]") {
+  const std::uint64_t seed = test::fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  for (int c = 0; c < 300 / kScale; ++c) {
+    const std::int64_t n = rng.integer(0, 3000), K = rng.integer(1, 300);
+    const int kind = static_cast<int>(rng.integer(0, 3));
+    std::vector<float> row(sz(n));
+    for (auto& x : row) {
+      if (kind == 0) x = rng.normal();                                         // distinct
+      else if (kind == 1) x = static_cast<float>(rng.integer(-3, 3));          // many ties
+      else if (kind == 2) x = 1.f + 1e-7f * static_cast<float>(rng.integer(0, 5));  // one bin
+      else x = rng.integer(0, 4) == 0 ? -kInf : rng.normal(1e-30f);            // -inf, tiny values
+    }
+    CAPTURE(n, K, kind);
+    std::vector<std::int32_t> out(sz(K), -9);
+    select_topk(row.data(), n, K, out.data());
+    CHECK(out == ref::topk_row(row.data(), n, K));
+  }
+  std::vector<float> row{1.f, 3.f, 3.f, 2.f, 3.f};
+  std::vector<std::int32_t> out(2);
+  select_topk(row.data(), 5, 2, out.data());
+  CHECK(out == std::vector<std::int32_t>{1, 2});
+  select_topk(row.data(), 5, 1, out.data());
+  CHECK(out[0] == 1);
+  row[3] = kNaN;
+  CHECK_THROWS_WITH(select_topk(row.data(), 5, 2, out.data()), Contains("NaN at index 3"));
+  CHECK_THROWS_WITH(select_topk(row.data(), 5, 0, out.data()), Contains("'k': must be >= 1"));
+}
+
+TEST_CASE("indexer: scores and top-k against float64", "[sparse][indexer]") {
+  const std::uint64_t seed = test::fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  for (int c = 0; c < 40 / kScale; ++c) {
+    const std::int64_t H = std::vector<std::int64_t>{1, 3, 16, 17, 40, 64, 70}[sz(rng.integer(0, 6))];
+    const std::int64_t d = std::vector<std::int64_t>{1, 7, 16, 64, 65}[sz(rng.integer(0, 4))];
+    const std::int64_t T = rng.integer(1, 150 / kScale), T_k = T + rng.integer(0, 700 / kScale);
+    const std::int64_t K = rng.integer(1, 200);
+    CAPTURE(H, d, T, T_k, K);
+    const auto p = IndexerProblem::random(rng, T, T_k, H, d);
+    const auto ref = ref::indexer_scores(p.q, p.k, p.w, T, T_k, H, d, p.off);
+    const auto s = scores(p);
+    CHECK(score_error(s, ref) <= kScoreTol);
+    CHECK(test::bit_equal(s, scores(p, 1)));
+    // The model path selects exactly what the full matrix selects (same f32 scores) ...
+    const auto idx = topk(p, K);
+    std::vector<std::int32_t> from_matrix;
+    for (std::int64_t t = 0; t < T; ++t) {
+      const auto r = ref::topk_row(s.data() + t * T_k, p.off + t + 1, K);
+      from_matrix.insert(from_matrix.end(), r.begin(), r.end());
+    }
+    CHECK(idx == from_matrix);
+    CHECK(idx == topk(p, K, 1));
+    // ... and a query that sees at most K keys keeps all of them.
+    for (std::int64_t t = 0; t < T && p.off + t + 1 <= K; ++t)
+      for (std::int64_t i = 0; i < K; ++i) CHECK(idx[sz(t * K + i)] == (i <= p.off + t ? i : -1));
+  }
+}
+
+TEST_CASE("indexer: an explicit q_offset, strided views, validation", "[sparse][indexer]") {
+  Rng rng(7);
+  const std::int64_t T = 5, T_k = 40, H = 4, d = 8;
+  auto p = IndexerProblem::random(rng, T, T_k, H, d);
+  p.off = 20;
+  const auto ref = ref::indexer_scores(p.q, p.k, p.w, T, T_k, H, d, 20);
+  std::vector<float> s(sz(T * T_k));
+  test::poison(s);
+  IndexerOptions o;
+  o.q_offset = 20;
+  indexer_scores(p.qv(), p.kv(), p.wv(), View2<float>(s.data(), {T, T_k}), o);
+  CHECK(score_error(s, ref) <= kScoreTol);
+  std::vector<std::int32_t> idx(sz(T * 6));
+  indexer_topk(p.qv(), p.kv(), p.wv(), View2<std::int32_t>(idx.data(), {T, 6}), o);
+  for (std::int64_t t = 0; t < T; ++t) {
+    const std::vector<std::int32_t> row(idx.begin() + t * 6, idx.begin() + (t + 1) * 6);
+    CHECK(row == ref::topk_row(ref.data() + t * T_k, 21 + t, 6));
+  }
+  // Strided index keys (every other row of a wider buffer).
+  std::vector<float> wide(sz(T_k * 2 * d));
+  for (std::int64_t s2 = 0; s2 < T_k; ++s2) std::copy(p.k.begin() + s2 * d, p.k.begin() + (s2 + 1) * d, wide.begin() + s2 * 2 * d);
+  std::vector<float> s2v(sz(T * T_k));
+  indexer_scores(p.qv(), ConstView2<float>(wide.data(), {T_k, d}, {2 * d, 1}), p.wv(), View2<float>(s2v.data(), {T, T_k}), o);
+  CHECK(test::bit_equal(s, s2v));
+
+  const View2<float> sv(s.data(), {T, T_k});
+  CHECK_THROWS_WITH(indexer_scores(p.qv(), ConstView2<float>(p.k.data(), {T_k / 2, 2 * d}), p.wv(), sv),
+                    Contains("argument 'index_k': dimension 16 differs from index_q's head dimension 8"));
+  CHECK_THROWS_WITH(indexer_scores(p.qv(), p.kv(), ConstView2<float>(p.w.data(), {T, H - 1}), sv),
+                    Contains("argument 'index_w': shape [5, 3] must be [T, H_I] = [5, 4]"));
+  o.q_offset = 36;
+  CHECK_THROWS_WITH(indexer_scores(p.qv(), p.kv(), p.wv(), sv, o), Contains("5 queries at position 36 need 41 index keys"));
+  CHECK_THROWS_WITH(indexer_topk(p.qv(), p.kv(), p.wv(), View2<std::int32_t>(idx.data(), {T, 0})),
+                    Contains("argument 'indices': shape [5, 0] must be [T, K]"));
+  CHECK_THROWS_WITH(indexer_scores(p.qv(), p.kv(), p.wv(), View2<float>(s.data(), {T, T_k - 1})),
+                    Contains("argument 'score': shape [5, 39] must be [T, T_k] = [5, 40]"));
+  p.k[3] = kNaN;
+  CHECK_THROWS_WITH(topk(p, 6), Contains("NaN"));
+}
+
+TEST_CASE("sparse attention: random selections against float64 (f32 K/V)", "[sparse][attention]") {
+  const std::uint64_t seed = test::fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  for (int c = 0; c < 40 / kScale; ++c) check_attention_random<float>(rng);
+}
+
+TEST_CASE("sparse attention: random selections against float64 (bf16 K/V)", "[sparse][attention]") {
+  const std::uint64_t seed = test::fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  for (int c = 0; c < 40 / kScale; ++c) check_attention_random<bf16>(rng);
+}
+
+TEMPLATE_TEST_CASE("sparse attention: every key selected is dense causal attention", "[sparse][attention]", float, bf16) {
+  const std::uint64_t seed = test::fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  const std::int64_t T = 77 / kScale + 3, H = 6, H_kv = 2, dk = 72, dv = 40, K = T + 5;
+  const auto p = AttnProblem<TestType>::random(rng, T, T, H, H_kv, dk, dv);
+  std::vector<std::int32_t> all(sz(T * K), -1);
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t s = 0; s <= t; ++s) all[sz(t * K + s)] = static_cast<std::int32_t>(s);
+  const auto out = p.prefill(all, K);
+  std::vector<float> dense(sz(T * H * dv));
+  attention_prefill<TestType>(ConstView3<float>(p.q.data(), {T, H, dk}), p.kview(), p.vview(),
+                              View3<float>(dense.data(), {T, H, dv}));
+  CHECK(rel_l2(out, dense) <= kDenseTol);
+  // Decode over every key is attention_decode, bit for bit (same chunks, same arithmetic).
+  std::vector<float> o1(sz(H * dv)), o2(sz(H * dv));
+  const ConstView2<float> q_last(p.q.data() + (T - 1) * H * dk, {H, dk});
+  sparse_attention_decode<TestType>(q_last, p.kview(), p.vview(), ConstView1<std::int32_t>(all.data() + (T - 1) * K, {K}),
+                                    View2<float>(o1.data(), {H, dv}));
+  attention_decode<TestType>(q_last, p.kview(), p.vview(), View2<float>(o2.data(), {H, dv}));
+  CHECK(test::bit_equal(o1, o2));
+  // Top-k with K >= T through the indexer selects everything: the same dense result.
+  auto ip = IndexerProblem::random(rng, T, T, 3, 16);
+  const auto idx = topk(ip, K);
+  CHECK(idx == all);
+}
+
+TEST_CASE("sparse attention: k = 1 picks one value row", "[sparse][attention]") {
+  Rng rng(3);
+  const std::int64_t T = 9, H = 4, H_kv = 2, d = 16;
+  const auto p = AttnProblem<float>::random(rng, T, T, H, H_kv, d, d);
+  std::vector<std::int32_t> idx(sz(T));
+  for (std::int64_t t = 0; t < T; ++t) idx[sz(t)] = static_cast<std::int32_t>(t / 2);
+  const auto out = p.prefill(idx, 1);
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t h = 0; h < H; ++h)
+      for (std::int64_t e = 0; e < d; ++e)
+        CHECK(out[sz((t * H + h) * d + e)] == p.vf[sz(((t / 2) * H_kv + h / 2) * d + e)]);
+}
+
+TEST_CASE("sparse attention: fixture sparse-a", "[sparse][fixture]") {
+  const auto f = io::SafetensorsFile::open(std::string(ATTNKIT_TEST_DATA) + "/fixtures/sparse-a/sparse.safetensors");
+  const auto& qs = f.tensor("q").shape;
+  const auto& iqs = f.tensor("index_q").shape;
+  const std::int64_t T = qs[0], H = qs[1], d = qs[2], H_kv = f.tensor("k").shape[1], H_I = iqs[1], d_I = iqs[2];
+  const std::int64_t K = f.tensor("topk_indices").shape[1];
+  IndexerProblem ip{T, T, H_I, d_I, 0, io::to_f32(f.tensor("index_q")), io::to_f32(f.tensor("index_k")),
+                    io::to_f32(f.tensor("index_w"))};
+  const auto ref_score = io::to_f32(f.tensor("index_score"));
+  const auto s = scores(ip);
+  std::vector<double> ref_d(ref_score.begin(), ref_score.end());
+  CHECK(score_error(s, ref_d) <= 1e-5);
+  const auto idx = topk(ip, K);
+  const auto& ti = f.tensor("topk_indices");
+  std::vector<std::int32_t> ref_idx(sz(T * K));
+  for (std::int64_t i = 0; i < T * K; ++i) ref_idx[sz(i)] = static_cast<std::int32_t>(reinterpret_cast<const std::int64_t*>(ti.data)[i]);
+  CHECK(idx == ref_idx);
+  AttnProblem<float> ap{T, T, H, H_kv, d, d, io::to_f32(f.tensor("q")), io::to_f32(f.tensor("k")), io::to_f32(f.tensor("v")), {}, {}};
+  ap.k = ap.kf;
+  ap.v = ap.vf;
+  const auto out = ap.prefill(idx, K);
+  CHECK(rel_l2(out, io::to_f32(f.tensor("out"))) <= 1e-4);
+}
+
+TEST_CASE("sparse attention: validation", "[sparse][attention]") {
+  Rng rng(5);
+  const std::int64_t T = 4, T_k = 10, H = 4, H_kv = 2, d = 8, K = 3;
+  const auto p = AttnProblem<float>::random(rng, T, T_k, H, H_kv, d, d);
+  std::vector<float> out(sz(T * H * d));
+  auto run = [&](std::vector<std::int32_t> idx) {
+    sparse_attention_prefill<float>(ConstView3<float>(p.q.data(), {T, H, d}), p.kview(), p.vview(),
+                                    ConstView2<std::int32_t>(idx.data(), {T, K}), View3<float>(out.data(), {T, H, d}));
+  };
+  CHECK_NOTHROW(run({0, 1, 6, -1, -1, -1, 7, -1, -1, 2, 8, 9}));
+  CHECK_THROWS_WITH(run({0, 1, 7, -1, -1, -1, 7, -1, -1, 2, 8, 9}),
+                    Contains("query 0 (position 6), entry 2 = 7 is after the query's position (causal)"));
+  CHECK_THROWS_WITH(run({1, 0, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1}),
+                    Contains("entry 1 = 0 is not above the entry before it (1; entries must be strictly ascending)"));
+  CHECK_THROWS_WITH(run({0, -1, 3, -1, -1, -1, -1, -1, -1, -1, -1, -1}),
+                    Contains("query 0, entry 2 = 3: after the first -1 every entry must be -1"));
+  CHECK_THROWS_WITH(run({-2, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1}), Contains("entry 0 = -2"));
+  std::vector<std::int32_t> idx(sz(T * K), -1);
+  CHECK_THROWS_WITH(sparse_attention_prefill<float>(ConstView3<float>(p.q.data(), {T, H, d}), p.kview(), p.vview(),
+                                                    ConstView2<std::int32_t>(idx.data(), {T - 1, K}),
+                                                    View3<float>(out.data(), {T, H, d})),
+                    Contains("argument 'indices': 3 rows, but q has T = 4"));
+  CHECK_THROWS_WITH(sparse_attention_prefill<float>(ConstView3<float>(p.q.data(), {T, 3, d}), p.kview(), p.vview(),
+                                                    ConstView2<std::int32_t>(idx.data(), {T, K}),
+                                                    View3<float>(out.data(), {T, 3, d})),
+                    Contains("H = 3 is not a multiple of the number of KV heads H_kv = 2"));
+  SparseAttentionOptions o;
+  o.q_offset = 8;
+  CHECK_THROWS_WITH(sparse_attention_prefill<float>(ConstView3<float>(p.q.data(), {T, H, d}), p.kview(), p.vview(),
+                                                    ConstView2<std::int32_t>(idx.data(), {T, K}),
+                                                    View3<float>(out.data(), {T, H, d}), o),
+                    Contains("4 queries at position 8 need 12 keys, but k has 10"));
+  std::vector<std::int32_t> one{3, 10, -1};
+  CHECK_THROWS_WITH(sparse_attention_decode<float>(ConstView2<float>(p.q.data(), {H, d}), p.kview(), p.vview(),
+                                                   ConstView1<std::int32_t>(one.data(), {3}), View2<float>(out.data(), {H, d})),
+                    Contains("entry 1 = 10 is past the last key (T_k = 10)"));
+  // An empty selection: out 0, lse -inf.
+  std::vector<float> o1(sz(H * d), kNaN), l1(sz(H), kNaN);
+  std::vector<std::int32_t> none{-1, -1, -1};
+  sparse_attention_decode<float>(ConstView2<float>(p.q.data(), {H, d}), p.kview(), p.vview(),
+                                 ConstView1<std::int32_t>(none.data(), {3}), View2<float>(o1.data(), {H, d}), {},
+                                 View1<float>(l1.data(), {H}));
+  CHECK(std::all_of(o1.begin(), o1.end(), [](float x) { return x == 0.f; }));
+  CHECK(std::all_of(l1.begin(), l1.end(), [](float x) { return x == -kInf; }));
+}
