@@ -4,6 +4,7 @@
 #include "attnkit/model/recipe.hpp"
 #include "attnkit/model/recipes/attnres.hpp"
 #include "attnkit/model/recipes/loop.hpp"
+#include "attnkit/model/recipes/lt2.hpp"
 #include "attnkit/model/recipes/ouro.hpp"
 #include "attnkit/model/recipes/qwen3.hpp"
 #include "attnkit/model/recipes/qwen3_5.hpp"
@@ -19,6 +20,7 @@ inline Registry default_registry() {
   register_attention_residuals(r);
   register_looped_stacks(r);
   register_qwen3_5(r);
+  register_lt2(r);
   return r;
 }
 

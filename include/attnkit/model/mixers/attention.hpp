@@ -23,6 +23,30 @@
 
 namespace attnkit::model {
 
+// attn [T, H, d] (contiguous) *= σ(gate) elementwise (the Qwen3-Next / Qwen3.5 output gate); a
+// trace gets "attn_gate" [layers, T, H], the mean of σ(gate) over each head's dimensions.
+inline void apply_output_gate(ConstView3<float> gate, float* attn, int layer, const StepContext& ctx) {
+  const std::int64_t T = gate.shape[0], H = gate.shape[1], d = gate.shape[2];
+  std::vector<float> mean(ctx.trace ? static_cast<std::size_t>(T * H) : 0);
+  parallel_for(T, T >= 16 ? ctx.num_threads : 1, [&](std::int64_t t) {
+    for (std::int64_t h = 0; h < H; ++h) {
+      const float* g = gate.ptr(t, h);
+      float* o = attn + (t * H + h) * d;
+      double sum = 0;
+      for (std::int64_t i = 0; i < d; ++i) {
+        const float s = 1.f / (1.f + std::exp(-g[i]));
+        o[i] *= s;
+        sum += s;
+      }
+      if (!mean.empty()) mean[static_cast<std::size_t>(t * H + h)] = static_cast<float>(sum / static_cast<double>(d));
+    }
+  });
+  if (ctx.trace) {
+    ctx.trace->describe("attn_gate", {"layer", "token", "head"});
+    ctx.trace->record("attn_gate", layer, ctx.pos0, ConstView2<float>(mean.data(), {T, H}));
+  }
+}
+
 class Qwen3Attention final : public TokenMixer {
  public:
   // window == 0: full causal attention; otherwise sliding window of `window` keys.
@@ -68,7 +92,7 @@ class Qwen3Attention final : public TokenMixer {
     proj_.forward(x, qkv, ctx);
     std::vector<float> attn(static_cast<std::size_t>(T * H * d));
     st->caches[static_cast<std::size_t>(ctx.pass)].attend(qkv.q, qkv.k, qkv.v, View3<float>(attn.data(), {T, H, d}), ctx);
-    if (proj_.output_gate()) apply_gate(qkv.gate, attn, ctx);
+    if (proj_.output_gate()) apply_output_gate(qkv.gate, attn.data(), layer_, ctx);
     o_.forward(View2<float>(attn.data(), {T, H * d}), out, {ctx.precision, ctx.num_threads, false});
   }
 
@@ -76,29 +100,6 @@ class Qwen3Attention final : public TokenMixer {
   struct State final : MixerState {
     std::vector<AttentionCache> caches;  // one per pass
   };
-  // attn [T, H, d] *= σ(gate), and the per-head mean of σ(gate) into the trace.
-  void apply_gate(ConstView3<float> gate, std::vector<float>& attn, const StepContext& ctx) const {
-    const std::int64_t T = gate.shape[0], H = gate.shape[1], d = gate.shape[2];
-    std::vector<float> mean(ctx.trace ? static_cast<std::size_t>(T * H) : 0);
-    parallel_for(T, T >= 16 ? ctx.num_threads : 1, [&](std::int64_t t) {
-      for (std::int64_t h = 0; h < H; ++h) {
-        const float* g = gate.ptr(t, h);
-        float* o = attn.data() + (t * H + h) * d;
-        double sum = 0;
-        for (std::int64_t i = 0; i < d; ++i) {
-          const float s = 1.f / (1.f + std::exp(-g[i]));
-          o[i] *= s;
-          sum += s;
-        }
-        if (!mean.empty()) mean[static_cast<std::size_t>(t * H + h)] = static_cast<float>(sum / static_cast<double>(d));
-      }
-    });
-    if (ctx.trace) {
-      ctx.trace->describe("attn_gate", {"layer", "token", "head"});
-      ctx.trace->record("attn_gate", layer_, ctx.pos0, ConstView2<float>(mean.data(), {T, H}));
-    }
-  }
-
   std::int64_t window_;
   std::vector<std::int64_t> windows_;  // per pass
   int passes_;

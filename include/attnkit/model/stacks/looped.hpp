@@ -32,10 +32,10 @@ struct LoopedSettings {
 
 // Reads (and consumes) the generic loop fields any recipe's config may carry:
 //   loop_count (>= 1), loop_between "none" | "norm" (default "none"), loop_windows [w_1, ..., w_N]
-//   (one per loop; 0 = full attention in that loop).
-inline LoopedSettings read_looped_settings(io::ConfigFields& f) {
+//   (one per loop; 0 = full attention in that loop). default_count: loop_count when absent (LT2: 4).
+inline LoopedSettings read_looped_settings(io::ConfigFields& f, std::int64_t default_count = 1) {
   LoopedSettings s;
-  const std::int64_t n = f.integer("loop_count", 1);
+  const std::int64_t n = f.integer("loop_count", default_count);
   if (n < 1 || n > 64) f.fail("loop_count", "must be in [1, 64], got ", n);
   s.steps = static_cast<int>(n);
   const std::string b = f.string("loop_between", "none");

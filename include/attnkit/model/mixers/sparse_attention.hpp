@@ -1,0 +1,255 @@
+// attnkit/model/mixers/sparse_attention.hpp — DeepSeek-style sparse attention (DSA, spec §8) on
+// a Qwen3 attention layer, as a token mixer: layer types "sparse_attention" and
+// "gated_sparse_attention" (with the Qwen3-Next / Qwen3.5 output gate).
+//
+//   x [T, D] (the layer's normalised input)
+//     -> QKVProjection: q [T, H, d], k / v [T, H_kv, d] (q/k norms, RoPE), as Qwen3 attention
+//     -> lightning indexer (one packed product [wq | wk | weights_proj] of x):
+//          index_q[t, j] = (wq x_t)_j                        j = 1..H_I, d_I each
+//          index_k[s]    = LayerNorm(wk x_s; k_norm.weight, k_norm.bias, eps 1e-6)   one key head
+//          RoPE (rotate_half, the model's rope theta) on the FIRST index_rope_dim dims of every
+//          index_q head and index_k, at the token's position (the other dims untouched)
+//          index_w[t, j] = (weights_proj x_t)_j · H_I^-1/2 · d_I^-1/2
+//          score[t, s]   = Σ_j index_w[t, j] · ReLU(index_q[t, j] · index_k[s])     s ≤ pos_t
+//          S_t           = top-min(index_topk, pos_t + 1) positions by score (ties to the lower
+//                          position; ascending)
+//     -> softmax attention of every head (GQA) over the keys in S_t only (scale d^-1/2)
+//     -> [σ(gate) ⊙] -> o_proj.
+// Tensors under model.layers.{i}.self_attn.: q_proj, k_proj, v_proj, o_proj, q_norm, k_norm (as
+// Qwen3 attention; q_proj [H·2d, D] when gated), indexer.wq.weight [H_I·d_I, D],
+// indexer.wk.weight [d_I, D], indexer.k_norm.weight / indexer.k_norm.bias [d_I],
+// indexer.weights_proj.weight [H_I, D]. Config fields: index_n_heads (H_I), index_head_dim (d_I),
+// index_topk (k), index_rope_dim (default d_I; even, ≤ d_I).
+// State per pass of the layer stack: the KV cache (f32 or bf16, SessionOptions::kv_type) and the
+// index-key cache (d_I floats per token, f32). Prefill, chunked prefill and decode run the same
+// indexer and attention over the cached keys, so they agree. A trace records "topk_indices"
+// [layers, tokens, index_topk]: each query's selected positions (as floats, ascending, -1
+// padding) of the last pass.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "attnkit/model/mixer.hpp"
+#include "attnkit/model/mixers/attention.hpp"
+#include "attnkit/model/parts/cached_attention.hpp"
+#include "attnkit/model/parts/qkv_projection.hpp"
+#include "attnkit/model/trace.hpp"
+#include "attnkit/sparse/indexer.hpp"
+#include "attnkit/sparse/sparse_attention.hpp"
+
+namespace attnkit::model {
+
+// The indexer's config fields (spec §8.1; LT2 uses DeepSeek's names).
+struct SparseIndexerSettings {
+  std::int64_t heads = 0, head_dim = 0, topk = 0, rope_dim = 0;
+  double norm_eps = 1e-6;  // the index key's LayerNorm (DeepSeek's fixed value)
+};
+
+// Reads (and consumes) index_n_heads, index_head_dim, index_topk (all required) and
+// index_rope_dim (default index_head_dim).
+inline SparseIndexerSettings read_sparse_indexer_settings(io::ConfigFields& f) {
+  SparseIndexerSettings s;
+  for (const char* key : {"index_n_heads", "index_head_dim", "index_topk"})
+    if (!f.has(key)) f.fail(key, "missing: sparse attention layers need index_n_heads, index_head_dim and index_topk");
+  s.heads = f.integer("index_n_heads", 0);
+  s.head_dim = f.integer("index_head_dim", 0);
+  s.topk = f.integer("index_topk", 0);
+  if (s.heads < 1) f.fail("index_n_heads", "must be at least 1, got ", s.heads);
+  if (s.head_dim < 1) f.fail("index_head_dim", "must be at least 1, got ", s.head_dim);
+  if (s.topk < 1) f.fail("index_topk", "must be at least 1, got ", s.topk);
+  if (s.topk > (std::int64_t{1} << 30)) f.fail("index_topk", "implausibly large (", s.topk, ")");
+  s.rope_dim = f.integer("index_rope_dim", s.head_dim);
+  if (s.rope_dim < 0 || s.rope_dim > s.head_dim || s.rope_dim % 2 != 0)
+    f.fail("index_rope_dim", "must be even and in [0, index_head_dim = ", s.head_dim, "], got ", s.rope_dim);
+  return s;
+}
+
+class SparseAttention final : public TokenMixer {
+ public:
+  SparseAttention(const BuildContext& ctx, int layer, const SparseIndexerSettings& s, QKVProjection::Options po = {})
+      : s_(s), passes_(ctx.passes), layer_(layer) {
+    ATTNKIT_REQUIRE(s.heads >= 1 && s.head_dim >= 1 && s.topk >= 1 && s.rope_dim >= 0 && s.rope_dim <= s.head_dim &&
+                        s.rope_dim % 2 == 0,
+                    "SparseAttention: layer ", layer, ": invalid indexer settings (", s.heads, " heads of ", s.head_dim,
+                    ", top-", s.topk, ", rope dim ", s.rope_dim, ")");
+    if (po.prefix.empty()) po.prefix = ctx.prefix(layer) + "self_attn.";
+    proj_ = QKVProjection(ctx, po);
+    const std::int64_t D = ctx.config.hidden_size;
+    o_ = pack_linear(ctx.source.get(po.prefix + "o_proj.weight", {D, proj_.heads() * proj_.head_dim()}));
+    const std::string ip = po.prefix + "indexer.";
+    HostTensor wq = ctx.source.get(ip + "wq.weight", {s.heads * s.head_dim, D});
+    HostTensor wk = ctx.source.get(ip + "wk.weight", {s.head_dim, D});
+    HostTensor ww = ctx.source.get(ip + "weights_proj.weight", {s.heads, D});
+    ATTNKIT_REQUIRE(wq.type == wk.type && wq.type == ww.type, "SparseAttention: layer ", layer, ": ", ip,
+                    "wq / wk / weights_proj differ in storage type");
+    index_proj_ = pack_fused({&wq, &wk, &ww});
+    k_norm_w_ = ctx.source.get(ip + "k_norm.weight", {s.head_dim}).to_f32();
+    k_norm_b_ = ctx.source.get(ip + "k_norm.bias", {s.head_dim}).to_f32();
+    if (s.rope_dim > 0) index_rope_ = std::make_shared<const ops::Rope>(s.rope_dim, ctx.config.rope_theta);
+    w_scale_ = static_cast<float>(1.0 / std::sqrt(static_cast<double>(s.heads) * static_cast<double>(s.head_dim)));
+  }
+
+  std::string kind() const override { return "sparse_attention"; }
+  std::string describe() const override {
+    std::string d = "sparse_attention (indexer ";
+    d += std::to_string(s_.heads);
+    d += " heads of ";
+    d += std::to_string(s_.head_dim);
+    d += ", rope ";
+    d += std::to_string(s_.rope_dim);
+    d += ", top-";
+    d += std::to_string(s_.topk);
+    d += ")";
+    if (proj_.output_gate()) d += ", output gate";
+    if (proj_.rotary_dim() != proj_.head_dim()) {
+      d += ", rotary ";
+      d += std::to_string(proj_.rotary_dim());
+      d += " of ";
+      d += std::to_string(proj_.head_dim());
+    }
+    return d;
+  }
+  const SparseIndexerSettings& settings() const { return s_; }
+  std::size_t weight_bytes() const override {
+    return proj_.weight_bytes() + o_.bytes() + index_proj_.bytes() + (k_norm_w_.size() + k_norm_b_.size()) * sizeof(float);
+  }
+
+  std::unique_ptr<MixerState> new_state(const SessionOptions& opt) const override {
+    auto st = std::make_unique<State>();
+    for (int p = 0; p < passes_; ++p) {
+      st->passes.push_back({AttentionCache(proj_.kv_heads(), proj_.head_dim(), proj_.head_dim(), 0, opt), {}});
+      if (opt.reserve_tokens > 0) st->passes.back().index_k.reserve(static_cast<std::size_t>(opt.reserve_tokens * s_.head_dim));
+    }
+    return st;
+  }
+
+  void forward(ConstView2<float> x, View2<float> out, MixerState& state, const StepContext& ctx) const override {
+    auto* st = dynamic_cast<State*>(&state);
+    ATTNKIT_REQUIRE(st != nullptr, "SparseAttention::forward: argument 'state': not created by this mixer");
+    ATTNKIT_REQUIRE(ctx.pass >= 0 && ctx.pass < static_cast<int>(st->passes.size()), "SparseAttention::forward: pass ",
+                    ctx.pass, " but the model was built for ", st->passes.size(), " passes");
+    State::Pass& ps = st->passes[static_cast<std::size_t>(ctx.pass)];
+    ATTNKIT_REQUIRE(ps.cache.position() == ctx.pos0, "SparseAttention::forward: step starts at position ", ctx.pos0,
+                    " but the cache has seen ", ps.cache.position(), " tokens");
+    const std::int64_t T = x.shape[0], H = proj_.heads(), d = proj_.head_dim(), HI = s_.heads, dI = s_.head_dim;
+    const std::int64_t Tk = ctx.pos0 + T;
+
+    // The lightning indexer: q, k, w of this step's tokens; k appended to the index-key cache.
+    const std::int64_t W = HI * dI + dI + HI;
+    std::vector<float> ib(static_cast<std::size_t>(T * W));
+    index_proj_.forward(x, View2<float>(ib.data(), {T, W}), {ctx.precision, ctx.num_threads, false});
+    const View3<float> iq(ib.data(), {T, HI, dI}, {W, dI, 1});
+    ps.index_k.resize(static_cast<std::size_t>(Tk * dI));
+    float* knew = ps.index_k.data() + ctx.pos0 * dI;
+    std::vector<float> iw(static_cast<std::size_t>(T * HI));
+    for (std::int64_t t = 0; t < T; ++t) {
+      const float* row = ib.data() + t * W;
+      layer_norm(row + HI * dI, knew + t * dI);
+      for (std::int64_t j = 0; j < HI; ++j) iw[static_cast<std::size_t>(t * HI + j)] = row[HI * dI + dI + j] * w_scale_;
+    }
+    if (index_rope_) {
+      const std::int64_t r = s_.rope_dim;
+      const bool shared = ctx.rope && ctx.rope->half * 2 == r && ctx.rope->tokens == T && ctx.rope->pos0 == ctx.pos0;
+      const ops::Rope::Angles own = shared ? ops::Rope::Angles{} : index_rope_->angles(ctx.pos0, T);
+      const ops::Rope::Angles& ang = shared ? *ctx.rope : own;
+      index_rope_->apply(View3<float>(iq.data, {T, HI, r}, iq.stride), ang, ctx.num_threads);
+      index_rope_->apply(View3<float>(knew, {T, 1, r}, {dI, dI, 1}), ang, ctx.num_threads);
+    }
+    const std::int64_t K = std::min(s_.topk, Tk);  // columns the kernels see (the trace pads to topk)
+    std::vector<std::int32_t> idx(static_cast<std::size_t>(T * K));
+    IndexerOptions io;
+    io.q_offset = ctx.pos0;
+    io.num_threads = ctx.num_threads;
+    indexer_topk(ConstView3<float>(iq), ConstView2<float>(ps.index_k.data(), {Tk, dI}),
+                 ConstView2<float>(iw.data(), {T, HI}), View2<std::int32_t>(idx.data(), {T, K}), io);
+
+    // Main attention over the selected keys of the cache.
+    QKV qkv;
+    proj_.forward(x, qkv, ctx);
+    std::vector<float> attn(static_cast<std::size_t>(T * H * d));
+    const View3<float> av(attn.data(), {T, H, d});
+    SparseAttentionOptions so;
+    so.q_offset = ctx.pos0;
+    so.num_threads = ctx.num_threads;
+    ps.cache.visit([&](auto& cache) {
+      if constexpr (requires { cache.total(); }) {
+        detail::throw_error("SparseAttention::forward: the cache is a ring buffer (sparse attention keeps every key)");
+      } else {
+        using KV = std::remove_const_t<typename decltype(cache.keys())::element_type>;
+        cache.append(qkv.k, qkv.v);
+        if (T == 1) {
+          sparse_attention_decode<KV>(ConstView2<float>(qkv.q.data, {H, d}, {qkv.q.stride[1], 1}), cache.keys(),
+                                      cache.values(), ConstView1<std::int32_t>(idx.data(), {K}),
+                                      View2<float>(attn.data(), {H, d}), so);
+        } else {
+          sparse_attention_prefill<KV>(ConstView3<float>(qkv.q), cache.keys(), cache.values(),
+                                       ConstView2<std::int32_t>(idx.data(), {T, K}), av, so);
+        }
+      }
+    });
+    if (proj_.output_gate()) apply_output_gate(qkv.gate, attn.data(), layer_, ctx);
+    o_.forward(View2<float>(attn.data(), {T, H * d}), out, {ctx.precision, ctx.num_threads, false});
+
+    if (ctx.trace) {
+      const std::int64_t k = s_.topk;
+      std::vector<float> rows(static_cast<std::size_t>(T * k), -1.f);
+      for (std::int64_t t = 0; t < T; ++t)
+        for (std::int64_t i = 0; i < K; ++i)
+          rows[static_cast<std::size_t>(t * k + i)] = static_cast<float>(idx[static_cast<std::size_t>(t * K + i)]);
+      ctx.trace->describe("topk_indices", {"layer", "token", "selected key"});
+      ctx.trace->record("topk_indices", layer_, ctx.pos0, ConstView2<float>(rows.data(), {T, k}));
+    }
+  }
+
+ private:
+  struct State final : MixerState {
+    struct Pass {
+      AttentionCache cache;
+      std::vector<float> index_k;  // [tokens, d_I]: LayerNorm'd, RoPE'd index keys
+    };
+    std::vector<Pass> passes;  // one per pass
+  };
+
+  // y = (x - mean) / sqrt(var + eps) · w + b over d_I values (biased variance, double sums).
+  void layer_norm(const float* x, float* y) const {
+    const std::int64_t n = s_.head_dim;
+    double mean = 0;
+    for (std::int64_t i = 0; i < n; ++i) mean += x[i];
+    mean /= static_cast<double>(n);
+    double var = 0;
+    for (std::int64_t i = 0; i < n; ++i) var += (x[i] - mean) * (x[i] - mean);
+    var /= static_cast<double>(n);
+    const double inv = 1.0 / std::sqrt(var + s_.norm_eps);
+    for (std::int64_t i = 0; i < n; ++i)
+      y[i] = static_cast<float>((x[i] - mean) * inv) * k_norm_w_[static_cast<std::size_t>(i)] +
+             k_norm_b_[static_cast<std::size_t>(i)];
+  }
+
+  SparseIndexerSettings s_;
+  int passes_;
+  int layer_;
+  QKVProjection proj_;
+  PackedLinear o_, index_proj_;
+  std::vector<float> k_norm_w_, k_norm_b_;
+  std::shared_ptr<const ops::Rope> index_rope_;
+  float w_scale_ = 1.f;
+};
+
+// Registers "sparse_attention" and "gated_sparse_attention" (indexer settings from the config's
+// index_* fields).
+inline void register_sparse_attention(MixerRegistry& r) {
+  r.add("sparse_attention", [](const BuildContext& c, int layer) {
+    return std::make_unique<SparseAttention>(c, layer, read_sparse_indexer_settings(c.fields));
+  });
+  r.add("gated_sparse_attention", [](const BuildContext& c, int layer) {
+    QKVProjection::Options po;
+    po.output_gate = true;
+    return std::make_unique<SparseAttention>(c, layer, read_sparse_indexer_settings(c.fields), po);
+  });
+}
+
+}  // namespace attnkit::model
