@@ -51,16 +51,43 @@ const model::Registry& registry() {
   return reg;
 }
 
+// RandomSource, except that the indexer's LayerNorm gets a random weight (1 + u) and bias (u) instead
+// of ones and zeros, so the test sees both.
+class IndexerNormSource final : public model::TensorSource {
+ public:
+  explicit IndexerNormSource(model::RandomSource inner) : inner_(inner) {}
+  bool contains(const std::string& n) const override { return inner_.contains(n); }
+  model::HostTensor get(const std::string& n, const std::vector<std::int64_t>& shape) const override {
+    const bool w = ends_with(n, "indexer.k_norm.weight"), b = ends_with(n, "indexer.k_norm.bias");
+    if (!w && !b) return inner_.get(n, shape);
+    model::HostTensor h;
+    h.shape = shape;
+    h.type = model::WeightType::f32;
+    h.owned_f32 = inner_.get(n + ".random", shape).to_f32();
+    if (w)
+      for (auto& x : h.owned_f32) x += 1.f;
+    h.data = h.owned_f32.data();
+    return h;
+  }
+  std::string describe() const override { return inner_.describe() + " (random indexer norms)"; }
+
+ private:
+  static bool ends_with(const std::string& s, const std::string& e) {
+    return s.size() >= e.size() && s.compare(s.size() - e.size(), e.size(), e) == 0;
+  }
+  model::RandomSource inner_;
+};
+
 // Random weights of stddev 0.08 (larger than the default 0.02, so attention is far from uniform and
 // which keys the indexer keeps matters).
 struct Built {
   io::Qwen3Config config;
-  model::RandomSource source;
+  IndexerNormSource source;
   model::Qwen3Model model;
 };
 Built build(const nlohmann::json& j, model::WeightType type = model::WeightType::f32, std::uint64_t seed = 11) {
   io::Qwen3Config c = registry().parse_config(j, "lt2-test.json");
-  model::RandomSource src(type, seed, 0.08f);
+  IndexerNormSource src(model::RandomSource(type, seed, 0.08f));
   model::LoadOptions lo;
   lo.registry = &registry();
   auto m = model::Qwen3Model::compose(c, src, lo);
@@ -288,6 +315,10 @@ TEST_CASE("lt2: the named 1.3B plans and the tiny ones", "[model][lt2][config]")
     for (float v : r.logits) REQUIRE(std::isfinite(v));
     CHECK(test::rel_l2(run(m, ids, {1}).logits, r.logits) <= 1e-5);
   }
+  // Random weights: the indexer's LayerNorm starts as the identity (weight 1, bias 0).
+  const model::RandomSource rs(model::WeightType::bf16, 3);
+  CHECK(rs.get("model.layers.4.self_attn.indexer.k_norm.weight", {4}).to_f32() == std::vector<float>(4, 1.f));
+  CHECK(rs.get("model.layers.4.self_attn.indexer.k_norm.bias", {4}).to_f32() == std::vector<float>(4, 0.f));
   // Without loop_count LT2 loops 4 times.
   auto j = tiny(2);
   j.erase("loop_count");

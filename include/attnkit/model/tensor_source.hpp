@@ -146,10 +146,12 @@ class CheckpointSource : public TensorSource {
 
 // Deterministic random weights: element i of tensor `name` depends only on (seed, name, i), so
 // the result is the same for any thread count. RMSNorm weights ("...norm.weight") are ones, as
-// initialised in transformers; everything else is uniform with standard deviation `stddev`.
+// initialised in transformers, and norm biases (a LayerNorm's, e.g. the sparse indexer's
+// k_norm.bias) zeros; everything else is uniform with standard deviation `stddev`.
 // A norm weight is a ".weight" whose module name contains "norm" (model.norm, q_norm,
-// input_layernorm_2, ...). Norms stored as an offset (norm_weight with offset != 0) are
-// offset + a small random w, so the effective weight stays near 1. Gated DeltaNet's decay
+// input_layernorm_2, ...); a norm bias likewise a ".bias". Norms stored as an offset
+// (norm_weight with offset != 0) are offset + a small random w, so the effective weight stays
+// near 1. Gated DeltaNet's decay
 // parameters follow transformers' init so random models neither explode nor forget at once:
 // "...A_log" = log A with A uniform in [1, 16], "...dt_bias" = 1.
 class RandomSource : public TensorSource {
@@ -161,10 +163,12 @@ class RandomSource : public TensorSource {
     h.shape = shape;
     const std::int64_t n = h.numel();
     const bool ones = is_norm_weight(name) || ends_with(name, ".dt_bias");
+    const bool zeros = is_norm_bias(name);
     const bool a_log = ends_with(name, ".A_log");
     const std::uint64_t key = seed_ ^ hash(name);
     auto value = [&](std::int64_t i) {
       if (ones) return 1.0f;
+      if (zeros) return 0.0f;
       if (a_log) return std::log(8.5f + 7.5f * unit(key, i));  // log U[1, 16]
       return stddev_ * 1.7320508f * unit(key, i);  // uniform on [-a, a] has standard deviation a / sqrt(3)
     };
@@ -207,8 +211,9 @@ class RandomSource : public TensorSource {
   static bool ends_with(const std::string& s, const std::string& suffix) {
     return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
   }
-  static bool is_norm_weight(const std::string& name) {
-    const std::string suffix = ".weight";
+  static bool is_norm_weight(const std::string& name) { return is_norm_param(name, ".weight"); }
+  static bool is_norm_bias(const std::string& name) { return is_norm_param(name, ".bias"); }
+  static bool is_norm_param(const std::string& name, const std::string& suffix) {
     if (name.size() <= suffix.size() || name.compare(name.size() - suffix.size(), suffix.size(), suffix) != 0) return false;
     const std::string module = name.substr(0, name.size() - suffix.size());
     const auto dot = module.rfind('.');
