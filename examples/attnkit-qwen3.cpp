@@ -5,9 +5,11 @@
 //   attnkit-qwen3 --random qwen3-0.6b --dtype bf16 --prompt-len 512 --generate 32 --precision fast
 //   attnkit-qwen3 --model loop-checkpoint --ids 1,2,3 --trace-out trace.safetensors --plot gates.svg
 //   attnkit-qwen3 --model attnres-checkpoint --prompt-len 64 --plot routing.svg
+//   attnkit-qwen3 --random tiny-lt2-dsa --prompt-len 40 --trace-out t.safetensors --plot topk.svg
 //
 // Any checkpoint or config a built-in recipe accepts runs as it is (plain Qwen3, Loop Attention,
-// Attention Residuals, Ouro, Qwen3.5 / Qwen3-Next hybrids with Gated DeltaNet).
+// Attention Residuals, Ouro, Qwen3.5 / Qwen3-Next hybrids with Gated DeltaNet, LT2 looped hybrids
+// with Gated DeltaNet and full or DeepSeek sparse attention).
 // Prints a model summary and `prefill: N tok/s` / `decode: N tok/s`; exits 1 with a message on
 // bad input. See --help.
 #include <chrono>
@@ -33,8 +35,8 @@ const char* kUsage = R"(usage: attnkit-qwen3 [options]
 model (default: a built-in small deterministic random Qwen3, nothing to download):
   --model DIR              Hugging Face checkpoint directory (config.json + safetensors)
   --random NAME|FILE.json  random weights of a named shape (qwen3-0.6b, qwen3-0.6b-loop, qwen3-0.6b-attnres,
-                           tiny, tiny-loop, tiny-attnres, ouro-1.4b, tiny-ouro, hybrid-0.6b, tiny-hybrid)
-                           or of any config file
+                           tiny, tiny-loop, tiny-attnres, ouro-1.4b, tiny-ouro, hybrid-0.6b, tiny-hybrid,
+                           lt2-hybrid-1.3b, lt2-gdn-dsa-1.3b, tiny-lt2, tiny-lt2-dsa) or of any config file
   --loop-mode stack|layer  Loop Attention mode of a random model (adds the loop fields if absent)
   --loop-window N          Loop Attention window of a random model
   --attnres-mode MODE      Attention Residuals mode of a random model: block, full, delta, delta_block
@@ -58,9 +60,12 @@ run:
                            Attention Residuals: `attnres_weights` F32 [layers, 2, T, sources];
                            looped stacks: `logits_per_step` [steps, T, vocab], `exit_gate` [steps, T], ...;
                            Gated DeltaNet: `gdn_beta`, `gdn_decay` [layers, T, value heads]; gated
-                           attention: `attn_gate` [layers, T, heads])
+                           attention: `attn_gate` [layers, T, heads]; sparse attention: `topk_indices`
+                           [layers, T, top-k], each query's kept key positions, -1 padded)
   --exit RULE              output of a looped stack: last, step:N (0-based), threshold:Q, expected
-  --plot FILE.svg          draw the trace as an SVG picture (heat maps with axes and colour scale)
+  --plot FILE.svg          draw the trace as an SVG picture (heat maps with axes and colour scale; sparse
+                           attention: a query x key map of the keys each query kept, for one layer)
+  --plot-layer N           the layer the plot's per-token panels show (default: the last with data)
   --threads N              OpenMP threads (default: OMP_NUM_THREADS or all cores)
   --precision exact|fast   matrix products: fp32-accurate (default) or bf16-rounded activations (faster)
   --kv-cache f32|bf16      KV cache storage (default f32)
@@ -132,10 +137,14 @@ std::pair<nlohmann::json, std::string> named_config(const std::string& name) {
   if (name == "tiny-ouro") return {model::with_ouro(builtin_config()), name};
   if (name == "hybrid-0.6b") return {model::hybrid_0_6b_config(), name};
   if (name == "tiny-hybrid") return {model::with_hybrid(builtin_config()), name};
+  if (name == "lt2-hybrid-1.3b") return {model::lt2_hybrid_1_3b_config(), name};
+  if (name == "lt2-gdn-dsa-1.3b") return {model::lt2_gdn_dsa_1_3b_config(), name};
+  if (name == "tiny-lt2") return {model::lt2_tiny_config(false), name};
+  if (name == "tiny-lt2-dsa") return {model::lt2_tiny_config(true), name};
   if (name.size() > 5 && name.substr(name.size() - 5) == ".json") return {io::read_json_file(name, "config file"), name};
   die("--random: unknown shape '" + name +
-      "' (known: qwen3-0.6b, qwen3-0.6b-loop, qwen3-0.6b-attnres, ouro-1.4b, hybrid-0.6b, tiny, tiny-loop, tiny-attnres, "
-      "tiny-ouro, tiny-hybrid, or a config .json file)");
+      "' (known: qwen3-0.6b, qwen3-0.6b-loop, qwen3-0.6b-attnres, ouro-1.4b, hybrid-0.6b, lt2-hybrid-1.3b, lt2-gdn-dsa-1.3b, "
+      "tiny, tiny-loop, tiny-attnres, tiny-ouro, tiny-hybrid, tiny-lt2, tiny-lt2-dsa, or a config .json file)");
 }
 
 // One line on the mechanism a model runs: recipe, passes, the first layer's mixer and (hybrids)
@@ -163,6 +172,7 @@ int main(int argc, char** argv) {
   std::string attnres_mode, attnres_form;
   std::optional<model::ExitRule> exit_rule;
   std::int64_t loops = 0;
+  std::int64_t plot_layer = -1;
   std::int64_t loop_window = 0;
   bool allow_unused = false;
   std::int64_t prompt_len = -1, generate = -1, chunk = 0, seed = 0;
@@ -193,6 +203,7 @@ int main(int argc, char** argv) {
     else if (a == "--logits-out") logits_out = value();
     else if (a == "--trace-out") trace_out = value();
     else if (a == "--plot") plot_out = value();
+    else if (a == "--plot-layer") plot_layer = parse_int(value(), "--plot-layer");
     else if (a == "--loop-mode") {
       loop_mode = value();
       if (loop_mode != "stack" && loop_mode != "layer") die("--loop-mode: expected stack or layer, got '" + loop_mode + "'");
@@ -238,6 +249,7 @@ int main(int argc, char** argv) {
   if ((!ids_arg.empty()) + (!ids_from.empty()) + (prompt_len > 0) > 1)
     die("give at most one of --ids, --ids-from, --prompt-len");
   if (decode && chunk > 0) die("--decode and --chunk exclude each other");
+  if (plot_layer >= 0 && plot_out.empty()) die("--plot-layer needs --plot");
   if (!model_dir.empty() && (!loop_mode.empty() || loop_window > 0 || !attnres_mode.empty() || !attnres_form.empty() || loops > 0))
     die("--loop-mode, --loop-window, --attnres-mode, --attnres-form and --loops shape random models; a checkpoint runs as "
         "its config.json says");
@@ -362,6 +374,7 @@ int main(int argc, char** argv) {
       if (!plot_out.empty()) {
         viz::PlotOptions po;
         po.title = m.source() + " — " + mechanism_summary(m);
+        po.strip_layer = plot_layer;
         // Per-step logits are data for files, not a picture (a column per vocabulary entry).
         std::erase_if(tensors, [](const viz::TraceTensor& t) { return t.name == "logits_per_step"; });
         viz::write_trace_svg(plot_out, tensors, po);

@@ -6,12 +6,14 @@
 // plans; configuration errors naming the field.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <string>
 #include <vector>
 
 #include "attnkit/model/qwen3.hpp"
+#include "attnkit/viz/trace_plot.hpp"
 #include "model_test_util.hpp"
 #include "reference/lt2_ref.hpp"
 #include "test_util.hpp"
@@ -205,6 +207,23 @@ TEST_CASE("lt2 hybrid (GDN+DSA): sparse layers vs float64 reference, top-k < T; 
     for (std::int64_t layer : {0, 2})
       for (std::int64_t i = 0; i < 37 * 7; ++i) REQUIRE(std::isnan(t.data[static_cast<std::size_t>(layer * 37 * 7 + i)]));
     CHECK(b.model.mixer(1).describe() == "sparse_attention (indexer 3 heads of 10, rope 4, top-7)");
+    // The picture: a query × key map of the last sparse layer, 1 where the query kept the key.
+    const std::string svg = viz::plot_trace_svg({t});
+    CHECK_THAT(svg, Contains("topk_indices, layer 3: the keys each query kept"));
+    const auto sel = trace_topk(pre.trace, 3, 37, 7);
+    for (std::int64_t q : {0, 6, 7, 36}) {
+      CAPTURE(q);
+      for (std::int64_t s : {std::int64_t{0}, q / 2, q}) {
+        const bool kept = std::find(sel[q].begin(), sel[q].end(), s) != sel[q].end();
+        CHECK_THAT(svg, Contains("query token " + std::to_string(q) + ", key " + std::to_string(s) + ": " + (kept ? "1" : "0")));
+      }
+    }
+    CHECK_THAT(svg, Contains("layers 1, 3 hold selections"));
+    viz::PlotOptions po;
+    po.strip_layer = 1;
+    CHECK_THAT(viz::plot_trace_svg({t}, po), Contains("topk_indices, layer 1: the keys each query kept"));
+    po.strip_layer = 2;
+    CHECK_THAT(viz::plot_trace_svg({t}, po), Contains("layer 2 holds none (grey)"));
   }
   SECTION("gated attention, 3 loops") {
     j["gated_attn"] = true;

@@ -20,6 +20,10 @@
 //    shows one row: the last row holding a finite value, or with opt.strip_layer = l the last
 //    row of layer l holding one (the last row of l if none does).
 //  * 2-D [row, token]: one heat map, rows × tokens.
+//  * A selection, 3-D [layer, token, K] of key positions each query kept (sparse attention's
+//    "topk_indices", or any tensor whose last dimension is named "selected key"; -1 = padding):
+//    one query × key map of one layer (opt.strip_layer, default the last layer holding a
+//    selection), cell (t, s) = 1 when query t kept key s, else 0 (binned: the share kept).
 //  * Any other rank, or a tensor with no values: a line of text saying it is not drawn.
 //
 // Every panel has a title naming the tensor and what is shown, axes with ticks and titles, and a
@@ -389,9 +393,10 @@ inline double draw_panel(Doc& d, const Panel& p, double x0, double y0) {
 
   // Axes: ticks at cell centres (tokens: at the token's position inside its bin).
   d.out += "<g stroke=\"#444\" stroke-width=\"0.8\">\n";
-  const std::int64_t ys = grouped_step(tick_step(p.ch, 12), p.y.group);
+  const double px_per_y = p.ch / static_cast<double>(p.y.bin);
+  const std::int64_t ys = grouped_step(tick_step(px_per_y, 12), p.y.group);
   for (std::int64_t i = 0; i < p.y.extent; i += ys) {
-    const double y = my + (static_cast<double>(i) + 0.5) * p.ch;
+    const double y = my + (static_cast<double>(i) + 0.5) * px_per_y;
     d.line(mx - 4, y, mx, y);
   }
   const double px_per_x = p.cw / static_cast<double>(p.x.bin);
@@ -402,7 +407,7 @@ inline double draw_panel(Doc& d, const Panel& p, double x0, double y0) {
   }
   d.out += "</g>\n<g fill=\"#222\">\n";
   for (std::int64_t i = 0; i < p.y.extent; i += ys)
-    d.text(mx - 6, my + (static_cast<double>(i) + 0.5) * p.ch + 4, p.y.tick(i), "text-anchor=\"end\"");
+    d.text(mx - 6, my + (static_cast<double>(i) + 0.5) * px_per_y + 4, p.y.tick(i), "text-anchor=\"end\"");
   for (std::int64_t i = 0; i < p.x.extent; i += xs)
     d.text(mx + (static_cast<double>(i) + 0.5) * px_per_x, my + mh + 15, p.x.tick(i), "text-anchor=\"middle\"");
   d.text(mx + mw / 2, my + mh + 29, p.x.name, "text-anchor=\"middle\" font-style=\"italic\"");
@@ -659,6 +664,75 @@ inline double draw_rows(Doc& d, const TraceTensor& t, const Rows& f, const std::
   return y + draw_panel(d, b, x0, y) + 26;
 }
 
+// Whether t is a selection of key positions per query (see the top of this file).
+inline bool is_selection(const TraceTensor& t) {
+  return t.shape.size() == 3 && (t.name == "topk_indices" || (t.dims.size() == 3 && t.dims[2] == "selected key"));
+}
+
+// A selection [layer, token, K] drawn as a query × key map of one layer; returns the y below it.
+inline double draw_selection(Doc& d, const TraceTensor& t, const std::string& name, const PlotOptions& opt, double x0,
+                             double y) {
+  const std::int64_t L = t.shape[0], T = t.shape[1], K = t.shape[2];
+  const auto value = [&](std::int64_t l, std::int64_t tok, std::int64_t k) {
+    return t.data[static_cast<std::size_t>((l * T + tok) * K + k)];
+  };
+  std::vector<std::int64_t> with;  // layers holding a selection (a finite value)
+  for (std::int64_t l = 0; l < L; ++l) {
+    bool any = false;
+    for (std::int64_t i = 0; i < T * K && !any; ++i) any = std::isfinite(t.data[static_cast<std::size_t>(l * T * K + i)]);
+    if (any) with.push_back(l);
+  }
+  const std::int64_t layer = opt.strip_layer >= 0 ? opt.strip_layer : with.empty() ? L - 1 : with.back();
+  const bool has = std::find(with.begin(), with.end(), layer) != with.end();
+  const std::string dn = t.dims.size() == 3 ? t.dims[0] : std::string("layer");
+  Panel p;
+  p.x = token_axis("key", T, opt.max_tokens);
+  p.y = token_axis("query token", T, opt.max_tokens);
+  p.title = name + ", " + dn + " " + std::to_string(layer) + ": the keys each query kept";
+  if (p.x.bin > 1) p.title += " (share kept in bins of " + plural(p.x.bin, "token") + ")";
+  p.x_first = false;
+  p.unit_scale = true;
+  const std::int64_t cols = p.x.cells(), rows = p.y.cells();
+  p.cw = p.ch = std::clamp(560.0 / static_cast<double>(cols), 1.0, 14.0);
+  p.cells.resize(static_cast<std::size_t>(rows * cols));
+  std::int64_t outside = 0;  // entries that are not -1 and not a key position in [0, T)
+  std::vector<char> kept(static_cast<std::size_t>(T));
+  for (std::int64_t q = 0; q < T; ++q) {
+    std::fill(kept.begin(), kept.end(), 0);
+    bool finite = true;
+    for (std::int64_t k = 0; k < K; ++k) {
+      const float v = value(layer, q, k);
+      if (!std::isfinite(v)) {
+        finite = false;
+        continue;
+      }
+      if (v == -1.f) continue;
+      if (v < 0.f || v >= static_cast<float>(T) || v != std::floor(v)) {
+        ++outside;
+        continue;
+      }
+      kept[static_cast<std::size_t>(v)] = 1;
+    }
+    for (std::int64_t s = 0; s < T; ++s) {
+      const float c = finite ? static_cast<float>(kept[static_cast<std::size_t>(s)]) : std::numeric_limits<float>::quiet_NaN();
+      p.cells[static_cast<std::size_t>((q / p.y.bin) * cols + s / p.x.bin)].add(c);
+      p.nonfinite.add(c);
+    }
+  }
+  p.notes.push_back("shape " + shape_string(t.shape) + " = (" + dn + ", token, selected key): cell (query t, key s) is 1 when "
+                    "query t kept key s among its top " + std::to_string(K) + ", else 0; keys after the query are never kept");
+  std::string l = with.empty() ? "no " + dn + " holds a selection" : dn + (with.size() == 1 ? " " : "s ") ;
+  for (std::size_t i = 0; i < with.size() && i < 16; ++i) l += (i ? ", " : "") + std::to_string(with[i]);
+  if (with.size() > 16) l += ", ... (" + std::to_string(with.size()) + " in all)";
+  if (!with.empty()) l += with.size() == 1 ? " holds a selection" : " hold selections";
+  if (!has) l += "; " + dn + " " + std::to_string(layer) + " holds none (grey)";
+  p.notes.push_back(l);
+  if (outside > 0) p.notes.push_back(std::to_string(outside) + " entries are neither -1 nor a key position in [0, " +
+                                     std::to_string(T) + ") and are not drawn");
+  if (p.x.bin > 1) p.notes.push_back(bin_note(p.x, opt.max_tokens) + ", on both axes");
+  return y + draw_panel(d, p, x0, y) + 26;
+}
+
 inline std::string render(const std::vector<TraceTensor>& trace, const PlotOptions& opt, const char* fn) {
   ATTNKIT_REQUIRE(!trace.empty(), fn, ": trace: is empty (nothing to draw)");
   ATTNKIT_REQUIRE(opt.max_tokens >= 1, fn, ": opt.max_tokens: must be at least 1, got ", opt.max_tokens);
@@ -747,7 +821,9 @@ inline std::string render(const std::vector<TraceTensor>& trace, const PlotOptio
     for (float v : t.data)
       if (std::isfinite(v) && (v < 0.f || v > 1.f)) { unit = false; break; }
 
-    if (rank >= 3) {
+    if (is_selection(t)) {
+      y = draw_selection(d, t, name, opt, x0, y);
+    } else if (rank >= 3) {
       y = draw_rows(d, t, fold(t), name, unit, opt, x0, y);
     } else {
       const std::int64_t S = t.shape[0], T = t.shape[1];
