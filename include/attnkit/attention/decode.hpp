@@ -486,12 +486,14 @@ inline void prefetch_rows(const GatheredRows<KV>& r, int n, std::int64_t row_ele
 }
 
 // One work item: keys [t0, t1) of KV head j for its query heads [g0, g1) (local indices within
-// the group); with idx, the keys are the positions idx[t0 .. t1) instead. Writes the
-// normalised partial output o_part[g] (row stride dv_pad) and its lse.
+// the group); with idx, the keys are the positions idx[t0 .. t1) instead, and with
+// prefetch_gather the rows of the next block are prefetched (worth it when they come from DRAM,
+// not when the caller keeps them in L2). Writes the normalised partial output o_part[g] (row
+// stride dv_pad) and its lse.
 template <bool Vectorized, class KV>
 void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, std::int64_t j,
                  std::int64_t g0, std::int64_t g1, std::int64_t t0, std::int64_t t1, float* o_part, float* lse_part,
-                 const std::int32_t* idx = nullptr) {
+                 const std::int32_t* idx = nullptr, bool prefetch_gather = true) {
   const std::int64_t G = pb.G;
   float* base = item_scratch().get(G * pb.dk_pad + G * kBlock + 3 * G);
   const ItemState st{base, base + G * pb.dk_pad, base + G * (pb.dk_pad + kBlock), base + G * (pb.dk_pad + kBlock) + G,
@@ -533,7 +535,7 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
       block(StridedRows<KV>{k.ptr(b, j), ks}, StridedRows<KV>{v.ptr(b, j), vs}, n);
     } else {
       const GatheredRows<KV> kr{k.ptr(0, j), ks, idx + b}, vr{v.ptr(0, j), vs, idx + b};
-      if (b + kBlock < t1) {
+      if (prefetch_gather && b + kBlock < t1) {
         const int nn = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - b - kBlock));
         prefetch_rows(GatheredRows<KV>{kr.base, ks, idx + b + kBlock}, nn, pb.dk);
         prefetch_rows(GatheredRows<KV>{vr.base, vs, idx + b + kBlock}, nn, pb.dv);

@@ -92,6 +92,13 @@ inline void check_options(const char* fn, const SparseAttentionOptions& opt) {
   ATTNKIT_REQUIRE(opt.kv_chunk >= 0, fn, ": argument 'opt.kv_chunk': must be >= 0 (0 = default), got ", opt.kv_chunk);
 }
 
+// Prefill: queries per work item; they share each key block while it sits in L2.
+inline constexpr std::int64_t kQueryTile = 64;
+
+inline void prefetch_l2(const void* p, std::int64_t bytes) {
+  for (std::int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b, 0, 2);
+}
+
 inline GrowScratch& query_scratch() {
   thread_local GrowScratch s;
   return s;
@@ -158,15 +165,64 @@ void sparse_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<
   constexpr bool pairs = uses_pairs_v<true, KV>;
   const Problem pb{H, G, dk, dv, pairs ? round_up32(dk) : round_up16(dk), pairs ? round_up32(dv) : round_up16(dv),
                    resolve_scale(opt.scale, dk) * kLog2e};
-  parallel_for(T * H_kv, opt.num_threads, [&](std::int64_t item) {
-    const std::int64_t t = item / H_kv, j = item % H_kv;
-    float* part = detail::sparse::query_scratch().get(G * (pb.dv_pad + 1));
-    float* part_lse = part + G * pb.dv_pad;
-    const ConstView2<float> qt(q.ptr(t), {H, dk}, {q.stride[1], 1});
-    chunk_state<true>(pb, qt, k, v, j, 0, G, 0, count[static_cast<std::size_t>(t)], part, part_lse, indices.ptr(t));
-    for (std::int64_t g = 0; g < G; ++g) {
-      std::copy(part + g * pb.dv_pad, part + g * pb.dv_pad + dv, out.ptr(t, j * G + g));
-      if (!lse.empty()) lse(t, j * G + g) = part_lse[g];
+  // Keys per block: one head's K and V rows of a block take at most 512 KiB of L2.
+  const std::int64_t row_bytes = (dk + dv) * static_cast<std::int64_t>(sizeof(KV));
+  const std::int64_t block = std::max<std::int64_t>(kBlock, (std::int64_t{512} << 10) / row_bytes / kBlock * kBlock);
+  const std::int64_t tile = detail::sparse::kQueryTile;
+  const std::int64_t n_tiles = (T + tile - 1) / tile;
+  parallel_for(n_tiles * H_kv, opt.num_threads, [&](std::int64_t item) {
+    const std::int64_t j = item % H_kv, t0 = item / H_kv * tile, t1 = std::min(T, t0 + tile), nt = t1 - t0;
+    // The partial of one block and the running states [nt][G] (o rows of dv_pad: 64-byte
+    // aligned, as chunk_state stores them), then their lse values.
+    float* part = detail::sparse::query_scratch().get((nt + 1) * G * (pb.dv_pad + 1));
+    float* run = part + G * pb.dv_pad;
+    float* part_lse = run + nt * G * pb.dv_pad;
+    float* run_lse = part_lse + G;
+    std::int64_t cursor[detail::sparse::kQueryTile] = {};
+    std::int64_t last = -1;  // the furthest selected key of the tile
+    for (std::int64_t t = t0; t < t1; ++t) {
+      const std::int64_t c = count[static_cast<std::size_t>(t)];
+      if (c > 0) last = std::max<std::int64_t>(last, indices(t, c - 1));
+      std::fill(run_lse + (t - t0) * G, run_lse + (t - t0 + 1) * G, kNegInf);
+    }
+    for (std::int64_t s0 = 0; s0 <= last; s0 += block) {
+      const std::int64_t s1 = s0 + block;
+      // Rows of the next block into L2 while this one is used, a share per query.
+      const std::int64_t pf0 = s1, pf1 = std::min(s1 + block, last + 1), per_q = (pf1 - pf0 + nt - 1) / nt;
+      for (std::int64_t t = t0; t < t1; ++t) {
+        const std::int64_t i = t - t0;
+        for (std::int64_t r = pf0 + i * per_q; r < std::min(pf1, pf0 + (i + 1) * per_q); ++r) {
+          detail::sparse::prefetch_l2(k.ptr(r, j), dk * static_cast<std::int64_t>(sizeof(KV)));
+          detail::sparse::prefetch_l2(v.ptr(r, j), dv * static_cast<std::int64_t>(sizeof(KV)));
+        }
+        const std::int32_t* idx = indices.ptr(t);
+        const std::int64_t c0 = cursor[i];
+        std::int64_t c1 = c0;
+        while (c1 < count[static_cast<std::size_t>(t)] && idx[c1] < s1) ++c1;
+        if (c1 == c0) continue;
+        cursor[i] = c1;
+        const ConstView2<float> qt(q.ptr(t), {H, dk}, {q.stride[1], 1});
+        chunk_state<true>(pb, qt, k, v, j, 0, G, c0, c1, part, part_lse, idx, /*prefetch_gather=*/false);
+        for (std::int64_t g = 0; g < G; ++g) {
+          float* o = run + (i * G + g) * pb.dv_pad;
+          float& l = run_lse[i * G + g];
+          if (l == kNegInf) {
+            std::copy(part + g * pb.dv_pad, part + g * pb.dv_pad + dv, o);
+            l = part_lse[g];
+          } else {
+            merge_state_inplace(o, l, part + g * pb.dv_pad, part_lse[g], dv);
+          }
+        }
+      }
+    }
+    for (std::int64_t t = t0; t < t1; ++t) {
+      const std::int64_t i = t - t0;
+      for (std::int64_t g = 0; g < G; ++g) {
+        float* dst = out.ptr(t, j * G + g);
+        if (run_lse[i * G + g] == kNegInf) std::fill(dst, dst + dv, 0.f);
+        else std::copy(run + (i * G + g) * pb.dv_pad, run + (i * G + g) * pb.dv_pad + dv, dst);
+        if (!lse.empty()) lse(t, j * G + g) = run_lse[i * G + g];
+      }
     }
   }, /*dynamic=*/true);
 }

@@ -1,0 +1,171 @@
+// benchmarks/bench_sparse.cpp — DeepSeek-style sparse attention (sparse/) beside the dense
+// kernel it replaces, timed alternately call for call (bench_data.hpp Paired), 2 threads.
+// Shapes: 16 query / 8 KV heads of 128 (Qwen3-0.6B), indexer 16 heads × 64, top-k 2048.
+//
+//  sparse/decode/<kv>/T:<T>   one token: indexer_topk over T index keys + sparse_attention_decode,
+//                             against attention_decode over all T keys. Iterations rotate over
+//                             caches of >= 2 GiB in all, so both read DRAM, not the LLC.
+//                             vs_dense = sparse time / dense time (median of pairs).
+//                             GBps / bw_frac: bytes the sparse step must read (index keys, the
+//                             selected K/V rows) per second, against the measured read bandwidth.
+//  sparse/prefill/<kv>/T:<T>  T tokens: indexer_topk + sparse_attention_prefill, against causal
+//                             attention_prefill. idx_GFLOPS counts 2·H_I·d_I flops per scored
+//                             (query, key) pair; attn_GFLOPS 4·d per selected pair and head;
+//                             *_frac = of the measured FMA peak; idx_s / attn_s the two parts.
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "attnkit/attention/decode.hpp"
+#include "attnkit/attention/kv_cache.hpp"
+#include "attnkit/attention/prefill.hpp"
+#include "attnkit/sparse/indexer.hpp"
+#include "attnkit/sparse/sparse_attention.hpp"
+#include "bench_data.hpp"
+#include "roofline.hpp"
+
+namespace {
+
+using namespace attnkit;
+using bench::Buffer;
+using bench::fill;
+using bench::kD;
+using bench::kH;
+using bench::kHkv;
+
+constexpr std::int64_t kHI = 16, kDI = 64, kTopK = 2048;
+constexpr int kThreads = 2;
+
+double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
+
+template <class KV>
+void BM_sparse_decode(benchmark::State& state, std::int64_t T) {
+  const std::int64_t kv_bytes = 2 * T * kHkv * kD * static_cast<std::int64_t>(sizeof(KV));
+  const std::int64_t n_sets = std::max<std::int64_t>(2, ((std::int64_t{2} << 30) + kv_bytes - 1) / kv_bytes);
+  struct Set {
+    KVCache<KV> cache;
+    Buffer<float> index_k;
+  };
+  std::vector<Set> sets;
+  sets.reserve(static_cast<std::size_t>(n_sets));
+  {
+    const auto src = fill<float>(T * kHkv * kD, 11);
+    const ConstView3<float> kv(src.data(), {T, kHkv, kD});
+    for (std::int64_t c = 0; c < n_sets; ++c) {
+      sets.push_back({KVCache<KV>(kHkv, kD, kD, T), fill<float>(T * kDI, 100 + static_cast<std::uint32_t>(c))});
+      sets.back().cache.append(kv, kv);
+    }
+  }
+  const auto q = fill<float>(kH * kD, 1), iq = fill<float>(kHI * kDI, 2), iw = fill<float>(kHI, 3, 0.5f);
+  const auto out = fill<float>(kH * kD, 4);
+  std::vector<std::int32_t> idx(static_cast<std::size_t>(kTopK));
+  IndexerOptions io;
+  io.num_threads = kThreads;
+  SparseAttentionOptions so;
+  so.num_threads = kThreads;
+  DecodeOptions dopt;
+  dopt.num_threads = kThreads;
+  const ConstView2<float> qv(q.data(), {kH, kD});
+  const View2<float> ov(out.data(), {kH, kD});
+  bench::Paired pairs;
+  double idx_s = 0;
+  std::size_t i = 0;
+  for (auto _ : state) {
+    const Set& a = sets[i % sets.size()];
+    const Set& b = sets[(i + sets.size() / 2) % sets.size()];
+    ++i;
+    const double t0 = now_s();
+    indexer_topk(ConstView3<float>(iq.data(), {1, kHI, kDI}), ConstView2<float>(a.index_k.data(), {T, kDI}),
+                 ConstView2<float>(iw.data(), {1, kHI}), View2<std::int32_t>(idx.data(), {1, kTopK}), io);
+    idx_s += now_s() - t0;
+    sparse_attention_decode<KV>(qv, a.cache.keys(), a.cache.values(), ConstView1<std::int32_t>(idx.data(), {kTopK}), ov, so);
+    benchmark::ClobberMemory();
+    const double t1 = now_s();
+    attention_decode<KV>(qv, b.cache.keys(), b.cache.values(), ov, dopt);
+    benchmark::ClobberMemory();
+    pairs.add(t1 - t0, now_s() - t1);
+  }
+  const double n = static_cast<double>(state.iterations());
+  const double sparse_s = pairs.variant_s / n;
+  const double bytes = static_cast<double>(T * kDI * 4 + std::min(T, kTopK) * kHkv * kD * 2 * static_cast<std::int64_t>(sizeof(KV)));
+  state.counters["vs_dense"] = pairs.time_ratio();
+  state.counters["sparse_us"] = sparse_s * 1e6;
+  state.counters["idx_us"] = idx_s / n * 1e6;
+  state.counters["dense_us"] = pairs.plain_s / n * 1e6;
+  state.counters["GBps"] = bytes / sparse_s * 1e-9;
+  state.counters["bw_frac"] = bytes / sparse_s * 1e-9 / bench::roofline().read_gbps;
+  state.counters["caches"] = static_cast<double>(n_sets);
+}
+
+template <class KV>
+void BM_sparse_prefill(benchmark::State& state, std::int64_t T) {
+  const auto q = fill<float>(T * kH * kD, 1);
+  const auto k = fill<KV>(T * kHkv * kD, 2), v = fill<KV>(T * kHkv * kD, 3);
+  const auto out = fill<float>(T * kH * kD, 4);
+  const auto iq = fill<float>(T * kHI * kDI, 5), ik = fill<float>(T * kDI, 6), iw = fill<float>(T * kHI, 7, 0.5f);
+  std::vector<std::int32_t> idx(static_cast<std::size_t>(T * kTopK));
+  const ConstView3<float> qv(q.data(), {T, kH, kD});
+  const ConstView3<KV> kv(k.data(), {T, kHkv, kD}), vv(v.data(), {T, kHkv, kD});
+  const View3<float> ov(out.data(), {T, kH, kD});
+  IndexerOptions io;
+  io.num_threads = kThreads;
+  SparseAttentionOptions so;
+  so.num_threads = kThreads;
+  AttentionOptions ao;
+  ao.num_threads = kThreads;
+  bench::Paired pairs;
+  double idx_s = 0, attn_s = 0;
+  for (auto _ : state) {
+    const double t0 = now_s();
+    indexer_topk(ConstView3<float>(iq.data(), {T, kHI, kDI}), ConstView2<float>(ik.data(), {T, kDI}),
+                 ConstView2<float>(iw.data(), {T, kHI}), View2<std::int32_t>(idx.data(), {T, kTopK}), io);
+    const double t1 = now_s();
+    sparse_attention_prefill<KV>(qv, kv, vv, ConstView2<std::int32_t>(idx.data(), {T, kTopK}), ov, so);
+    benchmark::ClobberMemory();
+    const double t2 = now_s();
+    attention_prefill<KV>(qv, kv, vv, ov, CausalMask{}, ao);
+    benchmark::ClobberMemory();
+    pairs.add(t2 - t0, now_s() - t2);
+    idx_s += t1 - t0;
+    attn_s += t2 - t1;
+  }
+  const double n = static_cast<double>(state.iterations());
+  double scored = 0, selected = 0;
+  for (std::int64_t t = 0; t < T; ++t) {
+    scored += t + 1 > kTopK ? static_cast<double>(t + 1) : 0.0;  // queries that see <= k keys are not scored
+    selected += static_cast<double>(std::min(t + 1, kTopK));
+  }
+  const double peak = bench::roofline().fma_gflops;
+  const double idx_gflops = scored * 2.0 * kHI * kDI / (idx_s / n) * 1e-9;
+  const double attn_gflops = selected * kH * 4.0 * kD / (attn_s / n) * 1e-9;
+  state.counters["vs_dense"] = pairs.time_ratio();
+  state.counters["sparse_s"] = pairs.variant_s / n;
+  state.counters["dense_s"] = pairs.plain_s / n;
+  state.counters["idx_s"] = idx_s / n;
+  state.counters["attn_s"] = attn_s / n;
+  state.counters["idx_GFLOPS"] = idx_gflops;
+  state.counters["idx_frac"] = idx_gflops / peak;
+  state.counters["attn_GFLOPS"] = attn_gflops;
+  state.counters["attn_frac"] = attn_gflops / peak;
+}
+
+const bool registered = [] {
+  const auto reg = [](const std::string& name, auto fn, std::int64_t T, int iters) {
+    benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& s) { fn(s, T); })
+        ->UseRealTime()
+        ->Iterations(iters)
+        ->Unit(benchmark::kMillisecond);
+  };
+  reg("sparse/decode/f32/T:32768", BM_sparse_decode<float>, 32768, 200);
+  reg("sparse/decode/bf16/T:32768", BM_sparse_decode<bf16>, 32768, 200);
+  reg("sparse/prefill/f32/T:4096", BM_sparse_prefill<float>, 4096, 3);
+  reg("sparse/prefill/f32/T:16384", BM_sparse_prefill<float>, 16384, 2);
+  reg("sparse/prefill/bf16/T:16384", BM_sparse_prefill<bf16>, 16384, 2);
+  return true;
+}();
+
+}  // namespace
