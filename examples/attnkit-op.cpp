@@ -4,8 +4,10 @@
 //   attnkit-op gated-delta --in inputs.safetensors --out outputs.safetensors --mode chunked
 //   attnkit-op linear-attention --in x.safetensors --out y.safetensors --feature-map elu --normalize
 //   attnkit-op attention --in x.safetensors --out y.safetensors --window 128
+//   attnkit-op sparse-attention --in x.safetensors --out y.safetensors --topk 2048
 //
-// Inputs may be F32, BF16, F16 or F64 (converted to float32); outputs are F32. Tensor shapes use
+// Inputs may be F32, BF16, F16 or F64 (converted to float32); outputs are F32 (selected key
+// indices I64, -1 padded). Tensor shapes use
 // the kernels' layouts ([tokens, heads, head_dim], no batch axis). Every op is one entry of the
 // table in ops(): its tensors (with symbolic shapes checked against each other), its options and
 // its run function; --help is printed from that table.
@@ -14,11 +16,13 @@
 #include <algorithm>
 #include <cctype>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <functional>
 #include <map>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attnkit/attention/decode.hpp"
@@ -29,6 +33,8 @@
 #include "attnkit/recurrent/gated_norm.hpp"
 #include "attnkit/recurrent/linear_attention.hpp"
 #include "attnkit/recurrent/short_conv.hpp"
+#include "attnkit/sparse/indexer.hpp"
+#include "attnkit/sparse/sparse_attention.hpp"
 
 using namespace attnkit;
 
@@ -131,6 +137,18 @@ class Run {
     return o.data.data();
   }
   const std::map<std::string, Loaded>& outputs() const { return outputs_; }
+  // An integer output (written as I64), e.g. selected key indices.
+  std::vector<std::int64_t>& int_output(const std::string& name, std::vector<std::int64_t> shape) {
+    std::int64_t n = 1;
+    for (auto s : shape) n *= s;
+    auto& o = int_outputs_[name];
+    o.first = std::move(shape);
+    o.second.assign(static_cast<std::size_t>(n), 0);
+    return o.second;
+  }
+  const std::map<std::string, std::pair<std::vector<std::int64_t>, std::vector<std::int64_t>>>& int_outputs() const {
+    return int_outputs_;
+  }
 
   // Options (validated against the op's table before the run).
   bool flag(const std::string& name) const { return opts_.count(name) != 0; }
@@ -174,6 +192,16 @@ class Run {
     std::string list;
     for (std::size_t i = 0; i < choices.size(); ++i) list += (i ? (i + 1 == choices.size() ? " or " : ", ") : "") + choices[i];
     fail(name + ": expected " + list + ", got '" + *v + "'");
+  }
+  // An option without a default (checked before any tensor is read).
+  std::int64_t required_integer(const std::string& name, std::int64_t lo) const {
+    if (!value(name)) {
+      std::string arg = name;
+      for (const auto& o : op_.options)
+        if (o.name == name && !o.value.empty()) arg += " " + o.value;
+      fail(op_.name + ": " + arg + " is required");
+    }
+    return integer(name, 0, lo);
   }
   int threads() const { return static_cast<int>(integer("--threads", 0, 0)); }
 
@@ -234,6 +262,7 @@ class Run {
   std::map<std::string, std::string> why_;  // which tensor fixed each size
   std::map<std::string, Loaded> loaded_;
   std::map<std::string, Loaded> outputs_;
+  std::map<std::string, std::pair<std::vector<std::int64_t>, std::vector<std::int64_t>>> int_outputs_;  // shape, data
 };
 
 // Views over loaded tensors (row-major contiguous).
@@ -350,6 +379,60 @@ void run_gated_norm(Run& r) {
   gated_rms_norm(view3(x), view3(z), view1(w).data, r.real("--eps", 1e-6f), View3<float>(y, {T, H, d}), r.threads());
 }
 
+// --topk K: required; the kernels index keys with int32.
+std::int64_t topk(Run& r) {
+  const std::int64_t K = r.required_integer("--topk", 1);
+  if (K > INT32_MAX) fail("--topk: must be <= " + std::to_string(INT32_MAX) + ", got " + std::to_string(K));
+  return K;
+}
+
+// The lightning indexer on index_q, index_k, index_w (queries at positions 0..T-1 of the T keys):
+// writes index_score and topk_indices and returns the selection as the attention kernel takes it.
+std::vector<std::int32_t> run_indexer_outputs(Run& r, std::int64_t K) {
+  const Loaded &iq = r.input("index_q"), &ik = r.input("index_k"), &iw = r.input("index_w");
+  const std::int64_t T = r.dim("T");
+  IndexerOptions opt;
+  opt.q_offset = 0;
+  opt.num_threads = r.threads();
+  float* score = r.output("index_score", {T, T});
+  indexer_scores(view3(iq), view2(ik), view2(iw), View2<float>(score, {T, T}), opt);
+  std::vector<std::int32_t> idx(static_cast<std::size_t>(T * K));
+  indexer_topk(view3(iq), view2(ik), view2(iw), View2<std::int32_t>(idx.data(), {T, K}), opt);
+  auto& sel = r.int_output("topk_indices", {T, K});
+  std::copy(idx.begin(), idx.end(), sel.begin());
+  return idx;
+}
+
+void run_indexer(Run& r) {
+  const std::int64_t K = topk(r);
+  r.threads();  // a bad --threads is reported before any tensor is read
+  run_indexer_outputs(r, K);
+}
+
+void run_sparse_attention(Run& r) {
+  const std::int64_t K = topk(r);
+  const bool kv_bf16 = r.choice("--kv", {"f32", "bf16"}) == "bf16";
+  SparseAttentionOptions opt;
+  opt.scale = r.real("--scale", 0.f);
+  opt.q_offset = 0;
+  opt.num_threads = r.threads();
+  const Loaded &q = r.input("q"), &k = r.input("k"), &v = r.input("v");
+  const std::vector<std::int32_t> idx = run_indexer_outputs(r, K);
+  const std::int64_t T = r.dim("T"), H = r.dim("H"), H_kv = r.dim("H_kv"), dk = r.dim("d_k"), dv = r.dim("d_v");
+  float* out = r.output("out", {T, H, dv});
+  const ConstView2<std::int32_t> sel(idx.data(), {T, K});
+  const View3<float> o(out, {T, H, dv});
+  if (kv_bf16) {  // K/V stored as bf16 (round to nearest even), as in a bf16 KV cache
+    std::vector<bf16> kb(k.data.size()), vb(v.data.size());
+    simd::to_bf16(k.data.data(), kb.data(), static_cast<std::int64_t>(kb.size()));
+    simd::to_bf16(v.data.data(), vb.data(), static_cast<std::int64_t>(vb.size()));
+    sparse_attention_prefill<bf16>(view3(q), ConstView3<bf16>(kb.data(), {T, H_kv, dk}),
+                                   ConstView3<bf16>(vb.data(), {T, H_kv, dv}), sel, o, opt);
+  } else {
+    sparse_attention_prefill<float>(view3(q), view3(k), view3(v), sel, o, opt);
+  }
+}
+
 const std::vector<OptionSpec> kModeOptions{
     {"--mode", "auto|chunked|recurrent", "path (auto: recurrent for short inputs, else chunked)"},
     {"--chunk", "N", "chunk length of the chunked path (default 64)"}};
@@ -416,6 +499,33 @@ const std::vector<Op>& ops() {
        {{"y", {{"T", "H", "d"}}}},
        {{"--eps", "X", "epsilon under the square root (default 1e-6)"}, kThreads},
        run_gated_norm},
+      {"sparse-attention",
+       "DeepSeek sparse attention: lightning indexer, top-K keys per query, softmax attention over them, GQA "
+       "(attnkit::indexer_scores, indexer_topk, sparse_attention_prefill); causal, queries at positions 0..T-1",
+       {{"q", {{"T", "H", "d_k"}}},
+        {"k", {{"T", "H_kv", "d_k"}}},
+        {"v", {{"T", "H_kv", "d_v"}}},
+        {"index_q", {{"T", "H_I", "d_I"}}},
+        {"index_k", {{"T", "d_I"}}, false, "one key head shared by the index heads"},
+        {"index_w", {{"T", "H_I"}}, false, "head weights, scaling included"}},
+       {{"index_score", {{"T", "T"}}, false, "Σ_j index_w·ReLU(index_q·index_k); -inf for keys after the query"},
+        {"topk_indices", {{"T", "K"}}, false, "I64: the top min(K, t+1) keys, ties to the lower index, ascending, -1 padded"},
+        {"out", {{"T", "H", "d_v"}}}},
+       {{"--topk", "K", "keys kept per query (required)"},
+        {"--kv", "f32|bf16", "K/V storage: bf16 rounds k and v to bf16 first, like a bf16 KV cache (default f32)"},
+        kScale,
+        kThreads},
+       run_sparse_attention},
+      {"indexer",
+       "DeepSeek lightning indexer alone: scores and top-K keys per query (attnkit::indexer_scores, indexer_topk); "
+       "queries at positions 0..T-1",
+       {{"index_q", {{"T", "H_I", "d_I"}}},
+        {"index_k", {{"T", "d_I"}}, false, "one key head shared by the index heads"},
+        {"index_w", {{"T", "H_I"}}, false, "head weights, scaling included"}},
+       {{"index_score", {{"T", "T"}}, false, "Σ_j index_w·ReLU(index_q·index_k); -inf for keys after the query"},
+        {"topk_indices", {{"T", "K"}}, false, "I64: the top min(K, t+1) keys, ties to the lower index, ascending, -1 padded"}},
+       {{"--topk", "K", "keys kept per query (required)"}, kThreads},
+       run_indexer},
   };
   return table;
 }
@@ -424,7 +534,8 @@ std::string usage() {
   std::string s =
       "usage: attnkit-op OP --in FILE.safetensors --out FILE.safetensors [options]\n"
       "Runs one attnkit kernel on the named tensors of --in (F32, BF16, F16 or F64; no batch axis) and\n"
-      "writes its outputs to --out as F32. Shapes: symbols must agree across tensors.\n"
+      "writes its outputs to --out as F32 (selected key indices as I64). Shapes: symbols must agree\n"
+      "across tensors.\n"
       "Exit code 2 on bad input (message on stderr).\n\nops:\n";
   auto tensors = [](const std::vector<TensorSpec>& list) {
     std::string t;
@@ -501,11 +612,17 @@ int run_main(int argc, char** argv) {
   Run run(*op, in, opts);
   op->run(run);
   io::SafetensorsWriter w;
-  std::string written;
+  std::map<std::string, std::string> listed;  // name -> shape, all outputs in name order
   for (const auto& [name, t] : run.outputs()) {
     w.add_f32(name, t.shape, t.data.data());
-    written += (written.empty() ? "" : ", ") + name + " " + io::shape_string(t.shape);
+    listed[name] = io::shape_string(t.shape);
   }
+  for (const auto& [name, t] : run.int_outputs()) {
+    w.add(name, io::DType::I64, t.first, t.second.data(), t.second.size() * sizeof(std::int64_t));
+    listed[name] = io::shape_string(t.first);
+  }
+  std::string written;
+  for (const auto& [name, shape] : listed) written += (written.empty() ? "" : ", ") + name + " " + shape;
   w.set_metadata("attnkit-op", op->name);
   w.write(out_path);
   std::printf("attnkit-op %s: wrote %s to %s\n", op->name.c_str(), written.c_str(), out_path.c_str());

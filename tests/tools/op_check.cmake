@@ -3,7 +3,8 @@
 #  * EXPECT_RC and EXPECT_ERROR: the exit code, a regular expression that stderr must match, and
 #    that the message is one line; or
 #  * OUT, REF, TENSORS ('|'-separated), BOUND, CMP: exit code 0, and each named tensor of OUT is
-#    within BOUND (relative L2) of the same tensor of REF, by attnkit-compare-tensors (CMP).
+#    within BOUND (relative L2) of the same tensor of REF, by attnkit-compare-tensors (CMP);
+#    an entry NAME:X of TENSORS has its own bound X (integer tensors are always compared exactly).
 #    With REF_ARGS, EXE runs with those arguments first (writing REF).
 macro(run_op argstring)
   string(REPLACE "|" ";" _args "${argstring}")
@@ -38,8 +39,14 @@ if(NOT rc EQUAL 0)
 endif()
 message(STATUS "${out}")
 string(REPLACE "|" ";" tensors "${TENSORS}")
-foreach(t ${tensors})
-  execute_process(COMMAND ${CMP} ${OUT}:${t} ${REF}:${t} ${BOUND} RESULT_VARIABLE rc OUTPUT_VARIABLE cmp
+foreach(entry ${tensors})
+  set(bound "${BOUND}")
+  set(t "${entry}")
+  if(entry MATCHES "^(.+):([^:]+)$")
+    set(t "${CMAKE_MATCH_1}")
+    set(bound "${CMAKE_MATCH_2}")
+  endif()
+  execute_process(COMMAND ${CMP} ${OUT}:${t} ${REF}:${t} ${bound} RESULT_VARIABLE rc OUTPUT_VARIABLE cmp
                   ERROR_VARIABLE cmp_err)
   if(NOT rc EQUAL 0)
     message(FATAL_ERROR "tensor '${t}' differs from ${REF}: ${cmp}${cmp_err}")
