@@ -18,6 +18,12 @@
 // model/{plain,hybrid}/decode_context decodes after 512 and after 8192 tokens of context, step
 // for step alternately, and reports ctx_ratio = median(step time at 512 / step time at 8192):
 // a linear-time mixer keeps it near 1, full attention reads a KV cache 16x longer.
+// LT2 (model/lt2-*): the 1.3B recipes of spec §9.2 (D 2048, 20 shared layers looped 4 times,
+// "4:1"), Full+GDN ("lt2-hybrid-1.3b") and GDN+DSA ("lt2-gdn-dsa-1.3b", top-2048), each paired
+// with the looped all-full-attention model of the same shape ("lt2-full-1.3b"). Their
+// decode_context runs one "4:1" group of the same layers (5 layers x 4 loops: "lt2-*-5l"), whose
+// per-layer weight and cache bytes are the 1.3B model's; the 20-layer models would need about
+// 15 minutes to prefill 8192 tokens here.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -52,6 +58,17 @@ const model::Qwen3Model& qwen3_0_6b(const std::string& variant = "plain") {
       if (variant == "attnres-full") j["attnres_mode"] = "full";
     } else if (variant == "hybrid") {
       j = model::hybrid_0_6b_config();
+    } else if (variant.rfind("lt2-", 0) == 0) {
+      j = model::lt2_1_3b_config(variant.find("dsa") != std::string::npos);
+      if (variant.find("full") != std::string::npos) {
+        j["mixer"] = "full";
+        j.erase("attention_pattern");
+        j.erase("attention_layer");
+        for (const char* k : {"linear_num_key_heads", "linear_num_value_heads", "linear_key_head_dim",
+                              "linear_value_head_dim", "linear_conv_kernel_dim"})
+          j.erase(k);
+      }
+      if (variant.size() > 3 && variant.compare(variant.size() - 3, 3, "-5l") == 0) j["num_hidden_layers"] = 5;
     } else if (variant.rfind("ouro-1.4b", 0) == 0) {
       j = model::ouro_1_4b_config();
       if (variant == "ouro-1.4b-1step") j["total_ut_steps"] = 1;
@@ -67,6 +84,7 @@ const model::Qwen3Model& qwen3_0_6b(const std::string& variant = "plain") {
 std::string base_of(const std::string& variant) {
   if (variant == "plain" || variant == "attnres-base" || variant == "ouro-1.4b-1step") return "";
   if (variant == "ouro-1.4b") return "ouro-1.4b-1step";
+  if (variant.rfind("lt2-", 0) == 0) return variant.find("full") != std::string::npos ? "" : "lt2-full-1.3b";
   return variant.rfind("attnres-", 0) == 0 ? "attnres-base" : "plain";
 }
 
@@ -247,6 +265,17 @@ const bool registered = [] {
                                     (kv == model::CacheType::f32 ? "f32" : "bf16")).c_str(),
                                    BM_model_decode_context, kv, std::string(v))
           ->ArgNames({"T", "threads"})->Args({8192, 2})->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(16);
+  for (const char* v : {"lt2-hybrid-1.3b", "lt2-gdn-dsa-1.3b"}) {
+    const std::string n = std::string("model/") + v;
+    benchmark::RegisterBenchmark((n + "/prefill/bf16/exact").c_str(), BM_model_prefill, Precision::exact, std::string(v))
+        ->ArgNames({"T", "threads"})->Args({512, 2})->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(2);
+    benchmark::RegisterBenchmark((n + "/decode/bf16/kv:f32").c_str(), BM_model_decode, model::CacheType::f32, std::string(v))
+        ->ArgNames({"T", "threads"})->Args({512, 2})->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(8);
+  }
+  for (const char* v : {"lt2-full-5l", "lt2-hybrid-5l", "lt2-gdn-dsa-5l"})
+    benchmark::RegisterBenchmark((std::string("model/") + v + "/decode_context/bf16/kv:f32").c_str(), BM_model_decode_context,
+                                 model::CacheType::f32, std::string(v))
+        ->ArgNames({"T", "threads"})->Args({8192, 2})->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(8);
   for (const char* v : {"attnres-block", "attnres-full"}) {
     const std::string n = std::string("model/") + v;
     add((n + "/prefill/bf16/exact").c_str(), 3, BM_model_prefill, Precision::exact, std::string(v));
