@@ -11,6 +11,7 @@
 //  sparse/prefill/<kv>/T:<T>  T tokens: indexer_topk + sparse_attention_prefill, against causal
 //                             attention_prefill. idx_GFLOPS counts 2·H_I·d_I flops per scored
 //                             (query, key) pair; attn_GFLOPS 4·d per selected pair and head;
+//                             K/V head-major (as KVCache) for both kernels;
 //                             *_frac = of the measured FMA peak; idx_s / attn_s the two parts.
 #include <benchmark/benchmark.h>
 
@@ -109,7 +110,9 @@ void BM_sparse_prefill(benchmark::State& state, std::int64_t T) {
   const auto iq = fill<float>(T * kHI * kDI, 5), ik = fill<float>(T * kDI, 6), iw = fill<float>(T * kHI, 7, 0.5f);
   std::vector<std::int32_t> idx(static_cast<std::size_t>(T * kTopK));
   const ConstView3<float> qv(q.data(), {T, kH, kD});
-  const ConstView3<KV> kv(k.data(), {T, kHkv, kD}), vv(v.data(), {T, kHkv, kD});
+  // Head-major K/V, as a KVCache holds them (a [T, H_kv, d] buffer puts one head's rows 4 KiB
+  // apart, where they alias in L1/L2).
+  const ConstView3<KV> kv(k.data(), {T, kHkv, kD}, {kD, T * kD, 1}), vv(v.data(), {T, kHkv, kD}, {kD, T * kD, 1});
   const View3<float> ov(out.data(), {T, kH, kD});
   IndexerOptions io;
   io.num_threads = kThreads;
