@@ -102,10 +102,15 @@ double seconds_since(clk::time_point t0) { return bench::seconds(t0, clk::now())
 // A variant is timed alternately with the plain model, step for step, and vs_plain is the
 // median over the pairs of (plain time / variant time), i.e. the variant's speed as a fraction
 // of plain's. The reported time and tok_s are the variant's alone.
+// passes: how many more passes over the layers the variant makes than its base (Ouro's 4 steps
+// against one step; 1 when both loop alike, as LT2 and its looped full-attention base).
 void report_pairs(benchmark::State& state, const bench::Paired& pairs, int passes = 1) {
   if (pairs.variant.empty()) return;
   state.counters["vs_plain"] = pairs.speed_ratio();
   if (passes > 1) state.counters["per_step_vs_base"] = pairs.speed_ratio() * passes;
+}
+int extra_passes(const model::Qwen3Model& m, const std::string& base) {
+  return base.empty() ? 1 : m.passes() / qwen3_0_6b(base).passes();
 }
 
 // Prefill: the whole prompt in one step; logits of the last row only (what generation needs).
@@ -138,7 +143,7 @@ void BM_model_prefill(benchmark::State& state, Precision precision, std::string 
     total += s;
   }
   state.counters["tok_s"] = static_cast<double>(T) * static_cast<double>(state.iterations()) / total;
-  report_pairs(state, pairs, m.passes());
+  report_pairs(state, pairs, extra_passes(m, base));
 }
 
 // A decoding session of one model: prefilled with `prompt_len` random ids (untimed, in chunks
@@ -205,7 +210,7 @@ void BM_model_decode(benchmark::State& state, model::CacheType kv, std::string v
   const double gbps = static_cast<double>(m.streamed_bytes_per_token()) * iters / total / 1e9;
   state.counters["GBps"] = gbps;
   state.counters["bw_frac"] = gbps / bench::roofline().read_gbps;
-  report_pairs(state, pairs, m.passes());
+  report_pairs(state, pairs, extra_passes(m, base_name));
 }
 
 // Decode after a short (512) and a long (T) context, alternately step for step (same model, two

@@ -165,6 +165,18 @@ void check_attention_random(Rng& rng) {
                                 ConstView1<std::int32_t>(idx.data() + t * K, {K}), View2<float>(o.data(), {H, dv}), so);
     const std::vector<double> row(ref_out.begin() + t * H * dv, ref_out.begin() + (t + 1) * H * dv);
     CHECK(rel_l2(o, row) <= kAttnTol);
+    // The same row of prefill (another merge order: blocks of keys there, chunks of the list here).
+    const std::vector<float> prow(out.begin() + t * H * dv, out.begin() + (t + 1) * H * dv);
+    CHECK(rel_l2(o, prow) <= kAttnTol);
+    // Bit-identical for any thread count.
+    std::vector<float> o1(sz(H * dv));
+    so.num_threads = 1;
+    sparse_attention_decode<KV>(ConstView2<float>(p.q.data() + t * H * dk, {H, dk}), p.kview(), p.vview(),
+                                ConstView1<std::int32_t>(idx.data() + t * K, {K}), View2<float>(o1.data(), {H, dv}), so);
+    so.num_threads = 2;
+    sparse_attention_decode<KV>(ConstView2<float>(p.q.data() + t * H * dk, {H, dk}), p.kview(), p.vview(),
+                                ConstView1<std::int32_t>(idx.data() + t * K, {K}), View2<float>(o.data(), {H, dv}), so);
+    CHECK(test::bit_equal(o, o1));
   }
 }
 

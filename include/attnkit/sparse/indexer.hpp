@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "attnkit/attention/decode.hpp"
 #include "attnkit/core/error.hpp"
@@ -44,6 +45,7 @@ namespace detail::indexer {
 
 inline constexpr std::int64_t kKeyBlock = 512;  // index keys scored per work item (128 KiB at d_I 64)
 inline constexpr std::int64_t kStrip = 64;      // queries scored together in indexer_topk
+inline constexpr std::int64_t kPanelQueries = 4;  // queries of a strip from which a key panel pays
 
 struct Shape {
   std::int64_t T, T_k, H, d, H_pad, q_offset;
@@ -82,9 +84,12 @@ inline void prepare_query(const Shape& sh, ConstView3<float> q, ConstView2<float
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 // Head chunk [c0, c0 + 16·NH) of the scores of keys [s0, s1) (rows of index_k): NK keys at a time
 // share each loaded query column; 16 keys' per-lane terms are then summed by one transpose tree.
-template <int NH>
-inline void score_keys_chunk(const Shape& sh, const float* qt, const float* wp, std::int64_t c0, ConstView2<float> k,
-                             std::int64_t s0, std::int64_t s1, float* row, bool add) {
+// Keys come from a panel (make_panel: one base pointer for 16 keys, best when a strip of
+// queries shares it) or straight from the rows of k (one query: a panel would cost more than it
+// saves).
+template <int NH, bool UsePanel>
+inline void score_keys_chunk(const Shape& sh, const float* qt, const float* wp, std::int64_t c0, const float* panel,
+                             ConstView2<float> k, std::int64_t s0, std::int64_t s1, float* row, bool add) {
   constexpr int NK = NH == 1 ? 16 : NH == 2 ? 8 : 4;
   __m512 wv[NH];
 #pragma GCC unroll 4
@@ -92,10 +97,13 @@ inline void score_keys_chunk(const Shape& sh, const float* qt, const float* wp, 
   const __m512 zero = _mm512_setzero_ps();
   for (std::int64_t s = s0; s < s1; s += 16) {
     __m512 red[16];
+    const float* pk = UsePanel ? panel + (s - s0) * sh.d : nullptr;  // this group of 16 keys: [d][16]
     for (int g = 0; g < 16; g += NK) {
       const float* kr[NK];
+      if constexpr (!UsePanel) {
 #pragma GCC unroll 16
-      for (int r = 0; r < NK; ++r) kr[r] = k.ptr(std::min(s + g + r, s1 - 1));
+        for (int r = 0; r < NK; ++r) kr[r] = k.ptr(std::min(s + g + r, s1 - 1));
+      }
       __m512 acc[NK][NH];
 #pragma GCC unroll 16
       for (int r = 0; r < NK; ++r)
@@ -107,7 +115,7 @@ inline void score_keys_chunk(const Shape& sh, const float* qt, const float* wp, 
         for (int v = 0; v < NH; ++v) qv[v] = _mm512_loadu_ps(qt + e * sh.H_pad + c0 + 16 * v);
 #pragma GCC unroll 16
         for (int r = 0; r < NK; ++r) {
-          const __m512 kb = _mm512_set1_ps(kr[r][e]);
+          const __m512 kb = _mm512_set1_ps(UsePanel ? pk[e * 16 + g + r] : kr[r][e]);
 #pragma GCC unroll 4
           for (int v = 0; v < NH; ++v) acc[r][v] = _mm512_fmadd_ps(qv[v], kb, acc[r][v]);
         }
@@ -129,21 +137,39 @@ inline void score_keys_chunk(const Shape& sh, const float* qt, const float* wp, 
 }
 #endif
 
-// row[s - s0] = score of key s for s in [s0, s1) (one prepared query).
-inline void score_keys(const Shape& sh, const float* qt, const float* wp, ConstView2<float> k, std::int64_t s0,
-                       std::int64_t s1, float* row) {
+// The keys [s0, s1) as the AVX-512 kernel reads them: groups of 16 keys, each [d][16] (one
+// broadcast base for all 16 keys; the last group repeats its last key).
+inline void make_panel(const Shape& sh, ConstView2<float> k, std::int64_t s0, std::int64_t s1, float* panel) {
+  for (std::int64_t g = s0; g < s1; g += 16)
+    for (int r = 0; r < 16; ++r) {
+      const float* kr = k.ptr(std::min<std::int64_t>(g + r, s1 - 1));
+      float* dst = panel + (g - s0) * sh.d + r;
+      for (std::int64_t e = 0; e < sh.d; ++e) dst[e * 16] = kr[e];
+    }
+}
+
+// row[s - s0] = score of key s for s in [s0, s1) (one prepared query); panel: make_panel's keys
+// from s0 on, or null to read the rows of k (AVX-512; the portable path reads k).
+inline void score_keys(const Shape& sh, const float* qt, const float* wp, ConstView2<float> k, const float* panel,
+                       std::int64_t s0, std::int64_t s1, float* row) {
   if (s1 <= s0) return;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-  for (std::int64_t c0 = 0; c0 < sh.H_pad; c0 += 64) {
-    const bool add = c0 > 0;
-    switch (std::min<std::int64_t>(4, (sh.H_pad - c0) / 16)) {
-      case 1: score_keys_chunk<1>(sh, qt, wp, c0, k, s0, s1, row, add); break;
-      case 2: score_keys_chunk<2>(sh, qt, wp, c0, k, s0, s1, row, add); break;
-      case 3: score_keys_chunk<3>(sh, qt, wp, c0, k, s0, s1, row, add); break;
-      default: score_keys_chunk<4>(sh, qt, wp, c0, k, s0, s1, row, add); break;
+  auto run = [&](auto use_panel) {
+    constexpr bool P = decltype(use_panel)::value;
+    for (std::int64_t c0 = 0; c0 < sh.H_pad; c0 += 64) {
+      const bool add = c0 > 0;
+      switch (std::min<std::int64_t>(4, (sh.H_pad - c0) / 16)) {
+        case 1: score_keys_chunk<1, P>(sh, qt, wp, c0, panel, k, s0, s1, row, add); break;
+        case 2: score_keys_chunk<2, P>(sh, qt, wp, c0, panel, k, s0, s1, row, add); break;
+        case 3: score_keys_chunk<3, P>(sh, qt, wp, c0, panel, k, s0, s1, row, add); break;
+        default: score_keys_chunk<4, P>(sh, qt, wp, c0, panel, k, s0, s1, row, add); break;
+      }
     }
-  }
+  };
+  if (panel) run(std::true_type{});
+  else run(std::false_type{});
 #else
+  (void)panel;
   for (std::int64_t s = s0; s < s1; ++s) {
     const float* kr = k.ptr(s);
     float sum = 0.f;
@@ -155,6 +181,11 @@ inline void score_keys(const Shape& sh, const float* qt, const float* wp, ConstV
     row[s - s0] = sum;
   }
 #endif
+}
+
+inline GrowScratch& panel_scratch() {
+  thread_local GrowScratch s;
+  return s;
 }
 
 inline GrowScratch& strip_scratch() {
@@ -172,14 +203,22 @@ inline void score_strip(const Shape& sh, ConstView3<float> q, ConstView2<float> 
   for (std::int64_t t = t0; t < t1; ++t)
     if (wanted[static_cast<std::size_t>(t - t0)]) prepare_query(sh, q, w, t, prep + (t - t0) * per, prep + (t - t0) * per + sh.d * sh.H_pad);
   const std::int64_t last = sh.q_offset + t1 - 1;  // the furthest key any query of the strip sees
+  const std::int64_t n_wanted = std::count(wanted.begin(), wanted.end(), 1);
   const std::int64_t n_blocks = last / kKeyBlock + 1;
   parallel_for(n_blocks, threads, [&](std::int64_t b) {
-    const std::int64_t s0 = b * kKeyBlock;
+    const std::int64_t s0 = b * kKeyBlock, s_end = std::min(s0 + kKeyBlock, last + 1);
+    float* panel = nullptr;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (n_wanted >= kPanelQueries) {
+      panel = panel_scratch().get(kKeyBlock * sh.d);
+      make_panel(sh, k, s0, s_end, panel);
+    }
+#endif
     for (std::int64_t t = t0; t < t1; ++t) {
       if (!wanted[static_cast<std::size_t>(t - t0)]) continue;
-      const std::int64_t s1 = std::min(s0 + kKeyBlock, sh.q_offset + t + 1);
+      const std::int64_t s1 = std::min(s_end, sh.q_offset + t + 1);
       const float* qt = prep + (t - t0) * per;
-      score_keys(sh, qt, qt + sh.d * sh.H_pad, k, s0, s1, rows + (t - t0) * ld + s0);
+      score_keys(sh, qt, qt + sh.d * sh.H_pad, k, panel, s0, s1, rows + (t - t0) * ld + s0);
     }
   }, /*dynamic=*/true);
 }

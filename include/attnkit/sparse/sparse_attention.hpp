@@ -16,11 +16,16 @@
 //
 // Design: the kernel is the decode kernel (attention/decode.hpp) reading rows through the index
 // list instead of consecutive positions, so the online softmax, the GQA sharing of each loaded
-// K/V row by the G heads of its group, and bf16 widening are the same code; the next block's
-// rows are prefetched because a gather defeats the hardware prefetcher. Decode splits the index
-// list into fixed chunks merged in order; prefill runs one work item per (query, KV head).
-// Results are bit-identical for any thread count; with every key selected they equal
-// attention_decode's over the same keys (same chunking, same arithmetic).
+// K/V row by the G heads of its group, and bf16 widening are the same code. Decode splits the
+// index list into fixed chunks merged in order (the rows come from DRAM, so the next block's
+// rows are prefetched: a gather defeats the hardware prefetcher). Prefill: a work item is 64
+// queries × one KV head; it walks the keys in blocks whose K/V rows fit in L2 (512 KiB), each
+// query attends to its selected keys inside the block and merges that partial state into its
+// running one, and the next block is prefetched into L2 meanwhile. Random selections leave
+// little reuse beyond that: each selected row is read from L2 once per query, so prefill is
+// bound by L2 bandwidth at G flops per loaded element (see the README's measurements).
+// Results are bit-identical for any thread count; decode over every key equals
+// attention_decode bit for bit (same chunks, same arithmetic).
 #pragma once
 
 #include <algorithm>
