@@ -167,14 +167,15 @@ TEST_CASE("loading never drops part of a checkpoint in silence", "[model][errors
     write_checkpoint(fixture("qwen3-tiny-f32"), tmp.path, cfg);
     REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path),
                         Contains("entry 1 is 'mamba_attention' (known layer types: full_attention, gated_attention, "
-                                 "linear_attention, loop_attention, ouro_attention, sliding_attention)"));
+                                 "gated_sparse_attention, linear_attention, loop_attention, lt2_gated_window_attention, "
+                                 "lt2_window_attention, ouro_attention, sliding_attention, sparse_attention)"));
   }
   SECTION("an unknown model type lists the recipes' types") {
     auto cfg = read_config(fixture("qwen3-tiny-f32"));
     cfg["model_type"] = "mamba";
     write_checkpoint(fixture("qwen3-tiny-f32"), tmp.path, cfg);
     REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path),
-                        Contains("unsupported model type 'mamba' (accepted: qwen3, qwen3_attnres, ouro, qwen3_5_text, qwen3_next)"));
+                        Contains("unsupported model type 'mamba' (accepted: qwen3, qwen3_attnres, ouro, qwen3_5_text, qwen3_next, lt2)"));
   }
 }
 
