@@ -62,13 +62,7 @@ class Qwen3Attention final : public TokenMixer {
   std::string kind() const override { return window_ ? "sliding_attention" : "full_attention"; }
   std::string describe() const override {
     std::string d = kind();
-    if (proj_.output_gate()) d += ", output gate";
-    if (proj_.rotary_dim() != proj_.head_dim()) {
-      d += ", rotary ";
-      d += std::to_string(proj_.rotary_dim());
-      d += " of ";
-      d += std::to_string(proj_.head_dim());
-    }
+    d += proj_.describe();
     return d;
   }
   std::int64_t window() const { return window_; }

@@ -104,13 +104,7 @@ class SparseAttention final : public TokenMixer {
     d += ", top-";
     d += std::to_string(s_.topk);
     d += ")";
-    if (proj_.output_gate()) d += ", output gate";
-    if (proj_.rotary_dim() != proj_.head_dim()) {
-      d += ", rotary ";
-      d += std::to_string(proj_.rotary_dim());
-      d += " of ";
-      d += std::to_string(proj_.head_dim());
-    }
+    d += proj_.describe();
     return d;
   }
   const SparseIndexerSettings& settings() const { return s_; }

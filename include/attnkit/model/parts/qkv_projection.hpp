@@ -65,6 +65,18 @@ class QKVProjection {
   std::int64_t head_dim() const { return d_; }
   std::int64_t rotary_dim() const { return rotary_; }
   bool output_gate() const { return gated_; }
+  // What a mixer's describe() adds for this projection: ", output gate", ", rotary r of d".
+  std::string describe() const {
+    std::string d;
+    if (gated_) d += ", output gate";
+    if (rotary_ != head_dim()) {
+      d += ", rotary ";
+      d += std::to_string(rotary_);
+      d += " of ";
+      d += std::to_string(head_dim());
+    }
+    return d;
+  }
   std::size_t weight_bytes() const { return qkv_.bytes() + (q_norm_.size() + k_norm_.size()) * sizeof(float); }
 
   // x [T, D] -> out.q [T, H, d], out.k / out.v [T, H_kv, d] (post-norm, post-RoPE), out.gate.
