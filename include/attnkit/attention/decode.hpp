@@ -63,15 +63,9 @@ inline constexpr bool uses_pairs_v =
     false;
 #endif
 
-// One per thread, reused across calls.
-inline GrowScratch& item_scratch() {
-  thread_local GrowScratch s;
-  return s;
-}
-inline GrowScratch& partial_scratch() {
-  thread_local GrowScratch s;
-  return s;
-}
+// Thread scratch uses (core/memory.hpp thread_scratch): one work item's state, a call's partials.
+struct ItemScratch;
+struct PartialScratch;
 
 // What one work item needs: the query heads [g0, g1) of KV head j (all offsets in elements).
 struct Problem {
@@ -495,7 +489,7 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
                  std::int64_t g0, std::int64_t g1, std::int64_t t0, std::int64_t t1, float* o_part, float* lse_part,
                  const std::int32_t* idx = nullptr, bool prefetch_gather = true) {
   const std::int64_t G = pb.G;
-  float* base = item_scratch().get(G * pb.dk_pad + G * kBlock + 3 * G);
+  float* base = thread_scratch<ItemScratch>().get(G * pb.dk_pad + G * kBlock + 3 * G);
   const ItemState st{base, base + G * pb.dk_pad, base + G * (pb.dk_pad + kBlock), base + G * (pb.dk_pad + kBlock) + G,
                      base + G * (pb.dk_pad + kBlock) + 2 * G};
   for (std::int64_t g = g0; g < g1; ++g) {
@@ -618,7 +612,7 @@ void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<
   const std::int64_t n_items = (j_end - j_begin) * n_chunks;
 
   // Partial states: o [n_chunks][H][dv_pad] then lse [n_chunks][H] (only active heads written).
-  float* part = partial_scratch().get(n_chunks * H * (pb.dv_pad + 1));
+  float* part = thread_scratch<PartialScratch>().get(n_chunks * H * (pb.dv_pad + 1));
   float* part_lse = part + n_chunks * H * pb.dv_pad;
 
   parallel_for(n_items, opt.num_threads, [&](std::int64_t item) {

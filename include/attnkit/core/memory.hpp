@@ -66,6 +66,14 @@ class GrowScratch {
   std::int64_t capacity_ = 0;
 };
 
+// The calling thread's GrowScratch for one use, named by a tag type (a kernel's distinct buffers
+// that are live at the same time need distinct tags).
+template <class Use>
+inline GrowScratch& thread_scratch() {
+  thread_local GrowScratch s;
+  return s;
+}
+
 // Bytes of memory the system can still hand out without swapping (Linux: MemAvailable of
 // /proc/meminfo); 0 when unknown (then nothing is checked).
 inline std::uint64_t available_memory_bytes() {

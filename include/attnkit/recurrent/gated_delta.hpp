@@ -208,11 +208,8 @@ inline void gemm(std::int64_t m, std::int64_t n, std::int64_t depth, const float
   }
 }
 
-// One per thread, reused across calls and heads.
-inline GrowScratch& thread_scratch() {
-  thread_local GrowScratch s;
-  return s;
-}
+// Thread scratch use (core/memory.hpp thread_scratch), reused across calls and heads.
+struct HeadScratch;
 
 // u = S^T k̂ and w = S^T q̂ over the NV batches of columns at S's column 0 (rows of stride ss),
 // accumulated in registers.
@@ -246,7 +243,7 @@ inline void recurrent_head(ConstView3<float> q, ConstView3<float> k, ConstView3<
   using Fn = void (*)(const float*, std::int64_t, std::int64_t, const float*, const float*, float*, float*);
   static constexpr Fn read_fns[kBlock] = {&read_columns<1>, &read_columns<2>, &read_columns<3>, &read_columns<4>};
   const std::int64_t T = q.shape[0], dk = q.shape[2], dv = v.shape[2];
-  float* qn = thread_scratch().get(2 * padded(dk) + 3 * padded(dv));
+  float* qn = thread_scratch<HeadScratch>().get(2 * padded(dk) + 3 * padded(dv));
   float* kn = qn + padded(dk);
   float* u = kn + padded(dk);
   float* w = u + padded(dv);
@@ -304,7 +301,7 @@ struct ChunkBuffers {
                                   C * dvp,     Cp,       Cp,        Cp,          Cp};
     std::int64_t total = 0;
     for (std::int64_t n : sizes) total += n;
-    float* p = thread_scratch().get(total);
+    float* p = thread_scratch<HeadScratch>().get(total);
     float** slots[] = {&qk, &kt, &S, &P, &G, &A, &V, &gam, &eg, &edec, &beta};
     for (std::size_t i = 0; i < std::size(slots); ++i) {
       *slots[i] = p;

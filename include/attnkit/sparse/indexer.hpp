@@ -183,15 +183,9 @@ inline void score_keys(const Shape& sh, const float* qt, const float* wp, ConstV
 #endif
 }
 
-inline GrowScratch& panel_scratch() {
-  thread_local GrowScratch s;
-  return s;
-}
-
-inline GrowScratch& strip_scratch() {
-  thread_local GrowScratch s;
-  return s;
-}
+// Thread scratch uses (core/memory.hpp thread_scratch): a key block's panel, a strip's rows.
+struct PanelScratch;
+struct StripScratch;
 
 // Scores of queries [t0, t1) against every key each sees, into rows[t - t0][0 .. p_t] (row
 // stride ld): the prepared queries first, then work items of one key block for every query of
@@ -210,7 +204,7 @@ inline void score_strip(const Shape& sh, ConstView3<float> q, ConstView2<float> 
     float* panel = nullptr;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     if (n_wanted >= kPanelQueries) {
-      panel = panel_scratch().get(kKeyBlock * sh.d);
+      panel = thread_scratch<PanelScratch>().get(kKeyBlock * sh.d);
       make_panel(sh, k, s0, s_end, panel);
     }
 #endif
@@ -238,7 +232,7 @@ inline void indexer_scores(ConstView3<float> index_q, ConstView2<float> index_k,
   for (std::int64_t t0 = 0; t0 < sh.T; t0 += kStrip) {
     const std::int64_t t1 = std::min(sh.T, t0 + kStrip);
     const std::vector<char> wanted(static_cast<std::size_t>(t1 - t0), 1);
-    float* prep = strip_scratch().get((t1 - t0) * (sh.d * sh.H_pad + sh.H_pad));
+    float* prep = thread_scratch<StripScratch>().get((t1 - t0) * (sh.d * sh.H_pad + sh.H_pad));
     score_strip(sh, index_q, index_k, index_w, t0, t1, wanted, score.ptr(t0), score.stride[0], prep, opt.num_threads);
     for (std::int64_t t = t0; t < t1; ++t) std::fill(score.ptr(t) + sh.q_offset + t + 1, score.ptr(t) + sh.T_k, ninf);
   }
@@ -267,7 +261,7 @@ inline void indexer_topk(ConstView3<float> index_q, ConstView2<float> index_k, C
     float* rows = nullptr;
     if (any) {
       const std::int64_t per = sh.d * sh.H_pad + sh.H_pad;
-      float* buf = strip_scratch().get((t1 - t0) * (ld + per));
+      float* buf = thread_scratch<StripScratch>().get((t1 - t0) * (ld + per));
       rows = buf + (t1 - t0) * per;
       score_strip(sh, index_q, index_k, index_w, t0, t1, wanted, rows, ld, buf, opt.num_threads);
     }

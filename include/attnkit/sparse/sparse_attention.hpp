@@ -104,10 +104,8 @@ inline void prefetch_l2(const void* p, std::int64_t bytes) {
   for (std::int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(static_cast<const char*>(p) + b, 0, 2);
 }
 
-inline GrowScratch& query_scratch() {
-  thread_local GrowScratch s;
-  return s;
-}
+// Thread scratch use (core/memory.hpp thread_scratch): a prefill item's running states.
+struct TileScratch;
 
 }  // namespace detail::sparse
 
@@ -179,7 +177,7 @@ void sparse_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<
     const std::int64_t j = item % H_kv, t0 = item / H_kv * tile, t1 = std::min(T, t0 + tile), nt = t1 - t0;
     // The partial of one block and the running states [nt][G] (o rows of dv_pad: 64-byte
     // aligned, as chunk_state stores them), then their lse values.
-    float* part = detail::sparse::query_scratch().get((nt + 1) * G * (pb.dv_pad + 1));
+    float* part = thread_scratch<detail::sparse::TileScratch>().get((nt + 1) * G * (pb.dv_pad + 1));
     float* run = part + G * pb.dv_pad;
     float* part_lse = run + nt * G * pb.dv_pad;
     float* run_lse = part_lse + G;
