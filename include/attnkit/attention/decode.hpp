@@ -15,6 +15,12 @@
 // cache is read sequentially at memory bandwidth. The per-chunk states are then merged by
 // log-sum-exp in chunk order, so the result is bit-identical for any number of threads.
 // bf16 K/V are widened to f32 in registers (exact); all arithmetic is f32.
+//
+// Variants (attention/variant.hpp), the last argument: the query metric is applied once per call
+// before the chunks; soft-cap and ALiBi transform each block's scores before its softmax update
+// (ALiBi reads positions: key row s sits at position s, or with opt.ring = W at the position
+// in (q_position - W, q_position] that is s mod W, and the query at opt.q_position, default
+// T_kv - 1); the sink and the output scale ([1, H]) are applied to the merged state.
 #pragma once
 
 #include <algorithm>
@@ -24,9 +30,11 @@
 #include <limits>
 #include <memory>
 #include <type_traits>
+#include <vector>
 
 #include "attnkit/attention/common.hpp"
 #include "attnkit/attention/merge.hpp"
+#include "attnkit/attention/variant.hpp"
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/error.hpp"
 #include "attnkit/core/memory.hpp"
@@ -41,6 +49,9 @@ struct DecodeOptions {
   Range heads{};              // query heads to compute (others untouched)
   int num_threads = 0;        // 0 -> OpenMP default
   std::int64_t kv_chunk = 0;  // keys per work item; 0 -> 512; never derived from the thread count
+  // Positions, read only by position-dependent variants (ALiBi):
+  std::int64_t q_position = -1;  // the query's position; -1 -> T_kv - 1 (the newest key is the query's own)
+  std::int64_t ring = 0;         // 0: key row s at position s; W: rows are ring slots, position = q_position - ((q_position - s) mod W)
 };
 
 namespace detail::decode {
@@ -484,10 +495,55 @@ inline void prefetch_rows(const GatheredRows<KV>& r, int n, std::int64_t row_ele
 // prefetch_gather the rows of the next block are prefetched (worth it when they come from DRAM,
 // not when the caller keeps them in L2). Writes the normalised partial output o_part[g] (row
 // stride dv_pad) and its lse.
-template <bool Vectorized, class KV>
+// Score transform of a variant, applied to each block between the scores and the softmax update:
+// no-op by default (compiled out).
+// Called once per block as t(p, n, h0, g0, g1, b): p [G][kBlock] holds the base-2 scores of
+// heads g0..g1 (query head h0 + g) for key rows b .. b + n.
+struct NoScoreTransform {
+  static constexpr bool active = false;
+  void operator()(float*, int, std::int64_t, std::int64_t, std::int64_t, std::int64_t) const {}
+};
+// Soft-cap: s -> c2 · tanh(s / c2), c2 = cap · log2(e) (whole rows of kBlock: lanes past n are ignored later).
+struct SoftCapScores {
+  static constexpr bool active = true;
+  float c2, inv_c2;
+  void operator()(float* p, int /*n*/, std::int64_t /*h0*/, std::int64_t g0, std::int64_t g1, std::int64_t /*b*/) const {
+    using B = simd::fbatch<>;
+    for (std::int64_t g = g0; g < g1; ++g)
+      for (int i = 0; i < kBlock; i += static_cast<int>(B::size)) {
+        float* x = p + g * kBlock + i;
+        (B(c2) * simd::tanh(B::load_unaligned(x) * B(inv_c2))).store_unaligned(x);
+      }
+  }
+};
+// ALiBi: s -> s + slope_h · (key position - query position), slopes in base-2 units.
+struct AlibiScores {
+  static constexpr bool active = true;
+  const float* slopes2;  // [H]
+  std::int64_t q_pos, ring;
+  const std::int32_t* idx;  // sparse selection: key rows are idx[b + i]
+  void operator()(float* p, int n, std::int64_t h0, std::int64_t g0, std::int64_t g1, std::int64_t b) const {
+    alignas(64) float dist[kBlock];
+    for (int i = 0; i < kBlock; ++i) {
+      const std::int64_t row = i < n ? (idx ? idx[b + i] : b + i) : q_pos;
+      const std::int64_t pos = ring > 0 ? q_pos - (((q_pos - row) % ring) + ring) % ring : row;
+      dist[i] = static_cast<float>(pos - q_pos);
+    }
+    using B = simd::fbatch<>;
+    for (std::int64_t g = g0; g < g1; ++g) {
+      const B sl(slopes2[h0 + g]);
+      for (int i = 0; i < kBlock; i += static_cast<int>(B::size)) {
+        float* x = p + g * kBlock + i;
+        xsimd::fma(sl, B::load_aligned(dist + i), B::load_unaligned(x)).store_unaligned(x);
+      }
+    }
+  }
+};
+
+template <bool Vectorized, class KV, class ScoreTransform = NoScoreTransform>
 void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, std::int64_t j,
                  std::int64_t g0, std::int64_t g1, std::int64_t t0, std::int64_t t1, float* o_part, float* lse_part,
-                 const std::int32_t* idx = nullptr, bool prefetch_gather = true) {
+                 const std::int32_t* idx = nullptr, bool prefetch_gather = true, const ScoreTransform& transform = {}) {
   const std::int64_t G = pb.G;
   float* base = thread_scratch<ItemScratch>().get(G * pb.dk_pad + G * kBlock + 3 * G);
   const ItemState st{base, base + G * pb.dk_pad, base + G * (pb.dk_pad + kBlock), base + G * (pb.dk_pad + kBlock) + G,
@@ -505,28 +561,35 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
     std::fill(o_part + g * pb.dv_pad, o_part + (g + 1) * pb.dv_pad, 0.f);
   }
   const std::int64_t ks = k.stride[0], vs = v.stride[0];
-  auto block = [&](const auto& kr, const auto& vr, int n) {
+  // Key rows of the block at b: b + i, or idx[b + i] (the transform's positions).
+  const auto transform_block = [&](std::int64_t b, int n) {
+    if constexpr (ScoreTransform::active) transform(st.p, n, j * G, g0, g1, b);
+  };
+  auto block = [&](const auto& kr, const auto& vr, int n, std::int64_t b) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     if constexpr (uses_pairs_v<Vectorized, KV>) {
       scores_block_bf16(kr, n, st, g0, g1, pb.dk, pb.dk_pad);
+      transform_block(b, n);
       for (std::int64_t g = g0; g < g1; ++g) softmax_block(n, st, g);
       accumulate_block_bf16(vr, n, st, o_part, g0, g1, pb.dv, pb.dv_pad);
       return;
     } else if constexpr (Vectorized) {
       scores_block(kr, n, st, g0, g1, pb.dk, pb.dk_pad);
+      transform_block(b, n);
       for (std::int64_t g = g0; g < g1; ++g) softmax_block(n, st, g);
       accumulate_block(vr, n, st, o_part, g0, g1, pb.dv, pb.dv_pad);
       return;
     }
 #endif
     scores_block_generic(kr, n, st, g0, g1, pb.dk, pb.dk_pad);
+    transform_block(b, n);
     for (std::int64_t g = g0; g < g1; ++g) softmax_block_generic(n, st, g);
     accumulate_block_generic(vr, n, st, o_part, g0, g1, pb.dv, pb.dv_pad);
   };
   for (std::int64_t b = t0; b < t1; b += kBlock) {
     const int n = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - b));
     if (idx == nullptr) {
-      block(StridedRows<KV>{k.ptr(b, j), ks}, StridedRows<KV>{v.ptr(b, j), vs}, n);
+      block(StridedRows<KV>{k.ptr(b, j), ks}, StridedRows<KV>{v.ptr(b, j), vs}, n, b);
     } else {
       const GatheredRows<KV> kr{k.ptr(0, j), ks, idx + b}, vr{v.ptr(0, j), vs, idx + b};
       if (prefetch_gather && b + kBlock < t1) {
@@ -534,7 +597,7 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
         prefetch_rows(GatheredRows<KV>{kr.base, ks, idx + b + kBlock}, nn, pb.dk);
         prefetch_rows(GatheredRows<KV>{vr.base, vs, idx + b + kBlock}, nn, pb.dv);
       }
-      block(kr, vr, n);
+      block(kr, vr, n, b);
     }
   }
   for (std::int64_t g = g0; g < g1; ++g) {
@@ -584,24 +647,43 @@ void validate(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<flo
   ATTNKIT_REQUIRE(opt.kv_chunk >= 0, fn, ": argument 'opt.kv_chunk': must be >= 0 (0 = default), got ", opt.kv_chunk);
   ATTNKIT_REQUIRE(opt.num_threads >= 0, fn, ": argument 'opt.num_threads': must be >= 0 (0 = default), got ",
                   opt.num_threads);
+  ATTNKIT_REQUIRE(opt.q_position >= -1, fn, ": argument 'opt.q_position': must be -1 (default) or >= 0, got ",
+                  opt.q_position);
+  ATTNKIT_REQUIRE(opt.ring >= 0, fn, ": argument 'opt.ring': must be >= 0 (0 = no ring), got ", opt.ring);
+  ATTNKIT_REQUIRE(opt.ring == 0 || T <= opt.ring, fn, ": argument 'opt.ring': a ring of ", opt.ring,
+                  " slots cannot hold T_kv = ", T, " keys");
 }
 
 // The work of a validated call over T keys: positions 0 .. T-1 of k/v, or with idx the
 // positions idx[0 .. T) (a sparse selection).
-template <bool Vectorized, class KV>
+template <bool Vectorized, class KV, class Var = PlainAttention>
 void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<float> out, const DecodeOptions& opt,
-                 View1<float> lse, std::int64_t T, const std::int32_t* idx) {
+                 View1<float> lse, std::int64_t T, const std::int32_t* idx, const Var& var = {}) {
   const std::int64_t H = q.shape[0], dk = q.shape[1], H_kv = k.shape[1], dv = v.shape[2];
   const std::int64_t G = H / H_kv;
   const std::int64_t hb = opt.heads.begin, he = opt.heads.resolve_end(H);
   if (hb == he) return;
   const bool want_lse = !lse.empty();
+  // The merged state of head h -> out: the sink joins the denominator, then the output scale.
+  const auto finish = [&](std::int64_t h, float* o, float l) {
+    if constexpr (Var::has_sink) apply_sink(o, l, var.sink.logits[h], dv);
+    if constexpr (Var::has_output) simd::scale(var.output.scale(0, h), o, dv);
+    if (want_lse) lse(h) = l;
+  };
   if (T == 0) {
     for (std::int64_t h = hb; h < he; ++h) {
       std::fill(out.ptr(h), out.ptr(h) + dv, 0.f);
-      if (want_lse) lse(h) = kNegInf;
+      finish(h, out.ptr(h), kNegInf);
     }
     return;
+  }
+  // Tuneable's metric: q̃ = q · M once per call, not once per chunk.
+  std::vector<float> q_metric;
+  if constexpr (Var::has_query) {
+    q_metric.assign(static_cast<std::size_t>(H * dk), 0.f);
+    for (std::int64_t h = hb; h < he; ++h)
+      for (std::int64_t d = 0; d < dk; ++d) simd::axpy(q(h, d), var.query.M.ptr(d), q_metric.data() + h * dk, dk);
+    q = ConstView2<float>(q_metric.data(), {H, dk});
   }
   constexpr bool pairs = uses_pairs_v<Vectorized, KV>;
   const Problem pb{H, G, dk, dv, pairs ? round_up32(dk) : round_up16(dk), pairs ? round_up32(dv) : round_up16(dv),
@@ -615,12 +697,22 @@ void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<
   float* part = thread_scratch<PartialScratch>().get(n_chunks * H * (pb.dv_pad + 1));
   float* part_lse = part + n_chunks * H * pb.dv_pad;
 
+  std::vector<float> slopes2;
+  if constexpr (Var::has_alibi)
+    for (std::int64_t h = 0; h < H; ++h) slopes2.push_back(var.logits.slopes[h] * kLog2e);
+  const auto transform = [&] {
+    if constexpr (Var::has_softcap) return SoftCapScores{var.logits.cap * kLog2e, 1.f / (var.logits.cap * kLog2e)};
+    else if constexpr (Var::has_alibi) {
+      const std::int64_t q_pos = opt.q_position >= 0 ? opt.q_position : T - 1;
+      return AlibiScores{slopes2.data(), q_pos, opt.ring, idx};
+    } else return NoScoreTransform{};
+  }();
   parallel_for(n_items, opt.num_threads, [&](std::int64_t item) {
     const std::int64_t j = j_begin + item / n_chunks, c = item % n_chunks;
     const std::int64_t g0 = std::max(hb, j * G) - j * G, g1 = std::min(he, (j + 1) * G) - j * G;
     const std::int64_t t0 = c * chunk, t1 = std::min(T, t0 + chunk);
     chunk_state<Vectorized>(pb, q, k, v, j, g0, g1, t0, t1, part + (c * H + j * G) * pb.dv_pad,
-                            part_lse + c * H + j * G, idx);
+                            part_lse + c * H + j * G, idx, true, transform);
   }, /*dynamic=*/true);
 
   // Merge the chunk states of each head in chunk order (fixed, so bits do not depend on threads).
@@ -633,25 +725,27 @@ void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<
     float l = part_lse[h];
     for (std::int64_t c = 1; c < n_chunks; ++c)
       merge_state_inplace(o, l, part + (c * H + h) * pb.dv_pad, part_lse[c * H + h], dv);
-    if (want_lse) lse(h) = l;
+    finish(h, o, l);
   });
 }
 
-template <bool Vectorized, class KV>
+template <bool Vectorized, class KV, class Var = PlainAttention>
 void run(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<float> out, const DecodeOptions& opt,
-         View1<float> lse) {
+         View1<float> lse, const Var& var = {}) {
   static_assert(is_storage_type_v<KV>, "attention_decode: K/V must be float or bf16");
   validate(q, k, v, out, opt, lse);
-  decode_keys<Vectorized>(q, k, v, out, opt, lse, k.shape[0], nullptr);
+  check_variant("attention_decode", var, q.shape[0], q.shape[1], 1);
+  decode_keys<Vectorized>(q, k, v, out, opt, lse, k.shape[0], nullptr, var);
 }
 
 }  // namespace detail::decode
 
 // See the contract at the top of this file.
-template <class KV>
+// var: an AttentionVariant (make_variant(...)); lse then includes the sink, if any.
+template <class KV, class Var = PlainAttention>
 void attention_decode(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<float> out,
-                      const DecodeOptions& opt = {}, View1<float> lse = {}) {
-  detail::decode::run<true>(q, k, v, out, opt, lse);
+                      const DecodeOptions& opt = {}, View1<float> lse = {}, const Var& var = {}) {
+  detail::decode::run<true>(q, k, v, out, opt, lse, var);
 }
 
 }  // namespace attnkit

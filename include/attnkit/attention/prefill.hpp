@@ -22,6 +22,12 @@
 // v, out (and lse) into sequences that attend only within themselves, each starting at
 // position 0 (opt.q_offset must stay -1). opt.queries counts rows of the packed token axis.
 // Each sequence gives bit-identical results to a separate attention_prefill call on it.
+//
+// Variants (attention/variant.hpp): the last argument, an AttentionVariant built by
+// make_variant(...), adds a query metric (Tuneable attention), a logits transform (soft-cap or
+// ALiBi, at the query's and keys' absolute positions), attention sinks and a per-token,
+// per-head output scale. The default, PlainAttention, compiles to the plain kernel. Variants do
+// not combine with Loop Attention's epilogues (attention/loop.hpp).
 #pragma once
 
 #include <cmath>
@@ -32,6 +38,7 @@
 
 #include "attnkit/attention/common.hpp"
 #include "attnkit/attention/detail/flash_prefill.hpp"
+#include "attnkit/attention/variant.hpp"
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/error.hpp"
 #include "attnkit/core/simd.hpp"
@@ -87,22 +94,26 @@ flash::Shape check_prefill(const char* fn, const ConstView3<float>& q, const Con
 
 // attention_prefill on an explicit xsimd instruction set (the public functions use the best
 // one the compiler targets); tests use it to exercise the narrower portable code path.
-template <class Arch, class KV, class Mask = CausalMask>
+template <class Arch, class KV, class Mask = CausalMask, class Var = PlainAttention>
 void attention_prefill_arch(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, View3<float> out,
-                            const Mask& mask = {}, const AttentionOptions& opt = {}, View2<float> lse = {}) {
+                            const Mask& mask = {}, const AttentionOptions& opt = {}, View2<float> lse = {},
+                            const Var& var = {}) {
   const flash::Shape sh = check_prefill("attention_prefill", q, k, v, out, mask, opt, lse);
+  check_variant("attention_prefill", var, sh.H, sh.d_k, q.shape[0]);
   const std::int64_t T_q = q.shape[0], T_k = k.shape[0];
   const std::vector<flash::Segment<KV>> segs{{q, k, v, out, lse, opt.q_offset >= 0 ? opt.q_offset : T_k - T_q}};
   const std::vector<std::pair<std::int64_t, std::int64_t>> ranges{{opt.queries.begin, opt.queries.resolve_end(T_q)}};
-  flash::run_prefill<Arch>(segs, sh, mask, opt.heads.begin, opt.heads.resolve_end(sh.H), ranges, opt.num_threads);
+  flash::run_prefill<Arch>(segs, sh, mask, opt.heads.begin, opt.heads.resolve_end(sh.H), ranges, opt.num_threads,
+                           flash::Plain{}, var);
 }
 
-template <class Arch, class KV, class Mask = CausalMask>
+template <class Arch, class KV, class Mask = CausalMask, class Var = PlainAttention>
 void attention_prefill_varlen_arch(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, View3<float> out,
                                    std::span<const std::int64_t> cu_seqlens, const Mask& mask = {},
-                                   const AttentionOptions& opt = {}, View2<float> lse = {}) {
+                                   const AttentionOptions& opt = {}, View2<float> lse = {}, const Var& var = {}) {
   const char* fn = "attention_prefill_varlen";
   const flash::Shape sh = check_prefill(fn, q, k, v, out, mask, opt, lse);
+  check_variant(fn, var, sh.H, sh.d_k, q.shape[0]);
   const std::int64_t T = q.shape[0];
   ATTNKIT_REQUIRE(k.shape[0] == T, fn, ": argument 'k': ", k.shape[0], " tokens, but q has ", T,
                   " (varlen packs q, k, v along the same token axis)");
@@ -123,27 +134,30 @@ void attention_prefill_varlen_arch(ConstView3<float> q, ConstView3<KV> k, ConstV
     const std::int64_t s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1];
     if (s1 == s0 || s1 <= qb || s0 >= qe) continue;
     View2<float> seg_lse = lse.data ? lse.slice(0, s0, s1) : View2<float>{};
-    segs.push_back({q.slice(0, s0, s1), k.slice(0, s0, s1), v.slice(0, s0, s1), out.slice(0, s0, s1), seg_lse, 0});
+    segs.push_back({q.slice(0, s0, s1), k.slice(0, s0, s1), v.slice(0, s0, s1), out.slice(0, s0, s1), seg_lse, 0, nullptr, s0});
     ranges.emplace_back(std::max(qb, s0) - s0, std::min(qe, s1) - s0);
   }
-  flash::run_prefill<Arch>(segs, sh, mask, opt.heads.begin, opt.heads.resolve_end(sh.H), ranges, opt.num_threads);
+  flash::run_prefill<Arch>(segs, sh, mask, opt.heads.begin, opt.heads.resolve_end(sh.H), ranges, opt.num_threads,
+                           flash::Plain{}, var);
 }
 
 }  // namespace detail
 
 // q [T_q, H, d_k] f32; k [T_k, H_kv, d_k], v [T_k, H_kv, d_v] of KV = float or bf16; out [T_q, H, d_v] f32.
-template <class KV, class Mask = CausalMask>
+// var: an AttentionVariant (make_variant(...)); lse then includes the sink, if any.
+template <class KV, class Mask = CausalMask, class Var = PlainAttention>
 void attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, View3<float> out,
-                       const Mask& mask = {}, const AttentionOptions& opt = {}, View2<float> lse = {}) {
-  detail::attention_prefill_arch<simd::default_arch, KV, Mask>(q, k, v, out, mask, opt, lse);
+                       const Mask& mask = {}, const AttentionOptions& opt = {}, View2<float> lse = {},
+                       const Var& var = {}) {
+  detail::attention_prefill_arch<simd::default_arch, KV, Mask, Var>(q, k, v, out, mask, opt, lse, var);
 }
 
 // Several sequences packed along the token axis; cu_seqlens = {0, n0, n0 + n1, ...}.
-template <class KV, class Mask = CausalMask>
+template <class KV, class Mask = CausalMask, class Var = PlainAttention>
 void attention_prefill_varlen(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, View3<float> out,
                               std::span<const std::int64_t> cu_seqlens, const Mask& mask = {},
-                              const AttentionOptions& opt = {}, View2<float> lse = {}) {
-  detail::attention_prefill_varlen_arch<simd::default_arch, KV, Mask>(q, k, v, out, cu_seqlens, mask, opt, lse);
+                              const AttentionOptions& opt = {}, View2<float> lse = {}, const Var& var = {}) {
+  detail::attention_prefill_varlen_arch<simd::default_arch, KV, Mask, Var>(q, k, v, out, cu_seqlens, mask, opt, lse, var);
 }
 
 }  // namespace attnkit

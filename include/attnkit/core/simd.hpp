@@ -116,6 +116,26 @@ inline fbatch<Arch> exp2_nonpositive(fbatch<Arch> x) {
   return xsimd::select(x < B(-126.f), B(0.f), r);
 }
 
+// tanh(x) by an odd/even rational approximation on [-7.99, 7.99] (the classic minimax fit that
+// Eigen also uses), clamped outside, where tanh rounds to ±1 in float anyway: a few ulp.
+template <class Arch = default_arch>
+inline fbatch<Arch> tanh(fbatch<Arch> x) {
+  using B = fbatch<Arch>;
+  const B xc = xsimd::max(xsimd::min(x, B(7.99881172180175781f)), B(-7.99881172180175781f));
+  const B x2 = xc * xc;
+  B p = xsimd::fma(x2, B(-2.76076847742355e-16f), B(2.00018790482477e-13f));
+  p = xsimd::fma(x2, p, B(-8.60467152213735e-11f));
+  p = xsimd::fma(x2, p, B(5.12229709037114e-08f));
+  p = xsimd::fma(x2, p, B(1.48572235717979e-05f));
+  p = xsimd::fma(x2, p, B(6.37261928875436e-04f));
+  p = xsimd::fma(x2, p, B(4.89352455891786e-03f));
+  p = xc * p;
+  B q = xsimd::fma(x2, B(1.19825839466702e-06f), B(1.18534705686654e-04f));
+  q = xsimd::fma(x2, q, B(2.26843463243900e-03f));
+  q = xsimd::fma(x2, q, B(4.89352518554385e-03f));
+  return xsimd::select(xsimd::abs(x) < B(0.0004f), x, p / q);
+}
+
 // SiLU(x) = x * sigmoid(x), with the exponential only ever evaluated at non-positive arguments
 // (no overflow): e = 2^(-|x| log2 e), sigmoid = 1 / (1 + e) for x >= 0 and e / (1 + e) below.
 template <class Arch = default_arch>

@@ -51,6 +51,7 @@
 #include <xsimd/xsimd.hpp>
 
 #include "attnkit/attention/common.hpp"
+#include "attnkit/attention/variant.hpp"
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/simd.hpp"
 #include "attnkit/core/threading.hpp"
@@ -86,6 +87,10 @@ struct Segment {
   View3<float> out;
   View2<float> lse;  // data == nullptr: not requested
   std::int64_t q_offset;
+  // Query row t sits at position q_offset + t, or q_offset + positions[t] when given (routed
+  // attention packs the rows that chose one head; positions must not decrease).
+  const std::int64_t* positions = nullptr;
+  std::int64_t row0 = 0;  // the segment's first row in the call's token axis (variant OutputScale rows)
 };
 
 struct Shape {
@@ -326,6 +331,9 @@ class Prefetcher {
 // h_begin + r / nq, query t_begin + r % nq); Q^T is [d_k][rp] with rows zero-padded to rp.
 struct SubTile {
   std::int64_t t_begin, nq, rows, rp;
+  const std::int64_t* positions = nullptr;  // Segment::positions (null: affine)
+  // Position of query i of the sub-tile (i < nq) relative to the sweep's q_offset.
+  std::int64_t rel(std::int64_t i) const { return positions ? positions[t_begin + i] : t_begin + i; }
   float* qt;    // [d_k][rp], scaled by Shape::q_scale
   float* obuf;  // [rows][dvp], unnormalised output
   float* m;     // [rp] running max (base 2)
@@ -335,6 +343,8 @@ struct SubTile {
   float* m2 = nullptr;
   float* l2 = nullptr;
   float* gate = nullptr;
+  // ALiBi: each row's slope in base-2 units (0 for padding rows).
+  float* slope = nullptr;
 };
 
 // Scratch shared by the sub-tiles of an item for the key tile at hand.
@@ -345,6 +355,8 @@ struct TileBuffers {
   float* alpha;  // [rp] per-row rescale of O for this tile
   float* lo;     // [rp] first / last visible key of each row, relative to the tile
   float* hi;
+  // ALiBi: each row's bias for the tile's first key (base 2).
+  float* bias = nullptr;
   // FusedWindow: the window's P^T, alpha and visible range.
   float* st2 = nullptr;
   float* alpha2 = nullptr;
@@ -356,21 +368,49 @@ struct TileBuffers {
 // scores from src and writes the probabilities exp2(s - m_new) to dst (dst may be src; the
 // window state of FusedWindow reads S^T and writes its own buffer); updates m and l and sets
 // alpha = exp2(m_old - m_new). masked: columns outside [lo[r], hi[r]] count as -inf.
+// Logits transforms of the variant, applied to a vector of rows r.. at key column c (base-2
+// scores in, base-2 scores out).
+struct NoLogit {
+  static constexpr bool active = false;
+};
 template <class Arch>
+struct SoftCapLogit {  // c2 · tanh(s / c2) with c2 = cap · log2(e)
+  static constexpr bool active = true;
+  float c2, inv_c2;
+  fb<Arch> apply(fb<Arch> s, std::int64_t /*c*/, std::int64_t /*r*/) const {
+    return fb<Arch>(c2) * simd::tanh<Arch>(s * fb<Arch>(inv_c2));
+  }
+};
+template <class Arch>
+struct AlibiLogit {  // s + slope_r · c + bias_r (bias_r: the row's bias at the tile's first key)
+  static constexpr bool active = true;
+  const float* slope;
+  const float* bias;
+  fb<Arch> apply(fb<Arch> s, std::int64_t c, std::int64_t r) const {
+    return s + xsimd::fma(fb<Arch>::load_aligned(slope + r), fb<Arch>(static_cast<float>(c)), fb<Arch>::load_aligned(bias + r));
+  }
+};
+
+template <class Arch, class Logit = NoLogit>
 inline void softmax_tile(const float* src, float* dst, std::int64_t rp, std::int64_t c_begin, std::int64_t c_end,
-                         bool masked, const float* lo, const float* hi, float* m, float* l, float* alpha) {
+                         bool masked, const float* lo, const float* hi, float* m, float* l, float* alpha,
+                         const Logit& logit = {}) {
   using B = fb<Arch>;
   constexpr std::int64_t W = lanes<Arch>;
   const B neg_inf(-std::numeric_limits<float>::infinity());
-  const float* in = masked ? dst : src;  // the exp2 pass reads the masked copy
+  const bool copy = masked || Logit::active;
+  const float* in = copy ? dst : src;  // the exp2 pass reads the transformed / masked copy
   for (std::int64_t r = 0; r < rp; r += W) {
     B mx = neg_inf;
-    if (masked) {
+    if (copy) {
       const B vlo = B::load_aligned(lo + r), vhi = B::load_aligned(hi + r);
       for (std::int64_t c = c_begin; c < c_end; ++c) {
-        const B cf(static_cast<float>(c));
         B s = B::load_aligned(src + c * rp + r);
-        s = xsimd::select((vlo <= cf) && (cf <= vhi), s, neg_inf);
+        if constexpr (Logit::active) s = logit.apply(s, c, r);
+        if (masked) {
+          const B cf(static_cast<float>(c));
+          s = xsimd::select((vlo <= cf) && (cf <= vhi), s, neg_inf);
+        }
         s.store_aligned(dst + c * rp + r);
         mx = xsimd::max(mx, s);
       }
@@ -437,11 +477,11 @@ inline TileCols tile_cols(const Mask& mask, std::int64_t p_first, std::int64_t p
 
 // Per-row visible columns [lo, hi] of the tile (relative to k0; padding rows see nothing).
 template <class Mask>
-inline void row_bounds(const Mask& mask, const SubTile& sub, std::int64_t p_first, std::int64_t T_k, std::int64_t k0,
+inline void row_bounds(const Mask& mask, const SubTile& sub, std::int64_t q_offset, std::int64_t T_k, std::int64_t k0,
                        float* lo, float* hi) {
   for (std::int64_t r = 0; r < sub.rp; ++r) {
     if (r < sub.rows) {
-      const std::int64_t p = p_first + r % sub.nq;
+      const std::int64_t p = q_offset + sub.rel(r % sub.nq);
       lo[r] = static_cast<float>(std::clamp<std::int64_t>(mask.first_key(p) - k0, -1, kBc));
       hi[r] = static_cast<float>(std::clamp<std::int64_t>(std::min(mask.last_key(p), T_k - 1) - k0, -1, kBc));
     } else {
@@ -453,15 +493,15 @@ inline void row_bounds(const Mask& mask, const SubTile& sub, std::int64_t p_firs
 
 // One key tile [k0, k0 + kc) for one sub-tile: S^T = K Q^T, online softmax, O = alpha O + P V
 // (and, for FusedWindow, the window's softmax and P·V from the same S^T).
-template <class Arch, class Mask, class Extra = Plain>
+template <class Arch, class Mask, class Extra = Plain, class Var = PlainAttention>
 void tile_step(const SubTile& sub, const TileBuffers& tb, const Shape& sh, const Mask& mask, std::int64_t q_offset,
                std::int64_t T_k, std::int64_t k0, std::int64_t kc, Prefetcher& pf_q, Prefetcher& pf_kv,
-               const Extra& ex = {}) {
+               const Extra& ex = {}, const Var& var = {}) {
   constexpr std::int64_t W = lanes<Arch>;
   const std::int64_t rp = sub.rp, rows = sub.rows, nq = sub.nq, dvp = round_up(sh.d_v, W);
   float* st = tb.st;
 
-  const std::int64_t p_first = q_offset + sub.t_begin, p_last = p_first + nq - 1;
+  const std::int64_t p_first = q_offset + sub.rel(0), p_last = q_offset + sub.rel(nq - 1);
   const TileCols tc = tile_cols(mask, p_first, p_last, T_k, k0, kc);
   const std::int64_t c_begin = tc.c_begin, c_end = tc.c_end;
   const std::int64_t pv_end = std::min(c_end, kc);
@@ -491,13 +531,26 @@ void tile_step(const SubTile& sub, const TileBuffers& tb, const Shape& sh, const
     window = wl >= wf && k0 <= wl && k0 + kc - 1 >= wf;
     if (window) {
       wc = tile_cols(wm, p_first, p_last, T_k, k0, kc);
-      if (wc.masked) row_bounds(wm, sub, p_first, T_k, k0, tb.lo2, tb.hi2);
+      if (wc.masked) row_bounds(wm, sub, q_offset, T_k, k0, tb.lo2, tb.hi2);
       softmax_tile<Arch>(st, tb.st2, rp, wc.c_begin, wc.c_end, wc.masked, tb.lo2, tb.hi2, sub.m2, sub.l2, tb.alpha2);
     }
   }
 
-  if (tc.masked) row_bounds(mask, sub, p_first, T_k, k0, tb.lo, tb.hi);
-  softmax_tile<Arch>(st, st, rp, c_begin, c_end, tc.masked, tb.lo, tb.hi, sub.m, sub.l, tb.alpha);
+  if (tc.masked) row_bounds(mask, sub, q_offset, T_k, k0, tb.lo, tb.hi);
+  if constexpr (Var::has_softcap) {
+    const float c2 = var.logits.cap * kLog2e;
+    softmax_tile<Arch>(st, st, rp, c_begin, c_end, tc.masked, tb.lo, tb.hi, sub.m, sub.l, tb.alpha,
+                       SoftCapLogit<Arch>{c2, 1.f / c2});
+  } else if constexpr (Var::has_alibi) {
+    // The row's bias at key k0 is slope · (k0 - p): the integer distance first, so far positions
+    // lose no precision (the kernel then adds slope · c for column c).
+    for (std::int64_t r = 0; r < rp; ++r)
+      tb.bias[r] = r < rows ? sub.slope[r] * static_cast<float>(k0 - (q_offset + sub.rel(r % nq))) : 0.f;
+    softmax_tile<Arch>(st, st, rp, c_begin, c_end, tc.masked, tb.lo, tb.hi, sub.m, sub.l, tb.alpha,
+                       AlibiLogit<Arch>{sub.slope, tb.bias});
+  } else {
+    softmax_tile<Arch>(st, st, rp, c_begin, c_end, tc.masked, tb.lo, tb.hi, sub.m, sub.l, tb.alpha);
+  }
   pv_tile<Arch>(st, tb.vbuf, sub.obuf, tb.alpha, rows, rp, dvp, c_begin, pv_end);
   if (window) pv_tile<Arch>(tb.st2, tb.vbuf, sub.o2, tb.alpha2, rows, rp, dvp, wc.c_begin, std::min(wc.c_end, kc));
 }
@@ -519,8 +572,15 @@ inline void blend_finalize(float* dst, const float* a, float ia, const float* b,
 // One work item: its queries are split into sub-tiles of query_tile(G) queries (about 64
 // rows each, sized for L1/L2), and the key-tile loop is outermost, so each K/V tile is read
 // from memory and packed once per item however many sub-tiles use it.
-template <class Arch, class KV, class Mask, class Extra = Plain>
-void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const WorkItem& it, const Extra& ex = {}) {
+// What a variant needs prepared once per call: the metric transposed and padded for qk_block.
+struct VariantPrep {
+  const float* metric_t = nullptr;  // [round_up(d_k, kKeyBlock)][d_k]: row e = column e of M, zero rows past d_k
+};
+
+template <class Arch, class KV, class Mask, class Extra = Plain, class Var = PlainAttention>
+void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const WorkItem& it, const Extra& ex = {},
+              const Var& var = {}, const VariantPrep& prep = {}) {
+  static_assert(Var::is_plain || std::is_same_v<Extra, Plain>, "attention variants combine with plain attention only");
   constexpr std::int64_t W = lanes<Arch>;
   const std::int64_t nh = it.h_end - it.h_begin, bq = query_tile(sh.G);
   const std::int64_t n_sub = (it.t_end - it.t_begin + bq - 1) / bq;
@@ -528,11 +588,14 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
 
   constexpr bool fused = is_fused_v<Extra>, dual = has_window_state_v<Extra>, gated = has_gate_v<Extra>;
+  constexpr bool alibi = Var::has_alibi, metric = Var::has_query;
+  const std::int64_t d_kp = round_up(d_k, kKeyBlock);
   const std::int64_t sub_need = Scratch::need(d_k * rp_max) + Scratch::need(bq * nh * dvp) + 2 * Scratch::need(rp_max) +
                                 (dual ? Scratch::need(bq * nh * dvp) + 2 * Scratch::need(rp_max) : 0) +
-                                (gated ? Scratch::need(rp_max) : 0);
+                                (gated ? Scratch::need(rp_max) : 0) + (alibi ? Scratch::need(rp_max) : 0);
   Scratch scratch(n_sub * sub_need + Scratch::need(kBc * rp_max) + Scratch::need(kBc * d_k) + Scratch::need(kBc * dvp) +
-                  3 * Scratch::need(rp_max) + (fused ? Scratch::need(kBc * rp_max) + 3 * Scratch::need(rp_max) : 0));
+                  3 * Scratch::need(rp_max) + (fused ? Scratch::need(kBc * rp_max) + 3 * Scratch::need(rp_max) : 0) +
+                  (alibi ? Scratch::need(rp_max) : 0) + (metric ? Scratch::need(d_kp * rp_max) : 0));
   TileBuffers tb;
   tb.st = scratch.take(kBc * rp_max);
   tb.kbuf = scratch.take(kBc * d_k);
@@ -546,6 +609,8 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
     tb.lo2 = scratch.take(rp_max);
     tb.hi2 = scratch.take(rp_max);
   }
+  if constexpr (alibi) tb.bias = scratch.take(rp_max);
+  float* q_metric = metric ? scratch.take(d_kp * rp_max) : nullptr;  // M^T · Q^T of the sub-tile being packed
   std::vector<SubTile> subs(static_cast<std::size_t>(n_sub));
   for (std::int64_t s = 0; s < n_sub; ++s) {
     SubTile& sub = subs[s];
@@ -553,6 +618,7 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
     sub.nq = std::min(bq, it.t_end - sub.t_begin);
     sub.rows = sub.nq * nh;
     sub.rp = round_up(sub.rows, W);
+    sub.positions = seg.positions;
     sub.qt = scratch.take(d_k * rp_max);
     sub.obuf = scratch.take(bq * nh * dvp);
     sub.m = scratch.take(rp_max);
@@ -569,14 +635,16 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
       std::fill(sub.o2, sub.o2 + sub.rows * dvp, 0.f);
     }
     if constexpr (gated) sub.gate = scratch.take(rp_max);
+    if constexpr (alibi) sub.slope = scratch.take(rp_max);
   }
 
   // Visible keys of the first / last query of a range under mask m, for query row 0 at
   // position q_off among n_keys keys (clipped to [0, n_keys)).
-  const auto key_range = [](const auto& m, std::int64_t q_off, std::int64_t n_keys, std::int64_t t_first,
-                            std::int64_t t_last) {
-    return std::pair<std::int64_t, std::int64_t>{std::max<std::int64_t>(m.first_key(q_off + t_first), 0),
-                                                 std::min(m.last_key(q_off + t_last), n_keys - 1)};
+  const auto rel = [&](std::int64_t t) { return seg.positions ? seg.positions[t] : t; };
+  const auto key_range = [&](const auto& m, std::int64_t q_off, std::int64_t n_keys, std::int64_t t_first,
+                             std::int64_t t_last) {
+    return std::pair<std::int64_t, std::int64_t>{std::max<std::int64_t>(m.first_key(q_off + rel(t_first)), 0),
+                                                 std::min(m.last_key(q_off + rel(t_last)), n_keys - 1)};
   };
   // Q^T of a sub-tile is packed when the sub-tile first meets a key tile, and the next
   // sub-tile's Q rows are prefetched meanwhile (they come from DRAM).
@@ -592,6 +660,18 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
     }
     for (std::int64_t d = 0; d < d_k; ++d)
       for (std::int64_t r = sub.rows; r < sub.rp; ++r) sub.qt[d * sub.rp + r] = 0.f;
+    if constexpr (metric) {
+      // Q̃^T = M^T · Q^T by the S micro-kernel (M^T's rows play the keys), then back into qt.
+      std::int64_t rb = 0;
+      for (; rb + 2 * W <= sub.rp; rb += 2 * W)
+        for (std::int64_t eb = 0; eb < d_kp; eb += kKeyBlock) qk_block<Arch, 2>(prep.metric_t, sub.qt, q_metric, d_k, sub.rp, eb, rb);
+      if (rb < sub.rp)
+        for (std::int64_t eb = 0; eb < d_kp; eb += kKeyBlock) qk_block<Arch, 1>(prep.metric_t, sub.qt, q_metric, d_k, sub.rp, eb, rb);
+      std::memcpy(sub.qt, q_metric, static_cast<std::size_t>(d_k * sub.rp) * sizeof(float));
+    }
+    if constexpr (alibi)
+      for (std::int64_t r = 0; r < sub.rp; ++r)
+        sub.slope[r] = r < sub.rows ? var.logits.slopes[it.h_begin + r / sub.nq] * kLog2e : 0.f;
     packed[s] = 1;
   };
   Prefetcher pf_q, pf_kv;
@@ -618,14 +698,26 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
         if (ex.gate.out.data) ex.gate.out(t, h) = g;
         continue;
       }
+      float sink = neg_inf;
+      if constexpr (Var::has_sink) sink = var.sink.logits[h];
       if (sub.m[r] == neg_inf) {  // the row saw no key
         std::fill(dst, dst + sh.d_v, 0.f);
-        if (seg.lse.data) seg.lse(t, h) = neg_inf;
+        if (seg.lse.data) seg.lse(t, h) = sink;
         continue;
       }
-      const float inv = 1.f / sub.l[r];
+      float inv, lse;
+      if constexpr (Var::has_sink) {  // the sink joins the denominator: l' = l·2^(m - M) + 2^(sink - M)
+        const float s2 = sink * kLog2e, mx = std::max(sub.m[r], s2);
+        const float a = std::exp2(sub.m[r] - mx), l2 = sub.l[r] * a + std::exp2(s2 - mx);
+        inv = a / l2;
+        lse = mx * kLn2 + std::log(l2);
+      } else {
+        inv = 1.f / sub.l[r];
+        lse = sub.m[r] * kLn2 + std::log(sub.l[r]);
+      }
+      if constexpr (Var::has_output) inv *= var.output.scale(seg.row0 + t, h);
       for (std::int64_t d = 0; d < sh.d_v; ++d) dst[d] = src[d] * inv;
-      if (seg.lse.data) seg.lse(t, h) = sub.m[r] * kLn2 + std::log(sub.l[r]);
+      if (seg.lse.data) seg.lse(t, h) = lse;
     }
   };
   // The key-tile loop over (k, v) under mask m (query row 0 at position q_off). window_state:
@@ -676,7 +768,7 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
           sub.m = sub.m2;
           sub.l = sub.l2;
         }
-        tile_step<Arch>(sub, tb, sh, m, q_off, n_keys, k0, kc, pf_q, pf_kv, tile_extra);
+        tile_step<Arch>(sub, tb, sh, m, q_off, n_keys, k0, kc, pf_q, pf_kv, tile_extra, var);
         if (finish && key_range(m, q_off, n_keys, sub.t_begin, sub.t_begin + sub.nq - 1).second < k0 + kc) finalize(s);
       }
     }
@@ -694,10 +786,19 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
 
 // Runs queries [q_range) and heads [h_range) of every segment. Items are ordered with the
 // longest (latest query tiles under a causal mask) first for the dynamic schedule.
-template <class Arch, class KV, class Mask, class Extra = Plain>
+template <class Arch, class KV, class Mask, class Extra = Plain, class Var = PlainAttention>
 void run_prefill(const std::vector<Segment<KV>>& segs, const Shape& sh, const Mask& mask, std::int64_t h_begin,
                  std::int64_t h_end, const std::vector<std::pair<std::int64_t, std::int64_t>>& q_ranges,
-                 int num_threads, const Extra& ex = {}) {
+                 int num_threads, const Extra& ex = {}, const Var& var = {}) {
+  std::vector<float> metric_t;
+  VariantPrep prep;
+  if constexpr (Var::has_query) {
+    const std::int64_t d_kp = round_up(sh.d_k, kKeyBlock);
+    metric_t.assign(static_cast<std::size_t>(d_kp * sh.d_k), 0.f);
+    for (std::int64_t e = 0; e < sh.d_k; ++e)
+      for (std::int64_t d = 0; d < sh.d_k; ++d) metric_t[static_cast<std::size_t>(e * sh.d_k + d)] = var.query.M(d, e);
+    prep.metric_t = metric_t.data();
+  }
   const std::int64_t bq = item_queries(sh.G);
   std::vector<WorkItem> items;
   for (std::size_t s = 0; s < segs.size(); ++s) {
@@ -719,7 +820,7 @@ void run_prefill(const std::vector<Segment<KV>>& segs, const Shape& sh, const Ma
   });
   parallel_for(
       static_cast<std::int64_t>(items.size()), num_threads,
-      [&](std::int64_t i) { run_item<Arch>(segs[items[i].segment], sh, mask, items[i], ex); }, /*dynamic=*/true);
+      [&](std::int64_t i) { run_item<Arch>(segs[items[i].segment], sh, mask, items[i], ex, var, prep); }, /*dynamic=*/true);
 }
 
 }  // namespace attnkit::detail::flash

@@ -1,0 +1,234 @@
+// attnkit/attention/routed.hpp — R-GQA, routed grouped-query attention (spec §10): a learned
+// router keeps only the best k_r query heads of each KV group per token, and attention is
+// computed for those (token, head) pairs only; the others output 0.
+//
+//   route_heads: router logits r [T, H] (r = x W_rᵀ, computed by the caller) ->
+//     probs    [T, H]          softmax within each KV group (scope group) or over all H heads (all)
+//     heads    [T, H_kv, k_r]  the k_r most probable heads of each group, ascending head index;
+//                              ties go to the lower head index
+//     weights  [T, H_kv, k_r]  none: 1; prob: the probability; renorm: the probability divided
+//                              by the sum of the kept probabilities of that group
+//   routed_attention_prefill: out[t, h] = weight · attention(q[t, h]) for the kept (t, h), 0 for
+//     the rest, under a causal or sliding-window mask (as attention_prefill: opt.q_offset,
+//     opt.scale, opt.num_threads; opt.heads / opt.queries must be the full ranges).
+//   routed_attention_decode: the same for one token against a KV cache (as attention_decode).
+//
+// The kernel does the work of the kept pairs only: per KV group it packs the query rows that
+// chose one of its heads, in position order, and runs the flash kernel over them as one
+// single-head problem, so every K/V tile is widened once per block of packed rows and the
+// compute scales with k_r / G. With every head kept and weighting none it is GQA attention.
+// Spec §10 marks k_r, the softmax scope and the weighting as our choices (the paper is not
+// readable): they are parameters here. The orthogonality loss is training-only.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "attnkit/attention/decode.hpp"
+#include "attnkit/attention/prefill.hpp"
+#include "attnkit/core/error.hpp"
+#include "attnkit/core/threading.hpp"
+#include "attnkit/core/view.hpp"
+
+namespace attnkit {
+
+enum class RouteScope { group, all };              // softmax within each KV group, or over all heads
+enum class RouteWeighting { none, prob, renorm };  // the kept heads' output factor
+
+struct RouteOptions {
+  int top_k = 1;  // heads kept per KV group, 1 <= top_k <= G
+  RouteScope scope = RouteScope::group;
+  RouteWeighting weighting = RouteWeighting::renorm;
+  int num_threads = 0;
+};
+
+inline const char* route_scope_name(RouteScope s) { return s == RouteScope::group ? "group" : "all"; }
+inline const char* route_weighting_name(RouteWeighting w) {
+  return w == RouteWeighting::none ? "none" : w == RouteWeighting::prob ? "prob" : "renorm";
+}
+
+// logits [T, H]; heads / weights [T, H_kv, top_k]; probs [T, H] optional (empty view: skipped).
+inline void route_heads(ConstView2<float> logits, std::int64_t H_kv, const RouteOptions& opt, View3<std::int32_t> heads,
+                        View3<float> weights, View2<float> probs = {}) {
+  constexpr const char* fn = "route_heads";
+  check_view(logits, fn, "logits");
+  const std::int64_t T = logits.shape[0], H = logits.shape[1];
+  ATTNKIT_REQUIRE(H_kv >= 1 && H % H_kv == 0, fn, ": argument 'H_kv': ", H_kv, " does not divide H = ", H);
+  const std::int64_t G = H / H_kv, K = opt.top_k;
+  ATTNKIT_REQUIRE(K >= 1 && K <= G, fn, ": argument 'opt.top_k': must be in [1, G = ", G, "], got ", K);
+  check_view(heads, fn, "heads");
+  check_view(weights, fn, "weights");
+  ATTNKIT_REQUIRE(heads.shape[0] == T && heads.shape[1] == H_kv && heads.shape[2] == K, fn, ": argument 'heads': shape ",
+                  detail::shape_string(heads), " must be [T, H_kv, top_k] = [", T, ", ", H_kv, ", ", K, "]");
+  ATTNKIT_REQUIRE(weights.shape[0] == T && weights.shape[1] == H_kv && weights.shape[2] == K, fn,
+                  ": argument 'weights': shape ", detail::shape_string(weights), " must be [", T, ", ", H_kv, ", ", K, "]");
+  if (probs.data) {
+    check_view(probs, fn, "probs");
+    ATTNKIT_REQUIRE(probs.shape[0] == T && probs.shape[1] == H, fn, ": argument 'probs': shape ", detail::shape_string(probs),
+                    " must be [T, H] = [", T, ", ", H, "]");
+  }
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t h = 0; h < H; ++h)
+      ATTNKIT_REQUIRE(std::isfinite(logits(t, h)), fn, ": argument 'logits': router logit [", t, ", ", h, "] is ",
+                      logits(t, h));
+  parallel_for(T, T >= 64 ? opt.num_threads : 1, [&](std::int64_t t) {
+    std::vector<double> p(static_cast<std::size_t>(H));
+    const auto softmax = [&](std::int64_t h0, std::int64_t h1) {
+      double mx = -std::numeric_limits<double>::infinity(), sum = 0;
+      for (std::int64_t h = h0; h < h1; ++h) mx = std::max(mx, static_cast<double>(logits(t, h)));
+      for (std::int64_t h = h0; h < h1; ++h) sum += p[h] = std::exp(static_cast<double>(logits(t, h)) - mx);
+      for (std::int64_t h = h0; h < h1; ++h) p[h] /= sum;
+    };
+    if (opt.scope == RouteScope::all) softmax(0, H);
+    else
+      for (std::int64_t j = 0; j < H_kv; ++j) softmax(j * G, (j + 1) * G);
+    if (probs.data)
+      for (std::int64_t h = 0; h < H; ++h) probs(t, h) = static_cast<float>(p[h]);
+    std::vector<std::int32_t> order(static_cast<std::size_t>(G));
+    for (std::int64_t j = 0; j < H_kv; ++j) {
+      for (std::int64_t g = 0; g < G; ++g) order[g] = static_cast<std::int32_t>(j * G + g);
+      // By logit (softmax is monotone and the logits have no rounding ties the probabilities
+      // might), ties to the lower head; then the kept ones in ascending head order.
+      std::partial_sort(order.begin(), order.begin() + K, order.end(), [&](std::int32_t a, std::int32_t b) {
+        return logits(t, a) > logits(t, b) || (logits(t, a) == logits(t, b) && a < b);
+      });
+      std::sort(order.begin(), order.begin() + K);
+      double kept = 0;
+      for (std::int64_t i = 0; i < K; ++i) kept += p[order[i]];
+      for (std::int64_t i = 0; i < K; ++i) {
+        const std::int32_t h = order[i];
+        heads(t, j, i) = h;
+        weights(t, j, i) = opt.weighting == RouteWeighting::none   ? 1.f
+                           : opt.weighting == RouteWeighting::prob ? static_cast<float>(p[h])
+                                                                   : static_cast<float>(p[h] / kept);
+      }
+    }
+  });
+}
+
+namespace detail::routed {
+
+// Checks heads [rows, H_kv, k_r] (each list strictly ascending, inside its group) and weights
+// (same shape, finite; empty view: all 1).
+inline void check_routes(const char* fn, ConstView3<std::int32_t> heads, ConstView3<float> weights, std::int64_t rows,
+                         std::int64_t H, std::int64_t H_kv) {
+  check_view(heads, fn, "heads");
+  const std::int64_t G = H / H_kv, K = heads.shape[2];
+  ATTNKIT_REQUIRE(heads.shape[0] == rows && heads.shape[1] == H_kv && K >= 1 && K <= G, fn, ": argument 'heads': shape ",
+                  detail::shape_string(heads), " must be [", rows, ", H_kv = ", H_kv, ", k_r] with 1 <= k_r <= G = ", G);
+  if (weights.data) {
+    check_view(weights, fn, "weights");
+    ATTNKIT_REQUIRE(weights.shape[0] == rows && weights.shape[1] == H_kv && weights.shape[2] == K, fn,
+                    ": argument 'weights': shape ", detail::shape_string(weights), " must match heads ", detail::shape_string(heads));
+  }
+  for (std::int64_t t = 0; t < rows; ++t)
+    for (std::int64_t j = 0; j < H_kv; ++j)
+      for (std::int64_t i = 0; i < K; ++i) {
+        const std::int64_t h = heads(t, j, i);
+        ATTNKIT_REQUIRE(h >= j * G && h < (j + 1) * G && (i == 0 || h > heads(t, j, i - 1)), fn, ": argument 'heads': [",
+                        t, ", ", j, ", ", i, "] = ", h, " must be a head of KV group ", j, " ([", j * G, ", ",
+                        (j + 1) * G, ")) listed in ascending order without repeats");
+        if (weights.data)
+          ATTNKIT_REQUIRE(std::isfinite(weights(t, j, i)), fn, ": argument 'weights': [", t, ", ", j, ", ", i, "] is ",
+                          weights(t, j, i));
+      }
+}
+
+}  // namespace detail::routed
+
+// q [T_q, H, d_k]; k [T_k, H_kv, d_k], v [T_k, H_kv, d_v] (float or bf16); heads / weights
+// [T_q, H_kv, k_r] (weights may be an empty view: 1); out [T_q, H, d_v]; lse [T_q, H] optional
+// (-inf for heads not kept).
+template <class KV, class Mask = CausalMask>
+void routed_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, ConstView3<std::int32_t> heads,
+                              ConstView3<float> weights, View3<float> out, const Mask& mask = {},
+                              const AttentionOptions& opt = {}, View2<float> lse = {}) {
+  constexpr const char* fn = "routed_attention_prefill";
+  const detail::flash::Shape sh = detail::check_prefill(fn, q, k, v, out, mask, opt, lse);
+  ATTNKIT_REQUIRE(opt.heads.begin == 0 && opt.heads.resolve_end(sh.H) == sh.H && opt.queries.begin == 0 &&
+                      opt.queries.resolve_end(q.shape[0]) == q.shape[0],
+                  fn, ": arguments 'opt.heads' / 'opt.queries': sub-ranges are not supported (the routes choose the heads)");
+  const std::int64_t T = q.shape[0], T_k = k.shape[0], H = sh.H, H_kv = sh.H_kv, K = heads.shape[2];
+  const std::int64_t d_k = sh.d_k, d_v = sh.d_v;
+  detail::routed::check_routes(fn, heads, weights, T, H, H_kv);
+  const std::int64_t q_offset = opt.q_offset >= 0 ? opt.q_offset : T_k - T;
+
+  // Packed rows per group: row n = (token t, kept head h), in token order.
+  const std::int64_t n = T * K;
+  std::vector<float> qc(static_cast<std::size_t>(H_kv * n * d_k)), oc(static_cast<std::size_t>(H_kv * n * d_v));
+  std::vector<float> lc(lse.data ? static_cast<std::size_t>(H_kv * n) : 0);
+  std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t i = 0; i < K; ++i) pos[t * K + i] = q_offset + t;
+  parallel_for(T, T >= 64 ? opt.num_threads : 1, [&](std::int64_t t) {
+    for (std::int64_t j = 0; j < H_kv; ++j)
+      for (std::int64_t i = 0; i < K; ++i)
+        std::copy(q.ptr(t, heads(t, j, i)), q.ptr(t, heads(t, j, i)) + d_k, qc.data() + ((j * n) + t * K + i) * d_k);
+  });
+  std::vector<detail::flash::Segment<KV>> segs;
+  std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
+  for (std::int64_t j = 0; j < H_kv; ++j) {
+    View2<float> seg_lse = lse.data ? View2<float>(lc.data() + j * n, {n, 1}) : View2<float>{};
+    segs.push_back({ConstView3<float>(qc.data() + j * n * d_k, {n, 1, d_k}), k.slice(1, j, j + 1), v.slice(1, j, j + 1),
+                    View3<float>(oc.data() + j * n * d_v, {n, 1, d_v}), seg_lse, 0, pos.data(), 0});
+    ranges.emplace_back(0, n);
+  }
+  const detail::flash::Shape one{1, 1, 1, d_k, d_v, sh.q_scale};
+  detail::flash::run_prefill<simd::default_arch>(segs, one, mask, 0, 1, ranges, opt.num_threads);
+
+  // Scatter: kept heads get weight · output, the others 0.
+  parallel_for(T, T >= 64 ? opt.num_threads : 1, [&](std::int64_t t) {
+    for (std::int64_t h = 0; h < H; ++h) {
+      std::fill(out.ptr(t, h), out.ptr(t, h) + d_v, 0.f);
+      if (lse.data) lse(t, h) = -std::numeric_limits<float>::infinity();
+    }
+    for (std::int64_t j = 0; j < H_kv; ++j)
+      for (std::int64_t i = 0; i < K; ++i) {
+        const std::int64_t h = heads(t, j, i), row = j * n + t * K + i;
+        const float w = weights.data ? weights(t, j, i) : 1.f;
+        const float* src = oc.data() + row * d_v;
+        float* dst = out.ptr(t, h);
+        for (std::int64_t d = 0; d < d_v; ++d) dst[d] = w * src[d];
+        if (lse.data) lse(t, h) = lc[static_cast<std::size_t>(row)];
+      }
+  });
+}
+
+// One token: q [H, d_k]; k, v a KV cache as attention_decode reads it; heads / weights
+// [1, H_kv, k_r]; out [H, d_v]; lse [H] optional (-inf for heads not kept).
+template <class KV>
+void routed_attention_decode(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, ConstView3<std::int32_t> heads,
+                             ConstView3<float> weights, View2<float> out, const DecodeOptions& opt = {},
+                             View1<float> lse = {}) {
+  constexpr const char* fn = "routed_attention_decode";
+  detail::decode::validate(q, k, v, out, opt, lse);
+  const std::int64_t H = q.shape[0], d_k = q.shape[1], H_kv = k.shape[1], d_v = v.shape[2];
+  ATTNKIT_REQUIRE(opt.heads.begin == 0 && opt.heads.resolve_end(H) == H, fn,
+                  ": argument 'opt.heads': sub-ranges are not supported (the routes choose the heads)");
+  detail::routed::check_routes(fn, heads, weights, 1, H, H_kv);
+  const std::int64_t K = heads.shape[2], n = H_kv * K;
+  // The kept heads as a GQA problem of K heads per group.
+  std::vector<float> qc(static_cast<std::size_t>(n * d_k)), oc(static_cast<std::size_t>(n * d_v)), lc(static_cast<std::size_t>(n));
+  for (std::int64_t j = 0; j < H_kv; ++j)
+    for (std::int64_t i = 0; i < K; ++i) std::copy(q.ptr(heads(0, j, i)), q.ptr(heads(0, j, i)) + d_k, qc.data() + (j * K + i) * d_k);
+  DecodeOptions o = opt;
+  o.heads = {};
+  detail::decode::decode_keys<true>(ConstView2<float>(qc.data(), {n, d_k}), k, v, View2<float>(oc.data(), {n, d_v}), o,
+                                    View1<float>(lc.data(), {n}), k.shape[0], nullptr);
+  for (std::int64_t h = 0; h < H; ++h) {
+    std::fill(out.ptr(h), out.ptr(h) + d_v, 0.f);
+    if (!lse.empty()) lse(h) = -std::numeric_limits<float>::infinity();
+  }
+  for (std::int64_t j = 0; j < H_kv; ++j)
+    for (std::int64_t i = 0; i < K; ++i) {
+      const std::int64_t h = heads(0, j, i);
+      const float w = weights.data ? weights(0, j, i) : 1.f;
+      for (std::int64_t d = 0; d < d_v; ++d) out(h, d) = w * oc[static_cast<std::size_t>((j * K + i) * d_v + d)];
+      if (!lse.empty()) lse(h) = lc[static_cast<std::size_t>(j * K + i)];
+    }
+}
+
+}  // namespace attnkit
