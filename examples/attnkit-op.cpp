@@ -4,6 +4,7 @@
 //   attnkit-op gated-delta --in inputs.safetensors --out outputs.safetensors --mode chunked
 //   attnkit-op linear-attention --in x.safetensors --out y.safetensors --feature-map elu --normalize
 //   attnkit-op attention --in x.safetensors --out y.safetensors --window 128
+//   attnkit-op attention --in x.safetensors --out y.safetensors --softcap 30 --sinks   (x holds sinks [H])
 //   attnkit-op sparse-attention --in x.safetensors --out y.safetensors --topk 2048
 //
 // Inputs may be F32, BF16, F16 or F64 (converted to float32); outputs are F32 (selected key
@@ -27,6 +28,7 @@
 
 #include "attnkit/attention/decode.hpp"
 #include "attnkit/attention/prefill.hpp"
+#include "attnkit/attention/variant.hpp"
 #include "attnkit/core/error.hpp"
 #include "attnkit/io/safetensors.hpp"
 #include "attnkit/recurrent/gated_delta.hpp"
@@ -87,6 +89,8 @@ class Run {
  public:
   Run(const Op& op, const io::SafetensorsFile& in, std::map<std::string, std::string> opts)
       : op_(op), in_(in), opts_(std::move(opts)) {}
+
+  const std::string& op_name() const { return op_.name; }
 
   bool has(const std::string& name) const { return in_.contains(name); }
 
@@ -329,9 +333,89 @@ void run_linear_attention(Run& r) {
                    opt);
 }
 
+// ---- attention variants (attention/variant.hpp) of the attention and decode ops ----------------
+// --alibi | --softcap X (one logits slot), --sinks (input 'sinks' [H]), --metric (input 'metric'
+// [d_k, d_k]). The flags are checked before any tensor is read; the tensors after q, k, v (which
+// bind H and d_k).
+enum class LogitsFlag { none, softcap, alibi };
+
+struct VariantFlags {
+  LogitsFlag logits = LogitsFlag::none;
+  float cap = 0.f;
+  bool sinks = false, metric = false;
+};
+
+VariantFlags variant_flags(const Run& r) {
+  VariantFlags f;
+  const bool alibi = r.flag("--alibi"), softcap = r.value("--softcap").has_value();
+  if (alibi && softcap)
+    fail(r.op_name() + ": --alibi and --softcap cannot be combined (both transform the logits; a variant has one logits slot)");
+  if (softcap) {
+    f.logits = LogitsFlag::softcap;
+    f.cap = r.real("--softcap", 0.f);
+    if (!(f.cap > 0.f)) fail("--softcap: must be > 0, got " + *r.value("--softcap"));
+  } else if (alibi) {
+    f.logits = LogitsFlag::alibi;
+  }
+  f.sinks = r.flag("--sinks");
+  f.metric = r.flag("--metric");
+  return f;
+}
+
+// The policies' data; views into the Run's loaded tensors (valid for the run).
+struct VariantInputs {
+  VariantFlags flags;
+  std::vector<float> slopes;  // ALiBi, [H]
+  const float* sinks = nullptr;
+  ConstView2<float> metric;
+};
+
+// Reads the tensors the flags ask for (after q: H and d_k are bound). A 'sinks' or 'metric' tensor
+// without its flag is left unused, with a note on stderr (one file may serve runs with and
+// without the variant, but a forgotten flag should not pass unnoticed).
+VariantInputs variant_inputs(Run& r, const VariantFlags& f) {
+  VariantInputs in;
+  in.flags = f;
+  if (f.logits == LogitsFlag::alibi) in.slopes = alibi_slopes(r.dim("H"));
+  const auto read = [&](const char* name, const char* flag, bool on) -> const Loaded* {
+    if (on) return &r.input(name);
+    if (r.has(name))
+      std::fprintf(stderr, "attnkit-op: note: %s: tensor '%s' not used (no %s)\n", r.op_name().c_str(), name, flag);
+    return nullptr;
+  };
+  if (const Loaded* s = read("sinks", "--sinks", f.sinks)) in.sinks = s->data.data();
+  if (const Loaded* m = read("metric", "--metric", f.metric)) in.metric = view2(*m);
+  return in;
+}
+
+// Calls fn(variant) with the AttentionVariant the flags ask for, built slot by slot: logits
+// {none, soft-cap, ALiBi} x sinks {off, on} x metric {off, on} = 12 instantiations per call
+// site; no flag gives PlainAttention (the plain kernel).
+template <class F, class... Ps>
+void with_metric(const VariantInputs& in, F& fn, const Ps&... ps) {
+  if (in.flags.metric) fn(make_variant(ps..., QueryMetric{in.metric}));
+  else if constexpr (sizeof...(Ps) == 0) fn(PlainAttention{});
+  else fn(make_variant(ps...));
+}
+template <class F, class... Ps>
+void with_sinks(const VariantInputs& in, F& fn, const Ps&... ps) {
+  if (in.flags.sinks) with_metric(in, fn, ps..., Sinks{in.sinks});
+  else with_metric(in, fn, ps...);
+}
+template <class F>
+void with_variant(const VariantInputs& in, F&& fn) {
+  switch (in.flags.logits) {
+    case LogitsFlag::none: return with_sinks(in, fn);
+    case LogitsFlag::softcap: return with_sinks(in, fn, SoftCap{in.flags.cap});
+    case LogitsFlag::alibi: return with_sinks(in, fn, Alibi{in.slopes.data()});
+  }
+}
+
 void run_attention(Run& r) {
+  const VariantFlags vf = variant_flags(r);
   const Loaded &q = r.input("q"), &k = r.input("k"), &v = r.input("v");
   const std::int64_t T = r.dim("T"), H = r.dim("H"), dv = r.dim("d_v");
+  const VariantInputs vi = variant_inputs(r, vf);
   AttentionOptions opt;
   opt.scale = r.real("--scale", 0.f);
   opt.num_threads = r.threads();
@@ -339,24 +423,31 @@ void run_attention(Run& r) {
   float* lse = r.output("lse", {T, H});
   const View3<float> o(out, {T, H, dv});
   const View2<float> l(lse, {T, H});
-  if (const auto w = r.integer("--window", 0, 1); w > 0)
-    attention_prefill<float>(view3(q), view3(k), view3(v), o, SlidingWindowMask{w}, opt, l);
-  else
-    attention_prefill<float>(view3(q), view3(k), view3(v), o, CausalMask{}, opt, l);
+  const std::int64_t w = r.integer("--window", 0, 1);
+  with_variant(vi, [&](const auto& var) {
+    if (w > 0) attention_prefill<float>(view3(q), view3(k), view3(v), o, SlidingWindowMask{w}, opt, l, var);
+    else attention_prefill<float>(view3(q), view3(k), view3(v), o, CausalMask{}, opt, l, var);
+  });
 }
 
 void run_decode(Run& r) {
+  const VariantFlags vf = variant_flags(r);
   const Loaded &q = r.input("q"), &k = r.input("k"), &v = r.input("v");
   const std::int64_t H = r.dim("H"), T = r.dim("T_kv"), dv = r.dim("d_v");
+  const VariantInputs vi = variant_inputs(r, vf);
   DecodeOptions opt;
   opt.scale = r.real("--scale", 0.f);
   opt.num_threads = r.threads();
-  // --window N: only the last N keys (a sliding layer's view of its cache)
+  // --window N: only the last N keys (a sliding layer's view of its cache). ALiBi positions are
+  // relative: the slice's rows are positions first..T-1 and the query is the last one, which is
+  // q_position's default (slice length - 1) in the slice's own numbering.
   const std::int64_t first = std::max<std::int64_t>(0, T - r.integer("--window", T, 1));
   float* out = r.output("out", {H, dv});
   float* lse = r.output("lse", {H});
-  attention_decode<float>(view2(q), view3(k).slice(0, first, T), view3(v).slice(0, first, T),
-                          View2<float>(out, {H, dv}), opt, View1<float>(lse, {H}));
+  with_variant(vi, [&](const auto& var) {
+    attention_decode<float>(view2(q), view3(k).slice(0, first, T), view3(v).slice(0, first, T),
+                            View2<float>(out, {H, dv}), opt, View1<float>(lse, {H}), var);
+  });
 }
 
 void run_short_conv(Run& r) {
@@ -442,6 +533,17 @@ std::vector<OptionSpec> join(std::vector<OptionSpec> a, const std::vector<Option
   return a;
 }
 
+// The attention variants of the attention and decode ops (attention/variant.hpp).
+const std::vector<OptionSpec> kVariantOptions{
+    {"--alibi", "", "ALiBi with the standard slopes alibi_slopes(H) (not with --softcap)"},
+    {"--softcap", "X", "soft-cap the scaled logits: X·tanh(z / X), X > 0 (not with --alibi)"},
+    {"--sinks", "", "attention sinks: input 'sinks', one logit per head in the softmax denominator"},
+    {"--metric", "", "query metric (Tuneable attention): q·M with input 'metric' M before the scores"},
+    kScale,
+    kThreads};
+const TensorSpec kSinksInput{"sinks", {{"H"}}, true, "with --sinks; natural-log units, -inf: no sink"};
+const TensorSpec kMetricInput{"metric", {{"d_k", "d_k"}}, true, "with --metric; Tuneable's folded M = U·Uᵀ"};
+
 // The table: one entry per kernel.
 const std::vector<Op>& ops() {
   static const std::vector<Op> table{
@@ -474,16 +576,22 @@ const std::vector<Op>& ops() {
                            kThreads}),
        run_linear_attention},
       {"attention",
-       "causal or sliding-window softmax attention, GQA (attnkit::attention_prefill); queries are the last T keys",
-       {{"q", {{"T", "H", "d_k"}}}, {"k", {{"T_kv", "H_kv", "d_k"}}}, {"v", {{"T_kv", "H_kv", "d_v"}}}},
-       {{"out", {{"T", "H", "d_v"}}}, {"lse", {{"T", "H"}}, false, "natural log"}},
-       {{"--window", "N", "sliding window of N keys including the query (default: causal)"}, kScale, kThreads},
+       "causal or sliding-window softmax attention, GQA (attnkit::attention_prefill); queries are the last T keys; "
+       "variants: ALiBi or soft-cap, sinks, query metric (attention/variant.hpp)",
+       {{"q", {{"T", "H", "d_k"}}},
+        {"k", {{"T_kv", "H_kv", "d_k"}}},
+        {"v", {{"T_kv", "H_kv", "d_v"}}},
+        kSinksInput,
+        kMetricInput},
+       {{"out", {{"T", "H", "d_v"}}}, {"lse", {{"T", "H"}}, false, "natural log; with --sinks the sink is in it"}},
+       join({{"--window", "N", "sliding window of N keys including the query (default: causal)"}}, kVariantOptions),
        run_attention},
       {"decode",
-       "one query token against a KV cache (attnkit::attention_decode)",
-       {{"q", {{"H", "d_k"}}}, {"k", {{"T_kv", "H_kv", "d_k"}}}, {"v", {{"T_kv", "H_kv", "d_v"}}}},
-       {{"out", {{"H", "d_v"}}}, {"lse", {{"H"}}, false, "natural log"}},
-       {{"--window", "N", "attend to the last N keys only (default: all)"}, kScale, kThreads},
+       "one query token against a KV cache (attnkit::attention_decode); variants as for attention",
+       {{"q", {{"H", "d_k"}}}, {"k", {{"T_kv", "H_kv", "d_k"}}}, {"v", {{"T_kv", "H_kv", "d_v"}}}, kSinksInput, kMetricInput},
+       {{"out", {{"H", "d_v"}}}, {"lse", {{"H"}}, false, "natural log; with --sinks the sink is in it"}},
+       join({{"--window", "N", "attend to the last N keys only (default: all); ALiBi: the query is at the last key"}},
+            kVariantOptions),
        run_decode},
       {"short-conv",
        "causal depthwise short convolution with decode state (attnkit::causal_conv1d)",
