@@ -30,6 +30,7 @@
 #include "attnkit/attention/decode.hpp"
 #include "attnkit/attention/prefill.hpp"
 #include "attnkit/core/error.hpp"
+#include "attnkit/core/memory.hpp"
 #include "attnkit/core/threading.hpp"
 #include "attnkit/core/view.hpp"
 
@@ -111,6 +112,9 @@ inline void route_heads(ConstView2<float> logits, std::int64_t H_kv, const Route
 
 namespace detail::routed {
 
+// The caller thread's packed rows (queries, outputs, lse): reused across calls (core/memory.hpp).
+struct PackedScratch;
+
 // Checks heads [rows, H_kv, k_r] (each list strictly ascending, inside its group) and weights
 // (same shape, finite; empty view: all 1).
 inline void check_routes(const char* fn, ConstView3<std::int32_t> heads, ConstView3<float> weights, std::int64_t rows,
@@ -158,22 +162,23 @@ void routed_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<
 
   // Packed rows per group: row n = (token t, kept head h), in token order.
   const std::int64_t n = T * K;
-  std::vector<float> qc(static_cast<std::size_t>(H_kv * n * d_k)), oc(static_cast<std::size_t>(H_kv * n * d_v));
-  std::vector<float> lc(lse.data ? static_cast<std::size_t>(H_kv * n) : 0);
+  float* const qc = thread_scratch<detail::routed::PackedScratch>().get(H_kv * n * (d_k + d_v + 1));
+  float* const oc = qc + H_kv * n * d_k;
+  float* const lc = oc + H_kv * n * d_v;
   std::vector<std::int64_t> pos(static_cast<std::size_t>(n));
   for (std::int64_t t = 0; t < T; ++t)
     for (std::int64_t i = 0; i < K; ++i) pos[t * K + i] = q_offset + t;
   parallel_for(T, T >= 64 ? opt.num_threads : 1, [&](std::int64_t t) {
     for (std::int64_t j = 0; j < H_kv; ++j)
       for (std::int64_t i = 0; i < K; ++i)
-        std::copy(q.ptr(t, heads(t, j, i)), q.ptr(t, heads(t, j, i)) + d_k, qc.data() + ((j * n) + t * K + i) * d_k);
+        std::copy(q.ptr(t, heads(t, j, i)), q.ptr(t, heads(t, j, i)) + d_k, qc + ((j * n) + t * K + i) * d_k);
   });
   std::vector<detail::flash::Segment<KV>> segs;
   std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
   for (std::int64_t j = 0; j < H_kv; ++j) {
-    View2<float> seg_lse = lse.data ? View2<float>(lc.data() + j * n, {n, 1}) : View2<float>{};
-    segs.push_back({ConstView3<float>(qc.data() + j * n * d_k, {n, 1, d_k}), k.slice(1, j, j + 1), v.slice(1, j, j + 1),
-                    View3<float>(oc.data() + j * n * d_v, {n, 1, d_v}), seg_lse, 0, pos.data(), 0});
+    View2<float> seg_lse = lse.data ? View2<float>(lc + j * n, {n, 1}) : View2<float>{};
+    segs.push_back({ConstView3<float>(qc + j * n * d_k, {n, 1, d_k}), k.slice(1, j, j + 1), v.slice(1, j, j + 1),
+                    View3<float>(oc + j * n * d_v, {n, 1, d_v}), seg_lse, 0, pos.data(), 0});
     ranges.emplace_back(0, n);
   }
   const detail::flash::Shape one{1, 1, 1, d_k, d_v, sh.q_scale};
@@ -189,10 +194,10 @@ void routed_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<
       for (std::int64_t i = 0; i < K; ++i) {
         const std::int64_t h = heads(t, j, i), row = j * n + t * K + i;
         const float w = weights.data ? weights(t, j, i) : 1.f;
-        const float* src = oc.data() + row * d_v;
+        const float* src = oc + row * d_v;
         float* dst = out.ptr(t, h);
         for (std::int64_t d = 0; d < d_v; ++d) dst[d] = w * src[d];
-        if (lse.data) lse(t, h) = lc[static_cast<std::size_t>(row)];
+        if (lse.data) lse(t, h) = lc[row];
       }
   });
 }

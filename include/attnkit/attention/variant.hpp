@@ -146,7 +146,7 @@ template <class Slot, class... Ps>
 inline constexpr int count_slot = (0 + ... + (std::is_same_v<typename Ps::slot, Slot> ? 1 : 0));
 template <class Out, class... Ps>
 void assign_slots(Out& v, const Ps&... ps) {
-  const auto one = [&](const auto& p) {
+  [[maybe_unused]] const auto one = [&](const auto& p) {
     using P = std::decay_t<decltype(p)>;
     if constexpr (std::is_same_v<typename P::slot, variant_slot::query>) v.query = p;
     else if constexpr (std::is_same_v<typename P::slot, variant_slot::logits>) v.logits = p;
