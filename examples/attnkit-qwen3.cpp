@@ -9,7 +9,7 @@
 //
 // Any checkpoint or config a built-in recipe accepts runs as it is (plain Qwen3, Loop Attention,
 // Attention Residuals, Ouro, Qwen3.5 / Qwen3-Next hybrids with Gated DeltaNet, LT2 looped hybrids
-// with Gated DeltaNet and full or DeepSeek sparse attention).
+// with Gated DeltaNet and full or DeepSeek sparse attention, R-GQA and Tuneable attention layers).
 // Prints a model summary and `prefill: N tok/s` / `decode: N tok/s`; exits 1 with a message on
 // bad input. See --help.
 #include <chrono>
@@ -36,7 +36,8 @@ model (default: a built-in small deterministic random Qwen3, nothing to download
   --model DIR              Hugging Face checkpoint directory (config.json + safetensors)
   --random NAME|FILE.json  random weights of a named shape (qwen3-0.6b, qwen3-0.6b-loop, qwen3-0.6b-attnres,
                            tiny, tiny-loop, tiny-attnres, ouro-1.4b, tiny-ouro, hybrid-0.6b, tiny-hybrid,
-                           lt2-hybrid-1.3b, lt2-gdn-dsa-1.3b, tiny-lt2, tiny-lt2-dsa) or of any config file
+                           lt2-hybrid-1.3b, lt2-gdn-dsa-1.3b, tiny-lt2, tiny-lt2-dsa, qwen3-0.6b-rgqa,
+                           qwen3-0.6b-tuneable, tiny-rgqa, tiny-tuneable) or of any config file
   --loop-mode stack|layer  Loop Attention mode of a random model (adds the loop fields if absent)
   --loop-window N          Loop Attention window of a random model
   --attnres-mode MODE      Attention Residuals mode of a random model: block, full, delta, delta_block
@@ -61,7 +62,8 @@ run:
                            looped stacks: `logits_per_step` [steps, T, vocab], `exit_gate` [steps, T], ...;
                            Gated DeltaNet: `gdn_beta`, `gdn_decay` [layers, T, value heads]; gated
                            attention: `attn_gate` [layers, T, heads]; sparse attention: `topk_indices`
-                           [layers, T, top-k], each query's kept key positions, -1 padded)
+                           [layers, T, top-k], each query's kept key positions, -1 padded; R-GQA:
+                           `router_probs` and `router_weight` [layers, T, heads], 0 for heads not kept)
   --exit RULE              output of a looped stack: last, step:N (0-based), threshold:Q, expected
   --plot FILE.svg          draw the trace as an SVG picture (heat maps with axes and colour scale; sparse
                            attention: a query x key map of the keys each query kept, for one layer)
@@ -141,10 +143,15 @@ std::pair<nlohmann::json, std::string> named_config(const std::string& name) {
   if (name == "lt2-gdn-dsa-1.3b") return {model::lt2_gdn_dsa_1_3b_config(), name};
   if (name == "tiny-lt2") return {model::lt2_tiny_config(false), name};
   if (name == "tiny-lt2-dsa") return {model::lt2_tiny_config(true), name};
+  if (name == "qwen3-0.6b-rgqa") return {model::qwen3_0_6b_rgqa_config(), name};
+  if (name == "qwen3-0.6b-tuneable") return {model::qwen3_0_6b_tuneable_config(), name};
+  if (name == "tiny-rgqa") return {model::with_routed_attention(builtin_config(), 1), name};
+  if (name == "tiny-tuneable") return {model::with_tuneable_attention(builtin_config()), name};
   if (name.size() > 5 && name.substr(name.size() - 5) == ".json") return {io::read_json_file(name, "config file"), name};
   die("--random: unknown shape '" + name +
       "' (known: qwen3-0.6b, qwen3-0.6b-loop, qwen3-0.6b-attnres, ouro-1.4b, hybrid-0.6b, lt2-hybrid-1.3b, lt2-gdn-dsa-1.3b, "
-      "tiny, tiny-loop, tiny-attnres, tiny-ouro, tiny-hybrid, tiny-lt2, tiny-lt2-dsa, or a config .json file)");
+      "qwen3-0.6b-rgqa, qwen3-0.6b-tuneable, tiny, tiny-loop, tiny-attnres, tiny-ouro, tiny-hybrid, tiny-lt2, tiny-lt2-dsa, "
+      "tiny-rgqa, tiny-tuneable, or a config .json file)");
 }
 
 // One line on the mechanism a model runs: recipe, passes, the first layer's mixer and (hybrids)

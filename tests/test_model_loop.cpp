@@ -168,7 +168,8 @@ TEST_CASE("loading never drops part of a checkpoint in silence", "[model][errors
     REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path),
                         Contains("entry 1 is 'mamba_attention' (known layer types: full_attention, gated_attention, "
                                  "gated_sparse_attention, linear_attention, loop_attention, lt2_gated_window_attention, "
-                                 "lt2_window_attention, ouro_attention, sliding_attention, sparse_attention)"));
+                                 "lt2_window_attention, ouro_attention, routed_attention, sliding_attention, sparse_attention, "
+                                 "tuneable_attention)"));
   }
   SECTION("an unknown model type lists the recipes' types") {
     auto cfg = read_config(fixture("qwen3-tiny-f32"));

@@ -2,6 +2,7 @@
 #pragma once
 
 #include "attnkit/model/recipe.hpp"
+#include "attnkit/model/recipes/attention_variants.hpp"
 #include "attnkit/model/recipes/attnres.hpp"
 #include "attnkit/model/recipes/loop.hpp"
 #include "attnkit/model/recipes/lt2.hpp"
@@ -21,6 +22,7 @@ inline Registry default_registry() {
   register_looped_stacks(r);
   register_qwen3_5(r);
   register_lt2(r);
+  register_attention_variants(r);
   return r;
 }
 

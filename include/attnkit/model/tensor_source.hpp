@@ -153,7 +153,9 @@ class CheckpointSource : public TensorSource {
 // (norm_weight with offset != 0) are offset + a small random w, so the effective weight stays
 // near 1. Gated DeltaNet's decay
 // parameters follow transformers' init so random models neither explode nor forget at once:
-// "...A_log" = log A with A uniform in [1, 16], "...dt_bias" = 1.
+// "...A_log" = log A with A uniform in [1, 16], "...dt_bias" = 1. Tuneable attention's
+// "...self_attn.U" [d_k, r] is uniform with standard deviation 1/sqrt(r) whatever `stddev`, so
+// E[U Uᵀ] = I and the layer starts near plain attention (a random metric, not an orthogonal U).
 class RandomSource : public TensorSource {
  public:
   RandomSource(WeightType type, std::uint64_t seed, float stddev = 0.02f) : type_(type), seed_(seed), stddev_(stddev) {}
@@ -165,12 +167,14 @@ class RandomSource : public TensorSource {
     const bool ones = is_norm_weight(name) || ends_with(name, ".dt_bias");
     const bool zeros = is_norm_bias(name);
     const bool a_log = ends_with(name, ".A_log");
+    const bool metric = ends_with(name, "self_attn.U") && shape.size() == 2 && shape[1] > 0;
+    const float stddev = metric ? 1.0f / std::sqrt(static_cast<float>(shape[1])) : stddev_;
     const std::uint64_t key = seed_ ^ hash(name);
     auto value = [&](std::int64_t i) {
       if (ones) return 1.0f;
       if (zeros) return 0.0f;
       if (a_log) return std::log(8.5f + 7.5f * unit(key, i));  // log U[1, 16]
-      return stddev_ * 1.7320508f * unit(key, i);  // uniform on [-a, a] has standard deviation a / sqrt(3)
+      return stddev * 1.7320508f * unit(key, i);  // uniform on [-a, a] has standard deviation a / sqrt(3)
     };
     constexpr std::int64_t chunk = 1 << 16;
     const std::int64_t chunks = (n + chunk - 1) / chunk;

@@ -9,9 +9,13 @@
 // Mechanisms that need the cached keys themselves (Loop Attention's global pass, a sparse
 // indexer) reach the typed cache through visit(), and window_keys() gives the keys a chunk's
 // sliding window needs (the ring's last W-1 positions followed by the chunk's own).
+// Mechanisms that run another kernel over the same cache (routed attention, Tuneable
+// attention) use append_then(): it appends, then hands the visible keys and the mask to a
+// callable.
 #pragma once
 
 #include <algorithm>
+#include <type_traits>
 #include <variant>
 #include <vector>
 
@@ -89,6 +93,38 @@ class AttentionCache {
     ATTNKIT_REQUIRE(position() == ctx.pos0, "AttentionCache: step starts at position ", ctx.pos0,
                     " but the cache has seen ", position(), " tokens");
     std::visit([&](auto& c) { attend_in(c, q, k, v, out, ctx); }, cache_);
+  }
+
+  // attend() with the kernel call left to the caller, for mechanisms that run another kernel
+  // over the same cache (routed attention, a query metric, another scale or key width): appends
+  // k [T, H_kv, d_k] / v [T, H_kv, d_v] at position ctx.pos0, then calls once
+  //   f(ConstView3<KV> keys, ConstView3<KV> values, const auto& mask)
+  // with KV the cache's storage type and the keys the step's T queries may see:
+  //  * T > 1: keys at consecutive positions ending with the step's own, so the queries sit at
+  //    the last T rows (a prefill kernel's default q_offset); mask is CausalMask (full cache)
+  //    or SlidingWindowMask{W} (ring: the ring's last W-1 positions, then the step's).
+  //  * T == 1: every key passed is visible (a ring's slots come in slot order, not position
+  //    order): call a decode kernel, which needs no mask.
+  template <class F>
+  void append_then(ConstView3<float> k, ConstView3<float> v, const StepContext& ctx, F&& f) {
+    ATTNKIT_REQUIRE(position() == ctx.pos0, "AttentionCache: step starts at position ", ctx.pos0,
+                    " but the cache has seen ", position(), " tokens");
+    std::visit([&](auto& c) {
+      using KV = std::remove_const_t<typename decltype(c.keys())::element_type>;
+      if constexpr (requires { c.total(); }) {  // ring
+        if (k.shape[0] == 1) {
+          c.append(k, v);
+          f(c.keys(), c.values(), SlidingWindowMask{window_});
+        } else {
+          const WindowKV<KV> w = window_keys(c, k, v);
+          f(w.k, w.v, SlidingWindowMask{window_});
+          c.append(k, v);
+        }
+      } else {
+        c.append(k, v);
+        f(c.keys(), c.values(), CausalMask{});
+      }
+    }, cache_);
   }
 
  private:
