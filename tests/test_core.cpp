@@ -38,7 +38,7 @@ TEST_CASE("bf16 rounds to nearest even and keeps NaN / inf", "[core]") {
   }
 }
 
-TEST_CASE("SIMD dot products, exp2 and SiLU against float64", "[core]") {
+TEST_CASE("SIMD dot products, exp2, SiLU and tanh against float64", "[core]") {
   const auto seed = test::fresh_seed();
   CAPTURE(seed);
   test::Rng rng(seed);
@@ -77,6 +77,22 @@ TEST_CASE("SIMD dot products, exp2 and SiLU against float64", "[core]") {
       worst_silu = std::max(worst_silu, std::abs(out[i] - r) / std::max(1e-30, std::abs(r)));
     }
   }
+  // tanh (the soft-cap variant): absolute error over the whole range, relative near 0.
+  double worst_tanh = 0, worst_tanh_rel = 0;
+  for (int trial = 0; trial < 2000; ++trial) {
+    const float span = trial % 2 ? 12.f : 0.01f;
+    for (auto& x : in) x = rng.uniform(-span, span);
+    if (trial == 0) in[0] = 0.f, in[1] = 40.f, in[2] = -1e5f;
+    simd::tanh<simd::default_arch>(B::load_aligned(in)).store_aligned(out);
+    for (std::size_t i = 0; i < W; ++i) {
+      const double r = std::tanh(double(in[i]));
+      worst_tanh = std::max(worst_tanh, std::abs(out[i] - r));
+      if (r != 0) worst_tanh_rel = std::max(worst_tanh_rel, std::abs(out[i] - r) / std::abs(r));
+      else CHECK(out[i] == 0.f);
+    }
+  }
+  CHECK(worst_tanh <= 3e-7);
+  CHECK(worst_tanh_rel <= 6e-7);
   CHECK(worst_exp <= 4e-7);   // about 1 ulp
   // x * log2(e) is rounded to float: relative error ~|x| * 6e-8 in the exponent, ~2e-6 at |x| = 30.
   CHECK(worst_silu <= 4e-6);
