@@ -26,7 +26,9 @@
 // the plain kernel for every case: 4·d flops per causal (query, key) pair and head; the bytes
 // of all K and V rows. Google Benchmark cannot relate one case to another, so the variants'
 // cost is read off as ratios within one run: time(variant) / time(plain) = GFLOPS(plain) /
-// GFLOPS(variant) (and the same with GBps). rgqa does k_r / G = 1/2 of the prefill arithmetic,
+// GFLOPS(variant) (and the same with GBps); more robustly, each variant case also reports
+// vs_plain, the median of per-iteration time ratios to a plain call timed right before (see
+// Interleaved). rgqa does k_r / G = 1/2 of the prefill arithmetic,
 // so its dense-counted GFLOPS may exceed plain's; its decode still reads every K/V row.
 #include <benchmark/benchmark.h>
 
@@ -74,6 +76,36 @@ const char* kind_name(Kind k) {
   return "?";
 }
 
+// The machine is shared and its speed drifts over seconds, so each iteration of a variant also
+// times the plain call right before it: vs_plain = the median over iterations of
+// time(variant) / time(plain). The reported time is the variant's alone (manual time).
+class Interleaved {
+ public:
+  template <class F>
+  double step(Kind kind, F&& f) {
+    double t_plain = 0;
+    if (kind != Kind::plain) t_plain = time(f, Kind::plain);
+    const double t = time(f, kind);
+    if (kind != Kind::plain) ratios_.push_back(t / t_plain);
+    return t;
+  }
+  void report(benchmark::State& state, Kind kind) {
+    if (kind == Kind::plain || ratios_.empty()) return;
+    std::sort(ratios_.begin(), ratios_.end());
+    const std::size_t n = ratios_.size();
+    state.counters["vs_plain"] = n % 2 ? ratios_[n / 2] : 0.5 * (ratios_[n / 2 - 1] + ratios_[n / 2]);
+  }
+
+ private:
+  template <class F>
+  static double time(F& f, Kind k) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f(k);
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  }
+  std::vector<double> ratios_;
+};
+
 // The variants' parameters, the same for prefill and decode (rows: T of OutputScale and of the
 // routes, 1 in decode).
 struct Params {
@@ -114,7 +146,7 @@ void BM_prefill_variant(benchmark::State& state, Kind kind) {
   opt.num_threads = kThreads;
   const CausalMask mask{};
   const View2<float> no_lse{};
-  const auto call = [&] {
+  const auto call = [&](Kind kind) {
     switch (kind) {
       case Kind::plain: return attention_prefill(qv, kv, vv, ov, mask, opt);
       case Kind::alibi: return attention_prefill(qv, kv, vv, ov, mask, opt, no_lse, make_variant(Alibi{p.slopes.data()}));
@@ -128,14 +160,19 @@ void BM_prefill_variant(benchmark::State& state, Kind kind) {
     }
   };
   const double peak = bench::roofline().fma_gflops;
+  call(kind);  // untimed: page faults of fresh buffers, thread scratch, an idle second core waking up
   double seconds = 0;
+  Interleaved il;
   for (auto _ : state) {
-    const auto t0 = std::chrono::steady_clock::now();
-    call();
-    benchmark::DoNotOptimize(out.data());
-    benchmark::ClobberMemory();
-    seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    const double t = il.step(kind, [&](Kind k) {
+      call(k);
+      benchmark::DoNotOptimize(out.data());
+      benchmark::ClobberMemory();
+    });
+    state.SetIterationTime(t);
+    seconds += t;
   }
+  il.report(state, kind);
   const double flops = attended_pairs(T, 0) * static_cast<double>(kH) * (2.0 * kD + 2.0 * kD);  // dense, every case
   const double gflops = flops / (seconds / static_cast<double>(state.iterations())) / 1e9;
   state.counters["GFLOPS"] = gflops;
@@ -194,8 +231,8 @@ void BM_decode_variant(benchmark::State& state, Kind kind) {
   opt.num_threads = kThreads;
   const View1<float> no_lse{};
   std::size_t i = 0;
-  for (auto _ : state) {
-    const auto& c = caches[i++ % caches.size()];
+  const auto call = [&](Kind kind) {
+    const auto& c = caches[i++ % caches.size()];  // the next cache, so every call reads DRAM
     const ConstView3<KV> kv = c.keys(), vv = c.values();
     switch (kind) {
       case Kind::plain: attention_decode<KV>(qv, kv, vv, ov, opt); break;
@@ -210,7 +247,10 @@ void BM_decode_variant(benchmark::State& state, Kind kind) {
     }
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
-  }
+  };
+  Interleaved il;
+  for (auto _ : state) state.SetIterationTime(il.step(kind, call));
+  il.report(state, kind);
   const double gb = 2.0 * static_cast<double>(kDecodeT * kHkv * kD) * sizeof(KV) * 1e-9;  // every K and V row, every case
   state.counters["GBps"] = benchmark::Counter(gb, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["bw_frac"] = benchmark::Counter(gb / bench::roofline().read_gbps, benchmark::Counter::kIsIterationInvariantRate);
@@ -221,7 +261,7 @@ void BM_decode_variant(benchmark::State& state, Kind kind) {
 // variants.
 const bool registered = [] {
   const auto reg = [](const std::string& name, auto fn, Kind kind, benchmark::TimeUnit unit) {
-    benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& s) { fn(s, kind); })->UseRealTime()->Unit(unit);
+    benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& s) { fn(s, kind); })->UseManualTime()->Unit(unit);
   };
   const std::vector<Kind> prefill{Kind::plain, Kind::alibi, Kind::softcap,     Kind::sinks,
                                   Kind::tuneable, Kind::rgqa, Kind::output_scale};

@@ -512,7 +512,7 @@ struct SoftCapScores {
     for (std::int64_t g = g0; g < g1; ++g)
       for (int i = 0; i < kBlock; i += static_cast<int>(B::size)) {
         float* x = p + g * kBlock + i;
-        (B(c2) * simd::tanh(B::load_unaligned(x) * B(inv_c2))).store_unaligned(x);
+        simd::softcap(B::load_unaligned(x), c2, inv_c2).store_unaligned(x);
       }
   }
 };

@@ -116,33 +116,46 @@ inline fbatch<Arch> exp2_nonpositive(fbatch<Arch> x) {
   return xsimd::select(x < B(-126.f), B(0.f), r);
 }
 
-// tanh(x) by an odd/even rational approximation on [-7.99, 7.99] (the classic minimax fit that
-// Eigen also uses), clamped outside, where tanh rounds to ±1 in float anyway: a few ulp. The
-// soft-cap variant runs it on every attention score, so it avoids the division.
+// cap · tanh(s / cap) (logit soft-capping; tanh itself is cap = 1), by the odd/even rational
+// approximation of tanh on [-7.99, 7.99] that Eigen also uses, with s clamped to ±7.99 · cap
+// (beyond, tanh rounds to ±1 in float anyway): a few ulp. The soft-cap variant runs it on every
+// attention score, so it is kept short: cap · x = the clamped s itself, and an approximate
+// reciprocal with one Newton step replaces the division (q lies in [0.0049, 0.6]).
 template <class Arch = default_arch>
-inline fbatch<Arch> tanh(fbatch<Arch> x) {
+inline fbatch<Arch> softcap(fbatch<Arch> s, float cap, float inv_cap) {
   using B = fbatch<Arch>;
-  const B xc = xsimd::max(xsimd::min(x, B(7.99881172180175781f)), B(-7.99881172180175781f));
-  const B x2 = xc * xc;
+  const float lim = 7.99881172180175781f * cap;
+  const B sc = [&] {
+#if defined(__AVX512DQ__)
+    // vrangeps: the smaller magnitude of s and lim, with s's sign — the clamp in one instruction.
+    if constexpr (width<Arch> == 16) return B(_mm512_range_ps(s, _mm512_set1_ps(lim), 0x02));
+#endif
+    return xsimd::max(xsimd::min(s, B(lim)), B(-lim));
+  }();
+  const B x = sc * B(inv_cap), x2 = x * x;
   B p = xsimd::fma(x2, B(-2.76076847742355e-16f), B(2.00018790482477e-13f));
   p = xsimd::fma(x2, p, B(-8.60467152213735e-11f));
   p = xsimd::fma(x2, p, B(5.12229709037114e-08f));
   p = xsimd::fma(x2, p, B(1.48572235717979e-05f));
   p = xsimd::fma(x2, p, B(6.37261928875436e-04f));
   p = xsimd::fma(x2, p, B(4.89352455891786e-03f));
-  p = xc * p;
   B q = xsimd::fma(x2, B(1.19825839466702e-06f), B(1.18534705686654e-04f));
   q = xsimd::fma(x2, q, B(2.26843463243900e-03f));
   q = xsimd::fma(x2, q, B(4.89352518554385e-03f));
-  // Near 0, p / q = x · (1 - 1.3e-7): no special case needed. q lies in [0.0049, 0.6], so an
-  // approximate reciprocal and one Newton step (2^-28) replace the slow division.
+  const B sp = sc * p;  // cap · x · P(x²); near 0, P/Q = 1 - 1.3e-7, so no special case
 #if defined(__AVX512F__)
   if constexpr (width<Arch> == 16) {
     const B r = B(_mm512_rcp14_ps(q));
-    return p * xsimd::fma(r, xsimd::fnma(q, r, B(1.f)), r);
+    const B t = sp * r;
+    return xsimd::fma(t, xsimd::fnma(q, r, B(1.f)), t);  // sp · r · (2 - q r)
   }
 #endif
-  return p / q;
+  return sp / q;
+}
+
+template <class Arch = default_arch>
+inline fbatch<Arch> tanh(fbatch<Arch> x) {
+  return softcap<Arch>(x, 1.f, 1.f);
 }
 
 // SiLU(x) = x * sigmoid(x), with the exponential only ever evaluated at non-positive arguments

@@ -378,7 +378,7 @@ struct SoftCapLogit {  // c2 · tanh(s / c2) with c2 = cap · log2(e)
   static constexpr bool active = true;
   float c2, inv_c2;
   fb<Arch> apply(fb<Arch> s, std::int64_t /*c*/, std::int64_t /*r*/) const {
-    return fb<Arch>(c2) * simd::tanh<Arch>(s * fb<Arch>(inv_c2));
+    return simd::softcap<Arch>(s, c2, inv_c2);
   }
 };
 template <class Arch>
