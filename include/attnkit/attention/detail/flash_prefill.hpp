@@ -36,6 +36,13 @@
 //    sub-tiles sweep the local key tiles (as the sliding-window kernel would) into the second
 //    state, then finalise as FusedWindow does.
 // All of them compute the gate g = sigmoid(w[h]·q + b[h]) of the raw query row while packing Q.
+//
+// Attention variants (attention/variant.hpp), the last template parameter of run_prefill, each
+// at one place (and compiled out when unset): the query metric while Q is packed (M^T · Q^T by
+// qk_block, M^T's rows playing the keys); soft-cap and ALiBi in the first pass of softmax_tile
+// (which then writes a transformed copy of the tile); sinks and the output scale in finalize.
+// Segment::positions lets a segment's query rows sit at any non-decreasing positions: routed
+// attention (attention/routed.hpp) packs the rows that chose one KV group's heads that way.
 #pragma once
 
 #include <algorithm>
