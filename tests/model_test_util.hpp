@@ -1,5 +1,6 @@
-// tests/model_test_util.hpp — what the model tests share: fixture paths, running ids through a
-// session in steps (prefill, decode, chunks) with a trace, temporary checkpoint directories.
+// tests/model_test_util.hpp — what the model tests share: fixture paths, random ids, the built-in
+// registry, running ids through a session in steps (prefill, decode, chunks) with a trace,
+// temporary checkpoint directories.
 #pragma once
 
 #include <filesystem>
@@ -9,6 +10,7 @@
 #include <vector>
 
 #include "attnkit/io/safetensors.hpp"
+#include "attnkit/model/builtin.hpp"
 #include "attnkit/model/qwen3.hpp"
 #include "test_util.hpp"
 
@@ -17,6 +19,20 @@ namespace attnkit::test {
 namespace fs = std::filesystem;
 
 inline fs::path fixture(const std::string& name) { return fs::path(ATTNKIT_TEST_DATA) / "fixtures" / name; }
+
+// T token ids drawn uniformly from [0, V) by a seeded generator.
+inline std::vector<std::int64_t> random_ids(std::int64_t T, std::int64_t V, std::uint64_t seed) {
+  Rng rng(seed);
+  std::vector<std::int64_t> ids(static_cast<std::size_t>(T));
+  for (auto& id : ids) id = rng.integer(0, V - 1);
+  return ids;
+}
+
+// The built-in registry (every shipped mechanism), built once.
+inline const model::Registry& builtin_registry() {
+  static const model::Registry reg = model::default_registry();
+  return reg;
+}
 
 // Runs ids through a fresh session in steps of the given sizes (empty: one prefill); returns the
 struct Run {

@@ -41,17 +41,6 @@ void add_index(nlohmann::json& j, std::int64_t topk) {
   j["index_rope_dim"] = 4;
 }
 
-std::vector<std::int64_t> ids_of(std::int64_t T, std::int64_t V, std::uint64_t seed) {
-  test::Rng rng(seed);
-  std::vector<std::int64_t> ids(static_cast<std::size_t>(T));
-  for (auto& id : ids) id = rng.integer(0, V - 1);
-  return ids;
-}
-
-const model::Registry& registry() {
-  static const model::Registry reg = model::default_registry();
-  return reg;
-}
 
 // RandomSource, except that the indexer's LayerNorm gets a random weight (1 + u) and bias (u) instead
 // of ones and zeros, so the test sees both.
@@ -88,10 +77,10 @@ struct Built {
   model::Qwen3Model model;
 };
 Built build(const nlohmann::json& j, model::WeightType type = model::WeightType::f32, std::uint64_t seed = 11) {
-  io::Qwen3Config c = registry().parse_config(j, "lt2-test.json");
+  io::Qwen3Config c = builtin_registry().parse_config(j, "lt2-test.json");
   IndexerNormSource src(model::RandomSource(type, seed, 0.08f));
   model::LoadOptions lo;
-  lo.registry = &registry();
+  lo.registry = &builtin_registry();
   auto m = model::Qwen3Model::compose(c, src, lo);
   return {c, src, std::move(m)};
 }
@@ -126,7 +115,7 @@ ref::Lt2RefOutput check_against_reference(const std::string& what, const nlohman
                                                                        : "sparse_attention";
     CHECK(k == want);
   }
-  const auto ids = ids_of(T, b.config.vocab_size, 5);
+  const auto ids = random_ids(T, b.config.vocab_size, 5);
   const ref::Lt2RefWeights w = ref::load_lt2_ref(b.source, b.config, settings_of(j, kinds));
   const ref::Lt2RefOutput r = ref::lt2_ref_forward(w, ids);
   const std::vector<double> want(r.logits.data(), r.logits.data() + r.logits.size());
@@ -192,7 +181,7 @@ TEST_CASE("lt2 hybrid (GDN+DSA): sparse layers vs float64 reference, top-k < T; 
     const auto r = check_against_reference("lt2 GDN+DSA", j, {"gdn", "sparse", "gdn", "sparse", "gdn"});
     // Our trace's selection is the reference's (last loop).
     const Built b = build(j);
-    const auto ids = ids_of(37, 97, 5);
+    const auto ids = random_ids(37, 97, 5);
     const Run pre = run(b.model, ids), dec = run(b.model, ids, {1}), chunks = run(b.model, ids, {9, 4});
     for (std::int64_t layer : {1, 3}) {
       CAPTURE(layer);
@@ -254,7 +243,7 @@ TEST_CASE("lt2: every mixer kind per layer (layer_mixers), windows, full rope on
   t["gated_attn"] = true;
   add_index(t, 5);
   t.erase("index_rope_dim");
-  const auto ids = ids_of(19, 97, 2);
+  const auto ids = random_ids(19, 97, 2);
   CHECK(test::bit_equal(run(build(t).model, ids).logits, run(build(j).model, ids).logits));
 }
 
@@ -267,7 +256,7 @@ TEST_CASE("lt2: top-k >= T makes sparse attention full attention", "[model][lt2]
   auto full = tiny(2);
   full["mixer"] = "gdn";
   full["attention_pattern"] = "1:1";
-  const auto ids = ids_of(37, 97, 9);
+  const auto ids = random_ids(37, 97, 9);
   const Run a = run(build(sparse).model, ids), b = run(build(full).model, ids);  // same q/k/v/o weights by name
   const double err = test::rel_l2(a.logits, b.logits);
   std::printf("lt2: top-k = T sparse vs full attention: relative L2 %.3g\n", err);
@@ -289,7 +278,7 @@ TEST_CASE("lt2: bf16 weights and KV cache: decode and chunks agree with prefill"
   j["attention_layer"] = "sparse";
   add_index(j, 6);
   const Built b = build(j, model::WeightType::bf16);
-  const auto ids = ids_of(41, 97, 3);
+  const auto ids = random_ids(41, 97, 3);
   model::SessionOptions so;
   so.kv_type = model::CacheType::bf16;
   const Run pre = run(b.model, ids, {}, so);
@@ -308,7 +297,7 @@ TEST_CASE("lt2: bf16 weights and KV cache: decode and chunks agree with prefill"
 }
 
 TEST_CASE("lt2: the named 1.3B plans and the tiny ones", "[model][lt2][config]") {
-  const auto& reg = registry();
+  const auto& reg = builtin_registry();
   for (const bool dsa : {false, true}) {
     CAPTURE(dsa);
     const auto j = dsa ? model::lt2_gdn_dsa_1_3b_config() : model::lt2_hybrid_1_3b_config();
@@ -329,7 +318,7 @@ TEST_CASE("lt2: the named 1.3B plans and the tiny ones", "[model][lt2][config]")
     const auto m = model::Qwen3Model::random(reg.parse_config(tj), model::WeightType::bf16, 1, &reg);
     CHECK(m.passes() == 2);
     CHECK(m.mixer(4).kind() == (dsa ? "sparse_attention" : "full_attention"));
-    const auto ids = ids_of(19, 256, 4);
+    const auto ids = random_ids(19, 256, 4);
     const Run r = run(m, ids);
     for (float v : r.logits) REQUIRE(std::isfinite(v));
     CHECK(test::rel_l2(run(m, ids, {1}).logits, r.logits) <= 1e-5);

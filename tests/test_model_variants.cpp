@@ -38,17 +38,6 @@ nlohmann::json tiny(const std::vector<std::string>& types) {
   return j;
 }
 
-std::vector<std::int64_t> ids_of(std::int64_t T, std::int64_t V, std::uint64_t seed) {
-  test::Rng rng(seed);
-  std::vector<std::int64_t> ids(static_cast<std::size_t>(T));
-  for (auto& id : ids) id = rng.integer(0, V - 1);
-  return ids;
-}
-
-const model::Registry& registry() {
-  static const model::Registry reg = model::default_registry();
-  return reg;
-}
 
 bool ends_with(const std::string& s, const std::string& e) {
   return s.size() >= e.size() && s.compare(s.size() - e.size(), e.size(), e) == 0;
@@ -82,8 +71,8 @@ class TestSource final : public model::TensorSource {
 
 model::Qwen3Model build(const nlohmann::json& j, const TestSource& src) {
   model::LoadOptions lo;
-  lo.registry = &registry();
-  return model::Qwen3Model::compose(registry().parse_config(j, "variants-test.json"), src, lo);
+  lo.registry = &builtin_registry();
+  return model::Qwen3Model::compose(builtin_registry().parse_config(j, "variants-test.json"), src, lo);
 }
 
 // U [d, r] with orthonormal rows (U Uᵀ = I): the first d rows of a random orthogonal r x r matrix,
@@ -144,7 +133,7 @@ TEST_CASE("routed and tuneable layers vs float64 reference; prefill = chunks = d
     REQUIRE(m.mixer(0).kind() == "routed_attention");
     REQUIRE(m.mixer(1).kind() == "tuneable_attention");
     REQUIRE(m.mixer(2).kind() == "full_attention");
-    const auto ids = ids_of(kT, 97, 5 + ci);
+    const auto ids = random_ids(kT, 97, 5 + ci);
     ref::VariantRefSettings s;
     s.kinds = {"routed", "tuneable", "full", "routed"};
     s.top_k = c.top_k;
@@ -188,7 +177,7 @@ TEST_CASE("routed and tuneable layers vs float64 reference; prefill = chunks = d
 TEST_CASE("routed attention: every head kept with weight 1 is plain Qwen3 (the router is ignored)", "[model][variants][rgqa]") {
   const TestSource src;
   const auto plain = build(tiny({"full_attention", "full_attention"}), src);
-  const auto ids = ids_of(kT, 97, 3);
+  const auto ids = random_ids(kT, 97, 3);
   const Run want = run(plain, ids), want_dec = run(plain, ids, {1});
   for (const std::string scope : {"group", "all"}) {
     CAPTURE(scope);
@@ -210,7 +199,7 @@ TEST_CASE("routed attention: every head kept with weight 1 is plain Qwen3 (the r
 
 TEST_CASE("tuneable attention: folded = unfolded; an orthogonal U is plain Qwen3", "[model][variants][tuneable]") {
   const std::vector<std::string> types = {"tuneable_attention", "full_attention", "tuneable_attention"};
-  const auto ids = ids_of(kT, 97, 4);
+  const auto ids = random_ids(kT, 97, 4);
   const auto form = [&](std::int64_t rank, const std::string& f) {
     auto j = tiny(types);
     j["tuneable_rank"] = rank;
@@ -274,7 +263,7 @@ TEST_CASE("tuneable attention: folded = unfolded; an orthogonal U is plain Qwen3
 }
 
 TEST_CASE("variant layers: named shapes, tiny models and the random U", "[model][variants][config]") {
-  const auto& reg = registry();
+  const auto& reg = builtin_registry();
   struct Named {
     nlohmann::json j;
     std::string type;
@@ -309,7 +298,7 @@ TEST_CASE("variant layers: named shapes, tiny models and the random U", "[model]
                         model::with_tuneable_attention(tiny({"full_attention", "full_attention"})), looped}) {
     const auto m = model::Qwen3Model::random(reg.parse_config(j), model::WeightType::bf16, 1, &reg);
     CHECK(m.passes() == (j.contains("loop_count") ? 2 : 1));
-    const auto ids = ids_of(kT, 97, 6);
+    const auto ids = random_ids(kT, 97, 6);
     const Run r = run(m, ids);
     for (float v : r.logits) REQUIRE(std::isfinite(v));
     CHECK(test::rel_l2(run(m, ids, {1}).logits, r.logits) <= 1e-5);
@@ -363,7 +352,7 @@ TEST_CASE("variant layers: configuration errors name the field", "[model][varian
   fails(j, "config fields that recipe 'qwen3' does not use: rgqa_top_k tuneable_rank");
   j = base;
   j["layer_types"] = {"routed_attention", "routed_sliding_attention", "full_attention"};
-  REQUIRE_THROWS_WITH(registry().parse_config(j), Contains("entry 1 is 'routed_sliding_attention'") &&
+  REQUIRE_THROWS_WITH(builtin_registry().parse_config(j), Contains("entry 1 is 'routed_sliding_attention'") &&
                                                       Contains("routed_attention") && Contains("tuneable_attention"));
 }
 
@@ -372,7 +361,7 @@ TEST_CASE("variant layers: a checkpoint without router.weight or U is refused; a
   j["tuneable_rank"] = 7;
   const TestSource src;
   const auto m = build(j, src);
-  const auto ids = ids_of(kT, 97, 8);
+  const auto ids = random_ids(kT, 97, 8);
   const Run want = run(m, ids);
   CHECK(src.read.count("model.layers.0.self_attn.router.weight") == 1);
   CHECK(src.read.count("model.layers.1.self_attn.U") == 1);
