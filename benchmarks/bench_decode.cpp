@@ -31,6 +31,19 @@ void BM_roofline_bf16_dot(benchmark::State& state) {
 }
 BENCHMARK(BM_roofline_bf16_dot)->Name("roofline/bf16_dot")->UseRealTime()->Unit(benchmark::kMillisecond);
 
+void BM_roofline_amx_bf16(benchmark::State& state) {
+  if (!roofline_detail::amx_usable()) {
+    state.SkipWithError("AMX tiles not usable here (not compiled for AMX, or the kernel refused the tile state)");
+    return;
+  }
+  const int threads = attnkit::default_num_threads();
+  const std::int64_t iters = roofline_detail::calibrate(roofline_detail::amx_thread, 0.1);
+  double rate = 0;
+  for (auto _ : state) rate = roofline_detail::parallel_rate(threads, iters, roofline_detail::amx_thread);
+  state.counters["GFLOPS"] = rate * 1e-9;
+}
+BENCHMARK(BM_roofline_amx_bf16)->Name("roofline/amx_bf16")->UseRealTime()->Unit(benchmark::kMillisecond);
+
 void BM_roofline_mem_read(benchmark::State& state) {
   const int threads = attnkit::default_num_threads();
   const auto buf = roofline_detail::make_read_buffer(roofline_detail::kReadBufferFloats, threads);

@@ -1,10 +1,11 @@
 // benchmarks/bench_linear.cpp — PackedLinear on the Qwen3-0.6B projection shapes.
 //
 //  linear/prefill/<bf16|f32>/<fast|exact>/N:<out>/K:<in>/M:<tokens>
-//      counters GFLOPS (2*M*N*K / time) and peak_frac: vs the bf16 dot-product (vdpbf16ps)
-//      peak for bf16/fast, vs the fp32 FMA peak for exact (roofline.hpp). bf16 prefill runs on
-//      AMX tiles where available, which roofline.hpp does not measure: peak_frac > 1 there
-//      means faster than the vector units can go.
+//      counters GFLOPS (2*M*N*K / time) and peak_frac = GFLOPS / the measured peak of the units
+//      the call runs on (bench::linear_peak in roofline.hpp; the label names them): AMX bf16 for
+//      bf16 weights (fast and exact; more than 8 tokens, where AMX is usable), fp32 FMA for f32
+//      weights. Label "amx x3": exact on AMX multiplies three bf16 planes of x (hi + mid + lo),
+//      so its ceiling is peak_frac 1/3.
 //  linear/decode/<bf16|f32>/N:<out>/K:<in>
 //      one token, Precision::exact; counters GBps (packed weight bytes / time) and bw_frac vs
 //      the measured DRAM read bandwidth. Each iteration uses the next of several packed copies
@@ -48,7 +49,7 @@ PackedLinear make_layer(std::int64_t N, std::int64_t K, bool bf16_weights, std::
 
 void prefill(benchmark::State& state, std::int64_t N, std::int64_t K, std::int64_t M, bool bf16_weights,
              Precision prec) {
-  const auto& roof = bench::roofline();
+  (void)bench::roofline();  // the ceilings are measured (once per process) before the timed loop
   const PackedLinear lin = make_layer(N, K, bf16_weights, 1);
   const auto x = random_floats(M * K, 2, 1.f);
   std::vector<float> y(static_cast<std::size_t>(M * N));
@@ -59,10 +60,10 @@ void prefill(benchmark::State& state, std::int64_t N, std::int64_t K, std::int64
     benchmark::ClobberMemory();
   }
   const double gflop = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) * 1e-9;
-  const bool bf16_fast = bf16_weights && prec == Precision::fast;
+  const bench::LinearPeak peak = bench::linear_peak(bf16_weights, prec, M);
+  state.SetLabel(peak.products > 1 ? std::string(peak.unit) + " x" + std::to_string(peak.products) : peak.unit);
   state.counters["GFLOPS"] = benchmark::Counter(gflop, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["peak_frac"] = benchmark::Counter(gflop / (bf16_fast ? roof.bf16_gflops : roof.fma_gflops),
-                                                   benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["peak_frac"] = benchmark::Counter(gflop / peak.gflops, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 void decode(benchmark::State& state, std::int64_t N, std::int64_t K, bool bf16_weights) {

@@ -5,12 +5,23 @@
 //                  registers (2 flops x 16 lanes per instruction);
 //  * bf16_gflops — bf16 dot-product peak: 16 independent vdpbf16ps chains (2 flops x 32 products
 //                  per instruction);
+//  * amx_bf16_gflops — AMX bf16 peak: every thread asks for the tile state (amx_permitted(), once
+//                  per process), configures its tiles as the linear kernels do (amx_configure():
+//                  eight 16 x 64-byte tiles) and runs tdpbf16ps on four independent accumulator
+//                  tiles from two activation and two weight tiles that stay in the tile registers
+//                  (2 flops x 16 x 16 x 32 products per instruction); 0 where AMX is not usable;
 //  * read_gbps   — DRAM read bandwidth: each thread sums a disjoint part of a 1 GiB buffer with
 //                  AVX-512 loads (the buffer is far larger than any cache level, including the
 //                  480 MiB host LLC a VM may report), best of several passes.
 // The results are printed once to stderr. Benchmarks report achieved / roofline().x as a fraction.
 // The bench_decode.cpp translation unit registers the Google Benchmark cases roofline/fp32_fma,
-// roofline/bf16_dot and roofline/mem_read, which run the same measurement kernels.
+// roofline/bf16_dot, roofline/amx_bf16 and roofline/mem_read, which run the same measurement
+// kernels.
+//
+// linear_peak() says which of these ceilings a PackedLinear call runs against (the one place
+// that knows PackedLinear's code paths): AMX for bf16 weights with more than 8 tokens where AMX
+// is usable (Precision fast and exact alike), the fp32 FMA peak otherwise (bf16 weights are
+// widened to f32; no linear path uses vdpbf16ps).
 #pragma once
 
 #include <algorithm>
@@ -30,12 +41,15 @@
 
 #include "attnkit/core/memory.hpp"
 #include "attnkit/core/threading.hpp"
+#include "attnkit/linalg/detail/linear_kernels.hpp"
+#include "attnkit/linalg/packed_linear.hpp"
 
 namespace attnkit::bench {
 
 struct Roofline {
   double fma_gflops;
   double bf16_gflops;
+  double amx_bf16_gflops;  // 0: AMX not usable here (not compiled for, or the kernel refused the tile state)
   double read_gbps;
 };
 
@@ -140,6 +154,57 @@ inline double bf16_thread(std::int64_t iters) {
   return static_cast<double>(iters) * 16 * 32 * 2;
 #else
   return fma_thread(iters);  // no bf16 dot instruction: the fp32 FMA path is the ceiling
+#endif
+}
+
+// Whether this process may use AMX tiles (compiled for, and the kernel granted the tile state).
+inline bool amx_usable() {
+#if defined(ATTNKIT_LINEAR_AMX)
+  return detail::linear::amx_permitted();
+#else
+  return false;
+#endif
+}
+
+// One thread: `iters` rounds of four tdpbf16ps on independent accumulator tiles (tmm0-3) from
+// two activation tiles (tmm4-5) and two weight tiles (tmm6-7), all loaded once and kept in the
+// tile registers; returns the flop count. The tile setup is the linear kernels' own
+// (amx_configure / amx_release). Call only where amx_usable().
+inline double amx_thread(std::int64_t iters) {
+#if defined(ATTNKIT_LINEAR_AMX)
+  // bf16 pairs (1.0, 2^-20) x (2^-20, 2^-20): each instruction adds at most 32 * 2^-20 to an
+  // accumulator element, so the sums stay finite and normal for any realistic iteration count.
+  alignas(64) std::uint32_t a[256], b[256];
+  for (int i = 0; i < 256; ++i) {
+    a[i] = 0x35803f80u;
+    b[i] = 0x35803580u;
+  }
+  alignas(64) float c[4 * 256];
+  detail::linear::amx_configure();
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, a, 64);
+  _tile_loadd(5, a, 64);
+  _tile_loadd(6, b, 64);
+  _tile_loadd(7, b, 64);
+  for (std::int64_t i = 0; i < iters; ++i) {
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  _tile_stored(0, c, 64);
+  _tile_stored(1, c + 256, 64);
+  _tile_stored(2, c + 512, 64);
+  _tile_stored(3, c + 768, 64);
+  detail::linear::amx_release();
+  keep(c[0] + c[256] + c[512] + c[768]);
+  return static_cast<double>(iters) * 4 * (16 * 16 * 32) * 2;
+#else
+  (void)iters;
+  return 0;
 #endif
 }
 
@@ -260,9 +325,13 @@ inline Roofline measure(int threads) {
   Roofline r{};
   r.fma_gflops = compute_peak(threads, fma_thread) * 1e-9;
   r.bf16_gflops = compute_peak(threads, bf16_thread) * 1e-9;
+  r.amx_bf16_gflops = amx_usable() ? compute_peak(threads, amx_thread) * 1e-9 : 0.0;
   r.read_gbps = read_bandwidth(threads) * 1e-9;
-  std::fprintf(stderr, "roofline (%d threads): fp32 FMA %.1f GFLOP/s, bf16 dot %.1f GFLOP/s, DRAM read %.1f GB/s\n",
-               threads, r.fma_gflops, r.bf16_gflops, r.read_gbps);
+  std::fprintf(stderr,
+               "roofline (%d threads): fp32 FMA %.1f GFLOP/s, bf16 dot %.1f GFLOP/s, AMX bf16 %.1f GFLOP/s%s, "
+               "DRAM read %.1f GB/s\n",
+               threads, r.fma_gflops, r.bf16_gflops, r.amx_bf16_gflops, amx_usable() ? "" : " (not usable)",
+               r.read_gbps);
   return r;
 }
 
@@ -272,6 +341,25 @@ inline Roofline measure(int threads) {
 inline const Roofline& roofline() {
   static const Roofline r = roofline_detail::measure(default_num_threads());
   return r;
+}
+
+// The compute ceiling a PackedLinear::forward call runs against, and on which units.
+struct LinearPeak {
+  const char* unit;  // "amx" or "fma"
+  double gflops;     // that unit's measured peak (roofline())
+  int products;      // unit products per counted product: 3 for exact on AMX (x = hi + mid + lo
+                     // bf16 planes), so that path's ceiling in counted flops is gflops / 3
+};
+
+// The units PackedLinear runs `tokens` rows on (see linalg/packed_linear.hpp, forward_bf16):
+// bf16 weights and more than 8 tokens go to AMX tiles where AMX is usable, Precision fast (one
+// bf16 plane) or exact (three); everything else (decode-sized calls, f32 weights, no AMX) runs
+// on float32 FMAs (bf16 weights widened to f32).
+inline LinearPeak linear_peak(bool bf16_weights, Precision precision, std::int64_t tokens) {
+  const Roofline& r = roofline();
+  if (bf16_weights && tokens > detail::linear::kMR && detail::linear::amx_available() && r.amx_bf16_gflops > 0)
+    return {"amx", r.amx_bf16_gflops, precision == Precision::exact ? 3 : 1};
+  return {"fma", r.fma_gflops, 1};
 }
 
 }  // namespace attnkit::bench
