@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <limits>
 #include <numeric>
 #include <set>
@@ -140,6 +142,103 @@ TEST_CASE("decode matches the float64 reference (bf16 K/V)", "[decode]") {
   check_against_reference<bf16>(test::fresh_seed(), true);
 }
 
+// int8 K/V: logical [T][H_kv][d] quantised per (token, head) row, the codes in a layout (unused
+// bytes -128, which the quantiser never writes) and the scales beside them (unused entries NaN).
+struct QuantStored {
+  std::vector<std::int8_t> codes;
+  std::vector<float> scales, dequant;  // dequant: token-major [T][H_kv][d], codes * scale in f32
+  std::array<std::int64_t, 3> shape{}, stride{};
+  std::array<std::int64_t, 2> sstride{};
+  QuantStored(const std::vector<float>& x, std::int64_t T, std::int64_t Hk, std::int64_t d, Layout layout)
+      : shape{T, Hk, d} {
+    switch (layout) {
+      case Layout::token_major: stride = {Hk * d, d, 1}; sstride = {Hk, 1}; break;
+      case Layout::head_major: stride = {d, T * d, 1}; sstride = {1, T}; break;
+      case Layout::padded: stride = {Hk * (d + 5) + 3, d + 5, 1}; sstride = {Hk + 3, 1}; break;
+    }
+    codes.assign(static_cast<std::size_t>(std::max<std::int64_t>(1, (T + 1) * stride[0] + Hk * stride[1] + d + T * d)),
+                 std::int8_t{-128});
+    scales.assign(static_cast<std::size_t>((T + 1) * (Hk + 3) + 1), kNaN);
+    dequant.resize(x.size());
+    for (std::int64_t t = 0; t < T; ++t)
+      for (std::int64_t h = 0; h < Hk; ++h) {
+        float& sc = scales[t * sstride[0] + h * sstride[1]];
+        REQUIRE(detail::quant::quantize_row(x.data() + (t * Hk + h) * d, codes.data() + t * stride[0] + h * stride[1],
+                                            sc, d));
+        for (std::int64_t e = 0; e < d; ++e)
+          dequant[(t * Hk + h) * d + e] = static_cast<float>(codes[t * stride[0] + h * stride[1] + e]) * sc;
+      }
+  }
+  QuantView3 view() const {
+    return {ConstView3<std::int8_t>(codes.data(), shape, stride),
+            ConstView2<float>(scales.data(), {shape[0], shape[1]}, sstride)};
+  }
+};
+
+// Relative L2 error of int8 decode against float64 attention over the unquantised K/V: the
+// bound the README states. Elements are off by at most max|row| / 254 (about 0.6% of a
+// unit-normal row's RMS), which moves both the scores (q·Δk, more with a larger |q|) and the
+// averaged values; relative errors of tiny outputs (d_v = 1, near-cancelling averages) are the
+// tail. Measured over 120 runs of 60 random cases each (the shapes below): worst 2.6e-2 with
+// unit-normal q (median of the per-run worst 1.0e-2), 3.7e-2 with q scaled by 3 (median 2.1e-2).
+// Bound: 5e-2 for |q| ~ 1, 8e-2 for |q| ~ 3.
+double int8_bound(float qscale) { return qscale > 1.f ? 8e-2 : 5e-2; }
+
+void check_int8_against_reference(std::uint64_t seed, bool vectorized) {
+  CAPTURE(seed, vectorized);
+  test::Rng rng(seed);
+  double worst[2] = {0, 0};
+  for (int c = 0; c < kCases; ++c) {
+    const Shape s = random_shape(rng);
+    const Layout layout = static_cast<Layout>(rng.integer(0, 2));
+    CAPTURE(c, s.T, s.H, s.Hk, s.dk, s.dv, s.chunk, static_cast<int>(layout));
+    const float qscale = rng.integer(0, 2) == 0 ? 3.f : 1.f;
+    const auto q = rng.normal_vec(static_cast<std::size_t>(s.H * s.dk), qscale);
+    auto k = rng.normal_vec(static_cast<std::size_t>(s.T * s.Hk * s.dk));
+    auto v = rng.normal_vec(static_cast<std::size_t>(s.T * s.Hk * s.dv));
+    if (s.T > 2) {  // a zero row (scale 0) now and then
+      const std::int64_t t = rng.integer(0, s.T - 1);
+      std::fill(k.begin() + t * s.Hk * s.dk, k.begin() + t * s.Hk * s.dk + s.dk, 0.f);
+      std::fill(v.begin() + t * s.Hk * s.dv, v.begin() + t * s.Hk * s.dv + s.dv, 0.f);
+    }
+    const QuantStored ks(k, s.T, s.Hk, s.dk, layout), vs(v, s.T, s.Hk, s.dv, layout);
+    std::vector<float> out(static_cast<std::size_t>(s.H * s.dv)), lse(static_cast<std::size_t>(s.H));
+    test::poison(out);
+    test::poison(lse);
+    DecodeOptions opt;
+    opt.kv_chunk = s.chunk;
+    ConstView2<float> qv(q.data(), {s.H, s.dk});
+    View2<float> ov(out.data(), {s.H, s.dv});
+    View1<float> lv(lse.data(), {s.H});
+    if (vectorized) attention_decode(qv, ks.view(), vs.view(), ov, opt, lv);
+    else detail::decode::run_quant<false>(qv, ks.view(), vs.view(), ov, opt, lv);
+    const double sc = 1.0 / std::sqrt(static_cast<double>(s.dk));
+    // The kernel itself: attention over the dequantised K/V, as tight as f32 K/V (1e-5, widened
+    // for long merge chains as above).
+    const auto ref_q = test::reference_decode(q, ks.dequant, vs.dequant, s.T, s.H, s.Hk, s.dk, s.dv, sc);
+    const std::int64_t merges = s.chunk > 0 ? (s.T + s.chunk - 1) / s.chunk : (s.T + 511) / 512;
+    CHECK(rel_l2(out, ref_q.out) <= 1e-5 * std::max(1.0, std::sqrt(static_cast<double>(merges) / 256.0)));
+    for (std::int64_t h = 0; h < s.H; ++h) {
+      if (s.T == 0) CHECK(lse[h] == kNegInf);
+      else CHECK(std::abs(lse[h] - ref_q.lse[h]) <= 1e-5 * std::max(1.0, std::abs(ref_q.lse[h])));
+    }
+    // The quantisation: against the unquantised K/V.
+    if (s.T > 0) {
+      const auto ref = test::reference_decode(q, k, v, s.T, s.H, s.Hk, s.dk, s.dv, sc);
+      const double e = rel_l2(out, ref.out);
+      worst[qscale > 1.f] = std::max(worst[qscale > 1.f], e);
+      CHECK(e <= int8_bound(qscale));
+    }
+  }
+  if (std::getenv("ATTNKIT_PRINT_INT8"))
+    std::printf("int8 decode: worst rel L2 vs unquantised %.3g (|q| ~ 1), %.3g (|q| ~ 3)\n", worst[0], worst[1]);
+}
+
+TEST_CASE("decode matches the float64 reference (int8 K/V)", "[decode][int8]") {
+  check_int8_against_reference(test::fresh_seed(), true);
+  check_int8_against_reference(test::fresh_seed(), false);
+}
+
 TEST_CASE("decode generic (non-AVX-512) path matches the reference", "[decode]") {
   check_against_reference<float>(test::fresh_seed(), false);
   check_against_reference<bf16>(test::fresh_seed(), false);
@@ -198,6 +297,31 @@ void check_thread_invariance(std::uint64_t seed) {
 TEST_CASE("decode is bit-identical for any thread count", "[decode][threads]") {
   check_thread_invariance<float>(test::fresh_seed());
   check_thread_invariance<bf16>(test::fresh_seed());
+}
+
+TEST_CASE("int8 decode is bit-identical for any thread count", "[decode][threads][int8]") {
+  const auto seed = test::fresh_seed();
+  CAPTURE(seed);
+  test::Rng rng(seed);
+  const std::int64_t T = rng.integer(kLongT / 2, kLongT), H = 16, Hk = 8, d = 128;
+  CAPTURE(T);
+  const auto q = rng.normal_vec(static_cast<std::size_t>(H * d));
+  KVCache<std::int8_t> cache(Hk, d, d);
+  const auto k = rng.normal_vec(static_cast<std::size_t>(T * Hk * d)), v = rng.normal_vec(k.size());
+  cache.append(ConstView3<float>(k.data(), {T, Hk, d}), ConstView3<float>(v.data(), {T, Hk, d}));
+  std::vector<float> first;
+  for (int threads : {1, 2, 3, 4}) {
+    std::vector<float> out(static_cast<std::size_t>(H * d));
+    test::poison(out);
+    DecodeOptions opt;
+    opt.num_threads = threads;
+    opt.kv_chunk = 129;
+    attention_decode(ConstView2<float>(q.data(), {H, d}), cache.keys(), cache.values(), View2<float>(out.data(), {H, d}),
+                     opt);
+    if (first.empty()) first = out;
+    CAPTURE(threads);
+    CHECK(test::bit_equal(out, first));
+  }
 }
 
 TEST_CASE("decode heads sub-range computes the same values and leaves the rest untouched", "[decode]") {
@@ -653,4 +777,99 @@ TEST_CASE("RingKVCache validation errors", "[kv_cache][ring][errors]") {
                       Contains("RingKVCache::copy_recent: argument 'v_out': shape [2, 2, 5] must be [n, H_kv, d_v] = [2, 2, 4]"));
   REQUIRE_THROWS_WITH(r.copy_recent(2, View3<float>(nullptr, {2, 2, 8}), View3<float>(ok.data(), {2, 2, 4})),
                       Contains("RingKVCache::copy_recent: argument 'k_out': null data pointer"));
+}
+
+// Checks one stored int8 row against the spec: |q| <= 127, the largest |x| maps to ±127,
+// q = round(x / scale) (so |x - q·scale| <= scale / 2), zero rows scale 0 and q 0.
+static bool quantised_row_ok(const float* x, const std::int8_t* q, float scale, std::int64_t n) {
+  float mx = 0.f;
+  for (std::int64_t i = 0; i < n; ++i) mx = std::max(mx, std::abs(x[i]));
+  if (mx == 0.f) return scale == 0.f && std::all_of(q, q + n, [](std::int8_t c) { return c == 0; });
+  bool ok = scale == mx / 127.f;
+  for (std::int64_t i = 0; i < n; ++i) {
+    ok &= q[i] >= -127 && q[i] <= 127;
+    ok &= std::abs(static_cast<double>(x[i]) - static_cast<double>(q[i]) * scale) <= 0.5 * scale * (1 + 1e-6);
+    if (std::abs(x[i]) == mx) ok &= std::abs(q[i]) == 127;
+  }
+  return ok;
+}
+
+TEST_CASE("KVCache int8 quantises each (token, head) row; decode over it, growth, the ring", "[kv_cache][int8]") {
+  const auto seed = test::fresh_seed();
+  CAPTURE(seed);
+  test::Rng rng(seed);
+  const std::int64_t Hk = rng.integer(1, 3), G = rng.integer(1, 3), H = Hk * G, dk = rng.integer(1, 70),
+                     dv = rng.integer(1, 70), W = rng.integer(1, 40);
+  CAPTURE(Hk, G, dk, dv, W);
+  KVCache<std::int8_t> cache(Hk, dk, dv, rng.integer(0, 40));
+  RingKVCache<std::int8_t> ring(Hk, dk, dv, W);
+  std::vector<float> all_k, all_v;
+  for (int step = 0; step < 12; ++step) {
+    const std::int64_t n = rng.integer(0, 2) == 0 ? rng.integer(20, 90) : rng.integer(0, 3);
+    auto k = rng.normal_vec(static_cast<std::size_t>(n * Hk * dk), step % 3 == 0 ? 100.f : 1.f);
+    const auto v = rng.normal_vec(static_cast<std::size_t>(n * Hk * dv));
+    if (n > 0) std::fill(k.begin(), k.begin() + dk, 0.f);  // a zero row
+    cache.append(ConstView3<float>(k.data(), {n, Hk, dk}), ConstView3<float>(v.data(), {n, Hk, dv}));
+    ring.append(ConstView3<float>(k.data(), {n, Hk, dk}), ConstView3<float>(v.data(), {n, Hk, dv}));
+    all_k.insert(all_k.end(), k.begin(), k.end());
+    all_v.insert(all_v.end(), v.begin(), v.end());
+  }
+  const std::int64_t N = cache.size();
+  REQUIRE(N * Hk * dk == static_cast<std::int64_t>(all_k.size()));
+  const QuantView3 kq = cache.keys(), vq = cache.values();
+  CHECK(kq.codes.stride == std::array<std::int64_t, 3>{dk, cache.capacity() * dk, 1});
+  CHECK(kq.scales.stride == std::array<std::int64_t, 2>{1, cache.capacity()});
+  CHECK(cache.capacity() % 64 == 0);
+  bool ok = true;
+  std::vector<float> deq_k(all_k.size()), deq_v(all_v.size());
+  dequantize(kq, View3<float>(deq_k.data(), {N, Hk, dk}));
+  dequantize(vq, View3<float>(deq_v.data(), {N, Hk, dv}));
+  for (std::int64_t t = 0; t < N; ++t)
+    for (std::int64_t h = 0; h < Hk; ++h) {
+      ok &= quantised_row_ok(all_k.data() + (t * Hk + h) * dk, kq.codes.ptr(t, h), kq.scales(t, h), dk);
+      ok &= quantised_row_ok(all_v.data() + (t * Hk + h) * dv, vq.codes.ptr(t, h), vq.scales(t, h), dv);
+    }
+  CHECK(ok);
+  const auto q = rng.normal_vec(static_cast<std::size_t>(H * dk));
+  const double sc = 1.0 / std::sqrt(static_cast<double>(dk));
+  std::vector<float> out(static_cast<std::size_t>(H * dv));
+  test::poison(out);
+  attention_decode(ConstView2<float>(q.data(), {H, dk}), cache.keys(), cache.values(), View2<float>(out.data(), {H, dv}));
+  CHECK(rel_l2(out, test::reference_decode(q, deq_k, deq_v, N, H, Hk, dk, dv, sc).out) <= 1e-5);
+  // The ring holds the last W rows, quantised the same way; copy_recent dequantises them.
+  const std::int64_t nr = ring.size();
+  REQUIRE(nr == std::min(N, W));
+  std::vector<float> rk(static_cast<std::size_t>(nr * Hk * dk)), rv(static_cast<std::size_t>(nr * Hk * dv));
+  ring.copy_recent(nr, View3<float>(rk.data(), {nr, Hk, dk}), View3<float>(rv.data(), {nr, Hk, dv}));
+  CHECK(std::equal(rk.begin(), rk.end(), deq_k.end() - static_cast<std::ptrdiff_t>(rk.size())));
+  CHECK(std::equal(rv.begin(), rv.end(), deq_v.end() - static_cast<std::ptrdiff_t>(rv.size())));
+  test::poison(out);
+  DecodeOptions opt;
+  opt.kv_chunk = 7;
+  attention_decode<std::int8_t>(ConstView2<float>(q.data(), {H, dk}), ring.keys(), ring.values(),
+                                View2<float>(out.data(), {H, dv}), opt);
+  CHECK(rel_l2(out, test::reference_decode(q, deq_k, deq_v, N, H, Hk, dk, dv, sc, N - nr).out) <= 1e-5);
+
+  // NaN or inf is refused with the place named, and nothing is written (the ring keeps its rows).
+  std::vector<float> bad(static_cast<std::size_t>(2 * Hk * std::max(dk, dv)), 1.f);
+  bad[static_cast<std::size_t>(Hk * dk + dk - 1)] = std::numeric_limits<float>::quiet_NaN();
+  const ConstView3<float> bk(bad.data(), {2, Hk, dk}), bv(bad.data(), {2, Hk, dv});
+  REQUIRE_THROWS_WITH(cache.append(bk, bv), Contains("KVCache::append: argument 'k': non-finite value nan at token 1, KV head 0") &&
+                                                Contains("int8 cache cannot quantise it"));
+  REQUIRE_THROWS_WITH(ring.append(bk, bv), Contains("RingKVCache::append: argument 'k': non-finite value nan at token 1"));
+  bad[static_cast<std::size_t>(Hk * dk + dk - 1)] = 1.f;
+  bad[0] = -std::numeric_limits<float>::infinity();
+  REQUIRE_THROWS_WITH(cache.append(ConstView3<float>(bad.data() + Hk * dk, {1, Hk, dk}), bv.slice(0, 0, 1)),
+                      Contains("argument 'v': non-finite value -inf at token 0, KV head 0, element 0"));
+  CHECK(cache.size() == N);
+  CHECK(ring.total() == N);
+  std::vector<float> rk2(rk.size()), rv2(rv.size());
+  ring.copy_recent(nr, View3<float>(rk2.data(), {nr, Hk, dk}), View3<float>(rv2.data(), {nr, Hk, dv}));
+  CHECK(rk2 == rk);
+  CHECK(rv2 == rv);
+  // A QuantView3 whose scales do not match its codes.
+  const QuantView3 wrong{kq.codes, kq.scales.slice(0, 0, std::max<std::int64_t>(0, N - 1))};
+  if (N > 0)
+    REQUIRE_THROWS_WITH(attention_decode(ConstView2<float>(q.data(), {H, dk}), wrong, vq, View2<float>(out.data(), {H, dv})),
+                        Contains("attention_decode: argument 'k': scales of shape"));
 }

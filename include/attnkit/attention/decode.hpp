@@ -16,6 +16,16 @@
 // log-sum-exp in chunk order, so the result is bit-identical for any number of threads.
 // bf16 K/V are widened to f32 in registers (exact); all arithmetic is f32.
 //
+// int8 K/V (QuantView3, attention/quant.hpp: codes + a scale per token and KV head, as
+// KVCache<std::int8_t> stores them): the same kernel, the codes widened to f32 in registers
+// (exact) and the scales applied per key row to the block's results, never to the 16-lane
+// vectors: score_i = (q · codes_i) · kscale_i, and the probabilities are multiplied by vscale_i
+// before P·V (the softmax sum uses the unscaled ones). So an int8 row costs one widening per
+// 16 elements on top of the f32 kernel's FMAs, and a quarter of the bytes. (Quantising q per head
+// for VNNI dot products was not needed: the kernel runs at memory speed without it.) The result
+// equals attention over the dequantised K/V to f32 rounding; against the unquantised K/V it is
+// off by the quantisation error (README: accuracy).
+//
 // Variants (attention/variant.hpp), the last argument: the query metric is applied once per call
 // before the chunks; soft-cap and ALiBi transform each block's scores before its softmax update
 // (ALiBi reads positions: key row s sits at position s, or with opt.ring = W at the position
@@ -34,6 +44,7 @@
 
 #include "attnkit/attention/common.hpp"
 #include "attnkit/attention/merge.hpp"
+#include "attnkit/attention/quant.hpp"
 #include "attnkit/attention/variant.hpp"
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/error.hpp"
@@ -77,6 +88,7 @@ inline constexpr bool uses_pairs_v =
 // Thread scratch uses (core/memory.hpp thread_scratch): one work item's state, a call's partials.
 struct ItemScratch;
 struct PartialScratch;
+struct QuantRowScratch;  // int8 on the portable path: one block's rows widened to f32
 
 // What one work item needs: the query heads [g0, g1) of KV head j (all offsets in elements).
 struct Problem {
@@ -105,6 +117,9 @@ inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps
 inline __m512 load16(const bf16* p, __mmask16 m) {
   const __m256i h = _mm256_maskz_loadu_epi16(m, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const std::int8_t* p, __mmask16 m) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
 
 inline float hsum(__m512 v) {  // horizontal sum without the GCC 12 _mm512_reduce_add_ps warning
@@ -540,10 +555,26 @@ struct AlibiScores {
   }
 };
 
+// int8 K/V: the scales [T, H_kv] of the key and value rows (unused for float and bf16).
+struct QuantScales {
+  ConstView2<float> k, v;
+};
+
+// p[g][0, kBlock) *= s[0, kBlock) for heads [g0, g1).
+inline void scale_rows(const ItemState& st, std::int64_t g0, std::int64_t g1, const float* s) {
+  for (std::int64_t g = g0; g < g1; ++g) {
+    float* p = st.p + g * kBlock;
+#pragma GCC unroll 32
+    for (int i = 0; i < kBlock; ++i) p[i] *= s[i];
+  }
+}
+
 template <bool Vectorized, class KV, class ScoreTransform = NoScoreTransform>
 void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, std::int64_t j,
                  std::int64_t g0, std::int64_t g1, std::int64_t t0, std::int64_t t1, float* o_part, float* lse_part,
-                 const std::int32_t* idx = nullptr, bool prefetch_gather = true, const ScoreTransform& transform = {}) {
+                 const std::int32_t* idx = nullptr, bool prefetch_gather = true, const ScoreTransform& transform = {},
+                 const QuantScales& qsc = {}) {
+  constexpr bool quant = std::is_same_v<KV, std::int8_t>;
   const std::int64_t G = pb.G;
   float* base = thread_scratch<ItemScratch>().get(G * pb.dk_pad + G * kBlock + 3 * G);
   const ItemState st{base, base + G * pb.dk_pad, base + G * (pb.dk_pad + kBlock), base + G * (pb.dk_pad + kBlock) + G,
@@ -565,9 +596,28 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
   const auto transform_block = [&](std::int64_t b, int n) {
     if constexpr (ScoreTransform::active) transform(st.p, n, j * G, g0, g1, b);
   };
+  // int8: the block's key and value scales; lanes past n repeat the last row's (those lanes'
+  // scores come from the last row too and are masked out by the softmax).
+  alignas(64) float ksb[kBlock], vsb[kBlock];
+  const auto fill_scales = [&](std::int64_t b, int n) {
+    for (int i = 0; i < kBlock; ++i) {
+      const std::int64_t r = b + std::min(i, n - 1), row = idx ? idx[r] : r;
+      ksb[i] = qsc.k(row, j);
+      vsb[i] = qsc.v(row, j);
+    }
+  };
   auto block = [&](const auto& kr, const auto& vr, int n, std::int64_t b) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
-    if constexpr (uses_pairs_v<Vectorized, KV>) {
+    if constexpr (quant && Vectorized) {
+      fill_scales(b, n);
+      scores_block(kr, n, st, g0, g1, pb.dk, pb.dk_pad);
+      scale_rows(st, g0, g1, ksb);
+      transform_block(b, n);
+      for (std::int64_t g = g0; g < g1; ++g) softmax_block(n, st, g);
+      scale_rows(st, g0, g1, vsb);
+      accumulate_block(vr, n, st, o_part, g0, g1, pb.dv, pb.dv_pad);
+      return;
+    } else if constexpr (uses_pairs_v<Vectorized, KV>) {
       scores_block_bf16(kr, n, st, g0, g1, pb.dk, pb.dk_pad);
       transform_block(b, n);
       for (std::int64_t g = g0; g < g1; ++g) softmax_block(n, st, g);
@@ -581,10 +631,26 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
       return;
     }
 #endif
-    scores_block_generic(kr, n, st, g0, g1, pb.dk, pb.dk_pad);
-    transform_block(b, n);
-    for (std::int64_t g = g0; g < g1; ++g) softmax_block_generic(n, st, g);
-    accumulate_block_generic(vr, n, st, o_part, g0, g1, pb.dv, pb.dv_pad);
+    if constexpr (quant) {  // portable: the block's rows widened to f32 first
+      fill_scales(b, n);
+      float* kf = thread_scratch<QuantRowScratch>().get(kBlock * (pb.dk + pb.dv));
+      float* vf = kf + kBlock * pb.dk;
+      for (int i = 0; i < n; ++i) {
+        std::copy(kr(i), kr(i) + pb.dk, kf + i * pb.dk);
+        std::copy(vr(i), vr(i) + pb.dv, vf + i * pb.dv);
+      }
+      scores_block_generic(StridedRows<float>{kf, pb.dk}, n, st, g0, g1, pb.dk, pb.dk_pad);
+      scale_rows(st, g0, g1, ksb);
+      transform_block(b, n);
+      for (std::int64_t g = g0; g < g1; ++g) softmax_block_generic(n, st, g);
+      scale_rows(st, g0, g1, vsb);
+      accumulate_block_generic(StridedRows<float>{vf, pb.dv}, n, st, o_part, g0, g1, pb.dv, pb.dv_pad);
+    } else {
+      scores_block_generic(kr, n, st, g0, g1, pb.dk, pb.dk_pad);
+      transform_block(b, n);
+      for (std::int64_t g = g0; g < g1; ++g) softmax_block_generic(n, st, g);
+      accumulate_block_generic(vr, n, st, o_part, g0, g1, pb.dv, pb.dv_pad);
+    }
   };
   for (std::int64_t b = t0; b < t1; b += kBlock) {
     const int n = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - b));
@@ -656,9 +722,11 @@ void validate(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<flo
 
 // The work of a validated call over T keys: positions 0 .. T-1 of k/v, or with idx the
 // positions idx[0 .. T) (a sparse selection).
+// int8 K/V: qsc holds their scales.
 template <bool Vectorized, class KV, class Var = PlainAttention>
 void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<float> out, const DecodeOptions& opt,
-                 View1<float> lse, std::int64_t T, const std::int32_t* idx, const Var& var = {}) {
+                 View1<float> lse, std::int64_t T, const std::int32_t* idx, const Var& var = {},
+                 const QuantScales& qsc = {}) {
   const std::int64_t H = q.shape[0], dk = q.shape[1], H_kv = k.shape[1], dv = v.shape[2];
   const std::int64_t G = H / H_kv;
   const std::int64_t hb = opt.heads.begin, he = opt.heads.resolve_end(H);
@@ -712,7 +780,7 @@ void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<
     const std::int64_t g0 = std::max(hb, j * G) - j * G, g1 = std::min(he, (j + 1) * G) - j * G;
     const std::int64_t t0 = c * chunk, t1 = std::min(T, t0 + chunk);
     chunk_state<Vectorized>(pb, q, k, v, j, g0, g1, t0, t1, part + (c * H + j * G) * pb.dv_pad,
-                            part_lse + c * H + j * G, idx, true, transform);
+                            part_lse + c * H + j * G, idx, true, transform, qsc);
   }, /*dynamic=*/true);
 
   // Merge the chunk states of each head in chunk order (fixed, so bits do not depend on threads).
@@ -738,6 +806,17 @@ void run(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<float> o
   decode_keys<Vectorized>(q, k, v, out, opt, lse, k.shape[0], nullptr, var);
 }
 
+template <bool Vectorized, class Var = PlainAttention>
+void run_quant(ConstView2<float> q, const QuantView3& k, const QuantView3& v, View2<float> out,
+               const DecodeOptions& opt, View1<float> lse, const Var& var = {}) {
+  check_quant_view(k, "attention_decode", "k");
+  check_quant_view(v, "attention_decode", "v");
+  validate(q, k.codes, v.codes, out, opt, lse);
+  check_variant("attention_decode", var, q.shape[0], q.shape[1], 1);
+  decode_keys<Vectorized>(q, k.codes, v.codes, out, opt, lse, k.codes.shape[0], nullptr, var,
+                          QuantScales{k.scales, v.scales});
+}
+
 }  // namespace detail::decode
 
 // See the contract at the top of this file.
@@ -746,6 +825,15 @@ template <class KV, class Var = PlainAttention>
 void attention_decode(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<float> out,
                       const DecodeOptions& opt = {}, View1<float> lse = {}, const Var& var = {}) {
   detail::decode::run<true>(q, k, v, out, opt, lse, var);
+}
+
+// int8 K/V (e.g. KVCache<std::int8_t>::keys() / values()): same contract; KV is only there so
+// that generic code can call attention_decode<KV>(q, cache.keys(), cache.values(), ...).
+template <class KV = std::int8_t, class Var = PlainAttention>
+  requires std::is_same_v<KV, std::int8_t>
+void attention_decode(ConstView2<float> q, const QuantView3& k, const QuantView3& v, View2<float> out,
+                      const DecodeOptions& opt = {}, View1<float> lse = {}, const Var& var = {}) {
+  detail::decode::run_quant<true>(q, k, v, out, opt, lse, var);
 }
 
 }  // namespace attnkit

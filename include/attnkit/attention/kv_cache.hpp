@@ -13,18 +13,26 @@
 // decode step needs (attention over a key set does not depend on its order); copy_recent()
 // gives a position-ordered copy for chunked prefill.
 //
-// T = float or bf16; appends take f32 and round to bf16 to nearest even. Buffers are 64-byte
-// aligned. Both classes are movable, not copyable.
+// T = float, bf16 or std::int8_t; appends take f32 and round to bf16 to nearest even, or
+// quantise each (token, KV head) row to int8 with its own scale (attention/quant.hpp: symmetric,
+// scale = max|x| / 127, round to nearest; a NaN or inf in the appended rows throws before
+// anything is written). An int8 cache's keys()/values() are QuantView3 (codes [size, H_kv, d]
+// with the same strides as above, scales [size, H_kv] with strides {1, capacity}, head-major
+// too), and the ring's copy_recent() writes dequantised f32 rows. Buffers are 64-byte aligned
+// (int8 capacities are multiples of 64 tokens). Both classes are movable, not copyable.
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <cstdlib>
 #include <memory>
 #include <new>
 #include <type_traits>
 
 
+#include "attnkit/attention/quant.hpp"
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/error.hpp"
 #include "attnkit/core/memory.hpp"
@@ -57,6 +65,38 @@ inline void store_row(const float* src, T* dst, std::int64_t n) {
   else std::copy(src, src + n, dst);
 }
 
+template <class T>
+inline constexpr bool is_cache_type_v = is_storage_type_v<T> || std::is_same_v<T, std::int8_t>;
+template <class T>
+inline constexpr bool is_quant_v = std::is_same_v<T, std::int8_t>;
+
+// Token rows per capacity step: keeps every head's region 64-byte aligned.
+template <class T>
+inline constexpr std::int64_t kRowAlign = is_quant_v<T> ? 64 : 32;
+
+// An int8 cache refuses rows it cannot quantise, before it writes anything.
+inline void check_finite(const char* fn, const char* arg, ConstView3<float> x, std::int64_t first_token) {
+  for (std::int64_t t = first_token; t < x.shape[0]; ++t)
+    for (std::int64_t h = 0; h < x.shape[1]; ++h) {
+      const float* r = x.ptr(t, h);
+      for (std::int64_t i = 0; i < x.shape[2]; ++i)
+        ATTNKIT_REQUIRE(std::abs(r[i]) <= std::numeric_limits<float>::max(), fn, ": argument '", arg,
+                        "': non-finite value ", r[i], " at token ", t, ", KV head ", h, ", element ", i,
+                        " (an int8 cache cannot quantise it)");
+    }
+}
+
+// Stores one row as T; an int8 row also writes its scale.
+template <class T>
+inline void store_row(const float* src, T* dst, float* scale, std::int64_t n) {
+  if constexpr (is_quant_v<T>) {
+    [[maybe_unused]] const bool ok = quant::quantize_row(src, dst, *scale, n);  // finite: checked before
+  } else {
+    (void)scale;
+    store_row(src, dst, n);
+  }
+}
+
 inline void check_dims(const char* fn, std::int64_t kv_heads, std::int64_t dk, std::int64_t dv) {
   ATTNKIT_REQUIRE(kv_heads >= 1, fn, ": argument 'kv_heads': must be >= 1, got ", kv_heads);
   ATTNKIT_REQUIRE(dk >= 1, fn, ": argument 'head_dim_k': must be >= 1, got ", dk);
@@ -80,7 +120,8 @@ inline void check_append(const char* fn, ConstView3<float> k, ConstView3<float> 
 
 template <class T>
 class KVCache {
-  static_assert(is_storage_type_v<T>, "KVCache: T must be float or bf16");
+  static_assert(detail::kv::is_cache_type_v<T>, "KVCache: T must be float, bf16 or std::int8_t");
+  static constexpr bool quant = detail::kv::is_quant_v<T>;
 
  public:
   KVCache(std::int64_t kv_heads, std::int64_t head_dim_k, std::int64_t head_dim_v, std::int64_t reserve_tokens = 0)
@@ -96,11 +137,16 @@ class KVCache {
   void append(ConstView3<float> k, ConstView3<float> v) {
     detail::kv::check_append("KVCache::append", k, v, h_, dk_, dv_);
     const std::int64_t n = k.shape[0];
+    if constexpr (quant) {
+      detail::kv::check_finite("KVCache::append", "k", k, 0);
+      detail::kv::check_finite("KVCache::append", "v", v, 0);
+    }
     if (size_ + n > cap_) reserve(std::max(size_ + n, cap_ * 2));
     for (std::int64_t t = 0; t < n; ++t)
       for (std::int64_t h = 0; h < h_; ++h) {
-        detail::kv::store_row(k.ptr(t, h), k_.get() + (h * cap_ + size_ + t) * dk_, dk_);
-        detail::kv::store_row(v.ptr(t, h), v_.get() + (h * cap_ + size_ + t) * dv_, dv_);
+        const std::int64_t r = h * cap_ + size_ + t;
+        detail::kv::store_row(k.ptr(t, h), k_.get() + r * dk_, ks_.get() + (quant ? r : 0), dk_);
+        detail::kv::store_row(v.ptr(t, h), v_.get() + r * dv_, vs_.get() + (quant ? r : 0), dv_);
       }
     size_ += n;
   }
@@ -111,8 +157,17 @@ class KVCache {
   std::int64_t head_dim_k() const { return dk_; }
   std::int64_t head_dim_v() const { return dv_; }
 
-  ConstView3<T> keys() const { return ConstView3<T>(k_.get(), {size_, h_, dk_}, {dk_, cap_ * dk_, 1}); }
-  ConstView3<T> values() const { return ConstView3<T>(v_.get(), {size_, h_, dv_}, {dv_, cap_ * dv_, 1}); }
+  // [size, H_kv, d] (int8: QuantView3, see the top of the file).
+  auto keys() const {
+    const ConstView3<T> c(k_.get(), {size_, h_, dk_}, {dk_, cap_ * dk_, 1});
+    if constexpr (quant) return QuantView3{c, ConstView2<float>(ks_.get(), {size_, h_}, {1, cap_})};
+    else return c;
+  }
+  auto values() const {
+    const ConstView3<T> c(v_.get(), {size_, h_, dv_}, {dv_, cap_ * dv_, 1});
+    if constexpr (quant) return QuantView3{c, ConstView2<float>(vs_.get(), {size_, h_}, {1, cap_})};
+    else return c;
+  }
 
   // Keeps the first n tokens (0 <= n <= size()).
   void truncate(std::int64_t n) {
@@ -126,16 +181,25 @@ class KVCache {
   void reserve(std::int64_t tokens) {
     ATTNKIT_REQUIRE(tokens >= 0, "KVCache::reserve: argument 'tokens': must be >= 0, got ", tokens);
     if (tokens <= cap_) return;
-    // A multiple of 32 tokens keeps every head's region 64-byte aligned for f32 and bf16.
-    const std::int64_t cap = (tokens + 31) / 32 * 32;
+    // A multiple of 32 tokens (int8: 64) keeps every head's region 64-byte aligned.
+    constexpr std::int64_t a = detail::kv::kRowAlign<T>;
+    const std::int64_t cap = (tokens + a - 1) / a * a;
     auto k = detail::kv::aligned_array<T>(h_ * cap * dk_);
     auto v = detail::kv::aligned_array<T>(h_ * cap * dv_);
+    auto ks = detail::kv::aligned_array<float>(quant ? h_ * cap : 0);
+    auto vs = detail::kv::aligned_array<float>(quant ? h_ * cap : 0);
     for (std::int64_t h = 0; h < h_; ++h) {
       std::copy(k_.get() + h * cap_ * dk_, k_.get() + (h * cap_ + size_) * dk_, k.get() + h * cap * dk_);
       std::copy(v_.get() + h * cap_ * dv_, v_.get() + (h * cap_ + size_) * dv_, v.get() + h * cap * dv_);
+      if constexpr (quant) {
+        std::copy(ks_.get() + h * cap_, ks_.get() + h * cap_ + size_, ks.get() + h * cap);
+        std::copy(vs_.get() + h * cap_, vs_.get() + h * cap_ + size_, vs.get() + h * cap);
+      }
     }
     k_ = std::move(k);
     v_ = std::move(v);
+    ks_ = std::move(ks);
+    vs_ = std::move(vs);
     cap_ = cap;
   }
 
@@ -143,11 +207,13 @@ class KVCache {
   std::int64_t h_, dk_, dv_;
   std::int64_t size_ = 0, cap_ = 0;
   detail::kv::AlignedArray<T> k_, v_;
+  detail::kv::AlignedArray<float> ks_, vs_;  // int8: scales [H_kv][capacity]
 };
 
 template <class T>
 class RingKVCache {
-  static_assert(is_storage_type_v<T>, "RingKVCache: T must be float or bf16");
+  static_assert(detail::kv::is_cache_type_v<T>, "RingKVCache: T must be float, bf16 or std::int8_t");
+  static constexpr bool quant = detail::kv::is_quant_v<T>;
 
  public:
   RingKVCache(std::int64_t kv_heads, std::int64_t head_dim_k, std::int64_t head_dim_v, std::int64_t window)
@@ -155,9 +221,12 @@ class RingKVCache {
     detail::kv::check_dims("RingKVCache", kv_heads, head_dim_k, head_dim_v);
     ATTNKIT_REQUIRE(window >= 1, "RingKVCache: argument 'window': must be >= 1, got ", window);
     // Slot rows padded so each head's region stays 64-byte aligned.
-    ws_ = (w_ + 31) / 32 * 32;
+    constexpr std::int64_t a = detail::kv::kRowAlign<T>;
+    ws_ = (w_ + a - 1) / a * a;
     k_ = detail::kv::aligned_array<T>(h_ * ws_ * dk_);
     v_ = detail::kv::aligned_array<T>(h_ * ws_ * dv_);
+    ks_ = detail::kv::aligned_array<float>(quant ? h_ * ws_ : 0);
+    vs_ = detail::kv::aligned_array<float>(quant ? h_ * ws_ : 0);
   }
   RingKVCache(RingKVCache&&) noexcept = default;
   RingKVCache& operator=(RingKVCache&&) noexcept = default;
@@ -166,11 +235,16 @@ class RingKVCache {
   void append(ConstView3<float> k, ConstView3<float> v) {
     detail::kv::check_append("RingKVCache::append", k, v, h_, dk_, dv_);
     const std::int64_t n = k.shape[0];
+    if constexpr (quant) {  // before any slot is overwritten
+      detail::kv::check_finite("RingKVCache::append", "k", k, 0);
+      detail::kv::check_finite("RingKVCache::append", "v", v, 0);
+    }
     for (std::int64_t t = std::max<std::int64_t>(0, n - w_); t < n; ++t) {
       const std::int64_t slot = (total_ + t) % w_;
       for (std::int64_t h = 0; h < h_; ++h) {
-        detail::kv::store_row(k.ptr(t, h), k_.get() + (h * ws_ + slot) * dk_, dk_);
-        detail::kv::store_row(v.ptr(t, h), v_.get() + (h * ws_ + slot) * dv_, dv_);
+        const std::int64_t r = h * ws_ + slot;
+        detail::kv::store_row(k.ptr(t, h), k_.get() + r * dk_, ks_.get() + (quant ? r : 0), dk_);
+        detail::kv::store_row(v.ptr(t, h), v_.get() + r * dv_, vs_.get() + (quant ? r : 0), dv_);
       }
     }
     total_ += n;
@@ -183,9 +257,17 @@ class RingKVCache {
   std::int64_t head_dim_k() const { return dk_; }
   std::int64_t head_dim_v() const { return dv_; }
 
-  // The valid slots [0, size()) in slot order: [size, H_kv, d].
-  ConstView3<T> keys() const { return ConstView3<T>(k_.get(), {size(), h_, dk_}, {dk_, ws_ * dk_, 1}); }
-  ConstView3<T> values() const { return ConstView3<T>(v_.get(), {size(), h_, dv_}, {dv_, ws_ * dv_, 1}); }
+  // The valid slots [0, size()) in slot order: [size, H_kv, d] (int8: QuantView3).
+  auto keys() const {
+    const ConstView3<T> c(k_.get(), {size(), h_, dk_}, {dk_, ws_ * dk_, 1});
+    if constexpr (quant) return QuantView3{c, ConstView2<float>(ks_.get(), {size(), h_}, {1, ws_})};
+    else return c;
+  }
+  auto values() const {
+    const ConstView3<T> c(v_.get(), {size(), h_, dv_}, {dv_, ws_ * dv_, 1});
+    if constexpr (quant) return QuantView3{c, ConstView2<float>(vs_.get(), {size(), h_}, {1, ws_})};
+    else return c;
+  }
 
   // Absolute position held by a valid slot: the latest p < total() with p mod W == slot.
   std::int64_t position_of_slot(std::int64_t slot) const {
@@ -195,8 +277,10 @@ class RingKVCache {
   }
 
   // Copies the most recent n <= size() tokens, oldest first, into k_out [n, H_kv, d_k] and
-  // v_out [n, H_kv, d_v]: row r holds position total() - n + r.
-  void copy_recent(std::int64_t n, View3<T> k_out, View3<T> v_out) const {
+  // v_out [n, H_kv, d_v]: row r holds position total() - n + r. An int8 ring writes f32 rows
+  // (dequantised).
+  using CopyType = std::conditional_t<quant, float, T>;
+  void copy_recent(std::int64_t n, View3<CopyType> k_out, View3<CopyType> v_out) const {
     constexpr const char* fn = "RingKVCache::copy_recent";
     ATTNKIT_REQUIRE(n >= 0 && n <= size(), fn, ": argument 'n': must be in [0, size = ", size(), "], got ", n);
     check_view(k_out, fn, "k_out");
@@ -212,8 +296,13 @@ class RingKVCache {
       for (std::int64_t h = 0; h < h_; ++h) {
         const T* ks = k_.get() + (h * ws_ + slot) * dk_;
         const T* vs = v_.get() + (h * ws_ + slot) * dv_;
-        std::copy(ks, ks + dk_, k_out.ptr(r, h));
-        std::copy(vs, vs + dv_, v_out.ptr(r, h));
+        if constexpr (quant) {
+          detail::quant::dequantize_row(ks, ks_[h * ws_ + slot], k_out.ptr(r, h), dk_);
+          detail::quant::dequantize_row(vs, vs_[h * ws_ + slot], v_out.ptr(r, h), dv_);
+        } else {
+          std::copy(ks, ks + dk_, k_out.ptr(r, h));
+          std::copy(vs, vs + dv_, v_out.ptr(r, h));
+        }
       }
     }
   }
@@ -224,6 +313,7 @@ class RingKVCache {
   std::int64_t h_, dk_, dv_, w_, ws_ = 0;
   std::int64_t total_ = 0;
   detail::kv::AlignedArray<T> k_, v_;
+  detail::kv::AlignedArray<float> ks_, vs_;  // int8: scales [H_kv][slots]
 };
 
 }  // namespace attnkit
