@@ -15,6 +15,7 @@
 #include <limits>
 
 #include "attnkit/core/error.hpp"
+#include "attnkit/core/precision.hpp"
 #include "attnkit/core/threading.hpp"
 
 namespace attnkit {
@@ -46,6 +47,9 @@ struct AttentionOptions {
   Range heads{};                 // query heads to compute; others are left untouched
   Range queries{};               // query rows to compute; others are left untouched
   int num_threads = 0;           // 0 -> OpenMP default; 1 -> run on the caller's thread
+  // Prefill: exact = float32 arithmetic on the FMA units; fast = Q, K, V and the probabilities
+  // rounded to bf16 for AMX tiles (where the CPU has them; else exact). Decode ignores it.
+  Precision precision = Precision::exact;
 };
 
 inline float resolve_scale(float scale, std::int64_t d_k) {

@@ -15,7 +15,10 @@
 // opt.heads / opt.queries restrict the work to a sub-range; everything else in out and lse is
 // left untouched and the computed values are bit-identical to those of the full call. Results
 // are also bit-identical for any thread count.
-// Everything is computed in float32 (bf16 K/V are widened exactly); no T x T buffer is formed.
+// opt.precision = exact (default): everything is computed in float32 (bf16 K/V are widened
+// exactly). fast: on AMX tiles where the CPU has them (detail/flash_prefill_amx.hpp): Q, K, V
+// and the probabilities are rounded to bf16, products accumulate in f32, ~2e-3 relative error;
+// without AMX, fast runs the exact kernel. No T x T buffer is formed either way.
 // Arguments are validated up front; violations throw attnkit::Error.
 //
 // attention_prefill_varlen: cu_seqlens = {0, n0, n0 + n1, ...} splits the token axis of q, k,
@@ -38,6 +41,7 @@
 
 #include "attnkit/attention/common.hpp"
 #include "attnkit/attention/detail/flash_prefill.hpp"
+#include "attnkit/attention/detail/flash_prefill_amx.hpp"
 #include "attnkit/attention/variant.hpp"
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/error.hpp"
@@ -103,8 +107,8 @@ void attention_prefill_arch(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV
   const std::int64_t T_q = q.shape[0], T_k = k.shape[0];
   const std::vector<flash::Segment<KV>> segs{{q, k, v, out, lse, opt.q_offset >= 0 ? opt.q_offset : T_k - T_q}};
   const std::vector<std::pair<std::int64_t, std::int64_t>> ranges{{opt.queries.begin, opt.queries.resolve_end(T_q)}};
-  flash::run_prefill<Arch>(segs, sh, mask, opt.heads.begin, opt.heads.resolve_end(sh.H), ranges, opt.num_threads,
-                           flash::Plain{}, var);
+  flash::run_prefill_at<Arch>(opt.precision, segs, sh, mask, opt.heads.begin, opt.heads.resolve_end(sh.H), ranges,
+                              opt.num_threads, var);
 }
 
 template <class Arch, class KV, class Mask = CausalMask, class Var = PlainAttention>
@@ -137,8 +141,8 @@ void attention_prefill_varlen_arch(ConstView3<float> q, ConstView3<KV> k, ConstV
     segs.push_back({q.slice(0, s0, s1), k.slice(0, s0, s1), v.slice(0, s0, s1), out.slice(0, s0, s1), seg_lse, 0, nullptr, s0});
     ranges.emplace_back(std::max(qb, s0) - s0, std::min(qe, s1) - s0);
   }
-  flash::run_prefill<Arch>(segs, sh, mask, opt.heads.begin, opt.heads.resolve_end(sh.H), ranges, opt.num_threads,
-                           flash::Plain{}, var);
+  flash::run_prefill_at<Arch>(opt.precision, segs, sh, mask, opt.heads.begin, opt.heads.resolve_end(sh.H), ranges,
+                              opt.num_threads, var);
 }
 
 }  // namespace detail

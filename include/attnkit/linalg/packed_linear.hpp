@@ -38,17 +38,13 @@
 
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/error.hpp"
+#include "attnkit/core/precision.hpp"
 #include "attnkit/core/memory.hpp"
 #include "attnkit/core/threading.hpp"
 #include "attnkit/core/view.hpp"
 #include "attnkit/linalg/detail/linear_kernels.hpp"
 
 namespace attnkit {
-
-enum class Precision {
-  exact,  // float32-accurate products (bf16 weights: x split into bf16 hi + lo)
-  fast    // activations rounded to bf16 once per call, one vdpbf16ps per pair; ~1e-3 relative error
-};
 
 struct LinearOptions {
   Precision precision = Precision::exact;

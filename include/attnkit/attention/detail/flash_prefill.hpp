@@ -576,6 +576,35 @@ inline void blend_finalize(float* dst, const float* a, float ia, const float* b,
   for (std::int64_t d = nv; d < n; ++d) dst[d] = std::fma(g, a[d] * ia, omg * (b[d] * ib));
 }
 
+// out[t, h] = o / l (and lse) for a row with running max m (base 2) and sum l, with the
+// variant's sink and output scale. Shared by the FMA and AMX kernels.
+template <class KV, class Var>
+inline void finalize_row(const Segment<KV>& seg, const Shape& sh, const Var& var, std::int64_t t, std::int64_t h,
+                         const float* o, float m, float l) {
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  float* dst = seg.out.ptr(t, h);
+  float sink = neg_inf;
+  if constexpr (Var::has_sink) sink = var.sink.logits[h];
+  if (m == neg_inf) {  // the row saw no key
+    std::fill(dst, dst + sh.d_v, 0.f);
+    if (seg.lse.data) seg.lse(t, h) = sink;
+    return;
+  }
+  float inv, lse;
+  if constexpr (Var::has_sink) {  // the sink joins the denominator: l' = l·2^(m - M) + 2^(sink - M)
+    const float s2 = sink * kLog2e, mx = std::max(m, s2);
+    const float a = std::exp2(m - mx), l2 = l * a + std::exp2(s2 - mx);
+    inv = a / l2;
+    lse = mx * kLn2 + std::log(l2);
+  } else {
+    inv = 1.f / l;
+    lse = m * kLn2 + std::log(l);
+  }
+  if constexpr (Var::has_output) inv *= var.output.scale(seg.row0 + t, h);
+  for (std::int64_t d = 0; d < sh.d_v; ++d) dst[d] = o[d] * inv;
+  if (seg.lse.data) seg.lse(t, h) = lse;
+}
+
 // One work item: its queries are split into sub-tiles of query_tile(G) queries (about 64
 // rows each, sized for L1/L2), and the key-tile loop is outermost, so each K/V tile is read
 // from memory and packed once per item however many sub-tiles use it.
@@ -705,26 +734,7 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
         if (ex.gate.out.data) ex.gate.out(t, h) = g;
         continue;
       }
-      float sink = neg_inf;
-      if constexpr (Var::has_sink) sink = var.sink.logits[h];
-      if (sub.m[r] == neg_inf) {  // the row saw no key
-        std::fill(dst, dst + sh.d_v, 0.f);
-        if (seg.lse.data) seg.lse(t, h) = sink;
-        continue;
-      }
-      float inv, lse;
-      if constexpr (Var::has_sink) {  // the sink joins the denominator: l' = l·2^(m - M) + 2^(sink - M)
-        const float s2 = sink * kLog2e, mx = std::max(sub.m[r], s2);
-        const float a = std::exp2(sub.m[r] - mx), l2 = sub.l[r] * a + std::exp2(s2 - mx);
-        inv = a / l2;
-        lse = mx * kLn2 + std::log(l2);
-      } else {
-        inv = 1.f / sub.l[r];
-        lse = sub.m[r] * kLn2 + std::log(sub.l[r]);
-      }
-      if constexpr (Var::has_output) inv *= var.output.scale(seg.row0 + t, h);
-      for (std::int64_t d = 0; d < sh.d_v; ++d) dst[d] = src[d] * inv;
-      if (seg.lse.data) seg.lse(t, h) = lse;
+      finalize_row(seg, sh, var, t, h, src, sub.m[r], sub.l[r]);
     }
   };
   // The key-tile loop over (k, v) under mask m (query row 0 at position q_off). window_state:
@@ -791,22 +801,26 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
     if (!done[s]) finalize(s);
 }
 
-// Runs queries [q_range) and heads [h_range) of every segment. Items are ordered with the
-// longest (latest query tiles under a causal mask) first for the dynamic schedule.
-template <class Arch, class KV, class Mask, class Extra = Plain, class Var = PlainAttention>
-void run_prefill(const std::vector<Segment<KV>>& segs, const Shape& sh, const Mask& mask, std::int64_t h_begin,
-                 std::int64_t h_end, const std::vector<std::pair<std::int64_t, std::int64_t>>& q_ranges,
-                 int num_threads, const Extra& ex = {}, const Var& var = {}) {
-  std::vector<float> metric_t;
+// The variant's once-per-call preparation: M^T, row e = column e of M, zero rows up to a
+// multiple of kKeyBlock (storage: where it lives).
+template <class Var>
+VariantPrep prepare_variant(const Shape& sh, const Var& var, std::vector<float>& storage) {
   VariantPrep prep;
   if constexpr (Var::has_query) {
     const std::int64_t d_kp = round_up(sh.d_k, kKeyBlock);
-    metric_t.assign(static_cast<std::size_t>(d_kp * sh.d_k), 0.f);
+    storage.assign(static_cast<std::size_t>(d_kp * sh.d_k), 0.f);
     for (std::int64_t e = 0; e < sh.d_k; ++e)
-      for (std::int64_t d = 0; d < sh.d_k; ++d) metric_t[static_cast<std::size_t>(e * sh.d_k + d)] = var.query.M(d, e);
-    prep.metric_t = metric_t.data();
+      for (std::int64_t d = 0; d < sh.d_k; ++d) storage[static_cast<std::size_t>(e * sh.d_k + d)] = var.query.M(d, e);
+    prep.metric_t = storage.data();
   }
-  const std::int64_t bq = item_queries(sh.G);
+  return prep;
+}
+
+// Work items of bq queries x one KV head (restricted to heads [h_begin, h_end)), in schedule order.
+template <class KV>
+std::vector<WorkItem> plan_items(const std::vector<Segment<KV>>& segs, const Shape& sh, std::int64_t h_begin,
+                                 std::int64_t h_end, const std::vector<std::pair<std::int64_t, std::int64_t>>& q_ranges,
+                                 std::int64_t bq) {
   std::vector<WorkItem> items;
   for (std::size_t s = 0; s < segs.size(); ++s) {
     const auto [qb, qe] = q_ranges[s];
@@ -825,6 +839,18 @@ void run_prefill(const std::vector<Segment<KV>>& segs, const Shape& sh, const Ma
     if (a.kv_head != b.kv_head) return a.kv_head < b.kv_head;
     return a.t_begin > b.t_begin;
   });
+  return items;
+}
+
+// Runs queries [q_range) and heads [h_range) of every segment. Items are ordered with the
+// longest (latest query tiles under a causal mask) first for the dynamic schedule.
+template <class Arch, class KV, class Mask, class Extra = Plain, class Var = PlainAttention>
+void run_prefill(const std::vector<Segment<KV>>& segs, const Shape& sh, const Mask& mask, std::int64_t h_begin,
+                 std::int64_t h_end, const std::vector<std::pair<std::int64_t, std::int64_t>>& q_ranges,
+                 int num_threads, const Extra& ex = {}, const Var& var = {}) {
+  std::vector<float> metric_t;
+  const VariantPrep prep = prepare_variant(sh, var, metric_t);
+  const std::vector<WorkItem> items = plan_items(segs, sh, h_begin, h_end, q_ranges, item_queries(sh.G));
   parallel_for(
       static_cast<std::int64_t>(items.size()), num_threads,
       [&](std::int64_t i) { run_item<Arch>(segs[items[i].segment], sh, mask, items[i], ex, var, prep); }, /*dynamic=*/true);

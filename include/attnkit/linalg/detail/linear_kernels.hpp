@@ -20,13 +20,12 @@
 #include <immintrin.h>
 #endif
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
-#define ATTNKIT_LINEAR_AMX 1
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
-
+#include "attnkit/core/amx.hpp"
 #include "attnkit/core/bf16.hpp"
+
+#if defined(ATTNKIT_AMX)
+#define ATTNKIT_LINEAR_AMX 1
+#endif
 
 namespace attnkit::detail::linear {
 
@@ -229,40 +228,14 @@ void kernel_f32(const float* x, std::int64_t ldx, const float* w, std::int64_t l
 
 inline constexpr int kAmxK = 32;  // K per tile step
 
-// Process-wide switch (default on) so tests and comparisons can force the FMA path.
-inline std::atomic<bool>& amx_enabled() {
-  static std::atomic<bool> on{true};
-  return on;
-}
+using amx::amx_available;
+using amx::amx_enabled;
 
 #if defined(ATTNKIT_LINEAR_AMX)
 
-// Linux keeps AMX tile data disabled until the process asks for it (once, for all threads).
-inline bool amx_permitted() {
-  static const bool ok = [] {
-    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
-  }();
-  return ok;
-}
-inline bool amx_available() { return amx_enabled().load(std::memory_order_relaxed) && amx_permitted(); }
-
-struct alignas(64) TileConfig {
-  std::uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  std::uint16_t colsb[16] = {};
-  std::uint8_t rows[16] = {};
-};
-
-// Every tile 16 rows x 64 bytes: tmm0-3 accumulators, tmm4-5 activations, tmm6-7 weights.
-inline void amx_configure() {
-  TileConfig cfg;
-  for (int t = 0; t < 8; ++t) {
-    cfg.colsb[t] = 64;
-    cfg.rows[t] = 16;
-  }
-  _tile_loadconfig(&cfg);
-}
-inline void amx_release() { _tile_release(); }
+using amx::amx_configure;
+using amx::amx_permitted;
+using amx::amx_release;
 
 // NA activation tiles (16 tokens each, rows lda_bytes apart, P planes plane_bytes apart) x NW
 // packed blocks (ldw uint32 apart) over ksteps K steps; writes the NA*NW accumulator tiles to
@@ -333,10 +306,6 @@ void split_row_to_bf16(const float* x, std::int64_t K, std::uint16_t* dst, std::
   for (int p = 0; p < P; ++p)
     for (std::int64_t j = i; j < ld; ++j) dst[p * plane + j] = 0;
 }
-
-#else
-
-inline bool amx_available() { return false; }
 
 #endif
 

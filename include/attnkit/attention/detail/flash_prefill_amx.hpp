@@ -1,0 +1,467 @@
+// attnkit/attention/detail/flash_prefill_amx.hpp — the flash prefill kernel on AMX tiles
+// (Precision::fast). Not a public API: prefill.hpp picks it for opt.precision = fast when the
+// CPU has AMX, for every mask, varlen, continuation and attention variant (Loop Attention's
+// epilogues stay on the FMA kernel).
+//
+// Same work items, key-tile walk and online softmax as the FMA kernel (flash_prefill.hpp), with
+// the two products on tiles and the scores row-major:
+//   S[row][key] = Q · K^T   A = Q rows (bf16 of q · scale · log2 e, packed once per sub-tile),
+//                           B = K^T in pairs (K's 32-bit words transposed 16 x 16 per tile)
+//   online softmax per row in f32 on AVX-512 (keys along lanes), P rounded to bf16
+//   O[row][:] = alpha · O + P · V   A = P, B = V in key pairs (two rows interleaved);
+//                                   O is rescaled in memory, then accumulated on the tiles.
+// Rounding Q, K, V and P to bf16 (8 significant bits) is the whole accuracy cost: the products
+// accumulate in f32. Measured ~2e-3 relative L2 error against float64 (tests state the bound).
+// The K/V tile is packed once per work item and serves all its sub-tiles; every row's
+// arithmetic is independent of the others in its tiles, so results do not depend on thread
+// count, sub-ranges or varlen packing (as for the FMA kernel).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "attnkit/attention/detail/flash_prefill.hpp"
+#include "attnkit/core/amx.hpp"
+#include "attnkit/core/precision.hpp"
+
+namespace attnkit::detail::flash {
+
+#if defined(ATTNKIT_AMX)
+
+namespace amx_tiles {
+
+inline constexpr std::int64_t kKeys = 128;  // keys per key tile (multiple of 32)
+inline constexpr std::int64_t kRows = 32;   // rows per sub-tile, about (multiple of 16 after padding)
+inline constexpr std::int64_t kTileElems = 512;  // bf16 elements of one 16 x 64-byte tile
+
+using u16 = std::uint16_t;
+
+// C[NA x NB tiles] (+)= sum over `steps` of A(a, s) · B(s, b); tile registers: C 0-3, A 4-5, B 6-7.
+// A(a, s) = a + a·a_block + s·a_step (rows a_stride bytes apart); B(s, b) = b + s·b_step + b·b_block
+// (rows 64 bytes apart); C(a, b) = c + a·c_block + b·64 bytes (rows c_stride bytes apart).
+struct Operands {
+  const char* a;
+  std::int64_t a_stride, a_block, a_step;
+  const char* b;
+  std::int64_t b_step, b_block;
+  char* c;
+  std::int64_t c_stride, c_block;
+};
+
+template <int NA, int NB, bool Accumulate>
+inline void tile_product(const Operands& o, std::int64_t s0, std::int64_t s1) {
+  if constexpr (Accumulate) {
+    _tile_loadd(0, o.c, o.c_stride);
+    if constexpr (NB == 2) _tile_loadd(1, o.c + 64, o.c_stride);
+    if constexpr (NA == 2) _tile_loadd(2, o.c + o.c_block, o.c_stride);
+    if constexpr (NA == 2 && NB == 2) _tile_loadd(3, o.c + o.c_block + 64, o.c_stride);
+  } else {
+    _tile_zero(0);
+    if constexpr (NB == 2) _tile_zero(1);
+    if constexpr (NA == 2) _tile_zero(2);
+    if constexpr (NA == 2 && NB == 2) _tile_zero(3);
+  }
+  for (std::int64_t s = s0; s < s1; ++s) {
+    _tile_loadd(6, o.b + s * o.b_step, 64);
+    if constexpr (NB == 2) _tile_loadd(7, o.b + s * o.b_step + o.b_block, 64);
+    _tile_loadd(4, o.a + s * o.a_step, o.a_stride);
+    _tile_dpbf16ps(0, 4, 6);
+    if constexpr (NB == 2) _tile_dpbf16ps(1, 4, 7);
+    if constexpr (NA == 2) {
+      _tile_loadd(5, o.a + o.a_block + s * o.a_step, o.a_stride);
+      _tile_dpbf16ps(2, 5, 6);
+      if constexpr (NB == 2) _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, o.c, o.c_stride);
+  if constexpr (NB == 2) _tile_stored(1, o.c + 64, o.c_stride);
+  if constexpr (NA == 2) _tile_stored(2, o.c + o.c_block, o.c_stride);
+  if constexpr (NA == 2 && NB == 2) _tile_stored(3, o.c + o.c_block + 64, o.c_stride);
+}
+
+// All C tiles of row blocks [0, na) x column blocks [b0, b1), steps [s0, s1), in 2 x 2 groups.
+template <bool Accumulate>
+inline void tile_products(Operands o, std::int64_t na, std::int64_t b0, std::int64_t b1, std::int64_t s0,
+                          std::int64_t s1) {
+  for (std::int64_t a = 0; a < na; a += 2) {
+    for (std::int64_t b = b0; b < b1; b += 2) {
+      Operands t = o;
+      t.a += a * o.a_block;
+      t.b += b * o.b_block;
+      t.c += a * o.c_block + b * 64;
+      const bool two_a = a + 1 < na, two_b = b + 1 < b1;
+      if (two_a && two_b) tile_product<2, 2, Accumulate>(t, s0, s1);
+      else if (two_a) tile_product<2, 1, Accumulate>(t, s0, s1);
+      else if (two_b) tile_product<1, 2, Accumulate>(t, s0, s1);
+      else tile_product<1, 1, Accumulate>(t, s0, s1);
+    }
+  }
+}
+
+// 32 bf16 of row[d0, d0 + 32) (zero past n) as 16 32-bit pairs.
+inline __m512i load_pairs(const bf16* row, std::int64_t d0, std::int64_t n) {
+  const std::int64_t left = n - d0;
+  const __mmask32 m = left >= 32 ? ~__mmask32{0} : static_cast<__mmask32>((std::uint64_t{1} << std::max<std::int64_t>(left, 0)) - 1);
+  return _mm512_maskz_loadu_epi16(m, row + d0);
+}
+inline __m512i load_pairs(const float* row, std::int64_t d0, std::int64_t n) {
+  const std::int64_t left = n - d0;
+  const auto mask16 = [](std::int64_t k) {
+    return k >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<std::int64_t>(k, 0)) - 1);
+  };
+  const __m512 lo = _mm512_maskz_loadu_ps(mask16(left), row + d0);
+  const __m512 hi = _mm512_maskz_loadu_ps(mask16(left - 16), row + d0 + 16);
+  return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+// 16 bf16 of row[d0, d0 + 16) (zero past n), widened to the low halves of 16 32-bit lanes.
+inline __m512i load_halves(const bf16* row, std::int64_t d0, std::int64_t n) {
+  const std::int64_t left = n - d0;
+  const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<std::int64_t>(left, 0)) - 1);
+  return _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, row + d0));
+}
+inline __m512i load_halves(const float* row, std::int64_t d0, std::int64_t n) {
+  const std::int64_t left = n - d0;
+  const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<std::int64_t>(left, 0)) - 1);
+  return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, row + d0)));
+}
+
+// In-register transpose of 16 x 16 32-bit elements.
+inline void transpose16(__m512i (&r)[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 8; ++i) {
+    a[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    a[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    b[4 * i + 0] = _mm512_unpacklo_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 1] = _mm512_unpackhi_epi64(a[4 * i], a[4 * i + 2]);
+    b[4 * i + 2] = _mm512_unpacklo_epi64(a[4 * i + 1], a[4 * i + 3]);
+    b[4 * i + 3] = _mm512_unpackhi_epi64(a[4 * i + 1], a[4 * i + 3]);
+  }
+  // b[4i + j], 128-bit lane L, holds column 4L + j of rows 4i .. 4i + 3.
+  for (int j = 0; j < 4; ++j) {
+    const __m512i c0 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0x88), c1 = _mm512_shuffle_i32x4(b[j], b[4 + j], 0xDD);
+    const __m512i d0 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0x88), d1 = _mm512_shuffle_i32x4(b[8 + j], b[12 + j], 0xDD);
+    r[j] = _mm512_shuffle_i32x4(c0, d0, 0x88);
+    r[8 + j] = _mm512_shuffle_i32x4(c0, d0, 0xDD);
+    r[4 + j] = _mm512_shuffle_i32x4(c1, d1, 0x88);
+    r[12 + j] = _mm512_shuffle_i32x4(c1, d1, 0xDD);
+  }
+}
+
+// K rows [k0, k0 + kc) of one head as B tiles of K^T: tile (s, kb) = d-pairs [16s, 16s + 16) x
+// keys [16kb, 16kb + 16), at dst + (s · kKeys/16 + kb) · kTileElems. Keys past kc are zero.
+template <class KV>
+inline void pack_k(const ConstView3<KV>& k, std::int64_t head, std::int64_t k0, std::int64_t kc, std::int64_t d_k,
+                   std::int64_t d_kp, u16* dst) {
+  constexpr std::int64_t nkb = kKeys / 16;
+  for (std::int64_t kb = 0; kb < nkb; ++kb) {
+    const std::int64_t c0 = kb * 16;
+    for (std::int64_t s = 0; s < d_kp / 32; ++s) {
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i)
+        r[i] = c0 + i < kc ? load_pairs(k.ptr(k0 + c0 + i, head), s * 32, d_k) : _mm512_setzero_si512();
+      transpose16(r);
+      u16* t = dst + (s * nkb + kb) * kTileElems;
+      for (int i = 0; i < 16; ++i) _mm512_store_si512(t + i * 32, r[i]);
+    }
+  }
+}
+
+// V rows [k0, k0 + kc) of one head as B tiles of key pairs: tile (j, nb) = keys [32j, 32j + 32)
+// in pairs x columns [16nb, 16nb + 16), at dst + (j · d_vp/16 + nb) · kTileElems. Keys past kc are zero.
+template <class KV>
+inline void pack_v(const ConstView3<KV>& v, std::int64_t head, std::int64_t k0, std::int64_t kc, std::int64_t d_v,
+                   std::int64_t d_vp, u16* dst) {
+  const std::int64_t nvb = d_vp / 16;
+  for (std::int64_t c = 0; c < kKeys; c += 2) {
+    const std::int64_t j = c / 32, i = (c % 32) / 2;
+    const KV* even = c < kc ? v.ptr(k0 + c, head) : nullptr;
+    const KV* odd = c + 1 < kc ? v.ptr(k0 + c + 1, head) : nullptr;
+    for (std::int64_t nb = 0; nb < nvb; ++nb) {
+      const __m512i lo = even ? load_halves(even, nb * 16, d_v) : _mm512_setzero_si512();
+      const __m512i hi = odd ? load_halves(odd, nb * 16, d_v) : _mm512_setzero_si512();
+      _mm512_store_si512(dst + (j * nvb + nb) * kTileElems + i * 32, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+  }
+}
+
+inline __m512 exp2v(__m512 x) { return simd::exp2_nonpositive<simd::default_arch>(xsimd::batch<float, simd::default_arch>(x)); }
+inline float hmax(__m512 v) {
+  __m256 a = _mm256_max_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 b = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = _mm_max_ps(b, _mm_movehl_ps(b, b));
+  b = _mm_max_ss(b, _mm_movehdup_ps(b));
+  return _mm_cvtss_f32(b);
+}
+inline float hsum(__m512 v) {
+  __m256 a = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 b = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  b = _mm_add_ps(b, _mm_movehl_ps(b, b));
+  b = _mm_add_ss(b, _mm_movehdup_ps(b));
+  return _mm_cvtss_f32(b);
+}
+
+// One sub-tile: rows (head h_begin + r / nq, query t_begin + r % nq), rp = rows padded to 16.
+struct AmxSub {
+  std::int64_t t_begin, nq, rows, rp;
+  u16* q;    // [rp][d_kp] bf16 of the scaled query rows (zero rows and columns past the ends)
+  float* o;  // [rp][d_vp] unnormalised output
+  float* m;  // [rp] running max (base 2)
+  float* l;  // [rp] running sum
+  float* slope;  // ALiBi: each row's slope in base-2 units
+};
+
+// Online softmax of row r over key columns [cb, ce) of the tile (relative to k0): reads S (base
+// 2), writes P = bf16(exp2(s - m_new)), updates m, l; returns alpha = exp2(m_old - m_new).
+// Keys outside [lo, hi] are masked; the variant's logits transform comes first.
+template <bool Masked, class Var>
+inline float softmax_row(const float* srow, u16* prow, std::int64_t cb, std::int64_t ce, std::int64_t lo,
+                         std::int64_t hi, float& m, float& l, const Var& var, float c2, float slope, float bias) {
+  using B = xsimd::batch<float, simd::default_arch>;
+  const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  alignas(64) float buf[kKeys];
+  __m512 mx = neg_inf;
+  for (std::int64_t c = cb; c < ce; c += 16) {
+    __m512 s = _mm512_loadu_ps(srow + c);
+    if constexpr (Var::has_softcap) s = simd::softcap<simd::default_arch>(B(s), c2, 1.f / c2);
+    if constexpr (Var::has_alibi)
+      s = _mm512_add_ps(s, _mm512_fmadd_ps(_mm512_set1_ps(slope), _mm512_cvtepi32_ps(_mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(c)))), _mm512_set1_ps(bias)));
+    if constexpr (Masked) {
+      const __m512i col = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(c)));
+      const __mmask16 vis = _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(lo))) &
+                            _mm512_cmple_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(hi)));
+      s = _mm512_mask_blend_ps(vis, neg_inf, s);
+    }
+    _mm512_store_ps(buf + c, s);
+    mx = _mm512_max_ps(mx, s);
+  }
+  const float m_old = m, m_new = std::max(m_old, hmax(mx));
+  constexpr float ninf = -std::numeric_limits<float>::infinity();
+  const float m_use = m_new == ninf ? 0.f : m_new;  // all masked so far: avoid -inf - -inf
+  const float alpha = m_old == ninf ? 0.f : std::exp2(m_old - m_use);
+  const __m512 vm = _mm512_set1_ps(m_use);
+  __m512 sum = _mm512_setzero_ps();
+  for (std::int64_t c = cb; c < ce; c += 32) {
+    const __m512 p0 = exp2v(_mm512_sub_ps(_mm512_load_ps(buf + c), vm));
+    const __m512 p1 = exp2v(_mm512_sub_ps(_mm512_load_ps(buf + c + 16), vm));
+    sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+    _mm512_storeu_si512(prow + c, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+  }
+  l = l * alpha + hsum(sum);
+  m = m_new;
+  return alpha;
+}
+
+}  // namespace amx_tiles
+
+template <class KV, class Mask, class Var = PlainAttention>
+void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const WorkItem& it, const Var& var,
+                  const VariantPrep& prep) {
+  using namespace amx_tiles;
+  const std::int64_t nh = it.h_end - it.h_begin, d_k = sh.d_k, d_v = sh.d_v;
+  const std::int64_t d_kp = round_up(d_k, 32), d_vp = round_up(d_v, 16);
+  const std::int64_t bq = std::max<std::int64_t>(1, kRows / nh);  // queries per sub-tile
+  const std::int64_t n_sub = (it.t_end - it.t_begin + bq - 1) / bq;
+  const std::int64_t rp_max = round_up(bq * nh, 16);
+  constexpr float neg_inf = -std::numeric_limits<float>::infinity();
+  constexpr bool alibi = Var::has_alibi;
+  const std::int64_t half = 2;  // bf16 elements per float of scratch
+
+  const std::int64_t sub_need = Scratch::need(rp_max * d_kp / half) + Scratch::need(rp_max * d_vp) +
+                                2 * Scratch::need(rp_max) + (alibi ? Scratch::need(rp_max) : 0);
+  Scratch scratch(n_sub * sub_need + Scratch::need(rp_max * kKeys) + Scratch::need(rp_max * kKeys / half) +
+                  Scratch::need(kKeys * d_kp / half) + Scratch::need(kKeys * d_vp / half) + Scratch::need(rp_max) +
+                  Scratch::need(2 * d_k));
+  float* s_buf = scratch.take(rp_max * kKeys);                                       // S [rp][kKeys]
+  u16* p_buf = reinterpret_cast<u16*>(scratch.take(rp_max * kKeys / half));          // P [rp][kKeys] bf16
+  u16* k_buf = reinterpret_cast<u16*>(scratch.take(kKeys * d_kp / half));            // K^T tiles
+  u16* v_buf = reinterpret_cast<u16*>(scratch.take(kKeys * d_vp / half));            // V tiles
+  float* alpha = scratch.take(rp_max);
+  float* qrow = scratch.take(2 * d_k);  // a scaled query row, then q̃ = q · M
+
+  std::vector<AmxSub> subs(static_cast<std::size_t>(n_sub));
+  for (std::int64_t s = 0; s < n_sub; ++s) {
+    AmxSub& sub = subs[s];
+    sub.t_begin = it.t_begin + s * bq;
+    sub.nq = std::min(bq, it.t_end - sub.t_begin);
+    sub.rows = sub.nq * nh;
+    sub.rp = round_up(sub.rows, 16);
+    sub.q = reinterpret_cast<u16*>(scratch.take(rp_max * d_kp / half));
+    sub.o = scratch.take(rp_max * d_vp);
+    sub.m = scratch.take(rp_max);
+    sub.l = scratch.take(rp_max);
+    sub.slope = alibi ? scratch.take(rp_max) : nullptr;
+  }
+  const auto rel = [&](std::int64_t t) { return seg.positions ? seg.positions[t] : t; };
+  const auto row_pos = [&](const AmxSub& sub, std::int64_t r) { return seg.q_offset + rel(sub.t_begin + r % sub.nq); };
+
+  std::vector<char> packed(static_cast<std::size_t>(n_sub), 0);
+  const auto pack_q = [&](AmxSub& sub) {
+    std::fill(sub.m, sub.m + sub.rp, neg_inf);
+    std::fill(sub.l, sub.l + sub.rp, 0.f);
+    std::memset(sub.o, 0, static_cast<std::size_t>(sub.rp * d_vp) * sizeof(float));
+    std::memset(sub.q, 0, static_cast<std::size_t>(sub.rp * d_kp) * sizeof(u16));
+    for (std::int64_t r = 0; r < sub.rows; ++r) {
+      const std::int64_t h = it.h_begin + r / sub.nq;
+      const float* src = seg.q.ptr(sub.t_begin + r % sub.nq, h);
+      for (std::int64_t d = 0; d < d_k; ++d) qrow[d] = src[d] * sh.q_scale;
+      const float* qs = qrow;
+      if constexpr (Var::has_query) {  // q̃ = q · M, as the FMA kernel orders it (scale first)
+        for (std::int64_t e = 0; e < d_k; ++e) qrow[d_k + e] = simd::dot<simd::default_arch>(prep.metric_t + e * d_k, qrow, d_k);
+        qs = qrow + d_k;
+      }
+      simd::to_bf16(qs, reinterpret_cast<bf16*>(sub.q + r * d_kp), d_k);
+      if constexpr (alibi) sub.slope[r] = var.logits.slopes[h] * kLog2e;
+    }
+  };
+
+  const std::int64_t n_keys = seg.k.shape[0];
+  const auto key_range = [&](std::int64_t t_first, std::int64_t t_last) {
+    return std::pair<std::int64_t, std::int64_t>{std::max<std::int64_t>(mask.first_key(seg.q_offset + rel(t_first)), 0),
+                                                 std::min(mask.last_key(seg.q_offset + rel(t_last)), n_keys - 1)};
+  };
+  const auto [key_lo, key_hi] = key_range(it.t_begin, it.t_end - 1);
+  const float c2 = [&] {
+    if constexpr (Var::has_softcap) return var.logits.cap * kLog2e;
+    else return 1.f;
+  }();
+  std::vector<char> done(static_cast<std::size_t>(n_sub), 0);
+  const auto finalize = [&](std::int64_t s) {
+    const AmxSub& sub = subs[s];
+    done[s] = 1;
+    for (std::int64_t r = 0; r < sub.rows; ++r)
+      finalize_row(seg, sh, var, sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq, sub.o + r * d_vp, sub.m[r], sub.l[r]);
+  };
+  Prefetcher pf;
+  if (key_hi >= key_lo) {
+    amx::amx_configure();
+    for (std::int64_t kt = key_lo / kKeys; kt <= key_hi / kKeys; ++kt) {
+      const std::int64_t k0 = kt * kKeys, kc = std::min(kKeys, n_keys - k0);
+      pack_k(seg.k, it.kv_head, k0, kc, d_k, d_kp, k_buf);
+      pack_v(seg.v, it.kv_head, k0, kc, d_v, d_vp, v_buf);
+      std::int64_t s_first = n_sub, s_end = 0;
+      for (std::int64_t s = 0; s < n_sub; ++s) {
+        const auto [lo, hi] = key_range(subs[s].t_begin, subs[s].t_begin + subs[s].nq - 1);
+        if (hi < lo || k0 > hi || k0 + kc - 1 < lo) continue;
+        s_first = std::min(s_first, s);
+        s_end = s + 1;
+      }
+      // The next tile's K/V rows (usually from DRAM), spread over this tile's sub-tiles.
+      pf.clear();
+      if (kt < key_hi / kKeys)
+        for (std::int64_t c = k0 + kKeys, ce = std::min(k0 + 2 * kKeys, n_keys); c < ce; ++c) {
+          pf.add_row(seg.k.ptr(c, it.kv_head), d_k);
+          pf.add_row(seg.v.ptr(c, it.kv_head), d_v);
+        }
+      pf.plan(std::max<std::int64_t>(s_end - s_first, 1) * 4);
+      for (std::int64_t s = s_first; s < s_end; ++s) {
+        AmxSub& sub = subs[s];
+        if (!packed[s]) {
+          pack_q(sub);
+          packed[s] = 1;
+        }
+        const std::int64_t p_first = row_pos(sub, 0), p_last = row_pos(sub, sub.nq - 1);
+        // Key columns [cb, ce) that some row sees, in whole 32-key steps (the P·V K dimension);
+        // masked: some row sees less than the whole tile (as tile_cols, at this tile size).
+        const bool masked = kc < kKeys || mask.first_key(p_last) > k0 || k0 + kKeys - 1 > mask.last_key(p_first);
+        std::int64_t cb = 0, ce = kKeys;
+        if (masked) {
+          cb = std::clamp<std::int64_t>(mask.first_key(p_first) - k0, 0, kKeys) / 32 * 32;
+          ce = round_up(std::clamp<std::int64_t>(std::min(mask.last_key(p_last), n_keys - 1) - k0 + 1, 0, kKeys), 32);
+        }
+        const std::int64_t na = sub.rp / 16;
+        // S = Q · K^T over the visible key blocks.
+        tile_products<false>({reinterpret_cast<const char*>(sub.q), d_kp * 2, 16 * d_kp * 2, 64,
+                              reinterpret_cast<const char*>(k_buf), (kKeys / 16) * kTileElems * 2, kTileElems * 2,
+                              reinterpret_cast<char*>(s_buf), kKeys * 4, 16 * kKeys * 4},
+                             na, cb / 16, ce / 16, 0, d_kp / 32);
+        pf.tick();
+        pf.tick();
+        for (std::int64_t r = 0; r < sub.rp; ++r) {
+          u16* prow = p_buf + r * kKeys;
+          if (r >= sub.rows) {  // padding rows: P = 0 (their outputs are never read)
+            std::memset(prow + cb, 0, static_cast<std::size_t>(ce - cb) * sizeof(u16));
+            alpha[r] = 1.f;
+            continue;
+          }
+          const std::int64_t p = row_pos(sub, r);
+          const std::int64_t lo = std::max<std::int64_t>(mask.first_key(p), 0) - k0;
+          const std::int64_t hi = std::min(mask.last_key(p), n_keys - 1) - k0;
+          float bias = 0.f;
+          if constexpr (alibi) bias = sub.slope[r] * static_cast<float>(k0 - p);
+          alpha[r] = masked ? softmax_row<true>(s_buf + r * kKeys, prow, cb, ce, lo, hi, sub.m[r], sub.l[r], var, c2,
+                                                alibi ? sub.slope[r] : 0.f, bias)
+                            : softmax_row<false>(s_buf + r * kKeys, prow, cb, ce, lo, hi, sub.m[r], sub.l[r], var, c2,
+                                                 alibi ? sub.slope[r] : 0.f, bias);
+        }
+        pf.tick();
+        // O = alpha · O (rows whose max moved), then O += P · V on the tiles.
+        for (std::int64_t r = 0; r < sub.rows; ++r) {
+          if (alpha[r] == 1.f) continue;
+          const __m512 a = _mm512_set1_ps(alpha[r]);
+          float* orow = sub.o + r * d_vp;
+          for (std::int64_t d = 0; d < d_vp; d += 16) _mm512_store_ps(orow + d, _mm512_mul_ps(a, _mm512_load_ps(orow + d)));
+        }
+        tile_products<true>({reinterpret_cast<const char*>(p_buf), kKeys * 2, 16 * kKeys * 2, 64,
+                             reinterpret_cast<const char*>(v_buf), (d_vp / 16) * kTileElems * 2, kTileElems * 2,
+                             reinterpret_cast<char*>(sub.o), d_vp * 4, 16 * d_vp * 4},
+                            na, 0, d_vp / 16, cb / 32, ce / 32);
+        pf.tick();
+        if (key_range(sub.t_begin, sub.t_begin + sub.nq - 1).second < k0 + kc) finalize(s);
+      }
+    }
+    amx::amx_release();
+  }
+  for (std::int64_t s = 0; s < n_sub; ++s)
+    if (!done[s]) {
+      if (!packed[s]) pack_q(subs[s]);
+      finalize(s);
+    }
+}
+
+// Queries per work item: about 512 rows, as the FMA kernel.
+inline std::int64_t amx_item_queries(std::int64_t G) {
+  const std::int64_t bq = std::max<std::int64_t>(1, amx_tiles::kRows / std::max<std::int64_t>(G, 1));
+  return bq * std::max<std::int64_t>(1, 512 / (bq * std::max<std::int64_t>(G, 1)));
+}
+
+#endif  // ATTNKIT_AMX
+
+// Whether the AMX kernel serves this call (opt.precision = fast, the AVX-512 build, AMX usable).
+template <class Arch>
+inline bool use_amx_prefill(Precision precision) {
+#if defined(ATTNKIT_AMX)
+  if constexpr (std::is_same_v<Arch, simd::default_arch>) return precision == Precision::fast && amx::amx_available();
+#endif
+  (void)precision;
+  return false;
+}
+
+// run_prefill for plain attention and variants, on AMX tiles when use_amx_prefill says so.
+template <class Arch, class KV, class Mask, class Var = PlainAttention>
+void run_prefill_at(Precision precision, const std::vector<Segment<KV>>& segs, const Shape& sh, const Mask& mask,
+                    std::int64_t h_begin, std::int64_t h_end,
+                    const std::vector<std::pair<std::int64_t, std::int64_t>>& q_ranges, int num_threads,
+                    const Var& var = {}) {
+#if defined(ATTNKIT_AMX)
+  if (use_amx_prefill<Arch>(precision)) {
+    std::vector<float> metric_t;
+    const VariantPrep prep = prepare_variant(sh, var, metric_t);
+    const std::vector<WorkItem> items = plan_items(segs, sh, h_begin, h_end, q_ranges, amx_item_queries(sh.G));
+    parallel_for(
+        static_cast<std::int64_t>(items.size()), num_threads,
+        [&](std::int64_t i) { run_item_amx(segs[items[i].segment], sh, mask, items[i], var, prep); }, /*dynamic=*/true);
+    return;
+  }
+#endif
+  run_prefill<Arch>(segs, sh, mask, h_begin, h_end, q_ranges, num_threads, Plain{}, var);
+}
+
+}  // namespace attnkit::detail::flash
