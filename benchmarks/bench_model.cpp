@@ -28,6 +28,8 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstdio>
+#include <type_traits>
 #include <map>
 #include <memory>
 #include <string>
@@ -234,6 +236,236 @@ void BM_model_decode_context(benchmark::State& state, model::CacheType kv, std::
   state.counters["tok_s_long"] = iters / total_long;
   state.counters["ctx_ratio"] = pairs.speed_ratio();
 }
+
+// ---- Long context, as llama-bench's -d: model/qwen3-0.6b/{decode,prefill:512}/.../depth:N -------
+//
+// Plain Qwen3-0.6B (bf16 weights) with `depth` tokens already in every layer's KV cache. The
+// context is not prefilled (32768 tokens of causal prefill would take about 10 minutes here):
+// each layer's cache gets `depth` rows of random K/V appended directly (Qwen3Attention::cache;
+// decode and prefill cost do not depend on the cached values), once per process for each
+// (cache type, depth); the cases run in registration order, so one context is alive at a time.
+// After every timed step the caches are cut back to `depth` (KVCache::truncate,
+// Session::set_position), so every decode step attends exactly depth + 1 keys and every prefill
+// continues at exactly `depth`.
+//  * decode: one greedy token (Precision::exact, as model/decode); tok_s; GBps = (weight bytes
+//    + KV-cache bytes read per token) / time; bw_frac = that byte count / the measured DRAM read
+//    bandwidth (the bound time per token) over the measured time; kv_MB = the cache bytes read.
+//  * prefill:512 after depth: 512 tokens continuing the context, last row's logits, Precision
+//    fast or exact; tok_s and GFLOPS (projections and MLP 2 x params x tokens, the head for one
+//    row, attention 4 x heads x head_dim per attended (query, key) pair: causal within the 512
+//    and all `depth` cached keys).
+
+// One line per cache type: adding a type here registers its decode cases at every depth.
+struct DepthKv {
+  model::CacheType type;
+  const char* name;
+};
+const DepthKv kDepthKv[] = {
+    {model::CacheType::bf16, "bf16"},
+    {model::CacheType::f32, "f32"},
+};
+const std::int64_t kDecodeDepths[] = {512, 8192, 32768};
+constexpr std::int64_t kPrefillDepth = 8192, kPrefillTokens = 512;
+// Prefill-after-depth runs with this cache type (model/prefill's f32, so depth 0 is that case).
+constexpr model::CacheType kPrefillKv = model::CacheType::f32;
+
+std::int64_t mem_available_bytes() {
+  std::FILE* f = std::fopen("/proc/meminfo", "r");
+  if (!f) return -1;
+  char line[256];
+  std::int64_t kb = -1;
+  while (std::fgets(line, sizeof line, f))
+    if (std::sscanf(line, "MemAvailable: %ld kB", &kb) == 1) break;
+  std::fclose(f);
+  return kb < 0 ? -1 : kb * 1024;
+}
+
+// Bytes a cache of storage type T holds per token and KV head (an int8 row also has its scale).
+template <class Cache>
+double cache_row_bytes(const Cache& c) {
+  using T = std::remove_const_t<typename decltype(c.keys())::element_type>;
+  const double scale = std::is_same_v<T, std::int8_t> ? 2.0 * sizeof(float) : 0.0;
+  return static_cast<double>((c.head_dim_k() + c.head_dim_v()) * static_cast<std::int64_t>(sizeof(T))) + scale;
+}
+
+class DepthContext {
+ public:
+  // The context for (kv, depth), building it (and dropping any other) when it is not the one
+  // held; nullptr with `why` set when it does not fit in memory.
+  static DepthContext* get(const DepthKv& kv, std::int64_t depth, std::string& why) {
+    static std::unique_ptr<DepthContext> held;
+    if (held && held->kv_ == kv.type && held->depth_ == depth) return held.get();
+    held.reset();
+    const auto& m = qwen3_0_6b();
+    const auto& c = m.config();
+    const std::int64_t reserve = depth + kPrefillTokens + 64;
+    // Upper bound of the cache bytes: the widest row (f32) unless the type is known narrower.
+    const double row = kv.type == model::CacheType::bf16 ? 2.0 : 4.0;
+    const double need = static_cast<double>(reserve) * static_cast<double>(c.num_hidden_layers * c.num_key_value_heads) *
+                        2.0 * static_cast<double>(c.head_dim) * row;
+    const double avail = static_cast<double>(mem_available_bytes());
+    if (avail >= 0 && need + 2e9 > avail) {
+      char buf[256];
+      std::snprintf(buf, sizeof buf, "kv:%s at depth %ld needs %.1f GB of KV cache (+2 GB headroom); %.1f GB available",
+                    kv.name, static_cast<long>(depth), need * 1e-9, avail * 1e-9);
+      why = buf;
+      return nullptr;
+    }
+    held.reset(new DepthContext(m, kv.type, depth, reserve));
+    return held.get();
+  }
+
+  const model::Qwen3Model& m;
+  model::Session s;
+
+  // Every layer's cache back to `depth` rows, the session back to position `depth`.
+  void rewind() {
+    for_each_cache([&](auto& c) { c.truncate(depth_); });
+    s.set_position(depth_);
+  }
+  // KV-cache bytes one decode step reads: depth + 1 rows in every layer.
+  double kv_bytes_per_decode_step() {
+    double b = 0;
+    for_each_cache([&](auto& c) { b += static_cast<double>((depth_ + 1) * c.kv_heads()) * cache_row_bytes(c); });
+    return b;
+  }
+  std::int64_t depth() const { return depth_; }
+
+ private:
+  DepthContext(const model::Qwen3Model& mm, model::CacheType kv, std::int64_t depth, std::int64_t reserve)
+      : m(mm), s(mm.new_session({kv, reserve})), kv_(kv), depth_(depth) {
+    const auto& c = m.config();
+    const std::int64_t Hkv = c.num_key_value_heads, d = c.head_dim, chunk = 512;
+    // One chunk of random rows, appended over and over (the values do not change the cost).
+    std::vector<float> kv_rows(static_cast<std::size_t>(chunk * Hkv * d));
+    std::mt19937 g(11);
+    std::uniform_real_distribution<float> u(-1.f, 1.f);
+    for (auto& x : kv_rows) x = u(g);
+    const ConstView3<float> rows(kv_rows.data(), {chunk, Hkv, d});
+    for_each_cache([&](auto& cache) {
+      for (std::int64_t t = 0; t < depth; t += chunk) {
+        const auto part = rows.slice(0, 0, std::min(chunk, depth - t));
+        cache.append(part, part);
+      }
+    });
+    s.set_position(depth);
+  }
+
+  // f(KVCache<T>&) for every attention layer and pass; other layer types cannot hold a context.
+  template <class F>
+  void for_each_cache(F&& f) {
+    for (int l = 0; l < m.num_layers(); ++l) {
+      const auto* attn = dynamic_cast<const model::Qwen3Attention*>(&m.mixer(l));
+      ATTNKIT_REQUIRE(attn != nullptr, "bench_model depth: layer ", l, " is ", m.mixer(l).kind(), ", not attention");
+      for (int p = 0; p < m.passes(); ++p)
+        attn->cache(s.state(l), p).visit([&](auto& c) {
+          if constexpr (requires { c.total(); }) ATTNKIT_REQUIRE(false, "bench_model depth: layer ", l, " has a ring cache");
+          else f(c);
+        });
+    }
+  }
+
+  model::CacheType kv_;
+  std::int64_t depth_;
+};
+
+void BM_model_decode_depth(benchmark::State& state, DepthKv kv, std::int64_t depth) {
+  const double read_gbps = bench::roofline().read_gbps;  // measured before anything is timed
+  std::string why;
+  DepthContext* ctx = DepthContext::get(kv, depth, why);
+  if (!ctx) {
+    state.SkipWithError(why.c_str());
+    return;
+  }
+  const auto& m = ctx->m;
+  const std::int64_t V = m.config().vocab_size;
+  std::vector<float> logits(static_cast<std::size_t>(V));
+  model::ForwardOptions fo;
+  fo.logits = model::LogitsRows::last;
+  fo.precision = Precision::exact;
+  std::int64_t next = 1;
+  const auto step = [&] {
+    const auto t0 = clk::now();
+    m.forward(ctx->s, std::span<const std::int64_t>(&next, 1), View2<float>(logits.data(), {1, V}), fo);
+    const double sec = seconds_since(t0);
+    next = ops::argmax(logits.data(), V);
+    ctx->rewind();
+    return sec;
+  };
+  step();  // untimed warm-up (thread scratch, first touch of the step's buffers)
+  double total = 0;
+  for (auto _ : state) {
+    const double sec = step();
+    state.SetIterationTime(sec);
+    total += sec;
+  }
+  const double per_token = total / static_cast<double>(state.iterations());
+  const double kv_bytes = ctx->kv_bytes_per_decode_step();
+  const double bytes = static_cast<double>(m.streamed_bytes_per_token()) + kv_bytes;
+  state.counters["tok_s"] = 1.0 / per_token;
+  state.counters["kv_MB"] = kv_bytes * 1e-6;
+  state.counters["GBps"] = bytes / per_token * 1e-9;
+  state.counters["bw_frac"] = (bytes / (read_gbps * 1e9)) / per_token;
+}
+
+// Flops of a prefill of T tokens after `depth` cached ones (see the top of this section).
+double prefill_flops(const model::Qwen3Model& m, std::int64_t T, std::int64_t depth) {
+  const auto& c = m.config();
+  const double D = static_cast<double>(c.hidden_size), H = static_cast<double>(c.num_attention_heads),
+               Hkv = static_cast<double>(c.num_key_value_heads), d = static_cast<double>(c.head_dim),
+               I = static_cast<double>(c.intermediate_size), L = static_cast<double>(c.num_hidden_layers);
+  const double params = D * (H + 2 * Hkv) * d + H * d * D + 3 * D * I;
+  const double pairs = static_cast<double>(T) * static_cast<double>(depth) + static_cast<double>(T) * static_cast<double>(T + 1) / 2;
+  return L * (2 * params * static_cast<double>(T) + 4 * H * d * pairs) + 2 * D * static_cast<double>(c.vocab_size);
+}
+
+void BM_model_prefill_depth(benchmark::State& state, Precision precision, DepthKv kv, std::int64_t depth) {
+  (void)bench::roofline();
+  std::string why;
+  DepthContext* ctx = DepthContext::get(kv, depth, why);
+  if (!ctx) {
+    state.SkipWithError(why.c_str());
+    return;
+  }
+  const auto& m = ctx->m;
+  const std::int64_t V = m.config().vocab_size;
+  const auto ids = prompt(kPrefillTokens, V);
+  std::vector<float> logits(static_cast<std::size_t>(V));
+  model::ForwardOptions fo;
+  fo.logits = model::LogitsRows::last;
+  fo.precision = precision;
+  double total = 0;
+  for (auto _ : state) {
+    const auto t0 = clk::now();
+    m.forward(ctx->s, ids, View2<float>(logits.data(), {1, V}), fo);
+    const double sec = seconds_since(t0);
+    benchmark::DoNotOptimize(logits.data());
+    ctx->rewind();
+    state.SetIterationTime(sec);
+    total += sec;
+  }
+  const double per_call = total / static_cast<double>(state.iterations());
+  state.counters["tok_s"] = static_cast<double>(kPrefillTokens) / per_call;
+  state.counters["GFLOPS"] = prefill_flops(m, kPrefillTokens, depth) / per_call * 1e-9;
+}
+
+const bool registered_depth = [] {
+  const std::string base = "model/qwen3-0.6b/";
+  for (const DepthKv& kv : kDepthKv)
+    for (const std::int64_t depth : kDecodeDepths) {
+      benchmark::RegisterBenchmark((base + "decode/bf16/kv:" + kv.name + "/depth:" + std::to_string(depth)).c_str(),
+                                   BM_model_decode_depth, kv, depth)
+          ->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(depth >= 32768 ? 8 : 16);
+      // Prefill after depth right after the decode case of the same context (built once).
+      if (kv.type == kPrefillKv && depth == kPrefillDepth)
+        for (const Precision p : {Precision::fast, Precision::exact})
+          benchmark::RegisterBenchmark((base + "prefill:" + std::to_string(kPrefillTokens) + "/bf16/" +
+                                        (p == Precision::fast ? "fast" : "exact") + "/depth:" + std::to_string(depth)).c_str(),
+                                       BM_model_prefill_depth, p, kv, depth)
+              ->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(2);
+    }
+  return true;
+}();
 
 template <class F, class... A>
 void add(const char* name, int iterations, F fn, A... args) {

@@ -254,6 +254,17 @@ class Session {
   std::int64_t position() const { return position_; }
   const SessionOptions& options() const { return opt_; }
 
+  // Direct access for code that prepares or rewinds a session's states itself (benchmarks that
+  // fill a long context with random K/V rows, then cut the caches back after each timed step;
+  // see Qwen3Attention::cache()). After changing the states, set_position() must say how many
+  // positions they hold: the next forward() starts there, and each cache checks that it agrees.
+  int num_states() const { return static_cast<int>(states_.size()); }
+  MixerState& state(int layer) { return *states_.at(static_cast<std::size_t>(layer)); }
+  void set_position(std::int64_t position) {
+    ATTNKIT_REQUIRE(position >= 0, "Session::set_position: argument 'position': must be >= 0, got ", position);
+    position_ = position;
+  }
+
  private:
   friend class Qwen3Model;
   SessionOptions opt_;

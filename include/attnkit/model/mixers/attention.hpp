@@ -69,6 +69,16 @@ class Qwen3Attention final : public TokenMixer {
   std::int64_t window(int pass) const { return windows_.at(static_cast<std::size_t>(pass)); }
   std::size_t weight_bytes() const override { return proj_.weight_bytes() + o_.bytes(); }
 
+  // The KV cache of `pass` in a state this mixer made (benchmarks fill and truncate it directly;
+  // Session::set_position() must then follow).
+  AttentionCache& cache(MixerState& state, int pass = 0) const {
+    auto* st = dynamic_cast<State*>(&state);
+    ATTNKIT_REQUIRE(st != nullptr, "Qwen3Attention::cache: argument 'state': not created by this mixer");
+    ATTNKIT_REQUIRE(pass >= 0 && pass < static_cast<int>(st->caches.size()), "Qwen3Attention::cache: argument 'pass': ",
+                    pass, " but the model was built for ", st->caches.size(), " passes");
+    return st->caches[static_cast<std::size_t>(pass)];
+  }
+
   std::unique_ptr<MixerState> new_state(const SessionOptions& opt) const override {
     auto s = std::make_unique<State>();
     for (int p = 0; p < passes_; ++p)
