@@ -60,7 +60,7 @@ void prefill(benchmark::State& state, std::int64_t N, std::int64_t K, std::int64
     benchmark::ClobberMemory();
   }
   const double gflop = 2.0 * static_cast<double>(M) * static_cast<double>(N) * static_cast<double>(K) * 1e-9;
-  const bench::LinearPeak peak = bench::linear_peak(bf16_weights, prec, M);
+  const bench::Peak peak = bench::linear_peak(bf16_weights, prec, M);
   state.SetLabel(peak.products > 1 ? std::string(peak.unit) + " x" + std::to_string(peak.products) : peak.unit);
   state.counters["GFLOPS"] = benchmark::Counter(gflop, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["peak_frac"] = benchmark::Counter(gflop / peak.gflops, benchmark::Counter::kIsIterationInvariantRate);

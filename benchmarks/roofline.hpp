@@ -21,7 +21,9 @@
 // linear_peak() says which of these ceilings a PackedLinear call runs against (the one place
 // that knows PackedLinear's code paths): AMX for bf16 weights with more than 8 tokens where AMX
 // is usable (Precision fast and exact alike), the fp32 FMA peak otherwise (bf16 weights are
-// widened to f32; no linear path uses vdpbf16ps).
+// widened to f32; no linear path uses vdpbf16ps). attention_prefill_peak() does the same for
+// attention_prefill (AMX under Precision::fast, FMA under exact). No kernel path of the library
+// runs on vdpbf16ps today; bf16_gflops is the ceiling for one that would.
 #pragma once
 
 #include <algorithm>
@@ -41,6 +43,7 @@
 
 #include "attnkit/core/memory.hpp"
 #include "attnkit/core/threading.hpp"
+#include "attnkit/attention/prefill.hpp"
 #include "attnkit/linalg/detail/linear_kernels.hpp"
 #include "attnkit/linalg/packed_linear.hpp"
 
@@ -343,8 +346,8 @@ inline const Roofline& roofline() {
   return r;
 }
 
-// The compute ceiling a PackedLinear::forward call runs against, and on which units.
-struct LinearPeak {
+// The compute ceiling a kernel call runs against, and on which units.
+struct Peak {
   const char* unit;  // "amx" or "fma"
   double gflops;     // that unit's measured peak (roofline())
   int products;      // unit products per counted product: 3 for exact on AMX (x = hi + mid + lo
@@ -355,10 +358,20 @@ struct LinearPeak {
 // bf16 weights and more than 8 tokens go to AMX tiles where AMX is usable, Precision fast (one
 // bf16 plane) or exact (three); everything else (decode-sized calls, f32 weights, no AMX) runs
 // on float32 FMAs (bf16 weights widened to f32).
-inline LinearPeak linear_peak(bool bf16_weights, Precision precision, std::int64_t tokens) {
+inline Peak linear_peak(bool bf16_weights, Precision precision, std::int64_t tokens) {
   const Roofline& r = roofline();
   if (bf16_weights && tokens > detail::linear::kMR && detail::linear::amx_available() && r.amx_bf16_gflops > 0)
     return {"amx", r.amx_bf16_gflops, precision == Precision::exact ? 3 : 1};
+  return {"fma", r.fma_gflops, 1};
+}
+
+// The units attention_prefill runs on with opt.precision = `precision` (the library's own
+// predicate, detail::flash::use_amx_prefill): AMX tiles for fast where AMX is usable, the fp32
+// FMA units otherwise (exact; bf16 K/V are widened to f32).
+inline Peak attention_prefill_peak(Precision precision) {
+  const Roofline& r = roofline();
+  if (detail::flash::use_amx_prefill<simd::default_arch>(precision) && r.amx_bf16_gflops > 0)
+    return {"amx", r.amx_bf16_gflops, 1};
   return {"fma", r.fma_gflops, 1};
 }
 
