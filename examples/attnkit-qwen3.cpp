@@ -70,7 +70,7 @@ run:
   --plot-layer N           the layer the plot's per-token panels show (default: the last with data)
   --threads N              OpenMP threads (default: OMP_NUM_THREADS or all cores)
   --precision exact|fast   matrix products: fp32-accurate (default) or bf16-rounded activations (faster)
-  --kv-cache f32|bf16      KV cache storage (default f32)
+  --kv-cache f32|bf16|int8 KV cache storage (default f32; int8: a scale per token and KV head)
   --help
 )";
 
@@ -249,7 +249,8 @@ int main(int argc, char** argv) {
       const std::string p = value();
       if (p == "f32") kv = model::CacheType::f32;
       else if (p == "bf16") kv = model::CacheType::bf16;
-      else die("--kv-cache: expected f32 or bf16, got '" + p + "'");
+      else if (p == "int8") kv = model::CacheType::int8;
+      else die("--kv-cache: expected f32, bf16 or int8, got '" + p + "'");
     } else die("unknown option '" + a + "' (see --help)");
   }
   if (!model_dir.empty() && !random_name.empty()) die("--model and --random exclude each other");
@@ -302,7 +303,7 @@ int main(int argc, char** argv) {
                 c.tie_word_embeddings ? "tied" : "untied", load_s);
     std::printf("  %s\n", mechanism_summary(m).c_str());
     std::printf("  threads %d, precision %s, kv cache %s\n", nthreads, precision == Precision::exact ? "exact" : "fast",
-                kv == model::CacheType::f32 ? "f32" : "bf16");
+                kv == model::CacheType::f32 ? "f32" : kv == model::CacheType::bf16 ? "bf16" : "int8");
 
     // ---- input ids
     std::vector<std::int64_t> ids;

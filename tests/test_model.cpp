@@ -3,6 +3,8 @@
 // chunked prefill, greedy ids; plus thread determinism, bf16 caches, fast precision, bad input.
 #include <catch2/catch.hpp>
 
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <string>
@@ -125,6 +127,27 @@ TEST_CASE("qwen3 fixtures: prefill, hidden states, decode, chunked prefill, gree
     const auto pre = prefill_logits(m, ref.ids, {}, so);
     CHECK(test::rel_l2(pre, ref.logits) <= 1e-2);  // bf16 keys/values: ~2^-9 relative per element
     CHECK(test::rel_l2(decode_logits(m, ref.ids, so), pre) <= 1e-5);
+  }
+  SECTION("int8 KV cache stays close; decode and chunked prefill equal prefill with it") {
+    model::SessionOptions so;
+    so.kv_type = model::CacheType::int8;
+    const auto pre = prefill_logits(m, ref.ids, {}, so);
+    // int8 keys/values, a scale per token and KV head: each element off by <= max|row| / 254.
+    // Measured on these fixtures (prefill): 5.5e-3 to 7.6e-3 (bf16 caches: ~3e-3); bound 2e-2.
+    const double e = test::rel_l2(pre, ref.logits);
+    if (std::getenv("ATTNKIT_PRINT_INT8")) std::printf("int8 cache, %s: logits rel L2 %.3g\n", name.c_str(), e);
+    CHECK(e <= 2e-2);
+    // Decode reads the int8 rows in registers, prefill an f32 copy of the same codes · scale:
+    // the same values, summed in another order.
+    CHECK(test::rel_l2(decode_logits(m, ref.ids, so), pre) <= 1e-5);
+    auto s = m.new_session(so);
+    const std::int64_t V = c.vocab_size, half = T / 2;
+    std::vector<float> chunked(static_cast<std::size_t>(T * V));
+    test::poison(chunked);
+    m.forward(s, std::span<const std::int64_t>(ref.ids.data(), half), View2<float>(chunked.data(), {half, V}));
+    m.forward(s, std::span<const std::int64_t>(ref.ids.data() + half, T - half),
+              View2<float>(chunked.data() + half * V, {T - half, V}));
+    CHECK(test::rel_l2(chunked, pre) <= 1e-5);
   }
   SECTION("fast precision (bf16-rounded activations) stays close") {
     model::ForwardOptions fo;

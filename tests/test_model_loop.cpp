@@ -71,6 +71,17 @@ TEST_CASE("loop fixtures: prefill, decode, chunked logits and gates against the 
   // plain model (measured up to 1.3e-4 under -O2, 0 under -O3).
   CHECK(test::rel_l2(run(m, ref.ids, {1}, bf).logits, run(m, ref.ids, {}, bf).logits) <= 1e-3);
 
+  // int8 KV caches (global cache and rings): the int8 bound of tests/test_model.cpp (2e-2).
+  // Decode reads the int8 rows, prefill and chunks an f32 copy of the same codes · scale; a
+  // 1-ulp difference in k/v (GEMV vs GEMM) can move a code by one step (1/127 of the row's max),
+  // and stack mode feeds it on: bound as for bf16 above.
+  model::SessionOptions i8;
+  i8.kv_type = model::CacheType::int8;
+  const auto int8_prefill = run(m, ref.ids, {}, i8).logits;
+  CHECK(test::rel_l2(int8_prefill, ref.logits) <= 2e-2);
+  CHECK(test::rel_l2(run(m, ref.ids, {1}, i8).logits, int8_prefill) <= 1e-3);
+  CHECK(test::rel_l2(run(m, ref.ids, {3, 20}, i8).logits, int8_prefill) <= 1e-3);
+
   // Thread count never changes a bit.
   CHECK(test::bit_equal(run(m, ref.ids, {}, {}, 1).logits, run(m, ref.ids, {}, {}, 2).logits));
   CHECK(test::bit_equal(run(m, ref.ids, {1}, {}, 1).logits, run(m, ref.ids, {1}, {}, 2).logits));

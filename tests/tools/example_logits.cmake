@@ -1,7 +1,14 @@
 # Runs attnkit-qwen3 on a fixture with --logits-out and compares with the reference logits.
 # With -DTRACE=ON it also writes --trace-out and --plot and checks the SVG; with -DTRACE=<name>
-# it also compares the trace's tensor <name> with the reference's.
+# it also compares the trace's tensor <name> with the reference's. -DKV=<type> passes
+# --kv-cache <type>; -DBOUND=<x> replaces the default 1e-4 relative L2 bound on the logits.
 set(extra "")
+if(KV)
+  list(APPEND extra --kv-cache ${KV})
+endif()
+if(NOT BOUND)
+  set(BOUND 1e-4)
+endif()
 if(TRACE)
   set(extra --trace-out ${OUT}.trace.safetensors --plot ${OUT}.svg)
 endif()
@@ -10,7 +17,7 @@ execute_process(COMMAND ${EXE} --model ${FIXTURE} --ids-from ${FIXTURE}/referenc
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "attnkit-qwen3 failed (${rc})")
 endif()
-execute_process(COMMAND ${CMP} ${OUT}:logits ${FIXTURE}/reference.safetensors:logits 1e-4 RESULT_VARIABLE rc)
+execute_process(COMMAND ${CMP} ${OUT}:logits ${FIXTURE}/reference.safetensors:logits ${BOUND} RESULT_VARIABLE rc)
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "logits differ from the reference")
 endif()

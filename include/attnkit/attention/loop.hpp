@@ -250,6 +250,13 @@ void loop_attention(ConstView3<float> q, ConstView3<KV> k_glob, ConstView3<KV> v
                                                       opt, gates);
 }
 
+namespace detail {
+template <class KV, class K>
+void loop_decode_run(ConstView2<float> q, const K& k_glob, const K& v_glob, const K& k_loc, const K& v_loc,
+                     ConstView2<float> gate_w, std::span<const float> gate_b, View2<float> out, const DecodeOptions& opt,
+                     std::span<float> gates);
+}  // namespace detail
+
 // One query token q [H, d_k]; every key passed is visible (k_loc: the window's keys in any slot
 // order). out [H, d_v]; gates [H] optional.
 template <class KV>
@@ -259,6 +266,33 @@ void loop_attention_decode(ConstView2<float> q, ConstView3<KV> k_glob, ConstView
                            std::span<float> gates = {} /*optional [H]*/) {
   static_assert(is_storage_type_v<KV>, "loop_attention_decode: K/V must be float or bf16");
   detail::check_loop_decode("loop_attention_decode", q, k_glob, v_glob, k_loc, v_loc, gate_w, gate_b, out, opt, gates);
+  detail::loop_decode_run<KV>(q, k_glob, v_glob, k_loc, v_loc, gate_w, gate_b, out, opt, gates);
+}
+
+// int8 K/V (QuantView3, e.g. KVCache<std::int8_t>::keys()): the same two attention_decode calls
+// on the int8 rows (dequantised in registers), then the same blend.
+template <class KV = std::int8_t>
+  requires std::is_same_v<KV, std::int8_t>
+void loop_attention_decode(ConstView2<float> q, const QuantView3& k_glob, const QuantView3& v_glob,
+                           const QuantView3& k_loc, const QuantView3& v_loc, ConstView2<float> gate_w,
+                           std::span<const float> gate_b, View2<float> out /*[H, d_v]*/, const DecodeOptions& opt = {},
+                           std::span<float> gates = {} /*optional [H]*/) {
+  constexpr const char* fn = "loop_attention_decode";
+  check_quant_view(k_glob, fn, "k_glob");
+  check_quant_view(v_glob, fn, "v_glob");
+  check_quant_view(k_loc, fn, "k_loc");
+  check_quant_view(v_loc, fn, "v_loc");
+  detail::check_loop_decode(fn, q, k_glob.codes, v_glob.codes, k_loc.codes, v_loc.codes, gate_w, gate_b, out, opt, gates);
+  detail::loop_decode_run<KV>(q, k_glob, v_glob, k_loc, v_loc, gate_w, gate_b, out, opt, gates);
+}
+
+namespace detail {
+
+// loop_attention_decode after validation; K: ConstView3<KV> or QuantView3.
+template <class KV, class K>
+void loop_decode_run(ConstView2<float> q, const K& k_glob, const K& v_glob, const K& k_loc, const K& v_loc,
+                     ConstView2<float> gate_w, std::span<const float> gate_b, View2<float> out, const DecodeOptions& opt,
+                     std::span<float> gates) {
   const std::int64_t H = q.shape[0], d_k = q.shape[1], d_v = out.shape[1];
   const std::int64_t hb = opt.heads.begin, he = opt.heads.resolve_end(H);
   if (hb == he) return;
@@ -274,5 +308,7 @@ void loop_attention_decode(ConstView2<float> q, ConstView3<KV> k_glob, ConstView
     if (!gates.empty()) gates[h] = g;
   }
 }
+
+}  // namespace detail
 
 }  // namespace attnkit

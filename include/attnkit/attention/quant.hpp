@@ -29,9 +29,9 @@ struct QuantView3 {
   ConstView2<float> scales;       // [T, H_kv]: element (t, h) of row (t, h) is codes(t, h, i) * scales(t, h)
 
   std::int64_t rows() const { return codes.shape[0]; }
-  // Rows [begin, end) along the token dimension.
-  QuantView3 slice(std::int64_t begin, std::int64_t end) const {
-    return {codes.slice(0, begin, end), scales.slice(0, begin, end)};
+  // Sub-range [begin, end) along dimension dim, as View::slice (dims 0 and 1 slice the scales too).
+  QuantView3 slice(int dim, std::int64_t begin, std::int64_t end) const {
+    return {codes.slice(dim, begin, end), dim < 2 ? scales.slice(dim, begin, end) : scales};
   }
 };
 

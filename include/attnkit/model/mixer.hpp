@@ -22,7 +22,8 @@
 
 namespace attnkit::model {
 
-enum class CacheType { f32, bf16 };
+// KV cache storage: f32, bf16, or int8 with a scale per token and KV head (attention/quant.hpp).
+enum class CacheType { f32, bf16, int8 };
 
 // Per-sequence settings that shape the mixer states.
 struct SessionOptions {

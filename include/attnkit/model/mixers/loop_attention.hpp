@@ -137,16 +137,25 @@ class LoopAttention final : public TokenMixer {
 
   // Stack mode, pass >= 1: global over pass 0's cache g (already holding this step), local over
   // the ring r of this pass plus the step's own keys.
+  // int8 caches: decode reads the int8 rows (loop_attention_decode's QuantView3 overload); a
+  // chunk of several queries runs loop_attention on f32 staging copies (stage_f32, window_keys).
+  template <class C>
+  static constexpr bool is_full_v =
+      std::is_same_v<C, KVCache<float>> || std::is_same_v<C, KVCache<bf16>> || std::is_same_v<C, KVCache<std::int8_t>>;
+  template <class C>
+  static constexpr bool is_ring_v = std::is_same_v<C, RingKVCache<float>> || std::is_same_v<C, RingKVCache<bf16>> ||
+                                    std::is_same_v<C, RingKVCache<std::int8_t>>;
+
   template <class G, class R>
   void looping_pass(G& g, R& r, const QKV& qkv, View3<float> a, View2<float> gv, const StepContext& ctx) const {
-    if constexpr (!std::is_same_v<G, KVCache<float>> && !std::is_same_v<G, KVCache<bf16>>) {
+    if constexpr (!is_full_v<G>) {
       throw Error("LoopAttention: the global cache is not a full cache");
-    } else if constexpr (!std::is_same_v<R, RingKVCache<float>> && !std::is_same_v<R, RingKVCache<bf16>>) {
+    } else if constexpr (!is_ring_v<R>) {
       throw Error("LoopAttention: the local cache is not a ring buffer");
     } else if constexpr (!std::is_same_v<decltype(g.keys()), decltype(r.keys())>) {
       throw Error("LoopAttention: global and local caches differ in storage type");
     } else {
-      using KV = std::remove_const_t<std::remove_reference_t<decltype(*g.keys().data)>>;
+      using KV = std::remove_const_t<typename decltype(g.keys())::element_type>;
       const std::int64_t T = qkv.q.shape[0];
       if (T == 1) {
         r.append(qkv.k, qkv.v);  // the ring now holds exactly the window of the new token
@@ -156,12 +165,18 @@ class LoopAttention final : public TokenMixer {
                                   gate_b(), row0(a), o, std::span<float>(gv.data, static_cast<std::size_t>(gv.shape[1])));
         return;
       }
-      const WindowKV<KV> w = window_keys(r, qkv.k, qkv.v);
+      const auto w = window_keys(r, qkv.k, qkv.v);
       LoopOptions o;
       o.num_threads = ctx.num_threads;
       o.q_offset = ctx.pos0;
       o.local_offset = w.pos0;
-      loop_attention<KV>(qkv.q, g.keys(), g.values(), w.k, w.v, gate_w(), gate_b(), s_.window, a, o, gv);
+      if constexpr (std::is_same_v<KV, std::int8_t>) {
+        std::vector<float> kb, vb;
+        loop_attention<float>(qkv.q, stage_f32(g.keys(), kb), stage_f32(g.values(), vb), w.k, w.v, gate_w(), gate_b(),
+                              s_.window, a, o, gv);
+      } else {
+        loop_attention<KV>(qkv.q, g.keys(), g.values(), w.k, w.v, gate_w(), gate_b(), s_.window, a, o, gv);
+      }
       r.append(qkv.k, qkv.v);
     }
   }
@@ -169,10 +184,10 @@ class LoopAttention final : public TokenMixer {
   // Layer mode: append to the full cache, then global and local over it (fused).
   template <class G>
   void single_pass(G& g, const QKV& qkv, View3<float> a, View2<float> gv, const StepContext& ctx) const {
-    if constexpr (!std::is_same_v<G, KVCache<float>> && !std::is_same_v<G, KVCache<bf16>>) {
+    if constexpr (!is_full_v<G>) {
       throw Error("LoopAttention: the layer's cache is not a full cache");
     } else {
-      using KV = std::remove_const_t<std::remove_reference_t<decltype(*g.keys().data)>>;
+      using KV = std::remove_const_t<typename decltype(g.keys())::element_type>;
       g.append(qkv.k, qkv.v);
       const std::int64_t n = g.size();
       if (qkv.q.shape[0] == 1) {
@@ -187,7 +202,13 @@ class LoopAttention final : public TokenMixer {
       LoopOptions o;
       o.num_threads = ctx.num_threads;
       o.q_offset = ctx.pos0;
-      loop_attention<KV>(qkv.q, g.keys(), g.values(), g.keys(), g.values(), gate_w(), gate_b(), s_.window, a, o, gv);
+      if constexpr (std::is_same_v<KV, std::int8_t>) {  // the same staged views for both: the fused path
+        std::vector<float> kb, vb;
+        const ConstView3<float> k = stage_f32(g.keys(), kb), v = stage_f32(g.values(), vb);
+        loop_attention<float>(qkv.q, k, v, k, v, gate_w(), gate_b(), s_.window, a, o, gv);
+      } else {
+        loop_attention<KV>(qkv.q, g.keys(), g.values(), g.keys(), g.values(), gate_w(), gate_b(), s_.window, a, o, gv);
+      }
     }
   }
 

@@ -20,7 +20,8 @@
 // indexer.wk.weight [d_I, D], indexer.k_norm.weight / indexer.k_norm.bias [d_I],
 // indexer.weights_proj.weight [H_I, D]. Config fields: index_n_heads (H_I), index_head_dim (d_I),
 // index_topk (k), index_rope_dim (default d_I; even, ≤ d_I).
-// State per pass of the layer stack: the KV cache (f32 or bf16, SessionOptions::kv_type) and the
+// State per pass of the layer stack: the KV cache (f32, bf16 or int8, SessionOptions::kv_type; an
+// int8 cache is dequantised whole to an f32 staging copy each step, so it saves memory, not time) and the
 // index-key cache (d_I floats per token, f32). Prefill, chunked prefill and decode run the same
 // indexer and attention over the cached keys, so they agree. A trace records "topk_indices"
 // [layers, tokens, index_topk]: each query's selected positions (as floats, ascending, -1
@@ -175,13 +176,21 @@ class SparseAttention final : public TokenMixer {
       } else {
         using KV = std::remove_const_t<typename decltype(cache.keys())::element_type>;
         cache.append(qkv.k, qkv.v);
-        if (T == 1) {
-          sparse_attention_decode<KV>(ConstView2<float>(qkv.q.data, {H, d}, {qkv.q.stride[1], 1}), cache.keys(),
-                                      cache.values(), ConstView1<std::int32_t>(idx.data(), {K}),
-                                      View2<float>(attn.data(), {H, d}), so);
+        const auto run = [&](auto keys, auto values) {
+          using S = std::remove_const_t<typename decltype(keys)::element_type>;
+          if (T == 1) {
+            sparse_attention_decode<S>(ConstView2<float>(qkv.q.data, {H, d}, {qkv.q.stride[1], 1}), keys, values,
+                                       ConstView1<std::int32_t>(idx.data(), {K}), View2<float>(attn.data(), {H, d}), so);
+          } else {
+            sparse_attention_prefill<S>(ConstView3<float>(qkv.q), keys, values,
+                                        ConstView2<std::int32_t>(idx.data(), {T, K}), av, so);
+          }
+        };
+        if constexpr (std::is_same_v<KV, std::int8_t>) {  // int8 cache: the kernels read an f32 staging copy
+          std::vector<float> kb, vb;
+          run(stage_f32(cache.keys(), kb), stage_f32(cache.values(), vb));
         } else {
-          sparse_attention_prefill<KV>(ConstView3<float>(qkv.q), cache.keys(), cache.values(),
-                                       ConstView2<std::int32_t>(idx.data(), {T, K}), av, so);
+          run(cache.keys(), cache.values());
         }
       }
     });
