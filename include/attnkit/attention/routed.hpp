@@ -182,7 +182,7 @@ void routed_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<
     ranges.emplace_back(0, n);
   }
   const detail::flash::Shape one{1, 1, 1, d_k, d_v, sh.q_scale};
-  detail::flash::run_prefill<simd::default_arch>(segs, one, mask, 0, 1, ranges, opt.num_threads);
+  detail::flash::run_prefill_at<simd::default_arch>(opt.precision, segs, one, mask, 0, 1, ranges, opt.num_threads);
 
   // Scatter: kept heads get weight · output, the others 0.
   parallel_for(T, T >= 64 ? opt.num_threads : 1, [&](std::int64_t t) {

@@ -126,6 +126,7 @@ class RoutedAttention final : public TokenMixer {
       } else {
         AttentionOptions o;
         o.num_threads = ctx.num_threads;
+        o.precision = ctx.precision;
         routed_attention_prefill<KV>(ConstView3<float>(qkv.q), k, v, hv, wv, View3<float>(attn.data(), {T, H, d}), mask, o);
       }
     });

@@ -123,6 +123,7 @@ class TuneableAttention final : public TokenMixer {
         } else {
           AttentionOptions o;
           o.num_threads = ctx.num_threads;
+          o.precision = ctx.precision;
           attention_prefill<KV>(ConstView3<float>(qkv.q), k, v, av, mask, o, {}, var);
         }
       });
@@ -144,6 +145,7 @@ class TuneableAttention final : public TokenMixer {
         } else {
           AttentionOptions o;
           o.num_threads = ctx.num_threads;
+          o.precision = ctx.precision;
           o.scale = scale_;
           attention_prefill<KV>(qv, k, v, av, mask, o);
         }

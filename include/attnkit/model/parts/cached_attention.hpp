@@ -196,6 +196,7 @@ class AttentionCache {
     if (q.shape[0] == 1) return decode_one<KV>(q, cache.keys(), cache.values(), out, ctx);
     AttentionOptions opt;
     opt.num_threads = ctx.num_threads;
+    opt.precision = ctx.precision;
     if constexpr (std::is_same_v<KV, std::int8_t>) {  // prefill over the dequantised rows
       std::vector<float> kb, vb;
       attention_prefill<float>(q, stage_f32(cache.keys(), kb), stage_f32(cache.values(), vb), out, CausalMask{}, opt);
@@ -214,6 +215,7 @@ class AttentionCache {
     const auto w = window_keys(ring, k, v);
     AttentionOptions opt;
     opt.num_threads = ctx.num_threads;
+    opt.precision = ctx.precision;
     attention_prefill<staged_t<KV>>(q, w.k, w.v, out, SlidingWindowMask{window_}, opt);
     ring.append(k, v);
   }
