@@ -256,13 +256,16 @@ void BM_model_decode_context(benchmark::State& state, model::CacheType kv, std::
 //    and all `depth` cached keys).
 
 // One line per cache type: adding a type here registers its decode cases at every depth.
+// elem_bytes: storage per K/V element (the memory check before a context is built).
 struct DepthKv {
   model::CacheType type;
   const char* name;
+  double elem_bytes;
 };
 const DepthKv kDepthKv[] = {
-    {model::CacheType::bf16, "bf16"},
-    {model::CacheType::f32, "f32"},
+    {model::CacheType::bf16, "bf16", 2},
+    {model::CacheType::f32, "f32", 4},
+    {model::CacheType::int8, "int8", 1 + 4.0 / 128},  // + an f32 scale per row of 128
 };
 const std::int64_t kDecodeDepths[] = {512, 8192, 32768};
 constexpr std::int64_t kPrefillDepth = 8192, kPrefillTokens = 512;
@@ -299,10 +302,8 @@ class DepthContext {
     const auto& m = qwen3_0_6b();
     const auto& c = m.config();
     const std::int64_t reserve = depth + kPrefillTokens + 64;
-    // Upper bound of the cache bytes: the widest row (f32) unless the type is known narrower.
-    const double row = kv.type == model::CacheType::bf16 ? 2.0 : 4.0;
     const double need = static_cast<double>(reserve) * static_cast<double>(c.num_hidden_layers * c.num_key_value_heads) *
-                        2.0 * static_cast<double>(c.head_dim) * row;
+                        2.0 * static_cast<double>(c.head_dim) * kv.elem_bytes;
     const double avail = static_cast<double>(mem_available_bytes());
     if (avail >= 0 && need + 2e9 > avail) {
       char buf[256];
