@@ -689,3 +689,36 @@ TEST_CASE("fast prefill without AMX is the exact kernel, bit for bit", "[prefill
   CHECK(test::bit_equal(e.out, f.out));
   CHECK(test::bit_equal(e.lse, f.lse));
 }
+
+TEMPLATE_TEST_CASE("exact prefill: the AMX tile path (bf16 K/V, exact planes) equals the FMA kernel within 2e-6",
+                   "[prefill][amx]", float, bf16) {
+  // With amx_exact_prefill() on and AMX usable, exact prefill with bf16 K/V runs on tiles with Q
+  // and P split into three bf16 planes (measured 1.5-6.5e-7 from the FMA kernel); f32 K/V and
+  // CPUs without AMX run the FMA kernel, so there both calls below are the same kernel.
+  const auto seed = test::fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  auto& tiles = detail::flash::amx_exact_prefill();
+  const bool was_on = tiles.exchange(true);
+  const bool on_tiles = detail::flash::use_amx_prefill<simd::default_arch, TestType>(Precision::exact);
+  tiles.store(was_on);
+  INFO("exact runs on AMX tiles: " << on_tiles);
+  for (int i = 0; i < 6; ++i) {
+    const Dims d = random_dims(rng, 400 / kScale);
+    const std::int64_t window = pick(rng, {0, 0, rng.integer(1, 60)});
+    CAPTURE(d.T_q, d.T_k, d.H, d.H_kv, d.d_k, d.d_v, window);
+    Inputs<TestType> in(rng, d);
+    Outputs a(d), b(d);
+    const bool was = tiles.exchange(false);
+    run(in, window, {}, a);
+    tiles.store(true);
+    run(in, window, {}, b);
+    tiles.store(was);
+    if (on_tiles) {
+      CHECK(test::rel_l2(b.out, a.out) <= 2e-6);
+      CHECK(test::rel_l2(b.lse, a.lse) <= 2e-6);
+    } else {
+      CHECK(test::bit_equal(a.out, b.out));
+    }
+  }
+}

@@ -15,10 +15,11 @@
 // opt.heads / opt.queries restrict the work to a sub-range; everything else in out and lse is
 // left untouched and the computed values are bit-identical to those of the full call. Results
 // are also bit-identical for any thread count.
-// opt.precision = exact (default): everything is computed in float32 (bf16 K/V are widened
-// exactly). fast: on AMX tiles where the CPU has them (detail/flash_prefill_amx.hpp): Q, K, V
-// and the probabilities are rounded to bf16, products accumulate in f32, ~2e-3 relative error;
-// without AMX, fast runs the exact kernel. No T x T buffer is formed either way.
+// opt.precision = exact (default): float32 arithmetic on the FMA units (bf16 K/V are widened
+// exactly; detail::flash::amx_exact_prefill() = true moves bf16 K/V onto AMX tiles with Q and P
+// split into exact bf16 planes, ~5e-7 from the FMA kernel and 2x faster). fast: on AMX tiles (detail/flash_prefill_amx.hpp), Q, K, V and the probabilities
+// rounded to bf16, products accumulated in f32, ~2e-3 relative error; without AMX, fast runs
+// the exact kernel. No T x T buffer is formed either way.
 // Arguments are validated up front; violations throw attnkit::Error.
 //
 // attention_prefill_varlen: cu_seqlens = {0, n0, n0 + n1, ...} splits the token axis of q, k,

@@ -176,6 +176,9 @@ class Scratch {
       b.size = n;
     }
     p_ = b.data;
+#if defined(ATTNKIT_POISON_SCRATCH)  // debug: every call starts from NaN scratch
+    std::fill(b.data, b.data + b.size, std::numeric_limits<float>::quiet_NaN());
+#endif
   }
   Scratch(const Scratch&) = delete;
   Scratch& operator=(const Scratch&) = delete;
@@ -827,6 +830,7 @@ std::vector<WorkItem> plan_items(const std::vector<Segment<KV>>& segs, const Sha
     for (std::int64_t t = qb; t < qe; t += bq)
       for (std::int64_t j = h_begin / sh.G; j * sh.G < h_end; ++j) {
         const std::int64_t hb = std::max(h_begin, j * sh.G), he = std::min(h_end, (j + 1) * sh.G);
+        if (he <= hb) continue;  // an empty head range (opt.heads = {h, h})
         items.push_back({static_cast<std::int32_t>(s), static_cast<std::int32_t>(j), static_cast<std::int32_t>(hb),
                          static_cast<std::int32_t>(he), t, std::min(qe, t + bq)});
       }

@@ -1,23 +1,29 @@
-// attnkit/attention/detail/flash_prefill_amx.hpp — the flash prefill kernel on AMX tiles
-// (Precision::fast). Not a public API: prefill.hpp picks it for opt.precision = fast when the
-// CPU has AMX, for every mask, varlen, continuation and attention variant (Loop Attention's
-// epilogues stay on the FMA kernel).
+// attnkit/attention/detail/flash_prefill_amx.hpp — the flash prefill kernel on AMX tiles. Not
+// a public API: prefill.hpp (and routed attention) pick it where the CPU has AMX, for every mask,
+// varlen, continuation and attention variant (Loop Attention's epilogues stay on the FMA kernel):
+//  * Precision::fast, any K/V: Q, K, V and P rounded to bf16, one tile product each (Planes = 1).
+//    ~2e-3 relative L2 error against float64 (1.4-3.1e-3 measured; tests bound it at 1e-2).
+//  * Precision::exact with bf16 K/V, opt-in (amx_exact_prefill(), below): Q and P split into
+//    three bf16 planes (hi + mid + lo == the f32 value; the linear layers do the same), so every
+//    product of the bf16 K/V is exact and accumulates in f32 (Planes = 3): 1.5-6.5e-7 from the
+//    FMA kernel. f32 K/V stay on the FMA kernel (the tiles would round them).
+// Measured on an AMX Xeon (Emerald Rapids host, 2 threads, Qwen3-0.6B heads, causal T 2048, one
+// run): FMA kernel 216 GFLOP/s, exact on tiles 423, fast 605; the machine's noise is +-30%.
 //
 // Same work items, key-tile walk and online softmax as the FMA kernel (flash_prefill.hpp), with
 // the two products on tiles and the scores row-major:
-//   S[row][key] = Q · K^T   A = Q rows (bf16 of q · scale · log2 e, packed once per sub-tile),
+//   S[row][key] = Q · K^T   A = Q rows (q · scale · log2 e in bf16 planes, once per sub-tile),
 //                           B = K^T in pairs (K's 32-bit words transposed 16 x 16 per tile)
-//   online softmax per row in f32 on AVX-512 (keys along lanes), P rounded to bf16
+//   online softmax per row in f32 on AVX-512 (keys along lanes), P in bf16 planes
 //   O[row][:] = alpha · O + P · V   A = P, B = V in key pairs (two rows interleaved);
 //                                   O is rescaled in memory, then accumulated on the tiles.
-// Rounding Q, K, V and P to bf16 (8 significant bits) is the whole accuracy cost: the products
-// accumulate in f32. Measured ~2e-3 relative L2 error against float64 (tests state the bound).
 // The K/V tile is packed once per work item and serves all its sub-tiles; every row's
 // arithmetic is independent of the others in its tiles, so results do not depend on thread
 // count, sub-ranges or varlen packing (as for the FMA kernel).
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -48,14 +54,15 @@ using u16 = std::uint16_t;
 // (rows 64 bytes apart); C(a, b) = c + a·c_block + b·64 bytes (rows c_stride bytes apart).
 struct Operands {
   const char* a;
-  std::int64_t a_stride, a_block, a_step;
+  std::int64_t a_stride, a_block, a_step, a_plane;  // a_plane: bytes between the planes of A
   const char* b;
   std::int64_t b_step, b_block;
   char* c;
   std::int64_t c_stride, c_block;
 };
 
-template <int NA, int NB, bool Accumulate>
+// Planes > 1: A is the sum of that many bf16 planes (each multiplied by the same B tile).
+template <int NA, int NB, bool Accumulate, int Planes>
 inline void tile_product(const Operands& o, std::int64_t s0, std::int64_t s1) {
   if constexpr (Accumulate) {
     _tile_loadd(0, o.c, o.c_stride);
@@ -71,13 +78,17 @@ inline void tile_product(const Operands& o, std::int64_t s0, std::int64_t s1) {
   for (std::int64_t s = s0; s < s1; ++s) {
     _tile_loadd(6, o.b + s * o.b_step, 64);
     if constexpr (NB == 2) _tile_loadd(7, o.b + s * o.b_step + o.b_block, 64);
-    _tile_loadd(4, o.a + s * o.a_step, o.a_stride);
-    _tile_dpbf16ps(0, 4, 6);
-    if constexpr (NB == 2) _tile_dpbf16ps(1, 4, 7);
-    if constexpr (NA == 2) {
-      _tile_loadd(5, o.a + o.a_block + s * o.a_step, o.a_stride);
-      _tile_dpbf16ps(2, 5, 6);
-      if constexpr (NB == 2) _tile_dpbf16ps(3, 5, 7);
+#pragma GCC unroll 3
+    for (int p = 0; p < Planes; ++p) {
+      const char* ap = o.a + p * o.a_plane + s * o.a_step;
+      _tile_loadd(4, ap, o.a_stride);
+      _tile_dpbf16ps(0, 4, 6);
+      if constexpr (NB == 2) _tile_dpbf16ps(1, 4, 7);
+      if constexpr (NA == 2) {
+        _tile_loadd(5, ap + o.a_block, o.a_stride);
+        _tile_dpbf16ps(2, 5, 6);
+        if constexpr (NB == 2) _tile_dpbf16ps(3, 5, 7);
+      }
     }
   }
   _tile_stored(0, o.c, o.c_stride);
@@ -87,7 +98,7 @@ inline void tile_product(const Operands& o, std::int64_t s0, std::int64_t s1) {
 }
 
 // All C tiles of row blocks [0, na) x column blocks [b0, b1), steps [s0, s1), in 2 x 2 groups.
-template <bool Accumulate>
+template <bool Accumulate, int Planes>
 inline void tile_products(Operands o, std::int64_t na, std::int64_t b0, std::int64_t b1, std::int64_t s0,
                           std::int64_t s1) {
   for (std::int64_t a = 0; a < na; a += 2) {
@@ -97,10 +108,10 @@ inline void tile_products(Operands o, std::int64_t na, std::int64_t b0, std::int
       t.b += b * o.b_block;
       t.c += a * o.c_block + b * 64;
       const bool two_a = a + 1 < na, two_b = b + 1 < b1;
-      if (two_a && two_b) tile_product<2, 2, Accumulate>(t, s0, s1);
-      else if (two_a) tile_product<2, 1, Accumulate>(t, s0, s1);
-      else if (two_b) tile_product<1, 2, Accumulate>(t, s0, s1);
-      else tile_product<1, 1, Accumulate>(t, s0, s1);
+      if (two_a && two_b) tile_product<2, 2, Accumulate, Planes>(t, s0, s1);
+      else if (two_a) tile_product<2, 1, Accumulate, Planes>(t, s0, s1);
+      else if (two_b) tile_product<1, 2, Accumulate, Planes>(t, s0, s1);
+      else tile_product<1, 1, Accumulate, Planes>(t, s0, s1);
     }
   }
 }
@@ -234,9 +245,11 @@ struct AmxSub {
 // Online softmax of row r over key columns [cb, ce) of the tile (relative to k0): reads S (base
 // 2), writes P = bf16(exp2(s - m_new)), updates m, l; returns alpha = exp2(m_old - m_new).
 // Keys outside [lo, hi] are masked; the variant's logits transform comes first.
-template <bool Masked, class Var>
-inline float softmax_row(const float* srow, u16* prow, std::int64_t cb, std::int64_t ce, std::int64_t lo,
-                         std::int64_t hi, float& m, float& l, const Var& var, float c2, float slope, float bias) {
+// Planes = 1: P = bf16(p) from the short exp2; Planes = 3: the exact split p = hi + mid + lo
+// (planes `plane` elements apart) of the 1-ulp exp2, for Precision::exact on AMX.
+template <bool Masked, int Planes, class Var>
+inline float softmax_row(const float* srow, u16* prow, std::int64_t plane, std::int64_t cb, std::int64_t ce, std::int64_t lo,
+                         std::int64_t hi, float& m, float& l, const Var& var, float c2, float slope, std::int64_t dist0) {
   using B = xsimd::batch<float, simd::default_arch>;
   const __m512 neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -247,8 +260,8 @@ inline float softmax_row(const float* srow, u16* prow, std::int64_t cb, std::int
   for (std::int64_t c = cb; c < ce; c += 16) {
     __m512 s = _mm512_loadu_ps(srow + c);
     if constexpr (Var::has_softcap) s = simd::softcap<simd::default_arch>(B(s), c2, 1.f / c2);
-    if constexpr (Var::has_alibi)
-      s = _mm512_add_ps(s, _mm512_fmadd_ps(_mm512_set1_ps(slope), _mm512_cvtepi32_ps(_mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(c)))), _mm512_set1_ps(bias)));
+    if constexpr (Var::has_alibi)  // + slope · (key - query position), the distance exact in integers
+      s = _mm512_fmadd_ps(_mm512_set1_ps(slope), _mm512_cvtepi32_ps(_mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(c + dist0)))), s);
     if constexpr (Masked) {
       const __m512i col = _mm512_add_epi32(iota, _mm512_set1_epi32(static_cast<int>(c)));
       const __mmask16 vis = _mm512_cmpge_epi32_mask(col, _mm512_set1_epi32(static_cast<int>(lo))) &
@@ -264,11 +277,25 @@ inline float softmax_row(const float* srow, u16* prow, std::int64_t cb, std::int
   const float alpha = m_old == ninf ? 0.f : std::exp2(m_old - m_use);
   const __m512 vm = _mm512_set1_ps(m_use);
   __m512 sum = _mm512_setzero_ps();
-  for (std::int64_t c = cb; c < ce; c += 32) {
-    const __m512 p0 = exp2v(_mm512_sub_ps(_mm512_loadu_ps(in + c), vm));
-    const __m512 p1 = exp2v(_mm512_sub_ps(_mm512_loadu_ps(in + c + 16), vm));
-    sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
-    _mm512_storeu_si512(prow + c, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+  if constexpr (Planes == 1) {
+    for (std::int64_t c = cb; c < ce; c += 32) {
+      const __m512 p0 = exp2v(_mm512_sub_ps(_mm512_loadu_ps(in + c), vm));
+      const __m512 p1 = exp2v(_mm512_sub_ps(_mm512_loadu_ps(in + c + 16), vm));
+      sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+      _mm512_storeu_si512(prow + c, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+    }
+  } else {
+    using B = xsimd::batch<float, simd::default_arch>;
+    for (std::int64_t c = cb; c < ce; c += 16) {
+      __m512 p = simd::exp2_nonpositive<simd::default_arch>(B(_mm512_sub_ps(_mm512_loadu_ps(in + c), vm)));
+      sum = _mm512_add_ps(sum, p);
+#pragma GCC unroll 3
+      for (int k = 0; k < Planes; ++k) {
+        const __m256i h = (__m256i)_mm512_cvtneps_pbh(p);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(prow + k * plane + c), h);
+        if (k + 1 < Planes) p = _mm512_sub_ps(p, amx::widen_bf16(h));
+      }
+    }
   }
   l = l * alpha + hsum(sum);
   m = m_new;
@@ -277,7 +304,7 @@ inline float softmax_row(const float* srow, u16* prow, std::int64_t cb, std::int
 
 }  // namespace amx_tiles
 
-template <class KV, class Mask, class Var = PlainAttention>
+template <int Planes, class KV, class Mask, class Var = PlainAttention>
 void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const WorkItem& it, const Var& var,
                   const VariantPrep& prep) {
   using namespace amx_tiles;
@@ -290,13 +317,13 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
   constexpr bool alibi = Var::has_alibi;
   const std::int64_t half = 2;  // bf16 elements per float of scratch
 
-  const std::int64_t sub_need = Scratch::need(rp_max * d_kp / half) + Scratch::need(rp_max * d_vp) +
+  const std::int64_t sub_need = Scratch::need(Planes * rp_max * d_kp / half) + Scratch::need(rp_max * d_vp) +
                                 2 * Scratch::need(rp_max) + (alibi ? Scratch::need(rp_max) : 0);
-  Scratch scratch(n_sub * sub_need + Scratch::need(rp_max * kKeys) + Scratch::need(rp_max * kKeys / half) +
+  Scratch scratch(n_sub * sub_need + Scratch::need(rp_max * kKeys) + Scratch::need(Planes * rp_max * kKeys / half) +
                   Scratch::need(kKeys * d_kp / half) + Scratch::need(kKeys * d_vp / half) + Scratch::need(rp_max) +
                   Scratch::need(2 * d_k));
   float* s_buf = scratch.take(rp_max * kKeys);                                       // S [rp][kKeys]
-  u16* p_buf = reinterpret_cast<u16*>(scratch.take(rp_max * kKeys / half));          // P [rp][kKeys] bf16
+  u16* p_buf = reinterpret_cast<u16*>(scratch.take(Planes * rp_max * kKeys / half));  // P [Planes][rp][kKeys] bf16
   u16* k_buf = reinterpret_cast<u16*>(scratch.take(kKeys * d_kp / half));            // K^T tiles
   u16* v_buf = reinterpret_cast<u16*>(scratch.take(kKeys * d_vp / half));            // V tiles
   float* alpha = scratch.take(rp_max);
@@ -309,7 +336,7 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
     sub.nq = std::min(bq, it.t_end - sub.t_begin);
     sub.rows = sub.nq * nh;
     sub.rp = round_up(sub.rows, 16);
-    sub.q = reinterpret_cast<u16*>(scratch.take(rp_max * d_kp / half));
+    sub.q = reinterpret_cast<u16*>(scratch.take(Planes * rp_max * d_kp / half));
     sub.o = scratch.take(rp_max * d_vp);
     sub.m = scratch.take(rp_max);
     sub.l = scratch.take(rp_max);
@@ -323,7 +350,8 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
     std::fill(sub.m, sub.m + sub.rp, neg_inf);
     std::fill(sub.l, sub.l + sub.rp, 0.f);
     std::memset(sub.o, 0, static_cast<std::size_t>(sub.rp * d_vp) * sizeof(float));
-    std::memset(sub.q, 0, static_cast<std::size_t>(sub.rp * d_kp) * sizeof(u16));
+    for (int p = 0; p < Planes; ++p)  // padding rows
+      std::memset(sub.q + p * rp_max * d_kp + sub.rows * d_kp, 0, static_cast<std::size_t>((sub.rp - sub.rows) * d_kp) * sizeof(u16));
     for (std::int64_t r = 0; r < sub.rows; ++r) {
       const std::int64_t h = it.h_begin + r / sub.nq;
       const float* src = seg.q.ptr(sub.t_begin + r % sub.nq, h);
@@ -333,7 +361,7 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
         for (std::int64_t e = 0; e < d_k; ++e) qrow[d_k + e] = simd::dot<simd::default_arch>(prep.metric_t + e * d_k, qrow, d_k);
         qs = qrow + d_k;
       }
-      simd::to_bf16(qs, reinterpret_cast<bf16*>(sub.q + r * d_kp), d_k);
+      amx::split_row_to_bf16<Planes>(qs, d_k, sub.q + r * d_kp, rp_max * d_kp, d_kp);
       if constexpr (alibi) sub.slope[r] = var.logits.slopes[h] * kLog2e;
     }
   };
@@ -394,7 +422,7 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
         }
         const std::int64_t na = sub.rp / 16;
         // S = Q · K^T over the visible key blocks.
-        tile_products<false>({reinterpret_cast<const char*>(sub.q), d_kp * 2, 16 * d_kp * 2, 64,
+        tile_products<false, Planes>({reinterpret_cast<const char*>(sub.q), d_kp * 2, 16 * d_kp * 2, 64, rp_max * d_kp * 2,
                               reinterpret_cast<const char*>(k_buf), (kKeys / 16) * kTileElems * 2, kTileElems * 2,
                               reinterpret_cast<char*>(s_buf), kKeys * 4, 16 * kKeys * 4},
                              na, cb / 16, ce / 16, 0, d_kp / 32);
@@ -403,19 +431,19 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
         for (std::int64_t r = 0; r < sub.rp; ++r) {
           u16* prow = p_buf + r * kKeys;
           if (r >= sub.rows) {  // padding rows: P = 0 (their outputs are never read)
-            std::memset(prow + cb, 0, static_cast<std::size_t>(ce - cb) * sizeof(u16));
+            for (int p = 0; p < Planes; ++p)
+              std::memset(prow + p * rp_max * kKeys + cb, 0, static_cast<std::size_t>(ce - cb) * sizeof(u16));
             alpha[r] = 1.f;
             continue;
           }
           const std::int64_t p = row_pos(sub, r);
           const std::int64_t lo = std::max<std::int64_t>(mask.first_key(p), 0) - k0;
           const std::int64_t hi = std::min(mask.last_key(p), n_keys - 1) - k0;
-          float bias = 0.f;
-          if constexpr (alibi) bias = sub.slope[r] * static_cast<float>(k0 - p);
-          alpha[r] = masked ? softmax_row<true>(s_buf + r * kKeys, prow, cb, ce, lo, hi, sub.m[r], sub.l[r], var, c2,
-                                                alibi ? sub.slope[r] : 0.f, bias)
-                            : softmax_row<false>(s_buf + r * kKeys, prow, cb, ce, lo, hi, sub.m[r], sub.l[r], var, c2,
-                                                 alibi ? sub.slope[r] : 0.f, bias);
+
+          alpha[r] = masked ? softmax_row<true, Planes>(s_buf + r * kKeys, prow, rp_max * kKeys, cb, ce, lo, hi, sub.m[r], sub.l[r], var, c2,
+                                                alibi ? sub.slope[r] : 0.f, k0 - p)
+                            : softmax_row<false, Planes>(s_buf + r * kKeys, prow, rp_max * kKeys, cb, ce, lo, hi, sub.m[r], sub.l[r], var, c2,
+                                                 alibi ? sub.slope[r] : 0.f, k0 - p);
         }
         pf.tick();
         // O = alpha · O (rows whose max moved), then O += P · V on the tiles.
@@ -425,7 +453,7 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
           float* orow = sub.o + r * d_vp;
           for (std::int64_t d = 0; d < d_vp; d += 16) _mm512_store_ps(orow + d, _mm512_mul_ps(a, _mm512_load_ps(orow + d)));
         }
-        tile_products<true>({reinterpret_cast<const char*>(p_buf), kKeys * 2, 16 * kKeys * 2, 64,
+        tile_products<true, Planes>({reinterpret_cast<const char*>(p_buf), kKeys * 2, 16 * kKeys * 2, 64, rp_max * kKeys * 2,
                              reinterpret_cast<const char*>(v_buf), (d_vp / 16) * kTileElems * 2, kTileElems * 2,
                              reinterpret_cast<char*>(sub.o), d_vp * 4, 16 * d_vp * 4},
                             na, 0, d_vp / 16, cb / 32, ce / 32);
@@ -450,11 +478,26 @@ inline std::int64_t amx_item_queries(std::int64_t G) {
 
 #endif  // ATTNKIT_AMX
 
+// Precision::exact with bf16 K/V on AMX tiles: Q and P split into three bf16 planes (hi + mid +
+// lo == the f32 value), so every product is exact and accumulates in f32. Measured 2.0x the FMA
+// kernel at T 2048 (header comment), within 1e-6 of it. Off by default for now: results then
+// differ in the last bits from the FMA-based paths (Loop Attention, the decode kernel), which
+// several exact-equality tests assume, and no CI machine has AMX to keep it tested. Switch on
+// per process with amx_exact_prefill() = true.
+inline std::atomic<bool>& amx_exact_prefill() {
+  static std::atomic<bool> on{false};
+  return on;
+}
+
 // Whether the AMX kernel serves this call (opt.precision = fast, the AVX-512 build, AMX usable).
-template <class Arch>
+// fast: any K/V; exact: bf16 K/V only (f32 K/V would be rounded to bf16 for the tiles).
+template <class Arch, class KV = bf16>
 inline bool use_amx_prefill(Precision precision) {
 #if defined(ATTNKIT_AMX)
-  if constexpr (std::is_same_v<Arch, simd::default_arch>) return precision == Precision::fast && amx::amx_available();
+  if constexpr (std::is_same_v<Arch, simd::default_arch>)
+    return (precision == Precision::fast ||
+            (std::is_same_v<KV, bf16> && amx_exact_prefill().load(std::memory_order_relaxed))) &&
+           amx::amx_available();
 #endif
   (void)precision;
   return false;
@@ -467,13 +510,17 @@ void run_prefill_at(Precision precision, const std::vector<Segment<KV>>& segs, c
                     const std::vector<std::pair<std::int64_t, std::int64_t>>& q_ranges, int num_threads,
                     const Var& var = {}) {
 #if defined(ATTNKIT_AMX)
-  if (use_amx_prefill<Arch>(precision)) {
+  if (use_amx_prefill<Arch, KV>(precision)) {
     std::vector<float> metric_t;
     const VariantPrep prep = prepare_variant(sh, var, metric_t);
     const std::vector<WorkItem> items = plan_items(segs, sh, h_begin, h_end, q_ranges, amx_item_queries(sh.G));
     parallel_for(
         static_cast<std::int64_t>(items.size()), num_threads,
-        [&](std::int64_t i) { run_item_amx(segs[items[i].segment], sh, mask, items[i], var, prep); }, /*dynamic=*/true);
+        [&](std::int64_t i) {
+          if (precision == Precision::fast) run_item_amx<1>(segs[items[i].segment], sh, mask, items[i], var, prep);
+          else run_item_amx<3>(segs[items[i].segment], sh, mask, items[i], var, prep);
+        },
+        /*dynamic=*/true);
     return;
   }
 #endif

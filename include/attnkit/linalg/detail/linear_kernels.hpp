@@ -278,34 +278,8 @@ AmxKernel pick_amx(int na, int nw) {
   return nw == 2 ? &amx_kernel<1, 2, P> : &amx_kernel<1, 1, P>;
 }
 
-inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
-
-// x[K] -> P planes of bf16 rows dst[p * plane + 0 .. ld), zero from K to ld. P = 1: bf16(x)
-// (RNE). P = 3: hi = bf16(x), mid = bf16(x - hi), lo = bf16(x - hi - mid); hi + mid + lo == x
-// for normal floats (3 x 8 significant bits), so the products with bf16 weights are exact.
-template <int P>
-void split_row_to_bf16(const float* x, std::int64_t K, std::uint16_t* dst, std::int64_t plane, std::int64_t ld) {
-  std::int64_t i = 0;
-  for (; i + 16 <= K; i += 16) {
-    __m512 r = _mm512_loadu_ps(x + i);
-#pragma GCC unroll 3
-    for (int p = 0; p < P; ++p) {
-      const __m256i h = (__m256i)_mm512_cvtneps_pbh(r);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + p * plane + i), h);
-      if (p + 1 < P) r = _mm512_sub_ps(r, widen_bf16(h));
-    }
-  }
-  for (; i < K; ++i) {
-    float r = x[i];
-    for (int p = 0; p < P; ++p) {
-      const std::uint16_t h = bf16::round(r);
-      dst[p * plane + i] = h;
-      r -= bf16::to_float(h);
-    }
-  }
-  for (int p = 0; p < P; ++p)
-    for (std::int64_t j = i; j < ld; ++j) dst[p * plane + j] = 0;
-}
+using amx::split_row_to_bf16;
+using amx::widen_bf16;
 
 #endif
 
