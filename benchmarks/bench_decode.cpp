@@ -1,7 +1,9 @@
 // benchmarks/bench_decode.cpp — machine ceilings (roofline/*) and decode attention (decode/*).
 #include <benchmark/benchmark.h>
 
+#include <cstdint>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 #include "attnkit/attention/decode.hpp"
@@ -57,12 +59,14 @@ BENCHMARK(BM_roofline_mem_read)->Name("roofline/mem_read")->UseRealTime()->Unit(
 // Decode of one token with Qwen3-0.6B attention shapes (H = 16, H_kv = 8, d = 128) against a
 // head-major KVCache of T_kv tokens, 2 threads. To measure DRAM rather than cache, the
 // iterations rotate over enough separate caches (>= 2 GiB in all) that each one is read again
-// only after more than 1 GiB of other traffic. GBps counts the K and V bytes read.
+// only after more than 1 GiB of other traffic. GBps counts the K and V bytes read (int8: the
+// codes and the f32 scale of each row).
 template <class KV>
 void BM_decode(benchmark::State& state) {
   constexpr std::int64_t H = 16, Hk = 8, d = 128;
   const std::int64_t T = state.range(0);
-  const std::int64_t bytes = 2 * T * Hk * d * static_cast<std::int64_t>(sizeof(KV));
+  constexpr std::int64_t scale_bytes = std::is_same_v<KV, std::int8_t> ? sizeof(float) : 0;
+  const std::int64_t bytes = 2 * T * Hk * (d * static_cast<std::int64_t>(sizeof(KV)) + scale_bytes);
   const std::int64_t n_caches = std::max<std::int64_t>(2, ((std::int64_t{2} << 30) + bytes - 1) / bytes);
 
   std::mt19937 gen(42);
@@ -99,6 +103,9 @@ BENCHMARK_TEMPLATE(BM_decode, float)
     ->UseRealTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK_TEMPLATE(BM_decode, attnkit::bf16)
     ->Name("decode/bf16")->ArgName("T")->Arg(512)->Arg(2048)->Arg(8192)->Arg(32768)
+    ->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_decode, std::int8_t)
+    ->Name("decode/int8")->ArgName("T")->Arg(512)->Arg(2048)->Arg(8192)->Arg(32768)
     ->UseRealTime()->Unit(benchmark::kMicrosecond);
 
 }  // namespace
