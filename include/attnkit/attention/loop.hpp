@@ -53,7 +53,8 @@
 // keys in any order (RingKVCache slots, or the last W rows of the global cache). out [H, d_v],
 // gates [H] optional. global and local are two attention_decode calls (fixed chunking and
 // merge order, so bit-identical for any thread count), then the same blend; the window's K/V
-// add only W rows to the bytes read, so decode stays bound by streaming the global cache.
+// add only W rows to the bytes read, so decode stays bound by streaming the global cache. An
+// overload takes int8 K/V (QuantView3, attention/quant.hpp) and runs the int8 decode kernel.
 //
 // Arguments are validated up front; violations throw attnkit::Error naming the function and
 // the argument.
