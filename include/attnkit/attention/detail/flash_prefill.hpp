@@ -608,6 +608,22 @@ inline void finalize_row(const Segment<KV>& seg, const Shape& sh, const Var& var
   if (seg.lse.data) seg.lse(t, h) = lse;
 }
 
+// The sub-tiles [first, end) that see key tile [k0, k0 + kc): a contiguous run, since visible
+// ranges move with position. range(sub) gives a sub-tile's visible keys [lo, hi].
+template <class Sub, class Range>
+std::pair<std::int64_t, std::int64_t> subtiles_seeing(const std::vector<Sub>& subs, std::int64_t k0, std::int64_t kc,
+                                                      const Range& range) {
+  const auto n = static_cast<std::int64_t>(subs.size());
+  std::int64_t first = n, end = 0;
+  for (std::int64_t s = 0; s < n; ++s) {
+    const auto [lo, hi] = range(subs[static_cast<std::size_t>(s)]);
+    if (hi < lo || k0 > hi || k0 + kc - 1 < lo) continue;
+    first = std::min(first, s);
+    end = s + 1;
+  }
+  return {first, end};
+}
+
 // One work item: its queries are split into sub-tiles of query_tile(G) queries (about 64
 // rows each, sized for L1/L2), and the key-tile loop is outermost, so each K/V tile is read
 // from memory and packed once per item however many sub-tiles use it.
@@ -752,14 +768,9 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
       const std::int64_t k0 = kt * kBc, kc = std::min(kBc, n_keys - k0);
       pack_rows<Arch>(k, it.kv_head, k0, kc, d_k, d_k, tb.kbuf);
       pack_rows<Arch>(v, it.kv_head, k0, kc, sh.d_v, dvp, tb.vbuf);
-      // Sub-tiles that see this key tile (a contiguous run: visible ranges move with position).
-      std::int64_t s_first = n_sub, s_end = 0;
-      for (std::int64_t s = 0; s < n_sub; ++s) {
-        const auto [lo, hi] = key_range(m, q_off, n_keys, subs[s].t_begin, subs[s].t_begin + subs[s].nq - 1);
-        if (hi < lo || k0 > hi || k0 + kc - 1 < lo) continue;
-        s_first = std::min(s_first, s);
-        s_end = s + 1;
-      }
+      const auto [s_first, s_end] = subtiles_seeing(subs, k0, kc, [&](const SubTile& sub) {
+        return key_range(m, q_off, n_keys, sub.t_begin, sub.t_begin + sub.nq - 1);
+      });
       // Fetch the next tile's K/V rows while this one is computed: they usually come from DRAM.
       pf_kv.clear();
       if (kt < key_hi / kBc)

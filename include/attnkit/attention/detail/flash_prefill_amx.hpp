@@ -390,13 +390,8 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
       const std::int64_t k0 = kt * kKeys, kc = std::min(kKeys, n_keys - k0);
       pack_k(seg.k, it.kv_head, k0, kc, d_k, d_kp, k_buf);
       pack_v(seg.v, it.kv_head, k0, kc, d_v, d_vp, v_buf);
-      std::int64_t s_first = n_sub, s_end = 0;
-      for (std::int64_t s = 0; s < n_sub; ++s) {
-        const auto [lo, hi] = key_range(subs[s].t_begin, subs[s].t_begin + subs[s].nq - 1);
-        if (hi < lo || k0 > hi || k0 + kc - 1 < lo) continue;
-        s_first = std::min(s_first, s);
-        s_end = s + 1;
-      }
+      const auto [s_first, s_end] = subtiles_seeing(
+          subs, k0, kc, [&](const AmxSub& sub) { return key_range(sub.t_begin, sub.t_begin + sub.nq - 1); });
       // The next tile's K/V rows (usually from DRAM), spread over this tile's sub-tiles.
       pf.clear();
       if (kt < key_hi / kKeys)
