@@ -189,7 +189,8 @@ void check_int8_against_reference(std::uint64_t seed, bool vectorized) {
   test::Rng rng(seed);
   double worst[2] = {0, 0};
   for (int c = 0; c < kCases; ++c) {
-    const Shape s = random_shape(rng);
+    Shape s = random_shape(rng);
+    if (rng.integer(0, 4) == 0) s.dk = rng.integer(129, 300);  // more than one group of 8 key slices
     const Layout layout = static_cast<Layout>(rng.integer(0, 2));
     CAPTURE(c, s.T, s.H, s.Hk, s.dk, s.dv, s.chunk, static_cast<int>(layout));
     const float qscale = rng.integer(0, 2) == 0 ? 3.f : 1.f;

@@ -21,8 +21,8 @@
 // (exact) and the scales applied per key row to the block's results, never to the 16-lane
 // vectors: score_i = (q · codes_i) · kscale_i, and the probabilities are multiplied by vscale_i
 // before P·V (the softmax sum uses the unscaled ones). So an int8 row costs one widening per
-// 16 elements on top of the f32 kernel's FMAs, and a quarter of the bytes; scores_pair_i8 widens
-// each key slice once for two query heads. (Quantising q per head for VNNI dot products is not
+// 16 elements on top of the f32 kernel's FMAs, and a quarter of the bytes; scores_block_paired
+// widens each key slice once for two query heads (bit-identical to one head at a time). (Quantising q per head for VNNI dot products is not
 // done: q stays f32, so the result is attention over the dequantised K/V.) The result
 // equals attention over the dequantised K/V to f32 rounding; against the unquantised K/V it is
 // off by the quantisation error (README: accuracy).
@@ -202,45 +202,6 @@ inline void scores_block(const Rows& k0, int n, const ItemState& st, std::int64_
       default: scores_group<8>(k0, n, st, g0, g1, dk, dk_pad, s0, add); break;
     }
   }
-}
-
-// int8 keys: scores of heads g, g + 1 together, 8 rows at a time, so each 16-code slice is
-// widened to f32 once for both heads (the widening, not the FMA, is what an int8 row costs).
-// The 16 sums reduce to lanes 0-7 (head g, rows i0..i0+7) and 8-15 (head g + 1).
-template <class Rows>
-inline void scores_pair_i8(const Rows& k0, int n, const ItemState& st, std::int64_t g, std::int64_t dk,
-                           std::int64_t dk_pad) {
-  const float* qa = st.qs + g * dk_pad;
-  const float* qb = qa + dk_pad;
-  for (int i0 = 0; i0 < n; i0 += 8) {
-    const std::int8_t* rows[8];
-#pragma GCC unroll 8
-    for (int r = 0; r < 8; ++r) rows[r] = k0(std::min(i0 + r, n - 1));
-    __m512 acc[16];
-#pragma GCC unroll 16
-    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
-    for (std::int64_t e = 0; e < dk_pad; e += 16) {
-      const __mmask16 m = tail_mask(dk - e);
-      const __m512 a = _mm512_load_ps(qa + e), b = _mm512_load_ps(qb + e);
-#pragma GCC unroll 8
-      for (int r = 0; r < 8; ++r) {
-        const __m512 kv = load16(rows[r] + e, m);
-        acc[r] = _mm512_fmadd_ps(a, kv, acc[r]);
-        acc[8 + r] = _mm512_fmadd_ps(b, kv, acc[8 + r]);
-      }
-    }
-    const __m512 red = reduce16(acc);
-    _mm512_mask_storeu_ps(st.p + g * kBlock + i0, 0x00ff, red);
-    _mm512_mask_storeu_ps(st.p + (g + 1) * kBlock + i0 - 8, 0xff00, red);
-  }
-}
-
-template <class Rows>
-inline void scores_block_i8(const Rows& k0, int n, const ItemState& st, std::int64_t g0, std::int64_t g1,
-                            std::int64_t dk, std::int64_t dk_pad) {
-  std::int64_t g = g0;
-  for (; g + 2 <= g1; g += 2) scores_pair_i8(k0, n, st, g, dk, dk_pad);
-  if (g < g1) scores_block(k0, n, st, g, g1, dk, dk_pad);
 }
 
 // 2^x for x <= 128, relative error ~1e-7; x = -inf (or anything below -160) gives exactly 0.
@@ -480,6 +441,61 @@ inline void permute_query_pairs(float* qs, std::int64_t qs_pad) {
   }
 }
 
+// Scores of heads g, g + 1 together, 8 rows at a time, so each key slice is loaded (and, for
+// int8, widened to f32) once for both heads: the widening, not the FMA, is what an int8 row costs. The 16 sums reduce to lanes 0-7 (head g, rows i0..i0+7) and 8-15 (head g + 1).
+// Bit-identical to scores_group for each head: the same products in the same
+// order (an FMA into 0 is the product), the same groups of 128 elements reduced and then added,
+// and reduce16 sums every vector by the same tree whatever its position.
+inline void put_scores_pair(const ItemState& st, std::int64_t g, int i0, __m512 red, bool add) {
+  float* a = st.p + g * kBlock + i0;
+  float* b = st.p + (g + 1) * kBlock + i0 - 8;  // lanes 8-15
+  if (add) {
+    red = _mm512_mask_add_ps(red, 0x00ff, red, _mm512_maskz_loadu_ps(0x00ff, a));
+    red = _mm512_mask_add_ps(red, 0xff00, red, _mm512_maskz_loadu_ps(0xff00, b));
+  }
+  _mm512_mask_storeu_ps(a, 0x00ff, red);
+  _mm512_mask_storeu_ps(b, 0xff00, red);
+}
+
+// f32 / int8 rows: slices [s0, s1) of 16 elements.
+template <class Rows>
+inline void scores_pair_group(const Rows& k0, int n, const ItemState& st, std::int64_t g, std::int64_t dk,
+                              std::int64_t dk_pad, std::int64_t s0, std::int64_t s1) {
+  const float* qa = st.qs + g * dk_pad;
+  const float* qb = qa + dk_pad;
+  for (int i0 = 0; i0 < n; i0 += 8) {
+    decltype(k0(0)) rows[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) rows[r] = k0(std::min(i0 + r, n - 1));
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+    for (std::int64_t e = s0 * 16; e < s1 * 16; e += 16) {
+      const __mmask16 m = tail_mask(dk - e);
+      const __m512 a = _mm512_load_ps(qa + e), b = _mm512_load_ps(qb + e);
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) {
+        const __m512 kv = load16(rows[r] + e, m);
+        acc[r] = _mm512_fmadd_ps(a, kv, acc[r]);
+        acc[8 + r] = _mm512_fmadd_ps(b, kv, acc[8 + r]);
+      }
+    }
+    put_scores_pair(st, g, i0, reduce16(acc), s0 > 0);
+  }
+}
+
+// Heads in pairs, an odd one left to scores_block; groups of 8 slices as scores_block groups them
+// (used for int8 keys).
+template <class Rows>
+inline void scores_block_paired(const Rows& k0, int n, const ItemState& st, std::int64_t g0, std::int64_t g1,
+                                std::int64_t dk, std::int64_t dk_pad) {
+  const std::int64_t nks = dk_pad / 16;
+  std::int64_t g = g0;
+  for (; g + 2 <= g1; g += 2)
+    for (std::int64_t s0 = 0; s0 < nks; s0 += 8) scores_pair_group(k0, n, st, g, dk, dk_pad, s0, std::min(nks, s0 + 8));
+  if (g < g1) scores_block(k0, n, st, g, g1, dk, dk_pad);
+}
+
 #endif  // AVX-512
 
 // Portable block primitives (scalar + xsimd through core/simd.hpp), same structure.
@@ -650,7 +666,7 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     if constexpr (quant && Vectorized) {
       fill_scales(b, n);
-      scores_block_i8(kr, n, st, g0, g1, pb.dk, pb.dk_pad);
+      scores_block_paired(kr, n, st, g0, g1, pb.dk, pb.dk_pad);
       scale_rows(st, g0, g1, ksb);
       transform_block(b, n);
       for (std::int64_t g = g0; g < g1; ++g) softmax_block(n, st, g);
