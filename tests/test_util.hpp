@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -21,7 +22,9 @@ inline constexpr int kScale = 1;
 #endif
 
 // A fresh seed per call (so every case sees new inputs) that is printed on failure by the caller.
+// ATTNKIT_TEST_SEED=<seed> replays a printed seed (every call returns it).
 inline std::uint64_t fresh_seed() {
+  if (const char* fixed = std::getenv("ATTNKIT_TEST_SEED")) return std::strtoull(fixed, nullptr, 0);
   static std::random_device rd;
   return (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
 }
