@@ -123,20 +123,8 @@ inline __m512 load16(const std::int8_t* p, __mmask16 m) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, p)));
 }
 
-inline float hsum(__m512 v) {  // horizontal sum without the GCC 12 _mm512_reduce_add_ps warning
-  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4e));
-  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xb1));
-  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4e));
-  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xb1));
-  return _mm512_cvtss_f32(v);
-}
-inline float hmax(__m512 v) {
-  v = _mm512_max_ps(v, _mm512_shuffle_f32x4(v, v, 0x4e));
-  v = _mm512_max_ps(v, _mm512_shuffle_f32x4(v, v, 0xb1));
-  v = _mm512_max_ps(v, _mm512_permute_ps(v, 0x4e));
-  v = _mm512_max_ps(v, _mm512_permute_ps(v, 0xb1));
-  return _mm512_cvtss_f32(v);
-}
+using simd::hmax;
+using simd::hsum;
 
 // Sums of 16 vectors, one per lane, in order (a transpose-and-add tree: 45 shuffles/adds for
 // 16 dot products instead of 16 separate horizontal reductions).

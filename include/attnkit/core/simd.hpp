@@ -240,4 +240,23 @@ inline void to_bf16(const float* src, bf16* dst, std::int64_t n) {
   for (; i < n; ++i) dst[i] = bf16(src[i]);
 }
 
+#if defined(__AVX512F__)
+// Horizontal sum / max of 16 lanes (a fixed shuffle tree; without GCC 12's
+// _mm512_reduce_add_ps warning). Shared by decode and the AMX prefill kernel.
+inline float hsum(__m512 v) {
+  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0x4e));
+  v = _mm512_add_ps(v, _mm512_shuffle_f32x4(v, v, 0xb1));
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0x4e));
+  v = _mm512_add_ps(v, _mm512_permute_ps(v, 0xb1));
+  return _mm512_cvtss_f32(v);
+}
+inline float hmax(__m512 v) {
+  v = _mm512_max_ps(v, _mm512_shuffle_f32x4(v, v, 0x4e));
+  v = _mm512_max_ps(v, _mm512_shuffle_f32x4(v, v, 0xb1));
+  v = _mm512_max_ps(v, _mm512_permute_ps(v, 0x4e));
+  v = _mm512_max_ps(v, _mm512_permute_ps(v, 0xb1));
+  return _mm512_cvtss_f32(v);
+}
+#endif
+
 }  // namespace attnkit::simd
