@@ -82,7 +82,7 @@ class Regex {
     const std::string p = literal ? pattern : onig_to_pcre2(pattern, where);
     int err = 0;
     PCRE2_SIZE off = 0;
-    const std::uint32_t opts = PCRE2_UTF | PCRE2_UCP | PCRE2_NO_UTF_CHECK | (literal ? PCRE2_LITERAL : 0u);
+    const std::uint32_t opts = PCRE2_UTF | PCRE2_NO_UTF_CHECK | (literal ? PCRE2_LITERAL : PCRE2_UCP);
     pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(p.data()), p.size(), opts, &err, &off, nullptr);
     if (code == nullptr) {
       PCRE2_UCHAR msg[256];
