@@ -12,8 +12,9 @@
 //     the last message or has reasoning;
 //   * add_generation_prompt appends "<|im_start|>assistant\n", and enable_thinking = false then
 //     appends the empty think block "<think>\n\n</think>\n\n".
-// Any other role (tool messages included) is an attnkit::Error naming the message and the role;
-// the template itself would skip unknown roles in silence.
+// Any other role (tool messages included) is an attnkit::Error naming the message and the role
+// (the template itself would skip unknown roles in silence); so is an empty list (the template
+// fails on messages[0]).
 // qwen3_next_turn() is what follows a reply the model ended (its <|im_end|> sampled, not yet in
 // the context) when the conversation goes on: it continues a KV cache without re-rendering it.
 #pragma once
@@ -57,13 +58,14 @@ inline std::string apply_qwen3_chat_template(std::span<const ChatMessage> messag
                                              bool enable_thinking = true) {
   using namespace detail_chat;
   const std::size_t n = messages.size();
+  ATTNKIT_REQUIRE(n > 0, "apply_qwen3_chat_template: argument 'messages': empty (the template reads messages[0])");
   for (std::size_t i = 0; i < n; ++i) {
     const std::string& r = messages[i].role;
     ATTNKIT_REQUIRE(r == "system" || r == "user" || r == "assistant", "apply_qwen3_chat_template: message ", i,
                     ": role '", r, "' is not supported (system, user, assistant)");
   }
   std::string out;
-  if (n > 0 && messages[0].role == "system") out += "<|im_start|>system\n" + messages[0].content + "<|im_end|>\n";
+  if (messages[0].role == "system") out += "<|im_start|>system\n" + messages[0].content + "<|im_end|>\n";
 
   // The last user query; with none, the last index (so no assistant message counts as after it).
   std::ptrdiff_t last_query = static_cast<std::ptrdiff_t>(n) - 1;
