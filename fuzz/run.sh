@@ -2,7 +2,7 @@
 # Runs each libFuzzer target for <seconds> on a scratch copy of its seed corpus.
 #   cmake -B build-fuzz -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DATTNKIT_BUILD_FUZZERS=ON \
 #         -DATTNKIT_BUILD_TESTS=OFF -DATTNKIT_BUILD_BENCHMARKS=OFF -DATTNKIT_BUILD_EXAMPLES=OFF
-#   ninja -C build-fuzz attnkit-fuzz-safetensors attnkit-fuzz-config
+#   ninja -C build-fuzz
 #   fuzz/run.sh build-fuzz 60
 # Exits non-zero if any target crashes; crash inputs are kept in <build-dir>/fuzz/artifacts/<target>/.
 set -euo pipefail
@@ -18,7 +18,7 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 
 status=0
-for target in safetensors config; do
+for target in safetensors config tokenizer tokenizer_json; do
   exe="$build/fuzz/attnkit-fuzz-$target"
   if [[ ! -x "$exe" ]]; then
     echo "missing $exe (configure with -DCMAKE_CXX_COMPILER=clang++ -DATTNKIT_BUILD_FUZZERS=ON)" >&2

@@ -220,7 +220,8 @@ class PreTokenizer {
                           pat.begin()->is_string(),
                       where, ".pattern: expected {\"Regex\": string} or {\"String\": string}");
       const bool literal = pat.contains("String");
-      const std::string b = js::field(j, where, "behavior").get<std::string>();
+      ATTNKIT_REQUIRE(js::field(j, where, "behavior").is_string(), where, ".behavior: expected a string");
+      const std::string b = j["behavior"].get<std::string>();
       Behavior beh;
       if (b == "Isolated") beh = Behavior::isolated;
       else if (b == "Removed") beh = Behavior::removed;

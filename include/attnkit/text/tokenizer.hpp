@@ -217,6 +217,11 @@ class Tokenizer {
   void build_pieces() {
     TokenId n = state_->model.max_id() + 1;
     for (const auto& a : added_) n = std::max(n, a.id + 1);
+    // Ids index a table: holes are fine, a sparse giant (one id near 2^31) is not a vocabulary.
+    std::int64_t count = static_cast<std::int64_t>(added_.size());
+    state_->model.for_each_entry([&](const std::string&, TokenId) { ++count; });
+    ATTNKIT_REQUIRE(n <= 2 * count + 256, origin_, ": the largest id is ", n - 1, " for ", count,
+                    " tokens; ids must be dense (below 2 x tokens + 256)");
     pieces_.assign(static_cast<std::size_t>(n), {});
     known_.assign(static_cast<std::size_t>(n), false);
     special_.assign(static_cast<std::size_t>(n), false);
