@@ -386,6 +386,43 @@ TEST_CASE("sampler: temperature, top-k, top-p, min-p give the defined distributi
   }
 }
 
+TEST_CASE("sampler: top-p over a large row keeps what a full sort keeps", "[text][sampler]") {
+  // The sampler sorts a growing head of the row; a full sort by (logit, id) must agree.
+  const std::uint64_t seed = test::fresh_seed();
+  INFO("seed " << seed);
+  test::Rng rng(seed);
+  for (const double T : {0.5, 1.0, 4.0}) {
+    for (const double top_p : {0.3, 0.9, 0.999}) {
+      std::vector<float> l = rng.normal_vec(20000, 2.f);
+      for (int i = 0; i < 200; ++i) l[static_cast<std::size_t>(rng.integer(0, 19999))] = l[0];  // ties
+      std::vector<int> order(l.size());
+      std::iota(order.begin(), order.end(), 0);
+      std::sort(order.begin(), order.end(), [&](int a, int b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
+      const std::vector<double> all = softmax_over(l, order, T);
+      std::vector<int> kept;
+      double cum = 0;
+      for (int id : order) {
+        kept.push_back(id);
+        cum += all[static_cast<std::size_t>(id)];
+        if (cum >= top_p) break;
+      }
+      SamplerOptions o;
+      o.temperature = T;
+      o.top_p = top_p;
+      const std::vector<double> want = softmax_over(l, kept, T), got = Sampler(o).probabilities(l, {});
+      INFO("T " << T << ", top-p " << top_p << ", kept " << kept.size());
+      double worst = 0;
+      std::size_t dropped_but_kept = 0;
+      for (std::size_t i = 0; i < l.size(); ++i) {
+        worst = std::max(worst, std::abs(got[i] - want[i]));
+        dropped_but_kept += want[i] == 0 && got[i] != 0;
+      }
+      CHECK(dropped_but_kept == 0);
+      CHECK(worst < 1e-12);
+    }
+  }
+}
+
 TEST_CASE("sampler: repeat penalty divides positive and multiplies negative logits of distinct recent ids",
           "[text][sampler]") {
   const std::vector<float> l = {2.0f, -2.0f, 1.0f, 0.5f};
