@@ -6,16 +6,25 @@
 //   attnkit-qwen3 --model loop-checkpoint --ids 1,2,3 --trace-out trace.safetensors --plot gates.svg
 //   attnkit-qwen3 --model attnres-checkpoint --prompt-len 64 --plot routing.svg
 //   attnkit-qwen3 --random tiny-lt2-dsa --prompt-len 40 --trace-out t.safetensors --plot topk.svg
+//   attnkit-qwen3 --model DIR --prompt "Once upon a time" --max-tokens 64 --temperature 0.7
+//   attnkit-qwen3 --model DIR --chat --no-think --interactive
 //
 // Any checkpoint or config a built-in recipe accepts runs as it is (plain Qwen3, Loop Attention,
 // Attention Residuals, Ouro, Qwen3.5 / Qwen3-Next hybrids with Gated DeltaNet, LT2 looped hybrids
 // with Gated DeltaNet and full or DeepSeek sparse attention, R-GQA and Tuneable attention layers).
 // Prints a model summary and `prefill: N tok/s` / `decode: N tok/s`; exits 1 with a message on
 // bad input. See --help.
+// Text mode (--prompt, --prompt-file, --interactive): tokenizer.json of the model directory (or
+// --tokenizer), sampling defaults from generation_config.json, output text streamed to stdout as
+// tokens arrive and nothing else there; the summary and the timing lines go to stderr.
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iostream>
 #include <optional>
 #include <random>
@@ -23,7 +32,13 @@
 #include <string>
 #include <vector>
 
+#include <unistd.h>
+
 #include "attnkit/attnkit.hpp"
+#include "attnkit/text/chat.hpp"
+#include "attnkit/text/generate.hpp"
+#include "attnkit/text/generation_config.hpp"
+#include "attnkit/text/tokenizer.hpp"
 #include "attnkit/viz/trace_plot.hpp"
 
 using namespace attnkit;
@@ -46,7 +61,7 @@ model (default: a built-in small deterministic random Qwen3, nothing to download
   --loops N                loop a random model's layer stack N times (a cache per loop and layer)
   --allow-unused           load a checkpoint even if some tensors or config fields go unused (warns)
   --dtype f32|bf16         weight type for --random and the default model (default bf16)
-  --seed N                 seed of the random weights (default 0)
+  --seed N                 seed of the random weights and of sampling (default 0)
 input (default: --prompt-len 32 random ids):
   --ids 1,2,3              token ids
   --ids-from FILE:TENSOR   token ids from an I64/I32 tensor of a safetensors file
@@ -72,6 +87,31 @@ run:
   --precision exact|fast   matrix products: fp32-accurate (default) or bf16-rounded activations (faster)
   --kv-cache f32|bf16|int8 KV cache storage (default f32; int8: a scale per token and KV head)
   --help
+text (stdout carries only the generated text, streamed; the summary and timing lines go to stderr):
+  --prompt TEXT            generate a continuation of TEXT (special tokens such as <|im_start|> in it count)
+  --prompt-file F          the prompt is the contents of file F
+  --tokenizer F            tokenizer.json (default: the one in the --model directory)
+  --max-tokens N           generate at most N tokens (default 256, or what the context has left)
+  --stop TEXT              stop where TEXT appears in the output, which ends before it (repeatable); generation
+                           always stops at the EOS ids of generation_config.json and config.json and at the
+                           tokenizer's <|im_end|> and <|endoftext|>
+  --chat                   wrap the prompt in Qwen3's chat template (a user turn, then the assistant's)
+  --system TEXT            a system message first (with --chat)
+  --no-think               Qwen3's empty think block after the assistant prompt (thinking off)
+  --interactive            a chat read from stdin, one user turn per line, until EOF (implies --chat; --prompt
+                           is the first turn); each turn prefills only its own tokens, the conversation stays
+                           in the KV cache
+  --special                print special tokens (<|im_start|>, ...) the model generates (default: left out)
+  --chunk N                also the prefill chunk in text mode
+sampling (defaults: generation_config.json of the --model directory, else transformers' defaults: greedy;
+          when sampling, temperature 1, top-k 50, top-p 1, min-p 0):
+  --temperature X          0 = greedy (also --top-k 1)
+  --top-k N                keep the N most likely tokens (0 = off)
+  --top-p X                keep the smallest set of most likely tokens with probability >= X, in (0, 1]
+  --min-p X                drop tokens less likely than X times the most likely, in [0, 1]
+  --repeat-penalty X       divide positive / multiply negative logits of recent tokens by X (1 = off)
+  --repeat-last-n N        the recent tokens the penalty looks at (default 64, -1 = all, 0 = off)
+  --sample-seed N          seed of sampling alone (default: --seed); the same seed gives the same text
 )";
 
 [[noreturn]] void die(const std::string& msg) {
@@ -89,6 +129,18 @@ std::int64_t parse_int(const std::string& s, const char* what, std::int64_t lo =
   }
   if (pos != s.size()) die(std::string(what) + ": not an integer: '" + s + "'");
   if (v < lo) die(std::string(what) + ": must be >= " + std::to_string(lo) + ", got " + s);
+  return v;
+}
+
+double parse_number(const std::string& s, const char* what) {
+  std::size_t pos = 0;
+  double v = 0;
+  try {
+    v = std::stod(s, &pos);
+  } catch (...) {
+    die(std::string(what) + ": not a number: '" + s + "'");
+  }
+  if (pos != s.size() || !std::isfinite(v)) die(std::string(what) + ": not a number: '" + s + "'");
   return v;
 }
 
@@ -172,6 +224,144 @@ std::string mechanism_summary(const model::Qwen3Model& m) {
   return s;
 }
 
+// ---- text mode
+
+struct TextArgs {
+  std::optional<std::string> prompt;  // --prompt, or the contents of --prompt-file
+  std::string prompt_file, tokenizer;
+  std::optional<std::int64_t> max_tokens;
+  std::vector<std::string> stop;
+  bool chat = false, no_think = false, interactive = false, special = false;
+  std::optional<std::string> system;
+  // Sampling flags given on the command line (unset: the generation_config.json default).
+  std::optional<double> temperature, top_p, min_p, repeat_penalty;
+  std::optional<std::int64_t> top_k, repeat_last_n;
+  std::optional<std::uint64_t> sample_seed;
+};
+
+// eos_token_id of a config.json (an integer or a list), as transformers reads it there.
+std::vector<std::int64_t> config_eos_ids(const nlohmann::json& raw) {
+  std::vector<std::int64_t> ids;
+  if (!raw.is_object() || !raw.contains("eos_token_id")) return ids;
+  const auto& e = raw.at("eos_token_id");
+  if (e.is_number_integer()) ids.push_back(e.get<std::int64_t>());
+  if (e.is_array())
+    for (const auto& v : e)
+      if (v.is_number_integer()) ids.push_back(v.get<std::int64_t>());
+  return ids;
+}
+
+void print_timing(const text::GenerateResult& r) {
+  std::fprintf(stderr, "prefill: %.1f tok/s (%lld tokens in %.3f s)\n",
+               r.prefill_seconds > 0 ? r.prompt_tokens / r.prefill_seconds : 0.0, (long long)r.prompt_tokens,
+               r.prefill_seconds);
+  std::fprintf(stderr, "decode: %.1f tok/s (%lld tokens in %.3f s, stop: %s)\n",
+               r.decode_seconds > 0 ? r.generated_tokens / r.decode_seconds : 0.0, (long long)r.generated_tokens,
+               r.decode_seconds, text::stop_reason_name(r.stop_reason));
+}
+
+// Generates text: one prompt, or (interactive) a chat whose turns come from stdin. Only the
+// generated text goes to stdout, flushed piece by piece.
+void run_text(const model::Qwen3Model& m, const TextArgs& a, const std::string& model_dir, bool allow_unused,
+              std::uint64_t seed, std::int64_t chunk, const model::SessionOptions& session_opt,
+              const model::ForwardOptions& fo) {
+  namespace fs = std::filesystem;
+  std::string tok_path = a.tokenizer;
+  if (tok_path.empty()) {
+    if (model_dir.empty())
+      die("text mode needs a tokenizer: --tokenizer FILE (a tokenizer.json), or a --model directory holding one");
+    tok_path = (fs::path(model_dir) / "tokenizer.json").string();
+    if (!fs::exists(tok_path)) die(tok_path + ": not found; give the tokenizer with --tokenizer FILE");
+  }
+  const text::Tokenizer tok = text::Tokenizer::from_file(tok_path);
+  std::fprintf(stderr, "tokenizer: %s, %s\n", tok_path.c_str(), tok.describe().c_str());
+
+  // Sampling: generation_config.json, then the flags.
+  text::GenerationConfig gc;
+  if (!model_dir.empty() && fs::exists(fs::path(model_dir) / "generation_config.json")) {
+    auto warn = [](const std::string& msg) { std::fprintf(stderr, "attnkit-qwen3: warning: %s\n", msg.c_str()); };
+    gc = text::GenerationConfig::load(model_dir, allow_unused ? std::function<void(const std::string&)>(warn) : nullptr);
+    std::fprintf(stderr, "generation config: %s\n", gc.source.c_str());
+  }
+  text::SamplerOptions so = gc.sampler_options();
+  if (a.temperature) so.temperature = *a.temperature;
+  if (a.top_k) so.top_k = *a.top_k;
+  if (a.top_p) so.top_p = *a.top_p;
+  if (a.min_p) so.min_p = *a.min_p;
+  if (a.repeat_penalty) so.repeat_penalty = *a.repeat_penalty;
+  if (a.repeat_last_n) so.repeat_last_n = *a.repeat_last_n;
+  so.seed = a.sample_seed.value_or(seed);
+  if (so.greedy())
+    std::fprintf(stderr, "sampling: greedy%s\n", so.repeat_penalty != 1.0 ? (", repeat penalty " + std::to_string(so.repeat_penalty)).c_str() : "");
+  else
+    std::fprintf(stderr, "sampling: temperature %g, top-k %lld, top-p %g, min-p %g, repeat penalty %g (last %lld), seed %llu\n",
+                 so.temperature, (long long)so.top_k, so.top_p, so.min_p, so.repeat_penalty, (long long)so.repeat_last_n,
+                 (unsigned long long)so.seed);
+  if (so.greedy() && !a.temperature && (a.top_k || a.top_p || a.min_p))
+    std::fprintf(stderr, "attnkit-qwen3: note: sampling is greedy (temperature 0 by default); --top-k/--top-p/--min-p "
+                         "take effect with --temperature X > 0\n");
+
+  // Stop ids: generation_config.json, config.json and the tokenizer's end markers.
+  std::vector<std::int64_t> eos = gc.eos_token_ids;
+  for (auto id : config_eos_ids(m.config().raw)) eos.push_back(id);
+  for (const char* marker : {"<|im_end|>", "<|endoftext|>"})
+    if (auto id = tok.token_to_id(marker)) eos.push_back(*id);
+  std::sort(eos.begin(), eos.end());
+  eos.erase(std::unique(eos.begin(), eos.end()), eos.end());
+
+  text::GenerateOptions go;
+  go.eos_ids = eos;
+  go.stop = a.stop;
+  go.prefill_chunk = chunk;
+  go.skip_special = !a.special;
+  text::Generator gen(m, tok, so, session_opt, fo);
+  const std::int64_t max_pos = m.config().max_position_embeddings;
+  const bool think = !a.no_think;
+
+  auto run_turn = [&](const std::string& prompt_text) {
+    const std::vector<text::TokenId> ids = tok.encode(prompt_text);
+    // Unless --max-tokens says otherwise: 256, or what the context has left.
+    const std::int64_t used = gen.session().position() + static_cast<std::int64_t>(gen.held().size()) +
+                              static_cast<std::int64_t>(ids.size());
+    go.max_tokens = a.max_tokens.value_or(std::clamp<std::int64_t>(max_pos - used, 0, 256));
+    const text::GenerateResult r = gen.generate(std::span<const text::TokenId>(ids), go, [](std::string_view piece) {
+      std::fwrite(piece.data(), 1, piece.size(), stdout);
+      std::fflush(stdout);
+    });
+    std::fputc('\n', stdout);
+    std::fflush(stdout);
+    print_timing(r);
+  };
+
+  auto first_turn = [&](const std::string& user) {
+    std::vector<text::ChatMessage> msgs;
+    if (a.system) msgs.push_back({"system", *a.system});
+    msgs.push_back({"user", user});
+    return text::apply_qwen3_chat_template(msgs, true, think);
+  };
+  if (!a.interactive) {
+    run_turn(a.chat ? first_turn(*a.prompt) : *a.prompt);
+    return;
+  }
+  // Interactive: the first turn renders the template; later ones continue the cached conversation
+  // (the reply's <|im_end|> was sampled, not run: the next turn starts with it).
+  const bool tty = isatty(fileno(stdin));
+  bool started = false;
+  auto turn = [&](const std::string& user) {
+    run_turn(started ? text::qwen3_next_turn(user, think) : first_turn(user));
+    started = true;
+  };
+  if (a.prompt) turn(*a.prompt);
+  std::string line;
+  for (;;) {
+    if (tty) std::fputs("> ", stderr);
+    if (!std::getline(std::cin, line)) break;
+    if (!line.empty() && line.back() == '\r') line.pop_back();
+    if (line.empty()) continue;
+    turn(line);
+  }
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -187,6 +377,8 @@ int main(int argc, char** argv) {
   bool decode = false;
   Precision precision = Precision::exact;
   model::CacheType kv = model::CacheType::f32;
+  TextArgs ta;
+  bool text_only_flag = false;  // a text or sampling option was given
 
   std::vector<std::string> args(argv + 1, argv + argc);
   for (std::size_t i = 0; i < args.size(); ++i) {
@@ -195,6 +387,10 @@ int main(int argc, char** argv) {
       if (i + 1 >= args.size()) die(a + ": missing value");
       return args[++i];
     };
+    for (const char* f : {"--tokenizer", "--max-tokens", "--stop", "--chat", "--system", "--no-think", "--special",
+                          "--temperature", "--top-k", "--top-p", "--min-p", "--repeat-penalty", "--repeat-last-n",
+                          "--sample-seed"})
+      text_only_flag = text_only_flag || a == f;
     if (a == "--help" || a == "-h") {
       std::fputs(kUsage, stdout);
       return 0;
@@ -235,6 +431,33 @@ int main(int argc, char** argv) {
       attnres_form = value();
       if (attnres_form != "open" && attnres_form != "kimi") die("--attnres-form: expected open or kimi, got '" + attnres_form + "'");
     }
+    else if (a == "--prompt") ta.prompt = value();
+    else if (a == "--prompt-file") ta.prompt_file = value();
+    else if (a == "--tokenizer") ta.tokenizer = value();
+    else if (a == "--max-tokens") ta.max_tokens = parse_int(value(), "--max-tokens");
+    else if (a == "--stop") {
+      ta.stop.push_back(value());
+      if (ta.stop.back().empty()) die("--stop: empty text");
+    } else if (a == "--chat") ta.chat = true;
+    else if (a == "--system") ta.system = value();
+    else if (a == "--no-think") ta.no_think = true;
+    else if (a == "--interactive") ta.interactive = ta.chat = true;
+    else if (a == "--special") ta.special = true;
+    else if (a == "--temperature") {
+      ta.temperature = parse_number(value(), "--temperature");
+      if (*ta.temperature < 0) die("--temperature: must be >= 0, got " + args[i]);
+    } else if (a == "--top-k") ta.top_k = parse_int(value(), "--top-k");
+    else if (a == "--top-p") {
+      ta.top_p = parse_number(value(), "--top-p");
+      if (!(*ta.top_p > 0 && *ta.top_p <= 1)) die("--top-p: must be in (0, 1], got " + args[i]);
+    } else if (a == "--min-p") {
+      ta.min_p = parse_number(value(), "--min-p");
+      if (!(*ta.min_p >= 0 && *ta.min_p <= 1)) die("--min-p: must be in [0, 1], got " + args[i]);
+    } else if (a == "--repeat-penalty") {
+      ta.repeat_penalty = parse_number(value(), "--repeat-penalty");
+      if (!(*ta.repeat_penalty > 0)) die("--repeat-penalty: must be > 0, got " + args[i]);
+    } else if (a == "--repeat-last-n") ta.repeat_last_n = parse_int(value(), "--repeat-last-n", -1);
+    else if (a == "--sample-seed") ta.sample_seed = static_cast<std::uint64_t>(parse_int(value(), "--sample-seed"));
     else if (a == "--allow-unused") allow_unused = true;
     else if (a == "--decode") decode = true;
     else if (a == "--chunk") chunk = parse_int(value(), "--chunk", 1);
@@ -261,6 +484,28 @@ int main(int argc, char** argv) {
   if (!model_dir.empty() && (!loop_mode.empty() || loop_window > 0 || !attnres_mode.empty() || !attnres_form.empty() || loops > 0))
     die("--loop-mode, --loop-window, --attnres-mode, --attnres-form and --loops shape random models; a checkpoint runs as "
         "its config.json says");
+  const bool text_mode = ta.prompt || !ta.prompt_file.empty() || ta.interactive;
+  if (ta.prompt && !ta.prompt_file.empty()) die("--prompt and --prompt-file exclude each other");
+  if (text_mode) {
+    if (!ids_arg.empty() || !ids_from.empty() || prompt_len > 0)
+      die("--ids, --ids-from and --prompt-len give token ids; a text prompt (--prompt, --prompt-file, --interactive) "
+          "excludes them");
+    if (generate >= 0) die("--generate counts greedy ids; with a text prompt use --max-tokens N");
+    if (decode || !logits_out.empty() || !trace_out.empty() || !plot_out.empty())
+      die("--decode, --logits-out, --trace-out and --plot run on token ids, not with a text prompt");
+    if (!ta.chat && (ta.system || ta.no_think)) die("--system and --no-think shape the chat template: add --chat");
+    if (!ta.prompt_file.empty()) {
+      std::ifstream in(ta.prompt_file, std::ios::binary);
+      if (!in) die("--prompt-file: cannot open '" + ta.prompt_file + "'");
+      std::ostringstream ss;
+      ss << in.rdbuf();
+      ta.prompt = ss.str();
+    }
+  } else if (text_only_flag) {
+    die("text and sampling options (--tokenizer, --max-tokens, --stop, --chat, --system, --no-think, --special, "
+        "--temperature, --top-k, --top-p, --min-p, --repeat-penalty, --repeat-last-n, --sample-seed) need "
+        "--prompt TEXT, --prompt-file F or --interactive");
+  }
   if (threads > 0) omp_set_num_threads(threads);
   const int nthreads = default_num_threads();
 
@@ -293,17 +538,28 @@ int main(int argc, char** argv) {
     const auto& c = m.config();
     std::int64_t sliding = 0;
     for (auto& t : c.layer_types) sliding += t == io::LayerType::sliding_attention;
-    std::printf("model: %s%s\n", builtin ? "built-in default, " : "", m.source().c_str());
-    std::printf("  %lld layers (%lld sliding, window %lld), hidden %lld, heads %lld/%lld kv, head_dim %lld, "
+    FILE* info = text_mode ? stderr : stdout;  // in text mode stdout carries only the generated text
+    std::fprintf(info, "model: %s%s\n", builtin ? "built-in default, " : "", m.source().c_str());
+    std::fprintf(info, "  %lld layers (%lld sliding, window %lld), hidden %lld, heads %lld/%lld kv, head_dim %lld, "
                 "intermediate %lld, vocab %lld, %s weights, %.1f MB packed, %s embeddings, built in %.2f s\n",
                 (long long)c.num_hidden_layers, (long long)sliding, (long long)c.sliding_window.value_or(0),
                 (long long)c.hidden_size, (long long)c.num_attention_heads, (long long)c.num_key_value_heads,
                 (long long)c.head_dim, (long long)c.intermediate_size, (long long)c.vocab_size,
                 model::weight_type_name(m.weight_type()), m.weight_bytes() / 1e6,
                 c.tie_word_embeddings ? "tied" : "untied", load_s);
-    std::printf("  %s\n", mechanism_summary(m).c_str());
-    std::printf("  threads %d, precision %s, kv cache %s\n", nthreads, precision == Precision::exact ? "exact" : "fast",
+    std::fprintf(info, "  %s\n", mechanism_summary(m).c_str());
+    std::fprintf(info, "  threads %d, precision %s, kv cache %s\n", nthreads, precision == Precision::exact ? "exact" : "fast",
                 kv == model::CacheType::f32 ? "f32" : kv == model::CacheType::bf16 ? "bf16" : "int8");
+
+    if (text_mode) {
+      model::SessionOptions so;
+      so.kv_type = kv;
+      model::ForwardOptions fo;
+      fo.precision = precision;
+      fo.exit = exit_rule;
+      run_text(m, ta, model_dir, allow_unused, static_cast<std::uint64_t>(seed), chunk, so, fo);
+      return 0;
+    }
 
     // ---- input ids
     std::vector<std::int64_t> ids;
