@@ -291,8 +291,10 @@ void run_text(const model::Qwen3Model& m, const TextArgs& a, const std::string& 
   if (a.repeat_penalty) so.repeat_penalty = *a.repeat_penalty;
   if (a.repeat_last_n) so.repeat_last_n = *a.repeat_last_n;
   so.seed = a.sample_seed.value_or(seed);
-  if (so.greedy())
-    std::fprintf(stderr, "sampling: greedy%s\n", so.repeat_penalty != 1.0 ? (", repeat penalty " + std::to_string(so.repeat_penalty)).c_str() : "");
+  if (so.greedy() && so.repeat_penalty == 1.0)
+    std::fprintf(stderr, "sampling: greedy\n");
+  else if (so.greedy())
+    std::fprintf(stderr, "sampling: greedy, repeat penalty %g (last %lld)\n", so.repeat_penalty, (long long)so.repeat_last_n);
   else
     std::fprintf(stderr, "sampling: temperature %g, top-k %lld, top-p %g, min-p %g, repeat penalty %g (last %lld), seed %llu\n",
                  so.temperature, (long long)so.top_k, so.top_p, so.min_p, so.repeat_penalty, (long long)so.repeat_last_n,
