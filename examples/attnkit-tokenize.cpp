@@ -35,7 +35,7 @@ const char* kUsage = R"(usage: attnkit-tokenize --tokenizer tokenizer.json [opti
 )";
 
 [[noreturn]] void usage_error(const std::string& msg) {
-  std::fprintf(stderr, "attnkit-tokenize: %s\n%s", msg.c_str(), kUsage);
+  std::fprintf(stderr, "attnkit-tokenize: error: %s\n%s", msg.c_str(), kUsage);
   std::exit(2);
 }
 

@@ -155,10 +155,10 @@ TEST_CASE("BPE: the leftmost of equal ranks merges first; ignore_merges takes wh
   CHECK(tok.encode("abc") == std::vector<TokenId>{'a', *tok.token_to_id("bc")});
   json j = toy_json({{"a", "b"}, {"b", "c"}, {"ab", "c"}});
   // A vocab entry no merge sequence reaches: with ignore_merges it is taken whole.
-  j["model"]["vocab"][syms("zz")] = 900;
+  j["model"]["vocab"][syms("zz")] = 300;
   j["model"]["ignore_merges"] = true;
   const Tokenizer im = Tokenizer::from_json(j);
-  CHECK(im.encode("zz") == std::vector<TokenId>{900});
+  CHECK(im.encode("zz") == std::vector<TokenId>{300});
   CHECK(im.encode("abc") == std::vector<TokenId>{*im.token_to_id("abc")});
   CHECK(abc >= 256);
 }
