@@ -20,6 +20,7 @@
 #include "attnkit/text/sampler.hpp"
 #include "attnkit/text/tokenizer.hpp"
 #include "test_util.hpp"
+#include "text_test_util.hpp"
 
 using namespace attnkit;
 using namespace attnkit::text;
@@ -122,83 +123,16 @@ void check_distribution(const SamplerOptions& o, const std::vector<double>& expe
 
 // ---------------------------------------------------------------- a small byte-level BPE tokenizer
 
-// GPT-2's byte-to-character table (what Qwen3's ByteLevel pre-tokenizer uses): the printable
-// bytes map to themselves, the others to U+0100 onwards. Ids follow GPT-2's order.
-std::vector<std::pair<int, std::string>> byte_alphabet() {
-  std::vector<int> bs;
-  for (int b = '!'; b <= '~'; ++b) bs.push_back(b);
-  for (int b = 0xA1; b <= 0xAC; ++b) bs.push_back(b);
-  for (int b = 0xAE; b <= 0xFF; ++b) bs.push_back(b);
-  std::vector<int> cs = bs;
-  int extra = 0;
-  for (int b = 0; b < 256; ++b)
-    if (std::find(bs.begin(), bs.end(), b) == bs.end()) {
-      bs.push_back(b);
-      cs.push_back(256 + extra++);
-    }
-  std::vector<std::pair<int, std::string>> out;
-  for (std::size_t i = 0; i < bs.size(); ++i) {
-    const int c = cs[i];
-    std::string u;
-    if (c < 0x80) u += static_cast<char>(c);
-    else {
-      u += static_cast<char>(0xC0 | (c >> 6));
-      u += static_cast<char>(0x80 | (c & 0x3F));
-    }
-    out.emplace_back(bs[i], u);
-  }
-  return out;
-}
-
-// Qwen3's tokenizer.json layout with 256 byte tokens, a few merges and Qwen3's chat tokens as
-// added tokens (ids 261-265).
+// Qwen3's tokenizer.json layout with 256 byte tokens in GPT-2's order, a few merges and Qwen3's
+// chat tokens as added tokens (ids 261-265).
 nlohmann::json mini_tokenizer_json() {
-  nlohmann::json vocab = nlohmann::json::object();
-  int id = 0;
-  for (const auto& [b, u] : byte_alphabet()) vocab[u] = id++;
-  const std::vector<std::pair<std::string, std::string>> merges = {
-      {"\xC4\xA0", "t"}, {"h", "e"}, {"\xC4\xA0t", "he"}, {"l", "l"}, {"o", "r"}};
-  nlohmann::json m = nlohmann::json::array();
-  for (const auto& [a, b] : merges) {
-    vocab[a + b] = id++;
-    m.push_back({a, b});
-  }
   nlohmann::json added = nlohmann::json::array();
+  int id = 261;
   for (const auto& [content, special] : std::vector<std::pair<std::string, bool>>{
            {"<|endoftext|>", true}, {"<|im_start|>", true}, {"<|im_end|>", true}, {"<think>", false}, {"</think>", false}})
-    added.push_back({{"id", id++}, {"content", content}, {"single_word", false}, {"lstrip", false}, {"rstrip", false},
-                     {"normalized", false}, {"special", special}});
-  const nlohmann::json byte_level = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", false},
-                                     {"use_regex", false}};
-  return {{"version", "1.0"},
-          {"truncation", nullptr},
-          {"padding", nullptr},
-          {"added_tokens", added},
-          {"normalizer", {{"type", "NFC"}}},
-          {"pre_tokenizer",
-           {{"type", "Sequence"},
-            {"pretokenizers",
-             {{{"type", "Split"},
-               {"pattern",
-                {{"Regex",
-                  "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|\\s*[\\r\\n]+|"
-                  "\\s+(?!\\S)|\\s+"}}},
-               {"behavior", "Isolated"},
-               {"invert", false}},
-              byte_level}}}},
-          {"post_processor", byte_level},
-          {"decoder", byte_level},
-          {"model",
-           {{"type", "BPE"},
-            {"dropout", nullptr},
-            {"unk_token", nullptr},
-            {"continuing_subword_prefix", ""},
-            {"end_of_word_suffix", ""},
-            {"fuse_unk", false},
-            {"byte_fallback", false},
-            {"ignore_merges", false},
-            {"vocab", vocab},
-            {"merges", m}}}};
+    added.push_back(test::added_token_json(id++, content, special));
+  return test::byte_level_tokenizer_json({{" ", "t"}, {"h", "e"}, {" t", "he"}, {"l", "l"}, {"o", "r"}}, added,
+                                         {{"type", "NFC"}}, nullptr, test::ByteIds::gpt2);
 }
 
 SamplerOptions greedy() {

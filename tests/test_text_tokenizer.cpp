@@ -11,6 +11,7 @@
 
 #include "attnkit/text/tokenizer.hpp"
 #include "test_util.hpp"
+#include "text_test_util.hpp"
 
 using namespace attnkit;
 using namespace attnkit::text;
@@ -19,58 +20,14 @@ using nlohmann::json;
 
 namespace {
 
-const char* kQwenPattern =
-    R"((?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+)";
-
-std::string sym(unsigned char b) { return text::detail::byte_level::tables().symbol[b]; }
-// A string of raw bytes in byte-level symbols (how vocab entries are written).
-std::string syms(std::string_view raw) {
-  std::string s;
-  for (unsigned char c : raw) s += sym(c);
-  return s;
-}
-
-// A byte-level BPE tokenizer.json: the 256 byte symbols (ids 0..255 in byte order), then one
-// entry per merge (raw-byte pairs, in rank order), then the added tokens.
+std::string sym(unsigned char b) { return test::byte_symbol(b); }
+std::string syms(std::string_view raw) { return test::byte_symbols(raw); }
 json toy_json(const std::vector<std::pair<std::string, std::string>>& merges, json added = json::array(),
               json normalizer = json{{"type", "NFC"}}, json pre = nullptr) {
-  json vocab = json::object();
-  for (int b = 0; b < 256; ++b) vocab[sym(static_cast<unsigned char>(b))] = b;
-  json m = json::array();
-  for (const auto& [a, b] : merges) {
-    if (!vocab.contains(syms(a + b))) vocab[syms(a + b)] = static_cast<int>(vocab.size());
-    m.push_back({syms(a), syms(b)});
-  }
-  if (pre.is_null())
-    pre = {{"type", "Sequence"},
-           {"pretokenizers",
-            {{{"type", "Split"}, {"pattern", {{"Regex", kQwenPattern}}}, {"behavior", "Isolated"}, {"invert", false}},
-             {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", false}, {"use_regex", false}}}}};
-  const json bl = {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"trim_offsets", false}, {"use_regex", false}};
-  return {{"version", "1.0"},
-          {"truncation", nullptr},
-          {"padding", nullptr},
-          {"added_tokens", added},
-          {"normalizer", normalizer},
-          {"pre_tokenizer", pre},
-          {"post_processor", bl},
-          {"decoder", bl},
-          {"model",
-           {{"type", "BPE"},
-            {"dropout", nullptr},
-            {"unk_token", nullptr},
-            {"continuing_subword_prefix", ""},
-            {"end_of_word_suffix", ""},
-            {"fuse_unk", false},
-            {"byte_fallback", false},
-            {"ignore_merges", false},
-            {"vocab", vocab},
-            {"merges", m}}}};
+  return test::byte_level_tokenizer_json(merges, added, normalizer, pre);
 }
-
 json added_token(int id, const std::string& content, bool special, bool lstrip = false, bool rstrip = false) {
-  return {{"id", id},          {"content", content}, {"single_word", false}, {"lstrip", lstrip},
-          {"rstrip", rstrip}, {"normalized", false}, {"special", special}};
+  return test::added_token_json(id, content, special, lstrip, rstrip);
 }
 
 // The reference merger: repeatedly merge the adjacent pair of lowest rank, leftmost first.
