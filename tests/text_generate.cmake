@@ -10,7 +10,7 @@
 
 if(CMAKE_SCRIPT_MODE_FILE)
   # -DEXE= -DTOKENIZER= -DMODE=run|same|interactive|error "-DARGS=a|b|c" ["-DARGS2=..."]
-  # [-DINPUT=file] [-DEXPECT_ERROR=regex]
+  # [-DINPUT=file] [-DEXPECT_ERROR=regex] [-DEXPECT_STDERR=regex]
   if(NOT EXISTS "${TOKENIZER}")
     message("SKIP: ${TOKENIZER} is missing (npm ci --prefix tests/reference/tokenizer)")
     return()
@@ -42,6 +42,9 @@ if(CMAKE_SCRIPT_MODE_FILE)
   endif()
   if(NOT err MATCHES "model: .*tokenizer: .*sampling: .*prefill: [0-9.]+ tok/s \\([0-9]+ tokens in .*decode: [0-9.]+ tok/s \\([0-9]+ tokens in")
     message(FATAL_ERROR "stderr lacks the summary or the timing lines:\n${err}")
+  endif()
+  if(EXPECT_STDERR AND NOT err MATCHES "${EXPECT_STDERR}")
+    message(FATAL_ERROR "stderr does not match '${EXPECT_STDERR}':\n${err}")
   endif()
   if(MODE STREQUAL "same")
     string(REPLACE "|" ";" args2 "${ARGS2}")
@@ -104,8 +107,22 @@ if(TARGET attnkit-qwen3 AND TARGET attnkit::text)
     COMMAND ${tg_run} -DMODE=interactive -DINPUT=${CMAKE_CURRENT_BINARY_DIR}/text-generate-turns.txt
             "-DARGS=${tg_model}|--interactive|--no-think|--system|You are a calculator.|--max-tokens|5|--temperature|0.7"
             -P ${tg_script})
+  # A checkpoint directory as Hugging Face ships one: the qwen3-tiny-f32 fixture (vocab 512) with a
+  # small byte-level tokenizer.json (266 ids, Qwen3's chat tokens at 261-265) and a
+  # generation_config.json beside it; the tokenizer and the sampling defaults come from there.
+  set(tg_ckpt ${CMAKE_CURRENT_BINARY_DIR}/text-checkpoint)
+  file(COPY ${CMAKE_CURRENT_SOURCE_DIR}/data/fixtures/qwen3-tiny-f32/config.json
+            ${CMAKE_CURRENT_SOURCE_DIR}/data/fixtures/qwen3-tiny-f32/model.safetensors
+            ${CMAKE_CURRENT_SOURCE_DIR}/data/text/checkpoint-extras/tokenizer.json
+            ${CMAKE_CURRENT_SOURCE_DIR}/data/text/checkpoint-extras/generation_config.json
+       DESTINATION ${tg_ckpt})
+  add_test(NAME text-generate-checkpoint
+    COMMAND ${CMAKE_COMMAND} -DEXE=$<TARGET_FILE:attnkit-qwen3> -DTOKENIZER=${tg_ckpt}/tokenizer.json -DMODE=run
+            "-DARGS=--model|${tg_ckpt}|--prompt|hello there|--max-tokens|6|--seed|1"
+            "-DEXPECT_STDERR=tokenizer: .*/text-checkpoint/tokenizer.json, 266 tokens.*generation config: .*sampling: temperature 0.6, top-k 20, top-p 0.95"
+            -P ${tg_script})
   list(APPEND tg_tests text-generate-prompt text-generate-seed text-generate-greedy text-generate-chat
-       text-generate-interactive)
+       text-generate-interactive text-generate-checkpoint)
 
   # Errors that need the tokenizer: a prompt longer than the context (256 positions), a prompt
   # and --max-tokens together longer than it.
