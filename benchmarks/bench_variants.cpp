@@ -5,7 +5,9 @@
 //  prefill/<kv>/T:2048/<v>   causal attention_prefill of 2048 tokens, v one of
 //                            plain         the plain call (no variant argument)
 //                            alibi         Alibi{alibi_slopes(16)}
-//                            softcap       SoftCap{30}
+//                            softcap       SoftCap{30}: every score far inside the cap, tanh's short path
+//                            softcap_cap1  SoftCap{1}: scores beyond cap/4 in almost every vector,
+//                                          tanh's full rational path (the worst case)
 //                            sinks         Sinks{one random logit per head}
 //                            tuneable      QueryMetric{a random M [128, 128]}
 //                            rgqa          routed_attention_prefill, k_r = 1 of G = 2 (route_heads
@@ -61,13 +63,14 @@ using bench::kHkv;
 constexpr int kThreads = 2;
 constexpr std::int64_t kPrefillT = 2048, kDecodeT = 32768;
 
-enum class Kind { plain, alibi, softcap, sinks, tuneable, rgqa, output_scale };
+enum class Kind { plain, alibi, softcap, softcap_cap1, sinks, tuneable, rgqa, output_scale };
 
 const char* kind_name(Kind k) {
   switch (k) {
     case Kind::plain: return "plain";
     case Kind::alibi: return "alibi";
     case Kind::softcap: return "softcap";
+    case Kind::softcap_cap1: return "softcap_cap1";
     case Kind::sinks: return "sinks";
     case Kind::tuneable: return "tuneable";
     case Kind::rgqa: return "rgqa";
@@ -151,6 +154,7 @@ void BM_prefill_variant(benchmark::State& state, Kind kind) {
       case Kind::plain: return attention_prefill(qv, kv, vv, ov, mask, opt);
       case Kind::alibi: return attention_prefill(qv, kv, vv, ov, mask, opt, no_lse, make_variant(Alibi{p.slopes.data()}));
       case Kind::softcap: return attention_prefill(qv, kv, vv, ov, mask, opt, no_lse, make_variant(SoftCap{30.f}));
+      case Kind::softcap_cap1: return attention_prefill(qv, kv, vv, ov, mask, opt, no_lse, make_variant(SoftCap{1.f}));
       case Kind::sinks: return attention_prefill(qv, kv, vv, ov, mask, opt, no_lse, make_variant(Sinks{p.sinks.data()}));
       case Kind::tuneable: return attention_prefill(qv, kv, vv, ov, mask, opt, no_lse, make_variant(p.query_metric()));
       case Kind::rgqa: return routed_attention_prefill(qv, kv, vv, p.heads_view(), p.weights_view(), ov, mask, opt);
@@ -238,6 +242,7 @@ void BM_decode_variant(benchmark::State& state, Kind kind) {
       case Kind::plain: attention_decode<KV>(qv, kv, vv, ov, opt); break;
       case Kind::alibi: attention_decode<KV>(qv, kv, vv, ov, opt, no_lse, make_variant(Alibi{p.slopes.data()})); break;
       case Kind::softcap: attention_decode<KV>(qv, kv, vv, ov, opt, no_lse, make_variant(SoftCap{30.f})); break;
+      case Kind::softcap_cap1: attention_decode<KV>(qv, kv, vv, ov, opt, no_lse, make_variant(SoftCap{1.f})); break;
       case Kind::sinks: attention_decode<KV>(qv, kv, vv, ov, opt, no_lse, make_variant(Sinks{p.sinks.data()})); break;
       case Kind::tuneable: attention_decode<KV>(qv, kv, vv, ov, opt, no_lse, make_variant(p.query_metric())); break;
       case Kind::rgqa: routed_attention_decode<KV>(qv, kv, vv, p.heads_view(), p.weights_view(), ov, opt); break;
@@ -263,9 +268,10 @@ const bool registered = [] {
   const auto reg = [](const std::string& name, auto fn, Kind kind, benchmark::TimeUnit unit) {
     benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& s) { fn(s, kind); })->UseManualTime()->Unit(unit);
   };
-  const std::vector<Kind> prefill{Kind::plain, Kind::alibi, Kind::softcap,     Kind::sinks,
-                                  Kind::tuneable, Kind::rgqa, Kind::output_scale};
-  const std::vector<Kind> decode{Kind::plain, Kind::alibi, Kind::softcap, Kind::sinks, Kind::tuneable, Kind::rgqa};
+  const std::vector<Kind> prefill{Kind::plain, Kind::alibi,    Kind::softcap, Kind::softcap_cap1,
+                                  Kind::sinks, Kind::tuneable, Kind::rgqa,    Kind::output_scale};
+  const std::vector<Kind> decode{Kind::plain, Kind::alibi,    Kind::softcap, Kind::softcap_cap1,
+                                 Kind::sinks, Kind::tuneable, Kind::rgqa};
   const std::string pt = "/T:" + std::to_string(kPrefillT) + "/", dt = "/T:" + std::to_string(kDecodeT) + "/";
   for (Kind k : prefill) reg("prefill/f32" + pt + kind_name(k), BM_prefill_variant<float>, k, benchmark::kMillisecond);
   for (Kind k : prefill) reg("prefill/bf16" + pt + kind_name(k), BM_prefill_variant<bf16>, k, benchmark::kMillisecond);

@@ -133,6 +133,22 @@ inline fbatch<Arch> softcap(fbatch<Arch> s, float cap, float inv_cap) {
     return xsimd::max(xsimd::min(s, B(lim)), B(-lim));
   }();
   const B x = sc * B(inv_cap), x2 = x * x;
+  // Scores well inside the cap (|x| < 1/4: with a cap of 30, |s| < 7.5, most logits): tanh's
+  // Taylor series to x^9, truncation below 1e-8 relative, in 4 FMAs instead of the rational's 9
+  // plus a reciprocal. One test per vector keeps the result within the same few ulp either way.
+  const bool small = [&] {
+#if defined(__AVX512F__)
+    if constexpr (width<Arch> == 16)
+      return _mm512_cmp_ps_mask(xsimd::abs(x), _mm512_set1_ps(0.25f), _CMP_LT_OQ) == 0xFFFF;
+#endif
+    return xsimd::all(xsimd::abs(x) < B(0.25f));
+  }();
+  if (small) {
+    B t = xsimd::fma(x2, B(62.f / 2835.f), B(-17.f / 315.f));
+    t = xsimd::fma(x2, t, B(2.f / 15.f));
+    t = xsimd::fma(x2, t, B(-1.f / 3.f));
+    return xsimd::fma(sc * x2, t, sc);  // cap · (x + x^3 · t)
+  }
   B p = xsimd::fma(x2, B(-2.76076847742355e-16f), B(2.00018790482477e-13f));
   p = xsimd::fma(x2, p, B(-8.60467152213735e-11f));
   p = xsimd::fma(x2, p, B(5.12229709037114e-08f));
