@@ -497,10 +497,10 @@ const bool registered = [] {
       ->ArgNames({"T", "threads"})->Args({512, 2})->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(8);
   add("model/hybrid/prefill/bf16/exact", 3, BM_model_prefill, Precision::exact, std::string("hybrid"));
   add("model/hybrid/decode/bf16/kv:f32", 32, BM_model_decode, model::CacheType::f32, std::string("hybrid"));
-  for (const auto kv : {model::CacheType::f32, model::CacheType::bf16})
+  for (const auto kv : {model::CacheType::f32, model::CacheType::bf16, model::CacheType::int8})
     for (const char* v : {"plain", "hybrid"})
       benchmark::RegisterBenchmark((std::string("model/") + v + "/decode_context/bf16/kv:" +
-                                    (kv == model::CacheType::f32 ? "f32" : "bf16")).c_str(),
+                                    (kv == model::CacheType::f32 ? "f32" : kv == model::CacheType::bf16 ? "bf16" : "int8")).c_str(),
                                    BM_model_decode_context, kv, std::string(v))
           ->ArgNames({"T", "threads"})->Args({8192, 2})->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(16);
   for (const char* v : {"lt2-hybrid-1.3b", "lt2-gdn-dsa-1.3b"}) {
