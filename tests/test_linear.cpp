@@ -317,3 +317,163 @@ TEST_CASE("PackedLinear validates its arguments", "[linear]") {
                         Contains("PackedLinear::row: argument 'this': the layer is empty"));
   }
 }
+
+// ---- q8 weights --------------------------------------------------------------------------------
+
+namespace {
+
+// The format's scale rule, restated: amax / 127 rounded up to a bf16 value.
+float q8_scale_for(float amax) {
+  std::uint32_t u;
+  const float s = amax / 127.f;
+  std::memcpy(&u, &s, 4);
+  if (u & 0xffffu) u += 0x10000u;
+  u &= 0xffff0000u;
+  float r;
+  std::memcpy(&r, &u, 4);
+  return r;
+}
+
+// Packs random weights (f32 or bf16 source, NaN row padding) as q8; w = the dequantised stored
+// values (row()), checked against the format: every value is q · s with q an integer in
+// [-127, 127], s the group's scale, and |w - ŵ| <= s / 2 (half a step: amax / 254, so the
+// per-group max error is <= 2^-8 of the group's max up to the bf16 rounding of s, < 2^-8 · 1.008).
+Layer make_q8_layer(Rng& rng, std::int64_t N, std::int64_t K, bool bf16_source, float scale = 0.5f) {
+  const std::int64_t ldw = K + rng.integer(0, 3);
+  std::vector<float> wf(static_cast<std::size_t>(N * ldw), kNaN);
+  for (std::int64_t o = 0; o < N; ++o)
+    for (std::int64_t k = 0; k < K; ++k) wf[o * ldw + k] = rng.normal(scale);
+  Layer L;
+  if (bf16_source) {
+    std::vector<bf16> wb(wf.size());
+    for (std::size_t i = 0; i < wf.size(); ++i) wb[i] = bf16(wf[i]);
+    for (std::size_t i = 0; i < wf.size(); ++i) wf[i] = to_float(wb[i]);
+    L.lin = PackedLinear::pack_q8(wb.data(), N, K, ldw);
+  } else {
+    L.lin = PackedLinear::pack_q8(wf.data(), N, K, ldw);
+  }
+  L.w.resize(static_cast<std::size_t>(N * K));
+  for (std::int64_t o = 0; o < N; ++o) L.lin.row(o, L.w.data() + o * K);
+  for (std::int64_t o = 0; o < N; ++o)
+    for (std::int64_t k0 = 0; k0 < K; k0 += 32) {
+      float amax = 0.f;
+      for (std::int64_t k = k0; k < std::min(K, k0 + 32); ++k) amax = std::max(amax, std::fabs(wf[o * ldw + k]));
+      const float s = q8_scale_for(amax);
+      for (std::int64_t k = k0; k < std::min(K, k0 + 32); ++k) {
+        const float stored = L.w[o * K + k];
+        const double q = s > 0.f ? static_cast<double>(stored) / s : 0.0;
+        if (!(q == std::nearbyint(q) && std::fabs(q) <= 127.0 && std::fabs(stored - wf[o * ldw + k]) <= 0.5 * s))
+          FAIL("q8 value [" << o << ", " << k << "]: stored " << stored << " for " << wf[o * ldw + k] << ", scale " << s);
+      }
+    }
+  return L;
+}
+
+// x with each token's groups of 32 quantised as the VNNI path does: round(x · 127 / amax) · amax / 127.
+std::vector<float> quantise_activations(const Activations& a) {
+  std::vector<float> xq = a.x;
+  for (std::int64_t t = 0; t < a.T; ++t)
+    for (std::int64_t k0 = 0; k0 < a.K; k0 += 32) {
+      float amax = 0.f;
+      for (std::int64_t k = k0; k < std::min(a.K, k0 + 32); ++k) amax = std::max(amax, std::fabs(a.x[t * a.ldx + k]));
+      for (std::int64_t k = k0; k < std::min(a.K, k0 + 32); ++k) {
+        float& v = xq[t * a.ldx + k];
+        v = amax > 0.f ? std::nearbyint(v * (127.f / amax)) * (amax / 127.f) : 0.f;
+      }
+    }
+  return xq;
+}
+
+}  // namespace
+
+TEST_CASE("PackedLinear q8: quantisation within half a step, forward against the float64 reference", "[linear][q8]") {
+  const auto seed = attnkit::test::fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  for (const Shape& sh : test_shapes(rng)) {
+    for (const bool bf16_source : {false, true}) {
+      INFO("T=" << sh.T << " N=" << sh.N << " K=" << sh.K << " source=" << (bf16_source ? "bf16" : "f32"));
+      const Layer L = make_q8_layer(rng, sh.N, sh.K, bf16_source);
+      REQUIRE(L.lin.format() == LinearFormat::q8);
+      const std::int64_t blocks = (sh.N + 15) / 16, kq = (sh.K + 31) / 32;
+      CHECK(L.lin.bytes() == static_cast<std::size_t>(blocks * ((kq * 544 + 63) / 64 * 64)));
+      const Activations a = make_x(rng, sh.T, sh.K);
+      const std::int64_t ypad = rng.integer(0, 3);
+      // The reference multiplies the stored (dequantised) weights in float64.
+      const auto ref = ref::linear(a.x.data(), a.ldx, L.w.data(), sh.K, sh.T, sh.N, sh.K);
+      for (const bool amx : {true, false}) {
+        INFO("AMX allowed: " << amx);
+        const AmxSwitch sw(amx);
+        // exact: the int8 weights widened exactly, f32 activations: rel L2 <= 1e-5.
+        const Result ex = run(L.lin, a, {Precision::exact, 0, false}, ypad);
+        CHECK(ex.padding_untouched);
+        CHECK(attnkit::test::rel_l2(ex.dense, ref) <= 1e-5);
+        // fast: decode (<= 8 tokens) quantises the activations per group too: rel L2 <= 1e-5
+        // against the reference with those activations (and <= 2e-2 against the f32 ones);
+        // prefill on AMX rounds x and q·s to bf16 (<= 1e-2); on FMA it equals exact (<= 1e-5).
+        const Result fa = run(L.lin, a, {Precision::fast, 0, false}, ypad);
+        CHECK(fa.padding_untouched);
+        const bool amx_prefill = sh.T > 8 && detail::linear::amx_available();
+#if defined(ATTNKIT_LINEAR_VNNI)
+        if (sh.T <= 8) {
+          const auto xq = quantise_activations(a);
+          const auto ref_q = ref::linear(xq.data(), a.ldx, L.w.data(), sh.K, sh.T, sh.N, sh.K);
+          CHECK(attnkit::test::rel_l2(fa.dense, ref_q) <= 1e-5);
+          CHECK(attnkit::test::rel_l2(fa.dense, ref) <= 2e-2);
+          continue;
+        }
+#endif
+        CHECK(attnkit::test::rel_l2(fa.dense, ref) <= (amx_prefill ? 1e-2 : 1e-5));
+      }
+    }
+  }
+}
+
+TEST_CASE("PackedLinear q8: accumulate, thread counts, tiny and extreme groups, errors", "[linear][q8]") {
+  const auto seed = attnkit::test::fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  SECTION("accumulate adds to y; 1, 2 and 3 threads give the same bits") {
+    const std::vector<Shape> shapes = {{1, 37, 129}, {5, 16, 2}, {23, 70, 300}, {1, 2001, 301}, {4, 999, 257},
+                                       {37, 201, 300}, {rng.integer(1, 40), rng.integer(1, 90), rng.integer(1, 400)}};
+    for (const Shape& sh : shapes)
+      for (Precision prec : {Precision::exact, Precision::fast})
+        for (const bool amx : {true, false}) {
+          INFO("T=" << sh.T << " N=" << sh.N << " K=" << sh.K << " precision=" << (prec == Precision::exact ? "exact" : "fast")
+                    << " AMX allowed: " << amx);
+          const AmxSwitch sw(amx);
+          const Layer L = make_q8_layer(rng, sh.N, sh.K, true);
+          const Activations a = make_x(rng, sh.T, sh.K);
+          const std::vector<float> y0 = rng.normal_vec(static_cast<std::size_t>(sh.T * sh.N));
+          const auto ref = ref::linear(a.x.data(), a.ldx, L.w.data(), sh.K, sh.T, sh.N, sh.K, y0.data());
+          const Result r = run(L.lin, a, {prec, 0, true}, rng.integer(0, 3), &y0);
+          CHECK(r.padding_untouched);
+          CHECK(attnkit::test::rel_l2(r.dense, ref) <= (prec == Precision::exact ? 1e-5 : 2e-2));
+          const Result r1 = run(L.lin, a, {prec, 1, false}, 0), r2 = run(L.lin, a, {prec, 2, false}, 0),
+                       r3 = run(L.lin, a, {prec, 3, false}, 0);
+          CHECK(attnkit::test::bit_equal(r1.dense, r2.dense));
+          CHECK(attnkit::test::bit_equal(r1.dense, r3.dense));
+        }
+  }
+  SECTION("groups of zeros, of tiny and of huge magnitude keep their relative precision") {
+    // bf16 scales keep f32's range: a group at 1e-30 or 1e30 is quantised as finely as one at 1.
+    for (const float mag : {0.f, 1e-30f, 1e-6f, 1.f, 1e30f}) {
+      INFO("magnitude " << mag);
+      const Layer L = make_q8_layer(rng, 3, 70, false, mag);  // make_q8_layer checks |w - ŵ| <= s / 2
+      if (mag == 0.f)
+        for (float v : L.w) CHECK(v == 0.f);
+    }
+  }
+  SECTION("weights the format cannot hold are refused by name") {
+    std::vector<float> w(4 * 40, 0.25f);
+    w[2 * 40 + 33] = std::numeric_limits<float>::infinity();
+    REQUIRE_THROWS_WITH(PackedLinear::pack_q8(w.data(), 4, 40, 40),
+                        Catch::Contains("PackedLinear::pack_q8: weight [2, 33] is inf: int8 groups with a finite scale cannot hold it"));
+    w[2 * 40 + 33] = kNaN;
+    REQUIRE_THROWS_WITH(PackedLinear::pack_q8(w.data(), 4, 40, 40), Catch::Contains("weight [2, 33] is nan"));
+    REQUIRE_THROWS_WITH(PackedLinear::pack_q8(static_cast<const float*>(nullptr), 4, 40, 40),
+                        Catch::Contains("PackedLinear::pack_q8: argument 'w': null pointer"));
+    REQUIRE_THROWS_WITH(PackedLinear::pack_q8(w.data(), 4, 0, 40),
+                        Catch::Contains("PackedLinear::pack_q8: argument 'in_features': must be positive, got 0"));
+  }
+}

@@ -5,7 +5,9 @@
 //   y [tokens, out] (row stride >= out, inner dimension contiguous; must not overlap x)
 // Weights are packed into blocks of 16 output rows (zero-padded tails): bf16 weights as
 // [out/16][in/2 padded to 16][16][2] (K-pairs interleaved: the AVX512-BF16 / AMX operand
-// layout), f32 weights as [out/16][in][16]. forward() never re-packs.
+// layout), f32 weights as [out/16][in][16], q8 weights (pack_q8: int8 in groups of 32 along
+// `in` with a bf16 scale per row and group, GGUF Q8_0's information; detail/q8_kernels.hpp) as
+// [out/16][in/32][8][16][4] bytes then the scales. forward() never re-packs.
 //
 // Precision (bf16 weights):
 //  * exact: float32 products, float32 accumulation: the result of an fp32 GEMM (rel. error
@@ -17,6 +19,12 @@
 //    accumulation (llama.cpp's bf16 path), ~1e-3 relative error; AMX tiles with more than 8
 //    tokens when available, FMA otherwise.
 // f32 weights always use float32 FMA: fast is the same as exact for them.
+// Precision (q8 weights; the weights themselves carry the quantisation error, <= s/2 each):
+//  * exact: the int8 weights are widened exactly and multiplied with f32 activations (FMA).
+//  * fast: decode quantises the activations per token and group of 32 to int8 too (VNNI
+//    dot products, llama.cpp's Q8_0 path; ~1e-2 relative); prefill dequantises weight panels
+//    into bf16 AMX tiles (bf16(q · s), activations rounded to bf16) when AMX is available and
+//    into f32 FMA panels otherwise (exact prefill always uses the f32 panels).
 // Measured on this CPU class (2 threads): fp32 FMA ~425 GFLOP/s, vdpbf16ps ~213 (half), AMX
 // 0.8-2 TFLOP/s in these kernels, so no path uses vdpbf16ps.
 //
@@ -43,8 +51,15 @@
 #include "attnkit/core/threading.hpp"
 #include "attnkit/core/view.hpp"
 #include "attnkit/linalg/detail/linear_kernels.hpp"
+#include "attnkit/linalg/detail/q8_kernels.hpp"
 
 namespace attnkit {
+
+// How a PackedLinear stores its weights.
+enum class LinearFormat { f32, bf16, q8 };
+inline const char* linear_format_name(LinearFormat f) {
+  return f == LinearFormat::f32 ? "f32" : f == LinearFormat::bf16 ? "bf16" : "q8";
+}
 
 struct LinearOptions {
   Precision precision = Precision::exact;
@@ -91,6 +106,17 @@ inline float* panel_scratch(std::size_t floats) {
   return s.get(floats);
 }
 
+// The q8 paths' per-call buffers, taken on the calling thread before the parallel region (so no
+// worker allocates): quantised or padded activations, and one weight panel per worker.
+inline float* q8_activation_scratch(std::size_t floats) {
+  static thread_local Scratch s;
+  return s.get(floats);
+}
+inline float* q8_panel_scratch(std::size_t floats) {
+  static thread_local Scratch s;
+  return s.get(floats);
+}
+
 }  // namespace detail::linear
 
 class PackedLinear {
@@ -100,7 +126,7 @@ class PackedLinear {
   // Packs f32 weights w[out, in] (row stride ld_w) and keeps them as f32.
   static PackedLinear pack(const float* w, std::int64_t out_features, std::int64_t in_features, std::int64_t ld_w) {
     check_pack_args(w, out_features, in_features, ld_w, "PackedLinear::pack");
-    PackedLinear p(out_features, in_features, false);
+    PackedLinear p(out_features, in_features, LinearFormat::f32);
     float* dst = static_cast<float*>(p.data_.get());
     const std::int64_t K = in_features, N = out_features;
     parallel_for(p.blocks_, 0, [&](std::int64_t b) {
@@ -118,7 +144,7 @@ class PackedLinear {
   // Packs bf16 weights and keeps them as bf16 (bit-exact).
   static PackedLinear pack(const bf16* w, std::int64_t out_features, std::int64_t in_features, std::int64_t ld_w) {
     check_pack_args(w, out_features, in_features, ld_w, "PackedLinear::pack");
-    PackedLinear p(out_features, in_features, true);
+    PackedLinear p(out_features, in_features, LinearFormat::bf16);
     p.fill_bf16([&](std::int64_t o, std::int64_t k) { return w[o * ld_w + k].bits; });
     return p;
   }
@@ -127,14 +153,32 @@ class PackedLinear {
   static PackedLinear pack_as_bf16(const float* w, std::int64_t out_features, std::int64_t in_features,
                                    std::int64_t ld_w) {
     check_pack_args(w, out_features, in_features, ld_w, "PackedLinear::pack_as_bf16");
-    PackedLinear p(out_features, in_features, true);
+    PackedLinear p(out_features, in_features, LinearFormat::bf16);
     p.fill_bf16([&](std::int64_t o, std::int64_t k) { return bf16::round(w[o * ld_w + k]); });
+    return p;
+  }
+
+  // Quantises f32 or bf16 weights to q8 (groups of 32 along in_features, the last one
+  // zero-padded; see detail/q8_kernels.hpp). A weight that is not finite cannot be held: error.
+  static PackedLinear pack_q8(const float* w, std::int64_t out_features, std::int64_t in_features, std::int64_t ld_w) {
+    check_pack_args(w, out_features, in_features, ld_w, "PackedLinear::pack_q8");
+    PackedLinear p(out_features, in_features, LinearFormat::q8);
+    p.fill_q8([&](std::int64_t o, std::int64_t k0, int n, float* dst) { std::memcpy(dst, w + o * ld_w + k0, n * 4); });
+    return p;
+  }
+  static PackedLinear pack_q8(const bf16* w, std::int64_t out_features, std::int64_t in_features, std::int64_t ld_w) {
+    check_pack_args(w, out_features, in_features, ld_w, "PackedLinear::pack_q8");
+    PackedLinear p(out_features, in_features, LinearFormat::q8);
+    p.fill_q8([&](std::int64_t o, std::int64_t k0, int n, float* dst) {
+      for (int i = 0; i < n; ++i) dst[i] = static_cast<float>(w[o * ld_w + k0 + i]);
+    });
     return p;
   }
 
   std::int64_t out_features() const { return out_; }
   std::int64_t in_features() const { return in_; }
-  bool is_bf16() const { return is_bf16_; }
+  LinearFormat format() const { return format_; }
+  bool is_bf16() const { return format_ == LinearFormat::bf16; }
   // Bytes of packed weight storage (including the zero padding of the last block / odd K).
   std::size_t bytes() const { return bytes_; }
 
@@ -165,7 +209,9 @@ class PackedLinear {
     int nt = resolve_threads(opt.num_threads);
     if (macs < detail::linear::kMinParallelMacs) nt = 1;
     nt = static_cast<int>(std::min<std::int64_t>(nt, blocks_));
-    if (is_bf16_) forward_bf16(x, y, opt.precision == Precision::exact, opt.accumulate, nt);
+    const bool exact = opt.precision == Precision::exact;
+    if (format_ == LinearFormat::bf16) forward_bf16(x, y, exact, opt.accumulate, nt);
+    else if (format_ == LinearFormat::q8) forward_q8(x, y, exact, opt.accumulate, nt);
     else forward_f32(x, y, opt.accumulate, nt);
   }
 
@@ -176,7 +222,11 @@ class PackedLinear {
     ATTNKIT_REQUIRE(o >= 0 && o < out_, fn, ": argument 'o': row ", o, " out of range [0, ", out_, ")");
     ATTNKIT_REQUIRE(dst != nullptr, fn, ": argument 'dst': null pointer");
     const std::int64_t b = o / kBlock, l = o % kBlock;
-    if (is_bf16_) {
+    if (format_ == LinearFormat::q8) {
+      const std::int64_t kq = detail::linear::q8_groups(in_);
+      const std::uint8_t* blk = static_cast<const std::uint8_t*>(data_.get()) + b * detail::linear::q8_block_bytes(kq);
+      for (std::int64_t k = 0; k < in_; ++k) dst[k] = detail::linear::q8_value(blk, kq, static_cast<int>(l), k);
+    } else if (format_ == LinearFormat::bf16) {
       const std::uint16_t* blk = static_cast<const std::uint16_t*>(data_.get()) + b * kpairs_ * kBlock * 2;
       for (std::int64_t k = 0; k < in_; ++k) dst[k] = bf16::to_float(blk[((k / 2) * kBlock + l) * 2 + (k % 2)]);
     } else {
@@ -191,18 +241,20 @@ class PackedLinear {
 
   std::int64_t out_ = 0, in_ = 0, blocks_ = 0;
   std::int64_t kpairs_ = 0;  // stored K-pairs per block (bf16): ceil(in / 2) rounded up to kPairAlign
-  bool is_bf16_ = false;
+  LinearFormat format_ = LinearFormat::f32;
   std::size_t bytes_ = 0;
   std::shared_ptr<void> data_;  // immutable after packing: copies share it
 
-  PackedLinear(std::int64_t out, std::int64_t in, bool is_bf16)
+  PackedLinear(std::int64_t out, std::int64_t in, LinearFormat format)
       : out_(out),
         in_(in),
         blocks_((out + kBlock - 1) / kBlock),
         kpairs_(((in + 1) / 2 + kPairAlign - 1) / kPairAlign * kPairAlign),
-        is_bf16_(is_bf16) {
-    bytes_ = is_bf16 ? static_cast<std::size_t>(blocks_ * kpairs_ * kBlock) * 4
-                     : static_cast<std::size_t>(blocks_ * in_ * kBlock) * 4;
+        format_(format) {
+    bytes_ = format == LinearFormat::bf16 ? static_cast<std::size_t>(blocks_ * kpairs_ * kBlock) * 4
+             : format == LinearFormat::q8
+                 ? static_cast<std::size_t>(blocks_ * detail::linear::q8_block_bytes(detail::linear::q8_groups(in)))
+                 : static_cast<std::size_t>(blocks_ * in_ * kBlock) * 4;
     data_ = allocate_aligned_shared(bytes_);  // huge pages: decode streams these bytes every token
   }
 
@@ -234,14 +286,38 @@ class PackedLinear {
     });
   }
 
+  // get(o, k0, n, dst): dst[0..n) = W[o, k0 .. k0 + n) as float, for o < out, k0 + n <= in.
+  template <class Get>
+  void fill_q8(Get&& get) {
+    namespace L = detail::linear;
+    std::uint8_t* dst = static_cast<std::uint8_t*>(data_.get());
+    const std::int64_t kq = L::q8_groups(in_), ldw = L::q8_block_bytes(kq);
+    parallel_for(blocks_, 0, [&](std::int64_t b) {
+      std::uint8_t* blk = dst + b * ldw;
+      auto* scales = reinterpret_cast<std::uint16_t*>(blk + kq * L::kQ8GroupBytes);
+      std::memset(blk, 128, static_cast<std::size_t>(kq * L::kQ8GroupBytes));  // padded rows: q = 0
+      std::memset(scales, 0, static_cast<std::size_t>(ldw - kq * L::kQ8GroupBytes));
+      float group[L::kQ8Group];
+      for (int l = 0; l < kBlock && b * kBlock + l < out_; ++l)
+        for (std::int64_t g = 0; g < kq; ++g) {
+          const std::int64_t o = b * kBlock + l, k0 = g * L::kQ8Group;
+          const int n = static_cast<int>(std::min<std::int64_t>(L::kQ8Group, in_ - k0));
+          get(o, k0, n, group);
+          for (int i = 0; i < n; ++i)
+            ATTNKIT_REQUIRE(std::isfinite(group[i]), "PackedLinear::pack_q8: weight [", o, ", ", k0 + i, "] is ",
+                            group[i], ": int8 groups with a finite scale cannot hold it");
+          L::q8_quantize_group(group, n, l, blk + g * L::kQ8GroupBytes, scales + g * kBlock + l);
+        }
+    });
+  }
+
   // Thread t's contiguous range of packed blocks.
   std::int64_t block_begin(int t, int nt) const { return blocks_ * t / nt; }
 
   // Tile loop for one thread over its blocks [b0, b1) and tokens [0, mc) of a chunk: strips
   // of up to kNB blocks (strip(bs, nb) runs first), then token tiles of up to kMR.
-  template <class Pick, class Strip, class Run>
+  template <int kMR = detail::linear::kMR, class Pick, class Strip, class Run>
   void tile_loop(std::int64_t b0, std::int64_t b1, std::int64_t mc, Pick&& pick, Strip&& strip, Run&& run) const {
-    using detail::linear::kMR;
     using detail::linear::kNB;
     for (std::int64_t bs = b0; bs < b1; bs += kNB) {
       const int nb = static_cast<int>(std::min<std::int64_t>(kNB, b1 - bs));
@@ -262,7 +338,13 @@ class PackedLinear {
     const std::int64_t T = x.shape[0], K = in_, KP = (in_ + 1) / 2;
 #if defined(ATTNKIT_LINEAR_AMX)
     if (T > L::kMR && L::amx_available())
-      return exact ? forward_bf16_amx<3>(x, y, accumulate, nt) : forward_bf16_amx<1>(x, y, accumulate, nt);
+    {
+      const std::uint32_t* W = static_cast<const std::uint32_t*>(data_.get());
+      const std::int64_t ldw = kpairs_ * kBlock;
+      auto stored = [&](int, std::int64_t bs, int) { return W + bs * ldw; };
+      return exact ? forward_amx<3>(x, y, accumulate, nt, kpairs_, ldw, stored)
+                   : forward_amx<1>(x, y, accumulate, nt, kpairs_, ldw, stored);
+    }
 #endif
     const std::int64_t MC = std::min<std::int64_t>(L::kMC, T);
     const std::int64_t ldr = (K + 15) / 16 * 16;  // rounded-activation row stride
@@ -319,12 +401,15 @@ class PackedLinear {
 #if defined(ATTNKIT_LINEAR_AMX)
   // Prefill on AMX: activations split into P bf16 planes once per token chunk (P = 1: fast,
   // P = 3: exact), then 32-token x 32-output register tiles over all of K (the accumulators
-  // are tiles, so there is no K blocking).
-  template <int P>
-  void forward_bf16_amx(ConstView2<float> x, View2<float> y, bool accumulate, int nt) const {
+  // are tiles, so there is no K blocking). strip(t, bs, nw) gives worker t's B-tile layout
+  // weights of blocks [bs, bs + nw) (kpairs K-pairs per block, ldw uint32 apart): the packed
+  // bf16 weights themselves, or a dequantised q8 panel.
+  template <int P, class Strip>
+  void forward_amx(ConstView2<float> x, View2<float> y, bool accumulate, int nt, std::int64_t kpairs, std::int64_t ldw,
+                   Strip&& strip) const {
     namespace L = detail::linear;
     const std::int64_t T = x.shape[0], K = in_;
-    const std::int64_t lda = 2 * kpairs_ + 32;  // bf16 per activation row; +64 bytes against 4 KiB aliasing
+    const std::int64_t lda = 2 * kpairs + 32;  // bf16 per activation row; +64 bytes against 4 KiB aliasing
     // Token chunk: the chunk's activation planes are re-read for every weight strip, so they
     // should stay in L2 (kAmxChunkBytes); 32..kMCAmx tokens.
     const std::int64_t fit = L::kAmxChunkBytes / (P * lda * 2) / 32 * 32;
@@ -332,8 +417,7 @@ class PackedLinear {
     const std::int64_t plane = MC * lda;
     std::uint16_t* xb =
         reinterpret_cast<std::uint16_t*>(L::activation_scratch(static_cast<std::size_t>(P * plane / 2)));
-    const std::uint32_t* W = static_cast<const std::uint32_t*>(data_.get());
-    const std::int64_t ldw = kpairs_ * kBlock, ksteps = kpairs_ / kPairAlign;
+    const std::int64_t ksteps = kpairs / kPairAlign;
     auto body = [&](int t, int nthreads) {
       const std::int64_t b0 = block_begin(t, nthreads), b1 = block_begin(t + 1, nthreads);
       alignas(64) float c[4 * 256];
@@ -346,9 +430,10 @@ class PackedLinear {
         barrier(nthreads);
         for (std::int64_t bs = b0; bs < b1; bs += 2) {
           const int nw = static_cast<int>(std::min<std::int64_t>(2, b1 - bs));
+          const std::uint32_t* w = strip(t, bs, nw);
           for (std::int64_t t0 = 0; t0 < mc; t0 += 32) {
             const int na = mc - t0 > 16 ? 2 : 1;
-            L::pick_amx<P>(na, nw)(xb + t0 * lda, lda * 2, plane * 2, W + bs * ldw, ldw, ksteps, c);
+            L::pick_amx<P>(na, nw)(xb + t0 * lda, lda * 2, plane * 2, w, ldw, ksteps, c);
             for (int a = 0; a < na; ++a)
               for (int b = 0; b < nw; ++b) {
                 const std::int64_t o0 = (bs + b) * kBlock;
@@ -371,6 +456,85 @@ class PackedLinear {
     run_parallel(nt, body);
   }
 #endif
+
+  void forward_q8(ConstView2<float> x, View2<float> y, bool exact, bool accumulate, int nt) const {
+    namespace L = detail::linear;
+    const std::int64_t T = x.shape[0], K = in_, kq = L::q8_groups(K), KQ = kq * L::kQ8Group;
+    const std::uint8_t* W = static_cast<const std::uint8_t*>(data_.get());
+    const std::int64_t ldw = L::q8_block_bytes(kq);
+    auto none = [](std::int64_t, int) {};
+    if (T <= L::kMR) {
+      // Decode: each weight byte is read once (a strip's token tiles share it in L1). The
+      // activations are prepared here: int8 per group (fast, VNNI) or zero-padded f32 (exact).
+#if defined(ATTNKIT_LINEAR_VNNI)
+      if (!exact) {
+        // Per token: KQ int8, then kq scales and kq corrections (4-byte aligned: KQ % 32 == 0).
+        const std::int64_t row_bytes = KQ + 8 * kq;
+        auto* buf = reinterpret_cast<std::uint8_t*>(L::q8_activation_scratch(static_cast<std::size_t>(T * row_bytes / 4)));
+        auto* xq = reinterpret_cast<std::int8_t*>(buf);
+        auto* xs = reinterpret_cast<float*>(buf + T * KQ);
+        auto* xc = reinterpret_cast<std::int32_t*>(buf + T * KQ + 4 * T * kq);
+        for (std::int64_t r = 0; r < T; ++r)
+          L::q8_quantize_activations(x.data + r * x.stride[0], K, xq + r * KQ, xs + r * kq, xc + r * kq);
+        run_parallel(nt, [&](int t, int nthreads) {
+          tile_loop<L::kQ8MR>(block_begin(t, nthreads), block_begin(t + 1, nthreads), T,
+                              [](int mr, int nb) { return L::pick_q8_vnni(mr, nb); }, none,
+                              [&](L::KernelQ8Vnni kern, std::int64_t bs, std::int64_t t0, int last_lanes) {
+                                kern(xq + t0 * KQ, KQ, xs + t0 * kq, xc + t0 * kq, kq, W + bs * ldw, ldw, kq,
+                                     y.data + t0 * y.stride[0] + bs * kBlock, y.stride[0], last_lanes, accumulate);
+                              });
+        });
+        return;
+      }
+#endif
+      float* xp = L::q8_activation_scratch(static_cast<std::size_t>(T * KQ));
+      for (std::int64_t r = 0; r < T; ++r) {
+        std::memcpy(xp + r * KQ, x.data + r * x.stride[0], static_cast<std::size_t>(K) * sizeof(float));
+        std::fill(xp + r * KQ + K, xp + (r + 1) * KQ, 0.f);
+      }
+      run_parallel(nt, [&](int t, int nthreads) {
+        tile_loop<L::kQ8MR>(block_begin(t, nthreads), block_begin(t + 1, nthreads), T,
+                            [](int mr, int nb) { return L::pick_q8_f32(mr, nb); }, none,
+                            [&](L::KernelQ8F32 kern, std::int64_t bs, std::int64_t t0, int last_lanes) {
+                              kern(xp + t0 * KQ, KQ, W + bs * ldw, ldw, kq, y.data + t0 * y.stride[0] + bs * kBlock,
+                                   y.stride[0], last_lanes, accumulate);
+                            });
+      });
+      return;
+    }
+#if defined(ATTNKIT_LINEAR_AMX)
+    if (!exact && L::amx_available()) {
+      // One dequantised bf16 strip (2 blocks, all of K) per worker, re-made per token chunk.
+      const std::int64_t kpairs = kq * (L::kQ8Group / 2), ldp = kpairs * kBlock;
+      auto* panels = reinterpret_cast<std::uint32_t*>(L::q8_panel_scratch(static_cast<std::size_t>(nt * 2 * ldp)));
+      return forward_amx<1>(x, y, accumulate, nt, kpairs, ldp, [&](int t, std::int64_t bs, int nw) {
+        std::uint32_t* panel = panels + t * 2 * ldp;
+        L::q8_widen_panel_bf16(W + bs * ldw, ldw, kq, nw, panel);
+        return static_cast<const std::uint32_t*>(panel);
+      });
+    }
+#endif
+    // Prefill on FMA: a K block (kKC, whole groups) of a strip widened once into an f32 panel.
+    const std::int64_t GC = L::kKC / L::kQ8Group, panel_floats = L::kNB * L::kKC * kBlock;
+    float* panels = L::q8_panel_scratch(static_cast<std::size_t>(nt * panel_floats));
+    run_parallel(nt, [&](int t, int nthreads) {
+      const std::int64_t b0 = block_begin(t, nthreads), b1 = block_begin(t + 1, nthreads);
+      float* panel = panels + t * panel_floats;
+      for (std::int64_t m0 = 0; m0 < T; m0 += L::kMC) {
+        const std::int64_t mc = std::min(L::kMC, T - m0);
+        for (std::int64_t g0 = 0; g0 < kq; g0 += GC) {
+          const std::int64_t ng = std::min(GC, kq - g0), k0 = g0 * L::kQ8Group, kc = std::min(ng * L::kQ8Group, K - k0);
+          tile_loop(
+              b0, b1, mc, [](int mr, int nb) { return L::pick_f32<false>(mr, nb); },
+              [&](std::int64_t bs, int nb) { L::q8_widen_panel(W + bs * ldw, ldw, kq, nb, g0, ng, panel); },
+              [&](L::KernelF32 kern, std::int64_t bs, std::int64_t t0, int last_lanes) {
+                kern(x.data + (m0 + t0) * x.stride[0] + k0, x.stride[0], panel, ng * L::kQ8Group * kBlock, kc,
+                     y.data + (m0 + t0) * y.stride[0] + bs * kBlock, y.stride[0], last_lanes, accumulate || g0 > 0);
+              });
+        }
+      }
+    });
+  }
 
   void forward_f32(ConstView2<float> x, View2<float> y, bool accumulate, int nt) const {
     namespace L = detail::linear;
