@@ -20,7 +20,7 @@
 //
 // linear_peak() says which of these ceilings a PackedLinear call runs against (the one place
 // that knows PackedLinear's code paths): AMX for bf16 weights with more than 8 tokens where AMX
-// is usable (Precision fast and exact alike), the fp32 FMA peak otherwise (bf16 weights are
+// is usable (Precision fast and exact alike) and for q8 weights under fast, the fp32 FMA peak otherwise (bf16 weights are
 // widened to f32; no linear path uses vdpbf16ps). attention_prefill_peak() does the same for
 // attention_prefill (AMX under Precision::fast, FMA under exact). No kernel path of the library
 // runs on vdpbf16ps today; bf16_gflops is the ceiling for one that would.
@@ -358,10 +358,12 @@ struct Peak {
 // bf16 weights and more than 8 tokens go to AMX tiles where AMX is usable, Precision fast (one
 // bf16 plane) or exact (three); everything else (decode-sized calls, f32 weights, no AMX) runs
 // on float32 FMAs (bf16 weights widened to f32).
-inline Peak linear_peak(bool bf16_weights, Precision precision, std::int64_t tokens) {
+inline Peak linear_peak(LinearFormat format, Precision precision, std::int64_t tokens) {
   const Roofline& r = roofline();
-  if (bf16_weights && tokens > detail::linear::kMR && detail::linear::amx_available() && r.amx_bf16_gflops > 0)
-    return {"amx", r.amx_bf16_gflops, precision == Precision::exact ? 3 : 1};
+  const bool amx = tokens > detail::linear::kMR && detail::linear::amx_available() && r.amx_bf16_gflops > 0;
+  // q8 prefill: dequantised bf16 tiles under fast, f32 FMA panels under exact.
+  if (amx && format == LinearFormat::bf16) return {"amx", r.amx_bf16_gflops, precision == Precision::exact ? 3 : 1};
+  if (amx && format == LinearFormat::q8 && precision == Precision::fast) return {"amx", r.amx_bf16_gflops, 1};
   return {"fma", r.fma_gflops, 1};
 }
 

@@ -60,7 +60,8 @@ model (default: a built-in small deterministic random Qwen3, nothing to download
   --attnres-form open|kimi Attention Residuals form of a random model (open-attention-residuals or Kimi's)
   --loops N                loop a random model's layer stack N times (a cache per loop and layer)
   --allow-unused           load a checkpoint even if some tensors or config fields go unused (warns)
-  --dtype f32|bf16         weight type for --random and the default model (default bf16)
+  --dtype f32|bf16|q8      weight type for --random and the default model (default bf16); q8 (8-bit
+                           weights in groups of 32, quantised at load) also applies to --model
   --seed N                 seed of the random weights and of sampling (default 0)
 input (default: --prompt-len 32 random ids):
   --ids 1,2,3              token ids
@@ -400,7 +401,7 @@ int main(int argc, char** argv) {
     else if (a == "--random") random_name = value();
     else if (a == "--dtype") {
       dtype = value();
-      if (dtype != "f32" && dtype != "bf16") die("--dtype: expected f32 or bf16, got '" + dtype + "'");
+      if (dtype != "f32" && dtype != "bf16" && dtype != "q8") die("--dtype: expected f32, bf16 or q8, got '" + dtype + "'");
     } else if (a == "--seed") seed = parse_int(value(), "--seed");
     else if (a == "--ids") ids_arg = value();
     else if (a == "--ids-from") ids_from = value();
@@ -515,11 +516,12 @@ int main(int argc, char** argv) {
     // ---- model
     const auto t_load = Clock::now();
     const bool builtin = model_dir.empty() && random_name.empty();
-    const auto wtype = dtype == "f32" ? model::WeightType::f32 : model::WeightType::bf16;
+    const auto wtype = dtype == "f32" ? model::WeightType::f32 : dtype == "q8" ? model::WeightType::q8 : model::WeightType::bf16;
     const model::Registry registry = model::default_registry();
     model::LoadOptions lo;
     lo.registry = &registry;
     if (allow_unused) lo.unused = model::Unused::warn;
+    if (wtype == model::WeightType::q8) lo.weights = wtype;  // a checkpoint keeps its type otherwise
     model::Qwen3Model m = [&] {
       if (!model_dir.empty()) return model::Qwen3Model::load(model_dir, lo);
       auto [j, where] = builtin ? std::pair{builtin_config(), std::string("built-in default")} : named_config(random_name);

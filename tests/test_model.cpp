@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -341,3 +342,82 @@ TEST_CASE("model errors name the problem", "[model][errors]") {
   REQUIRE_THROWS_WITH(model::Qwen3Model::build(cfg, rnd, empty), Catch::Contains("no token mixer registered"));
   fs::remove_all(tmp);
 }
+
+namespace {
+// The tensors of another source, with one of them overwritten by +inf at one element.
+struct PoisonOneSource final : model::TensorSource {
+  const model::TensorSource& inner;
+  std::string target;
+  PoisonOneSource(const model::TensorSource& in, std::string t) : inner(in), target(std::move(t)) {}
+  bool contains(const std::string& n) const override { return inner.contains(n); }
+  model::HostTensor get(const std::string& n, const std::vector<std::int64_t>& shape) const override {
+    model::HostTensor h = inner.get(n, shape);
+    if (n == target) {
+      h.owned_f32 = h.to_f32();
+      h.owned_f32[7] = std::numeric_limits<float>::infinity();
+      h.type = model::WeightType::f32;
+      h.data = h.owned_f32.data();
+    }
+    return h;
+  }
+  std::string describe() const override { return "poisoned " + inner.describe(); }
+};
+}  // namespace
+
+TEST_CASE("q8 weights: fixture logits within the 8-bit bound; decode and chunks agree", "[model][q8]") {
+  // 8-bit weights (groups of 32) perturb each weight by up to half a step (amax / 254, RMS
+  // ~0.6% of a normal group's σ): the logits of these tiny random-weight checkpoints move by
+  // 1.6-1.9% (rel L2, measured), the bound is 3e-2; the Qwen3.5 hybrid's Gated DeltaNet gates
+  // and decays amplify it (4.6% measured, bound 6e-2).
+  for (const char* name : {"qwen3-tiny-f32", "qwen3-tiny-bf16", "qwen3-tiny-swa", "qwen35-hybrid-tiny"}) {
+    INFO(name);
+    const double bound = std::string(name) == "qwen35-hybrid-tiny" ? 6e-2 : 3e-2;
+    auto f = io::SafetensorsFile::open(fixture(name) / "reference.safetensors");
+    Reference ref;
+    ref.ids = io::to_i64(f.tensor("input_ids"));
+    ref.logits = io::to_f32(f.tensor("logits"));
+    model::LoadOptions lo;
+    lo.weights = model::WeightType::q8;
+    const model::Qwen3Model m = model::Qwen3Model::load(fixture(name), lo);
+    const model::Qwen3Model plain = model::Qwen3Model::load(fixture(name));
+    CHECK(m.weight_type() == model::WeightType::q8);
+    CHECK(m.source().find("linear layers packed as q8") != std::string::npos);
+    CHECK(m.weight_bytes() < plain.weight_bytes());
+    const auto logits = prefill_logits(m, ref.ids);
+    const double err = test::rel_l2(logits, ref.logits);
+    CHECK(err <= bound);
+    CHECK(err > 1e-5);  // really quantised
+    // Exact arithmetic on the same int8 weights: decode and chunks equal prefill to f32 rounding.
+    CHECK(test::rel_l2(decode_logits(m, ref.ids), logits) <= 1e-5);
+    CHECK(test::rel_l2(chunked_logits(m, ref.ids, {3, 4}), logits) <= 1e-5);
+    // Precision::fast also quantises the activations in decode (VNNI dot products): a little
+    // further from the reference, and no longer the exact product of the int8 weights.
+    model::ForwardOptions fast;
+    fast.precision = Precision::fast;
+    fast.logits = model::LogitsRows::last;
+    const std::int64_t T = static_cast<std::int64_t>(ref.ids.size()), V = m.config().vocab_size;
+    std::vector<float> fast_decode(static_cast<std::size_t>(T * V));
+    test::poison(fast_decode);
+    auto s = m.new_session();
+    for (std::int64_t t = 0; t < T; ++t)
+      m.forward(s, std::span<const std::int64_t>(&ref.ids[t], 1), View2<float>(fast_decode.data() + t * V, {1, V}), fast);
+    CHECK(test::rel_l2(fast_decode, ref.logits) <= 1.5 * bound);
+    fast.logits = model::LogitsRows::all;
+    CHECK(test::rel_l2(prefill_logits(m, ref.ids, fast), ref.logits) <= 1.5 * bound);
+  }
+  // A weight the format cannot hold is refused with the tensor's name.
+  const model::RandomSource rnd(model::WeightType::bf16, 3);
+  const PoisonOneSource poisoned(rnd, "model.layers.0.mlp.down_proj.weight");
+  nlohmann::json j = nlohmann::json::parse(std::ifstream(fixture("qwen3-tiny-f32") / "config.json"));
+  model::LoadOptions lo;
+  lo.weights = model::WeightType::q8;
+  REQUIRE_THROWS_WITH(model::Qwen3Model::compose(io::Qwen3Config::from_json(j, "test"), poisoned, lo),
+                      Catch::Contains("model.layers.0.mlp.down_proj.weight: PackedLinear::pack_q8: weight [0, 7] is inf"));
+  // Random q8 models are bf16 weights quantised at load.
+  const auto cfg = io::Qwen3Config::from_json(j, "test");
+  const auto q = model::Qwen3Model::random(cfg, model::WeightType::q8, 5);
+  CHECK(q.weight_type() == model::WeightType::q8);
+  const std::vector<std::int64_t> ids = {1, 5, 9, 2, 7};
+  CHECK(test::rel_l2(prefill_logits(q, ids), prefill_logits(model::Qwen3Model::random(cfg, model::WeightType::bf16, 5), ids)) <= 3e-2);
+}
+

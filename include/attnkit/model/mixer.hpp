@@ -12,6 +12,8 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "attnkit/core/error.hpp"
 #include "attnkit/core/view.hpp"
@@ -109,10 +111,30 @@ class MixerRegistry {
   std::map<std::string, MixerFactory> factories_;
 };
 
-// Packs a linear layer from a source tensor [out, in], keeping its storage type.
+// Packs a dense [out, in] matrix of f32 or bf16 values as `as` (q8 quantises; bf16 rounds
+// f32 values; f32 widens bf16 ones, exactly). `what` names it in errors.
+template <class T>
+PackedLinear pack_as(const T* w, std::int64_t out, std::int64_t in, WeightType as, const std::string& what) {
+  try {
+    if (as == WeightType::q8) return PackedLinear::pack_q8(w, out, in, in);
+    if constexpr (std::is_same_v<T, float>) {
+      return as == WeightType::bf16 ? PackedLinear::pack_as_bf16(w, out, in, in) : PackedLinear::pack(w, out, in, in);
+    } else {
+      if (as == WeightType::bf16) return PackedLinear::pack(w, out, in, in);
+      std::vector<float> f(static_cast<std::size_t>(out * in));
+      convert(w, f.data(), out * in);
+      return PackedLinear::pack(f.data(), out, in, in);
+    }
+  } catch (const Error& e) {
+    throw Error(what + ": " + e.what());
+  }
+}
+
+// Packs a linear layer from a source tensor [out, in]: as stored, or as t.pack_as.
 inline PackedLinear pack_linear(const HostTensor& t) {
   const std::int64_t out = t.shape.at(0), in = t.shape.at(1);
-  return t.type == WeightType::bf16 ? PackedLinear::pack(t.bf16_data(), out, in, in) : PackedLinear::pack(t.f32(), out, in, in);
+  const WeightType as = t.pack_as.value_or(t.type);
+  return t.type == WeightType::bf16 ? pack_as(t.bf16_data(), out, in, as, t.name) : pack_as(t.f32(), out, in, as, t.name);
 }
 
 // Packs several [out_i, in] tensors as one [sum out_i, in] linear layer (fused q/k/v or
@@ -124,6 +146,9 @@ inline PackedLinear pack_fused(const std::vector<const HostTensor*>& parts) {
     ATTNKIT_REQUIRE(p->shape.at(1) == in && p->type == parts[0]->type, "pack_fused: parts differ in width or type");
     out += p->shape[0];
   }
+  std::string names;
+  for (auto* p : parts) names += (names.empty() ? "" : " + ") + p->name;
+  const WeightType as = parts[0]->pack_as.value_or(parts[0]->type);
   auto concat = [&](auto tag) {
     using T = decltype(tag);
     std::vector<T> w(static_cast<std::size_t>(out * in));
@@ -132,7 +157,7 @@ inline PackedLinear pack_fused(const std::vector<const HostTensor*>& parts) {
       std::memcpy(w.data() + row * in, p->data, static_cast<std::size_t>(p->numel()) * sizeof(T));
       row += p->shape[0];
     }
-    return PackedLinear::pack(w.data(), out, in, in);
+    return pack_as(w.data(), out, in, as, names);
   };
   return parts[0]->type == WeightType::bf16 ? concat(bf16{}) : concat(float{});
 }

@@ -114,6 +114,9 @@ struct LoadOptions {
   Unused unused = Unused::error;
   // With Unused::warn, where the warnings go (null: standard error).
   std::function<void(const std::string&)> on_warning;
+  // How the linear layers (projections, MLPs, embeddings and head) are packed: unset keeps the
+  // checkpoint's type; WeightType::q8 quantises them at load (8-bit weights, groups of 32).
+  std::optional<WeightType> weights;
 };
 
 class Qwen3Model {
@@ -149,11 +152,13 @@ class Qwen3Model {
   static Qwen3Model load(const std::filesystem::path& dir, const LoadOptions& opt = {});
 
   // Deterministic random weights for any config a recipe accepts (benchmarks, the built-in model).
+  // q8: random bf16 weights quantised at load, as a bf16 checkpoint loaded with weights = q8.
   static Qwen3Model random(const io::Qwen3Config& config, WeightType type, std::uint64_t seed = 0,
                            const Registry* registry = nullptr) {
-    RandomSource src(type, seed);
+    RandomSource src(type == WeightType::q8 ? WeightType::bf16 : type, seed);
     LoadOptions opt;
     opt.registry = registry;
+    if (type == WeightType::q8) opt.weights = type;
     return compose(config, src, opt);
   }
 
@@ -435,8 +440,10 @@ inline void Qwen3Model::forward(Session& s, std::span<const std::int64_t> ids, V
   s.position_ += T;
 }
 
-inline Qwen3Model Qwen3Model::compose(const io::Qwen3Config& config, const TensorSource& source,
+inline Qwen3Model Qwen3Model::compose(const io::Qwen3Config& config, const TensorSource& stored,
                                       const LoadOptions& opt) {
+  const PackAsSource packed_as(stored, opt.weights.value_or(WeightType::f32));
+  const TensorSource& source = opt.weights ? static_cast<const TensorSource&>(packed_as) : stored;
   const Registry fallback = opt.registry ? Registry{} : default_registry();
   const Registry& reg = opt.registry ? *opt.registry : fallback;
   config.validate(config.source);
@@ -452,6 +459,7 @@ inline Qwen3Model Qwen3Model::compose(const io::Qwen3Config& config, const Tenso
     for (auto& t : config.layer_types) plan.mixers.push_back(t.name);
   Qwen3Model m;
   m.init(config, source, fields, plan.norm_weight_offset);
+  if (opt.weights) m.weight_type_ = *opt.weights;
   m.recipe_ = recipe.name;
   BuildContext ctx{m.config_, source, m.rope_, fields, 1, {}, plan.norm_weight_offset};
   m.stack_ = reg.stack(plan.stack, ctx);

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -25,13 +26,22 @@
 
 namespace attnkit::model {
 
-enum class WeightType { f32, bf16 };
-inline const char* weight_type_name(WeightType t) { return t == WeightType::f32 ? "f32" : "bf16"; }
+// How weights are held: f32 and bf16 are storage types (a checkpoint's, kept as stored); q8 is
+// a packing of the linear layers only (int8 groups of 32 with a scale each, quantised at load:
+// PackedLinear::pack_q8); norms and other small vectors stay float.
+enum class WeightType { f32, bf16, q8 };
+inline const char* weight_type_name(WeightType t) {
+  return t == WeightType::f32 ? "f32" : t == WeightType::bf16 ? "bf16" : "q8";
+}
 
 // A tensor handed to a builder. Move-only: `data` points either into a mapping that outlives the
 // build, or into this object's own storage.
 struct HostTensor {
-  WeightType type = WeightType::f32;
+  WeightType type = WeightType::f32;  // storage: f32 or bf16
+  std::string name;
+  // How pack_linear packs it when it is a linear layer's weight (unset: as stored). Set by
+  // PackAsSource for every tensor it hands out.
+  std::optional<WeightType> pack_as;
   std::vector<std::int64_t> shape;
   const void* data = nullptr;
   std::vector<float> owned_f32;
@@ -98,6 +108,7 @@ class CheckpointSource : public TensorSource {
     const io::TensorInfo& t = ckpt_.tensor(name, std::span<const std::int64_t>(shape.data(), shape.size()));
     ignore(name);
     HostTensor h;
+    h.name = name;
     h.shape = shape;
     // Zero-copy when the data is aligned for its type (files written by Python's safetensors
     // are); otherwise (a writer that packs tensors tightly) copy to aligned memory.
@@ -158,10 +169,14 @@ class CheckpointSource : public TensorSource {
 // E[U Uᵀ] = I and the layer starts near plain attention (a random metric, not an orthogonal U).
 class RandomSource : public TensorSource {
  public:
-  RandomSource(WeightType type, std::uint64_t seed, float stddev = 0.02f) : type_(type), seed_(seed), stddev_(stddev) {}
+  RandomSource(WeightType type, std::uint64_t seed, float stddev = 0.02f) : type_(type), seed_(seed), stddev_(stddev) {
+    ATTNKIT_REQUIRE(type != WeightType::q8, "RandomSource: q8 is a packing, not a storage type: make bf16 weights and ",
+                    "pack them as q8 (PackAsSource, LoadOptions::weights)");
+  }
   bool contains(const std::string&) const override { return true; }
   HostTensor get(const std::string& name, const std::vector<std::int64_t>& shape) const override {
     HostTensor h;
+    h.name = name;
     h.shape = shape;
     const std::int64_t n = h.numel();
     const bool ones = is_norm_weight(name) || ends_with(name, ".dt_bias");
@@ -236,6 +251,31 @@ class RandomSource : public TensorSource {
   WeightType type_;
   std::uint64_t seed_;
   float stddev_;
+};
+
+// Another source's tensors, with every linear layer packed as `type` (q8: quantised at load;
+// bf16 / f32: converted). Everything else passes through. The inner source must outlive this one.
+class PackAsSource : public TensorSource {
+ public:
+  PackAsSource(const TensorSource& inner, WeightType type) : inner_(inner), type_(type) {}
+  bool contains(const std::string& name) const override { return inner_.contains(name); }
+  HostTensor get(const std::string& name, const std::vector<std::int64_t>& shape) const override {
+    HostTensor h = inner_.get(name, shape);
+    h.pack_as = type_;
+    return h;
+  }
+  std::string describe() const override {
+    return inner_.describe() + ", linear layers packed as " + weight_type_name(type_);
+  }
+  std::vector<std::string> unconsumed() const override { return inner_.unconsumed(); }
+  void ignore(const std::string& name) const override { inner_.ignore(name); }
+  std::vector<float> norm_weight(const std::string& name, std::int64_t n, float offset) const override {
+    return inner_.norm_weight(name, n, offset);
+  }
+
+ private:
+  const TensorSource& inner_;
+  WeightType type_;
 };
 
 }  // namespace attnkit::model

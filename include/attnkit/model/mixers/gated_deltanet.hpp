@@ -72,7 +72,7 @@ struct RowBlock {
 };
 
 // The row blocks stacked as one packed linear layer [Σ rows, in]: bf16 when every part is bf16,
-// else f32 (exact either way).
+// else f32 (exact either way), unless the source packs linear layers as another type.
 inline PackedLinear pack_rows(const std::vector<RowBlock>& blocks, std::int64_t in) {
   std::int64_t out = 0;
   bool all_bf16 = true;
@@ -95,7 +95,9 @@ inline PackedLinear pack_rows(const std::vector<RowBlock>& blocks, std::int64_t 
       }
       dst += n;
     }
-    return PackedLinear::pack(w.data(), out, in, in);
+    // As stored, or as the source asks (PackAsSource: q8).
+    const WeightType as = blocks[0].t->pack_as.value_or(all_bf16 ? WeightType::bf16 : WeightType::f32);
+    return pack_as(w.data(), out, in, as, blocks[0].t->name + " (row blocks)");
   };
   return all_bf16 ? stack(bf16{}) : stack(float{});
 }
