@@ -1,5 +1,8 @@
 // Qwen3-0.6B-shaped model with random bf16 weights: prefill of a 512-token prompt and cached
-// decode, tokens/s, 1 and 2 threads. Decode also reports the weight bytes streamed per second
+// decode, tokens/s, 1 and 2 threads. model/q8/... is the same model with its linear layers
+// quantised to q8 at load (8-bit weights), paired with bf16 step for step: vs_plain is q8's speed
+// over bf16's; decode runs both kernels (q8-exact: weights widened to f32, q8-fast: VNNI on
+// int8 activations) against bf16 decode. Decode also reports the weight bytes streamed per second
 // against the measured DRAM read bandwidth (decode reads every weight once per token).
 // Loop Attention variants of the same shape (qwen3-0.6b-loop: gates, loop_num 2, window 64)
 // run beside the plain model in the same binary: model/loop-stack/... and model/loop-layer/....
@@ -76,8 +79,9 @@ const model::Qwen3Model& qwen3_0_6b(const std::string& variant = "plain") {
       if (variant == "ouro-1.4b-1step") j["total_ut_steps"] = 1;
     }
     const auto reg = model::default_registry();
+    const auto type = variant == "q8" ? model::WeightType::q8 : model::WeightType::bf16;
     m = std::make_unique<model::Qwen3Model>(
-        model::Qwen3Model::random(reg.parse_config(j, "qwen3-0.6b " + variant), model::WeightType::bf16, 1, &reg));
+        model::Qwen3Model::random(reg.parse_config(j, "qwen3-0.6b " + variant), type, 1, &reg));
   }
   return *m;
 }
@@ -160,7 +164,8 @@ struct DecodeStream {
   std::vector<float> logits;
   std::int64_t next = 0;
 
-  DecodeStream(const model::Qwen3Model& mm, model::CacheType kv, std::int64_t prompt_len, int threads)
+  DecodeStream(const model::Qwen3Model& mm, model::CacheType kv, std::int64_t prompt_len, int threads,
+               Precision decode_precision = Precision::exact)
       : m(mm), s(mm.new_session({kv, prompt_len + 4096})), logits(static_cast<std::size_t>(mm.config().vocab_size)) {
     const std::int64_t V = m.config().vocab_size;
     const auto ids = prompt(prompt_len, V);
@@ -171,7 +176,7 @@ struct DecodeStream {
       const std::int64_t n = std::min<std::int64_t>(2048, prompt_len - p);
       m.forward(s, std::span<const std::int64_t>(ids.data() + p, static_cast<std::size_t>(n)), out(), fo);
     }
-    fo.precision = Precision::exact;
+    fo.precision = decode_precision;
     next = ops::argmax(logits.data(), V);
     step();
   }
@@ -187,13 +192,13 @@ struct DecodeStream {
 
 // Decode after a prompt of `T` tokens: each iteration decodes one token (and one of the plain
 // model, for a variant).
-void BM_model_decode(benchmark::State& state, model::CacheType kv, std::string variant) {
+void BM_model_decode_at(benchmark::State& state, model::CacheType kv, std::string variant, Precision precision) {
   const auto& m = qwen3_0_6b(variant);
   const std::string base_name = base_of(variant);
   const bool paired = !base_name.empty();
   const std::int64_t T = state.range(0);
   const int threads = static_cast<int>(state.range(1));
-  DecodeStream mine(m, kv, T, threads);
+  DecodeStream mine(m, kv, T, threads, precision);
   std::unique_ptr<DecodeStream> base;
   if (paired) base = std::make_unique<DecodeStream>(qwen3_0_6b(base_name), kv, T, threads);
   bench::Paired pairs;
@@ -213,6 +218,10 @@ void BM_model_decode(benchmark::State& state, model::CacheType kv, std::string v
   state.counters["GBps"] = gbps;
   state.counters["bw_frac"] = gbps / bench::roofline().read_gbps;
   report_pairs(state, pairs, extra_passes(m, base_name));
+}
+
+void BM_model_decode(benchmark::State& state, model::CacheType kv, std::string variant) {
+  BM_model_decode_at(state, kv, std::move(variant), Precision::exact);
 }
 
 // Decode after a short (512) and a long (T) context, alternately step for step (same model, two
@@ -484,6 +493,9 @@ const bool registered = [] {
   add("model/prefill/bf16/exact", 2, BM_model_prefill, Precision::exact, std::string("plain"));
   add("model/decode/bf16/kv:f32", 32, BM_model_decode, model::CacheType::f32, std::string("plain"));
   add("model/decode/bf16/kv:bf16", 32, BM_model_decode, model::CacheType::bf16, std::string("plain"));
+  add("model/q8/prefill/q8/fast", 2, BM_model_prefill, Precision::fast, std::string("q8"));
+  add("model/q8/decode/q8-exact/kv:bf16", 32, BM_model_decode_at, model::CacheType::bf16, std::string("q8"), Precision::exact);
+  add("model/q8/decode/q8-fast/kv:bf16", 32, BM_model_decode_at, model::CacheType::bf16, std::string("q8"), Precision::fast);
   for (const char* v : {"loop-stack", "loop-layer"}) {
     const std::string n = std::string("model/") + v;
     add((n + "/prefill/bf16/fast").c_str(), 3, BM_model_prefill, Precision::fast, std::string(v));

@@ -35,6 +35,10 @@ namespace attnkit::detail::linear {
 inline constexpr int kQ8Group = 32;                       // K per scale
 inline constexpr int kQ8GroupBytes = kQ8Group * kBlock;   // values of one group of one block
 inline constexpr int kQ8MR = 4;                           // tokens per q8 register tile (int + float accumulators)
+#ifndef ATTNKIT_Q8_PF
+#define ATTNKIT_Q8_PF 1024
+#endif
+inline constexpr int kQ8PrefetchBytes = ATTNKIT_Q8_PF;
 
 inline std::int64_t q8_groups(std::int64_t K) { return (K + kQ8Group - 1) / kQ8Group; }
 inline std::int64_t q8_block_bytes(std::int64_t kq) { return (kq * (kQ8GroupBytes + 2 * kBlock) + 63) / 64 * 64; }
@@ -150,7 +154,7 @@ void kernel_q8_f32(const float* x, std::int64_t ldx, const std::uint8_t* w, std:
 #pragma GCC unroll 3
       for (int j = 0; j < NB; ++j) {
         const std::uint8_t* wp = w + j * ldw + g * kQ8GroupBytes + quad * 64;
-        _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes, _MM_HINT_T0);
+        if constexpr (kQ8PrefetchBytes > 0) _mm_prefetch(reinterpret_cast<const char*>(wp) + kQ8PrefetchBytes, _MM_HINT_T0);
         v[j] = _mm512_xor_si512(_mm512_load_si512(wp), flip);
       }
       const std::int64_t k = g * kQ8Group + quad * 4;
@@ -221,7 +225,7 @@ void kernel_q8_vnni(const std::int8_t* xq, std::int64_t ldq, const float* xs, co
 #pragma GCC unroll 3
       for (int j = 0; j < NB; ++j) {
         const std::uint8_t* wp = w + j * ldw + g * kQ8GroupBytes + quad * 64;
-        _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes, _MM_HINT_T0);
+        if constexpr (kQ8PrefetchBytes > 0) _mm_prefetch(reinterpret_cast<const char*>(wp) + kQ8PrefetchBytes, _MM_HINT_T0);
         v[j] = _mm512_load_si512(wp);
       }
 #pragma GCC unroll 4
@@ -280,7 +284,10 @@ inline void q8_widen_panel(const std::uint8_t* w, std::int64_t ldw, std::int64_t
 // (uint32 pairs; the bf16 packed layout, one group = one AMX K step): bf16(q · s), RNE.
 inline void q8_widen_panel_bf16(const std::uint8_t* w, std::int64_t ldw, std::int64_t kq, int nb, std::uint32_t* dst) {
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
-  auto to_bf16 = [](__m512 f) { return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(f)); };
+  // cvtne2ps gives [16 bf16 of k | 16 bf16 of k + 1]; the B tile wants them paired per output.
+  alignas(64) static constexpr std::uint16_t kPairIdx[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                             8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kPairIdx);
   for (int j = 0; j < nb; ++j) {
     const std::uint8_t* blk = w + j * ldw;
     const auto* scales = reinterpret_cast<const std::uint16_t*>(blk + kq * kQ8GroupBytes);
@@ -289,10 +296,10 @@ inline void q8_widen_panel_bf16(const std::uint8_t* w, std::int64_t ldw, std::in
       const __m512 s = q8_load_scales(scales + g * kBlock);
       for (int quad = 0; quad < 8; ++quad) {
         const __m512i v = _mm512_xor_si512(_mm512_load_si512(blk + g * kQ8GroupBytes + quad * 64), flip);
-        const __m512i p0 = _mm512_or_si512(to_bf16(_mm512_mul_ps(q8_widen<0>(v), s)),
-                                           _mm512_slli_epi32(to_bf16(_mm512_mul_ps(q8_widen<1>(v), s)), 16));
-        const __m512i p1 = _mm512_or_si512(to_bf16(_mm512_mul_ps(q8_widen<2>(v), s)),
-                                           _mm512_slli_epi32(to_bf16(_mm512_mul_ps(q8_widen<3>(v), s)), 16));
+        const __m512i p0 = _mm512_permutexvar_epi16(
+            idx, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(q8_widen<1>(v), s), _mm512_mul_ps(q8_widen<0>(v), s)));
+        const __m512i p1 = _mm512_permutexvar_epi16(
+            idx, (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(q8_widen<3>(v), s), _mm512_mul_ps(q8_widen<2>(v), s)));
         std::uint32_t* o = out + (g * 16 + quad * 2) * kBlock;
         _mm512_store_si512(o, p0);
         _mm512_store_si512(o + kBlock, p1);
