@@ -85,7 +85,8 @@ run:
                            attention: a query x key map of the keys each query kept, for one layer)
   --plot-layer N           the layer the plot's per-token panels show (default: the last with data)
   --threads N              OpenMP threads (default: OMP_NUM_THREADS or all cores)
-  --precision exact|fast   matrix products: fp32-accurate (default) or bf16-rounded activations (faster)
+  --precision exact|fast   matrix products: fp32-accurate (default) or bf16-rounded activations (faster;
+                           with q8 weights, decode also quantises activations to int8: VNNI)
   --kv-cache f32|bf16|int8 KV cache storage (default f32; int8: a scale per token and KV head)
   --help
 text (stdout carries only the generated text, streamed; the summary and timing lines go to stderr):

@@ -1,10 +1,14 @@
 # Runs attnkit-qwen3 on a fixture with --logits-out and compares with the reference logits.
 # With -DTRACE=ON it also writes --trace-out and --plot and checks the SVG; with -DTRACE=<name>
 # it also compares the trace's tensor <name> with the reference's. -DKV=<type> passes
-# --kv-cache <type>; -DBOUND=<x> replaces the default 1e-4 relative L2 bound on the logits.
+# --kv-cache <type>; -DDTYPE=q8 passes --dtype q8 (8-bit weights quantised at load);
+# -DBOUND=<x> replaces the default 1e-4 relative L2 bound on the logits.
 set(extra "")
 if(KV)
   list(APPEND extra --kv-cache ${KV})
+endif()
+if(DTYPE)
+  list(APPEND extra --dtype ${DTYPE})
 endif()
 if(NOT BOUND)
   set(BOUND 1e-4)

@@ -90,12 +90,9 @@ inline constexpr std::int64_t kPrefetchBytes = 1024;
 
 #if defined(__AVX512F__)
 
-template <int MR, int NB, bool Stream>
-void kernel_bf16(const float* x, std::int64_t ldx, const std::uint32_t* w, std::int64_t ldw, std::int64_t kc,
-                 bool tail, float* y, std::int64_t ldy, int last_lanes, bool load_y) {
-  const __mmask16 last_mask = static_cast<__mmask16>((1u << last_lanes) - 1u);
-  const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
-  __m512 acc[MR][NB];
+// The MR x NB accumulator tile of a kernel: from y (masked in the last block) or zero, and back.
+template <int MR, int NB>
+inline void load_tile(__m512 (&acc)[MR][NB], const float* y, std::int64_t ldy, __mmask16 last_mask, bool load_y) {
 #pragma GCC unroll 8
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
@@ -103,6 +100,25 @@ void kernel_bf16(const float* x, std::int64_t ldx, const std::uint32_t* w, std::
       const __mmask16 m = j == NB - 1 ? last_mask : static_cast<__mmask16>(0xffff);
       acc[i][j] = load_y ? _mm512_maskz_loadu_ps(m, y + i * ldy + j * kBlock) : _mm512_setzero_ps();
     }
+}
+template <int MR, int NB>
+inline void store_tile(const __m512 (&acc)[MR][NB], float* y, std::int64_t ldy, __mmask16 last_mask) {
+#pragma GCC unroll 8
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) {
+      if (j == NB - 1) _mm512_mask_storeu_ps(y + i * ldy + j * kBlock, last_mask, acc[i][j]);
+      else _mm512_storeu_ps(y + i * ldy + j * kBlock, acc[i][j]);
+    }
+}
+
+template <int MR, int NB, bool Stream>
+void kernel_bf16(const float* x, std::int64_t ldx, const std::uint32_t* w, std::int64_t ldw, std::int64_t kc,
+                 bool tail, float* y, std::int64_t ldy, int last_lanes, bool load_y) {
+  const __mmask16 last_mask = static_cast<__mmask16>((1u << last_lanes) - 1u);
+  const __m512i hi_mask = _mm512_set1_epi32(static_cast<int>(0xffff0000u));
+  __m512 acc[MR][NB];
+  load_tile<MR, NB>(acc, y, ldy, last_mask, load_y);
   for (std::int64_t k = 0; k < kc; ++k) {
     __m512 we[NB], wo[NB];
 #pragma GCC unroll 4
@@ -128,13 +144,7 @@ void kernel_bf16(const float* x, std::int64_t ldx, const std::uint32_t* w, std::
       for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_fmadd_ps(we, _mm512_set1_ps(x[i * ldx + 2 * kc]), acc[i][j]);
     }
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) {
-      if (j == NB - 1) _mm512_mask_storeu_ps(y + i * ldy + j * kBlock, last_mask, acc[i][j]);
-      else _mm512_storeu_ps(y + i * ldy + j * kBlock, acc[i][j]);
-    }
+  store_tile<MR, NB>(acc, y, ldy, last_mask);
 }
 
 #else  // portable fallback: same layouts and order of operations, scalar float32
@@ -168,13 +178,7 @@ void kernel_f32(const float* x, std::int64_t ldx, const float* w, std::int64_t l
                 std::int64_t ldy, int last_lanes, bool load_y) {
   const __mmask16 last_mask = static_cast<__mmask16>((1u << last_lanes) - 1u);
   __m512 acc[MR][NB];
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) {
-      const __mmask16 m = j == NB - 1 ? last_mask : static_cast<__mmask16>(0xffff);
-      acc[i][j] = load_y ? _mm512_maskz_loadu_ps(m, y + i * ldy + j * kBlock) : _mm512_setzero_ps();
-    }
+  load_tile<MR, NB>(acc, y, ldy, last_mask, load_y);
   for (std::int64_t k = 0; k < kc; ++k) {
     __m512 wv[NB];
 #pragma GCC unroll 4
@@ -190,13 +194,7 @@ void kernel_f32(const float* x, std::int64_t ldx, const float* w, std::int64_t l
       for (int j = 0; j < NB; ++j) acc[i][j] = _mm512_fmadd_ps(wv[j], xb, acc[i][j]);
     }
   }
-#pragma GCC unroll 8
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int j = 0; j < NB; ++j) {
-      if (j == NB - 1) _mm512_mask_storeu_ps(y + i * ldy + j * kBlock, last_mask, acc[i][j]);
-      else _mm512_storeu_ps(y + i * ldy + j * kBlock, acc[i][j]);
-    }
+  store_tile<MR, NB>(acc, y, ldy, last_mask);
 }
 
 #else

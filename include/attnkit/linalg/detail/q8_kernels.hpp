@@ -134,13 +134,7 @@ void kernel_q8_f32(const float* x, std::int64_t ldx, const std::uint8_t* w, std:
   const __mmask16 last_mask = static_cast<__mmask16>((1u << last_lanes) - 1u);
   const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
   __m512 acc[MR][NB];
-#pragma GCC unroll 4
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 3
-    for (int j = 0; j < NB; ++j) {
-      const __mmask16 m = j == NB - 1 ? last_mask : static_cast<__mmask16>(0xffff);
-      acc[i][j] = load_y ? _mm512_maskz_loadu_ps(m, y + i * ldy + j * kBlock) : _mm512_setzero_ps();
-    }
+  load_tile<MR, NB>(acc, y, ldy, last_mask, load_y);
   const std::uint16_t* scales[NB];
   for (int j = 0; j < NB; ++j) scales[j] = reinterpret_cast<const std::uint16_t*>(w + j * ldw + kq * kQ8GroupBytes);
   for (std::int64_t g = 0; g < kq; ++g) {
@@ -182,13 +176,7 @@ void kernel_q8_f32(const float* x, std::int64_t ldx, const std::uint8_t* w, std:
       for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_fmadd_ps(part[i][j], s, acc[i][j]);
     }
   }
-#pragma GCC unroll 4
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 3
-    for (int j = 0; j < NB; ++j) {
-      if (j == NB - 1) _mm512_mask_storeu_ps(y + i * ldy + j * kBlock, last_mask, acc[i][j]);
-      else _mm512_storeu_ps(y + i * ldy + j * kBlock, acc[i][j]);
-    }
+  store_tile<MR, NB>(acc, y, ldy, last_mask);
 }
 
 #if defined(__AVX512VNNI__)
@@ -202,13 +190,7 @@ void kernel_q8_vnni(const std::int8_t* xq, std::int64_t ldq, const float* xs, co
                     std::int64_t ldy, int last_lanes, bool load_y) {
   const __mmask16 last_mask = static_cast<__mmask16>((1u << last_lanes) - 1u);
   __m512 acc[MR][NB];
-#pragma GCC unroll 4
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 3
-    for (int j = 0; j < NB; ++j) {
-      const __mmask16 m = j == NB - 1 ? last_mask : static_cast<__mmask16>(0xffff);
-      acc[i][j] = load_y ? _mm512_maskz_loadu_ps(m, y + i * ldy + j * kBlock) : _mm512_setzero_ps();
-    }
+  load_tile<MR, NB>(acc, y, ldy, last_mask, load_y);
   const std::uint16_t* scales[NB];
   for (int j = 0; j < NB; ++j) scales[j] = reinterpret_cast<const std::uint16_t*>(w + j * ldw + kq * kQ8GroupBytes);
   for (std::int64_t g = 0; g < kq; ++g) {
@@ -246,13 +228,7 @@ void kernel_q8_vnni(const std::int8_t* xq, std::int64_t ldq, const float* xs, co
                                     acc[i][j]);
     }
   }
-#pragma GCC unroll 4
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 3
-    for (int j = 0; j < NB; ++j) {
-      if (j == NB - 1) _mm512_mask_storeu_ps(y + i * ldy + j * kBlock, last_mask, acc[i][j]);
-      else _mm512_storeu_ps(y + i * ldy + j * kBlock, acc[i][j]);
-    }
+  store_tile<MR, NB>(acc, y, ldy, last_mask);
 }
 #endif
 
