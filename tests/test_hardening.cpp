@@ -103,7 +103,7 @@ TEST_CASE("an exception in a worker of every kernel family reaches the caller", 
   check_family("linear", f32, 43, 40, Precision::exact, 10);
   const auto hybrid = build(model::with_hybrid(tiny_config()));
   check_family("recurrent", hybrid, 43, 40);
-  check_family("mixer", hybrid, 43, 40);  // the gated attention layers' output gate
+  check_family("mixer", build(model::with_tuneable_attention(tiny_config(), 16, "unfolded")), 43, 40);
   check_family("attnres", build(model::with_attnres(tiny_config())), 43, 40);
   check_family("routed", build(model::with_routed_attention(tiny_config(), 1)), 80, 70);  // parallel from T 64
   nlohmann::json lt2 = model::lt2_tiny_config(true);
