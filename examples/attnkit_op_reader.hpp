@@ -142,7 +142,10 @@ class Run {
   // A float32 output of the given shape, written to --out at the end.
   float* output(const std::string& name, std::vector<std::int64_t> shape) {
     std::int64_t n = 1;
-    for (auto s : shape) n *= s;
+    for (auto s : shape) {
+      if (s < 0) fail(op_.name + ": output '" + name + "': shape " + io::shape_string(shape) + " has a negative size");
+      n *= s;
+    }
     check_size(n, "output '" + name + "'");
     auto& o = outputs_[name];
     o.shape = std::move(shape);
@@ -153,7 +156,10 @@ class Run {
   // An integer output (written as I64), e.g. selected key indices.
   std::vector<std::int64_t>& int_output(const std::string& name, std::vector<std::int64_t> shape) {
     std::int64_t n = 1;
-    for (auto s : shape) n *= s;
+    for (auto s : shape) {
+      if (s < 0) fail(op_.name + ": output '" + name + "': shape " + io::shape_string(shape) + " has a negative size");
+      n *= s;
+    }
     check_size(n, "output '" + name + "'");
     auto& o = int_outputs_[name];
     o.first = std::move(shape);
