@@ -12,8 +12,11 @@
 // Any checkpoint or config a built-in recipe accepts runs as it is (plain Qwen3, Loop Attention,
 // Attention Residuals, Ouro, Qwen3.5 / Qwen3-Next hybrids with Gated DeltaNet, LT2 looped hybrids
 // with Gated DeltaNet and full or DeepSeek sparse attention, R-GQA and Tuneable attention layers).
-// Prints a model summary and `prefill: N tok/s` / `decode: N tok/s`; exits 1 with a message on
-// bad input. See --help.
+// Prints a model summary and `prefill: N tok/s` / `decode: N tok/s`. Errors are one line on
+// stderr, "attnkit-qwen3: error: ...": exit code 2 for a bad command line (unknown option, missing
+// or malformed value, out-of-range number, empty id list, ids outside the vocabulary, a prompt
+// longer than the model's max_position_embeddings without --allow-long-context), 1 for a run
+// that fails (unreadable files, a checkpoint the recipes refuse, more memory than allowed). See --help.
 // Text mode (--prompt, --prompt-file, --interactive): tokenizer.json of the model directory (or
 // --tokenizer), sampling defaults from generation_config.json, output text streamed to stdout as
 // tokens arrive and nothing else there; the summary and the timing lines go to stderr.
@@ -26,6 +29,7 @@
 #include <fstream>
 #include <functional>
 #include <iostream>
+#include <limits>
 #include <optional>
 #include <random>
 #include <sstream>
@@ -67,6 +71,9 @@ input (default: --prompt-len 32 random ids):
   --ids 1,2,3              token ids
   --ids-from FILE:TENSOR   token ids from an I64/I32 tensor of a safetensors file
   --prompt-len N           N random token ids (benchmarking)
+  --max-memory SIZE        refuse a run whose session (caches, buffers, ids, logits) needs more than SIZE bytes
+                           (suffix K, M, G, T; default: the memory the system reports available)
+  --allow-long-context     run prompts (+ generated ids) longer than the model's max_position_embeddings
 run:
   --decode                 feed the ids one token at a time through the caches instead of one prefill
   --chunk N                prefill in chunks of N tokens (continuing the caches)
@@ -116,22 +123,49 @@ sampling (defaults: generation_config.json of the --model directory, else transf
   --sample-seed N          seed of sampling alone (default: --seed); the same seed gives the same text
 )";
 
-[[noreturn]] void die(const std::string& msg) {
+constexpr int kUsageError = 2, kRuntimeError = 1;
+constexpr std::int64_t kMaxTokens = std::int64_t{1} << 40;  // beyond any memory; keeps sums from overflowing
+
+// A bad command line (exit code 2) or, with kRuntimeError, a failed run (1).
+[[noreturn]] void die(const std::string& msg, int code = kUsageError) {
   std::fprintf(stderr, "attnkit-qwen3: error: %s\n", msg.c_str());
-  std::exit(1);
+  std::exit(code);
 }
 
-std::int64_t parse_int(const std::string& s, const char* what, std::int64_t lo = 0) {
+std::int64_t parse_int(const std::string& s, const char* what, std::int64_t lo = 0,
+                       std::int64_t hi = std::numeric_limits<std::int64_t>::max()) {
   std::size_t pos = 0;
   long long v = 0;
+  if (s.empty()) die(std::string(what) + ": empty value");
   try {
     v = std::stoll(s, &pos);
+  } catch (const std::out_of_range&) {
+    die(std::string(what) + ": out of range: '" + s + "' (must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "])");
   } catch (...) {
     die(std::string(what) + ": not an integer: '" + s + "'");
   }
   if (pos != s.size()) die(std::string(what) + ": not an integer: '" + s + "'");
-  if (v < lo) die(std::string(what) + ": must be >= " + std::to_string(lo) + ", got " + s);
+  if (v < lo || v > hi)
+    die(std::string(what) + ": out of range: " + s + " (must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "])");
   return v;
+}
+
+// A byte count: an integer with an optional binary suffix K, M, G or T (KiB, MiB, GiB, TiB).
+std::uint64_t parse_bytes(const std::string& s, const char* what) {
+  std::string digits = s;
+  int shift = 0;
+  if (!digits.empty()) {
+    const char u = static_cast<char>(std::toupper(static_cast<unsigned char>(digits.back())));
+    const std::string units = "KMGT";
+    if (const auto at = units.find(u); at != std::string::npos) {
+      shift = 10 * static_cast<int>(at + 1);
+      digits.pop_back();
+    }
+  }
+  if (digits.empty() || digits.find_first_not_of("0123456789") != std::string::npos)
+    die(std::string(what) + ": expected a byte count such as 512M, 8G or 1000000, got '" + s + "'");
+  const std::int64_t n = parse_int(digits, what, 1, std::numeric_limits<std::int64_t>::max() >> shift);
+  return static_cast<std::uint64_t>(n) << shift;
 }
 
 double parse_number(const std::string& s, const char* what) {
@@ -148,13 +182,17 @@ double parse_number(const std::string& s, const char* what) {
 
 std::vector<std::int64_t> parse_ids(const std::string& s) {
   std::vector<std::int64_t> ids;
+  if (s.find_first_not_of(" \t") == std::string::npos) die("--ids: empty list (give ids like 1,2,3)");
   std::stringstream ss(s);
   std::string tok;
+  std::size_t index = 0;
   while (std::getline(ss, tok, ',')) {
-    if (tok.empty()) die("--ids: empty entry in '" + s + "'");
-    ids.push_back(parse_int(tok, "--ids"));
+    if (tok.find_first_not_of(" \t") == std::string::npos)
+      die("--ids: empty entry at index " + std::to_string(index) + " in '" + s + "'");
+    ids.push_back(parse_int(tok, "--ids", 0));
+    ++index;
   }
-  if (ids.empty()) die("--ids: no token ids given");
+  if (s.back() == ',') die("--ids: empty entry at index " + std::to_string(index) + " in '" + s + "' (trailing comma)");
   return ids;
 }
 
@@ -378,7 +416,8 @@ int main(int argc, char** argv) {
   bool allow_unused = false;
   std::int64_t prompt_len = -1, generate = -1, chunk = 0, seed = 0;
   int threads = 0;
-  bool decode = false;
+  bool decode = false, ids_given = false, allow_long = false;
+  std::uint64_t max_memory = 0;
   Precision precision = Precision::exact;
   model::CacheType kv = model::CacheType::f32;
   TextArgs ta;
@@ -389,6 +428,10 @@ int main(int argc, char** argv) {
     const std::string& a = args[i];
     auto value = [&]() -> std::string {
       if (i + 1 >= args.size()) die(a + ": missing value");
+      // "--ids --generate 4": the next option is not this one's value (free text may start with --).
+      const bool text = a == "--prompt" || a == "--stop" || a == "--system";
+      if (!text && args[i + 1].rfind("--", 0) == 0 && args[i + 1].size() > 2)
+        die(a + ": missing value (next is the option '" + args[i + 1] + "')");
       return args[++i];
     };
     for (const char* f : {"--tokenizer", "--max-tokens", "--stop", "--chat", "--system", "--no-think", "--special",
@@ -404,29 +447,39 @@ int main(int argc, char** argv) {
       dtype = value();
       if (dtype != "f32" && dtype != "bf16" && dtype != "q8") die("--dtype: expected f32, bf16 or q8, got '" + dtype + "'");
     } else if (a == "--seed") seed = parse_int(value(), "--seed");
-    else if (a == "--ids") ids_arg = value();
+    else if (a == "--ids") {
+      ids_arg = value();
+      ids_given = true;
+    }
     else if (a == "--ids-from") ids_from = value();
-    else if (a == "--prompt-len") prompt_len = parse_int(value(), "--prompt-len", 1);
+    else if (a == "--prompt-len") prompt_len = parse_int(value(), "--prompt-len", 1, kMaxTokens);
+    else if (a == "--max-memory") max_memory = parse_bytes(value(), "--max-memory");
+    else if (a == "--allow-long-context") allow_long = true;
     else if (a == "--logits-out") logits_out = value();
     else if (a == "--trace-out") trace_out = value();
     else if (a == "--plot") plot_out = value();
-    else if (a == "--plot-layer") plot_layer = parse_int(value(), "--plot-layer");
+    else if (a == "--plot-layer") plot_layer = parse_int(value(), "--plot-layer", 0, 1 << 20);
     else if (a == "--loop-mode") {
       loop_mode = value();
       if (loop_mode != "stack" && loop_mode != "layer") die("--loop-mode: expected stack or layer, got '" + loop_mode + "'");
-    } else if (a == "--loop-window") loop_window = parse_int(value(), "--loop-window", 1);
+    } else if (a == "--loop-window") loop_window = parse_int(value(), "--loop-window", 1, kMaxTokens);
     else if (a == "--attnres-mode") {
       attnres_mode = value();
       if (attnres_mode != "block" && attnres_mode != "full" && attnres_mode != "delta" && attnres_mode != "delta_block")
         die("--attnres-mode: expected block, full, delta or delta_block, got '" + attnres_mode + "'");
-    } else if (a == "--loops") loops = parse_int(value(), "--loops", 1);
+    } else if (a == "--loops") loops = parse_int(value(), "--loops", 1, 1024);
     else if (a == "--exit") {
       const std::string r = value();
       try {
         if (r == "last") exit_rule = model::ExitRule::last();
         else if (r == "expected") exit_rule = model::ExitRule::expected();
-        else if (r.rfind("step:", 0) == 0) exit_rule = model::ExitRule::at_step(std::stoi(r.substr(5)));
-        else if (r.rfind("threshold:", 0) == 0) exit_rule = model::ExitRule::at_threshold(std::stod(r.substr(10)));
+        else if (r.rfind("step:", 0) == 0)
+          exit_rule = model::ExitRule::at_step(static_cast<int>(parse_int(r.substr(5), "--exit step:N", 0, 1 << 20)));
+        else if (r.rfind("threshold:", 0) == 0) {
+          const double q = parse_number(r.substr(10), "--exit threshold:Q");
+          if (!(q > 0 && q <= 1)) die("--exit threshold:Q: Q must be in (0, 1], got " + r.substr(10));
+          exit_rule = model::ExitRule::at_threshold(q);
+        }
         else throw std::invalid_argument(r);
       } catch (const std::exception&) {
         die("--exit: expected last, step:N, threshold:Q or expected, got '" + r + "'");
@@ -438,7 +491,7 @@ int main(int argc, char** argv) {
     else if (a == "--prompt") ta.prompt = value();
     else if (a == "--prompt-file") ta.prompt_file = value();
     else if (a == "--tokenizer") ta.tokenizer = value();
-    else if (a == "--max-tokens") ta.max_tokens = parse_int(value(), "--max-tokens");
+    else if (a == "--max-tokens") ta.max_tokens = parse_int(value(), "--max-tokens", 0, kMaxTokens);
     else if (a == "--stop") {
       ta.stop.push_back(value());
       if (ta.stop.back().empty()) die("--stop: empty text");
@@ -450,7 +503,7 @@ int main(int argc, char** argv) {
     else if (a == "--temperature") {
       ta.temperature = parse_number(value(), "--temperature");
       if (*ta.temperature < 0) die("--temperature: must be >= 0, got " + args[i]);
-    } else if (a == "--top-k") ta.top_k = parse_int(value(), "--top-k");
+    } else if (a == "--top-k") ta.top_k = parse_int(value(), "--top-k", 0, kMaxTokens);
     else if (a == "--top-p") {
       ta.top_p = parse_number(value(), "--top-p");
       if (!(*ta.top_p > 0 && *ta.top_p <= 1)) die("--top-p: must be in (0, 1], got " + args[i]);
@@ -460,13 +513,13 @@ int main(int argc, char** argv) {
     } else if (a == "--repeat-penalty") {
       ta.repeat_penalty = parse_number(value(), "--repeat-penalty");
       if (!(*ta.repeat_penalty > 0)) die("--repeat-penalty: must be > 0, got " + args[i]);
-    } else if (a == "--repeat-last-n") ta.repeat_last_n = parse_int(value(), "--repeat-last-n", -1);
+    } else if (a == "--repeat-last-n") ta.repeat_last_n = parse_int(value(), "--repeat-last-n", -1, kMaxTokens);
     else if (a == "--sample-seed") ta.sample_seed = static_cast<std::uint64_t>(parse_int(value(), "--sample-seed"));
     else if (a == "--allow-unused") allow_unused = true;
     else if (a == "--decode") decode = true;
-    else if (a == "--chunk") chunk = parse_int(value(), "--chunk", 1);
-    else if (a == "--generate") generate = parse_int(value(), "--generate", 0);
-    else if (a == "--threads") threads = static_cast<int>(parse_int(value(), "--threads", 1));
+    else if (a == "--chunk") chunk = parse_int(value(), "--chunk", 1, kMaxTokens);
+    else if (a == "--generate") generate = parse_int(value(), "--generate", 0, kMaxTokens);
+    else if (a == "--threads") threads = static_cast<int>(parse_int(value(), "--threads", 1, 4096));
     else if (a == "--precision") {
       const std::string p = value();
       if (p == "exact") precision = Precision::exact;
@@ -481,7 +534,7 @@ int main(int argc, char** argv) {
     } else die("unknown option '" + a + "' (see --help)");
   }
   if (!model_dir.empty() && !random_name.empty()) die("--model and --random exclude each other");
-  if ((!ids_arg.empty()) + (!ids_from.empty()) + (prompt_len > 0) > 1)
+  if (ids_given + (!ids_from.empty()) + (prompt_len > 0) > 1)
     die("give at most one of --ids, --ids-from, --prompt-len");
   if (decode && chunk > 0) die("--decode and --chunk exclude each other");
   if (plot_layer >= 0 && plot_out.empty()) die("--plot-layer needs --plot");
@@ -491,7 +544,7 @@ int main(int argc, char** argv) {
   const bool text_mode = ta.prompt || !ta.prompt_file.empty() || ta.interactive;
   if (ta.prompt && !ta.prompt_file.empty()) die("--prompt and --prompt-file exclude each other");
   if (text_mode) {
-    if (!ids_arg.empty() || !ids_from.empty() || prompt_len > 0)
+    if (ids_given || !ids_from.empty() || prompt_len > 0)
       die("--ids, --ids-from and --prompt-len give token ids; a text prompt (--prompt, --prompt-file, --interactive) "
           "excludes them");
     if (generate >= 0) die("--generate counts greedy ids; with a text prompt use --max-tokens N");
@@ -568,7 +621,7 @@ int main(int argc, char** argv) {
 
     // ---- input ids
     std::vector<std::int64_t> ids;
-    if (!ids_arg.empty()) ids = parse_ids(ids_arg);
+    if (ids_given) ids = parse_ids(ids_arg);
     else if (!ids_from.empty()) {
       const auto colon = ids_from.rfind(':');
       if (colon == std::string::npos || colon == 0 || colon + 1 == ids_from.size())
@@ -576,31 +629,54 @@ int main(int argc, char** argv) {
       auto f = io::SafetensorsFile::open(ids_from.substr(0, colon));
       ids = io::to_i64(f.tensor(ids_from.substr(colon + 1)));
       if (ids.empty()) die("--ids-from: tensor '" + ids_from.substr(colon + 1) + "' is empty");
-    } else {
-      std::mt19937_64 gen(static_cast<std::uint64_t>(seed) + 1);
-      std::uniform_int_distribution<std::int64_t> tok(0, c.vocab_size - 1);
-      ids.resize(static_cast<std::size_t>(prompt_len > 0 ? prompt_len : 32));
-      for (auto& t : ids) t = tok(gen);
     }
-    const std::int64_t T = static_cast<std::int64_t>(ids.size()), V = c.vocab_size;
-    for (std::int64_t t = 0; t < T; ++t)
+    const std::int64_t T = ids.empty() ? (prompt_len > 0 ? prompt_len : 32) : static_cast<std::int64_t>(ids.size());
+    const std::int64_t V = c.vocab_size;
+    for (std::int64_t t = 0; t < static_cast<std::int64_t>(ids.size()); ++t)
       if (ids[t] < 0 || ids[t] >= V)
         die("token id " + std::to_string(ids[t]) + " at index " + std::to_string(t) + " outside the vocabulary [0, " +
             std::to_string(V) + ")");
     if (builtin && generate < 0) generate = 16;
+    const std::int64_t positions = T + std::max<std::int64_t>(generate, 0);
+    const bool want_all = !logits_out.empty() || ((!trace_out.empty() || !plot_out.empty()) && m.passes() > 1);
 
-    // ---- run
+    // ---- checks before anything large is allocated: positions, then memory
     model::SessionOptions so;
     so.kv_type = kv;
-    so.reserve_tokens = T + std::max<std::int64_t>(generate, 0);
-    model::Session s = m.new_session(so);
+    so.reserve_tokens = positions;
+    model::SessionLimits limits;
+    limits.max_memory_bytes = max_memory;
+    limits.allow_beyond_max_positions = allow_long;
+    const std::int64_t max_pos = c.max_position_embeddings;
+    if (max_pos > 0 && positions > max_pos) {
+      const std::string what = std::to_string(T) + " input tokens" +
+                               (generate > 0 ? " + " + std::to_string(generate) + " generated" : std::string()) + " = " +
+                               std::to_string(positions) + " positions";
+      if (!allow_long)
+        die(what + " exceed the model's max_position_embeddings " + std::to_string(max_pos) +
+            "; add --allow-long-context to run beyond the trained range anyway");
+      std::fprintf(stderr, "attnkit-qwen3: note: %s run beyond the model's max_position_embeddings %lld (--allow-long-context)\n",
+                   what.c_str(), (long long)max_pos);
+    }
+    const std::int64_t step = decode ? 1 : chunk > 0 ? std::min(chunk, T) : T;
+    const std::uint64_t io_bytes =
+        add_bytes(mul_bytes(T, sizeof(std::int64_t)), mul_bytes(want_all ? T : 1, V, sizeof(float)));
+    m.require_memory_for(positions, step, so, limits, "a session of " + std::to_string(positions) + " positions", io_bytes);
+    if (ids.empty()) {
+      std::mt19937_64 gen(static_cast<std::uint64_t>(seed) + 1);
+      std::uniform_int_distribution<std::int64_t> tok(0, c.vocab_size - 1);
+      ids.resize(static_cast<std::size_t>(T));
+      for (auto& t : ids) t = tok(gen);
+    }
+
+    // ---- run
+    model::Session s = m.new_session(so, limits);
     model::ForwardOptions fo;
     fo.precision = precision;
     fo.exit = exit_rule;
     model::Trace trace;
     if (!trace_out.empty() || !plot_out.empty()) fo.trace = &trace;
-    // Per-step traces of a looped stack cover the tokens whose logits are computed: all of them.
-    const bool want_all = !logits_out.empty() || ((!trace_out.empty() || !plot_out.empty()) && m.passes() > 1);
+    // Per-step traces of a looped stack cover the tokens whose logits are computed: all of them (want_all).
     std::vector<float> logits(static_cast<std::size_t>((want_all ? T : 1) * V));
     const auto t0 = Clock::now();
     if (decode) {
@@ -669,7 +745,7 @@ int main(int argc, char** argv) {
       if (generate > 1) std::printf("decode: %.1f tok/s (%lld tokens in %.3f s)\n", (generate - 1) / gs, (long long)(generate - 1), gs);
     }
   } catch (const std::exception& e) {
-    die(e.what());
+    die(e.what(), kRuntimeError);
   }
   return 0;
 }

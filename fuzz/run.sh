@@ -3,7 +3,12 @@
 #   cmake -B build-fuzz -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DATTNKIT_BUILD_FUZZERS=ON \
 #         -DATTNKIT_BUILD_TESTS=OFF -DATTNKIT_BUILD_BENCHMARKS=OFF -DATTNKIT_BUILD_EXAMPLES=OFF
 #   ninja -C build-fuzz
-#   fuzz/run.sh build-fuzz 60
+#   fuzz/run.sh build-fuzz 60                       # CI runs 15 s per target
+#   fuzz/run.sh build-fuzz 600                      # a deeper run: 10 minutes per target
+#   ATTNKIT_FUZZ_TARGETS="recipes op_input" fuzz/run.sh build-fuzz 600   # some targets only
+# Targets: safetensors, config, recipes (every model type's config; small ones built and run),
+# op_input (attnkit-op's input reader), tokenizer, tokenizer_json. The corpus grows in a scratch
+# copy; the final stats (executions, cov/ft) are printed per target.
 # Exits non-zero if any target crashes; crash inputs are kept in <build-dir>/fuzz/artifacts/<target>/.
 set -euo pipefail
 
@@ -18,7 +23,7 @@ scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
 
 status=0
-for target in safetensors config tokenizer tokenizer_json; do
+for target in ${ATTNKIT_FUZZ_TARGETS:-safetensors config recipes op_input tokenizer tokenizer_json}; do
   exe="$build/fuzz/attnkit-fuzz-$target"
   if [[ ! -x "$exe" ]]; then
     echo "missing $exe (configure with -DCMAKE_CXX_COMPILER=clang++ -DATTNKIT_BUILD_FUZZERS=ON)" >&2
@@ -31,6 +36,7 @@ for target in safetensors config tokenizer tokenizer_json; do
   if "$exe" -max_total_time="$seconds" -dict="$here/$target.dict" -artifact_prefix="$artifacts/" \
       -print_final_stats=1 "$scratch/$target" 2>"$scratch/$target.log"; then
     grep -E "^stat::(number_of_executed_units|peak_rss_mb)|^Done" "$scratch/$target.log" || true
+    grep -E "^#[0-9]+.*(DONE|cov:)" "$scratch/$target.log" | tail -n 1 || true
   else
     tail -n 60 "$scratch/$target.log" >&2
     echo "attnkit-fuzz-$target FAILED; crash input in $artifacts" >&2

@@ -1,4 +1,4 @@
-# Runs attnkit-op (EXE) with ARGS ('|'-separated, since ';' would split the -D argument) and checks
+# Runs attnkit-op (or another program: attnkit-qwen3's input checks) (EXE) with ARGS ('|'-separated, since ';' would split the -D argument) and checks
 # the result, either
 #  * EXPECT_RC and EXPECT_ERROR: the exit code, a regular expression that stderr must match, and
 #    that the message is one line; or

@@ -820,6 +820,7 @@ void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<
     } else return NoScoreTransform{};
   }();
   parallel_for(n_items, opt.num_threads, [&](std::int64_t item) {
+    ATTNKIT_FAULT_POINT("decode");
     const std::int64_t j = j_begin + item / n_chunks, c = item % n_chunks;
     const std::int64_t g0 = std::max(hb, j * G) - j * G, g1 = std::min(he, (j + 1) * G) - j * G;
     const std::int64_t t0 = c * chunk, t1 = std::min(T, t0 + chunk);
@@ -831,6 +832,7 @@ void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<
   // A small merge stays on the caller's thread: a second fork/join would cost more than it saves.
   const int merge_threads = n_chunks * (he - hb) * dv >= (std::int64_t{1} << 16) ? opt.num_threads : 1;
   parallel_for(he - hb, merge_threads, [&](std::int64_t i) {
+    ATTNKIT_FAULT_POINT("decode");
     const std::int64_t h = hb + i;
     float* o = out.ptr(h);
     std::copy(part + h * pb.dv_pad, part + h * pb.dv_pad + dv, o);

@@ -29,6 +29,7 @@
 #include <cstdlib>
 #include <memory>
 #include <new>
+#include <string>
 #include <type_traits>
 
 
@@ -95,6 +96,18 @@ inline void store_row(const float* src, T* dst, float* scale, std::int64_t n) {
     (void)scale;
     store_row(src, dst, n);
   }
+}
+
+// Bytes of a cache of `tokens` rows (int8: plus a scale per row and head).
+template <class T>
+inline std::uint64_t bytes(std::int64_t heads, std::int64_t tokens, std::int64_t dk, std::int64_t dv) {
+  return add_bytes(mul_bytes(heads, tokens, dk + dv, sizeof(T)), is_quant_v<T> ? mul_bytes(heads, tokens, 2, 4) : 0);
+}
+template <class T>
+inline std::string what(const char* fn, std::int64_t tokens, std::int64_t heads, std::int64_t dk, std::int64_t dv) {
+  return std::string(fn) + ": " + std::to_string(tokens) + " tokens x " + std::to_string(heads) + " KV heads x (d_k " +
+         std::to_string(dk) + " + d_v " + std::to_string(dv) + ") x " + std::to_string(sizeof(T)) + " bytes" +
+         (is_quant_v<T> ? " + scales" : "");
 }
 
 inline void check_dims(const char* fn, std::int64_t kv_heads, std::int64_t dk, std::int64_t dv) {
@@ -184,6 +197,9 @@ class KVCache {
     // A multiple of 32 tokens (int8: 64) keeps every head's region 64-byte aligned.
     constexpr std::int64_t a = detail::kv::kRowAlign<T>;
     const std::int64_t cap = (tokens + a - 1) / a * a;
+    require_memory(add_bytes(detail::kv::bytes<T>(h_, cap, dk_, dv_), detail::kv::bytes<T>(h_, cap_, dk_, dv_)),
+                   detail::kv::what<T>("KVCache::reserve", cap, h_, dk_, dv_) + " (and the " + std::to_string(cap_) +
+                       " tokens held while copying)");
     auto k = detail::kv::aligned_array<T>(h_ * cap * dk_);
     auto v = detail::kv::aligned_array<T>(h_ * cap * dv_);
     auto ks = detail::kv::aligned_array<float>(quant ? h_ * cap : 0);
@@ -223,6 +239,7 @@ class RingKVCache {
     // Slot rows padded so each head's region stays 64-byte aligned.
     constexpr std::int64_t a = detail::kv::kRowAlign<T>;
     ws_ = (w_ + a - 1) / a * a;
+    require_memory(detail::kv::bytes<T>(h_, ws_, dk_, dv_), detail::kv::what<T>("RingKVCache", ws_, h_, dk_, dv_));
     k_ = detail::kv::aligned_array<T>(h_ * ws_ * dk_);
     v_ = detail::kv::aligned_array<T>(h_ * ws_ * dv_);
     ks_ = detail::kv::aligned_array<float>(quant ? h_ * ws_ : 0);

@@ -96,6 +96,7 @@ inline void merge_states(ConstView3<float> o_a, ConstView2<float> lse_a, ConstVi
   }
 
   auto merge_token = [&](std::int64_t t) {
+    ATTNKIT_FAULT_POINT("merge");
     for (std::int64_t h = 0; h < H; ++h) {
       const detail::MergeWeights w = detail::merge_weights(lse_a(t, h), lse_b(t, h));
       float* o = out.ptr(t, h);

@@ -76,6 +76,7 @@ inline void route_heads(ConstView2<float> logits, std::int64_t H_kv, const Route
       ATTNKIT_REQUIRE(std::isfinite(logits(t, h)), fn, ": argument 'logits': router logit [", t, ", ", h, "] is ",
                       logits(t, h));
   parallel_for(T, T >= 64 ? opt.num_threads : 1, [&](std::int64_t t) {
+    ATTNKIT_FAULT_POINT("routed");
     std::vector<double> p(static_cast<std::size_t>(H));
     const auto softmax = [&](std::int64_t h0, std::int64_t h1) {
       double mx = -std::numeric_limits<double>::infinity(), sum = 0;
@@ -169,6 +170,7 @@ void routed_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<
   for (std::int64_t t = 0; t < T; ++t)
     for (std::int64_t i = 0; i < K; ++i) pos[t * K + i] = q_offset + t;
   parallel_for(T, T >= 64 ? opt.num_threads : 1, [&](std::int64_t t) {
+    ATTNKIT_FAULT_POINT("routed");
     for (std::int64_t j = 0; j < H_kv; ++j)
       for (std::int64_t i = 0; i < K; ++i)
         std::copy(q.ptr(t, heads(t, j, i)), q.ptr(t, heads(t, j, i)) + d_k, qc + ((j * n) + t * K + i) * d_k);
@@ -186,6 +188,7 @@ void routed_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<
 
   // Scatter: kept heads get weight · output, the others 0.
   parallel_for(T, T >= 64 ? opt.num_threads : 1, [&](std::int64_t t) {
+    ATTNKIT_FAULT_POINT("routed");
     for (std::int64_t h = 0; h < H; ++h) {
       std::fill(out.ptr(t, h), out.ptr(t, h) + d_v, 0.f);
       if (lse.data) lse(t, h) = -std::numeric_limits<float>::infinity();

@@ -88,15 +88,55 @@ inline std::uint64_t available_memory_bytes() {
 
 inline std::string mib_string(std::uint64_t bytes) {
   char buf[48];
+  if (bytes == UINT64_MAX) return "more than 16 EiB (overflow)";
+  if (bytes < (std::uint64_t{1} << 20)) return std::to_string(bytes) + " bytes";
   std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(bytes) / (1024.0 * 1024.0));
   return buf;
 }
 
-// Fails up front, naming the sizes, when a request needs more memory than the machine has
-// available (instead of std::bad_alloc half-way, or the OOM killer). `what` says who asks and
-// for what, e.g. "Attention Residuals: 57 sources x 32768 tokens x 1024 floats". Requests under
-// 64 MiB are not checked (reading /proc/meminfo would cost more than a decode step's buffers).
+// a * b * ... in bytes, saturating at UINT64_MAX (a huge request must fail the check, not wrap).
+template <class... Ts>
+inline std::uint64_t mul_bytes(Ts... factors) {
+  std::uint64_t r = 1;
+  for (std::uint64_t f : {static_cast<std::uint64_t>(factors < 0 ? 0 : factors)...})
+    if (__builtin_mul_overflow(r, f, &r)) return UINT64_MAX;
+  return r;
+}
+inline std::uint64_t add_bytes(std::uint64_t a, std::uint64_t b) { return a > UINT64_MAX - b ? UINT64_MAX : a + b; }
+
+// The memory limit of the calling thread's allocations (0: none set; then the system's
+// available memory counts). Session::forward and Qwen3Model::new_session set it from
+// SessionLimits::max_memory_bytes for the caches they grow.
+inline std::uint64_t& thread_memory_limit() {
+  thread_local std::uint64_t limit = 0;
+  return limit;
+}
+
+// Sets thread_memory_limit() for a scope (0 keeps the enclosing one).
+class MemoryLimitScope {
+ public:
+  explicit MemoryLimitScope(std::uint64_t bytes) : prev_(thread_memory_limit()) {
+    if (bytes) thread_memory_limit() = bytes;
+  }
+  ~MemoryLimitScope() { thread_memory_limit() = prev_; }
+  MemoryLimitScope(const MemoryLimitScope&) = delete;
+  MemoryLimitScope& operator=(const MemoryLimitScope&) = delete;
+
+ private:
+  std::uint64_t prev_;
+};
+
+// Fails up front, naming the sizes, when a request needs more memory than the limit allows:
+// thread_memory_limit() when set, else what the machine has available (instead of
+// std::bad_alloc half-way, or the OOM killer). `what` says who asks and for what, e.g.
+// "Attention Residuals: 57 sources x 32768 tokens x 1024 floats". Without a set limit, requests
+// under 64 MiB are not checked (reading /proc/meminfo would cost more than a decode step's
+// buffers).
 inline void require_memory(std::uint64_t bytes, const std::string& what) {
+  if (const std::uint64_t limit = thread_memory_limit()) {
+    ATTNKIT_REQUIRE(bytes <= limit, what, " needs ", mib_string(bytes), " but the memory limit is ", mib_string(limit));
+    return;
+  }
   if (bytes < (std::uint64_t{64} << 20)) return;
   const std::uint64_t avail = available_memory_bytes();
   ATTNKIT_REQUIRE(avail == 0 || bytes <= avail, what, " needs ", mib_string(bytes), " but only ", mib_string(avail),

@@ -10,6 +10,9 @@
 #include <atomic>
 #include <exception>
 #include <cstdint>
+#include <thread>
+
+#include "attnkit/core/fault.hpp"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -62,6 +65,89 @@ void parallel_for(std::int64_t n, int threads, F&& fn, bool dynamic = false) {
   }
 #endif
   for (std::int64_t i = 0; i < n; ++i) fn(i);
+}
+
+// A team whose body synchronises with barriers (run_team / team_barrier). The barrier can be
+// broken: when one thread's body throws, the threads waiting in (or later reaching) a barrier
+// leave their bodies too, so a failure before a barrier cannot leave the others waiting forever
+// (which an `omp barrier` would). The first exception is rethrown on the caller.
+namespace detail {
+class Team {
+ public:
+  struct Aborted {};  // leaves the bodies of the other threads of a failed team
+  void wait(int n) {
+    const unsigned gen = generation_.load(std::memory_order_acquire);
+    if (failed_.load(std::memory_order_acquire)) throw Aborted{};
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == n) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+    } else {
+      // Spin briefly, then yield: callers may run several teams on few cores.
+      for (int spin = 0; generation_.load(std::memory_order_acquire) == gen; ++spin) {
+        if (failed_.load(std::memory_order_acquire)) throw Aborted{};
+        if (spin > 2000) std::this_thread::yield();
+      }
+    }
+    if (failed_.load(std::memory_order_acquire)) throw Aborted{};
+  }
+  void fail(std::exception_ptr e) {
+#if defined(_OPENMP)
+#pragma omp critical(attnkit_team_error)
+#endif
+    if (!error_) error_ = std::move(e);
+    failed_.store(true, std::memory_order_release);
+  }
+  const std::exception_ptr& error() const { return error_; }
+  static Team*& current() {
+    thread_local Team* t = nullptr;
+    return t;
+  }
+
+ private:
+  std::atomic<int> arrived_{0};
+  std::atomic<unsigned> generation_{0};
+  std::atomic<bool> failed_{false};
+  std::exception_ptr error_;
+};
+}  // namespace detail
+
+// Runs body(t, nt) on nt threads of one OpenMP team; body may call team_barrier(nt). An
+// exception of any thread ends the team (the others leave at their next barrier or when their
+// body returns) and is rethrown here; outputs the body writes are then partly written.
+template <class Body>
+void run_team(int nt, Body&& body) {
+#if defined(_OPENMP)
+  if (nt > 1) {
+    detail::Team team;
+#pragma omp parallel num_threads(nt)
+    {
+      detail::Team* outer = detail::Team::current();
+      detail::Team::current() = &team;
+      try {
+        body(omp_get_thread_num(), omp_get_num_threads());
+      } catch (const detail::Team::Aborted&) {
+      } catch (...) {
+        team.fail(std::current_exception());
+      }
+      detail::Team::current() = outer;
+    }
+    if (team.error()) std::rethrow_exception(team.error());
+    return;
+  }
+#endif
+  body(0, 1);
+}
+
+// The barrier of run_team's bodies (nthreads: the nt the body was given).
+inline void team_barrier(int nthreads) {
+  if (nthreads <= 1) return;
+  detail::Team* team = detail::Team::current();
+  if (team) team->wait(nthreads);
+#if defined(_OPENMP)
+  else {
+#pragma omp barrier
+  }
+#endif
 }
 
 // A half-open index range; {0, -1} (the default) means "everything".

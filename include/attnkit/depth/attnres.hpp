@@ -308,6 +308,7 @@ void attnres_route(std::span<const DepthSource> sources, const DepthSource& part
   const std::int64_t tiles = (T + tile - 1) / tile;
   const std::span<const DepthSource> srcs(all);
   parallel_for(tiles, opt.num_threads, [&](std::int64_t i) {
+    ATTNKIT_FAULT_POINT("attnres");
     const std::int64_t t0 = i * tile, t1 = std::min(T, t0 + tile);
     std::vector<float> logits(static_cast<std::size_t>((t1 - t0) * S));
     detail::attnres_tile<Arch>(srcs, q, query.bias, query.eps, partial.present(), t0, t1, std::min(T, t1 + tile), out, opt,
@@ -325,6 +326,7 @@ void attnres_inv_rms(const DepthSource& v, float eps, float* inv_rms, int num_th
   ATTNKIT_REQUIRE(v.inner_stride() == 1 || v.cols <= 1, fn, ": argument 'v': the last dimension must be contiguous");
   const std::int64_t D = v.cols;
   parallel_for((v.rows + 63) / 64, num_threads, [&](std::int64_t i) {
+    ATTNKIT_FAULT_POINT("attnres");
     for (std::int64_t t = i * 64; t < std::min(v.rows, i * 64 + 64); ++t)
       inv_rms[t] = detail::inv_rms_of(v.f32 ? detail::sum_squares<Arch>(v.f32 + t * v.row_stride, D)
                                             : detail::sum_squares<Arch>(v.b16 + t * v.row_stride, D),

@@ -588,25 +588,21 @@ class PackedLinear {
     run_parallel(nt, body);
   }
 
-  static void barrier([[maybe_unused]] int nthreads) {
-#if defined(_OPENMP)
-    if (nthreads > 1) {
-#pragma omp barrier
-    }
-#endif
+  // A breakable barrier (core/threading.hpp): a thread that throws before a barrier must not
+  // leave the others waiting in it.
+  static void barrier(int nthreads) {
+    ATTNKIT_FAULT_POINT("linear");
+    team_barrier(nthreads);
   }
 
-  // Runs body(t, nt) on nt threads (one OpenMP team; body may use barrier()).
+  // Runs body(t, nt) on nt threads (one team; body may use barrier()). A worker's exception
+  // ends the team and is rethrown here; y is then partly written.
   template <class Body>
   static void run_parallel(int nt, Body&& body) {
-#if defined(_OPENMP)
-    if (nt > 1) {
-#pragma omp parallel num_threads(nt)
-      body(omp_get_thread_num(), omp_get_num_threads());
-      return;
-    }
-#endif
-    body(0, 1);
+    run_team(nt, [&](int t, int n) {
+      ATTNKIT_FAULT_POINT("linear");
+      body(t, n);
+    });
   }
 };
 

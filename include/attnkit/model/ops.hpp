@@ -31,12 +31,13 @@ inline void rms_norm(ConstView2<float> x, const float* w, float eps, View2<float
   ATTNKIT_REQUIRE(x.shape == y.shape, "rms_norm: argument 'y': shape ", detail::shape_string(y),
                   " differs from x ", detail::shape_string(x));
   const std::int64_t rows = x.shape[0];
-  parallel_for(rows, rows >= 16 ? threads : 1, [&](std::int64_t r) { rms_norm_row(x.ptr(r), w, eps, y.ptr(r), x.shape[1]); });
+  parallel_for(rows, rows >= 16 ? threads : 1, [&](std::int64_t r) { ATTNKIT_FAULT_POINT("ops"); rms_norm_row(x.ptr(r), w, eps, y.ptr(r), x.shape[1]); });
 }
 
 // Per-head RMSNorm in place over x [tokens, heads, d] (Qwen3's q_norm / k_norm).
 inline void rms_norm_heads(View3<float> x, const float* w, float eps, int threads = 0) {
   parallel_for(x.shape[0], x.shape[0] >= 16 ? threads : 1, [&](std::int64_t t) {
+    ATTNKIT_FAULT_POINT("ops");
     for (std::int64_t h = 0; h < x.shape[1]; ++h) rms_norm_row(x.ptr(t, h), w, eps, x.ptr(t, h), x.shape[2]);
   });
 }
@@ -86,6 +87,7 @@ class Rope {
                     " tokens of head_dim ", 2 * a.half, ", x has ", x.shape[0], " of ", d_);
     const std::int64_t half = d_ / 2;
     parallel_for(x.shape[0], x.shape[0] >= 16 ? threads : 1, [&](std::int64_t t) {
+      ATTNKIT_FAULT_POINT("ops");
       const float* c = a.cos.data() + t * half;
       const float* s = a.sin.data() + t * half;
       for (std::int64_t h = 0; h < x.shape[1]; ++h) {
@@ -115,6 +117,7 @@ inline void silu_mul(ConstView2<float> gate_up, View2<float> act, int threads = 
   using B = simd::fbatch<>;
   constexpr std::int64_t W = static_cast<std::int64_t>(B::size);
   parallel_for(act.shape[0], act.shape[0] >= 4 ? threads : 1, [&](std::int64_t t) {
+    ATTNKIT_FAULT_POINT("ops");
     const float* g = gate_up.ptr(t);
     const float* u = g + I;
     float* y = act.ptr(t);

@@ -106,6 +106,28 @@ struct ForwardOptions {
   std::optional<ExitRule> exit;
 };
 
+// Limits a session enforces (beside SessionOptions, which shapes the states). The memory check
+// runs before anything is allocated: Qwen3Model::new_session (the reserved tokens) and forward
+// (the states at the step's end plus the step's buffers) estimate the bytes from the model's
+// shape and refuse with an attnkit::Error naming the sizes; every cache also checks its own
+// allocation against the same limit.
+struct SessionLimits {
+  // The most bytes the session's states plus one step's buffers may take; 0: the memory the
+  // system reports available (MemAvailable) at each check.
+  std::uint64_t max_memory_bytes = 0;
+  // Positions beyond the config's max_position_embeddings are refused unless this is set (RoPE
+  // beyond the trained range: the model runs, its output is not what it was trained for).
+  bool allow_beyond_max_positions = false;
+};
+
+// Bytes a session needs for a number of positions (estimated from the model's shape: KV rows of
+// every attention-type layer and pass, sliding layers capped at their window; fixed-size
+// recurrent states are checked when they are created) and one forward step's working buffers.
+struct MemoryEstimate {
+  std::uint64_t states = 0, step = 0;
+  std::uint64_t total() const { return add_bytes(states, step); }
+};
+
 // What to do with checkpoint tensors or config fields that no part of the model consumed.
 enum class Unused { error, warn };
 
@@ -185,7 +207,64 @@ class Qwen3Model {
     return b;
   }
 
-  inline Session new_session(const SessionOptions& opt = {}) const;
+  // Throws attnkit::Error when the states for opt.reserve_tokens do not fit limits.max_memory_bytes
+  // (or the available memory).
+  inline Session new_session(const SessionOptions& opt = {}, const SessionLimits& limits = {}) const;
+
+  // The bytes a session of these options holds after `positions` tokens, and a forward step of
+  // `step_tokens` tokens needs beside it.
+  MemoryEstimate estimate_memory(std::int64_t positions, std::int64_t step_tokens, const SessionOptions& opt = {}) const {
+    const auto& c = config_;
+    const std::uint64_t elem = opt.kv_type == CacheType::f32 ? 4 : opt.kv_type == CacheType::bf16 ? 2 : 1;
+    const std::uint64_t per_row = add_bytes(mul_bytes(c.num_key_value_heads, 2 * c.head_dim, elem),
+                                            opt.kv_type == CacheType::int8 ? mul_bytes(c.num_key_value_heads, 8) : 0);
+    MemoryEstimate e;
+    for (auto& l : layers_) {
+      const std::string k = l.mixer->kind();
+      if (k == "linear_attention") continue;  // fixed-size state
+      std::int64_t rows = positions;
+      if (k == "sliding_attention" && c.sliding_window) rows = std::min(rows, *c.sliding_window);
+      e.states = add_bytes(e.states, mul_bytes(passes(), rows, per_row));
+    }
+    const std::int64_t width = 3 * c.hidden_size + 3 * c.intermediate_size +
+                               (2 * c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
+    e.step = mul_bytes(step_tokens, width, sizeof(float));
+    return e;
+  }
+
+  // Refuses (attnkit::Error naming the sizes) a session that would hold `positions` tokens and
+  // run a step of `step_tokens`, plus `extra_bytes` the caller allocates for it (ids, logits),
+  // when that exceeds limits.max_memory_bytes or, without a limit, the available memory;
+  // `held_positions`: tokens the session's states already hold (only the growth needs memory).
+  void require_memory_for(std::int64_t positions, std::int64_t step_tokens, const SessionOptions& opt,
+                          const SessionLimits& limits, const std::string& who, std::uint64_t extra_bytes = 0,
+                          std::int64_t held_positions = 0) const {
+    const MemoryEstimate e = estimate_memory(positions, step_tokens, opt);
+    const std::uint64_t held = estimate_memory(held_positions, 0, opt).states;
+    const std::uint64_t need = add_bytes(e.total(), extra_bytes);
+    const std::string sizes = "states for " + std::to_string(positions) + " positions " + mib_string(e.states) +
+                              ", buffers of a " + std::to_string(step_tokens) + "-token step " + mib_string(e.step) +
+                              (extra_bytes ? ", inputs and outputs " + mib_string(extra_bytes) : "");
+    if (limits.max_memory_bytes) {
+      ATTNKIT_REQUIRE(need <= limits.max_memory_bytes, who, ": needs about ", mib_string(need), " (", sizes,
+                      ") but the memory limit is ", mib_string(limits.max_memory_bytes),
+                      " (SessionLimits::max_memory_bytes)");
+      return;
+    }
+    const std::uint64_t grow = need - std::min(need, held);
+    if (grow < (std::uint64_t{64} << 20)) return;  // not worth reading /proc/meminfo
+    const std::uint64_t avail = available_memory_bytes();
+    ATTNKIT_REQUIRE(avail == 0 || grow <= avail, who, ": needs about ", mib_string(grow), " more (", sizes,
+                    ") but only ", mib_string(avail),
+                    " of memory are available (SessionLimits::max_memory_bytes sets a limit instead)");
+  }
+  // Refuses positions beyond max_position_embeddings unless limits allow them.
+  void require_positions(std::int64_t end, const SessionLimits& limits, const std::string& who) const {
+    const std::int64_t max_pos = config_.max_position_embeddings;
+    ATTNKIT_REQUIRE(limits.allow_beyond_max_positions || max_pos <= 0 || end <= max_pos, who, ": ", end,
+                    " positions exceed the model's max_position_embeddings ", max_pos,
+                    " (set SessionLimits::allow_beyond_max_positions to run beyond the trained range)");
+  }
 
   // Runs ids at the session's position; writes logits [T, V] (LogitsRows::all) or [1, V]
   // (last) into `logits`, which must have that shape (or be empty for LogitsRows::none).
@@ -254,10 +333,18 @@ class Qwen3Model {
   class Readout;
 };
 
+// A session belongs to one thread at a time; several sessions of one model may run on different
+// threads at once (the model is read-only after it is built; see the README's thread-safety
+// contract). If forward() throws after it started changing the states (a worker's exception, an
+// allocation the limits refuse), the session is left broken: every later forward() throws until
+// set_position() rewinds it to a consistent state or it is replaced.
 class Session {
  public:
   std::int64_t position() const { return position_; }
   const SessionOptions& options() const { return opt_; }
+  const SessionLimits& limits() const { return limits_; }
+  SessionLimits& limits() { return limits_; }
+  bool broken() const { return broken_; }
 
   // Direct access for code that prepares or rewinds a session's states itself (benchmarks that
   // fill a long context with random K/V rows, then cut the caches back after each timed step;
@@ -268,18 +355,25 @@ class Session {
   void set_position(std::int64_t position) {
     ATTNKIT_REQUIRE(position >= 0, "Session::set_position: argument 'position': must be >= 0, got ", position);
     position_ = position;
+    broken_ = false;
   }
 
  private:
   friend class Qwen3Model;
   SessionOptions opt_;
+  SessionLimits limits_;
+  bool broken_ = false;
   std::vector<std::unique_ptr<MixerState>> states_;
   std::int64_t position_ = 0;
 };
 
-inline Session Qwen3Model::new_session(const SessionOptions& opt) const {
+inline Session Qwen3Model::new_session(const SessionOptions& opt, const SessionLimits& limits) const {
+  ATTNKIT_REQUIRE(opt.reserve_tokens >= 0, "Qwen3Model::new_session: reserve_tokens must be >= 0, got ", opt.reserve_tokens);
+  require_memory_for(opt.reserve_tokens, 0, opt, limits, "Qwen3Model::new_session: " + std::to_string(opt.reserve_tokens) + " reserved tokens");
+  const MemoryLimitScope scope(limits.max_memory_bytes);
   Session s;
   s.opt_ = opt;
+  s.limits_ = limits;
   for (auto& l : layers_) s.states_.push_back(l.mixer->new_state(opt));
   return s;
 }
@@ -387,6 +481,13 @@ inline void Qwen3Model::forward(Session& s, std::span<const std::int64_t> ids, V
   for (std::int64_t t = 0; t < T; ++t)
     ATTNKIT_REQUIRE(ids[t] >= 0 && ids[t] < V, "Qwen3Model::forward: argument 'ids': token id ", ids[t], " at index ", t,
                     " outside the vocabulary [0, ", V, ")");
+  ATTNKIT_REQUIRE(!s.broken_, "Qwen3Model::forward: the session is broken by an earlier failed step (its states may "
+                  "hold part of that step); rewind it with set_position() or start a new session");
+  const std::string who = "Qwen3Model::forward: " + std::to_string(T) + " tokens at position " + std::to_string(s.position_);
+  require_positions(s.position_ + T, s.limits_, who);
+  require_memory_for(s.position_ + T, T, s.opt_, s.limits_, who, 0, s.position_);
+  const MemoryLimitScope scope(s.limits_.max_memory_bytes);
+  s.broken_ = true;  // until the step completes
 
   std::vector<float> x(static_cast<std::size_t>(T * D)), xn(x.size()), y(x.size());
   for (std::int64_t t = 0; t < T; ++t) embed(ids[t], x.data() + t * D);
@@ -438,6 +539,7 @@ inline void Qwen3Model::forward(Session& s, std::span<const std::int64_t> ids, V
   }
   if (opt.on_hidden) opt.on_hidden(static_cast<int>(layers_.size()), xnv);
   s.position_ += T;
+  s.broken_ = false;
 }
 
 inline Qwen3Model Qwen3Model::compose(const io::Qwen3Config& config, const TensorSource& stored,

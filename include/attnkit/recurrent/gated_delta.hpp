@@ -513,6 +513,7 @@ inline void gated_delta_recurrent(ConstView3<float> q, ConstView3<float> k, Cons
   ATTNKIT_REQUIRE(state.stride[2] == 1, "gated_delta_rule: argument 'state': last dimension must be contiguous");
   const float scale = opt.scale != 0.f ? opt.scale : 1.f / std::sqrt(static_cast<float>(q.shape[2]));
   parallel_for(v.shape[1], opt.num_threads, [&](std::int64_t h) {
+    ATTNKIT_FAULT_POINT("recurrent");
     detail_gdn::recurrent_head(q, k, v, g, beta, state.ptr(h), state.stride[1], out, h, h / group, opt, scale);
   });
 }
@@ -527,6 +528,7 @@ inline void gated_delta_chunked(ConstView3<float> q, ConstView3<float> k, ConstV
   const float scale = opt.scale != 0.f ? opt.scale : 1.f / std::sqrt(static_cast<float>(q.shape[2]));
   // Heads handed out one at a time: a core slowed by other work takes fewer of them.
   parallel_for(v.shape[1], opt.num_threads, [&](std::int64_t h) {
+    ATTNKIT_FAULT_POINT("recurrent");
     detail_gdn::chunked_head(q, k, v, g, beta, state.ptr(h), state.stride[1], out, h, h / group, opt, scale);
   }, /*dynamic=*/true);
 }

@@ -30,6 +30,7 @@ inline void gated_rms_norm(ConstView3<float> x, ConstView3<float> z, const float
   ATTNKIT_REQUIRE(eps >= 0.f, fn, ": argument 'eps': must be non-negative, got ", eps);
   const std::int64_t T = x.shape[0], H = x.shape[1], d = x.shape[2];
   parallel_for(T, T >= 16 ? num_threads : 1, [&](std::int64_t t) {
+    ATTNKIT_FAULT_POINT("recurrent");
     for (std::int64_t h = 0; h < H; ++h) {
       const float* xi = x.ptr(t, h);
       const float* zi = z.ptr(t, h);

@@ -277,6 +277,7 @@ inline void linear_attention(ConstView3<float> q, ConstView3<float> k, ConstView
   const int threads = resolve_threads(opt.num_threads);  // before the scope below sets the ICV to 1
   if (recurrent) {
     parallel_for(hd.H, threads, [&](std::int64_t h) {
+      ATTNKIT_FAULT_POINT("recurrent");
       detail_la::recurrent_head(q, k, v, state, z, out, h, hd, opt, scale);
     });
     return;
@@ -284,6 +285,7 @@ inline void linear_attention(ConstView3<float> q, ConstView3<float> k, ConstView
   const detail_la::EigenSerialScope serial;
   const bool gemm = Eigen::nbThreads() == 1;
   parallel_for(hd.H, threads, [&](std::int64_t h) {
+    ATTNKIT_FAULT_POINT("recurrent");
     detail_la::chunked_head(q, k, v, state, z, out, h, hd, opt, scale, gemm);
   });
 }

@@ -50,6 +50,7 @@ inline void causal_conv1d(ConstView2<float> x, ConstView2<float> weight, View2<f
   constexpr std::int64_t block = 64;
   const std::int64_t blocks = (C + block - 1) / block;
   parallel_for(blocks, T * C >= 16384 ? opt.num_threads : 1, [&](std::int64_t b) {
+    ATTNKIT_FAULT_POINT("recurrent");
     const std::int64_t c0 = b * block, n = std::min(block, C - c0);
     std::vector<float> w(static_cast<std::size_t>(K * n));  // [K, n]: taps of a block side by side
     for (std::int64_t c = 0; c < n; ++c)

@@ -200,6 +200,7 @@ inline void score_strip(const Shape& sh, ConstView3<float> q, ConstView2<float> 
   const std::int64_t n_wanted = std::count(wanted.begin(), wanted.end(), 1);
   const std::int64_t n_blocks = last / kKeyBlock + 1;
   parallel_for(n_blocks, threads, [&](std::int64_t b) {
+    ATTNKIT_FAULT_POINT("sparse");
     const std::int64_t s0 = b * kKeyBlock, s_end = std::min(s0 + kKeyBlock, last + 1);
     float* panel = nullptr;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -266,6 +267,7 @@ inline void indexer_topk(ConstView3<float> index_q, ConstView2<float> index_k, C
       score_strip(sh, index_q, index_k, index_w, t0, t1, wanted, rows, ld, buf, opt.num_threads);
     }
     parallel_for(t1 - t0, (t1 - t0) >= 4 ? opt.num_threads : 1, [&](std::int64_t i) {
+      ATTNKIT_FAULT_POINT("sparse");
       const std::int64_t t = t0 + i;
       const std::int64_t n = sh.q_offset + t + 1;
       select_topk(wanted[static_cast<std::size_t>(i)] ? rows + i * ld : nullptr, n, K, indices.ptr(t));

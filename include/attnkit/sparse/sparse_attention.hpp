@@ -174,6 +174,7 @@ void sparse_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<
   const std::int64_t tile = detail::sparse::kQueryTile;
   const std::int64_t n_tiles = (T + tile - 1) / tile;
   parallel_for(n_tiles * H_kv, opt.num_threads, [&](std::int64_t item) {
+    ATTNKIT_FAULT_POINT("sparse");
     const std::int64_t j = item % H_kv, t0 = item / H_kv * tile, t1 = std::min(T, t0 + tile), nt = t1 - t0;
     // The partial of one block and the running states [nt][G] (o rows of dv_pad: 64-byte
     // aligned, as chunk_state stores them), then their lse values.

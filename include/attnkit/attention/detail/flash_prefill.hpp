@@ -868,7 +868,7 @@ void run_prefill(const std::vector<Segment<KV>>& segs, const Shape& sh, const Ma
   const std::vector<WorkItem> items = plan_items(segs, sh, h_begin, h_end, q_ranges, item_queries(sh.G));
   parallel_for(
       static_cast<std::int64_t>(items.size()), num_threads,
-      [&](std::int64_t i) { run_item<Arch>(segs[items[i].segment], sh, mask, items[i], ex, var, prep); }, /*dynamic=*/true);
+      [&](std::int64_t i) { ATTNKIT_FAULT_POINT("prefill"); run_item<Arch>(segs[items[i].segment], sh, mask, items[i], ex, var, prep); }, /*dynamic=*/true);
 }
 
 }  // namespace attnkit::detail::flash

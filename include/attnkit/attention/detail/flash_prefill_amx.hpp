@@ -500,6 +500,7 @@ void run_prefill_at(Precision precision, const std::vector<Segment<KV>>& segs, c
     parallel_for(
         static_cast<std::int64_t>(items.size()), num_threads,
         [&](std::int64_t i) {
+          ATTNKIT_FAULT_POINT("prefill");
           if (precision == Precision::fast) run_item_amx<1>(segs[items[i].segment], sh, mask, items[i], var, prep);
           else run_item_amx<3>(segs[items[i].segment], sh, mask, items[i], var, prep);
         },

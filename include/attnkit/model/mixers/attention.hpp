@@ -29,6 +29,7 @@ inline void apply_output_gate(ConstView3<float> gate, float* attn, int layer, co
   const std::int64_t T = gate.shape[0], H = gate.shape[1], d = gate.shape[2];
   std::vector<float> mean(ctx.trace ? static_cast<std::size_t>(T * H) : 0);
   parallel_for(T, T >= 16 ? ctx.num_threads : 1, [&](std::int64_t t) {
+    ATTNKIT_FAULT_POINT("mixer");
     for (std::int64_t h = 0; h < H; ++h) {
       const float* g = gate.ptr(t, h);
       float* o = attn + (t * H + h) * d;

@@ -221,6 +221,11 @@ class GatedDeltaNet final : public TokenMixer {
   }
 
   std::unique_ptr<MixerState> new_state(const SessionOptions&) const override {
+    require_memory(mul_bytes(passes_, add_bytes(mul_bytes(s_.value_heads, s_.key_dim, s_.value_dim),
+                                                mul_bytes(s_.conv_kernel - 1, conv_ch_)), sizeof(float)),
+                   "GatedDeltaNet: recurrent state of " + std::to_string(passes_) + " passes x " +
+                       std::to_string(s_.value_heads) + " value heads x " + std::to_string(s_.key_dim) + " x " +
+                       std::to_string(s_.value_dim) + " floats, and the conv window");
     auto st = std::make_unique<State>();
     st->passes.resize(static_cast<std::size_t>(passes_));
     for (auto& ps : st->passes) {

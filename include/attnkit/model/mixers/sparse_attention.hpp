@@ -114,6 +114,10 @@ class SparseAttention final : public TokenMixer {
   }
 
   std::unique_ptr<MixerState> new_state(const SessionOptions& opt) const override {
+    if (opt.reserve_tokens > 0)
+      require_memory(mul_bytes(passes_, opt.reserve_tokens, s_.head_dim, sizeof(float)),
+                     "SparseAttention: index-key cache of " + std::to_string(passes_) + " passes x " +
+                         std::to_string(opt.reserve_tokens) + " tokens x " + std::to_string(s_.head_dim) + " floats");
     auto st = std::make_unique<State>();
     for (int p = 0; p < passes_; ++p) {
       st->passes.push_back({AttentionCache(proj_.kv_heads(), proj_.head_dim(), proj_.head_dim(), 0, opt), {}});
@@ -138,6 +142,7 @@ class SparseAttention final : public TokenMixer {
     std::vector<float> ib(static_cast<std::size_t>(T * W));
     index_proj_.forward(x, View2<float>(ib.data(), {T, W}), {ctx.precision, ctx.num_threads, false});
     const View3<float> iq(ib.data(), {T, HI, dI}, {W, dI, 1});
+    require_memory(mul_bytes(Tk, dI, sizeof(float)), "SparseAttention: index-key cache of " + std::to_string(Tk) + " tokens x " + std::to_string(dI) + " floats");
     ps.index_k.resize(static_cast<std::size_t>(Tk * dI));
     float* knew = ps.index_k.data() + ctx.pos0 * dI;
     std::vector<float> iw(static_cast<std::size_t>(T * HI));

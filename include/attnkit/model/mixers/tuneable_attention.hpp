@@ -131,6 +131,7 @@ class TuneableAttention final : public TokenMixer {
       // q' = q U [T, H, r], k' = k U [T, H_kv, r].
       std::vector<float> qu(static_cast<std::size_t>(T * H * r)), ku(static_cast<std::size_t>(T * Hkv * r));
       parallel_for(T, T >= 16 ? ctx.num_threads : 1, [&](std::int64_t t) {
+        ATTNKIT_FAULT_POINT("mixer");
         for (std::int64_t h = 0; h < H; ++h) project(qkv.q.ptr(t, h), qu.data() + (t * H + h) * r);
         for (std::int64_t h = 0; h < Hkv; ++h) project(qkv.k.ptr(t, h), ku.data() + (t * Hkv + h) * r);
       });
