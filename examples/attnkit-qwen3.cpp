@@ -145,8 +145,8 @@ std::int64_t parse_int(const std::string& s, const char* what, std::int64_t lo =
     die(std::string(what) + ": not an integer: '" + s + "'");
   }
   if (pos != s.size()) die(std::string(what) + ": not an integer: '" + s + "'");
-  if (v < lo || v > hi)
-    die(std::string(what) + ": out of range: " + s + " (must be in [" + std::to_string(lo) + ", " + std::to_string(hi) + "])");
+  if (v < lo) die(std::string(what) + ": must be >= " + std::to_string(lo) + ", got " + s);
+  if (v > hi) die(std::string(what) + ": must be <= " + std::to_string(hi) + ", got " + s);
   return v;
 }
 
