@@ -304,7 +304,7 @@ void print_timing(const text::GenerateResult& r) {
 // generated text goes to stdout, flushed piece by piece.
 void run_text(const model::Qwen3Model& m, const TextArgs& a, const std::string& model_dir, bool allow_unused,
               std::uint64_t seed, std::int64_t chunk, const model::SessionOptions& session_opt,
-              const model::ForwardOptions& fo) {
+              const model::ForwardOptions& fo, const model::SessionLimits& limits) {
   namespace fs = std::filesystem;
   std::string tok_path = a.tokenizer;
   if (tok_path.empty()) {
@@ -356,7 +356,7 @@ void run_text(const model::Qwen3Model& m, const TextArgs& a, const std::string& 
   go.stop = a.stop;
   go.prefill_chunk = chunk;
   go.skip_special = !a.special;
-  text::Generator gen(m, tok, so, session_opt, fo);
+  text::Generator gen(m, tok, so, session_opt, fo, limits);
   const std::int64_t max_pos = m.config().max_position_embeddings;
   const bool think = !a.no_think;
 
@@ -615,7 +615,10 @@ int main(int argc, char** argv) {
       model::ForwardOptions fo;
       fo.precision = precision;
       fo.exit = exit_rule;
-      run_text(m, ta, model_dir, allow_unused, static_cast<std::uint64_t>(seed), chunk, so, fo);
+      model::SessionLimits limits;  // --max-memory and --allow-long-context apply to the conversation too
+      limits.max_memory_bytes = max_memory;
+      limits.allow_beyond_max_positions = allow_long;
+      run_text(m, ta, model_dir, allow_unused, static_cast<std::uint64_t>(seed), chunk, so, fo, limits);
       return 0;
     }
 

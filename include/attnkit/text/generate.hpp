@@ -128,11 +128,12 @@ using TextCallback = std::function<void(std::string_view)>;
 class Generator {
  public:
   // The model and tokenizer must outlive the generator. `forward` gives precision and threads
-  // (its logits rows and trace are set here).
+  // (its logits rows and trace are set here); `limits` the session's memory and position limits.
   Generator(const model::Qwen3Model& m, const Tokenizer& tok, const SamplerOptions& sampling = {},
-            const model::SessionOptions& session = {}, const model::ForwardOptions& forward = {})
-      : model_(m), tok_(tok), sampler_(sampling), session_opt_(session), session_(m.new_session(session)),
-        forward_(forward) {
+            const model::SessionOptions& session = {}, const model::ForwardOptions& forward = {},
+            const model::SessionLimits& limits = {})
+      : model_(m), tok_(tok), sampler_(sampling), session_opt_(session), limits_(limits),
+        session_(m.new_session(session, limits)), forward_(forward) {
     const std::int64_t V = m.config().vocab_size;
     ATTNKIT_REQUIRE(tok.vocab_size() <= V, "Generator: the tokenizer has ", tok.vocab_size(),
                     " token ids, the model's vocab_size is ", V, " (a tokenizer of another model?)");
@@ -230,7 +231,7 @@ class Generator {
   Sampler& sampler() { return sampler_; }
   // Forgets the conversation: empty caches and context (the sampler's random state goes on).
   void reset() {
-    session_ = model_.new_session(session_opt_);
+    session_ = model_.new_session(session_opt_, limits_);
     context_.clear();
     held_.clear();
   }
@@ -247,6 +248,7 @@ class Generator {
   const Tokenizer& tok_;
   Sampler sampler_;
   model::SessionOptions session_opt_;
+  model::SessionLimits limits_;
   model::Session session_;
   model::ForwardOptions forward_;
   std::vector<float> logits_;
