@@ -138,6 +138,22 @@ void check_decode(std::uint64_t seed, std::int64_t P, std::int64_t H, std::int64
     if (threads == 1) {
       first_out = out;
       first_lse = lse;
+      {  // The same pages in the caller's own NHD buffer ([page][token][head][d], vLLM's layout): same bits.
+        const std::int64_t N = bt.pool.num_pages();
+        std::vector<KV> kn(static_cast<std::size_t>(N * P * Hk * dk)), vn(static_cast<std::size_t>(N * P * Hk * dv));
+        for (std::int64_t pg = 0; pg < N; ++pg)
+          for (std::int64_t r = 0; r < P; ++r)
+            for (std::int64_t h = 0; h < Hk; ++h) {
+              std::copy_n(cache.k.ptr(pg, r, h), dk, kn.data() + ((pg * P + r) * Hk + h) * dk);
+              std::copy_n(cache.v.ptr(pg, r, h), dv, vn.data() + ((pg * P + r) * Hk + h) * dv);
+            }
+        const PagedKV<KV> nhd{ConstView4<KV>(kn.data(), {N, P, Hk, dk}), ConstView4<KV>(vn.data(), {N, P, Hk, dv})};
+        std::vector<float> o2(out.size());
+        test::poison(o2);
+        attention_decode_paged<KV>(ConstView3<float>(q.data(), {B, H, dk}), nhd, bt.table(),
+                                   View3<float>(o2.data(), {B, H, dv}), opt);
+        CHECK(test::bit_equal(o2, out));
+      }
       for (std::int64_t b = 0; b < B; ++b) {
         CAPTURE(b);
         const std::int64_t L = bt.lengths[b];
