@@ -1,11 +1,13 @@
 // benchmarks/bench_decode.cpp — machine ceilings (roofline/*) and decode attention (decode/*).
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <random>
 #include <type_traits>
 #include <vector>
 
+#include "attnkit/attention/batched_decode.hpp"
 #include "attnkit/attention/decode.hpp"
 #include "attnkit/attention/kv_cache.hpp"
 #include "roofline.hpp"
@@ -106,6 +108,134 @@ BENCHMARK_TEMPLATE(BM_decode, attnkit::bf16)
     ->UseRealTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK_TEMPLATE(BM_decode, std::int8_t)
     ->Name("decode/int8")->ArgName("T")->Arg(512)->Arg(2048)->Arg(8192)->Arg(32768)
+    ->UseRealTime()->Unit(benchmark::kMicrosecond);
+
+// Batched decode over a paged cache (attention/batched_decode.hpp): B = 8 sequences of
+// Qwen3-0.6B attention (H = 16, H_kv = 8, d = 128), bf16 pages of P tokens in a PagePool
+// (HND: each KV head's rows of a page contiguous), 2 threads. Lengths: all T, or with T = 0 a
+// mix 512 .. 8192 (512, 768, 1024, 1536, 2048, 3072, 4096, 8192). The iterations rotate over
+// sets of page tables whose pages are shuffled through >= 2 GiB of pool, so K/V come from DRAM
+// in scattered pages as in a long-running engine. GBps counts the K and V bytes of all B
+// sequences; bw_frac divides by the measured DRAM read bandwidth (roofline/mem_read).
+// decode/paged_contig/bf16 is the same-run baseline: B single-sequence attention_decode calls on
+// contiguous KVCaches of the same lengths (also >= 2 GiB rotated).
+std::vector<std::int64_t> paged_bench_lengths(std::int64_t T) {
+  if (T > 0) return std::vector<std::int64_t>(8, T);
+  return {512, 768, 1024, 1536, 2048, 3072, 4096, 8192};
+}
+
+void BM_decode_paged(benchmark::State& state) {
+  using KV = attnkit::bf16;
+  constexpr std::int64_t H = 16, Hk = 8, d = 128;
+  const std::int64_t P = state.range(1);
+  const std::vector<std::int64_t> lengths = paged_bench_lengths(state.range(0));
+  const std::int64_t B = static_cast<std::int64_t>(lengths.size());
+  std::int64_t tokens = 0, pages_per_set = 0;
+  for (auto L : lengths) {
+    tokens += L;
+    pages_per_set += (L + P - 1) / P;
+  }
+  const std::int64_t bytes = 2 * tokens * Hk * d * static_cast<std::int64_t>(sizeof(KV));
+  const std::int64_t n_sets = std::max<std::int64_t>(2, ((std::int64_t{2} << 30) + bytes - 1) / bytes);
+  attnkit::PagePool<KV> pool(n_sets * pages_per_set, P, Hk, d, d);
+  {  // random bf16 values, written straight into the pool's storage
+    std::mt19937 gen(42);
+    std::normal_distribution<float> nd;
+    std::vector<KV> pattern(std::size_t{1} << 20);
+    for (auto& x : pattern) x = KV(nd(gen));
+    const auto view = pool.view();
+    for (KV* base : {view.k.data, view.v.data}) {
+      const std::int64_t n = pool.num_pages() * P * Hk * d;
+      const std::int64_t step = static_cast<std::int64_t>(pattern.size()) - 512;  // every element written
+      for (std::int64_t i = 0; i < n; i += step)
+        std::copy_n(pattern.begin() + (i / step) % 512, std::min(n - i, step), base + i);
+    }
+  }
+  std::vector<std::int32_t> ids;
+  for (std::int64_t i = 0; i < pool.num_pages(); ++i) ids.push_back(pool.allocate());
+  std::shuffle(ids.begin(), ids.end(), std::mt19937(7));
+  std::vector<std::vector<std::int64_t>> indptr(static_cast<std::size_t>(n_sets));
+  std::vector<std::vector<std::int32_t>> indices(static_cast<std::size_t>(n_sets));
+  std::size_t next = 0;
+  for (std::int64_t s = 0; s < n_sets; ++s) {
+    indptr[s].push_back(0);
+    for (auto L : lengths) {
+      for (std::int64_t p = 0; p < (L + P - 1) / P; ++p) indices[s].push_back(ids[next++]);
+      indptr[s].push_back(static_cast<std::int64_t>(indices[s].size()));
+    }
+  }
+  std::mt19937 gen(43);
+  std::normal_distribution<float> nd;
+  std::vector<float> q(static_cast<std::size_t>(B * H * d)), out(static_cast<std::size_t>(B * H * d));
+  for (auto& x : q) x = nd(gen);
+  attnkit::DecodeOptions opt;
+  opt.num_threads = 2;
+  const attnkit::PagedKV<KV> cache = pool.view();
+  std::size_t i = 0;
+  for (auto _ : state) {
+    const std::size_t s = i++ % static_cast<std::size_t>(n_sets);
+    attnkit::attention_decode_paged<KV>(attnkit::ConstView3<float>(q.data(), {B, H, d}), cache,
+                                        attnkit::PageTable{indptr[s], indices[s], lengths},
+                                        attnkit::View3<float>(out.data(), {B, H, d}), opt);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  const double gb = static_cast<double>(bytes) * 1e-9;
+  state.counters["GBps"] = benchmark::Counter(gb, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["bw_frac"] =
+      benchmark::Counter(gb / roofline().read_gbps, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["sets"] = static_cast<double>(n_sets);
+}
+BENCHMARK(BM_decode_paged)
+    ->Name("decode/paged/bf16")->ArgNames({"T", "P"})
+    ->Args({512, 16})->Args({2048, 16})->Args({8192, 16})->Args({0, 16})->Args({0, 64})
+    ->UseRealTime()->Unit(benchmark::kMicrosecond);
+
+void BM_decode_paged_contig(benchmark::State& state) {
+  using KV = attnkit::bf16;
+  constexpr std::int64_t H = 16, Hk = 8, d = 128;
+  const std::vector<std::int64_t> lengths = paged_bench_lengths(state.range(0));
+  const std::int64_t B = static_cast<std::int64_t>(lengths.size());
+  std::int64_t tokens = 0;
+  for (auto L : lengths) tokens += L;
+  const std::int64_t bytes = 2 * tokens * Hk * d * static_cast<std::int64_t>(sizeof(KV));
+  const std::int64_t n_sets = std::max<std::int64_t>(2, ((std::int64_t{2} << 30) + bytes - 1) / bytes);
+  std::mt19937 gen(42);
+  std::normal_distribution<float> nd;
+  const std::int64_t T_max = *std::max_element(lengths.begin(), lengths.end());
+  std::vector<float> src(static_cast<std::size_t>(T_max * Hk * d)), q(static_cast<std::size_t>(B * H * d)),
+      out(static_cast<std::size_t>(B * H * d));
+  for (auto& x : src) x = nd(gen);
+  for (auto& x : q) x = nd(gen);
+  std::vector<attnkit::KVCache<KV>> caches;
+  caches.reserve(static_cast<std::size_t>(n_sets * B));
+  for (std::int64_t s = 0; s < n_sets; ++s)
+    for (auto L : lengths) {
+      caches.emplace_back(Hk, d, d, L);
+      const attnkit::ConstView3<float> kv(src.data(), {L, Hk, d});
+      caches.back().append(kv, kv);
+    }
+  attnkit::DecodeOptions opt;
+  opt.num_threads = 2;
+  std::size_t i = 0;
+  for (auto _ : state) {
+    const std::size_t s = i++ % static_cast<std::size_t>(n_sets);
+    for (std::int64_t b = 0; b < B; ++b) {
+      const auto& c = caches[s * static_cast<std::size_t>(B) + static_cast<std::size_t>(b)];
+      attnkit::attention_decode<KV>(attnkit::ConstView2<float>(q.data() + b * H * d, {H, d}), c.keys(), c.values(),
+                                    attnkit::View2<float>(out.data() + b * H * d, {H, d}), opt);
+    }
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  const double gb = static_cast<double>(bytes) * 1e-9;
+  state.counters["GBps"] = benchmark::Counter(gb, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["bw_frac"] =
+      benchmark::Counter(gb / roofline().read_gbps, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["sets"] = static_cast<double>(n_sets);
+}
+BENCHMARK(BM_decode_paged_contig)
+    ->Name("decode/paged_contig/bf16")->ArgName("T")->Arg(512)->Arg(2048)->Arg(8192)->Arg(0)
     ->UseRealTime()->Unit(benchmark::kMicrosecond);
 
 }  // namespace

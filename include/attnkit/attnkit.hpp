@@ -10,11 +10,13 @@
 #include "attnkit/core/threading.hpp"
 #include "attnkit/core/view.hpp"
 
+#include "attnkit/attention/batched_decode.hpp"
 #include "attnkit/attention/common.hpp"
 #include "attnkit/attention/decode.hpp"
 #include "attnkit/attention/kv_cache.hpp"
 #include "attnkit/attention/loop.hpp"
 #include "attnkit/attention/merge.hpp"
+#include "attnkit/attention/paged_kv.hpp"
 #include "attnkit/attention/prefill.hpp"
 
 #include "attnkit/depth/attnres.hpp"

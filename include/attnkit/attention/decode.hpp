@@ -537,6 +537,12 @@ struct GatheredRows {
   const std::int32_t* idx;
   const KV* operator()(std::int64_t i) const { return base + static_cast<std::int64_t>(idx[i]) * stride; }
 };
+// ... or rows whose addresses were worked out beforehand (a block that spans pages of a paged cache).
+template <class KV>
+struct PtrRows {
+  const KV* const* rows;
+  const KV* operator()(std::int64_t i) const { return rows[i]; }
+};
 
 // Rows the next block will gather: a selection jumps around the cache, which the hardware
 // prefetcher cannot follow.
@@ -613,11 +619,15 @@ inline void scale_rows(const ItemState& st, std::int64_t g0, std::int64_t g1, co
   }
 }
 
-template <bool Vectorized, class KV, class ScoreTransform = NoScoreTransform>
-void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, std::int64_t j,
-                 std::int64_t g0, std::int64_t g1, std::int64_t t0, std::int64_t t1, float* o_part, float* lse_part,
-                 const std::int32_t* idx = nullptr, bool prefetch_gather = true, const ScoreTransform& transform = {},
-                 const QuantScales& qsc = {}) {
+// The body of a work item over row accessors: for_blocks(block) calls block(kr, vr, n, b) for
+// each block of n <= kBlock keys in order, b the block's first key (row b + i, or idx[b + i]),
+// kr / vr row accessors (StridedRows, GatheredRows, PtrRows; attention/batched_decode.hpp's
+// paged rows use the last). The arithmetic of a block depends only on its rows, never on the
+// accessor, so the same keys give the same bits however they are stored.
+template <bool Vectorized, class KV, class ScoreTransform = NoScoreTransform, class ForBlocks>
+void chunk_state_rows(const Problem& pb, ConstView2<float> q, std::int64_t j, std::int64_t g0, std::int64_t g1,
+                      float* o_part, float* lse_part, const std::int32_t* idx, const ScoreTransform& transform,
+                      const QuantScales& qsc, const ForBlocks& for_blocks) {
   constexpr bool quant = std::is_same_v<KV, std::int8_t>;
   const std::int64_t G = pb.G;
   float* base = thread_scratch<ItemScratch>().get(G * pb.dk_pad + G * kBlock + 3 * G);
@@ -635,7 +645,6 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
     st.l[g] = 0.f;
     std::fill(o_part + g * pb.dv_pad, o_part + (g + 1) * pb.dv_pad, 0.f);
   }
-  const std::int64_t ks = k.stride[0], vs = v.stride[0];
   // Key rows of the block at b: b + i, or idx[b + i] (the transform's positions).
   const auto transform_block = [&](std::int64_t b, int n) {
     if constexpr (ScoreTransform::active) transform(st.p, n, j * G, g0, g1, b);
@@ -696,20 +705,7 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
       accumulate_block_generic(vr, n, st, o_part, g0, g1, pb.dv, pb.dv_pad);
     }
   };
-  for (std::int64_t b = t0; b < t1; b += kBlock) {
-    const int n = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - b));
-    if (idx == nullptr) {
-      block(StridedRows<KV>{k.ptr(b, j), ks}, StridedRows<KV>{v.ptr(b, j), vs}, n, b);
-    } else {
-      const GatheredRows<KV> kr{k.ptr(0, j), ks, idx + b}, vr{v.ptr(0, j), vs, idx + b};
-      if (prefetch_gather && b + kBlock < t1) {
-        const int nn = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - b - kBlock));
-        prefetch_rows(GatheredRows<KV>{kr.base, ks, idx + b + kBlock}, nn, pb.dk);
-        prefetch_rows(GatheredRows<KV>{vr.base, vs, idx + b + kBlock}, nn, pb.dv);
-      }
-      block(kr, vr, n, b);
-    }
-  }
+  for_blocks(block);
   for (std::int64_t g = g0; g < g1; ++g) {
     const float l = st.l[g];
     float* og = o_part + g * pb.dv_pad;
@@ -724,6 +720,31 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
       lse_part[g] = kNegInf;
     }
   }
+}
+
+// One work item over a strided K/V (or the rows idx lists): see chunk_state_rows.
+template <bool Vectorized, class KV, class ScoreTransform = NoScoreTransform>
+void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, std::int64_t j,
+                 std::int64_t g0, std::int64_t g1, std::int64_t t0, std::int64_t t1, float* o_part, float* lse_part,
+                 const std::int32_t* idx = nullptr, bool prefetch_gather = true, const ScoreTransform& transform = {},
+                 const QuantScales& qsc = {}) {
+  const std::int64_t ks = k.stride[0], vs = v.stride[0];
+  chunk_state_rows<Vectorized, KV>(pb, q, j, g0, g1, o_part, lse_part, idx, transform, qsc, [&](const auto& block) {
+    for (std::int64_t b = t0; b < t1; b += kBlock) {
+      const int n = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - b));
+      if (idx == nullptr) {
+        block(StridedRows<KV>{k.ptr(b, j), ks}, StridedRows<KV>{v.ptr(b, j), vs}, n, b);
+      } else {
+        const GatheredRows<KV> kr{k.ptr(0, j), ks, idx + b}, vr{v.ptr(0, j), vs, idx + b};
+        if (prefetch_gather && b + kBlock < t1) {
+          const int nn = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - b - kBlock));
+          prefetch_rows(GatheredRows<KV>{kr.base, ks, idx + b + kBlock}, nn, pb.dk);
+          prefetch_rows(GatheredRows<KV>{vr.base, vs, idx + b + kBlock}, nn, pb.dv);
+        }
+        block(kr, vr, n, b);
+      }
+    }
+  });
 }
 
 template <class KV>

@@ -1,0 +1,272 @@
+// attnkit/attention/batched_decode.hpp — attention of many sequences at once over a paged KV
+// cache (attention/paged_kv.hpp): batched decode (one new token per sequence) and batched /
+// chunked prefill (several new tokens per sequence, packed along the token axis).
+//
+// attention_decode_paged(q, cache, table, out, opt, lse):
+//   q [B, H, d_k] f32 (one query token per sequence; any strides, last dimension contiguous),
+//   cache: PagedKV<KV> pages k [num_pages, P, H_kv, d_k], v [num_pages, P, H_kv, d_v], KV = float
+//   or bf16, any strides; table: PageTable of B sequences (indptr, indices, lengths);
+//   out [B, H, d_v] f32; lse [B, H] optional (natural log).
+//   out[b, h] = Σ_{s < lengths[b]} softmax_s(scale · q[b, h]·k_b[s, h/G]) · v_b[s, h/G], where
+//   k_b[s] is slot s mod P of page indices[indptr[b] + s / P]. lengths[b] = 0 gives out = 0 and
+//   lse = -inf. Only the query heads in opt.heads are written (of every sequence).
+//   Design: decode.hpp's kernel, unchanged. Each sequence's keys are split into chunks of
+//   opt.kv_chunk keys (default max(512, P); it must be a multiple of P, so a chunk is a run of
+//   whole pages), and a work item (sequence b, KV head j, chunk c) streams each K and V row of
+//   the chunk once for all G query heads sharing KV head j, through row accessors that map a
+//   position to its page slot (a block of 32 keys inside one page is a strided run; with
+//   P < 32 the block's row addresses are listed). The next block's rows are prefetched (pages
+//   are scattered, so the hardware prefetcher loses the stream at every page). Items of all
+//   sequences go to the threads together (dynamic schedule); then each (sequence, head) merges
+//   its chunk states in chunk order. So results are bit-identical for any thread count, and
+//   bit-identical to attention_decode on a contiguous copy of each sequence's keys with the
+//   same opt.kv_chunk (B single-sequence decodes).
+//   Not supported here (yet): attention variants, int8 pages; opt.q_position and opt.ring must
+//   keep their defaults.
+//
+// attention_prefill_paged(q, cache, table, cu_seqlens, out, mask, opt, lse):
+//   q [T, H, d_k] f32 packs the new tokens of B sequences: rows cu_seqlens[b] .. cu_seqlens[b + 1]
+//   (n_b of them) belong to sequence b and are its LAST n_b cached tokens (append them first,
+//   paged_append, and count them in lengths[b]): query row t of sequence b sits at position
+//   lengths[b] - n_b + t and sees its keys under `mask` (causal or sliding window), so a chunk
+//   of a long prompt (chunked prefill) attends to everything cached before it. out [T, H, d_v],
+//   lse [T, H] optional. opt.q_offset must stay -1; opt.queries counts packed rows, opt.heads,
+//   opt.precision and opt.num_threads as in attention_prefill. Results equal attention_prefill
+//   of each sequence on its contiguous keys (q_offset = lengths[b] - n_b), bit for bit.
+//   Implementation for this step: every sequence with queries to compute has its first
+//   lengths[b] keys gathered (as they are stored, f32 or bf16) into a contiguous staging buffer
+//   (Σ lengths[b] · H_kv · (d_k + d_v) elements, allocated per call), and the flash prefill
+//   kernel (detail/flash_prefill.hpp) runs all sequences as the segments of one varlen call.
+//   The gather is a copy of the visible pages, cheap against prefill's T·L work but not free;
+//   a kernel that reads pages in its key tiles is future work.
+//
+// Errors (attnkit::Error naming the function and the argument): shapes that disagree, a page
+// size that is not a power of two, a page index out of range, a length beyond its sequence's
+// pages, a bad indptr or cu_seqlens, a chunk that is not a multiple of P. Exceptions inside the
+// threads are rethrown on the caller's (core/threading.hpp). out must not overlap q or the pages.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <span>
+#include <utility>
+#include <vector>
+
+#include "attnkit/attention/common.hpp"
+#include "attnkit/attention/decode.hpp"
+#include "attnkit/attention/merge.hpp"
+#include "attnkit/attention/paged_kv.hpp"
+#include "attnkit/attention/prefill.hpp"
+#include "attnkit/core/error.hpp"
+#include "attnkit/core/memory.hpp"
+#include "attnkit/core/threading.hpp"
+#include "attnkit/core/view.hpp"
+
+namespace attnkit {
+
+namespace detail::paged {
+
+struct PartialScratch;
+
+// The next block's rows (pages are scattered: the hardware prefetcher cannot follow them).
+template <class KV>
+inline void prefetch_row(const KV* p, std::int64_t elems) {
+  const char* c = reinterpret_cast<const char*>(p);
+  const std::int64_t bytes = elems * static_cast<std::int64_t>(sizeof(KV));
+  for (std::int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
+}
+
+template <class KV>
+void check_decode(const char* fn, ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& table,
+                  View3<float> out, const DecodeOptions& opt, View2<float> lse) {
+  check_page_table(fn, cache, table);
+  check_view(q, fn, "q");
+  check_view(out, fn, "out");
+  const std::int64_t B = table.batch(), H = q.shape[1], dk = q.shape[2], H_kv = cache.kv_heads(),
+                     dv = cache.head_dim_v(), P = cache.page_size();
+  ATTNKIT_REQUIRE(q.shape[0] == B, fn, ": argument 'q': has ", q.shape[0], " sequences (dimension 0 of [B, H, d_k])",
+                  " but the table has B = ", B);
+  ATTNKIT_REQUIRE(dk == cache.head_dim_k(), fn, ": argument 'q': head dimension d_k = ", dk,
+                  " differs from the pages' d_k = ", cache.head_dim_k());
+  ATTNKIT_REQUIRE(H >= 1 && H % H_kv == 0, fn, ": argument 'q': number of query heads H = ", H,
+                  " is not a positive multiple of the number of KV heads H_kv = ", H_kv);
+  ATTNKIT_REQUIRE(out.shape[0] == B && out.shape[1] == H && out.shape[2] == dv, fn, ": argument 'out': shape ",
+                  shape_string(out), " must be [B, H, d_v] = [", B, ", ", H, ", ", dv, "]");
+  if (!lse.empty()) {
+    check_view(lse, fn, "lse");
+    ATTNKIT_REQUIRE(lse.shape[0] == B && lse.shape[1] == H, fn, ": argument 'lse': shape ", shape_string(lse),
+                    " must be [B, H] = [", B, ", ", H, "]");
+  }
+  const std::int64_t hb = opt.heads.begin, he = opt.heads.resolve_end(H);
+  ATTNKIT_REQUIRE(hb >= 0 && hb <= he && he <= H, fn, ": argument 'opt.heads': range [", opt.heads.begin, ", ",
+                  opt.heads.end, ") is not within [0, H = ", H, "]");
+  ATTNKIT_REQUIRE(opt.kv_chunk >= 0 && opt.kv_chunk % P == 0, fn, ": argument 'opt.kv_chunk': must be 0 (default) ",
+                  "or a positive multiple of the page size P = ", P, ", got ", opt.kv_chunk);
+  ATTNKIT_REQUIRE(opt.num_threads >= 0, fn, ": argument 'opt.num_threads': must be >= 0 (0 = default), got ",
+                  opt.num_threads);
+  ATTNKIT_REQUIRE(opt.q_position == -1 && opt.ring == 0, fn,
+                  ": arguments 'opt.q_position' / 'opt.ring': are not supported by the paged kernel (variants only); "
+                  "leave them at -1 / 0");
+}
+
+template <bool Vectorized, class KV>
+void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& table, View3<float> out,
+            const DecodeOptions& opt, View2<float> lse) {
+  using namespace detail::decode;
+  const std::int64_t B = table.batch(), H = q.shape[1], dk = q.shape[2], H_kv = cache.kv_heads(),
+                     dv = cache.head_dim_v(), P = cache.page_size();
+  const std::int64_t G = H / H_kv;
+  const std::int64_t hb = opt.heads.begin, he = opt.heads.resolve_end(H);
+  if (hb == he || B == 0) return;
+  const int shift = log2_exact(P);
+  const std::int64_t slot_mask = P - 1;
+  constexpr bool pairs = uses_pairs_v<Vectorized, KV>;
+  const Problem pb{H, G, dk, dv, pairs ? round_up32(dk) : round_up16(dk), pairs ? round_up32(dv) : round_up16(dv),
+                   resolve_scale(opt.scale, dk) * kLog2e};
+  const std::int64_t chunk = opt.kv_chunk > 0 ? opt.kv_chunk : std::max(kDefaultChunk, P);
+  // Chunks of sequence b: global indices [first[b], first[b + 1]).
+  std::vector<std::int64_t> first(static_cast<std::size_t>(B + 1), 0);
+  for (std::int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + (table.lengths[b] + chunk - 1) / chunk;
+  const std::int64_t n_chunks = first[B];
+  const std::int64_t j_begin = hb / G, j_end = (he - 1) / G + 1, n_heads = j_end - j_begin;
+  const std::int64_t n_items = n_heads * n_chunks;
+  float* part = thread_scratch<PartialScratch>().get(std::max<std::int64_t>(n_chunks, 1) * H * (pb.dv_pad + 1));
+  float* part_lse = part + n_chunks * H * pb.dv_pad;
+  const std::int64_t k_tok = cache.k.stride[1], v_tok = cache.v.stride[1];
+
+  // Item i: sequence-major, then KV head, then chunk (consecutive items continue one stream).
+  parallel_for(n_items, opt.num_threads, [&](std::int64_t item) {
+    const std::int64_t b = std::upper_bound(first.begin(), first.end(), item / n_heads) - first.begin() - 1;
+    const std::int64_t local = item - first[b] * n_heads, nc = first[b + 1] - first[b];
+    const std::int64_t j = j_begin + local / nc, c = local % nc, gc = first[b] + c;
+    const std::int64_t g0 = std::max(hb, j * G) - j * G, g1 = std::min(he, (j + 1) * G) - j * G;
+    const std::int64_t t0 = c * chunk, t1 = std::min(table.lengths[b], t0 + chunk);
+    const ConstView2<float> qb(q.ptr(b), {H, dk}, {q.stride[1], 1});
+    const auto k_row = [&](std::int64_t s) { return cache.k.ptr(table.page(b, s, shift), s & slot_mask, j); };
+    const auto v_row = [&](std::int64_t s) { return cache.v.ptr(table.page(b, s, shift), s & slot_mask, j); };
+    const auto prefetch = [&](std::int64_t s0, std::int64_t s1) {
+      for (std::int64_t s = s0; s < s1; ++s) {
+        prefetch_row(k_row(s), dk);
+        prefetch_row(v_row(s), dv);
+      }
+    };
+    chunk_state_rows<Vectorized, KV>(
+        pb, qb, j, g0, g1, part + (gc * H + j * G) * pb.dv_pad, part_lse + gc * H + j * G, nullptr,
+        NoScoreTransform{}, QuantScales{}, [&](const auto& block) {
+          for (std::int64_t s = t0; s < t1; s += kBlock) {
+            const int n = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - s));
+            prefetch(std::min(s + kBlock, t1), std::min(s + 2 * kBlock, t1));
+            if (P >= kBlock) {  // t0 and s - t0 are multiples of kBlock: the block is inside one page
+              block(StridedRows<KV>{k_row(s), k_tok}, StridedRows<KV>{v_row(s), v_tok}, n, s);
+            } else {
+              const KV* kr[kBlock];
+              const KV* vr[kBlock];
+              for (int i = 0; i < n; ++i) {
+                kr[i] = k_row(s + i);
+                vr[i] = v_row(s + i);
+              }
+              block(PtrRows<KV>{kr}, PtrRows<KV>{vr}, n, s);
+            }
+          }
+        });
+  }, /*dynamic=*/true);
+
+  // Merge each (sequence, head) in chunk order: decode.hpp's merge, so the bits match it.
+  const bool want_lse = !lse.empty();
+  const std::int64_t nh = he - hb;
+  const int merge_threads = n_chunks * nh * dv >= (std::int64_t{1} << 16) ? opt.num_threads : 1;
+  parallel_for(B * nh, merge_threads, [&](std::int64_t i) {
+    const std::int64_t b = i / nh, h = hb + i % nh;
+    float* o = out.ptr(b, h);
+    float l = kNegInf;
+    if (first[b + 1] == first[b]) {
+      std::fill(o, o + dv, 0.f);
+    } else {
+      const std::int64_t c0 = first[b];
+      std::copy(part + (c0 * H + h) * pb.dv_pad, part + (c0 * H + h) * pb.dv_pad + dv, o);
+      l = part_lse[c0 * H + h];
+      for (std::int64_t c = c0 + 1; c < first[b + 1]; ++c)
+        merge_state_inplace(o, l, part + (c * H + h) * pb.dv_pad, part_lse[c * H + h], dv);
+    }
+    if (want_lse) lse(b, h) = l;
+  });
+}
+
+}  // namespace detail::paged
+
+// See the contract at the top of this file.
+template <class KV>
+void attention_decode_paged(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& table, View3<float> out,
+                            const DecodeOptions& opt = {}, View2<float> lse = {}) {
+  detail::paged::check_decode("attention_decode_paged", q, cache, table, out, opt, lse);
+  detail::paged::decode<true>(q, cache, table, out, opt, lse);
+}
+
+// See the contract at the top of this file.
+template <class KV, class Mask = CausalMask>
+void attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& table,
+                             std::span<const std::int64_t> cu_seqlens, View3<float> out, const Mask& mask = {},
+                             const AttentionOptions& opt = {}, View2<float> lse = {}) {
+  constexpr const char* fn = "attention_prefill_paged";
+  check_page_table(fn, cache, table);
+  check_view(q, fn, "q");
+  const std::int64_t B = table.batch(), T = q.shape[0], H_kv = cache.kv_heads(), dk = cache.head_dim_k(),
+                     dv = cache.head_dim_v(), P = cache.page_size();
+  detail::paged::check_cu_seqlens(fn, cu_seqlens, B, T, "q");
+  for (std::int64_t b = 0; b < B; ++b)
+    ATTNKIT_REQUIRE(cu_seqlens[b + 1] - cu_seqlens[b] <= table.lengths[b], fn, ": argument 'table.lengths': sequence ",
+                    b, " has ", cu_seqlens[b + 1] - cu_seqlens[b], " new tokens in q but only ", table.lengths[b],
+                    " cached (append the new tokens first and count them in its length)");
+  ATTNKIT_REQUIRE(opt.q_offset == -1, fn, ": argument 'opt.q_offset': must be -1 (each sequence's queries are its "
+                  "last tokens), got ", opt.q_offset);
+  // Shapes, mask and options as attention_prefill checks them, before anything is allocated.
+  static const KV dummy{};
+  const ConstView3<KV> k0(&dummy, {0, H_kv, dk}), v0(&dummy, {0, H_kv, dv});
+  const detail::flash::Shape sh = detail::check_prefill(fn, q, k0, v0, out, mask, opt, lse, "cache.k", "cache.v");
+
+  // Sequences with queries in opt.queries, and where their keys go in the staging buffer.
+  const std::int64_t qb = opt.queries.begin, qe = opt.queries.resolve_end(T);
+  std::vector<std::int64_t> seqs, offset;
+  std::int64_t rows = 0;
+  for (std::int64_t b = 0; b < B; ++b) {
+    const std::int64_t s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1];
+    if (s1 == s0 || s1 <= qb || s0 >= qe) continue;
+    seqs.push_back(b);
+    offset.push_back(rows);
+    rows += table.lengths[b];
+  }
+  require_memory(static_cast<std::uint64_t>(rows * H_kv * (dk + dv)) * sizeof(KV),
+                 std::string(fn) + ": staging copy of " + std::to_string(rows) + " cached tokens");
+  std::vector<KV> ks(static_cast<std::size_t>(rows * H_kv * dk)), vs(static_cast<std::size_t>(rows * H_kv * dv));
+  const ConstView3<KV> kst(ks.data(), {rows, H_kv, dk}), vst(vs.data(), {rows, H_kv, dv});
+  // Gather page by page (a page's rows of one sequence are slots [0, min(P, left))).
+  std::vector<std::pair<std::int64_t, std::int64_t>> page_jobs;  // (index into seqs, page number)
+  for (std::size_t i = 0; i < seqs.size(); ++i)
+    for (std::int64_t p = 0; p * P < table.lengths[seqs[i]]; ++p) page_jobs.emplace_back(static_cast<std::int64_t>(i), p);
+  const int gather_threads = rows * H_kv * (dk + dv) >= (std::int64_t{1} << 18) ? opt.num_threads : 1;
+  parallel_for(static_cast<std::int64_t>(page_jobs.size()), gather_threads, [&](std::int64_t job) {
+    const auto [i, p] = page_jobs[job];
+    const std::int64_t b = seqs[i], page = table.indices[table.indptr[b] + p];
+    const std::int64_t n = std::min(P, table.lengths[b] - p * P);
+    for (std::int64_t r = 0; r < n; ++r)
+      for (std::int64_t h = 0; h < H_kv; ++h) {
+        const KV* k = cache.k.ptr(page, r, h);
+        const KV* v = cache.v.ptr(page, r, h);
+        std::copy(k, k + dk, ks.data() + ((offset[i] + p * P + r) * H_kv + h) * dk);
+        std::copy(v, v + dv, vs.data() + ((offset[i] + p * P + r) * H_kv + h) * dv);
+      }
+  });
+  std::vector<detail::flash::Segment<KV>> segs;
+  std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    const std::int64_t b = seqs[i], s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1], L = table.lengths[b];
+    View2<float> seg_lse = lse.data ? lse.slice(0, s0, s1) : View2<float>{};
+    segs.push_back({q.slice(0, s0, s1), kst.slice(0, offset[i], offset[i] + L), vst.slice(0, offset[i], offset[i] + L),
+                    out.slice(0, s0, s1), seg_lse, L - (s1 - s0), nullptr, s0});
+    ranges.emplace_back(std::max(qb, s0) - s0, std::min(qe, s1) - s0);
+  }
+  detail::flash::run_prefill_at<simd::default_arch>(opt.precision, segs, sh, mask, opt.heads.begin,
+                                                    opt.heads.resolve_end(sh.H), ranges, opt.num_threads);
+}
+
+}  // namespace attnkit

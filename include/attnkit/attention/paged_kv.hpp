@@ -1,0 +1,274 @@
+// attnkit/attention/paged_kv.hpp — a paged K/V cache for many sequences (vLLM's / FlashInfer's
+// design): views of the caller's pages, page tables, a small page pool, and appends.
+//
+// Pages: K and V each live in pages of P tokens (P a power of two, e.g. 16):
+//   k [num_pages, P, H_kv, d_k], v [num_pages, P, H_kv, d_v] of KV = float or bf16,
+// passed as 4-D views with any strides (last dimension contiguous), so the caller chooses the
+// layout: NHD ([page][token][head][d], vLLM) or HND ([page][head][token][d], FlashInfer's
+// other layout, which PagePool uses: each KV head's rows of a page are one contiguous run).
+// PagedKV<KV> is that pair of views; the kernels only read it, so an engine keeps its own
+// allocator and passes views of its buffers.
+//
+// Page tables: PageTable describes B sequences in CSR form, FlashInfer's paged_kv_indptr /
+// paged_kv_indices:
+//   indptr  [B + 1] int64, indptr[0] = 0, non-decreasing: sequence b owns the page table
+//           indices[indptr[b] .. indptr[b + 1]);
+//   indices [indptr[B]] int32: page ids in [0, num_pages); token position s of sequence b is
+//           slot s mod P of page indices[indptr[b] + s / P];
+//   lengths [B] int64: tokens of sequence b, 0 <= lengths[b] <= P · (pages listed for b).
+// Pages may be shared between sequences (a common prompt prefix) and may appear in any order;
+// a table may list more pages than its length needs (pages allocated ahead). check_page_table
+// validates all of it (every listed index in range, every length covered by its pages) and
+// names the argument, the sequence and the entry in its attnkit::Error.
+//
+// PagePool<KV>: owns num_pages pages of K and V (HND, 64-byte aligned), hands page ids out
+// (allocate: the lowest free id; free: back to the pool; both check their argument) and gives
+// the views. Nothing in the kernels depends on it.
+//
+// paged_append(cache, table, cu_seqlens, k, v): appends n_b = cu_seqlens[b + 1] - cu_seqlens[b]
+// tokens to each sequence b at positions lengths[b] .. lengths[b] + n_b - 1, i.e. rows
+// cu_seqlens[b] .. cu_seqlens[b + 1] of k [n, H_kv, d_k] and v [n, H_kv, d_v] (f32, any strides,
+// last dimension contiguous; rounded to nearest even for bf16 pages). A decode step is
+// cu_seqlens = {0, 1, ..., B}. The table's pages must already cover lengths[b] + n_b tokens;
+// lengths are NOT advanced (the caller owns them): attend with lengths[b] + n_b afterwards.
+// Everything is checked before the first row is written. Writing into a page that another
+// sequence shares is the caller's business (copy-on-write is the engine's).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "attnkit/core/bf16.hpp"
+#include "attnkit/core/error.hpp"
+#include "attnkit/core/memory.hpp"
+#include "attnkit/core/simd.hpp"
+#include "attnkit/core/view.hpp"
+
+namespace attnkit {
+
+template <class T>
+using View4 = View<T, 4>;
+template <class T>
+using ConstView4 = View<const T, 4>;
+
+// K and V pages: k [num_pages, P, H_kv, d_k], v [num_pages, P, H_kv, d_v].
+template <class KV>
+struct PagedKV {
+  ConstView4<KV> k, v;
+  std::int64_t num_pages() const { return k.shape[0]; }
+  std::int64_t page_size() const { return k.shape[1]; }
+  std::int64_t kv_heads() const { return k.shape[2]; }
+  std::int64_t head_dim_k() const { return k.shape[3]; }
+  std::int64_t head_dim_v() const { return v.shape[3]; }
+};
+// The same, writable (appends).
+template <class KV>
+struct MutablePagedKV {
+  View4<KV> k, v;
+  operator PagedKV<KV>() const { return {k, v}; }  // NOLINT: a writable cache can always be read
+};
+
+// B sequences' page tables and lengths (see the top of the file).
+struct PageTable {
+  std::span<const std::int64_t> indptr;   // [B + 1]
+  std::span<const std::int32_t> indices;  // [indptr[B]]
+  std::span<const std::int64_t> lengths;  // [B]
+  std::int64_t batch() const { return static_cast<std::int64_t>(lengths.size()); }
+  // Page of token position s of sequence b (no checks).
+  std::int32_t page(std::int64_t b, std::int64_t s, int page_shift) const { return indices[indptr[b] + (s >> page_shift)]; }
+};
+
+namespace detail::paged {
+
+inline int log2_exact(std::int64_t p) {
+  int s = 0;
+  while ((std::int64_t{1} << s) < p) ++s;
+  return s;
+}
+
+// The pages themselves: shapes agree, P a power of two, last dimensions contiguous.
+template <class KV>
+void check_pages(const char* fn, const PagedKV<KV>& c) {
+  static_assert(is_storage_type_v<KV>, "paged K/V must be float or bf16");
+  check_view(c.k, fn, "cache.k");
+  check_view(c.v, fn, "cache.v");
+  const std::int64_t P = c.k.shape[1];
+  ATTNKIT_REQUIRE(P >= 1 && (P & (P - 1)) == 0, fn, ": argument 'cache.k': page size P = ", P,
+                  " (dimension 1 of [num_pages, P, H_kv, d_k]) must be a power of two");
+  ATTNKIT_REQUIRE(c.k.shape[2] >= 1, fn, ": argument 'cache.k': number of KV heads must be >= 1, got shape ",
+                  shape_string(c.k));
+  ATTNKIT_REQUIRE(c.k.shape[3] >= 1, fn, ": argument 'cache.k': head dimension d_k must be >= 1, got shape ",
+                  shape_string(c.k));
+  ATTNKIT_REQUIRE(c.v.shape[0] == c.k.shape[0] && c.v.shape[1] == P && c.v.shape[2] == c.k.shape[2], fn,
+                  ": argument 'cache.v': shape ", shape_string(c.v), " must be [num_pages, P, H_kv, d_v] = [",
+                  c.k.shape[0], ", ", P, ", ", c.k.shape[2], ", d_v] like 'cache.k' ", shape_string(c.k));
+  ATTNKIT_REQUIRE(c.v.shape[3] >= 1, fn, ": argument 'cache.v': head dimension d_v must be >= 1, got shape ",
+                  shape_string(c.v));
+}
+
+// The table against pages of P tokens, num_pages of them; `extra[b]` tokens are added to each
+// length (appends: the tokens about to be written) before the coverage check.
+inline void check_table(const char* fn, const PageTable& t, std::int64_t num_pages, std::int64_t P,
+                        std::span<const std::int64_t> extra = {}) {
+  const std::int64_t B = t.batch();
+  ATTNKIT_REQUIRE(static_cast<std::int64_t>(t.indptr.size()) == B + 1, fn, ": argument 'table.indptr': has ",
+                  t.indptr.size(), " entries, must have batch + 1 = ", B + 1, " (batch = table.lengths.size())");
+  ATTNKIT_REQUIRE(t.indptr[0] == 0, fn, ": argument 'table.indptr': must start with 0, got ", t.indptr[0]);
+  for (std::int64_t b = 0; b < B; ++b)
+    ATTNKIT_REQUIRE(t.indptr[b + 1] >= t.indptr[b], fn, ": argument 'table.indptr': must be non-decreasing, but [",
+                    b + 1, "] = ", t.indptr[b + 1], " < [", b, "] = ", t.indptr[b]);
+  ATTNKIT_REQUIRE(t.indptr[B] <= static_cast<std::int64_t>(t.indices.size()), fn,
+                  ": argument 'table.indices': has ", t.indices.size(), " entries but table.indptr[", B,
+                  "] = ", t.indptr[B], " pages are listed");
+  for (std::int64_t b = 0; b < B; ++b) {
+    for (std::int64_t e = t.indptr[b]; e < t.indptr[b + 1]; ++e)
+      ATTNKIT_REQUIRE(t.indices[e] >= 0 && t.indices[e] < num_pages, fn, ": argument 'table.indices': entry ", e,
+                      " (page ", e - t.indptr[b], " of sequence ", b, ") = ", t.indices[e],
+                      " is out of range [0, num_pages = ", num_pages, ")");
+    const std::int64_t len = t.lengths[b], add = extra.empty() ? 0 : extra[b];
+    ATTNKIT_REQUIRE(len >= 0, fn, ": argument 'table.lengths': length of sequence ", b, " is negative (", len, ")");
+    const std::int64_t cover = (t.indptr[b + 1] - t.indptr[b]) * P;
+    ATTNKIT_REQUIRE(len + add <= cover, fn, ": argument 'table.lengths': sequence ", b, " needs ", len + add,
+                    " tokens", add ? std::string(" (length ") + std::to_string(len) + " + " + std::to_string(add) +
+                                         " appended)" : std::string(),
+                    " but its ", t.indptr[b + 1] - t.indptr[b], " pages of ", P, " hold only ", cover);
+  }
+}
+
+inline void check_cu_seqlens(const char* fn, std::span<const std::int64_t> cu, std::int64_t B, std::int64_t T,
+                             const char* what) {
+  ATTNKIT_REQUIRE(static_cast<std::int64_t>(cu.size()) == B + 1, fn, ": argument 'cu_seqlens': has ", cu.size(),
+                  " entries, must have batch + 1 = ", B + 1);
+  ATTNKIT_REQUIRE(cu[0] == 0, fn, ": argument 'cu_seqlens': must start with 0, got ", cu[0]);
+  for (std::int64_t b = 0; b < B; ++b)
+    ATTNKIT_REQUIRE(cu[b + 1] >= cu[b], fn, ": argument 'cu_seqlens': must be non-decreasing, but [", b + 1, "] = ",
+                    cu[b + 1], " < [", b, "] = ", cu[b]);
+  ATTNKIT_REQUIRE(cu[B] == T, fn, ": argument 'cu_seqlens': last entry ", cu[B], " must equal the number of ", what,
+                  " rows T = ", T);
+}
+
+}  // namespace detail::paged
+
+// Validates a cache and a table together (kernels call it; engines may too, e.g. in debug builds).
+template <class KV>
+void check_page_table(const char* fn, const PagedKV<KV>& cache, const PageTable& table) {
+  detail::paged::check_pages(fn, cache);
+  detail::paged::check_table(fn, table, cache.num_pages(), cache.page_size());
+}
+
+// Pages of P tokens, owned; HND storage ([page][H_kv][P][d]) behind [num_pages, P, H_kv, d] views.
+template <class KV>
+class PagePool {
+  static_assert(is_storage_type_v<KV>, "PagePool: KV must be float or bf16");
+
+ public:
+  PagePool(std::int64_t num_pages, std::int64_t page_size, std::int64_t kv_heads, std::int64_t head_dim_k,
+           std::int64_t head_dim_v)
+      : n_(num_pages), p_(page_size), h_(kv_heads), dk_(head_dim_k), dv_(head_dim_v) {
+    constexpr const char* fn = "PagePool";
+    ATTNKIT_REQUIRE(num_pages >= 0 && num_pages <= (std::int64_t{1} << 31) - 1, fn,
+                    ": argument 'num_pages': must be in [0, 2^31 - 1], got ", num_pages);
+    ATTNKIT_REQUIRE(page_size >= 1 && (page_size & (page_size - 1)) == 0, fn,
+                    ": argument 'page_size': must be a power of two, got ", page_size);
+    ATTNKIT_REQUIRE(kv_heads >= 1, fn, ": argument 'kv_heads': must be >= 1, got ", kv_heads);
+    ATTNKIT_REQUIRE(head_dim_k >= 1, fn, ": argument 'head_dim_k': must be >= 1, got ", head_dim_k);
+    ATTNKIT_REQUIRE(head_dim_v >= 1, fn, ": argument 'head_dim_v': must be >= 1, got ", head_dim_v);
+    const std::uint64_t bytes = static_cast<std::uint64_t>(n_ * p_ * h_ * (dk_ + dv_)) * sizeof(KV);
+    require_memory(bytes, "PagePool: " + std::to_string(n_) + " pages of " + std::to_string(p_) + " tokens");
+    k_.reset(static_cast<KV*>(allocate_aligned(static_cast<std::size_t>(n_ * p_ * h_ * dk_) * sizeof(KV))));
+    v_.reset(static_cast<KV*>(allocate_aligned(static_cast<std::size_t>(n_ * p_ * h_ * dv_) * sizeof(KV))));
+    used_.assign(static_cast<std::size_t>(n_), 0);
+  }
+
+  // The lowest free page id; throws when every page is in use.
+  std::int32_t allocate() {
+    for (; next_ < n_ && used_[next_]; ++next_) {
+    }
+    ATTNKIT_REQUIRE(next_ < n_, "PagePool::allocate: all ", n_, " pages are in use");
+    used_[next_] = 1;
+    ++in_use_;
+    return static_cast<std::int32_t>(next_++);
+  }
+  void free(std::int32_t page) {
+    ATTNKIT_REQUIRE(page >= 0 && page < n_, "PagePool::free: argument 'page': ", page,
+                    " is out of range [0, num_pages = ", n_, ")");
+    ATTNKIT_REQUIRE(used_[page], "PagePool::free: argument 'page': page ", page, " is not allocated");
+    used_[page] = 0;
+    --in_use_;
+    next_ = std::min<std::int64_t>(next_, page);
+  }
+
+  std::int64_t num_pages() const { return n_; }
+  std::int64_t pages_in_use() const { return in_use_; }
+  std::int64_t page_size() const { return p_; }
+
+  MutablePagedKV<KV> view() {
+    return {View4<KV>(k_.get(), {n_, p_, h_, dk_}, {h_ * p_ * dk_, dk_, p_ * dk_, 1}),
+            View4<KV>(v_.get(), {n_, p_, h_, dv_}, {h_ * p_ * dv_, dv_, p_ * dv_, 1})};
+  }
+  PagedKV<KV> view() const { return const_cast<PagePool*>(this)->view(); }
+
+ private:
+  struct Free {
+    void operator()(KV* p) const { std::free(p); }
+  };
+  std::int64_t n_, p_, h_, dk_, dv_;
+  std::unique_ptr<KV, Free> k_, v_;
+  std::vector<char> used_;
+  std::int64_t next_ = 0, in_use_ = 0;
+};
+
+// See the top of the file.
+template <class KV>
+void paged_append(const MutablePagedKV<KV>& cache, const PageTable& table, std::span<const std::int64_t> cu_seqlens,
+                  ConstView3<float> k, ConstView3<float> v) {
+  constexpr const char* fn = "paged_append";
+  const PagedKV<KV> c = cache;
+  detail::paged::check_pages(fn, c);
+  check_view(k, fn, "k");
+  check_view(v, fn, "v");
+  const std::int64_t H_kv = c.kv_heads(), dk = c.head_dim_k(), dv = c.head_dim_v(), n = k.shape[0];
+  ATTNKIT_REQUIRE(k.shape[1] == H_kv && k.shape[2] == dk, fn, ": argument 'k': shape ", detail::shape_string(k),
+                  " must be [n, H_kv, d_k] = [n, ", H_kv, ", ", dk, "]");
+  ATTNKIT_REQUIRE(v.shape[0] == n && v.shape[1] == H_kv && v.shape[2] == dv, fn, ": argument 'v': shape ",
+                  detail::shape_string(v), " must be [n, H_kv, d_v] = [", n, ", ", H_kv, ", ", dv, "]");
+  const std::int64_t B = table.batch();
+  detail::paged::check_cu_seqlens(fn, cu_seqlens, B, n, "k/v");
+  std::vector<std::int64_t> add(static_cast<std::size_t>(B));
+  for (std::int64_t b = 0; b < B; ++b) add[b] = cu_seqlens[b + 1] - cu_seqlens[b];
+  detail::paged::check_table(fn, table, c.num_pages(), c.page_size(), add);
+  const int shift = detail::paged::log2_exact(c.page_size());
+  const std::int64_t mask = c.page_size() - 1;
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t r = cu_seqlens[b]; r < cu_seqlens[b + 1]; ++r) {
+      const std::int64_t s = table.lengths[b] + (r - cu_seqlens[b]);
+      const std::int64_t page = table.page(b, s, shift), slot = s & mask;
+      for (std::int64_t h = 0; h < H_kv; ++h) {
+        KV* kd = cache.k.ptr(page, slot, h);
+        KV* vd = cache.v.ptr(page, slot, h);
+        if constexpr (std::is_same_v<KV, bf16>) {
+          simd::to_bf16(k.ptr(r, h), kd, dk);
+          simd::to_bf16(v.ptr(r, h), vd, dv);
+        } else {
+          std::copy(k.ptr(r, h), k.ptr(r, h) + dk, kd);
+          std::copy(v.ptr(r, h), v.ptr(r, h) + dv, vd);
+        }
+      }
+    }
+}
+
+// One sequence: its page ids and current length; k/v [n, H_kv, d] go to positions length ...
+template <class KV>
+void paged_append(const MutablePagedKV<KV>& cache, std::span<const std::int32_t> pages, std::int64_t length,
+                  ConstView3<float> k, ConstView3<float> v) {
+  const std::int64_t indptr[2] = {0, static_cast<std::int64_t>(pages.size())}, cu[2] = {0, k.shape[0]};
+  const PageTable t{indptr, pages, std::span<const std::int64_t>(&length, 1)};
+  paged_append(cache, t, cu, k, v);
+}
+
+}  // namespace attnkit

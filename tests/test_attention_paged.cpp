@@ -1,0 +1,366 @@
+// Paged KV cache (attention/paged_kv.hpp) and batched decode / prefill over it
+// (attention/batched_decode.hpp): random page tables (shuffled pages, shared prefix pages, pages
+// listed ahead of need), lengths 0 to a few thousand, B 1 to 17, f32 and bf16 pages; against the
+// float64 oracle and bit for bit against the contiguous kernels; outputs poisoned with NaN.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "attnkit/attention/batched_decode.hpp"
+#include "reference/decode_ref.hpp"
+#include "test_util.hpp"
+
+using namespace attnkit;
+using attnkit::test::rel_l2;
+using Catch::Contains;
+
+namespace {
+
+#if defined(ATTNKIT_SANITIZED)
+constexpr std::int64_t kMaxLen = 700;
+constexpr int kRounds = 1;
+#else
+constexpr std::int64_t kMaxLen = 4200;
+constexpr int kRounds = 2;
+#endif
+
+template <class KV>
+float stored(float x) {
+  if constexpr (std::is_same_v<KV, bf16>) return static_cast<float>(bf16(x));
+  else return x;
+}
+
+// B sequences in a PagePool: each one's K/V as float (exactly as stored) and its page table.
+template <class KV>
+struct Batch {
+  std::int64_t B, P, Hk, dk, dv;
+  PagePool<KV> pool;
+  std::vector<std::vector<float>> k, v;  // [L_b, Hk, d]
+  std::vector<std::int64_t> indptr{0}, lengths;
+  std::vector<std::int32_t> indices;
+  PageTable table() const { return {indptr, indices, lengths}; }
+};
+
+// Sequences: an optional shared prefix of whole pages (written once), then each sequence's own
+// tokens appended in one batched paged_append. Page ids are handed out in shuffled order.
+template <class KV>
+Batch<KV> make_batch(test::Rng& rng, std::int64_t B, std::int64_t P, std::int64_t Hk, std::int64_t dk,
+                     std::int64_t dv, std::int64_t max_len) {
+  std::vector<std::int64_t> own(static_cast<std::size_t>(B));
+  std::vector<char> shares(static_cast<std::size_t>(B));
+  const std::int64_t prefix_pages = rng.integer(0, 3), Lp = prefix_pages * P;
+  std::int64_t need = prefix_pages;
+  for (std::int64_t b = 0; b < B; ++b) {
+    const int kind = static_cast<int>(rng.integer(0, 5));  // some empty, some tiny, most random
+    own[b] = kind == 0 ? 0 : kind == 1 ? rng.integer(1, 3) : rng.integer(0, max_len);
+    shares[b] = rng.integer(0, 1) == 1;
+    need += (own[b] + (shares[b] ? Lp : 0) + P - 1) / P + 1;
+  }
+  Batch<KV> bt{B, P, Hk, dk, dv, PagePool<KV>(need + 3, P, Hk, dk, dv), {}, {}, {0}, {}, {}};
+  std::vector<std::int32_t> ids;
+  for (std::int64_t i = 0; i < need + 3; ++i) ids.push_back(bt.pool.allocate());
+  std::shuffle(ids.begin(), ids.end(), rng.gen);
+  std::size_t next = 0;
+  const auto rows = [&](std::int64_t n) {
+    std::vector<float> x = rng.normal_vec(static_cast<std::size_t>(n * Hk * dk));
+    return x;
+  };
+  // The shared prefix.
+  std::vector<std::int32_t> pre(ids.begin(), ids.begin() + prefix_pages);
+  next = static_cast<std::size_t>(prefix_pages);
+  std::vector<float> pk = rows(Lp), pv = rng.normal_vec(static_cast<std::size_t>(Lp * Hk * dv));
+  paged_append(bt.pool.view(), std::span<const std::int32_t>(pre), 0, ConstView3<float>(pk.data(), {Lp, Hk, dk}),
+               ConstView3<float>(pv.data(), {Lp, Hk, dv}));
+  // Each sequence's own tokens, appended together.
+  std::vector<std::int64_t> cu{0};
+  std::vector<float> ak, av;
+  for (std::int64_t b = 0; b < B; ++b) {
+    const std::int64_t start = shares[b] ? Lp : 0, L = start + own[b];
+    if (shares[b]) bt.indices.insert(bt.indices.end(), pre.begin(), pre.end());
+    const std::int64_t n_own_pages = (L + P - 1) / P - (shares[b] ? prefix_pages : 0) + rng.integer(0, 1);
+    for (std::int64_t p = 0; p < n_own_pages; ++p) bt.indices.push_back(ids[next++]);
+    bt.indptr.push_back(static_cast<std::int64_t>(bt.indices.size()));
+    bt.lengths.push_back(start);
+    std::vector<float> kb = rows(own[b]), vb = rng.normal_vec(static_cast<std::size_t>(own[b] * Hk * dv));
+    ak.insert(ak.end(), kb.begin(), kb.end());
+    av.insert(av.end(), vb.begin(), vb.end());
+    cu.push_back(cu.back() + own[b]);
+    std::vector<float> fk(pk.begin(), pk.begin() + start * Hk * dk), fv(pv.begin(), pv.begin() + start * Hk * dv);
+    fk.insert(fk.end(), kb.begin(), kb.end());
+    fv.insert(fv.end(), vb.begin(), vb.end());
+    for (auto& x : fk) x = stored<KV>(x);
+    for (auto& x : fv) x = stored<KV>(x);
+    bt.k.push_back(std::move(fk));
+    bt.v.push_back(std::move(fv));
+  }
+  paged_append(bt.pool.view(), bt.table(), cu, ConstView3<float>(ak.data(), {cu.back(), Hk, dk}),
+               ConstView3<float>(av.data(), {cu.back(), Hk, dv}));
+  for (std::int64_t b = 0; b < B; ++b) bt.lengths[b] += own[b];
+  return bt;
+}
+
+// Contiguous copy of sequence b's keys or values as stored.
+template <class KV>
+std::vector<KV> as_kv(const std::vector<float>& f) {
+  std::vector<KV> x(f.size());
+  for (std::size_t i = 0; i < f.size(); ++i) x[i] = KV(f[i]);
+  return x;
+}
+
+template <class KV>
+void check_decode(std::uint64_t seed, std::int64_t P, std::int64_t H, std::int64_t Hk, std::int64_t dk,
+                  std::int64_t dv) {
+  CAPTURE(seed, P, H, Hk, dk, dv);
+  test::Rng rng(seed);
+  const std::int64_t B = rng.integer(1, 17);
+  CAPTURE(B);
+  Batch<KV> bt = make_batch<KV>(rng, B, P, Hk, dk, dv, kMaxLen);
+  CAPTURE(bt.lengths);
+  const std::vector<float> q = rng.normal_vec(static_cast<std::size_t>(B * H * dk));
+  const PagedKV<KV> cache = bt.pool.view();
+  DecodeOptions opt;
+  opt.kv_chunk = P * rng.integer(1, 512 / P + 2);
+  CAPTURE(opt.kv_chunk);
+  std::vector<float> first_out, first_lse;
+  for (int threads : {1, 2, 3}) {
+    CAPTURE(threads);
+    opt.num_threads = threads;
+    std::vector<float> out(static_cast<std::size_t>(B * H * dv)), lse(static_cast<std::size_t>(B * H));
+    test::poison(out);
+    test::poison(lse);
+    attention_decode_paged<KV>(ConstView3<float>(q.data(), {B, H, dk}), cache, bt.table(),
+                               View3<float>(out.data(), {B, H, dv}), opt, View2<float>(lse.data(), {B, H}));
+    if (threads == 1) {
+      first_out = out;
+      first_lse = lse;
+      {  // The same pages in the caller's own NHD buffer ([page][token][head][d], vLLM's layout): same bits.
+        const std::int64_t N = bt.pool.num_pages();
+        std::vector<KV> kn(static_cast<std::size_t>(N * P * Hk * dk)), vn(static_cast<std::size_t>(N * P * Hk * dv));
+        for (std::int64_t pg = 0; pg < N; ++pg)
+          for (std::int64_t r = 0; r < P; ++r)
+            for (std::int64_t h = 0; h < Hk; ++h) {
+              std::copy_n(cache.k.ptr(pg, r, h), dk, kn.data() + ((pg * P + r) * Hk + h) * dk);
+              std::copy_n(cache.v.ptr(pg, r, h), dv, vn.data() + ((pg * P + r) * Hk + h) * dv);
+            }
+        const PagedKV<KV> nhd{ConstView4<KV>(kn.data(), {N, P, Hk, dk}), ConstView4<KV>(vn.data(), {N, P, Hk, dv})};
+        std::vector<float> o2(out.size());
+        test::poison(o2);
+        attention_decode_paged<KV>(ConstView3<float>(q.data(), {B, H, dk}), nhd, bt.table(),
+                                   View3<float>(o2.data(), {B, H, dv}), opt);
+        CHECK(test::bit_equal(o2, out));
+      }
+      for (std::int64_t b = 0; b < B; ++b) {
+        CAPTURE(b);
+        const std::int64_t L = bt.lengths[b];
+        const std::vector<float> qb(q.begin() + b * H * dk, q.begin() + (b + 1) * H * dk);
+        const auto ref = test::reference_decode(qb, bt.k[b], bt.v[b], L, H, Hk, dk, dv, 1.0 / std::sqrt(double(dk)));
+        const std::vector<float> ob(out.begin() + b * H * dv, out.begin() + (b + 1) * H * dv);
+        CHECK(rel_l2(ob, ref.out) <= 1e-5);
+        for (std::int64_t h = 0; h < H; ++h) {
+          if (L == 0) CHECK(lse[b * H + h] == -std::numeric_limits<float>::infinity());
+          else CHECK(std::abs(lse[b * H + h] - ref.lse[h]) <= 1e-4 * std::max(1.0, std::abs(ref.lse[h])));
+        }
+        // Bit for bit the single-sequence kernel on a contiguous copy, same chunk.
+        const std::vector<KV> kc = as_kv<KV>(bt.k[b]), vc = as_kv<KV>(bt.v[b]);
+        std::vector<float> oc(static_cast<std::size_t>(H * dv)), lc(static_cast<std::size_t>(H));
+        test::poison(oc);
+        DecodeOptions o1 = opt;
+        o1.num_threads = 2;
+        attention_decode<KV>(ConstView2<float>(qb.data(), {H, dk}), ConstView3<KV>(kc.data(), {L, Hk, dk}),
+                             ConstView3<KV>(vc.data(), {L, Hk, dv}), View2<float>(oc.data(), {H, dv}), o1,
+                             View1<float>(lc.data(), {H}));
+        CHECK(test::bit_equal(ob, oc));
+        CHECK(test::bit_equal(std::vector<float>(lse.begin() + b * H, lse.begin() + (b + 1) * H), lc));
+      }
+    } else {
+      CHECK(test::bit_equal(out, first_out));
+      CHECK(test::bit_equal(lse, first_lse));
+    }
+  }
+}
+
+template <class KV, class Mask>
+void check_prefill(std::uint64_t seed, std::int64_t P, const Mask& mask) {
+  constexpr std::int64_t H = 4, Hk = 2, dk = 64, dv = 32;
+  CAPTURE(seed, P);
+  test::Rng rng(seed);
+  const std::int64_t B = rng.integer(1, 9);
+  Batch<KV> bt = make_batch<KV>(rng, B, P, Hk, dk, dv, kMaxLen / 2);
+  CAPTURE(B, bt.lengths);
+  // The last n_b tokens of each sequence are its new tokens (a chunk of a prompt).
+  std::vector<std::int64_t> cu{0};
+  for (std::int64_t b = 0; b < B; ++b) cu.push_back(cu.back() + rng.integer(0, std::min<std::int64_t>(bt.lengths[b], 70)));
+  const std::int64_t T = cu.back();
+  const std::vector<float> q = rng.normal_vec(static_cast<std::size_t>(T * H * dk));
+  std::vector<float> out(static_cast<std::size_t>(T * H * dv)), lse(static_cast<std::size_t>(T * H));
+  test::poison(out);
+  test::poison(lse);
+  AttentionOptions opt;
+  opt.num_threads = 2;
+  attention_prefill_paged<KV>(ConstView3<float>(q.data(), {T, H, dk}), bt.pool.view(), bt.table(), cu,
+                              View3<float>(out.data(), {T, H, dv}), mask, opt, View2<float>(lse.data(), {T, H}));
+  const double scale = 1.0 / std::sqrt(double(dk));
+  for (std::int64_t b = 0; b < B; ++b) {
+    CAPTURE(b);
+    const std::int64_t n = cu[b + 1] - cu[b], L = bt.lengths[b];
+    if (n == 0) continue;
+    // Bit for bit attention_prefill on the contiguous keys.
+    const std::vector<KV> kc = as_kv<KV>(bt.k[b]), vc = as_kv<KV>(bt.v[b]);
+    std::vector<float> oc(static_cast<std::size_t>(n * H * dv)), lc(static_cast<std::size_t>(n * H));
+    AttentionOptions o1;
+    o1.q_offset = L - n;
+    attention_prefill<KV>(ConstView3<float>(q.data() + cu[b] * H * dk, {n, H, dk}),
+                          ConstView3<KV>(kc.data(), {L, Hk, dk}), ConstView3<KV>(vc.data(), {L, Hk, dv}),
+                          View3<float>(oc.data(), {n, H, dv}), mask, o1, View2<float>(lc.data(), {n, H}));
+    CHECK(test::bit_equal(std::vector<float>(out.begin() + cu[b] * H * dv, out.begin() + cu[b + 1] * H * dv), oc));
+    CHECK(test::bit_equal(std::vector<float>(lse.begin() + cu[b] * H, lse.begin() + cu[b + 1] * H), lc));
+    // float64 oracle on the first and last rows of the sequence.
+    for (std::int64_t t : {std::int64_t{0}, n - 1}) {
+      const std::int64_t p = L - n + t;
+      const std::vector<float> qt(q.begin() + (cu[b] + t) * H * dk, q.begin() + (cu[b] + t + 1) * H * dk);
+      const auto ref = test::reference_decode(qt, bt.k[b], bt.v[b], p + 1, H, Hk, dk, dv, scale, mask.first_key(p));
+      const std::vector<float> ot(out.begin() + (cu[b] + t) * H * dv, out.begin() + (cu[b] + t + 1) * H * dv);
+      CHECK(rel_l2(ot, ref.out) <= 1e-5);
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("paged batched decode matches float64 and the contiguous kernel, any thread count", "[paged][decode]") {
+  for (int r = 0; r < kRounds; ++r) {
+    check_decode<float>(test::fresh_seed(), 16, 8, 2, 64, 64);
+    check_decode<bf16>(test::fresh_seed(), 16, 8, 2, 64, 64);
+    check_decode<bf16>(test::fresh_seed(), 64, 16, 8, 128, 128);  // Qwen3-0.6B shapes, blocks inside a page
+    check_decode<float>(test::fresh_seed(), 1, 6, 3, 40, 24);     // P = 1, odd head dims
+    check_decode<bf16>(test::fresh_seed(), 32, 4, 4, 72, 48);     // G = 1
+  }
+}
+
+TEST_CASE("paged prefill (chunked, several sequences) matches attention_prefill and float64", "[paged][prefill]") {
+  check_prefill<float>(test::fresh_seed(), 16, CausalMask{});
+  check_prefill<bf16>(test::fresh_seed(), 64, CausalMask{});
+  check_prefill<bf16>(test::fresh_seed(), 8, SlidingWindowMask{100});
+}
+
+TEST_CASE("paged decode heads sub-range leaves other heads untouched; empty batch", "[paged][decode]") {
+  const auto seed = test::fresh_seed();
+  CAPTURE(seed);
+  test::Rng rng(seed);
+  constexpr std::int64_t H = 8, Hk = 2, d = 32, B = 3;
+  Batch<float> bt = make_batch<float>(rng, B, 16, Hk, d, d, 300);
+  const std::vector<float> q = rng.normal_vec(B * H * d);
+  std::vector<float> full(B * H * d), part(B * H * d, 7.f);
+  attention_decode_paged<float>(ConstView3<float>(q.data(), {B, H, d}), bt.pool.view(), bt.table(),
+                                View3<float>(full.data(), {B, H, d}));
+  DecodeOptions opt;
+  opt.heads = {3, 6};
+  attention_decode_paged<float>(ConstView3<float>(q.data(), {B, H, d}), bt.pool.view(), bt.table(),
+                                View3<float>(part.data(), {B, H, d}), opt);
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t h = 0; h < H; ++h)
+      for (std::int64_t e = 0; e < d; ++e) {
+        const float x = part[(b * H + h) * d + e];
+        if (h >= 3 && h < 6) CHECK(x == full[(b * H + h) * d + e]);
+        else CHECK(x == 7.f);
+      }
+  // B = 0: nothing to do.
+  const std::int64_t z[1] = {0};
+  REQUIRE_NOTHROW(attention_decode_paged<float>(ConstView3<float>(q.data(), {0, H, d}), bt.pool.view(),
+                                                PageTable{z, {}, {}}, View3<float>(full.data(), {0, H, d})));
+}
+
+TEST_CASE("PagePool allocates and frees pages; paged_append refuses what does not fit", "[paged][pool][errors]") {
+  PagePool<bf16> pool(3, 4, 2, 8, 8);
+  CHECK(pool.allocate() == 0);
+  CHECK(pool.allocate() == 1);
+  CHECK(pool.allocate() == 2);
+  REQUIRE_THROWS_WITH(pool.allocate(), Contains("PagePool::allocate: all 3 pages are in use"));
+  pool.free(1);
+  CHECK(pool.pages_in_use() == 2);
+  REQUIRE_THROWS_WITH(pool.free(1), Contains("PagePool::free: argument 'page': page 1 is not allocated"));
+  REQUIRE_THROWS_WITH(pool.free(3), Contains("'page': 3 is out of range [0, num_pages = 3)"));
+  CHECK(pool.allocate() == 1);
+  REQUIRE_THROWS_WITH(PagePool<float>(4, 12, 2, 8, 8), Contains("'page_size': must be a power of two"));
+
+  std::vector<float> k(5 * 2 * 8, 1.f);
+  const std::int32_t pages[2] = {2, 0};
+  REQUIRE_NOTHROW(paged_append(pool.view(), std::span<const std::int32_t>(pages), 3,
+                               ConstView3<float>(k.data(), {5, 2, 8}), ConstView3<float>(k.data(), {5, 2, 8})));
+  REQUIRE_THROWS_WITH(paged_append(pool.view(), std::span<const std::int32_t>(pages), 4,
+                                   ConstView3<float>(k.data(), {5, 2, 8}), ConstView3<float>(k.data(), {5, 2, 8})),
+                      Contains("paged_append: argument 'table.lengths': sequence 0 needs 9 tokens (length 4 + 5 appended) "
+                               "but its 2 pages of 4 hold only 8"));
+  REQUIRE_THROWS_WITH(paged_append(pool.view(), std::span<const std::int32_t>(pages), 0,
+                                   ConstView3<float>(k.data(), {5, 2, 8}), ConstView3<float>(k.data(), {5, 1, 8})),
+                      Contains("paged_append: argument 'v': shape [5, 1, 8] must be [n, H_kv, d_v] = [5, 2, 8]"));
+}
+
+TEST_CASE("paged kernels name bad page tables and arguments", "[paged][errors]") {
+  PagePool<float> pool(4, 16, 2, 8, 8);
+  std::vector<float> q(3 * 4 * 8, 0.5f), out(3 * 4 * 8);
+  const ConstView3<float> qv(q.data(), {2, 4, 8});
+  const View3<float> ov(out.data(), {2, 4, 8});
+  std::vector<std::int64_t> indptr{0, 2, 3}, lengths{20, 16};
+  std::vector<std::int32_t> indices{3, 1, 0};
+  const auto run = [&](DecodeOptions opt = {}) {
+    attention_decode_paged<float>(qv, pool.view(), PageTable{indptr, indices, lengths}, ov, opt);
+  };
+  REQUIRE_NOTHROW(run());
+  const char* fn = "attention_decode_paged: ";
+  indices[1] = 4;
+  REQUIRE_THROWS_WITH(run(), Contains(fn) && Contains("argument 'table.indices': entry 1 (page 1 of sequence 0) = 4 "
+                                                      "is out of range [0, num_pages = 4)"));
+  indices[1] = -1;
+  REQUIRE_THROWS_WITH(run(), Contains("entry 1 (page 1 of sequence 0) = -1 is out of range"));
+  indices[1] = 1;
+  lengths[1] = 17;
+  REQUIRE_THROWS_WITH(run(), Contains(fn) && Contains("argument 'table.lengths': sequence 1 needs 17 tokens but its "
+                                                      "1 pages of 16 hold only 16"));
+  lengths[1] = -1;
+  REQUIRE_THROWS_WITH(run(), Contains("'table.lengths': length of sequence 1 is negative (-1)"));
+  lengths[1] = 16;
+  indptr = {0, 3, 2};
+  REQUIRE_THROWS_WITH(run(), Contains("'table.indptr': must be non-decreasing, but [2] = 2 < [1] = 3"));
+  indptr = {0, 2, 4};
+  REQUIRE_THROWS_WITH(run(), Contains("'table.indices': has 3 entries but table.indptr[2] = 4 pages are listed"));
+  indptr = {1, 2, 3};
+  REQUIRE_THROWS_WITH(run(), Contains("'table.indptr': must start with 0, got 1"));
+  indptr = {0, 2};
+  REQUIRE_THROWS_WITH(run(), Contains("'table.indptr': has 2 entries, must have batch + 1 = 3"));
+  indptr = {0, 2, 3};
+  DecodeOptions opt;
+  opt.kv_chunk = 24;
+  REQUIRE_THROWS_WITH(run(opt), Contains("'opt.kv_chunk': must be 0 (default) or a positive multiple of the page size P = 16, got 24"));
+  REQUIRE_THROWS_WITH(attention_decode_paged<float>(ConstView3<float>(q.data(), {3, 4, 8}), pool.view(),
+                                                    PageTable{indptr, indices, lengths}, ov),
+                      Contains("argument 'q': has 3 sequences (dimension 0 of [B, H, d_k]) but the table has B = 2"));
+  REQUIRE_THROWS_WITH(attention_decode_paged<float>(ConstView3<float>(q.data(), {2, 3, 8}), pool.view(),
+                                                    PageTable{indptr, indices, lengths}, ov),
+                      Contains("number of query heads H = 3 is not a positive multiple of the number of KV heads H_kv = 2"));
+  REQUIRE_THROWS_WITH(attention_decode_paged<float>(qv, pool.view(), PageTable{indptr, indices, lengths},
+                                                    View3<float>(out.data(), {2, 4, 4})),
+                      Contains("argument 'out': shape [2, 4, 4] must be [B, H, d_v] = [2, 4, 8]"));
+  // P not a power of two (a caller's own view).
+  const PagedKV<float> odd{ConstView4<float>(out.data(), {2, 12, 2, 8}), ConstView4<float>(out.data(), {2, 12, 2, 8})};
+  REQUIRE_THROWS_WITH(attention_decode_paged<float>(qv, odd, PageTable{indptr, indices, lengths}, ov),
+                      Contains("argument 'cache.k': page size P = 12 (dimension 1 of [num_pages, P, H_kv, d_k]) must be a power of two"));
+
+  // Prefill: the new tokens must already be cached; cu_seqlens must match q.
+  const std::vector<std::int64_t> cu{0, 5, 21};
+  std::vector<float> qp(21 * 4 * 8, 0.1f), op(21 * 4 * 8);
+  const auto prefill = [&](std::vector<std::int64_t> c, std::int64_t T) {
+    attention_prefill_paged<float>(ConstView3<float>(qp.data(), {T, 4, 8}), pool.view(),
+                                   PageTable{indptr, indices, lengths}, c, View3<float>(op.data(), {T, 4, 8}));
+  };
+  REQUIRE_NOTHROW(prefill({0, 5, 21}, 21));
+  REQUIRE_THROWS_WITH(prefill({0, 5, 22}, 22), Contains("attention_prefill_paged: argument 'table.lengths': sequence 1 "
+                                                        "has 17 new tokens in q but only 16 cached"));
+  REQUIRE_THROWS_WITH(prefill({0, 5, 20}, 21), Contains("argument 'cu_seqlens': last entry 20 must equal the number of q rows T = 21"));
+  REQUIRE_THROWS_WITH(prefill({0, 21}, 21), Contains("argument 'cu_seqlens': has 2 entries, must have batch + 1 = 3"));
+}
