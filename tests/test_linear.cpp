@@ -359,6 +359,13 @@ Layer make_q8_layer(Rng& rng, std::int64_t N, std::int64_t K, bool bf16_source, 
       float amax = 0.f;
       for (std::int64_t k = k0; k < std::min(K, k0 + 32); ++k) amax = std::max(amax, std::fabs(wf[o * ldw + k]));
       const float s = q8_scale_for(amax);
+      double sq = 0;
+      std::int64_t n = 0;
+      for (std::int64_t k = k0; k < std::min(K, k0 + 32); ++k, ++n) sq += std::pow(L.w[o * K + k] - wf[o * ldw + k], 2.0);
+      // The group's RMS error is within 2^-8 of its max (uniform rounding error: about amax / 440;
+      // a tail group of a few values can sit near the element bound, amax / 254).
+      if (n >= 8 && !(std::sqrt(sq / static_cast<double>(n)) <= amax / 256.0))
+        FAIL("q8 group [" << o << ", " << k0 << "]: RMS error " << std::sqrt(sq / static_cast<double>(n)) << " > amax / 256");
       for (std::int64_t k = k0; k < std::min(K, k0 + 32); ++k) {
         const float stored = L.w[o * K + k];
         const double q = s > 0.f ? static_cast<double>(stored) / s : 0.0;

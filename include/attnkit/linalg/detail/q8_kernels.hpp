@@ -35,10 +35,7 @@ namespace attnkit::detail::linear {
 inline constexpr int kQ8Group = 32;                       // K per scale
 inline constexpr int kQ8GroupBytes = kQ8Group * kBlock;   // values of one group of one block
 inline constexpr int kQ8MR = 4;                           // tokens per q8 register tile (int + float accumulators)
-#ifndef ATTNKIT_Q8_PF
-#define ATTNKIT_Q8_PF 1024
-#endif
-inline constexpr int kQ8PrefetchBytes = ATTNKIT_Q8_PF;
+
 
 inline std::int64_t q8_groups(std::int64_t K) { return (K + kQ8Group - 1) / kQ8Group; }
 inline std::int64_t q8_block_bytes(std::int64_t kq) { return (kq * (kQ8GroupBytes + 2 * kBlock) + 63) / 64 * 64; }
@@ -148,7 +145,7 @@ void kernel_q8_f32(const float* x, std::int64_t ldx, const std::uint8_t* w, std:
 #pragma GCC unroll 3
       for (int j = 0; j < NB; ++j) {
         const std::uint8_t* wp = w + j * ldw + g * kQ8GroupBytes + quad * 64;
-        if constexpr (kQ8PrefetchBytes > 0) _mm_prefetch(reinterpret_cast<const char*>(wp) + kQ8PrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes, _MM_HINT_T0);
         v[j] = _mm512_xor_si512(_mm512_load_si512(wp), flip);
       }
       const std::int64_t k = g * kQ8Group + quad * 4;
@@ -207,7 +204,7 @@ void kernel_q8_vnni(const std::int8_t* xq, std::int64_t ldq, const float* xs, co
 #pragma GCC unroll 3
       for (int j = 0; j < NB; ++j) {
         const std::uint8_t* wp = w + j * ldw + g * kQ8GroupBytes + quad * 64;
-        if constexpr (kQ8PrefetchBytes > 0) _mm_prefetch(reinterpret_cast<const char*>(wp) + kQ8PrefetchBytes, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes, _MM_HINT_T0);
         v[j] = _mm512_load_si512(wp);
       }
 #pragma GCC unroll 4
