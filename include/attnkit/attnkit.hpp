@@ -30,11 +30,13 @@
 #include "attnkit/io/config.hpp"
 #include "attnkit/io/safetensors.hpp"
 
+#include "attnkit/model/batch_session.hpp"
 #include "attnkit/model/builtin.hpp"
 #include "attnkit/model/mixers/attention.hpp"
 #include "attnkit/model/mixers/gated_deltanet.hpp"
 #include "attnkit/model/mixers/loop_attention.hpp"
 #include "attnkit/model/parts/cached_attention.hpp"
+#include "attnkit/model/parts/paged_attention.hpp"
 #include "attnkit/model/parts/qkv_projection.hpp"
 #include "attnkit/model/recipe.hpp"
 #include "attnkit/model/residuals/attention_residuals.hpp"

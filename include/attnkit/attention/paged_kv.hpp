@@ -22,8 +22,14 @@
 // names the argument, the sequence and the entry in its attnkit::Error.
 //
 // PagePool<KV>: owns num_pages pages of K and V (HND, 64-byte aligned), hands page ids out
-// (allocate: the lowest free id; free: back to the pool; both check their argument) and gives
-// the views. Nothing in the kernels depends on it.
+// (allocate: the lowest free id, one reference; share: one more reference, for a page several
+// sequences hold; free: drops a reference, the page returns to the pool with the last; all check
+// their argument) and gives the views. grow() enlarges the pool keeping every page's contents
+// and id (views taken before are invalid after it); copy_page() copies one page's K and V rows
+// of every head into another (copy-on-write of a shared page). Nothing in the kernels depends
+// on it. kv_head_range(cache, h0, h1) views heads [h0, h1) of a cache: one pool can hold the
+// K/V of many layers side by side on its head axis (a batch session's pool: one page id covers
+// the same positions in every layer).
 //
 // paged_append(cache, table, cu_seqlens, k, v): appends n_b = cu_seqlens[b + 1] - cu_seqlens[b]
 // tokens to each sequence b at positions lengths[b] .. lengths[b] + n_b - 1, i.e. rows
@@ -182,25 +188,59 @@ class PagePool {
     require_memory(bytes, "PagePool: " + std::to_string(n_) + " pages of " + std::to_string(p_) + " tokens");
     k_.reset(static_cast<KV*>(allocate_aligned(static_cast<std::size_t>(n_ * p_ * h_ * dk_) * sizeof(KV))));
     v_.reset(static_cast<KV*>(allocate_aligned(static_cast<std::size_t>(n_ * p_ * h_ * dv_) * sizeof(KV))));
-    used_.assign(static_cast<std::size_t>(n_), 0);
+    refs_.assign(static_cast<std::size_t>(n_), 0);
   }
 
-  // The lowest free page id; throws when every page is in use.
+  // The lowest free page id, with one reference; throws when every page is in use.
   std::int32_t allocate() {
-    for (; next_ < n_ && used_[next_]; ++next_) {
+    for (; next_ < n_ && refs_[next_]; ++next_) {
     }
     ATTNKIT_REQUIRE(next_ < n_, "PagePool::allocate: all ", n_, " pages are in use");
-    used_[next_] = 1;
+    refs_[next_] = 1;
     ++in_use_;
     return static_cast<std::int32_t>(next_++);
   }
+  // One more reference to an allocated page (another sequence holds it too).
+  void share(std::int32_t page) {
+    check_allocated("PagePool::share", page);
+    ++refs_[page];
+  }
+  // Drops one reference; the page is free again when the last one goes.
   void free(std::int32_t page) {
-    ATTNKIT_REQUIRE(page >= 0 && page < n_, "PagePool::free: argument 'page': ", page,
-                    " is out of range [0, num_pages = ", n_, ")");
-    ATTNKIT_REQUIRE(used_[page], "PagePool::free: argument 'page': page ", page, " is not allocated");
-    used_[page] = 0;
+    check_allocated("PagePool::free", page);
+    if (--refs_[page] > 0) return;
     --in_use_;
     next_ = std::min<std::int64_t>(next_, page);
+  }
+  // References to a page (0: free).
+  std::int32_t refs(std::int32_t page) const {
+    ATTNKIT_REQUIRE(page >= 0 && page < n_, "PagePool::refs: argument 'page': ", page, " is out of range [0, num_pages = ", n_, ")");
+    return refs_[page];
+  }
+
+  // Enlarges the pool to num_pages pages (no-op when it has that many), keeping every page's
+  // contents, id and references. Views taken before are invalid afterwards.
+  void grow(std::int64_t num_pages) {
+    if (num_pages <= n_) return;
+    PagePool bigger(num_pages, p_, h_, dk_, dv_);
+    const auto copy = [&](const KV* from, KV* to, std::int64_t d) {
+      std::copy(from, from + n_ * p_ * h_ * d, to);  // HND: the old pages are the new pool's first ones
+    };
+    copy(k_.get(), bigger.k_.get(), dk_);
+    copy(v_.get(), bigger.v_.get(), dv_);
+    std::copy(refs_.begin(), refs_.end(), bigger.refs_.begin());
+    bigger.in_use_ = in_use_;
+    bigger.next_ = next_;
+    *this = std::move(bigger);
+  }
+
+  // Copies page `from`'s K and V rows (all slots, all heads) into page `to`.
+  void copy_page(std::int32_t from, std::int32_t to) {
+    check_allocated("PagePool::copy_page", from);
+    check_allocated("PagePool::copy_page", to);
+    const std::int64_t nk = p_ * h_ * dk_, nv = p_ * h_ * dv_;
+    std::copy(k_.get() + from * nk, k_.get() + (from + 1) * nk, k_.get() + to * nk);
+    std::copy(v_.get() + from * nv, v_.get() + (from + 1) * nv, v_.get() + to * nv);
   }
 
   std::int64_t num_pages() const { return n_; }
@@ -219,9 +259,22 @@ class PagePool {
   };
   std::int64_t n_, p_, h_, dk_, dv_;
   std::unique_ptr<KV, Free> k_, v_;
-  std::vector<char> used_;
+  std::vector<std::int32_t> refs_;
   std::int64_t next_ = 0, in_use_ = 0;
+
+  void check_allocated(const char* fn, std::int32_t page) const {
+    ATTNKIT_REQUIRE(page >= 0 && page < n_, fn, ": argument 'page': ", page, " is out of range [0, num_pages = ", n_, ")");
+    ATTNKIT_REQUIRE(refs_[page] > 0, fn, ": argument 'page': page ", page, " is not allocated");
+  }
 };
+
+// Heads [h0, h1) of a cache's KV-head axis (one layer's share of a pool holding several).
+template <class KV>
+MutablePagedKV<KV> kv_head_range(const MutablePagedKV<KV>& c, std::int64_t h0, std::int64_t h1) {
+  ATTNKIT_REQUIRE(h0 >= 0 && h0 < h1 && h1 <= c.k.shape[2], "kv_head_range: heads [", h0, ", ", h1,
+                  ") are not within the cache's ", c.k.shape[2], " KV heads");
+  return {c.k.slice(2, h0, h1), c.v.slice(2, h0, h1)};
+}
 
 // See the top of the file.
 template <class KV>

@@ -11,10 +11,12 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <span>
 #include <string>
 #include <type_traits>
 #include <vector>
 
+#include "attnkit/attention/paged_kv.hpp"
 #include "attnkit/core/error.hpp"
 #include "attnkit/core/view.hpp"
 #include "attnkit/io/config.hpp"
@@ -48,6 +50,40 @@ struct StepContext {
 class MixerState {
  public:
   virtual ~MixerState() = default;
+  // A copy holding the same tokens (a batch session's fork: a sequence continued two ways).
+  // States that cannot be copied say so; kind names the mixer in the error.
+  virtual std::unique_ptr<MixerState> clone(const std::string& kind) const {
+    detail::throw_error("token mixer '", kind, "': its per-sequence state cannot be copied, so a batch session cannot ",
+                        "fork a sequence of this model (start the new sequence from its prompt instead)");
+  }
+};
+
+// K/V a mixer keeps in a batch session's shared page pool instead of per-sequence states: its
+// number of KV heads (all its passes together) and head dimension; none: per-sequence states.
+struct PagedLayout {
+  std::int64_t kv_heads = 0, head_dim = 0;
+  bool paged() const { return kv_heads > 0; }
+};
+
+// One step of a batch session (model/batch_session.hpp) as a mixer sees it: B sequences' new
+// tokens packed along the token axis, rows cu_seqlens[b] .. cu_seqlens[b + 1] of x belong to
+// sequence b and sit at positions pos0[b] ...
+struct BatchStep {
+  std::span<const std::int64_t> cu_seqlens;  // [B + 1]
+  std::span<const std::int64_t> pos0;        // [B]
+  std::span<const ops::Rope::Angles> rope;   // [B]: the model's RoPE angles of each sequence's new tokens
+  // Mixers without a paged layout: each sequence's own state (B of them).
+  std::span<MixerState* const> states;
+  // Paged mixers: the session's pool (f32 or bf16: the other is empty) and this mixer's heads
+  // in it, [kv_head0, kv_head0 + layout.kv_heads); the sequences' page tables with their
+  // lengths before the step (= pos0), covering the step's new tokens (pages allocated, none
+  // shared where the step writes).
+  MutablePagedKV<float> pages_f32;
+  MutablePagedKV<bf16> pages_bf16;
+  std::int64_t kv_head0 = -1;
+  PageTable table;
+  std::int64_t batch() const { return static_cast<std::int64_t>(pos0.size()); }
+  std::int64_t tokens(std::int64_t b) const { return cu_seqlens[b + 1] - cu_seqlens[b]; }
 };
 
 class TokenMixer {
@@ -60,6 +96,25 @@ class TokenMixer {
   // x: normalised input [T, D]; out: [T, D] (overwritten). Consumes the step's tokens into `state`.
   virtual void forward(ConstView2<float> x, View2<float> out, MixerState& state, const StepContext& ctx) const = 0;
   virtual std::size_t weight_bytes() const = 0;
+
+  // Batch sessions. A mixer that keeps softmax K/V can ask for a share of the session's page
+  // pool (pages shared between sequences, copy on write); the default keeps a state per sequence.
+  virtual PagedLayout paged_layout(const SessionOptions& /*opt*/) const { return {}; }
+  // Runs a batch step's tokens (x [N, D] -> out [N, D]). The default runs forward() on each
+  // sequence's rows with its own state, so every mixer works in a batch session; mixers
+  // override it to run their projections on all N rows at once (weights read once per step).
+  virtual void forward_batch(ConstView2<float> x, View2<float> out, const BatchStep& step, const StepContext& ctx) const {
+    ATTNKIT_REQUIRE(static_cast<std::int64_t>(step.states.size()) == step.batch(), "TokenMixer::forward_batch: ",
+                    kind(), ": ", step.states.size(), " states for ", step.batch(), " sequences");
+    for (std::int64_t b = 0; b < step.batch(); ++b) {
+      ATTNKIT_REQUIRE(step.states[b] != nullptr, "TokenMixer::forward_batch: ", kind(), ": sequence ", b, " has no state");
+      StepContext c = ctx;
+      c.pos0 = step.pos0[b];
+      c.rope = step.rope.empty() ? nullptr : &step.rope[b];
+      const std::int64_t r0 = step.cu_seqlens[b], r1 = step.cu_seqlens[b + 1];
+      if (r1 > r0) forward(x.slice(0, r0, r1), out.slice(0, r0, r1), *step.states[b], c);
+    }
+  }
 };
 
 // What every factory (mixer, residual policy, stack policy) gets: the config and its extension

@@ -80,6 +80,9 @@ inline MixerRegistry default_mixers() {
 }
 
 class Session;
+class BatchSession;
+struct BatchOptions;
+struct SequenceTokens;
 
 // Which rows of logits a forward step computes.
 enum class LogitsRows { all, last, none };
@@ -215,21 +218,25 @@ class Qwen3Model {
   // `step_tokens` tokens needs beside it.
   MemoryEstimate estimate_memory(std::int64_t positions, std::int64_t step_tokens, const SessionOptions& opt = {}) const {
     const auto& c = config_;
-    const std::uint64_t elem = opt.kv_type == CacheType::f32 ? 4 : opt.kv_type == CacheType::bf16 ? 2 : 1;
-    const std::uint64_t per_row = add_bytes(mul_bytes(c.num_key_value_heads, 2 * c.head_dim, elem),
-                                            opt.kv_type == CacheType::int8 ? mul_bytes(c.num_key_value_heads, 8) : 0);
     MemoryEstimate e;
-    for (auto& l : layers_) {
-      const std::string k = l.mixer->kind();
-      if (k == "linear_attention") continue;  // fixed-size state
-      std::int64_t rows = positions;
-      if (k == "sliding_attention" && c.sliding_window) rows = std::min(rows, *c.sliding_window);
-      e.states = add_bytes(e.states, mul_bytes(passes(), rows, per_row));
-    }
+    for (int l = 0; l < num_layers(); ++l) e.states = add_bytes(e.states, layer_state_bytes(l, positions, opt));
     const std::int64_t width = 3 * c.hidden_size + 3 * c.intermediate_size +
                                (2 * c.num_attention_heads + 2 * c.num_key_value_heads) * c.head_dim;
     e.step = mul_bytes(step_tokens, width, sizeof(float));
     return e;
+  }
+
+  // Bytes of layer l's state after `positions` tokens (estimated; see estimate_memory).
+  std::uint64_t layer_state_bytes(int l, std::int64_t positions, const SessionOptions& opt = {}) const {
+    const auto& c = config_;
+    const std::uint64_t elem = opt.kv_type == CacheType::f32 ? 4 : opt.kv_type == CacheType::bf16 ? 2 : 1;
+    const std::uint64_t per_row = add_bytes(mul_bytes(c.num_key_value_heads, 2 * c.head_dim, elem),
+                                            opt.kv_type == CacheType::int8 ? mul_bytes(c.num_key_value_heads, 8) : 0);
+    const std::string k = layers_.at(static_cast<std::size_t>(l)).mixer->kind();
+    if (k == "linear_attention") return 0;  // fixed-size state
+    std::int64_t rows = positions;
+    if (k == "sliding_attention" && c.sliding_window) rows = std::min(rows, *c.sliding_window);
+    return mul_bytes(passes(), rows, per_row);
   }
 
   // Refuses (attnkit::Error naming the sizes) a session that would hold `positions` tokens and
@@ -270,6 +277,15 @@ class Qwen3Model {
   // (last) into `logits`, which must have that shape (or be empty for LogitsRows::none).
   inline void forward(Session& s, std::span<const std::int64_t> ids, View2<float> logits,
                       const ForwardOptions& opt = {}) const;
+
+  // Batch sessions (model/batch_session.hpp): many sequences at once over a paged KV cache.
+  // forward_batch runs each entry's ids at its sequence's position, all entries packed in one
+  // step; logits get [Σ ids, V] (LogitsRows::all), [entries, V] (last: each entry's last token)
+  // or nothing (none).
+  inline BatchSession new_batch_session(const SessionOptions& opt, const BatchOptions& batch,
+                                        const SessionLimits& limits = {}) const;
+  inline void forward_batch(BatchSession& s, std::span<const SequenceTokens> step, View2<float> logits,
+                            const ForwardOptions& opt = {}) const;
 
   // Embedding row of token `id` as float.
   void embed(std::int64_t id, float* dst) const {
@@ -331,6 +347,10 @@ class Qwen3Model {
   std::shared_ptr<const StackPolicy> stack_;
   std::shared_ptr<const ops::Rope> rope_;
   class Readout;
+  inline ExitRule exit_rule(const char* fn, const ForwardOptions& opt) const;
+  template <class MixerCall>
+  void run_stack(const char* fn, std::span<const std::int64_t> ids, std::vector<std::int64_t> row_tokens,
+                 View2<float> logits, StepContext ctx, const ForwardOptions& opt, MixerCall&& mixer) const;
 };
 
 // A session belongs to one thread at a time; several sessions of one model may run on different
@@ -383,11 +403,14 @@ inline Session Qwen3Model::new_session(const SessionOptions& opt, const SessionL
 // output of the model.
 class Qwen3Model::Readout {
  public:
+  // row_tokens: the token (row of hidden) of each logits row, ascending; a single sequence's
+  // rows are all its tokens or its last one.
   Readout(const Qwen3Model& m, const ForwardOptions& opt, ExitRule rule, std::int64_t pos0, std::int64_t T,
-          std::int64_t rows, View2<float> logits, View2<float> hidden)
-      : m_(m), opt_(opt), rule_(rule), pos0_(pos0), T_(T), rows_(rows), logits_(logits), h_(hidden),
+          std::vector<std::int64_t> row_tokens, View2<float> logits, View2<float> hidden)
+      : m_(m), opt_(opt), rule_(rule), pos0_(pos0), T_(T), rows_(static_cast<std::int64_t>(row_tokens.size())),
+        row_tokens_(std::move(row_tokens)), logits_(logits), h_(hidden),
         gate_(m.stack_->has_exit_gate()), lambda_(static_cast<std::size_t>(T)), survive_(static_cast<std::size_t>(T), 1.f),
-        cum_(static_cast<std::size_t>(T), 0.f), p_(static_cast<std::size_t>(T)), chosen_(static_cast<std::size_t>(rows), 0) {}
+        cum_(static_cast<std::size_t>(T), 0.f), p_(static_cast<std::size_t>(T)), chosen_(static_cast<std::size_t>(rows_), 0) {}
 
   void step(int pass, ConstView2<float> out) {
     const int passes = m_.stack_->passes();
@@ -413,14 +436,22 @@ class Qwen3Model::Readout {
     const bool mine = (rule_.kind == K::last && last) || (rule_.kind == K::step && rule_.step == pass);
     if (!(mine || rule_.kind == K::expected || rule_.kind == K::threshold || (opt_.trace && passes > 1))) return;
     const std::int64_t V = m_.config_.vocab_size;
-    const ConstView2<float> head_in = rows_ == T_ ? ConstView2<float>(h_) : ConstView2<float>(h_.slice(0, T_ - 1, T_));
+    const std::int64_t D = m_.config_.hidden_size;
+    ConstView2<float> head_in = h_;
+    if (rows_ == 1) {
+      head_in = h_.slice(0, row_tokens_[0], row_tokens_[0] + 1);
+    } else if (rows_ < T_) {  // a batch step's last row of each sequence
+      gathered_.resize(static_cast<std::size_t>(rows_ * D));
+      for (std::int64_t r = 0; r < rows_; ++r) std::copy(h_.ptr(row_tokens_[r]), h_.ptr(row_tokens_[r]) + D, gathered_.data() + r * D);
+      head_in = ConstView2<float>(gathered_.data(), {rows_, D});
+    }
     View2<float> dst = logits_;
     if (!mine) {
       step_logits_.resize(static_cast<std::size_t>(rows_ * V));
       dst = View2<float>(step_logits_.data(), {rows_, V});
     }
     m_.lm_head_.forward(head_in, dst, {opt_.precision, opt_.num_threads, false});
-    const std::int64_t first = T_ - rows_;  // the token of row 0
+    const std::int64_t first = row_tokens_[0];  // the token of row 0 (traces: a single sequence's contiguous rows)
     if (opt_.trace && passes > 1) {
       opt_.trace->describe("logits_per_step", {"step", "token", "vocab"});
       opt_.trace->describe("step_entropy", {"step", "token"});
@@ -431,7 +462,7 @@ class Qwen3Model::Readout {
     }
     if (mine) return;
     for (std::int64_t r = 0; r < rows_; ++r) {
-      const auto tok = static_cast<std::size_t>(first + r);
+      const auto tok = static_cast<std::size_t>(row_tokens_[r]);
       float* o = logits_.ptr(r);
       const float* l = dst.ptr(r);
       if (rule_.kind == K::expected) {
@@ -460,11 +491,77 @@ class Qwen3Model::Readout {
   const ForwardOptions& opt_;
   ExitRule rule_;
   std::int64_t pos0_, T_, rows_;
+  std::vector<std::int64_t> row_tokens_;
+  std::vector<float> gathered_;
   View2<float> logits_, h_;
   bool gate_;
   std::vector<float> lambda_, survive_, cum_, p_, step_logits_;
   std::vector<char> chosen_;
 };
+
+// The exit rule of a step (the options' or the stack's default), checked against the stack.
+inline ExitRule Qwen3Model::exit_rule(const char* fn, const ForwardOptions& opt) const {
+  const int passes = stack_->passes();
+  const ExitRule rule = opt.exit ? *opt.exit : stack_->default_exit();
+  using K = ExitRule::Kind;
+  ATTNKIT_REQUIRE(rule.kind != K::step || (rule.step >= 0 && rule.step < passes), fn, ": exit rule: step ",
+                  rule.step, " outside the stack's ", passes, " steps");
+  ATTNKIT_REQUIRE(rule.kind != K::threshold || (rule.threshold > 0.0 && rule.threshold <= 1.0),
+                  fn, ": exit rule: threshold must be in (0, 1], got ", rule.threshold);
+  ATTNKIT_REQUIRE((rule.kind != K::threshold && rule.kind != K::expected) || stack_->has_exit_gate(),
+                  fn, ": exit rule: a threshold or expected output needs an exit gate, and stack policy '",
+                  stack_->kind(), "' has none");
+  return rule;
+}
+
+// The layer stack over the embedded ids: every pass, every layer, the read-out of the rows
+// row_tokens into logits. mixer(l, xn, y, ctx) runs layer l's token mixer (a session's states,
+// or a batch step's).
+template <class MixerCall>
+void Qwen3Model::run_stack(const char* fn, std::span<const std::int64_t> ids, std::vector<std::int64_t> row_tokens,
+                           View2<float> logits, StepContext ctx, const ForwardOptions& opt, MixerCall&& mixer) const {
+  const std::int64_t T = static_cast<std::int64_t>(ids.size()), D = config_.hidden_size;
+  std::vector<float> x(static_cast<std::size_t>(T * D)), xn(x.size()), y(x.size());
+  for (std::int64_t t = 0; t < T; ++t) embed(ids[t], x.data() + t * D);
+  View2<float> xv(x.data(), {T, D}), xnv(xn.data(), {T, D}), yv(y.data(), {T, D});
+  if (opt.on_hidden) opt.on_hidden(0, xv);
+
+  const float eps = static_cast<float>(config_.rms_norm_eps);
+  const int passes = stack_->passes();
+  const ExitRule rule = exit_rule(fn, opt);
+  using K = ExitRule::Kind;
+  const bool per_step = passes > 1 && (opt.trace || rule.kind != K::last);
+  Readout readout(*this, opt, rule, ctx.pos0, T, std::move(row_tokens), logits, xnv);
+  std::unique_ptr<ResidualStream> stream;
+  for (int pass = 0; pass < passes; ++pass) {  // x holds this pass's input
+    ctx.pass = pass;
+    stream = residual_->begin(xv, ctx);
+    const bool report = opt.on_hidden && pass + 1 == passes;  // hidden states of the last pass
+    if (opt.on_pass_hidden) opt.on_pass_hidden(pass, 0, xv);
+    for (std::size_t l = 0; l < layers_.size(); ++l) {
+      const DecoderLayer& layer = layers_[l];
+      const int li = static_cast<int>(l);
+      ops::rms_norm(stream->input(li, Sublayer::mixer), layer.input_norm.data(), eps, xnv, opt.num_threads);
+      mixer(l, xnv, yv, ctx);
+      if (!layer.mixer_out_norm.empty()) ops::rms_norm(yv, layer.mixer_out_norm.data(), eps, yv, opt.num_threads);
+      stream->add_output(li, Sublayer::mixer, yv);
+      ops::rms_norm(stream->input(li, Sublayer::mlp), layer.post_norm.data(), eps, xnv, opt.num_threads);
+      layer.mlp.forward(xnv, yv, ctx);
+      if (!layer.mlp_out_norm.empty()) ops::rms_norm(yv, layer.mlp_out_norm.data(), eps, yv, opt.num_threads);
+      stream->add_output(li, Sublayer::mlp, yv);
+      if (report && l + 1 < layers_.size()) opt.on_hidden(li + 1, stream->output());
+      if (opt.on_pass_hidden) opt.on_pass_hidden(pass, li + 1, stream->output());
+    }
+    const bool last = pass + 1 == passes;
+    if (last || per_step) readout.step(pass, stream->output());
+    if (!last) {
+      const ConstView2<float> o = stream->output();
+      for (std::int64_t t = 0; t < T; ++t) std::copy(o.ptr(t), o.ptr(t) + D, x.data() + t * D);
+      stack_->between_passes(pass, xv);
+    }
+  }
+  if (opt.on_hidden) opt.on_hidden(static_cast<int>(layers_.size()), xnv);
+}
 
 inline void Qwen3Model::forward(Session& s, std::span<const std::int64_t> ids, View2<float> logits,
                                 const ForwardOptions& opt) const {
@@ -486,58 +583,18 @@ inline void Qwen3Model::forward(Session& s, std::span<const std::int64_t> ids, V
   const std::string who = "Qwen3Model::forward: " + std::to_string(T) + " tokens at position " + std::to_string(s.position_);
   require_positions(s.position_ + T, s.limits_, who);
   require_memory_for(s.position_ + T, T, s.opt_, s.limits_, who, 0, s.position_);
+  exit_rule("Qwen3Model::forward", opt);
   const MemoryLimitScope scope(s.limits_.max_memory_bytes);
   s.broken_ = true;  // until the step completes
 
-  std::vector<float> x(static_cast<std::size_t>(T * D)), xn(x.size()), y(x.size());
-  for (std::int64_t t = 0; t < T; ++t) embed(ids[t], x.data() + t * D);
-  View2<float> xv(x.data(), {T, D}), xnv(xn.data(), {T, D}), yv(y.data(), {T, D});
-  if (opt.on_hidden) opt.on_hidden(0, xv);
-
+  std::vector<std::int64_t> row_tokens(static_cast<std::size_t>(rows));
+  for (std::int64_t r = 0; r < rows; ++r) row_tokens[static_cast<std::size_t>(r)] = T - rows + r;
   const ops::Rope::Angles angles = rope_->angles(s.position_, T);
   StepContext ctx{s.position_, opt.num_threads, opt.precision, &angles, 0, opt.trace};
-  const float eps = static_cast<float>(config_.rms_norm_eps);
-  const int passes = stack_->passes();
-  const ExitRule rule = opt.exit ? *opt.exit : stack_->default_exit();
-  using K = ExitRule::Kind;
-  ATTNKIT_REQUIRE(rule.kind != K::step || (rule.step >= 0 && rule.step < passes), "Qwen3Model::forward: exit rule: step ",
-                  rule.step, " outside the stack's ", passes, " steps");
-  ATTNKIT_REQUIRE(rule.kind != K::threshold || (rule.threshold > 0.0 && rule.threshold <= 1.0),
-                  "Qwen3Model::forward: exit rule: threshold must be in (0, 1], got ", rule.threshold);
-  ATTNKIT_REQUIRE((rule.kind != K::threshold && rule.kind != K::expected) || stack_->has_exit_gate(),
-                  "Qwen3Model::forward: exit rule: a threshold or expected output needs an exit gate, and stack policy '",
-                  stack_->kind(), "' has none");
-  const bool per_step = passes > 1 && (opt.trace || rule.kind != K::last);
-  Readout readout(*this, opt, rule, s.position_, T, rows, logits, xnv);
-  std::unique_ptr<ResidualStream> stream;
-  for (int pass = 0; pass < passes; ++pass) {  // x holds this pass's input
-    ctx.pass = pass;
-    stream = residual_->begin(xv, ctx);
-    const bool report = opt.on_hidden && pass + 1 == passes;  // hidden states of the last pass
-    if (opt.on_pass_hidden) opt.on_pass_hidden(pass, 0, xv);
-    for (std::size_t l = 0; l < layers_.size(); ++l) {
-      const DecoderLayer& layer = layers_[l];
-      const int li = static_cast<int>(l);
-      ops::rms_norm(stream->input(li, Sublayer::mixer), layer.input_norm.data(), eps, xnv, opt.num_threads);
-      layer.mixer->forward(xnv, yv, *s.states_[l], ctx);
-      if (!layer.mixer_out_norm.empty()) ops::rms_norm(yv, layer.mixer_out_norm.data(), eps, yv, opt.num_threads);
-      stream->add_output(li, Sublayer::mixer, yv);
-      ops::rms_norm(stream->input(li, Sublayer::mlp), layer.post_norm.data(), eps, xnv, opt.num_threads);
-      layer.mlp.forward(xnv, yv, ctx);
-      if (!layer.mlp_out_norm.empty()) ops::rms_norm(yv, layer.mlp_out_norm.data(), eps, yv, opt.num_threads);
-      stream->add_output(li, Sublayer::mlp, yv);
-      if (report && l + 1 < layers_.size()) opt.on_hidden(li + 1, stream->output());
-      if (opt.on_pass_hidden) opt.on_pass_hidden(pass, li + 1, stream->output());
-    }
-    const bool last = pass + 1 == passes;
-    if (last || per_step) readout.step(pass, stream->output());
-    if (!last) {
-      const ConstView2<float> o = stream->output();
-      for (std::int64_t t = 0; t < T; ++t) std::copy(o.ptr(t), o.ptr(t) + D, x.data() + t * D);
-      stack_->between_passes(pass, xv);
-    }
-  }
-  if (opt.on_hidden) opt.on_hidden(static_cast<int>(layers_.size()), xnv);
+  run_stack("Qwen3Model::forward", ids, std::move(row_tokens), logits, ctx, opt,
+            [&](std::size_t l, ConstView2<float> xn, View2<float> y, const StepContext& c) {
+              layers_[l].mixer->forward(xn, y, *s.states_[l], c);
+            });
   s.position_ += T;
   s.broken_ = false;
 }
@@ -649,3 +706,5 @@ inline std::vector<std::int64_t> generate_greedy(const Qwen3Model& m, Session& s
 }
 
 }  // namespace attnkit::model
+
+#include "attnkit/model/batch_session.hpp"  // BatchSession and forward_batch (needs Qwen3Model complete)

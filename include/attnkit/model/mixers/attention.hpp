@@ -18,6 +18,7 @@
 
 #include "attnkit/model/mixer.hpp"
 #include "attnkit/model/parts/cached_attention.hpp"
+#include "attnkit/model/parts/paged_attention.hpp"
 #include "attnkit/model/parts/qkv_projection.hpp"
 #include "attnkit/model/trace.hpp"
 
@@ -99,6 +100,26 @@ class Qwen3Attention final : public TokenMixer {
     st->caches[static_cast<std::size_t>(ctx.pass)].attend(qkv.q, qkv.k, qkv.v, View3<float>(attn.data(), {T, H, d}), ctx);
     if (proj_.output_gate()) apply_output_gate(qkv.gate, attn.data(), layer_, ctx);
     o_.forward(View2<float>(attn.data(), {T, H * d}), out, {ctx.precision, ctx.num_threads, false});
+  }
+
+  // Batch sessions: full attention in every pass keeps its K/V in the session's page pool (f32
+  // or bf16 caches); sliding windows and int8 caches keep a state per sequence.
+  PagedLayout paged_layout(const SessionOptions& opt) const override {
+    if (opt.kv_type == CacheType::int8) return {};
+    for (auto w : windows_)
+      if (w) return {};
+    return {proj_.kv_heads() * passes_, proj_.head_dim()};
+  }
+  void forward_batch(ConstView2<float> x, View2<float> out, const BatchStep& step, const StepContext& ctx) const override {
+    if (step.kv_head0 < 0) return TokenMixer::forward_batch(x, out, step, ctx);
+    const std::int64_t N = x.shape[0], H = proj_.heads(), d = proj_.head_dim();
+    QKV qkv;
+    proj_.forward_batch(x, qkv, step, ctx);
+    std::vector<float> attn(static_cast<std::size_t>(N * H * d));
+    attend_paged(qkv.q, qkv.k, qkv.v, View3<float>(attn.data(), {N, H, d}), step,
+                 step.kv_head0 + ctx.pass * proj_.kv_heads(), ctx);
+    if (proj_.output_gate()) apply_output_gate(qkv.gate, attn.data(), layer_, ctx);
+    o_.forward(View2<float>(attn.data(), {N, H * d}), out, {ctx.precision, ctx.num_threads, false});
   }
 
  private:

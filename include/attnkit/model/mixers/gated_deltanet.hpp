@@ -298,6 +298,7 @@ class GatedDeltaNet final : public TokenMixer {
       std::int64_t seen = 0;
     };
     std::vector<Pass> passes;
+    std::unique_ptr<MixerState> clone(const std::string&) const override { return std::make_unique<State>(*this); }
   };
 
   GatedDeltaNetSettings s_;

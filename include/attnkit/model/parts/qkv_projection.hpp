@@ -81,6 +81,25 @@ class QKVProjection {
 
   // x [T, D] -> out.q [T, H, d], out.k / out.v [T, H_kv, d] (post-norm, post-RoPE), out.gate.
   void forward(ConstView2<float> x, QKV& out, const StepContext& ctx) const {
+    project(x, out, ctx);
+    rotate(out.q, out.k, ctx.pos0, ctx.rope, ctx.num_threads);
+  }
+
+  // The same for a batch step's packed rows: one product over all of them, then each
+  // sequence's rows rotated at its own positions.
+  void forward_batch(ConstView2<float> x, QKV& out, const BatchStep& step, const StepContext& ctx) const {
+    project(x, out, ctx);
+    for (std::int64_t b = 0; b < step.batch(); ++b) {
+      const std::int64_t r0 = step.cu_seqlens[b], r1 = step.cu_seqlens[b + 1];
+      if (r1 > r0)
+        rotate(out.q.slice(0, r0, r1), out.k.slice(0, r0, r1), step.pos0[b], step.rope.empty() ? nullptr : &step.rope[b],
+               r1 - r0 >= 16 ? ctx.num_threads : 1);
+    }
+  }
+
+ private:
+  // The fused product and the q/k norms.
+  void project(ConstView2<float> x, QKV& out, const StepContext& ctx) const {
     const std::int64_t qw = (gated_ ? 2 : 1) * H_ * d_, width = qw + 2 * Hkv_ * d_, T = x.shape[0];
     out.buffer.resize(static_cast<std::size_t>(T * width));
     qkv_.forward(x, View2<float>(out.buffer.data(), {T, width}), {ctx.precision, ctx.num_threads, false});
@@ -94,16 +113,20 @@ class QKVProjection {
       ops::rms_norm_heads(out.q, q_norm_.data(), eps_, ctx.num_threads);
       ops::rms_norm_heads(out.k, k_norm_.data(), eps_, ctx.num_threads);
     }
-    // The step's shared angles serve when they were made for this rotary width.
-    const bool shared = ctx.rope && ctx.rope->half * 2 == rotary_ && ctx.rope->tokens == T && ctx.rope->pos0 == ctx.pos0;
-    const ops::Rope::Angles own = shared ? ops::Rope::Angles{} : rope_->angles(ctx.pos0, T);
-    const ops::Rope::Angles& ang = shared ? *ctx.rope : own;
-    const auto rotary = [&](View3<float> x3) { return View3<float>(x3.data, {x3.shape[0], x3.shape[1], rotary_}, x3.stride); };
-    rope_->apply(rotary(out.q), ang, ctx.num_threads);
-    rope_->apply(rotary(out.k), ang, ctx.num_threads);
   }
 
- private:
+  // RoPE on q and k [T, heads, d] at positions pos0 ...; `shared` angles serve when they were
+  // made for this rotary width and these positions.
+  void rotate(View3<float> q, View3<float> k, std::int64_t pos0, const ops::Rope::Angles* shared, int threads) const {
+    const std::int64_t T = q.shape[0];
+    const bool use = shared && shared->half * 2 == rotary_ && shared->tokens == T && shared->pos0 == pos0;
+    const ops::Rope::Angles own = use ? ops::Rope::Angles{} : rope_->angles(pos0, T);
+    const ops::Rope::Angles& ang = use ? *shared : own;
+    const auto rotary = [&](View3<float> x3) { return View3<float>(x3.data, {x3.shape[0], x3.shape[1], rotary_}, x3.stride); };
+    rope_->apply(rotary(q), ang, threads);
+    rope_->apply(rotary(k), ang, threads);
+  }
+
   std::shared_ptr<const ops::Rope> rope_;
   std::int64_t D_ = 0, H_ = 0, Hkv_ = 0, d_ = 0, rotary_ = 0;
   bool gated_ = false;

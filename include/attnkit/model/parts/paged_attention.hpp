@@ -1,0 +1,102 @@
+// attnkit/model/parts/paged_attention.hpp — "append, then attend" for a batch step over the
+// batch session's page pool: the paged counterpart of AttentionCache::attend, as a part every
+// softmax-attention mixer with a paged layout reuses.
+//
+// attend_paged(q, k, v, out, step, head0, ctx): q [N, H, d], k/v [N, H_kv, d] hold the step's
+// packed new tokens (BatchStep::cu_seqlens); k/v are written into the pool's heads
+// [head0, head0 + H_kv) at each sequence's positions pos0[b] ..; then the queries attend
+// causally over their sequence's cached keys. Sequences with one new token (decode) go to the
+// batched decode kernel together (each K/V row read once for every query head that shares it,
+// bit-identical to attention_decode on a contiguous cache); sequences with several (a prompt, a
+// chunk of one) go to the paged prefill kernel together. A mixed step (continuous batching)
+// runs both, each over its own sub-table.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "attnkit/attention/batched_decode.hpp"
+#include "attnkit/attention/paged_kv.hpp"
+#include "attnkit/model/mixer.hpp"
+
+namespace attnkit::model {
+
+namespace detail_paged_attention {
+
+// The page tables, lengths and query rows of the sequences in `pick` (indices into the step).
+struct SubBatch {
+  std::vector<std::int64_t> indptr{0}, lengths, cu{0}, rows;  // rows: packed query rows, in order
+  std::vector<std::int32_t> indices;
+  PageTable table() const { return {indptr, indices, lengths}; }
+};
+
+inline SubBatch subset(const BatchStep& step, const std::vector<std::int64_t>& pick) {
+  SubBatch s;
+  for (std::int64_t b : pick) {
+    const PageTable& t = step.table;
+    s.indices.insert(s.indices.end(), t.indices.begin() + t.indptr[b], t.indices.begin() + t.indptr[b + 1]);
+    s.indptr.push_back(static_cast<std::int64_t>(s.indices.size()));
+    s.lengths.push_back(step.pos0[b] + step.tokens(b));
+    for (std::int64_t r = step.cu_seqlens[b]; r < step.cu_seqlens[b + 1]; ++r) s.rows.push_back(r);
+    s.cu.push_back(static_cast<std::int64_t>(s.rows.size()));
+  }
+  return s;
+}
+
+// Rows `rows` of x [N, a, c] gathered into buf as [rows, a, c].
+inline View3<float> gather(ConstView3<float> x, const std::vector<std::int64_t>& rows, std::vector<float>& buf) {
+  const std::int64_t n = static_cast<std::int64_t>(rows.size()), a = x.shape[1], c = x.shape[2];
+  buf.resize(static_cast<std::size_t>(n * a * c));
+  for (std::int64_t i = 0; i < n; ++i)
+    for (std::int64_t h = 0; h < a; ++h) std::copy(x.ptr(rows[i], h), x.ptr(rows[i], h) + c, buf.data() + (i * a + h) * c);
+  return View3<float>(buf.data(), {n, a, c});
+}
+
+template <class KV>
+void attend(const MutablePagedKV<KV>& pool, ConstView3<float> q, ConstView3<float> k, ConstView3<float> v,
+            View3<float> out, const BatchStep& step, std::int64_t head0, const StepContext& ctx) {
+  const std::int64_t Hkv = k.shape[1];
+  const MutablePagedKV<KV> mine = kv_head_range(pool, head0, head0 + Hkv);
+  paged_append(mine, step.table, step.cu_seqlens, k, v);
+  std::vector<std::int64_t> decode, prefill;
+  for (std::int64_t b = 0; b < step.batch(); ++b)
+    if (step.tokens(b) > 0) (step.tokens(b) == 1 ? decode : prefill).push_back(b);
+  const std::int64_t H = q.shape[1], dv = out.shape[2];
+  std::vector<float> qb, ob;
+  for (int part = 0; part < 2; ++part) {
+    const auto& pick = part == 0 ? decode : prefill;
+    if (pick.empty()) continue;
+    const SubBatch sub = subset(step, pick);
+    const bool all = static_cast<std::int64_t>(sub.rows.size()) == q.shape[0];  // the whole step: no copies
+    const ConstView3<float> qs = all ? q : ConstView3<float>(gather(q, sub.rows, qb));
+    ob.resize(all ? 0 : sub.rows.size() * static_cast<std::size_t>(H * dv));
+    const View3<float> os = all ? out : View3<float>(ob.data(), {static_cast<std::int64_t>(sub.rows.size()), H, dv});
+    if (part == 0) {
+      DecodeOptions o;
+      o.num_threads = ctx.num_threads;
+      attention_decode_paged<KV>(qs, mine, sub.table(), os, o);
+    } else {
+      AttentionOptions o;
+      o.num_threads = ctx.num_threads;
+      o.precision = ctx.precision;
+      attention_prefill_paged<KV>(qs, mine, sub.table(), sub.cu, os, CausalMask{}, o);
+    }
+    if (!all)
+      for (std::size_t i = 0; i < sub.rows.size(); ++i)
+        for (std::int64_t h = 0; h < H; ++h)
+          std::copy(os.ptr(static_cast<std::int64_t>(i), h), os.ptr(static_cast<std::int64_t>(i), h) + dv, out.ptr(sub.rows[i], h));
+  }
+}
+
+}  // namespace detail_paged_attention
+
+// See the top of the file. out [N, H, d_v] is overwritten.
+inline void attend_paged(ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, View3<float> out,
+                         const BatchStep& step, std::int64_t head0, const StepContext& ctx) {
+  ATTNKIT_REQUIRE(head0 >= 0, "attend_paged: the step gives this mixer no heads of the page pool");
+  if (step.pages_bf16.k.data) return detail_paged_attention::attend(step.pages_bf16, q, k, v, out, step, head0, ctx);
+  ATTNKIT_REQUIRE(step.pages_f32.k.data != nullptr, "attend_paged: the step has no page pool");
+  detail_paged_attention::attend(step.pages_f32, q, k, v, out, step, head0, ctx);
+}
+
+}  // namespace attnkit::model
