@@ -224,6 +224,76 @@ void BM_model_decode(benchmark::State& state, model::CacheType kv, std::string v
   BM_model_decode_at(state, kv, std::move(variant), Precision::exact);
 }
 
+// Batched decode (model/batch_session.hpp): B sequences continue one 512-token prompt
+// (prefilled once, untimed, and forked B ways: the prompt's pages are shared, each sequence
+// writes its own), one decode token each per step. Each iteration times one step of the B
+// sequences and, alternately, one step of a single forked sequence in the same session: tok_s
+// is the aggregate B / step time, x_B1 = B x median(single step time / batch step time), the
+// aggregate speed against B = 1 (the weights are read once per step for all B). GBps counts the
+// weight bytes once per step (the KV pages add 2 x context x layers x H_kv x d x 2 bytes per
+// sequence); bw_frac = that / the measured DRAM read bandwidth.
+struct BatchDecode {
+  const model::Qwen3Model& m;
+  model::BatchSession bs;
+  std::int64_t root = 0;
+  std::vector<float> root_logits;
+  explicit BatchDecode(const model::Qwen3Model& mm, std::int64_t prompt_len)
+      : m(mm), bs(mm.new_batch_session({model::CacheType::bf16, 0}, {16, 4096})) {
+    const std::int64_t V = m.config().vocab_size;
+    const auto ids = prompt(prompt_len, V);
+    root = bs.add();
+    root_logits.resize(static_cast<std::size_t>(V));
+    model::ForwardOptions fo;
+    fo.logits = model::LogitsRows::last;
+    fo.precision = Precision::fast;
+    const model::SequenceTokens st[] = {{root, ids}};
+    m.forward_batch(bs, st, View2<float>(root_logits.data(), {1, V}), fo);
+  }
+};
+
+void BM_model_batch_decode(benchmark::State& state) {
+  static BatchDecode bd(qwen3_0_6b("plain"), 512);
+  const auto& m = bd.m;
+  const std::int64_t B = state.range(0), V = m.config().vocab_size;
+  const int threads = static_cast<int>(state.range(1));
+  std::vector<std::int64_t> seqs, one = {bd.bs.fork(bd.root)};
+  for (std::int64_t b = 0; b < B; ++b) seqs.push_back(bd.bs.fork(bd.root));
+  const std::int64_t first = ops::argmax(bd.root_logits.data(), V);
+  std::vector<std::int64_t> next(static_cast<std::size_t>(B), first), next1 = {first};
+  std::vector<float> logits(static_cast<std::size_t>(B * V));
+  model::ForwardOptions fo;
+  fo.logits = model::LogitsRows::last;
+  fo.num_threads = threads;
+  const auto step = [&](const std::vector<std::int64_t>& ids, std::vector<std::int64_t>& toks) {
+    std::vector<model::SequenceTokens> st;
+    for (std::size_t b = 0; b < ids.size(); ++b) st.push_back({ids[b], std::span<const std::int64_t>(&toks[b], 1)});
+    const auto t0 = clk::now();
+    m.forward_batch(bd.bs, st, View2<float>(logits.data(), {static_cast<std::int64_t>(ids.size()), V}), fo);
+    const double sec = seconds_since(t0);
+    for (std::size_t b = 0; b < ids.size(); ++b) toks[b] = ops::argmax(logits.data() + b * V, V);
+    return sec;
+  };
+  step(seqs, next);  // untimed: the first step copies the shared last page of every fork
+  step(one, next1);
+  bench::Paired pairs;
+  double total = 0;
+  for (auto _ : state) {
+    const double single = step(one, next1);
+    const double s = step(seqs, next);
+    pairs.add(s, single);
+    state.SetIterationTime(s);
+    total += s;
+  }
+  for (auto id : seqs) bd.bs.remove(id);
+  bd.bs.remove(one[0]);
+  const double iters = static_cast<double>(state.iterations());
+  state.counters["tok_s"] = static_cast<double>(B) * iters / total;
+  state.counters["x_B1"] = static_cast<double>(B) * pairs.speed_ratio();
+  const double gbps = static_cast<double>(m.streamed_bytes_per_token()) * iters / total / 1e9;
+  state.counters["GBps"] = gbps;
+  state.counters["bw_frac"] = gbps / bench::roofline().read_gbps;
+}
+
 // Decode after a short (512) and a long (T) context, alternately step for step (same model, two
 // sessions); ctx_ratio = median(step time at 512 / step time at T).
 void BM_model_decode_context(benchmark::State& state, model::CacheType kv, std::string variant) {
@@ -507,6 +577,9 @@ const bool registered = [] {
       ->ArgNames({"T", "threads"})->Args({512, 2})->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(2);
   benchmark::RegisterBenchmark("model/ouro-1.4b/decode/bf16/kv:f32", BM_model_decode, model::CacheType::f32, std::string("ouro-1.4b"))
       ->ArgNames({"T", "threads"})->Args({512, 2})->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(8);
+  benchmark::RegisterBenchmark("model/batch/decode/bf16/kv:bf16", BM_model_batch_decode)
+      ->ArgNames({"B", "threads"})->Args({1, 2})->Args({4, 2})->Args({8, 2})->Args({16, 2})
+      ->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(16);
   add("model/hybrid/prefill/bf16/exact", 3, BM_model_prefill, Precision::exact, std::string("hybrid"));
   add("model/hybrid/decode/bf16/kv:f32", 32, BM_model_decode, model::CacheType::f32, std::string("hybrid"));
   for (const auto kv : {model::CacheType::f32, model::CacheType::bf16, model::CacheType::int8})

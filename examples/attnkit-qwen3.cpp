@@ -78,6 +78,12 @@ run:
   --decode                 feed the ids one token at a time through the caches instead of one prefill
   --chunk N                prefill in chunks of N tokens (continuing the caches)
   --generate N             greedy continuation of N tokens; prints `generated: id id ...`
+  --batch B                B sequences at once in a batch session (paged KV cache, continuous batching): each
+                           gets its own random prompt of --prompt-len ids (or all share --ids / --ids-from,
+                           prefilled once and forked: the prompt's pages are stored once), prefilled together,
+                           then --generate N greedy ids each, one decode step for all B; the prefill and decode
+                           lines give the aggregate tokens/s
+  --page-size P            tokens per KV page of --batch (a power of two, default 16)
   --logits-out FILE        write tensor `logits` F32 [T, vocab], one row per input token
   --trace-out FILE         write the mechanism's internals over the input tokens as safetensors
                            (Loop Attention: `gates` F32 [layers, T, heads] of the looping pass;
@@ -406,6 +412,90 @@ void run_text(const model::Qwen3Model& m, const TextArgs& a, const std::string& 
 
 }  // namespace
 
+// --batch: B sequences in one batch session. Random prompts (one per sequence) are prefilled
+// together; a shared prompt (shared non-empty) is prefilled once and forked. Then `generate`
+// greedy ids per sequence, one decode step for all. Prints aggregate tokens/s.
+void run_batch(const model::Qwen3Model& m, std::int64_t B, const std::vector<std::int64_t>& shared, std::int64_t T,
+               std::int64_t generate, std::int64_t chunk, std::int64_t page_size, std::uint64_t seed,
+               const model::SessionOptions& so, const model::SessionLimits& limits, Precision precision,
+               const std::optional<model::ExitRule>& exit_rule) {
+  const std::int64_t V = m.config().vocab_size;
+  model::BatchOptions bo;
+  bo.page_size = page_size;
+  const std::int64_t tokens_per_page_set = (T + generate + page_size - 1) / page_size + 1;
+  bo.initial_pages = std::max<std::int64_t>(1, (shared.empty() ? B : 1 + B) * tokens_per_page_set);
+  model::BatchSession bs = m.new_batch_session(so, bo, limits);
+  model::ForwardOptions fo;
+  fo.precision = precision;
+  fo.exit = exit_rule;
+  std::vector<std::vector<std::int64_t>> prompts;
+  if (shared.empty()) {
+    std::mt19937_64 gen(seed + 1);
+    std::uniform_int_distribution<std::int64_t> tok(0, V - 1);
+    for (std::int64_t b = 0; b < B; ++b) {
+      prompts.emplace_back(static_cast<std::size_t>(T));
+      for (auto& t : prompts.back()) t = tok(gen);
+    }
+  } else {
+    prompts.push_back(shared);
+  }
+  std::vector<std::int64_t> seq;
+  for (std::size_t i = 0; i < prompts.size(); ++i) seq.push_back(bs.add());
+  // Prefill: every prompt in the same steps (chunks of `chunk` tokens each when set).
+  std::vector<float> logits(static_cast<std::size_t>(B * V));
+  const std::int64_t step = chunk > 0 ? chunk : T;
+  const auto t0 = Clock::now();
+  for (std::int64_t b0 = 0; b0 < T; b0 += step) {
+    const std::int64_t n = std::min(step, T - b0);
+    std::vector<model::SequenceTokens> st;
+    for (std::size_t i = 0; i < prompts.size(); ++i)
+      st.push_back({seq[i], std::span<const std::int64_t>(prompts[i].data() + b0, static_cast<std::size_t>(n))});
+    fo.logits = model::LogitsRows::last;
+    m.forward_batch(bs, st, View2<float>(logits.data(), {static_cast<std::int64_t>(st.size()), V}), fo);
+  }
+  const double in_s = std::chrono::duration<double>(Clock::now() - t0).count();
+  const std::int64_t prefilled = static_cast<std::int64_t>(prompts.size()) * T;
+  std::printf("batch: %lld sequences, pages of %lld tokens%s\n", (long long)B, (long long)page_size,
+              shared.empty() ? "" : ", one shared prompt prefilled once and forked");
+  std::printf("prefill: %.1f tok/s (%lld tokens of %zu sequences in %.3f s)\n", prefilled / in_s, (long long)prefilled,
+              prompts.size(), in_s);
+  if (!shared.empty()) {  // the others continue from the first one's pages
+    for (std::int64_t b = 1; b < B; ++b) seq.push_back(bs.fork(seq[0]));
+    for (std::int64_t b = 1; b < B; ++b) std::copy(logits.begin(), logits.begin() + V, logits.begin() + b * V);
+  }
+  const std::int64_t pages_after_prefill = bs.pages_in_use();
+  if (generate <= 0) {
+    std::printf("pages: %lld in use\n", (long long)pages_after_prefill);
+    return;
+  }
+  std::vector<std::vector<std::int64_t>> out(static_cast<std::size_t>(B));
+  std::vector<std::int64_t> next(static_cast<std::size_t>(B));
+  const auto tg = Clock::now();
+  for (std::int64_t g = 0; g < generate; ++g) {
+    for (std::int64_t b = 0; b < B; ++b) {
+      next[b] = ops::argmax(logits.data() + b * V, V);
+      out[b].push_back(next[b]);
+    }
+    if (g + 1 == generate) break;
+    std::vector<model::SequenceTokens> st;
+    for (std::int64_t b = 0; b < B; ++b) st.push_back({seq[b], std::span<const std::int64_t>(&next[b], 1)});
+    fo.logits = model::LogitsRows::last;
+    m.forward_batch(bs, st, View2<float>(logits.data(), {B, V}), fo);
+  }
+  const double gs = std::chrono::duration<double>(Clock::now() - tg).count();
+  for (std::int64_t b = 0; b < std::min<std::int64_t>(B, 4); ++b) {
+    std::printf("generated[%lld]:", (long long)b);
+    for (auto id : out[b]) std::printf(" %lld", (long long)id);
+    std::printf("\n");
+  }
+  if (B > 4) std::printf("generated[4..%lld]: not shown\n", (long long)B - 1);
+  if (generate > 1)
+    std::printf("decode: %.1f tok/s (%lld tokens in %.3f s, %lld sequences per step)\n", B * (generate - 1) / gs,
+                (long long)(B * (generate - 1)), gs, (long long)B);
+  std::printf("pages: %lld in use after prefill, %lld now, of %lld (%lld tokens each)\n", (long long)pages_after_prefill,
+              (long long)bs.pages_in_use(), (long long)bs.pool_pages(), (long long)page_size);
+}
+
 int main(int argc, char** argv) {
   std::string model_dir, random_name, dtype = "bf16", ids_arg, ids_from, logits_out, trace_out, plot_out, loop_mode;
   std::string attnres_mode, attnres_form;
@@ -414,7 +504,7 @@ int main(int argc, char** argv) {
   std::int64_t plot_layer = -1;
   std::int64_t loop_window = 0;
   bool allow_unused = false;
-  std::int64_t prompt_len = -1, generate = -1, chunk = 0, seed = 0;
+  std::int64_t prompt_len = -1, generate = -1, chunk = 0, seed = 0, batch = 0, page_size = 0;
   int threads = 0;
   bool decode = false, ids_given = false, allow_long = false;
   std::uint64_t max_memory = 0;
@@ -518,6 +608,8 @@ int main(int argc, char** argv) {
     else if (a == "--allow-unused") allow_unused = true;
     else if (a == "--decode") decode = true;
     else if (a == "--chunk") chunk = parse_int(value(), "--chunk", 1, kMaxTokens);
+    else if (a == "--batch") batch = parse_int(value(), "--batch", 1, 1 << 16);
+    else if (a == "--page-size") page_size = parse_int(value(), "--page-size", 1, 1 << 20);
     else if (a == "--generate") generate = parse_int(value(), "--generate", 0, kMaxTokens);
     else if (a == "--threads") threads = static_cast<int>(parse_int(value(), "--threads", 1, 4096));
     else if (a == "--precision") {
@@ -538,6 +630,10 @@ int main(int argc, char** argv) {
     die("give at most one of --ids, --ids-from, --prompt-len");
   if (decode && chunk > 0) die("--decode and --chunk exclude each other");
   if (plot_layer >= 0 && plot_out.empty()) die("--plot-layer needs --plot");
+  if (page_size > 0 && batch == 0) die("--page-size needs --batch");
+  if (page_size > 0 && (page_size & (page_size - 1)) != 0) die("--page-size: must be a power of two, got " + std::to_string(page_size));
+  if (batch > 0 && (!logits_out.empty() || !trace_out.empty() || !plot_out.empty()))
+    die("--batch runs many sequences: --logits-out, --trace-out and --plot record one (run without --batch)");
   if (!model_dir.empty() && (!loop_mode.empty() || loop_window > 0 || !attnres_mode.empty() || !attnres_form.empty() || loops > 0))
     die("--loop-mode, --loop-window, --attnres-mode, --attnres-form and --loops shape random models; a checkpoint runs as "
         "its config.json says");
@@ -548,8 +644,8 @@ int main(int argc, char** argv) {
       die("--ids, --ids-from and --prompt-len give token ids; a text prompt (--prompt, --prompt-file, --interactive) "
           "excludes them");
     if (generate >= 0) die("--generate counts greedy ids; with a text prompt use --max-tokens N");
-    if (decode || !logits_out.empty() || !trace_out.empty() || !plot_out.empty())
-      die("--decode, --logits-out, --trace-out and --plot run on token ids, not with a text prompt");
+    if (decode || batch > 0 || !logits_out.empty() || !trace_out.empty() || !plot_out.empty())
+      die("--decode, --batch, --logits-out, --trace-out and --plot run on token ids, not with a text prompt");
     if (!ta.chat && (ta.system || ta.no_think)) die("--system and --no-think shape the chat template: add --chat");
     if (!ta.prompt_file.empty()) {
       std::ifstream in(ta.prompt_file, std::ios::binary);
@@ -670,6 +766,14 @@ int main(int argc, char** argv) {
       std::uniform_int_distribution<std::int64_t> tok(0, c.vocab_size - 1);
       ids.resize(static_cast<std::size_t>(T));
       for (auto& t : ids) t = tok(gen);
+    }
+
+    if (batch > 0) {
+      so.reserve_tokens = 0;
+      run_batch(m, batch, ids_given || !ids_from.empty() ? ids : std::vector<std::int64_t>{}, T, std::max<std::int64_t>(generate, 0),
+                decode ? 1 : chunk, page_size > 0 ? page_size : 16, static_cast<std::uint64_t>(seed), so, limits, precision,
+                exit_rule);
+      return 0;
     }
 
     // ---- run

@@ -120,7 +120,9 @@ TEST_CASE("a batch session runs a looped stack, each pass with its own pages", "
 }
 
 TEST_CASE("forks share a prompt's pages and copy the last one on write", "[model][batch]") {
-  const auto cfg = io::Qwen3Config::from_json(tiny_json(false), "test");
+  const bool sliding = GENERATE(false, true);  // sliding layers: their rings are copied
+  CAPTURE(sliding);
+  const auto cfg = io::Qwen3Config::from_json(tiny_json(sliding), "test");
   const auto m = model::Qwen3Model::random(cfg, model::WeightType::bf16, 3);
   const std::int64_t V = cfg.vocab_size;
   model::SessionOptions so;
@@ -139,7 +141,8 @@ TEST_CASE("forks share a prompt's pages and copy the last one on write", "[model
   CHECK(bs.position(b) == 21);
   CHECK(bs.pages_in_use() == 3);  // stored once
   CHECK(bs.pages(b) == bs.pages(a));
-  // Each continues with its own token: two of the three copy the shared last page first.
+  // Each continues with its own token: two of the three copy the shared last page first
+  // (and, with sliding layers, each writes its own copy of the rings).
   const std::int64_t next[3] = {5, 17, 101};
   const model::SequenceTokens step[] = {{a, std::span(next + 0, 1)}, {b, std::span(next + 1, 1)}, {c, std::span(next + 2, 1)}};
   test::poison(lg);
@@ -198,11 +201,42 @@ TEST_CASE("batch sessions refuse bad steps before anything changes", "[model][ba
   CHECK_FALSE(bs.broken(s));
   m.forward_batch(bs, ok, two, last);  // and the session still works
   CHECK(bs.position(t) == 3);
-  // Sliding layers keep a ring per sequence, which cannot be copied: fork says so.
+  // Sliding layers keep a ring per sequence (copied by a fork); full attention is paged.
   CHECK_FALSE(bs.layer_paged(0));
   CHECK(bs.layer_paged(1));
-  CHECK_THROWS_WITH(bs.fork(s), Contains("token mixer 'sliding_attention': its per-sequence state cannot be copied"));
+  CHECK(bs.position(bs.fork(t)) == 3);
   CHECK_THROWS_WITH(bs.remove(9), Contains("BatchSession::remove: argument 'sequence': no sequence 9"));
   const auto other = model::Qwen3Model::random(cfg, model::WeightType::f32, 2);
   CHECK_THROWS_WITH(other.forward_batch(bs, ok, two, last), Contains("'session': made by another model"));
+}
+
+namespace {
+// A mixer whose state cannot be copied (MixerState's default clone): out = x.
+struct CopyMixer final : model::TokenMixer {
+  std::string kind() const override { return "copy"; }
+  std::unique_ptr<model::MixerState> new_state(const model::SessionOptions&) const override {
+    return std::make_unique<model::MixerState>();
+  }
+  void forward(ConstView2<float> x, View2<float> out, model::MixerState&, const model::StepContext&) const override {
+    for (std::int64_t t = 0; t < x.shape[0]; ++t)
+      for (std::int64_t i = 0; i < x.shape[1]; ++i) out(t, i) = x(t, i);
+  }
+  std::size_t weight_bytes() const override { return 0; }
+};
+}  // namespace
+
+TEST_CASE("a custom mixer runs per sequence in a batch step; a state that cannot be copied refuses a fork",
+          "[model][batch][errors]") {
+  const auto cfg = io::Qwen3Config::from_json(tiny_json(false), "test");
+  model::MixerRegistry reg;
+  reg.add("full_attention", [](const model::BuildContext&, int) { return std::make_unique<CopyMixer>(); });
+  model::RandomSource rnd(model::WeightType::f32, 3);
+  const auto m = model::Qwen3Model::build(cfg, rnd, reg);
+  std::vector<std::vector<std::int64_t>> ids = {random_ids(7, cfg.vocab_size, 1), random_ids(4, cfg.vocab_size, 2)};
+  const auto got = batch_logits(m, ids, {{3, 4}, {4, 0}}, {}, 16, 0);
+  for (std::size_t i = 0; i < ids.size(); ++i) CHECK(test::rel_l2(got[i], session_logits(m, ids[i], {})) <= 2e-6);
+  auto bs = m.new_batch_session({}, {});
+  const std::int64_t s = bs.add();
+  CHECK_FALSE(bs.layer_paged(0));
+  CHECK_THROWS_WITH(bs.fork(s), Contains("token mixer 'copy': its per-sequence state cannot be copied"));
 }

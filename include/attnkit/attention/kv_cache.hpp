@@ -19,7 +19,7 @@
 // anything is written). An int8 cache's keys()/values() are QuantView3 (codes [size, H_kv, d]
 // with the same strides as above, scales [size, H_kv] with strides {1, capacity}, head-major
 // too), and the ring's copy_recent() writes dequantised f32 rows. Buffers are 64-byte aligned
-// (int8 capacities are multiples of 64 tokens). Both classes are movable, not copyable.
+// (int8 capacities are multiples of 64 tokens). Both classes are movable, and copyable (a deep copy).
 #pragma once
 
 #include <algorithm>
@@ -64,6 +64,14 @@ template <class T>
 inline void store_row(const float* src, T* dst, std::int64_t n) {
   if constexpr (std::is_same_v<T, bf16>) simd::to_bf16(src, dst, n);
   else std::copy(src, src + n, dst);
+}
+
+// A deep copy of the first n elements of a (a cache's copy: a batch session's fork).
+template <class T>
+AlignedArray<T> copy_array(const AlignedArray<T>& a, std::int64_t n) {
+  AlignedArray<T> c = aligned_array<T>(n);
+  if (n > 0) std::copy(a.get(), a.get() + n, c.get());
+  return c;
 }
 
 template <class T>
@@ -142,6 +150,14 @@ class KVCache {
     detail::kv::check_dims("KVCache", kv_heads, head_dim_k, head_dim_v);
     ATTNKIT_REQUIRE(reserve_tokens >= 0, "KVCache: argument 'reserve_tokens': must be >= 0, got ", reserve_tokens);
     reserve(reserve_tokens);
+  }
+  // A deep copy (the same tokens, capacity and layout; checked against the memory limit).
+  KVCache(const KVCache& o) : h_(o.h_), dk_(o.dk_), dv_(o.dv_), size_(o.size_), cap_(o.cap_) {
+    require_memory(detail::kv::bytes<T>(h_, cap_, dk_, dv_), detail::kv::what<T>("KVCache copy", cap_, h_, dk_, dv_));
+    k_ = detail::kv::copy_array(o.k_, h_ * cap_ * dk_);
+    v_ = detail::kv::copy_array(o.v_, h_ * cap_ * dv_);
+    ks_ = detail::kv::copy_array(o.ks_, detail::kv::is_quant_v<T> ? h_ * cap_ : 0);
+    vs_ = detail::kv::copy_array(o.vs_, detail::kv::is_quant_v<T> ? h_ * cap_ : 0);
   }
   KVCache(KVCache&&) noexcept = default;
   KVCache& operator=(KVCache&&) noexcept = default;
@@ -244,6 +260,14 @@ class RingKVCache {
     v_ = detail::kv::aligned_array<T>(h_ * ws_ * dv_);
     ks_ = detail::kv::aligned_array<float>(quant ? h_ * ws_ : 0);
     vs_ = detail::kv::aligned_array<float>(quant ? h_ * ws_ : 0);
+  }
+  // A deep copy (the same slots and positions; checked against the memory limit).
+  RingKVCache(const RingKVCache& o) : h_(o.h_), dk_(o.dk_), dv_(o.dv_), w_(o.w_), ws_(o.ws_), total_(o.total_) {
+    require_memory(detail::kv::bytes<T>(h_, ws_, dk_, dv_), detail::kv::what<T>("RingKVCache copy", ws_, h_, dk_, dv_));
+    k_ = detail::kv::copy_array(o.k_, h_ * ws_ * dk_);
+    v_ = detail::kv::copy_array(o.v_, h_ * ws_ * dv_);
+    ks_ = detail::kv::copy_array(o.ks_, detail::kv::is_quant_v<T> ? h_ * ws_ : 0);
+    vs_ = detail::kv::copy_array(o.vs_, detail::kv::is_quant_v<T> ? h_ * ws_ : 0);
   }
   RingKVCache(RingKVCache&&) noexcept = default;
   RingKVCache& operator=(RingKVCache&&) noexcept = default;

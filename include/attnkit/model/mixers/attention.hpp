@@ -125,6 +125,7 @@ class Qwen3Attention final : public TokenMixer {
  private:
   struct State final : MixerState {
     std::vector<AttentionCache> caches;  // one per pass
+    std::unique_ptr<MixerState> clone(const std::string&) const override { return std::make_unique<State>(*this); }
   };
   std::int64_t window_;
   std::vector<std::int64_t> windows_;  // per pass

@@ -123,6 +123,7 @@ class LoopAttention final : public TokenMixer {
   struct State final : MixerState {
     std::vector<AttentionCache> global;  // stack: [K1/V1]; layer: one full cache per pass
     std::vector<AttentionCache> local;   // stack: ring of W per looping pass
+    std::unique_ptr<MixerState> clone(const std::string&) const override { return std::make_unique<State>(*this); }
   };
 
   ConstView2<float> gate_w() const { return ConstView2<float>(gate_w_.data(), {proj_.heads(), proj_.head_dim()}); }

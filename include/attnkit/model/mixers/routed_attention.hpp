@@ -148,6 +148,7 @@ class RoutedAttention final : public TokenMixer {
  private:
   struct State final : MixerState {
     std::vector<AttentionCache> caches;  // one per pass
+    std::unique_ptr<MixerState> clone(const std::string&) const override { return std::make_unique<State>(*this); }
   };
   RouteOptions route_;
   int passes_;

@@ -220,6 +220,7 @@ class SparseAttention final : public TokenMixer {
       std::vector<float> index_k;  // [tokens, d_I]: LayerNorm'd, RoPE'd index keys
     };
     std::vector<Pass> passes;  // one per pass
+    std::unique_ptr<MixerState> clone(const std::string&) const override { return std::make_unique<State>(*this); }
   };
 
   // y = (x - mean) / sqrt(var + eps) · w + b over d_I values (biased variance, double sums).

@@ -158,6 +158,7 @@ class TuneableAttention final : public TokenMixer {
  private:
   struct State final : MixerState {
     std::vector<AttentionCache> caches;  // one per pass
+    std::unique_ptr<MixerState> clone(const std::string&) const override { return std::make_unique<State>(*this); }
   };
 
   // y [r] = x [d] · U.
