@@ -104,7 +104,8 @@ struct Shape {
 std::vector<Shape> test_shapes(Rng& rng) {
   std::vector<Shape> s = {
       {1, 1, 1},     {9, 17, 1},   {8, 48, 64},  {1, 200, 700}, {3, 33, 257},
-      {17, 95, 31},  {70, 49, 130}, {300, 50, 301},  // 300 tokens: two token chunks, three K blocks
+      {17, 95, 31},  {16, 70, 700}, {12, 33, 257},  // 9..16 tokens: two register tiles streaming K
+      {70, 49, 130}, {300, 50, 301},  // 300 tokens: two token chunks, three K blocks
   };
 #if !defined(ATTNKIT_SANITIZED)
   s.push_back({257, 130, 1000});

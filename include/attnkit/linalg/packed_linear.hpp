@@ -354,9 +354,11 @@ class PackedLinear {
     const std::int64_t MC = std::min<std::int64_t>(L::kMC, T);
     const std::int64_t ldr = (K + 15) / 16 * 16;  // rounded-activation row stride
     float* xr = exact ? nullptr : L::activation_scratch(static_cast<std::size_t>(MC * ldr));
-    // A single token tile cannot reuse weights: widen them in registers, streaming all of K.
-    // Otherwise widen a K block of a strip once into an f32 panel and reuse it for all tiles.
-    const bool single_tile = T <= L::kMR;
+    // One or two token tiles (decode, a small batch of sequences): widen the weights in
+    // registers, streaming all of K per tile (a second tile re-reads its strip from L2; measured,
+    // model decode of 16 sequences: 1.8x faster than the panel). Otherwise widen a K block of a
+    // strip once into an f32 panel and reuse it for all tiles.
+    const bool single_tile = T <= 2 * L::kMR;
     const std::int64_t KCP = L::kKC / 2;
     const std::uint32_t* W = static_cast<const std::uint32_t*>(data_.get());
     const std::int64_t ldw = kpairs_ * kBlock;
