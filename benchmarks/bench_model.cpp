@@ -227,9 +227,11 @@ void BM_model_decode(benchmark::State& state, model::CacheType kv, std::string v
 // Batched decode (model/batch_session.hpp): B sequences continue one 512-token prompt
 // (prefilled once, untimed, and forked B ways: the prompt's pages are shared, each sequence
 // writes its own), one decode token each per step. Each iteration times one step of the B
-// sequences and, alternately, one step of a single forked sequence in the same session: tok_s
-// is the aggregate B / step time, x_B1 = B x median(single step time / batch step time), the
-// aggregate speed against B = 1 (the weights are read once per step for all B). GBps counts the
+// sequences and, alternately, one step of a single forked sequence in the same session and one
+// step of a plain Session (DecodeStream, the same prompt length and cache type): tok_s is the
+// aggregate B / step time, x_B1 = B x median(single step time / batch step time), the aggregate
+// speed against B = 1 (the weights are read once per step for all B), x_session the same
+// against the plain Session's decode (at B = 1: what batching costs one sequence). GBps counts the
 // weight bytes once per step (the KV pages add 2 x context x layers x H_kv x d x 2 bytes per
 // sequence); bw_frac = that / the measured DRAM read bandwidth.
 struct BatchDecode {
@@ -275,12 +277,15 @@ void BM_model_batch_decode(benchmark::State& state) {
   };
   step(seqs, next);  // untimed: the first step copies the shared last page of every fork
   step(one, next1);
-  bench::Paired pairs;
+  static DecodeStream session(m, model::CacheType::bf16, 512, threads);
+  bench::Paired pairs, vs_session;
   double total = 0;
   for (auto _ : state) {
     const double single = step(one, next1);
+    const double plain = session.step();
     const double s = step(seqs, next);
     pairs.add(s, single);
+    vs_session.add(s, plain);
     state.SetIterationTime(s);
     total += s;
   }
@@ -289,6 +294,7 @@ void BM_model_batch_decode(benchmark::State& state) {
   const double iters = static_cast<double>(state.iterations());
   state.counters["tok_s"] = static_cast<double>(B) * iters / total;
   state.counters["x_B1"] = static_cast<double>(B) * pairs.speed_ratio();
+  state.counters["x_session"] = static_cast<double>(B) * vs_session.speed_ratio();
   const double gbps = static_cast<double>(m.streamed_bytes_per_token()) * iters / total / 1e9;
   state.counters["GBps"] = gbps;
   state.counters["bw_frac"] = gbps / bench::roofline().read_gbps;
