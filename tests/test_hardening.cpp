@@ -137,6 +137,39 @@ TEST_CASE("a session whose step failed refuses further steps until rewound", "[h
   CHECK_THROWS_WITH(m.forward(s, ids, View2<float>(logits.data(), {20, V})), Catch::Contains("broken"));
 }
 
+TEST_CASE("a batch step that fails breaks its own sequences only", "[hardening][fault][batch]") {
+  const auto m = build(tiny_config());
+  const std::int64_t V = m.config().vocab_size;
+  const auto ids = ids_of(20, V, 3);
+  std::vector<float> logits(static_cast<std::size_t>(3 * V));
+  auto bs = m.new_batch_session({}, {});
+  const std::int64_t a = bs.add(), b = bs.add(), c = bs.add();
+  model::ForwardOptions fo;
+  fo.logits = model::LogitsRows::last;
+  const model::SequenceTokens first[] = {{c, ids}};
+  m.forward_batch(bs, first, View2<float>(logits.data(), {1, V}), fo);
+  const model::SequenceTokens step[] = {{a, ids}, {b, ids}};
+  {
+    Disarm guard;
+    fault::arm("prefill", 1);
+    CHECK_THROWS_AS(m.forward_batch(bs, step, View2<float>(logits.data(), {2, V}), fo), fault::Injected);
+  }
+  CHECK(bs.broken(a));
+  CHECK(bs.broken(b));
+  CHECK_FALSE(bs.broken(c));
+  CHECK(bs.position(a) == 0);
+  CHECK_THROWS_WITH(m.forward_batch(bs, step, View2<float>(logits.data(), {2, V}), fo), Catch::Contains("broken"));
+  CHECK_THROWS_WITH(bs.fork(a), Catch::Contains("broken"));
+  // The untouched sequence goes on; the broken ones are removed and their pages come back.
+  const std::int64_t next = 5;
+  const model::SequenceTokens go[] = {{c, std::span<const std::int64_t>(&next, 1)}};
+  m.forward_batch(bs, go, View2<float>(logits.data(), {1, V}), fo);
+  CHECK(bs.position(c) == 21);
+  bs.remove(a);
+  bs.remove(b);
+  CHECK(bs.pages_in_use() == static_cast<std::int64_t>(bs.pages(c).size()));
+}
+
 TEST_CASE("sessions refuse more memory than their limit, naming the sizes, before allocating", "[hardening][memory]") {
   const auto m = build(tiny_config());
   const std::int64_t V = m.config().vocab_size;
