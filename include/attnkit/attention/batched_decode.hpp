@@ -13,10 +13,10 @@
 //   Design: decode.hpp's kernel, unchanged. Each sequence's keys are split into chunks of
 //   opt.kv_chunk keys (default max(512, P); it must be a multiple of P, so a chunk is a run of
 //   whole pages), and a work item (sequence b, KV head j, chunk c) streams each K and V row of
-//   the chunk once for all G query heads sharing KV head j, through row accessors that map a
-//   position to its page slot (a block of 32 keys inside one page is a strided run; with
-//   P < 32 the block's row addresses are listed). The next block's rows are prefetched (pages
-//   are scattered, so the hardware prefetcher loses the stream at every page). Items of all
+//   the chunk once for all G query heads sharing KV head j, through the row addresses of each
+//   block of 32 keys, listed from the page table; each row access also prefetches the same row
+//   of the next block (PrefetchingRows, decode.hpp): pages are scattered, so the hardware
+//   prefetcher loses the stream at every page. Items of all
 //   sequences go to the threads together (dynamic schedule); then each (sequence, head) merges
 //   its chunk states in chunk order. So results are bit-identical for any thread count, and
 //   bit-identical to attention_decode on a contiguous copy of each sequence's keys with the
@@ -67,14 +67,6 @@ namespace attnkit {
 namespace detail::paged {
 
 struct PartialScratch;
-
-// The next block's rows (pages are scattered: the hardware prefetcher cannot follow them).
-template <class KV>
-inline void prefetch_row(const KV* p, std::int64_t elems) {
-  const char* c = reinterpret_cast<const char*>(p);
-  const std::int64_t bytes = elems * static_cast<std::int64_t>(sizeof(KV));
-  for (std::int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
-}
 
 template <class KV>
 void check_decode(const char* fn, ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& table,
@@ -132,7 +124,6 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
   const std::int64_t n_items = n_heads * n_chunks;
   float* part = thread_scratch<PartialScratch>().get(std::max<std::int64_t>(n_chunks, 1) * H * (pb.dv_pad + 1));
   float* part_lse = part + n_chunks * H * pb.dv_pad;
-  const std::int64_t k_tok = cache.k.stride[1], v_tok = cache.v.stride[1];
 
   // Item i: sequence-major, then KV head, then chunk (consecutive items continue one stream).
   parallel_for(n_items, opt.num_threads, [&](std::int64_t item) {
@@ -144,29 +135,32 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
     const ConstView2<float> qb(q.ptr(b), {H, dk}, {q.stride[1], 1});
     const auto k_row = [&](std::int64_t s) { return cache.k.ptr(table.page(b, s, shift), s & slot_mask, j); };
     const auto v_row = [&](std::int64_t s) { return cache.v.ptr(table.page(b, s, shift), s & slot_mask, j); };
-    const auto prefetch = [&](std::int64_t s0, std::int64_t s1) {
-      for (std::int64_t s = s0; s < s1; ++s) {
-        prefetch_row(k_row(s), dk);
-        prefetch_row(v_row(s), dv);
-      }
-    };
     chunk_state_rows<Vectorized, KV>(
         pb, qb, j, g0, g1, part + (gc * H + j * G) * pb.dv_pad, part_lse + gc * H + j * G, nullptr,
         NoScoreTransform{}, QuantScales{}, [&](const auto& block) {
-          for (std::int64_t s = t0; s < t1; s += kBlock) {
-            const int n = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - s));
-            prefetch(std::min(s + kBlock, t1), std::min(s + 2 * kBlock, t1));
-            if (P >= kBlock) {  // t0 and s - t0 are multiples of kBlock: the block is inside one page
-              block(StridedRows<KV>{k_row(s), k_tok}, StridedRows<KV>{v_row(s), v_tok}, n, s);
-            } else {
-              const KV* kr[kBlock];
-              const KV* vr[kBlock];
-              for (int i = 0; i < n; ++i) {
-                kr[i] = k_row(s + i);
-                vr[i] = v_row(s + i);
-              }
-              block(PtrRows<KV>{kr}, PtrRows<KV>{vr}, n, s);
+          // The next block's rows are prefetched a row per access, spread over this block's
+          // compute (PrefetchingRows); its row addresses are listed once and become the
+          // current block's on the next step.
+          const KV* rows[2][2][kBlock];  // [step parity][K, V][row]
+          const auto list = [&](int par, std::int64_t s) {
+            const std::int64_t n = std::min<std::int64_t>(kBlock, t1 - s);
+            for (int i = 0; i < n; ++i) {
+              rows[par][0][i] = k_row(s + i);
+              rows[par][1][i] = v_row(s + i);
             }
+          };
+          list(0, t0);
+          const int kl = row_lines<KV>(dk), vl = row_lines<KV>(dv);
+          int par = 0;
+          for (std::int64_t s = t0; s < t1; s += kBlock, par ^= 1) {
+            const int n = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - s));
+            const bool more = s + kBlock < t1;
+            const std::int64_t last = more ? std::min<std::int64_t>(kBlock, t1 - s - kBlock) - 1 : 0;
+            if (more) list(par ^ 1, s + kBlock);
+            using R = PrefetchingRows<PtrRows<KV>, PtrRows<KV>>;
+            const auto& next = rows[more ? par ^ 1 : par];  // no next block: no lines prefetched
+            block(R{{rows[par][0]}, {next[0]}, last, more ? kl : 0}, R{{rows[par][1]}, {next[1]}, last, more ? vl : 0},
+                  n, s);
           }
         });
   }, /*dynamic=*/true);

@@ -335,6 +335,64 @@ inline void scores_group_bf16(const Rows& k0, int n, const ItemState& st, std::i
   }
 }
 
+// Lanes 0-7 of red: head g, rows i0..i0+7; lanes 8-15: head g + 1 (stored, or added for later slice groups).
+inline void put_scores_pair(const ItemState& st, std::int64_t g, int i0, __m512 red, bool add) {
+  float* a = st.p + g * kBlock + i0;
+  float* b = st.p + (g + 1) * kBlock + i0 - 8;  // lanes 8-15
+  if (add) {
+    red = _mm512_mask_add_ps(red, 0x00ff, red, _mm512_maskz_loadu_ps(0x00ff, a));
+    red = _mm512_mask_add_ps(red, 0xff00, red, _mm512_maskz_loadu_ps(0xff00, b));
+  }
+  _mm512_mask_storeu_ps(a, 0x00ff, red);
+  _mm512_mask_storeu_ps(b, 0xff00, red);
+}
+
+// Heads g and g + 1 together, 8 rows at a time: each K pair is loaded and widened once for
+// both heads (the widening is a third of a K row's vector work when done per head). Each
+// head's products and sums are those of scores_group_bf16, in the same order (reduce16 sums
+// every vector by the same tree whatever its position), so the bits do not depend on whether
+// a head is computed alone or paired.
+template <int NP, class Rows>
+inline void scores_pair_group_bf16(const Rows& k0, int n, const ItemState& st, std::int64_t g, std::int64_t dk,
+                                   std::int64_t qs_pad, std::int64_t p0, bool add) {
+  const __mmask32 last = tail_mask32(dk - (p0 + NP - 1) * 32);
+  const float* qa = st.qs + g * qs_pad + p0 * 32;
+  const float* qb = qa + qs_pad;
+  for (int i0 = 0; i0 < n; i0 += 8) {
+    decltype(k0(0)) rows[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) rows[r] = k0(std::min(i0 + r, n - 1)) + p0 * 32;
+    __m512 acc[16];
+#pragma GCC unroll 4
+    for (int s = 0; s < NP; ++s) {
+      const __mmask32 m = s == NP - 1 ? last : __mmask32(0xffffffffu);
+      const __m512 ae = _mm512_loadu_ps(qa + s * 32), ao = _mm512_loadu_ps(qa + s * 32 + 16);
+      const __m512 be = _mm512_loadu_ps(qb + s * 32), bo = _mm512_loadu_ps(qb + s * 32 + 16);
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) {
+        __m512 ev, od;
+        load_pair(rows[r] + s * 32, m, ev, od);
+        if (s == 0) {
+          acc[r] = _mm512_fmadd_ps(ao, od, _mm512_mul_ps(ae, ev));
+          acc[8 + r] = _mm512_fmadd_ps(bo, od, _mm512_mul_ps(be, ev));
+        } else {
+          acc[r] = _mm512_fmadd_ps(ao, od, _mm512_fmadd_ps(ae, ev, acc[r]));
+          acc[8 + r] = _mm512_fmadd_ps(bo, od, _mm512_fmadd_ps(be, ev, acc[8 + r]));
+        }
+      }
+    }
+    put_scores_pair(st, g, i0, reduce16(acc), add);
+  }
+}
+
+template <int NP, class Rows>
+inline void scores_heads_bf16(const Rows& k0, int n, const ItemState& st, std::int64_t g0, std::int64_t g1,
+                              std::int64_t dk, std::int64_t qs_pad, std::int64_t p0, bool add) {
+  std::int64_t g = g0;
+  for (; g + 2 <= g1; g += 2) scores_pair_group_bf16<NP>(k0, n, st, g, dk, qs_pad, p0, add);
+  if (g < g1) scores_group_bf16<NP>(k0, n, st, g, g1, dk, qs_pad, p0, add);
+}
+
 template <class Rows>
 inline void scores_block_bf16(const Rows& k0, int n, const ItemState& st, std::int64_t g0,
                               std::int64_t g1, std::int64_t dk, std::int64_t qs_pad) {
@@ -342,10 +400,10 @@ inline void scores_block_bf16(const Rows& k0, int n, const ItemState& st, std::i
   for (std::int64_t p0 = 0; p0 < np; p0 += 4) {
     const bool add = p0 > 0;
     switch (std::min<std::int64_t>(4, np - p0)) {
-      case 1: scores_group_bf16<1>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
-      case 2: scores_group_bf16<2>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
-      case 3: scores_group_bf16<3>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
-      default: scores_group_bf16<4>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
+      case 1: scores_heads_bf16<1>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
+      case 2: scores_heads_bf16<2>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
+      case 3: scores_heads_bf16<3>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
+      default: scores_heads_bf16<4>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
     }
   }
 }
@@ -433,18 +491,7 @@ inline void permute_query_pairs(float* qs, std::int64_t qs_pad) {
 // int8, widened to f32) once for both heads: the widening, not the FMA, is what an int8 row costs. The 16 sums reduce to lanes 0-7 (head g, rows i0..i0+7) and 8-15 (head g + 1).
 // Bit-identical to scores_group for each head: the same products in the same
 // order (an FMA into 0 is the product), the same groups of 128 elements reduced and then added,
-// and reduce16 sums every vector by the same tree whatever its position.
-inline void put_scores_pair(const ItemState& st, std::int64_t g, int i0, __m512 red, bool add) {
-  float* a = st.p + g * kBlock + i0;
-  float* b = st.p + (g + 1) * kBlock + i0 - 8;  // lanes 8-15
-  if (add) {
-    red = _mm512_mask_add_ps(red, 0x00ff, red, _mm512_maskz_loadu_ps(0x00ff, a));
-    red = _mm512_mask_add_ps(red, 0xff00, red, _mm512_maskz_loadu_ps(0xff00, b));
-  }
-  _mm512_mask_storeu_ps(a, 0x00ff, red);
-  _mm512_mask_storeu_ps(b, 0xff00, red);
-}
-
+// and reduce16 sums every vector by the same tree whatever its position (put_scores_pair above).
 // f32 / int8 rows: slices [s0, s1) of 16 elements.
 template <class Rows>
 inline void scores_pair_group(const Rows& k0, int n, const ItemState& st, std::int64_t g, std::int64_t dk,
@@ -543,6 +590,31 @@ struct PtrRows {
   const KV* const* rows;
   const KV* operator()(std::int64_t i) const { return rows[i]; }
 };
+
+// Rows of the current block that, on each access to row i, also prefetch row i of the block
+// that comes next (into L1, `lines` cache lines from its start; 0: nothing to prefetch). The
+// requests are spread over the block's compute, one row per access, a block (32 rows) ahead:
+// issuing a whole block's lines at once fills the load buffer and the L1 fill buffers, so the
+// core stalls on memory and computes afterwards instead of both at once. Row i of the next
+// block is read as next(min(i, last)) (a last block may be shorter).
+template <class Rows, class NextRows>
+struct PrefetchingRows {
+  Rows rows;
+  NextRows next;
+  std::int64_t last;
+  int lines;
+  auto operator()(std::int64_t i) const {
+    const char* p = reinterpret_cast<const char*>(next(std::min(i, last)));
+    for (int l = 0; l < lines; ++l) __builtin_prefetch(p + 64 * l, 0, 3);
+    return rows(i);
+  }
+};
+
+// 64-byte lines of a row of `elems` elements.
+template <class KV>
+inline int row_lines(std::int64_t elems) {
+  return static_cast<int>((elems * static_cast<std::int64_t>(sizeof(KV)) + 63) / 64);
+}
 
 // Rows the next block will gather: a selection jumps around the cache, which the hardware
 // prefetcher cannot follow.
@@ -733,7 +805,15 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
     for (std::int64_t b = t0; b < t1; b += kBlock) {
       const int n = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - b));
       if (idx == nullptr) {
-        block(StridedRows<KV>{k.ptr(b, j), ks}, StridedRows<KV>{v.ptr(b, j), vs}, n, b);
+        // The next block's rows are prefetched a row per access (PrefetchingRows): the hardware
+        // prefetcher alone leaves the core waiting for memory at each block.
+        const std::int64_t nb = std::min(b + kBlock, t1 - 1), nn = std::max<std::int64_t>(t1 - b - kBlock, 1);
+        const bool more = b + kBlock < t1;
+        block(PrefetchingRows<StridedRows<KV>, StridedRows<KV>>{{k.ptr(b, j), ks}, {k.ptr(nb, j), ks}, nn - 1,
+                                                                more ? row_lines<KV>(pb.dk) : 0},
+              PrefetchingRows<StridedRows<KV>, StridedRows<KV>>{{v.ptr(b, j), vs}, {v.ptr(nb, j), vs}, nn - 1,
+                                                                more ? row_lines<KV>(pb.dv) : 0},
+              n, b);
       } else {
         const GatheredRows<KV> kr{k.ptr(0, j), ks, idx + b}, vr{v.ptr(0, j), vs, idx + b};
         if (prefetch_gather && b + kBlock < t1) {
