@@ -3,7 +3,7 @@
 #   cmake -B build-fuzz -G Ninja -DCMAKE_CXX_COMPILER=clang++ -DATTNKIT_BUILD_FUZZERS=ON \
 #         -DATTNKIT_BUILD_TESTS=OFF -DATTNKIT_BUILD_BENCHMARKS=OFF -DATTNKIT_BUILD_EXAMPLES=OFF
 #   ninja -C build-fuzz
-#   fuzz/run.sh build-fuzz 60                       # CI runs 15 s per target
+#   fuzz/run.sh build-fuzz 60                       # CI runs 10 s per target
 #   fuzz/run.sh build-fuzz 600                      # a deeper run: 10 minutes per target
 #   ATTNKIT_FUZZ_TARGETS="recipes op_input" fuzz/run.sh build-fuzz 600   # some targets only
 # Targets: safetensors, config, recipes (every model type's config; small ones built and run),

@@ -182,6 +182,56 @@ void check_decode(std::uint64_t seed, std::int64_t P, std::int64_t H, std::int64
       CHECK(test::bit_equal(lse, first_lse));
     }
   }
+  // A sliding window: each sequence sees its last W keys. Table entries of pages wholly below
+  // a window point at a page no sequence uses, filled with NaN (as an engine may free those
+  // pages and reuse the entries): they must never be read.
+  const std::int64_t W = rng.integer(1, 700);
+  CAPTURE(W);
+  std::int32_t nan_page = 0;
+  while (std::count(bt.indices.begin(), bt.indices.end(), nan_page) != 0) ++nan_page;  // make_batch leaves spares
+  std::vector<std::int32_t> cut = bt.indices;
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t pg = 0; pg < std::max<std::int64_t>(0, bt.lengths[b] - W) / P; ++pg) cut[bt.indptr[b] + pg] = nan_page;
+  std::vector<KV> kcopy, vcopy;  // the pool's pages, NHD, nan_page NaN
+  {
+    const std::int64_t N = bt.pool.num_pages();
+    const KV nan = KV(std::numeric_limits<float>::quiet_NaN());
+    kcopy.resize(static_cast<std::size_t>(N * P * Hk * dk));
+    vcopy.resize(static_cast<std::size_t>(N * P * Hk * dv));
+    for (std::int64_t pg = 0; pg < N; ++pg)
+      for (std::int64_t r = 0; r < P; ++r)
+        for (std::int64_t h = 0; h < Hk; ++h) {
+          KV* kd = kcopy.data() + ((pg * P + r) * Hk + h) * dk;
+          KV* vd = vcopy.data() + ((pg * P + r) * Hk + h) * dv;
+          if (pg == nan_page) {
+            std::fill(kd, kd + dk, nan);
+            std::fill(vd, vd + dv, nan);
+          } else {
+            std::copy_n(cache.k.ptr(pg, r, h), dk, kd);
+            std::copy_n(cache.v.ptr(pg, r, h), dv, vd);
+          }
+        }
+  }
+  const std::int64_t N = bt.pool.num_pages();
+  const PagedKV<KV> wc{ConstView4<KV>(kcopy.data(), {N, P, Hk, dk}), ConstView4<KV>(vcopy.data(), {N, P, Hk, dv})};
+  const PageTable wt{bt.indptr, cut, bt.lengths};
+  std::vector<float> w1(static_cast<std::size_t>(B * H * dv)), w2(w1.size()), wl(static_cast<std::size_t>(B * H));
+  for (int threads : {1, 2}) {
+    auto& o = threads == 1 ? w1 : w2;
+    test::poison(o);
+    opt.num_threads = threads;
+    attention_decode_paged<KV>(ConstView3<float>(q.data(), {B, H, dk}), wc, wt, View3<float>(o.data(), {B, H, dv}), opt,
+                               View2<float>(wl.data(), {B, H}), W);
+  }
+  CHECK(test::bit_equal(w1, w2));
+  for (std::int64_t b = 0; b < B; ++b) {
+    CAPTURE(b);
+    const std::int64_t L = bt.lengths[b];
+    const std::vector<float> qb(q.begin() + b * H * dk, q.begin() + (b + 1) * H * dk);
+    const auto ref = test::reference_decode(qb, bt.k[b], bt.v[b], L, H, Hk, dk, dv, 1.0 / std::sqrt(double(dk)),
+                                            std::max<std::int64_t>(0, L - W));
+    CHECK(rel_l2(std::vector<float>(w2.begin() + b * H * dv, w2.begin() + (b + 1) * H * dv), ref.out) <= 1e-5);
+  }
 }
 
 template <class KV, class Mask>

@@ -2,7 +2,8 @@
 // Qwen3_5ForCausalLM, float64 eager) in prefill, decode and uneven chunks; the Qwen3-Next fused
 // and fla weight layouts (the fixture's weights rewritten) give the same logits; a looped hybrid;
 // Gated DeltaNet and attention-gate traces; partial rotary and rope_parameters keys in the config;
-// configuration and checkpoint errors.
+// configuration and checkpoint errors; and LT2 looped hybrids with sparse attention, at the end of
+// the file.
 #include <catch2/catch.hpp>
 
 #include <cmath>
@@ -374,4 +375,409 @@ TEST_CASE("qwen3.5 hybrid: configuration and checkpoint errors name the field or
   c = cfg;
   c["attn_output_gate"] = false;  // then q_proj has no gate rows
   REQUIRE_THROWS_WITH(load_with(c), Contains("model.layers.3.self_attn.q_proj.weight"));
+}
+
+// ================================================================================================
+// LT2 looped hybrids and sparse attention layers (kept in this translation unit: each model test
+// TU instantiates the whole library, about 70 s of compile time per TU in each CI build)
+// ================================================================================================
+
+// LT2 looped hybrids (spec §9.2) and DeepSeek sparse attention as a model mixer (spec §8): random
+// tiny models against a float64 reference forward of the definitions (tests/reference/lt2_ref.hpp:
+// embedding, loops × layers of Gated DeltaNet / full / window / sparse attention, final norm, head)
+// with top-k smaller than the sequence so the indexer really prunes; prefill = uneven chunks =
+// token-by-token decode; top-k ≥ T gives full attention; the topk_indices trace; the named 1.3B
+// plans; configuration errors naming the field.
+#include <catch2/catch.hpp>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "attnkit/model/qwen3.hpp"
+#include "attnkit/viz/trace_plot.hpp"
+#include "model_test_util.hpp"
+#include "reference/lt2_ref.hpp"
+#include "test_util.hpp"
+
+using namespace attnkit;
+using namespace attnkit::test;
+using Catch::Contains;
+
+namespace {
+
+// A tiny LT2 config with odd sizes: hidden 48, 6 q / 2 kv heads of 8, intermediate 40, vocab 97,
+// Gated DeltaNet 2 key / 4 value heads (d_k 8, d_v 6, conv 3), indexer 3 heads of 10 (rope 4).
+nlohmann::json tiny(int loops = 2) {
+  return {{"model_type", "lt2"}, {"vocab_size", 97}, {"hidden_size", 48}, {"intermediate_size", 40},
+          {"num_hidden_layers", 5}, {"num_attention_heads", 6}, {"num_key_value_heads", 2}, {"head_dim", 8},
+          {"rope_parameters", {{"rope_theta", 1e4}, {"rope_type", "default"}}}, {"tie_word_embeddings", false},
+          {"rms_norm_eps", 1e-6}, {"loop_count", loops},
+          {"linear_num_key_heads", 2}, {"linear_num_value_heads", 4}, {"linear_key_head_dim", 8},
+          {"linear_value_head_dim", 6}, {"linear_conv_kernel_dim", 3}};
+}
+void add_index(nlohmann::json& j, std::int64_t topk) {
+  j["index_n_heads"] = 3;
+  j["index_head_dim"] = 10;
+  j["index_topk"] = topk;
+  j["index_rope_dim"] = 4;
+}
+
+
+// RandomSource, except that the indexer's LayerNorm gets a random weight (1 + u) and bias (u) instead
+// of ones and zeros, so the test sees both.
+class IndexerNormSource final : public model::TensorSource {
+ public:
+  explicit IndexerNormSource(model::RandomSource inner) : inner_(inner) {}
+  bool contains(const std::string& n) const override { return inner_.contains(n); }
+  model::HostTensor get(const std::string& n, const std::vector<std::int64_t>& shape) const override {
+    const bool w = ends_with(n, "indexer.k_norm.weight"), b = ends_with(n, "indexer.k_norm.bias");
+    if (!w && !b) return inner_.get(n, shape);
+    model::HostTensor h;
+    h.shape = shape;
+    h.type = model::WeightType::f32;
+    h.owned_f32 = inner_.get(n + ".random", shape).to_f32();
+    if (w)
+      for (auto& x : h.owned_f32) x += 1.f;
+    h.data = h.owned_f32.data();
+    return h;
+  }
+  std::string describe() const override { return inner_.describe() + " (random indexer norms)"; }
+
+ private:
+  static bool ends_with(const std::string& s, const std::string& e) {
+    return s.size() >= e.size() && s.compare(s.size() - e.size(), e.size(), e) == 0;
+  }
+  model::RandomSource inner_;
+};
+
+// Random weights of stddev 0.08 (larger than the default 0.02, so attention is far from uniform and
+// which keys the indexer keeps matters).
+struct Built {
+  io::Qwen3Config config;
+  IndexerNormSource source;
+  model::Qwen3Model model;
+};
+Built build(const nlohmann::json& j, model::WeightType type = model::WeightType::f32, std::uint64_t seed = 11) {
+  io::Qwen3Config c = builtin_registry().parse_config(j, "lt2-test.json");
+  IndexerNormSource src(model::RandomSource(type, seed, 0.08f));
+  model::LoadOptions lo;
+  lo.registry = &builtin_registry();
+  auto m = model::Qwen3Model::compose(c, src, lo);
+  return {c, src, std::move(m)};
+}
+
+ref::Lt2RefSettings settings_of(const nlohmann::json& j, std::vector<std::string> kinds) {
+  ref::Lt2RefSettings s;
+  s.loops = j.value("loop_count", 4);
+  s.kinds = std::move(kinds);
+  s.gated_attn = j.value("gated_attn", false);
+  s.window = j.value("default_sliding_window", 0);
+  s.gdn_key_heads = j["linear_num_key_heads"];
+  s.gdn_value_heads = j["linear_num_value_heads"];
+  s.gdn_key_dim = j["linear_key_head_dim"];
+  s.gdn_value_dim = j["linear_value_head_dim"];
+  s.gdn_conv = j["linear_conv_kernel_dim"];
+  s.index_heads = j.value("index_n_heads", 0);
+  s.index_dim = j.value("index_head_dim", 0);
+  s.index_topk = j.value("index_topk", 0);
+  s.index_rope_dim = j.value("index_rope_dim", s.index_dim);
+  return s;
+}
+
+// Our logits (prefill, chunks, decode) against the float64 reference; returns the reference output.
+ref::Lt2RefOutput check_against_reference(const std::string& what, const nlohmann::json& j,
+                                          const std::vector<std::string>& kinds, std::int64_t T = 37) {
+  const Built b = build(j);
+  REQUIRE(b.model.recipe() == "lt2");
+  for (std::size_t l = 0; l < kinds.size(); ++l) {
+    const std::string k = b.model.mixer(static_cast<int>(l)).kind();
+    const std::string want = kinds[l] == "gdn" ? "linear_attention" : kinds[l] == "full" ? "full_attention"
+                             : kinds[l] == "window"                    ? "sliding_attention"
+                                                                       : "sparse_attention";
+    CHECK(k == want);
+  }
+  const auto ids = random_ids(T, b.config.vocab_size, 5);
+  const ref::Lt2RefWeights w = ref::load_lt2_ref(b.source, b.config, settings_of(j, kinds));
+  const ref::Lt2RefOutput r = ref::lt2_ref_forward(w, ids);
+  const std::vector<double> want(r.logits.data(), r.logits.data() + r.logits.size());
+  const Run prefill = run(b.model, ids);
+  const double err = test::rel_l2(prefill.logits, want);
+  std::printf("%s: prefill vs float64 reference: relative L2 %.3g (selection margin %.3g)\n", what.c_str(), err,
+              r.min_margin);
+  CHECK(err <= 1e-5);
+  for (std::vector<std::int64_t> steps : {std::vector<std::int64_t>{1}, {5}, {7, 3, 11}, {13, 1, 2}}) {
+    CAPTURE(steps);
+    const Run got = run(b.model, ids, steps);
+    const double e = test::rel_l2(got.logits, want), agree = test::rel_l2(got.logits, prefill.logits);
+    std::printf("%s: steps %lld...: vs reference %.3g, vs prefill %.3g\n", what.c_str(),
+                static_cast<long long>(steps[0]), e, agree);
+    CHECK(e <= 1e-5);
+    CHECK(agree <= 1e-5);
+  }
+  return r;
+}
+
+// The trace's topk_indices of `layer` as index lists (valid entries only); checks the layout:
+// ascending valid entries in [0, t], then -1.
+std::vector<std::vector<std::int64_t>> trace_topk(const model::Trace& tr, std::int64_t layer, std::int64_t T,
+                                                  std::int64_t k) {
+  const auto t = tr.tensor("topk_indices");
+  REQUIRE(t.shape.size() == 3);
+  REQUIRE(t.shape[1] == T);
+  REQUIRE(t.shape[2] == k);
+  std::vector<std::vector<std::int64_t>> out(static_cast<std::size_t>(T));
+  for (std::int64_t q = 0; q < T; ++q) {
+    const float* row = t.data.data() + (layer * T + q) * k;
+    const std::int64_t n = std::min<std::int64_t>(k, q + 1);
+    for (std::int64_t i = 0; i < k; ++i) {
+      if (i < n) {
+        REQUIRE(row[i] >= 0.f);
+        REQUIRE(row[i] <= static_cast<float>(q));
+        if (i > 0) REQUIRE(row[i] > row[i - 1]);
+        out[static_cast<std::size_t>(q)].push_back(static_cast<std::int64_t>(row[i]));
+      } else {
+        REQUIRE(row[i] == -1.f);
+      }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("lt2 hybrid (Full+GDN): random tiny model vs float64 reference; prefill = chunks = decode", "[model][lt2]") {
+  auto j = tiny(2);
+  j["mixer"] = "gdn";
+  j["attention_pattern"] = "2:1";  // layers 2 (and none else of 5: 0 gdn, 1 gdn, 2 full, 3 gdn, 4 gdn)
+  check_against_reference("lt2 Full+GDN", j, {"gdn", "gdn", "full", "gdn", "gdn"});
+}
+
+TEST_CASE("lt2 hybrid (GDN+DSA): sparse layers vs float64 reference, top-k < T; gated attention", "[model][lt2][sparse]") {
+  auto j = tiny(2);
+  j["mixer"] = "gdn";
+  j["attention_pattern"] = "1:1";  // 0 gdn, 1 sparse, 2 gdn, 3 sparse, 4 gdn
+  j["attention_layer"] = "sparse";
+  add_index(j, 7);
+  SECTION("plain") {
+    const auto r = check_against_reference("lt2 GDN+DSA", j, {"gdn", "sparse", "gdn", "sparse", "gdn"});
+    // Our trace's selection is the reference's (last loop).
+    const Built b = build(j);
+    const auto ids = random_ids(37, 97, 5);
+    const Run pre = run(b.model, ids), dec = run(b.model, ids, {1}), chunks = run(b.model, ids, {9, 4});
+    for (std::int64_t layer : {1, 3}) {
+      CAPTURE(layer);
+      const auto got = trace_topk(pre.trace, layer, 37, 7);
+      CHECK(got == r.topk[static_cast<std::size_t>(layer)]);
+      CHECK(trace_topk(dec.trace, layer, 37, 7) == got);
+      CHECK(trace_topk(chunks.trace, layer, 37, 7) == got);
+    }
+    const auto t = pre.trace.tensor("topk_indices");
+    CHECK(t.shape == std::vector<std::int64_t>{4, 37, 7});  // layers 0..3 (the last sparse one)
+    CHECK(t.dims == std::vector<std::string>{"layer", "token", "selected key"});
+    for (std::int64_t layer : {0, 2})
+      for (std::int64_t i = 0; i < 37 * 7; ++i) REQUIRE(std::isnan(t.data[static_cast<std::size_t>(layer * 37 * 7 + i)]));
+    CHECK(b.model.mixer(1).describe() == "sparse_attention (indexer 3 heads of 10, rope 4, top-7)");
+    // The picture: a query × key map of the last sparse layer, 1 where the query kept the key.
+    const std::string svg = viz::plot_trace_svg({t});
+    CHECK_THAT(svg, Contains("topk_indices, layer 3: the keys each query kept"));
+    const auto sel = trace_topk(pre.trace, 3, 37, 7);
+    for (std::int64_t q : {0, 6, 7, 36}) {
+      CAPTURE(q);
+      for (std::int64_t s : {std::int64_t{0}, q / 2, q}) {
+        const bool kept = std::find(sel[q].begin(), sel[q].end(), s) != sel[q].end();
+        CHECK_THAT(svg, Contains("query token " + std::to_string(q) + ", key " + std::to_string(s) + ": " + (kept ? "1" : "0")));
+      }
+    }
+    CHECK_THAT(svg, Contains("layers 1, 3 hold selections"));
+    viz::PlotOptions po;
+    po.strip_layer = 1;
+    CHECK_THAT(viz::plot_trace_svg({t}, po), Contains("topk_indices, layer 1: the keys each query kept"));
+    po.strip_layer = 2;
+    CHECK_THAT(viz::plot_trace_svg({t}, po), Contains("layer 2 holds none (grey)"));
+  }
+  SECTION("gated attention, 3 loops") {
+    j["gated_attn"] = true;
+    j["loop_count"] = 3;
+    check_against_reference("lt2 GDN+DSA gated", j, {"gdn", "sparse", "gdn", "sparse", "gdn"});
+    const Built b = build(j);
+    CHECK(b.model.passes() == 3);
+    CHECK(b.model.mixer(3).describe() == "sparse_attention (indexer 3 heads of 10, rope 4, top-7), output gate");
+  }
+}
+
+TEST_CASE("lt2: every mixer kind per layer (layer_mixers), windows, full rope on the indexer", "[model][lt2][sparse]") {
+  auto j = tiny(2);
+  j["layer_mixers"] = {"sparse", "window", "gdn", "full", "sparse"};
+  j["default_sliding_window"] = 6;
+  j["gated_attn"] = true;
+  add_index(j, 5);
+  j.erase("index_rope_dim");  // default: all of index_head_dim
+  check_against_reference("lt2 mixed layers", j, {"sparse", "window", "gdn", "full", "sparse"});
+  auto no_rope = j;
+  no_rope["index_rope_dim"] = 0;  // no RoPE in the indexer
+  check_against_reference("lt2 mixed layers, no indexer rope", no_rope, {"sparse", "window", "gdn", "full", "sparse"}, 23);
+  // layer_types names the same layers.
+  auto t = tiny(2);
+  t["layer_types"] = {"sparse_attention", "sliding_attention", "linear_attention", "full_attention", "sparse_attention"};
+  t["use_sliding_window"] = true;
+  t["sliding_window"] = 6;
+  t["gated_attn"] = true;
+  add_index(t, 5);
+  t.erase("index_rope_dim");
+  const auto ids = random_ids(19, 97, 2);
+  CHECK(test::bit_equal(run(build(t).model, ids).logits, run(build(j).model, ids).logits));
+}
+
+TEST_CASE("lt2: top-k >= T makes sparse attention full attention", "[model][lt2][sparse]") {
+  auto sparse = tiny(2);
+  sparse["mixer"] = "gdn";
+  sparse["attention_pattern"] = "1:1";
+  sparse["attention_layer"] = "sparse";
+  add_index(sparse, 37);
+  auto full = tiny(2);
+  full["mixer"] = "gdn";
+  full["attention_pattern"] = "1:1";
+  const auto ids = random_ids(37, 97, 9);
+  const Run a = run(build(sparse).model, ids), b = run(build(full).model, ids);  // same q/k/v/o weights by name
+  const double err = test::rel_l2(a.logits, b.logits);
+  std::printf("lt2: top-k = T sparse vs full attention: relative L2 %.3g\n", err);
+  CHECK(err <= 1e-5);
+  // Every query keeps all its keys 0..t.
+  const auto sel = trace_topk(a.trace, 3, 37, 37);
+  for (std::int64_t t = 0; t < 37; ++t) CHECK(sel[static_cast<std::size_t>(t)].size() == static_cast<std::size_t>(t + 1));
+  // With top-k < T the same weights give other logits: the selection prunes.
+  add_index(sparse, 4);
+  const double pruned = test::rel_l2(run(build(sparse).model, ids).logits, b.logits);
+  std::printf("lt2: top-k 4 vs full attention: relative L2 %.3g\n", pruned);
+  CHECK(pruned > 1e-3);
+}
+
+TEST_CASE("lt2: bf16 weights and KV cache: decode and chunks agree with prefill", "[model][lt2][sparse]") {
+  auto j = tiny(2);
+  j["mixer"] = "gdn";
+  j["attention_pattern"] = "1:1";
+  j["attention_layer"] = "sparse";
+  add_index(j, 6);
+  const Built b = build(j, model::WeightType::bf16);
+  const auto ids = random_ids(41, 97, 3);
+  model::SessionOptions so;
+  so.kv_type = model::CacheType::bf16;
+  const Run pre = run(b.model, ids, {}, so);
+  for (float v : pre.logits) REQUIRE(std::isfinite(v));
+  // (bf16 weights: the decode GEMV and the prefill GEMM round differently; 2 loops × 5 layers.)
+  const double dec = test::rel_l2(run(b.model, ids, {1}, so).logits, pre.logits),
+               chk = test::rel_l2(run(b.model, ids, {17, 3}, so).logits, pre.logits);
+  std::printf("lt2 bf16: decode vs prefill %.3g, chunks vs prefill %.3g\n", dec, chk);
+  CHECK(dec <= 3e-5);
+  CHECK(chk <= 3e-5);
+  CHECK(test::bit_equal(run(b.model, ids, {}, so, 1).logits, run(b.model, ids, {}, so, 2).logits));
+  // Greedy generation continues every (loop, layer) state.
+  auto s = b.model.new_session(so);
+  CHECK(model::generate_greedy(b.model, s, ids, 3).size() == 3);
+  CHECK(s.position() == 41 + 2);
+}
+
+TEST_CASE("lt2: the named 1.3B plans and the tiny ones", "[model][lt2][config]") {
+  const auto& reg = builtin_registry();
+  for (const bool dsa : {false, true}) {
+    CAPTURE(dsa);
+    const auto j = dsa ? model::lt2_gdn_dsa_1_3b_config() : model::lt2_hybrid_1_3b_config();
+    const auto c = reg.parse_config(j);
+    CHECK(c.hidden_size == 2048);
+    CHECK(c.num_hidden_layers == 20);
+    CHECK(c.vocab_size == 151936);
+    io::ConfigFields f(c);
+    const model::Plan p = reg.recipe_for(c).plan(f);
+    REQUIRE(p.mixers.size() == 20);
+    for (std::size_t l = 0; l < 20; ++l)
+      CHECK(p.mixers[l] == (l % 5 == 4 ? (dsa ? "sparse_attention" : "full_attention") : "linear_attention"));
+    CHECK(p.stack == "single");  // loop_count given: compose makes it the looped stack
+    model::read_looped_settings(f);
+    CHECK(f.unconsumed().empty());
+    // The tiny versions build and run.
+    const auto tj = model::lt2_tiny_config(dsa);
+    const auto m = model::Qwen3Model::random(reg.parse_config(tj), model::WeightType::bf16, 1, &reg);
+    CHECK(m.passes() == 2);
+    CHECK(m.mixer(4).kind() == (dsa ? "sparse_attention" : "full_attention"));
+    const auto ids = random_ids(19, 256, 4);
+    const Run r = run(m, ids);
+    for (float v : r.logits) REQUIRE(std::isfinite(v));
+    CHECK(test::rel_l2(run(m, ids, {1}).logits, r.logits) <= 1e-5);
+  }
+  // Random weights: the indexer's LayerNorm starts as the identity (weight 1, bias 0).
+  const model::RandomSource rs(model::WeightType::bf16, 3);
+  CHECK(rs.get("model.layers.4.self_attn.indexer.k_norm.weight", {4}).to_f32() == std::vector<float>(4, 1.f));
+  CHECK(rs.get("model.layers.4.self_attn.indexer.k_norm.bias", {4}).to_f32() == std::vector<float>(4, 0.f));
+  // Without loop_count LT2 loops 4 times.
+  auto j = tiny(2);
+  j.erase("loop_count");
+  j["mixer"] = "gdn";
+  CHECK(build(j).model.passes() == 4);
+}
+
+TEST_CASE("lt2: configuration errors name the field", "[model][lt2][config][errors]") {
+  auto fails = [](const nlohmann::json& j, const std::string& what) {
+    CAPTURE(what);
+    REQUIRE_THROWS_WITH(build(j), Contains(what));
+  };
+  auto base = tiny(2);
+  base["mixer"] = "gdn";
+  base["attention_pattern"] = "4:1";
+  auto j = base;
+  j["attention_pattern"] = "0:0";
+  fails(j, "field 'attention_pattern': '0:0' has no layers");
+  j["attention_pattern"] = "4-1";
+  fails(j, "field 'attention_pattern': expected \"a:b\"");
+  j = base;
+  j["mixer"] = "mamba2";
+  fails(j, "field 'mixer': unknown mixer 'mamba2'");
+  j = base;
+  j["attention_layer"] = "gdn";
+  fails(j, "field 'attention_layer': unknown attention layer 'gdn'");
+  j = base;
+  j["attention_layer"] = "sparse";
+  fails(j, "field 'index_n_heads': missing");
+  add_index(j, 0);
+  fails(j, "field 'index_topk': must be at least 1, got 0");
+  add_index(j, 4);
+  j["index_rope_dim"] = 5;
+  fails(j, "field 'index_rope_dim': must be even and in [0, index_head_dim = 10], got 5");
+  j["index_rope_dim"] = 12;
+  fails(j, "field 'index_rope_dim'");
+  j = base;
+  add_index(j, 4);  // no sparse layer: the index fields are not silently ignored
+  fails(j, "config fields that recipe 'lt2' does not use: index_head_dim index_n_heads index_rope_dim index_topk");
+  j = base;
+  j["attention_layer"] = "window";
+  fails(j, "field 'default_sliding_window': window layers need a window");
+  j["default_sliding_window"] = 8;
+  j["sliding_window"] = 16;
+  fails(j, "field 'default_sliding_window': 8 differs from sliding_window 16");
+  j = base;
+  j["layer_mixers"] = {"gdn", "gdn", "full", "gdn", "gdn"};
+  fails(j, "field 'mixer': is set but layer_mixers already lists every layer's mixer");
+  j.erase("mixer");
+  j.erase("attention_pattern");
+  j["layer_mixers"] = {"gdn", "gdn", "nsa", "gdn", "gdn"};
+  fails(j, "field 'layer_mixers': entry 2 is \"nsa\"");
+  j["layer_mixers"] = {"gdn", "full"};
+  fails(j, "field 'layer_mixers': must be a list of 5 entries");
+  j = tiny(2);
+  j["attention_layer"] = "full";
+  fails(j, "field 'attention_layer': is set but there is no attention_pattern");
+  j = base;
+  j["loop_count"] = 0;
+  fails(j, "field 'loop_count': must be in [1, 64], got 0");
+  j = base;
+  j["use_residual"] = true;  // LT2's per-loop residual gate: formula unknown, not implemented
+  fails(j, "config fields that recipe 'lt2' does not use: use_residual");
+  j = base;
+  j["linear_num_value_heads"] = 3;
+  fails(j, "field 'linear_num_value_heads': 3 is not a multiple of linear_num_key_heads 2");
+  j = tiny(2);
+  j["mixer"] = "full";  // no gdn layer: linear_* fields are unused
+  fails(j, "config fields that recipe 'lt2' does not use: linear_conv_kernel_dim");
 }

@@ -2,7 +2,7 @@
 // cache (attention/paged_kv.hpp): batched decode (one new token per sequence) and batched /
 // chunked prefill (several new tokens per sequence, packed along the token axis).
 //
-// attention_decode_paged(q, cache, table, out, opt, lse):
+// attention_decode_paged(q, cache, table, out, opt, lse, window):
 //   q [B, H, d_k] f32 (one query token per sequence; any strides, last dimension contiguous),
 //   cache: PagedKV<KV> pages k [num_pages, P, H_kv, d_k], v [num_pages, P, H_kv, d_v], KV = float
 //   or bf16, any strides; table: PageTable of B sequences (indptr, indices, lengths);
@@ -10,6 +10,11 @@
 //   out[b, h] = Σ_{s < lengths[b]} softmax_s(scale · q[b, h]·k_b[s, h/G]) · v_b[s, h/G], where
 //   k_b[s] is slot s mod P of page indices[indptr[b] + s / P]. lengths[b] = 0 gives out = 0 and
 //   lse = -inf. Only the query heads in opt.heads are written (of every sequence).
+//   window > 0 (a sliding-window layer): only the last `window` keys of each sequence are seen,
+//   positions max(0, lengths[b] - window) .. lengths[b] - 1 (the query's own included, HF's
+//   convention). Pages wholly below the window are never read, so an engine may free them and
+//   point their table entries at any valid page. Chunks keep their positions (chunk c covers
+//   keys c·kv_chunk .. (c+1)·kv_chunk, cut at the window's start).
 //   Design: decode.hpp's kernel, unchanged. Each sequence's keys are split into chunks of
 //   opt.kv_chunk keys (default max(512, P); it must be a multiple of P, so a chunk is a run of
 //   whole pages), and a work item (sequence b, KV head j, chunk c) streams each K and V row of
@@ -103,7 +108,7 @@ void check_decode(const char* fn, ConstView3<float> q, const PagedKV<KV>& cache,
 
 template <bool Vectorized, class KV>
 void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& table, View3<float> out,
-            const DecodeOptions& opt, View2<float> lse) {
+            const DecodeOptions& opt, View2<float> lse, std::int64_t window) {
   using namespace detail::decode;
   const std::int64_t B = table.batch(), H = q.shape[1], dk = q.shape[2], H_kv = cache.kv_heads(),
                      dv = cache.head_dim_v(), P = cache.page_size();
@@ -116,9 +121,16 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
   const Problem pb{H, G, dk, dv, pairs ? round_up32(dk) : round_up16(dk), pairs ? round_up32(dv) : round_up16(dv),
                    resolve_scale(opt.scale, dk) * kLog2e};
   const std::int64_t chunk = opt.kv_chunk > 0 ? opt.kv_chunk : std::max(kDefaultChunk, P);
-  // Chunks of sequence b: global indices [first[b], first[b + 1]).
-  std::vector<std::int64_t> first(static_cast<std::size_t>(B + 1), 0);
-  for (std::int64_t b = 0; b < B; ++b) first[b + 1] = first[b] + (table.lengths[b] + chunk - 1) / chunk;
+  // Sequence b sees keys [start[b], lengths[b]); its chunks c0[b] .. are global indices
+  // [first[b], first[b + 1]).
+  std::vector<std::int64_t> first(static_cast<std::size_t>(B + 1), 0), start(static_cast<std::size_t>(B), 0),
+      c0(static_cast<std::size_t>(B), 0);
+  for (std::int64_t b = 0; b < B; ++b) {
+    const std::int64_t len = table.lengths[b];
+    start[b] = window > 0 ? std::max<std::int64_t>(0, len - window) : 0;
+    c0[b] = start[b] / chunk;
+    first[b + 1] = first[b] + (len > start[b] ? (len + chunk - 1) / chunk - c0[b] : 0);
+  }
   const std::int64_t n_chunks = first[B];
   const std::int64_t j_begin = hb / G, j_end = (he - 1) / G + 1, n_heads = j_end - j_begin;
   const std::int64_t n_items = n_heads * n_chunks;
@@ -131,7 +143,7 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
     const std::int64_t local = item - first[b] * n_heads, nc = first[b + 1] - first[b];
     const std::int64_t j = j_begin + local / nc, c = local % nc, gc = first[b] + c;
     const std::int64_t g0 = std::max(hb, j * G) - j * G, g1 = std::min(he, (j + 1) * G) - j * G;
-    const std::int64_t t0 = c * chunk, t1 = std::min(table.lengths[b], t0 + chunk);
+    const std::int64_t t0 = std::max((c0[b] + c) * chunk, start[b]), t1 = std::min(table.lengths[b], (c0[b] + c + 1) * chunk);
     const ConstView2<float> qb(q.ptr(b), {H, dk}, {q.stride[1], 1});
     const auto k_row = [&](std::int64_t s) { return cache.k.ptr(table.page(b, s, shift), s & slot_mask, j); };
     const auto v_row = [&](std::int64_t s) { return cache.v.ptr(table.page(b, s, shift), s & slot_mask, j); };
@@ -191,9 +203,10 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
 // See the contract at the top of this file.
 template <class KV>
 void attention_decode_paged(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& table, View3<float> out,
-                            const DecodeOptions& opt = {}, View2<float> lse = {}) {
+                            const DecodeOptions& opt = {}, View2<float> lse = {}, std::int64_t window = 0) {
   detail::paged::check_decode("attention_decode_paged", q, cache, table, out, opt, lse);
-  detail::paged::decode<true>(q, cache, table, out, opt, lse);
+  ATTNKIT_REQUIRE(window >= 0, "attention_decode_paged: argument 'window': must be >= 0 (0: every key), got ", window);
+  detail::paged::decode<true>(q, cache, table, out, opt, lse, window);
 }
 
 // See the contract at the top of this file.

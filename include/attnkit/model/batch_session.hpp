@@ -281,6 +281,7 @@ inline void Qwen3Model::forward_batch(BatchSession& bs, std::span<const Sequence
     }
   }
   const MemoryLimitScope scope(bs.limits_.max_memory_bytes);
+  if (paged) bs.visit_pool([&](auto& pool) { pool.grow(grown); });  // all or nothing: no sequence changes yet
   for (auto* s : seq) s->broken = true;  // until the step completes
 
   std::vector<std::int64_t> indptr{0}, ids, row_tokens;
@@ -291,7 +292,6 @@ inline void Qwen3Model::forward_batch(BatchSession& bs, std::span<const Sequence
     const std::int64_t n = cu[b + 1] - cu[b];
     if (paged)
       bs.visit_pool([&](auto& pool) {
-        pool.grow(grown);
         if (pos0[b] % P != 0) {  // copy on write
           std::int32_t& last = s.pages[static_cast<std::size_t>(pos0[b] / P)];
           if (pool.refs(last) > 1) {
