@@ -271,14 +271,7 @@ inline void Qwen3Model::forward_batch(BatchSession& bs, std::span<const Sequence
     const std::string sizes = "states of " + std::to_string(bs.size()) + " sequences " + mib_string(states) +
                               " (page pool of " + std::to_string(grown) + " pages), buffers of a " + std::to_string(N) +
                               "-token step " + mib_string(buffers);
-    if (bs.limits_.max_memory_bytes) {
-      ATTNKIT_REQUIRE(need <= bs.limits_.max_memory_bytes, fn, ": needs about ", mib_string(need), " (", sizes,
-                      ") but the memory limit is ", mib_string(bs.limits_.max_memory_bytes), " (SessionLimits::max_memory_bytes)");
-    } else if (const std::uint64_t grow = need - std::min(need, held); grow >= (std::uint64_t{64} << 20)) {
-      const std::uint64_t avail = available_memory_bytes();
-      ATTNKIT_REQUIRE(avail == 0 || grow <= avail, fn, ": needs about ", mib_string(grow), " more (", sizes, ") but only ",
-                      mib_string(avail), " of memory are available (SessionLimits::max_memory_bytes sets a limit instead)");
-    }
+    require_bytes(need, held, sizes, bs.limits_, fn);
   }
   const MemoryLimitScope scope(bs.limits_.max_memory_bytes);
   if (paged) bs.visit_pool([&](auto& pool) { pool.grow(grown); });  // all or nothing: no sequence changes yet

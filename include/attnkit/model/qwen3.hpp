@@ -252,6 +252,12 @@ class Qwen3Model {
     const std::string sizes = "states for " + std::to_string(positions) + " positions " + mib_string(e.states) +
                               ", buffers of a " + std::to_string(step_tokens) + "-token step " + mib_string(e.step) +
                               (extra_bytes ? ", inputs and outputs " + mib_string(extra_bytes) : "");
+    require_bytes(need, held, sizes, limits, who);
+  }
+  // Refuses `need` bytes (described by `sizes`) beyond limits.max_memory_bytes or, without a
+  // limit, the growth beyond the `held` bytes when it exceeds the available memory.
+  static void require_bytes(std::uint64_t need, std::uint64_t held, const std::string& sizes, const SessionLimits& limits,
+                            const std::string& who) {
     if (limits.max_memory_bytes) {
       ATTNKIT_REQUIRE(need <= limits.max_memory_bytes, who, ": needs about ", mib_string(need), " (", sizes,
                       ") but the memory limit is ", mib_string(limits.max_memory_bytes),
