@@ -581,8 +581,10 @@ const bool registered = [] {
   }
   benchmark::RegisterBenchmark("model/ouro-1.4b/prefill/bf16/exact", BM_model_prefill, Precision::exact, std::string("ouro-1.4b"))
       ->ArgNames({"T", "threads"})->Args({512, 2})->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(2);
-  benchmark::RegisterBenchmark("model/ouro-1.4b/decode/bf16/kv:f32", BM_model_decode, model::CacheType::f32, std::string("ouro-1.4b"))
-      ->ArgNames({"T", "threads"})->Args({512, 2})->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(8);
+  for (const auto kv : {model::CacheType::f32, model::CacheType::bf16})
+    benchmark::RegisterBenchmark(kv == model::CacheType::f32 ? "model/ouro-1.4b/decode/bf16/kv:f32" : "model/ouro-1.4b/decode/bf16/kv:bf16",
+                                 BM_model_decode, kv, std::string("ouro-1.4b"))
+        ->ArgNames({"T", "threads"})->Args({512, 2})->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(8);
   benchmark::RegisterBenchmark("model/batch/decode/bf16/kv:bf16", BM_model_batch_decode)
       ->ArgNames({"B", "threads"})->Args({1, 2})->Args({4, 2})->Args({8, 2})->Args({16, 2})
       ->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(16);

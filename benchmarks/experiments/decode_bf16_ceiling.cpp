@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <vector>
 #include "attnkit/attention/batched_decode.hpp"
@@ -39,6 +40,7 @@ static double run_decode(std::int64_t H, std::int64_t Hk, std::int64_t T, std::i
   }
   DecodeOptions opt;
   opt.num_threads = threads;
+  if (const char* c = std::getenv("KV_CHUNK")) opt.kv_chunk = std::atoi(c);
   const double bytes = 2.0 * T * Hk * d * 2;
   std::vector<double> rates;
   for (int r = 0; r < reps; ++r) {
@@ -144,6 +146,11 @@ int main(int argc, char** argv) {
   if (argc > 1 && argv[1][0] == 'c') {  // contiguous from DRAM only (>= 1 GiB rotated)
     std::printf("decode bf16 DRAM GB/s: T 512 %.1f | T 2048 %.1f | T 8192 %.1f\n", run_decode(16, 8, 512, 512, 2, 5),
                 run_decode(16, 8, 2048, 128, 2, 5), run_decode(16, 8, 8192, 32, 2, 5));
+    return 0;
+  }
+  if (argc > 1 && argv[1][0] == 'h') {  // the same bytes with one KV head (rows contiguous) vs 8 (256-byte slices)
+    std::printf("decode bf16 DRAM GB/s, 32 MiB caches: 8 KV heads T 8192 %.1f | 1 KV head T 65536 %.1f | 2 KV heads T 32768 %.1f\n",
+                run_decode(16, 8, 8192, 40, 2, 5), run_decode(2, 1, 65536, 40, 2, 5), run_decode(4, 2, 32768, 40, 2, 5));
     return 0;
   }
   if (argc > 1) {  // paged only
