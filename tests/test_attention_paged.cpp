@@ -12,7 +12,11 @@
 #include <vector>
 
 #include "attnkit/attention/batched_decode.hpp"
+#include "attnkit/attention/loop.hpp"
+#include "attnkit/sparse/sparse_attention.hpp"
 #include "reference/decode_ref.hpp"
+#include "reference/loop_ref.hpp"
+#include "reference/sparse_ref.hpp"
 #include "test_util.hpp"
 
 using namespace attnkit;
@@ -413,4 +417,270 @@ TEST_CASE("paged kernels name bad page tables and arguments", "[paged][errors]")
                                                         "has 17 new tokens in q but only 16 cached"));
   REQUIRE_THROWS_WITH(prefill({0, 5, 20}, 21), Contains("argument 'cu_seqlens': last entry 20 must equal the number of q rows T = 21"));
   REQUIRE_THROWS_WITH(prefill({0, 21}, 21), Contains("argument 'cu_seqlens': has 2 entries, must have batch + 1 = 3"));
+}
+
+// ---- Loop Attention and sparse attention over pages (attention/loop.hpp, sparse/sparse_attention.hpp)
+
+namespace {
+
+// Sequence b's rows [0, L) of a page buffer laid out as the pool's ([page][slot][head][d]), as float.
+template <class KV>
+std::vector<float> gather_seq(const std::vector<KV>& pages, const Batch<KV>& bt, std::int64_t b, std::int64_t d) {
+  const std::int64_t L = bt.lengths[b];
+  std::vector<float> x(static_cast<std::size_t>(L * bt.Hk * d));
+  for (std::int64_t s = 0; s < L; ++s) {
+    const std::int64_t page = bt.indices[bt.indptr[b] + s / bt.P], slot = s % bt.P;
+    for (std::int64_t e = 0; e < bt.Hk * d; ++e)
+      x[s * bt.Hk * d + e] = static_cast<float>(pages[((page * bt.P + slot) * bt.Hk) * d + e]);
+  }
+  return x;
+}
+
+// A copy of the pool's pages with fresh random values (loop 2's own K/V in the "stack" reading:
+// the same page ids, other contents).
+template <class KV>
+std::vector<KV> random_pages(test::Rng& rng, const Batch<KV>& bt, std::int64_t d) {
+  std::vector<KV> x(static_cast<std::size_t>(bt.pool.num_pages() * bt.P * bt.Hk * d));
+  for (auto& e : x) e = KV(rng.normal());
+  return x;
+}
+
+// The batch without its empty sequences (Loop Attention needs the current token's key).
+template <class KV>
+void drop_empty(Batch<KV>& bt) {
+  std::vector<std::int64_t> indptr{0}, lengths;
+  std::vector<std::int32_t> indices;
+  std::vector<std::vector<float>> k, v;
+  for (std::int64_t b = 0; b < bt.B; ++b) {
+    if (bt.lengths[b] == 0) continue;
+    indices.insert(indices.end(), bt.indices.begin() + bt.indptr[b], bt.indices.begin() + bt.indptr[b + 1]);
+    indptr.push_back(static_cast<std::int64_t>(indices.size()));
+    lengths.push_back(bt.lengths[b]);
+    k.push_back(bt.k[b]);
+    v.push_back(bt.v[b]);
+  }
+  bt.indptr = indptr;
+  bt.indices = indices;
+  bt.lengths = lengths;
+  bt.k = k;
+  bt.v = v;
+  bt.B = static_cast<std::int64_t>(lengths.size());
+}
+
+template <class KV>
+void check_loop_paged(std::uint64_t seed, std::int64_t P, bool stack) {
+  constexpr std::int64_t H = 6, Hk = 3, dk = 40, dv = 24;
+  CAPTURE(seed, P, stack);
+  test::Rng rng(seed);
+  Batch<KV> bt = make_batch<KV>(rng, rng.integer(2, 9), P, Hk, dk, dv, kMaxLen / 2);
+  drop_empty(bt);
+  const std::int64_t B = bt.B, W = rng.integer(1, 300);
+  CAPTURE(B, W, bt.lengths);
+  if (B == 0) return;
+  const PagedKV<KV> glob = bt.pool.view();
+  std::vector<KV> lk = stack ? random_pages(rng, bt, dk) : std::vector<KV>{},
+                  lv = stack ? random_pages(rng, bt, dv) : std::vector<KV>{};
+  const std::int64_t N = bt.pool.num_pages();
+  const PagedKV<KV> loc = stack ? PagedKV<KV>{ConstView4<KV>(lk.data(), {N, P, Hk, dk}), ConstView4<KV>(lv.data(), {N, P, Hk, dv})}
+                                : glob;
+  const std::vector<float> gw = rng.normal_vec(static_cast<std::size_t>(H * dk), 0.2f), gb = rng.normal_vec(H);
+  const double scale = 1.0 / std::sqrt(double(dk));
+
+  // Decode: one query per sequence.
+  const std::vector<float> q = rng.normal_vec(static_cast<std::size_t>(B * H * dk));
+  DecodeOptions opt;
+  opt.kv_chunk = P * rng.integer(1, 512 / P + 2);
+  std::vector<float> first, first_g;
+  for (int threads : {1, 2, 3}) {
+    opt.num_threads = threads;
+    std::vector<float> out(static_cast<std::size_t>(B * H * dv)), gates(static_cast<std::size_t>(B * H));
+    test::poison(out);
+    test::poison(gates);
+    loop_attention_decode_paged<KV>(ConstView3<float>(q.data(), {B, H, dk}), glob, loc, bt.table(),
+                                    ConstView2<float>(gw.data(), {H, dk}), gb, W, View3<float>(out.data(), {B, H, dv}),
+                                    opt, View2<float>(gates.data(), {B, H}));
+    if (threads > 1) {
+      CHECK(test::bit_equal(out, first));
+      CHECK(test::bit_equal(gates, first_g));
+      continue;
+    }
+    first = out;
+    first_g = gates;
+    for (std::int64_t b = 0; b < B; ++b) {
+      CAPTURE(b);
+      const std::int64_t L = bt.lengths[b];
+      const std::vector<float> qb(q.begin() + b * H * dk, q.begin() + (b + 1) * H * dk);
+      const std::vector<float> kl = stack ? gather_seq(lk, bt, b, dk) : bt.k[b], vl = stack ? gather_seq(lv, bt, b, dv) : bt.v[b];
+      const auto ref = ref::reference_loop(qb, bt.k[b], bt.v[b], kl, vl, gw, gb, {1, L, L, H, Hk, dk, dv}, L - 1, 0, W, scale);
+      CHECK(rel_l2(std::vector<float>(out.begin() + b * H * dv, out.begin() + (b + 1) * H * dv), ref.out) <= 1e-5);
+      CHECK(rel_l2(std::vector<float>(gates.begin() + b * H, gates.begin() + (b + 1) * H), ref.gates) <= 1e-6);
+    }
+  }
+
+  // Prefill: the last n_b tokens of each sequence, packed; bit for bit loop_attention on contiguous copies.
+  std::vector<std::int64_t> cu{0};
+  for (std::int64_t b = 0; b < B; ++b) cu.push_back(cu.back() + rng.integer(0, std::min<std::int64_t>(bt.lengths[b], 37)));
+  const std::int64_t T = cu.back();
+  const std::vector<float> qp = rng.normal_vec(static_cast<std::size_t>(T * H * dk));
+  std::vector<float> out(static_cast<std::size_t>(T * H * dv)), gates(static_cast<std::size_t>(T * H));
+  test::poison(out);
+  test::poison(gates);
+  LoopOptions lo;
+  lo.num_threads = 2;
+  loop_attention_prefill_paged<KV>(ConstView3<float>(qp.data(), {T, H, dk}), glob, loc, bt.table(), cu,
+                                   ConstView2<float>(gw.data(), {H, dk}), gb, W, View3<float>(out.data(), {T, H, dv}), lo,
+                                   View2<float>(gates.data(), {T, H}));
+  for (std::int64_t b = 0; b < B; ++b) {
+    CAPTURE(b);
+    const std::int64_t L = bt.lengths[b], n = cu[b + 1] - cu[b];
+    if (n == 0) continue;
+    const std::vector<float> kl = stack ? gather_seq(lk, bt, b, dk) : bt.k[b], vl = stack ? gather_seq(lv, bt, b, dv) : bt.v[b];
+    const std::vector<KV> kg = as_kv<KV>(bt.k[b]), vg = as_kv<KV>(bt.v[b]), kc = as_kv<KV>(kl), vc = as_kv<KV>(vl);
+    const std::vector<float> qb(qp.begin() + cu[b] * H * dk, qp.begin() + cu[b + 1] * H * dk);
+    std::vector<float> oc(static_cast<std::size_t>(n * H * dv)), gc(static_cast<std::size_t>(n * H));
+    test::poison(oc);
+    const ConstView3<KV> kgv(kg.data(), {L, Hk, dk}), vgv(vg.data(), {L, Hk, dv});
+    loop_attention<KV>(ConstView3<float>(qb.data(), {n, H, dk}), kgv, vgv,
+                       stack ? ConstView3<KV>(kc.data(), {L, Hk, dk}) : kgv, stack ? ConstView3<KV>(vc.data(), {L, Hk, dv}) : vgv,
+                       ConstView2<float>(gw.data(), {H, dk}), gb, W, View3<float>(oc.data(), {n, H, dv}), lo,
+                       View2<float>(gc.data(), {n, H}));
+    CHECK(test::bit_equal(std::vector<float>(out.begin() + cu[b] * H * dv, out.begin() + cu[b + 1] * H * dv), oc));
+    CHECK(test::bit_equal(std::vector<float>(gates.begin() + cu[b] * H, gates.begin() + cu[b + 1] * H), gc));
+    const auto ref = ref::reference_loop(qb, bt.k[b], bt.v[b], kl, vl, gw, gb, {n, L, L, H, Hk, dk, dv}, L - n, 0, W, scale);
+    CHECK(rel_l2(oc, ref.out) <= 1e-5);
+  }
+}
+
+// A random ascending selection of at most K positions of [0, p], -1 padded to K.
+std::vector<std::int32_t> random_selection(test::Rng& rng, std::int64_t p, std::int64_t K) {
+  std::vector<std::int32_t> all(static_cast<std::size_t>(p + 1));
+  std::iota(all.begin(), all.end(), 0);
+  std::shuffle(all.begin(), all.end(), rng.gen);
+  const std::int64_t n = std::min<std::int64_t>(rng.integer(0, K), p + 1);
+  std::vector<std::int32_t> sel(all.begin(), all.begin() + n);
+  std::sort(sel.begin(), sel.end());
+  sel.resize(static_cast<std::size_t>(K), -1);
+  return sel;
+}
+
+template <class KV>
+void check_sparse_paged(std::uint64_t seed, std::int64_t P, std::int64_t H, std::int64_t Hk, std::int64_t dk, std::int64_t dv) {
+  CAPTURE(seed, P, H, Hk, dk, dv);
+  test::Rng rng(seed);
+  Batch<KV> bt = make_batch<KV>(rng, rng.integer(1, 12), P, Hk, dk, dv, kMaxLen / 2);
+  const std::int64_t B = bt.B, K = rng.integer(1, 400);
+  CAPTURE(B, K, bt.lengths);
+  const PagedKV<KV> cache = bt.pool.view();
+  const double scale = 1.0 / std::sqrt(double(dk));
+
+  // Decode: each sequence's query at its newest position with its own selection.
+  std::vector<std::int32_t> idx;
+  for (std::int64_t b = 0; b < B; ++b) {
+    const auto sel = bt.lengths[b] > 0 ? random_selection(rng, bt.lengths[b] - 1, K) : std::vector<std::int32_t>(K, -1);
+    idx.insert(idx.end(), sel.begin(), sel.end());
+  }
+  const std::vector<float> q = rng.normal_vec(static_cast<std::size_t>(B * H * dk));
+  SparseAttentionOptions opt;
+  opt.kv_chunk = P * rng.integer(1, 256 / P + 2);
+  std::vector<float> first;
+  for (int threads : {1, 2, 3}) {
+    opt.num_threads = threads;
+    std::vector<float> out(static_cast<std::size_t>(B * H * dv)), lse(static_cast<std::size_t>(B * H));
+    test::poison(out);
+    test::poison(lse);
+    sparse_attention_decode_paged<KV>(ConstView3<float>(q.data(), {B, H, dk}), cache, bt.table(),
+                                      ConstView2<std::int32_t>(idx.data(), {B, K}), View3<float>(out.data(), {B, H, dv}),
+                                      opt, View2<float>(lse.data(), {B, H}));
+    if (threads > 1) {
+      CHECK(test::bit_equal(out, first));
+      continue;
+    }
+    first = out;
+    for (std::int64_t b = 0; b < B; ++b) {
+      CAPTURE(b);
+      const std::int64_t L = bt.lengths[b];
+      const std::vector<float> qb(q.begin() + b * H * dk, q.begin() + (b + 1) * H * dk);
+      const std::vector<std::int32_t> ib(idx.begin() + b * K, idx.begin() + (b + 1) * K);
+      std::vector<double> ro, rl;
+      ref::sparse_attention(qb, bt.k[b], bt.v[b], ib, 1, K, H, Hk, dk, dv, scale, ro, rl);
+      const std::vector<float> ob(out.begin() + b * H * dv, out.begin() + (b + 1) * H * dv);
+      CHECK(rel_l2(ob, ro) <= 1e-5);
+      for (std::int64_t h = 0; h < H; ++h) {
+        if (std::isinf(rl[h])) CHECK(lse[b * H + h] == -std::numeric_limits<float>::infinity());
+        else CHECK(std::abs(lse[b * H + h] - rl[h]) <= 1e-4 * std::max(1.0, std::abs(rl[h])));
+      }
+      if (L == 0) continue;
+      const std::vector<KV> kc = as_kv<KV>(bt.k[b]), vc = as_kv<KV>(bt.v[b]);
+      std::vector<float> oc(static_cast<std::size_t>(H * dv));
+      test::poison(oc);
+      sparse_attention_decode<KV>(ConstView2<float>(qb.data(), {H, dk}), ConstView3<KV>(kc.data(), {L, Hk, dk}),
+                                  ConstView3<KV>(vc.data(), {L, Hk, dv}), ConstView1<std::int32_t>(ib.data(), {K}),
+                                  View2<float>(oc.data(), {H, dv}), opt);
+      CHECK(test::bit_equal(ob, oc));
+    }
+  }
+  // An entry past its sequence's length is named.
+  std::int64_t longest = 0;
+  for (std::int64_t b = 0; b < B; ++b) longest = bt.lengths[b] > bt.lengths[longest] ? b : longest;
+  std::vector<std::int32_t> bad = idx;
+  bad[longest * K] = static_cast<std::int32_t>(bt.lengths[longest]);
+  std::fill(bad.begin() + longest * K + 1, bad.begin() + (longest + 1) * K, -1);
+  std::vector<float> out(static_cast<std::size_t>(B * H * dv));
+  CHECK_THROWS_WITH(sparse_attention_decode_paged<KV>(ConstView3<float>(q.data(), {B, H, dk}), cache, bt.table(),
+                                                      ConstView2<std::int32_t>(bad.data(), {B, K}),
+                                                      View3<float>(out.data(), {B, H, dv}), opt),
+                    Contains("sparse_attention_decode_paged") && Contains("'indices'") && Contains("query " + std::to_string(longest)));
+
+  // Prefill: the last n_b tokens of each sequence, each query with its own selection.
+  std::vector<std::int64_t> cu{0};
+  for (std::int64_t b = 0; b < B; ++b) cu.push_back(cu.back() + rng.integer(0, std::min<std::int64_t>(bt.lengths[b], 29)));
+  const std::int64_t T = cu.back();
+  std::vector<std::int32_t> pidx;
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t t = cu[b]; t < cu[b + 1]; ++t) {
+      const auto sel = random_selection(rng, bt.lengths[b] - (cu[b + 1] - t), K);
+      pidx.insert(pidx.end(), sel.begin(), sel.end());
+    }
+  const std::vector<float> qp = rng.normal_vec(static_cast<std::size_t>(T * H * dk));
+  std::vector<float> po(static_cast<std::size_t>(T * H * dv));
+  test::poison(po);
+  opt.num_threads = 2;
+  sparse_attention_prefill_paged<KV>(ConstView3<float>(qp.data(), {T, H, dk}), cache, bt.table(), cu,
+                                     ConstView2<std::int32_t>(pidx.data(), {T, K}), View3<float>(po.data(), {T, H, dv}), opt);
+  for (std::int64_t b = 0; b < B; ++b) {
+    CAPTURE(b);
+    const std::int64_t L = bt.lengths[b], n = cu[b + 1] - cu[b];
+    if (n == 0) continue;
+    const std::vector<float> qb(qp.begin() + cu[b] * H * dk, qp.begin() + cu[b + 1] * H * dk);
+    const std::vector<std::int32_t> ib(pidx.begin() + cu[b] * K, pidx.begin() + cu[b + 1] * K);
+    const std::vector<float> ob(po.begin() + cu[b] * H * dv, po.begin() + cu[b + 1] * H * dv);
+    std::vector<double> ro, rl;
+    ref::sparse_attention(qb, bt.k[b], bt.v[b], ib, n, K, H, Hk, dk, dv, scale, ro, rl);
+    CHECK(rel_l2(ob, ro) <= 1e-5);
+    const std::vector<KV> kc = as_kv<KV>(bt.k[b]), vc = as_kv<KV>(bt.v[b]);
+    std::vector<float> oc(static_cast<std::size_t>(n * H * dv));
+    test::poison(oc);
+    SparseAttentionOptions o1 = opt;
+    o1.q_offset = L - n;
+    sparse_attention_prefill<KV>(ConstView3<float>(qb.data(), {n, H, dk}), ConstView3<KV>(kc.data(), {L, Hk, dk}),
+                                 ConstView3<KV>(vc.data(), {L, Hk, dv}), ConstView2<std::int32_t>(ib.data(), {n, K}),
+                                 View3<float>(oc.data(), {n, H, dv}), o1);
+    CHECK(test::bit_equal(ob, oc));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("Loop Attention over pages (layer and stack readings) matches float64 and the contiguous kernels",
+          "[paged][loop]") {
+  check_loop_paged<float>(test::fresh_seed(), 16, false);
+  check_loop_paged<bf16>(test::fresh_seed(), 32, true);
+  check_loop_paged<bf16>(test::fresh_seed(), 1, false);  // P = 1
+}
+
+TEST_CASE("sparse attention over pages matches float64 and the contiguous kernels, any thread count",
+          "[paged][sparse]") {
+  check_sparse_paged<float>(test::fresh_seed(), 16, 8, 2, 64, 64);
+  check_sparse_paged<bf16>(test::fresh_seed(), 64, 16, 8, 128, 128);
+  check_sparse_paged<bf16>(test::fresh_seed(), 8, 6, 3, 40, 24);  // odd head dims
 }

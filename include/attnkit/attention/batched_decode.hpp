@@ -27,7 +27,9 @@
 //   bit-identical to attention_decode on a contiguous copy of each sequence's keys with the
 //   same opt.kv_chunk (B single-sequence decodes).
 //   Not supported here (yet): attention variants, int8 pages; opt.q_position and opt.ring must
-//   keep their defaults.
+//   keep their defaults. The same kernel serves Loop Attention over pages (attention/loop.hpp:
+//   a global and a windowed call) and sparse attention over pages (sparse/sparse_attention.hpp:
+//   the rows of each sequence's selection instead of its first lengths[b], detail::paged::Selection).
 //
 // attention_prefill_paged(q, cache, table, cu_seqlens, out, mask, opt, lse):
 //   q [T, H, d_k] f32 packs the new tokens of B sequences: rows cu_seqlens[b] .. cu_seqlens[b + 1]
@@ -106,9 +108,18 @@ void check_decode(const char* fn, ConstView3<float> q, const PagedKV<KV>& cache,
                   "leave them at -1 / 0");
 }
 
+// With `sel` (a sparse selection, sparse/sparse_attention.hpp): sequence b's keys are the
+// positions sel.idx[b * sel.stride + i], i < sel.count[b] (checked by the caller), instead of
+// 0 .. lengths[b] - 1; chunks then split that list, as decode_keys splits it.
+struct Selection {
+  const std::int32_t* idx = nullptr;
+  std::int64_t stride = 0;
+  const std::int64_t* count = nullptr;
+};
+
 template <bool Vectorized, class KV>
 void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& table, View3<float> out,
-            const DecodeOptions& opt, View2<float> lse, std::int64_t window) {
+            const DecodeOptions& opt, View2<float> lse, std::int64_t window, const Selection& sel = {}) {
   using namespace detail::decode;
   const std::int64_t B = table.batch(), H = q.shape[1], dk = q.shape[2], H_kv = cache.kv_heads(),
                      dv = cache.head_dim_v(), P = cache.page_size();
@@ -126,7 +137,7 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
   std::vector<std::int64_t> first(static_cast<std::size_t>(B + 1), 0), start(static_cast<std::size_t>(B), 0),
       c0(static_cast<std::size_t>(B), 0);
   for (std::int64_t b = 0; b < B; ++b) {
-    const std::int64_t len = table.lengths[b];
+    const std::int64_t len = sel.idx ? sel.count[b] : table.lengths[b];
     start[b] = window > 0 ? std::max<std::int64_t>(0, len - window) : 0;
     c0[b] = start[b] / chunk;
     first[b + 1] = first[b] + (len > start[b] ? (len + chunk - 1) / chunk - c0[b] : 0);
@@ -143,10 +154,18 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
     const std::int64_t local = item - first[b] * n_heads, nc = first[b + 1] - first[b];
     const std::int64_t j = j_begin + local / nc, c = local % nc, gc = first[b] + c;
     const std::int64_t g0 = std::max(hb, j * G) - j * G, g1 = std::min(he, (j + 1) * G) - j * G;
-    const std::int64_t t0 = std::max((c0[b] + c) * chunk, start[b]), t1 = std::min(table.lengths[b], (c0[b] + c + 1) * chunk);
+    const std::int64_t len = sel.idx ? sel.count[b] : table.lengths[b];
+    const std::int64_t t0 = std::max((c0[b] + c) * chunk, start[b]), t1 = std::min(len, (c0[b] + c + 1) * chunk);
     const ConstView2<float> qb(q.ptr(b), {H, dk}, {q.stride[1], 1});
-    const auto k_row = [&](std::int64_t s) { return cache.k.ptr(table.page(b, s, shift), s & slot_mask, j); };
-    const auto v_row = [&](std::int64_t s) { return cache.v.ptr(table.page(b, s, shift), s & slot_mask, j); };
+    const std::int32_t* pos = sel.idx ? sel.idx + b * sel.stride : nullptr;  // entry i -> key position
+    const auto k_row = [&](std::int64_t i) {
+      const std::int64_t s = pos ? pos[i] : i;
+      return cache.k.ptr(table.page(b, s, shift), s & slot_mask, j);
+    };
+    const auto v_row = [&](std::int64_t i) {
+      const std::int64_t s = pos ? pos[i] : i;
+      return cache.v.ptr(table.page(b, s, shift), s & slot_mask, j);
+    };
     chunk_state_rows<Vectorized, KV>(
         pb, qb, j, g0, g1, part + (gc * H + j * G) * pb.dv_pad, part_lse + gc * H + j * G, nullptr,
         NoScoreTransform{}, QuantScales{}, [&](const auto& block) {
@@ -198,6 +217,55 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
   });
 }
 
+// The first lengths[b] keys of the sequences `seqs` (as stored, f32 or bf16) gathered page by
+// page into one contiguous buffer: sequence seqs[i] at rows offset[i] .. offset[i] + lengths[b]
+// of keys() / values() [rows, H_kv, d]. The paged prefill paths run their contiguous kernels on
+// it (a copy of the visible pages: cheap against prefill's T·L work, but not free).
+template <class KV>
+struct Staged {
+  std::vector<KV> k, v;
+  std::vector<std::int64_t> offset;
+  std::int64_t rows = 0, H_kv = 0, dk = 0, dv = 0;
+  ConstView3<KV> keys() const { return ConstView3<KV>(k.data(), {rows, H_kv, dk}); }
+  ConstView3<KV> values() const { return ConstView3<KV>(v.data(), {rows, H_kv, dv}); }
+};
+
+template <class KV>
+Staged<KV> stage(const char* fn, const PagedKV<KV>& cache, const PageTable& table, std::span<const std::int64_t> seqs,
+                 int num_threads) {
+  Staged<KV> st;
+  st.H_kv = cache.kv_heads();
+  st.dk = cache.head_dim_k();
+  st.dv = cache.head_dim_v();
+  const std::int64_t P = cache.page_size(), H_kv = st.H_kv, dk = st.dk, dv = st.dv;
+  for (const std::int64_t b : seqs) {
+    st.offset.push_back(st.rows);
+    st.rows += table.lengths[b];
+  }
+  require_memory(static_cast<std::uint64_t>(st.rows * H_kv * (dk + dv)) * sizeof(KV),
+                 std::string(fn) + ": staging copy of " + std::to_string(st.rows) + " cached tokens");
+  st.k.resize(static_cast<std::size_t>(st.rows * H_kv * dk));
+  st.v.resize(static_cast<std::size_t>(st.rows * H_kv * dv));
+  // Page by page (a page's rows of one sequence are slots [0, min(P, left))).
+  std::vector<std::pair<std::int64_t, std::int64_t>> jobs;  // (index into seqs, page number)
+  for (std::size_t i = 0; i < seqs.size(); ++i)
+    for (std::int64_t p = 0; p * P < table.lengths[seqs[i]]; ++p) jobs.emplace_back(static_cast<std::int64_t>(i), p);
+  const int threads = st.rows * H_kv * (dk + dv) >= (std::int64_t{1} << 18) ? num_threads : 1;
+  parallel_for(static_cast<std::int64_t>(jobs.size()), threads, [&](std::int64_t job) {
+    const auto [i, p] = jobs[job];
+    const std::int64_t b = seqs[i], page = table.indices[table.indptr[b] + p];
+    const std::int64_t n = std::min(P, table.lengths[b] - p * P);
+    for (std::int64_t r = 0; r < n; ++r)
+      for (std::int64_t h = 0; h < H_kv; ++h) {
+        const KV* k = cache.k.ptr(page, r, h);
+        const KV* v = cache.v.ptr(page, r, h);
+        std::copy(k, k + dk, st.k.data() + ((st.offset[i] + p * P + r) * H_kv + h) * dk);
+        std::copy(v, v + dv, st.v.data() + ((st.offset[i] + p * P + r) * H_kv + h) * dv);
+      }
+  });
+  return st;
+}
+
 }  // namespace detail::paged
 
 // See the contract at the top of this file.
@@ -218,7 +286,7 @@ void attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cache, cons
   check_page_table(fn, cache, table);
   check_view(q, fn, "q");
   const std::int64_t B = table.batch(), T = q.shape[0], H_kv = cache.kv_heads(), dk = cache.head_dim_k(),
-                     dv = cache.head_dim_v(), P = cache.page_size();
+                     dv = cache.head_dim_v();
   detail::paged::check_cu_seqlens(fn, cu_seqlens, B, T, "q");
   for (std::int64_t b = 0; b < B; ++b)
     ATTNKIT_REQUIRE(cu_seqlens[b + 1] - cu_seqlens[b] <= table.lengths[b], fn, ": argument 'table.lengths': sequence ",
@@ -233,42 +301,20 @@ void attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cache, cons
 
   // Sequences with queries in opt.queries, and where their keys go in the staging buffer.
   const std::int64_t qb = opt.queries.begin, qe = opt.queries.resolve_end(T);
-  std::vector<std::int64_t> seqs, offset;
-  std::int64_t rows = 0;
+  std::vector<std::int64_t> seqs;
   for (std::int64_t b = 0; b < B; ++b) {
     const std::int64_t s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1];
     if (s1 == s0 || s1 <= qb || s0 >= qe) continue;
     seqs.push_back(b);
-    offset.push_back(rows);
-    rows += table.lengths[b];
   }
-  require_memory(static_cast<std::uint64_t>(rows * H_kv * (dk + dv)) * sizeof(KV),
-                 std::string(fn) + ": staging copy of " + std::to_string(rows) + " cached tokens");
-  std::vector<KV> ks(static_cast<std::size_t>(rows * H_kv * dk)), vs(static_cast<std::size_t>(rows * H_kv * dv));
-  const ConstView3<KV> kst(ks.data(), {rows, H_kv, dk}), vst(vs.data(), {rows, H_kv, dv});
-  // Gather page by page (a page's rows of one sequence are slots [0, min(P, left))).
-  std::vector<std::pair<std::int64_t, std::int64_t>> page_jobs;  // (index into seqs, page number)
-  for (std::size_t i = 0; i < seqs.size(); ++i)
-    for (std::int64_t p = 0; p * P < table.lengths[seqs[i]]; ++p) page_jobs.emplace_back(static_cast<std::int64_t>(i), p);
-  const int gather_threads = rows * H_kv * (dk + dv) >= (std::int64_t{1} << 18) ? opt.num_threads : 1;
-  parallel_for(static_cast<std::int64_t>(page_jobs.size()), gather_threads, [&](std::int64_t job) {
-    const auto [i, p] = page_jobs[job];
-    const std::int64_t b = seqs[i], page = table.indices[table.indptr[b] + p];
-    const std::int64_t n = std::min(P, table.lengths[b] - p * P);
-    for (std::int64_t r = 0; r < n; ++r)
-      for (std::int64_t h = 0; h < H_kv; ++h) {
-        const KV* k = cache.k.ptr(page, r, h);
-        const KV* v = cache.v.ptr(page, r, h);
-        std::copy(k, k + dk, ks.data() + ((offset[i] + p * P + r) * H_kv + h) * dk);
-        std::copy(v, v + dv, vs.data() + ((offset[i] + p * P + r) * H_kv + h) * dv);
-      }
-  });
+  const auto st = detail::paged::stage(fn, cache, table, seqs, opt.num_threads);
+  const ConstView3<KV> kst = st.keys(), vst = st.values();
   std::vector<detail::flash::Segment<KV>> segs;
   std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
   for (std::size_t i = 0; i < seqs.size(); ++i) {
     const std::int64_t b = seqs[i], s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1], L = table.lengths[b];
     View2<float> seg_lse = lse.data ? lse.slice(0, s0, s1) : View2<float>{};
-    segs.push_back({q.slice(0, s0, s1), kst.slice(0, offset[i], offset[i] + L), vst.slice(0, offset[i], offset[i] + L),
+    segs.push_back({q.slice(0, s0, s1), kst.slice(0, st.offset[i], st.offset[i] + L), vst.slice(0, st.offset[i], st.offset[i] + L),
                     out.slice(0, s0, s1), seg_lse, L - (s1 - s0), nullptr, s0});
     ranges.emplace_back(std::max(qb, s0) - s0, std::min(qe, s1) - s0);
   }

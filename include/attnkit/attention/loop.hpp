@@ -56,6 +56,21 @@
 // add only W rows to the bytes read, so decode stays bound by streaming the global cache. An
 // overload takes int8 K/V (QuantView3, attention/quant.hpp) and runs the int8 decode kernel.
 //
+// Over a paged cache (attention/paged_kv.hpp), for many sequences at once: k_glob / k_loc become
+// two PagedKV read through one page table (the "layer" reading passes the same pages twice; the
+// "stack" reading loop 1's and loop 2's pages, which hold the same positions under the same page
+// ids, as a batch session's pool lays them out):
+//   loop_attention_decode_paged(q [B, H, d_k], glob, loc, table, gate_w, gate_b, window,
+//     out [B, H, d_v], opt, gates [B, H] optional): global = attention_decode_paged over glob,
+//     local = attention_decode_paged over loc's last `window` keys (pages below the window are
+//     never read), then the same gate and blend as above. Bit-identical for any thread count.
+//   loop_attention_prefill_paged(q [T, H, d_k], glob, loc, table, cu_seqlens, gate_w, gate_b,
+//     window, out, opt, gates [T, H] optional): the new tokens of B sequences packed along the
+//     token axis (cu_seqlens; each sequence's last tokens, already appended). Each sequence's
+//     visible pages are staged into contiguous buffers and loop_attention runs on them (q_offset
+//     = lengths[b] - n_b, local_offset 0): bit for bit the contiguous call. opt.q_offset and
+//     opt.local_offset must stay -1.
+//
 // Arguments are validated up front; violations throw attnkit::Error naming the function and
 // the argument.
 #pragma once
@@ -67,6 +82,7 @@
 #include <utility>
 #include <vector>
 
+#include "attnkit/attention/batched_decode.hpp"
 #include "attnkit/attention/common.hpp"
 #include "attnkit/attention/decode.hpp"
 #include "attnkit/attention/detail/flash_prefill.hpp"
@@ -311,5 +327,102 @@ void loop_decode_run(ConstView2<float> q, const K& k_glob, const K& v_glob, cons
 }
 
 }  // namespace detail
+
+namespace detail {
+
+template <class KV>
+void check_loop_paged(const char* fn, const PagedKV<KV>& glob, const PagedKV<KV>& loc, const PageTable& table,
+                      std::int64_t H, std::int64_t d_k, ConstView2<float> gate_w, std::span<const float> gate_b,
+                      std::int64_t window) {
+  check_page_table(fn, glob, table);
+  check_page_table(fn, loc, table);
+  ATTNKIT_REQUIRE(loc.kv_heads() == glob.kv_heads() && loc.head_dim_k() == glob.head_dim_k() &&
+                      loc.head_dim_v() == glob.head_dim_v() && loc.page_size() == glob.page_size(),
+                  fn, ": argument 'loc': pages [", loc.num_pages(), ", ", loc.page_size(), ", ", loc.kv_heads(), ", ",
+                  loc.head_dim_k(), " | ", loc.head_dim_v(), "] do not match glob's [", glob.num_pages(), ", ",
+                  glob.page_size(), ", ", glob.kv_heads(), ", ", glob.head_dim_k(), " | ", glob.head_dim_v(), "]");
+  ATTNKIT_REQUIRE(window >= 1, fn, ": argument 'window': must be >= 1, got ", window);
+  check_view(gate_w, fn, "gate_w");
+  ATTNKIT_REQUIRE(gate_w.shape[0] == H && gate_w.shape[1] == d_k, fn, ": argument 'gate_w': shape ",
+                  shape_string(gate_w), " must be [H, d_k] = [", H, ", ", d_k, "]");
+  ATTNKIT_REQUIRE(static_cast<std::int64_t>(gate_b.size()) == H, fn, ": argument 'gate_b': size ", gate_b.size(),
+                  " must be H = ", H);
+  ATTNKIT_REQUIRE(gate_b.data() != nullptr || H == 0, fn, ": argument 'gate_b': null data pointer");
+}
+
+}  // namespace detail
+
+// See the contract at the top of this file.
+template <class KV>
+void loop_attention_decode_paged(ConstView3<float> q, const PagedKV<KV>& glob, const PagedKV<KV>& loc,
+                                 const PageTable& table, ConstView2<float> gate_w, std::span<const float> gate_b,
+                                 std::int64_t window, View3<float> out /*[B, H, d_v]*/, const DecodeOptions& opt = {},
+                                 View2<float> gates = {} /*optional [B, H]*/) {
+  constexpr const char* fn = "loop_attention_decode_paged";
+  detail::paged::check_decode(fn, q, glob, table, out, opt, {});
+  const std::int64_t B = table.batch(), H = q.shape[1], d_k = q.shape[2], d_v = out.shape[2];
+  detail::check_loop_paged(fn, glob, loc, table, H, d_k, gate_w, gate_b, window);
+  if (gates.data != nullptr) {
+    check_view(gates, fn, "gates");
+    ATTNKIT_REQUIRE(gates.shape[0] == B && gates.shape[1] == H, fn, ": argument 'gates': shape ",
+                    detail::shape_string(gates), " must be [B, H] = [", B, ", ", H, "]");
+  }
+  for (std::int64_t b = 0; b < B; ++b)
+    ATTNKIT_REQUIRE(table.lengths[b] >= 1, fn, ": argument 'table.lengths': sequence ", b,
+                    " has no cached token (it must hold at least the current token's key)");
+  const std::int64_t hb = opt.heads.begin, he = opt.heads.resolve_end(H);
+  if (hb == he || B == 0) return;
+  std::vector<float> local(static_cast<std::size_t>(B * H * d_v));
+  const View3<float> lv(local.data(), {B, H, d_v});
+  detail::paged::decode<true>(q, glob, table, out, opt, {}, 0);
+  detail::paged::decode<true>(q, loc, table, lv, opt, {}, window);
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t h = hb; h < he; ++h) {
+      const float g = detail::flash::gate_sigmoid(simd::dot(gate_w.ptr(h), q.ptr(b, h), d_k) + gate_b[h]);
+      detail::flash::blend_finalize<simd::default_arch>(out.ptr(b, h), out.ptr(b, h), 1.f, lv.ptr(b, h), 1.f, g, d_v);
+      if (gates.data != nullptr) gates(b, h) = g;
+    }
+}
+
+// See the contract at the top of this file.
+template <class KV>
+void loop_attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& glob, const PagedKV<KV>& loc,
+                                  const PageTable& table, std::span<const std::int64_t> cu_seqlens,
+                                  ConstView2<float> gate_w, std::span<const float> gate_b, std::int64_t window,
+                                  View3<float> out /*[T, H, d_v]*/, const LoopOptions& opt = {},
+                                  View2<float> gates = {} /*optional [T, H]*/) {
+  constexpr const char* fn = "loop_attention_prefill_paged";
+  check_view(q, fn, "q");
+  const std::int64_t B = table.batch(), T = q.shape[0];
+  detail::check_loop_paged(fn, glob, loc, table, q.shape[1], q.shape[2], gate_w, gate_b, window);
+  detail::paged::check_cu_seqlens(fn, cu_seqlens, B, T, "q");
+  ATTNKIT_REQUIRE(opt.q_offset == -1 && opt.local_offset == -1, fn, ": arguments 'opt.q_offset' / 'opt.local_offset': ",
+                  "must be -1 (each sequence's queries are its last tokens, its local keys its own pages)");
+  ATTNKIT_REQUIRE(out.shape[0] == T, fn, ": argument 'out': ", out.shape[0], " rows, but q has T = ", T);
+  ATTNKIT_REQUIRE(gates.data == nullptr || gates.shape[0] == T, fn, ": argument 'gates': ", gates.shape[0],
+                  " rows, but q has T = ", T);
+  for (std::int64_t b = 0; b < B; ++b)
+    ATTNKIT_REQUIRE(cu_seqlens[b + 1] - cu_seqlens[b] <= table.lengths[b], fn, ": argument 'table.lengths': sequence ",
+                    b, " has ", cu_seqlens[b + 1] - cu_seqlens[b], " new tokens in q but only ", table.lengths[b],
+                    " cached (append the new tokens first and count them in its length)");
+  std::vector<std::int64_t> seqs;
+  for (std::int64_t b = 0; b < B; ++b)
+    if (cu_seqlens[b + 1] > cu_seqlens[b]) seqs.push_back(b);
+  const bool shared = glob.k.data == loc.k.data && glob.v.data == loc.v.data && glob.k.stride == loc.k.stride &&
+                      glob.v.stride == loc.v.stride;
+  const auto sg = detail::paged::stage(fn, glob, table, seqs, opt.num_threads);
+  const auto sl = shared ? detail::paged::Staged<KV>{} : detail::paged::stage(fn, loc, table, seqs, opt.num_threads);
+  const auto& lsrc = shared ? sg : sl;
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    const std::int64_t b = seqs[i], s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1], L = table.lengths[b];
+    LoopOptions o = opt;
+    o.q_offset = L - (s1 - s0);
+    o.local_offset = 0;
+    const std::int64_t r0 = sg.offset[i];
+    loop_attention<KV>(q.slice(0, s0, s1), sg.keys().slice(0, r0, r0 + L), sg.values().slice(0, r0, r0 + L),
+                       lsrc.keys().slice(0, r0, r0 + L), lsrc.values().slice(0, r0, r0 + L), gate_w, gate_b, window,
+                       out.slice(0, s0, s1), o, gates.data == nullptr ? View2<float>{} : gates.slice(0, s0, s1));
+  }
+}
 
 }  // namespace attnkit

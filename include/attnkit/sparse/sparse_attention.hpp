@@ -26,6 +26,20 @@
 // bound by L2 bandwidth at G flops per loaded element (see the README's measurements).
 // Results are bit-identical for any thread count; decode over every key equals
 // attention_decode bit for bit (same chunks, same arithmetic).
+//
+// Over a paged cache (attention/paged_kv.hpp; positions are those of each sequence's page table):
+//   sparse_attention_decode_paged(q [B, H, d_k], cache, table, indices [B, K], out [B, H, d_v],
+//     opt, lse [B, H]): one query per sequence at its newest position lengths[b] - 1, each with
+//     its own selection (checked as above against that sequence's length). The paged decode
+//     kernel (attention/batched_decode.hpp) reads the selected rows through the page table: the
+//     same chunks of the selection, the same arithmetic, so out equals sparse_attention_decode on
+//     a contiguous copy of each sequence bit for bit (same opt.kv_chunk; it must be 0 or a
+//     multiple of the page size here), for any thread count.
+//   sparse_attention_prefill_paged(q [T, H, d_k], cache, table, cu_seqlens, indices [T, K], out,
+//     opt, lse): the new tokens of B sequences packed along the token axis (cu_seqlens, as
+//     attention_prefill_paged: they are each sequence's last tokens, already appended). Each
+//     sequence's visible pages are staged into a contiguous buffer and sparse_attention_prefill
+//     runs on it with q_offset = lengths[b] - n_b: bit for bit the contiguous call.
 #pragma once
 
 #include <algorithm>
@@ -34,6 +48,7 @@
 #include <string>
 #include <vector>
 
+#include "attnkit/attention/batched_decode.hpp"
 #include "attnkit/attention/common.hpp"
 #include "attnkit/attention/decode.hpp"
 #include "attnkit/core/error.hpp"
@@ -229,6 +244,70 @@ void sparse_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<
       }
     }
   }, /*dynamic=*/true);
+}
+
+// One query per sequence over a paged cache. See the contract at the top of this file.
+template <class KV>
+void sparse_attention_decode_paged(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& table,
+                                   ConstView2<std::int32_t> indices, View3<float> out,
+                                   const SparseAttentionOptions& opt = {}, View2<float> lse = {}) {
+  constexpr const char* fn = "sparse_attention_decode_paged";
+  detail::sparse::check_options(fn, opt);
+  DecodeOptions dopt;
+  dopt.scale = opt.scale;
+  dopt.num_threads = opt.num_threads;
+  dopt.kv_chunk = opt.kv_chunk;
+  detail::paged::check_decode(fn, q, cache, table, out, dopt, lse);
+  ATTNKIT_REQUIRE(opt.q_offset == -1, fn, ": argument 'opt.q_offset': must be -1 (each query sits at its sequence's ",
+                  "newest position), got ", opt.q_offset);
+  check_view(indices, fn, "indices");
+  const std::int64_t B = table.batch(), K = indices.shape[1];
+  ATTNKIT_REQUIRE(indices.shape[0] == B, fn, ": argument 'indices': ", indices.shape[0],
+                  " rows, but the table has B = ", B, " sequences");
+  ATTNKIT_REQUIRE(indices.stride[1] == 1 || K <= 1, fn, ": argument 'indices': rows must be contiguous");
+  std::vector<std::int64_t> count(static_cast<std::size_t>(B));
+  for (std::int64_t b = 0; b < B; ++b) {
+    const std::int64_t L = table.lengths[b];
+    count[static_cast<std::size_t>(b)] = detail::sparse::checked_count(fn, indices.ptr(b), K, L - 1, L, b);
+  }
+  detail::paged::decode<true>(q, cache, table, out, dopt, lse, 0,
+                              detail::paged::Selection{indices.data, indices.stride[0], count.data()});
+}
+
+// The new tokens of several sequences over a paged cache. See the contract at the top of this file.
+template <class KV>
+void sparse_attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& table,
+                                    std::span<const std::int64_t> cu_seqlens, ConstView2<std::int32_t> indices,
+                                    View3<float> out, const SparseAttentionOptions& opt = {}, View2<float> lse = {}) {
+  constexpr const char* fn = "sparse_attention_prefill_paged";
+  check_page_table(fn, cache, table);
+  check_view(q, fn, "q");
+  check_view(indices, fn, "indices");
+  check_view(out, fn, "out");
+  detail::sparse::check_options(fn, opt);
+  const std::int64_t B = table.batch(), T = q.shape[0];
+  detail::paged::check_cu_seqlens(fn, cu_seqlens, B, T, "q");
+  ATTNKIT_REQUIRE(opt.q_offset == -1, fn, ": argument 'opt.q_offset': must be -1 (each sequence's queries are its "
+                  "last tokens), got ", opt.q_offset);
+  ATTNKIT_REQUIRE(indices.shape[0] == T, fn, ": argument 'indices': ", indices.shape[0], " rows, but q has T = ", T);
+  ATTNKIT_REQUIRE(out.shape[0] == T, fn, ": argument 'out': ", out.shape[0], " rows, but q has T = ", T);
+  ATTNKIT_REQUIRE(lse.empty() || lse.shape[0] == T, fn, ": argument 'lse': ", lse.shape[0], " rows, but q has T = ", T);
+  for (std::int64_t b = 0; b < B; ++b)
+    ATTNKIT_REQUIRE(cu_seqlens[b + 1] - cu_seqlens[b] <= table.lengths[b], fn, ": argument 'table.lengths': sequence ",
+                    b, " has ", cu_seqlens[b + 1] - cu_seqlens[b], " new tokens in q but only ", table.lengths[b],
+                    " cached (append the new tokens first and count them in its length)");
+  std::vector<std::int64_t> seqs;
+  for (std::int64_t b = 0; b < B; ++b)
+    if (cu_seqlens[b + 1] > cu_seqlens[b]) seqs.push_back(b);
+  const auto st = detail::paged::stage(fn, cache, table, seqs, opt.num_threads);
+  for (std::size_t i = 0; i < seqs.size(); ++i) {
+    const std::int64_t b = seqs[i], s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1], L = table.lengths[b];
+    SparseAttentionOptions o = opt;
+    o.q_offset = L - (s1 - s0);
+    sparse_attention_prefill<KV>(q.slice(0, s0, s1), st.keys().slice(0, st.offset[i], st.offset[i] + L),
+                                 st.values().slice(0, st.offset[i], st.offset[i] + L), indices.slice(0, s0, s1),
+                                 out.slice(0, s0, s1), o, lse.empty() ? View2<float>{} : lse.slice(0, s0, s1));
+  }
 }
 
 }  // namespace attnkit
