@@ -2,7 +2,9 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
+#include <numeric>
 #include <random>
 #include <type_traits>
 #include <vector>
@@ -10,6 +12,9 @@
 #include "attnkit/attention/batched_decode.hpp"
 #include "attnkit/attention/decode.hpp"
 #include "attnkit/attention/kv_cache.hpp"
+#include "attnkit/attention/loop.hpp"
+#include "attnkit/sparse/sparse_attention.hpp"
+#include "bench_data.hpp"
 #include "roofline.hpp"
 
 namespace {
@@ -124,72 +129,161 @@ std::vector<std::int64_t> paged_bench_lengths(std::int64_t T) {
   return {512, 768, 1024, 1536, 2048, 3072, 4096, 8192};
 }
 
-void BM_decode_paged(benchmark::State& state) {
+// The pool and the rotating sets of page tables of decode/paged (see above).
+struct PagedSets {
   using KV = attnkit::bf16;
-  constexpr std::int64_t H = 16, Hk = 8, d = 128;
-  const std::int64_t P = state.range(1);
-  const std::vector<std::int64_t> lengths = paged_bench_lengths(state.range(0));
-  const std::int64_t B = static_cast<std::int64_t>(lengths.size());
-  std::int64_t tokens = 0, pages_per_set = 0;
-  for (auto L : lengths) {
-    tokens += L;
-    pages_per_set += (L + P - 1) / P;
+  static constexpr std::int64_t H = 16, Hk = 8, d = 128;
+  std::vector<std::int64_t> lengths;
+  std::int64_t B = 0, bytes = 0, n_sets = 0;
+  attnkit::PagePool<KV> pool;
+  std::vector<std::vector<std::int64_t>> indptr;
+  std::vector<std::vector<std::int32_t>> indices;
+  attnkit::PageTable table(std::size_t s) const { return {indptr[s], indices[s], lengths}; }
+
+  static std::int64_t pages_per_set(const std::vector<std::int64_t>& lengths, std::int64_t P) {
+    std::int64_t n = 0;
+    for (auto L : lengths) n += (L + P - 1) / P;
+    return n;
   }
-  const std::int64_t bytes = 2 * tokens * Hk * d * static_cast<std::int64_t>(sizeof(KV));
-  const std::int64_t n_sets = std::max<std::int64_t>(2, ((std::int64_t{2} << 30) + bytes - 1) / bytes);
-  attnkit::PagePool<KV> pool(n_sets * pages_per_set, P, Hk, d, d);
-  {  // random bf16 values, written straight into the pool's storage
-    std::mt19937 gen(42);
-    std::normal_distribution<float> nd;
-    std::vector<KV> pattern(std::size_t{1} << 20);
-    for (auto& x : pattern) x = KV(nd(gen));
-    const auto view = pool.view();
-    for (KV* base : {view.k.data, view.v.data}) {
-      const std::int64_t n = pool.num_pages() * P * Hk * d;
-      const std::int64_t step = static_cast<std::int64_t>(pattern.size()) - 512;  // every element written
-      for (std::int64_t i = 0; i < n; i += step)
-        std::copy_n(pattern.begin() + (i / step) % 512, std::min(n - i, step), base + i);
+  static std::int64_t kv_bytes(const std::vector<std::int64_t>& lengths) {
+    std::int64_t t = 0;
+    for (auto L : lengths) t += L;
+    return 2 * t * Hk * d * static_cast<std::int64_t>(sizeof(KV));
+  }
+  PagedSets(std::vector<std::int64_t> lens, std::int64_t P)
+      : lengths(std::move(lens)), B(static_cast<std::int64_t>(lengths.size())), bytes(kv_bytes(lengths)),
+        n_sets(std::max<std::int64_t>(2, ((std::int64_t{2} << 30) + bytes - 1) / bytes)),
+        pool(n_sets * pages_per_set(lengths, P), P, Hk, d, d) {
+    {  // random bf16 values, written straight into the pool's storage
+      std::mt19937 gen(42);
+      std::normal_distribution<float> nd;
+      std::vector<KV> pattern(std::size_t{1} << 20);
+      for (auto& x : pattern) x = KV(nd(gen));
+      const auto view = pool.view();
+      for (KV* base : {view.k.data, view.v.data}) {
+        const std::int64_t n = pool.num_pages() * P * Hk * d;
+        const std::int64_t step = static_cast<std::int64_t>(pattern.size()) - 512;  // every element written
+        for (std::int64_t i = 0; i < n; i += step)
+          std::copy_n(pattern.begin() + (i / step) % 512, std::min(n - i, step), base + i);
+      }
+    }
+    std::vector<std::int32_t> ids;
+    for (std::int64_t i = 0; i < pool.num_pages(); ++i) ids.push_back(pool.allocate());
+    std::shuffle(ids.begin(), ids.end(), std::mt19937(7));
+    indptr.resize(static_cast<std::size_t>(n_sets));
+    indices.resize(static_cast<std::size_t>(n_sets));
+    std::size_t next = 0;
+    for (std::int64_t s = 0; s < n_sets; ++s) {
+      indptr[s].push_back(0);
+      for (auto L : lengths) {
+        for (std::int64_t p = 0; p < (L + P - 1) / P; ++p) indices[s].push_back(ids[next++]);
+        indptr[s].push_back(static_cast<std::int64_t>(indices[s].size()));
+      }
     }
   }
-  std::vector<std::int32_t> ids;
-  for (std::int64_t i = 0; i < pool.num_pages(); ++i) ids.push_back(pool.allocate());
-  std::shuffle(ids.begin(), ids.end(), std::mt19937(7));
-  std::vector<std::vector<std::int64_t>> indptr(static_cast<std::size_t>(n_sets));
-  std::vector<std::vector<std::int32_t>> indices(static_cast<std::size_t>(n_sets));
-  std::size_t next = 0;
-  for (std::int64_t s = 0; s < n_sets; ++s) {
-    indptr[s].push_back(0);
-    for (auto L : lengths) {
-      for (std::int64_t p = 0; p < (L + P - 1) / P; ++p) indices[s].push_back(ids[next++]);
-      indptr[s].push_back(static_cast<std::int64_t>(indices[s].size()));
-    }
-  }
+};
+
+void BM_decode_paged(benchmark::State& state) {
+  using KV = PagedSets::KV;
+  constexpr std::int64_t H = PagedSets::H, d = PagedSets::d;
+  const PagedSets ps(paged_bench_lengths(state.range(0)), state.range(1));
+  const std::int64_t B = ps.B;
   std::mt19937 gen(43);
   std::normal_distribution<float> nd;
   std::vector<float> q(static_cast<std::size_t>(B * H * d)), out(static_cast<std::size_t>(B * H * d));
   for (auto& x : q) x = nd(gen);
   attnkit::DecodeOptions opt;
   opt.num_threads = 2;
-  const attnkit::PagedKV<KV> cache = pool.view();
+  const attnkit::PagedKV<KV> cache = ps.pool.view();
   std::size_t i = 0;
   for (auto _ : state) {
-    const std::size_t s = i++ % static_cast<std::size_t>(n_sets);
-    attnkit::attention_decode_paged<KV>(attnkit::ConstView3<float>(q.data(), {B, H, d}), cache,
-                                        attnkit::PageTable{indptr[s], indices[s], lengths},
+    const std::size_t s = i++ % static_cast<std::size_t>(ps.n_sets);
+    attnkit::attention_decode_paged<KV>(attnkit::ConstView3<float>(q.data(), {B, H, d}), cache, ps.table(s),
                                         attnkit::View3<float>(out.data(), {B, H, d}), opt);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
-  const double gb = static_cast<double>(bytes) * 1e-9;
+  const double gb = static_cast<double>(ps.bytes) * 1e-9;
   state.counters["GBps"] = benchmark::Counter(gb, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["bw_frac"] =
       benchmark::Counter(gb / roofline().read_gbps, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["sets"] = static_cast<double>(n_sets);
+  state.counters["sets"] = static_cast<double>(ps.n_sets);
 }
 BENCHMARK(BM_decode_paged)
     ->Name("decode/paged/bf16")->ArgNames({"T", "P"})
     ->Args({512, 16})->Args({2048, 16})->Args({8192, 16})->Args({0, 16})->Args({0, 64})
     ->UseRealTime()->Unit(benchmark::kMicrosecond);
+
+// Loop Attention and sparse attention over the same pages (the mixed lengths 512 .. 8192, P 16),
+// each step alternating with plain paged decode of the same page tables: vs_plain = median of
+// (variant time / plain time).
+//  * decode/paged/loop/bf16: loop_attention_decode_paged, layer reading (global over all keys,
+//    local over the last W = 64 of the same pages, gate and blend). Ideal: 1 + W / length.
+//  * decode/paged/sparse/bf16: sparse_attention_decode_paged with each sequence's own random
+//    selection of min(2048, length) keys (DSA's top-2048). GBps / bw_frac count the selected rows'
+//    K and V bytes; vs_plain should approach the fraction of the rows read.
+void BM_decode_paged_variant(benchmark::State& state, bool sparse) {
+  using KV = PagedSets::KV;
+  constexpr std::int64_t H = PagedSets::H, d = PagedSets::d, W = 64, top_k = 2048;
+  const PagedSets ps(paged_bench_lengths(0), 16);
+  const std::int64_t B = ps.B;
+  std::mt19937 gen(43);
+  std::normal_distribution<float> nd;
+  std::vector<float> q(static_cast<std::size_t>(B * H * d)), out(q.size()), plain(q.size());
+  for (auto& x : q) x = nd(gen);
+  std::vector<float> gate_w(static_cast<std::size_t>(H * d)), gate_b(static_cast<std::size_t>(H));
+  for (auto& x : gate_w) x = 0.05f * nd(gen);
+  for (auto& x : gate_b) x = nd(gen);
+  std::vector<std::int32_t> idx(static_cast<std::size_t>(B * top_k), -1);
+  std::int64_t selected = 0;
+  for (std::int64_t b = 0; b < B; ++b) {  // a random ascending selection per sequence
+    const std::int64_t L = ps.lengths[b], n = std::min(L, top_k);
+    std::vector<std::int32_t> all(static_cast<std::size_t>(L));
+    std::iota(all.begin(), all.end(), 0);
+    std::shuffle(all.begin(), all.end(), gen);
+    std::sort(all.begin(), all.begin() + n);
+    std::copy_n(all.begin(), n, idx.begin() + b * top_k);
+    selected += n;
+  }
+  attnkit::DecodeOptions opt;
+  opt.num_threads = 2;
+  attnkit::SparseAttentionOptions so;
+  so.num_threads = 2;
+  const attnkit::PagedKV<KV> cache = ps.pool.view();
+  Paired pairs;
+  std::size_t i = 0;
+  for (auto _ : state) {
+    const std::size_t s = i++ % static_cast<std::size_t>(ps.n_sets);
+    const auto t0 = std::chrono::steady_clock::now();
+    attnkit::attention_decode_paged<KV>(attnkit::ConstView3<float>(q.data(), {B, H, d}), cache, ps.table(s),
+                                        attnkit::View3<float>(plain.data(), {B, H, d}), opt);
+    const auto t1 = std::chrono::steady_clock::now();
+    if (sparse)
+      attnkit::sparse_attention_decode_paged<KV>(attnkit::ConstView3<float>(q.data(), {B, H, d}), cache, ps.table(s),
+                                                 attnkit::ConstView2<std::int32_t>(idx.data(), {B, top_k}),
+                                                 attnkit::View3<float>(out.data(), {B, H, d}), so);
+    else
+      attnkit::loop_attention_decode_paged<KV>(attnkit::ConstView3<float>(q.data(), {B, H, d}), cache, cache, ps.table(s),
+                                               attnkit::ConstView2<float>(gate_w.data(), {H, d}), gate_b, W,
+                                               attnkit::View3<float>(out.data(), {B, H, d}), opt);
+    const auto t2 = std::chrono::steady_clock::now();
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+    const double variant_s = std::chrono::duration<double>(t2 - t1).count();
+    pairs.add(variant_s, std::chrono::duration<double>(t1 - t0).count());
+    state.SetIterationTime(variant_s);
+  }
+  const double gb = (sparse ? static_cast<double>(2 * selected * PagedSets::Hk * d * 2) : static_cast<double>(ps.bytes)) * 1e-9;
+  state.counters["GBps"] = benchmark::Counter(gb, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["bw_frac"] =
+      benchmark::Counter(gb / roofline().read_gbps, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["vs_plain"] = pairs.time_ratio();
+  if (sparse) state.counters["rows_frac"] = static_cast<double>(selected) / (static_cast<double>(ps.bytes) / (2.0 * PagedSets::Hk * d * 2));
+}
+BENCHMARK_CAPTURE(BM_decode_paged_variant, loop, false)
+    ->Name("decode/paged/loop/bf16")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_decode_paged_variant, sparse, true)
+    ->Name("decode/paged/sparse/bf16")->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 void BM_decode_paged_contig(benchmark::State& state) {
   using KV = attnkit::bf16;

@@ -7,14 +7,19 @@
 // linear layers (projections, MLPs, the head) run once over all the step's tokens and read their
 // weights once per step instead of once per sequence.
 //
-// K/V storage: the mixers that ask for it (TokenMixer::paged_layout: Qwen3 full attention, f32
-// or bf16 caches) keep their K/V in ONE page pool of the session (attention/paged_kv.hpp; pages
-// of BatchOptions::page_size tokens; every such layer and pass owns a range of the pool's KV-head
-// axis, so one page id holds the same positions in every layer). Each sequence has a page table;
-// the pool doubles when it runs out (BatchOptions::initial_pages first). Other mixers (sliding
-// windows, int8 caches, Gated DeltaNet, Loop and sparse attention, ...) keep a state per
-// sequence and run per sequence inside the step (TokenMixer::forward_batch's default): every
-// model works in a batch session, and the MLPs and the head are still batched.
+// K/V storage: the mixers that ask for it (TokenMixer::paged_layout: Qwen3 full attention, Loop
+// Attention in layer mode, sparse attention; f32 or bf16 caches) keep their K/V in ONE page pool
+// of the session (attention/paged_kv.hpp; pages of BatchOptions::page_size tokens; every such
+// layer and pass owns a range of the pool's KV-head axis, so one page id holds the same positions
+// in every layer), plus what else they keep per sequence (TokenMixer::new_paged_state: sparse
+// attention's index keys). Each sequence has a page table; the pool doubles when it runs out
+// (BatchOptions::initial_pages first). Other mixers (sliding windows, Loop Attention's stack
+// mode, int8 caches, Gated DeltaNet, ...) keep a state per sequence and run per sequence inside
+// the step (TokenMixer::forward_batch's default): every model works in a batch session, and the
+// MLPs and the head are still batched. Sliding windows stay per sequence on purpose: one page id
+// holds a position in every layer, so a windowed layer in the pool could not drop the pages
+// below its window (the paged kernels take a window and never read them; an engine with a pool
+// per layer group can use that).
 //
 // Prefix sharing: fork(s) starts a new sequence holding everything s holds: its pages are
 // shared (reference counts, no copy), per-sequence states are copied (MixerState::clone; mixers
@@ -66,7 +71,8 @@ class BatchSession {
     const MemoryLimitScope scope(limits_.max_memory_bytes);
     Sequence s;
     for (int l = 0; l < static_cast<int>(head0_.size()); ++l)
-      s.states.push_back(head0_[static_cast<std::size_t>(l)] >= 0 ? nullptr : model_->mixer(l).new_state(opt_));
+      s.states.push_back(head0_[static_cast<std::size_t>(l)] >= 0 ? model_->mixer(l).new_paged_state(opt_)
+                                                                  : model_->mixer(l).new_state(opt_));
     seqs_.emplace(next_id_, std::move(s));
     return next_id_++;
   }
@@ -130,7 +136,7 @@ class BatchSession {
     std::int64_t position = 0;
     bool broken = false;
     std::vector<std::int32_t> pages;
-    std::vector<std::unique_ptr<MixerState>> states;  // per layer; null where the layer is paged
+    std::vector<std::unique_ptr<MixerState>> states;  // per layer; where the layer is paged, its new_paged_state() (often null)
   };
 
   template <class F>
@@ -264,6 +270,9 @@ inline void Qwen3Model::forward_batch(BatchSession& bs, std::span<const Sequence
         if (!bs.layer_paged(l)) {
           states = add_bytes(states, layer_state_bytes(l, after, bs.opt_));
           held = add_bytes(held, layer_state_bytes(l, s.position, bs.opt_));
+        } else {
+          states = add_bytes(states, layers_[static_cast<std::size_t>(l)].mixer->paged_state_bytes(after, bs.opt_));
+          held = add_bytes(held, layers_[static_cast<std::size_t>(l)].mixer->paged_state_bytes(s.position, bs.opt_));
         }
     }
     const std::uint64_t buffers = add_bytes(estimate_memory(0, N, bs.opt_).step, mul_bytes(rows, V, sizeof(float)));
@@ -318,10 +327,8 @@ inline void Qwen3Model::forward_batch(BatchSession& bs, std::span<const Sequence
             [&](std::size_t l, ConstView2<float> xn, View2<float> y, const StepContext& c) {
               BatchStep st = bstep;
               st.kv_head0 = bs.head0_[l];
-              if (st.kv_head0 < 0) {
-                for (std::int64_t b = 0; b < B; ++b) states[static_cast<std::size_t>(b)] = seq[b]->states[l].get();
-                st.states = states;
-              }
+              for (std::int64_t b = 0; b < B; ++b) states[static_cast<std::size_t>(b)] = seq[b]->states[l].get();
+              st.states = states;
               layers_[l].mixer->forward_batch(xn, y, st, c);
             });
   for (std::int64_t b = 0; b < B; ++b) {

@@ -72,7 +72,8 @@ struct BatchStep {
   std::span<const std::int64_t> cu_seqlens;  // [B + 1]
   std::span<const std::int64_t> pos0;        // [B]
   std::span<const ops::Rope::Angles> rope;   // [B]: the model's RoPE angles of each sequence's new tokens
-  // Mixers without a paged layout: each sequence's own state (B of them).
+  // Each sequence's own state (B of them): new_state()'s for mixers without a paged layout,
+  // new_paged_state()'s (possibly null) for paged ones.
   std::span<MixerState* const> states;
   // Paged mixers: the session's pool (f32 or bf16: the other is empty) and this mixer's heads
   // in it, [kv_head0, kv_head0 + layout.kv_heads); the sequences' page tables with their
@@ -100,6 +101,11 @@ class TokenMixer {
   // Batch sessions. A mixer that keeps softmax K/V can ask for a share of the session's page
   // pool (pages shared between sequences, copy on write); the default keeps a state per sequence.
   virtual PagedLayout paged_layout(const SessionOptions& /*opt*/) const { return {}; }
+  // A paged mixer's per-sequence state beside its pages (e.g. sparse attention's index-key
+  // cache), handed to forward_batch in BatchStep::states; null (the default): none.
+  virtual std::unique_ptr<MixerState> new_paged_state(const SessionOptions& /*opt*/) const { return nullptr; }
+  // Bytes that state holds after `positions` tokens (the batch step's memory check counts them).
+  virtual std::uint64_t paged_state_bytes(std::int64_t /*positions*/, const SessionOptions& /*opt*/) const { return 0; }
   // Runs a batch step's tokens (x [N, D] -> out [N, D]). The default runs forward() on each
   // sequence's rows with its own state, so every mixer works in a batch session; mixers
   // override it to run their projections on all N rows at once (weights read once per step).

@@ -10,6 +10,7 @@
 //    plus, per later pass, a ring buffer of the last W positions (memory O(W), not O(T)).
 //  * layer: one pass; global and local both from the layer's own q, k, v (the fused kernel path:
 //    each score computed once). Decode state: the layer's full cache; local = its last W rows.
+//    In a batch session that cache lives in the session's page pool (forward_batch).
 // Tensors: the attention's own (q/k/v/o projections, q/k norms) plus
 // model.gate_projections.{i}.weight [H, head_dim] and .bias [H].
 // Trace: "gates" [T, H] per layer of the looping pass (stack mode with loop_num > 2 also
@@ -24,6 +25,7 @@
 #include "attnkit/attention/loop.hpp"
 #include "attnkit/model/mixer.hpp"
 #include "attnkit/model/parts/cached_attention.hpp"
+#include "attnkit/model/parts/paged_attention.hpp"
 #include "attnkit/model/parts/qkv_projection.hpp"
 #include "attnkit/model/trace.hpp"
 
@@ -87,6 +89,26 @@ class LoopAttention final : public TokenMixer {
     return st;
   }
 
+  // Batch sessions: layer mode keeps every pass's full cache in the session's page pool (f32 or
+  // bf16) and runs the paged Loop Attention kernels (attention/loop.hpp) over it: global over the
+  // pages, local over their last W positions. Stack mode keeps a state per sequence: its looping
+  // passes need only a ring of W keys, which pages shared across layers would turn into a full
+  // cache; int8 caches likewise.
+  PagedLayout paged_layout(const SessionOptions& opt) const override {
+    if (opt.kv_type == CacheType::int8 || s_.mode == LoopMode::stack) return {};
+    return {proj_.kv_heads() * passes_, proj_.head_dim()};
+  }
+  void forward_batch(ConstView2<float> x, View2<float> out, const BatchStep& step, const StepContext& ctx) const override {
+    if (step.kv_head0 < 0) return TokenMixer::forward_batch(x, out, step, ctx);
+    const std::int64_t N = x.shape[0], H = proj_.heads(), d = proj_.head_dim();
+    QKV qkv;
+    proj_.forward_batch(x, qkv, step, ctx);
+    std::vector<float> attn(static_cast<std::size_t>(N * H * d));
+    attend_paged(qkv.q, qkv.k, qkv.v, View3<float>(attn.data(), {N, H, d}), step,
+                 step.kv_head0 + ctx.pass * proj_.kv_heads(), LayerPaged{*this, ctx});
+    o_.forward(View2<float>(attn.data(), {N, H * d}), out, {ctx.precision, ctx.num_threads, false});
+  }
+
   void forward(ConstView2<float> x, View2<float> out, MixerState& state, const StepContext& ctx) const override {
     auto* st = dynamic_cast<State*>(&state);
     ATTNKIT_REQUIRE(st != nullptr, "LoopAttention::forward: argument 'state': not created by this mixer");
@@ -124,6 +146,26 @@ class LoopAttention final : public TokenMixer {
     std::vector<AttentionCache> global;  // stack: [K1/V1]; layer: one full cache per pass
     std::vector<AttentionCache> local;   // stack: ring of W per looping pass
     std::unique_ptr<MixerState> clone(const std::string&) const override { return std::make_unique<State>(*this); }
+  };
+
+  // Layer mode over pages: the same pages are the global and the local keys.
+  struct LayerPaged {
+    const LoopAttention& m;
+    const StepContext& ctx;
+    template <class KV>
+    void decode(ConstView3<float> q, const PagedKV<KV>& pages, const PageTable& table, View3<float> out,
+                const std::vector<std::int64_t>&) const {
+      DecodeOptions o;
+      o.num_threads = ctx.num_threads;
+      loop_attention_decode_paged<KV>(q, pages, pages, table, m.gate_w(), m.gate_b(), m.s_.window, out, o);
+    }
+    template <class KV>
+    void prefill(ConstView3<float> q, const PagedKV<KV>& pages, const PageTable& table, std::span<const std::int64_t> cu,
+                 View3<float> out, const std::vector<std::int64_t>&) const {
+      LoopOptions o;
+      o.num_threads = ctx.num_threads;
+      loop_attention_prefill_paged<KV>(q, pages, pages, table, cu, m.gate_w(), m.gate_b(), m.s_.window, out, o);
+    }
   };
 
   ConstView2<float> gate_w() const { return ConstView2<float>(gate_w_.data(), {proj_.heads(), proj_.head_dim()}); }

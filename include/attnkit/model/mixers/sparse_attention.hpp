@@ -22,7 +22,8 @@
 // index_topk (k), index_rope_dim (default d_I; even, ≤ d_I).
 // State per pass of the layer stack: the KV cache (f32, bf16 or int8, SessionOptions::kv_type; an
 // int8 cache is dequantised whole to an f32 staging copy each step, so it saves memory, not time) and the
-// index-key cache (d_I floats per token, f32). Prefill, chunked prefill and decode run the same
+// index-key cache (d_I floats per token, f32). In a batch session the f32 / bf16 K/V live in the
+// session's page pool and only the index keys are per sequence (forward_batch). Prefill, chunked prefill and decode run the same
 // indexer and attention over the cached keys, so they agree. A trace records "topk_indices"
 // [layers, tokens, index_topk]: each query's selected positions (as floats, ascending, -1
 // padding) of the last pass.
@@ -37,6 +38,7 @@
 #include "attnkit/model/mixer.hpp"
 #include "attnkit/model/mixers/attention.hpp"
 #include "attnkit/model/parts/cached_attention.hpp"
+#include "attnkit/model/parts/paged_attention.hpp"
 #include "attnkit/model/parts/qkv_projection.hpp"
 #include "attnkit/model/trace.hpp"
 #include "attnkit/sparse/indexer.hpp"
@@ -126,6 +128,52 @@ class SparseAttention final : public TokenMixer {
     return st;
   }
 
+  // Batch sessions: every pass's K/V (f32 or bf16) in the session's page pool, the index keys
+  // (d_I floats per token and pass) in a state per sequence; int8 caches keep the whole state per
+  // sequence. The projections run once over the step's rows; the indexer and its top-k per
+  // sequence (each against its own index keys); the attention over the selected rows of every
+  // sequence in one paged call for the decoding ones and one for the rest.
+  PagedLayout paged_layout(const SessionOptions& opt) const override {
+    if (opt.kv_type == CacheType::int8) return {};
+    return {proj_.kv_heads() * passes_, proj_.head_dim()};
+  }
+  std::unique_ptr<MixerState> new_paged_state(const SessionOptions&) const override {
+    auto st = std::make_unique<IndexKeys>();
+    st->passes.resize(static_cast<std::size_t>(passes_));
+    return st;
+  }
+  std::uint64_t paged_state_bytes(std::int64_t positions, const SessionOptions&) const override {
+    return mul_bytes(passes_, positions, s_.head_dim, sizeof(float));
+  }
+  void forward_batch(ConstView2<float> x, View2<float> out, const BatchStep& step, const StepContext& ctx) const override {
+    if (step.kv_head0 < 0) return TokenMixer::forward_batch(x, out, step, ctx);
+    const std::int64_t N = x.shape[0], H = proj_.heads(), d = proj_.head_dim();
+    std::int64_t K = 1;
+    for (std::int64_t b = 0; b < step.batch(); ++b) K = std::max(K, std::min(s_.topk, step.pos0[b] + step.tokens(b)));
+    std::vector<float> ib(static_cast<std::size_t>(N * index_width()));
+    index_proj_.forward(x, View2<float>(ib.data(), {N, index_width()}), {ctx.precision, ctx.num_threads, false});
+    std::vector<std::int32_t> idx(static_cast<std::size_t>(N * K));
+    for (std::int64_t b = 0; b < step.batch(); ++b) {
+      const std::int64_t r0 = step.cu_seqlens[b], n = step.tokens(b);
+      if (n == 0) continue;
+      auto* st = dynamic_cast<IndexKeys*>(step.states[b]);
+      ATTNKIT_REQUIRE(st != nullptr, "SparseAttention::forward_batch: sequence ", b, " has no index-key state");
+      auto& index_k = st->passes.at(static_cast<std::size_t>(ctx.pass));
+      ATTNKIT_REQUIRE(static_cast<std::int64_t>(index_k.size()) == step.pos0[b] * s_.head_dim,
+                      "SparseAttention::forward_batch: sequence ", b, " at position ", step.pos0[b], " but its index keys hold ",
+                      index_k.size() / static_cast<std::size_t>(s_.head_dim), " tokens");
+      select(ib.data() + r0 * index_width(), n, step.pos0[b], step.rope.empty() ? nullptr : &step.rope[b], index_k,
+             View2<std::int32_t>(idx.data() + r0 * K, {n, K}), ctx);
+    }
+    QKV qkv;
+    proj_.forward_batch(x, qkv, step, ctx);
+    std::vector<float> attn(static_cast<std::size_t>(N * H * d));
+    attend_paged(qkv.q, qkv.k, qkv.v, View3<float>(attn.data(), {N, H, d}), step,
+                 step.kv_head0 + ctx.pass * proj_.kv_heads(), SelectedPaged{idx, K, ctx});
+    if (proj_.output_gate()) apply_output_gate(qkv.gate, attn.data(), layer_, ctx);
+    o_.forward(View2<float>(attn.data(), {N, H * d}), out, {ctx.precision, ctx.num_threads, false});
+  }
+
   void forward(ConstView2<float> x, View2<float> out, MixerState& state, const StepContext& ctx) const override {
     auto* st = dynamic_cast<State*>(&state);
     ATTNKIT_REQUIRE(st != nullptr, "SparseAttention::forward: argument 'state': not created by this mixer");
@@ -134,38 +182,15 @@ class SparseAttention final : public TokenMixer {
     State::Pass& ps = st->passes[static_cast<std::size_t>(ctx.pass)];
     ATTNKIT_REQUIRE(ps.cache.position() == ctx.pos0, "SparseAttention::forward: step starts at position ", ctx.pos0,
                     " but the cache has seen ", ps.cache.position(), " tokens");
-    const std::int64_t T = x.shape[0], H = proj_.heads(), d = proj_.head_dim(), HI = s_.heads, dI = s_.head_dim;
+    const std::int64_t T = x.shape[0], H = proj_.heads(), d = proj_.head_dim();
     const std::int64_t Tk = ctx.pos0 + T;
 
     // The lightning indexer: q, k, w of this step's tokens; k appended to the index-key cache.
-    const std::int64_t W = HI * dI + dI + HI;
-    std::vector<float> ib(static_cast<std::size_t>(T * W));
-    index_proj_.forward(x, View2<float>(ib.data(), {T, W}), {ctx.precision, ctx.num_threads, false});
-    const View3<float> iq(ib.data(), {T, HI, dI}, {W, dI, 1});
-    require_memory(mul_bytes(Tk, dI, sizeof(float)), "SparseAttention: index-key cache of " + std::to_string(Tk) + " tokens x " + std::to_string(dI) + " floats");
-    ps.index_k.resize(static_cast<std::size_t>(Tk * dI));
-    float* knew = ps.index_k.data() + ctx.pos0 * dI;
-    std::vector<float> iw(static_cast<std::size_t>(T * HI));
-    for (std::int64_t t = 0; t < T; ++t) {
-      const float* row = ib.data() + t * W;
-      layer_norm(row + HI * dI, knew + t * dI);
-      for (std::int64_t j = 0; j < HI; ++j) iw[static_cast<std::size_t>(t * HI + j)] = row[HI * dI + dI + j] * w_scale_;
-    }
-    if (index_rope_) {
-      const std::int64_t r = s_.rope_dim;
-      const bool shared = ctx.rope && ctx.rope->half * 2 == r && ctx.rope->tokens == T && ctx.rope->pos0 == ctx.pos0;
-      const ops::Rope::Angles own = shared ? ops::Rope::Angles{} : index_rope_->angles(ctx.pos0, T);
-      const ops::Rope::Angles& ang = shared ? *ctx.rope : own;
-      index_rope_->apply(View3<float>(iq.data, {T, HI, r}, iq.stride), ang, ctx.num_threads);
-      index_rope_->apply(View3<float>(knew, {T, 1, r}, {dI, dI, 1}), ang, ctx.num_threads);
-    }
     const std::int64_t K = std::min(s_.topk, Tk);  // columns the kernels see (the trace pads to topk)
+    std::vector<float> ib(static_cast<std::size_t>(T * index_width()));
+    index_proj_.forward(x, View2<float>(ib.data(), {T, index_width()}), {ctx.precision, ctx.num_threads, false});
     std::vector<std::int32_t> idx(static_cast<std::size_t>(T * K));
-    IndexerOptions io;
-    io.q_offset = ctx.pos0;
-    io.num_threads = ctx.num_threads;
-    indexer_topk(ConstView3<float>(iq), ConstView2<float>(ps.index_k.data(), {Tk, dI}),
-                 ConstView2<float>(iw.data(), {T, HI}), View2<std::int32_t>(idx.data(), {T, K}), io);
+    select(ib.data(), T, ctx.pos0, ctx.rope, ps.index_k, View2<std::int32_t>(idx.data(), {T, K}), ctx);
 
     // Main attention over the selected keys of the cache.
     QKV qkv;
@@ -222,6 +247,79 @@ class SparseAttention final : public TokenMixer {
     std::vector<Pass> passes;  // one per pass
     std::unique_ptr<MixerState> clone(const std::string&) const override { return std::make_unique<State>(*this); }
   };
+
+  // A batch step's index-key caches, one per pass (the K/V live in the page pool).
+  struct IndexKeys final : MixerState {
+    std::vector<std::vector<float>> passes;  // [tokens, d_I] each
+    std::unique_ptr<MixerState> clone(const std::string&) const override { return std::make_unique<IndexKeys>(*this); }
+  };
+
+  // The paged attention over each query's selection (idx [N, K]: the step's packed rows).
+  struct SelectedPaged {
+    const std::vector<std::int32_t>& idx;
+    std::int64_t K;
+    const StepContext& ctx;
+    ConstView2<std::int32_t> rows_of(const std::vector<std::int64_t>& rows, std::vector<std::int32_t>& buf) const {
+      buf.resize(rows.size() * static_cast<std::size_t>(K));
+      for (std::size_t i = 0; i < rows.size(); ++i)
+        std::copy_n(idx.data() + rows[i] * K, K, buf.data() + static_cast<std::int64_t>(i) * K);
+      return ConstView2<std::int32_t>(buf.data(), {static_cast<std::int64_t>(rows.size()), K});
+    }
+    SparseAttentionOptions options() const {
+      SparseAttentionOptions o;
+      o.num_threads = ctx.num_threads;
+      return o;
+    }
+    template <class KV>
+    void decode(ConstView3<float> q, const PagedKV<KV>& pages, const PageTable& table, View3<float> out,
+                const std::vector<std::int64_t>& rows) const {
+      std::vector<std::int32_t> buf;
+      sparse_attention_decode_paged<KV>(q, pages, table, rows_of(rows, buf), out, options());
+    }
+    template <class KV>
+    void prefill(ConstView3<float> q, const PagedKV<KV>& pages, const PageTable& table, std::span<const std::int64_t> cu,
+                 View3<float> out, const std::vector<std::int64_t>& rows) const {
+      std::vector<std::int32_t> buf;
+      sparse_attention_prefill_paged<KV>(q, pages, table, cu, rows_of(rows, buf), out, options());
+    }
+  };
+
+  // Columns of the packed indexer product: [index_q (H_I·d_I) | index_k (d_I) | weights (H_I)].
+  std::int64_t index_width() const { return s_.heads * s_.head_dim + s_.head_dim + s_.heads; }
+
+  // The indexer for T tokens at positions pos0 .. whose packed indexer products are the rows
+  // ib [T, index_width()] (overwritten: RoPE is applied in place): their index keys are appended
+  // to index_k (which holds pos0 tokens), and each query's top-min(topk, visible) positions go
+  // to idx [T, K] (-1 padded). rope: the model's angles of these positions, shared when their
+  // dimension is index_rope_dim (else computed).
+  void select(float* ib, std::int64_t T, std::int64_t pos0, const ops::Rope::Angles* rope, std::vector<float>& index_k,
+              View2<std::int32_t> idx, const StepContext& ctx) const {
+    const std::int64_t HI = s_.heads, dI = s_.head_dim, W = index_width(), Tk = pos0 + T;
+    const View3<float> iq(ib, {T, HI, dI}, {W, dI, 1});
+    require_memory(mul_bytes(Tk, dI, sizeof(float)), "SparseAttention: index-key cache of " + std::to_string(Tk) +
+                                                         " tokens x " + std::to_string(dI) + " floats");
+    index_k.resize(static_cast<std::size_t>(Tk * dI));
+    float* knew = index_k.data() + pos0 * dI;
+    std::vector<float> iw(static_cast<std::size_t>(T * HI));
+    for (std::int64_t t = 0; t < T; ++t) {
+      const float* row = ib + t * W;
+      layer_norm(row + HI * dI, knew + t * dI);
+      for (std::int64_t j = 0; j < HI; ++j) iw[static_cast<std::size_t>(t * HI + j)] = row[HI * dI + dI + j] * w_scale_;
+    }
+    if (index_rope_) {
+      const std::int64_t r = s_.rope_dim;
+      const bool shared = rope && rope->half * 2 == r && rope->tokens == T && rope->pos0 == pos0;
+      const ops::Rope::Angles own = shared ? ops::Rope::Angles{} : index_rope_->angles(pos0, T);
+      const ops::Rope::Angles& ang = shared ? *rope : own;
+      index_rope_->apply(View3<float>(iq.data, {T, HI, r}, iq.stride), ang, ctx.num_threads);
+      index_rope_->apply(View3<float>(knew, {T, 1, r}, {dI, dI, 1}), ang, ctx.num_threads);
+    }
+    IndexerOptions io;
+    io.q_offset = pos0;
+    io.num_threads = ctx.num_threads;
+    indexer_topk(ConstView3<float>(iq), ConstView2<float>(index_k.data(), {Tk, dI}), ConstView2<float>(iw.data(), {T, HI}),
+                 idx, io);
+  }
 
   // y = (x - mean) / sqrt(var + eps) · w + b over d_I values (biased variance, double sums).
   void layer_norm(const float* x, float* y) const {

@@ -2,17 +2,19 @@
 // batch session's page pool: the paged counterpart of AttentionCache::attend, as a part every
 // softmax-attention mixer with a paged layout reuses.
 //
-// attend_paged(q, k, v, out, step, head0, ctx): q [N, H, d], k/v [N, H_kv, d] hold the step's
+// attend_paged(q, k, v, out, step, head0, ctx | att): q [N, H, d], k/v [N, H_kv, d] hold the step's
 // packed new tokens (BatchStep::cu_seqlens); k/v are written into the pool's heads
 // [head0, head0 + H_kv) at each sequence's positions pos0[b] ..; then the queries attend
 // causally over their sequence's cached keys. Sequences with one new token (decode) go to the
 // batched decode kernel together (each K/V row read once for every query head that shares it,
 // bit-identical to attention_decode on a contiguous cache); sequences with several (a prompt, a
 // chunk of one) go to the paged prefill kernel together. A mixed step (continuous batching)
-// runs both, each over its own sub-table.
+// runs both, each over its own sub-table. Other softmax mixers pass their own kernels as a
+// policy (Loop Attention's gated blend, sparse attention's selections) and reuse the rest.
 #pragma once
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 #include "attnkit/attention/batched_decode.hpp"
@@ -52,9 +54,15 @@ inline View3<float> gather(ConstView3<float> x, const std::vector<std::int64_t>&
   return View3<float>(buf.data(), {n, a, c});
 }
 
-template <class KV>
+// The skeleton every paged mixer shares: append the step's k/v into the pool's heads [head0,
+// head0 + H_kv), then split the sequences into those decoding one token and those with several
+// and hand each group, with its sub-table and its packed query rows, to the mixer's kernels:
+//   att.decode(qs, pages, table, os, rows)       qs [n, H, d_k] -> os [n, H, d_v]
+//   att.prefill(qs, pages, table, cu, os, rows)  the same, cu: the group's cu_seqlens
+// rows: the step's packed row of each query (for per-row inputs such as sparse selections).
+template <class KV, class Att>
 void attend(const MutablePagedKV<KV>& pool, ConstView3<float> q, ConstView3<float> k, ConstView3<float> v,
-            View3<float> out, const BatchStep& step, std::int64_t head0, const StepContext& ctx) {
+            View3<float> out, const BatchStep& step, std::int64_t head0, const Att& att) {
   const std::int64_t Hkv = k.shape[1];
   const MutablePagedKV<KV> mine = kv_head_range(pool, head0, head0 + Hkv);
   paged_append(mine, step.table, step.cu_seqlens, k, v);
@@ -71,16 +79,9 @@ void attend(const MutablePagedKV<KV>& pool, ConstView3<float> q, ConstView3<floa
     const ConstView3<float> qs = all ? q : ConstView3<float>(gather(q, sub.rows, qb));
     ob.resize(all ? 0 : sub.rows.size() * static_cast<std::size_t>(H * dv));
     const View3<float> os = all ? out : View3<float>(ob.data(), {static_cast<std::int64_t>(sub.rows.size()), H, dv});
-    if (part == 0) {
-      DecodeOptions o;
-      o.num_threads = ctx.num_threads;
-      attention_decode_paged<KV>(qs, mine, sub.table(), os, o);
-    } else {
-      AttentionOptions o;
-      o.num_threads = ctx.num_threads;
-      o.precision = ctx.precision;
-      attention_prefill_paged<KV>(qs, mine, sub.table(), sub.cu, os, CausalMask{}, o);
-    }
+    const PagedKV<KV> pages = mine;
+    if (part == 0) att.decode(qs, pages, sub.table(), os, sub.rows);
+    else att.prefill(qs, pages, sub.table(), std::span<const std::int64_t>(sub.cu), os, sub.rows);
     if (!all)
       for (std::size_t i = 0; i < sub.rows.size(); ++i)
         for (std::int64_t h = 0; h < H; ++h)
@@ -88,15 +89,42 @@ void attend(const MutablePagedKV<KV>& pool, ConstView3<float> q, ConstView3<floa
   }
 }
 
+// Plain causal softmax attention (Qwen3 full attention).
+struct CausalPaged {
+  const StepContext& ctx;
+  template <class KV>
+  void decode(ConstView3<float> q, const PagedKV<KV>& pages, const PageTable& table, View3<float> out,
+              const std::vector<std::int64_t>&) const {
+    DecodeOptions o;
+    o.num_threads = ctx.num_threads;
+    attention_decode_paged<KV>(q, pages, table, out, o);
+  }
+  template <class KV>
+  void prefill(ConstView3<float> q, const PagedKV<KV>& pages, const PageTable& table, std::span<const std::int64_t> cu,
+               View3<float> out, const std::vector<std::int64_t>&) const {
+    AttentionOptions o;
+    o.num_threads = ctx.num_threads;
+    o.precision = ctx.precision;
+    attention_prefill_paged<KV>(q, pages, table, cu, out, CausalMask{}, o);
+  }
+};
+
 }  // namespace detail_paged_attention
 
 // See the top of the file. out [N, H, d_v] is overwritten.
+// att: the attention the queries run over their pages (a policy with decode() and prefill() as
+// described in detail_paged_attention::attend; the default is causal softmax attention).
+template <class Att>
+void attend_paged(ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, View3<float> out,
+                  const BatchStep& step, std::int64_t head0, const Att& att) {
+  ATTNKIT_REQUIRE(head0 >= 0, "attend_paged: the step gives this mixer no heads of the page pool");
+  if (step.pages_bf16.k.data) return detail_paged_attention::attend(step.pages_bf16, q, k, v, out, step, head0, att);
+  ATTNKIT_REQUIRE(step.pages_f32.k.data != nullptr, "attend_paged: the step has no page pool");
+  detail_paged_attention::attend(step.pages_f32, q, k, v, out, step, head0, att);
+}
 inline void attend_paged(ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, View3<float> out,
                          const BatchStep& step, std::int64_t head0, const StepContext& ctx) {
-  ATTNKIT_REQUIRE(head0 >= 0, "attend_paged: the step gives this mixer no heads of the page pool");
-  if (step.pages_bf16.k.data) return detail_paged_attention::attend(step.pages_bf16, q, k, v, out, step, head0, ctx);
-  ATTNKIT_REQUIRE(step.pages_f32.k.data != nullptr, "attend_paged: the step has no page pool");
-  detail_paged_attention::attend(step.pages_f32, q, k, v, out, step, head0, ctx);
+  attend_paged(q, k, v, out, step, head0, detail_paged_attention::CausalPaged{ctx});
 }
 
 }  // namespace attnkit::model
