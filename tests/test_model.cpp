@@ -548,7 +548,7 @@ TEST_CASE("a batch session runs a looped stack, each pass with its own pages", "
   for (std::size_t i = 0; i < ids.size(); ++i) CHECK(test::rel_l2(got[i], session_logits(m, ids[i], {})) <= 2e-6);
 }
 
-TEST_CASE("Loop Attention (layer mode) and sparse attention keep their K/V in pages; both equal one session each",
+TEST_CASE("Loop Attention and sparse attention keep their K/V in pages; both equal one session each",
           "[model][batch]") {
   const auto kv = GENERATE(model::CacheType::f32, model::CacheType::bf16);
   model::SessionOptions so;
@@ -558,10 +558,11 @@ TEST_CASE("Loop Attention (layer mode) and sparse attention keep their K/V in pa
   layer["loop_window_size"] = stack["loop_window_size"] = 5;
   layer["loop_mode"] = "layer";
   stack["loop_mode"] = "stack";
-  // Loop layer mode: every layer paged. Stack mode: rings per sequence, nothing paged. LT2
-  // GDN+DSA (2 loops of 4 Gated DeltaNet + 1 sparse layer; top-8): the sparse layer paged.
+  // Loop Attention, layer and stack modes: every layer paged (stack mode: K1/V1 in pages, the
+  // looping pass's ring of W per sequence). LT2 GDN+DSA (2 loops of 4 Gated DeltaNet + 1 sparse
+  // layer; top-8): the sparse layer paged.
   const std::vector<std::pair<nlohmann::json, std::vector<bool>>> cases = {
-      {layer, {true, true, true}}, {stack, {false, false, false}}, {model::lt2_tiny_config(true), {false, false, false, false, true}}};
+      {layer, {true, true, true}}, {stack, {true, true, true}}, {model::lt2_tiny_config(true), {false, false, false, false, true}}};
   const Plan plan = {{1, 5, 23, 9}, {0, 1, 0, 14}, {0, 6, 0, 1}, {0, 1, 0, 16}, {0, 0, 0, 1}};
   for (std::size_t c = 0; c < cases.size(); ++c) {
     CAPTURE(c, static_cast<int>(kv));
@@ -575,10 +576,11 @@ TEST_CASE("Loop Attention (layer mode) and sparse attention keep their K/V in pa
     for (std::int64_t n : {1, 13, 23, 41}) ids.push_back(random_ids(n, cfg.vocab_size, 30 + n));
     const auto got = batch_logits(m, ids, plan, so, 4, 0);
     // Row blocking in the linear layers (f32 sums in another order) moves the logits by ulps,
-    // more over LT2's 10 layer applications (measured up to 2.6e-6 with bf16 K/V) than over 3;
-    // the sparse layers' selections come out the same for these fixed inputs (a different
-    // selection would move the logits by far more).
-    const double bound = c == 2 ? 1e-5 : 2e-6;
+    // more over LT2's 10 layer applications than over 3. With bf16 K/V a last-bit difference
+    // upstream can round a K/V element to the neighbouring bf16 value (2^-8 relative): measured
+    // up to 1.8e-5 (stack mode, sanitizer build). The sparse layers' selections come out the
+    // same for these fixed inputs (a different selection would move the logits by far more).
+    const double bound = kv == model::CacheType::bf16 ? 1e-4 : c == 2 ? 1e-5 : 2e-6;
     for (std::size_t i = 0; i < ids.size(); ++i) {
       CAPTURE(i);
       CHECK(test::rel_l2(got[i], session_logits(m, ids[i], so)) <= bound);

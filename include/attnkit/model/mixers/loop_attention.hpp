@@ -10,7 +10,8 @@
 //    plus, per later pass, a ring buffer of the last W positions (memory O(W), not O(T)).
 //  * layer: one pass; global and local both from the layer's own q, k, v (the fused kernel path:
 //    each score computed once). Decode state: the layer's full cache; local = its last W rows.
-//    In a batch session that cache lives in the session's page pool (forward_batch).
+// In a batch session the full caches (K1/V1 in stack mode, every pass's in layer mode) live in
+// the session's page pool and the rings stay per sequence (forward_batch).
 // Tensors: the attention's own (q/k/v/o projections, q/k norms) plus
 // model.gate_projections.{i}.weight [H, head_dim] and .bias [H].
 // Trace: "gates" [T, H] per layer of the looping pass (stack mode with loop_num > 2 also
@@ -89,14 +90,28 @@ class LoopAttention final : public TokenMixer {
     return st;
   }
 
-  // Batch sessions: layer mode keeps every pass's full cache in the session's page pool (f32 or
-  // bf16) and runs the paged Loop Attention kernels (attention/loop.hpp) over it: global over the
-  // pages, local over their last W positions. Stack mode keeps a state per sequence: its looping
-  // passes need only a ring of W keys, which pages shared across layers would turn into a full
-  // cache; int8 caches likewise.
+  // Batch sessions (f32 or bf16 caches; int8 keeps a state per sequence):
+  //  * layer mode: every pass's full cache lives in the session's page pool and the paged Loop
+  //    Attention kernels (attention/loop.hpp) run over it: global over the pages, local over
+  //    their last W positions;
+  //  * stack mode: pass 0's K1/V1 (the full cache) live in the pool; each looping pass keeps its
+  //    ring of W keys per sequence (new_paged_state: pages shared across layers would hold every
+  //    position instead). Decoding sequences run the global pass over the pages together, then
+  //    each its ring; a sequence with several tokens stages its pages and runs loop_attention.
   PagedLayout paged_layout(const SessionOptions& opt) const override {
-    if (opt.kv_type == CacheType::int8 || s_.mode == LoopMode::stack) return {};
-    return {proj_.kv_heads() * passes_, proj_.head_dim()};
+    if (opt.kv_type == CacheType::int8) return {};
+    return {proj_.kv_heads() * (s_.mode == LoopMode::stack ? 1 : passes_), proj_.head_dim()};
+  }
+  std::unique_ptr<MixerState> new_paged_state(const SessionOptions& opt) const override {
+    if (s_.mode != LoopMode::stack || passes_ < 2) return nullptr;
+    auto st = std::make_unique<State>();
+    for (int p = 1; p < passes_; ++p) st->local.emplace_back(proj_.kv_heads(), proj_.head_dim(), proj_.head_dim(), s_.window, opt);
+    return st;
+  }
+  std::uint64_t paged_state_bytes(std::int64_t positions, const SessionOptions& opt) const override {
+    if (s_.mode != LoopMode::stack) return 0;
+    const std::uint64_t elem = opt.kv_type == CacheType::f32 ? 4 : 2;
+    return mul_bytes(passes_ - 1, std::min(positions, s_.window), mul_bytes(proj_.kv_heads(), 2 * proj_.head_dim(), elem));
   }
   void forward_batch(ConstView2<float> x, View2<float> out, const BatchStep& step, const StepContext& ctx) const override {
     if (step.kv_head0 < 0) return TokenMixer::forward_batch(x, out, step, ctx);
@@ -104,8 +119,15 @@ class LoopAttention final : public TokenMixer {
     QKV qkv;
     proj_.forward_batch(x, qkv, step, ctx);
     std::vector<float> attn(static_cast<std::size_t>(N * H * d));
-    attend_paged(qkv.q, qkv.k, qkv.v, View3<float>(attn.data(), {N, H, d}), step,
-                 step.kv_head0 + ctx.pass * proj_.kv_heads(), LayerPaged{*this, ctx});
+    const View3<float> a(attn.data(), {N, H, d});
+    if (s_.mode == LoopMode::layer)
+      attend_paged(qkv.q, qkv.k, qkv.v, a, step, step.kv_head0 + ctx.pass * proj_.kv_heads(), LayerPaged{*this, ctx});
+    else if (ctx.pass == 0)
+      attend_paged(qkv.q, qkv.k, qkv.v, a, step, step.kv_head0, ctx);  // the global pass: plain attention, keeps K1/V1
+    else if (step.pages_bf16.k.data)
+      looping_pass_paged(step.pages_bf16, qkv, a, step, ctx);
+    else
+      looping_pass_paged(step.pages_f32, qkv, a, step, ctx);
     o_.forward(View2<float>(attn.data(), {N, H * d}), out, {ctx.precision, ctx.num_threads, false});
   }
 
@@ -147,6 +169,78 @@ class LoopAttention final : public TokenMixer {
     std::vector<AttentionCache> local;   // stack: ring of W per looping pass
     std::unique_ptr<MixerState> clone(const std::string&) const override { return std::make_unique<State>(*this); }
   };
+
+  // Stack mode, pass >= 1, in a batch step: global over pass 0's pages (which already hold the
+  // step's tokens: pass 0 ran first), local over each sequence's ring of this pass plus the
+  // step's own keys; the same kernels and blend as looping_pass, so the same bits.
+  template <class KV>
+  void looping_pass_paged(const MutablePagedKV<KV>& pool, const QKV& qkv, View3<float> a, const BatchStep& step,
+                          const StepContext& ctx) const {
+    namespace dp = detail_paged_attention;
+    const std::int64_t Hkv = proj_.kv_heads(), H = proj_.heads(), d = proj_.head_dim();
+    const PagedKV<KV> k1 = kv_head_range(pool, step.kv_head0, step.kv_head0 + Hkv);
+    const auto ring_of = [&](std::int64_t b) -> AttentionCache& {
+      auto* st = dynamic_cast<State*>(step.states[b]);
+      ATTNKIT_REQUIRE(st != nullptr && ctx.pass - 1 < static_cast<int>(st->local.size()),
+                      "LoopAttention::forward_batch: sequence ", b, " has no ring for pass ", ctx.pass);
+      AttentionCache& r = st->local[static_cast<std::size_t>(ctx.pass - 1)];
+      ATTNKIT_REQUIRE(r.position() == step.pos0[b], "LoopAttention::forward_batch: sequence ", b, " at position ",
+                      step.pos0[b], " but its ring of pass ", ctx.pass, " has seen ", r.position(), " tokens");
+      return r;
+    };
+    std::vector<std::int64_t> decode, chunks;
+    for (std::int64_t b = 0; b < step.batch(); ++b)
+      if (step.tokens(b) > 0) (step.tokens(b) == 1 ? decode : chunks).push_back(b);
+    DecodeOptions dopt;
+    dopt.num_threads = ctx.num_threads;
+    if (!decode.empty()) {
+      const dp::SubBatch sub = dp::subset(step, decode);
+      std::vector<float> qb, glob(sub.rows.size() * static_cast<std::size_t>(H * d)), local(static_cast<std::size_t>(H * d));
+      const std::int64_t n = static_cast<std::int64_t>(sub.rows.size());
+      attention_decode_paged<KV>(dp::gather(qkv.q, sub.rows, qb), k1, sub.table(), View3<float>(glob.data(), {n, H, d}), dopt);
+      for (std::int64_t i = 0; i < n; ++i) {
+        const std::int64_t r = sub.rows[static_cast<std::size_t>(i)];
+        ring_of(decode[static_cast<std::size_t>(i)]).visit([&](auto& ring) {
+          using R = std::remove_reference_t<decltype(ring)>;
+          if constexpr (!is_ring_v<R> || !std::is_same_v<decltype(ring.keys()), ConstView3<KV>>) {
+            throw Error("LoopAttention: the local cache is not a ring buffer of the pages' storage type");
+          } else {
+            ring.append(qkv.k.slice(0, r, r + 1), qkv.v.slice(0, r, r + 1));
+            attention_decode<KV>(ConstView2<float>(qkv.q.ptr(r), {H, d}, {qkv.q.stride[1], 1}), ring.keys(), ring.values(),
+                                 View2<float>(local.data(), {H, d}), dopt);
+          }
+        });
+        for (std::int64_t h = 0; h < H; ++h) {
+          const float g = detail::flash::gate_sigmoid(simd::dot(gate_w().ptr(h), qkv.q.ptr(r, h), d) + gate_b_[static_cast<std::size_t>(h)]);
+          detail::flash::blend_finalize<simd::default_arch>(a.ptr(r, h), glob.data() + (i * H + h) * d, 1.f,
+                                                            local.data() + h * d, 1.f, g, d);
+        }
+      }
+    }
+    for (const std::int64_t b : chunks) {
+      const std::int64_t r0 = step.cu_seqlens[b], r1 = step.cu_seqlens[b + 1], L = step.pos0[b] + (r1 - r0);
+      const dp::SubBatch sub = dp::subset(step, {b});
+      const std::int64_t only = 0;
+      const auto staged = detail::paged::stage("LoopAttention::forward_batch", k1, sub.table(),
+                                               std::span<const std::int64_t>(&only, 1), ctx.num_threads);
+      ring_of(b).visit([&](auto& ring) {
+        using R = std::remove_reference_t<decltype(ring)>;
+        if constexpr (!is_ring_v<R> || !std::is_same_v<decltype(ring.keys()), ConstView3<KV>>) {
+          throw Error("LoopAttention: the local cache is not a ring buffer of the pages' storage type");
+        } else {
+          const auto k = qkv.k.slice(0, r0, r1), v = qkv.v.slice(0, r0, r1);
+          const auto w = window_keys(ring, k, v);
+          LoopOptions o;
+          o.num_threads = ctx.num_threads;
+          o.q_offset = step.pos0[b];
+          o.local_offset = w.pos0;
+          loop_attention<KV>(qkv.q.slice(0, r0, r1), staged.keys().slice(0, 0, L), staged.values().slice(0, 0, L), w.k, w.v,
+                             gate_w(), gate_b(), s_.window, a.slice(0, r0, r1), o);
+          ring.append(k, v);
+        }
+      });
+    }
+  }
 
   // Layer mode over pages: the same pages are the global and the local keys.
   struct LayerPaged {
