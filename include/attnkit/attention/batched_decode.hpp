@@ -217,6 +217,21 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
   });
 }
 
+// A paged prefill's sequences that have new tokens (rows cu_seqlens[b] .. cu_seqlens[b + 1] of
+// q), after checking that each sequence's new tokens are among its cached ones (its last ones).
+inline std::vector<std::int64_t> sequences_with_queries(const char* fn, const PageTable& table,
+                                                        std::span<const std::int64_t> cu_seqlens) {
+  std::vector<std::int64_t> seqs;
+  for (std::int64_t b = 0; b < table.batch(); ++b) {
+    const std::int64_t n = cu_seqlens[b + 1] - cu_seqlens[b];
+    ATTNKIT_REQUIRE(n <= table.lengths[b], fn, ": argument 'table.lengths': sequence ", b, " has ", n,
+                    " new tokens in q but only ", table.lengths[b],
+                    " cached (append the new tokens first and count them in its length)");
+    if (n > 0) seqs.push_back(b);
+  }
+  return seqs;
+}
+
 // The first lengths[b] keys of the sequences `seqs` (as stored, f32 or bf16) gathered page by
 // page into one contiguous buffer: sequence seqs[i] at rows offset[i] .. offset[i] + lengths[b]
 // of keys() / values() [rows, H_kv, d]. The paged prefill paths run their contiguous kernels on
@@ -288,10 +303,7 @@ void attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cache, cons
   const std::int64_t B = table.batch(), T = q.shape[0], H_kv = cache.kv_heads(), dk = cache.head_dim_k(),
                      dv = cache.head_dim_v();
   detail::paged::check_cu_seqlens(fn, cu_seqlens, B, T, "q");
-  for (std::int64_t b = 0; b < B; ++b)
-    ATTNKIT_REQUIRE(cu_seqlens[b + 1] - cu_seqlens[b] <= table.lengths[b], fn, ": argument 'table.lengths': sequence ",
-                    b, " has ", cu_seqlens[b + 1] - cu_seqlens[b], " new tokens in q but only ", table.lengths[b],
-                    " cached (append the new tokens first and count them in its length)");
+  detail::paged::sequences_with_queries(fn, table, cu_seqlens);
   ATTNKIT_REQUIRE(opt.q_offset == -1, fn, ": argument 'opt.q_offset': must be -1 (each sequence's queries are its "
                   "last tokens), got ", opt.q_offset);
   // Shapes, mask and options as attention_prefill checks them, before anything is allocated.

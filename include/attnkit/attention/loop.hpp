@@ -112,6 +112,17 @@ struct LoopPlan {
   LoopPath path;
 };
 
+// The gate's weights [H, d_k] and biases [H].
+inline void check_gate(const char* fn, const ConstView2<float>& gate_w, std::span<const float> gate_b, std::int64_t H,
+                       std::int64_t d_k) {
+  check_view(gate_w, fn, "gate_w");
+  ATTNKIT_REQUIRE(gate_w.shape[0] == H && gate_w.shape[1] == d_k, fn, ": argument 'gate_w': shape ",
+                  shape_string(gate_w), " must be [H, d_k] = [", H, ", ", d_k, "]");
+  ATTNKIT_REQUIRE(static_cast<std::int64_t>(gate_b.size()) == H, fn, ": argument 'gate_b': size ", gate_b.size(),
+                  " must be H = ", H);
+  ATTNKIT_REQUIRE(gate_b.data() != nullptr || H == 0, fn, ": argument 'gate_b': null data pointer");
+}
+
 template <class KV>
 bool same_view(const ConstView3<KV>& a, const ConstView3<KV>& b) {
   return a.data == b.data && a.shape == b.shape && a.stride == b.stride;
@@ -137,12 +148,7 @@ LoopPlan check_loop(const char* fn, const ConstView3<float>& q, const ConstView3
                   " KV heads, but k_glob has H_kv = ", H_kv);
   ATTNKIT_REQUIRE(v_loc.shape[2] == d_v, fn, ": argument 'v_loc': head_dim ", v_loc.shape[2],
                   " does not match v_glob's head_dim d_v = ", d_v);
-  check_view(gate_w, fn, "gate_w");
-  ATTNKIT_REQUIRE(gate_w.shape[0] == H && gate_w.shape[1] == d_k, fn, ": argument 'gate_w': shape ",
-                  shape_string(gate_w), " must be [H, d_k] = [", H, ", ", d_k, "]");
-  ATTNKIT_REQUIRE(static_cast<std::int64_t>(gate_b.size()) == H, fn, ": argument 'gate_b': size ", gate_b.size(),
-                  " must be H = ", H);
-  ATTNKIT_REQUIRE(gate_b.data() != nullptr || H == 0, fn, ": argument 'gate_b': null data pointer");
+  check_gate(fn, gate_w, gate_b, H, d_k);
   if (gates.data != nullptr) {
     check_view(gates, fn, "gates");
     ATTNKIT_REQUIRE(gates.shape[0] == T_q && gates.shape[1] == H, fn, ": argument 'gates': shape ",
@@ -239,11 +245,7 @@ void check_loop_decode(const char* fn, const ConstView2<float>& q, const ConstVi
   check_kv(k_loc, v_loc, "k_loc", "v_loc");
   ATTNKIT_REQUIRE(out.shape[0] == H && out.shape[1] == d_v, fn, ": argument 'out': shape ", shape_string(out),
                   " must be [H, d_v] = [", H, ", ", d_v, "]");
-  ATTNKIT_REQUIRE(gate_w.shape[0] == H && gate_w.shape[1] == d_k, fn, ": argument 'gate_w': shape ",
-                  shape_string(gate_w), " must be [H, d_k] = [", H, ", ", d_k, "]");
-  ATTNKIT_REQUIRE(static_cast<std::int64_t>(gate_b.size()) == H, fn, ": argument 'gate_b': size ", gate_b.size(),
-                  " must be H = ", H);
-  ATTNKIT_REQUIRE(gate_b.data() != nullptr || H == 0, fn, ": argument 'gate_b': null data pointer");
+  check_gate(fn, gate_w, gate_b, H, d_k);
   ATTNKIT_REQUIRE(gates.empty() || static_cast<std::int64_t>(gates.size()) == H, fn, ": argument 'gates': size ",
                   gates.size(), " must be H = ", H, " (or empty)");
   ATTNKIT_REQUIRE(std::isfinite(opt.scale), fn, ": argument 'opt.scale': must be finite, got ", opt.scale);
@@ -342,12 +344,7 @@ void check_loop_paged(const char* fn, const PagedKV<KV>& glob, const PagedKV<KV>
                   loc.head_dim_k(), " | ", loc.head_dim_v(), "] do not match glob's [", glob.num_pages(), ", ",
                   glob.page_size(), ", ", glob.kv_heads(), ", ", glob.head_dim_k(), " | ", glob.head_dim_v(), "]");
   ATTNKIT_REQUIRE(window >= 1, fn, ": argument 'window': must be >= 1, got ", window);
-  check_view(gate_w, fn, "gate_w");
-  ATTNKIT_REQUIRE(gate_w.shape[0] == H && gate_w.shape[1] == d_k, fn, ": argument 'gate_w': shape ",
-                  shape_string(gate_w), " must be [H, d_k] = [", H, ", ", d_k, "]");
-  ATTNKIT_REQUIRE(static_cast<std::int64_t>(gate_b.size()) == H, fn, ": argument 'gate_b': size ", gate_b.size(),
-                  " must be H = ", H);
-  ATTNKIT_REQUIRE(gate_b.data() != nullptr || H == 0, fn, ": argument 'gate_b': null data pointer");
+  check_gate(fn, gate_w, gate_b, H, d_k);
 }
 
 }  // namespace detail
@@ -401,13 +398,7 @@ void loop_attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& glob, 
   ATTNKIT_REQUIRE(out.shape[0] == T, fn, ": argument 'out': ", out.shape[0], " rows, but q has T = ", T);
   ATTNKIT_REQUIRE(gates.data == nullptr || gates.shape[0] == T, fn, ": argument 'gates': ", gates.shape[0],
                   " rows, but q has T = ", T);
-  for (std::int64_t b = 0; b < B; ++b)
-    ATTNKIT_REQUIRE(cu_seqlens[b + 1] - cu_seqlens[b] <= table.lengths[b], fn, ": argument 'table.lengths': sequence ",
-                    b, " has ", cu_seqlens[b + 1] - cu_seqlens[b], " new tokens in q but only ", table.lengths[b],
-                    " cached (append the new tokens first and count them in its length)");
-  std::vector<std::int64_t> seqs;
-  for (std::int64_t b = 0; b < B; ++b)
-    if (cu_seqlens[b + 1] > cu_seqlens[b]) seqs.push_back(b);
+  const std::vector<std::int64_t> seqs = detail::paged::sequences_with_queries(fn, table, cu_seqlens);
   const bool shared = glob.k.data == loc.k.data && glob.v.data == loc.v.data && glob.k.stride == loc.k.stride &&
                       glob.v.stride == loc.v.stride;
   const auto sg = detail::paged::stage(fn, glob, table, seqs, opt.num_threads);

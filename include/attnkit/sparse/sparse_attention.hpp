@@ -292,13 +292,7 @@ void sparse_attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cach
   ATTNKIT_REQUIRE(indices.shape[0] == T, fn, ": argument 'indices': ", indices.shape[0], " rows, but q has T = ", T);
   ATTNKIT_REQUIRE(out.shape[0] == T, fn, ": argument 'out': ", out.shape[0], " rows, but q has T = ", T);
   ATTNKIT_REQUIRE(lse.empty() || lse.shape[0] == T, fn, ": argument 'lse': ", lse.shape[0], " rows, but q has T = ", T);
-  for (std::int64_t b = 0; b < B; ++b)
-    ATTNKIT_REQUIRE(cu_seqlens[b + 1] - cu_seqlens[b] <= table.lengths[b], fn, ": argument 'table.lengths': sequence ",
-                    b, " has ", cu_seqlens[b + 1] - cu_seqlens[b], " new tokens in q but only ", table.lengths[b],
-                    " cached (append the new tokens first and count them in its length)");
-  std::vector<std::int64_t> seqs;
-  for (std::int64_t b = 0; b < B; ++b)
-    if (cu_seqlens[b + 1] > cu_seqlens[b]) seqs.push_back(b);
+  const std::vector<std::int64_t> seqs = detail::paged::sequences_with_queries(fn, table, cu_seqlens);
   const auto st = detail::paged::stage(fn, cache, table, seqs, opt.num_threads);
   for (std::size_t i = 0; i < seqs.size(); ++i) {
     const std::int64_t b = seqs[i], s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1], L = table.lengths[b];
