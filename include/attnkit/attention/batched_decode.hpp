@@ -157,43 +157,52 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
     const std::int64_t len = sel.idx ? sel.count[b] : table.lengths[b];
     const std::int64_t t0 = std::max((c0[b] + c) * chunk, start[b]), t1 = std::min(len, (c0[b] + c + 1) * chunk);
     const ConstView2<float> qb(q.ptr(b), {H, dk}, {q.stride[1], 1});
-    const std::int32_t* pos = sel.idx ? sel.idx + b * sel.stride : nullptr;  // entry i -> key position
-    const auto k_row = [&](std::int64_t i) {
-      const std::int64_t s = pos ? pos[i] : i;
-      return cache.k.ptr(table.page(b, s, shift), s & slot_mask, j);
-    };
-    const auto v_row = [&](std::int64_t i) {
-      const std::int64_t s = pos ? pos[i] : i;
-      return cache.v.ptr(table.page(b, s, shift), s & slot_mask, j);
-    };
-    chunk_state_rows<Vectorized, KV>(
-        pb, qb, j, g0, g1, part + (gc * H + j * G) * pb.dv_pad, part_lse + gc * H + j * G, nullptr,
-        NoScoreTransform{}, QuantScales{}, [&](const auto& block) {
-          // The next block's rows are prefetched a row per access, spread over this block's
-          // compute (PrefetchingRows); its row addresses are listed once and become the
-          // current block's on the next step.
-          const KV* rows[2][2][kBlock];  // [step parity][K, V][row]
-          const auto list = [&](int par, std::int64_t s) {
-            const std::int64_t n = std::min<std::int64_t>(kBlock, t1 - s);
-            for (int i = 0; i < n; ++i) {
-              rows[par][0][i] = k_row(s + i);
-              rows[par][1][i] = v_row(s + i);
+    // position(i): the key position of entry i (a selection's, or i itself: no branch per row
+    // on the plain path).
+    const auto run_item = [&](auto position) {
+      const auto k_row = [&](std::int64_t i) {
+        const std::int64_t s = position(i);
+        return cache.k.ptr(table.page(b, s, shift), s & slot_mask, j);
+      };
+      const auto v_row = [&](std::int64_t i) {
+        const std::int64_t s = position(i);
+        return cache.v.ptr(table.page(b, s, shift), s & slot_mask, j);
+      };
+      chunk_state_rows<Vectorized, KV>(
+          pb, qb, j, g0, g1, part + (gc * H + j * G) * pb.dv_pad, part_lse + gc * H + j * G, nullptr,
+          NoScoreTransform{}, QuantScales{}, [&](const auto& block) {
+            // The next block's rows are prefetched a row per access, spread over this block's
+            // compute (PrefetchingRows); its row addresses are listed once and become the
+            // current block's on the next step.
+            const KV* rows[2][2][kBlock];  // [step parity][K, V][row]
+            const auto list = [&](int par, std::int64_t s) {
+              const std::int64_t n = std::min<std::int64_t>(kBlock, t1 - s);
+              for (int i = 0; i < n; ++i) {
+                rows[par][0][i] = k_row(s + i);
+                rows[par][1][i] = v_row(s + i);
+              }
+            };
+            list(0, t0);
+            const int kl = row_lines<KV>(dk), vl = row_lines<KV>(dv);
+            int par = 0;
+            for (std::int64_t s = t0; s < t1; s += kBlock, par ^= 1) {
+              const int n = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - s));
+              const bool more = s + kBlock < t1;
+              const std::int64_t last = more ? std::min<std::int64_t>(kBlock, t1 - s - kBlock) - 1 : 0;
+              if (more) list(par ^ 1, s + kBlock);
+              using R = PrefetchingRows<PtrRows<KV>, PtrRows<KV>>;
+              const auto& next = rows[more ? par ^ 1 : par];  // no next block: no lines prefetched
+              block(R{{rows[par][0]}, {next[0]}, last, more ? kl : 0}, R{{rows[par][1]}, {next[1]}, last, more ? vl : 0},
+                    n, s);
             }
-          };
-          list(0, t0);
-          const int kl = row_lines<KV>(dk), vl = row_lines<KV>(dv);
-          int par = 0;
-          for (std::int64_t s = t0; s < t1; s += kBlock, par ^= 1) {
-            const int n = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - s));
-            const bool more = s + kBlock < t1;
-            const std::int64_t last = more ? std::min<std::int64_t>(kBlock, t1 - s - kBlock) - 1 : 0;
-            if (more) list(par ^ 1, s + kBlock);
-            using R = PrefetchingRows<PtrRows<KV>, PtrRows<KV>>;
-            const auto& next = rows[more ? par ^ 1 : par];  // no next block: no lines prefetched
-            block(R{{rows[par][0]}, {next[0]}, last, more ? kl : 0}, R{{rows[par][1]}, {next[1]}, last, more ? vl : 0},
-                  n, s);
-          }
-        });
+          });
+    };
+    if (sel.idx) {
+      const std::int32_t* pos = sel.idx + b * sel.stride;
+      run_item([pos](std::int64_t i) -> std::int64_t { return pos[i]; });
+    } else {
+      run_item([](std::int64_t i) { return i; });
+    }
   }, /*dynamic=*/true);
 
   // Merge each (sequence, head) in chunk order: decode.hpp's merge, so the bits match it.
