@@ -427,6 +427,7 @@ TEST_CASE("QKVProjection: RoPE over its own rotary dimension (partial rotary)", 
 // float64 reference forward (tests/reference/qwen3_ref.hpp); configuration and checkpoint errors.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <string>
 #include <vector>
@@ -481,6 +482,22 @@ TEST_CASE("ouro fixture: logits, per-step logits and exit gates in prefill, deco
     for (std::int64_t t = 0; t < T; ++t)
       CHECK(std::abs(p.data[static_cast<std::size_t>(t)] + p.data[static_cast<std::size_t>(T + t)] +
                      p.data[static_cast<std::size_t>(2 * T + t)] - 1.f) <= 1e-6f);
+    // Each step's next-token entropy, against float64 from the reference's per-step logits.
+    const auto ent = r.trace.tensor("step_entropy");
+    REQUIRE(ent.shape == std::vector<std::int64_t>{3, T});
+    std::vector<double> want(static_cast<std::size_t>(3 * T));
+    for (std::int64_t st = 0; st < 3 * T; ++st) {
+      const auto row = ref.logits_per_step.begin() + st * V;
+      const double mx = *std::max_element(row, row + V);
+      double z = 0, zl = 0;
+      for (std::int64_t v = 0; v < V; ++v) {
+        const double e = std::exp(static_cast<double>(row[v]) - mx);
+        z += e;
+        zl += e * (static_cast<double>(row[v]) - mx);
+      }
+      want[static_cast<std::size_t>(st)] = std::log(z) - zl / z;
+    }
+    CHECK(test::rel_l2(ent.data, want) <= 1e-4);
   }
   CHECK(test::bit_equal(run(m, ref.ids, {}, {}, 1).logits, run(m, ref.ids, {}, {}, 2).logits));
   CHECK(test::bit_equal(run(m, ref.ids, {1}, {}, 1).logits, run(m, ref.ids, {1}, {}, 2).logits));
