@@ -228,15 +228,9 @@ class LoopAttention final : public TokenMixer {
         if constexpr (!is_ring_v<R> || !std::is_same_v<decltype(ring.keys()), ConstView3<KV>>) {
           throw Error("LoopAttention: the local cache is not a ring buffer of the pages' storage type");
         } else {
-          const auto k = qkv.k.slice(0, r0, r1), v = qkv.v.slice(0, r0, r1);
-          const auto w = window_keys(ring, k, v);
-          LoopOptions o;
-          o.num_threads = ctx.num_threads;
-          o.q_offset = step.pos0[b];
-          o.local_offset = w.pos0;
-          loop_attention<KV>(qkv.q.slice(0, r0, r1), staged.keys().slice(0, 0, L), staged.values().slice(0, 0, L), w.k, w.v,
-                             gate_w(), gate_b(), s_.window, a.slice(0, r0, r1), o);
-          ring.append(k, v);
+          ring_chunk<KV>(qkv.q.slice(0, r0, r1), qkv.k.slice(0, r0, r1), qkv.v.slice(0, r0, r1),
+                         staged.keys().slice(0, 0, L), staged.values().slice(0, 0, L), ring, a.slice(0, r0, r1), {},
+                         step.pos0[b], ctx.num_threads);
         }
       });
     }
@@ -302,20 +296,28 @@ class LoopAttention final : public TokenMixer {
                                   gate_b(), row0(a), o, std::span<float>(gv.data, static_cast<std::size_t>(gv.shape[1])));
         return;
       }
-      const auto w = window_keys(r, qkv.k, qkv.v);
-      LoopOptions o;
-      o.num_threads = ctx.num_threads;
-      o.q_offset = ctx.pos0;
-      o.local_offset = w.pos0;
       if constexpr (std::is_same_v<KV, std::int8_t>) {
         std::vector<float> kb, vb;
-        loop_attention<float>(qkv.q, stage_f32(g.keys(), kb), stage_f32(g.values(), vb), w.k, w.v, gate_w(), gate_b(),
-                              s_.window, a, o, gv);
+        ring_chunk<float>(qkv.q, qkv.k, qkv.v, stage_f32(g.keys(), kb), stage_f32(g.values(), vb), r, a, gv, ctx.pos0,
+                          ctx.num_threads);
       } else {
-        loop_attention<KV>(qkv.q, g.keys(), g.values(), w.k, w.v, gate_w(), gate_b(), s_.window, a, o, gv);
+        ring_chunk<KV>(qkv.q, qkv.k, qkv.v, g.keys(), g.values(), r, a, gv, ctx.pos0, ctx.num_threads);
       }
-      r.append(qkv.k, qkv.v);
     }
+  }
+
+  // Stack mode, pass >= 1, several tokens at pos0: global over (gk, gv), local over the ring's
+  // last W - 1 positions followed by the chunk's own keys; then the chunk joins the ring.
+  template <class S, class R>
+  void ring_chunk(ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, ConstView3<S> gk, ConstView3<S> gv,
+                  R& ring, View3<float> a, View2<float> gates, std::int64_t pos0, int threads) const {
+    const auto w = window_keys(ring, k, v);
+    LoopOptions o;
+    o.num_threads = threads;
+    o.q_offset = pos0;
+    o.local_offset = w.pos0;
+    loop_attention<S>(q, gk, gv, w.k, w.v, gate_w(), gate_b(), s_.window, a, o, gates);
+    ring.append(k, v);
   }
 
   // Layer mode: append to the full cache, then global and local over it (fused).
