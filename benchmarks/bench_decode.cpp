@@ -67,8 +67,9 @@ BENCHMARK(BM_roofline_mem_read)->Name("roofline/mem_read")->UseRealTime()->Unit(
 // head-major KVCache of T_kv tokens, 2 threads. To measure DRAM rather than cache, the
 // iterations rotate over enough separate caches (>= 2 GiB in all) that each one is read again
 // only after more than 1 GiB of other traffic. GBps counts the K and V bytes read (int8: the
-// codes and the f32 scale of each row).
-template <class KV>
+// codes and the f32 scale of each row). decode/int8/fast: int8 keys scored against the query
+// quantised per head on VNNI (DecodeOptions::precision).
+template <class KV, attnkit::Precision P = attnkit::Precision::exact>
 void BM_decode(benchmark::State& state) {
   constexpr std::int64_t H = 16, Hk = 8, d = 128;
   const std::int64_t T = state.range(0);
@@ -91,6 +92,7 @@ void BM_decode(benchmark::State& state) {
   }
   attnkit::DecodeOptions opt;
   opt.num_threads = 2;
+  opt.precision = P;
   std::size_t i = 0;
   for (auto _ : state) {
     const auto& c = caches[i++ % caches.size()];
@@ -113,6 +115,9 @@ BENCHMARK_TEMPLATE(BM_decode, attnkit::bf16)
     ->UseRealTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK_TEMPLATE(BM_decode, std::int8_t)
     ->Name("decode/int8")->ArgName("T")->Arg(512)->Arg(2048)->Arg(8192)->Arg(32768)
+    ->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_decode, std::int8_t, attnkit::Precision::fast)
+    ->Name("decode/int8/fast")->ArgName("T")->Arg(512)->Arg(2048)->Arg(8192)->Arg(32768)
     ->UseRealTime()->Unit(benchmark::kMicrosecond);
 
 // Batched decode over a paged cache (attention/batched_decode.hpp): B = 8 sequences of

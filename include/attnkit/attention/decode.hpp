@@ -22,10 +22,12 @@
 // vectors: score_i = (q · codes_i) · kscale_i, and the probabilities are multiplied by vscale_i
 // before P·V (the softmax sum uses the unscaled ones). So an int8 row costs one widening per
 // 16 elements on top of the f32 kernel's FMAs, and a quarter of the bytes; scores_block_paired
-// widens each key slice once for two query heads (bit-identical to one head at a time). (Quantising q per head for VNNI dot products is not
-// done: q stays f32, so the result is attention over the dequantised K/V.) The result
+// widens each key slice once for two query heads (bit-identical to one head at a time). The result
 // equals attention over the dequantised K/V to f32 rounding; against the unquantised K/V it is
-// off by the quantisation error (README: accuracy).
+// off by the quantisation error (README: accuracy). opt.precision = fast (on a build with
+// AVX512-VNNI) quantises each query head to int8 once per work item and scores the key codes
+// with vpdpbusd, 64 codes per instruction instead of 16 widened ones per FMA: the scores are
+// then off by the query's rounding as well (tests/test_attention_decode.cpp states the bound).
 //
 // Variants (attention/variant.hpp), the last argument: the query metric is applied once per call
 // before the chunks; soft-cap and ALiBi transform each block's scores before its softmax update
@@ -50,6 +52,7 @@
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/error.hpp"
 #include "attnkit/core/memory.hpp"
+#include "attnkit/core/precision.hpp"
 #include "attnkit/core/simd.hpp"
 #include "attnkit/core/threading.hpp"
 #include "attnkit/core/view.hpp"
@@ -64,6 +67,10 @@ struct DecodeOptions {
   // Positions, read only by position-dependent variants (ALiBi):
   std::int64_t q_position = -1;  // the query's position; -1 -> T_kv - 1 (the newest key is the query's own)
   std::int64_t ring = 0;         // 0: key row s at position s; W: rows are ring slots, position = q_position - ((q_position - s) mod W)
+  // int8 K/V only (ignored for f32 and bf16): fast scores the keys with the query quantised to
+  // int8 per head, on VNNI (vpdpbusd) where the build has it (README: accuracy); exact keeps the
+  // query in f32, so the result is attention over the dequantised K/V.
+  Precision precision = Precision::exact;
 };
 
 namespace detail::decode {
@@ -96,6 +103,7 @@ struct Problem {
   std::int64_t H, G, dk, dv;
   std::int64_t dk_pad, dv_pad;  // padded to 16 (f32) or 32 (bf16 pairs) floats; dv_pad is the partial row stride
   float scale_log2;  // scale * log2(e): scores are kept in base 2
+  bool quantized_query = false;  // int8 keys scored on VNNI against an int8 query (Precision::fast)
 };
 
 // Per-item state layout inside the item scratch: qs [G][dk_pad] (scaled query, zero padded),
@@ -531,6 +539,111 @@ inline void scores_block_paired(const Rows& k0, int n, const ItemState& st, std:
   if (g < g1) scores_block(k0, n, st, g, g1, dk, dk_pad);
 }
 
+#if defined(__AVX512VNNI__)
+#define ATTNKIT_DECODE_VNNI 1
+
+// Precision::fast over int8 keys: each query head's scaled query qs quantised to int8 once per
+// work item, codes = round(qs / scale), scale = max|qs| / 127 (a zero query: scale 0). vpdpbusd
+// multiplies unsigned by signed bytes, so the key codes are read as k + 128 (one xor per 64
+// codes, shared by the heads) and the query's 128 · Σ codes (bias) is subtracted from each sum:
+// q·k exactly, in int32. score = (sum - bias) · scale, then · the key row's scale as before.
+struct QuantQuery {
+  const std::int8_t* codes;  // [G][stride] (zero padded to stride, a multiple of 64)
+  std::int64_t stride;
+  const float* scale;        // [G]
+  const std::int32_t* bias;  // [G]
+};
+struct QuantQueryScratch;
+
+inline std::int64_t round_up64(std::int64_t n) { return (n + 63) / 64 * 64; }
+
+// The query heads [g0, g1) of st.qs quantised (see QuantQuery).
+inline QuantQuery quantize_query(const ItemState& st, std::int64_t G, std::int64_t g0, std::int64_t g1, std::int64_t dk,
+                                 std::int64_t dk_pad) {
+  const std::int64_t stride = round_up64(dk);
+  float* base = thread_scratch<QuantQueryScratch>().get(G * stride / 4 + 2 * G);
+  auto* codes = reinterpret_cast<std::int8_t*>(base);
+  float* scale = base + G * stride / 4;
+  auto* bias = reinterpret_cast<std::int32_t*>(scale + G);
+  for (std::int64_t g = g0; g < g1; ++g) {
+    const float* x = st.qs + g * dk_pad;
+    float m = 0.f;
+    for (std::int64_t e = 0; e < dk; ++e) m = std::max(m, std::abs(x[e]));
+    std::int8_t* c = codes + g * stride;
+    std::int32_t sum = 0;
+    const float inv = m > 0.f ? 127.f / m : 0.f;
+    for (std::int64_t e = 0; e < dk; ++e) {
+      c[e] = static_cast<std::int8_t>(std::nearbyint(x[e] * inv));
+      sum += c[e];
+    }
+    std::fill(c + dk, c + stride, std::int8_t{0});
+    scale[g] = m / 127.f;  // inf / NaN in q: inf or NaN scores, as the exact path gives
+    bias[g] = 128 * sum;
+  }
+  return {codes, stride, scale, bias};
+}
+
+// reduce16 on int32 lanes (the same shuffle tree; integer adds are exact).
+inline __m512i reduce16_epi32(const __m512i (&v)[16]) {
+  const auto ps = [](__m512i x) { return _mm512_castsi512_ps(x); };
+  const auto si = [](__m512 x) { return _mm512_castps_si512(x); };
+  __m512i t[8], u[4];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)
+    t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_epi32(si(_mm512_shuffle_ps(ps(t[2 * i]), ps(t[2 * i + 1]), 0x44)),
+                            si(_mm512_shuffle_ps(ps(t[2 * i]), ps(t[2 * i + 1]), 0xee)));
+  const __m512i w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88), _mm512_shuffle_i32x4(u[0], u[1], 0xdd));
+  const __m512i w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88), _mm512_shuffle_i32x4(u[2], u[3], 0xdd));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(w0, w1, 0x88), _mm512_shuffle_i32x4(w0, w1, 0xdd));
+}
+
+// Scores of keys [0, n) for head g (NH = 1) or heads g, g + 1 (NH = 2), 8 rows at a time: lanes
+// 0-7 of the reduced sums are head g's rows, lanes 8-15 head g + 1's (as put_scores_pair).
+template <int NH, class Rows>
+inline void scores_group_vnni(const Rows& k0, int n, const ItemState& st, std::int64_t g, std::int64_t dk,
+                              const QuantQuery& qq) {
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const std::int8_t* qa = qq.codes + g * qq.stride;
+  const std::int8_t* qb = NH == 2 ? qa + qq.stride : qa;
+  const std::int64_t gb = NH == 2 ? g + 1 : g;
+  const __m512i bias = _mm512_mask_blend_epi32(0xff00, _mm512_set1_epi32(qq.bias[g]), _mm512_set1_epi32(qq.bias[gb]));
+  const __m512 scale = _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(qq.scale[g]), _mm512_set1_ps(qq.scale[gb]));
+  for (int i0 = 0; i0 < n; i0 += 8) {
+    const std::int8_t* rows[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) rows[r] = k0(std::min(i0 + r, n - 1));
+    __m512i acc[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_si512();
+    for (std::int64_t e = 0; e < dk; e += 64) {
+      // Codes past dk load as 0 (read as 128) against query codes 0: they add nothing.
+      const __mmask64 m = dk - e >= 64 ? ~__mmask64{0} : (__mmask64{1} << (dk - e)) - 1;
+      const __m512i a = _mm512_load_si512(qa + e), b = _mm512_load_si512(qb + e);
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) {
+        const __m512i ku = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, rows[r] + e), flip);
+        acc[r] = _mm512_dpbusd_epi32(acc[r], ku, a);
+        if constexpr (NH == 2) acc[8 + r] = _mm512_dpbusd_epi32(acc[8 + r], ku, b);
+      }
+    }
+    const __m512 sc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(reduce16_epi32(acc), bias)), scale);
+    if constexpr (NH == 2) put_scores_pair(st, g, i0, sc, false);
+    else _mm512_mask_storeu_ps(st.p + g * kBlock + i0, 0x00ff, sc);
+  }
+}
+
+template <class Rows>
+inline void scores_block_vnni(const Rows& k0, int n, const ItemState& st, std::int64_t g0, std::int64_t g1,
+                              std::int64_t dk, const QuantQuery& qq) {
+  std::int64_t g = g0;
+  for (; g + 2 <= g1; g += 2) scores_group_vnni<2>(k0, n, st, g, dk, qq);
+  if (g < g1) scores_group_vnni<1>(k0, n, st, g, dk, qq);
+}
+#endif  // VNNI
+
 #endif  // AVX-512
 
 // Portable block primitives (scalar + xsimd through core/simd.hpp), same structure.
@@ -731,11 +844,20 @@ void chunk_state_rows(const Problem& pb, ConstView2<float> q, std::int64_t j, st
       vsb[i] = qsc.v(row, j);
     }
   };
+#if defined(ATTNKIT_DECODE_VNNI)
+  QuantQuery qq{};
+  if constexpr (quant && Vectorized)
+    if (pb.quantized_query) qq = quantize_query(st, G, g0, g1, pb.dk, pb.dk_pad);
+#endif
   auto block = [&](const auto& kr, const auto& vr, int n, std::int64_t b) {
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     if constexpr (quant && Vectorized) {
       fill_scales(b, n);
-      scores_block_paired(kr, n, st, g0, g1, pb.dk, pb.dk_pad);
+#if defined(ATTNKIT_DECODE_VNNI)
+      if (pb.quantized_query) scores_block_vnni(kr, n, st, g0, g1, pb.dk, qq);
+      else
+#endif
+        scores_block_paired(kr, n, st, g0, g1, pb.dk, pb.dk_pad);
       scale_rows(st, g0, g1, ksb);
       transform_block(b, n);
       for (std::int64_t g = g0; g < g1; ++g) softmax_block(n, st, g);
@@ -865,6 +987,17 @@ void validate(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<flo
                   " slots cannot hold T_kv = ", T, " keys");
 }
 
+// Whether int8 keys are scored against an int8 query (Precision::fast on a VNNI build).
+template <bool Vectorized, class KV>
+inline bool quantized_query(const DecodeOptions& opt) {
+#if defined(ATTNKIT_DECODE_VNNI)
+  return Vectorized && std::is_same_v<KV, std::int8_t> && opt.precision == Precision::fast;
+#else
+  (void)opt;
+  return false;
+#endif
+}
+
 // The work of a validated call over T keys: positions 0 .. T-1 of k/v, or with idx the
 // positions idx[0 .. T) (a sparse selection).
 // int8 K/V: qsc holds their scales.
@@ -900,7 +1033,7 @@ void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<
   }
   constexpr bool pairs = uses_pairs_v<Vectorized, KV>;
   const Problem pb{H, G, dk, dv, pairs ? round_up32(dk) : round_up16(dk), pairs ? round_up32(dv) : round_up16(dv),
-                   resolve_scale(opt.scale, dk) * kLog2e};
+                   resolve_scale(opt.scale, dk) * kLog2e, quantized_query<Vectorized, KV>(opt)};
   const std::int64_t chunk = opt.kv_chunk > 0 ? opt.kv_chunk : kDefaultChunk;
   const std::int64_t n_chunks = (T + chunk - 1) / chunk;
   const std::int64_t j_begin = hb / G, j_end = (he - 1) / G + 1;

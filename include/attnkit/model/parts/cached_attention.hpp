@@ -184,6 +184,7 @@ class AttentionCache {
   static void decode_one(ConstView3<float> q, const K& k, const K& v, View3<float> out, const StepContext& ctx) {
     DecodeOptions opt;
     opt.num_threads = ctx.num_threads;
+    opt.precision = ctx.precision;  // int8 caches: fast scores keys against an int8 query (VNNI)
     const std::int64_t H = q.shape[1];
     attention_decode<KV>(ConstView2<float>(q.data, {H, q.shape[2]}, {q.stride[1], 1}), k, v,
                          View2<float>(out.data, {H, out.shape[2]}, {out.stride[1], 1}), opt);
