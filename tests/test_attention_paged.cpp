@@ -1,6 +1,6 @@
 // Paged KV cache (attention/paged_kv.hpp) and batched decode / prefill over it
 // (attention/batched_decode.hpp): random page tables (shuffled pages, shared prefix pages, pages
-// listed ahead of need), lengths 0 to a few thousand, B 1 to 17, f32 and bf16 pages; against the
+// listed ahead of need), lengths 0 to a few thousand, B 1 to 17, f32, bf16 and int8 pages; against the
 // float64 oracle and bit for bit against the contiguous kernels; outputs poisoned with NaN.
 #include <catch2/catch.hpp>
 
@@ -284,6 +284,136 @@ void check_prefill(std::uint64_t seed, std::int64_t P, const Mask& mask) {
   }
 }
 
+// int8 pages: sequence b's codes and scales read back through its page table, as a contiguous
+// int8 cache would hold them ([L, Hk, d] codes, [L, Hk] scales), and their dequantised values.
+struct QuantSeq {
+  std::vector<std::int8_t> kc, vc;
+  std::vector<float> ks, vs, kf, vf;  // scales; dequantised rows (code · scale, f32)
+  QuantView3 keys(std::int64_t L, std::int64_t Hk, std::int64_t dk) const {
+    return {ConstView3<std::int8_t>(kc.data(), {L, Hk, dk}), ConstView2<float>(ks.data(), {L, Hk})};
+  }
+  QuantView3 values(std::int64_t L, std::int64_t Hk, std::int64_t dv) const {
+    return {ConstView3<std::int8_t>(vc.data(), {L, Hk, dv}), ConstView2<float>(vs.data(), {L, Hk})};
+  }
+};
+
+QuantSeq read_quant(const Batch<std::int8_t>& bt, std::int64_t b) {
+  const PagedKV<std::int8_t> c = bt.pool.view();
+  const std::int64_t L = bt.lengths[b], Hk = bt.Hk, dk = bt.dk, dv = bt.dv, P = bt.P;
+  QuantSeq q;
+  for (std::int64_t s = 0; s < L; ++s) {
+    const std::int32_t pg = bt.indices[bt.indptr[b] + s / P];
+    for (std::int64_t h = 0; h < Hk; ++h) {
+      const float ks = c.k_scale(pg, s % P, h), vs = c.v_scale(pg, s % P, h);
+      q.ks.push_back(ks);
+      q.vs.push_back(vs);
+      for (std::int64_t e = 0; e < dk; ++e) {
+        q.kc.push_back(c.k(pg, s % P, h, e));
+        q.kf.push_back(static_cast<float>(c.k(pg, s % P, h, e)) * ks);
+      }
+      for (std::int64_t e = 0; e < dv; ++e) {
+        q.vc.push_back(c.v(pg, s % P, h, e));
+        q.vf.push_back(static_cast<float>(c.v(pg, s % P, h, e)) * vs);
+      }
+    }
+  }
+  return q;
+}
+
+// int8 pages: paged_append stores quantize_row's codes and scales; decode (exact and fast)
+// equals attention_decode on the same int8 rows held contiguously, bit for bit and for any
+// thread count, and matches float64 attention over the dequantised rows; a sliding window
+// too; prefill equals attention_prefill over the dequantised rows bit for bit.
+void check_int8_pages(std::uint64_t seed, std::int64_t P, std::int64_t H, std::int64_t Hk, std::int64_t dk, std::int64_t dv) {
+  CAPTURE(seed, P, H, Hk, dk, dv);
+  test::Rng rng(seed);
+  const std::int64_t B = rng.integer(1, 17);
+  Batch<std::int8_t> bt = make_batch<std::int8_t>(rng, B, P, Hk, dk, dv, kMaxLen);  // bt.k / bt.v: unquantised
+  CAPTURE(B, bt.lengths);
+  std::vector<QuantSeq> qs;
+  for (std::int64_t b = 0; b < B; ++b) {
+    qs.push_back(read_quant(bt, b));
+    // The stored rows are quantize_row's.
+    bool same = true;
+    std::vector<std::int8_t> code(static_cast<std::size_t>(std::max(dk, dv)));
+    for (std::int64_t r = 0; r < bt.lengths[b] * Hk; ++r) {
+      float sc = 0.f;
+      REQUIRE(detail::quant::quantize_row(bt.k[b].data() + r * dk, code.data(), sc, dk));
+      same &= sc == qs[b].ks[r] && std::equal(code.begin(), code.begin() + dk, qs[b].kc.begin() + r * dk);
+      REQUIRE(detail::quant::quantize_row(bt.v[b].data() + r * dv, code.data(), sc, dv));
+      same &= sc == qs[b].vs[r] && std::equal(code.begin(), code.begin() + dv, qs[b].vc.begin() + r * dv);
+    }
+    CHECK(same);
+  }
+  const std::vector<float> q = rng.normal_vec(static_cast<std::size_t>(B * H * dk));
+  const double scale = 1.0 / std::sqrt(double(dk));
+  for (Precision precision : {Precision::exact, Precision::fast}) {
+    CAPTURE(static_cast<int>(precision));
+    DecodeOptions opt;
+    opt.kv_chunk = P * rng.integer(1, 512 / P + 2);
+    opt.precision = precision;
+    const std::int64_t W = rng.integer(0, 1) ? rng.integer(1, 700) : 0;
+    CAPTURE(opt.kv_chunk, W);
+    std::vector<float> first;
+    for (int threads : {1, 2, 3}) {
+      opt.num_threads = threads;
+      std::vector<float> out(static_cast<std::size_t>(B * H * dv)), lse(static_cast<std::size_t>(B * H));
+      test::poison(out);
+      test::poison(lse);
+      attention_decode_paged<std::int8_t>(ConstView3<float>(q.data(), {B, H, dk}), bt.pool.view(), bt.table(),
+                                          View3<float>(out.data(), {B, H, dv}), opt, View2<float>(lse.data(), {B, H}), W);
+      if (threads > 1) {
+        CHECK(test::bit_equal(out, first));
+        continue;
+      }
+      first = out;
+      for (std::int64_t b = 0; b < B; ++b) {
+        CAPTURE(b);
+        const std::int64_t L = bt.lengths[b], w0 = W > 0 ? std::max<std::int64_t>(0, L - W) : 0;
+        const std::vector<float> qb(q.begin() + b * H * dk, q.begin() + (b + 1) * H * dk);
+        const std::vector<float> ob(out.begin() + b * H * dv, out.begin() + (b + 1) * H * dv);
+        const auto ref = test::reference_decode(qb, qs[b].kf, qs[b].vf, L, H, Hk, dk, dv, scale, w0);
+        // exact: attention over the dequantised rows; fast: also the query's rounding (the
+        // contiguous kernel's bound, tests/test_attention_decode.cpp).
+        CHECK(rel_l2(ob, ref.out) <= (precision == Precision::exact ? 1e-5 : 4e-2));
+        if (W == 0) {  // bit for bit the contiguous int8 kernel, same chunk
+          std::vector<float> oc(static_cast<std::size_t>(H * dv));
+          test::poison(oc);
+          DecodeOptions o1 = opt;
+          o1.num_threads = 2;
+          attention_decode(ConstView2<float>(qb.data(), {H, dk}), qs[b].keys(L, Hk, dk), qs[b].values(L, Hk, dv),
+                           View2<float>(oc.data(), {H, dv}), o1);
+          CHECK(test::bit_equal(ob, oc));
+        }
+      }
+    }
+  }
+  // Prefill: the last n_b tokens of each sequence, against attention_prefill over the
+  // dequantised rows (what the staging copy holds) bit for bit.
+  std::vector<std::int64_t> cu{0};
+  for (std::int64_t b = 0; b < B; ++b) cu.push_back(cu.back() + rng.integer(0, std::min<std::int64_t>(bt.lengths[b], 40)));
+  const std::int64_t T = cu.back();
+  const std::vector<float> qp = rng.normal_vec(static_cast<std::size_t>(T * H * dk));
+  std::vector<float> out(static_cast<std::size_t>(T * H * dv));
+  test::poison(out);
+  AttentionOptions opt;
+  opt.num_threads = 2;
+  attention_prefill_paged<std::int8_t>(ConstView3<float>(qp.data(), {T, H, dk}), bt.pool.view(), bt.table(), cu,
+                                       View3<float>(out.data(), {T, H, dv}), CausalMask{}, opt);
+  for (std::int64_t b = 0; b < B; ++b) {
+    const std::int64_t n = cu[b + 1] - cu[b], L = bt.lengths[b];
+    if (n == 0) continue;
+    CAPTURE(b);
+    std::vector<float> oc(static_cast<std::size_t>(n * H * dv));
+    AttentionOptions o1;
+    o1.q_offset = L - n;
+    attention_prefill<float>(ConstView3<float>(qp.data() + cu[b] * H * dk, {n, H, dk}),
+                             ConstView3<float>(qs[b].kf.data(), {L, Hk, dk}), ConstView3<float>(qs[b].vf.data(), {L, Hk, dv}),
+                             View3<float>(oc.data(), {n, H, dv}), CausalMask{}, o1);
+    CHECK(test::bit_equal(std::vector<float>(out.begin() + cu[b] * H * dv, out.begin() + cu[b + 1] * H * dv), oc));
+  }
+}
+
 }  // namespace
 
 TEST_CASE("paged batched decode matches float64 and the contiguous kernel, any thread count", "[paged][decode]") {
@@ -294,6 +424,36 @@ TEST_CASE("paged batched decode matches float64 and the contiguous kernel, any t
     check_decode<float>(test::fresh_seed(), 1, 6, 3, 40, 24);     // P = 1, odd head dims
     check_decode<bf16>(test::fresh_seed(), 32, 4, 4, 72, 48);     // G = 1
   }
+}
+
+TEST_CASE("int8 pages: quantised appends, decode (exact and fast) and prefill equal the contiguous int8 path",
+          "[paged][int8]") {
+  for (int r = 0; r < kRounds; ++r) {
+    check_int8_pages(test::fresh_seed(), 16, 16, 8, 128, 128);  // Qwen3-0.6B shapes
+    check_int8_pages(test::fresh_seed(), 4, 6, 3, 40, 24);      // odd head dims, small pages
+    check_int8_pages(test::fresh_seed(), 64, 4, 4, 72, 48);     // G = 1
+  }
+  // A row that cannot be quantised is refused before anything is written; pages need scales.
+  PagePool<std::int8_t> pool(2, 4, 1, 8, 8);
+  const std::int32_t pages[1] = {pool.allocate()};
+  std::vector<float> k(2 * 8, 1.f);
+  paged_append(pool.view(), std::span<const std::int32_t>(pages), 0, ConstView3<float>(k.data(), {1, 1, 8}),
+               ConstView3<float>(k.data(), {1, 1, 8}));
+  CHECK(pool.view().k_scale(pages[0], 0, 0) == 1.f / 127.f);
+  std::fill(k.begin(), k.end(), 5.f);
+  k[12] = std::numeric_limits<float>::infinity();
+  REQUIRE_THROWS_WITH(paged_append(pool.view(), std::span<const std::int32_t>(pages), 0,
+                                   ConstView3<float>(k.data(), {2, 1, 8}), ConstView3<float>(k.data(), {2, 1, 8})),
+                      Contains("paged_append: argument 'k': non-finite value inf at token 1, KV head 0, element 4"));
+  CHECK(pool.view().k_scale(pages[0], 0, 0) == 1.f / 127.f);  // token 0 was not overwritten either
+  CHECK(pool.view().k(pages[0], 0, 0, 0) == 127);
+  auto bare = pool.view();
+  bare.v_scale = {};
+  std::vector<float> q(4 * 8), out(4 * 8);
+  const std::int64_t indptr[2] = {0, 1}, lengths[1] = {0};
+  REQUIRE_THROWS_WITH(attention_decode_paged<std::int8_t>(ConstView3<float>(q.data(), {1, 4, 8}), bare,
+                                                          PageTable{indptr, pages, lengths}, View3<float>(out.data(), {1, 4, 8})),
+                      Contains("attention_decode_paged: argument 'cache.v_scale': int8 pages need their scales"));
 }
 
 TEST_CASE("paged prefill (chunked, several sequences) matches attention_prefill and float64", "[paged][prefill]") {

@@ -4,8 +4,9 @@
 //
 // attention_decode_paged(q, cache, table, out, opt, lse, window):
 //   q [B, H, d_k] f32 (one query token per sequence; any strides, last dimension contiguous),
-//   cache: PagedKV<KV> pages k [num_pages, P, H_kv, d_k], v [num_pages, P, H_kv, d_v], KV = float
-//   or bf16, any strides; table: PageTable of B sequences (indptr, indices, lengths);
+//   cache: PagedKV<KV> pages k [num_pages, P, H_kv, d_k], v [num_pages, P, H_kv, d_v], KV = float,
+//   bf16 or std::int8_t (with the pages' scales; dequantised in registers, and opt.precision =
+//   fast scores the codes on VNNI, as attention_decode over a contiguous int8 cache), any strides; table: PageTable of B sequences (indptr, indices, lengths);
 //   out [B, H, d_v] f32; lse [B, H] optional (natural log).
 //   out[b, h] = Σ_{s < lengths[b]} softmax_s(scale · q[b, h]·k_b[s, h/G]) · v_b[s, h/G], where
 //   k_b[s] is slot s mod P of page indices[indptr[b] + s / P]. lengths[b] = 0 gives out = 0 and
@@ -26,7 +27,7 @@
 //   its chunk states in chunk order. So results are bit-identical for any thread count, and
 //   bit-identical to attention_decode on a contiguous copy of each sequence's keys with the
 //   same opt.kv_chunk (B single-sequence decodes).
-//   Not supported here (yet): attention variants, int8 pages; opt.q_position and opt.ring must
+//   Not supported here (yet): attention variants; opt.q_position and opt.ring must
 //   keep their defaults. The same kernel serves Loop Attention over pages (attention/loop.hpp:
 //   a global and a windowed call) and sparse attention over pages (sparse/sparse_attention.hpp:
 //   the rows of each sequence's selection instead of its first lengths[b], detail::paged::Selection).
@@ -41,7 +42,8 @@
 //   opt.precision and opt.num_threads as in attention_prefill. Results equal attention_prefill
 //   of each sequence on its contiguous keys (q_offset = lengths[b] - n_b), bit for bit.
 //   Implementation for this step: every sequence with queries to compute has its first
-//   lengths[b] keys gathered (as they are stored, f32 or bf16) into a contiguous staging buffer
+//   lengths[b] keys gathered (as they are stored, f32 or bf16; int8 pages dequantised to f32,
+//   as the contiguous int8 cache's prefill continuation does) into a contiguous staging buffer
 //   (Σ lengths[b] · H_kv · (d_k + d_v) elements, allocated per call), and the flash prefill
 //   kernel (detail/flash_prefill.hpp) runs all sequences as the segments of one varlen call.
 //   The gather is a copy of the visible pages, cheap against prefill's T·L work but not free;
@@ -56,6 +58,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -130,7 +133,7 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
   const std::int64_t slot_mask = P - 1;
   constexpr bool pairs = uses_pairs_v<Vectorized, KV>;
   const Problem pb{H, G, dk, dv, pairs ? round_up32(dk) : round_up16(dk), pairs ? round_up32(dv) : round_up16(dv),
-                   resolve_scale(opt.scale, dk) * kLog2e};
+                   resolve_scale(opt.scale, dk) * kLog2e, quantized_query<Vectorized, KV>(opt)};
   const std::int64_t chunk = opt.kv_chunk > 0 ? opt.kv_chunk : std::max(kDefaultChunk, P);
   // Sequence b sees keys [start[b], lengths[b]); its chunks c0[b] .. are global indices
   // [first[b], first[b + 1]).
@@ -168,9 +171,26 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
         const std::int64_t s = position(i);
         return cache.v.ptr(table.page(b, s, shift), s & slot_mask, j);
       };
+      // int8 pages: the scales of entry i (KV head j), through the page table like the rows.
+      struct PagedScales {
+        const PagedKV<KV>& c;
+        const decltype(position)& pos;
+        const PageTable& t;
+        std::int64_t b;
+        int shift;
+        std::int64_t mask;
+        float k(std::int64_t i, std::int64_t j) const {
+          const std::int64_t s = pos(i);
+          return c.k_scale(t.page(b, s, shift), s & mask, j);
+        }
+        float v(std::int64_t i, std::int64_t j) const {
+          const std::int64_t s = pos(i);
+          return c.v_scale(t.page(b, s, shift), s & mask, j);
+        }
+      };
       chunk_state_rows<Vectorized, KV>(
           pb, qb, j, g0, g1, part + (gc * H + j * G) * pb.dv_pad, part_lse + gc * H + j * G, nullptr,
-          NoScoreTransform{}, QuantScales{}, [&](const auto& block) {
+          NoScoreTransform{}, PagedScales{cache, position, table, b, shift, slot_mask}, [&](const auto& block) {
             // The next block's rows are prefetched a row per access, spread over this block's
             // compute (PrefetchingRows); its row addresses are listed once and become the
             // current block's on the next step.
@@ -245,6 +265,10 @@ inline std::vector<std::int64_t> sequences_with_queries(const char* fn, const Pa
 // page into one contiguous buffer: sequence seqs[i] at rows offset[i] .. offset[i] + lengths[b]
 // of keys() / values() [rows, H_kv, d]. The paged prefill paths run their contiguous kernels on
 // it (a copy of the visible pages: cheap against prefill's T·L work, but not free).
+// int8 pages are staged dequantised, as f32.
+template <class KV>
+using staged_t = std::conditional_t<std::is_same_v<KV, std::int8_t>, float, KV>;
+
 template <class KV>
 struct Staged {
   std::vector<KV> k, v;
@@ -255,9 +279,10 @@ struct Staged {
 };
 
 template <class KV>
-Staged<KV> stage(const char* fn, const PagedKV<KV>& cache, const PageTable& table, std::span<const std::int64_t> seqs,
-                 int num_threads) {
-  Staged<KV> st;
+Staged<staged_t<KV>> stage(const char* fn, const PagedKV<KV>& cache, const PageTable& table,
+                           std::span<const std::int64_t> seqs, int num_threads) {
+  using S = staged_t<KV>;
+  Staged<S> st;
   st.H_kv = cache.kv_heads();
   st.dk = cache.head_dim_k();
   st.dv = cache.head_dim_v();
@@ -266,7 +291,7 @@ Staged<KV> stage(const char* fn, const PagedKV<KV>& cache, const PageTable& tabl
     st.offset.push_back(st.rows);
     st.rows += table.lengths[b];
   }
-  require_memory(static_cast<std::uint64_t>(st.rows * H_kv * (dk + dv)) * sizeof(KV),
+  require_memory(static_cast<std::uint64_t>(st.rows * H_kv * (dk + dv)) * sizeof(S),
                  std::string(fn) + ": staging copy of " + std::to_string(st.rows) + " cached tokens");
   st.k.resize(static_cast<std::size_t>(st.rows * H_kv * dk));
   st.v.resize(static_cast<std::size_t>(st.rows * H_kv * dv));
@@ -283,8 +308,16 @@ Staged<KV> stage(const char* fn, const PagedKV<KV>& cache, const PageTable& tabl
       for (std::int64_t h = 0; h < H_kv; ++h) {
         const KV* k = cache.k.ptr(page, r, h);
         const KV* v = cache.v.ptr(page, r, h);
-        std::copy(k, k + dk, st.k.data() + ((st.offset[i] + p * P + r) * H_kv + h) * dk);
-        std::copy(v, v + dv, st.v.data() + ((st.offset[i] + p * P + r) * H_kv + h) * dv);
+        S* kd = st.k.data() + ((st.offset[i] + p * P + r) * H_kv + h) * dk;
+        S* vd = st.v.data() + ((st.offset[i] + p * P + r) * H_kv + h) * dv;
+        if constexpr (std::is_same_v<KV, std::int8_t>) {
+          const float ks = cache.k_scale(page, r, h), vs = cache.v_scale(page, r, h);
+          for (std::int64_t e = 0; e < dk; ++e) kd[e] = static_cast<float>(k[e]) * ks;
+          for (std::int64_t e = 0; e < dv; ++e) vd[e] = static_cast<float>(v[e]) * vs;
+        } else {
+          std::copy(k, k + dk, kd);
+          std::copy(v, v + dv, vd);
+        }
       }
   });
   return st;
@@ -316,8 +349,9 @@ void attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cache, cons
   ATTNKIT_REQUIRE(opt.q_offset == -1, fn, ": argument 'opt.q_offset': must be -1 (each sequence's queries are its "
                   "last tokens), got ", opt.q_offset);
   // Shapes, mask and options as attention_prefill checks them, before anything is allocated.
-  static const KV dummy{};
-  const ConstView3<KV> k0(&dummy, {0, H_kv, dk}), v0(&dummy, {0, H_kv, dv});
+  using S = detail::paged::staged_t<KV>;  // what the prefill kernel reads: int8 pages dequantised
+  static const S dummy{};
+  const ConstView3<S> k0(&dummy, {0, H_kv, dk}), v0(&dummy, {0, H_kv, dv});
   const detail::flash::Shape sh = detail::check_prefill(fn, q, k0, v0, out, mask, opt, lse, "cache.k", "cache.v");
 
   // Sequences with queries in opt.queries, and where their keys go in the staging buffer.
@@ -329,8 +363,8 @@ void attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cache, cons
     seqs.push_back(b);
   }
   const auto st = detail::paged::stage(fn, cache, table, seqs, opt.num_threads);
-  const ConstView3<KV> kst = st.keys(), vst = st.values();
-  std::vector<detail::flash::Segment<KV>> segs;
+  const ConstView3<S> kst = st.keys(), vst = st.values();
+  std::vector<detail::flash::Segment<S>> segs;
   std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
   for (std::size_t i = 0; i < seqs.size(); ++i) {
     const std::int64_t b = seqs[i], s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1], L = table.lengths[b];

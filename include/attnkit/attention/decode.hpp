@@ -790,7 +790,8 @@ struct AlibiScores {
   }
 };
 
-// int8 K/V: the scales [T, H_kv] of the key and value rows (unused for float and bf16).
+// int8 K/V: the scales [T, H_kv] of the key and value rows (unused for float and bf16). A
+// chunk_state_rows caller may pass any type with k(row, j) / v(row, j) (paged caches do).
 struct QuantScales {
   ConstView2<float> k, v;
 };
@@ -809,10 +810,10 @@ inline void scale_rows(const ItemState& st, std::int64_t g0, std::int64_t g1, co
 // kr / vr row accessors (StridedRows, GatheredRows, PtrRows; attention/batched_decode.hpp's
 // paged rows use the last). The arithmetic of a block depends only on its rows, never on the
 // accessor, so the same keys give the same bits however they are stored.
-template <bool Vectorized, class KV, class ScoreTransform = NoScoreTransform, class ForBlocks>
+template <bool Vectorized, class KV, class ScoreTransform = NoScoreTransform, class Scales, class ForBlocks>
 void chunk_state_rows(const Problem& pb, ConstView2<float> q, std::int64_t j, std::int64_t g0, std::int64_t g1,
                       float* o_part, float* lse_part, const std::int32_t* idx, const ScoreTransform& transform,
-                      const QuantScales& qsc, const ForBlocks& for_blocks) {
+                      const Scales& qsc, const ForBlocks& for_blocks) {
   constexpr bool quant = std::is_same_v<KV, std::int8_t>;
   const std::int64_t G = pb.G;
   float* base = thread_scratch<ItemScratch>().get(G * pb.dk_pad + G * kBlock + 3 * G);

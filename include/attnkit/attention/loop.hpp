@@ -355,6 +355,7 @@ void loop_attention_decode_paged(ConstView3<float> q, const PagedKV<KV>& glob, c
                                  const PageTable& table, ConstView2<float> gate_w, std::span<const float> gate_b,
                                  std::int64_t window, View3<float> out /*[B, H, d_v]*/, const DecodeOptions& opt = {},
                                  View2<float> gates = {} /*optional [B, H]*/) {
+  static_assert(is_storage_type_v<KV>, "loop_attention_decode_paged: pages must be float or bf16 (int8 pages: attention_decode_paged, attention_prefill_paged)");
   constexpr const char* fn = "loop_attention_decode_paged";
   detail::paged::check_decode(fn, q, glob, table, out, opt, {});
   const std::int64_t B = table.batch(), H = q.shape[1], d_k = q.shape[2], d_v = out.shape[2];
@@ -388,6 +389,7 @@ void loop_attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& glob, 
                                   ConstView2<float> gate_w, std::span<const float> gate_b, std::int64_t window,
                                   View3<float> out /*[T, H, d_v]*/, const LoopOptions& opt = {},
                                   View2<float> gates = {} /*optional [T, H]*/) {
+  static_assert(is_storage_type_v<KV>, "loop_attention_prefill_paged: pages must be float or bf16 (int8 pages: attention_decode_paged, attention_prefill_paged)");
   constexpr const char* fn = "loop_attention_prefill_paged";
   check_view(q, fn, "q");
   const std::int64_t B = table.batch(), T = q.shape[0];

@@ -2,12 +2,16 @@
 // design): views of the caller's pages, page tables, a small page pool, and appends.
 //
 // Pages: K and V each live in pages of P tokens (P a power of two, e.g. 16):
-//   k [num_pages, P, H_kv, d_k], v [num_pages, P, H_kv, d_v] of KV = float or bf16,
+//   k [num_pages, P, H_kv, d_k], v [num_pages, P, H_kv, d_v] of KV = float, bf16 or std::int8_t,
 // passed as 4-D views with any strides (last dimension contiguous), so the caller chooses the
 // layout: NHD ([page][token][head][d], vLLM) or HND ([page][head][token][d], FlashInfer's
 // other layout, which PagePool uses: each KV head's rows of a page are one contiguous run).
-// PagedKV<KV> is that pair of views; the kernels only read it, so an engine keeps its own
-// allocator and passes views of its buffers.
+// int8 pages (attention/quant.hpp: symmetric, a scale per token and KV head) also carry the
+// scales k_scale, v_scale [num_pages, P, H_kv] f32 (any strides). PagedKV<KV> is those views;
+// the kernels only read it, so an engine keeps its own allocator and passes views of its buffers.
+// int8 pages are read by attention_decode_paged (dequantised in registers, DecodeOptions::
+// precision as for a contiguous int8 cache) and attention_prefill_paged (an f32 staging copy);
+// Loop Attention's and sparse attention's paged kernels take float or bf16 pages.
 //
 // Page tables: PageTable describes B sequences in CSR form, FlashInfer's paged_kv_indptr /
 // paged_kv_indices:
@@ -34,7 +38,8 @@
 // paged_append(cache, table, cu_seqlens, k, v): appends n_b = cu_seqlens[b + 1] - cu_seqlens[b]
 // tokens to each sequence b at positions lengths[b] .. lengths[b] + n_b - 1, i.e. rows
 // cu_seqlens[b] .. cu_seqlens[b + 1] of k [n, H_kv, d_k] and v [n, H_kv, d_v] (f32, any strides,
-// last dimension contiguous; rounded to nearest even for bf16 pages). A decode step is
+// last dimension contiguous; rounded to nearest even for bf16 pages, quantised per row with its
+// scale for int8 pages, which refuse a NaN or infinite row before writing anything). A decode step is
 // cu_seqlens = {0, 1, ..., B}. The table's pages must already cover lengths[b] + n_b tokens;
 // lengths are NOT advanced (the caller owns them): attend with lengths[b] + n_b afterwards.
 // Everything is checked before the first row is written. Writing into a page that another
@@ -49,6 +54,7 @@
 #include <string>
 #include <vector>
 
+#include "attnkit/attention/kv_cache.hpp"
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/error.hpp"
 #include "attnkit/core/memory.hpp"
@@ -62,10 +68,12 @@ using View4 = View<T, 4>;
 template <class T>
 using ConstView4 = View<const T, 4>;
 
-// K and V pages: k [num_pages, P, H_kv, d_k], v [num_pages, P, H_kv, d_v].
+// K and V pages: k [num_pages, P, H_kv, d_k], v [num_pages, P, H_kv, d_v]; int8: and their
+// scales [num_pages, P, H_kv] (unused otherwise).
 template <class KV>
 struct PagedKV {
   ConstView4<KV> k, v;
+  ConstView3<float> k_scale{}, v_scale{};
   std::int64_t num_pages() const { return k.shape[0]; }
   std::int64_t page_size() const { return k.shape[1]; }
   std::int64_t kv_heads() const { return k.shape[2]; }
@@ -76,7 +84,8 @@ struct PagedKV {
 template <class KV>
 struct MutablePagedKV {
   View4<KV> k, v;
-  operator PagedKV<KV>() const { return {k, v}; }  // NOLINT: a writable cache can always be read
+  View3<float> k_scale{}, v_scale{};
+  operator PagedKV<KV>() const { return {k, v, k_scale, v_scale}; }  // NOLINT: a writable cache can always be read
 };
 
 // B sequences' page tables and lengths (see the top of the file).
@@ -100,7 +109,7 @@ inline int log2_exact(std::int64_t p) {
 // The pages themselves: shapes agree, P a power of two, last dimensions contiguous.
 template <class KV>
 void check_pages(const char* fn, const PagedKV<KV>& c) {
-  static_assert(is_storage_type_v<KV>, "paged K/V must be float or bf16");
+  static_assert(kv::is_cache_type_v<KV>, "paged K/V must be float, bf16 or std::int8_t");
   check_view(c.k, fn, "cache.k");
   check_view(c.v, fn, "cache.v");
   const std::int64_t P = c.k.shape[1];
@@ -115,6 +124,13 @@ void check_pages(const char* fn, const PagedKV<KV>& c) {
                   c.k.shape[0], ", ", P, ", ", c.k.shape[2], ", d_v] like 'cache.k' ", shape_string(c.k));
   ATTNKIT_REQUIRE(c.v.shape[3] >= 1, fn, ": argument 'cache.v': head dimension d_v must be >= 1, got shape ",
                   shape_string(c.v));
+  if constexpr (kv::is_quant_v<KV>)
+    for (const auto& [sc, name] : {std::pair{c.k_scale, "cache.k_scale"}, std::pair{c.v_scale, "cache.v_scale"}}) {
+      ATTNKIT_REQUIRE(sc.data != nullptr, fn, ": argument '", name, "': int8 pages need their scales [num_pages, P, H_kv]");
+      ATTNKIT_REQUIRE(sc.shape[0] == c.k.shape[0] && sc.shape[1] == P && sc.shape[2] == c.k.shape[2], fn, ": argument '",
+                      name, "': shape ", shape_string(sc), " must be [num_pages, P, H_kv] = [", c.k.shape[0], ", ", P,
+                      ", ", c.k.shape[2], "]");
+    }
 }
 
 // The table against pages of P tokens, num_pages of them; `extra[b]` tokens are added to each
@@ -170,7 +186,8 @@ void check_page_table(const char* fn, const PagedKV<KV>& cache, const PageTable&
 // Pages of P tokens, owned; HND storage ([page][H_kv][P][d]) behind [num_pages, P, H_kv, d] views.
 template <class KV>
 class PagePool {
-  static_assert(is_storage_type_v<KV>, "PagePool: KV must be float or bf16");
+  static_assert(detail::kv::is_cache_type_v<KV>, "PagePool: KV must be float, bf16 or std::int8_t");
+  static constexpr bool quant = detail::kv::is_quant_v<KV>;
 
  public:
   PagePool(std::int64_t num_pages, std::int64_t page_size, std::int64_t kv_heads, std::int64_t head_dim_k,
@@ -184,11 +201,20 @@ class PagePool {
     ATTNKIT_REQUIRE(kv_heads >= 1, fn, ": argument 'kv_heads': must be >= 1, got ", kv_heads);
     ATTNKIT_REQUIRE(head_dim_k >= 1, fn, ": argument 'head_dim_k': must be >= 1, got ", head_dim_k);
     ATTNKIT_REQUIRE(head_dim_v >= 1, fn, ": argument 'head_dim_v': must be >= 1, got ", head_dim_v);
-    const std::uint64_t bytes = static_cast<std::uint64_t>(n_ * p_ * h_ * (dk_ + dv_)) * sizeof(KV);
+    const std::uint64_t bytes = page_bytes(p_, h_, dk_, dv_) * static_cast<std::uint64_t>(n_);
     require_memory(bytes, "PagePool: " + std::to_string(n_) + " pages of " + std::to_string(p_) + " tokens");
     k_.reset(static_cast<KV*>(allocate_aligned(static_cast<std::size_t>(n_ * p_ * h_ * dk_) * sizeof(KV))));
     v_.reset(static_cast<KV*>(allocate_aligned(static_cast<std::size_t>(n_ * p_ * h_ * dv_) * sizeof(KV))));
+    if constexpr (quant) {
+      ks_.reset(static_cast<float*>(allocate_aligned(static_cast<std::size_t>(n_ * p_ * h_) * sizeof(float))));
+      vs_.reset(static_cast<float*>(allocate_aligned(static_cast<std::size_t>(n_ * p_ * h_) * sizeof(float))));
+    }
     refs_.assign(static_cast<std::size_t>(n_), 0);
+  }
+
+  // Bytes of one page of P tokens, H_kv heads (int8: with a scale per token, head, K and V).
+  static std::uint64_t page_bytes(std::int64_t P, std::int64_t H_kv, std::int64_t dk, std::int64_t dv) {
+    return static_cast<std::uint64_t>(P * H_kv) * ((dk + dv) * sizeof(KV) + (quant ? 2 * sizeof(float) : 0));
   }
 
   // The lowest free page id, with one reference; throws when every page is in use.
@@ -228,6 +254,10 @@ class PagePool {
     };
     copy(k_.get(), bigger.k_.get(), dk_);
     copy(v_.get(), bigger.v_.get(), dv_);
+    if constexpr (quant) {
+      std::copy(ks_.get(), ks_.get() + n_ * p_ * h_, bigger.ks_.get());
+      std::copy(vs_.get(), vs_.get() + n_ * p_ * h_, bigger.vs_.get());
+    }
     std::copy(refs_.begin(), refs_.end(), bigger.refs_.begin());
     bigger.in_use_ = in_use_;
     bigger.next_ = next_;
@@ -241,6 +271,11 @@ class PagePool {
     const std::int64_t nk = p_ * h_ * dk_, nv = p_ * h_ * dv_;
     std::copy(k_.get() + from * nk, k_.get() + (from + 1) * nk, k_.get() + to * nk);
     std::copy(v_.get() + from * nv, v_.get() + (from + 1) * nv, v_.get() + to * nv);
+    if constexpr (quant) {
+      const std::int64_t ns = p_ * h_;
+      std::copy(ks_.get() + from * ns, ks_.get() + (from + 1) * ns, ks_.get() + to * ns);
+      std::copy(vs_.get() + from * ns, vs_.get() + (from + 1) * ns, vs_.get() + to * ns);
+    }
   }
 
   std::int64_t num_pages() const { return n_; }
@@ -248,17 +283,23 @@ class PagePool {
   std::int64_t page_size() const { return p_; }
 
   MutablePagedKV<KV> view() {
-    return {View4<KV>(k_.get(), {n_, p_, h_, dk_}, {h_ * p_ * dk_, dk_, p_ * dk_, 1}),
-            View4<KV>(v_.get(), {n_, p_, h_, dv_}, {h_ * p_ * dv_, dv_, p_ * dv_, 1})};
+    MutablePagedKV<KV> c{View4<KV>(k_.get(), {n_, p_, h_, dk_}, {h_ * p_ * dk_, dk_, p_ * dk_, 1}),
+                         View4<KV>(v_.get(), {n_, p_, h_, dv_}, {h_ * p_ * dv_, dv_, p_ * dv_, 1})};
+    if constexpr (quant) {  // HND like the codes: [page][head][slot]
+      c.k_scale = View3<float>(ks_.get(), {n_, p_, h_}, {h_ * p_, 1, p_});
+      c.v_scale = View3<float>(vs_.get(), {n_, p_, h_}, {h_ * p_, 1, p_});
+    }
+    return c;
   }
   PagedKV<KV> view() const { return const_cast<PagePool*>(this)->view(); }
 
  private:
   struct Free {
-    void operator()(KV* p) const { std::free(p); }
+    void operator()(void* p) const { std::free(p); }
   };
   std::int64_t n_, p_, h_, dk_, dv_;
   std::unique_ptr<KV, Free> k_, v_;
+  std::unique_ptr<float, Free> ks_, vs_;  // int8: scales [page][head][slot]
   std::vector<std::int32_t> refs_;
   std::int64_t next_ = 0, in_use_ = 0;
 
@@ -273,7 +314,12 @@ template <class KV>
 MutablePagedKV<KV> kv_head_range(const MutablePagedKV<KV>& c, std::int64_t h0, std::int64_t h1) {
   ATTNKIT_REQUIRE(h0 >= 0 && h0 < h1 && h1 <= c.k.shape[2], "kv_head_range: heads [", h0, ", ", h1,
                   ") are not within the cache's ", c.k.shape[2], " KV heads");
-  return {c.k.slice(2, h0, h1), c.v.slice(2, h0, h1)};
+  MutablePagedKV<KV> r{c.k.slice(2, h0, h1), c.v.slice(2, h0, h1)};
+  if (c.k_scale.data) {
+    r.k_scale = c.k_scale.slice(2, h0, h1);
+    r.v_scale = c.v_scale.slice(2, h0, h1);
+  }
+  return r;
 }
 
 // See the top of the file.
@@ -295,6 +341,10 @@ void paged_append(const MutablePagedKV<KV>& cache, const PageTable& table, std::
   std::vector<std::int64_t> add(static_cast<std::size_t>(B));
   for (std::int64_t b = 0; b < B; ++b) add[b] = cu_seqlens[b + 1] - cu_seqlens[b];
   detail::paged::check_table(fn, table, c.num_pages(), c.page_size(), add);
+  if constexpr (detail::kv::is_quant_v<KV>) {
+    detail::kv::check_finite(fn, "k", k, 0);
+    detail::kv::check_finite(fn, "v", v, 0);
+  }
   const int shift = detail::paged::log2_exact(c.page_size());
   const std::int64_t mask = c.page_size() - 1;
   for (std::int64_t b = 0; b < B; ++b)
@@ -304,7 +354,10 @@ void paged_append(const MutablePagedKV<KV>& cache, const PageTable& table, std::
       for (std::int64_t h = 0; h < H_kv; ++h) {
         KV* kd = cache.k.ptr(page, slot, h);
         KV* vd = cache.v.ptr(page, slot, h);
-        if constexpr (std::is_same_v<KV, bf16>) {
+        if constexpr (detail::kv::is_quant_v<KV>) {
+          detail::kv::store_row(k.ptr(r, h), kd, &cache.k_scale(page, slot, h), dk);
+          detail::kv::store_row(v.ptr(r, h), vd, &cache.v_scale(page, slot, h), dv);
+        } else if constexpr (std::is_same_v<KV, bf16>) {
           simd::to_bf16(k.ptr(r, h), kd, dk);
           simd::to_bf16(v.ptr(r, h), vd, dv);
         } else {

@@ -251,6 +251,7 @@ template <class KV>
 void sparse_attention_decode_paged(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& table,
                                    ConstView2<std::int32_t> indices, View3<float> out,
                                    const SparseAttentionOptions& opt = {}, View2<float> lse = {}) {
+  static_assert(is_storage_type_v<KV>, "sparse_attention_decode_paged: pages must be float or bf16 (int8 pages: attention_decode_paged, attention_prefill_paged)");
   constexpr const char* fn = "sparse_attention_decode_paged";
   detail::sparse::check_options(fn, opt);
   DecodeOptions dopt;
@@ -279,6 +280,7 @@ template <class KV>
 void sparse_attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& table,
                                     std::span<const std::int64_t> cu_seqlens, ConstView2<std::int32_t> indices,
                                     View3<float> out, const SparseAttentionOptions& opt = {}, View2<float> lse = {}) {
+  static_assert(is_storage_type_v<KV>, "sparse_attention_prefill_paged: pages must be float or bf16 (int8 pages: attention_decode_paged, attention_prefill_paged)");
   constexpr const char* fn = "sparse_attention_prefill_paged";
   check_page_table(fn, cache, table);
   check_view(q, fn, "q");
