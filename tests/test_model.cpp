@@ -517,7 +517,7 @@ std::vector<std::vector<float>> batch_logits(const model::Qwen3Model& m, const s
 
 TEST_CASE("a batch session equals one session per sequence: prefill, chunks and decode mixed", "[model][batch]") {
   const bool sliding = GENERATE(false, true);
-  const auto kv = GENERATE(model::CacheType::f32, model::CacheType::bf16);
+  const auto kv = GENERATE(model::CacheType::f32, model::CacheType::bf16, model::CacheType::int8);
   const std::int64_t P = GENERATE(1, 4, 16);
   const auto cfg = io::Qwen3Config::from_json(tiny_json(sliding), "test");
   const auto m = model::Qwen3Model::random(cfg, model::WeightType::f32, 5);
@@ -536,8 +536,12 @@ TEST_CASE("a batch session equals one session per sequence: prefill, chunks and 
     CAPTURE(i);
     const auto want = session_logits(m, ids[i], so);
     // The attention kernels see the same rows; the linear layers block more rows together
-    // (f32 sums in another order): a few ulp of the logits.
-    CHECK(test::rel_l2(got[i], want) <= 2e-6);
+    // (f32 sums in another order): a few ulp of the logits. int8 pages (full-attention layers
+    // paged, sliding ones per sequence): a last-bit difference upstream can round a K/V element
+    // to the neighbouring code (a step of max|row| / 127); measured up to 1.5e-7 (no code moved).
+    const double e = test::rel_l2(got[i], want);
+    if (std::getenv("ATTNKIT_PRINT_INT8") && kv == model::CacheType::int8) std::printf("int8 batch: %.3g\n", e);
+    CHECK(e <= (kv == model::CacheType::int8 ? 1e-4 : 2e-6));
   }
   if (P == 4 && kv == model::CacheType::bf16) {  // the thread count changes nothing
     CHECK(test::bit_equal(batch_logits(m, ids, plan, so, P, 1)[4], batch_logits(m, ids, plan, so, P, 2)[4]));

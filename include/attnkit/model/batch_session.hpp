@@ -8,13 +8,13 @@
 // weights once per step instead of once per sequence.
 //
 // K/V storage: the mixers that ask for it (TokenMixer::paged_layout: Qwen3 full attention, Loop
-// Attention, sparse attention; f32 or bf16 caches) keep their K/V in ONE page pool of the
+// Attention, sparse attention; f32 or bf16 caches; Qwen3 attention also int8) keep their K/V in ONE page pool of the
 // session (attention/paged_kv.hpp; pages of BatchOptions::page_size tokens; every such layer and
 // pass owns a range of the pool's KV-head axis, so one page id holds the same positions in every
 // layer), plus what else they keep per sequence (TokenMixer::new_paged_state: Loop Attention's
 // stack-mode rings, sparse attention's index keys). Each sequence has a page table; the pool
 // doubles when it runs out (BatchOptions::initial_pages first). Other mixers (sliding windows,
-// int8 caches, Gated DeltaNet, ...) keep a state per sequence and run per sequence inside
+// Loop and sparse attention with int8 caches, Gated DeltaNet, ...) keep a state per sequence and run per sequence inside
 // the step (TokenMixer::forward_batch's default): every model works in a batch session, and the
 // MLPs and the head are still batched. Sliding windows stay per sequence on purpose: one page id
 // holds a position in every layer, so a windowed layer in the pool could not drop the pages
@@ -159,8 +159,12 @@ class BatchSession {
   const Sequence& at(const char* fn, std::int64_t id) const { return const_cast<BatchSession*>(this)->at(fn, id); }
   // Bytes of one page in the pool (all its layers' K and V).
   std::uint64_t page_bytes() const {
-    const std::uint64_t elem = opt_.kv_type == CacheType::bf16 ? 2 : 4;
-    return mul_bytes(batch_.page_size, pool_heads_, 2 * head_dim_, elem);
+    const std::int64_t P = batch_.page_size, d = head_dim_;
+    switch (opt_.kv_type) {
+      case CacheType::bf16: return PagePool<bf16>::page_bytes(P, pool_heads_, d, d);
+      case CacheType::int8: return PagePool<std::int8_t>::page_bytes(P, pool_heads_, d, d);
+      default: return PagePool<float>::page_bytes(P, pool_heads_, d, d);
+    }
   }
 
   const Qwen3Model* model_ = nullptr;
@@ -169,7 +173,7 @@ class BatchSession {
   BatchOptions batch_;
   std::vector<std::int64_t> head0_;  // per layer: its first KV head in the pool; -1: per-sequence states
   std::int64_t pool_heads_ = 0, head_dim_ = 0;
-  std::variant<std::monostate, PagePool<float>, PagePool<bf16>> pool_;
+  std::variant<std::monostate, PagePool<float>, PagePool<bf16>, PagePool<std::int8_t>> pool_;
   std::map<std::int64_t, Sequence> seqs_;
   std::int64_t next_id_ = 0;
 };
@@ -201,6 +205,7 @@ inline BatchSession Qwen3Model::new_batch_session(const SessionOptions& opt, con
     const MemoryLimitScope scope(limits.max_memory_bytes);
     const std::int64_t P = batch.page_size, n = batch.initial_pages, H = s.pool_heads_, d = s.head_dim_;
     if (opt.kv_type == CacheType::bf16) s.pool_.emplace<PagePool<bf16>>(n, P, H, d, d);
+    else if (opt.kv_type == CacheType::int8) s.pool_.emplace<PagePool<std::int8_t>>(n, P, H, d, d);
     else s.pool_.emplace<PagePool<float>>(n, P, H, d, d);
   }
   return s;
@@ -321,6 +326,7 @@ inline void Qwen3Model::forward_batch(BatchSession& bs, std::span<const Sequence
   bstep.table = PageTable{indptr, indices, pos0};
   if (auto* p = std::get_if<PagePool<float>>(&bs.pool_)) bstep.pages_f32 = p->view();
   if (auto* p = std::get_if<PagePool<bf16>>(&bs.pool_)) bstep.pages_bf16 = p->view();
+  if (auto* p = std::get_if<PagePool<std::int8_t>>(&bs.pool_)) bstep.pages_int8 = p->view();
   std::vector<MixerState*> states(static_cast<std::size_t>(B));
   StepContext ctx{0, opt.num_threads, opt.precision, nullptr, 0, nullptr};
   run_stack(fn, ids, std::move(row_tokens), logits, ctx, opt,

@@ -75,12 +75,13 @@ struct BatchStep {
   // Each sequence's own state (B of them): new_state()'s for mixers without a paged layout,
   // new_paged_state()'s (possibly null) for paged ones.
   std::span<MixerState* const> states;
-  // Paged mixers: the session's pool (f32 or bf16: the other is empty) and this mixer's heads
+  // Paged mixers: the session's pool (f32, bf16 or int8: the others are empty) and this mixer's heads
   // in it, [kv_head0, kv_head0 + layout.kv_heads); the sequences' page tables with their
   // lengths before the step (= pos0), covering the step's new tokens (pages allocated, none
   // shared where the step writes).
   MutablePagedKV<float> pages_f32;
   MutablePagedKV<bf16> pages_bf16;
+  MutablePagedKV<std::int8_t> pages_int8;  // codes and a scale per token and KV head
   std::int64_t kv_head0 = -1;
   PageTable table;
   std::int64_t batch() const { return static_cast<std::int64_t>(pos0.size()); }

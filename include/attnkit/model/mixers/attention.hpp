@@ -104,8 +104,7 @@ class Qwen3Attention final : public TokenMixer {
 
   // Batch sessions: full attention in every pass keeps its K/V in the session's page pool (f32
   // or bf16 caches); sliding windows and int8 caches keep a state per sequence.
-  PagedLayout paged_layout(const SessionOptions& opt) const override {
-    if (opt.kv_type == CacheType::int8) return {};
+  PagedLayout paged_layout(const SessionOptions&) const override {
     for (auto w : windows_)
       if (w) return {};
     return {proj_.kv_heads() * passes_, proj_.head_dim()};

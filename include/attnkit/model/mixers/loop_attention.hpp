@@ -238,6 +238,7 @@ class LoopAttention final : public TokenMixer {
 
   // Layer mode over pages: the same pages are the global and the local keys.
   struct LayerPaged {
+    static constexpr bool reads_int8 = false;  // the paged Loop / sparse kernels take f32 or bf16 pages
     const LoopAttention& m;
     const StepContext& ctx;
     template <class KV>

@@ -256,6 +256,7 @@ class SparseAttention final : public TokenMixer {
 
   // The paged attention over each query's selection (idx [N, K]: the step's packed rows).
   struct SelectedPaged {
+    static constexpr bool reads_int8 = false;  // the paged Loop / sparse kernels take f32 or bf16 pages
     const std::vector<std::int32_t>& idx;
     std::int64_t K;
     const StepContext& ctx;
