@@ -134,9 +134,12 @@ std::vector<std::int64_t> paged_bench_lengths(std::int64_t T) {
   return {512, 768, 1024, 1536, 2048, 3072, 4096, 8192};
 }
 
-// The pool and the rotating sets of page tables of decode/paged (see above).
-struct PagedSets {
-  using KV = attnkit::bf16;
+// The pool and the rotating sets of page tables of decode/paged (see above). int8 pages: random
+// codes and a scale per row (GBps counts the codes and the scales).
+template <class KVT>
+struct PagedSetsT {
+  using KV = KVT;
+  static constexpr bool quant = std::is_same_v<KV, std::int8_t>;
   static constexpr std::int64_t H = 16, Hk = 8, d = 128;
   std::vector<std::int64_t> lengths;
   std::int64_t B = 0, bytes = 0, n_sets = 0;
@@ -153,18 +156,21 @@ struct PagedSets {
   static std::int64_t kv_bytes(const std::vector<std::int64_t>& lengths) {
     std::int64_t t = 0;
     for (auto L : lengths) t += L;
-    return 2 * t * Hk * d * static_cast<std::int64_t>(sizeof(KV));
+    return 2 * t * Hk * (d * static_cast<std::int64_t>(sizeof(KV)) + (quant ? 4 : 0));
   }
-  PagedSets(std::vector<std::int64_t> lens, std::int64_t P)
+  PagedSetsT(std::vector<std::int64_t> lens, std::int64_t P)
       : lengths(std::move(lens)), B(static_cast<std::int64_t>(lengths.size())), bytes(kv_bytes(lengths)),
         n_sets(std::max<std::int64_t>(2, ((std::int64_t{2} << 30) + bytes - 1) / bytes)),
         pool(n_sets * pages_per_set(lengths, P), P, Hk, d, d) {
-    {  // random bf16 values, written straight into the pool's storage
+    {  // random values (int8: codes), written straight into the pool's storage
       std::mt19937 gen(42);
       std::normal_distribution<float> nd;
       std::vector<KV> pattern(std::size_t{1} << 20);
-      for (auto& x : pattern) x = KV(nd(gen));
+      for (auto& x : pattern)
+        x = quant ? static_cast<KV>(std::clamp(std::lround(40.f * nd(gen)), -127l, 127l)) : KV(nd(gen));
       const auto view = pool.view();
+      if constexpr (quant)
+        for (float* sc : {view.k_scale.data, view.v_scale.data}) std::fill_n(sc, pool.num_pages() * P * Hk, 0.02f);
       for (KV* base : {view.k.data, view.v.data}) {
         const std::int64_t n = pool.num_pages() * P * Hk * d;
         const std::int64_t step = static_cast<std::int64_t>(pattern.size()) - 512;  // every element written
@@ -188,8 +194,11 @@ struct PagedSets {
   }
 };
 
+using PagedSets = PagedSetsT<attnkit::bf16>;
+
+template <class KV, attnkit::Precision Prec = attnkit::Precision::exact>
 void BM_decode_paged(benchmark::State& state) {
-  using KV = PagedSets::KV;
+  using PagedSets = PagedSetsT<KV>;
   constexpr std::int64_t H = PagedSets::H, d = PagedSets::d;
   const PagedSets ps(paged_bench_lengths(state.range(0)), state.range(1));
   const std::int64_t B = ps.B;
@@ -199,6 +208,7 @@ void BM_decode_paged(benchmark::State& state) {
   for (auto& x : q) x = nd(gen);
   attnkit::DecodeOptions opt;
   opt.num_threads = 2;
+  opt.precision = Prec;
   const attnkit::PagedKV<KV> cache = ps.pool.view();
   std::size_t i = 0;
   for (auto _ : state) {
@@ -214,9 +224,15 @@ void BM_decode_paged(benchmark::State& state) {
       benchmark::Counter(gb / roofline().read_gbps, benchmark::Counter::kIsIterationInvariantRate);
   state.counters["sets"] = static_cast<double>(ps.n_sets);
 }
-BENCHMARK(BM_decode_paged)
+BENCHMARK_TEMPLATE(BM_decode_paged, attnkit::bf16)
     ->Name("decode/paged/bf16")->ArgNames({"T", "P"})
     ->Args({512, 16})->Args({2048, 16})->Args({8192, 16})->Args({0, 16})->Args({0, 64})
+    ->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_decode_paged, std::int8_t)
+    ->Name("decode/paged/int8")->ArgNames({"T", "P"})->Args({8192, 16})->Args({0, 16})
+    ->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_decode_paged, std::int8_t, attnkit::Precision::fast)
+    ->Name("decode/paged/int8/fast")->ArgNames({"T", "P"})->Args({8192, 16})->Args({0, 16})
     ->UseRealTime()->Unit(benchmark::kMicrosecond);
 
 // Loop Attention and sparse attention over the same pages (the mixed lengths 512 .. 8192, P 16),

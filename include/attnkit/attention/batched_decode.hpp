@@ -171,35 +171,42 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
         const std::int64_t s = position(i);
         return cache.v.ptr(table.page(b, s, shift), s & slot_mask, j);
       };
-      // int8 pages: the scales of entry i (KV head j), through the page table like the rows.
-      struct PagedScales {
-        const PagedKV<KV>& c;
-        const decltype(position)& pos;
-        const PageTable& t;
-        std::int64_t b;
-        int shift;
-        std::int64_t mask;
-        float k(std::int64_t i, std::int64_t j) const {
-          const std::int64_t s = pos(i);
-          return c.k_scale(t.page(b, s, shift), s & mask, j);
-        }
-        float v(std::int64_t i, std::int64_t j) const {
-          const std::int64_t s = pos(i);
-          return c.v_scale(t.page(b, s, shift), s & mask, j);
-        }
+      // The row addresses of a block, listed one block ahead (they become the current block's
+      // on the next step); int8 pages: the addresses of the rows' scales too.
+      constexpr bool quant = std::is_same_v<KV, std::int8_t>;
+      const KV* rows[2][2][kBlock];                  // [step parity][K, V][row]
+      const float* scales[2][2][quant ? kBlock : 1];  // int8: the same, for the scales
+      // What fill_scales reads (chunk_state_rows): entry r's scale, from the listed addresses.
+      struct ListedScales {
+        const float* const (*sc)[2][quant ? kBlock : 1];
+        std::int64_t t0;
+        float k(std::int64_t r, std::int64_t) const { return *sc[((r - t0) / kBlock) & 1][0][(r - t0) % kBlock]; }
+        float v(std::int64_t r, std::int64_t) const { return *sc[((r - t0) / kBlock) & 1][1][(r - t0) % kBlock]; }
       };
       chunk_state_rows<Vectorized, KV>(
           pb, qb, j, g0, g1, part + (gc * H + j * G) * pb.dv_pad, part_lse + gc * H + j * G, nullptr,
-          NoScoreTransform{}, PagedScales{cache, position, table, b, shift, slot_mask}, [&](const auto& block) {
+          NoScoreTransform{}, ListedScales{scales, t0}, [&](const auto& block) {
             // The next block's rows are prefetched a row per access, spread over this block's
-            // compute (PrefetchingRows); its row addresses are listed once and become the
-            // current block's on the next step.
-            const KV* rows[2][2][kBlock];  // [step parity][K, V][row]
+            // compute (PrefetchingRows).
             const auto list = [&](int par, std::int64_t s) {
               const std::int64_t n = std::min<std::int64_t>(kBlock, t1 - s);
               for (int i = 0; i < n; ++i) {
                 rows[par][0][i] = k_row(s + i);
                 rows[par][1][i] = v_row(s + i);
+              }
+              if constexpr (quant) {
+                // A page's scales of one head are one run that nothing else fetches ahead: its
+                // lines are prefetched with the rows (a miss in fill_scales otherwise).
+                for (int i = 0; i < n; ++i) {
+                  const std::int64_t p = position(s + i), slot = p & slot_mask;
+                  const std::int32_t pg = table.page(b, p, shift);
+                  scales[par][0][i] = &cache.k_scale(pg, slot, j);
+                  scales[par][1][i] = &cache.v_scale(pg, slot, j);
+                  if (i == 0 || slot == 0 || scales[par][0][i] != scales[par][0][i - 1] + cache.k_scale.stride[1]) {
+                    __builtin_prefetch(scales[par][0][i], 0, 3);
+                    __builtin_prefetch(scales[par][1][i], 0, 3);
+                  }
+                }
               }
             };
             list(0, t0);
