@@ -135,18 +135,22 @@ using simd::hmax;
 using simd::hsum;
 
 // Sums of 16 vectors, one per lane, in order (a transpose-and-add tree: 45 shuffles/adds for
-// 16 dot products instead of 16 separate horizontal reductions).
-inline __m512 reduce16(const __m512 (&v)[16]) {
+// 16 dot products instead of 16 separate horizontal reductions). `add` adds lanes of the type
+// the bits hold (f32 here, int32 for reduce16_epi32).
+template <class Add>
+inline __m512 reduce16_tree(const __m512 (&v)[16], Add add) {
   __m512 t[8], u[4];
 #pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i)
-    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 8; ++i) t[i] = add(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
 #pragma GCC unroll 4
   for (int i = 0; i < 4; ++i)
-    u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xee));
-  const __m512 w0 = _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
-  const __m512 w1 = _mm512_add_ps(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xdd));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xdd));
+    u[i] = add(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xee));
+  const __m512 w0 = add(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
+  const __m512 w1 = add(_mm512_shuffle_f32x4(u[2], u[3], 0x88), _mm512_shuffle_f32x4(u[2], u[3], 0xdd));
+  return add(_mm512_shuffle_f32x4(w0, w1, 0x88), _mm512_shuffle_f32x4(w0, w1, 0xdd));
+}
+inline __m512 reduce16(const __m512 (&v)[16]) {
+  return reduce16_tree(v, [](__m512 a, __m512 b) { return _mm512_add_ps(a, b); });
 }
 
 // Stores (or adds, for later slice groups) 16 scores of head g, keys [i0, i0 + 16) of the block.
@@ -583,21 +587,14 @@ inline QuantQuery quantize_query(const ItemState& st, std::int64_t G, std::int64
   return {codes, stride, scale, bias};
 }
 
-// reduce16 on int32 lanes (the same shuffle tree; integer adds are exact).
+// reduce16 on int32 lanes (the same tree; integer adds are exact).
 inline __m512i reduce16_epi32(const __m512i (&v)[16]) {
-  const auto ps = [](__m512i x) { return _mm512_castsi512_ps(x); };
-  const auto si = [](__m512 x) { return _mm512_castps_si512(x); };
-  __m512i t[8], u[4];
-#pragma GCC unroll 8
-  for (int i = 0; i < 8; ++i)
-    t[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
-#pragma GCC unroll 4
-  for (int i = 0; i < 4; ++i)
-    u[i] = _mm512_add_epi32(si(_mm512_shuffle_ps(ps(t[2 * i]), ps(t[2 * i + 1]), 0x44)),
-                            si(_mm512_shuffle_ps(ps(t[2 * i]), ps(t[2 * i + 1]), 0xee)));
-  const __m512i w0 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[0], u[1], 0x88), _mm512_shuffle_i32x4(u[0], u[1], 0xdd));
-  const __m512i w1 = _mm512_add_epi32(_mm512_shuffle_i32x4(u[2], u[3], 0x88), _mm512_shuffle_i32x4(u[2], u[3], 0xdd));
-  return _mm512_add_epi32(_mm512_shuffle_i32x4(w0, w1, 0x88), _mm512_shuffle_i32x4(w0, w1, 0xdd));
+  __m512 f[16];
+#pragma GCC unroll 16
+  for (int i = 0; i < 16; ++i) f[i] = _mm512_castsi512_ps(v[i]);
+  return _mm512_castps_si512(reduce16_tree(f, [](__m512 a, __m512 b) {
+    return _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(a), _mm512_castps_si512(b)));
+  }));
 }
 
 // Scores of keys [0, n) for head g (NH = 1) or heads g, g + 1 (NH = 2), 8 rows at a time: lanes
