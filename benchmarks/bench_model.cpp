@@ -455,7 +455,7 @@ class DepthContext {
   std::int64_t depth_;
 };
 
-void BM_model_decode_depth(benchmark::State& state, DepthKv kv, std::int64_t depth) {
+void BM_model_decode_depth(benchmark::State& state, DepthKv kv, std::int64_t depth, Precision precision) {
   const double read_gbps = bench::roofline().read_gbps;  // measured before anything is timed
   std::string why;
   DepthContext* ctx = DepthContext::get(kv, depth, why);
@@ -468,7 +468,7 @@ void BM_model_decode_depth(benchmark::State& state, DepthKv kv, std::int64_t dep
   std::vector<float> logits(static_cast<std::size_t>(V));
   model::ForwardOptions fo;
   fo.logits = model::LogitsRows::last;
-  fo.precision = Precision::exact;
+  fo.precision = precision;
   std::int64_t next = 1;
   const auto step = [&] {
     const auto t0 = clk::now();
@@ -540,8 +540,14 @@ const bool registered_depth = [] {
   for (const DepthKv& kv : kDepthKv)
     for (const std::int64_t depth : kDecodeDepths) {
       benchmark::RegisterBenchmark((base + "decode/bf16/kv:" + kv.name + "/depth:" + std::to_string(depth)).c_str(),
-                                   BM_model_decode_depth, kv, depth)
+                                   BM_model_decode_depth, kv, depth, Precision::exact)
           ->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(depth >= 32768 ? 8 : 16);
+      // int8 with Precision::fast: the keys scored on VNNI against an int8 query (the linear
+      // layers' fast path costs the same as exact on FMA: bf16 weights are widened either way).
+      if (kv.type == model::CacheType::int8)
+        benchmark::RegisterBenchmark((base + "decode/bf16/kv:int8/fast/depth:" + std::to_string(depth)).c_str(),
+                                     BM_model_decode_depth, kv, depth, Precision::fast)
+            ->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(depth >= 32768 ? 8 : 16);
       // Prefill after depth right after the decode case of the same context (built once).
       if (kv.type == kPrefillKv && depth == kPrefillDepth)
         for (const Precision p : {Precision::fast, Precision::exact})
