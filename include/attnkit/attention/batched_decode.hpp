@@ -202,7 +202,7 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
                   const std::int32_t pg = table.page(b, p, shift);
                   scales[par][0][i] = &cache.k_scale(pg, slot, j);
                   scales[par][1][i] = &cache.v_scale(pg, slot, j);
-                  if (i == 0 || slot == 0 || scales[par][0][i] != scales[par][0][i - 1] + cache.k_scale.stride[1]) {
+                  if (i == 0 || scales[par][0][i] != scales[par][0][i - 1] + cache.k_scale.stride[1]) {  // a new run
                     __builtin_prefetch(scales[par][0][i], 0, 3);
                     __builtin_prefetch(scales[par][1][i], 0, 3);
                   }
@@ -318,9 +318,8 @@ Staged<staged_t<KV>> stage(const char* fn, const PagedKV<KV>& cache, const PageT
         S* kd = st.k.data() + ((st.offset[i] + p * P + r) * H_kv + h) * dk;
         S* vd = st.v.data() + ((st.offset[i] + p * P + r) * H_kv + h) * dv;
         if constexpr (std::is_same_v<KV, std::int8_t>) {
-          const float ks = cache.k_scale(page, r, h), vs = cache.v_scale(page, r, h);
-          for (std::int64_t e = 0; e < dk; ++e) kd[e] = static_cast<float>(k[e]) * ks;
-          for (std::int64_t e = 0; e < dv; ++e) vd[e] = static_cast<float>(v[e]) * vs;
+          detail::quant::dequantize_row(k, cache.k_scale(page, r, h), kd, dk);
+          detail::quant::dequantize_row(v, cache.v_scale(page, r, h), vd, dv);
         } else {
           std::copy(k, k + dk, kd);
           std::copy(v, v + dv, vd);
