@@ -40,6 +40,15 @@ void BM_roofline_bf16_dot(benchmark::State& state) {
 }
 BENCHMARK(BM_roofline_bf16_dot)->Name("roofline/bf16_dot")->UseRealTime()->Unit(benchmark::kMillisecond);
 
+void BM_roofline_int8_dot(benchmark::State& state) {
+  const int threads = attnkit::default_num_threads();
+  const std::int64_t iters = roofline_detail::calibrate(roofline_detail::int8_thread, 0.1);
+  double rate = 0;
+  for (auto _ : state) rate = roofline_detail::parallel_rate(threads, iters, roofline_detail::int8_thread);
+  state.counters["GOPS"] = rate * 1e-9;
+}
+BENCHMARK(BM_roofline_int8_dot)->Name("roofline/int8_dot")->UseRealTime()->Unit(benchmark::kMillisecond);
+
 void BM_roofline_amx_bf16(benchmark::State& state) {
   if (!roofline_detail::amx_usable()) {
     state.SkipWithError("AMX tiles not usable here (not compiled for AMX, or the kernel refused the tile state)");

@@ -13,6 +13,9 @@
 //                             (query, key) pair; attn_GFLOPS 4·d per selected pair and head;
 //                             K/V head-major (as KVCache) for both kernels;
 //                             *_frac = of the measured FMA peak; idx_s / attn_s the two parts.
+//  .../fast/...               the indexer under Precision::fast (int8 index vectors on VNNI):
+//                             idx_GFLOPS then counts int8 ops and idx_frac is of the measured
+//                             int8 dot-product peak (roofline/int8_dot); the attention is the same.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -44,7 +47,7 @@ constexpr int kThreads = 2;
 double now_s() { return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count(); }
 
 template <class KV>
-void BM_sparse_decode(benchmark::State& state, std::int64_t T) {
+void BM_sparse_decode(benchmark::State& state, std::int64_t T, Precision precision) {
   const std::int64_t kv_bytes = 2 * T * kHkv * kD * static_cast<std::int64_t>(sizeof(KV));
   const std::int64_t n_sets = std::max<std::int64_t>(2, ((std::int64_t{2} << 30) + kv_bytes - 1) / kv_bytes);
   struct Set {
@@ -66,6 +69,7 @@ void BM_sparse_decode(benchmark::State& state, std::int64_t T) {
   std::vector<std::int32_t> idx(static_cast<std::size_t>(kTopK));
   IndexerOptions io;
   io.num_threads = kThreads;
+  io.precision = precision;
   SparseAttentionOptions so;
   so.num_threads = kThreads;
   DecodeOptions dopt;
@@ -103,7 +107,7 @@ void BM_sparse_decode(benchmark::State& state, std::int64_t T) {
 }
 
 template <class KV>
-void BM_sparse_prefill(benchmark::State& state, std::int64_t T) {
+void BM_sparse_prefill(benchmark::State& state, std::int64_t T, Precision precision) {
   const auto q = fill<float>(T * kH * kD, 1);
   const auto k = fill<KV>(T * kHkv * kD, 2), v = fill<KV>(T * kHkv * kD, 3);
   const auto out = fill<float>(T * kH * kD, 4);
@@ -116,6 +120,7 @@ void BM_sparse_prefill(benchmark::State& state, std::int64_t T) {
   const View3<float> ov(out.data(), {T, kH, kD});
   IndexerOptions io;
   io.num_threads = kThreads;
+  io.precision = precision;
   SparseAttentionOptions so;
   so.num_threads = kThreads;
   AttentionOptions ao;
@@ -143,6 +148,7 @@ void BM_sparse_prefill(benchmark::State& state, std::int64_t T) {
     selected += static_cast<double>(std::min(t + 1, kTopK));
   }
   const double peak = bench::roofline().fma_gflops;
+  const double idx_peak = precision == Precision::fast ? bench::roofline().int8_gops : peak;
   const double idx_gflops = scored * 2.0 * kHI * kDI / (idx_s / n) * 1e-9;
   const double attn_gflops = selected * kH * 4.0 * kD / (attn_s / n) * 1e-9;
   state.counters["vs_dense"] = pairs.time_ratio();
@@ -151,23 +157,26 @@ void BM_sparse_prefill(benchmark::State& state, std::int64_t T) {
   state.counters["idx_s"] = idx_s / n;
   state.counters["attn_s"] = attn_s / n;
   state.counters["idx_GFLOPS"] = idx_gflops;
-  state.counters["idx_frac"] = idx_gflops / peak;
+  state.counters["idx_frac"] = idx_gflops / idx_peak;
   state.counters["attn_GFLOPS"] = attn_gflops;
   state.counters["attn_frac"] = attn_gflops / peak;
 }
 
 const bool registered = [] {
-  const auto reg = [](const std::string& name, auto fn, std::int64_t T, int iters) {
-    benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& s) { fn(s, T); })
+  const auto reg = [](const std::string& name, auto fn, std::int64_t T, int iters,
+                      Precision precision = Precision::exact) {
+    benchmark::RegisterBenchmark(name.c_str(), [=](benchmark::State& s) { fn(s, T, precision); })
         ->UseRealTime()
         ->Iterations(iters)
         ->Unit(benchmark::kMillisecond);
   };
   reg("sparse/decode/f32/T:32768", BM_sparse_decode<float>, 32768, 200);
   reg("sparse/decode/bf16/T:32768", BM_sparse_decode<bf16>, 32768, 200);
+  reg("sparse/decode/bf16/fast/T:32768", BM_sparse_decode<bf16>, 32768, 200, Precision::fast);
   reg("sparse/prefill/f32/T:4096", BM_sparse_prefill<float>, 4096, 3);
   reg("sparse/prefill/f32/T:16384", BM_sparse_prefill<float>, 16384, 2);
   reg("sparse/prefill/bf16/T:16384", BM_sparse_prefill<bf16>, 16384, 2);
+  reg("sparse/prefill/bf16/fast/T:16384", BM_sparse_prefill<bf16>, 16384, 2, Precision::fast);
   return true;
 }();
 

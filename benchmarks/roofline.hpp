@@ -5,6 +5,8 @@
 //                  registers (2 flops x 16 lanes per instruction);
 //  * bf16_gflops — bf16 dot-product peak: 16 independent vdpbf16ps chains (2 flops x 32 products
 //                  per instruction);
+//  * int8_gops   — int8 dot-product peak: 16 independent vpdpbusd chains (2 ops x 64 products
+//                  per instruction; AVX512-VNNI, else the fp32 FMA figure);
 //  * amx_bf16_gflops — AMX bf16 peak: every thread asks for the tile state (amx_permitted(), once
 //                  per process), configures its tiles as the linear kernels do (amx_configure():
 //                  eight 16 x 64-byte tiles) and runs tdpbf16ps on four independent accumulator
@@ -53,6 +55,7 @@ struct Roofline {
   double fma_gflops;
   double bf16_gflops;
   double amx_bf16_gflops;  // 0: AMX not usable here (not compiled for, or the kernel refused the tile state)
+  double int8_gops;        // vpdpbusd (u8 x s8 -> int32); the fp32 FMA figure without AVX512-VNNI
   double read_gbps;
 };
 
@@ -157,6 +160,47 @@ inline double bf16_thread(std::int64_t iters) {
   return static_cast<double>(iters) * 16 * 32 * 2;
 #else
   return fma_thread(iters);  // no bf16 dot instruction: the fp32 FMA path is the ceiling
+#endif
+}
+
+// One thread: `iters` rounds of 16 independent vpdpbusd chains; returns the op count (2 per
+// u8 x s8 product). Integer sums wrap harmlessly.
+inline double int8_thread(std::int64_t iters) {
+#if defined(__AVX512VNNI__)
+  const __m512i a = _mm512_set1_epi32(0x01020304), b = _mm512_set1_epi32(0x05060708);
+  __m512i c0 = _mm512_set1_epi32(0), c1 = _mm512_set1_epi32(1), c2 = _mm512_set1_epi32(2), c3 = _mm512_set1_epi32(3),
+          c4 = _mm512_set1_epi32(4), c5 = _mm512_set1_epi32(5), c6 = _mm512_set1_epi32(6), c7 = _mm512_set1_epi32(7),
+          c8 = _mm512_set1_epi32(8), c9 = _mm512_set1_epi32(9), c10 = _mm512_set1_epi32(10), c11 = _mm512_set1_epi32(11),
+          c12 = _mm512_set1_epi32(12), c13 = _mm512_set1_epi32(13), c14 = _mm512_set1_epi32(14),
+          c15 = _mm512_set1_epi32(15);
+  for (std::int64_t i = 0; i < iters; ++i) {
+    c0 = _mm512_dpbusd_epi32(c0, a, b);
+    c1 = _mm512_dpbusd_epi32(c1, a, b);
+    c2 = _mm512_dpbusd_epi32(c2, a, b);
+    c3 = _mm512_dpbusd_epi32(c3, a, b);
+    c4 = _mm512_dpbusd_epi32(c4, a, b);
+    c5 = _mm512_dpbusd_epi32(c5, a, b);
+    c6 = _mm512_dpbusd_epi32(c6, a, b);
+    c7 = _mm512_dpbusd_epi32(c7, a, b);
+    c8 = _mm512_dpbusd_epi32(c8, a, b);
+    c9 = _mm512_dpbusd_epi32(c9, a, b);
+    c10 = _mm512_dpbusd_epi32(c10, a, b);
+    c11 = _mm512_dpbusd_epi32(c11, a, b);
+    c12 = _mm512_dpbusd_epi32(c12, a, b);
+    c13 = _mm512_dpbusd_epi32(c13, a, b);
+    c14 = _mm512_dpbusd_epi32(c14, a, b);
+    c15 = _mm512_dpbusd_epi32(c15, a, b);
+    asm volatile("" : "+v"(c0), "+v"(c1), "+v"(c2), "+v"(c3), "+v"(c4), "+v"(c5), "+v"(c6), "+v"(c7));
+    asm volatile("" : "+v"(c8), "+v"(c9), "+v"(c10), "+v"(c11), "+v"(c12), "+v"(c13), "+v"(c14), "+v"(c15));
+  }
+  __m512i s = _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(c0, c1), _mm512_add_epi32(c2, c3)),
+                               _mm512_add_epi32(_mm512_add_epi32(c4, c5), _mm512_add_epi32(c6, c7)));
+  s = _mm512_add_epi32(s, _mm512_add_epi32(_mm512_add_epi32(_mm512_add_epi32(c8, c9), _mm512_add_epi32(c10, c11)),
+                                           _mm512_add_epi32(_mm512_add_epi32(c12, c13), _mm512_add_epi32(c14, c15))));
+  keep(s);
+  return static_cast<double>(iters) * 16 * 64 * 2;
+#else
+  return fma_thread(iters);
 #endif
 }
 
@@ -329,12 +373,13 @@ inline Roofline measure(int threads) {
   r.fma_gflops = compute_peak(threads, fma_thread) * 1e-9;
   r.bf16_gflops = compute_peak(threads, bf16_thread) * 1e-9;
   r.amx_bf16_gflops = amx_usable() ? compute_peak(threads, amx_thread) * 1e-9 : 0.0;
+  r.int8_gops = compute_peak(threads, int8_thread) * 1e-9;
   r.read_gbps = read_bandwidth(threads) * 1e-9;
   std::fprintf(stderr,
                "roofline (%d threads): fp32 FMA %.1f GFLOP/s, bf16 dot %.1f GFLOP/s, AMX bf16 %.1f GFLOP/s%s, "
-               "DRAM read %.1f GB/s\n",
+               "int8 dot %.1f GOP/s, DRAM read %.1f GB/s\n",
                threads, r.fma_gflops, r.bf16_gflops, r.amx_bf16_gflops, amx_usable() ? "" : " (not usable)",
-               r.read_gbps);
+               r.int8_gops, r.read_gbps);
   return r;
 }
 

@@ -41,7 +41,8 @@ struct Run {
 };
 // logits of every token and the trace. exit: a looped stack's output rule (unset: its default).
 inline Run run(const model::Qwen3Model& m, const std::vector<std::int64_t>& ids, std::vector<std::int64_t> steps = {},
-               model::SessionOptions so = {}, int threads = 0, std::optional<model::ExitRule> exit = std::nullopt) {
+               model::SessionOptions so = {}, int threads = 0, std::optional<model::ExitRule> exit = std::nullopt,
+               Precision precision = Precision::exact) {
   const std::int64_t T = static_cast<std::int64_t>(ids.size()), V = m.config().vocab_size;
   Run r;
   r.logits.resize(static_cast<std::size_t>(T * V));
@@ -52,6 +53,7 @@ inline Run run(const model::Qwen3Model& m, const std::vector<std::int64_t>& ids,
   fo.trace = &r.trace;
   fo.num_threads = threads;
   fo.exit = exit;
+  fo.precision = precision;
   std::int64_t b = 0;
   for (std::size_t i = 0; b < T; ++i) {
     const std::int64_t n = std::min(steps[std::min(i, steps.size() - 1)], T - b);

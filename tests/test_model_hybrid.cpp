@@ -580,6 +580,26 @@ TEST_CASE("lt2 hybrid (GDN+DSA): sparse layers vs float64 reference, top-k < T; 
     for (std::int64_t layer : {0, 2})
       for (std::int64_t i = 0; i < 37 * 7; ++i) REQUIRE(std::isnan(t.data[static_cast<std::size_t>(layer * 37 * 7 + i)]));
     CHECK(b.model.mixer(1).describe() == "sparse_attention (indexer 3 heads of 10, rope 4, top-7)");
+    // Precision::fast: int8 index vectors (and bf16-rounded linear inputs, 2e-2 alone in
+    // test_model.cpp). A selection can flip only between keys whose scores lie within the
+    // quantisation bound (test_sparse.cpp checks that per score); a flipped key swaps a whole
+    // value row of a top-7 over at most 37 keys, so the logits bound is loose. Measured: 233 of
+    // the 238 selected keys kept, logits 0.142 from the float64 reference.
+    {
+      const std::vector<double> want(r.logits.data(), r.logits.data() + r.logits.size());
+      const Run fast = run(b.model, ids, {}, {}, 0, std::nullopt, Precision::fast);
+      const auto fsel = trace_topk(fast.trace, 3, 37, 7), esel = trace_topk(pre.trace, 3, 37, 7);
+      std::int64_t same = 0, total = 0;
+      for (std::size_t q = 0; q < 37; ++q) {
+        total += static_cast<std::int64_t>(esel[q].size());
+        for (std::int64_t s : fsel[q]) same += std::count(esel[q].begin(), esel[q].end(), s);
+      }
+      const double err = test::rel_l2(fast.logits, want);
+      std::printf("lt2 GDN+DSA, Precision::fast: vs float64 reference %.3g, selected keys kept %lld of %lld\n", err,
+                  static_cast<long long>(same), static_cast<long long>(total));
+      CHECK(same >= total * 95 / 100);
+      CHECK(err <= 0.25);
+    }
     // The picture: a query × key map of the last sparse layer, 1 where the query kept the key.
     const std::string svg = viz::plot_trace_svg({t});
     CHECK_THAT(svg, Contains("topk_indices, layer 3: the keys each query kept"));

@@ -9,13 +9,17 @@
 //   kScoreTol = 1e-5  index scores against float64 (f32 dot products of length d_I);
 //   kAttnTol  = 1e-5  sparse attention against float64;
 //   kDenseTol = 1e-6  every key selected against attention_prefill / attention_decode (f32);
+//   Precision::fast index scores: 1e-5 against float64 of the dequantised int8 vectors, and
+//     each score within its quantisation bound (see the indexer's contract) of the f32 one;
 //   fixture: index_score 1e-5, topk_indices identical, out 1e-4 (the issue's bounds).
 // Outputs are NaN-poisoned before every call and NaN never passes a bound (test_util.hpp rel_l2).
 #include <catch2/catch.hpp>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
+#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
@@ -75,19 +79,22 @@ struct IndexerProblem {
   ConstView2<float> wv() const { return {w.data(), {T, H}}; }
 };
 
-std::vector<float> scores(const IndexerProblem& p, int threads = 0) {
+std::vector<float> scores(const IndexerProblem& p, int threads = 0, Precision precision = Precision::exact) {
   std::vector<float> s(sz(p.T * p.T_k));
   test::poison(s);
   IndexerOptions o;
   o.num_threads = threads;
+  o.precision = precision;
   indexer_scores(p.qv(), p.kv(), p.wv(), View2<float>(s.data(), {p.T, p.T_k}), o);
   return s;
 }
 
-std::vector<std::int32_t> topk(const IndexerProblem& p, std::int64_t K, int threads = 0) {
+std::vector<std::int32_t> topk(const IndexerProblem& p, std::int64_t K, int threads = 0,
+                               Precision precision = Precision::exact) {
   std::vector<std::int32_t> idx(sz(p.T * K), -7);
   IndexerOptions o;
   o.num_threads = threads;
+  o.precision = precision;
   indexer_topk(p.qv(), p.kv(), p.wv(), View2<std::int32_t>(idx.data(), {p.T, K}), o);
   return idx;
 }
@@ -242,6 +249,98 @@ TEST_CASE("indexer: scores and top-k against float64", "[sparse][indexer]") {
   }
 }
 
+#if defined(ATTNKIT_INDEXER_VNNI)
+// Rows of x [n, d] quantised as the fast indexer does (attention/quant.hpp), read back in float64.
+std::vector<double> dequantised(const std::vector<float>& x, std::int64_t n, std::int64_t d, std::vector<double>& scale) {
+  std::vector<double> y(x.size());
+  std::vector<std::int8_t> code(sz(d));
+  scale.resize(sz(n));
+  for (std::int64_t r = 0; r < n; ++r) {
+    float sc = 0.f;
+    REQUIRE(detail::quant::quantize_row(x.data() + r * d, code.data(), sc, d));
+    scale[sz(r)] = sc;
+    for (std::int64_t e = 0; e < d; ++e) y[sz(r * d + e)] = static_cast<double>(code[sz(e)]) * sc;
+  }
+  return y;
+}
+
+TEST_CASE("indexer: Precision::fast (int8 on VNNI) against float64", "[sparse][indexer]") {
+  const std::uint64_t seed = test::fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  for (int c = 0; c < 30 / kScale; ++c) {
+    const std::int64_t H = std::vector<std::int64_t>{1, 3, 16, 17, 40, 64, 70}[sz(rng.integer(0, 6))];
+    const std::int64_t d = std::vector<std::int64_t>{1, 7, 16, 64, 65}[sz(rng.integer(0, 4))];
+    // At least 16 queries: fewer take the f32 path (checked below).
+    const std::int64_t T = rng.integer(16, std::max<std::int64_t>(16, 120 / kScale)), T_k = T + rng.integer(0, 600 / kScale);
+    const std::int64_t K = rng.integer(1, 150);
+    CAPTURE(H, d, T, T_k, K);
+    const auto p = IndexerProblem::random(rng, T, T_k, H, d);
+    const auto s = scores(p, 0, Precision::fast);
+    CHECK(test::bit_equal(s, scores(p, 1, Precision::fast)));
+    // Exactly the scores of the dequantised vectors, to f32 rounding.
+    std::vector<double> sq, sk;
+    const auto qd = dequantised(p.q, T * H, d, sq), kd = dequantised(p.k, T_k, d, sk);
+    std::vector<double> w(p.w.begin(), p.w.end());
+    const auto ref_deq = ref::indexer_scores(qd, kd, w, T, T_k, H, d, p.off);
+    CHECK(score_error(s, ref_deq) <= kScoreTol);
+    // Within the quantisation bound of the exact scores: |q^·k^ - q·k| <= (s_q·|k|_1 + s_k·|q|_1)/2
+    // + d·s_q·s_k/4 per index head, times |w| (ReLU does not enlarge a difference).
+    const auto ref = ref::indexer_scores(p.q, p.k, p.w, T, T_k, H, d, p.off);
+    std::vector<double> bound(sz(T * T_k), 0.0);
+    double worst = 0;  // measured error / bound
+    for (std::int64_t t = 0; t < T; ++t)
+      for (std::int64_t k = 0; k <= p.off + t; ++k) {
+        double b = 0, k1 = 0;
+        for (std::int64_t e = 0; e < d; ++e) k1 += std::abs(p.k[sz(k * d + e)]);
+        for (std::int64_t j = 0; j < H; ++j) {
+          double q1 = 0;
+          for (std::int64_t e = 0; e < d; ++e) q1 += std::abs(p.q[sz((t * H + j) * d + e)]);
+          const double a = sq[sz(t * H + j)], bk = sk[sz(k)];
+          b += std::abs(p.w[sz(t * H + j)]) * ((a * k1 + bk * q1) / 2 + static_cast<double>(d) * a * bk / 4);
+        }
+        const std::size_t i = sz(t * T_k + k);
+        bound[i] = b;
+        const double err = std::abs(static_cast<double>(s[i]) - ref[i]);
+        CHECK(err <= b + 1e-5 * (1 + std::abs(ref[i])));
+        worst = std::max(worst, err / (b + 1e-30));
+      }
+    CAPTURE(worst);
+    // The model path selects what the fast score matrix selects ...
+    const auto idx = topk(p, K, 0, Precision::fast);
+    CHECK(idx == topk(p, K, 1, Precision::fast));
+    for (std::int64_t t = 0; t < T; ++t) {
+      const std::int64_t n = p.off + t + 1;
+      const std::vector<std::int32_t> row(idx.begin() + t * K, idx.begin() + (t + 1) * K);
+      if (n <= K) {  // keeps every key it sees, unscored
+        for (std::int64_t i = 0; i < K; ++i) CHECK(row[sz(i)] == (i < n ? i : -1));
+        continue;
+      }
+      CHECK(row == ref::topk_row(s.data() + t * T_k, n, K));
+      // ... and every key it keeps lies within twice the bound of the exact K-th score.
+      std::vector<double> exact(ref.begin() + t * T_k, ref.begin() + t * T_k + n);
+      std::nth_element(exact.begin(), exact.begin() + (K - 1), exact.end(), std::greater<>());
+      const double kth = exact[sz(K - 1)];
+      double bmax = 0;
+      for (std::int64_t k = 0; k < n; ++k) bmax = std::max(bmax, bound[sz(t * T_k + k)]);
+      for (std::int32_t k : row) CHECK(ref[sz(t * T_k + k)] >= kth - 2 * bmax - 1e-5 * (1 + std::abs(kth)));
+    }
+  }
+  Rng r2(11);
+  // Fewer than 16 queries (decode): the f32 scores, bit for bit.
+  auto p = IndexerProblem::random(r2, 15, 300, 16, 64);
+  CHECK(test::bit_equal(scores(p, 0, Precision::fast), scores(p)));
+  CHECK(topk(p, 40, 0, Precision::fast) == topk(p, 40));
+  // A NaN or an infinity has no scale: named, not scored.
+  p = IndexerProblem::random(r2, 20, 40, 3, 8);
+  p.q[sz((2 * 3 + 1) * 8 + 5)] = kNaN;
+  CHECK_THROWS_WITH(topk(p, 5, 0, Precision::fast), Contains("argument 'index_q': query 2, head 1 holds a NaN or an infinity"));
+  p = IndexerProblem::random(r2, 20, 40, 3, 8);
+  p.k[sz(17 * 8)] = kInf;
+  CHECK_THROWS_WITH(scores(p, 0, Precision::fast), Contains("argument 'index_k': row 17 holds a NaN or an infinity"));
+}
+#endif
+
 TEST_CASE("indexer: an explicit q_offset, strided views, validation", "[sparse][indexer]") {
   Rng rng(7);
   const std::int64_t T = 5, T_k = 40, H = 4, d = 8;
@@ -321,6 +420,27 @@ TEMPLATE_TEST_CASE("sparse attention: every key selected is dense causal attenti
   auto ip = IndexerProblem::random(rng, T, T, 3, 16);
   const auto idx = topk(ip, K);
   CHECK(idx == all);
+}
+
+TEMPLATE_TEST_CASE("sparse attention: wide GQA groups and head dims past the key-major kernel", "[sparse][attention]", float,
+                   bf16) {
+  const std::uint64_t seed = test::fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  // G 40 > the 32-query tile; d 264 / 300 take the query-major kernel; d 256 the widest key-major one.
+  for (const auto& [H, H_kv, dk, dv] : std::vector<std::array<std::int64_t, 4>>{{40, 1, 24, 33}, {4, 2, 264, 300}, {2, 1, 256, 256}}) {
+    const std::int64_t T = 37, T_k = 300, K = 70;
+    CAPTURE(H, H_kv, dk, dv);
+    const auto p = AttnProblem<TestType>::random(rng, T, T_k, H, H_kv, dk, dv);
+    const auto idx = random_selection(rng, T, K, T_k - T, 0.4);
+    std::vector<double> ref_out, ref_lse;
+    ref::sparse_attention(p.q, p.kf, p.vf, idx, T, K, H, H_kv, dk, dv, 1.0 / std::sqrt(double(dk)), ref_out, ref_lse);
+    std::vector<float> lse;
+    const auto out = p.prefill(idx, K, 0, &lse);
+    CHECK(rel_l2(out, ref_out) <= kAttnTol);
+    CHECK(score_error(lse, ref_lse) <= kAttnTol);
+    CHECK(test::bit_equal(out, p.prefill(idx, K, 1)));
+  }
 }
 
 TEST_CASE("sparse attention: k = 1 picks one value row", "[sparse][attention]") {

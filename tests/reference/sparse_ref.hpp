@@ -15,10 +15,11 @@
 
 namespace attnkit::ref {
 
-// score [T, T_k]; -inf above each query's position.
-inline std::vector<double> indexer_scores(const std::vector<float>& iq, const std::vector<float>& ik,
-                                          const std::vector<float>& iw, std::int64_t T, std::int64_t T_k,
-                                          std::int64_t H_I, std::int64_t d_I, std::int64_t q_offset) {
+// score [T, T_k]; -inf above each query's position. F: float inputs, or double (dequantised ones).
+template <class F>
+std::vector<double> indexer_scores(const std::vector<F>& iq, const std::vector<F>& ik, const std::vector<F>& iw,
+                                   std::int64_t T, std::int64_t T_k, std::int64_t H_I, std::int64_t d_I,
+                                   std::int64_t q_offset) {
   std::vector<double> s(static_cast<std::size_t>(T * T_k), -std::numeric_limits<double>::infinity());
   for (std::int64_t t = 0; t < T; ++t)
     for (std::int64_t k = 0; k <= q_offset + t; ++k) {

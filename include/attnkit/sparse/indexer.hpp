@@ -19,14 +19,33 @@
 // (tests, tools, pictures). Both give bit-identical scores for any thread count and strip.
 // Arithmetic is f32: on AVX-512 each score is the index heads in vector lanes, summed by a
 // transpose tree; elsewhere a portable loop.
+//
+// opt.precision = fast (on a build with AVX512-VNNI; elsewhere it means exact): the index
+// vectors are quantised to int8 as DeepSeek's indexer runs in FP8: each key row once per call
+// and each query head once (symmetric, a scale per row, attention/quant.hpp's quantize_row).
+// The dot products are then exact integer sums, 64 products per vpdpbusd instead of 16 per
+// FMA, and the score is scale_k[s] · Σ_j (w[t, j] · scale_q[t, j]) · ReLU(int dot): exactly the
+// score of the dequantised vectors up to f32 rounding. Against the f32 vectors each dot product
+// is off by at most (scale_q·|k|_1 + scale_k·|q|_1)/2 + d_I·scale_q·scale_k/4, and ReLU does not
+// enlarge it, so a score moves by at most Σ_j |w[t, j]| times that (tests/test_sparse.cpp
+// checks it), and the selection can differ from exact only among keys whose scores lie that
+// close to the k-th one. A non-finite index vector is an Error naming its row (fast needs a
+// scale for it). Quantising the keys costs about one f32 scoring of them, so only a call of at
+// least 16 queries (prefill, chunks) takes the int8 path; one that scores fewer (decode) stays
+// f32, and its scores are then the exact ones.
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <limits>
+#include <optional>
 #include <type_traits>
+#include <vector>
 
 #include "attnkit/attention/decode.hpp"
+#include "attnkit/attention/quant.hpp"
+#include "attnkit/core/precision.hpp"
 #include "attnkit/core/error.hpp"
 #include "attnkit/core/memory.hpp"
 #include "attnkit/core/simd.hpp"
@@ -37,8 +56,9 @@
 namespace attnkit {
 
 struct IndexerOptions {
-  std::int64_t q_offset = -1;  // absolute position of query row 0; -1 -> T_k - T
-  int num_threads = 0;         // 0 -> OpenMP default
+  std::int64_t q_offset = -1;             // absolute position of query row 0; -1 -> T_k - T
+  int num_threads = 0;                    // 0 -> OpenMP default
+  Precision precision = Precision::exact;  // fast: int8 index vectors on VNNI (see the top of the file)
 };
 
 namespace detail::indexer {
@@ -46,6 +66,7 @@ namespace detail::indexer {
 inline constexpr std::int64_t kKeyBlock = 512;  // index keys scored per work item (128 KiB at d_I 64)
 inline constexpr std::int64_t kStrip = 64;      // queries scored together in indexer_topk
 inline constexpr std::int64_t kPanelQueries = 4;  // queries of a strip from which a key panel pays
+inline constexpr std::int64_t kQuantMinQueries = 16;  // Precision::fast: queries per call from which int8 pays
 
 struct Shape {
   std::int64_t T, T_k, H, d, H_pad, q_offset;
@@ -137,6 +158,145 @@ inline void score_keys_chunk(const Shape& sh, const float* qt, const float* wp, 
 }
 #endif
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define ATTNKIT_INDEXER_VNNI 1
+// Precision::fast: the index keys of a call, quantised once, in groups of 16 keys laid out
+// [d4 / 4][16 keys][4 codes] (int8, zero past d_I and past the last key), so the kernel
+// broadcasts each key's 4 codes from one base pointer into vpdpbusd's signed operand; ksum[s] =
+// 128 · Σ codes of key s (what the +128 of the query bytes adds to each dot product);
+// scale[s] the key's scale. Arrays padded to whole groups.
+struct QuantKeys {
+  std::int64_t d4 = 0;  // d_I rounded up to 4
+  std::vector<std::int8_t> codes;
+  std::vector<std::int32_t> ksum;
+  std::vector<float> scale;
+  const std::int8_t* group(std::int64_t s) const { return codes.data() + s / 16 * 16 * d4; }
+};
+
+inline QuantKeys quantize_keys(const char* fn, ConstView2<float> k, std::int64_t n_keys, int threads) {
+  QuantKeys qk;
+  const std::int64_t d = k.shape[1], padded = (n_keys + 15) / 16 * 16;
+  qk.d4 = (d + 3) / 4 * 4;
+  qk.codes.assign(static_cast<std::size_t>(padded * qk.d4), std::int8_t{0});
+  qk.ksum.assign(static_cast<std::size_t>(padded), 0);
+  qk.scale.assign(static_cast<std::size_t>(padded), 0.f);
+  constexpr std::int64_t kRows = 256;
+  parallel_for((n_keys + kRows - 1) / kRows, threads, [&](std::int64_t c) {
+    std::vector<std::int8_t> code(static_cast<std::size_t>(qk.d4), std::int8_t{0});
+    for (std::int64_t s = c * kRows; s < std::min(n_keys, (c + 1) * kRows); ++s) {
+      if (!detail::quant::quantize_row(k.ptr(s), code.data(), qk.scale[static_cast<std::size_t>(s)], d))
+        detail::throw_error(fn, ": argument 'index_k': row ", s, " holds a NaN or an infinity (Precision::fast ",
+                            "quantises each index key and needs a finite scale)");
+      std::int8_t* g = qk.codes.data() + s / 16 * 16 * qk.d4 + s % 16 * 4;
+      std::int32_t sum = 0;
+      for (std::int64_t e = 0; e < d; ++e) sum += code[static_cast<std::size_t>(e)];
+      for (std::int64_t e = 0; e < qk.d4; e += 4) std::memcpy(g + e * 16, code.data() + e, 4);  // 4 codes per store
+      qk.ksum[static_cast<std::size_t>(s)] = 128 * sum;
+    }
+  });
+  return qk;
+}
+
+// One query prepared for the VNNI kernel: bytes [d4 / 4][H_pad][4] = code + 128 (4 consecutive
+// dims of 16 heads per 64-byte vector; 128 past d_I and for padded heads), then
+// wq[h] = w[t, h] · scale_q[t, h] (0 for padded heads). Sizes in floats: prepared_floats_int8.
+inline std::int64_t prepared_floats_int8(const Shape& sh) { return (sh.d + 3) / 4 * sh.H_pad + sh.H_pad; }
+inline void prepare_query_int8(const char* fn, const Shape& sh, ConstView3<float> q, ConstView2<float> w, std::int64_t t,
+                               float* prep) {
+  const std::int64_t d4 = (sh.d + 3) / 4 * 4;
+  auto* codes = reinterpret_cast<std::uint8_t*>(prep);
+  float* wq = prep + d4 / 4 * sh.H_pad;
+  std::fill(codes, codes + d4 * sh.H_pad, std::uint8_t{128});
+  thread_local std::vector<std::int8_t> code;
+  code.resize(static_cast<std::size_t>(sh.d));
+  for (std::int64_t h = 0; h < sh.H_pad; ++h) {
+    wq[h] = 0.f;
+    if (h >= sh.H) continue;
+    float scale = 0.f;
+    if (!detail::quant::quantize_row(q.ptr(t, h), code.data(), scale, sh.d))
+      detail::throw_error(fn, ": argument 'index_q': query ", t, ", head ", h, " holds a NaN or an infinity ",
+                          "(Precision::fast quantises each index query head and needs a finite scale)");
+    for (std::int64_t e = 0; e < sh.d; ++e)
+      codes[(e / 4 * sh.H_pad + h) * 4 + e % 4] = static_cast<std::uint8_t>(code[static_cast<std::size_t>(e)] ^ 0x80);
+    wq[h] = w(t, h) * scale;
+  }
+}
+
+// acc += u8 · (the 4 int8 at p, broadcast to every lane): vpdpbusd with its memory broadcast.
+// Written out because GCC 12 copies the accumulator in and out around the intrinsic (two
+// extra moves per instruction) and loads the broadcast separately.
+inline __m512i dpbusd_broadcast(__m512i acc, __m512i u8, const std::int8_t* p) {
+  __asm__("vpdpbusd %2%{1to16%}, %1, %0" : "+v"(acc) : "v"(u8), "m"(*reinterpret_cast<const std::int32_t*>(p)));
+  return acc;
+}
+
+// Head chunk [c0, c0 + 16·NH) of the scores of keys [s0, s1) (s0 a multiple of 16), as
+// score_keys_chunk: NK keys at a time share each loaded vector of query bytes.
+template <int NH>
+inline void score_keys_chunk_int8(const Shape& sh, const float* prep, std::int64_t c0, const QuantKeys& qk,
+                                  std::int64_t s0, std::int64_t s1, float* row, bool add) {
+  constexpr int NK = NH == 1 ? 16 : NH == 2 ? 8 : 4;
+  const std::int64_t n4 = qk.d4 / 4;
+  const auto* codes = reinterpret_cast<const std::uint8_t*>(prep);
+  const float* wq = prep + n4 * sh.H_pad;
+  __m512 wv[NH];
+#pragma GCC unroll 4
+  for (int v = 0; v < NH; ++v) wv[v] = _mm512_loadu_ps(wq + c0 + 16 * v);
+  const __m512 zero = _mm512_setzero_ps();
+  for (std::int64_t s = s0; s < s1; s += 16) {
+    __m512 red[16];
+    const std::int8_t* grp = qk.group(s);
+    for (int g = 0; g < 16; g += NK) {
+      __m512i acc[NK][NH];
+#pragma GCC unroll 16
+      for (int r = 0; r < NK; ++r)
+#pragma GCC unroll 4
+        for (int v = 0; v < NH; ++v) acc[r][v] = _mm512_setzero_si512();
+      for (std::int64_t e = 0; e < n4; ++e) {
+        __m512i qv[NH];
+#pragma GCC unroll 4
+        for (int v = 0; v < NH; ++v) qv[v] = _mm512_loadu_si512(codes + (e * sh.H_pad + c0 + 16 * v) * 4);
+        const std::int8_t* ke = grp + e * 64 + g * 4;
+#pragma GCC unroll 16
+        for (int r = 0; r < NK; ++r)
+#pragma GCC unroll 4
+          for (int v = 0; v < NH; ++v) acc[r][v] = dpbusd_broadcast(acc[r][v], qv[v], ke + 4 * r);
+      }
+#pragma GCC unroll 16
+      for (int r = 0; r < NK; ++r) {
+        const __m512i bias = _mm512_set1_epi32(qk.ksum[static_cast<std::size_t>(s + g + r)]);
+        // max(0, x) with x second, as the f32 kernel (an integer dot is never NaN; a NaN weight is).
+        __m512 x = _mm512_mul_ps(wv[0], _mm512_max_ps(zero, _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][0], bias))));
+#pragma GCC unroll 4
+        for (int v = 1; v < NH; ++v)
+          x = _mm512_fmadd_ps(wv[v], _mm512_max_ps(zero, _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][v], bias))), x);
+        red[g + r] = x;
+      }
+    }
+    const __mmask16 m = detail::decode::tail_mask(s1 - s);
+    const __m512 sc = _mm512_mul_ps(detail::decode::reduce16(red), _mm512_loadu_ps(qk.scale.data() + s));
+    float* dst = row + (s - s0);
+    _mm512_mask_storeu_ps(dst, m, add ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), sc) : sc);
+  }
+}
+
+inline void score_keys_int8(const Shape& sh, const float* prep, const QuantKeys& qk, std::int64_t s0, std::int64_t s1,
+                            float* row) {
+  if (s1 <= s0) return;
+  for (std::int64_t c0 = 0; c0 < sh.H_pad; c0 += 64) {
+    const bool add = c0 > 0;
+    switch (std::min<std::int64_t>(4, (sh.H_pad - c0) / 16)) {
+      case 1: score_keys_chunk_int8<1>(sh, prep, c0, qk, s0, s1, row, add); break;
+      case 2: score_keys_chunk_int8<2>(sh, prep, c0, qk, s0, s1, row, add); break;
+      case 3: score_keys_chunk_int8<3>(sh, prep, c0, qk, s0, s1, row, add); break;
+      default: score_keys_chunk_int8<4>(sh, prep, c0, qk, s0, s1, row, add); break;
+    }
+  }
+}
+#else
+struct QuantKeys {};
+#endif
+
 // The keys [s0, s1) as the AVX-512 kernel reads them: groups of 16 keys, each [d][16] (one
 // broadcast base for all 16 keys; the last group repeats its last key).
 inline void make_panel(const Shape& sh, ConstView2<float> k, std::int64_t s0, std::int64_t s1, float* panel) {
@@ -183,6 +343,15 @@ inline void score_keys(const Shape& sh, const float* qt, const float* wp, ConstV
 #endif
 }
 
+// Floats of one prepared query (either form).
+inline std::int64_t prepared_floats(const Shape& sh) {
+  std::int64_t n = sh.d * sh.H_pad + sh.H_pad;
+#if defined(ATTNKIT_INDEXER_VNNI)
+  n = std::max(n, prepared_floats_int8(sh));
+#endif
+  return n;
+}
+
 // Thread scratch uses (core/memory.hpp thread_scratch): a key block's panel, a strip's rows.
 struct PanelScratch;
 struct StripScratch;
@@ -190,18 +359,36 @@ struct StripScratch;
 // Scores of queries [t0, t1) against every key each sees, into rows[t - t0][0 .. p_t] (row
 // stride ld): the prepared queries first, then work items of one key block for every query of
 // the strip that sees it.
-inline void score_strip(const Shape& sh, ConstView3<float> q, ConstView2<float> k, ConstView2<float> w, std::int64_t t0,
+inline void score_strip(const char* fn, const Shape& sh, ConstView3<float> q, ConstView2<float> k, ConstView2<float> w, std::int64_t t0,
                         std::int64_t t1, const std::vector<char>& wanted, float* rows, std::int64_t ld, float* prep,
-                        int threads) {
-  const std::int64_t per = sh.d * sh.H_pad + sh.H_pad;
-  for (std::int64_t t = t0; t < t1; ++t)
-    if (wanted[static_cast<std::size_t>(t - t0)]) prepare_query(sh, q, w, t, prep + (t - t0) * per, prep + (t - t0) * per + sh.d * sh.H_pad);
+                        int threads, const QuantKeys* qk) {
+  (void)qk;
+  const std::int64_t per = prepared_floats(sh);
+  for (std::int64_t t = t0; t < t1; ++t) {
+    if (!wanted[static_cast<std::size_t>(t - t0)]) continue;
+    float* pt = prep + (t - t0) * per;
+#if defined(ATTNKIT_INDEXER_VNNI)
+    if (qk) {
+      prepare_query_int8(fn, sh, q, w, t, pt);
+      continue;
+    }
+#endif
+    prepare_query(sh, q, w, t, pt, pt + sh.d * sh.H_pad);
+  }
   const std::int64_t last = sh.q_offset + t1 - 1;  // the furthest key any query of the strip sees
   const std::int64_t n_wanted = std::count(wanted.begin(), wanted.end(), 1);
   const std::int64_t n_blocks = last / kKeyBlock + 1;
   parallel_for(n_blocks, threads, [&](std::int64_t b) {
     ATTNKIT_FAULT_POINT("sparse");
     const std::int64_t s0 = b * kKeyBlock, s_end = std::min(s0 + kKeyBlock, last + 1);
+#if defined(ATTNKIT_INDEXER_VNNI)
+    if (qk) {
+      for (std::int64_t t = t0; t < t1; ++t)
+        if (wanted[static_cast<std::size_t>(t - t0)])
+          score_keys_int8(sh, prep + (t - t0) * per, *qk, s0, std::min(s_end, sh.q_offset + t + 1), rows + (t - t0) * ld + s0);
+      return;
+    }
+#endif
     float* panel = nullptr;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
     if (n_wanted >= kPanelQueries) {
@@ -218,6 +405,21 @@ inline void score_strip(const Shape& sh, ConstView3<float> q, ConstView2<float> 
   }, /*dynamic=*/true);
 }
 
+// The index keys quantised for Precision::fast, or nothing (exact, or a build without VNNI).
+inline std::optional<QuantKeys> quantized_keys(const char* fn, const Shape& sh, ConstView2<float> k,
+                                               const IndexerOptions& opt) {
+#if defined(ATTNKIT_INDEXER_VNNI)
+  // Quantising every key costs about what scoring it in f32 costs once, so a call that scores
+  // few queries (decode) keeps f32 (measured: one query against 32768 keys took 2.1 ms
+  // quantised against 0.8 ms in f32).
+  if (opt.precision == Precision::fast && sh.T >= kQuantMinQueries)
+    return quantize_keys(fn, k, sh.q_offset + sh.T, opt.num_threads);
+#else
+  (void)fn, (void)sh, (void)k, (void)opt;
+#endif
+  return std::nullopt;
+}
+
 }  // namespace detail::indexer
 
 // The full score matrix [T, T_k] (-inf above each query's position). See the top of this file.
@@ -230,11 +432,13 @@ inline void indexer_scores(ConstView3<float> index_q, ConstView2<float> index_k,
   ATTNKIT_REQUIRE(score.shape[0] == sh.T && score.shape[1] == sh.T_k, fn, ": argument 'score': shape ",
                   detail::shape_string(score), " must be [T, T_k] = [", sh.T, ", ", sh.T_k, "]");
   constexpr float ninf = -std::numeric_limits<float>::infinity();
+  const std::optional<QuantKeys> qk = quantized_keys(fn, sh, index_k, opt);
   for (std::int64_t t0 = 0; t0 < sh.T; t0 += kStrip) {
     const std::int64_t t1 = std::min(sh.T, t0 + kStrip);
     const std::vector<char> wanted(static_cast<std::size_t>(t1 - t0), 1);
-    float* prep = thread_scratch<StripScratch>().get((t1 - t0) * (sh.d * sh.H_pad + sh.H_pad));
-    score_strip(sh, index_q, index_k, index_w, t0, t1, wanted, score.ptr(t0), score.stride[0], prep, opt.num_threads);
+    float* prep = thread_scratch<StripScratch>().get((t1 - t0) * prepared_floats(sh));
+    score_strip(fn, sh, index_q, index_k, index_w, t0, t1, wanted, score.ptr(t0), score.stride[0], prep, opt.num_threads,
+                qk ? &*qk : nullptr);
     for (std::int64_t t = t0; t < t1; ++t) std::fill(score.ptr(t) + sh.q_offset + t + 1, score.ptr(t) + sh.T_k, ninf);
   }
 }
@@ -251,6 +455,7 @@ inline void indexer_topk(ConstView3<float> index_q, ConstView2<float> index_k, C
                   " must be [T, K] = [", sh.T, ", K >= 1]");
   // Rows of one strip; scratch is thread-local and grows to the longest strip seen.
   const std::int64_t ld = (sh.T_k + 15) / 16 * 16;
+  const std::optional<QuantKeys> qk = quantized_keys(fn, sh, index_k, opt);
   for (std::int64_t t0 = 0; t0 < sh.T; t0 += kStrip) {
     const std::int64_t t1 = std::min(sh.T, t0 + kStrip);
     std::vector<char> wanted(static_cast<std::size_t>(t1 - t0));
@@ -261,10 +466,10 @@ inline void indexer_topk(ConstView3<float> index_q, ConstView2<float> index_k, C
     }
     float* rows = nullptr;
     if (any) {
-      const std::int64_t per = sh.d * sh.H_pad + sh.H_pad;
+      const std::int64_t per = prepared_floats(sh);
       float* buf = thread_scratch<StripScratch>().get((t1 - t0) * (ld + per));
       rows = buf + (t1 - t0) * per;
-      score_strip(sh, index_q, index_k, index_w, t0, t1, wanted, rows, ld, buf, opt.num_threads);
+      score_strip(fn, sh, index_q, index_k, index_w, t0, t1, wanted, rows, ld, buf, opt.num_threads, qk ? &*qk : nullptr);
     }
     parallel_for(t1 - t0, (t1 - t0) >= 4 ? opt.num_threads : 1, [&](std::int64_t i) {
       ATTNKIT_FAULT_POINT("sparse");

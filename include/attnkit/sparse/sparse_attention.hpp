@@ -14,16 +14,20 @@
 // Decode (one query): q [H, d_k], indices [K], out [H, d_v], lse [H]; the query sits at
 // q_offset (-1 -> T_k - 1).
 //
-// Design: the kernel is the decode kernel (attention/decode.hpp) reading rows through the index
+// Design: decode is the decode kernel (attention/decode.hpp) reading rows through the index
 // list instead of consecutive positions, so the online softmax, the GQA sharing of each loaded
-// K/V row by the G heads of its group, and bf16 widening are the same code. Decode splits the
-// index list into fixed chunks merged in order (the rows come from DRAM, so the next block's
-// rows are prefetched: a gather defeats the hardware prefetcher). Prefill: a work item is 64
-// queries × one KV head; it walks the keys in blocks whose K/V rows fit in L2 (512 KiB), each
-// query attends to its selected keys inside the block and merges that partial state into its
-// running one, and the next block is prefetched into L2 meanwhile. Random selections leave
-// little reuse beyond that: each selected row is read from L2 once per query, so prefill is
-// bound by L2 bandwidth at G flops per loaded element (see the README's measurements).
+// K/V row by the G heads of its group, and bf16 widening are the same code. It splits the index
+// list into fixed chunks merged in order (the rows come from DRAM, so the next block's rows are
+// prefetched: a gather defeats the hardware prefetcher). Prefill, with AVX-512 and head
+// dimensions up to 256, is the key-major kernel of sparse/key_major.hpp: a work item is 32
+// queries × one KV head walking the keys in blocks of 256; each selected K row is loaded and
+// widened once for every query of the item that selected it, and the scores are then gathered
+// into decode's P·V per query. Elsewhere (no AVX-512, wider heads) a work item is 64 queries ×
+// one KV head walking the keys in blocks whose K/V rows fit in L2 (512 KiB), each query
+// attending to its selected keys inside the block with decode's kernel and merging that partial
+// state into its running one. Random selections leave little reuse (each key of a late block
+// is wanted by about K/T_k of the queries), so prefill runs at a third of dense attention's
+// rate per selected pair (see the README's measurements).
 // Results are bit-identical for any thread count; decode over every key equals
 // attention_decode bit for bit (same chunks, same arithmetic).
 //
@@ -54,6 +58,7 @@
 #include "attnkit/core/error.hpp"
 #include "attnkit/core/threading.hpp"
 #include "attnkit/core/view.hpp"
+#include "attnkit/sparse/key_major.hpp"
 
 namespace attnkit {
 
@@ -180,6 +185,21 @@ void sparse_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<
   for (std::int64_t t = 0; t < T; ++t)
     count[static_cast<std::size_t>(t)] = detail::sparse::checked_count(fn, indices.ptr(t), K, off + t, T_k, t);
 
+#if defined(ATTNKIT_SPARSE_KEY_MAJOR)
+  if (detail::sparse::key_major::slices(dk) > 0 && detail::sparse::key_major::slices(dv) > 0) {
+    namespace km = detail::sparse::key_major;
+    const float scale_log2 = resolve_scale(opt.scale, dk) * kLog2e;
+    const std::int64_t n_tiles = (T + km::kTile - 1) / km::kTile;
+    parallel_for(n_tiles * H_kv, opt.num_threads, [&](std::int64_t item) {
+      ATTNKIT_FAULT_POINT("sparse");
+      const std::int64_t j = item % H_kv, t0 = item / H_kv * km::kTile, t1 = std::min(T, t0 + km::kTile);
+      const std::int32_t* rows[km::kTile];
+      for (std::int64_t t = t0; t < t1; ++t) rows[t - t0] = indices.ptr(t);
+      km::run_tile<KV>(q, k, v, rows, count.data() + t0, t0, t1, j, G, scale_log2, out, lse);
+    }, /*dynamic=*/true);
+    return;
+  }
+#endif
   constexpr bool pairs = uses_pairs_v<true, KV>;
   const Problem pb{H, G, dk, dv, pairs ? round_up32(dk) : round_up16(dk), pairs ? round_up32(dv) : round_up16(dv),
                    resolve_scale(opt.scale, dk) * kLog2e};

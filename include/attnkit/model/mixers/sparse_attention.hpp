@@ -318,6 +318,7 @@ class SparseAttention final : public TokenMixer {
     IndexerOptions io;
     io.q_offset = pos0;
     io.num_threads = ctx.num_threads;
+    io.precision = ctx.precision;  // fast: int8 index vectors (as DeepSeek's FP8 indexer)
     indexer_topk(ConstView3<float>(iq), ConstView2<float>(index_k.data(), {Tk, dI}), ConstView2<float>(iw.data(), {T, HI}),
                  idx, io);
   }
