@@ -172,7 +172,6 @@ const bool registered = [] {
   };
   reg("sparse/decode/f32/T:32768", BM_sparse_decode<float>, 32768, 200);
   reg("sparse/decode/bf16/T:32768", BM_sparse_decode<bf16>, 32768, 200);
-  reg("sparse/decode/bf16/fast/T:32768", BM_sparse_decode<bf16>, 32768, 200, Precision::fast);
   reg("sparse/prefill/f32/T:4096", BM_sparse_prefill<float>, 4096, 3);
   reg("sparse/prefill/f32/T:16384", BM_sparse_prefill<float>, 16384, 2);
   reg("sparse/prefill/bf16/T:16384", BM_sparse_prefill<bf16>, 16384, 2);

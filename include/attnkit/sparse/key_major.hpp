@@ -10,8 +10,9 @@
 // query that selected the row.
 //
 // One work item is (tile of kTile queries, KV head j). Per block of kKeyBlock keys:
-//  1. each query's run of selected keys inside the block (its slots), and the inverted list:
-//     for each key, the (query, slot) pairs that selected it, in query order;
+//  1. each query's run of selected keys inside the block (its slots), and for each key the
+//     set of queries that selected it (a 32-bit mask; walking the keys in order, a query's
+//     next slot is simply its count so far);
 //  2. scores, key by key: the widened K row in registers, one dot product per (pair, head)
 //     against the query row in L1, 16 of them summed at once by decode's transpose tree;
 //  3. per (query, head): an online-softmax update over its slots of the block (the block's
@@ -45,6 +46,7 @@ using decode::reduce16;
 using decode::tail_mask;
 
 inline constexpr std::int64_t kTile = 32;       // queries per work item (their query rows stay in L1)
+static_assert(kTile <= 32, "a key's selecting queries are a 32-bit mask");
 inline constexpr std::int64_t kKeyBlock = 256;  // keys per block
 inline constexpr std::int64_t kMaxDim = 256;
 inline constexpr std::int64_t kAhead = 6;  // keys prefetched ahead in the scores
@@ -69,9 +71,7 @@ struct Tile {
   float* alpha;         // [nt][G] this block's rescaling of o
   float* ones;          // [G] 1s
   float* p;             // the block's slots, see above
-  std::int32_t* off;    // [kKeyBlock + 1] key u's pairs are ent[off[u] .. off[u + 1])
-  std::int32_t* fill;   // [kKeyBlock]
-  std::int32_t* ent;    // [2 · kTile · kKeyBlock] per pair: offset of its query row in qs, of its slot in p
+  std::uint32_t* who;   // [kKeyBlock] bit i: query i of the tile selected key u of the block
   std::int64_t n[kTile], area[kTile], c0[kTile];
 };
 
@@ -96,15 +96,15 @@ __attribute__((always_inline)) inline __m512 dot(const __m512 (&kv)[NS], const f
 // Scores of every pair of the block (keys u in [0, nb) of the rows k0 + u·ks): key by key, the
 // widened row in registers; 16 dot products at a time summed by one transpose tree.
 template <int NS, class KV>
-void scores(const Tile& tl, const KV* k0, std::int64_t ks, std::int64_t nb) {
+void scores(const Tile& tl, const KV* k0, std::int64_t ks, const KV* v0, std::int64_t vs, std::int64_t nb) {
   const std::int64_t G = tl.G, dk = tl.dk, dkp = tl.dkp;
   const float* const qs = tl.qs;
   float* const p = tl.p;
-  const std::int32_t* const off = tl.off;
-  const std::int32_t* const ent = tl.ent;
+  const std::uint32_t* const who = tl.who;
+  std::int64_t next[kTile] = {};  // each query's next slot
   // Pending dot products, kept in memory: held in registers they would push the key row out.
   alignas(64) float pend[16][16];
-  std::int32_t dst[16];
+  std::int64_t dst[16];
   int np = 0;
   const auto flush = [&] {
     __m512 red[16];
@@ -121,37 +121,39 @@ void scores(const Tile& tl, const KV* k0, std::int64_t ks, std::int64_t nb) {
     np = 0;
   };
   const std::int64_t row_bytes = dk * static_cast<std::int64_t>(sizeof(KV));
+  const std::int64_t v_bytes = tl.dv * static_cast<std::int64_t>(sizeof(KV));
   for (std::int64_t u = 0; u < nb; ++u) {
-    // Rows a few keys ahead into L1: each row feeds only a few dot products, too few to hide
-    // its latency.
-    if (u + kAhead < nb)
+    // K rows a few keys ahead into L1: each row feeds only a few dot products, too few to hide
+    // its latency. The same key's V row into L2 for the P·V that follows, which reads the rows
+    // in each query's order, where no prefetcher can follow.
+    if (u + kAhead < nb && who[u + kAhead] != 0) {
       for (std::int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(k0 + (u + kAhead) * ks) + b, 0, 3);
-    const std::int32_t e0 = off[u], e1 = off[u + 1];
-    if (e0 == e1) continue;
+      for (std::int64_t b = 0; b < v_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(v0 + (u + kAhead) * vs) + b, 0, 1);
+    }
+    std::uint32_t m = who[u];
+    if (m == 0) continue;
     const KV* kr = k0 + u * ks;
     __m512 kv[NS];
 #pragma GCC unroll 16
     for (int e = 0; e < NS; ++e) kv[e] = load16(kr + 16 * e, tail_mask(dk - 16 * e));
-    if (G == 2) {  // the common GQA group (Qwen3): both heads of a pair, one check per pair
-      for (std::int32_t x = e0; x < e1; ++x) {
+    for (; m != 0; m &= m - 1) {
+      const int i = __builtin_ctz(m);
+      const std::int64_t slot = next[i]++;
+      const float* qi = qs + i * G * dkp;
+      const std::int64_t si = tl.area[i] + slot / kChunk * G * kChunk + slot % kChunk;
+      if (G == 2) {  // the common GQA group (Qwen3): both heads, one check
         if (np == 16) flush();
-        const float* qi = qs + ent[2 * x];
-        const std::int32_t si = ent[2 * x + 1];
         _mm512_store_ps(pend[np], dot<NS>(kv, qi));
         _mm512_store_ps(pend[np + 1], dot<NS>(kv, qi + dkp));
         dst[np] = si;
-        dst[np + 1] = si + static_cast<std::int32_t>(kChunk);
+        dst[np + 1] = si + kChunk;
         np += 2;
+        continue;
       }
-      continue;
-    }
-    for (std::int32_t x = e0; x < e1; ++x) {
-      const float* qi = qs + ent[2 * x];
-      const std::int32_t si = ent[2 * x + 1];
       for (std::int64_t g = 0; g < G; ++g) {
         if (np == 16) flush();
         _mm512_store_ps(pend[np], dot<NS>(kv, qi + g * dkp));
-        dst[np++] = si + static_cast<std::int32_t>(g * kChunk);
+        dst[np++] = si + g * kChunk;
       }
     }
   }
@@ -225,7 +227,7 @@ void accumulate(const Tile& tl, const std::int32_t* const* idx, ConstView3<KV> v
 }
 
 template <class KV>
-using ScoresFn = void (*)(const Tile&, const KV*, std::int64_t, std::int64_t);
+using ScoresFn = void (*)(const Tile&, const KV*, std::int64_t, const KV*, std::int64_t, std::int64_t);
 
 template <class KV>
 ScoresFn<KV> scores_for(int ns) {
@@ -258,7 +260,7 @@ void run_tile(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, const std
   const std::int64_t rows = tl.nt * G;
   // Slots: each query's run rounded up to whole chunks.
   const std::int64_t slot_floats = (kTile * kKeyBlock + kTile * kChunk) * G;
-  const std::int64_t floats = rows * (tl.dkp + tl.dv_pad + 3) + G + slot_floats + (2 * kKeyBlock + 1) + 2 * kTile * kKeyBlock;
+  const std::int64_t floats = rows * (tl.dkp + tl.dv_pad + 3) + G + slot_floats + kKeyBlock;
   float* buf = thread_scratch<TileScratch>().get(floats);
   tl.o = buf;  // first: 64-byte aligned rows, as decode's accumulation stores them
   tl.qs = tl.o + rows * tl.dv_pad;
@@ -268,9 +270,7 @@ void run_tile(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, const std
   tl.alpha = tl.l + rows;
   tl.ones = tl.alpha + rows;
   std::fill(tl.ones, tl.ones + G, 1.f);
-  tl.off = reinterpret_cast<std::int32_t*>(tl.ones + G);
-  tl.fill = tl.off + kKeyBlock + 1;
-  tl.ent = tl.fill + kKeyBlock;
+  tl.who = reinterpret_cast<std::uint32_t*>(tl.ones + G);
   std::int64_t last = -1, cursor[kTile];
   for (std::int64_t i = 0; i < tl.nt; ++i) {
     for (std::int64_t g = 0; g < G; ++g) {
@@ -288,30 +288,20 @@ void run_tile(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, const std
   for (std::int64_t s0 = 0; s0 <= last; s0 += kKeyBlock) {
     const std::int64_t nb = std::min(kKeyBlock, last + 1 - s0);
     std::int64_t slots = 0;
-    std::fill(tl.off, tl.off + nb + 1, 0);
+    std::fill(tl.who, tl.who + nb, 0u);
     for (std::int64_t i = 0; i < tl.nt; ++i) {
       const std::int32_t* r = idx[i];
+      const std::uint32_t bit = 1u << i;
       std::int64_t c = cursor[i];
       tl.c0[i] = c;
-      while (c < count[i] && r[c] < s0 + nb) ++tl.off[r[c++] - s0 + 1];
+      while (c < count[i] && r[c] < s0 + nb) tl.who[r[c++] - s0] |= bit;
       tl.n[i] = c - tl.c0[i];
       tl.area[i] = slots;
       slots += (tl.n[i] + kChunk - 1) / kChunk * kChunk * G;
       cursor[i] = c;
     }
     if (slots == 0) continue;
-    for (std::int64_t u = 0; u < nb; ++u) tl.off[u + 1] += tl.off[u];
-    std::copy(tl.off, tl.off + nb, tl.fill);
-    for (std::int64_t i = 0; i < tl.nt; ++i) {
-      const std::int32_t* r = idx[i] + tl.c0[i];
-      const auto qoff = static_cast<std::int32_t>(i * G * tl.dkp);
-      for (std::int64_t x = 0; x < tl.n[i]; ++x) {
-        std::int32_t* e = tl.ent + 2 * tl.fill[r[x] - s0]++;
-        e[0] = qoff;
-        e[1] = static_cast<std::int32_t>(tl.area[i] + x / kChunk * G * kChunk + x % kChunk);
-      }
-    }
-    score_fn(tl, k.ptr(s0, j), k.stride[0], nb);
+    score_fn(tl, k.ptr(s0, j), k.stride[0], v.ptr(s0, j), v.stride[0], nb);
     softmax(tl);
     accumulate<KV>(tl, idx, v, j);
   }
