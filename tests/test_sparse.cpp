@@ -22,6 +22,7 @@
 #include <functional>
 #include <limits>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attnkit/attention/decode.hpp"
@@ -62,6 +63,12 @@ double score_error(const std::vector<float>& ours, const std::vector<double>& re
     b.push_back(ref[i]);
   }
   return rel_l2(a, b);
+}
+
+// Index heads (not a multiple of 16, one, more than 64) and head dims (1, odd, past 64).
+std::pair<std::int64_t, std::int64_t> random_index_shape(Rng& rng) {
+  return {std::vector<std::int64_t>{1, 3, 16, 17, 40, 64, 70}[sz(rng.integer(0, 6))],
+          std::vector<std::int64_t>{1, 7, 16, 64, 65}[sz(rng.integer(0, 4))]};
 }
 
 struct IndexerProblem {
@@ -224,8 +231,7 @@ TEST_CASE("indexer: scores and top-k against float64", "[sparse][indexer]") {
   CAPTURE(seed);
   Rng rng(seed);
   for (int c = 0; c < 40 / kScale; ++c) {
-    const std::int64_t H = std::vector<std::int64_t>{1, 3, 16, 17, 40, 64, 70}[sz(rng.integer(0, 6))];
-    const std::int64_t d = std::vector<std::int64_t>{1, 7, 16, 64, 65}[sz(rng.integer(0, 4))];
+    const auto [H, d] = random_index_shape(rng);
     const std::int64_t T = rng.integer(1, 150 / kScale), T_k = T + rng.integer(0, 700 / kScale);
     const std::int64_t K = rng.integer(1, 200);
     CAPTURE(H, d, T, T_k, K);
@@ -269,8 +275,7 @@ TEST_CASE("indexer: Precision::fast (int8 on VNNI) against float64", "[sparse][i
   CAPTURE(seed);
   Rng rng(seed);
   for (int c = 0; c < 30 / kScale; ++c) {
-    const std::int64_t H = std::vector<std::int64_t>{1, 3, 16, 17, 40, 64, 70}[sz(rng.integer(0, 6))];
-    const std::int64_t d = std::vector<std::int64_t>{1, 7, 16, 64, 65}[sz(rng.integer(0, 4))];
+    const auto [H, d] = random_index_shape(rng);
     // At least 16 queries: fewer take the f32 path (checked below).
     const std::int64_t T = rng.integer(16, std::max<std::int64_t>(16, 120 / kScale)), T_k = T + rng.integer(0, 600 / kScale);
     const std::int64_t K = rng.integer(1, 150);
