@@ -299,6 +299,9 @@ ConstView3<float> view3(const Loaded& t) {
 }
 
 const OptionSpec kThreads{"--threads", "N", "OpenMP threads (default: OMP_NUM_THREADS or all cores)"};
+const OptionSpec kIndexerPrecision{"--precision", "exact|fast",
+                                   "fast: int8 index vectors scored on VNNI (as DeepSeek's FP8 indexer), for 16 or more "
+                                   "queries (default exact)"};
 const OptionSpec kScale{"--scale", "X", "score scale (default d_k^-1/2)"};
 
 // ---- the ops ------------------------------------------------------------------------------------
@@ -508,6 +511,7 @@ std::vector<std::int32_t> run_indexer_outputs(Run& r, std::int64_t K) {
   IndexerOptions opt;
   opt.q_offset = 0;
   opt.num_threads = r.threads();
+  opt.precision = r.choice("--precision", {"exact", "fast"}) == "fast" ? Precision::fast : Precision::exact;
   float* score = r.output("index_score", {T, T});
   indexer_scores(view3(iq), view2(ik), view2(iw), View2<float>(score, {T, T}), opt);
   std::vector<std::int32_t> idx(static_cast<std::size_t>(T * K));
@@ -644,6 +648,7 @@ const std::vector<Op>& ops() {
         {"out", {{"T", "H", "d_v"}}}},
        {{"--topk", "K", "keys kept per query (required)"},
         {"--kv", "f32|bf16", "K/V storage: bf16 rounds k and v to bf16 first, like a bf16 KV cache (default f32)"},
+        kIndexerPrecision,
         kScale,
         kThreads},
        run_sparse_attention},
@@ -655,7 +660,7 @@ const std::vector<Op>& ops() {
         {"index_w", {{"T", "H_I"}}, false, "head weights, scaling included"}},
        {{"index_score", {{"T", "T"}}, false, "Σ_j index_w·ReLU(index_q·index_k); -inf for keys after the query"},
         {"topk_indices", {{"T", "K"}}, false, "I64: the top min(K, t+1) keys, ties to the lower index, ascending, -1 padded"}},
-       {{"--topk", "K", "keys kept per query (required)"}, kThreads},
+       {{"--topk", "K", "keys kept per query (required)"}, kIndexerPrecision, kThreads},
        run_indexer},
   };
   return table;
