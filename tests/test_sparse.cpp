@@ -148,6 +148,23 @@ struct AttnProblem {
   }
 };
 
+// Prefill of p over the selection idx against the float64 reference (out and lse; lse -inf
+// exactly for empty selections), and 1 thread bit-identical to the default; returns out and
+// the reference output.
+template <class KV>
+std::vector<float> check_prefill(const AttnProblem<KV>& p, const std::vector<std::int32_t>& idx, std::int64_t K,
+                                 std::vector<double>& ref_out) {
+  std::vector<double> ref_lse;
+  ref::sparse_attention(p.q, p.kf, p.vf, idx, p.T, K, p.H, p.H_kv, p.dk, p.dv, 1.0 / std::sqrt(double(p.dk)), ref_out,
+                        ref_lse);
+  std::vector<float> lse;
+  const auto out = p.prefill(idx, K, 0, &lse);
+  CHECK(rel_l2(out, ref_out) <= kAttnTol);
+  CHECK(score_error(lse, ref_lse) <= kAttnTol);
+  CHECK(test::bit_equal(out, p.prefill(idx, K, 1)));
+  return out;
+}
+
 template <class KV>
 void check_attention_random(Rng& rng) {
   const std::int64_t H_kv = rng.integer(1, 3), G = rng.integer(1, 3), H = H_kv * G;
@@ -159,14 +176,8 @@ void check_attention_random(Rng& rng) {
   CAPTURE(T, T_k, H, H_kv, dk, dv, K, keep);
   const auto p = AttnProblem<KV>::random(rng, T, T_k, H, H_kv, dk, dv);
   const auto idx = random_selection(rng, T, K, T_k - T, keep);
-  std::vector<double> ref_out, ref_lse;
-  ref::sparse_attention(p.q, p.kf, p.vf, idx, T, K, H, H_kv, dk, dv, 1.0 / std::sqrt(double(dk)), ref_out, ref_lse);
-  std::vector<float> lse;
-  const auto out = p.prefill(idx, K, 0, &lse);
-  CHECK(rel_l2(out, ref_out) <= kAttnTol);
-  // lse: -inf exactly for empty selections, otherwise close.
-  CHECK(score_error(lse, ref_lse) <= kAttnTol);
-  CHECK(test::bit_equal(out, p.prefill(idx, K, 1)));
+  std::vector<double> ref_out;
+  const auto out = check_prefill(p, idx, K, ref_out);
   CHECK(test::bit_equal(out, p.prefill(idx, K, 2)));
   // Decode of every row (the query at its own position, a cache of exactly what it may see).
   for (std::int64_t t = 0; t < T; ++t) {
@@ -438,13 +449,8 @@ TEMPLATE_TEST_CASE("sparse attention: wide GQA groups and head dims past the key
     CAPTURE(H, H_kv, dk, dv);
     const auto p = AttnProblem<TestType>::random(rng, T, T_k, H, H_kv, dk, dv);
     const auto idx = random_selection(rng, T, K, T_k - T, 0.4);
-    std::vector<double> ref_out, ref_lse;
-    ref::sparse_attention(p.q, p.kf, p.vf, idx, T, K, H, H_kv, dk, dv, 1.0 / std::sqrt(double(dk)), ref_out, ref_lse);
-    std::vector<float> lse;
-    const auto out = p.prefill(idx, K, 0, &lse);
-    CHECK(rel_l2(out, ref_out) <= kAttnTol);
-    CHECK(score_error(lse, ref_lse) <= kAttnTol);
-    CHECK(test::bit_equal(out, p.prefill(idx, K, 1)));
+    std::vector<double> ref_out;
+    check_prefill(p, idx, K, ref_out);
   }
 }
 

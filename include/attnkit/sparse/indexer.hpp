@@ -103,6 +103,12 @@ inline void prepare_query(const Shape& sh, ConstView3<float> q, ConstView2<float
 }
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+// The scores of 16 keys (the first n valid) into dst, or added to it (later head chunks).
+inline void store_scores(__m512 sc, float* dst, std::int64_t n, bool add) {
+  const __mmask16 m = detail::decode::tail_mask(n);
+  _mm512_mask_storeu_ps(dst, m, add ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), sc) : sc);
+}
+
 // Head chunk [c0, c0 + 16·NH) of the scores of keys [s0, s1) (rows of index_k): NK keys at a time
 // share each loaded query column; 16 keys' per-lane terms are then summed by one transpose tree.
 // Keys come from a panel (make_panel: one base pointer for 16 keys, best when a strip of
@@ -150,10 +156,7 @@ inline void score_keys_chunk(const Shape& sh, const float* qt, const float* wp, 
         red[g + r] = x;
       }
     }
-    const __m512 sc = detail::decode::reduce16(red);
-    const __mmask16 m = detail::decode::tail_mask(s1 - s);
-    float* dst = row + (s - s0);
-    _mm512_mask_storeu_ps(dst, m, add ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), sc) : sc);
+    store_scores(detail::decode::reduce16(red), row + (s - s0), s1 - s, add);
   }
 }
 #endif
@@ -273,10 +276,8 @@ inline void score_keys_chunk_int8(const Shape& sh, const float* prep, std::int64
         red[g + r] = x;
       }
     }
-    const __mmask16 m = detail::decode::tail_mask(s1 - s);
-    const __m512 sc = _mm512_mul_ps(detail::decode::reduce16(red), _mm512_loadu_ps(qk.scale.data() + s));
-    float* dst = row + (s - s0);
-    _mm512_mask_storeu_ps(dst, m, add ? _mm512_add_ps(_mm512_maskz_loadu_ps(m, dst), sc) : sc);
+    store_scores(_mm512_mul_ps(detail::decode::reduce16(red), _mm512_loadu_ps(qk.scale.data() + s)), row + (s - s0),
+                 s1 - s, add);
   }
 }
 
