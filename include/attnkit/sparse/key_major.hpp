@@ -58,20 +58,29 @@ inline int slices(std::int64_t d) {
   return n <= 1 ? 1 : n <= 2 ? 2 : n <= 4 ? 4 : n <= 8 ? 8 : n <= 16 ? 16 : 0;
 }
 
-// One work item's state (thread scratch). Per block, query i's slots (its selected keys inside
-// the block, in order) hold scores, then probabilities, in chunks of kChunk slots laid out
-// [G][kChunk] (decode's ItemState.p): slot x of head g at p + area[i] + (x / kChunk)·G·kChunk +
-// g·kChunk + x % kChunk.
+// A selected (query, key) pair of a block, in key order: the query's row offset in a head's
+// query rows ([nt][G][dkp]: i·G·dkp) and its slot (head 0's; head g's is slot + g·kChunk).
+struct Pair {
+  std::int32_t q, slot;
+};
+
+// One work item's state (thread scratch): a tile of queries against KV heads [j0, j1).
+// The block's bookkeeping (which queries selected which keys, each pair's slot) is shared by the
+// item's KV heads; per block, each head in turn runs scores, softmax and P·V.
+// Per block, query i's slots (its selected keys inside the block, in order) hold scores, then
+// probabilities, in chunks of kChunk slots laid out [G][kChunk] (decode's ItemState.p): slot x
+// of head g at p + area[i] + (x / kChunk)·G·kChunk + g·kChunk + x % kChunk.
 struct Tile {
   std::int64_t nt, G, dk, dv, dkp, dv_pad;
-  float* qs;            // [nt][G][dkp] queries · scale · log2(e), zero padded
-  float* o;             // [nt][G][dv_pad] unnormalised outputs (decode's accumulator layout)
-  float* m;             // [nt][G] running max (base 2)
-  float* l;             // [nt][G] running sum
-  float* alpha;         // [nt][G] this block's rescaling of o
+  float* qs;            // [heads][nt][G][dkp] queries · scale · log2(e), zero padded
+  float* o;             // [heads][nt][G][dv_pad] unnormalised outputs (decode's accumulator layout)
+  float* m;             // [heads][nt][G] running max (base 2)
+  float* l;             // [heads][nt][G] running sum
+  float* alpha;         // [nt][G] this block's rescaling of o (one head at a time)
   float* ones;          // [G] 1s
-  float* p;             // the block's slots, see above
+  float* p;             // the block's slots of one head, see above
   std::uint32_t* who;   // [kKeyBlock] bit i: query i of the tile selected key u of the block
+  Pair* pairs;          // the block's pairs, in key order (within a key: ascending query)
   std::int64_t n[kTile], area[kTile], c0[kTile];
 };
 
@@ -93,18 +102,20 @@ __attribute__((always_inline)) inline __m512 dot(const __m512 (&kv)[NS], const f
   }
 }
 
-// Scores of every pair of the block (keys u in [0, nb) of the rows k0 + u·ks): key by key, the
-// widened row in registers; 16 dot products at a time summed by one transpose tree.
+// Scores of every pair of the block for one KV head (keys u in [0, nb) of the rows k0 + u·ks;
+// qs the head's query rows): key by key, the widened row in registers; 16 dot products at a
+// time summed by one transpose tree, their sums stored to the pairs' slots.
 template <int NS, class KV>
-void scores(const Tile& tl, const KV* k0, std::int64_t ks, const KV* v0, std::int64_t vs, std::int64_t nb) {
+void scores(const Tile& tl, const float* qs, const KV* k0, std::int64_t ks, const KV* v0, std::int64_t vs,
+            std::int64_t nb) {
   const std::int64_t G = tl.G, dk = tl.dk, dkp = tl.dkp;
-  const float* const qs = tl.qs;
   float* const p = tl.p;
   const std::uint32_t* const who = tl.who;
-  std::int64_t next[kTile] = {};  // each query's next slot
+  const Pair* pr = tl.pairs;
   // Pending dot products, kept in memory: held in registers they would push the key row out.
+  // Dot r belongs to pair pend_pairs[r / G], head r % G.
   alignas(64) float pend[16][16];
-  std::int64_t dst[16];
+  const Pair* pend_pairs = pr;
   int np = 0;
   const auto flush = [&] {
     __m512 red[16];
@@ -114,14 +125,22 @@ void scores(const Tile& tl, const KV* k0, std::int64_t ks, const KV* v0, std::in
     _mm512_store_ps(sum, reduce16(red));
     // Through memory: scalar loads instead of lane extracts on the shuffle port.
     __asm__ volatile("" ::: "memory");
-    for (int r = 0; r < np; ++r) {
-      p[dst[r]] = sum[r];
-      __asm__ volatile("");  // not a vscatterdps: 16 plain stores are faster
+    if (G == 2) {
+      for (int r = 0; r < np; r += 2, ++pend_pairs) {
+        p[pend_pairs->slot] = sum[r];
+        p[pend_pairs->slot + kChunk] = sum[r + 1];
+        __asm__ volatile("");  // not a vscatterdps: plain stores are faster
+      }
+    } else {
+      for (int r = 0; r < np; r += static_cast<int>(G), ++pend_pairs)
+        for (std::int64_t g = 0; g < G; ++g) p[pend_pairs->slot + g * kChunk] = sum[r + g];
     }
     np = 0;
   };
   const std::int64_t row_bytes = dk * static_cast<std::int64_t>(sizeof(KV));
   const std::int64_t v_bytes = tl.dv * static_cast<std::int64_t>(sizeof(KV));
+  // A flush holds whole pairs: 16 / G of them (G <= 16; larger groups flush per head).
+  const int per_flush = G <= 16 ? static_cast<int>(16 / G * G) : 16;
   for (std::int64_t u = 0; u < nb; ++u) {
     // K rows a few keys ahead into L1: each row feeds only a few dot products, too few to hide
     // its latency. The same key's V row into L2 for the P·V that follows, which reads the rows
@@ -130,39 +149,49 @@ void scores(const Tile& tl, const KV* k0, std::int64_t ks, const KV* v0, std::in
       for (std::int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(k0 + (u + kAhead) * ks) + b, 0, 3);
       for (std::int64_t b = 0; b < v_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(v0 + (u + kAhead) * vs) + b, 0, 1);
     }
-    std::uint32_t m = who[u];
-    if (m == 0) continue;
+    const int cnt = __builtin_popcount(who[u]);
+    if (cnt == 0) continue;
     const KV* kr = k0 + u * ks;
     __m512 kv[NS];
 #pragma GCC unroll 16
     for (int e = 0; e < NS; ++e) kv[e] = load16(kr + 16 * e, tail_mask(dk - 16 * e));
-    for (; m != 0; m &= m - 1) {
-      const int i = __builtin_ctz(m);
-      const std::int64_t slot = next[i]++;
-      const float* qi = qs + i * G * dkp;
-      const std::int64_t si = tl.area[i] + slot / kChunk * G * kChunk + slot % kChunk;
-      if (G == 2) {  // the common GQA group (Qwen3): both heads, one check
+    const Pair* const end = pr + cnt;
+    if (G == 2) {  // the common GQA group (Qwen3): both heads, one check
+      for (; pr != end; ++pr) {
         if (np == 16) flush();
+        const float* qi = qs + pr->q;
         _mm512_store_ps(pend[np], dot<NS>(kv, qi));
         _mm512_store_ps(pend[np + 1], dot<NS>(kv, qi + dkp));
-        dst[np] = si;
-        dst[np + 1] = si + kChunk;
         np += 2;
-        continue;
       }
-      for (std::int64_t g = 0; g < G; ++g) {
-        if (np == 16) flush();
-        _mm512_store_ps(pend[np], dot<NS>(kv, qi + g * dkp));
-        dst[np++] = si + g * kChunk;
+    } else if (G <= 16) {
+      for (; pr != end; ++pr) {
+        if (np == per_flush) flush();
+        const float* qi = qs + pr->q;
+        for (std::int64_t g = 0; g < G; ++g) _mm512_store_ps(pend[np++], dot<NS>(kv, qi + g * dkp));
       }
+    } else {  // more heads than a flush holds: one pair at a time, in flushes of 16 heads
+      for (; pr != end; ++pr) {
+        const float* qi = qs + pr->q;
+        for (std::int64_t g0 = 0; g0 < G; g0 += 16) {
+          const std::int64_t g1 = std::min(G, g0 + 16);
+          __m512 red[16];
+          for (std::int64_t g = g0; g < g1; ++g) red[g - g0] = dot<NS>(kv, qi + g * dkp);
+          for (std::int64_t g = g1 - g0; g < 16; ++g) red[g] = _mm512_setzero_ps();
+          alignas(64) float sum[16];
+          _mm512_store_ps(sum, reduce16(red));
+          for (std::int64_t g = g0; g < g1; ++g) p[pr->slot + g * kChunk] = sum[g - g0];
+        }
+      }
+      pend_pairs = pr;
     }
   }
   if (np > 0) flush();
 }
 
-// Online-softmax update of every (query, head) with slots in the block: scores -> probabilities
-// exp2(s - m_new), alpha = exp2(m_old - m_new).
-inline void softmax(const Tile& tl) {
+// Online-softmax update of one KV head's (query, head) rows with slots in the block: scores ->
+// probabilities exp2(s - m_new), alpha = exp2(m_old - m_new). m and l: the head's [nt][G].
+inline void softmax(const Tile& tl, float* const mh, float* const lh) {
   const std::int64_t G = tl.G;
   for (std::int64_t i = 0; i < tl.nt; ++i) {
     const std::int64_t n = tl.n[i];
@@ -172,7 +201,7 @@ inline void softmax(const Tile& tl) {
       __m512 mx = _mm512_set1_ps(kNegInf);
       for (std::int64_t x = 0; x < n; x += 16)
         mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(n - x), s0 + x / kChunk * G * kChunk + x % kChunk));
-      float& m = tl.m[i * G + g];
+      float& m = mh[i * G + g];
       const float m_new = std::max(m, simd::hmax(mx));
       // All scores -inf (only with infinite inputs): nothing to add.
       const __m512 vb = _mm512_set1_ps(m_new == kNegInf ? 0.f : m_new);
@@ -186,7 +215,7 @@ inline void softmax(const Tile& tl) {
       }
       const float a = m == kNegInf ? 0.f : std::exp2(m - (m_new == kNegInf ? 0.f : m_new));
       tl.alpha[i * G + g] = a;
-      tl.l[i * G + g] = tl.l[i * G + g] * a + simd::hsum(sum);
+      lh[i * G + g] = lh[i * G + g] * a + simd::hsum(sum);
       m = m_new;
     }
   }
@@ -194,8 +223,9 @@ inline void softmax(const Tile& tl) {
 
 // o += Σ p · v over each query's slots of the block, query by query: decode's accumulation
 // (the accumulators in registers, rows read through the selection), a chunk of slots at a time.
+// oh: the head's [nt][G][dv_pad] accumulators.
 template <class KV>
-void accumulate(const Tile& tl, const std::int32_t* const* idx, ConstView3<KV> v, std::int64_t j) {
+void accumulate(const Tile& tl, const std::int32_t* const* idx, ConstView3<KV> v, std::int64_t j, float* const oh) {
   const std::int64_t G = tl.G;
   const decode::GatheredRows<KV> rows{v.ptr(0, j), v.stride[0], nullptr};
   float* const ones = tl.ones;  // alpha of a query's later chunks
@@ -219,15 +249,15 @@ void accumulate(const Tile& tl, const std::int32_t* const* idx, ConstView3<KV> v
       const decode::GatheredRows<KV> r{rows.base, rows.stride, idx[i] + tl.c0[i] + x};
       const int cnt = static_cast<int>(std::min(kChunk, n - x));
       if constexpr (decode::uses_pairs_v<true, KV>)
-        decode::accumulate_block_bf16(r, cnt, st, tl.o + i * G * tl.dv_pad, 0, G, tl.dv, tl.dv_pad);
+        decode::accumulate_block_bf16(r, cnt, st, oh + i * G * tl.dv_pad, 0, G, tl.dv, tl.dv_pad);
       else
-        decode::accumulate_block(r, cnt, st, tl.o + i * G * tl.dv_pad, 0, G, tl.dv, tl.dv_pad);
+        decode::accumulate_block(r, cnt, st, oh + i * G * tl.dv_pad, 0, G, tl.dv, tl.dv_pad);
     }
   }
 }
 
 template <class KV>
-using ScoresFn = void (*)(const Tile&, const KV*, std::int64_t, const KV*, std::int64_t, std::int64_t);
+using ScoresFn = void (*)(const Tile&, const float*, const KV*, std::int64_t, const KV*, std::int64_t, std::int64_t);
 
 template <class KV>
 ScoresFn<KV> scores_for(int ns) {
@@ -243,11 +273,11 @@ ScoresFn<KV> scores_for(int ns) {
 struct TileScratch;
 
 // Queries [t0, t1) (selection rows idx[t - t0] with count[t - t0] valid entries) against KV
-// head j; writes out[t, j·G + g] and lse. scale_log2 = scale · log2(e).
+// heads [j0, j1); writes out[t, j·G + g] and lse. scale_log2 = scale · log2(e).
 template <class KV>
 void run_tile(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, const std::int32_t* const* idx,
-              const std::int64_t* count, std::int64_t t0, std::int64_t t1, std::int64_t j, std::int64_t G,
-              float scale_log2, View3<float> out, View2<float> lse) {
+              const std::int64_t* count, std::int64_t t0, std::int64_t t1, std::int64_t j0, std::int64_t j1,
+              std::int64_t G, float scale_log2, View3<float> out, View2<float> lse) {
   constexpr bool pairs = decode::uses_pairs_v<true, KV>;
   Tile tl;
   tl.nt = t1 - t0;
@@ -257,33 +287,37 @@ void run_tile(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, const std
   const int nsk = slices(tl.dk);
   tl.dkp = 16 * nsk;
   tl.dv_pad = pairs ? decode::round_up32(tl.dv) : decode::round_up16(tl.dv);
-  const std::int64_t rows = tl.nt * G;
+  const std::int64_t nh = j1 - j0, rows = tl.nt * G;
   // Slots: each query's run rounded up to whole chunks.
   const std::int64_t slot_floats = (kTile * kKeyBlock + kTile * kChunk) * G;
-  const std::int64_t floats = rows * (tl.dkp + tl.dv_pad + 3) + G + slot_floats + kKeyBlock;
+  const std::int64_t pair_floats = kTile * kKeyBlock * static_cast<std::int64_t>(sizeof(Pair) / sizeof(float));
+  const std::int64_t floats = nh * rows * (tl.dkp + tl.dv_pad + 2) + rows + G + slot_floats + kKeyBlock + pair_floats;
   float* buf = thread_scratch<TileScratch>().get(floats);
   tl.o = buf;  // first: 64-byte aligned rows, as decode's accumulation stores them
-  tl.qs = tl.o + rows * tl.dv_pad;
-  tl.p = tl.qs + rows * tl.dkp;
+  tl.qs = tl.o + nh * rows * tl.dv_pad;
+  tl.p = tl.qs + nh * rows * tl.dkp;
   tl.m = tl.p + slot_floats;
-  tl.l = tl.m + rows;
-  tl.alpha = tl.l + rows;
+  tl.l = tl.m + nh * rows;
+  tl.alpha = tl.l + nh * rows;
   tl.ones = tl.alpha + rows;
   std::fill(tl.ones, tl.ones + G, 1.f);
   tl.who = reinterpret_cast<std::uint32_t*>(tl.ones + G);
+  tl.pairs = reinterpret_cast<Pair*>(tl.who + kKeyBlock);
   std::int64_t last = -1, cursor[kTile];
+  for (std::int64_t h = 0; h < nh; ++h)
+    for (std::int64_t i = 0; i < tl.nt; ++i)
+      for (std::int64_t g = 0; g < G; ++g) {
+        const float* src = q.ptr(t0 + i, (j0 + h) * G + g);
+        float* dst = tl.qs + ((h * tl.nt + i) * G + g) * tl.dkp;
+        for (std::int64_t e = 0; e < tl.dkp; ++e) dst[e] = e < tl.dk ? src[e] * scale_log2 : 0.f;
+      }
   for (std::int64_t i = 0; i < tl.nt; ++i) {
-    for (std::int64_t g = 0; g < G; ++g) {
-      const float* src = q.ptr(t0 + i, j * G + g);
-      float* dst = tl.qs + (i * G + g) * tl.dkp;
-      for (std::int64_t e = 0; e < tl.dkp; ++e) dst[e] = e < tl.dk ? src[e] * scale_log2 : 0.f;
-    }
     cursor[i] = 0;
     if (count[i] > 0) last = std::max<std::int64_t>(last, idx[i][count[i] - 1]);
   }
-  std::fill(tl.o, tl.o + rows * tl.dv_pad, 0.f);
-  std::fill(tl.m, tl.m + rows, kNegInf);
-  std::fill(tl.l, tl.l + rows, 0.f);
+  std::fill(tl.o, tl.o + nh * rows * tl.dv_pad, 0.f);
+  std::fill(tl.m, tl.m + nh * rows, kNegInf);
+  std::fill(tl.l, tl.l + nh * rows, 0.f);
   const ScoresFn<KV> score_fn = scores_for<KV>(nsk);
   for (std::int64_t s0 = 0; s0 <= last; s0 += kKeyBlock) {
     const std::int64_t nb = std::min(kKeyBlock, last + 1 - s0);
@@ -301,25 +335,41 @@ void run_tile(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, const std
       cursor[i] = c;
     }
     if (slots == 0) continue;
-    score_fn(tl, k.ptr(s0, j), k.stride[0], v.ptr(s0, j), v.stride[0], nb);
-    softmax(tl);
-    accumulate<KV>(tl, idx, v, j);
-  }
-  for (std::int64_t i = 0; i < tl.nt; ++i)
-    for (std::int64_t g = 0; g < G; ++g) {
-      const std::int64_t r = i * G + g;
-      float* o = tl.o + r * tl.dv_pad;
-      if constexpr (pairs) decode::unpermute_pairs(o, tl.dv_pad);
-      float* dst = out.ptr(t0 + i, j * G + g);
-      const float l = tl.l[r];
-      if (l > 0.f) {
-        const float inv = 1.f / l;
-        for (std::int64_t e = 0; e < tl.dv; ++e) dst[e] = o[e] * inv;
-      } else {
-        std::fill(dst, dst + tl.dv, 0.f);
-      }
-      if (!lse.empty()) lse(t0 + i, j * G + g) = l > 0.f ? (tl.m[r] + std::log2(l)) * decode::kLn2 : kNegInf;
+    // The pairs in key order; walking the keys in order, a query's next slot is its count so far.
+    {
+      std::int64_t next[kTile] = {};
+      Pair* pp = tl.pairs;
+      for (std::int64_t u = 0; u < nb; ++u)
+        for (std::uint32_t m = tl.who[u]; m != 0; m &= m - 1) {
+          const int i = __builtin_ctz(m);
+          const std::int64_t x = next[i]++;
+          *pp++ = Pair{static_cast<std::int32_t>(i * G * tl.dkp),
+                       static_cast<std::int32_t>(tl.area[i] + x / kChunk * G * kChunk + x % kChunk)};
+        }
     }
+    for (std::int64_t h = 0; h < nh; ++h) {
+      const std::int64_t j = j0 + h;
+      score_fn(tl, tl.qs + h * rows * tl.dkp, k.ptr(s0, j), k.stride[0], v.ptr(s0, j), v.stride[0], nb);
+      softmax(tl, tl.m + h * rows, tl.l + h * rows);
+      accumulate<KV>(tl, idx, v, j, tl.o + h * rows * tl.dv_pad);
+    }
+  }
+  for (std::int64_t h = 0; h < nh; ++h)
+    for (std::int64_t i = 0; i < tl.nt; ++i)
+      for (std::int64_t g = 0; g < G; ++g) {
+        const std::int64_t r = h * rows + i * G + g, col = (j0 + h) * G + g;
+        float* o = tl.o + r * tl.dv_pad;
+        if constexpr (pairs) decode::unpermute_pairs(o, tl.dv_pad);
+        float* dst = out.ptr(t0 + i, col);
+        const float l = tl.l[r];
+        if (l > 0.f) {
+          const float inv = 1.f / l;
+          for (std::int64_t e = 0; e < tl.dv; ++e) dst[e] = o[e] * inv;
+        } else {
+          std::fill(dst, dst + tl.dv, 0.f);
+        }
+        if (!lse.empty()) lse(t0 + i, col) = l > 0.f ? (tl.m[r] + std::log2(l)) * decode::kLn2 : kNegInf;
+      }
 }
 
 }  // namespace attnkit::detail::sparse::key_major

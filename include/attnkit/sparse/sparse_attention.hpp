@@ -28,6 +28,9 @@
 // state into its running one. Random selections leave little reuse (each key of a late block
 // is wanted by about K/T_k of the queries), so prefill runs at a third of dense attention's
 // rate per selected pair (see the README's measurements).
+// A leading run of queries whose selections hold every key they see (the first K tokens of a
+// prompt under top-K) is dense causal attention and runs as such: attention_prefill's flash
+// kernel computes those rows (bit for bit its result), the sparse kernels the rest.
 // Results are bit-identical for any thread count; decode over every key equals
 // attention_decode bit for bit (same chunks, same arithmetic).
 //
@@ -55,6 +58,7 @@
 #include "attnkit/attention/batched_decode.hpp"
 #include "attnkit/attention/common.hpp"
 #include "attnkit/attention/decode.hpp"
+#include "attnkit/attention/prefill.hpp"
 #include "attnkit/core/error.hpp"
 #include "attnkit/core/threading.hpp"
 #include "attnkit/core/view.hpp"
@@ -184,18 +188,37 @@ void sparse_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<
   std::vector<std::int64_t> count(static_cast<std::size_t>(T));
   for (std::int64_t t = 0; t < T; ++t)
     count[static_cast<std::size_t>(t)] = detail::sparse::checked_count(fn, indices.ptr(t), K, off + t, T_k, t);
+  // Leading queries that select every key they see (a prompt's first K tokens under top-K) are
+  // dense causal attention: the flash kernel runs them at its dense rate.
+  std::int64_t n_full = 0;
+  while (n_full < T && count[static_cast<std::size_t>(n_full)] == off + n_full + 1) ++n_full;
+  if (n_full > 0) {
+    AttentionOptions ao;
+    ao.scale = opt.scale;
+    ao.q_offset = off;
+    ao.queries = {0, n_full};
+    ao.num_threads = opt.num_threads;
+    attention_prefill<KV>(q, k, v, out, CausalMask{}, ao, lse);
+  }
+  if (n_full == T) return;
 
 #if defined(ATTNKIT_SPARSE_KEY_MAJOR)
   if (detail::sparse::key_major::slices(dk) > 0 && detail::sparse::key_major::slices(dv) > 0) {
     namespace km = detail::sparse::key_major;
     const float scale_log2 = resolve_scale(opt.scale, dk) * kLog2e;
-    const std::int64_t n_tiles = (T + km::kTile - 1) / km::kTile;
-    parallel_for(n_tiles * H_kv, opt.num_threads, [&](std::int64_t item) {
+    const std::int64_t n_tiles = (T - n_full + km::kTile - 1) / km::kTile;
+    // An item is a tile against a group of KV heads, which share its bookkeeping: all heads when
+    // the tiles alone give every thread several items, fewer when they do not.
+    const std::int64_t want = 4 * resolve_threads(opt.num_threads);
+    const std::int64_t groups = std::min(H_kv, (want + n_tiles - 1) / n_tiles);
+    const std::int64_t per_group = (H_kv + groups - 1) / groups, n_groups = (H_kv + per_group - 1) / per_group;
+    parallel_for(n_tiles * n_groups, opt.num_threads, [&](std::int64_t item) {
       ATTNKIT_FAULT_POINT("sparse");
-      const std::int64_t j = item % H_kv, t0 = item / H_kv * km::kTile, t1 = std::min(T, t0 + km::kTile);
+      const std::int64_t jg = item % n_groups, t0 = n_full + item / n_groups * km::kTile, t1 = std::min(T, t0 + km::kTile);
+      const std::int64_t j0 = jg * per_group, j1 = std::min(H_kv, j0 + per_group);
       const std::int32_t* rows[km::kTile];
       for (std::int64_t t = t0; t < t1; ++t) rows[t - t0] = indices.ptr(t);
-      km::run_tile<KV>(q, k, v, rows, count.data() + t0, t0, t1, j, G, scale_log2, out, lse);
+      km::run_tile<KV>(q, k, v, rows, count.data() + t0, t0, t1, j0, j1, G, scale_log2, out, lse);
     }, /*dynamic=*/true);
     return;
   }
@@ -207,10 +230,10 @@ void sparse_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<
   const std::int64_t row_bytes = (dk + dv) * static_cast<std::int64_t>(sizeof(KV));
   const std::int64_t block = std::max<std::int64_t>(kBlock, (std::int64_t{512} << 10) / row_bytes / kBlock * kBlock);
   const std::int64_t tile = detail::sparse::kQueryTile;
-  const std::int64_t n_tiles = (T + tile - 1) / tile;
+  const std::int64_t n_tiles = (T - n_full + tile - 1) / tile;
   parallel_for(n_tiles * H_kv, opt.num_threads, [&](std::int64_t item) {
     ATTNKIT_FAULT_POINT("sparse");
-    const std::int64_t j = item % H_kv, t0 = item / H_kv * tile, t1 = std::min(T, t0 + tile), nt = t1 - t0;
+    const std::int64_t j = item % H_kv, t0 = n_full + item / H_kv * tile, t1 = std::min(T, t0 + tile), nt = t1 - t0;
     // The partial of one block and the running states [nt][G] (o rows of dv_pad: 64-byte
     // aligned, as chunk_state stores them), then their lse values.
     float* part = thread_scratch<detail::sparse::TileScratch>().get((nt + 1) * G * (pb.dv_pad + 1));
