@@ -41,13 +41,14 @@
 //   lse [T, H] optional. opt.q_offset must stay -1; opt.queries counts packed rows, opt.heads,
 //   opt.precision and opt.num_threads as in attention_prefill. Results equal attention_prefill
 //   of each sequence on its contiguous keys (q_offset = lengths[b] - n_b), bit for bit.
-//   Implementation for this step: every sequence with queries to compute has its first
-//   lengths[b] keys gathered (as they are stored, f32 or bf16; int8 pages dequantised to f32,
-//   as the contiguous int8 cache's prefill continuation does) into a contiguous staging buffer
-//   (Σ lengths[b] · H_kv · (d_k + d_v) elements, allocated per call), and the flash prefill
-//   kernel (detail/flash_prefill.hpp) runs all sequences as the segments of one varlen call.
-//   The gather is a copy of the visible pages, cheap against prefill's T·L work but not free;
-//   a kernel that reads pages in its key tiles is future work.
+//   Design: the flash prefill kernel (detail/flash_prefill.hpp) runs all sequences as the
+//   segments of one varlen call, reading f32 and bf16 pages in place: it reads K/V rows only
+//   through KVRows::ptr(s, head), which resolves a sequence's position s through its page table
+//   (its key tiles pack rows one by one anyway, so scattered pages cost nothing there). No copy
+//   of the cache is made. int8 pages are the exception: their first lengths[b] keys are
+//   dequantised to f32 into a staging buffer (Σ lengths[b] · H_kv · (d_k + d_v) floats, allocated
+//   per call and checked against the machine's memory first), as the contiguous int8 cache's
+//   prefill continuation does.
 //
 // Errors (attnkit::Error naming the function and the argument): shapes that disagree, a page
 // size that is not a power of two, a page index out of range, a length beyond its sequence's
@@ -368,15 +369,36 @@ void attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cache, cons
     if (s1 == s0 || s1 <= qb || s0 >= qe) continue;
     seqs.push_back(b);
   }
-  const auto st = detail::paged::stage(fn, cache, table, seqs, opt.num_threads);
-  const ConstView3<S> kst = st.keys(), vst = st.values();
+  // float and bf16 pages are read in place (the kernel's rows through each sequence's page table);
+  // int8 pages are staged, dequantised to f32.
+  constexpr bool staged = std::is_same_v<KV, std::int8_t>;
+  detail::paged::Staged<S> st;
+  if constexpr (staged) st = detail::paged::stage(fn, cache, table, seqs, opt.num_threads);
+  const int shift = detail::paged::log2_exact(cache.page_size());
+  const auto rows_of = [&](const ConstView4<KV>& pool, std::int64_t b, std::int64_t L) {
+    detail::flash::KVRows<S> r;
+    if constexpr (!staged) {
+      r = ConstView3<S>(pool.data, {L, pool.shape[2], pool.shape[3]}, {pool.stride[1], pool.stride[2], 1});
+      r.pages = table.indices.data() + table.indptr[b];
+      r.page_shift = shift;
+      r.page_stride = pool.stride[0];
+    }
+    return r;
+  };
   std::vector<detail::flash::Segment<S>> segs;
   std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
   for (std::size_t i = 0; i < seqs.size(); ++i) {
     const std::int64_t b = seqs[i], s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1], L = table.lengths[b];
     View2<float> seg_lse = lse.data ? lse.slice(0, s0, s1) : View2<float>{};
-    segs.push_back({q.slice(0, s0, s1), kst.slice(0, st.offset[i], st.offset[i] + L), vst.slice(0, st.offset[i], st.offset[i] + L),
-                    out.slice(0, s0, s1), seg_lse, L - (s1 - s0), nullptr, s0});
+    detail::flash::KVRows<S> kr, vr;
+    if constexpr (staged) {
+      kr = st.keys().slice(0, st.offset[i], st.offset[i] + L);
+      vr = st.values().slice(0, st.offset[i], st.offset[i] + L);
+    } else {
+      kr = rows_of(cache.k, b, L);
+      vr = rows_of(cache.v, b, L);
+    }
+    segs.push_back({q.slice(0, s0, s1), kr, vr, out.slice(0, s0, s1), seg_lse, L - (s1 - s0), nullptr, s0});
     ranges.emplace_back(std::max(qb, s0) - s0, std::min(qe, s1) - s0);
   }
   detail::flash::run_prefill_at<simd::default_arch>(opt.precision, segs, sh, mask, opt.heads.begin,

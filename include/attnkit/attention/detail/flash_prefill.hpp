@@ -86,11 +86,30 @@ inline fb<Arch> exp2(fb<Arch> x) {
   return simd::exp2_nonpositive<Arch>(x);
 }
 
+// The K or V rows a segment reads: a view [T_k, H_kv, d] (any strides), or, with pages set, the
+// same rows through a page table: row s is slot s mod P of page pages[s / P] of a pool
+// [pages, P, H_kv, d] (data = the pool, stride = its slot and head strides, page_stride its page
+// stride). The kernels read rows only through ptr(s, head), so both are the same arithmetic
+// (attention_prefill_paged reads a paged cache in place, bit for bit the contiguous result).
+template <class KV>
+struct KVRows : ConstView3<KV> {
+  const std::int32_t* pages = nullptr;
+  int page_shift = 0;
+  std::int64_t page_stride = 0;
+  KVRows() = default;
+  KVRows(const ConstView3<KV>& v) : ConstView3<KV>(v) {}  // NOLINT: a view is its own rows
+  const KV* ptr(std::int64_t s, std::int64_t head) const {
+    if (pages == nullptr) return ConstView3<KV>::ptr(s, head);
+    return this->data + pages[s >> page_shift] * page_stride + (s & ((std::int64_t{1} << page_shift) - 1)) * this->stride[0] +
+           head * this->stride[1];
+  }
+};
+
 // One attention problem: a single sequence (varlen splits into several).
 template <class KV>
 struct Segment {
   ConstView3<float> q;
-  ConstView3<KV> k, v;
+  KVRows<KV> k, v;
   View3<float> out;
   View2<float> lse;  // data == nullptr: not requested
   std::int64_t q_offset;
@@ -287,7 +306,7 @@ inline void pv_rows(const float* st, const float* vbuf, float* obuf, const float
 // Widens rows [k0, k0 + kc) of one KV head into dst[kBc][ld] (f32), zero-filling columns
 // [n, ld) and rows [kc, kBc).
 template <class Arch, class KV>
-inline void pack_rows(const ConstView3<KV>& src, std::int64_t head, std::int64_t k0, std::int64_t kc,
+inline void pack_rows(const KVRows<KV>& src, std::int64_t head, std::int64_t k0, std::int64_t kc,
                       std::int64_t n, std::int64_t ld, float* dst) {
   constexpr std::int64_t W = lanes<Arch>;
   for (std::int64_t c = 0; c < kc; ++c) {
@@ -759,7 +778,7 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
   // The key-tile loop over (k, v) under mask m (query row 0 at position q_off). window_state:
   // the sub-tiles accumulate into their window state (o2, m2, l2); finish: a sub-tile is
   // finalised right after its last key tile. tile_extra goes to tile_step.
-  const auto sweep = [&](const ConstView3<KV>& k, const ConstView3<KV>& v, const auto& m, std::int64_t q_off,
+  const auto sweep = [&](const KVRows<KV>& k, const KVRows<KV>& v, const auto& m, std::int64_t q_off,
                          bool window_state, bool finish, const auto& tile_extra) {
     const std::int64_t n_keys = k.shape[0];
     const auto [key_lo, key_hi] = key_range(m, q_off, n_keys, it.t_begin, it.t_end - 1);

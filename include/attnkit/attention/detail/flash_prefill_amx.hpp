@@ -170,7 +170,7 @@ inline void transpose16(__m512i (&r)[16]) {
 // K rows [k0, k0 + kc) of one head as B tiles of K^T: tile (s, kb) = d-pairs [16s, 16s + 16) x
 // keys [16kb, 16kb + 16), at dst + (s · kKeys/16 + kb) · kTileElems. Keys past kc are zero.
 template <class KV>
-inline void pack_k(const ConstView3<KV>& k, std::int64_t head, std::int64_t k0, std::int64_t kc, std::int64_t d_k,
+inline void pack_k(const KVRows<KV>& k, std::int64_t head, std::int64_t k0, std::int64_t kc, std::int64_t d_k,
                    std::int64_t d_kp, u16* dst) {
   constexpr std::int64_t nkb = kKeys / 16;
   for (std::int64_t kb = 0; kb < nkb; ++kb) {
@@ -189,7 +189,7 @@ inline void pack_k(const ConstView3<KV>& k, std::int64_t head, std::int64_t k0, 
 // V rows [k0, k0 + kc) of one head as B tiles of key pairs: tile (j, nb) = keys [32j, 32j + 32)
 // in pairs x columns [16nb, 16nb + 16), at dst + (j · d_vp/16 + nb) · kTileElems. Keys past kc are zero.
 template <class KV>
-inline void pack_v(const ConstView3<KV>& v, std::int64_t head, std::int64_t k0, std::int64_t kc, std::int64_t d_v,
+inline void pack_v(const KVRows<KV>& v, std::int64_t head, std::int64_t k0, std::int64_t kc, std::int64_t d_v,
                    std::int64_t d_vp, u16* dst) {
   const std::int64_t nvb = d_vp / 16;
   for (std::int64_t c = 0; c < kKeys; c += 2) {
