@@ -286,6 +286,17 @@ struct Staged {
   ConstView3<KV> values() const { return ConstView3<KV>(v.data(), {rows, H_kv, dv}); }
 };
 
+// Sequence b's first L rows of a page pool [pages, P, H_kv, d], read in place through its page
+// table (what the flash kernels take; see detail::flash::KVRows).
+template <class KV>
+flash::KVRows<KV> sequence_rows(const ConstView4<KV>& pool, const PageTable& table, std::int64_t b, std::int64_t L) {
+  flash::KVRows<KV> r = ConstView3<KV>(pool.data, {L, pool.shape[2], pool.shape[3]}, {pool.stride[1], pool.stride[2], 1});
+  r.pages = table.indices.data() + table.indptr[b];
+  r.page_shift = log2_exact(pool.shape[1]);
+  r.page_stride = pool.stride[0];
+  return r;
+}
+
 template <class KV>
 Staged<staged_t<KV>> stage(const char* fn, const PagedKV<KV>& cache, const PageTable& table,
                            std::span<const std::int64_t> seqs, int num_threads) {
@@ -374,17 +385,6 @@ void attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cache, cons
   constexpr bool staged = std::is_same_v<KV, std::int8_t>;
   detail::paged::Staged<S> st;
   if constexpr (staged) st = detail::paged::stage(fn, cache, table, seqs, opt.num_threads);
-  const int shift = detail::paged::log2_exact(cache.page_size());
-  const auto rows_of = [&](const ConstView4<KV>& pool, std::int64_t b, std::int64_t L) {
-    detail::flash::KVRows<S> r;
-    if constexpr (!staged) {
-      r = ConstView3<S>(pool.data, {L, pool.shape[2], pool.shape[3]}, {pool.stride[1], pool.stride[2], 1});
-      r.pages = table.indices.data() + table.indptr[b];
-      r.page_shift = shift;
-      r.page_stride = pool.stride[0];
-    }
-    return r;
-  };
   std::vector<detail::flash::Segment<S>> segs;
   std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
   for (std::size_t i = 0; i < seqs.size(); ++i) {
@@ -395,8 +395,8 @@ void attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cache, cons
       kr = st.keys().slice(0, st.offset[i], st.offset[i] + L);
       vr = st.values().slice(0, st.offset[i], st.offset[i] + L);
     } else {
-      kr = rows_of(cache.k, b, L);
-      vr = rows_of(cache.v, b, L);
+      kr = detail::paged::sequence_rows(cache.k, table, b, L);
+      vr = detail::paged::sequence_rows(cache.v, table, b, L);
     }
     segs.push_back({q.slice(0, s0, s1), kr, vr, out.slice(0, s0, s1), seg_lse, L - (s1 - s0), nullptr, s0});
     ranges.emplace_back(std::max(qb, s0) - s0, std::min(qe, s1) - s0);

@@ -66,9 +66,10 @@
 //     never read), then the same gate and blend as above. Bit-identical for any thread count.
 //   loop_attention_prefill_paged(q [T, H, d_k], glob, loc, table, cu_seqlens, gate_w, gate_b,
 //     window, out, opt, gates [T, H] optional): the new tokens of B sequences packed along the
-//     token axis (cu_seqlens; each sequence's last tokens, already appended). Each sequence's
-//     visible pages are staged into contiguous buffers and loop_attention runs on them (q_offset
-//     = lengths[b] - n_b, local_offset 0): bit for bit the contiguous call. opt.q_offset and
+//     token axis (cu_seqlens; each sequence's last tokens, already appended). Each sequence runs
+//     loop_attention's kernels on its pages in place (the flash kernel reads rows through the
+//     page table; q_offset = lengths[b] - n_b, local_offset 0; glob and loc the same pages: the
+//     fused path): bit for bit the contiguous call. opt.q_offset and
 //     opt.local_offset must stay -1.
 //
 // Arguments are validated up front; violations throw attnkit::Error naming the function and
@@ -124,13 +125,14 @@ inline void check_gate(const char* fn, const ConstView2<float>& gate_w, std::spa
 }
 
 template <class KV>
-bool same_view(const ConstView3<KV>& a, const ConstView3<KV>& b) {
-  return a.data == b.data && a.shape == b.shape && a.stride == b.stride;
+bool same_view(const flash::KVRows<KV>& a, const flash::KVRows<KV>& b) {
+  return a.data == b.data && a.shape == b.shape && a.stride == b.stride && a.pages == b.pages &&
+         a.page_shift == b.page_shift && a.page_stride == b.page_stride;
 }
 
 template <class KV>
-LoopPlan check_loop(const char* fn, const ConstView3<float>& q, const ConstView3<KV>& k_glob,
-                    const ConstView3<KV>& v_glob, const ConstView3<KV>& k_loc, const ConstView3<KV>& v_loc,
+LoopPlan check_loop(const char* fn, const ConstView3<float>& q, const flash::KVRows<KV>& k_glob,
+                    const flash::KVRows<KV>& v_glob, const flash::KVRows<KV>& k_loc, const flash::KVRows<KV>& v_loc,
                     const ConstView2<float>& gate_w, std::span<const float> gate_b, std::int64_t window,
                     const View3<float>& out, const LoopOptions& opt, const View2<float>& gates) {
   const flash::Shape sh = check_prefill(fn, q, k_glob, v_glob, out, CausalMask{}, opt, View2<float>{}, "k_glob", "v_glob");
@@ -179,8 +181,8 @@ LoopPlan check_loop(const char* fn, const ConstView3<float>& q, const ConstView3
 // loop_attention on an explicit xsimd instruction set (the public function uses the best one
 // the compiler targets); tests use it to exercise the portable code path.
 template <class Arch, class KV>
-void loop_attention_arch(ConstView3<float> q, ConstView3<KV> k_glob, ConstView3<KV> v_glob, ConstView3<KV> k_loc,
-                         ConstView3<KV> v_loc, ConstView2<float> gate_w, std::span<const float> gate_b,
+void loop_attention_arch(ConstView3<float> q, flash::KVRows<KV> k_glob, flash::KVRows<KV> v_glob, flash::KVRows<KV> k_loc,
+                         flash::KVRows<KV> v_loc, ConstView2<float> gate_w, std::span<const float> gate_b,
                          std::int64_t window, View3<float> out, const LoopOptions& opt = {}, View2<float> gates = {}) {
   static_assert(is_storage_type_v<KV>, "loop_attention: K/V must be float or bf16");
   const LoopPlan plan =
@@ -401,20 +403,17 @@ void loop_attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& glob, 
   ATTNKIT_REQUIRE(gates.data == nullptr || gates.shape[0] == T, fn, ": argument 'gates': ", gates.shape[0],
                   " rows, but q has T = ", T);
   const std::vector<std::int64_t> seqs = detail::paged::sequences_with_queries(fn, table, cu_seqlens);
-  const bool shared = glob.k.data == loc.k.data && glob.v.data == loc.v.data && glob.k.stride == loc.k.stride &&
-                      glob.v.stride == loc.v.stride;
-  const auto sg = detail::paged::stage(fn, glob, table, seqs, opt.num_threads);
-  const auto sl = shared ? detail::paged::Staged<KV>{} : detail::paged::stage(fn, loc, table, seqs, opt.num_threads);
-  const auto& lsrc = shared ? sg : sl;
+  // The pages are read in place (the flash kernel's rows through the page table, as
+  // attention_prefill_paged); one table for both sets, so a shared pool takes the fused path.
   for (std::size_t i = 0; i < seqs.size(); ++i) {
     const std::int64_t b = seqs[i], s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1], L = table.lengths[b];
     LoopOptions o = opt;
     o.q_offset = L - (s1 - s0);
     o.local_offset = 0;
-    const std::int64_t r0 = sg.offset[i];
-    loop_attention<KV>(q.slice(0, s0, s1), sg.keys().slice(0, r0, r0 + L), sg.values().slice(0, r0, r0 + L),
-                       lsrc.keys().slice(0, r0, r0 + L), lsrc.values().slice(0, r0, r0 + L), gate_w, gate_b, window,
-                       out.slice(0, s0, s1), o, gates.data == nullptr ? View2<float>{} : gates.slice(0, s0, s1));
+    const auto rows = [&](const ConstView4<KV>& pool) { return detail::paged::sequence_rows(pool, table, b, L); };
+    detail::loop_attention_arch<simd::default_arch, KV>(q.slice(0, s0, s1), rows(glob.k), rows(glob.v), rows(loc.k),
+                                                        rows(loc.v), gate_w, gate_b, window, out.slice(0, s0, s1), o,
+                                                        gates.data == nullptr ? View2<float>{} : gates.slice(0, s0, s1));
   }
 }
 

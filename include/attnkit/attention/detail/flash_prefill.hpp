@@ -154,7 +154,7 @@ template <class KV>
 struct WindowSource {
   LoopGate gate;
   std::int64_t window;
-  ConstView3<KV> k, v;    // local K/V [T_l, H_kv, d]
+  KVRows<KV> k, v;        // local K/V [T_l, H_kv, d]
   std::int64_t q_offset;  // local key row that query row 0 sits at (query position - local_offset)
 };
 template <class E>
