@@ -781,7 +781,7 @@ struct AlibiScores {
       const B sl(slopes2[h0 + g]);
       for (int i = 0; i < kBlock; i += static_cast<int>(B::size)) {
         float* x = p + g * kBlock + i;
-        xsimd::fma(sl, B::load_aligned(dist + i), B::load_unaligned(x)).store_unaligned(x);
+        simd::fma(sl, B::load_aligned(dist + i), B::load_unaligned(x)).store_unaligned(x);
       }
     }
   }

@@ -49,7 +49,7 @@ inline void blend_row(float* out, const float* a, float wa, const float* b, floa
   constexpr std::int64_t W = static_cast<std::int64_t>(simd::width<>);
   const batch va(wa), vb(wb);
   std::int64_t i = 0;
-  for (; i + W <= d; i += W) simd::store(out + i, xsimd::fma(va, simd::load(a + i), vb * simd::load(b + i)));
+  for (; i + W <= d; i += W) simd::store(out + i, simd::fma(va, simd::load(a + i), vb * simd::load(b + i)));
   for (; i < d; ++i) out[i] = std::fma(wa, a[i], wb * b[i]);
 }
 

@@ -24,6 +24,32 @@ using fbatch = xsimd::batch<float, Arch>;
 template <class Arch = default_arch>
 inline constexpr std::size_t width = fbatch<Arch>::size;
 
+// a · b + c with one rounding (fnma: c - a · b). xsimd 8.1 writes its AVX-512 fma as x * y + z,
+// which becomes one instruction only where GCC chooses to contract: that choice can differ
+// between two instantiations of one loop (a full tile and a tail), so a sub-range of a call could
+// round differently from the full call, and under -ffp-contract=off (the attnkit target's flag,
+// for exactly that reason) it would never fuse. These emit the instructions.
+template <class Arch>
+inline fbatch<Arch> fma(fbatch<Arch> a, fbatch<Arch> b, fbatch<Arch> c) {
+#if defined(__AVX512F__)
+  if constexpr (width<Arch> == 16) return fbatch<Arch>(_mm512_fmadd_ps(a, b, c));
+#endif
+#if defined(__FMA__)
+  if constexpr (width<Arch> == 8) return fbatch<Arch>(_mm256_fmadd_ps(a, b, c));
+#endif
+  return xsimd::fma(a, b, c);
+}
+template <class Arch>
+inline fbatch<Arch> fnma(fbatch<Arch> a, fbatch<Arch> b, fbatch<Arch> c) {
+#if defined(__AVX512F__)
+  if constexpr (width<Arch> == 16) return fbatch<Arch>(_mm512_fnmadd_ps(a, b, c));
+#endif
+#if defined(__FMA__)
+  if constexpr (width<Arch> == 8) return fbatch<Arch>(_mm256_fnmadd_ps(a, b, c));
+#endif
+  return xsimd::fnma(a, b, c);
+}
+
 template <class Arch = default_arch>
 inline fbatch<Arch> load(const float* p) {
   return fbatch<Arch>::load_unaligned(p);
@@ -96,13 +122,13 @@ inline fbatch<Arch> exp2_nonpositive(fbatch<Arch> x) {
   const B f = xc - n;  // [-0.5, 0.5]
   // Taylor series of e^(f ln 2) to degree 7: truncation error < 6e-9 relative on [-0.5, 0.5].
   B p(1.5252733804059840e-05f);
-  p = xsimd::fma(p, f, B(1.5403530393381608e-04f));
-  p = xsimd::fma(p, f, B(1.3333558146428443e-03f));
-  p = xsimd::fma(p, f, B(9.6181291076284772e-03f));
-  p = xsimd::fma(p, f, B(5.5504108664821580e-02f));
-  p = xsimd::fma(p, f, B(2.4022650695910071e-01f));
-  p = xsimd::fma(p, f, B(6.9314718055994531e-01f));
-  p = xsimd::fma(p, f, B(1.f));
+  p = simd::fma(p, f, B(1.5403530393381608e-04f));
+  p = simd::fma(p, f, B(1.3333558146428443e-03f));
+  p = simd::fma(p, f, B(9.6181291076284772e-03f));
+  p = simd::fma(p, f, B(5.5504108664821580e-02f));
+  p = simd::fma(p, f, B(2.4022650695910071e-01f));
+  p = simd::fma(p, f, B(6.9314718055994531e-01f));
+  p = simd::fma(p, f, B(1.f));
 #if defined(__AVX512F__)
   if constexpr (width<Arch> == 16) {
     // vscalefps: p * 2^n in one instruction; then flush x < -126 (incl. -inf) to exactly 0.
@@ -144,26 +170,26 @@ inline fbatch<Arch> softcap(fbatch<Arch> s, float cap, float inv_cap) {
     return xsimd::all(xsimd::abs(x) < B(0.25f));
   }();
   if (small) {
-    B t = xsimd::fma(x2, B(62.f / 2835.f), B(-17.f / 315.f));
-    t = xsimd::fma(x2, t, B(2.f / 15.f));
-    t = xsimd::fma(x2, t, B(-1.f / 3.f));
-    return xsimd::fma(sc * x2, t, sc);  // cap · (x + x^3 · t)
+    B t = simd::fma(x2, B(62.f / 2835.f), B(-17.f / 315.f));
+    t = simd::fma(x2, t, B(2.f / 15.f));
+    t = simd::fma(x2, t, B(-1.f / 3.f));
+    return simd::fma(sc * x2, t, sc);  // cap · (x + x^3 · t)
   }
-  B p = xsimd::fma(x2, B(-2.76076847742355e-16f), B(2.00018790482477e-13f));
-  p = xsimd::fma(x2, p, B(-8.60467152213735e-11f));
-  p = xsimd::fma(x2, p, B(5.12229709037114e-08f));
-  p = xsimd::fma(x2, p, B(1.48572235717979e-05f));
-  p = xsimd::fma(x2, p, B(6.37261928875436e-04f));
-  p = xsimd::fma(x2, p, B(4.89352455891786e-03f));
-  B q = xsimd::fma(x2, B(1.19825839466702e-06f), B(1.18534705686654e-04f));
-  q = xsimd::fma(x2, q, B(2.26843463243900e-03f));
-  q = xsimd::fma(x2, q, B(4.89352518554385e-03f));
+  B p = simd::fma(x2, B(-2.76076847742355e-16f), B(2.00018790482477e-13f));
+  p = simd::fma(x2, p, B(-8.60467152213735e-11f));
+  p = simd::fma(x2, p, B(5.12229709037114e-08f));
+  p = simd::fma(x2, p, B(1.48572235717979e-05f));
+  p = simd::fma(x2, p, B(6.37261928875436e-04f));
+  p = simd::fma(x2, p, B(4.89352455891786e-03f));
+  B q = simd::fma(x2, B(1.19825839466702e-06f), B(1.18534705686654e-04f));
+  q = simd::fma(x2, q, B(2.26843463243900e-03f));
+  q = simd::fma(x2, q, B(4.89352518554385e-03f));
   const B sp = sc * p;  // cap · x · P(x²); near 0, P/Q = 1 - 1.3e-7, so no special case
 #if defined(__AVX512F__)
   if constexpr (width<Arch> == 16) {
     const B r = B(_mm512_rcp14_ps(q));
     const B t = sp * r;
-    return xsimd::fma(t, xsimd::fnma(q, r, B(1.f)), t);  // sp · r · (2 - q r)
+    return simd::fma(t, simd::fnma(q, r, B(1.f)), t);  // sp · r · (2 - q r)
   }
 #endif
   return sp / q;
@@ -191,10 +217,10 @@ inline float dot(const A* a, const B* b, std::int64_t n) {
   fbatch<Arch> acc0(0.f), acc1(0.f);
   std::int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
-    acc0 = xsimd::fma(load<Arch>(a + i), load<Arch>(b + i), acc0);
-    acc1 = xsimd::fma(load<Arch>(a + i + W), load<Arch>(b + i + W), acc1);
+    acc0 = simd::fma(load<Arch>(a + i), load<Arch>(b + i), acc0);
+    acc1 = simd::fma(load<Arch>(a + i + W), load<Arch>(b + i + W), acc1);
   }
-  for (; i + W <= n; i += W) acc0 = xsimd::fma(load<Arch>(a + i), load<Arch>(b + i), acc0);
+  for (; i + W <= n; i += W) acc0 = simd::fma(load<Arch>(a + i), load<Arch>(b + i), acc0);
   float s = reduce_add<Arch>(acc0 + acc1);
   for (; i < n; ++i) s += to_float(a[i]) * to_float(b[i]);
   return s;
@@ -233,7 +259,7 @@ inline void axpy(float alpha, const X* x, float* y, std::int64_t n) {
   constexpr std::int64_t W = static_cast<std::int64_t>(width<Arch>);
   const fbatch<Arch> a(alpha);
   std::int64_t i = 0;
-  for (; i + W <= n; i += W) store<Arch>(y + i, xsimd::fma(a, load<Arch>(x + i), load<Arch>(y + i)));
+  for (; i + W <= n; i += W) store<Arch>(y + i, simd::fma(a, load<Arch>(x + i), load<Arch>(y + i)));
   for (; i < n; ++i) y[i] += alpha * to_float(x[i]);
 }
 

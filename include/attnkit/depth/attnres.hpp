@@ -122,15 +122,15 @@ inline void dot_and_squares(const float* q, const T* v, std::int64_t n, float& d
   std::int64_t i = 0;
   for (; i + 2 * W <= n; i += 2 * W) {
     const B a = simd::load<Arch>(v + i), b = simd::load<Arch>(v + i + W);
-    d0 = xsimd::fma(simd::load<Arch>(q + i), a, d0);
-    d1 = xsimd::fma(simd::load<Arch>(q + i + W), b, d1);
-    s0 = xsimd::fma(a, a, s0);
-    s1 = xsimd::fma(b, b, s1);
+    d0 = simd::fma(simd::load<Arch>(q + i), a, d0);
+    d1 = simd::fma(simd::load<Arch>(q + i + W), b, d1);
+    s0 = simd::fma(a, a, s0);
+    s1 = simd::fma(b, b, s1);
   }
   for (; i + W <= n; i += W) {
     const B a = simd::load<Arch>(v + i);
-    d0 = xsimd::fma(simd::load<Arch>(q + i), a, d0);
-    s0 = xsimd::fma(a, a, s0);
+    d0 = simd::fma(simd::load<Arch>(q + i), a, d0);
+    s0 = simd::fma(a, a, s0);
   }
   dot = simd::reduce_add<Arch>(d0 + d1);
   sq = simd::reduce_add<Arch>(s0 + s1);

@@ -104,12 +104,12 @@ inline void normalise(const float* x, float* dst, std::int64_t n, bool l2, float
     std::int64_t i = 0;
     for (; i + 2 * W <= n; i += 2 * W) {
       const B a = B::load_unaligned(x + i), b = B::load_unaligned(x + i + W);
-      acc0 = xsimd::fma(a, a, acc0);
-      acc1 = xsimd::fma(b, b, acc1);
+      acc0 = simd::fma(a, a, acc0);
+      acc1 = simd::fma(b, b, acc1);
     }
     for (; i + W <= n; i += W) {
       const B a = B::load_unaligned(x + i);
-      acc0 = xsimd::fma(a, a, acc0);
+      acc0 = simd::fma(a, a, acc0);
     }
     float ss = simd::reduce_add(acc0 + acc1);
     for (; i < n; ++i) ss += x[i] * x[i];
@@ -169,7 +169,7 @@ inline void gemm_tile(const float* A, std::int64_t lda, const float* B, std::int
     for (int v = 0; v < NV; ++v) b[v] = Batch::load_unaligned(B + p * ldb + v * kW);
     for (int i = 0; i < R; ++i) {
       const Batch a(A[i * lda + p]);
-      for (int v = 0; v < NV; ++v) acc[i][v] = xsimd::fma(a, b[v], acc[i][v]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = simd::fma(a, b[v], acc[i][v]);
     }
   }
   for (int i = 0; i < R; ++i)
@@ -222,8 +222,8 @@ inline void read_columns(const float* S, std::int64_t ss, std::int64_t dk, const
     const Batch ki(kn[i]), qi(qn[i]);
     for (int b = 0; b < NV; ++b) {
       const Batch x = Batch::load_unaligned(S + i * ss + b * kW);
-      au[b] = xsimd::fma(ki, x, au[b]);
-      aw[b] = xsimd::fma(qi, x, aw[b]);
+      au[b] = simd::fma(ki, x, au[b]);
+      aw[b] = simd::fma(qi, x, aw[b]);
     }
   }
   for (int b = 0; b < NV; ++b) {
@@ -275,7 +275,7 @@ inline void recurrent_head(ConstView3<float> q, ConstView3<float> k, ConstView3<
       float* row = S + i * ss;
       const Batch ki(kn[i]);
       for (std::int64_t c = 0; c < full; c += kW)
-        xsimd::fma(ki, Batch::load_unaligned(delta + c), Batch::load_unaligned(row + c) * a).store_unaligned(row + c);
+        simd::fma(ki, Batch::load_unaligned(delta + c), Batch::load_unaligned(row + c) * a).store_unaligned(row + c);
       for (std::int64_t c = full; c < dv; ++c) row[c] = kn[i] * delta[c] + row[c] * alpha;
     }
   }
@@ -374,7 +374,7 @@ inline void substitute_block(const float* N, std::int64_t ldn, float* V, std::in
     const float* nr = N + r * ldn;
     for (std::int64_t s = 0; s < r; ++s) {
       const Batch f(-nr[s]);
-      for (int u = 0; u < NV; ++u) acc[u] = xsimd::fma(f, Batch::load_unaligned(V + s * ldv + u * kW), acc[u]);
+      for (int u = 0; u < NV; ++u) acc[u] = simd::fma(f, Batch::load_unaligned(V + s * ldv + u * kW), acc[u]);
     }
     for (int u = 0; u < NV; ++u) acc[u].store_unaligned(vr + u * kW);
   }

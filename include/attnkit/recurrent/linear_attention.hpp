@@ -159,9 +159,9 @@ inline void recurrent_head(ConstView3<float> q, ConstView3<float> k, ConstView3<
       const B ki(kf[i]), qi(qf[i]);
       std::int64_t c = 0;
       for (; c + W <= dv; c += W) {
-        const B s = xsimd::fma(ki, B::load_unaligned(vt + c), B::load_unaligned(row + c));
+        const B s = simd::fma(ki, B::load_unaligned(vt + c), B::load_unaligned(row + c));
         s.store_unaligned(row + c);
-        xsimd::fma(qi, s, B::load_unaligned(o + c)).store_unaligned(o + c);
+        simd::fma(qi, s, B::load_unaligned(o + c)).store_unaligned(o + c);
       }
       for (; c < dv; ++c) {
         row[c] = std::fma(kf[i], vt[c], row[c]);

@@ -247,7 +247,7 @@ inline void qk_block(const float* kbuf, const float* qt, float* st, std::int64_t
     for (int i = 0; i < kKeyBlock; ++i) {
       const B kx(krow[i * d_k + d]);
 #pragma GCC unroll 4
-      for (int j = 0; j < NB; ++j) acc[i][j] = xsimd::fma(kx, qv[j], acc[i][j]);
+      for (int j = 0; j < NB; ++j) acc[i][j] = simd::fma(kx, qv[j], acc[i][j]);
     }
   }
 #pragma GCC unroll 8
@@ -278,7 +278,7 @@ inline void pv_block(const float* st, const float* vbuf, float* obuf, const floa
     for (int i = 0; i < R; ++i) {
       const B p(prow[i]);
 #pragma GCC unroll 4
-      for (int j = 0; j < NC; ++j) acc[i][j] = xsimd::fma(p, vv[j], acc[i][j]);
+      for (int j = 0; j < NC; ++j) acc[i][j] = simd::fma(p, vv[j], acc[i][j]);
     }
   }
 #pragma GCC unroll 8
@@ -416,7 +416,7 @@ struct AlibiLogit {  // s + slope_r · c + bias_r (bias_r: the row's bias at the
   const float* slope;
   const float* bias;
   fb<Arch> apply(fb<Arch> s, std::int64_t c, std::int64_t r) const {
-    return s + xsimd::fma(fb<Arch>::load_aligned(slope + r), fb<Arch>(static_cast<float>(c)), fb<Arch>::load_aligned(bias + r));
+    return s + simd::fma(fb<Arch>::load_aligned(slope + r), fb<Arch>(static_cast<float>(c)), fb<Arch>::load_aligned(bias + r));
   }
 };
 
@@ -460,7 +460,7 @@ inline void softmax_tile(const float* src, float* dst, std::int64_t rp, std::int
       sum0 += p0;
       sum1 += p1;
     }
-    xsimd::fma(B::load_aligned(l + r), a, sum0 + sum1).store_aligned(l + r);
+    simd::fma(B::load_aligned(l + r), a, sum0 + sum1).store_aligned(l + r);
     m_new.store_aligned(m + r);
     a.store_aligned(alpha + r);
   }
@@ -594,7 +594,7 @@ inline void blend_finalize(float* dst, const float* a, float ia, const float* b,
   const B vg(g), vomg(omg), via(ia), vib(ib);
   const std::int64_t nv = n / W * W;
   for (std::int64_t d = 0; d < nv; d += W)
-    xsimd::fma(vg, B::load_unaligned(a + d) * via, vomg * (B::load_unaligned(b + d) * vib)).store_unaligned(dst + d);
+    simd::fma(vg, B::load_unaligned(a + d) * via, vomg * (B::load_unaligned(b + d) * vib)).store_unaligned(dst + d);
   for (std::int64_t d = nv; d < n; ++d) dst[d] = std::fma(g, a[d] * ia, omg * (b[d] * ib));
 }
 
