@@ -341,7 +341,7 @@ void BM_prefill_paged(benchmark::State& state) {
     vc[b].resize(kc[b].size());
     for (std::int64_t s = 0; s < L; ++s)
       for (std::int64_t h = 0; h < Hk; ++h) {
-        const std::int32_t page = table.page(b, s, 4);
+        const std::int32_t page = table.page(b, s, attnkit::detail::paged::log2_exact(P));
         std::copy_n(cache.k.ptr(page, s % P, h), d, kc[b].data() + (s * Hk + h) * d);
         std::copy_n(cache.v.ptr(page, s % P, h), d, vc[b].data() + (s * Hk + h) * d);
       }

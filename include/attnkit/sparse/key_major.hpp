@@ -141,8 +141,8 @@ void scores(const Tile& tl, const float* qs, const KV* k0, std::int64_t ks, cons
   };
   const std::int64_t row_bytes = dk * static_cast<std::int64_t>(sizeof(KV));
   const std::int64_t v_bytes = tl.dv * static_cast<std::int64_t>(sizeof(KV));
-  // A flush holds whole pairs: 16 / G of them (G <= 16; larger groups flush per head).
-  const int per_flush = G <= 16 ? static_cast<int>(16 / G * G) : 16;
+  // A flush holds whole pairs: 16 / G of them (G <= 16; larger groups reduce per pair below).
+  const int per_flush = static_cast<int>(16 / G * G);
   for (std::int64_t u = 0; u < nb; ++u) {
     // K rows a few keys ahead into L1: each row feeds only a few dot products, too few to hide
     // its latency. The same key's V row into L2 for the P·V that follows, which reads the rows
@@ -185,7 +185,6 @@ void scores(const Tile& tl, const float* qs, const KV* k0, std::int64_t ks, cons
           for (std::int64_t g = g0; g < g1; ++g) p[pr->slot + g * kChunk] = sum[g - g0];
         }
       }
-      pend_pairs = pr;
     }
   }
   if (np > 0) flush();
