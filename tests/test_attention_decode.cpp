@@ -828,7 +828,7 @@ static bool quantised_row_ok(const float* x, const std::int8_t* q, float scale, 
   if (mx == 0.f) return scale == 0.f && std::all_of(q, q + n, [](std::int8_t c) { return c == 0; });
   bool ok = scale == mx / 127.f;
   for (std::int64_t i = 0; i < n; ++i) {
-    ok &= q[i] >= -127 && q[i] <= 127;
+    ok &= q[i] != -128;  // symmetric: codes in [-127, 127]
     ok &= std::abs(static_cast<double>(x[i]) - static_cast<double>(q[i]) * scale) <= 0.5 * scale + 0x1p-23 * std::abs(x[i]);
     if (std::abs(x[i]) == mx) ok &= std::abs(q[i]) == 127;
   }

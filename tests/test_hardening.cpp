@@ -22,6 +22,13 @@ using namespace attnkit;
 
 namespace {
 
+// Logits of the last token only.
+model::ForwardOptions last_row() {
+  model::ForwardOptions fo;
+  fo.logits = model::LogitsRows::last;
+  return fo;
+}
+
 nlohmann::json tiny_config() {
   return {{"model_type", "qwen3"}, {"vocab_size", 320}, {"hidden_size", 64}, {"intermediate_size", 160},
           {"num_hidden_layers", 2}, {"num_attention_heads", 4}, {"num_key_value_heads", 2}, {"head_dim", 32},
@@ -184,11 +191,11 @@ TEST_CASE("sessions refuse more memory than their limit, naming the sizes, befor
   auto s = m.new_session({}, lim);
   const auto ids = ids_of(200, V, 4);
   std::vector<float> logits(static_cast<std::size_t>(V));
-  CHECK_THROWS_WITH(m.forward(s, ids, View2<float>(logits.data(), {1, V}), {model::LogitsRows::last}),
+  CHECK_THROWS_WITH(m.forward(s, ids, View2<float>(logits.data(), {1, V}), last_row()),
                     Catch::Contains("200 tokens at position 0") && Catch::Contains("memory limit"));
   CHECK_FALSE(s.broken());  // refused before any state changed
   CHECK(s.position() == 0);
-  m.forward(s, std::span<const std::int64_t>(ids.data(), 8), View2<float>(logits.data(), {1, V}), {model::LogitsRows::last});
+  m.forward(s, std::span<const std::int64_t>(ids.data(), 8), View2<float>(logits.data(), {1, V}), last_row());
   CHECK(s.position() == 8);
   // The caches check their own allocations against the limit too.
   {
@@ -209,12 +216,12 @@ TEST_CASE("positions beyond max_position_embeddings need an explicit limit", "[h
   const auto ids = ids_of(300, V, 5);
   std::vector<float> logits(static_cast<std::size_t>(V));
   auto s = m.new_session();
-  CHECK_THROWS_WITH(m.forward(s, ids, View2<float>(logits.data(), {1, V}), {model::LogitsRows::last}),
+  CHECK_THROWS_WITH(m.forward(s, ids, View2<float>(logits.data(), {1, V}), last_row()),
                     Catch::Contains("300 positions exceed the model's max_position_embeddings 256"));
   model::SessionLimits lim;
   lim.allow_beyond_max_positions = true;
   auto t = m.new_session({}, lim);
-  m.forward(t, ids, View2<float>(logits.data(), {1, V}), {model::LogitsRows::last});
+  m.forward(t, ids, View2<float>(logits.data(), {1, V}), last_row());
   CHECK(t.position() == 300);
 }
 

@@ -572,7 +572,7 @@ void Qwen3Model::run_stack(const char* fn, std::span<const std::int64_t> ids, st
 inline void Qwen3Model::forward(Session& s, std::span<const std::int64_t> ids, View2<float> logits,
                                 const ForwardOptions& opt) const {
   const std::int64_t T = static_cast<std::int64_t>(ids.size());
-  const std::int64_t D = config_.hidden_size, V = config_.vocab_size;
+  const std::int64_t V = config_.vocab_size;
   ATTNKIT_REQUIRE(T > 0, "Qwen3Model::forward: argument 'ids': empty");
   ATTNKIT_REQUIRE(s.states_.size() == layers_.size(), "Qwen3Model::forward: argument 'session': made by another model");
   const std::int64_t rows = opt.logits == LogitsRows::all ? T : opt.logits == LogitsRows::last ? 1 : 0;

@@ -488,7 +488,7 @@ inline bool use_amx_prefill(Precision precision) {
 
 // run_prefill for plain attention and variants, on AMX tiles when use_amx_prefill says so.
 template <class Arch, class KV, class Mask, class Var = PlainAttention>
-void run_prefill_at(Precision precision, const std::vector<Segment<KV>>& segs, const Shape& sh, const Mask& mask,
+void run_prefill_at([[maybe_unused]] Precision precision, const std::vector<Segment<KV>>& segs, const Shape& sh, const Mask& mask,
                     std::int64_t h_begin, std::int64_t h_end,
                     const std::vector<std::pair<std::int64_t, std::int64_t>>& q_ranges, int num_threads,
                     const Var& var = {}) {
