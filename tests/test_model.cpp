@@ -4,6 +4,8 @@
 // and batch sessions (model/batch_session.hpp, at the end of the file).
 #include <catch2/catch.hpp>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -470,10 +472,12 @@ std::vector<float> session_logits(const model::Qwen3Model& m, const std::vector<
 using Plan = std::vector<std::vector<std::int64_t>>;
 
 // Runs the sequences' ids through a batch session by `plan` (LogitsRows::all) and returns each
-// sequence's logits rows in position order.
+// sequence's logits rows in position order. traces: one per sequence, recorded in the steps
+// (and then rows: LogitsRows::last is allowed; the logits returned are empty).
 std::vector<std::vector<float>> batch_logits(const model::Qwen3Model& m, const std::vector<std::vector<std::int64_t>>& ids,
                                              const Plan& plan, const model::SessionOptions& so, std::int64_t page_size,
-                                             int threads) {
+                                             int threads, std::vector<model::Trace>* traces = nullptr,
+                                             model::LogitsRows rows = model::LogitsRows::all) {
   const std::int64_t V = m.config().vocab_size;
   model::BatchOptions bo;
   bo.page_size = page_size;
@@ -489,21 +493,24 @@ std::vector<std::vector<float>> batch_logits(const model::Qwen3Model& m, const s
     for (std::size_t i = 0; i < ids.size(); ++i) {
       const std::int64_t n = std::min<std::int64_t>(counts[i], static_cast<std::int64_t>(ids[i].size()) - done[i]);
       if (n <= 0) continue;
-      step.push_back({seq[i], std::span<const std::int64_t>(ids[i].data() + done[i], static_cast<std::size_t>(n))});
+      step.push_back({seq[i], std::span<const std::int64_t>(ids[i].data() + done[i], static_cast<std::size_t>(n)),
+                      traces ? &(*traces)[i] : nullptr});
       who.push_back(i);
       N += n;
     }
     if (step.empty()) continue;
-    std::vector<float> all(static_cast<std::size_t>(N * V));
+    const std::int64_t R = rows == model::LogitsRows::all ? N : static_cast<std::int64_t>(step.size());
+    std::vector<float> all(static_cast<std::size_t>(R * V));
     test::poison(all);
     model::ForwardOptions fo;
     fo.num_threads = threads;
-    m.forward_batch(bs, step, View2<float>(all.data(), {N, V}), fo);
+    fo.logits = rows;
+    m.forward_batch(bs, step, View2<float>(all.data(), {R, V}), fo);
     std::int64_t row = 0;
     for (std::size_t e = 0; e < step.size(); ++e) {
       const std::size_t i = who[e];
       const std::int64_t n = static_cast<std::int64_t>(step[e].ids.size());
-      out[i].insert(out[i].end(), all.begin() + row * V, all.begin() + (row + n) * V);
+      if (rows == model::LogitsRows::all) out[i].insert(out[i].end(), all.begin() + row * V, all.begin() + (row + n) * V);
       row += n;
       done[i] += n;
       CHECK(bs.position(seq[i]) == done[i]);
@@ -671,7 +678,7 @@ TEST_CASE("batch sessions refuse bad steps before anything changes", "[model][ba
   model::Trace trace;
   model::ForwardOptions traced = last;
   traced.trace = &trace;
-  CHECK_THROWS_WITH(m.forward_batch(bs, ok, two, traced), Contains("trace is not supported in a batch step"));
+  CHECK_THROWS_WITH(m.forward_batch(bs, ok, two, traced), Contains("give each entry its own SequenceTokens::trace"));
   bs.limits().max_memory_bytes = 1000;
   CHECK_THROWS_WITH(m.forward_batch(bs, ok, two, last), Contains("but the memory limit is"));
   bs.limits().max_memory_bytes = 0;
@@ -687,6 +694,114 @@ TEST_CASE("batch sessions refuse bad steps before anything changes", "[model][ba
   CHECK_THROWS_WITH(bs.remove(9), Contains("BatchSession::remove: argument 'sequence': no sequence 9"));
   const auto other = model::Qwen3Model::random(cfg, model::WeightType::f32, 2);
   CHECK_THROWS_WITH(other.forward_batch(bs, ok, two, last), Contains("'session': made by another model"));
+}
+
+namespace {
+// Every series of `want` is in `got` with the same shape, NaN (never recorded) at the same
+// places and the rest within `bound` (relative L2); got has no other series.
+void check_same_trace(const model::Trace& got, const model::Trace& want, double bound) {
+  CHECK(got.names() == want.names());
+  for (const auto& name : want.names()) {
+    CAPTURE(name);
+    const auto names = got.names();
+    if (std::find(names.begin(), names.end(), name) == names.end()) continue;
+    const auto g = got.tensor(name), w = want.tensor(name);
+    REQUIRE(g.shape == w.shape);
+    CHECK(g.dims == w.dims);
+    CHECK(g.marks.size() == w.marks.size());
+    std::vector<float> gv, wv;
+    std::size_t nan_mismatch = 0;
+    for (std::size_t i = 0; i < w.data.size(); ++i) {
+      if (std::isnan(w.data[i]) || std::isnan(g.data[i])) {
+        nan_mismatch += std::isnan(w.data[i]) != std::isnan(g.data[i]);
+        continue;
+      }
+      gv.push_back(g.data[i]);
+      wv.push_back(w.data[i]);
+    }
+    CHECK(nan_mismatch == 0);
+    REQUIRE_FALSE(wv.empty());
+    CHECK(test::rel_l2(gv, wv) <= bound);
+  }
+}
+}  // namespace
+
+TEST_CASE("a batch step records each sequence's trace as that sequence's own session does", "[model][batch][trace]") {
+  // Loop Attention (layer and stack modes: gates, the looping passes'), LT2 GDN+DSA with the
+  // output gate (GDN per sequence: beta, decay; sparse paged: top-k; attn_gate), Ouro (exit
+  // gates and probabilities, per-step logits and entropies over the batched head) and
+  // Attention Residuals (routing weights and their marks, over the packed rows).
+  nlohmann::json layer = tiny_json(false), stack = tiny_json(false), lt2 = model::lt2_tiny_config(true);
+  layer["loop_num"] = stack["loop_num"] = 2;
+  layer["loop_window_size"] = stack["loop_window_size"] = 5;
+  layer["loop_mode"] = "layer";
+  stack["loop_mode"] = "stack";
+  lt2["gated_attn"] = true;
+  const auto reg = model::default_registry();
+  std::vector<std::pair<std::string, model::Qwen3Model>> models;
+  models.emplace_back("loop layer", model::Qwen3Model::random(reg.parse_config(layer), model::WeightType::f32, 7, &reg));
+  models.emplace_back("loop stack", model::Qwen3Model::random(reg.parse_config(stack), model::WeightType::f32, 7, &reg));
+  models.emplace_back("lt2 gdn+dsa", model::Qwen3Model::random(reg.parse_config(lt2), model::WeightType::f32, 7, &reg));
+  models.emplace_back("ouro", model::Qwen3Model::load(test::fixture("ouro-tiny")));
+  models.emplace_back("attnres", model::Qwen3Model::load(test::fixture("attnres-block-tiny")));
+  const Plan plan = {{1, 5, 23, 9}, {0, 1, 0, 14}, {0, 6, 0, 1}, {0, 1, 0, 16}, {0, 0, 0, 1}};
+  for (auto& [what, m] : models) {
+    CAPTURE(what);
+    std::vector<std::vector<std::int64_t>> ids;
+    for (std::int64_t n : {1, 13, 23, 41}) ids.push_back(random_ids(n, m.config().vocab_size, 30 + n));
+    std::vector<model::Trace> traces(ids.size());
+    batch_logits(m, ids, plan, {}, 4, 0, &traces);
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      CAPTURE(i);
+      const auto want = test::run(m, ids[i]);
+      REQUIRE_FALSE(want.trace.empty());
+      // As the logits (batch test above): the linear layers' row blocking moves values by ulps;
+      // the selections of the sparse layer come out the same.
+      check_same_trace(traces[i], want.trace, 1e-5);
+    }
+    if (what == "ouro") {  // last rows only: each step records its sequences' last tokens
+      std::vector<model::Trace> last(ids.size());
+      batch_logits(m, ids, plan, {}, 4, 0, &last, model::LogitsRows::last);
+      const auto t = last[3].tensor("logits_per_step"), w = traces[3].tensor("logits_per_step");
+      REQUIRE(t.shape == w.shape);
+      const std::int64_t V = t.shape[2], T = t.shape[1];
+      std::vector<std::int64_t> ends;  // sequence 3's last token in each step
+      for (std::int64_t done = 0; const auto& counts : plan)
+        if (counts[3] > 0) ends.push_back((done += counts[3]) - 1);
+      for (std::int64_t p = 0; p < t.shape[0]; ++p)
+        for (std::int64_t pos = 0; pos < T; ++pos) {
+          const float* a = t.data.data() + (p * T + pos) * V;
+          const float* b = w.data.data() + (p * T + pos) * V;
+          const bool end = std::find(ends.begin(), ends.end(), pos) != ends.end();
+          CHECK(std::isnan(a[0]) != end);
+          if (end) CHECK(test::rel_l2(a, b, static_cast<std::size_t>(V)) <= 1e-5);
+        }
+    }
+  }
+}
+
+TEST_CASE("a routing trace splits a batch step's rows by sequence and refuses rows beyond the step", "[model][trace]") {
+  model::Trace a, c;
+  auto router = model::Trace::for_batch({&a, nullptr, &c}, {0, 2, 3, 6}, {5, 0, 1});
+  std::vector<float> rows = {0, 1, 2, 3, 4, 5};
+  router.describe("x", {"layer", "token", "value"});
+  router.record("x", 1, 1, ConstView2<float>(rows.data() + 1, {5, 1}));  // packed rows 1 .. 5
+  router.mark("x", {1, 0}, "m");
+  const auto ta = a.tensor("x"), tc = c.tensor("x");
+  CHECK(ta.shape == std::vector<std::int64_t>{2, 7, 1});  // sequence 0: row 1 at position 6
+  CHECK(ta.data[static_cast<std::size_t>(7 + 6)] == 1.f);
+  CHECK(std::isnan(ta.data[static_cast<std::size_t>(7 + 5)]));
+  CHECK(tc.shape == std::vector<std::int64_t>{2, 4, 1});  // sequence 2: rows 3 .. 5 at positions 1 .. 3
+  CHECK(tc.data[static_cast<std::size_t>(4 + 1)] == 3.f);
+  CHECK(tc.data[static_cast<std::size_t>(4 + 3)] == 5.f);
+  CHECK(ta.dims == std::vector<std::string>{"layer", "token", "value"});
+  CHECK(tc.marks.size() == 1);
+  CHECK(router.sequence(0) == &a);
+  CHECK(router.sequence(1) == nullptr);
+  CHECK(a.sequence(0) == &a);
+  CHECK_THROWS_WITH(router.record("x", 0, 4, ConstView2<float>(rows.data(), {3, 1})),
+                    Contains("rows [4, 7) beyond the batch step's 6 tokens"));
+  CHECK_THROWS_WITH(model::Trace::for_batch({&a}, {0, 1}, {}), Contains("1 targets, 2 cu_seqlens and 0 positions"));
 }
 
 namespace {

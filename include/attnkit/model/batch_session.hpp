@@ -35,10 +35,13 @@
 // kernel, a refused allocation), the step's sequences are broken: forward_batch refuses them, and
 // remove() is what remains to do with them; the other sequences are untouched.
 //
-// Not supported here: traces (ForwardOptions::trace records one sequence's positions; run the
-// sequence in a Session to trace it).
+// Traces: each entry of a step may name its own Trace (SequenceTokens::trace); what the
+// mechanisms record for that sequence's tokens lands there at its positions, as a Session's
+// forward would record it (model/trace.hpp routes the step's packed rows). ForwardOptions::trace
+// is refused here: one trace cannot hold several sequences' positions.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <map>
 #include <memory>
@@ -61,6 +64,7 @@ struct BatchOptions {
 struct SequenceTokens {
   std::int64_t sequence = 0;
   std::span<const std::int64_t> ids;
+  Trace* trace = nullptr;  // where this sequence's internals are recorded (null: not traced)
 };
 
 // See the top of the file. Belongs to one thread at a time, like Session; the model must outlive it.
@@ -217,8 +221,8 @@ inline void Qwen3Model::forward_batch(BatchSession& bs, std::span<const Sequence
   const std::int64_t B = static_cast<std::int64_t>(step.size()), V = config_.vocab_size;
   ATTNKIT_REQUIRE(bs.model_ == this, fn, ": argument 'session': made by another model");
   ATTNKIT_REQUIRE(B > 0, fn, ": argument 'step': no sequences");
-  ATTNKIT_REQUIRE(opt.trace == nullptr, fn, ": ForwardOptions::trace is not supported in a batch step (a trace records ",
-                  "one sequence's positions); run the sequence in a Session to trace it");
+  ATTNKIT_REQUIRE(opt.trace == nullptr, fn, ": ForwardOptions::trace is not used in a batch step (a trace holds one ",
+                  "sequence's positions); give each entry its own SequenceTokens::trace");
   std::vector<BatchSession::Sequence*> seq(static_cast<std::size_t>(B));
   std::vector<std::int64_t> cu{0}, pos0;
   std::int64_t N = 0;
@@ -328,8 +332,16 @@ inline void Qwen3Model::forward_batch(BatchSession& bs, std::span<const Sequence
   if (auto* p = std::get_if<PagePool<bf16>>(&bs.pool_)) bstep.pages_bf16 = p->view();
   if (auto* p = std::get_if<PagePool<std::int8_t>>(&bs.pool_)) bstep.pages_int8 = p->view();
   std::vector<MixerState*> states(static_cast<std::size_t>(B));
-  StepContext ctx{0, opt.num_threads, opt.precision, nullptr, 0, nullptr};
-  run_stack(fn, ids, std::move(row_tokens), logits, ctx, opt,
+  // Positions in the step's records are packed rows (ctx.pos0 = 0 over all N tokens); the
+  // routing trace hands each sequence's rows to its own trace.
+  std::vector<Trace*> traces;
+  for (const SequenceTokens& e : step) traces.push_back(e.trace);
+  const bool traced = std::any_of(traces.begin(), traces.end(), [](const Trace* t) { return t != nullptr; });
+  Trace router = traced ? Trace::for_batch(traces, cu, pos0) : Trace{};
+  ForwardOptions run_opt = opt;
+  run_opt.trace = traced ? &router : nullptr;
+  StepContext ctx{0, opt.num_threads, opt.precision, nullptr, 0, run_opt.trace};
+  run_stack(fn, ids, std::move(row_tokens), logits, ctx, run_opt,
             [&](std::size_t l, ConstView2<float> xn, View2<float> y, const StepContext& c) {
               BatchStep st = bstep;
               st.kv_head0 = bs.head0_[l];

@@ -23,6 +23,7 @@
 #include "attnkit/linalg/packed_linear.hpp"
 #include "attnkit/model/ops.hpp"
 #include "attnkit/model/tensor_source.hpp"
+#include "attnkit/model/trace.hpp"
 
 namespace attnkit::model {
 
@@ -34,8 +35,6 @@ struct SessionOptions {
   CacheType kv_type = CacheType::f32;
   std::int64_t reserve_tokens = 0;  // KV capacity to reserve up front (0: grow on demand)
 };
-
-class Trace;
 
 // Per-call settings of one forward step (a prefill chunk or a decode step).
 struct StepContext {
@@ -118,6 +117,7 @@ class TokenMixer {
       StepContext c = ctx;
       c.pos0 = step.pos0[b];
       c.rope = step.rope.empty() ? nullptr : &step.rope[b];
+      c.trace = ctx.trace ? ctx.trace->sequence(b) : nullptr;  // records at the sequence's own positions
       const std::int64_t r0 = step.cu_seqlens[b], r1 = step.cu_seqlens[b + 1];
       if (r1 > r0) forward(x.slice(0, r0, r1), out.slice(0, r0, r1), *step.states[b], c);
     }

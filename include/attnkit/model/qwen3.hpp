@@ -457,14 +457,19 @@ class Qwen3Model::Readout {
       dst = View2<float>(step_logits_.data(), {rows_, V});
     }
     m_.lm_head_.forward(head_in, dst, {opt_.precision, opt_.num_threads, false});
-    const std::int64_t first = row_tokens_[0];  // the token of row 0 (traces: a single sequence's contiguous rows)
     if (opt_.trace && passes > 1) {
       opt_.trace->describe("logits_per_step", {"step", "token", "vocab"});
       opt_.trace->describe("step_entropy", {"step", "token"});
-      opt_.trace->record("logits_per_step", pass, pos0_ + first, dst);
       std::vector<float> ent(static_cast<std::size_t>(rows_));
       for (std::int64_t r = 0; r < rows_; ++r) ent[static_cast<std::size_t>(r)] = entropy(dst.ptr(r), V);
-      opt_.trace->record_values("step_entropy", pass, pos0_ + first, ConstView2<float>(ent.data(), {rows_, 1}));
+      // Runs of consecutive tokens: a session's rows are one run, a batch step's last rows one
+      // per sequence.
+      for (std::int64_t r0 = 0, r1 = 0; r0 < rows_; r0 = r1) {
+        for (r1 = r0 + 1; r1 < rows_ && row_tokens_[r1] == row_tokens_[r1 - 1] + 1; ++r1) {
+        }
+        opt_.trace->record("logits_per_step", pass, pos0_ + row_tokens_[r0], ConstView2<float>(dst).slice(0, r0, r1));
+        opt_.trace->record_values("step_entropy", pass, pos0_ + row_tokens_[r0], ConstView2<float>(ent.data() + r0, {r1 - r0, 1}));
+      }
     }
     if (mine) return;
     for (std::int64_t r = 0; r < rows_; ++r) {

@@ -120,14 +120,19 @@ class LoopAttention final : public TokenMixer {
     proj_.forward_batch(x, qkv, step, ctx);
     std::vector<float> attn(static_cast<std::size_t>(N * H * d));
     const View3<float> a(attn.data(), {N, H, d});
+    // The gates of every row, for a trace (as forward() records them: not in stack mode's pass 0).
+    const bool gated = s_.mode == LoopMode::layer || ctx.pass > 0;
+    std::vector<float> gates(ctx.trace && gated ? static_cast<std::size_t>(N * H) : 0);
+    const View2<float> gv = gates.empty() ? View2<float>{} : View2<float>(gates.data(), {N, H});
     if (s_.mode == LoopMode::layer)
-      attend_paged(qkv.q, qkv.k, qkv.v, a, step, step.kv_head0 + ctx.pass * proj_.kv_heads(), LayerPaged{*this, ctx});
+      attend_paged(qkv.q, qkv.k, qkv.v, a, step, step.kv_head0 + ctx.pass * proj_.kv_heads(), LayerPaged{*this, ctx, gv});
     else if (ctx.pass == 0)
       attend_paged(qkv.q, qkv.k, qkv.v, a, step, step.kv_head0, ctx);  // the global pass: plain attention, keeps K1/V1
     else if (step.pages_bf16.k.data)
-      looping_pass_paged(step.pages_bf16, qkv, a, step, ctx);
+      looping_pass_paged(step.pages_bf16, qkv, a, gv, step, ctx);
     else
-      looping_pass_paged(step.pages_f32, qkv, a, step, ctx);
+      looping_pass_paged(step.pages_f32, qkv, a, gv, step, ctx);
+    if (!gates.empty()) record(ctx, gv, gates_name(ctx.pass));
     o_.forward(View2<float>(attn.data(), {N, H * d}), out, {ctx.precision, ctx.num_threads, false});
   }
 
@@ -152,13 +157,13 @@ class LoopAttention final : public TokenMixer {
       st->global[0].visit([&](auto& g) {
         ring.visit([&](auto& r) { looping_pass(g, r, qkv, a, gv, ctx); });
       });
-      record(ctx, gv, ctx.pass + 1 == passes_ ? "gates" : "gates_pass" + std::to_string(ctx.pass));
+      record(ctx, gv, gates_name(ctx.pass));
     } else {
       AttentionCache& c = st->global[static_cast<std::size_t>(ctx.pass)];
       ATTNKIT_REQUIRE(c.position() == ctx.pos0, "LoopAttention: step starts at position ", ctx.pos0,
                       " but the cache has seen ", c.position(), " tokens");
       c.visit([&](auto& g) { single_pass(g, qkv, a, gv, ctx); });
-      record(ctx, gv, "gates");
+      record(ctx, gv, gates_name(ctx.pass));
     }
     o_.forward(View2<float>(attn.data(), {T, H * d}), out, {ctx.precision, ctx.num_threads, false});
   }
@@ -174,8 +179,8 @@ class LoopAttention final : public TokenMixer {
   // step's tokens: pass 0 ran first), local over each sequence's ring of this pass plus the
   // step's own keys; the same kernels and blend as looping_pass, so the same bits.
   template <class KV>
-  void looping_pass_paged(const MutablePagedKV<KV>& pool, const QKV& qkv, View3<float> a, const BatchStep& step,
-                          const StepContext& ctx) const {
+  void looping_pass_paged(const MutablePagedKV<KV>& pool, const QKV& qkv, View3<float> a, View2<float> gates,
+                          const BatchStep& step, const StepContext& ctx) const {
     namespace dp = detail_paged_attention;
     const std::int64_t Hkv = proj_.kv_heads(), H = proj_.heads(), d = proj_.head_dim();
     const PagedKV<KV> k1 = kv_head_range(pool, step.kv_head0, step.kv_head0 + Hkv);
@@ -212,6 +217,7 @@ class LoopAttention final : public TokenMixer {
         });
         for (std::int64_t h = 0; h < H; ++h) {
           const float g = detail::flash::gate_sigmoid(simd::dot(gate_w().ptr(h), qkv.q.ptr(r, h), d) + gate_b_[static_cast<std::size_t>(h)]);
+          if (gates.data) gates(r, h) = g;
           detail::flash::blend_finalize<simd::default_arch>(a.ptr(r, h), glob.data() + (i * H + h) * d, 1.f,
                                                             local.data() + h * d, 1.f, g, d);
         }
@@ -229,8 +235,8 @@ class LoopAttention final : public TokenMixer {
           throw Error("LoopAttention: the local cache is not a ring buffer of the pages' storage type");
         } else {
           ring_chunk<KV>(qkv.q.slice(0, r0, r1), qkv.k.slice(0, r0, r1), qkv.v.slice(0, r0, r1),
-                         staged.keys().slice(0, 0, L), staged.values().slice(0, 0, L), ring, a.slice(0, r0, r1), {},
-                         step.pos0[b], ctx.num_threads);
+                         staged.keys().slice(0, 0, L), staged.values().slice(0, 0, L), ring, a.slice(0, r0, r1),
+                         gates.data ? gates.slice(0, r0, r1) : View2<float>{}, step.pos0[b], ctx.num_threads);
         }
       });
     }
@@ -241,25 +247,48 @@ class LoopAttention final : public TokenMixer {
     static constexpr bool reads_int8 = false;  // the paged Loop / sparse kernels take f32 or bf16 pages
     const LoopAttention& m;
     const StepContext& ctx;
+    View2<float> gates;  // [N, H] of the step's rows (a trace's), or empty
     template <class KV>
     void decode(ConstView3<float> q, const PagedKV<KV>& pages, const PageTable& table, View3<float> out,
-                const std::vector<std::int64_t>&) const {
+                const std::vector<std::int64_t>& rows) const {
       DecodeOptions o;
       o.num_threads = ctx.num_threads;
-      loop_attention_decode_paged<KV>(q, pages, pages, table, m.gate_w(), m.gate_b(), m.s_.window, out, o);
+      std::vector<float> g;
+      loop_attention_decode_paged<KV>(q, pages, pages, table, m.gate_w(), m.gate_b(), m.s_.window, out, o, group_gates(rows, g));
+      scatter_gates(rows, g);
     }
     template <class KV>
     void prefill(ConstView3<float> q, const PagedKV<KV>& pages, const PageTable& table, std::span<const std::int64_t> cu,
-                 View3<float> out, const std::vector<std::int64_t>&) const {
+                 View3<float> out, const std::vector<std::int64_t>& rows) const {
       LoopOptions o;
       o.num_threads = ctx.num_threads;
-      loop_attention_prefill_paged<KV>(q, pages, pages, table, cu, m.gate_w(), m.gate_b(), m.s_.window, out, o);
+      std::vector<float> g;
+      loop_attention_prefill_paged<KV>(q, pages, pages, table, cu, m.gate_w(), m.gate_b(), m.s_.window, out, o,
+                                       group_gates(rows, g));
+      scatter_gates(rows, g);
+    }
+    // The kernels write the gates of a group's rows into g; they go to the step's rows after.
+    View2<float> group_gates(const std::vector<std::int64_t>& rows, std::vector<float>& g) const {
+      if (!gates.data) return {};
+      g.resize(rows.size() * static_cast<std::size_t>(gates.shape[1]));
+      return View2<float>(g.data(), {static_cast<std::int64_t>(rows.size()), gates.shape[1]});
+    }
+    void scatter_gates(const std::vector<std::int64_t>& rows, const std::vector<float>& g) const {
+      if (!gates.data) return;
+      const std::int64_t H = gates.shape[1];
+      for (std::size_t i = 0; i < rows.size(); ++i)
+        std::copy(g.begin() + static_cast<std::ptrdiff_t>(i) * H, g.begin() + static_cast<std::ptrdiff_t>(i + 1) * H, gates.ptr(rows[i]));
     }
   };
 
   ConstView2<float> gate_w() const { return ConstView2<float>(gate_w_.data(), {proj_.heads(), proj_.head_dim()}); }
   std::span<const float> gate_b() const { return std::span<const float>(gate_b_.data(), gate_b_.size()); }
 
+  // Layer mode: "gates" (each pass replaces the last); stack mode: the last pass's are "gates",
+  // the earlier looping passes' "gates_pass{p}".
+  std::string gates_name(int pass) const {
+    return s_.mode == LoopMode::layer || pass + 1 == passes_ ? "gates" : "gates_pass" + std::to_string(pass);
+  }
   void record(const StepContext& ctx, ConstView2<float> g, const std::string& name) const {
     if (ctx.trace) ctx.trace->record(name, layer_, ctx.pos0, g);
   }

@@ -172,6 +172,7 @@ class SparseAttention final : public TokenMixer {
                  step.kv_head0 + ctx.pass * proj_.kv_heads(), SelectedPaged{idx, K, ctx});
     if (proj_.output_gate()) apply_output_gate(qkv.gate, attn.data(), layer_, ctx);
     o_.forward(View2<float>(attn.data(), {N, H * d}), out, {ctx.precision, ctx.num_threads, false});
+    record_topk(ctx, idx, N, K);
   }
 
   void forward(ConstView2<float> x, View2<float> out, MixerState& state, const StepContext& ctx) const override {
@@ -227,18 +228,23 @@ class SparseAttention final : public TokenMixer {
     if (proj_.output_gate()) apply_output_gate(qkv.gate, attn.data(), layer_, ctx);
     o_.forward(View2<float>(attn.data(), {T, H * d}), out, {ctx.precision, ctx.num_threads, false});
 
-    if (ctx.trace) {
-      const std::int64_t k = s_.topk;
-      std::vector<float> rows(static_cast<std::size_t>(T * k), -1.f);
-      for (std::int64_t t = 0; t < T; ++t)
-        for (std::int64_t i = 0; i < K; ++i)
-          rows[static_cast<std::size_t>(t * k + i)] = static_cast<float>(idx[static_cast<std::size_t>(t * K + i)]);
-      ctx.trace->describe("topk_indices", {"layer", "token", "selected key"});
-      ctx.trace->record("topk_indices", layer_, ctx.pos0, ConstView2<float>(rows.data(), {T, k}));
-    }
+    record_topk(ctx, idx, T, K);
   }
 
  private:
+  // A trace's "topk_indices" [layers, tokens, topk]: each row's selection idx [T, K] (K <= topk,
+  // padded with -1 like the selection itself), as float.
+  void record_topk(const StepContext& ctx, const std::vector<std::int32_t>& idx, std::int64_t T, std::int64_t K) const {
+    if (!ctx.trace) return;
+    const std::int64_t k = s_.topk;
+    std::vector<float> rows(static_cast<std::size_t>(T * k), -1.f);
+    for (std::int64_t t = 0; t < T; ++t)
+      for (std::int64_t i = 0; i < K; ++i)
+        rows[static_cast<std::size_t>(t * k + i)] = static_cast<float>(idx[static_cast<std::size_t>(t * K + i)]);
+    ctx.trace->describe("topk_indices", {"layer", "token", "selected key"});
+    ctx.trace->record("topk_indices", layer_, ctx.pos0, ConstView2<float>(rows.data(), {T, k}));
+  }
+
   struct State final : MixerState {
     struct Pass {
       AttentionCache cache;
