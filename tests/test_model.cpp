@@ -679,6 +679,8 @@ TEST_CASE("batch sessions refuse bad steps before anything changes", "[model][ba
   model::ForwardOptions traced = last;
   traced.trace = &trace;
   CHECK_THROWS_WITH(m.forward_batch(bs, ok, two, traced), Contains("give each entry its own SequenceTokens::trace"));
+  const model::SequenceTokens shared[] = {{s, ids, &trace}, {t, ids, &trace}};
+  CHECK_THROWS_WITH(m.forward_batch(bs, shared, two, last), Contains("entries 0 and 1 share one Trace"));
   bs.limits().max_memory_bytes = 1000;
   CHECK_THROWS_WITH(m.forward_batch(bs, ok, two, last), Contains("but the memory limit is"));
   bs.limits().max_memory_bytes = 0;

@@ -229,9 +229,12 @@ inline void Qwen3Model::forward_batch(BatchSession& bs, std::span<const Sequence
   for (std::int64_t b = 0; b < B; ++b) {
     const SequenceTokens& e = step[b];
     seq[b] = &bs.at(fn, e.sequence);
-    for (std::int64_t c = 0; c < b; ++c)
+    for (std::int64_t c = 0; c < b; ++c) {
       ATTNKIT_REQUIRE(step[c].sequence != e.sequence, fn, ": argument 'step': sequence ", e.sequence, " appears twice (entries ",
                       c, " and ", b, ")");
+      ATTNKIT_REQUIRE(e.trace == nullptr || step[c].trace != e.trace, fn, ": argument 'step': entries ", c, " and ", b,
+                      " share one Trace (a trace holds one sequence's positions)");
+    }
     ATTNKIT_REQUIRE(!seq[b]->broken, fn, ": sequence ", e.sequence, " is broken by an earlier failed step; remove it");
     ATTNKIT_REQUIRE(!e.ids.empty(), fn, ": argument 'step': entry ", b, " (sequence ", e.sequence, ") has no tokens");
     for (std::size_t t = 0; t < e.ids.size(); ++t)
