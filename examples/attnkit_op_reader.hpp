@@ -666,7 +666,7 @@ const std::vector<Op>& ops() {
   return table;
 }
 
-std::string usage() {
+[[maybe_unused]] std::string usage() {  // unused where a fuzzer includes the reader
   std::string s =
       "usage: attnkit-op OP --in FILE.safetensors --out FILE.safetensors [options]\n"
       "Runs one attnkit kernel on the named tensors of --in (F32, BF16, F16 or F64; no batch axis) and\n"
