@@ -108,9 +108,23 @@ __attribute__((always_inline)) inline __m512 dot(const __m512 (&kv)[NS], const f
 // Scores of every pair of the block for one KV head (keys u in [0, nb) of the rows k0 + u·ks;
 // qs the head's query rows): key by key, the widened row in registers; 16 dot products at a
 // time summed by one transpose tree, their sums stored to the pairs' slots.
-template <int NS, class KV>
-void scores(const Tile& tl, const float* qs, const flash::KVRows<KV>& k, const flash::KVRows<KV>& v, std::int64_t j,
-            std::int64_t s0, std::int64_t nb) {
+// Rows of one KV head from key s0 on: row(u) = row s0 + u, contiguous (base + u · stride, the
+// common case, kept to its two operations) or through a page table.
+template <class KV>
+struct StridedRows {
+  const KV* base;
+  std::int64_t stride;
+  const KV* operator()(std::int64_t u) const { return base + u * stride; }
+};
+template <class KV>
+struct PagedRows {
+  const flash::KVRows<KV>* rows;
+  std::int64_t j, s0;
+  const KV* operator()(std::int64_t u) const { return rows->ptr(s0 + u, j); }
+};
+
+template <int NS, class KV, class KRows, class VRows>
+void scores_rows(const Tile& tl, const float* qs, const KRows& krow, const VRows& vrow, std::int64_t nb) {
   const std::int64_t G = tl.G, dk = tl.dk, dkp = tl.dkp;
   float* const p = tl.p;
   const std::uint32_t* const who = tl.who;
@@ -149,14 +163,14 @@ void scores(const Tile& tl, const float* qs, const flash::KVRows<KV>& k, const f
     // its latency. The same key's V row into L2 for the P·V that follows, which reads the rows
     // in each query's order, where no prefetcher can follow.
     if (u + kAhead < nb && who[u + kAhead] != 0) {
-      const char* kp = reinterpret_cast<const char*>(k.ptr(s0 + u + kAhead, j));
-      const char* vp = reinterpret_cast<const char*>(v.ptr(s0 + u + kAhead, j));
+      const char* kp = reinterpret_cast<const char*>(krow(u + kAhead));
+      const char* vp = reinterpret_cast<const char*>(vrow(u + kAhead));
       for (std::int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(kp + b, 0, 3);
       for (std::int64_t b = 0; b < v_bytes; b += 64) __builtin_prefetch(vp + b, 0, 1);
     }
     const int cnt = __builtin_popcount(who[u]);
     if (cnt == 0) continue;
-    const KV* kr = k.ptr(s0 + u, j);
+    const KV* kr = krow(u);
     __m512 kv[NS];
 #pragma GCC unroll 16
     for (int e = 0; e < NS; ++e) kv[e] = load16(kr + 16 * e, tail_mask(dk - 16 * e));
@@ -191,6 +205,15 @@ void scores(const Tile& tl, const float* qs, const flash::KVRows<KV>& k, const f
     }
   }
   if (np > 0) flush();
+}
+
+template <int NS, class KV>
+void scores(const Tile& tl, const float* qs, const flash::KVRows<KV>& k, const flash::KVRows<KV>& v, std::int64_t j,
+            std::int64_t s0, std::int64_t nb) {
+  if (k.pages == nullptr && v.pages == nullptr)
+    scores_rows<NS, KV>(tl, qs, StridedRows<KV>{k.ptr(s0, j), k.stride[0]}, StridedRows<KV>{v.ptr(s0, j), v.stride[0]}, nb);
+  else
+    scores_rows<NS, KV>(tl, qs, PagedRows<KV>{&k, j, s0}, PagedRows<KV>{&v, j, s0}, nb);
 }
 
 // Online-softmax update of one KV head's (query, head) rows with slots in the block: scores ->
