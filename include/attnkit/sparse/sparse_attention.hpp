@@ -46,8 +46,10 @@
 //   sparse_attention_prefill_paged(q [T, H, d_k], cache, table, cu_seqlens, indices [T, K], out,
 //     opt, lse): the new tokens of B sequences packed along the token axis (cu_seqlens, as
 //     attention_prefill_paged: they are each sequence's last tokens, already appended). Each
-//     sequence's visible pages are staged into a contiguous buffer and sparse_attention_prefill
-//     runs on it with q_offset = lengths[b] - n_b: bit for bit the contiguous call.
+//     sequence runs as sparse_attention_prefill with q_offset = lengths[b] - n_b, bit for bit
+//     the contiguous call: the key-major kernel (and the flash kernel for a leading run of full
+//     selections) reads the pages in place; the query-major kernel (head dimensions above 256,
+//     or no AVX-512) reads a staged contiguous copy of the sequence's pages.
 #pragma once
 
 #include <algorithm>
