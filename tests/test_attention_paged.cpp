@@ -795,12 +795,21 @@ void check_sparse_paged(std::uint64_t seed, std::int64_t P, std::int64_t H, std:
   std::vector<std::int64_t> cu{0};
   for (std::int64_t b = 0; b < B; ++b) cu.push_back(cu.back() + rng.integer(0, std::min<std::int64_t>(bt.lengths[b], 29)));
   const std::int64_t T = cu.back();
+  // Some sequences' first queries select every key they see (a prompt's first K tokens under
+  // top-K): the kernel runs those on the flash kernel, over the pages too.
   std::vector<std::int32_t> pidx;
-  for (std::int64_t b = 0; b < B; ++b)
+  for (std::int64_t b = 0; b < B; ++b) {
+    const std::int64_t lead = rng.integer(0, cu[b + 1] - cu[b]);
     for (std::int64_t t = cu[b]; t < cu[b + 1]; ++t) {
-      const auto sel = random_selection(rng, bt.lengths[b] - (cu[b + 1] - t), K);
+      const std::int64_t pos = bt.lengths[b] - (cu[b + 1] - t);
+      std::vector<std::int32_t> sel = random_selection(rng, pos, K);
+      if (t - cu[b] < lead && pos + 1 <= K) {
+        std::iota(sel.begin(), sel.begin() + pos + 1, 0);
+        std::fill(sel.begin() + pos + 1, sel.end(), -1);
+      }
       pidx.insert(pidx.end(), sel.begin(), sel.end());
     }
+  }
   const std::vector<float> qp = rng.normal_vec(static_cast<std::size_t>(T * H * dk));
   std::vector<float> po(static_cast<std::size_t>(T * H * dv));
   test::poison(po);

@@ -33,6 +33,7 @@
 #include <cstdint>
 
 #include "attnkit/attention/decode.hpp"
+#include "attnkit/attention/detail/flash_prefill.hpp"
 #include "attnkit/core/memory.hpp"
 #include "attnkit/core/view.hpp"
 
@@ -107,9 +108,23 @@ __attribute__((always_inline)) inline __m512 dot(const __m512 (&kv)[NS], const f
 // Scores of every pair of the block for one KV head (keys u in [0, nb) of the rows k0 + u·ks;
 // qs the head's query rows): key by key, the widened row in registers; 16 dot products at a
 // time summed by one transpose tree, their sums stored to the pairs' slots.
-template <int NS, class KV>
-void scores(const Tile& tl, const float* qs, const KV* k0, std::int64_t ks, const KV* v0, std::int64_t vs,
-            std::int64_t nb) {
+// Rows of one KV head from key s0 on: row(u) = row s0 + u, contiguous (base + u · stride, the
+// common case, kept to its two operations) or through a page table.
+template <class KV>
+struct StridedRows {
+  const KV* base;
+  std::int64_t stride;
+  const KV* operator()(std::int64_t u) const { return base + u * stride; }
+};
+template <class KV>
+struct PagedRows {
+  const flash::KVRows<KV>* rows;
+  std::int64_t j, s0;
+  const KV* operator()(std::int64_t u) const { return rows->ptr(s0 + u, j); }
+};
+
+template <int NS, class KV, class KRows, class VRows>
+void scores_rows(const Tile& tl, const float* qs, const KRows& krow, const VRows& vrow, std::int64_t nb) {
   const std::int64_t G = tl.G, dk = tl.dk, dkp = tl.dkp;
   float* const p = tl.p;
   const std::uint32_t* const who = tl.who;
@@ -148,12 +163,14 @@ void scores(const Tile& tl, const float* qs, const KV* k0, std::int64_t ks, cons
     // its latency. The same key's V row into L2 for the P·V that follows, which reads the rows
     // in each query's order, where no prefetcher can follow.
     if (u + kAhead < nb && who[u + kAhead] != 0) {
-      for (std::int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(k0 + (u + kAhead) * ks) + b, 0, 3);
-      for (std::int64_t b = 0; b < v_bytes; b += 64) __builtin_prefetch(reinterpret_cast<const char*>(v0 + (u + kAhead) * vs) + b, 0, 1);
+      const char* kp = reinterpret_cast<const char*>(krow(u + kAhead));
+      const char* vp = reinterpret_cast<const char*>(vrow(u + kAhead));
+      for (std::int64_t b = 0; b < row_bytes; b += 64) __builtin_prefetch(kp + b, 0, 3);
+      for (std::int64_t b = 0; b < v_bytes; b += 64) __builtin_prefetch(vp + b, 0, 1);
     }
     const int cnt = __builtin_popcount(who[u]);
     if (cnt == 0) continue;
-    const KV* kr = k0 + u * ks;
+    const KV* kr = krow(u);
     __m512 kv[NS];
 #pragma GCC unroll 16
     for (int e = 0; e < NS; ++e) kv[e] = load16(kr + 16 * e, tail_mask(dk - 16 * e));
@@ -188,6 +205,15 @@ void scores(const Tile& tl, const float* qs, const KV* k0, std::int64_t ks, cons
     }
   }
   if (np > 0) flush();
+}
+
+template <int NS, class KV>
+void scores(const Tile& tl, const float* qs, const flash::KVRows<KV>& k, const flash::KVRows<KV>& v, std::int64_t j,
+            std::int64_t s0, std::int64_t nb) {
+  if (k.pages == nullptr && v.pages == nullptr)
+    scores_rows<NS, KV>(tl, qs, StridedRows<KV>{k.ptr(s0, j), k.stride[0]}, StridedRows<KV>{v.ptr(s0, j), v.stride[0]}, nb);
+  else
+    scores_rows<NS, KV>(tl, qs, PagedRows<KV>{&k, j, s0}, PagedRows<KV>{&v, j, s0}, nb);
 }
 
 // Online-softmax update of one KV head's (query, head) rows with slots in the block: scores ->
@@ -225,18 +251,34 @@ inline void softmax(const Tile& tl, float* const mh, float* const lh) {
 // o += Σ p · v over each query's slots of the block, query by query: decode's accumulation
 // (the accumulators in registers, rows read through the selection), a chunk of slots at a time.
 // oh: the head's [nt][G][dv_pad] accumulators.
+// V rows of a paged cache gathered through a selection (contiguous rows: decode::GatheredRows).
 template <class KV>
-void accumulate(const Tile& tl, const std::int32_t* const* idx, ConstView3<KV> v, std::int64_t j, float* const oh) {
+struct PagedGatheredRows {
+  const flash::KVRows<KV>* v;
+  std::int64_t j;
+  const std::int32_t* idx;
+  const KV* operator()(std::int64_t i) const { return v->ptr(idx[i], j); }
+};
+template <class Rows>
+inline void prefetch_gathered(const Rows& r, int n, std::int64_t bytes) {
+  for (int i = 0; i < n; ++i) {
+    const char* p = reinterpret_cast<const char*>(r(i));
+    for (std::int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
+  }
+}
+
+// make(sel) gives the rows of the selection entries sel[0, ...): contiguous or paged.
+template <class KV, class MakeRows>
+void accumulate_rows(const Tile& tl, const std::int32_t* const* idx, float* const oh, const MakeRows& make) {
   const std::int64_t G = tl.G;
-  const decode::GatheredRows<KV> rows{v.ptr(0, j), v.stride[0], nullptr};
   float* const ones = tl.ones;  // alpha of a query's later chunks
   // The next chunk's rows (this query's or the next one's) are prefetched while a chunk is
   // accumulated: the gathered rows defeat the hardware prefetcher.
   const auto prefetch = [&](std::int64_t i, std::int64_t x) {
     for (; i < tl.nt; ++i, x = 0)
       if (x < tl.n[i]) {
-        decode::prefetch_rows(decode::GatheredRows<KV>{rows.base, rows.stride, idx[i] + tl.c0[i] + x},
-                              static_cast<int>(std::min(kChunk, tl.n[i] - x)), tl.dv);
+        prefetch_gathered(make(idx[i] + tl.c0[i] + x), static_cast<int>(std::min(kChunk, tl.n[i] - x)),
+                          tl.dv * static_cast<std::int64_t>(sizeof(KV)));
         return;
       }
   };
@@ -247,7 +289,7 @@ void accumulate(const Tile& tl, const std::int32_t* const* idx, ConstView3<KV> v
       prefetch(i, x + kChunk);
       const decode::ItemState st{nullptr, tl.p + tl.area[i] + x / kChunk * G * kChunk, nullptr, nullptr,
                                  x == 0 ? tl.alpha + i * G : ones};
-      const decode::GatheredRows<KV> r{rows.base, rows.stride, idx[i] + tl.c0[i] + x};
+      const auto r = make(idx[i] + tl.c0[i] + x);
       const int cnt = static_cast<int>(std::min(kChunk, n - x));
       if constexpr (decode::uses_pairs_v<true, KV>)
         decode::accumulate_block_bf16(r, cnt, st, oh + i * G * tl.dv_pad, 0, G, tl.dv, tl.dv_pad);
@@ -258,7 +300,19 @@ void accumulate(const Tile& tl, const std::int32_t* const* idx, ConstView3<KV> v
 }
 
 template <class KV>
-using ScoresFn = void (*)(const Tile&, const float*, const KV*, std::int64_t, const KV*, std::int64_t, std::int64_t);
+void accumulate(const Tile& tl, const std::int32_t* const* idx, const flash::KVRows<KV>& v, std::int64_t j, float* const oh) {
+  if (v.pages == nullptr) {
+    const KV* base = v.ptr(0, j);
+    const std::int64_t stride = v.stride[0];
+    accumulate_rows<KV>(tl, idx, oh, [&](const std::int32_t* sel) { return decode::GatheredRows<KV>{base, stride, sel}; });
+  } else {
+    accumulate_rows<KV>(tl, idx, oh, [&](const std::int32_t* sel) { return PagedGatheredRows<KV>{&v, j, sel}; });
+  }
+}
+
+template <class KV>
+using ScoresFn = void (*)(const Tile&, const float*, const flash::KVRows<KV>&, const flash::KVRows<KV>&, std::int64_t,
+                          std::int64_t, std::int64_t);
 
 template <class KV>
 ScoresFn<KV> scores_for(int ns) {
@@ -276,7 +330,7 @@ struct TileScratch;
 // Queries [t0, t1) (selection rows idx[t - t0] with count[t - t0] valid entries) against KV
 // heads [j0, j1); writes out[t, j·G + g] and lse. scale_log2 = scale · log2(e).
 template <class KV>
-void run_tile(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, const std::int32_t* const* idx,
+void run_tile(ConstView3<float> q, const flash::KVRows<KV>& k, const flash::KVRows<KV>& v, const std::int32_t* const* idx,
               const std::int64_t* count, std::int64_t t0, std::int64_t t1, std::int64_t j0, std::int64_t j1,
               std::int64_t G, float scale_log2, View3<float> out, View2<float> lse) {
   constexpr bool pairs = decode::uses_pairs_v<true, KV>;
@@ -350,7 +404,7 @@ void run_tile(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, const std
     }
     for (std::int64_t h = 0; h < nh; ++h) {
       const std::int64_t j = j0 + h;
-      score_fn(tl, tl.qs + h * rows * tl.dkp, k.ptr(s0, j), k.stride[0], v.ptr(s0, j), v.stride[0], nb);
+      score_fn(tl, tl.qs + h * rows * tl.dkp, k, v, j, s0, nb);
       softmax(tl, tl.m + h * rows, tl.l + h * rows);
       accumulate<KV>(tl, idx, v, j, tl.o + h * rows * tl.dv_pad);
     }

@@ -46,8 +46,10 @@
 //   sparse_attention_prefill_paged(q [T, H, d_k], cache, table, cu_seqlens, indices [T, K], out,
 //     opt, lse): the new tokens of B sequences packed along the token axis (cu_seqlens, as
 //     attention_prefill_paged: they are each sequence's last tokens, already appended). Each
-//     sequence's visible pages are staged into a contiguous buffer and sparse_attention_prefill
-//     runs on it with q_offset = lengths[b] - n_b: bit for bit the contiguous call.
+//     sequence runs as sparse_attention_prefill with q_offset = lengths[b] - n_b, bit for bit
+//     the contiguous call: the key-major kernel (and the flash kernel for a leading run of full
+//     selections) reads the pages in place; the query-major kernel (head dimensions above 256,
+//     or no AVX-512) reads a staged contiguous copy of the sequence's pages.
 #pragma once
 
 #include <algorithm>
@@ -162,6 +164,48 @@ void sparse_attention_decode(ConstView2<float> q, ConstView3<KV> k, ConstView3<K
   detail::decode::decode_keys<true>(q, k, v, out, dopt, lse, n, indices.data);
 }
 
+namespace detail::sparse {
+
+// Leading queries that select every key they see (a prompt's first K tokens under top-K) are
+// dense causal attention: the flash kernel runs them at its dense rate. count[t]: query t's
+// selected keys; off: the position of query 0.
+inline std::int64_t leading_full(const std::vector<std::int64_t>& count, std::int64_t off) {
+  const auto T = static_cast<std::int64_t>(count.size());
+  std::int64_t n = 0;
+  while (n < T && count[static_cast<std::size_t>(n)] == off + n + 1) ++n;
+  return n;
+}
+
+#if defined(ATTNKIT_SPARSE_KEY_MAJOR)
+inline bool key_major_serves(std::int64_t dk, std::int64_t dv) { return key_major::slices(dk) > 0 && key_major::slices(dv) > 0; }
+
+// Queries [n_full, T) on the key-major kernel; K/V rows contiguous or in pages.
+template <class KV>
+void key_major_prefill(ConstView3<float> q, const flash::KVRows<KV>& k, const flash::KVRows<KV>& v,
+                       ConstView2<std::int32_t> indices, const std::vector<std::int64_t>& count, std::int64_t n_full,
+                       View3<float> out, const SparseAttentionOptions& opt, View2<float> lse) {
+  namespace km = key_major;
+  const std::int64_t T = q.shape[0], H = q.shape[1], dk = q.shape[2], H_kv = k.shape[1], G = H / H_kv;
+  const float scale_log2 = resolve_scale(opt.scale, dk) * decode::kLog2e;
+  const std::int64_t n_tiles = (T - n_full + km::kTile - 1) / km::kTile;
+  // An item is a tile against a group of KV heads, which share its bookkeeping: all heads when
+  // the tiles alone give every thread several items, fewer when they do not.
+  const std::int64_t want = 4 * resolve_threads(opt.num_threads);
+  const std::int64_t groups = std::min(H_kv, (want + n_tiles - 1) / n_tiles);
+  const std::int64_t per_group = (H_kv + groups - 1) / groups, n_groups = (H_kv + per_group - 1) / per_group;
+  parallel_for(n_tiles * n_groups, opt.num_threads, [&](std::int64_t item) {
+    ATTNKIT_FAULT_POINT("sparse");
+    const std::int64_t jg = item % n_groups, t0 = n_full + item / n_groups * km::kTile, t1 = std::min(T, t0 + km::kTile);
+    const std::int64_t j0 = jg * per_group, j1 = std::min(H_kv, j0 + per_group);
+    const std::int32_t* rows[km::kTile];
+    for (std::int64_t t = t0; t < t1; ++t) rows[t - t0] = indices.ptr(t);
+    km::run_tile<KV>(q, k, v, rows, count.data() + t0, t0, t1, j0, j1, G, scale_log2, out, lse);
+  }, /*dynamic=*/true);
+}
+#endif
+
+}  // namespace detail::sparse
+
 // Many queries, each with its own selection. See the contract at the top of this file.
 template <class KV>
 void sparse_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, ConstView2<std::int32_t> indices,
@@ -189,10 +233,7 @@ void sparse_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<
   std::vector<std::int64_t> count(static_cast<std::size_t>(T));
   for (std::int64_t t = 0; t < T; ++t)
     count[static_cast<std::size_t>(t)] = detail::sparse::checked_count(fn, indices.ptr(t), K, off + t, T_k, t);
-  // Leading queries that select every key they see (a prompt's first K tokens under top-K) are
-  // dense causal attention: the flash kernel runs them at its dense rate.
-  std::int64_t n_full = 0;
-  while (n_full < T && count[static_cast<std::size_t>(n_full)] == off + n_full + 1) ++n_full;
+  const std::int64_t n_full = detail::sparse::leading_full(count, off);
   if (n_full > 0) {
     AttentionOptions ao;
     ao.scale = opt.scale;
@@ -204,23 +245,9 @@ void sparse_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<
   if (n_full == T) return;
 
 #if defined(ATTNKIT_SPARSE_KEY_MAJOR)
-  if (detail::sparse::key_major::slices(dk) > 0 && detail::sparse::key_major::slices(dv) > 0) {
-    namespace km = detail::sparse::key_major;
-    const float scale_log2 = resolve_scale(opt.scale, dk) * kLog2e;
-    const std::int64_t n_tiles = (T - n_full + km::kTile - 1) / km::kTile;
-    // An item is a tile against a group of KV heads, which share its bookkeeping: all heads when
-    // the tiles alone give every thread several items, fewer when they do not.
-    const std::int64_t want = 4 * resolve_threads(opt.num_threads);
-    const std::int64_t groups = std::min(H_kv, (want + n_tiles - 1) / n_tiles);
-    const std::int64_t per_group = (H_kv + groups - 1) / groups, n_groups = (H_kv + per_group - 1) / per_group;
-    parallel_for(n_tiles * n_groups, opt.num_threads, [&](std::int64_t item) {
-      ATTNKIT_FAULT_POINT("sparse");
-      const std::int64_t jg = item % n_groups, t0 = n_full + item / n_groups * km::kTile, t1 = std::min(T, t0 + km::kTile);
-      const std::int64_t j0 = jg * per_group, j1 = std::min(H_kv, j0 + per_group);
-      const std::int32_t* rows[km::kTile];
-      for (std::int64_t t = t0; t < t1; ++t) rows[t - t0] = indices.ptr(t);
-      km::run_tile<KV>(q, k, v, rows, count.data() + t0, t0, t1, j0, j1, G, scale_log2, out, lse);
-    }, /*dynamic=*/true);
+  if (detail::sparse::key_major_serves(dk, dv)) {
+    detail::sparse::key_major_prefill<KV>(q, detail::flash::KVRows<KV>(k), detail::flash::KVRows<KV>(v), indices, count,
+                                          n_full, out, opt, lse);
     return;
   }
 #endif
@@ -339,6 +366,42 @@ void sparse_attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cach
   ATTNKIT_REQUIRE(out.shape[0] == T, fn, ": argument 'out': ", out.shape[0], " rows, but q has T = ", T);
   ATTNKIT_REQUIRE(lse.empty() || lse.shape[0] == T, fn, ": argument 'lse': ", lse.shape[0], " rows, but q has T = ", T);
   const std::vector<std::int64_t> seqs = detail::paged::sequences_with_queries(fn, table, cu_seqlens);
+#if defined(ATTNKIT_SPARSE_KEY_MAJOR)
+  // The key-major kernel reads the pages in place (rows through each sequence's page table), as
+  // does the flash kernel for a leading run of full selections; the query-major kernel (head
+  // dimensions above key_major::kMaxDim, or no AVX-512) reads a staged copy.
+  const std::int64_t H = q.shape[1], dk = q.shape[2], dv = cache.v.shape[3];
+  if (detail::sparse::key_major_serves(dk, dv)) {
+    ATTNKIT_REQUIRE(H % cache.k.shape[2] == 0, fn, ": argument 'q': number of query heads H = ", H,
+                    " is not a multiple of the number of KV heads H_kv = ", cache.k.shape[2]);
+    ATTNKIT_REQUIRE(cache.k.shape[3] == dk, fn, ": argument 'cache': head_dim ", cache.k.shape[3],
+                    " does not match q's head_dim ", dk);
+    ATTNKIT_REQUIRE(out.shape[1] == H && out.shape[2] == dv, fn, ": argument 'out': shape ", detail::shape_string(out),
+                    " must be [T, H, d_v] = [", T, ", ", H, ", ", dv, "]");
+    const std::int64_t H_kv = cache.k.shape[2], K = indices.shape[1];
+    const detail::flash::Shape sh{H, H_kv, H / H_kv, dk, dv, resolve_scale(opt.scale, dk) * detail::flash::kLog2e};
+    for (const std::int64_t b : seqs) {
+      const std::int64_t s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1], L = table.lengths[b], off = L - (s1 - s0);
+      const auto kr = detail::paged::sequence_rows(cache.k, table, b, L), vr = detail::paged::sequence_rows(cache.v, table, b, L);
+      const ConstView3<float> qb = q.slice(0, s0, s1);
+      const View3<float> ob = out.slice(0, s0, s1);
+      const View2<float> lb = lse.empty() ? View2<float>{} : lse.slice(0, s0, s1);
+      const ConstView2<std::int32_t> ib = indices.slice(0, s0, s1);
+      std::vector<std::int64_t> count(static_cast<std::size_t>(s1 - s0));
+      for (std::int64_t t = 0; t < s1 - s0; ++t)
+        count[static_cast<std::size_t>(t)] = detail::sparse::checked_count(fn, ib.ptr(t), K, off + t, L, s0 + t);
+      const std::int64_t n_full = detail::sparse::leading_full(count, off);
+      if (n_full > 0) {  // as sparse_attention_prefill: the flash kernel, here over the pages
+        const std::vector<detail::flash::Segment<KV>> segs{{qb, kr, vr, ob, lb, off}};
+        const std::vector<std::pair<std::int64_t, std::int64_t>> ranges{{0, n_full}};
+        detail::flash::run_prefill_at<simd::default_arch>(Precision::exact, segs, sh, CausalMask{}, 0, H, ranges,
+                                                          opt.num_threads);
+      }
+      if (n_full < s1 - s0) detail::sparse::key_major_prefill<KV>(qb, kr, vr, ib, count, n_full, ob, opt, lb);
+    }
+    return;
+  }
+#endif
   const auto st = detail::paged::stage(fn, cache, table, seqs, opt.num_threads);
   for (std::size_t i = 0; i < seqs.size(); ++i) {
     const std::int64_t b = seqs[i], s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1], L = table.lengths[b];
