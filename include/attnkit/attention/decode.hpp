@@ -727,9 +727,10 @@ inline int row_lines(std::int64_t elems) {
 }
 
 // Rows the next block will gather: a selection jumps around the cache, which the hardware
-// prefetcher cannot follow.
-template <class KV>
-inline void prefetch_rows(const GatheredRows<KV>& r, int n, std::int64_t row_elems) {
+// prefetcher cannot follow. r(i): row i's address (GatheredRows, or a paged selection).
+template <class Rows>
+inline void prefetch_rows(const Rows& r, int n, std::int64_t row_elems) {
+  using KV = std::remove_cv_t<std::remove_pointer_t<decltype(r(0))>>;
   const std::int64_t bytes = row_elems * static_cast<std::int64_t>(sizeof(KV));
   for (int i = 0; i < n; ++i) {
     const char* p = reinterpret_cast<const char*>(r(i));

@@ -259,14 +259,6 @@ struct PagedGatheredRows {
   const std::int32_t* idx;
   const KV* operator()(std::int64_t i) const { return v->ptr(idx[i], j); }
 };
-template <class Rows>
-inline void prefetch_gathered(const Rows& r, int n, std::int64_t bytes) {
-  for (int i = 0; i < n; ++i) {
-    const char* p = reinterpret_cast<const char*>(r(i));
-    for (std::int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(p + b, 0, 3);
-  }
-}
-
 // make(sel) gives the rows of the selection entries sel[0, ...): contiguous or paged.
 template <class KV, class MakeRows>
 void accumulate_rows(const Tile& tl, const std::int32_t* const* idx, float* const oh, const MakeRows& make) {
@@ -277,8 +269,7 @@ void accumulate_rows(const Tile& tl, const std::int32_t* const* idx, float* cons
   const auto prefetch = [&](std::int64_t i, std::int64_t x) {
     for (; i < tl.nt; ++i, x = 0)
       if (x < tl.n[i]) {
-        prefetch_gathered(make(idx[i] + tl.c0[i] + x), static_cast<int>(std::min(kChunk, tl.n[i] - x)),
-                          tl.dv * static_cast<std::int64_t>(sizeof(KV)));
+        decode::prefetch_rows(make(idx[i] + tl.c0[i] + x), static_cast<int>(std::min(kChunk, tl.n[i] - x)), tl.dv);
         return;
       }
   };
