@@ -73,6 +73,13 @@ double rel_l2(const std::vector<A>& a, const std::vector<B>& b) {
 
 inline double to_float(double x) { return x; }
 
+template <class A>
+double l2_norm(const std::vector<A>& a) {
+  double s = 0;
+  for (const auto& x : a) s += static_cast<double>(to_float(x)) * static_cast<double>(to_float(x));
+  return std::sqrt(s);
+}
+
 // n normal values stored as T in x, and as float in f exactly as the kernel will read them
 // (bf16-rounded when T = bf16): what a float64 reference should be fed.
 template <class T>
