@@ -80,6 +80,23 @@ double l2_norm(const std::vector<A>& a) {
   return std::sqrt(s);
 }
 
+// ||a - b|| / ||mag||: the error of an attention output against the scale of its sum. Rounding
+// in Σ p·v scales with Σ p·|v| (attention over |v|: `mag`), not with the output, which a
+// near-cancelling average (small d_v) can make arbitrarily small; a plain relative error is
+// then flaky. mag must not be all zeros unless a == b.
+template <class A, class B>
+double err_vs_magnitude(const std::vector<A>& a, const std::vector<B>& b, const std::vector<B>& mag) {
+  if (a.size() != b.size()) return std::numeric_limits<double>::infinity();
+  double num = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double x = static_cast<double>(to_float(a[i])), y = static_cast<double>(b[i]);
+    if (!std::isfinite(x) || !std::isfinite(y)) return std::numeric_limits<double>::infinity();
+    num += (x - y) * (x - y);
+  }
+  const double n = l2_norm(mag);
+  return std::sqrt(num) / (n > 0 ? n : 1.0);
+}
+
 // n normal values stored as T in x, and as float in f exactly as the kernel will read them
 // (bf16-rounded when T = bf16): what a float64 reference should be fed.
 template <class T>
