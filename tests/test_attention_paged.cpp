@@ -389,29 +389,46 @@ void check_int8_pages(std::uint64_t seed, std::int64_t P, std::int64_t H, std::i
     }
   }
   // Prefill: the last n_b tokens of each sequence, against attention_prefill over the
-  // dequantised rows (what the staging copy holds) bit for bit.
+  // dequantised rows bit for bit (the pages are read in place, widened as the tiles are packed).
   std::vector<std::int64_t> cu{0};
   for (std::int64_t b = 0; b < B; ++b) cu.push_back(cu.back() + rng.integer(0, std::min<std::int64_t>(bt.lengths[b], 40)));
   const std::int64_t T = cu.back();
   const std::vector<float> qp = rng.normal_vec(static_cast<std::size_t>(T * H * dk));
-  std::vector<float> out(static_cast<std::size_t>(T * H * dv));
-  test::poison(out);
-  AttentionOptions opt;
-  opt.num_threads = 2;
-  attention_prefill_paged<std::int8_t>(ConstView3<float>(qp.data(), {T, H, dk}), bt.pool.view(), bt.table(), cu,
-                                       View3<float>(out.data(), {T, H, dv}), CausalMask{}, opt);
-  for (std::int64_t b = 0; b < B; ++b) {
-    const std::int64_t n = cu[b + 1] - cu[b], L = bt.lengths[b];
-    if (n == 0) continue;
-    CAPTURE(b);
-    std::vector<float> oc(static_cast<std::size_t>(n * H * dv));
-    AttentionOptions o1;
-    o1.q_offset = L - n;
-    attention_prefill<float>(ConstView3<float>(qp.data() + cu[b] * H * dk, {n, H, dk}),
-                             ConstView3<float>(qs[b].kf.data(), {L, Hk, dk}), ConstView3<float>(qs[b].vf.data(), {L, Hk, dv}),
-                             View3<float>(oc.data(), {n, H, dv}), CausalMask{}, o1);
-    CHECK(test::bit_equal(std::vector<float>(out.begin() + cu[b] * H * dv, out.begin() + cu[b + 1] * H * dv), oc));
-  }
+  // Causal and sliding window, exact and fast (on AMX: the dequantised rows rounded to bf16 in
+  // both paths; elsewhere fast is the exact kernel).
+  for (const std::int64_t W : {std::int64_t{0}, rng.integer(1, 50)})
+    for (const Precision prec : {Precision::exact, Precision::fast}) {
+      CAPTURE(W, static_cast<int>(prec));
+      std::vector<float> out(static_cast<std::size_t>(T * H * dv));
+      test::poison(out);
+      AttentionOptions opt;
+      opt.num_threads = 2;
+      opt.precision = prec;
+      const auto paged = [&](const auto& mask) {
+        attention_prefill_paged<std::int8_t>(ConstView3<float>(qp.data(), {T, H, dk}), bt.pool.view(), bt.table(), cu,
+                                             View3<float>(out.data(), {T, H, dv}), mask, opt);
+      };
+      if (W == 0) paged(CausalMask{});
+      else paged(SlidingWindowMask{W});
+      for (std::int64_t b = 0; b < B; ++b) {
+        const std::int64_t n = cu[b + 1] - cu[b], L = bt.lengths[b];
+        if (n == 0) continue;
+        CAPTURE(b);
+        std::vector<float> oc(static_cast<std::size_t>(n * H * dv));
+        AttentionOptions o1;
+        o1.q_offset = L - n;
+        o1.precision = prec;
+        const auto contiguous = [&](const auto& mask) {
+          attention_prefill<float>(ConstView3<float>(qp.data() + cu[b] * H * dk, {n, H, dk}),
+                                   ConstView3<float>(qs[b].kf.data(), {L, Hk, dk}),
+                                   ConstView3<float>(qs[b].vf.data(), {L, Hk, dv}), View3<float>(oc.data(), {n, H, dv}),
+                                   mask, o1);
+        };
+        if (W == 0) contiguous(CausalMask{});
+        else contiguous(SlidingWindowMask{W});
+        CHECK(test::bit_equal(std::vector<float>(out.begin() + cu[b] * H * dv, out.begin() + cu[b + 1] * H * dv), oc));
+      }
+    }
 }
 
 }  // namespace

@@ -671,6 +671,80 @@ TEST_CASE("fast prefill: every attention variant within the bf16 bound of the ex
   check_variant("metric + softcap", make_variant(QueryMetric{Mv}, SoftCap{20.f}));
 }
 
+// int8 K/V (QuantView3) are read in place, each row widened to code · scale as the key tiles are
+// packed: bit for bit attention_prefill<float> over the dequantised rows (exact and fast, token-
+// and head-major storage, strided scales, any thread count), which the tests above hold to the
+// float64 reference; the exact result is also checked against float64 over the dequantised rows.
+TEST_CASE("int8 K/V (QuantView3): read in place, bit for bit the f32 kernel over dequantised rows", "[prefill][int8]") {
+  const auto seed = test::fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  for (int c = 0; c < 12; ++c) {
+    const Dims d = random_dims(rng, 300 / kScale);
+    const std::int64_t window = pick(rng, {0, 0, rng.integer(2, 40)});
+    const bool head_major = rng.integer(0, 1) == 1;
+    AttentionOptions opt;
+    opt.precision = c % 3 == 2 ? Precision::fast : Precision::exact;
+    opt.num_threads = static_cast<int>(rng.integer(1, 2));
+    if (d.T_q < d.T_k && rng.integer(0, 1)) opt.q_offset = rng.integer(0, d.T_k - d.T_q);
+    CAPTURE(c, d.T_q, d.T_k, d.H, d.H_kv, d.d_k, d.d_v, window, head_major, static_cast<int>(opt.precision));
+    const auto q = rng.normal_vec(static_cast<std::size_t>(d.T_q * d.H * d.d_k));
+    // Codes and scales, token-major [T, Hk, d] / [T, Hk] or head-major [Hk, T, d] / [Hk, T].
+    struct Quant {
+      std::vector<std::int8_t> codes;
+      std::vector<float> scales, deq;  // deq: token-major [T, Hk, d], the values the kernel must read
+      QuantView3 view;
+    };
+    const auto quantise = [&](std::int64_t dim) {
+      Quant qt;
+      const std::int64_t T = d.T_k, Hk = d.H_kv;
+      qt.codes.resize(static_cast<std::size_t>(T * Hk * dim));
+      qt.scales.resize(static_cast<std::size_t>(T * Hk));
+      qt.deq.resize(qt.codes.size());
+      for (std::int64_t t = 0; t < T; ++t)
+        for (std::int64_t h = 0; h < Hk; ++h) {
+          auto x = rng.normal_vec(static_cast<std::size_t>(dim));
+          if (rng.integer(0, 30) == 0) std::fill(x.begin(), x.end(), 0.f);  // a zero row: scale 0
+          const std::int64_t row = head_major ? h * T + t : t * Hk + h;
+          REQUIRE(detail::quant::quantize_row(x.data(), qt.codes.data() + row * dim, qt.scales[row], dim));
+          detail::quant::dequantize_row(qt.codes.data() + row * dim, qt.scales[row], qt.deq.data() + (t * Hk + h) * dim, dim);
+        }
+      qt.view = head_major ? QuantView3{ConstView3<std::int8_t>(qt.codes.data(), {T, Hk, dim}, {dim, T * dim, 1}),
+                                        ConstView2<float>(qt.scales.data(), {T, Hk}, {1, T})}
+                           : QuantView3{ConstView3<std::int8_t>(qt.codes.data(), {T, Hk, dim}),
+                                        ConstView2<float>(qt.scales.data(), {T, Hk})};
+      return qt;
+    };
+    const Quant kq = quantise(d.d_k), vq = quantise(d.d_v);
+    Outputs a(d), b(d);
+    const ConstView3<float> qv(q.data(), {d.T_q, d.H, d.d_k});
+    const ConstView3<float> kf(kq.deq.data(), {d.T_k, d.H_kv, d.d_k}), vf(vq.deq.data(), {d.T_k, d.H_kv, d.d_v});
+    if (window == 0) {
+      attention_prefill(qv, kq.view, vq.view, a.ov(d), CausalMask{}, opt, a.lv(d));
+      attention_prefill<float>(qv, kf, vf, b.ov(d), CausalMask{}, opt, b.lv(d));
+    } else {
+      attention_prefill(qv, kq.view, vq.view, a.ov(d), SlidingWindowMask{window}, opt, a.lv(d));
+      attention_prefill<float>(qv, kf, vf, b.ov(d), SlidingWindowMask{window}, opt, b.lv(d));
+    }
+    CHECK(test::bit_equal(a.out, b.out));
+    CHECK(test::bit_equal(a.lse, b.lse));
+    if (opt.precision == Precision::exact) {
+      const std::int64_t off = opt.q_offset >= 0 ? opt.q_offset : d.T_k - d.T_q;
+      const auto r = ref::reference_attention(q, kq.deq, vq.deq, d.T_q, d.T_k, d.H, d.H_kv, d.d_k, d.d_v, off, window,
+                                              1.0 / std::sqrt(static_cast<double>(d.d_k)));
+      CHECK(test::rel_l2(a.out, r.out) <= kOutTol);
+      check_lse(a.lse, r.lse);
+    }
+  }
+  // Scales that do not match the codes are refused by name.
+  std::vector<std::int8_t> codes(4 * 2 * 8, 1);
+  std::vector<float> scales(8, 0.1f), q(4 * 2 * 8, 0.f), out(4 * 2 * 8);
+  const QuantView3 good{ConstView3<std::int8_t>(codes.data(), {4, 2, 8}), ConstView2<float>(scales.data(), {4, 2})};
+  const QuantView3 bad{ConstView3<std::int8_t>(codes.data(), {4, 2, 8}), ConstView2<float>(scales.data(), {2, 4})};
+  REQUIRE_THROWS_WITH(attention_prefill(ConstView3<float>(q.data(), {4, 2, 8}), good, bad, View3<float>(out.data(), {4, 2, 8})),
+                      Catch::Contains("attention_prefill: argument 'v': scales of shape [2, 4] must be [T, H_kv] = [4, 2]"));
+}
+
 TEST_CASE("fast prefill without AMX is the exact kernel, bit for bit", "[prefill][fast]") {
   const auto seed = test::fresh_seed();
   CAPTURE(seed);

@@ -42,13 +42,11 @@
 //   opt.precision and opt.num_threads as in attention_prefill. Results equal attention_prefill
 //   of each sequence on its contiguous keys (q_offset = lengths[b] - n_b), bit for bit.
 //   Design: the flash prefill kernel (detail/flash_prefill.hpp) runs all sequences as the
-//   segments of one varlen call, reading f32 and bf16 pages in place: it reads K/V rows only
-//   through KVRows::ptr(s, head), which resolves a sequence's position s through its page table
-//   (its key tiles pack rows one by one anyway, so scattered pages cost nothing there). No copy
-//   of the cache is made. int8 pages are the exception: their first lengths[b] keys are
-//   dequantised to f32 into a staging buffer (Σ lengths[b] · H_kv · (d_k + d_v) floats, allocated
-//   per call and checked against the machine's memory first), as the contiguous int8 cache's
-//   prefill continuation does.
+//   segments of one varlen call, reading the pages in place: it reads K/V rows only through
+//   KVRows::ptr(s, head), which resolves a sequence's position s through its page table (its key
+//   tiles pack rows one by one anyway, so scattered pages cost nothing there). No copy of the
+//   cache is made; int8 pages are widened to code · scale (their scales read through the same
+//   table) as the tiles are packed, so the result equals the f32 kernel over dequantised pages.
 //
 // Errors (attnkit::Error naming the function and the argument): shapes that disagree, a page
 // size that is not a power of two, a page index out of range, a length beyond its sequence's
@@ -271,8 +269,9 @@ inline std::vector<std::int64_t> sequences_with_queries(const char* fn, const Pa
 
 // The first lengths[b] keys of the sequences `seqs` (as stored, f32 or bf16) gathered page by
 // page into one contiguous buffer: sequence seqs[i] at rows offset[i] .. offset[i] + lengths[b]
-// of keys() / values() [rows, H_kv, d]. The paged prefill paths run their contiguous kernels on
-// it (a copy of the visible pages: cheap against prefill's T·L work, but not free).
+// of keys() / values() [rows, H_kv, d]. The paged prefill paths whose kernels do not read pages
+// (sparse attention's query-major fallback, Loop Attention's int8 pages) run their contiguous
+// kernels on it (a copy of the visible pages: cheap against prefill's T·L work, but not free).
 // int8 pages are staged dequantised, as f32.
 template <class KV>
 using staged_t = std::conditional_t<std::is_same_v<KV, std::int8_t>, float, KV>;
@@ -295,6 +294,25 @@ flash::KVRows<KV> sequence_rows(const ConstView4<KV>& pool, const PageTable& tab
   r.page_shift = log2_exact(pool.shape[1]);
   r.page_stride = pool.stride[0];
   return r;
+}
+// int8 pages: the codes as above, with their scales [pages, P, H_kv] through the same table.
+inline flash::KVRows<std::int8_t> sequence_rows(const ConstView4<std::int8_t>& pool, const ConstView3<float>& scales,
+                                                const PageTable& table, std::int64_t b, std::int64_t L) {
+  flash::KVRows<std::int8_t> r = sequence_rows(pool, table, b, L);
+  r.scales = scales.data;
+  r.scale_stride[0] = scales.stride[1];
+  r.scale_stride[1] = scales.stride[2];
+  r.scale_page_stride = scales.stride[0];
+  return r;
+}
+// A sequence's K and V rows of a paged cache (int8: with their scales).
+template <class KV>
+std::pair<flash::KVRows<KV>, flash::KVRows<KV>> sequence_kv(const PagedKV<KV>& cache, const PageTable& table,
+                                                            std::int64_t b, std::int64_t L) {
+  if constexpr (std::is_same_v<KV, std::int8_t>)
+    return {sequence_rows(cache.k, cache.k_scale, table, b, L), sequence_rows(cache.v, cache.v_scale, table, b, L)};
+  else
+    return {sequence_rows(cache.k, table, b, L), sequence_rows(cache.v, table, b, L)};
 }
 
 template <class KV>
@@ -366,38 +384,21 @@ void attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cache, cons
   detail::paged::sequences_with_queries(fn, table, cu_seqlens);
   ATTNKIT_REQUIRE(opt.q_offset == -1, fn, ": argument 'opt.q_offset': must be -1 (each sequence's queries are its "
                   "last tokens), got ", opt.q_offset);
-  // Shapes, mask and options as attention_prefill checks them, before anything is allocated.
-  using S = detail::paged::staged_t<KV>;  // what the prefill kernel reads: int8 pages dequantised
-  static const S dummy{};
-  const ConstView3<S> k0(&dummy, {0, H_kv, dk}), v0(&dummy, {0, H_kv, dv});
+  // Shapes, mask and options as attention_prefill checks them.
+  static const KV dummy{};
+  const ConstView3<KV> k0(&dummy, {0, H_kv, dk}), v0(&dummy, {0, H_kv, dv});
   const detail::flash::Shape sh = detail::check_prefill(fn, q, k0, v0, out, mask, opt, lse, "cache.k", "cache.v");
 
-  // Sequences with queries in opt.queries, and where their keys go in the staging buffer.
+  // Sequences with queries in opt.queries, their pages read in place (int8: widened to code ·
+  // scale as the kernel packs its key tiles).
   const std::int64_t qb = opt.queries.begin, qe = opt.queries.resolve_end(T);
-  std::vector<std::int64_t> seqs;
-  for (std::int64_t b = 0; b < B; ++b) {
-    const std::int64_t s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1];
-    if (s1 == s0 || s1 <= qb || s0 >= qe) continue;
-    seqs.push_back(b);
-  }
-  // float and bf16 pages are read in place (the kernel's rows through each sequence's page table);
-  // int8 pages are staged, dequantised to f32.
-  constexpr bool staged = std::is_same_v<KV, std::int8_t>;
-  detail::paged::Staged<S> st;
-  if constexpr (staged) st = detail::paged::stage(fn, cache, table, seqs, opt.num_threads);
-  std::vector<detail::flash::Segment<S>> segs;
+  std::vector<detail::flash::Segment<KV>> segs;
   std::vector<std::pair<std::int64_t, std::int64_t>> ranges;
-  for (std::size_t i = 0; i < seqs.size(); ++i) {
-    const std::int64_t b = seqs[i], s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1], L = table.lengths[b];
+  for (std::int64_t b = 0; b < B; ++b) {
+    const std::int64_t s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1], L = table.lengths[b];
+    if (s1 == s0 || s1 <= qb || s0 >= qe) continue;
     View2<float> seg_lse = lse.data ? lse.slice(0, s0, s1) : View2<float>{};
-    detail::flash::KVRows<S> kr, vr;
-    if constexpr (staged) {
-      kr = st.keys().slice(0, st.offset[i], st.offset[i] + L);
-      vr = st.values().slice(0, st.offset[i], st.offset[i] + L);
-    } else {
-      kr = detail::paged::sequence_rows(cache.k, table, b, L);
-      vr = detail::paged::sequence_rows(cache.v, table, b, L);
-    }
+    const auto [kr, vr] = detail::paged::sequence_kv(cache, table, b, L);
     segs.push_back({q.slice(0, s0, s1), kr, vr, out.slice(0, s0, s1), seg_lse, L - (s1 - s0), nullptr, s0});
     ranges.emplace_back(std::max(qb, s0) - s0, std::min(qe, s1) - s0);
   }

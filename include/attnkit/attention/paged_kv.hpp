@@ -10,7 +10,8 @@
 // scales k_scale, v_scale [num_pages, P, H_kv] f32 (any strides). PagedKV<KV> is those views;
 // the kernels only read it, so an engine keeps its own allocator and passes views of its buffers.
 // int8 pages are read by attention_decode_paged (dequantised in registers, DecodeOptions::
-// precision as for a contiguous int8 cache) and attention_prefill_paged (an f32 staging copy);
+// precision as for a contiguous int8 cache) and attention_prefill_paged (in place, widened as
+// the prefill kernel packs its key tiles);
 // Loop Attention's and sparse attention's paged kernels take float or bf16 pages.
 //
 // Page tables: PageTable describes B sequences in CSR form, FlashInfer's paged_kv_indptr /

@@ -6,9 +6,10 @@
 //                  (CausalMask: s <= p; SlidingWindowMask{W}: p - W < s <= p), G = H / H_kv.
 //   lse[t, h]    = log sum_s exp(scale · q·k)   (natural log; optional)
 //
-// Shapes: q [T_q, H, d_k] f32; k [T_k, H_kv, d_k] and v [T_k, H_kv, d_v] of KV = float or bf16;
-// out [T_q, H, d_v] f32; lse [T_q, H] (any strides; pass an empty view to skip). Views may have
-// any strides except that the last dimension of q, k, v, out must be contiguous.
+// Shapes: q [T_q, H, d_k] f32; k [T_k, H_kv, d_k] and v [T_k, H_kv, d_v] of KV = float or bf16,
+// or int8 as QuantView3 (codes and a scale per token and KV head, read in place); out
+// [T_q, H, d_v] f32; lse [T_q, H] (any strides; pass an empty view to skip). Views may have any
+// strides except that the last dimension of q, k, v, out must be contiguous.
 // opt.q_offset = -1 places the queries at the end of the keys (q_offset = T_k - T_q); an
 // explicit q_offset must be >= 0 with q_offset + T_q <= T_k. A query that sees no key (only
 // possible with T_q > T_k under the default offset) gets out = 0 and lse = -inf.
@@ -43,6 +44,7 @@
 #include "attnkit/attention/common.hpp"
 #include "attnkit/attention/detail/flash_prefill.hpp"
 #include "attnkit/attention/detail/flash_prefill_amx.hpp"
+#include "attnkit/attention/quant.hpp"
 #include "attnkit/attention/variant.hpp"
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/error.hpp"
@@ -59,7 +61,8 @@ flash::Shape check_prefill(const char* fn, const ConstView3<float>& q, const Con
                            const AttentionOptions& opt, const View2<float>& lse, const char* kn = "k",
                            const char* vn = "v") {
   // kn / vn: how the caller names k and v in messages (loop_attention: k_glob, v_glob).
-  static_assert(is_storage_type_v<KV>, "attention_prefill: K/V must be float or bf16");
+  static_assert(is_storage_type_v<KV> || std::is_same_v<KV, std::int8_t>,
+                "attention_prefill: K/V must be float or bf16 (int8: QuantView3)");
   check_view(q, fn, "q");
   check_view(k, fn, kn);
   check_view(v, fn, vn);
@@ -99,17 +102,35 @@ flash::Shape check_prefill(const char* fn, const ConstView3<float>& q, const Con
 
 // attention_prefill on an explicit xsimd instruction set (the public functions use the best
 // one the compiler targets); tests use it to exercise the narrower portable code path.
+// int8 K/V: k and v as flash::KVRows built from QuantView3 (codes and scales).
 template <class Arch, class KV, class Mask = CausalMask, class Var = PlainAttention>
-void attention_prefill_arch(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, View3<float> out,
-                            const Mask& mask = {}, const AttentionOptions& opt = {}, View2<float> lse = {},
-                            const Var& var = {}) {
-  const flash::Shape sh = check_prefill("attention_prefill", q, k, v, out, mask, opt, lse);
+void attention_prefill_rows(ConstView3<float> q, const flash::KVRows<KV>& k, const flash::KVRows<KV>& v,
+                            View3<float> out, const Mask& mask = {}, const AttentionOptions& opt = {},
+                            View2<float> lse = {}, const Var& var = {}) {
+  const flash::Shape sh = check_prefill("attention_prefill", q, ConstView3<KV>(k), ConstView3<KV>(v), out, mask, opt, lse);
   check_variant("attention_prefill", var, sh.H, sh.d_k, q.shape[0]);
   const std::int64_t T_q = q.shape[0], T_k = k.shape[0];
   const std::vector<flash::Segment<KV>> segs{{q, k, v, out, lse, opt.q_offset >= 0 ? opt.q_offset : T_k - T_q}};
   const std::vector<std::pair<std::int64_t, std::int64_t>> ranges{{opt.queries.begin, opt.queries.resolve_end(T_q)}};
   flash::run_prefill_at<Arch>(opt.precision, segs, sh, mask, opt.heads.begin, opt.heads.resolve_end(sh.H), ranges,
                               opt.num_threads, var);
+}
+
+template <class Arch, class KV, class Mask = CausalMask, class Var = PlainAttention>
+void attention_prefill_arch(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, View3<float> out,
+                            const Mask& mask = {}, const AttentionOptions& opt = {}, View2<float> lse = {},
+                            const Var& var = {}) {
+  static_assert(is_storage_type_v<KV>, "attention_prefill: K/V must be float or bf16 (int8: pass QuantView3)");
+  attention_prefill_rows<Arch, KV>(q, k, v, out, mask, opt, lse, var);
+}
+
+template <class Arch, class Mask = CausalMask, class Var = PlainAttention>
+void attention_prefill_arch(ConstView3<float> q, const QuantView3& k, const QuantView3& v, View3<float> out,
+                            const Mask& mask = {}, const AttentionOptions& opt = {}, View2<float> lse = {},
+                            const Var& var = {}) {
+  check_quant_view(k, "attention_prefill", "k");
+  check_quant_view(v, "attention_prefill", "v");
+  attention_prefill_rows<Arch, std::int8_t>(q, k, v, out, mask, opt, lse, var);
 }
 
 template <class Arch, class KV, class Mask = CausalMask, class Var = PlainAttention>
@@ -155,6 +176,18 @@ void attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, 
                        const Mask& mask = {}, const AttentionOptions& opt = {}, View2<float> lse = {},
                        const Var& var = {}) {
   detail::attention_prefill_arch<simd::default_arch, KV, Mask, Var>(q, k, v, out, mask, opt, lse, var);
+}
+
+// int8 K/V (QuantView3: codes [T_k, H_kv, d] and a scale per (token, KV head), e.g.
+// KVCache<std::int8_t>::keys()): read in place, each row widened to code · scale as the kernel
+// packs its key tiles, so the result equals attention_prefill<float> over dequantize()d K/V bit
+// for bit, without the copy. Everything else as above (fast: on AMX tiles, the dequantised
+// rows rounded to bf16).
+template <class Mask = CausalMask, class Var = PlainAttention>
+void attention_prefill(ConstView3<float> q, const QuantView3& k, const QuantView3& v, View3<float> out,
+                       const Mask& mask = {}, const AttentionOptions& opt = {}, View2<float> lse = {},
+                       const Var& var = {}) {
+  detail::attention_prefill_arch<simd::default_arch, Mask, Var>(q, k, v, out, mask, opt, lse, var);
 }
 
 // Several sequences packed along the token axis; cu_seqlens = {0, n0, n0 + n1, ...}.

@@ -58,6 +58,7 @@
 #include <xsimd/xsimd.hpp>
 
 #include "attnkit/attention/common.hpp"
+#include "attnkit/attention/quant.hpp"
 #include "attnkit/attention/variant.hpp"
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/simd.hpp"
@@ -91,17 +92,31 @@ inline fb<Arch> exp2(fb<Arch> x) {
 // [pages, P, H_kv, d] (data = the pool, stride = its slot and head strides, page_stride its page
 // stride). The kernels read rows only through ptr(s, head), so both are the same arithmetic
 // (attention_prefill_paged reads a paged cache in place, bit for bit the contiguous result).
+// int8 rows (KV = std::int8_t, attention/quant.hpp) also carry their scales, addressed the same
+// way ([T_k, H_kv], or [pages, P, H_kv] through the same page table): row (s, head) reads as
+// codes · scale_of(s, head), widened as the tiles are packed, so no dequantised copy exists.
 template <class KV>
 struct KVRows : ConstView3<KV> {
   const std::int32_t* pages = nullptr;
   int page_shift = 0;
   std::int64_t page_stride = 0;
+  const float* scales = nullptr;          // int8 only
+  std::int64_t scale_stride[2] = {0, 0};  // per position (within a page) and per head
+  std::int64_t scale_page_stride = 0;
   KVRows() = default;
   KVRows(const ConstView3<KV>& v) : ConstView3<KV>(v) {}  // NOLINT: a view is its own rows
+  KVRows(const QuantView3& v)  // NOLINT: int8 codes with their scales
+    requires std::is_same_v<KV, std::int8_t>
+      : ConstView3<KV>(v.codes), scales(v.scales.data), scale_stride{v.scales.stride[0], v.scales.stride[1]} {}
   const KV* ptr(std::int64_t s, std::int64_t head) const {
     if (pages == nullptr) return ConstView3<KV>::ptr(s, head);
     return this->data + pages[s >> page_shift] * page_stride + (s & ((std::int64_t{1} << page_shift) - 1)) * this->stride[0] +
            head * this->stride[1];
+  }
+  float scale_of(std::int64_t s, std::int64_t head) const {
+    if (pages == nullptr) return scales[s * scale_stride[0] + head * scale_stride[1]];
+    return scales[pages[s >> page_shift] * scale_page_stride +
+                  (s & ((std::int64_t{1} << page_shift) - 1)) * scale_stride[0] + head * scale_stride[1]];
   }
 };
 
@@ -304,7 +319,7 @@ inline void pv_rows(const float* st, const float* vbuf, float* obuf, const float
 }
 
 // Widens rows [k0, k0 + kc) of one KV head into dst[kBc][ld] (f32), zero-filling columns
-// [n, ld) and rows [kc, kBc).
+// [n, ld) and rows [kc, kBc). int8 rows: code · scale, exactly dequantize_row's values.
 template <class Arch, class KV>
 inline void pack_rows(const KVRows<KV>& src, std::int64_t head, std::int64_t k0, std::int64_t kc,
                       std::int64_t n, std::int64_t ld, float* dst) {
@@ -313,8 +328,13 @@ inline void pack_rows(const KVRows<KV>& src, std::int64_t head, std::int64_t k0,
     const KV* s = src.ptr(k0 + c, head);
     float* o = dst + c * ld;
     std::int64_t d = 0;
-    for (; d + W <= n; d += W) simd::load<Arch>(s + d).store_unaligned(o + d);
-    for (; d < n; ++d) o[d] = to_float(s[d]);
+    if constexpr (std::is_same_v<KV, std::int8_t>) {
+      quant::dequantize_row(s, src.scale_of(k0 + c, head), o, n);
+      d = n;
+    } else {
+      for (; d + W <= n; d += W) simd::load<Arch>(s + d).store_unaligned(o + d);
+      for (; d < n; ++d) o[d] = to_float(s[d]);
+    }
     for (; d < ld; ++d) o[d] = 0.f;
   }
   if (kc < kBc) std::memset(dst + kc * ld, 0, static_cast<std::size_t>((kBc - kc) * ld) * sizeof(float));

@@ -132,6 +132,27 @@ inline __m512i load_pairs(const float* row, std::int64_t d0, std::int64_t n) {
   const __m512 hi = _mm512_maskz_loadu_ps(mask16(left - 16), row + d0 + 16);
   return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
+// An int8 row with its scale (KVRows<std::int8_t>): dequantised to f32 in registers (code ·
+// scale, exactly dequantize_row's values), then rounded to bf16 as f32 rows are.
+struct ScaledRow {
+  const std::int8_t* codes;
+  float scale;
+};
+inline __m512 dequant16(const ScaledRow& row, std::int64_t d0, std::int64_t n) {
+  const std::int64_t left = n - d0;
+  const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<std::int64_t>(left, 0)) - 1);
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(m, row.codes + d0))),
+                       _mm512_set1_ps(row.scale));
+}
+inline __m512i load_pairs(const ScaledRow& row, std::int64_t d0, std::int64_t n) {
+  return (__m512i)_mm512_cvtne2ps_pbh(dequant16(row, d0 + 16, n), dequant16(row, d0, n));
+}
+// The row handle the packers read: a pointer, or an int8 row with its scale.
+template <class KV>
+inline auto row_of(const KVRows<KV>& rows, std::int64_t s, std::int64_t head) {
+  if constexpr (std::is_same_v<KV, std::int8_t>) return ScaledRow{rows.ptr(s, head), rows.scale_of(s, head)};
+  else return rows.ptr(s, head);
+}
 // 16 bf16 of row[d0, d0 + 16) (zero past n), widened to the low halves of 16 32-bit lanes.
 inline __m512i load_halves(const bf16* row, std::int64_t d0, std::int64_t n) {
   const std::int64_t left = n - d0;
@@ -142,6 +163,9 @@ inline __m512i load_halves(const float* row, std::int64_t d0, std::int64_t n) {
   const std::int64_t left = n - d0;
   const __mmask16 m = left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << std::max<std::int64_t>(left, 0)) - 1);
   return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, row + d0)));
+}
+inline __m512i load_halves(const ScaledRow& row, std::int64_t d0, std::int64_t n) {
+  return _mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(dequant16(row, d0, n)));
 }
 
 // In-register transpose of 16 x 16 32-bit elements.
@@ -179,7 +203,7 @@ inline void pack_k(const KVRows<KV>& k, std::int64_t head, std::int64_t k0, std:
     for (std::int64_t s = 0; s < d_kp / 32; ++s) {
       __m512i r[16];
       for (int i = 0; i < 16; ++i)
-        r[i] = c0 + i < kc ? load_pairs(k.ptr(k0 + c0 + i, head), s * 32, d_k) : _mm512_setzero_si512();
+        r[i] = c0 + i < kc ? load_pairs(row_of(k, k0 + c0 + i, head), s * 32, d_k) : _mm512_setzero_si512();
       transpose16(r);
       u16* t = dst + (s * nkb + kb) * kTileElems;
       for (int i = 0; i < 16; ++i) _mm512_store_si512(t + i * 32, r[i]);
@@ -195,11 +219,12 @@ inline void pack_v(const KVRows<KV>& v, std::int64_t head, std::int64_t k0, std:
   const std::int64_t nvb = d_vp / 16;
   for (std::int64_t c = 0; c < kKeys; c += 2) {
     const std::int64_t j = c / 32, i = (c % 32) / 2;
-    const KV* even = c < kc ? v.ptr(k0 + c, head) : nullptr;
-    const KV* odd = c + 1 < kc ? v.ptr(k0 + c + 1, head) : nullptr;
+    const bool has_even = c < kc, has_odd = c + 1 < kc;
+    const auto even = row_of(v, has_even ? k0 + c : k0, head);
+    const auto odd = row_of(v, has_odd ? k0 + c + 1 : k0, head);
     for (std::int64_t nb = 0; nb < nvb; ++nb) {
-      const __m512i lo = even ? load_halves(even, nb * 16, d_v) : _mm512_setzero_si512();
-      const __m512i hi = odd ? load_halves(odd, nb * 16, d_v) : _mm512_setzero_si512();
+      const __m512i lo = has_even ? load_halves(even, nb * 16, d_v) : _mm512_setzero_si512();
+      const __m512i hi = has_odd ? load_halves(odd, nb * 16, d_v) : _mm512_setzero_si512();
       _mm512_store_si512(dst + (j * nvb + nb) * kTileElems + i * 32, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
     }
   }

@@ -14,14 +14,14 @@
 // attention) use append_then(): it appends, then hands the visible keys and the mask to a
 // callable.
 //
-// int8 caches: decode (one query) runs attention_decode on the int8 rows themselves. A chunk of
-// several queries (prefill, chunked prefill) and the mechanisms that take float K/V
-// (append_then's callable, Loop Attention's prefill, sparse attention) get the visible rows
-// dequantised to an f32 staging buffer first (stage_f32, window_keys) and run the existing f32
-// kernels on it (prefill.hpp is not specialised for int8). The staged values are exactly
-// codes · scale, the values decode reads, so prefill, chunked prefill and decode agree to f32
-// rounding; the chunk's own rows are quantised and dequantised before they are attended, as the
-// cache will return them.
+// int8 caches: decode (one query) runs attention_decode on the int8 rows themselves, and so does
+// a chunk of several queries over a full cache (prefill, chunked prefill: attention_prefill's
+// QuantView3 overload widens the rows as it packs its key tiles). A sliding window's chunk and
+// the mechanisms that take float K/V (append_then's callable, Loop Attention's prefill, sparse
+// attention) get the visible rows dequantised to an f32 staging buffer first (stage_f32,
+// window_keys). Either way the values are exactly codes · scale, the values decode reads, so
+// prefill, chunked prefill and decode agree to f32 rounding; the chunk's own rows are quantised
+// and dequantised before they are attended, as the cache will return them.
 #pragma once
 
 #include <algorithm>
@@ -198,12 +198,10 @@ class AttentionCache {
     AttentionOptions opt;
     opt.num_threads = ctx.num_threads;
     opt.precision = ctx.precision;
-    if constexpr (std::is_same_v<KV, std::int8_t>) {  // prefill over the dequantised rows
-      std::vector<float> kb, vb;
-      attention_prefill<float>(q, stage_f32(cache.keys(), kb), stage_f32(cache.values(), vb), out, CausalMask{}, opt);
-    } else {
+    if constexpr (std::is_same_v<KV, std::int8_t>)  // the int8 rows read in place (QuantView3)
+      attention_prefill(q, cache.keys(), cache.values(), out, CausalMask{}, opt);
+    else
       attention_prefill<KV>(q, cache.keys(), cache.values(), out, CausalMask{}, opt);
-    }
   }
 
   template <class KV>
