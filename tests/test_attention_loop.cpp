@@ -498,6 +498,56 @@ TEMPLATE_TEST_CASE("strided views: fused qkv buffer, head-major K/V, padded out 
 #define ATTNKIT_PORTABLE_ARCHS simd::default_arch
 #endif
 
+// int8 K/V (QuantView3) read in place: bit for bit loop_attention<float> over the dequantised
+// rows (held to float64 above) on every path: layer mode (the same views: fused), stack mode
+// (two-source, trimmed local rows) and two-pass.
+TEST_CASE("loop_attention on int8 K/V (QuantView3) equals the f32 kernel over the dequantised rows", "[loop][int8]") {
+  const auto seed = test::fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  struct Quant {
+    std::vector<std::int8_t> codes;
+    std::vector<float> scales;
+  };
+  // Quantises x [T, H_kv, d] row by row, replacing x by its dequantised values.
+  const auto quantise = [](std::vector<float>& x, std::int64_t T, std::int64_t Hk, std::int64_t d) {
+    Quant q{std::vector<std::int8_t>(x.size()), std::vector<float>(static_cast<std::size_t>(T * Hk))};
+    for (std::int64_t r = 0; r < T * Hk; ++r) {
+      REQUIRE(detail::quant::quantize_row(x.data() + r * d, q.codes.data() + r * d, q.scales[r], d));
+      detail::quant::dequantize_row(q.codes.data() + r * d, q.scales[r], x.data() + r * d, d);
+    }
+    return q;
+  };
+  for (int i = 0; i < 12; ++i) {
+    const Case c = random_case(rng, 200 / kScale, i % 2 ? Mode::stack : Mode::layer);
+    LOOP_CAPTURE(c);
+    Inputs<float> in(rng, c);
+    const Quant kg = quantise(in.kg, c.T_g, c.H_kv, c.d_k), vg = quantise(in.vg, c.T_g, c.H_kv, c.d_v);
+    Quant kl, vl;
+    if (c.mode == Mode::stack) {
+      kl = quantise(in.kl, c.T_g, c.H_kv, c.d_k);
+      vl = quantise(in.vl, c.T_g, c.H_kv, c.d_v);
+    }
+    const auto view = [&](const Quant& x, std::int64_t d) {
+      return QuantView3{ConstView3<std::int8_t>(x.codes.data(), {c.T_g, c.H_kv, d}),
+                        ConstView2<float>(x.scales.data(), {c.T_g, c.H_kv})};
+    };
+    const QuantView3 kgq = view(kg, c.d_k), vgq = view(vg, c.d_v);
+    const QuantView3 klq = c.mode == Mode::stack ? view(kl, c.d_k).slice(0, c.local_begin, c.T_g) : kgq;
+    const QuantView3 vlq = c.mode == Mode::stack ? view(vl, c.d_v).slice(0, c.local_begin, c.T_g) : vgq;
+    for (const auto fuse : {LoopOptions::Fuse::automatic, LoopOptions::Fuse::never}) {
+      LoopOptions opt = in.options();
+      opt.fuse = fuse;
+      opt.num_threads = static_cast<int>(rng.integer(1, 2));
+      Outputs o(c);
+      loop_attention(in.qv(), kgq, vgq, klq, vlq, in.wv(), in.bv(), c.window, o.ov(c), opt, o.gv(c));
+      const Outputs e = run(in, opt);  // f32 over the dequantised rows
+      CHECK(test::bit_equal(o.out, e.out));
+      CHECK(test::bit_equal(o.gates, e.gates));
+    }
+  }
+}
+
 TEMPLATE_TEST_CASE("portable (non-AVX-512) code path matches the reference", "[loop][generic]",
                    ATTNKIT_PORTABLE_ARCHS) {
   const auto seed = test::fresh_seed();

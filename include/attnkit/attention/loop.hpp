@@ -127,7 +127,9 @@ inline void check_gate(const char* fn, const ConstView2<float>& gate_w, std::spa
 template <class KV>
 bool same_view(const flash::KVRows<KV>& a, const flash::KVRows<KV>& b) {
   return a.data == b.data && a.shape == b.shape && a.stride == b.stride && a.pages == b.pages &&
-         a.page_shift == b.page_shift && a.page_stride == b.page_stride;
+         a.page_shift == b.page_shift && a.page_stride == b.page_stride && a.scales == b.scales &&
+         a.scale_stride[0] == b.scale_stride[0] && a.scale_stride[1] == b.scale_stride[1] &&
+         a.scale_page_stride == b.scale_page_stride;
 }
 
 template <class KV>
@@ -184,7 +186,8 @@ template <class Arch, class KV>
 void loop_attention_arch(ConstView3<float> q, flash::KVRows<KV> k_glob, flash::KVRows<KV> v_glob, flash::KVRows<KV> k_loc,
                          flash::KVRows<KV> v_loc, ConstView2<float> gate_w, std::span<const float> gate_b,
                          std::int64_t window, View3<float> out, const LoopOptions& opt = {}, View2<float> gates = {}) {
-  static_assert(is_storage_type_v<KV>, "loop_attention: K/V must be float or bf16");
+  static_assert(is_storage_type_v<KV> || std::is_same_v<KV, std::int8_t>,
+                "loop_attention: K/V must be float or bf16 (int8: QuantView3)");
   const LoopPlan plan =
       check_loop("loop_attention", q, k_glob, v_glob, k_loc, v_loc, gate_w, gate_b, window, out, opt, gates);
   const std::int64_t T_q = q.shape[0];
@@ -269,6 +272,23 @@ void loop_attention(ConstView3<float> q, ConstView3<KV> k_glob, ConstView3<KV> v
                     View2<float> gates = {} /*optional [T_q, H] output of g*/) {
   detail::loop_attention_arch<simd::default_arch, KV>(q, k_glob, v_glob, k_loc, v_loc, gate_w, gate_b, window, out,
                                                       opt, gates);
+}
+
+// int8 K/V (QuantView3, e.g. KVCache<std::int8_t>::keys()): read in place, each row widened to
+// code · scale as the flash kernel packs its key tiles (attention_prefill's QuantView3
+// overload): bit for bit loop_attention<float> over the dequantised rows, with no copy. Passing
+// the same views as global and local keys takes the fused path, as above.
+inline void loop_attention(ConstView3<float> q, const QuantView3& k_glob, const QuantView3& v_glob,
+                           const QuantView3& k_loc, const QuantView3& v_loc, ConstView2<float> gate_w,
+                           std::span<const float> gate_b, std::int64_t window, View3<float> out,
+                           const LoopOptions& opt = {}, View2<float> gates = {}) {
+  constexpr const char* fn = "loop_attention";
+  check_quant_view(k_glob, fn, "k_glob");
+  check_quant_view(v_glob, fn, "v_glob");
+  check_quant_view(k_loc, fn, "k_loc");
+  check_quant_view(v_loc, fn, "v_loc");
+  detail::loop_attention_arch<simd::default_arch, std::int8_t>(q, k_glob, v_glob, k_loc, v_loc, gate_w, gate_b, window,
+                                                               out, opt, gates);
 }
 
 namespace detail {

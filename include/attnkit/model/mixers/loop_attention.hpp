@@ -298,8 +298,9 @@ class LoopAttention final : public TokenMixer {
 
   // Stack mode, pass >= 1: global over pass 0's cache g (already holding this step), local over
   // the ring r of this pass plus the step's own keys.
-  // int8 caches: decode reads the int8 rows (loop_attention_decode's QuantView3 overload); a
-  // chunk of several queries runs loop_attention on f32 staging copies (stage_f32, window_keys).
+  // int8 caches: decode reads the int8 rows (loop_attention_decode's QuantView3 overload), and so
+  // does a layer-mode chunk of several queries (loop_attention's QuantView3 overload); a
+  // stack-mode chunk runs loop_attention on f32 staging copies (stage_f32, window_keys).
   template <class C>
   static constexpr bool is_full_v =
       std::is_same_v<C, KVCache<float>> || std::is_same_v<C, KVCache<bf16>> || std::is_same_v<C, KVCache<std::int8_t>>;
@@ -371,10 +372,8 @@ class LoopAttention final : public TokenMixer {
       LoopOptions o;
       o.num_threads = ctx.num_threads;
       o.q_offset = ctx.pos0;
-      if constexpr (std::is_same_v<KV, std::int8_t>) {  // the same staged views for both: the fused path
-        std::vector<float> kb, vb;
-        const ConstView3<float> k = stage_f32(g.keys(), kb), v = stage_f32(g.values(), vb);
-        loop_attention<float>(qkv.q, k, v, k, v, gate_w(), gate_b(), s_.window, a, o, gv);
+      if constexpr (std::is_same_v<KV, std::int8_t>) {  // the int8 rows in place, the same views: the fused path
+        loop_attention(qkv.q, g.keys(), g.values(), g.keys(), g.values(), gate_w(), gate_b(), s_.window, a, o, gv);
       } else {
         loop_attention<KV>(qkv.q, g.keys(), g.values(), g.keys(), g.values(), gate_w(), gate_b(), s_.window, a, o, gv);
       }
