@@ -92,7 +92,9 @@ run:
                            Gated DeltaNet: `gdn_beta`, `gdn_decay` [layers, T, value heads]; gated
                            attention: `attn_gate` [layers, T, heads]; sparse attention: `topk_indices`
                            [layers, T, top-k], each query's kept key positions, -1 padded; R-GQA:
-                           `router_probs` and `router_weight` [layers, T, heads], 0 for heads not kept)
+                           `router_probs` and `router_weight` [layers, T, heads], 0 for heads not kept);
+                           with --batch, one file per prefilled sequence over its own prompt, FILE with
+                           .seq<b> before its extension (so is --plot's)
   --exit RULE              output of a looped stack: last, step:N (0-based), threshold:Q, expected
   --plot FILE.svg          draw the trace as an SVG picture (heat maps with axes and colour scale; sparse
                            attention: a query x key map of the keys each query kept, for one layer)
@@ -412,13 +414,61 @@ void run_text(const model::Qwen3Model& m, const TextArgs& a, const std::string& 
 
 }  // namespace
 
+// Writes a recorded trace: safetensors to `trace_out`, an SVG to `plot_out` (either may be empty),
+// listing each tensor. Dies if nothing was recorded.
+void write_trace(const model::Qwen3Model& m, const model::Trace& trace, const std::string& trace_out,
+                 const std::string& plot_out, std::int64_t plot_layer, const std::string& label) {
+  if (trace.empty()) die("--trace-out/--plot: this model records no internals (recipe " + m.recipe() + ")");
+  std::vector<viz::TraceTensor> tensors;
+  io::SafetensorsWriter w;
+  for (const auto& name : trace.names()) {
+    model::Trace::Tensor t = trace.tensor(name);
+    w.add_f32(name, t.shape, t.data.data());
+    std::string shape;
+    for (auto d : t.shape) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
+    std::printf("trace%s: %s [%s]\n", label.c_str(), name.c_str(), shape.c_str());
+    tensors.push_back(std::move(t));
+  }
+  if (!trace_out.empty()) {
+    w.write(trace_out);
+    std::printf("trace%s: wrote %s\n", label.c_str(), trace_out.c_str());
+  }
+  if (!plot_out.empty()) {
+    viz::PlotOptions po;
+    po.title = m.source() + " — " + mechanism_summary(m) + label;
+    po.strip_layer = plot_layer;
+    // Per-step logits are data for files, not a picture (a column per vocabulary entry).
+    std::erase_if(tensors, [](const viz::TraceTensor& t) { return t.name == "logits_per_step"; });
+    viz::write_trace_svg(plot_out, tensors, po);
+    std::printf("plot%s: wrote %s\n", label.c_str(), plot_out.c_str());
+  }
+}
+
+// path with ".seq<b>" before its extension: trace.safetensors -> trace.seq3.safetensors.
+std::string per_sequence_path(const std::string& path, std::int64_t b) {
+  if (path.empty()) return path;
+  const std::size_t slash = path.find_last_of('/'), dot = path.find_last_of('.');
+  const std::string tag = ".seq" + std::to_string(b);
+  if (dot == std::string::npos || (slash != std::string::npos && dot < slash)) return path + tag;
+  return path.substr(0, dot) + tag + path.substr(dot);
+}
+
+// What --batch records: per prefilled sequence, its trace over its prompt tokens.
+struct BatchTraceOut {
+  std::string trace_out, plot_out;
+  std::int64_t plot_layer = -1;
+  bool wanted() const { return !trace_out.empty() || !plot_out.empty(); }
+};
+
 // --batch: B sequences in one batch session. Random prompts (one per sequence) are prefilled
 // together; a shared prompt (shared non-empty) is prefilled once and forked. Then `generate`
-// greedy ids per sequence, one decode step for all. Prints aggregate tokens/s.
+// greedy ids per sequence, one decode step for all. Prints aggregate tokens/s. With tr.wanted(),
+// each prefilled sequence records its own trace (SequenceTokens::trace) over its prompt, written
+// to per_sequence_path(tr.trace_out / tr.plot_out, b).
 void run_batch(const model::Qwen3Model& m, std::int64_t B, const std::vector<std::int64_t>& shared, std::int64_t T,
                std::int64_t generate, std::int64_t chunk, std::int64_t page_size, std::uint64_t seed,
                const model::SessionOptions& so, const model::SessionLimits& limits, Precision precision,
-               const std::optional<model::ExitRule>& exit_rule) {
+               const std::optional<model::ExitRule>& exit_rule, const BatchTraceOut& tr) {
   const std::int64_t V = m.config().vocab_size;
   model::BatchOptions bo;
   bo.page_size = page_size;
@@ -441,17 +491,30 @@ void run_batch(const model::Qwen3Model& m, std::int64_t B, const std::vector<std
   }
   std::vector<std::int64_t> seq;
   for (std::size_t i = 0; i < prompts.size(); ++i) seq.push_back(bs.add());
-  // Prefill: every prompt in the same steps (chunks of `chunk` tokens each when set).
+  // Prefill: every prompt in the same steps (chunks of `chunk` tokens each when set). A looped
+  // stack's per-step trace covers the rows whose logits are computed, so tracing one computes
+  // them all (as without --batch).
   std::vector<float> logits(static_cast<std::size_t>(B * V));
+  std::vector<model::Trace> traces(tr.wanted() ? prompts.size() : 0);
+  const bool want_all = tr.wanted() && m.passes() > 1;
   const std::int64_t step = chunk > 0 ? chunk : T;
+  std::vector<float> all_rows(want_all ? static_cast<std::size_t>(prompts.size() * std::min(step, T) * V) : 0);
   const auto t0 = Clock::now();
   for (std::int64_t b0 = 0; b0 < T; b0 += step) {
-    const std::int64_t n = std::min(step, T - b0);
+    const std::int64_t n = std::min(step, T - b0), ns = static_cast<std::int64_t>(prompts.size());
     std::vector<model::SequenceTokens> st;
     for (std::size_t i = 0; i < prompts.size(); ++i)
-      st.push_back({seq[i], std::span<const std::int64_t>(prompts[i].data() + b0, static_cast<std::size_t>(n))});
-    fo.logits = model::LogitsRows::last;
-    m.forward_batch(bs, st, View2<float>(logits.data(), {static_cast<std::int64_t>(st.size()), V}), fo);
+      st.push_back({seq[i], std::span<const std::int64_t>(prompts[i].data() + b0, static_cast<std::size_t>(n)),
+                    traces.empty() ? nullptr : &traces[i]});
+    if (want_all) {
+      fo.logits = model::LogitsRows::all;
+      m.forward_batch(bs, st, View2<float>(all_rows.data(), {ns * n, V}), fo);
+      for (std::int64_t i = 0; i < ns; ++i)  // each sequence's last row
+        std::copy_n(all_rows.data() + ((i + 1) * n - 1) * V, V, logits.data() + i * V);
+    } else {
+      fo.logits = model::LogitsRows::last;
+      m.forward_batch(bs, st, View2<float>(logits.data(), {ns, V}), fo);
+    }
   }
   const double in_s = std::chrono::duration<double>(Clock::now() - t0).count();
   const std::int64_t prefilled = static_cast<std::int64_t>(prompts.size()) * T;
@@ -459,6 +522,10 @@ void run_batch(const model::Qwen3Model& m, std::int64_t B, const std::vector<std
               shared.empty() ? "" : ", one shared prompt prefilled once and forked");
   std::printf("prefill: %.1f tok/s (%lld tokens of %zu sequences in %.3f s)\n", prefilled / in_s, (long long)prefilled,
               prompts.size(), in_s);
+  for (std::size_t i = 0; i < traces.size(); ++i)
+    write_trace(m, traces[i], per_sequence_path(tr.trace_out, static_cast<std::int64_t>(i)),
+                per_sequence_path(tr.plot_out, static_cast<std::int64_t>(i)), tr.plot_layer,
+                " (sequence " + std::to_string(i) + ")");
   if (!shared.empty()) {  // the others continue from the first one's pages
     for (std::int64_t b = 1; b < B; ++b) seq.push_back(bs.fork(seq[0]));
     for (std::int64_t b = 1; b < B; ++b) std::copy(logits.begin(), logits.begin() + V, logits.begin() + b * V);
@@ -632,8 +699,8 @@ int main(int argc, char** argv) {
   if (plot_layer >= 0 && plot_out.empty()) die("--plot-layer needs --plot");
   if (page_size > 0 && batch == 0) die("--page-size needs --batch");
   if (page_size > 0 && (page_size & (page_size - 1)) != 0) die("--page-size: must be a power of two, got " + std::to_string(page_size));
-  if (batch > 0 && (!logits_out.empty() || !trace_out.empty() || !plot_out.empty()))
-    die("--batch runs many sequences: --logits-out, --trace-out and --plot record one (run without --batch)");
+  if (batch > 0 && !logits_out.empty())
+    die("--batch runs many sequences: --logits-out records one (run without --batch)");
   if (!model_dir.empty() && (!loop_mode.empty() || loop_window > 0 || !attnres_mode.empty() || !attnres_form.empty() || loops > 0))
     die("--loop-mode, --loop-window, --attnres-mode, --attnres-form and --loops shape random models; a checkpoint runs as "
         "its config.json says");
@@ -772,7 +839,7 @@ int main(int argc, char** argv) {
       so.reserve_tokens = 0;
       run_batch(m, batch, ids_given || !ids_from.empty() ? ids : std::vector<std::int64_t>{}, T, std::max<std::int64_t>(generate, 0),
                 decode ? 1 : chunk, page_size > 0 ? page_size : 16, static_cast<std::uint64_t>(seed), so, limits, precision,
-                exit_rule);
+                exit_rule, BatchTraceOut{trace_out, plot_out, plot_layer});
       return 0;
     }
 
@@ -807,32 +874,7 @@ int main(int argc, char** argv) {
     std::printf("%s: %.1f tok/s (%lld tokens in %.3f s)\n", decode ? "decode" : "prefill", T / in_s, (long long)T, in_s);
 
     fo.trace = nullptr;  // the trace covers the input tokens
-    if (!trace_out.empty() || !plot_out.empty()) {
-      if (trace.empty()) die("--trace-out/--plot: this model records no internals (recipe " + m.recipe() + ")");
-      std::vector<viz::TraceTensor> tensors;
-      io::SafetensorsWriter w;
-      for (const auto& name : trace.names()) {
-        model::Trace::Tensor t = trace.tensor(name);
-        w.add_f32(name, t.shape, t.data.data());
-        std::string shape;
-        for (auto d : t.shape) shape += (shape.empty() ? "" : ", ") + std::to_string(d);
-        std::printf("trace: %s [%s]\n", name.c_str(), shape.c_str());
-        tensors.push_back(std::move(t));
-      }
-      if (!trace_out.empty()) {
-        w.write(trace_out);
-        std::printf("trace: wrote %s\n", trace_out.c_str());
-      }
-      if (!plot_out.empty()) {
-        viz::PlotOptions po;
-        po.title = m.source() + " — " + mechanism_summary(m);
-        po.strip_layer = plot_layer;
-        // Per-step logits are data for files, not a picture (a column per vocabulary entry).
-        std::erase_if(tensors, [](const viz::TraceTensor& t) { return t.name == "logits_per_step"; });
-        viz::write_trace_svg(plot_out, tensors, po);
-        std::printf("plot: wrote %s\n", plot_out.c_str());
-      }
-    }
+    if (!trace_out.empty() || !plot_out.empty()) write_trace(m, trace, trace_out, plot_out, plot_layer, "");
 
     if (!logits_out.empty()) {
       io::SafetensorsWriter w;
