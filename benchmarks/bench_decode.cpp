@@ -321,6 +321,36 @@ BENCHMARK_CAPTURE(BM_decode_paged_variant, sparse, true)
 // the same-run baseline: attention_prefill of each sequence on a contiguous copy of its keys
 // (q_offset = 4096 - 256). vs_contig = median time ratio; GFLOPS counts 4·d flops per (query
 // head, visible key).
+// The timing loop of the chunked-prefill benchmarks below: paged() alternated with baseline()
+// (the iteration time is paged's), their outputs required equal bit for bit, then GFLOPS
+// (4·d flops per query head and visible key of B sequences of L keys whose last n are the
+// chunk), peak_frac and `ratio` = the median time ratio paged / baseline.
+template <class Paged, class Baseline>
+void time_paged_prefill(benchmark::State& state, Paged paged, Baseline baseline, const std::vector<float>& out,
+                        const std::vector<float>& ref, const char* ratio, std::int64_t B, std::int64_t L,
+                        std::int64_t n, std::int64_t H, std::int64_t d) {
+  Paired pairs;
+  for (auto _ : state) {
+    const auto t0 = std::chrono::steady_clock::now();
+    paged();
+    const auto t1 = std::chrono::steady_clock::now();
+    baseline();
+    const auto t2 = std::chrono::steady_clock::now();
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+    const double paged_s = std::chrono::duration<double>(t1 - t0).count();
+    pairs.add(paged_s, std::chrono::duration<double>(t2 - t1).count());
+    state.SetIterationTime(paged_s);
+  }
+  if (out != ref) state.SkipWithError("the paged prefill differs from its baseline");
+  double flops = 0;
+  for (std::int64_t t = 0; t < n; ++t) flops += static_cast<double>(B) * (L - n + t + 1) * H * 4.0 * d;
+  state.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["peak_frac"] =
+      benchmark::Counter(flops * 1e-9 / roofline().fma_gflops, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters[ratio] = pairs.time_ratio();
+}
+
 void BM_prefill_paged(benchmark::State& state) {
   using KV = attnkit::bf16;
   constexpr std::int64_t H = PagedSets::H, Hk = PagedSets::Hk, d = PagedSets::d, L = 4096, n = 256, P = 16;
@@ -350,31 +380,21 @@ void BM_prefill_paged(benchmark::State& state) {
   opt.num_threads = 2;
   attnkit::AttentionOptions copt = opt;
   copt.q_offset = L - n;
-  Paired pairs;
-  for (auto _ : state) {
-    const auto t0 = std::chrono::steady_clock::now();
-    attnkit::attention_prefill_paged<KV>(attnkit::ConstView3<float>(q.data(), {T, H, d}), cache, table, cu,
-                                         attnkit::View3<float>(out.data(), {T, H, d}), attnkit::CausalMask{}, opt);
-    const auto t1 = std::chrono::steady_clock::now();
-    for (std::int64_t b = 0; b < B; ++b)
-      attnkit::attention_prefill<KV>(attnkit::ConstView3<float>(q.data() + b * n * H * d, {n, H, d}),
-                                     attnkit::ConstView3<KV>(kc[b].data(), {L, Hk, d}),
-                                     attnkit::ConstView3<KV>(vc[b].data(), {L, Hk, d}),
-                                     attnkit::View3<float>(ref.data() + b * n * H * d, {n, H, d}), attnkit::CausalMask{}, copt);
-    const auto t2 = std::chrono::steady_clock::now();
-    benchmark::DoNotOptimize(out.data());
-    benchmark::ClobberMemory();
-    const double paged_s = std::chrono::duration<double>(t1 - t0).count();
-    pairs.add(paged_s, std::chrono::duration<double>(t2 - t1).count());
-    state.SetIterationTime(paged_s);
-  }
-  if (out != ref) state.SkipWithError("paged prefill differs from the contiguous one");
-  double flops = 0;
-  for (std::int64_t t = 0; t < n; ++t) flops += static_cast<double>(B) * (L - n + t + 1) * H * 4.0 * d;
-  state.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["peak_frac"] =
-      benchmark::Counter(flops * 1e-9 / roofline().fma_gflops, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["vs_contig"] = pairs.time_ratio();
+  time_paged_prefill(
+      state,
+      [&] {
+        attnkit::attention_prefill_paged<KV>(attnkit::ConstView3<float>(q.data(), {T, H, d}), cache, table, cu,
+                                             attnkit::View3<float>(out.data(), {T, H, d}), attnkit::CausalMask{}, opt);
+      },
+      [&] {
+        for (std::int64_t b = 0; b < B; ++b)
+          attnkit::attention_prefill<KV>(attnkit::ConstView3<float>(q.data() + b * n * H * d, {n, H, d}),
+                                         attnkit::ConstView3<KV>(kc[b].data(), {L, Hk, d}),
+                                         attnkit::ConstView3<KV>(vc[b].data(), {L, Hk, d}),
+                                         attnkit::View3<float>(ref.data() + b * n * H * d, {n, H, d}),
+                                         attnkit::CausalMask{}, copt);
+      },
+      out, ref, "vs_contig", B, L, n, H, d);
 }
 BENCHMARK(BM_prefill_paged)->Name("prefill/paged/bf16/L:4096/chunk:256")->UseManualTime()->Iterations(10)
     ->Unit(benchmark::kMillisecond);
@@ -403,37 +423,24 @@ void BM_prefill_paged_int8(benchmark::State& state) {
   opt.num_threads = 2;
   attnkit::AttentionOptions copt = opt;
   copt.q_offset = L - n;
-  Paired pairs;
   double staged_mb = 0;
-  for (auto _ : state) {
-    const auto t0 = std::chrono::steady_clock::now();
-    attnkit::attention_prefill_paged<KV>(attnkit::ConstView3<float>(q.data(), {T, H, d}), cache, table, cu,
-                                         attnkit::View3<float>(out.data(), {T, H, d}), attnkit::CausalMask{}, opt);
-    const auto t1 = std::chrono::steady_clock::now();
-    {
-      const auto st = attnkit::detail::paged::stage("bench", cache, table, seqs, opt.num_threads);
-      staged_mb = static_cast<double>((st.k.size() + st.v.size()) * sizeof(float)) * 1e-6;
-      for (std::int64_t b = 0; b < B; ++b)
-        attnkit::attention_prefill<float>(attnkit::ConstView3<float>(q.data() + b * n * H * d, {n, H, d}),
-                                          st.keys().slice(0, st.offset[b], st.offset[b] + L),
-                                          st.values().slice(0, st.offset[b], st.offset[b] + L),
-                                          attnkit::View3<float>(ref.data() + b * n * H * d, {n, H, d}),
-                                          attnkit::CausalMask{}, copt);
-    }
-    const auto t2 = std::chrono::steady_clock::now();
-    benchmark::DoNotOptimize(out.data());
-    benchmark::ClobberMemory();
-    const double paged_s = std::chrono::duration<double>(t1 - t0).count();
-    pairs.add(paged_s, std::chrono::duration<double>(t2 - t1).count());
-    state.SetIterationTime(paged_s);
-  }
-  if (out != ref) state.SkipWithError("int8 paged prefill differs from the staged route");
-  double flops = 0;
-  for (std::int64_t t = 0; t < n; ++t) flops += static_cast<double>(B) * (L - n + t + 1) * H * 4.0 * d;
-  state.counters["GFLOPS"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["peak_frac"] =
-      benchmark::Counter(flops * 1e-9 / roofline().fma_gflops, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["vs_staged"] = pairs.time_ratio();
+  time_paged_prefill(
+      state,
+      [&] {
+        attnkit::attention_prefill_paged<KV>(attnkit::ConstView3<float>(q.data(), {T, H, d}), cache, table, cu,
+                                             attnkit::View3<float>(out.data(), {T, H, d}), attnkit::CausalMask{}, opt);
+      },
+      [&] {
+        const auto st = attnkit::detail::paged::stage("bench", cache, table, seqs, opt.num_threads);
+        staged_mb = static_cast<double>((st.k.size() + st.v.size()) * sizeof(float)) * 1e-6;
+        for (std::int64_t b = 0; b < B; ++b)
+          attnkit::attention_prefill<float>(attnkit::ConstView3<float>(q.data() + b * n * H * d, {n, H, d}),
+                                            st.keys().slice(0, st.offset[b], st.offset[b] + L),
+                                            st.values().slice(0, st.offset[b], st.offset[b] + L),
+                                            attnkit::View3<float>(ref.data() + b * n * H * d, {n, H, d}),
+                                            attnkit::CausalMask{}, copt);
+      },
+      out, ref, "vs_staged", B, L, n, H, d);
   state.counters["staged_MB"] = staged_mb;
 }
 BENCHMARK(BM_prefill_paged_int8)->Name("prefill/paged/int8/L:4096/chunk:256")->UseManualTime()->Iterations(10)
