@@ -321,20 +321,28 @@ BENCHMARK_CAPTURE(BM_decode_paged_variant, sparse, true)
 // the same-run baseline: attention_prefill of each sequence on a contiguous copy of its keys
 // (q_offset = 4096 - 256). vs_contig = median time ratio; GFLOPS counts 4·d flops per (query
 // head, visible key).
-// The timing loop of the chunked-prefill benchmarks below: paged() alternated with baseline()
-// (the iteration time is paged's), their outputs required equal bit for bit, then GFLOPS
-// (4·d flops per query head and visible key of B sequences of L keys whose last n are the
-// chunk), peak_frac and `ratio` = the median time ratio paged / baseline.
-template <class Paged, class Baseline>
-void time_paged_prefill(benchmark::State& state, Paged paged, Baseline baseline, const std::vector<float>& out,
-                        const std::vector<float>& ref, const char* ratio, std::int64_t B, std::int64_t L,
+// The timing loop of the chunked-prefill benchmarks below: attention_prefill_paged over `cache`
+// (2 threads) alternated with baseline(copt) (copt: the same options with q_offset = L - n), the
+// iteration time the paged call's; their outputs required equal bit for bit; then GFLOPS (4·d
+// flops per query head and visible key of B sequences of L keys whose last n are the chunk),
+// peak_frac and `ratio` = the median time ratio paged / baseline.
+template <class KV, class Baseline>
+void time_paged_prefill(benchmark::State& state, const attnkit::PagedKV<KV>& cache, const attnkit::PageTable& table,
+                        const std::vector<std::int64_t>& cu, const std::vector<float>& q, std::vector<float>& out,
+                        Baseline baseline, const std::vector<float>& ref, const char* ratio, std::int64_t L,
                         std::int64_t n, std::int64_t H, std::int64_t d) {
+  const std::int64_t B = table.batch(), T = B * n;
+  attnkit::AttentionOptions opt;
+  opt.num_threads = 2;
+  attnkit::AttentionOptions copt = opt;
+  copt.q_offset = L - n;
   Paired pairs;
   for (auto _ : state) {
     const auto t0 = std::chrono::steady_clock::now();
-    paged();
+    attnkit::attention_prefill_paged<KV>(attnkit::ConstView3<float>(q.data(), {T, H, d}), cache, table, cu,
+                                         attnkit::View3<float>(out.data(), {T, H, d}), attnkit::CausalMask{}, opt);
     const auto t1 = std::chrono::steady_clock::now();
-    baseline();
+    baseline(copt);
     const auto t2 = std::chrono::steady_clock::now();
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
@@ -376,17 +384,9 @@ void BM_prefill_paged(benchmark::State& state) {
         std::copy_n(cache.v.ptr(page, s % P, h), d, vc[b].data() + (s * Hk + h) * d);
       }
   }
-  attnkit::AttentionOptions opt;
-  opt.num_threads = 2;
-  attnkit::AttentionOptions copt = opt;
-  copt.q_offset = L - n;
   time_paged_prefill(
-      state,
-      [&] {
-        attnkit::attention_prefill_paged<KV>(attnkit::ConstView3<float>(q.data(), {T, H, d}), cache, table, cu,
-                                             attnkit::View3<float>(out.data(), {T, H, d}), attnkit::CausalMask{}, opt);
-      },
-      [&] {
+      state, cache, table, cu, q, out,
+      [&](const attnkit::AttentionOptions& copt) {
         for (std::int64_t b = 0; b < B; ++b)
           attnkit::attention_prefill<KV>(attnkit::ConstView3<float>(q.data() + b * n * H * d, {n, H, d}),
                                          attnkit::ConstView3<KV>(kc[b].data(), {L, Hk, d}),
@@ -394,7 +394,7 @@ void BM_prefill_paged(benchmark::State& state) {
                                          attnkit::View3<float>(ref.data() + b * n * H * d, {n, H, d}),
                                          attnkit::CausalMask{}, copt);
       },
-      out, ref, "vs_contig", B, L, n, H, d);
+      ref, "vs_contig", L, n, H, d);
 }
 BENCHMARK(BM_prefill_paged)->Name("prefill/paged/bf16/L:4096/chunk:256")->UseManualTime()->Iterations(10)
     ->Unit(benchmark::kMillisecond);
@@ -419,19 +419,11 @@ void BM_prefill_paged_int8(benchmark::State& state) {
   for (std::int64_t b = 0; b < B; ++b) seqs.push_back(b);
   const attnkit::PagedKV<KV> cache = ps.pool.view();
   const attnkit::PageTable table = ps.table(0);
-  attnkit::AttentionOptions opt;
-  opt.num_threads = 2;
-  attnkit::AttentionOptions copt = opt;
-  copt.q_offset = L - n;
   double staged_mb = 0;
   time_paged_prefill(
-      state,
-      [&] {
-        attnkit::attention_prefill_paged<KV>(attnkit::ConstView3<float>(q.data(), {T, H, d}), cache, table, cu,
-                                             attnkit::View3<float>(out.data(), {T, H, d}), attnkit::CausalMask{}, opt);
-      },
-      [&] {
-        const auto st = attnkit::detail::paged::stage("bench", cache, table, seqs, opt.num_threads);
+      state, cache, table, cu, q, out,
+      [&](const attnkit::AttentionOptions& copt) {
+        const auto st = attnkit::detail::paged::stage("bench", cache, table, seqs, copt.num_threads);
         staged_mb = static_cast<double>((st.k.size() + st.v.size()) * sizeof(float)) * 1e-6;
         for (std::int64_t b = 0; b < B; ++b)
           attnkit::attention_prefill<float>(attnkit::ConstView3<float>(q.data() + b * n * H * d, {n, H, d}),
@@ -440,7 +432,7 @@ void BM_prefill_paged_int8(benchmark::State& state) {
                                             attnkit::View3<float>(ref.data() + b * n * H * d, {n, H, d}),
                                             attnkit::CausalMask{}, copt);
       },
-      out, ref, "vs_staged", B, L, n, H, d);
+      ref, "vs_staged", L, n, H, d);
   state.counters["staged_MB"] = staged_mb;
 }
 BENCHMARK(BM_prefill_paged_int8)->Name("prefill/paged/int8/L:4096/chunk:256")->UseManualTime()->Iterations(10)
