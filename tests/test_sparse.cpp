@@ -466,6 +466,82 @@ TEMPLATE_TEST_CASE("sparse attention: wide GQA groups and head dims past the key
   }
 }
 
+// int8 K/V (QuantView3): decode reads only the selected rows, with the int8 decode kernel.
+// Against float64 over the dequantised rows within kAttnTol (measured against attention over
+// |v|: test::err_vs_magnitude); selecting every key equals attention_decode on the QuantView3
+// bit for bit; any thread count gives the same bits.
+TEST_CASE("sparse attention: int8 K/V decode reads the selection in place", "[sparse][attention][int8]") {
+  const auto seed = test::fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  for (int c = 0; c < 20; ++c) {
+    const std::int64_t H_kv = rng.integer(1, 3), G = rng.integer(1, 3), H = H_kv * G;
+    const std::int64_t dk = rng.integer(1, 3) == 1 ? rng.integer(1, 20) : rng.integer(60, 140);
+    const std::int64_t dv = rng.integer(0, 1) ? dk : rng.integer(1, 70);
+    const std::int64_t T_k = rng.integer(1, 700 / kScale), K = rng.integer(1, 90);
+    CAPTURE(c, H, H_kv, dk, dv, T_k, K);
+    // Codes and scales of K/V, and their dequantised values (what the reference sees).
+    const auto quantise = [&](std::int64_t d, std::vector<std::int8_t>& codes, std::vector<float>& scales,
+                              std::vector<float>& deq) {
+      deq = rng.normal_vec(sz(T_k * H_kv * d));
+      codes.resize(deq.size());
+      scales.resize(sz(T_k * H_kv));
+      for (std::int64_t r = 0; r < T_k * H_kv; ++r) {
+        REQUIRE(detail::quant::quantize_row(deq.data() + r * d, codes.data() + r * d, scales[sz(r)], d));
+        detail::quant::dequantize_row(codes.data() + r * d, scales[sz(r)], deq.data() + r * d, d);
+      }
+    };
+    std::vector<std::int8_t> kc, vc;
+    std::vector<float> ks, vs, kd, vd;
+    quantise(dk, kc, ks, kd);
+    quantise(dv, vc, vs, vd);
+    const QuantView3 kq{ConstView3<std::int8_t>(kc.data(), {T_k, H_kv, dk}), ConstView2<float>(ks.data(), {T_k, H_kv})};
+    const QuantView3 vq{ConstView3<std::int8_t>(vc.data(), {T_k, H_kv, dv}), ConstView2<float>(vs.data(), {T_k, H_kv})};
+    const auto q = rng.normal_vec(sz(H * dk));
+    const auto idx = random_selection(rng, 1, K, T_k - 1, rng.uniform(0.05f, 1.f));
+    SparseAttentionOptions so;
+    so.kv_chunk = rng.integer(0, 1) ? 0 : rng.integer(1, 40);
+    std::vector<float> o(sz(H * dv)), o1(sz(H * dv));
+    test::poison(o);
+    test::poison(o1);
+    sparse_attention_decode(ConstView2<float>(q.data(), {H, dk}), kq, vq, ConstView1<std::int32_t>(idx.data(), {K}),
+                            View2<float>(o.data(), {H, dv}), so);
+    std::vector<double> ref_out, ref_lse, mag_out;
+    const double scale = 1.0 / std::sqrt(double(dk));
+    ref::sparse_attention(q, kd, vd, idx, 1, K, H, H_kv, dk, dv, scale, ref_out, ref_lse);
+    std::vector<float> vabs(vd);
+    for (auto& x : vabs) x = std::fabs(x);
+    ref::sparse_attention(q, kd, vabs, idx, 1, K, H, H_kv, dk, dv, scale, mag_out, ref_lse);
+    CHECK(test::err_vs_magnitude(o, ref_out, mag_out) <= kAttnTol);
+    so.num_threads = 1;
+    sparse_attention_decode(ConstView2<float>(q.data(), {H, dk}), kq, vq, ConstView1<std::int32_t>(idx.data(), {K}),
+                            View2<float>(o1.data(), {H, dv}), so);
+    CHECK(test::bit_equal(o, o1));
+  }
+  // Every key selected: attention_decode on the int8 cache, bit for bit (same chunks).
+  const std::int64_t T_k = 300 / kScale + 5, H = 4, H_kv = 2, d = 64;
+  std::vector<std::int8_t> kc(sz(T_k * H_kv * d)), vc(kc.size());
+  std::vector<float> ks(sz(T_k * H_kv)), vs(ks.size());
+  for (std::int64_t r = 0; r < T_k * H_kv; ++r) {
+    auto x = rng.normal_vec(sz(d));
+    REQUIRE(detail::quant::quantize_row(x.data(), kc.data() + r * d, ks[sz(r)], d));
+    x = rng.normal_vec(sz(d));
+    REQUIRE(detail::quant::quantize_row(x.data(), vc.data() + r * d, vs[sz(r)], d));
+  }
+  const QuantView3 kq{ConstView3<std::int8_t>(kc.data(), {T_k, H_kv, d}), ConstView2<float>(ks.data(), {T_k, H_kv})};
+  const QuantView3 vq{ConstView3<std::int8_t>(vc.data(), {T_k, H_kv, d}), ConstView2<float>(vs.data(), {T_k, H_kv})};
+  const auto q = rng.normal_vec(sz(H * d));
+  std::vector<std::int32_t> all(sz(T_k));
+  for (std::int64_t s = 0; s < T_k; ++s) all[sz(s)] = static_cast<std::int32_t>(s);
+  std::vector<float> a(sz(H * d)), b(sz(H * d));
+  test::poison(a);
+  test::poison(b);
+  sparse_attention_decode(ConstView2<float>(q.data(), {H, d}), kq, vq, ConstView1<std::int32_t>(all.data(), {T_k}),
+                          View2<float>(a.data(), {H, d}));
+  attention_decode(ConstView2<float>(q.data(), {H, d}), kq, vq, View2<float>(b.data(), {H, d}));
+  CHECK(test::bit_equal(a, b));
+}
+
 TEST_CASE("sparse attention: k = 1 picks one value row", "[sparse][attention]") {
   Rng rng(3);
   const std::int64_t T = 9, H = 4, H_kv = 2, d = 16;

@@ -101,7 +101,8 @@ inline std::int64_t checked_count(const char* fn, const std::int32_t* idx, std::
 
 template <class KV>
 void check_kv(const char* fn, ConstView3<KV> k, ConstView3<KV> v, std::int64_t H, std::int64_t dk) {
-  static_assert(is_storage_type_v<KV>, "sparse attention: K/V must be float or bf16");
+  static_assert(is_storage_type_v<KV> || std::is_same_v<KV, std::int8_t>,
+                "sparse attention: K/V must be float or bf16 (int8 decode: QuantView3)");
   check_view(k, fn, "k");
   check_view(v, fn, "v");
   const std::int64_t H_kv = k.shape[1];
@@ -136,17 +137,20 @@ struct TileScratch;
 
 }  // namespace detail::sparse
 
-// One query against a cache. See the contract at the top of this file.
+namespace detail::sparse {
+
+// sparse_attention_decode on K/V of storage KV (int8: with qsc, their scales).
 template <class KV>
-void sparse_attention_decode(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, ConstView1<std::int32_t> indices,
-                             View2<float> out, const SparseAttentionOptions& opt = {}, View1<float> lse = {}) {
+void decode_selected(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, ConstView1<std::int32_t> indices,
+                     View2<float> out, const SparseAttentionOptions& opt, View1<float> lse,
+                     const detail::decode::QuantScales& qsc = {}) {
   constexpr const char* fn = "sparse_attention_decode";
   check_view(q, fn, "q");
   check_view(indices, fn, "indices");
   check_view(out, fn, "out");
-  detail::sparse::check_options(fn, opt);
+  check_options(fn, opt);
   const std::int64_t H = q.shape[0], T_k = k.shape[0];
-  detail::sparse::check_kv(fn, k, v, H, q.shape[1]);
+  check_kv(fn, k, v, H, q.shape[1]);
   ATTNKIT_REQUIRE(out.shape[0] == H && out.shape[1] == v.shape[2], fn, ": argument 'out': shape ",
                   detail::shape_string(out), " must be [H, d_v] = [", H, ", ", v.shape[2], "]");
   if (!lse.empty()) {
@@ -156,12 +160,35 @@ void sparse_attention_decode(ConstView2<float> q, ConstView3<KV> k, ConstView3<K
   ATTNKIT_REQUIRE(opt.q_offset < T_k, fn, ": argument 'opt.q_offset': ", opt.q_offset, " is past the last key (T_k = ", T_k, ")");
   ATTNKIT_REQUIRE(indices.stride[0] == 1 || indices.shape[0] <= 1, fn, ": argument 'indices': must be contiguous");
   const std::int64_t pos = opt.q_offset >= 0 ? opt.q_offset : T_k - 1;
-  const std::int64_t n = detail::sparse::checked_count(fn, indices.data, indices.shape[0], pos, T_k, 0);
+  const std::int64_t n = checked_count(fn, indices.data, indices.shape[0], pos, T_k, 0);
   DecodeOptions dopt;
   dopt.scale = opt.scale;
   dopt.num_threads = opt.num_threads;
   dopt.kv_chunk = opt.kv_chunk;
-  detail::decode::decode_keys<true>(q, k, v, out, dopt, lse, n, indices.data);
+  detail::decode::decode_keys<true>(q, k, v, out, dopt, lse, n, indices.data, PlainAttention{}, qsc);
+}
+
+}  // namespace detail::sparse
+
+// One query against a cache. See the contract at the top of this file.
+template <class KV>
+void sparse_attention_decode(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, ConstView1<std::int32_t> indices,
+                             View2<float> out, const SparseAttentionOptions& opt = {}, View1<float> lse = {}) {
+  static_assert(is_storage_type_v<KV>, "sparse_attention_decode: K/V must be float or bf16 (int8: QuantView3)");
+  detail::sparse::decode_selected<KV>(q, k, v, indices, out, opt, lse);
+}
+
+// int8 K/V (QuantView3, e.g. KVCache<std::int8_t>::keys()): the selected rows read by the int8
+// decode kernel (widened in registers, the scales applied per row, as attention_decode reads an
+// int8 cache), so a step reads only its selection, never a dequantised copy of the cache.
+// Selecting every key equals attention_decode on the QuantView3 bit for bit.
+inline void sparse_attention_decode(ConstView2<float> q, const QuantView3& k, const QuantView3& v,
+                                    ConstView1<std::int32_t> indices, View2<float> out,
+                                    const SparseAttentionOptions& opt = {}, View1<float> lse = {}) {
+  check_quant_view(k, "sparse_attention_decode", "k");
+  check_quant_view(v, "sparse_attention_decode", "v");
+  detail::sparse::decode_selected<std::int8_t>(q, k.codes, v.codes, indices, out, opt, lse,
+                                               detail::decode::QuantScales{k.scales, v.scales});
 }
 
 namespace detail::sparse {

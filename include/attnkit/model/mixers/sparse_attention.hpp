@@ -21,8 +21,8 @@
 // indexer.weights_proj.weight [H_I, D]. Config fields: index_n_heads (H_I), index_head_dim (d_I),
 // index_topk (k), index_rope_dim (default d_I; even, ≤ d_I).
 // State per pass of the layer stack: the KV cache (f32, bf16 or int8, SessionOptions::kv_type; an
-// int8 cache is dequantised whole to an f32 staging copy each step, so it saves memory, not time) and the
-// index-key cache (d_I floats per token, f32). In a batch session the f32 / bf16 K/V live in the
+// int8 cache is read in registers by decode, only the selected rows, and dequantised whole to an
+// f32 staging copy by a prefill chunk) and the index-key cache (d_I floats per token, f32). In a batch session the f32 / bf16 K/V live in the
 // session's page pool and only the index keys are per sequence (forward_batch). Prefill, chunked prefill and decode run the same
 // indexer and attention over the cached keys, so they agree. A trace records "topk_indices"
 // [layers, tokens, index_topk]: each query's selected positions (as floats, ascending, -1
@@ -217,9 +217,15 @@ class SparseAttention final : public TokenMixer {
                                         ConstView2<std::int32_t>(idx.data(), {T, K}), av, so);
           }
         };
-        if constexpr (std::is_same_v<KV, std::int8_t>) {  // int8 cache: the kernels read an f32 staging copy
-          std::vector<float> kb, vb;
-          run(stage_f32(cache.keys(), kb), stage_f32(cache.values(), vb));
+        if constexpr (std::is_same_v<KV, std::int8_t>) {
+          if (T == 1) {  // int8 decode reads only the selected rows, in registers
+            sparse_attention_decode(ConstView2<float>(qkv.q.data, {H, d}, {qkv.q.stride[1], 1}), cache.keys(),
+                                    cache.values(), ConstView1<std::int32_t>(idx.data(), {K}),
+                                    View2<float>(attn.data(), {H, d}), so);
+          } else {  // prefill: the kernels read an f32 staging copy
+            std::vector<float> kb, vb;
+            run(stage_f32(cache.keys(), kb), stage_f32(cache.values(), vb));
+          }
         } else {
           run(cache.keys(), cache.values());
         }
