@@ -8,6 +8,9 @@
 //                             vs_dense = sparse time / dense time (median of pairs).
 //                             GBps / bw_frac: bytes the sparse step must read (index keys, the
 //                             selected K/V rows) per second, against the measured read bandwidth.
+//                             int8 (KVCache<std::int8_t>, the selected codes and scales read in
+//                             registers): vs_staged = its time / the route the model took before
+//                             (the whole cache dequantised to f32, then the f32 kernel).
 //  sparse/prefill/<kv>/T:<T>  T tokens: indexer_topk + sparse_attention_prefill, against causal
 //                             attention_prefill. idx_GFLOPS counts 2·H_I·d_I flops per scored
 //                             (query, key) pair; attn_GFLOPS 4·d per selected pair and head;
@@ -76,8 +79,12 @@ void BM_sparse_decode(benchmark::State& state, std::int64_t T, Precision precisi
   dopt.num_threads = kThreads;
   const ConstView2<float> qv(q.data(), {kH, kD});
   const View2<float> ov(out.data(), {kH, kD});
+  constexpr bool quant = std::is_same_v<KV, std::int8_t>;
+  // int8: also the route the model took before (the whole cache dequantised to f32, then the f32
+  // kernel over the selection), timed after each pair; vs_staged = sparse time / that time.
+  std::vector<float> staged_k(quant ? static_cast<std::size_t>(T * kHkv * kD) : 0), staged_v(staged_k.size());
   bench::Paired pairs;
-  double idx_s = 0;
+  double idx_s = 0, staged_s = 0;
   std::size_t i = 0;
   for (auto _ : state) {
     const Set& a = sets[i % sets.size()];
@@ -86,17 +93,32 @@ void BM_sparse_decode(benchmark::State& state, std::int64_t T, Precision precisi
     const double t0 = now_s();
     indexer_topk(ConstView3<float>(iq.data(), {1, kHI, kDI}), ConstView2<float>(a.index_k.data(), {T, kDI}),
                  ConstView2<float>(iw.data(), {1, kHI}), View2<std::int32_t>(idx.data(), {1, kTopK}), io);
-    idx_s += now_s() - t0;
-    sparse_attention_decode<KV>(qv, a.cache.keys(), a.cache.values(), ConstView1<std::int32_t>(idx.data(), {kTopK}), ov, so);
+    const double t_idx = now_s() - t0;
+    idx_s += t_idx;
+    const ConstView1<std::int32_t> sel(idx.data(), {kTopK});
+    if constexpr (quant) sparse_attention_decode(qv, a.cache.keys(), a.cache.values(), sel, ov, so);
+    else sparse_attention_decode<KV>(qv, a.cache.keys(), a.cache.values(), sel, ov, so);
     benchmark::ClobberMemory();
     const double t1 = now_s();
-    attention_decode<KV>(qv, b.cache.keys(), b.cache.values(), ov, dopt);
+    if constexpr (quant) attention_decode(qv, b.cache.keys(), b.cache.values(), ov, dopt);
+    else attention_decode<KV>(qv, b.cache.keys(), b.cache.values(), ov, dopt);
     benchmark::ClobberMemory();
-    pairs.add(t1 - t0, now_s() - t1);
+    const double t2 = now_s();
+    pairs.add(t1 - t0, t2 - t1);
+    if constexpr (quant) {
+      const View3<float> sk(staged_k.data(), {T, kHkv, kD}), sv(staged_v.data(), {T, kHkv, kD});
+      dequantize(a.cache.keys(), sk);
+      dequantize(a.cache.values(), sv);
+      sparse_attention_decode<float>(qv, sk, sv, sel, ov, so);
+      benchmark::ClobberMemory();
+      staged_s += now_s() - t2 + t_idx;  // the staged route, with the same indexer time
+    }
   }
   const double n = static_cast<double>(state.iterations());
   const double sparse_s = pairs.variant_s / n;
-  const double bytes = static_cast<double>(T * kDI * 4 + std::min(T, kTopK) * kHkv * kD * 2 * static_cast<std::int64_t>(sizeof(KV)));
+  const double row_bytes = quant ? kD + 4.0 : kD * static_cast<double>(sizeof(KV));
+  const double bytes = static_cast<double>(T * kDI * 4) + static_cast<double>(std::min(T, kTopK) * kHkv) * 2 * row_bytes;
+  if constexpr (quant) state.counters["vs_staged"] = sparse_s / (staged_s / n);
   state.counters["vs_dense"] = pairs.time_ratio();
   state.counters["sparse_us"] = sparse_s * 1e6;
   state.counters["idx_us"] = idx_s / n * 1e6;
@@ -172,6 +194,7 @@ const bool registered = [] {
   };
   reg("sparse/decode/f32/T:32768", BM_sparse_decode<float>, 32768, 200);
   reg("sparse/decode/bf16/T:32768", BM_sparse_decode<bf16>, 32768, 200);
+  reg("sparse/decode/int8/T:32768", BM_sparse_decode<std::int8_t>, 32768, 100);
   reg("sparse/prefill/f32/T:4096", BM_sparse_prefill<float>, 4096, 3);
   reg("sparse/prefill/f32/T:16384", BM_sparse_prefill<float>, 16384, 2);
   reg("sparse/prefill/bf16/T:16384", BM_sparse_prefill<bf16>, 16384, 2);
