@@ -18,7 +18,13 @@
 //                             *_frac = of the measured FMA peak; idx_s / attn_s the two parts.
 //  .../fast/...               the indexer under Precision::fast (int8 index vectors on VNNI):
 //                             idx_GFLOPS then counts int8 ops and idx_frac is of the measured
-//                             int8 dot-product peak (roofline/int8_dot); the attention is the same.
+//                             int8 dot-product peak (roofline/int8_dot); the attention is the same
+//                             for f32 / bf16 K/V (fast only changes int8 keys' scores).
+//  sparse/prefill/int8/...    K/V in a KVCache<std::int8_t> (codes and scales read in place by
+//                             both kernels); under fast the sparse kernel scores the selected
+//                             keys on VNNI against the query quantised per token and head, and
+//                             the dense one runs attention_prefill under fast too (AMX tiles where
+//                             the machine has them, the FMA kernel elsewhere).
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -128,25 +134,48 @@ void BM_sparse_decode(benchmark::State& state, std::int64_t T, Precision precisi
   state.counters["caches"] = static_cast<double>(n_sets);
 }
 
+// The K/V of a prefill benchmark: head-major, as a KVCache holds them (a [T, H_kv, d] buffer puts
+// one head's rows 4 KiB apart, where they alias in L1/L2); int8 in a KVCache<std::int8_t>.
+template <class KV>
+struct PrefillKV {
+  Buffer<KV> k, v;
+  ConstView3<KV> keys, values;
+  PrefillKV(std::int64_t T)
+      : k(fill<KV>(T * kHkv * kD, 2)), v(fill<KV>(T * kHkv * kD, 3)),
+        keys(k.data(), {T, kHkv, kD}, {kD, T * kD, 1}), values(v.data(), {T, kHkv, kD}, {kD, T * kD, 1}) {}
+};
+template <>
+struct PrefillKV<std::int8_t> {
+  KVCache<std::int8_t> cache;
+  QuantView3 keys, values;
+  PrefillKV(std::int64_t T) : cache(kHkv, kD, kD, T) {
+    const auto k = fill<float>(T * kHkv * kD, 2), v = fill<float>(T * kHkv * kD, 3);
+    cache.append(ConstView3<float>(k.data(), {T, kHkv, kD}), ConstView3<float>(v.data(), {T, kHkv, kD}));
+    keys = cache.keys();
+    values = cache.values();
+  }
+};
+
 template <class KV>
 void BM_sparse_prefill(benchmark::State& state, std::int64_t T, Precision precision) {
   const auto q = fill<float>(T * kH * kD, 1);
-  const auto k = fill<KV>(T * kHkv * kD, 2), v = fill<KV>(T * kHkv * kD, 3);
+  const PrefillKV<KV> kv_data(T);
+  const auto& kv = kv_data.keys;
+  const auto& vv = kv_data.values;
   const auto out = fill<float>(T * kH * kD, 4);
   const auto iq = fill<float>(T * kHI * kDI, 5), ik = fill<float>(T * kDI, 6), iw = fill<float>(T * kHI, 7, 0.5f);
   std::vector<std::int32_t> idx(static_cast<std::size_t>(T * kTopK));
   const ConstView3<float> qv(q.data(), {T, kH, kD});
-  // Head-major K/V, as a KVCache holds them (a [T, H_kv, d] buffer puts one head's rows 4 KiB
-  // apart, where they alias in L1/L2).
-  const ConstView3<KV> kv(k.data(), {T, kHkv, kD}, {kD, T * kD, 1}), vv(v.data(), {T, kHkv, kD}, {kD, T * kD, 1});
   const View3<float> ov(out.data(), {T, kH, kD});
   IndexerOptions io;
   io.num_threads = kThreads;
   io.precision = precision;
   SparseAttentionOptions so;
   so.num_threads = kThreads;
+  so.precision = precision;
   AttentionOptions ao;
   ao.num_threads = kThreads;
+  ao.precision = precision;
   bench::Paired pairs;
   double idx_s = 0, attn_s = 0;
   for (auto _ : state) {
@@ -154,10 +183,15 @@ void BM_sparse_prefill(benchmark::State& state, std::int64_t T, Precision precis
     indexer_topk(ConstView3<float>(iq.data(), {T, kHI, kDI}), ConstView2<float>(ik.data(), {T, kDI}),
                  ConstView2<float>(iw.data(), {T, kHI}), View2<std::int32_t>(idx.data(), {T, kTopK}), io);
     const double t1 = now_s();
-    sparse_attention_prefill<KV>(qv, kv, vv, ConstView2<std::int32_t>(idx.data(), {T, kTopK}), ov, so);
+    if constexpr (std::is_same_v<KV, std::int8_t>) {
+      sparse_attention_prefill(qv, kv, vv, ConstView2<std::int32_t>(idx.data(), {T, kTopK}), ov, so);
+    } else {
+      sparse_attention_prefill<KV>(qv, kv, vv, ConstView2<std::int32_t>(idx.data(), {T, kTopK}), ov, so);
+    }
     benchmark::ClobberMemory();
     const double t2 = now_s();
-    attention_prefill<KV>(qv, kv, vv, ov, CausalMask{}, ao);
+    if constexpr (std::is_same_v<KV, std::int8_t>) attention_prefill(qv, kv, vv, ov, CausalMask{}, ao);
+    else attention_prefill<KV>(qv, kv, vv, ov, CausalMask{}, ao);
     benchmark::ClobberMemory();
     pairs.add(t2 - t0, now_s() - t2);
     idx_s += t1 - t0;
@@ -199,6 +233,8 @@ const bool registered = [] {
   reg("sparse/prefill/f32/T:16384", BM_sparse_prefill<float>, 16384, 2);
   reg("sparse/prefill/bf16/T:16384", BM_sparse_prefill<bf16>, 16384, 2);
   reg("sparse/prefill/bf16/fast/T:16384", BM_sparse_prefill<bf16>, 16384, 2, Precision::fast);
+  reg("sparse/prefill/int8/T:16384", BM_sparse_prefill<std::int8_t>, 16384, 2);
+  reg("sparse/prefill/int8/fast/T:16384", BM_sparse_prefill<std::int8_t>, 16384, 2, Precision::fast);
   return true;
 }();
 

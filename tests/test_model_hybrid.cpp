@@ -700,6 +700,46 @@ TEST_CASE("lt2: bf16 weights and KV cache: decode and chunks agree with prefill"
   CHECK(s.position() == 41 + 2);
 }
 
+// int8 K/V: the sparse layers read the codes in place in prefill and decode alike (the same
+// arithmetic as over the dequantised rows up to f32 rounding), so decode and chunks agree with
+// prefill as with f32 caches. Under Precision::fast prefill also scores on VNNI and rounds the
+// probabilities to 8 bits, per key block at fixed positions: chunks of >= 16 tokens (which take
+// the indexer's int8 path too, so the same selections) agree with one prefill, up to a 1-ulp
+// difference upstream (the linear layers block rows differently) moving a query code or a
+// probability by one step: measured 6.3e-5, bound 5e-4.
+// (This tiny random model amplifies a change of a selection or a K/V rounding to ~0.1-0.3 of the
+// logits, so int8 against f32 caches and fast against exact are printed, not bounded here: the
+// kernel tests bound them, test_model.cpp the fixtures' logits.)
+TEST_CASE("lt2: int8 KV cache: decode and chunks agree with prefill, exact and fast", "[model][lt2][sparse][int8]") {
+  auto j = tiny(2);
+  j["mixer"] = "gdn";
+  j["attention_pattern"] = "1:1";
+  j["attention_layer"] = "sparse";
+  add_index(j, 6);
+  const Built b = build(j);
+  const auto ids = random_ids(41, 97, 5);
+  model::SessionOptions so;
+  so.kv_type = model::CacheType::int8;
+  const Run pre = run(b.model, ids, {}, so);
+  for (float v : pre.logits) REQUIRE(std::isfinite(v));
+  const double dec = test::rel_l2(run(b.model, ids, {1}, so).logits, pre.logits),
+               chk = test::rel_l2(run(b.model, ids, {17, 3}, so).logits, pre.logits);
+  model::SessionOptions f32 = so;
+  f32.kv_type = model::CacheType::f32;
+  const double quant = test::rel_l2(pre.logits, run(b.model, ids, {}, f32).logits);
+  const auto fast = [&](std::vector<std::int64_t> steps, int threads = 0) {
+    return run(b.model, ids, std::move(steps), so, threads, std::nullopt, Precision::fast).logits;
+  };
+  const auto fpre = fast({});
+  const double fchk = test::rel_l2(fast({17, 24}), fpre), fexact = test::rel_l2(fpre, pre.logits);
+  std::printf("lt2 int8: decode vs prefill %.3g, chunks vs prefill %.3g (int8 vs f32 cache %.3g); fast: chunks vs "
+              "prefill %.3g (vs exact %.3g)\n", dec, chk, quant, fchk, fexact);
+  CHECK(dec <= 2e-5);
+  CHECK(chk <= 2e-5);
+  CHECK(fchk <= 5e-4);
+  CHECK(test::bit_equal(fast({}, 1), fast({}, 2)));
+}
+
 TEST_CASE("lt2: the named 1.3B plans and the tiny ones", "[model][lt2][config]") {
   const auto& reg = builtin_registry();
   for (const bool dsa : {false, true}) {

@@ -561,6 +561,23 @@ struct QuantQueryScratch;
 
 inline std::int64_t round_up64(std::int64_t n) { return (n + 63) / 64 * 64; }
 
+// One scaled query row x [dk] quantised (see QuantQuery): codes c [stride] (zero padded past
+// dk), its scale and bias. sparse/key_major.hpp quantises its tiles' rows with it too.
+inline void quantize_query_row(const float* x, std::int64_t dk, std::int64_t stride, std::int8_t* c, float& scale,
+                               std::int32_t& bias) {
+  float m = 0.f;
+  for (std::int64_t e = 0; e < dk; ++e) m = std::max(m, std::abs(x[e]));
+  std::int32_t sum = 0;
+  const float inv = m > 0.f ? 127.f / m : 0.f;
+  for (std::int64_t e = 0; e < dk; ++e) {
+    c[e] = static_cast<std::int8_t>(std::nearbyint(x[e] * inv));
+    sum += c[e];
+  }
+  std::fill(c + dk, c + stride, std::int8_t{0});
+  scale = m / 127.f;  // inf / NaN in q: inf or NaN scores, as the exact path gives
+  bias = 128 * sum;
+}
+
 // The query heads [g0, g1) of st.qs quantised (see QuantQuery).
 inline QuantQuery quantize_query(const ItemState& st, std::int64_t G, std::int64_t g0, std::int64_t g1, std::int64_t dk,
                                  std::int64_t dk_pad) {
@@ -569,22 +586,20 @@ inline QuantQuery quantize_query(const ItemState& st, std::int64_t G, std::int64
   auto* codes = reinterpret_cast<std::int8_t*>(base);
   float* scale = base + G * stride / 4;
   auto* bias = reinterpret_cast<std::int32_t*>(scale + G);
-  for (std::int64_t g = g0; g < g1; ++g) {
-    const float* x = st.qs + g * dk_pad;
-    float m = 0.f;
-    for (std::int64_t e = 0; e < dk; ++e) m = std::max(m, std::abs(x[e]));
-    std::int8_t* c = codes + g * stride;
-    std::int32_t sum = 0;
-    const float inv = m > 0.f ? 127.f / m : 0.f;
-    for (std::int64_t e = 0; e < dk; ++e) {
-      c[e] = static_cast<std::int8_t>(std::nearbyint(x[e] * inv));
-      sum += c[e];
-    }
-    std::fill(c + dk, c + stride, std::int8_t{0});
-    scale[g] = m / 127.f;  // inf / NaN in q: inf or NaN scores, as the exact path gives
-    bias[g] = 128 * sum;
-  }
+  for (std::int64_t g = g0; g < g1; ++g)
+    quantize_query_row(st.qs + g * dk_pad, dk, stride, codes + g * stride, scale[g], bias[g]);
   return {codes, stride, scale, bias};
+}
+
+// acc + Σ of 4 u8 · s8 products per lane: vpdpbusd, written out because GCC 12 copies the
+// accumulator in and out around the intrinsic (two extra moves per instruction).
+inline __m512i dpbusd(__m512i acc, __m512i u8, __m512i s8) {
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "v"(s8));
+  return acc;
+}
+inline __m512i dpbusd(__m512i acc, __m512i u8, const std::int8_t* s8) {  // s8: 64 bytes from memory
+  __asm__("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u8), "m"(*reinterpret_cast<const __m512i*>(s8)));
+  return acc;
 }
 
 // reduce16 on int32 lanes (the same tree; integer adds are exact).

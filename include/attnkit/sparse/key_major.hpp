@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include "attnkit/attention/decode.hpp"
 #include "attnkit/attention/detail/flash_prefill.hpp"
@@ -84,8 +85,36 @@ struct Tile {
   float* p;             // the block's slots of one head, see above
   std::uint32_t* who;   // [kKeyBlock] bit i: query i of the tile selected key u of the block
   Pair* pairs;          // the block's pairs, in key order (within a key: ascending query)
+  // int8 keys under Precision::fast: each (query, head) row of qs quantised (decode's
+  // quantize_query_row), codes [heads][nt][G][dkq] and scale [heads][nt][G]; qinit
+  // [heads][nt][G][16] int32 whose lanes sum to -bias (a dot product's starting value).
+  std::int8_t* qc;
+  float* qscale;
+  std::int32_t* qinit;
+  std::int64_t dkq;  // max(64, dkp): a code row (dkq / dkp = the ratio of a pair's q offsets)
+  int q_shift;       // log2(dkp): Pair::q >> q_shift is the pair's row i·G
   std::int64_t n[kTile], area[kTile], c0[kTile];
 };
+
+// One KV head's quantised query rows (Tile::qc, qinit from that head's first row).
+struct QuantHead {
+  const std::int8_t* codes;
+  const std::int32_t* init;
+};
+
+#if defined(ATTNKIT_DECODE_VNNI)
+// The int32 dot product of one quantised query row with the key codes ku (read as k + 128, as
+// decode's scores_group_vnni), started from the row's qinit so that it sums to q·k: NQ slices
+// of 64 codes.
+template <int NQ>
+__attribute__((always_inline)) inline __m512i dot_vnni(const __m512i (&ku)[NQ], const std::int8_t* qc,
+                                                       const std::int32_t* init) {
+  __m512i a = decode::dpbusd(_mm512_load_si512(init), ku[0], qc);
+#pragma GCC unroll 4
+  for (int e = 1; e < NQ; ++e) a = decode::dpbusd(a, ku[e], qc + 64 * e);
+  return a;
+}
+#endif
 
 // q · k for one query row against the widened key row kv: two chains (even and odd slices)
 // halve the latency.
@@ -123,24 +152,66 @@ struct PagedRows {
   const KV* operator()(std::int64_t u) const { return rows->ptr(s0 + u, j); }
 };
 
-template <int NS, class KV, class KRows, class VRows>
-void scores_rows(const Tile& tl, const float* qs, const KRows& krow, const VRows& vrow, std::int64_t nb) {
-  const std::int64_t G = tl.G, dk = tl.dk, dkp = tl.dkp;
+// int8 keys: row s0 + u's scale, contiguous (base + u · stride) or through a page table.
+struct StridedScales {
+  const float* base;
+  std::int64_t stride;
+  float operator()(std::int64_t u) const { return base[u * stride]; }
+};
+template <class KV>
+struct PagedScales {
+  const flash::KVRows<KV>* rows;
+  std::int64_t j, s0;
+  float operator()(std::int64_t u) const { return rows->scale_of(s0 + u, j); }
+};
+struct NoScales {
+  float operator()(std::int64_t) const { return 1.f; }
+};
+
+// int8 keys (KV = std::int8_t) score as decode scores them: exact, the codes widened and the dot
+// product times the key's scale; Vnni (Precision::fast), the codes against the quantised query
+// on vpdpbusd, the exact integer q·k times the key's scale (the softmax multiplies by the query's
+// scale). Each pending dot keeps its key's scale.
+template <int NS, class KV, bool Vnni, class KRows, class VRows, class KScales>
+void scores_rows(const Tile& tl, const float* qs, const QuantHead& qh, const KRows& krow, const VRows& vrow,
+                 const KScales& kscale, std::int64_t nb) {
+  constexpr bool quant = std::is_same_v<KV, std::int8_t>;
+  static_assert(quant || !Vnni, "VNNI scores read int8 keys");
+  constexpr int NQ = NS >= 4 ? NS / 4 : 1;  // 64-code slices of a key row (Vnni)
+  const std::int64_t G = tl.G, dk = tl.dk, dkp = tl.dkp, dkq = tl.dkq;
   float* const p = tl.p;
   const std::uint32_t* const who = tl.who;
   const Pair* pr = tl.pairs;
   // Pending dot products, kept in memory: held in registers they would push the key row out.
   // Dot r belongs to pair pend_pairs[r / G], head r % G.
   alignas(64) float pend[16][16];
+  // int8: the key scale of each pending dot, in a register (16 scalar stores read back as one
+  // vector would stall on store forwarding).
+  __m512 pend_ks = _mm512_setzero_ps();
   const Pair* pend_pairs = pr;
   int np = 0;
-  const auto flush = [&] {
-    __m512 red[16];
+  // The sums of pending dots [0, np), lane r = dot r.
+  const auto sums = [&] {
+    if constexpr (Vnni) {
+#if defined(ATTNKIT_DECODE_VNNI)
+      __m512i red[16];
 #pragma GCC unroll 16
-    for (int r = 0; r < 16; ++r) red[r] = r < np ? _mm512_load_ps(pend[r]) : _mm512_setzero_ps();
+      for (int r = 0; r < 16; ++r) red[r] = r < np ? _mm512_load_si512(pend[r]) : _mm512_setzero_si512();
+      return _mm512_mul_ps(_mm512_cvtepi32_ps(decode::reduce16_epi32(red)), pend_ks);
+#endif
+    } else {
+      __m512 red[16];
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) red[r] = r < np ? _mm512_load_ps(pend[r]) : _mm512_setzero_ps();
+      if constexpr (quant) return _mm512_mul_ps(reduce16(red), pend_ks);
+      else return reduce16(red);
+    }
+  };
+  const auto flush = [&] {
     alignas(64) float sum[16];
-    _mm512_store_ps(sum, reduce16(red));
-    // Through memory: scalar loads instead of lane extracts on the shuffle port.
+    _mm512_store_ps(sum, sums());
+    // Through memory: scalar loads instead of lane extracts on the shuffle port. (Only sum is
+    // marked changed: a full memory clobber would pin np and pend_ks to the stack.)
     __asm__ volatile("" ::: "memory");
     if (G == 2) {
       for (int r = 0; r < np; r += 2, ++pend_pairs) {
@@ -157,7 +228,7 @@ void scores_rows(const Tile& tl, const float* qs, const KRows& krow, const VRows
   const std::int64_t row_bytes = dk * static_cast<std::int64_t>(sizeof(KV));
   const std::int64_t v_bytes = tl.dv * static_cast<std::int64_t>(sizeof(KV));
   // A flush holds whole pairs: 16 / G of them (G <= 16; larger groups reduce per pair below).
-  const int per_flush = static_cast<int>(16 / G * G);
+  const int per_flush = static_cast<int>(G <= 16 ? 16 / G * G : 16);
   for (std::int64_t u = 0; u < nb; ++u) {
     // K rows a few keys ahead into L1: each row feeds only a few dot products, too few to hide
     // its latency. The same key's V row into L2 for the P·V that follows, which reads the rows
@@ -171,35 +242,61 @@ void scores_rows(const Tile& tl, const float* qs, const KRows& krow, const VRows
     const int cnt = __builtin_popcount(who[u]);
     if (cnt == 0) continue;
     const KV* kr = krow(u);
-    __m512 kv[NS];
+    const float ks = kscale(u);
+    // The key row in registers: widened to f32, or (Vnni) its codes read as k + 128.
+    __m512 kv[Vnni ? 1 : NS];
+    [[maybe_unused]] __m512i ku[NQ];
+    if constexpr (Vnni) {
+      const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+#pragma GCC unroll 4
+      for (int e = 0; e < NQ; ++e) {
+        const std::int64_t left = dk - 64 * e;  // codes past dk load as 0 against query codes 0
+        const __mmask64 m = left >= 64 ? ~__mmask64{0} : left <= 0 ? __mmask64{0} : (__mmask64{1} << left) - 1;
+        ku[e] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, reinterpret_cast<const std::int8_t*>(kr) + 64 * e), flip);
+      }
+    } else {
 #pragma GCC unroll 16
-    for (int e = 0; e < NS; ++e) kv[e] = load16(kr + 16 * e, tail_mask(dk - 16 * e));
+      for (int e = 0; e < NS; ++e) kv[e] = load16(kr + 16 * e, tail_mask(dk - 16 * e));
+    }
+    // Pending dot np: query row qi's head g (row index rq = its i·G + g).
+    const auto push = [&](const float* qi, std::int64_t rq) {
+      if constexpr (Vnni) {
+#if defined(ATTNKIT_DECODE_VNNI)
+        _mm512_store_si512(pend[np], dot_vnni<NQ>(ku, qh.codes + rq * dkq, qh.init + rq * 16));
+#endif
+      } else {
+        _mm512_store_ps(pend[np], dot<NS>(kv, qi));
+      }
+      if constexpr (quant) pend_ks = _mm512_mask_broadcastss_ps(pend_ks, static_cast<__mmask16>(1u << np), _mm_set_ss(ks));
+      ++np;
+    };
     const Pair* const end = pr + cnt;
     if (G == 2) {  // the common GQA group (Qwen3): both heads, one check
       for (; pr != end; ++pr) {
         if (np == 16) flush();
         const float* qi = qs + pr->q;
-        _mm512_store_ps(pend[np], dot<NS>(kv, qi));
-        _mm512_store_ps(pend[np + 1], dot<NS>(kv, qi + dkp));
-        np += 2;
+        const std::int64_t rq = pr->q >> tl.q_shift;
+        push(qi, rq);
+        push(qi + dkp, rq + 1);
       }
     } else if (G <= 16) {
       for (; pr != end; ++pr) {
         if (np == per_flush) flush();
         const float* qi = qs + pr->q;
-        for (std::int64_t g = 0; g < G; ++g) _mm512_store_ps(pend[np++], dot<NS>(kv, qi + g * dkp));
+        const std::int64_t rq = pr->q >> tl.q_shift;
+        for (std::int64_t g = 0; g < G; ++g) push(qi + g * dkp, rq + g);
       }
-    } else {  // more heads than a flush holds: one pair at a time, in flushes of 16 heads
+    } else {  // more heads than a flush holds: one pair at a time, in runs of 16 heads
       for (; pr != end; ++pr) {
         const float* qi = qs + pr->q;
+        const std::int64_t rq = pr->q >> tl.q_shift;
         for (std::int64_t g0 = 0; g0 < G; g0 += 16) {
           const std::int64_t g1 = std::min(G, g0 + 16);
-          __m512 red[16];
-          for (std::int64_t g = g0; g < g1; ++g) red[g - g0] = dot<NS>(kv, qi + g * dkp);
-          for (std::int64_t g = g1 - g0; g < 16; ++g) red[g] = _mm512_setzero_ps();
+          for (std::int64_t g = g0; g < g1; ++g) push(qi + g * dkp, rq + g);
           alignas(64) float sum[16];
-          _mm512_store_ps(sum, reduce16(red));
+          _mm512_store_ps(sum, sums());
           for (std::int64_t g = g0; g < g1; ++g) p[pr->slot + g * kChunk] = sum[g - g0];
+          np = 0;
         }
       }
     }
@@ -207,18 +304,37 @@ void scores_rows(const Tile& tl, const float* qs, const KRows& krow, const VRows
   if (np > 0) flush();
 }
 
-template <int NS, class KV>
-void scores(const Tile& tl, const float* qs, const flash::KVRows<KV>& k, const flash::KVRows<KV>& v, std::int64_t j,
-            std::int64_t s0, std::int64_t nb) {
-  if (k.pages == nullptr && v.pages == nullptr)
-    scores_rows<NS, KV>(tl, qs, StridedRows<KV>{k.ptr(s0, j), k.stride[0]}, StridedRows<KV>{v.ptr(s0, j), v.stride[0]}, nb);
-  else
-    scores_rows<NS, KV>(tl, qs, PagedRows<KV>{&k, j, s0}, PagedRows<KV>{&v, j, s0}, nb);
+template <int NS, class KV, bool Vnni>
+void scores(const Tile& tl, const float* qs, const QuantHead& qh, const flash::KVRows<KV>& k,
+            const flash::KVRows<KV>& v, std::int64_t j, std::int64_t s0, std::int64_t nb) {
+  const auto run = [&](const auto& kscale) {
+    if (k.pages == nullptr && v.pages == nullptr)
+      scores_rows<NS, KV, Vnni>(tl, qs, qh, StridedRows<KV>{k.ptr(s0, j), k.stride[0]},
+                                StridedRows<KV>{v.ptr(s0, j), v.stride[0]}, kscale, nb);
+    else
+      scores_rows<NS, KV, Vnni>(tl, qs, qh, PagedRows<KV>{&k, j, s0}, PagedRows<KV>{&v, j, s0}, kscale, nb);
+  };
+  if constexpr (std::is_same_v<KV, std::int8_t>) {
+    if (k.pages == nullptr) run(StridedScales{k.scales + s0 * k.scale_stride[0] + j * k.scale_stride[1], k.scale_stride[0]});
+    else run(PagedScales<KV>{&k, j, s0});
+  } else {
+    run(NoScales{});
+  }
 }
 
 // Online-softmax update of one KV head's (query, head) rows with slots in the block: scores ->
 // probabilities exp2(s - m_new), alpha = exp2(m_old - m_new). m and l: the head's [nt][G].
-inline void softmax(const Tile& tl, float* const mh, float* const lh) {
+// qscale (Vnni scores; else null): the rows' query scales [nt][G], each score s · qscale
+// (fused into the exponent's subtraction). vscale (int8 values; else NoValueScales): each stored
+// probability times its value row's scale, after the sum (decode's scale_rows):
+// vscale(sel, m) = the scales of the 16 rows sel[0, 16), lanes in m.
+struct NoValueScales {
+  static constexpr bool active = false;
+  __m512 operator()(const std::int32_t*, __mmask16) const { return _mm512_setzero_ps(); }
+};
+template <class VScales = NoValueScales>
+inline void softmax(const Tile& tl, float* const mh, float* const lh, const std::int32_t* const* idx = nullptr,
+                    const float* qscale = nullptr, const VScales& vscale = {}) {
   const std::int64_t G = tl.G;
   for (std::int64_t i = 0; i < tl.nt; ++i) {
     const std::int64_t n = tl.n[i];
@@ -229,16 +345,20 @@ inline void softmax(const Tile& tl, float* const mh, float* const lh) {
       for (std::int64_t x = 0; x < n; x += 16)
         mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(n - x), s0 + x / kChunk * G * kChunk + x % kChunk));
       float& m = mh[i * G + g];
-      const float m_new = std::max(m, simd::hmax(mx));
+      const float qs = qscale ? qscale[i * G + g] : 1.f;
+      // qs >= 0: the largest scaled score is the largest score, scaled.
+      const float m_new = std::max(m, qscale ? simd::hmax(mx) * qs : simd::hmax(mx));
       // All scores -inf (only with infinite inputs): nothing to add.
-      const __m512 vb = _mm512_set1_ps(m_new == kNegInf ? 0.f : m_new);
+      const __m512 vb = _mm512_set1_ps(m_new == kNegInf ? 0.f : m_new), vq = _mm512_set1_ps(qs);
       __m512 sum = _mm512_setzero_ps();
       for (std::int64_t x = 0; x < n; x += 16) {
         const __mmask16 msk = tail_mask(n - x);
         float* s = s0 + x / kChunk * G * kChunk + x % kChunk;
-        const __m512 e = exp2_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(msk, s), vb));
+        const __m512 sx = _mm512_maskz_loadu_ps(msk, s);
+        const __m512 e = exp2_ps(qscale ? _mm512_fmsub_ps(sx, vq, vb) : _mm512_sub_ps(sx, vb));
         sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(msk, e));
-        _mm512_storeu_ps(s, e);  // lanes past n: never read
+        if constexpr (VScales::active) _mm512_storeu_ps(s, _mm512_mul_ps(e, vscale(idx[i] + tl.c0[i] + x, msk)));
+        else _mm512_storeu_ps(s, e);  // lanes past n: never read
       }
       const float a = m == kNegInf ? 0.f : std::exp2(m - (m_new == kNegInf ? 0.f : m_new));
       tl.alpha[i * G + g] = a;
@@ -247,6 +367,30 @@ inline void softmax(const Tile& tl, float* const mh, float* const lh) {
     }
   }
 }
+
+// int8 values: the scales of 16 selected rows of KV head j, gathered (contiguous scales) or
+// read one by one (through a page table).
+struct StridedValueScales {
+  static constexpr bool active = true;
+  const float* base;  // head j's scale of row 0
+  std::int32_t stride;
+  __m512 operator()(const std::int32_t* sel, __mmask16 m) const {
+    const __m512i r = _mm512_mullo_epi32(_mm512_maskz_loadu_epi32(m, sel), _mm512_set1_epi32(stride));
+    return _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, r, base, 4);
+  }
+};
+template <class KV>
+struct PagedValueScales {
+  static constexpr bool active = true;
+  const flash::KVRows<KV>* v;
+  std::int64_t j;
+  __m512 operator()(const std::int32_t* sel, __mmask16 m) const {
+    alignas(64) float sc[16] = {};
+    for (int r = 0; r < 16; ++r)
+      if (m >> r & 1) sc[r] = v->scale_of(sel[r], j);
+    return _mm512_load_ps(sc);
+  }
+};
 
 // o += Σ p · v over each query's slots of the block, query by query: decode's accumulation
 // (the accumulators in registers, rows read through the selection), a chunk of slots at a time.
@@ -301,30 +445,158 @@ void accumulate(const Tile& tl, const std::int32_t* const* idx, const flash::KVR
   }
 }
 
-template <class KV>
-using ScoresFn = void (*)(const Tile&, const float*, const flash::KVRows<KV>&, const flash::KVRows<KV>&, std::int64_t,
-                          std::int64_t, std::int64_t);
+#if defined(ATTNKIT_DECODE_VNNI)
+// Precision::fast over int8 values: P·V on vpdpbusd. Per (query, head) and block, the
+// probabilities (already times their value rows' scales) are rounded to 8 bits against their
+// largest: u = round(255 · p / p_max). Four keys at a time, the four value rows' codes are
+// interleaved into dwords (two rounds of unpacks, shared by the heads), and one vpdpbusd per 16
+// elements and head sums four u · code products exactly in int32 (at most 256 keys per block:
+// no overflow). Then o = o · alpha + Σ · p_max / 255. The softmax sum and so lse keep the
+// unrounded probabilities. A 64-element group of o is held in the unpacks' order (element
+// 16L + 4m + k in vector m, lane 4L + k); unpermute_quads restores it at the end.
+inline __mmask64 code_mask(std::int64_t left) {
+  return left >= 64 ? ~__mmask64{0} : left <= 0 ? __mmask64{0} : (__mmask64{1} << left) - 1;
+}
+
+// Query i's slots of the block for heads [g, g + GT): rounded probabilities u [GT][n4] (zero
+// padded to n4 = n rounded up to 4) and their steps p_max / 255.
+template <int GT>
+inline void round_probabilities(const Tile& tl, std::int64_t i, std::int64_t g, std::uint8_t* u, std::int64_t n4,
+                                float* step) {
+  const std::int64_t G = tl.G, n = tl.n[i];
+  for (int t = 0; t < GT; ++t) {
+    const float* p0 = tl.p + tl.area[i] + (g + t) * kChunk;
+    __m512 mx = _mm512_setzero_ps();
+    for (std::int64_t x = 0; x < n; x += 16)
+      mx = _mm512_max_ps(mx, _mm512_maskz_loadu_ps(tail_mask(n - x), p0 + x / kChunk * G * kChunk + x % kChunk));
+    const float pmax = simd::hmax(mx);
+    step[t] = pmax / 255.f;
+    const __m512 inv = _mm512_set1_ps(pmax > 0.f ? 255.f / pmax : 0.f);
+    std::uint8_t* ut = u + t * n4;
+    // Whole 16-byte stores (u has room past the last head's n4): the 4-byte reads that follow
+    // are forwarded from them, not stalled as behind a masked store.
+    for (std::int64_t x = 0; x < n4; x += 16) {
+      const __m512 px = _mm512_maskz_loadu_ps(tail_mask(n - x), p0 + x / kChunk * G * kChunk + x % kChunk);
+      const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(px, inv));  // round to nearest, in [0, 255]
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(ut + x), _mm512_cvtusepi32_epi8(c));
+    }
+  }
+}
+
+// o[t] (head g + t's row, stride dv_pad) = o · alpha + the block's P·V, for the value rows
+// row(x), x < n, of one query.
+template <int GT, class Row>
+inline void pv_heads_vnni(const Row& row, std::int64_t n, const std::uint8_t* u, std::int64_t n4, const float* step,
+                          const float* alpha, float* o, std::int64_t dv, std::int64_t dv_pad) {
+  for (std::int64_t e0 = 0; e0 < dv; e0 += 64) {
+    const __mmask64 m = code_mask(dv - e0);
+    __m512i acc[GT][4];
+#pragma GCC unroll 2
+    for (int t = 0; t < GT; ++t)
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_setzero_si512();
+    for (std::int64_t x = 0; x < n; x += 4) {
+      // Rows past n repeat the last one, against u = 0.
+      const __m512i v0 = _mm512_maskz_loadu_epi8(m, row(x) + e0);
+      const __m512i v1 = _mm512_maskz_loadu_epi8(m, row(std::min(x + 1, n - 1)) + e0);
+      const __m512i v2 = _mm512_maskz_loadu_epi8(m, row(std::min(x + 2, n - 1)) + e0);
+      const __m512i v3 = _mm512_maskz_loadu_epi8(m, row(std::min(x + 3, n - 1)) + e0);
+      const __m512i a = _mm512_unpacklo_epi8(v0, v1), b = _mm512_unpackhi_epi8(v0, v1);
+      const __m512i c = _mm512_unpacklo_epi8(v2, v3), d = _mm512_unpackhi_epi8(v2, v3);
+      const __m512i w[4] = {_mm512_unpacklo_epi16(a, c), _mm512_unpackhi_epi16(a, c), _mm512_unpacklo_epi16(b, d),
+                            _mm512_unpackhi_epi16(b, d)};
+#pragma GCC unroll 2
+      for (int t = 0; t < GT; ++t) {
+        std::int32_t quad;
+        std::memcpy(&quad, u + t * n4 + x, 4);
+        const __m512i pb = _mm512_set1_epi32(quad);
+#pragma GCC unroll 4
+        for (int q = 0; q < 4; ++q) acc[t][q] = decode::dpbusd(acc[t][q], pb, w[q]);
+      }
+    }
+#pragma GCC unroll 2
+    for (int t = 0; t < GT; ++t) {
+      const __m512 st = _mm512_set1_ps(step[t]), al = _mm512_set1_ps(alpha[t]);
+#pragma GCC unroll 4
+      for (int q = 0; q < 4; ++q) {
+        float* oq = o + t * dv_pad + e0 + 16 * q;
+        _mm512_storeu_ps(oq, _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[t][q]), st, _mm512_mul_ps(_mm512_loadu_ps(oq), al)));
+      }
+    }
+  }
+}
+
+// The block's P·V of one KV head for every query of the tile (oh: the head's [nt][G][dv_pad]).
+template <class MakeRow>
+void accumulate_vnni(const Tile& tl, const std::int32_t* const* idx, float* const oh, const MakeRow& make) {
+  const std::int64_t G = tl.G;
+  alignas(64) std::uint8_t u[2 * (kKeyBlock + 4) + 16];
+  float step[2];
+  for (std::int64_t i = 0; i < tl.nt; ++i) {
+    const std::int64_t n = tl.n[i];
+    if (n == 0) continue;
+    const std::int64_t n4 = (n + 3) / 4 * 4;
+    const auto row = make(idx[i] + tl.c0[i]);
+    std::int64_t g = 0;
+    for (; g + 2 <= G; g += 2) {
+      round_probabilities<2>(tl, i, g, u, n4, step);
+      pv_heads_vnni<2>(row, n, u, n4, step, tl.alpha + i * G + g, oh + (i * G + g) * tl.dv_pad, tl.dv, tl.dv_pad);
+    }
+    if (g < G) {
+      round_probabilities<1>(tl, i, g, u, n4, step);
+      pv_heads_vnni<1>(row, n, u, n4, step, tl.alpha + i * G + g, oh + (i * G + g) * tl.dv_pad, tl.dv, tl.dv_pad);
+    }
+  }
+}
+
+// A row of dv_pad (a multiple of 64) from the unpacks' order to natural order.
+inline void unpermute_quads(float* o, std::int64_t dv_pad) {
+  alignas(64) float tmp[64];
+  for (std::int64_t e0 = 0; e0 < dv_pad; e0 += 64) {
+    for (int q = 0; q < 4; ++q)
+      for (int l = 0; l < 4; ++l)
+        for (int k = 0; k < 4; ++k) tmp[16 * l + 4 * q + k] = o[e0 + 16 * q + 4 * l + k];
+    std::copy(tmp, tmp + 64, o + e0);
+  }
+}
+#endif
 
 template <class KV>
+using ScoresFn = void (*)(const Tile&, const float*, const QuantHead&, const flash::KVRows<KV>&,
+                          const flash::KVRows<KV>&, std::int64_t, std::int64_t, std::int64_t);
+
+template <class KV, bool Vnni>
 ScoresFn<KV> scores_for(int ns) {
   switch (ns) {
-    case 1: return &scores<1, KV>;
-    case 2: return &scores<2, KV>;
-    case 4: return &scores<4, KV>;
-    case 8: return &scores<8, KV>;
-    default: return &scores<16, KV>;
+    case 1: return &scores<1, KV, Vnni>;
+    case 2: return &scores<2, KV, Vnni>;
+    case 4: return &scores<4, KV, Vnni>;
+    case 8: return &scores<8, KV, Vnni>;
+    default: return &scores<16, KV, Vnni>;
   }
+}
+
+template <class KV>
+ScoresFn<KV> scores_for(int ns, bool vnni) {
+#if defined(ATTNKIT_DECODE_VNNI)
+  if constexpr (std::is_same_v<KV, std::int8_t>)
+    if (vnni) return scores_for<KV, true>(ns);
+#endif
+  (void)vnni;
+  return scores_for<KV, false>(ns);
 }
 
 struct TileScratch;
 
 // Queries [t0, t1) (selection rows idx[t - t0] with count[t - t0] valid entries) against KV
-// heads [j0, j1); writes out[t, j·G + g] and lse. scale_log2 = scale · log2(e).
+// heads [j0, j1); writes out[t, j·G + g] and lse. scale_log2 = scale · log2(e). vnni: int8 keys
+// scored against the quantised queries (Precision::fast on a VNNI build).
 template <class KV>
 void run_tile(ConstView3<float> q, const flash::KVRows<KV>& k, const flash::KVRows<KV>& v, const std::int32_t* const* idx,
               const std::int64_t* count, std::int64_t t0, std::int64_t t1, std::int64_t j0, std::int64_t j1,
-              std::int64_t G, float scale_log2, View3<float> out, View2<float> lse) {
+              std::int64_t G, float scale_log2, View3<float> out, View2<float> lse, bool vnni = false) {
   constexpr bool pairs = decode::uses_pairs_v<true, KV>;
+  constexpr bool quant = std::is_same_v<KV, std::int8_t>;
   Tile tl;
   tl.nt = t1 - t0;
   tl.G = G;
@@ -332,12 +604,16 @@ void run_tile(ConstView3<float> q, const flash::KVRows<KV>& k, const flash::KVRo
   tl.dv = v.shape[2];
   const int nsk = slices(tl.dk);
   tl.dkp = 16 * nsk;
-  tl.dv_pad = pairs ? decode::round_up32(tl.dv) : decode::round_up16(tl.dv);
+  tl.dv_pad = pairs ? decode::round_up32(tl.dv) : vnni ? decode::round_up64(tl.dv) : decode::round_up16(tl.dv);
   const std::int64_t nh = j1 - j0, rows = tl.nt * G;
   // Slots: each query's run rounded up to whole chunks.
   const std::int64_t slot_floats = (kTile * kKeyBlock + kTile * kChunk) * G;
   const std::int64_t pair_floats = kTile * kKeyBlock * static_cast<std::int64_t>(sizeof(Pair) / sizeof(float));
-  const std::int64_t floats = nh * rows * (tl.dkp + tl.dv_pad + 2) + rows + G + slot_floats + kKeyBlock + pair_floats;
+  tl.dkq = std::max<std::int64_t>(64, tl.dkp);
+  tl.q_shift = __builtin_ctzll(static_cast<unsigned long long>(tl.dkp));
+  const std::int64_t quant_floats = vnni ? nh * rows * (tl.dkq / 4 + 17) + 16 : 0;
+  const std::int64_t floats =
+      nh * rows * (tl.dkp + tl.dv_pad + 2) + rows + G + slot_floats + kKeyBlock + pair_floats + quant_floats;
   float* buf = thread_scratch<TileScratch>().get(floats);
   tl.o = buf;  // first: 64-byte aligned rows, as decode's accumulation stores them
   tl.qs = tl.o + nh * rows * tl.dv_pad;
@@ -349,6 +625,11 @@ void run_tile(ConstView3<float> q, const flash::KVRows<KV>& k, const flash::KVRo
   std::fill(tl.ones, tl.ones + G, 1.f);
   tl.who = reinterpret_cast<std::uint32_t*>(tl.ones + G);
   tl.pairs = reinterpret_cast<Pair*>(tl.who + kKeyBlock);
+  // Query code rows are loaded aligned: the first one at the next 64 bytes.
+  const auto codes_at = (reinterpret_cast<std::uintptr_t>(tl.pairs + kTile * kKeyBlock) + 63) & ~std::uintptr_t{63};
+  tl.qc = reinterpret_cast<std::int8_t*>(codes_at);
+  tl.qinit = reinterpret_cast<std::int32_t*>(tl.qc + (vnni ? nh * rows * tl.dkq : 0));
+  tl.qscale = reinterpret_cast<float*>(tl.qinit + (vnni ? nh * rows * 16 : 0));
   std::int64_t last = -1, cursor[kTile];
   for (std::int64_t h = 0; h < nh; ++h)
     for (std::int64_t i = 0; i < tl.nt; ++i)
@@ -356,6 +637,15 @@ void run_tile(ConstView3<float> q, const flash::KVRows<KV>& k, const flash::KVRo
         const float* src = q.ptr(t0 + i, (j0 + h) * G + g);
         float* dst = tl.qs + ((h * tl.nt + i) * G + g) * tl.dkp;
         for (std::int64_t e = 0; e < tl.dkp; ++e) dst[e] = e < tl.dk ? src[e] * scale_log2 : 0.f;
+#if defined(ATTNKIT_DECODE_VNNI)
+        if (vnni) {
+          const std::int64_t r = (h * tl.nt + i) * G + g;
+          std::int32_t bias;
+          decode::quantize_query_row(dst, tl.dk, tl.dkq, tl.qc + r * tl.dkq, tl.qscale[r], bias);
+          std::fill(tl.qinit + r * 16, tl.qinit + (r + 1) * 16, 0);
+          tl.qinit[r * 16] = -bias;
+        }
+#endif
       }
   for (std::int64_t i = 0; i < tl.nt; ++i) {
     cursor[i] = 0;
@@ -364,7 +654,7 @@ void run_tile(ConstView3<float> q, const flash::KVRows<KV>& k, const flash::KVRo
   std::fill(tl.o, tl.o + nh * rows * tl.dv_pad, 0.f);
   std::fill(tl.m, tl.m + nh * rows, kNegInf);
   std::fill(tl.l, tl.l + nh * rows, 0.f);
-  const ScoresFn<KV> score_fn = scores_for<KV>(nsk);
+  const ScoresFn<KV> score_fn = scores_for<KV>(nsk, vnni);
   for (std::int64_t s0 = 0; s0 <= last; s0 += kKeyBlock) {
     const std::int64_t nb = std::min(kKeyBlock, last + 1 - s0);
     std::int64_t slots = 0;
@@ -395,8 +685,36 @@ void run_tile(ConstView3<float> q, const flash::KVRows<KV>& k, const flash::KVRo
     }
     for (std::int64_t h = 0; h < nh; ++h) {
       const std::int64_t j = j0 + h;
-      score_fn(tl, tl.qs + h * rows * tl.dkp, k, v, j, s0, nb);
-      softmax(tl, tl.m + h * rows, tl.l + h * rows);
+      const QuantHead qh{tl.qc + h * rows * tl.dkq, tl.qinit + h * rows * 16};
+      score_fn(tl, tl.qs + h * rows * tl.dkp, qh, k, v, j, s0, nb);
+      if constexpr (quant) {
+        const float* qscale = vnni ? tl.qscale + h * rows : nullptr;
+        // Gathers index in int32: contiguous scales within its reach (else one by one).
+        if (v.pages == nullptr && (v.shape[0] - 1) * v.scale_stride[0] + j * v.scale_stride[1] <= INT32_MAX)
+          softmax(tl, tl.m + h * rows, tl.l + h * rows, idx, qscale,
+                  StridedValueScales{v.scales + j * v.scale_stride[1], static_cast<std::int32_t>(v.scale_stride[0])});
+        else
+          softmax(tl, tl.m + h * rows, tl.l + h * rows, idx, qscale, PagedValueScales<KV>{&v, j});
+#if defined(ATTNKIT_DECODE_VNNI)
+        if (vnni) {
+          float* oh = tl.o + h * rows * tl.dv_pad;
+          if (v.pages == nullptr) {
+            const std::int8_t* vb = v.ptr(0, j);
+            const std::int64_t vst = v.stride[0];
+            accumulate_vnni(tl, idx, oh, [&](const std::int32_t* sel) {
+              return [=](std::int64_t x) { return vb + static_cast<std::int64_t>(sel[x]) * vst; };
+            });
+          } else {
+            accumulate_vnni(tl, idx, oh, [&](const std::int32_t* sel) {
+              return [&v, j, sel](std::int64_t x) { return v.ptr(sel[x], j); };
+            });
+          }
+          continue;
+        }
+#endif
+      } else {
+        softmax(tl, tl.m + h * rows, tl.l + h * rows);
+      }
       accumulate<KV>(tl, idx, v, j, tl.o + h * rows * tl.dv_pad);
     }
   }
@@ -406,6 +724,9 @@ void run_tile(ConstView3<float> q, const flash::KVRows<KV>& k, const flash::KVRo
         const std::int64_t r = h * rows + i * G + g, col = (j0 + h) * G + g;
         float* o = tl.o + r * tl.dv_pad;
         if constexpr (pairs) decode::unpermute_pairs(o, tl.dv_pad);
+#if defined(ATTNKIT_DECODE_VNNI)
+        if (vnni) unpermute_quads(o, tl.dv_pad);
+#endif
         float* dst = out.ptr(t0 + i, col);
         const float l = tl.l[r];
         if (l > 0.f) {

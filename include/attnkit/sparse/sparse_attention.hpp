@@ -74,6 +74,10 @@ struct SparseAttentionOptions {
   std::int64_t q_offset = -1;  // absolute position of query row 0; -1 -> T_k - T
   int num_threads = 0;         // 0 -> OpenMP default
   std::int64_t kv_chunk = 0;   // decode: selected keys per work item; 0 -> 512 (never from the thread count)
+  // int8 K/V: fast scores the selected keys against the query quantised to int8 per (token, head)
+  // on VNNI (attention_decode's Precision::fast); a prefill's leading run of full selections is
+  // attention_prefill under the same precision (on AMX tiles where the machine has them).
+  Precision precision = Precision::exact;
 };
 
 namespace detail::sparse {
@@ -165,6 +169,7 @@ void decode_selected(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, Co
   dopt.scale = opt.scale;
   dopt.num_threads = opt.num_threads;
   dopt.kv_chunk = opt.kv_chunk;
+  dopt.precision = opt.precision;
   detail::decode::decode_keys<true>(q, k, v, out, dopt, lse, n, indices.data, PlainAttention{}, qsc);
 }
 
@@ -215,6 +220,7 @@ void key_major_prefill(ConstView3<float> q, const flash::KVRows<KV>& k, const fl
   const std::int64_t T = q.shape[0], H = q.shape[1], dk = q.shape[2], H_kv = k.shape[1], G = H / H_kv;
   const float scale_log2 = resolve_scale(opt.scale, dk) * decode::kLog2e;
   const std::int64_t n_tiles = (T - n_full + km::kTile - 1) / km::kTile;
+  const bool vnni = std::is_same_v<KV, std::int8_t> && opt.precision == Precision::fast;
   // An item is a tile against a group of KV heads, which share its bookkeeping: all heads when
   // the tiles alone give every thread several items, fewer when they do not.
   const std::int64_t want = 4 * resolve_threads(opt.num_threads);
@@ -226,19 +232,24 @@ void key_major_prefill(ConstView3<float> q, const flash::KVRows<KV>& k, const fl
     const std::int64_t j0 = jg * per_group, j1 = std::min(H_kv, j0 + per_group);
     const std::int32_t* rows[km::kTile];
     for (std::int64_t t = t0; t < t1; ++t) rows[t - t0] = indices.ptr(t);
-    km::run_tile<KV>(q, k, v, rows, count.data() + t0, t0, t1, j0, j1, G, scale_log2, out, lse);
+    km::run_tile<KV>(q, k, v, rows, count.data() + t0, t0, t1, j0, j1, G, scale_log2, out, lse, vnni);
   }, /*dynamic=*/true);
 }
 #endif
 
 }  // namespace detail::sparse
 
-// Many queries, each with its own selection. See the contract at the top of this file.
+namespace detail::sparse {
+
+// sparse_attention_prefill over rows of storage KV (int8: codes with their scales).
 template <class KV>
-void sparse_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, ConstView2<std::int32_t> indices,
-                              View3<float> out, const SparseAttentionOptions& opt = {}, View2<float> lse = {}) {
+void prefill_selected(ConstView3<float> q, const flash::KVRows<KV>& k_rows, const flash::KVRows<KV>& v_rows,
+                      ConstView2<std::int32_t> indices, View3<float> out, const SparseAttentionOptions& opt,
+                      View2<float> lse) {
   using namespace detail::decode;
   constexpr const char* fn = "sparse_attention_prefill";
+  constexpr bool quant = std::is_same_v<KV, std::int8_t>;
+  const ConstView3<KV> k(k_rows), v(v_rows);
   check_view(q, fn, "q");
   check_view(indices, fn, "indices");
   check_view(out, fn, "out");
@@ -267,17 +278,27 @@ void sparse_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<
     ao.q_offset = off;
     ao.queries = {0, n_full};
     ao.num_threads = opt.num_threads;
-    attention_prefill<KV>(q, k, v, out, CausalMask{}, ao, lse);
+    ao.precision = opt.precision;
+    detail::attention_prefill_rows<simd::default_arch, KV>(q, k_rows, v_rows, out, CausalMask{}, ao, lse);
   }
   if (n_full == T) return;
 
 #if defined(ATTNKIT_SPARSE_KEY_MAJOR)
   if (detail::sparse::key_major_serves(dk, dv)) {
-    detail::sparse::key_major_prefill<KV>(q, detail::flash::KVRows<KV>(k), detail::flash::KVRows<KV>(v), indices, count,
-                                          n_full, out, opt, lse);
+    detail::sparse::key_major_prefill<KV>(q, k_rows, v_rows, indices, count, n_full, out, opt, lse);
     return;
   }
 #endif
+  if constexpr (quant) {  // the query-major kernel reads f32: a dequantised copy
+    const QuantView3 kq{k, ConstView2<float>(k_rows.scales, {T_k, H_kv}, {k_rows.scale_stride[0], k_rows.scale_stride[1]})};
+    const QuantView3 vq{v, ConstView2<float>(v_rows.scales, {T_k, H_kv}, {v_rows.scale_stride[0], v_rows.scale_stride[1]})};
+    std::vector<float> kf(static_cast<std::size_t>(T_k * H_kv * dk)), vf(static_cast<std::size_t>(T_k * H_kv * dv));
+    const View3<float> kd(kf.data(), {T_k, H_kv, dk}), vd(vf.data(), {T_k, H_kv, dv});
+    dequantize(kq, kd);
+    dequantize(vq, vd);
+    prefill_selected<float>(q, ConstView3<float>(kd), ConstView3<float>(vd), indices, out, opt, lse);
+    return;
+  } else {
   constexpr bool pairs = uses_pairs_v<true, KV>;
   const Problem pb{H, G, dk, dv, pairs ? round_up32(dk) : round_up16(dk), pairs ? round_up32(dv) : round_up16(dv),
                    resolve_scale(opt.scale, dk) * kLog2e};
@@ -342,7 +363,33 @@ void sparse_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<
       }
     }
   }, /*dynamic=*/true);
+  }
 }
+
+}  // namespace detail::sparse
+
+// Many queries, each with its own selection. See the contract at the top of this file.
+template <class KV>
+void sparse_attention_prefill(ConstView3<float> q, ConstView3<KV> k, ConstView3<KV> v, ConstView2<std::int32_t> indices,
+                              View3<float> out, const SparseAttentionOptions& opt = {}, View2<float> lse = {}) {
+  static_assert(is_storage_type_v<KV>, "sparse_attention_prefill: K/V must be float or bf16 (int8: QuantView3)");
+  detail::sparse::prefill_selected<KV>(q, k, v, indices, out, opt, lse);
+}
+
+// int8 K/V (QuantView3, e.g. KVCache<std::int8_t>::keys()): the kernels read the codes in place,
+// each selected row widened in registers and scaled as attention_decode reads an int8 cache
+// (opt.precision fast: scored on VNNI against the quantised query); the leading run of full
+// selections is attention_prefill on the QuantView3. Equals the f32 call on the dequantised K/V
+// to f32 rounding (exact). Without AVX-512, or for head dimensions above 256, the query-major
+// kernel reads a dequantised copy.
+inline void sparse_attention_prefill(ConstView3<float> q, const QuantView3& k, const QuantView3& v,
+                                     ConstView2<std::int32_t> indices, View3<float> out,
+                                     const SparseAttentionOptions& opt = {}, View2<float> lse = {}) {
+  check_quant_view(k, "sparse_attention_prefill", "k");
+  check_quant_view(v, "sparse_attention_prefill", "v");
+  detail::sparse::prefill_selected<std::int8_t>(q, k, v, indices, out, opt, lse);
+}
+
 
 // One query per sequence over a paged cache. See the contract at the top of this file.
 template <class KV>
@@ -356,6 +403,7 @@ void sparse_attention_decode_paged(ConstView3<float> q, const PagedKV<KV>& cache
   dopt.scale = opt.scale;
   dopt.num_threads = opt.num_threads;
   dopt.kv_chunk = opt.kv_chunk;
+  dopt.precision = opt.precision;
   detail::paged::check_decode(fn, q, cache, table, out, dopt, lse);
   ATTNKIT_REQUIRE(opt.q_offset == -1, fn, ": argument 'opt.q_offset': must be -1 (each query sits at its sequence's ",
                   "newest position), got ", opt.q_offset);
@@ -421,7 +469,7 @@ void sparse_attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cach
       if (n_full > 0) {  // as sparse_attention_prefill: the flash kernel, here over the pages
         const std::vector<detail::flash::Segment<KV>> segs{{qb, kr, vr, ob, lb, off}};
         const std::vector<std::pair<std::int64_t, std::int64_t>> ranges{{0, n_full}};
-        detail::flash::run_prefill_at<simd::default_arch>(Precision::exact, segs, sh, CausalMask{}, 0, H, ranges,
+        detail::flash::run_prefill_at<simd::default_arch>(opt.precision, segs, sh, CausalMask{}, 0, H, ranges,
                                                           opt.num_threads);
       }
       if (n_full < s1 - s0) detail::sparse::key_major_prefill<KV>(qb, kr, vr, ib, count, n_full, ob, opt, lb);

@@ -21,8 +21,7 @@
 // indexer.weights_proj.weight [H_I, D]. Config fields: index_n_heads (H_I), index_head_dim (d_I),
 // index_topk (k), index_rope_dim (default d_I; even, ≤ d_I).
 // State per pass of the layer stack: the KV cache (f32, bf16 or int8, SessionOptions::kv_type; an
-// int8 cache is read in registers by decode, only the selected rows, and dequantised whole to an
-// f32 staging copy by a prefill chunk) and the index-key cache (d_I floats per token, f32). In a batch session the f32 / bf16 K/V live in the
+// int8 cache is read in place, in registers, by decode and prefill alike) and the index-key cache (d_I floats per token, f32). In a batch session the f32 / bf16 K/V live in the
 // session's page pool and only the index keys are per sequence (forward_batch). Prefill, chunked prefill and decode run the same
 // indexer and attention over the cached keys, so they agree. A trace records "topk_indices"
 // [layers, tokens, index_topk]: each query's selected positions (as floats, ascending, -1
@@ -201,6 +200,7 @@ class SparseAttention final : public TokenMixer {
     SparseAttentionOptions so;
     so.q_offset = ctx.pos0;
     so.num_threads = ctx.num_threads;
+    so.precision = ctx.precision;  // int8 caches: fast scores on VNNI, 8-bit probabilities in prefill
     ps.cache.visit([&](auto& cache) {
       if constexpr (requires { cache.total(); }) {
         detail::throw_error("SparseAttention::forward: the cache is a ring buffer (sparse attention keeps every key)");
@@ -218,13 +218,14 @@ class SparseAttention final : public TokenMixer {
           }
         };
         if constexpr (std::is_same_v<KV, std::int8_t>) {
-          if (T == 1) {  // int8 decode reads only the selected rows, in registers
+          // int8: decode reads only the selected rows, prefill the codes in place (both in registers)
+          if (T == 1) {
             sparse_attention_decode(ConstView2<float>(qkv.q.data, {H, d}, {qkv.q.stride[1], 1}), cache.keys(),
                                     cache.values(), ConstView1<std::int32_t>(idx.data(), {K}),
                                     View2<float>(attn.data(), {H, d}), so);
-          } else {  // prefill: the kernels read an f32 staging copy
-            std::vector<float> kb, vb;
-            run(stage_f32(cache.keys(), kb), stage_f32(cache.values(), vb));
+          } else {
+            sparse_attention_prefill(ConstView3<float>(qkv.q), cache.keys(), cache.values(),
+                                     ConstView2<std::int32_t>(idx.data(), {T, K}), av, so);
           }
         } else {
           run(cache.keys(), cache.values());
@@ -281,6 +282,7 @@ class SparseAttention final : public TokenMixer {
     SparseAttentionOptions options() const {
       SparseAttentionOptions o;
       o.num_threads = ctx.num_threads;
+      o.precision = ctx.precision;
       return o;
     }
     template <class KV>
