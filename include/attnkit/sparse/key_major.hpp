@@ -51,7 +51,7 @@ using decode::tail_mask;
 
 inline constexpr std::int64_t kTile = 32;       // queries per work item (their query rows stay in L1)
 static_assert(kTile <= 32, "a key's selecting queries are a 32-bit mask");
-inline constexpr std::int64_t kKeyBlock = 256;  // keys per block
+inline constexpr std::int64_t kKeyBlock = 512;  // keys per block
 inline constexpr std::int64_t kMaxDim = 256;
 inline constexpr std::int64_t kAhead = 6;  // keys prefetched ahead in the scores
 inline constexpr std::int64_t kChunk = decode::kBlock;  // slots per probability chunk: [G][kChunk], as decode's ItemState.p
@@ -450,10 +450,11 @@ void accumulate(const Tile& tl, const std::int32_t* const* idx, const flash::KVR
 // probabilities (already times their value rows' scales) are rounded to 8 bits against their
 // largest: u = round(255 · p / p_max). Four keys at a time, the four value rows' codes are
 // interleaved into dwords (two rounds of unpacks, shared by the heads), and one vpdpbusd per 16
-// elements and head sums four u · code products exactly in int32 (at most 256 keys per block:
+// elements and head sums four u · code products exactly in int32 (at most kKeyBlock = 512 keys:
 // no overflow). Then o = o · alpha + Σ · p_max / 255. The softmax sum and so lse keep the
 // unrounded probabilities. A 64-element group of o is held in the unpacks' order (element
 // 16L + 4m + k in vector m, lane 4L + k); unpermute_quads restores it at the end.
+static_assert(kKeyBlock / 4 * 4 * 255 * 128 <= INT32_MAX, "a block's u · code sums must fit in int32");
 inline __mmask64 code_mask(std::int64_t left) {
   return left >= 64 ? ~__mmask64{0} : left <= 0 ? __mmask64{0} : (__mmask64{1} << left) - 1;
 }

@@ -21,7 +21,7 @@
 // prefetched: a gather defeats the hardware prefetcher). Prefill, with AVX-512 and head
 // dimensions up to 256, is the key-major kernel of sparse/key_major.hpp: a work item is 32
 // queries × a group of KV heads (all of them when the tiles give each thread 4 items) walking the
-// keys in blocks of 256; each selected K row is loaded and widened once for every query of the
+// keys in blocks of 512; each selected K row is loaded and widened once for every query of the
 // item that selected it, and the scores are then gathered
 // into decode's P·V per query. Elsewhere (no AVX-512, wider heads) a work item is 64 queries ×
 // one KV head walking the keys in blocks whose K/V rows fit in L2 (512 KiB), each query
