@@ -23,6 +23,11 @@
 //     registers, the V rows gathered through the selection, the next chunk's rows prefetched).
 //     Done key-major instead, each (pair, head) would load and store its accumulator row per
 //     key: measured slower (11 against 8 ns per selected pair and KV head).
+// int8 K/V (codes with a scale per row and KV head): exact widens the codes and multiplies each
+// dot product by its key's scale and each probability (after the softmax sum) by its value row's
+// scale, as decode does. Precision::fast scores the codes on VNNI against each (query, head)
+// row quantised by decode's rule, and runs P·V on VNNI with the probabilities rounded to 8 bits
+// per (query, head, block) (accumulate_vnni).
 // The order of every sum is fixed by the selections alone, so results are bit-identical for any
 // thread count. Head dimensions up to kMaxDim (the K row in registers, zero padded to 16, 32, 64,
 // 128 or 256 lanes); sparse_attention_prefill uses the query-major kernel for larger ones and
