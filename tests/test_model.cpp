@@ -16,6 +16,11 @@
 
 #include "attnkit/attnkit.hpp"
 #include "test_util.hpp"
+#include "attnkit/model/batch_session.hpp"
+#include "model_test_util.hpp"
+
+// One namespace per file: the model test files compile as one unit (tests/CMakeLists.txt).
+namespace attnkit_test_model {
 
 using namespace attnkit;
 namespace fs = std::filesystem;
@@ -438,10 +443,6 @@ TEST_CASE("q8 weights: fixture logits within the 8-bit bound; decode and chunks 
 // Batch sessions (model/batch_session.hpp): many sequences in one step over the paged KV cache
 // equal one Session per sequence; prefill chunks and decode tokens mix; forks share pages and
 // copy on write; bad steps are refused before anything changes.
-#include <catch2/catch.hpp>
-
-#include "attnkit/model/batch_session.hpp"
-#include "model_test_util.hpp"
 
 using namespace attnkit;
 using test::random_ids;
@@ -836,3 +837,5 @@ TEST_CASE("a custom mixer runs per sequence in a batch step; a state that cannot
   CHECK_FALSE(bs.layer_paged(0));
   CHECK_THROWS_WITH(bs.fork(s), Contains("token mixer 'copy': its per-sequence state cannot be copied"));
 }
+
+}  // namespace attnkit_test_model

@@ -13,6 +13,10 @@
 #include "attnkit/model/qwen3.hpp"
 #include "model_test_util.hpp"
 #include "test_util.hpp"
+#include "reference/attnres_forms_ref.hpp"
+
+// One namespace per file: the model test files compile as one unit (tests/CMakeLists.txt).
+namespace attnkit_test_model_attnres {
 
 using namespace attnkit;
 using namespace attnkit::test;
@@ -62,8 +66,6 @@ TEST_CASE("attnres fixtures: prefill, decode and chunked logits against the floa
 
 // ---------------------------------------------------------------------------------------------
 // The residual policy alone, driven by stand-in sublayers, against the float64 forms reference.
-
-#include "reference/attnres_forms_ref.hpp"
 
 namespace {
 
@@ -384,3 +386,5 @@ TEST_CASE("random attnres models: every form decodes and chunks like its prefill
     CHECK(test::bit_equal(run(m, ids, {}, {}, 1).logits, run(m, ids, {}, {}, 2).logits));
   }
 }
+
+}  // namespace attnkit_test_model_attnres

@@ -10,10 +10,16 @@
 #include <cstdio>
 #include <string>
 #include <vector>
+#include <algorithm>
 
 #include "attnkit/model/qwen3.hpp"
 #include "model_test_util.hpp"
 #include "test_util.hpp"
+#include "attnkit/viz/trace_plot.hpp"
+#include "reference/lt2_ref.hpp"
+
+// One namespace per file: the model test files compile as one unit (tests/CMakeLists.txt).
+namespace attnkit_test_model_hybrid {
 
 using namespace attnkit;
 using namespace attnkit::test;
@@ -388,19 +394,6 @@ TEST_CASE("qwen3.5 hybrid: configuration and checkpoint errors name the field or
 // with top-k smaller than the sequence so the indexer really prunes; prefill = uneven chunks =
 // token-by-token decode; top-k ≥ T gives full attention; the topk_indices trace; the named 1.3B
 // plans; configuration errors naming the field.
-#include <catch2/catch.hpp>
-
-#include <algorithm>
-#include <cmath>
-#include <cstdio>
-#include <string>
-#include <vector>
-
-#include "attnkit/model/qwen3.hpp"
-#include "attnkit/viz/trace_plot.hpp"
-#include "model_test_util.hpp"
-#include "reference/lt2_ref.hpp"
-#include "test_util.hpp"
 
 using namespace attnkit;
 using namespace attnkit::test;
@@ -424,7 +417,6 @@ void add_index(nlohmann::json& j, std::int64_t topk) {
   j["index_topk"] = topk;
   j["index_rope_dim"] = 4;
 }
-
 
 // RandomSource, except that the indexer's LayerNorm gets a random weight (1 + u) and bias (u) instead
 // of ones and zeros, so the test sees both.
@@ -841,3 +833,5 @@ TEST_CASE("lt2: configuration errors name the field", "[model][lt2][config][erro
   j["mixer"] = "full";  // no gdn layer: linear_* fields are unused
   fails(j, "config fields that recipe 'lt2' does not use: linear_conv_kernel_dim");
 }
+
+}  // namespace attnkit_test_model_hybrid

@@ -9,10 +9,17 @@
 #include <fstream>
 #include <string>
 #include <vector>
+#include <algorithm>
+#include <cmath>
 
 #include "attnkit/attnkit.hpp"
 #include "model_test_util.hpp"
 #include "test_util.hpp"
+#include "attnkit/model/qwen3.hpp"
+#include "reference/qwen3_ref.hpp"
+
+// One namespace per file: the model test files compile as one unit (tests/CMakeLists.txt).
+namespace attnkit_test_model_loop {
 
 using namespace attnkit;
 namespace fs = std::filesystem;
@@ -425,16 +432,6 @@ TEST_CASE("QKVProjection: RoPE over its own rotary dimension (partial rotary)", 
 // implementation) through prefill, decode and chunks with per-step logits and exit gates; the exit
 // rules; the generic loop of any recipe (loop_count, loop_between, loop_windows) against the
 // float64 reference forward (tests/reference/qwen3_ref.hpp); configuration and checkpoint errors.
-#include <catch2/catch.hpp>
-
-#include <algorithm>
-#include <cmath>
-#include <string>
-#include <vector>
-
-#include "attnkit/model/qwen3.hpp"
-#include "model_test_util.hpp"
-#include "test_util.hpp"
 
 using namespace attnkit;
 using namespace attnkit::test;
@@ -587,8 +584,6 @@ TEST_CASE("ouro: configuration and checkpoint errors name the field or tensor", 
 // ---------------------------------------------------------------------------------------------
 // The generic loop of any recipe against the float64 reference forward.
 
-#include "reference/qwen3_ref.hpp"
-
 namespace {
 std::vector<float> to_vec(const ref::MatrixXdR& m) {
   std::vector<float> v(static_cast<std::size_t>(m.size()));
@@ -654,3 +649,5 @@ TEST_CASE("looped stacks of any recipe: loop counts, what passes between loops, 
   bad["loop_count"] = 0;
   REQUIRE_THROWS_WITH(model::Qwen3Model::compose(reg.parse_config(bad), src), Contains("loop_count") && Contains("got 0"));
 }
+
+}  // namespace attnkit_test_model_loop

@@ -7,7 +7,6 @@
 #include <catch2/catch.hpp>
 
 #include <Eigen/QR>
-
 #include <cmath>
 #include <cstdio>
 #include <fstream>
@@ -19,6 +18,9 @@
 #include "model_test_util.hpp"
 #include "reference/model_variants_ref.hpp"
 #include "test_util.hpp"
+
+// One namespace per file: the model test files compile as one unit (tests/CMakeLists.txt).
+namespace attnkit_test_model_variants {
 
 using namespace attnkit;
 using namespace attnkit::test;
@@ -37,7 +39,6 @@ nlohmann::json tiny(const std::vector<std::string>& types) {
   j["layer_types"] = types;
   return j;
 }
-
 
 bool ends_with(const std::string& s, const std::string& e) {
   return s.size() >= e.size() && s.compare(s.size() - e.size(), e.size(), e) == 0;
@@ -389,3 +390,5 @@ TEST_CASE("variant layers: a checkpoint without router.weight or U is refused; a
     REQUIRE_THROWS_WITH(model::Qwen3Model::load(tmp.path), Contains("missing tensor '" + drop + "'"));
   }
 }
+
+}  // namespace attnkit_test_model_variants

@@ -157,17 +157,11 @@ struct PagedRows {
   const KV* operator()(std::int64_t u) const { return rows->ptr(s0 + u, j); }
 };
 
-// int8 keys: row s0 + u's scale, contiguous (base + u · stride) or through a page table.
+// int8 keys: row s0 + u's scale (contiguous rows only: paged sparse entries take f32 and bf16).
 struct StridedScales {
   const float* base;
   std::int64_t stride;
   float operator()(std::int64_t u) const { return base[u * stride]; }
-};
-template <class KV>
-struct PagedScales {
-  const flash::KVRows<KV>* rows;
-  std::int64_t j, s0;
-  float operator()(std::int64_t u) const { return rows->scale_of(s0 + u, j); }
 };
 struct NoScales {
   float operator()(std::int64_t) const { return 1.f; }
@@ -312,18 +306,15 @@ void scores_rows(const Tile& tl, const float* qs, const QuantHead& qh, const KRo
 template <int NS, class KV, bool Vnni>
 void scores(const Tile& tl, const float* qs, const QuantHead& qh, const flash::KVRows<KV>& k,
             const flash::KVRows<KV>& v, std::int64_t j, std::int64_t s0, std::int64_t nb) {
-  const auto run = [&](const auto& kscale) {
-    if (k.pages == nullptr && v.pages == nullptr)
-      scores_rows<NS, KV, Vnni>(tl, qs, qh, StridedRows<KV>{k.ptr(s0, j), k.stride[0]},
-                                StridedRows<KV>{v.ptr(s0, j), v.stride[0]}, kscale, nb);
-    else
-      scores_rows<NS, KV, Vnni>(tl, qs, qh, PagedRows<KV>{&k, j, s0}, PagedRows<KV>{&v, j, s0}, kscale, nb);
-  };
+  const StridedRows<KV> ks{k.ptr(s0, j), k.stride[0]}, vs{v.ptr(s0, j), v.stride[0]};
   if constexpr (std::is_same_v<KV, std::int8_t>) {
-    if (k.pages == nullptr) run(StridedScales{k.scales + s0 * k.scale_stride[0] + j * k.scale_stride[1], k.scale_stride[0]});
-    else run(PagedScales<KV>{&k, j, s0});
+    // int8 rows are contiguous here (run_tile): paged sparse entries take f32 and bf16 pages.
+    scores_rows<NS, KV, Vnni>(tl, qs, qh, ks, vs,
+                              StridedScales{k.scales + s0 * k.scale_stride[0] + j * k.scale_stride[1], k.scale_stride[0]}, nb);
+  } else if (k.pages == nullptr && v.pages == nullptr) {
+    scores_rows<NS, KV, Vnni>(tl, qs, qh, ks, vs, NoScales{}, nb);
   } else {
-    run(NoScales{});
+    scores_rows<NS, KV, Vnni>(tl, qs, qh, PagedRows<KV>{&k, j, s0}, PagedRows<KV>{&v, j, s0}, NoScales{}, nb);
   }
 }
 
@@ -441,11 +432,11 @@ void accumulate_rows(const Tile& tl, const std::int32_t* const* idx, float* cons
 
 template <class KV>
 void accumulate(const Tile& tl, const std::int32_t* const* idx, const flash::KVRows<KV>& v, std::int64_t j, float* const oh) {
-  if (v.pages == nullptr) {
+  if (std::is_same_v<KV, std::int8_t> || v.pages == nullptr) {  // int8: contiguous only (run_tile)
     const KV* base = v.ptr(0, j);
     const std::int64_t stride = v.stride[0];
     accumulate_rows<KV>(tl, idx, oh, [&](const std::int32_t* sel) { return decode::GatheredRows<KV>{base, stride, sel}; });
-  } else {
+  } else if constexpr (!std::is_same_v<KV, std::int8_t>) {
     accumulate_rows<KV>(tl, idx, oh, [&](const std::int32_t* sel) { return PagedGatheredRows<KV>{&v, j, sel}; });
   }
 }
@@ -603,6 +594,8 @@ void run_tile(ConstView3<float> q, const flash::KVRows<KV>& k, const flash::KVRo
               std::int64_t G, float scale_log2, View3<float> out, View2<float> lse, bool vnni = false) {
   constexpr bool pairs = decode::uses_pairs_v<true, KV>;
   constexpr bool quant = std::is_same_v<KV, std::int8_t>;
+  if constexpr (quant)
+    ATTNKIT_REQUIRE(k.pages == nullptr && v.pages == nullptr, "sparse key-major kernel: int8 rows must be contiguous, not paged");
   Tile tl;
   tl.nt = t1 - t0;
   tl.G = G;
@@ -704,17 +697,11 @@ void run_tile(ConstView3<float> q, const flash::KVRows<KV>& k, const flash::KVRo
 #if defined(ATTNKIT_DECODE_VNNI)
         if (vnni) {
           float* oh = tl.o + h * rows * tl.dv_pad;
-          if (v.pages == nullptr) {
-            const std::int8_t* vb = v.ptr(0, j);
-            const std::int64_t vst = v.stride[0];
-            accumulate_vnni(tl, idx, oh, [&](const std::int32_t* sel) {
-              return [=](std::int64_t x) { return vb + static_cast<std::int64_t>(sel[x]) * vst; };
-            });
-          } else {
-            accumulate_vnni(tl, idx, oh, [&](const std::int32_t* sel) {
-              return [&v, j, sel](std::int64_t x) { return v.ptr(sel[x], j); };
-            });
-          }
+          const std::int8_t* vb = v.ptr(0, j);
+          const std::int64_t vst = v.stride[0];
+          accumulate_vnni(tl, idx, oh, [&](const std::int32_t* sel) {
+            return [=](std::int64_t x) { return vb + static_cast<std::int64_t>(sel[x]) * vst; };
+          });
           continue;
         }
 #endif
