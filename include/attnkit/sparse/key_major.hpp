@@ -157,60 +157,53 @@ struct PagedRows {
   const KV* operator()(std::int64_t u) const { return rows->ptr(s0 + u, j); }
 };
 
-// int8 keys: row s0 + u's scale (contiguous rows only: paged sparse entries take f32 and bf16).
-struct StridedScales {
-  const float* base;
-  std::int64_t stride;
-  float operator()(std::int64_t u) const { return base[u * stride]; }
-};
-struct NoScales {
-  float operator()(std::int64_t) const { return 1.f; }
-};
-
-// int8 keys (KV = std::int8_t) score as decode scores them: exact, the codes widened and the dot
-// product times the key's scale; Vnni (Precision::fast), the codes against the quantised query
-// on vpdpbusd, the exact integer q·k times the key's scale (the softmax multiplies by the query's
-// scale). Each pending dot keeps its key's scale.
-template <int NS, class KV, bool Vnni, class KRows, class VRows, class KScales>
-void scores_rows(const Tile& tl, const float* qs, const QuantHead& qh, const KRows& krow, const VRows& vrow,
-                 const KScales& kscale, std::int64_t nb) {
+// int8 keys (KV = std::int8_t) score as decode scores them: exact, the codes widened; Vnni
+// (Precision::fast), the codes against the quantised query on vpdpbusd, the exact integer q·k.
+// The softmax multiplies by the key's scale (and the query's), 16 slots at a time: carried with
+// each pending dot here, it was a serial chain of masked broadcasts through one register.
+template <int NS, class KV, bool Vnni, class KRows, class VRows>
+void scores_rows(const Tile& tl, const float* qs, const QuantHead& qh, const KRows& k_rows, const VRows& v_rows,
+                 std::int64_t nb) {
   constexpr bool quant = std::is_same_v<KV, std::int8_t>;
   static_assert(quant || !Vnni, "VNNI scores read int8 keys");
   constexpr int NQ = NS >= 4 ? NS / 4 : 1;  // 64-code slices of a key row (Vnni)
+  // Everything the loops read in locals: the flush's memory barrier would reload them through
+  // tl and qh after every flush, and keep them out of registers in between.
   const std::int64_t G = tl.G, dk = tl.dk, dkp = tl.dkp, dkq = tl.dkq;
+  const int q_shift = tl.q_shift;
   float* const p = tl.p;
+  const std::int8_t* const qcodes = qh.codes;
+  const std::int32_t* const qinit = qh.init;
+  const KRows krow = k_rows;
+  const VRows vrow = v_rows;
   const std::uint32_t* const who = tl.who;
   const Pair* pr = tl.pairs;
   // Pending dot products, kept in memory: held in registers they would push the key row out.
   // Dot r belongs to pair pend_pairs[r / G], head r % G.
   alignas(64) float pend[16][16];
-  // int8: the key scale of each pending dot, in a register (16 scalar stores read back as one
-  // vector would stall on store forwarding).
-  __m512 pend_ks = _mm512_setzero_ps();
   const Pair* pend_pairs = pr;
   int np = 0;
   // The sums of pending dots [0, np), lane r = dot r.
-  const auto sums = [&] {
+  const auto sums = [&]() __attribute__((always_inline)) {
     if constexpr (Vnni) {
 #if defined(ATTNKIT_DECODE_VNNI)
       __m512i red[16];
 #pragma GCC unroll 16
       for (int r = 0; r < 16; ++r) red[r] = r < np ? _mm512_load_si512(pend[r]) : _mm512_setzero_si512();
-      return _mm512_mul_ps(_mm512_cvtepi32_ps(decode::reduce16_epi32(red)), pend_ks);
+      return _mm512_cvtepi32_ps(decode::reduce16_epi32(red));
 #endif
     } else {
       __m512 red[16];
 #pragma GCC unroll 16
       for (int r = 0; r < 16; ++r) red[r] = r < np ? _mm512_load_ps(pend[r]) : _mm512_setzero_ps();
-      if constexpr (quant) return _mm512_mul_ps(reduce16(red), pend_ks);
-      else return reduce16(red);
+      return reduce16(red);
     }
   };
-  const auto flush = [&] {
+  const auto flush = [&]() __attribute__((always_inline)) {
     alignas(64) float sum[16];
     _mm512_store_ps(sum, sums());
-    // Through memory: scalar loads instead of lane extracts on the shuffle port. (Only sum is
-    // marked changed: a full memory clobber would pin np and pend_ks to the stack.)
+    // Through memory: scalar loads instead of lane extracts on the shuffle port (the barrier
+    // keeps GCC from turning them back into extracts).
     __asm__ volatile("" ::: "memory");
     if (G == 2) {
       for (int r = 0; r < np; r += 2, ++pend_pairs) {
@@ -241,7 +234,6 @@ void scores_rows(const Tile& tl, const float* qs, const QuantHead& qh, const KRo
     const int cnt = __builtin_popcount(who[u]);
     if (cnt == 0) continue;
     const KV* kr = krow(u);
-    const float ks = kscale(u);
     // The key row in registers: widened to f32, or (Vnni) its codes read as k + 128.
     __m512 kv[Vnni ? 1 : NS];
     [[maybe_unused]] __m512i ku[NQ];
@@ -258,15 +250,14 @@ void scores_rows(const Tile& tl, const float* qs, const QuantHead& qh, const KRo
       for (int e = 0; e < NS; ++e) kv[e] = load16(kr + 16 * e, tail_mask(dk - 16 * e));
     }
     // Pending dot np: query row qi's head g (row index rq = its i·G + g).
-    const auto push = [&](const float* qi, std::int64_t rq) {
+    const auto push = [&](const float* qi, std::int64_t rq) __attribute__((always_inline)) {
       if constexpr (Vnni) {
 #if defined(ATTNKIT_DECODE_VNNI)
-        _mm512_store_si512(pend[np], dot_vnni<NQ>(ku, qh.codes + rq * dkq, qh.init + rq * 16));
+        _mm512_store_si512(pend[np], dot_vnni<NQ>(ku, qcodes + rq * dkq, qinit + rq * 16));
 #endif
       } else {
         _mm512_store_ps(pend[np], dot<NS>(kv, qi));
       }
-      if constexpr (quant) pend_ks = _mm512_mask_broadcastss_ps(pend_ks, static_cast<__mmask16>(1u << np), _mm_set_ss(ks));
       ++np;
     };
     const Pair* const end = pr + cnt;
@@ -274,7 +265,7 @@ void scores_rows(const Tile& tl, const float* qs, const QuantHead& qh, const KRo
       for (; pr != end; ++pr) {
         if (np == 16) flush();
         const float* qi = qs + pr->q;
-        const std::int64_t rq = pr->q >> tl.q_shift;
+        const std::int64_t rq = pr->q >> q_shift;
         push(qi, rq);
         push(qi + dkp, rq + 1);
       }
@@ -282,13 +273,13 @@ void scores_rows(const Tile& tl, const float* qs, const QuantHead& qh, const KRo
       for (; pr != end; ++pr) {
         if (np == per_flush) flush();
         const float* qi = qs + pr->q;
-        const std::int64_t rq = pr->q >> tl.q_shift;
+        const std::int64_t rq = pr->q >> q_shift;
         for (std::int64_t g = 0; g < G; ++g) push(qi + g * dkp, rq + g);
       }
     } else {  // more heads than a flush holds: one pair at a time, in runs of 16 heads
       for (; pr != end; ++pr) {
         const float* qi = qs + pr->q;
-        const std::int64_t rq = pr->q >> tl.q_shift;
+        const std::int64_t rq = pr->q >> q_shift;
         for (std::int64_t g0 = 0; g0 < G; g0 += 16) {
           const std::int64_t g1 = std::min(G, g0 + 16);
           for (std::int64_t g = g0; g < g1; ++g) push(qi + g * dkp, rq + g);
@@ -307,30 +298,27 @@ template <int NS, class KV, bool Vnni>
 void scores(const Tile& tl, const float* qs, const QuantHead& qh, const flash::KVRows<KV>& k,
             const flash::KVRows<KV>& v, std::int64_t j, std::int64_t s0, std::int64_t nb) {
   const StridedRows<KV> ks{k.ptr(s0, j), k.stride[0]}, vs{v.ptr(s0, j), v.stride[0]};
-  if constexpr (std::is_same_v<KV, std::int8_t>) {
-    // int8 rows are contiguous here (run_tile): paged sparse entries take f32 and bf16 pages.
-    scores_rows<NS, KV, Vnni>(tl, qs, qh, ks, vs,
-                              StridedScales{k.scales + s0 * k.scale_stride[0] + j * k.scale_stride[1], k.scale_stride[0]}, nb);
-  } else if (k.pages == nullptr && v.pages == nullptr) {
-    scores_rows<NS, KV, Vnni>(tl, qs, qh, ks, vs, NoScales{}, nb);
-  } else {
-    scores_rows<NS, KV, Vnni>(tl, qs, qh, PagedRows<KV>{&k, j, s0}, PagedRows<KV>{&v, j, s0}, NoScales{}, nb);
-  }
+  // int8 rows are contiguous here (run_tile): paged sparse entries take f32 and bf16 pages.
+  if (std::is_same_v<KV, std::int8_t> || (k.pages == nullptr && v.pages == nullptr))
+    scores_rows<NS, KV, Vnni>(tl, qs, qh, ks, vs, nb);
+  else if constexpr (!std::is_same_v<KV, std::int8_t>)
+    scores_rows<NS, KV, Vnni>(tl, qs, qh, PagedRows<KV>{&k, j, s0}, PagedRows<KV>{&v, j, s0}, nb);
 }
 
 // Online-softmax update of one KV head's (query, head) rows with slots in the block: scores ->
 // probabilities exp2(s - m_new), alpha = exp2(m_old - m_new). m and l: the head's [nt][G].
-// qscale (Vnni scores; else null): the rows' query scales [nt][G], each score s · qscale
-// (fused into the exponent's subtraction). vscale (int8 values; else NoValueScales): each stored
-// probability times its value row's scale, after the sum (decode's scale_rows):
-// vscale(sel, m) = the scales of the 16 rows sel[0, 16), lanes in m.
-struct NoValueScales {
+// int8 K/V (Scales = StridedRowScales or PagedRowScales; else NoRowScales): kscale each score
+// times its key row's scale first (then as decode's scores); vscale each stored probability
+// times its value row's scale, after the sum (decode's scale_rows). qscale (Vnni scores; else
+// null): the rows' query scales [nt][G], each score s · qscale (fused into the exponent's
+// subtraction). A Scales (sel, m) gives the scales of the 16 rows sel[0, 16), lanes in m.
+struct NoRowScales {
   static constexpr bool active = false;
   __m512 operator()(const std::int32_t*, __mmask16) const { return _mm512_setzero_ps(); }
 };
-template <class VScales = NoValueScales>
+template <class Scales = NoRowScales>
 inline void softmax(const Tile& tl, float* const mh, float* const lh, const std::int32_t* const* idx = nullptr,
-                    const float* qscale = nullptr, const VScales& vscale = {}) {
+                    const float* qscale = nullptr, const Scales& kscale = {}, const Scales& vscale = {}) {
   const std::int64_t G = tl.G;
   for (std::int64_t i = 0; i < tl.nt; ++i) {
     const std::int64_t n = tl.n[i];
@@ -338,8 +326,17 @@ inline void softmax(const Tile& tl, float* const mh, float* const lh, const std:
     for (std::int64_t g = 0; g < G; ++g) {
       float* s0 = tl.p + tl.area[i] + g * kChunk;
       __m512 mx = _mm512_set1_ps(kNegInf);
-      for (std::int64_t x = 0; x < n; x += 16)
-        mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, tail_mask(n - x), s0 + x / kChunk * G * kChunk + x % kChunk));
+      for (std::int64_t x = 0; x < n; x += 16) {
+        const __mmask16 msk = tail_mask(n - x);
+        float* s = s0 + x / kChunk * G * kChunk + x % kChunk;
+        if constexpr (Scales::active) {
+          const __m512 sx = _mm512_mul_ps(_mm512_maskz_loadu_ps(msk, s), kscale(idx[i] + tl.c0[i] + x, msk));
+          _mm512_storeu_ps(s, sx);  // lanes past n: never read
+          mx = _mm512_mask_max_ps(mx, msk, mx, sx);
+        } else {
+          mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, msk, s));
+        }
+      }
       float& m = mh[i * G + g];
       const float qs = qscale ? qscale[i * G + g] : 1.f;
       // qs >= 0: the largest scaled score is the largest score, scaled.
@@ -353,7 +350,7 @@ inline void softmax(const Tile& tl, float* const mh, float* const lh, const std:
         const __m512 sx = _mm512_maskz_loadu_ps(msk, s);
         const __m512 e = exp2_ps(qscale ? _mm512_fmsub_ps(sx, vq, vb) : _mm512_sub_ps(sx, vb));
         sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(msk, e));
-        if constexpr (VScales::active) _mm512_storeu_ps(s, _mm512_mul_ps(e, vscale(idx[i] + tl.c0[i] + x, msk)));
+        if constexpr (Scales::active) _mm512_storeu_ps(s, _mm512_mul_ps(e, vscale(idx[i] + tl.c0[i] + x, msk)));
         else _mm512_storeu_ps(s, e);  // lanes past n: never read
       }
       const float a = m == kNegInf ? 0.f : std::exp2(m - (m_new == kNegInf ? 0.f : m_new));
@@ -364,9 +361,9 @@ inline void softmax(const Tile& tl, float* const mh, float* const lh, const std:
   }
 }
 
-// int8 values: the scales of 16 selected rows of KV head j, gathered (contiguous scales) or
-// read one by one (through a page table).
-struct StridedValueScales {
+// int8 K or V: the scales of 16 selected rows of KV head j, gathered (contiguous scales within
+// an int32 index's reach) or read one by one.
+struct StridedRowScales {
   static constexpr bool active = true;
   const float* base;  // head j's scale of row 0
   std::int32_t stride;
@@ -376,14 +373,14 @@ struct StridedValueScales {
   }
 };
 template <class KV>
-struct PagedValueScales {
+struct PagedRowScales {
   static constexpr bool active = true;
-  const flash::KVRows<KV>* v;
+  const flash::KVRows<KV>* rows;
   std::int64_t j;
   __m512 operator()(const std::int32_t* sel, __mmask16 m) const {
     alignas(64) float sc[16] = {};
     for (int r = 0; r < 16; ++r)
-      if (m >> r & 1) sc[r] = v->scale_of(sel[r], j);
+      if (m >> r & 1) sc[r] = rows->scale_of(sel[r], j);
     return _mm512_load_ps(sc);
   }
 };
@@ -689,11 +686,15 @@ void run_tile(ConstView3<float> q, const flash::KVRows<KV>& k, const flash::KVRo
       if constexpr (quant) {
         const float* qscale = vnni ? tl.qscale + h * rows : nullptr;
         // Gathers index in int32: contiguous scales within its reach (else one by one).
-        if (v.pages == nullptr && (v.shape[0] - 1) * v.scale_stride[0] + j * v.scale_stride[1] <= INT32_MAX)
+        const auto reach = [&](const flash::KVRows<KV>& r) {
+          return (r.shape[0] - 1) * r.scale_stride[0] <= INT32_MAX;
+        };
+        if (reach(k) && reach(v))
           softmax(tl, tl.m + h * rows, tl.l + h * rows, idx, qscale,
-                  StridedValueScales{v.scales + j * v.scale_stride[1], static_cast<std::int32_t>(v.scale_stride[0])});
+                  StridedRowScales{k.scales + j * k.scale_stride[1], static_cast<std::int32_t>(k.scale_stride[0])},
+                  StridedRowScales{v.scales + j * v.scale_stride[1], static_cast<std::int32_t>(v.scale_stride[0])});
         else
-          softmax(tl, tl.m + h * rows, tl.l + h * rows, idx, qscale, PagedValueScales<KV>{&v, j});
+          softmax(tl, tl.m + h * rows, tl.l + h * rows, idx, qscale, PagedRowScales<KV>{&k, j}, PagedRowScales<KV>{&v, j});
 #if defined(ATTNKIT_DECODE_VNNI)
         if (vnni) {
           float* oh = tl.o + h * rows * tl.dv_pad;
