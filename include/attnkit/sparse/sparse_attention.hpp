@@ -219,8 +219,8 @@ void key_major_prefill(ConstView3<float> q, const flash::KVRows<KV>& k, const fl
   namespace km = key_major;
   const std::int64_t T = q.shape[0], H = q.shape[1], dk = q.shape[2], H_kv = k.shape[1], G = H / H_kv;
   const float scale_log2 = resolve_scale(opt.scale, dk) * decode::kLog2e;
-  const std::int64_t n_tiles = (T - n_full + km::kTile - 1) / km::kTile;
   const bool vnni = std::is_same_v<KV, std::int8_t> && opt.precision == Precision::fast;
+  const std::int64_t tile = km::tile_queries(vnni), n_tiles = (T - n_full + tile - 1) / tile;
   // An item is a tile against a group of KV heads, which share its bookkeeping: all heads when
   // the tiles alone give every thread several items, fewer when they do not.
   const std::int64_t want = 4 * resolve_threads(opt.num_threads);
@@ -228,7 +228,7 @@ void key_major_prefill(ConstView3<float> q, const flash::KVRows<KV>& k, const fl
   const std::int64_t per_group = (H_kv + groups - 1) / groups, n_groups = (H_kv + per_group - 1) / per_group;
   parallel_for(n_tiles * n_groups, opt.num_threads, [&](std::int64_t item) {
     ATTNKIT_FAULT_POINT("sparse");
-    const std::int64_t jg = item % n_groups, t0 = n_full + item / n_groups * km::kTile, t1 = std::min(T, t0 + km::kTile);
+    const std::int64_t jg = item % n_groups, t0 = n_full + item / n_groups * tile, t1 = std::min(T, t0 + tile);
     const std::int64_t j0 = jg * per_group, j1 = std::min(H_kv, j0 + per_group);
     const std::int32_t* rows[km::kTile];
     for (std::int64_t t = t0; t < t1; ++t) rows[t - t0] = indices.ptr(t);
