@@ -169,7 +169,7 @@ std::vector<float> check_prefill(const AttnProblem<KV>& p, const std::vector<std
 
 template <class KV>
 void check_attention_random(Rng& rng) {
-  const std::int64_t H_kv = rng.integer(1, 3), G = rng.integer(1, 3), H = H_kv * G;
+  const std::int64_t H_kv = rng.integer(1, 3), G = rng.integer(1, 4), H = H_kv * G;
   const std::int64_t dk = rng.integer(1, 3) == 1 ? rng.integer(1, 20) : rng.integer(60, 140);
   const std::int64_t dv = rng.integer(0, 1) ? dk : rng.integer(1, 70);
   const std::int64_t T = rng.integer(1, 40 / kScale), T_k = T + rng.integer(0, 300 / kScale);
@@ -559,7 +559,7 @@ TEST_CASE("sparse attention: int8 K/V prefill reads the codes in place", "[spars
   CAPTURE(seed);
   Rng rng(seed);
   for (int c = 0; c < 30 / kScale; ++c) {
-    const std::int64_t H_kv = rng.integer(1, 3), G = rng.integer(1, 3), H = H_kv * G;
+    const std::int64_t H_kv = rng.integer(1, 3), G = rng.integer(1, 4), H = H_kv * G;
     const int shape = rng.integer(0, 5);
     const std::int64_t dk = shape == 0 ? rng.integer(1, 20) : shape == 5 ? 264 : rng.integer(60, 140);
     const std::int64_t dv = rng.integer(0, 1) ? dk : rng.integer(1, 70);

@@ -320,48 +320,83 @@ struct NoRowScales {
   static constexpr bool active = false;
   __m512 operator()(const std::int32_t*, __mmask16) const { return _mm512_setzero_ps(); }
 };
+// Heads [g0, g0 + NH) of query i (the slots of one query share the keys, so a chunk's key and
+// value scales are gathered once for all NH heads; per head the arithmetic is the same).
+template <int NH, class Scales>
+inline void softmax_heads(const Tile& tl, std::int64_t i, std::int64_t g0, float* const mh, float* const lh,
+                          const std::int32_t* sel, const float* qscale, const Scales& kscale, const Scales& vscale) {
+  const std::int64_t G = tl.G, n = tl.n[i];
+  float* const s0 = tl.p + tl.area[i] + g0 * kChunk;
+  const auto at = [&](std::int64_t x, int h) { return s0 + x / kChunk * G * kChunk + x % kChunk + h * kChunk; };
+  __m512 mx[NH];
+#pragma GCC unroll 4
+  for (int h = 0; h < NH; ++h) mx[h] = _mm512_set1_ps(kNegInf);
+  for (std::int64_t x = 0; x < n; x += 16) {
+    const __mmask16 msk = tail_mask(n - x);
+    if constexpr (Scales::active) {
+      const __m512 ks = kscale(sel + x, msk);
+#pragma GCC unroll 4
+      for (int h = 0; h < NH; ++h) {
+        const __m512 sx = _mm512_mul_ps(_mm512_maskz_loadu_ps(msk, at(x, h)), ks);
+        _mm512_storeu_ps(at(x, h), sx);  // lanes past n: never read
+        mx[h] = _mm512_mask_max_ps(mx[h], msk, mx[h], sx);
+      }
+    } else {
+#pragma GCC unroll 4
+      for (int h = 0; h < NH; ++h) mx[h] = _mm512_max_ps(mx[h], _mm512_mask_loadu_ps(mx[h], msk, at(x, h)));
+    }
+  }
+  float m_new[NH];
+  __m512 vb[NH], vq[NH], sum[NH];
+#pragma GCC unroll 4
+  for (int h = 0; h < NH; ++h) {
+    const std::int64_t r = i * G + g0 + h;
+    const float qs = qscale ? qscale[r] : 1.f;
+    // qs >= 0: the largest scaled score is the largest score, scaled.
+    m_new[h] = std::max(mh[r], qscale ? simd::hmax(mx[h]) * qs : simd::hmax(mx[h]));
+    // All scores -inf (only with infinite inputs): nothing to add.
+    vb[h] = _mm512_set1_ps(m_new[h] == kNegInf ? 0.f : m_new[h]);
+    vq[h] = _mm512_set1_ps(qs);
+    sum[h] = _mm512_setzero_ps();
+  }
+  for (std::int64_t x = 0; x < n; x += 16) {
+    const __mmask16 msk = tail_mask(n - x);
+    [[maybe_unused]] __m512 vs;
+    if constexpr (Scales::active) vs = vscale(sel + x, msk);
+#pragma GCC unroll 4
+    for (int h = 0; h < NH; ++h) {
+      float* const s = at(x, h);
+      const __m512 sx = _mm512_maskz_loadu_ps(msk, s);
+      const __m512 e = exp2_ps(qscale ? _mm512_fmsub_ps(sx, vq[h], vb[h]) : _mm512_sub_ps(sx, vb[h]));
+      sum[h] = _mm512_add_ps(sum[h], _mm512_maskz_mov_ps(msk, e));
+      if constexpr (Scales::active) _mm512_storeu_ps(s, _mm512_mul_ps(e, vs));
+      else _mm512_storeu_ps(s, e);  // lanes past n: never read
+    }
+  }
+#pragma GCC unroll 4
+  for (int h = 0; h < NH; ++h) {
+    const std::int64_t r = i * G + g0 + h;
+    const float m = mh[r];
+    const float a = m == kNegInf ? 0.f : std::exp2(m - (m_new[h] == kNegInf ? 0.f : m_new[h]));
+    tl.alpha[r] = a;
+    lh[r] = lh[r] * a + simd::hsum(sum[h]);
+    mh[r] = m_new[h];
+  }
+}
+
 template <class Scales = NoRowScales>
 inline void softmax(const Tile& tl, float* const mh, float* const lh, const std::int32_t* const* idx = nullptr,
                     const float* qscale = nullptr, const Scales& kscale = {}, const Scales& vscale = {}) {
   const std::int64_t G = tl.G;
   for (std::int64_t i = 0; i < tl.nt; ++i) {
-    const std::int64_t n = tl.n[i];
-    if (n == 0) continue;
-    for (std::int64_t g = 0; g < G; ++g) {
-      float* s0 = tl.p + tl.area[i] + g * kChunk;
-      __m512 mx = _mm512_set1_ps(kNegInf);
-      for (std::int64_t x = 0; x < n; x += 16) {
-        const __mmask16 msk = tail_mask(n - x);
-        float* s = s0 + x / kChunk * G * kChunk + x % kChunk;
-        if constexpr (Scales::active) {
-          const __m512 sx = _mm512_mul_ps(_mm512_maskz_loadu_ps(msk, s), kscale(idx[i] + tl.c0[i] + x, msk));
-          _mm512_storeu_ps(s, sx);  // lanes past n: never read
-          mx = _mm512_mask_max_ps(mx, msk, mx, sx);
-        } else {
-          mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(mx, msk, s));
-        }
-      }
-      float& m = mh[i * G + g];
-      const float qs = qscale ? qscale[i * G + g] : 1.f;
-      // qs >= 0: the largest scaled score is the largest score, scaled.
-      const float m_new = std::max(m, qscale ? simd::hmax(mx) * qs : simd::hmax(mx));
-      // All scores -inf (only with infinite inputs): nothing to add.
-      const __m512 vb = _mm512_set1_ps(m_new == kNegInf ? 0.f : m_new), vq = _mm512_set1_ps(qs);
-      __m512 sum = _mm512_setzero_ps();
-      for (std::int64_t x = 0; x < n; x += 16) {
-        const __mmask16 msk = tail_mask(n - x);
-        float* s = s0 + x / kChunk * G * kChunk + x % kChunk;
-        const __m512 sx = _mm512_maskz_loadu_ps(msk, s);
-        const __m512 e = exp2_ps(qscale ? _mm512_fmsub_ps(sx, vq, vb) : _mm512_sub_ps(sx, vb));
-        sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(msk, e));
-        if constexpr (Scales::active) _mm512_storeu_ps(s, _mm512_mul_ps(e, vscale(idx[i] + tl.c0[i] + x, msk)));
-        else _mm512_storeu_ps(s, e);  // lanes past n: never read
-      }
-      const float a = m == kNegInf ? 0.f : std::exp2(m - (m_new == kNegInf ? 0.f : m_new));
-      tl.alpha[i * G + g] = a;
-      lh[i * G + g] = lh[i * G + g] * a + simd::hsum(sum);
-      m = m_new;
-    }
+    if (tl.n[i] == 0) continue;
+    const std::int32_t* sel = idx ? idx[i] + tl.c0[i] : nullptr;
+    if (G % 4 == 0)
+      for (std::int64_t g0 = 0; g0 < G; g0 += 4) softmax_heads<4>(tl, i, g0, mh, lh, sel, qscale, kscale, vscale);
+    else if (G % 2 == 0)
+      for (std::int64_t g0 = 0; g0 < G; g0 += 2) softmax_heads<2>(tl, i, g0, mh, lh, sel, qscale, kscale, vscale);
+    else
+      for (std::int64_t g0 = 0; g0 < G; ++g0) softmax_heads<1>(tl, i, g0, mh, lh, sel, qscale, kscale, vscale);
   }
 }
 
