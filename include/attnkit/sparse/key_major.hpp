@@ -57,7 +57,7 @@ using decode::tail_mask;
 inline constexpr std::int64_t kTile = 64;       // queries per work item, at most
 // Queries per work item: their query rows stay in L1 (f32 rows: 32 queries of 2 heads of 128).
 // VNNI scores read the rows' int8 codes, a quarter of the bytes: 64 queries then, which halves
-// the K/V rows read per dot product (measured 5% faster at T 16384; 64 f32 rows were 7% slower).
+// the K/V rows read per dot product (2-5% faster at T 16384; 64 f32 rows were 7% slower).
 inline std::int64_t tile_queries(bool vnni) { return vnni ? kTile : 32; }
 static_assert(kTile <= 64, "a key's selecting queries are a 64-bit mask");
 inline constexpr std::int64_t kKeyBlock = 512;  // keys per block
