@@ -287,6 +287,30 @@ TEST_CASE("decode matches the float64 reference (int8 K/V)", "[decode][int8]") {
   check_int8_against_reference(test::fresh_seed(), false, Precision::fast);  // portable: ignores fast
 }
 
+// A NaN in one query head reaches that head's output on every int8 path: the fast path rounds
+// the query and the probabilities to 8 bits, which would otherwise turn it into a finite number.
+TEST_CASE("int8 decode: a NaN query gives NaN for its head only (exact and fast)", "[decode][int8]") {
+  test::Rng rng(test::fresh_seed());
+  const std::int64_t T = 77, H = 6, Hk = 3, dk = 72, dv = 40;
+  auto q = rng.normal_vec(static_cast<std::size_t>(H * dk));
+  const auto k = rng.normal_vec(static_cast<std::size_t>(T * Hk * dk)), v = rng.normal_vec(static_cast<std::size_t>(T * Hk * dv));
+  q[3 * dk + 5] = kNaN;  // head 3 (KV head 1, shared with head 2)
+  const QuantStored ks(k, T, Hk, dk, Layout::token_major), vs(v, T, Hk, dv, Layout::token_major);
+  for (Precision precision : {Precision::exact, Precision::fast}) {
+    CAPTURE(static_cast<int>(precision));
+    std::vector<float> out(static_cast<std::size_t>(H * dv), 1e30f);  // not NaN: a NaN must come from the kernel
+    DecodeOptions opt;
+    opt.precision = precision;
+    attention_decode(ConstView2<float>(q.data(), {H, dk}), ks.view(), vs.view(), View2<float>(out.data(), {H, dv}), opt);
+    for (std::int64_t h = 0; h < H; ++h)
+      for (std::int64_t e = 0; e < dv; ++e) {
+        CAPTURE(h, e);
+        if (h == 3) CHECK(std::isnan(out[h * dv + e]));
+        else CHECK(std::abs(out[h * dv + e]) < 1e3f);  // written, and finite
+      }
+  }
+}
+
 TEST_CASE("decode generic (non-AVX-512) path matches the reference", "[decode]") {
   check_against_reference<float>(test::fresh_seed(), false);
   check_against_reference<bf16>(test::fresh_seed(), false);

@@ -240,9 +240,12 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
               const auto& after = rows[far ? aft : cur];
               for (std::int64_t j = ja; j < jb; ++j) {
                 const std::int64_t ko = (j - ja) * k_head, vo = (j - ja) * v_head;
+                // int8 rows keep the next-block prefetch alone (as decode.hpp's chunk_state).
                 block(j,
-                      R{{rows[cur][0], ko}, {next[0], ko}, last, more ? kl : 0, {after[0], ko}, far_last, far ? kl : 0},
-                      R{{rows[cur][1], vo}, {next[1], vo}, last, more ? vl : 0, {after[1], vo}, far_last, far ? vl : 0},
+                      R{{rows[cur][0], ko}, {next[0], ko}, last, more ? kl : 0, {after[0], ko}, far_last,
+                        far && !quant ? kl : 0},
+                      R{{rows[cur][1], vo}, {next[1], vo}, last, more ? vl : 0, {after[1], vo}, far_last,
+                        far && !quant ? vl : 0},
                       n, s);
               }
             }

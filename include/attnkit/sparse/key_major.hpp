@@ -763,13 +763,13 @@ void run_tile(ConstView3<float> q, const flash::KVRows<KV>& k, const flash::KVRo
 #endif
         float* dst = out.ptr(t0 + i, col);
         const float l = tl.l[r];
-        if (l > 0.f) {
+        if (l > 0.f || std::isnan(l)) {  // NaN (a NaN among the inputs) goes on to the output
           const float inv = 1.f / l;
           for (std::int64_t e = 0; e < tl.dv; ++e) dst[e] = o[e] * inv;
         } else {
           std::fill(dst, dst + tl.dv, 0.f);
         }
-        if (!lse.empty()) lse(t0 + i, col) = l > 0.f ? (tl.m[r] + std::log2(l)) * decode::kLn2 : kNegInf;
+        if (!lse.empty()) lse(t0 + i, col) = l > 0.f || std::isnan(l) ? (tl.m[r] + std::log2(l)) * decode::kLn2 : kNegInf;
       }
 }
 
