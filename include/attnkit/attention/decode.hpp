@@ -567,7 +567,7 @@ inline std::int64_t round_up64(std::int64_t n) { return (n + 63) / 64 * 64; }
 inline void quantize_query_row(const float* x, std::int64_t dk, std::int64_t stride, std::int8_t* c, float& scale,
                                std::int32_t& bias) {
   // max |x|, 16 lanes at a time (a scalar max chain costs its latency per element); a NaN is
-  // skipped as std::max(m, NaN) skips it (vmaxps returns its second operand then).
+  // noted separately (vmaxps would skip it) and becomes the scale below.
   const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
   __m512 mv = _mm512_setzero_ps();
   __mmask16 nan = 0;
@@ -1008,12 +1008,10 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
         const std::int64_t fb = std::min(b + 2 * kBlock, t1 - 1), fn = std::max<std::int64_t>(t1 - b - 2 * kBlock, 1);
         const bool more = b + kBlock < t1, far = b + 2 * kBlock < t1;
         using R = PrefetchingRows<StridedRows<KV>, StridedRows<KV>>;
-        block(j, R{{k.ptr(b, j), ks}, {k.ptr(nb, j), ks}, std::min<std::int64_t>(nn, kBlock) - 1,
-                more ? row_lines<KV>(pb.dk) : 0, {k.ptr(fb, j), ks}, std::min<std::int64_t>(fn, kBlock) - 1,
-                far && !quant ? row_lines<KV>(pb.dk) : 0},
-              R{{v.ptr(b, j), vs}, {v.ptr(nb, j), vs}, std::min<std::int64_t>(nn, kBlock) - 1,
-                more ? row_lines<KV>(pb.dv) : 0, {v.ptr(fb, j), vs}, std::min<std::int64_t>(fn, kBlock) - 1,
-                far && !quant ? row_lines<KV>(pb.dv) : 0},
+        block(j, R{{k.ptr(b, j), ks}, {k.ptr(nb, j), ks}, nn - 1, more ? row_lines<KV>(pb.dk) : 0,
+                   {k.ptr(fb, j), ks}, fn - 1, far && !quant ? row_lines<KV>(pb.dk) : 0},
+              R{{v.ptr(b, j), vs}, {v.ptr(nb, j), vs}, nn - 1, more ? row_lines<KV>(pb.dv) : 0,
+                {v.ptr(fb, j), vs}, fn - 1, far && !quant ? row_lines<KV>(pb.dv) : 0},
               n, b);
       } else {
         const GatheredRows<KV> kr{k.ptr(0, j), ks, idx + b}, vr{v.ptr(0, j), vs, idx + b};
