@@ -579,12 +579,19 @@ inline void quantize_query_row(const float* x, std::int64_t dk, std::int64_t str
   // A NaN in the query makes the scale NaN, so every score is NaN as on the exact path (the
   // rounding would otherwise turn it into a finite code).
   const float m = nan ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(mv);
-  std::int32_t sum = 0;
+  // Codes round(x · inv) to nearest even (vcvtps2dq under the default rounding mode, as
+  // std::nearbyint), 16 at a time: the scalar loop called nearbyintf per element, 5 TSC cycles
+  // per key row of a 512-key work item.
   const float inv = m > 0.f ? 127.f / m : 0.f;
-  for (std::int64_t e = 0; e < dk; ++e) {
-    c[e] = static_cast<std::int8_t>(std::nearbyint(x[e] * inv));
-    sum += c[e];
+  const __m512 vinv = _mm512_set1_ps(inv);
+  __m512i vsum = _mm512_setzero_si512();
+  for (std::int64_t e = 0; e < dk; e += 16) {
+    const __mmask16 tm = tail_mask(dk - e);
+    const __m512i ci = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(tm, x + e), vinv));
+    vsum = _mm512_add_epi32(vsum, ci);  // lanes past dk hold 0
+    _mm512_mask_cvtepi32_storeu_epi8(c + e, tm, ci);
   }
+  const std::int32_t sum = _mm512_reduce_add_epi32(vsum);
   std::fill(c + dk, c + stride, std::int8_t{0});
   scale = m / 127.f;  // inf / NaN in q: inf or NaN scores, as the exact path gives
   bias = 128 * sum;
@@ -831,13 +838,23 @@ struct QuantScales {
   ConstView2<float> k, v;
 };
 
-// p[g][0, kBlock) *= s[0, kBlock) for heads [g0, g1).
+// p[g][0, kBlock) *= s[0, kBlock) for heads [g0, g1). Written out in vectors: GCC unrolled the
+// loop to scalar code (p and s may alias), 10 cycles per key row, a fifth of an int8 row's time.
 inline void scale_rows(const ItemState& st, std::int64_t g0, std::int64_t g1, const float* s) {
+#if defined(__AVX512F__)
+  static_assert(kBlock == 32);
+  const __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
   for (std::int64_t g = g0; g < g1; ++g) {
     float* p = st.p + g * kBlock;
-#pragma GCC unroll 32
+    _mm512_storeu_ps(p, _mm512_mul_ps(_mm512_loadu_ps(p), s0));
+    _mm512_storeu_ps(p + 16, _mm512_mul_ps(_mm512_loadu_ps(p + 16), s1));
+  }
+#else
+  for (std::int64_t g = g0; g < g1; ++g) {
+    float* p = st.p + g * kBlock;
     for (int i = 0; i < kBlock; ++i) p[i] *= s[i];
   }
+#endif
 }
 
 // The body of a work item over row accessors, for the query heads [h0, h1) of KV heads
@@ -877,7 +894,8 @@ void chunk_state_rows(const Problem& pb, ConstView2<float> q, std::int64_t j0, s
     for (std::int64_t g = g0; g < g1; ++g) {
       const float* qr = q.ptr(j * G + g);
       float* qs = st.qs + g * pb.dk_pad;
-      for (std::int64_t e = 0; e < pb.dk; ++e) qs[e] = qr[e] * pb.scale_log2;
+      std::copy(qr, qr + pb.dk, qs);
+      simd::scale(pb.scale_log2, qs, pb.dk);  // vectorised (a loop over qr and qs may alias)
       std::fill(qs + pb.dk, qs + pb.dk_pad, 0.f);
 #if defined(__AVX512F__) && defined(__AVX512BW__)
       if constexpr (uses_pairs_v<Vectorized, KV>) permute_query_pairs(qs, pb.dk_pad);
@@ -891,6 +909,14 @@ void chunk_state_rows(const Problem& pb, ConstView2<float> q, std::int64_t j0, s
   // scores come from the last row too and are masked out by the softmax).
   alignas(64) float ksb[kBlock], vsb[kBlock];
   const auto fill_scales = [&](std::int64_t j, std::int64_t b, int n) {
+    if constexpr (std::is_same_v<Scales, QuantScales>)
+      if (idx == nullptr && n == kBlock && qsc.k.stride[0] == 1 && qsc.v.stride[0] == 1) {
+        // A cache's scales (head-major): one run per block, copied as vectors (the element
+        // loop below cost 3 TSC cycles per key row).
+        std::copy(qsc.k.ptr(b, j), qsc.k.ptr(b, j) + kBlock, ksb);
+        std::copy(qsc.v.ptr(b, j), qsc.v.ptr(b, j) + kBlock, vsb);
+        return;
+      }
     for (int i = 0; i < kBlock; ++i) {
       const std::int64_t r = b + std::min(i, n - 1), row = idx ? idx[r] : r;
       ksb[i] = qsc.k(row, j);
