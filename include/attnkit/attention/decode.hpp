@@ -739,7 +739,9 @@ struct PtrRows {
 
 // Rows of the current block that, on each access to row i, also prefetch row i of the block
 // that comes next (into L1, `lines` cache lines from its start; 0: nothing to prefetch) and,
-// where `far_lines` > 0, row i of the block after it into L2 (row far(min(i, far_last))). The
+// where `far_lines` > 0, row i of the block after it into L2 (row far(min(i, far_last))).
+// "Next" is the next block the same thread reads: the same head's next block here, the next
+// head's rows of the same block in paged decode, whose items interleave heads. The
 // requests are spread over the block's compute, one row per access: issuing a whole block's
 // lines at once fills the load buffer and the L1 fill buffers, so the core stalls on memory and
 // computes afterwards instead of both at once. The L2 requests two blocks ahead keep more lines
