@@ -195,6 +195,17 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
         float v(std::int64_t r, std::int64_t j) const {
           return sc[((r - t0) / kBlock) % 3][1][(r - t0) % kBlock][(j - ja) * vs];
         }
+        // A block's scales through its listed addresses (the block's ring slot found once).
+        bool fill_block(std::int64_t j, std::int64_t b, int n, float* kd, float* vd) const {
+          const auto& s = sc[((b - t0) / kBlock) % 3];
+          const std::int64_t ko = (j - ja) * ks, vo = (j - ja) * vs;
+          for (int i = 0; i < kBlock; ++i) {
+            const int r = std::min(i, n - 1);
+            kd[i] = s[0][r][ko];
+            vd[i] = s[1][r][vo];
+          }
+          return true;
+        }
       };
       const std::int64_t ks_head = quant ? cache.k_scale.stride[2] : 0, vs_head = quant ? cache.v_scale.stride[2] : 0;
       chunk_state_rows<Vectorized, KV>(

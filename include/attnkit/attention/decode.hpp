@@ -836,8 +836,20 @@ struct AlibiScores {
 
 // int8 K/V: the scales [T, H_kv] of the key and value rows (unused for float and bf16). A
 // chunk_state_rows caller may pass any type with k(row, j) / v(row, j) (paged caches do).
+// A Scales type may also fill a plain block's scales itself, fill_block(j, b, n, ks, vs) (rows b
+// .. b + n, lanes past n repeating the last row's), returning false to leave it to the element
+// loop (chunk_state_rows): a cache's scales are one run per block, copied as vectors.
 struct QuantScales {
   ConstView2<float> k, v;
+  bool fill_block(std::int64_t j, std::int64_t b, int n, float* ks, float* vs) const {
+    if (n != kBlock || k.stride[0] != 1 || v.stride[0] != 1) return false;
+    const float *kp = k.ptr(b, j), *vp = v.ptr(b, j);
+#pragma GCC unroll 32
+    for (int i = 0; i < kBlock; ++i) ks[i] = kp[i];
+#pragma GCC unroll 32
+    for (int i = 0; i < kBlock; ++i) vs[i] = vp[i];
+    return true;
+  }
 };
 
 // p[g][0, kBlock) *= s[0, kBlock) for heads [g0, g1). Written out in vectors: GCC unrolled the
@@ -911,14 +923,10 @@ void chunk_state_rows(const Problem& pb, ConstView2<float> q, std::int64_t j0, s
   // scores come from the last row too and are masked out by the softmax).
   alignas(64) float ksb[kBlock], vsb[kBlock];
   const auto fill_scales = [&](std::int64_t j, std::int64_t b, int n) {
-    if constexpr (std::is_same_v<Scales, QuantScales>)
-      if (idx == nullptr && n == kBlock && qsc.k.stride[0] == 1 && qsc.v.stride[0] == 1) {
-        // A cache's scales (head-major): one run per block, copied as vectors (the element
-        // loop below cost 3 TSC cycles per key row).
-        std::copy(qsc.k.ptr(b, j), qsc.k.ptr(b, j) + kBlock, ksb);
-        std::copy(qsc.v.ptr(b, j), qsc.v.ptr(b, j) + kBlock, vsb);
-        return;
-      }
+    // The element loop costs 3 TSC cycles per key row of an int8 cache: the Scales type's own
+    // block fill first where it has one.
+    if constexpr (requires { qsc.fill_block(j, b, n, ksb, vsb); })
+      if (idx == nullptr && qsc.fill_block(j, b, n, ksb, vsb)) return;
     for (int i = 0; i < kBlock; ++i) {
       const std::int64_t r = b + std::min(i, n - 1), row = idx ? idx[r] : r;
       ksb[i] = qsc.k(row, j);
