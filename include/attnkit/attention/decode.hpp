@@ -590,8 +590,11 @@ inline void quantize_query_row(const float* x, std::int64_t dk, std::int64_t str
   for (std::int64_t e = 0; e < dk; e += 16) {
     const __mmask16 tm = tail_mask(dk - e);
     const __m512i ci = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(tm, x + e), vinv));
-    vsum = _mm512_add_epi32(vsum, ci);  // lanes past dk hold 0
-    _mm512_mask_cvtepi32_storeu_epi8(c + e, tm, ci);
+    // The stored codes (low bytes) are what the sum counts: a NaN lane converts to INT_MIN,
+    // whose low byte is 0. Lanes past dk hold 0.
+    const __m128i c8 = _mm512_cvtepi32_epi8(ci);
+    _mm_mask_storeu_epi8(c + e, tm, c8);
+    vsum = _mm512_add_epi32(vsum, _mm512_cvtepi8_epi32(c8));
   }
   const std::int32_t sum = _mm512_reduce_add_epi32(vsum);
   std::fill(c + dk, c + stride, std::int8_t{0});
