@@ -45,6 +45,14 @@ inline std::shared_ptr<void> allocate_aligned_shared(std::size_t bytes) {
   return std::shared_ptr<void>(allocate_aligned(bytes), [](void* p) { std::free(p); });
 }
 
+// Prefetches the cache lines of [p, p + bytes): for reading (Write = false) or for writing
+// (prefetchw where the target has it), into L1 (Locality 3) down to L3 (Locality 1).
+template <bool Write = false, int Locality = 3>
+inline void prefetch_bytes(const void* p, std::int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (std::int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, Write ? 1 : 0, Locality);
+}
+
 // Grow-only aligned float scratch (kernels keep one per thread in a thread_local and reuse it
 // across calls, so a steady stream of calls allocates nothing). Grows by at least half its size.
 class GrowScratch {

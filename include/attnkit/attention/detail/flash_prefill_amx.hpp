@@ -9,6 +9,11 @@
 //    FMA kernel. f32 K/V stay on the FMA kernel (the tiles would round them).
 // Measured on an AMX Xeon (Emerald Rapids host, 2 threads, Qwen3-0.6B heads, causal T 2048, one
 // run): FMA kernel 216 GFLOP/s, exact on tiles 423, fast 605; the machine's noise is +-30%.
+// 2026-12-01 (fresh hosts of the same kind, five alternated pairs each): fast 490-771 ->
+// 552-836 (the 6-uop exp2, 64-row sub-tiles, query/output rows prefetched); sliding T 32768 /
+// W 512: 366-444 -> 395-464. Where the time goes (one core, phases in cache,
+// amx_prefill_phases.cpp): the tile products run at 0.55 of the tiles' peak and the softmax
+// takes as long as they do, one after the other.
 //
 // Same work items, key-tile walk and online softmax as the FMA kernel (flash_prefill.hpp), with
 // the two products on tiles and the scores row-major:
@@ -34,6 +39,7 @@
 #include "attnkit/attention/decode.hpp"
 #include "attnkit/attention/detail/flash_prefill.hpp"
 #include "attnkit/core/amx.hpp"
+#include "attnkit/core/memory.hpp"
 #include "attnkit/core/precision.hpp"
 
 namespace attnkit::detail::flash {
@@ -42,11 +48,24 @@ namespace attnkit::detail::flash {
 
 namespace amx_tiles {
 
-// Measured on an AMX Xeon (2 threads, T 2048): 256 keys x 32 rows beat 128 x 32, 128 x 64,
-// 256 x 64 and 128 x 128 by 5-20% (longer key tiles: fewer O tile loads per P·V step).
-inline constexpr std::int64_t kKeys = 256;  // keys per key tile (multiple of 32)
-inline constexpr std::int64_t kRows = 32;   // rows per sub-tile, about (multiple of 16 after padding)
+// Tile shape. Measured on AMX Xeon hosts (2 threads, T 2048): 256 keys beat 128 (fewer O tile
+// loads per P·V step); 32 rows beat 64 with the old softmax, 64 rows beat 32 since (2026-12-01,
+// alternated runs: the per-sub-tile work — the 16-row softmax bookkeeping, Q packing, finalize —
+// halves per row); 4 x 1 tile groups (each K/V tile serving four Q/P tiles) and 1024-row items
+// were no faster. The macros are for benchmarks/experiments/amx_prefill_shapes.cpp.
+#ifndef ATTNKIT_AMX_KEYS
+#define ATTNKIT_AMX_KEYS 256
+#endif
+#ifndef ATTNKIT_AMX_ROWS
+#define ATTNKIT_AMX_ROWS 64
+#endif
+#ifndef ATTNKIT_AMX_ITEM_ROWS
+#define ATTNKIT_AMX_ITEM_ROWS 512
+#endif
+inline constexpr std::int64_t kKeys = ATTNKIT_AMX_KEYS;  // keys per key tile (multiple of 32)
+inline constexpr std::int64_t kRows = ATTNKIT_AMX_ROWS;   // rows per sub-tile, about (multiple of 16 after padding)
 inline constexpr std::int64_t kTileElems = 512;  // bf16 elements of one 16 x 64-byte tile
+inline constexpr std::int64_t kAhead = 8;        // query / output rows prefetched ahead
 
 using u16 = std::uint16_t;
 
@@ -99,6 +118,8 @@ inline void tile_product(const Operands& o, std::int64_t s0, std::int64_t s1) {
 }
 
 // All C tiles of row blocks [0, na) x column blocks [b0, b1), steps [s0, s1), in 2 x 2 groups.
+// (4 x 1 groups, each B tile serving four A tiles, measured no faster on the AMX host, in cache
+// or in the kernel: the B tiles' reads from L2 are not what holds the products back.)
 template <bool Accumulate, int Planes>
 inline void tile_products(Operands o, std::int64_t na, std::int64_t b0, std::int64_t b1, std::int64_t s0,
                           std::int64_t s1) {
@@ -230,18 +251,20 @@ inline void pack_v(const KVRows<KV>& v, std::int64_t head, std::int64_t k0, std:
   }
 }
 
-// 2^x for x <= 0 to ~5e-5 relative (P is rounded to bf16, 2e-3, next): degree-4 Taylor
-// series of 2^f on [-0.5, 0.5] and vscalefps; x < -150 (incl. -inf) gives exactly 0.
+// 2^x for x <= 0 to 8.6e-5 relative (P is rounded to bf16, 2e-3, next): f = x - floor(x) in
+// one vreduceps, a degree-3 minimax polynomial of 2^f on [0, 1) (constant term 1, so 2^0 = 1
+// exactly: an unchanged maximum leaves alpha = 1), and vscalefps, which floors its
+// exponent itself: 6 vector uops where round, subtract and a degree-4 series took 8. The softmax
+// is bound by the two vector ports: 6.1 -> 4.7 TSC cycles per 16 scores on the AMX host
+// (benchmarks/experiments/amx_prefill_phases.cpp). x < -150 (incl. -inf) gives exactly 0.
 inline __m512 exp2v(__m512 x) {
   const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
-  const __m512 n = _mm512_roundscale_ps(xc, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(xc, n);
-  __m512 p = _mm512_set1_ps(9.6181291076284772e-03f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-02f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-01f));
+  const __m512 f = _mm512_reduce_ps(xc, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_set1_ps(7.7067042e-02f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.27644991e-01f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.95116786e-01f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, n);
+  return _mm512_scalef_ps(p, xc);
 }
 
 // One sub-tile: rows (head h_begin + r / nq, query t_begin + r % nq), rp = rows padded to 16.
@@ -397,9 +420,14 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
     std::memset(sub.o, 0, static_cast<std::size_t>(sub.rp * d_vp) * sizeof(float));
     for (int p = 0; p < Planes; ++p)  // padding rows
       std::memset(sub.q + p * rp_max * d_kp + sub.rows * d_kp, 0, static_cast<std::size_t>((sub.rp - sub.rows) * d_kp) * sizeof(u16));
+    // A sub-tile's query rows are H·d floats apart (its queries) and usually come from L3 or
+    // DRAM, where the streamers do not follow them: each is fetched kAhead rows early.
+    const auto q_row = [&](std::int64_t r) { return seg.q.ptr(sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq); };
+    for (std::int64_t r = 0; r < std::min(kAhead, sub.rows); ++r) prefetch_bytes(q_row(r), d_k * 4);
     for (std::int64_t r = 0; r < sub.rows; ++r) {
+      if (r + kAhead < sub.rows) prefetch_bytes(q_row(r + kAhead), d_k * 4);
       const std::int64_t h = it.h_begin + r / sub.nq;
-      const float* src = seg.q.ptr(sub.t_begin + r % sub.nq, h);
+      const float* src = q_row(r);
       for (std::int64_t d = 0; d < d_k; ++d) qrow[d] = src[d] * sh.q_scale;
       const float* qs = qrow;
       if constexpr (Var::has_query) {  // q̃ = q · M, as the FMA kernel orders it (scale first)
@@ -425,8 +453,12 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
   const auto finalize = [&](std::int64_t s) {
     const AmxSub& sub = subs[s];
     done[s] = 1;
-    for (std::int64_t r = 0; r < sub.rows; ++r)
+    const auto out_row = [&](std::int64_t r) { return seg.out.ptr(sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq); };
+    for (std::int64_t r = 0; r < std::min(kAhead, sub.rows); ++r) prefetch_bytes<true>(out_row(r), d_v * 4);
+    for (std::int64_t r = 0; r < sub.rows; ++r) {  // output rows as strided as the query rows
+      if (r + kAhead < sub.rows) prefetch_bytes<true>(out_row(r + kAhead), d_v * 4);
       finalize_row(seg, sh, var, sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq, sub.o + r * d_vp, sub.m[r], sub.l[r]);
+    }
   };
   Prefetcher pf;
   if (key_hi >= key_lo) {
@@ -510,7 +542,7 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
 // Queries per work item: about 512 rows, as the FMA kernel.
 inline std::int64_t amx_item_queries(std::int64_t G) {
   const std::int64_t bq = std::max<std::int64_t>(1, amx_tiles::kRows / std::max<std::int64_t>(G, 1));
-  return bq * std::max<std::int64_t>(1, 512 / (bq * std::max<std::int64_t>(G, 1)));
+  return bq * std::max<std::int64_t>(1, ATTNKIT_AMX_ITEM_ROWS / (bq * std::max<std::int64_t>(G, 1)));
 }
 
 #endif  // ATTNKIT_AMX

@@ -1,0 +1,199 @@
+// benchmarks/experiments/amx_prefill_phases.cpp — the AMX prefill kernel's phases timed alone on
+// one core with every operand in cache (attention/detail/flash_prefill_amx.hpp): Q·K^T, the
+// online softmax and P·V of one sub-tile against one 256-key tile, each repeated, then all three
+// in sequence as the kernel runs them; against tdpbf16ps on register-resident tiles. Says which
+// phase keeps the kernel from the AMX peak, and whether the phases cost more together than apart.
+// Not built by CMake (needs an AMX CPU):
+//   g++ -std=c++20 -O3 -march=native -fopenmp -ffp-contract=off -DNDEBUG -Iinclude \
+//       benchmarks/experiments/amx_prefill_phases.cpp
+#include <x86intrin.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "attnkit/attention/prefill.hpp"
+
+#if !defined(ATTNKIT_AMX)
+int main() { std::puts("no AMX in this build"); }
+#else
+using namespace attnkit;
+using namespace attnkit::detail::flash::amx_tiles;
+using attnkit::detail::flash::amx_tiles::u16;
+
+namespace {
+constexpr int kD = 128;
+constexpr int kK = static_cast<int>(kKeys);
+
+template <class T>
+T* alloc(std::size_t n) {
+  return static_cast<T*>(std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64));
+}
+
+struct Bufs {
+  int rows;
+  u16 *q, *k, *v, *p;
+  float *s, *o, *m, *l, *alpha;
+};
+
+Bufs make(int rows) {
+  std::mt19937 g(1);
+  std::normal_distribution<float> nd;
+  Bufs b{rows, alloc<u16>(rows * kD), alloc<u16>(kK * kD), alloc<u16>(kK * kD), alloc<u16>(rows * kK),
+         alloc<float>(rows * kK), alloc<float>(rows * kD), alloc<float>(rows), alloc<float>(rows), alloc<float>(rows)};
+  for (int i = 0; i < rows * kD; ++i) b.q[i] = bf16(nd(g) * 0.3f).bits;
+  for (int i = 0; i < kK * kD; ++i) b.k[i] = bf16(nd(g)).bits, b.v[i] = bf16(nd(g)).bits;
+  for (int i = 0; i < rows * kK; ++i) b.s[i] = nd(g) * 3.f, b.p[i] = bf16(0.01f).bits;
+  for (int i = 0; i < rows * kD; ++i) b.o[i] = 0.f;
+  for (int i = 0; i < rows; ++i) b.m[i] = 8.f, b.l[i] = 1.f;
+  return b;
+}
+
+Operands qk_ops(const Bufs& b) {
+  return {reinterpret_cast<const char*>(b.q), kD * 2, 16 * kD * 2, 64, 0, reinterpret_cast<const char*>(b.k),
+          (kK / 16) * kTileElems * 2, kTileElems * 2, reinterpret_cast<char*>(b.s), kK * 4, 16 * kK * 4};
+}
+Operands pv_ops(const Bufs& b) {
+  return {reinterpret_cast<const char*>(b.p), kK * 2, 16 * kK * 2, 64, 0, reinterpret_cast<const char*>(b.v),
+          (kD / 16) * kTileElems * 2, kTileElems * 2, reinterpret_cast<char*>(b.o), kD * 4, 16 * kD * 4};
+}
+
+// The kernel's 2 x 2 groups.
+template <bool Acc>
+void products_2x2(Operands o, std::int64_t na, std::int64_t nb, std::int64_t steps) {
+  for (std::int64_t a = 0; a < na; a += 2)
+    for (std::int64_t bb = 0; bb < nb; bb += 2) {
+      Operands t = o;
+      t.a += a * o.a_block;
+      t.b += bb * o.b_block;
+      t.c += a * o.c_block + bb * 64;
+      tile_product<2, 2, Acc, 1>(t, 0, steps);
+    }
+}
+void softmax(const Bufs& b) {
+  const auto info = [&](std::int64_t) {
+    struct Row {
+      std::int64_t lo, hi;
+      float slope;
+      std::int64_t dist0;
+    };
+    return Row{0, kK - 1, 0.f, 0};
+  };
+  const PlainAttention var{};
+  for (int r0 = 0; r0 < b.rows; r0 += 16)
+    softmax_rows16<false, 1>(b.s, b.p, 0, r0, b.rows, 0, kK, b.m, b.l, b.alpha, var, 1.f, info);
+}
+void rescale(const Bufs& b) {
+  for (int r = 0; r < b.rows; ++r) {
+    const __m512 a = _mm512_set1_ps(b.alpha[r] * 0.999f);  // force the multiply, as a moved max does
+    float* orow = b.o + r * kD;
+    for (int d = 0; d < kD; d += 16) _mm512_store_ps(orow + d, _mm512_mul_ps(a, _mm512_load_ps(orow + d)));
+  }
+}
+
+template <class F>
+double cycles(F&& f, int iters) {
+  for (int i = 0; i < iters / 10 + 1; ++i) f();
+  std::vector<double> v;
+  for (int rep = 0; rep < 7; ++rep) {
+    const auto t0 = __rdtsc();
+    for (int i = 0; i < iters; ++i) f();
+    v.push_back(double(__rdtsc() - t0) / iters);
+  }
+  std::sort(v.begin(), v.end());
+  return v[3];
+}
+
+double peak_cycles_per_dp() {
+  alignas(64) static u16 a[512], bb[512];
+  for (int i = 0; i < 512; ++i) a[i] = bb[i] = bf16(0.5f).bits;
+  _tile_loadd(4, a, 64);
+  _tile_loadd(5, a, 64);
+  _tile_loadd(6, bb, 64);
+  _tile_loadd(7, bb, 64);
+  const int n = 4096;
+  return cycles([&] {
+    for (int i = 0; i < n / 4; ++i) {
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }, 20) / n;
+}
+// 2 x 2 products accumulating over `len` steps per C load/store (operands cycling through 16 KiB
+// of A and 16 KiB of B, in L1): how much a call's start and end cost against its tile products.
+double chain_cycles_per_dp(const Bufs& b, int len) {
+  const int calls = 256 / len;
+  return cycles([&] {
+    for (int c = 0; c < calls; ++c) {
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int s = 0; s < len; ++s) {
+        const char* a = reinterpret_cast<const char*>(b.q) + (s % 4) * 64;
+        const char* bb = reinterpret_cast<const char*>(b.k) + (s % 8) * 2048;
+        _tile_loadd(6, bb, 64);
+        _tile_loadd(7, bb + 1024, 64);
+        _tile_loadd(4, a, kD * 2);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(5, a + 16 * kD * 2, kD * 2);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+      }
+      _tile_stored(0, b.s, kK * 4);
+      _tile_stored(1, b.s + 16, kK * 4);
+      _tile_stored(2, b.s + 16 * kK, kK * 4);
+      _tile_stored(3, b.s + 16 * kK + 16, kK * 4);
+    }
+  }, 500) / (calls * len * 4);
+}
+}  // namespace
+
+int main() {
+  if (!detail::amx::amx_available()) return std::puts("AMX not usable"), 1;
+  detail::amx::amx_configure();
+  const double pk = peak_cycles_per_dp();
+  const auto t0 = std::chrono::steady_clock::now();
+  const auto c0 = __rdtsc();
+  while (std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(200)) {}
+  const double ghz = double(__rdtsc() - c0) / 0.2e9;
+  std::printf("TSC %.2f GHz; register-resident tdpbf16ps: %.1f TSC cycles each (%.0f GFLOP/s per core at the TSC)\n", ghz, pk,
+              16 * 16 * 32 * 2 / pk * ghz);
+  for (int rows : {32, 64}) {
+    Bufs b = make(rows);
+    if (rows == 32) {
+      std::printf("2x2 chains in L1, cycles per dp (peak %.1f):", pk);
+      for (int len : {4, 8, 16, 64}) std::printf("  len %d: %.1f", len, chain_cycles_per_dp(b, len));
+      std::printf("\n");
+    }
+    const int na = rows / 16;
+    const double dqk = na * (kK / 16) * (kD / 32), dpv = na * (kD / 16) * (kK / 32);
+    const int it = 2000;
+    const double qk22 = cycles([&] { products_2x2<false>(qk_ops(b), na, kK / 16, kD / 32); }, it);
+    const double pv22 = cycles([&] { products_2x2<true>(pv_ops(b), na, kD / 16, kK / 32); }, it);
+    const double qkl1 = cycles([&] { for (int r = 0; r < 4; ++r) products_2x2<false>(qk_ops(b), na, 4, kD / 32); }, it);
+    std::printf("  QK 2x2 on 64 keys' K^T (16 KiB, L1) x4: %.0f (%.2f of peak)\n", qkl1, dqk * pk / qkl1);
+    const double sm = cycles([&] { softmax(b); }, it);
+    const double rs = cycles([&] { rescale(b); }, it);
+    const double all22 = cycles([&] {
+      products_2x2<false>(qk_ops(b), na, kK / 16, kD / 32);
+      softmax(b);
+      rescale(b);
+      products_2x2<true>(pv_ops(b), na, kD / 16, kK / 32);
+    }, it);
+    const double ideal = (dqk + dpv) * pk;
+    std::printf("rows %d x keys %d: dp QK %.0f PV %.0f; ideal tiles %.0f cycles\n", rows, kK, dqk, dpv, ideal);
+    std::printf("  QK 2x2 %.0f (%.2f of peak)  PV 2x2 %.0f (%.2f)  softmax %.0f (%.1f per 16 scores)  rescale %.0f\n", qk22,
+                dqk * pk / qk22, pv22, dpv * pk / pv22, sm, sm / (rows * kK / 16.0), rs);
+    std::printf("  all 2x2 %.0f (sum of parts %.0f; %.2f of peak, %.0f GFLOP/s per core)\n", all22, qk22 + sm + rs + pv22,
+                ideal / all22, (dqk + dpv) * 16384 / all22 * ghz);
+  }
+  detail::amx::amx_release();
+}
+#endif
