@@ -42,11 +42,12 @@ struct Bufs {
 Bufs make(int rows) {
   std::mt19937 g(1);
   std::normal_distribution<float> nd;
-  Bufs b{rows, alloc<u16>(rows * kD), alloc<u16>(kK * kD), alloc<u16>(kK * kD), alloc<u16>(rows * kK),
-         alloc<float>(rows * kK), alloc<float>(rows * kD), alloc<float>(rows), alloc<float>(rows), alloc<float>(rows)};
+  Bufs b{rows, alloc<u16>(rows * kD), alloc<u16>(kK * kD), alloc<u16>(kK * kD), alloc<u16>(rows * kPLd),
+         alloc<float>(rows * kSLd), alloc<float>(rows * kD), alloc<float>(rows), alloc<float>(rows), alloc<float>(rows)};
   for (int i = 0; i < rows * kD; ++i) b.q[i] = bf16(nd(g) * 0.3f).bits;
   for (int i = 0; i < kK * kD; ++i) b.k[i] = bf16(nd(g)).bits, b.v[i] = bf16(nd(g)).bits;
-  for (int i = 0; i < rows * kK; ++i) b.s[i] = nd(g) * 3.f, b.p[i] = bf16(0.01f).bits;
+  for (int i = 0; i < rows * kSLd; ++i) b.s[i] = nd(g) * 3.f;
+  for (int i = 0; i < rows * kPLd; ++i) b.p[i] = bf16(0.01f).bits;
   for (int i = 0; i < rows * kD; ++i) b.o[i] = 0.f;
   for (int i = 0; i < rows; ++i) b.m[i] = 8.f, b.l[i] = 1.f;
   return b;
@@ -54,10 +55,10 @@ Bufs make(int rows) {
 
 Operands qk_ops(const Bufs& b) {
   return {reinterpret_cast<const char*>(b.q), kD * 2, 16 * kD * 2, 64, 0, reinterpret_cast<const char*>(b.k),
-          (kK / 16) * kTileElems * 2, kTileElems * 2, reinterpret_cast<char*>(b.s), kK * 4, 16 * kK * 4};
+          (kK / 16) * kTileElems * 2, kTileElems * 2, reinterpret_cast<char*>(b.s), kSLd * 4, 16 * kSLd * 4};
 }
 Operands pv_ops(const Bufs& b) {
-  return {reinterpret_cast<const char*>(b.p), kK * 2, 16 * kK * 2, 64, 0, reinterpret_cast<const char*>(b.v),
+  return {reinterpret_cast<const char*>(b.p), kPLd * 2, 16 * kPLd * 2, 64, 0, reinterpret_cast<const char*>(b.v),
           (kD / 16) * kTileElems * 2, kTileElems * 2, reinterpret_cast<char*>(b.o), kD * 4, 16 * kD * 4};
 }
 
@@ -146,10 +147,10 @@ double chain_cycles_per_dp(const Bufs& b, int len) {
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
       }
-      _tile_stored(0, b.s, kK * 4);
-      _tile_stored(1, b.s + 16, kK * 4);
-      _tile_stored(2, b.s + 16 * kK, kK * 4);
-      _tile_stored(3, b.s + 16 * kK + 16, kK * 4);
+      _tile_stored(0, b.s, kSLd * 4);
+      _tile_stored(1, b.s + 16, kSLd * 4);
+      _tile_stored(2, b.s + 16 * kSLd, kSLd * 4);
+      _tile_stored(3, b.s + 16 * kSLd + 16, kSLd * 4);
     }
   }, 500) / (calls * len * 4);
 }

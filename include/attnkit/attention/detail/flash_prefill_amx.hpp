@@ -66,6 +66,13 @@ inline constexpr std::int64_t kKeys = ATTNKIT_AMX_KEYS;  // keys per key tile (m
 inline constexpr std::int64_t kRows = ATTNKIT_AMX_ROWS;   // rows per sub-tile, about (multiple of 16 after padding)
 inline constexpr std::int64_t kTileElems = 512;  // bf16 elements of one 16 x 64-byte tile
 inline constexpr std::int64_t kAhead = 8;        // query / output rows prefetched ahead
+// Row strides of S (floats) and P (bf16) padded by one cache line: at kKeys · 4 = 1 KiB a C
+// tile's 16 rows fell into 4 of L1's 64 sets.
+#ifndef ATTNKIT_AMX_PAD
+#define ATTNKIT_AMX_PAD 1
+#endif
+inline constexpr std::int64_t kSLd = kKeys + 16 * ATTNKIT_AMX_PAD;
+inline constexpr std::int64_t kPLd = kKeys + 32 * ATTNKIT_AMX_PAD;
 
 using u16 = std::uint16_t;
 
@@ -301,7 +308,7 @@ inline void softmax_rows16(float* s_buf, u16* p_buf, std::int64_t plane, std::in
     mx[i] = neg_inf;
     const std::int64_t r = r0 + i;
     if (r >= rows) continue;
-    float* srow = s_buf + r * kKeys;
+    float* srow = s_buf + r * kSLd;
     [[maybe_unused]] const auto [lo, hi, slope, dist0] = info(r);
     __m512 v = neg_inf;
     for (std::int64_t c = cb; c < ce; c += 16) {
@@ -334,13 +341,13 @@ inline void softmax_rows16(float* s_buf, u16* p_buf, std::int64_t plane, std::in
   for (int i = 0; i < 16; ++i) {
     sums[i] = _mm512_setzero_ps();
     const std::int64_t r = r0 + i;
-    u16* prow = p_buf + r * kKeys;
+    u16* prow = p_buf + r * kPLd;
     if (r >= rows) {  // padding rows: P = 0 (their outputs are never read)
       for (int p = 0; p < Planes; ++p)
         std::memset(prow + p * plane + cb, 0, static_cast<std::size_t>(ce - cb) * sizeof(u16));
       continue;
     }
-    const float* in = s_buf + r * kKeys;
+    const float* in = s_buf + r * kSLd;
     const __m512 vm = _mm512_set1_ps(mu[i]);
     __m512 sum = _mm512_setzero_ps();
     if constexpr (Planes == 1) {
@@ -378,6 +385,7 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
   using namespace amx_tiles;
   const std::int64_t nh = it.h_end - it.h_begin, d_k = sh.d_k, d_v = sh.d_v;
   const std::int64_t d_kp = round_up(d_k, 32), d_vp = round_up(d_v, 16);
+  const std::int64_t o_ld = d_vp + 16 * ATTNKIT_AMX_PAD;  // O's row stride (floats), padded as S's
   const std::int64_t bq = std::max<std::int64_t>(1, kRows / nh);  // queries per sub-tile
   const std::int64_t n_sub = (it.t_end - it.t_begin + bq - 1) / bq;
   const std::int64_t rp_max = round_up(bq * nh, 16);
@@ -385,13 +393,13 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
   constexpr bool alibi = Var::has_alibi;
   const std::int64_t half = 2;  // bf16 elements per float of scratch
 
-  const std::int64_t sub_need = Scratch::need(Planes * rp_max * d_kp / half) + Scratch::need(rp_max * d_vp) +
+  const std::int64_t sub_need = Scratch::need(Planes * rp_max * d_kp / half) + Scratch::need(rp_max * o_ld) +
                                 2 * Scratch::need(rp_max) + (alibi ? Scratch::need(rp_max) : 0);
-  Scratch scratch(n_sub * sub_need + Scratch::need(rp_max * kKeys) + Scratch::need(Planes * rp_max * kKeys / half) +
+  Scratch scratch(n_sub * sub_need + Scratch::need(rp_max * kSLd) + Scratch::need(Planes * rp_max * kPLd / half) +
                   Scratch::need(kKeys * d_kp / half) + Scratch::need(kKeys * d_vp / half) + Scratch::need(rp_max) +
                   Scratch::need(2 * d_k));
-  float* s_buf = scratch.take(rp_max * kKeys);                                       // S [rp][kKeys]
-  u16* p_buf = reinterpret_cast<u16*>(scratch.take(Planes * rp_max * kKeys / half));  // P [Planes][rp][kKeys] bf16
+  float* s_buf = scratch.take(rp_max * kSLd);                                       // S [rp][kSLd]
+  u16* p_buf = reinterpret_cast<u16*>(scratch.take(Planes * rp_max * kPLd / half));  // P [Planes][rp][kPLd] bf16
   u16* k_buf = reinterpret_cast<u16*>(scratch.take(kKeys * d_kp / half));            // K^T tiles
   u16* v_buf = reinterpret_cast<u16*>(scratch.take(kKeys * d_vp / half));            // V tiles
   float* alpha = scratch.take(rp_max);
@@ -405,7 +413,7 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
     sub.rows = sub.nq * nh;
     sub.rp = round_up(sub.rows, 16);
     sub.q = reinterpret_cast<u16*>(scratch.take(Planes * rp_max * d_kp / half));
-    sub.o = scratch.take(rp_max * d_vp);
+    sub.o = scratch.take(rp_max * o_ld);
     sub.m = scratch.take(rp_max);
     sub.l = scratch.take(rp_max);
     sub.slope = alibi ? scratch.take(rp_max) : nullptr;
@@ -417,7 +425,7 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
   const auto pack_q = [&](AmxSub& sub) {
     std::fill(sub.m, sub.m + sub.rp, neg_inf);
     std::fill(sub.l, sub.l + sub.rp, 0.f);
-    std::memset(sub.o, 0, static_cast<std::size_t>(sub.rp * d_vp) * sizeof(float));
+    std::memset(sub.o, 0, static_cast<std::size_t>(sub.rp * o_ld) * sizeof(float));
     for (int p = 0; p < Planes; ++p)  // padding rows
       std::memset(sub.q + p * rp_max * d_kp + sub.rows * d_kp, 0, static_cast<std::size_t>((sub.rp - sub.rows) * d_kp) * sizeof(u16));
     // A sub-tile's query rows are H·d floats apart (its queries) and usually come from L3 or
@@ -457,7 +465,7 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
     for (std::int64_t r = 0; r < std::min(kAhead, sub.rows); ++r) prefetch_bytes<true>(out_row(r), d_v * 4);
     for (std::int64_t r = 0; r < sub.rows; ++r) {  // output rows as strided as the query rows
       if (r + kAhead < sub.rows) prefetch_bytes<true>(out_row(r + kAhead), d_v * 4);
-      finalize_row(seg, sh, var, sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq, sub.o + r * d_vp, sub.m[r], sub.l[r]);
+      finalize_row(seg, sh, var, sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq, sub.o + r * o_ld, sub.m[r], sub.l[r]);
     }
   };
   Prefetcher pf;
@@ -496,7 +504,7 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
         // S = Q · K^T over the visible key blocks.
         tile_products<false, Planes>({reinterpret_cast<const char*>(sub.q), d_kp * 2, 16 * d_kp * 2, 64, rp_max * d_kp * 2,
                               reinterpret_cast<const char*>(k_buf), (kKeys / 16) * kTileElems * 2, kTileElems * 2,
-                              reinterpret_cast<char*>(s_buf), kKeys * 4, 16 * kKeys * 4},
+                              reinterpret_cast<char*>(s_buf), kSLd * 4, 16 * kSLd * 4},
                              na, cb / 16, ce / 16, 0, d_kp / 32);
         pf.tick();
         pf.tick();
@@ -511,20 +519,20 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
                      alibi ? sub.slope[r] : 0.f, k0 - p};
         };
         for (std::int64_t r0 = 0; r0 < sub.rp; r0 += 16) {
-          if (masked) softmax_rows16<true, Planes>(s_buf, p_buf, rp_max * kKeys, r0, sub.rows, cb, ce, sub.m, sub.l, alpha, var, c2, info);
-          else softmax_rows16<false, Planes>(s_buf, p_buf, rp_max * kKeys, r0, sub.rows, cb, ce, sub.m, sub.l, alpha, var, c2, info);
+          if (masked) softmax_rows16<true, Planes>(s_buf, p_buf, rp_max * kPLd, r0, sub.rows, cb, ce, sub.m, sub.l, alpha, var, c2, info);
+          else softmax_rows16<false, Planes>(s_buf, p_buf, rp_max * kPLd, r0, sub.rows, cb, ce, sub.m, sub.l, alpha, var, c2, info);
         }
         pf.tick();
         // O = alpha · O (rows whose max moved), then O += P · V on the tiles.
         for (std::int64_t r = 0; r < sub.rows; ++r) {
           if (alpha[r] == 1.f) continue;
           const __m512 a = _mm512_set1_ps(alpha[r]);
-          float* orow = sub.o + r * d_vp;
+          float* orow = sub.o + r * o_ld;
           for (std::int64_t d = 0; d < d_vp; d += 16) _mm512_store_ps(orow + d, _mm512_mul_ps(a, _mm512_load_ps(orow + d)));
         }
-        tile_products<true, Planes>({reinterpret_cast<const char*>(p_buf), kKeys * 2, 16 * kKeys * 2, 64, rp_max * kKeys * 2,
+        tile_products<true, Planes>({reinterpret_cast<const char*>(p_buf), kPLd * 2, 16 * kPLd * 2, 64, rp_max * kPLd * 2,
                              reinterpret_cast<const char*>(v_buf), (d_vp / 16) * kTileElems * 2, kTileElems * 2,
-                             reinterpret_cast<char*>(sub.o), d_vp * 4, 16 * d_vp * 4},
+                             reinterpret_cast<char*>(sub.o), o_ld * 4, 16 * o_ld * 4},
                             na, 0, d_vp / 16, cb / 32, ce / 32);
         pf.tick();
         if (key_range(sub.t_begin, sub.t_begin + sub.nq - 1).second < k0 + kc) finalize(s);
