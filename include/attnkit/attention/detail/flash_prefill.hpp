@@ -61,6 +61,7 @@
 #include "attnkit/attention/quant.hpp"
 #include "attnkit/attention/variant.hpp"
 #include "attnkit/core/bf16.hpp"
+#include "attnkit/core/memory.hpp"
 #include "attnkit/core/simd.hpp"
 #include "attnkit/core/threading.hpp"
 #include "attnkit/core/view.hpp"
@@ -776,9 +777,15 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
   const auto finalize = [&](std::int64_t s) {
     const SubTile& sub = subs[s];
     done[s] = 1;
+    // The output rows are H·d floats apart and usually not cached: each is fetched for writing
+    // kOutAhead rows early (the streamers do not follow this stride).
+    constexpr std::int64_t kOutAhead = 8;
+    const auto out_row = [&](std::int64_t r) { return seg.out.ptr(sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq); };
+    for (std::int64_t r = 0; r < std::min(kOutAhead, sub.rows); ++r) prefetch_bytes<true>(out_row(r), sh.d_v * 4);
     for (std::int64_t r = 0; r < sub.rows; ++r) {
+      if (r + kOutAhead < sub.rows) prefetch_bytes<true>(out_row(r + kOutAhead), sh.d_v * 4);
       const std::int64_t t = sub.t_begin + r % sub.nq, h = it.h_begin + r / sub.nq;
-      float* dst = seg.out.ptr(t, h);
+      float* dst = out_row(r);
       const float* src = sub.obuf + r * dvp;
       if constexpr (gated) {
         // Rows that saw no key contribute 0 (cannot happen for validated Loop Attention input).
