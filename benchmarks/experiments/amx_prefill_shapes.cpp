@@ -4,6 +4,7 @@
 // (median of the repetitions) for Qwen3-0.6B heads, bf16 K/V, Precision::fast, causal T 2048
 // and sliding T 32768 / W 512, 2 threads; the relative L2 of the output against the FMA kernel
 // (exact); and a hash of the output bits, so shapes that must agree bit for bit can be checked.
+// Arguments: repetitions (9), then optionally cases T:W instead of the two default ones.
 // Not built by CMake (needs an AMX CPU):
 //   g++ -std=c++20 -O3 -march=native -fopenmp -ffp-contract=off -DNDEBUG -Iinclude \
 //       [-DATTNKIT_AMX_ROWS=32 -DATTNKIT_AMX_4X1=0 ...] benchmarks/experiments/amx_prefill_shapes.cpp
@@ -13,6 +14,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -81,6 +83,14 @@ int main(int argc, char** argv) {
 #else
   std::printf("no AMX in this build\n");
 #endif
-  run(2048, 0, reps);
-  run(32768, 512, std::max(3, reps / 3));
+  if (argc <= 2) {
+    run(2048, 0, reps);
+    run(32768, 512, std::max(3, reps / 3));
+  }
+  for (int i = 2; i < argc; ++i) {  // further arguments: T:W (W 0 = causal)
+    const long long T = std::atoll(argv[i]);
+    const char* colon = std::strchr(argv[i], ':');
+    const long long W = colon ? std::atoll(colon + 1) : 0;
+    run(T, W, T * (W > 0 ? W : T) > 2048LL * 2048 * 4 ? std::max(3, reps / 3) : reps);
+  }
 }
