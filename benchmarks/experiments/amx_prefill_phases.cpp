@@ -3,6 +3,15 @@
 // online softmax and P·V of one sub-tile against one 256-key tile, each repeated, then all three
 // in sequence as the kernel runs them; against tdpbf16ps on register-resident tiles. Says which
 // phase keeps the kernel from the AMX peak, and whether the phases cost more together than apart.
+// The overlap report then runs two sub-tiles in a pipeline, P·V of one with the softmax of the
+// next cut into slices of about one P·V step (4 tile products) and interleaved with its steps.
+// Measured 2026-12-01 on an AMX host (Emerald Rapids VM, one core, TSC 2.1 GHz): tdpbf16ps 15
+// cycles; 2 x 2 products over 4 steps 18-19 cycles each, over 64 steps 15; in the kernel's
+// phases Q·K^T and P·V 0.56-0.63 of the tile peak, the softmax 4.7 cycles per 16 scores (32
+// rows); the whole sequence 710-776 GFLOP/s per core, the sum of its parts. Interleaved at that
+// grain, the pipeline costs the same as the sequence (11362-11573 cycles per 32-row sub-tile
+// against 11445-11573; 64 rows likewise): the vector softmax does not run under the tile
+// products on this CPU, so only making either one cheaper speeds the kernel up.
 // Not built by CMake (needs an AMX CPU):
 //   g++ -std=c++20 -O3 -march=native -fopenmp -ffp-contract=off -DNDEBUG -Iinclude \
 //       benchmarks/experiments/amx_prefill_phases.cpp
@@ -10,7 +19,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <utility>
 #include <cstdlib>
+#include <cstring>
 #include <cstdio>
 #include <random>
 #include <vector>
@@ -154,6 +166,137 @@ double chain_cycles_per_dp(const Bufs& b, int len) {
     }
   }, 500) / (calls * len * 4);
 }
+
+// ---- Overlap: can the tile products and the vector softmax run at once? ----
+// The online softmax of 16 rows (the kernel's softmax_rows16, unmasked, plain) cut into slices
+// of about one PV step's length: one row's max pass, the 16-row bookkeeping, one row's exp
+// pass. Same arithmetic as the kernel's.
+struct SoftmaxSlices {
+  const Bufs* b = nullptr;
+  int g = 0, stage = 0, i = 0;  // group of 16 rows, stage (0 max, 1 bookkeeping, 2 exp), row
+  alignas(64) __m512 mx[16], sums[16];
+  alignas(64) float mu[16];
+  __m512 a{};
+  void start(const Bufs& bb) { b = &bb, g = 0, stage = 0, i = 0; }
+  bool done() const { return g * 16 >= b->rows; }
+  void slice() {
+    if (done()) return;
+    const int r = g * 16 + i;
+    if (stage == 0) {
+      const float* srow = b->s + r * kSLd;
+      __m512 v = _mm512_set1_ps(-INFINITY);
+      for (int c = 0; c < kK; c += 16) v = _mm512_max_ps(v, _mm512_load_ps(srow + c));
+      mx[i] = v;
+      if (++i == 16) stage = 1, i = 0;
+    } else if (stage == 1) {
+      const int r0 = g * 16;
+      const __m512 m_old = _mm512_load_ps(b->m + r0);
+      const __m512 m_new = _mm512_max_ps(m_old, detail::decode::reduce16_tree(mx, [](__m512 x, __m512 y) { return _mm512_max_ps(x, y); }));
+      a = exp2v(_mm512_sub_ps(m_old, m_new));
+      _mm512_store_ps(mu, m_new);
+      _mm512_store_ps(b->m + r0, m_new);
+      _mm512_store_ps(b->alpha + r0, a);
+      stage = 2;
+    } else {
+      const float* in = b->s + r * kSLd;
+      u16* prow = b->p + r * kPLd;
+      const __m512 vm = _mm512_set1_ps(mu[i]);
+      __m512 sum = _mm512_setzero_ps();
+      for (int c = 0; c < kK; c += 32) {
+        const __m512 p0 = exp2v(_mm512_sub_ps(_mm512_load_ps(in + c), vm));
+        const __m512 p1 = exp2v(_mm512_sub_ps(_mm512_load_ps(in + c + 16), vm));
+        sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
+        _mm512_storeu_si512(prow + c, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
+      }
+      sums[i] = sum;
+      if (++i == 16) {
+        const int r0 = g * 16;
+        _mm512_store_ps(b->l + r0, _mm512_fmadd_ps(_mm512_load_ps(b->l + r0), a, detail::decode::reduce16(sums)));
+        ++g, stage = 0, i = 0;
+      }
+    }
+  }
+};
+
+// P·V of one sub-tile (2 x 2 groups, as the kernel) with `per_step` softmax slices of another
+// sub-tile issued after every step of 4 tile products.
+void pv_interleaved(const Bufs& b, SoftmaxSlices& sm, int per_step) {
+  const Operands o = pv_ops(b);
+  const int na = b.rows / 16;
+  for (int a = 0; a < na; a += 2)
+    for (int bb = 0; bb < kD / 16; bb += 2) {
+      Operands t = o;
+      t.a += a * o.a_block;
+      t.b += bb * o.b_block;
+      t.c += a * o.c_block + bb * 64;
+      _tile_loadd(0, t.c, t.c_stride);
+      _tile_loadd(1, t.c + 64, t.c_stride);
+      _tile_loadd(2, t.c + t.c_block, t.c_stride);
+      _tile_loadd(3, t.c + t.c_block + 64, t.c_stride);
+      for (int s = 0; s < kK / 32; ++s) {
+        _tile_loadd(6, t.b + s * t.b_step, 64);
+        _tile_loadd(7, t.b + s * t.b_step + t.b_block, 64);
+        _tile_loadd(4, t.a + s * t.a_step, t.a_stride);
+        _tile_dpbf16ps(0, 4, 6);
+        _tile_dpbf16ps(1, 4, 7);
+        _tile_loadd(5, t.a + s * t.a_step + t.a_block, t.a_stride);
+        _tile_dpbf16ps(2, 5, 6);
+        _tile_dpbf16ps(3, 5, 7);
+        for (int k = 0; k < per_step; ++k) sm.slice();
+      }
+      _tile_stored(0, t.c, t.c_stride);
+      _tile_stored(1, t.c + 64, t.c_stride);
+      _tile_stored(2, t.c + t.c_block, t.c_stride);
+      _tile_stored(3, t.c + t.c_block + 64, t.c_stride);
+    }
+  while (!sm.done()) sm.slice();
+}
+
+void softmax_sliced(const Bufs& b) {
+  SoftmaxSlices sm;
+  sm.start(b);
+  while (!sm.done()) sm.slice();
+}
+
+// Two sub-tiles A and B sharing the K/V tiles, one sub-tile's work per iteration, steady state:
+// QK(B), then P·V(A) with softmax(B) (interleaved, or after it), then rescale(B); swap.
+void overlap_report(int rows) {
+  {  // the sliced softmax computes the kernel's bits
+    Bufs X = make(rows), Y = make(rows);
+    softmax(X);
+    softmax_sliced(Y);
+    const bool same = !std::memcmp(X.p, Y.p, rows * kPLd * 2) && !std::memcmp(X.l, Y.l, rows * 4) &&
+                      !std::memcmp(X.m, Y.m, rows * 4) && !std::memcmp(X.alpha, Y.alpha, rows * 4);
+    std::printf("  rows %d: sliced softmax %s the kernel's\n", rows, same ? "matches" : "DIFFERS FROM");
+  }
+  Bufs A = make(rows), B = make(rows);
+  B.k = A.k, B.v = A.v;
+  const int na = rows / 16;
+  const double dp = 2.0 * na * (kK / 16) * (kD / 32);
+  for (int mode = 0; mode < 3; ++mode) {
+    Bufs* x = &A;
+    Bufs* y = &B;
+    SoftmaxSlices sm;
+    const double c = cycles([&] {
+      products_2x2<false>(qk_ops(*y), na, kK / 16, kD / 32);
+      if (mode == 0) {  // the kernel's order on one sub-tile's data
+        softmax(*y);
+        products_2x2<true>(pv_ops(*x), na, kD / 16, kK / 32);
+      } else if (mode == 1) {  // the sliced softmax, after P·V
+        products_2x2<true>(pv_ops(*x), na, kD / 16, kK / 32);
+        softmax_sliced(*y);
+      } else {  // interleaved
+        sm.start(*y);
+        const int slices = (rows / 16) * 33, steps = (na / 2) * (kD / 32) * (kK / 32);
+        pv_interleaved(*x, sm, (slices + steps - 1) / steps);
+      }
+      rescale(*y);
+      std::swap(x, y);
+    }, 2000);
+    static const char* names[] = {"sequential", "sequential, sliced softmax", "P·V interleaved with the next softmax"};
+    std::printf("  rows %d, %s: %.0f cycles per sub-tile (%.1f per tile product)\n", rows, names[mode], c, c / dp);
+  }
+}
 }  // namespace
 
 int main() {
@@ -195,6 +338,7 @@ int main() {
     std::printf("  all 2x2 %.0f (sum of parts %.0f; %.2f of peak, %.0f GFLOP/s per core)\n", all22, qk22 + sm + rs + pv22,
                 ideal / all22, (dqk + dpv) * 16384 / all22 * ghz);
   }
+  for (int rows : {32, 64}) overlap_report(rows);
   detail::amx::amx_release();
 }
 #endif
