@@ -745,6 +745,36 @@ TEST_CASE("int8 K/V (QuantView3): read in place, bit for bit the f32 kernel over
                       Catch::Contains("attention_prefill: argument 'v': scales of shape [2, 4] must be [T, H_kv] = [4, 2]"));
 }
 
+TEMPLATE_TEST_CASE("prefill: a NaN in q or k reaches exactly the outputs that see it, exact and fast", "[prefill][fast][nan]",
+                   float, bf16) {
+  // The online softmax must not turn a NaN score into a zero probability (the AMX kernel's exp2
+  // once clamped its argument with max(x, -150), which drops NaN).
+  const auto seed = test::fresh_seed();
+  CAPTURE(seed);
+  Rng rng(seed);
+  const Dims d{70, 70, 4, 2, 64, 64};  // G = 2: query heads 0, 1 read KV head 0
+  const std::int64_t tq = 33, hq = 3, tk = 41;
+  for (const Precision precision : {Precision::exact, Precision::fast}) {
+    for (const bool in_k : {false, true}) {
+      CAPTURE(precision == Precision::fast, in_k);
+      Inputs<TestType> in(rng, d);
+      if (in_k) in.k[(tk * d.H_kv + 0) * d.d_k + 5] = TestType(kNaN);
+      else in.q[(tq * d.H + hq) * d.d_k + 7] = kNaN;
+      Outputs o(d);
+      AttentionOptions opt;
+      opt.precision = precision;
+      run(in, 0, opt, o);
+      int wrong = 0;
+      for (std::int64_t t = 0; t < d.T_q; ++t)
+        for (std::int64_t h = 0; h < d.H; ++h) {
+          const bool sees = in_k ? (h / 2 == 0 && t >= tk) : (t == tq && h == hq);
+          for (std::int64_t e = 0; e < d.d_v; ++e) wrong += std::isnan(o.out[(t * d.H + h) * d.d_v + e]) != sees;
+        }
+      CHECK(wrong == 0);
+    }
+  }
+}
+
 TEST_CASE("fast prefill without AMX is the exact kernel, bit for bit", "[prefill][fast]") {
   const auto seed = test::fresh_seed();
   CAPTURE(seed);

@@ -12,7 +12,8 @@
 // strides except that the last dimension of q, k, v, out must be contiguous.
 // opt.q_offset = -1 places the queries at the end of the keys (q_offset = T_k - T_q); an
 // explicit q_offset must be >= 0 with q_offset + T_q <= T_k. A query that sees no key (only
-// possible with T_q > T_k under the default offset) gets out = 0 and lse = -inf.
+// possible with T_q > T_k under the default offset) gets out = 0 and lse = -inf. A NaN score
+// (a NaN in q or in a key it sees) makes that query's out and lse NaN, on every path.
 // opt.heads / opt.queries restrict the work to a sub-range; everything else in out and lse is
 // left untouched and the computed values are bit-identical to those of the full call. Results
 // are also bit-identical for any thread count.

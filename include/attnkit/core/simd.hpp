@@ -112,12 +112,13 @@ inline float reduce_max(fbatch<Arch> v) {
 }
 
 // 2^x for x <= 0, about 1 ulp down to x = -126. Returns exactly 1 at x = 0 and exactly 0 for
-// x < -126 and x = -inf (masked logits: visiting a masked tile is then an exact no-op). Written
-// out rather than xsimd::exp2 because it is faster and keeps GCC 12's AVX-512 headers quiet.
+// x < -126 and x = -inf (masked logits: visiting a masked tile is then an exact no-op), and NaN
+// for NaN (a NaN score must reach the output, not become a zero probability). Written out
+// rather than xsimd::exp2 because it is faster and keeps GCC 12's AVX-512 headers quiet.
 template <class Arch>
 inline fbatch<Arch> exp2_nonpositive(fbatch<Arch> x) {
   using B = fbatch<Arch>;
-  const B xc = xsimd::max(x, B(-126.f));
+  const B xc = xsimd::max(B(-126.f), x);  // (vmaxps returns its second operand for a NaN: NaN passes)
   const B n = xsimd::nearbyint(xc);
   const B f = xc - n;  // [-0.5, 0.5]
   // Taylor series of e^(f ln 2) to degree 7: truncation error < 6e-9 relative on [-0.5, 0.5].
@@ -131,9 +132,10 @@ inline fbatch<Arch> exp2_nonpositive(fbatch<Arch> x) {
   p = simd::fma(p, f, B(1.f));
 #if defined(__AVX512F__)
   if constexpr (width<Arch> == 16) {
-    // vscalefps: p * 2^n in one instruction; then flush x < -126 (incl. -inf) to exactly 0.
+    // vscalefps: p * 2^n in one instruction; then flush x < -126 (incl. -inf) to exactly 0
+    // (NaN is not less than -126: it stays).
     const __m512 r = _mm512_scalef_ps(p, n);
-    return B(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_GE_OQ), r));
+    return B(_mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_NLT_UQ), r));
   }
 #endif
   using I = xsimd::batch<std::int32_t, Arch>;

@@ -462,11 +462,14 @@ inline void softmax_tile(const float* src, float* dst, std::int64_t rp, std::int
           s = xsimd::select((vlo <= cf) && (cf <= vhi), s, neg_inf);
         }
         s.store_aligned(dst + c * rp + r);
-        mx = xsimd::max(mx, s);
+        mx = xsimd::max(s, mx);
       }
     } else {
-      for (std::int64_t c = c_begin; c < c_end; ++c) mx = xsimd::max(mx, B::load_aligned(src + c * rp + r));
+      for (std::int64_t c = c_begin; c < c_end; ++c) mx = xsimd::max(B::load_aligned(src + c * rp + r), mx);
     }
+    // The maxima skip NaN scores (vmaxps returns its second operand for a NaN): a NaN score
+    // gives a NaN probability below, and so a NaN sum and output, instead of ending the row's
+    // maximum (max(NaN, -inf) of a masked column after it made the row look unvisited).
     const B m_old = B::load_aligned(m + r);
     const B m_new = xsimd::max(m_old, mx);
     const B m_use = xsimd::select(m_new == neg_inf, B(0.f), m_new);  // all masked so far: avoid -inf - -inf
@@ -628,7 +631,7 @@ inline void finalize_row(const Segment<KV>& seg, const Shape& sh, const Var& var
   float* dst = seg.out.ptr(t, h);
   float sink = neg_inf;
   if constexpr (Var::has_sink) sink = var.sink.logits[h];
-  if (m == neg_inf) {  // the row saw no key
+  if (m == neg_inf && !std::isnan(l)) {  // the row saw no key (NaN: every score it saw was NaN)
     std::fill(dst, dst + sh.d_v, 0.f);
     if (seg.lse.data) seg.lse(t, h) = sink;
     return;

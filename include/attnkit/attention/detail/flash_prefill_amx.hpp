@@ -260,18 +260,20 @@ inline void pack_v(const KVRows<KV>& v, std::int64_t head, std::int64_t k0, std:
 
 // 2^x for x <= 0 to 8.6e-5 relative (P is rounded to bf16, 2e-3, next): f = x - floor(x) in
 // one vreduceps, a degree-3 minimax polynomial of 2^f on [0, 1) (constant term 1, so 2^0 = 1
-// exactly: an unchanged maximum leaves alpha = 1), and vscalefps, which floors its
-// exponent itself: 6 vector uops where round, subtract and a degree-4 series took 8. The softmax
+// exactly: an unchanged maximum leaves alpha = 1), and vscalefps, which floors its exponent
+// itself: 5 vector uops where a clamp, round, subtract and a degree-4 series took 8. The softmax
 // is bound by the two vector ports: 6.1 -> 4.7 TSC cycles per 16 scores on the AMX host
-// (benchmarks/experiments/amx_prefill_phases.cpp). x < -150 (incl. -inf) gives exactly 0.
+// (benchmarks/experiments/amx_prefill_phases.cpp, with the clamp). No clamp is needed:
+// vreduceps gives 0 for -inf and vscalefps 0 for a huge negative exponent, so x = -inf (a
+// masked score) or x < -150 gives exactly 0, and a NaN stays NaN (a NaN score reaches the
+// output, as in the FMA kernel; the old max(x, -150) turned it into 0).
 inline __m512 exp2v(__m512 x) {
-  const __m512 xc = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
-  const __m512 f = _mm512_reduce_ps(xc, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   __m512 p = _mm512_set1_ps(7.7067042e-02f);
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.27644991e-01f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.95116786e-01f));
   p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, xc);
+  return _mm512_scalef_ps(p, x);
 }
 
 // One sub-tile: rows (head h_begin + r / nq, query t_begin + r % nq), rp = rows padded to 16.
@@ -323,7 +325,7 @@ inline void softmax_rows16(float* s_buf, u16* p_buf, std::int64_t plane, std::in
         sc = _mm512_mask_blend_ps(vis, neg_inf, sc);
       }
       if constexpr (transform) _mm512_store_ps(srow + c, sc);
-      v = _mm512_max_ps(v, sc);
+      v = _mm512_max_ps(sc, v);  // skips a NaN score (its probability is NaN below), as the FMA kernel
     }
     mx[i] = v;
   }
