@@ -622,6 +622,18 @@ inline void blend_finalize(float* dst, const float* a, float ia, const float* b,
   for (std::int64_t d = nv; d < n; ++d) dst[d] = std::fma(g, a[d] * ia, omg * (b[d] * ib));
 }
 
+// A sub-tile's query and output rows are H·d floats apart and usually not cached; the streamers
+// do not follow that stride. Called before touching row r of n (row(i): its address), this
+// prefetches row r + kRowsAhead (and at r = 0 the first kRowsAhead rows), for writing when Write.
+// Shared by the FMA and AMX kernels.
+inline constexpr std::int64_t kRowsAhead = 8;
+template <bool Write, class RowPtr>
+inline void prefetch_row_ahead(const RowPtr& row, std::int64_t r, std::int64_t n, std::int64_t bytes) {
+  if (r == 0)
+    for (std::int64_t i = 0; i < std::min(kRowsAhead, n); ++i) prefetch_bytes<Write>(row(i), bytes);
+  if (r + kRowsAhead < n) prefetch_bytes<Write>(row(r + kRowsAhead), bytes);
+}
+
 // out[t, h] = o / l (and lse) for a row with running max m (base 2) and sum l, with the
 // variant's sink and output scale. Shared by the FMA and AMX kernels.
 template <class KV, class Var>
@@ -780,13 +792,9 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
   const auto finalize = [&](std::int64_t s) {
     const SubTile& sub = subs[s];
     done[s] = 1;
-    // The output rows are H·d floats apart and usually not cached: each is fetched for writing
-    // kOutAhead rows early (the streamers do not follow this stride).
-    constexpr std::int64_t kOutAhead = 8;
     const auto out_row = [&](std::int64_t r) { return seg.out.ptr(sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq); };
-    for (std::int64_t r = 0; r < std::min(kOutAhead, sub.rows); ++r) prefetch_bytes<true>(out_row(r), sh.d_v * 4);
     for (std::int64_t r = 0; r < sub.rows; ++r) {
-      if (r + kOutAhead < sub.rows) prefetch_bytes<true>(out_row(r + kOutAhead), sh.d_v * 4);
+      prefetch_row_ahead<true>(out_row, r, sub.rows, sh.d_v * 4);
       const std::int64_t t = sub.t_begin + r % sub.nq, h = it.h_begin + r / sub.nq;
       float* dst = out_row(r);
       const float* src = sub.obuf + r * dvp;

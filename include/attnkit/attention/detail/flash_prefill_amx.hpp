@@ -10,7 +10,7 @@
 // Measured on an AMX Xeon (Emerald Rapids host, 2 threads, Qwen3-0.6B heads, causal T 2048, one
 // run): FMA kernel 216 GFLOP/s, exact on tiles 423, fast 605; the machine's noise is +-30%.
 // 2026-12-01 (fresh hosts of the same kind, five alternated pairs each): fast 490-771 ->
-// 552-836 (the 6-uop exp2, 64-row sub-tiles, query/output rows prefetched); sliding T 32768 /
+// 552-836 (a shorter exp2, 64-row sub-tiles, query/output rows prefetched); sliding T 32768 /
 // W 512: 366-444 -> 395-464. Where the time goes (one core, phases in cache,
 // amx_prefill_phases.cpp): the tile products run at 0.55 of the tiles' peak and the softmax
 // takes as long as they do, one after the other.
@@ -65,7 +65,6 @@ namespace amx_tiles {
 inline constexpr std::int64_t kKeys = ATTNKIT_AMX_KEYS;  // keys per key tile (multiple of 32)
 inline constexpr std::int64_t kRows = ATTNKIT_AMX_ROWS;   // rows per sub-tile, about (multiple of 16 after padding)
 inline constexpr std::int64_t kTileElems = 512;  // bf16 elements of one 16 x 64-byte tile
-inline constexpr std::int64_t kAhead = 8;        // query / output rows prefetched ahead
 // Row strides of S (floats) and P (bf16) padded by one cache line: at kKeys · 4 = 1 KiB a C
 // tile's 16 rows fell into 4 of L1's 64 sets.
 #ifndef ATTNKIT_AMX_PAD
@@ -430,12 +429,9 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
     std::memset(sub.o, 0, static_cast<std::size_t>(sub.rp * o_ld) * sizeof(float));
     for (int p = 0; p < Planes; ++p)  // padding rows
       std::memset(sub.q + p * rp_max * d_kp + sub.rows * d_kp, 0, static_cast<std::size_t>((sub.rp - sub.rows) * d_kp) * sizeof(u16));
-    // A sub-tile's query rows are H·d floats apart (its queries) and usually come from L3 or
-    // DRAM, where the streamers do not follow them: each is fetched kAhead rows early.
     const auto q_row = [&](std::int64_t r) { return seg.q.ptr(sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq); };
-    for (std::int64_t r = 0; r < std::min(kAhead, sub.rows); ++r) prefetch_bytes(q_row(r), d_k * 4);
     for (std::int64_t r = 0; r < sub.rows; ++r) {
-      if (r + kAhead < sub.rows) prefetch_bytes(q_row(r + kAhead), d_k * 4);
+      prefetch_row_ahead<false>(q_row, r, sub.rows, d_k * 4);
       const std::int64_t h = it.h_begin + r / sub.nq;
       const float* src = q_row(r);
       for (std::int64_t d = 0; d < d_k; ++d) qrow[d] = src[d] * sh.q_scale;
@@ -464,9 +460,8 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
     const AmxSub& sub = subs[s];
     done[s] = 1;
     const auto out_row = [&](std::int64_t r) { return seg.out.ptr(sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq); };
-    for (std::int64_t r = 0; r < std::min(kAhead, sub.rows); ++r) prefetch_bytes<true>(out_row(r), d_v * 4);
-    for (std::int64_t r = 0; r < sub.rows; ++r) {  // output rows as strided as the query rows
-      if (r + kAhead < sub.rows) prefetch_bytes<true>(out_row(r + kAhead), d_v * 4);
+    for (std::int64_t r = 0; r < sub.rows; ++r) {
+      prefetch_row_ahead<true>(out_row, r, sub.rows, d_v * 4);
       finalize_row(seg, sh, var, sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq, sub.o + r * o_ld, sub.m[r], sub.l[r]);
     }
   };
