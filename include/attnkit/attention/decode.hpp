@@ -1100,16 +1100,35 @@ void chunk_state_rows(const Problem& pb, ConstView2<float> q, std::int64_t j0, s
   }
 }
 
-// One work item over a strided K/V (or the rows idx lists): see chunk_state_rows.
+// The keys [t0, t1) of KV head j that the same thread reads after a work item (j < 0: none).
+struct NextItem {
+  std::int64_t j = -1, t0 = 0, t1 = 0;
+};
+
+// One work item over a strided K/V (or the rows idx lists): see chunk_state_rows. `after`: the
+// thread's next item, whose first blocks the prefetches of this item's last blocks run into.
 template <bool Vectorized, class KV, class ScoreTransform = NoScoreTransform>
 void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, std::int64_t j,
                  std::int64_t g0, std::int64_t g1, std::int64_t t0, std::int64_t t1, float* o_part, float* lse_part,
                  const std::int32_t* idx = nullptr, bool prefetch_gather = true, const ScoreTransform& transform = {},
-                 const QuantScales& qsc = {}) {
+                 const QuantScales& qsc = {}, NextItem after = {}) {
   const std::int64_t ks = k.stride[0], vs = v.stride[0];
-  // int8 rows (128 bytes at d 128) measured slower with the far prefetch (T 8192: 17.7 -> 16.9
-  // GB/s), so they keep the next-block prefetch alone.
-  constexpr bool quant = std::is_same_v<KV, std::int8_t>;
+  // Block m of the rows this thread reads from t0 on: this item's blocks, then the next item's
+  // (n = 0: none; the pointers then stay valid and are not read).
+  struct Ahead {
+    const KV *k, *v;
+    std::int64_t n;
+  };
+  const std::int64_t item_blocks = (t1 - t0 + kBlock - 1) / kBlock;
+  const auto ahead = [&](std::int64_t m) -> Ahead {
+    std::int64_t hj = j, s = t0 + m * kBlock, e = t1;
+    if (m >= item_blocks) {
+      if (after.j < 0) return {k.ptr(t0, j), v.ptr(t0, j), 0};
+      hj = after.j, s = after.t0 + (m - item_blocks) * kBlock, e = after.t1;
+      if (s >= e) return {k.ptr(t0, j), v.ptr(t0, j), 0};
+    }
+    return {k.ptr(s, hj), v.ptr(s, hj), std::min<std::int64_t>(kBlock, e - s)};
+  };
   chunk_state_rows<Vectorized, KV>(pb, q, j, j + 1, j * pb.G + g0, j * pb.G + g1, o_part, lse_part, idx, transform, qsc,
                                    [&](const auto& block) {
     for (std::int64_t b = t0; b < t1; b += kBlock) {
@@ -1117,16 +1136,15 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
       if (idx == nullptr) {
         // The next block's rows are prefetched a row per access into L1 and the one after into
         // L2 (PrefetchingRows): the hardware prefetcher alone leaves the core waiting for memory
-        // at each block. (Running the prefetches on past t1 into the rows of the thread's next
-        // item measured slower.)
-        const std::int64_t nb = std::min(b + kBlock, t1 - 1), nn = std::max<std::int64_t>(t1 - b - kBlock, 1);
-        const std::int64_t fb = std::min(b + 2 * kBlock, t1 - 1), fn = std::max<std::int64_t>(t1 - b - 2 * kBlock, 1);
-        const bool more = b + kBlock < t1, far = b + 2 * kBlock < t1;
+        // at each block. Past t1 they run on into the thread's next item (with a static
+        // contiguous schedule usually the same head's next chunk, so one stream continues).
+        const std::int64_t bi = (b - t0) / kBlock;
+        const Ahead nx = ahead(bi + 1), fr = ahead(bi + 2);
         using R = PrefetchingRows<StridedRows<KV>, StridedRows<KV>>;
-        block(j, R{{k.ptr(b, j), ks}, {k.ptr(nb, j), ks}, nn - 1, more ? row_lines<KV>(pb.dk) : 0,
-                   {k.ptr(fb, j), ks}, fn - 1, far && !quant ? row_lines<KV>(pb.dk) : 0},
-              R{{v.ptr(b, j), vs}, {v.ptr(nb, j), vs}, nn - 1, more ? row_lines<KV>(pb.dv) : 0,
-                {v.ptr(fb, j), vs}, fn - 1, far && !quant ? row_lines<KV>(pb.dv) : 0},
+        block(j, R{{k.ptr(b, j), ks}, {nx.k, ks}, nx.n - 1, nx.n > 0 ? row_lines<KV>(pb.dk) : 0,
+                   {fr.k, ks}, fr.n - 1, fr.n > 0 ? row_lines<KV>(pb.dk) : 0},
+              R{{v.ptr(b, j), vs}, {nx.v, vs}, nx.n - 1, nx.n > 0 ? row_lines<KV>(pb.dv) : 0,
+                {fr.v, vs}, fr.n - 1, fr.n > 0 ? row_lines<KV>(pb.dv) : 0},
               n, b);
       } else {
         const GatheredRows<KV> kr{k.ptr(0, j), ks, idx + b}, vr{v.ptr(0, j), vs, idx + b};
@@ -1245,14 +1263,24 @@ void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<
       return AlibiScores{slopes2.data(), q_pos, opt.ring, idx};
     } else return NoScoreTransform{};
   }();
-  parallel_for(n_items, opt.num_threads, [&](std::int64_t item) {
-    ATTNKIT_FAULT_POINT("decode");
-    const std::int64_t j = j_begin + item / n_chunks, c = item % n_chunks;
-    const std::int64_t g0 = std::max(hb, j * G) - j * G, g1 = std::min(he, (j + 1) * G) - j * G;
-    const std::int64_t t0 = c * chunk, t1 = std::min(T, t0 + chunk);
-    chunk_state<Vectorized>(pb, q, k, v, j, g0, g1, t0, t1, part + (c * H + j * G) * pb.dv_pad,
-                            part_lse + c * H + j * G, idx, true, transform, qsc);
-  }, /*dynamic=*/true);
+  // Each thread takes a contiguous run of items (a head's chunks in order), so its reads form
+  // one stream that the prefetches follow from item to item (NextItem). Handing items out
+  // dynamically interleaves the threads' chunks, and each item's start then waits on memory.
+  const auto item_keys = [&](std::int64_t item) {
+    const std::int64_t c = item % n_chunks;
+    return NextItem{j_begin + item / n_chunks, c * chunk, std::min(T, c * chunk + chunk)};
+  };
+  parallel_ranges(n_items, opt.num_threads, [&](std::int64_t i0, std::int64_t i1) {
+    for (std::int64_t item = i0; item < i1; ++item) {
+      ATTNKIT_FAULT_POINT("decode");
+      const NextItem it = item_keys(item);
+      const std::int64_t j = it.j, c = item % n_chunks;
+      const std::int64_t g0 = std::max(hb, j * G) - j * G, g1 = std::min(he, (j + 1) * G) - j * G;
+      chunk_state<Vectorized>(pb, q, k, v, j, g0, g1, it.t0, it.t1, part + (c * H + j * G) * pb.dv_pad,
+                              part_lse + c * H + j * G, idx, true, transform, qsc,
+                              item + 1 < i1 && idx == nullptr ? item_keys(item + 1) : NextItem{});
+    }
+  });
 
   // Merge the chunk states of each head in chunk order (fixed, so bits do not depend on threads).
   // A small merge stays on the caller's thread: a second fork/join would cost more than it saves.

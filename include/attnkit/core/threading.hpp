@@ -67,6 +67,16 @@ void parallel_for(std::int64_t n, int threads, F&& fn, bool dynamic = false) {
   for (std::int64_t i = 0; i < n; ++i) fn(i);
 }
 
+// Runs fn(begin, end) on `threads` threads (0 = default), each over one contiguous range of
+// [0, n) (balanced, in order), for loops whose consecutive items continue one memory stream so
+// that a thread may prefetch its next item. Exceptions as parallel_for.
+template <class F>
+void parallel_ranges(std::int64_t n, int threads, F&& fn) {
+  if (n <= 0) return;
+  const std::int64_t nt = std::min<std::int64_t>(resolve_threads(threads), n);
+  parallel_for(nt, static_cast<int>(nt), [&](std::int64_t t) { fn(n * t / nt, n * (t + 1) / nt); });
+}
+
 // A team whose body synchronises with barriers (run_team / team_barrier). The barrier can be
 // broken: when one thread's body throws, the threads waiting in (or later reaching) a barrier
 // leave their bodies too, so a failure before a barrier cannot leave the others waiting forever
