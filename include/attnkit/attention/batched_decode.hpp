@@ -237,6 +237,7 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
             list(0, t0);
             if (t0 + kBlock < t1) list(1, t0 + kBlock);
             const int kl = row_lines<KV>(dk), vl = row_lines<KV>(dv);
+            const bool l1 = near_prefetch<KV>(dk, dv);
             const std::int64_t nh = jb - ja;
             int cur = 0;
             for (std::int64_t s = t0; s < t1; s += kBlock, cur = cur == 2 ? 0 : cur + 1) {
@@ -265,9 +266,9 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
                 const auto near = ahead(jj, 1), far = ahead(jj, 2);
                 // int8 rows keep the near prefetch alone (as decode.hpp's chunk_state).
                 block(ja + jj,
-                      R{{rows[cur][0], jj * k_head}, near.k, near.last, near.valid ? kl : 0, far.k, far.last,
+                      R{{rows[cur][0], jj * k_head}, near.k, near.last, near.valid && l1 ? kl : 0, far.k, far.last,
                         far.valid && !quant ? kl : 0},
-                      R{{rows[cur][1], jj * v_head}, near.v, near.last, near.valid ? vl : 0, far.v, far.last,
+                      R{{rows[cur][1], jj * v_head}, near.v, near.last, near.valid && l1 ? vl : 0, far.v, far.last,
                         far.valid && !quant ? vl : 0},
                       n, s);
               }
