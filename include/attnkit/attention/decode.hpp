@@ -12,8 +12,10 @@
 // Design: the keys are split into chunks of a fixed size (opt.kv_chunk, never derived from the
 // thread count). A work item (KV head j, chunk c) streams each K and V row of the chunk once and
 // updates the online-softmax state of all G query heads that share KV head j, so a head-major
-// cache is read sequentially at memory bandwidth. The per-chunk states are then merged by
-// log-sum-exp in chunk order, so the result is bit-identical for any number of threads.
+// cache is read sequentially at memory bandwidth. Each thread takes a contiguous run of items
+// (a head's chunks in order), and the prefetches of an item's last blocks run on into the
+// thread's next item, so a thread's reads stay one stream. The per-chunk states are then merged
+// by log-sum-exp in chunk order, so the result is bit-identical for any number of threads.
 // bf16 K/V are widened to f32 in registers (exact); all arithmetic is f32.
 //
 // int8 K/V (QuantView3, attention/quant.hpp: codes + a scale per token and KV head, as
