@@ -1114,8 +1114,8 @@ void chunk_state_rows(const Problem& pb, ConstView2<float> q, std::int64_t j0, s
   }
 }
 
-// The keys [t0, t1) of KV head j that the same thread reads after a work item (j < 0: none).
-struct NextItem {
+// A work item's keys: positions [t0, t1) of KV head j (j < 0: no item).
+struct ItemKeys {
   std::int64_t j = -1, t0 = 0, t1 = 0;
 };
 
@@ -1125,7 +1125,7 @@ template <bool Vectorized, class KV, class ScoreTransform = NoScoreTransform>
 void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, std::int64_t j,
                  std::int64_t g0, std::int64_t g1, std::int64_t t0, std::int64_t t1, float* o_part, float* lse_part,
                  const std::int32_t* idx = nullptr, bool prefetch_gather = true, const ScoreTransform& transform = {},
-                 const QuantScales& qsc = {}, NextItem after = {}) {
+                 const QuantScales& qsc = {}, ItemKeys after = {}) {
   const std::int64_t ks = k.stride[0], vs = v.stride[0];
   // Block m of the rows this thread reads from t0 on: this item's blocks, then the next item's
   // (n = 0: none; the pointers then stay valid and are not read).
@@ -1280,21 +1280,21 @@ void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<
     } else return NoScoreTransform{};
   }();
   // Each thread takes a contiguous run of items (a head's chunks in order), so its reads form
-  // one stream that the prefetches follow from item to item (NextItem). Handing items out
+  // one stream that the prefetches follow from item to item (chunk_state's `after`). Handing items out
   // dynamically interleaves the threads' chunks, and each item's start then waits on memory.
   const auto item_keys = [&](std::int64_t item) {
     const std::int64_t c = item % n_chunks;
-    return NextItem{j_begin + item / n_chunks, c * chunk, std::min(T, c * chunk + chunk)};
+    return ItemKeys{j_begin + item / n_chunks, c * chunk, std::min(T, c * chunk + chunk)};
   };
   parallel_ranges(n_items, opt.num_threads, [&](std::int64_t i0, std::int64_t i1) {
     for (std::int64_t item = i0; item < i1; ++item) {
       ATTNKIT_FAULT_POINT("decode");
-      const NextItem it = item_keys(item);
+      const ItemKeys it = item_keys(item);
       const std::int64_t j = it.j, c = item % n_chunks;
       const std::int64_t g0 = std::max(hb, j * G) - j * G, g1 = std::min(he, (j + 1) * G) - j * G;
       chunk_state<Vectorized>(pb, q, k, v, j, g0, g1, it.t0, it.t1, part + (c * H + j * G) * pb.dv_pad,
                               part_lse + c * H + j * G, idx, true, transform, qsc,
-                              item + 1 < i1 && idx == nullptr ? item_keys(item + 1) : NextItem{});
+                              item + 1 < i1 && idx == nullptr ? item_keys(item + 1) : ItemKeys{});
     }
   });
 
