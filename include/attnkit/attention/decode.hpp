@@ -44,6 +44,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <type_traits>
@@ -663,8 +664,8 @@ inline void scores_group_vnni(const Rows& k0, int n, const ItemState& st, std::i
 #pragma GCC unroll 8
       for (int r = 0; r < 8; ++r) {
         const __m512i ku = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, rows[r] + e), flip);
-        acc[r] = _mm512_dpbusd_epi32(acc[r], ku, a);
-        if constexpr (NH == 2) acc[8 + r] = _mm512_dpbusd_epi32(acc[8 + r], ku, b);
+        acc[r] = dpbusd(acc[r], ku, a);
+        if constexpr (NH == 2) acc[8 + r] = dpbusd(acc[8 + r], ku, b);
       }
     }
     const __m512 sc = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(reduce16_epi32(acc), bias)), scale);
@@ -835,10 +836,12 @@ struct PrefetchingRows {
   std::int64_t far_last = 0;
   int far_lines = 0;
   auto operator()(std::int64_t i) const {
-    const char* p = reinterpret_cast<const char*>(next(std::min(i, last)));
-    for (int l = 0; l < lines; ++l) __builtin_prefetch(p + 64 * l, 0, 3);
-    const char* f = reinterpret_cast<const char*>(far(std::min(i, far_last)));
-    for (int l = 0; l < far_lines; ++l) __builtin_prefetch(f + 64 * l, 0, 1);
+    // Both addresses before either prefetch (int8 fast, T 8192: 21.7 -> 23.0 GB/s against
+    // prefetching each as soon as it is known).
+    const void* p = next(i < last ? i : last);
+    const void* f = far(i < far_last ? i : far_last);
+    prefetch_lines<3>(p, lines);
+    prefetch_lines<1>(f, far_lines);
     return rows(i);
   }
 };
@@ -932,11 +935,9 @@ struct QuantScales {
   ConstView2<float> k, v;
   bool fill_block(std::int64_t j, std::int64_t b, int n, float* ks, float* vs) const {
     if (n != kBlock || k.stride[0] != 1 || v.stride[0] != 1) return false;
-    const float *kp = k.ptr(b, j), *vp = v.ptr(b, j);
-#pragma GCC unroll 32
-    for (int i = 0; i < kBlock; ++i) ks[i] = kp[i];
-#pragma GCC unroll 32
-    for (int i = 0; i < kBlock; ++i) vs[i] = vp[i];
+    // memcpy: the element loops became 64 scalar moves (the arrays may alias).
+    std::memcpy(ks, k.ptr(b, j), kBlock * sizeof(float));
+    std::memcpy(vs, v.ptr(b, j), kBlock * sizeof(float));
     return true;
   }
 };
