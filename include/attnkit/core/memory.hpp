@@ -53,22 +53,17 @@ inline void prefetch_bytes(const void* p, std::int64_t bytes) {
   for (std::int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, Write ? 1 : 0, Locality);
 }
 
-// Prefetches the first `lines` cache lines from p (for reading, Locality as prefetch_bytes). The
-// row sizes decode meets (1, 2, 4 and 8 lines) are unrolled: it prefetches a row per row it
-// reads, and a loop's counter and branch per line cost more there than the prefetches (int8
-// decode, fast, T 8192, 2 threads: 21.7 -> 23.2 GB/s; bf16 26.0 -> 27.4). Always inlined:
+// Prefetches the first `lines` cache lines from p (for reading, Locality as prefetch_bytes).
+// Decode prefetches a row per row it reads, and there a loop's counter and branch per line cost
+// more than the prefetches: rows of 1, 2 and 4 lines (int8 and bf16 at d 128) are unrolled
+// (driver, T 8192, 2 threads: int8 fast 21.7 -> 23.2 GB/s, bf16 26.0 -> 27.4). Longer rows keep
+// the loop: 8 unrolled prefetches back to back made f32 slower (28.4 -> 26.7). Always inlined:
 // GCC 12 finds a function of prefetches alone free of side effects and deletes the calls it
 // does not inline (every prefetch of decode vanished).
 template <int Locality = 3>
 [[gnu::always_inline]] inline void prefetch_lines(const void* p, int lines) {
   const char* c = static_cast<const char*>(p);
   switch (lines) {
-    case 8:
-      __builtin_prefetch(c + 448, 0, Locality);
-      __builtin_prefetch(c + 384, 0, Locality);
-      __builtin_prefetch(c + 320, 0, Locality);
-      __builtin_prefetch(c + 256, 0, Locality);
-      [[fallthrough]];
     case 4:
       __builtin_prefetch(c + 192, 0, Locality);
       __builtin_prefetch(c + 128, 0, Locality);
