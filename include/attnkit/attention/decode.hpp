@@ -1136,6 +1136,7 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
   };
   const std::int64_t item_blocks = (t1 - t0 + kBlock - 1) / kBlock;
   const bool near = near_prefetch<KV>(pb.dk, pb.dv);
+  const int kl = row_lines<KV>(pb.dk), vl = row_lines<KV>(pb.dv);
   const auto ahead = [&](std::int64_t m) -> Ahead {
     std::int64_t hj = j, s = t0 + m * kBlock, e = t1;
     if (m >= item_blocks) {
@@ -1158,10 +1159,8 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
         const Ahead nx = ahead(bi + 1), fr = ahead(bi + 2);
         using R = PrefetchingRows<StridedRows<KV>, StridedRows<KV>>;
         const bool nr = nx.n > 0 && near;
-        block(j, R{{k.ptr(b, j), ks}, {nx.k, ks}, nx.n - 1, nr ? row_lines<KV>(pb.dk) : 0,
-                   {fr.k, ks}, fr.n - 1, fr.n > 0 ? row_lines<KV>(pb.dk) : 0},
-              R{{v.ptr(b, j), vs}, {nx.v, vs}, nx.n - 1, nr ? row_lines<KV>(pb.dv) : 0,
-                {fr.v, vs}, fr.n - 1, fr.n > 0 ? row_lines<KV>(pb.dv) : 0},
+        block(j, R{{k.ptr(b, j), ks}, {nx.k, ks}, nx.n - 1, nr ? kl : 0, {fr.k, ks}, fr.n - 1, fr.n > 0 ? kl : 0},
+              R{{v.ptr(b, j), vs}, {nx.v, vs}, nx.n - 1, nr ? vl : 0, {fr.v, vs}, fr.n - 1, fr.n > 0 ? vl : 0},
               n, b);
       } else {
         const GatheredRows<KV> kr{k.ptr(0, j), ks, idx + b}, vr{v.ptr(0, j), vs, idx + b};
