@@ -129,6 +129,57 @@ BENCHMARK_TEMPLATE(BM_decode, std::int8_t, attnkit::Precision::fast)
     ->Name("decode/int8/fast")->ArgName("T")->Arg(512)->Arg(2048)->Arg(8192)->Arg(32768)
     ->UseRealTime()->Unit(benchmark::kMicrosecond);
 
+// The same decode against token-major K/V ([T, H_kv, d], a token's KV heads adjacent: the layout
+// an engine's own cache usually has, and NHD pages), which attention_decode reads by items of
+// all KV heads block by block instead of one head at a time (decode.hpp). One buffer of >= 2
+// GiB holds the rotated caches back to back. Compare with decode/<type> (head-major KVCache)
+// in the same run.
+template <class KV, attnkit::Precision P = attnkit::Precision::exact>
+void BM_decode_token_major(benchmark::State& state) {
+  constexpr std::int64_t H = 16, Hk = 8, d = 128;
+  constexpr bool quant = std::is_same_v<KV, std::int8_t>;
+  const std::int64_t T = state.range(0);
+  const std::int64_t bytes = 2 * T * Hk * (d * static_cast<std::int64_t>(sizeof(KV)) + (quant ? 4 : 0));
+  const std::int64_t n_caches = std::max<std::int64_t>(2, ((std::int64_t{2} << 30) + bytes - 1) / bytes);
+  const std::int64_t rows = n_caches * T * Hk;
+  const auto k = fill<KV>(rows * d, 1, quant ? 100.f : 1.f), v = fill<KV>(rows * d, 2, quant ? 100.f : 1.f);
+  const auto ks = fill<float>(quant ? rows : 1, 3, 0.02f), vs = fill<float>(quant ? rows : 1, 4, 0.02f);
+  const auto q = fill<float>(H * d, 5);
+  std::vector<float> out(static_cast<std::size_t>(H * d));
+  attnkit::DecodeOptions opt;
+  opt.num_threads = 2;
+  opt.precision = P;
+  std::int64_t i = 0;
+  for (auto _ : state) {
+    const std::int64_t c = i++ % n_caches;
+    const attnkit::ConstView3<KV> kc(k.data() + c * T * Hk * d, {T, Hk, d}), vc(v.data() + c * T * Hk * d, {T, Hk, d});
+    const attnkit::ConstView2<float> q2(q.data(), {H, d});
+    const attnkit::View2<float> o2(out.data(), {H, d});
+    if constexpr (quant)
+      attnkit::attention_decode(q2, attnkit::QuantView3{kc, attnkit::ConstView2<float>(ks.data() + c * T * Hk, {T, Hk})},
+                                attnkit::QuantView3{vc, attnkit::ConstView2<float>(vs.data() + c * T * Hk, {T, Hk})}, o2,
+                                opt);
+    else
+      attnkit::attention_decode<KV>(q2, kc, vc, o2, opt);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  const double gb = static_cast<double>(bytes) * 1e-9;
+  state.counters["GBps"] = benchmark::Counter(gb, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["bw_frac"] =
+      benchmark::Counter(gb / roofline().read_gbps, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["caches"] = static_cast<double>(n_caches);
+}
+BENCHMARK_TEMPLATE(BM_decode_token_major, float)
+    ->Name("decode/f32/token_major")->ArgName("T")->Arg(512)->Arg(8192)
+    ->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_decode_token_major, attnkit::bf16)
+    ->Name("decode/bf16/token_major")->ArgName("T")->Arg(512)->Arg(8192)
+    ->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_decode_token_major, std::int8_t, attnkit::Precision::fast)
+    ->Name("decode/int8/fast/token_major")->ArgName("T")->Arg(512)->Arg(8192)
+    ->UseRealTime()->Unit(benchmark::kMicrosecond);
+
 // Batched decode over a paged cache (attention/batched_decode.hpp): B = 8 sequences of
 // Qwen3-0.6B attention (H = 16, H_kv = 8, d = 128), bf16 pages of P tokens in a PagePool
 // (HND: each KV head's rows of a page contiguous), 2 threads. Lengths: all T, or with T = 0 a

@@ -477,6 +477,86 @@ TEST_CASE("decode heads sub-range computes the same values and leaves the rest u
   }
 }
 
+// Token-major K/V ([T, H_kv, d], a token's heads adjacent) run items of all KV heads block by
+// block (chunk_state_heads), head-major ones (KVCache) items of one head: the same arithmetic
+// per block, so the same bits, for every type, variant, head range, chunk and thread count.
+template <class KV, class Var>
+void check_layouts_agree(test::Rng& rng, const Var& var, const std::vector<float>& q, const std::vector<float>& k,
+                         const std::vector<float>& v, const Shape& s) {
+  const std::int64_t hb = rng.integer(0, s.H - 1), he = rng.integer(hb + 1, s.H);
+  CAPTURE(hb, he);
+  std::vector<float> outs[3], lses[3];
+  int i = 0;
+  for (const Layout layout : {Layout::head_major, Layout::token_major, Layout::padded}) {
+    std::vector<float>& out = outs[i];
+    std::vector<float>& lse = lses[i++];
+    out.resize(static_cast<std::size_t>(s.H * s.dv));
+    lse.resize(static_cast<std::size_t>(s.H));
+    test::poison(out);
+    test::poison(lse);
+    DecodeOptions opt;
+    opt.kv_chunk = s.chunk;
+    opt.heads = {hb, he};
+    opt.num_threads = static_cast<int>(rng.integer(1, 3));
+    ConstView2<float> qv(q.data(), {s.H, s.dk});
+    View2<float> ov(out.data(), {s.H, s.dv});
+    View1<float> lv(lse.data(), {s.H});
+    if constexpr (std::is_same_v<KV, std::int8_t>) {
+      for (const Precision precision : {Precision::exact, Precision::fast}) {
+        opt.precision = precision;
+        const QuantStored ks(k, s.T, s.Hk, s.dk, layout), vs(v, s.T, s.Hk, s.dv, layout);
+        std::vector<float> o2(out.size()), l2(lse.size());
+        test::poison(o2);
+        test::poison(l2);
+        attention_decode(qv, ks.view(), vs.view(), precision == Precision::exact ? ov : View2<float>(o2.data(), {s.H, s.dv}),
+                         opt, precision == Precision::exact ? lv : View1<float>(l2.data(), {s.H}), var);
+        if (precision == Precision::fast) {  // kept after the exact results, compared alike
+          out.insert(out.end(), o2.begin(), o2.end());
+          lse.insert(lse.end(), l2.begin(), l2.end());
+        }
+      }
+    } else {
+      const Stored<KV> ks(k, s.T, s.Hk, s.dk, layout), vs(v, s.T, s.Hk, s.dv, layout);
+      attention_decode<KV>(qv, ks.view(), vs.view(), ov, opt, lv, var);
+    }
+  }
+  for (int l = 1; l < 3; ++l) {
+    CAPTURE(l);
+    CHECK(test::bit_equal(outs[l], outs[0]));  // NaN-poisoned heads outside the range compare as bits too
+    CHECK(test::bit_equal(lses[l], lses[0]));
+  }
+}
+
+template <class KV>
+void check_layouts_agree(std::uint64_t seed) {
+  CAPTURE(seed, type_name<KV>());
+  test::Rng rng(seed);
+  for (int c = 0; c < kCases / 2; ++c) {
+    Shape s = random_shape(rng);
+    s.Hk = rng.integer(2, 5);  // several KV heads per item
+    s.H = s.Hk * rng.integer(1, 3);
+    if (rng.integer(0, 3) == 0) s.dk = rng.integer(1, 150);
+    const int variant = static_cast<int>(rng.integer(0, 3));
+    CAPTURE(c, s.T, s.H, s.Hk, s.dk, s.dv, s.chunk, variant);
+    const auto q = rng.normal_vec(static_cast<std::size_t>(s.H * s.dk), 2.f);
+    const auto k = as_stored<KV>(rng.normal_vec(static_cast<std::size_t>(s.T * s.Hk * s.dk)));
+    const auto v = as_stored<KV>(rng.normal_vec(static_cast<std::size_t>(s.T * s.Hk * s.dv)));
+    const auto slopes = rng.normal_vec(static_cast<std::size_t>(s.H), 0.1f), sinks = rng.normal_vec(slopes.size());
+    switch (variant) {
+      case 0: check_layouts_agree<KV>(rng, PlainAttention{}, q, k, v, s); break;
+      case 1: check_layouts_agree<KV>(rng, make_variant(SoftCap{5.f}), q, k, v, s); break;
+      case 2: check_layouts_agree<KV>(rng, make_variant(Alibi{slopes.data()}), q, k, v, s); break;
+      default: check_layouts_agree<KV>(rng, make_variant(Sinks{sinks.data()}), q, k, v, s); break;
+    }
+  }
+}
+
+TEST_CASE("token-major and head-major K/V give the same bits (f32, bf16, int8)", "[decode][layout]") {
+  check_layouts_agree<float>(test::fresh_seed());
+  check_layouts_agree<bf16>(test::fresh_seed());
+  check_layouts_agree<std::int8_t>(test::fresh_seed());
+}
+
 TEST_CASE("decode validation errors", "[decode][errors]") {
   std::vector<float> buf(4096, 0.f);
   float* p = buf.data();

@@ -14,7 +14,11 @@
 // updates the online-softmax state of all G query heads that share KV head j, so a head-major
 // cache is read sequentially at memory bandwidth. Each thread takes a contiguous run of items
 // (a head's chunks in order), and the prefetches of an item's last blocks run on into the
-// thread's next item, so a thread's reads stay one stream. The per-chunk states are then merged
+// thread's next item, so a thread's reads stay one stream. Token-major K/V (a token's KV heads
+// adjacent, [T, H_kv, d] as engines store it) are read the other way: an item takes a chunk for
+// all KV heads (or a group of them) and reads each block's rows of every head in turn, one
+// contiguous run (chunk_state_heads; one head alone would read a few lines of every token's
+// run: bf16, T 8192, 2 threads, 19.2 -> 25 GB/s). The per-chunk states are then merged
 // by log-sum-exp in chunk order, so the result is bit-identical for any number of threads.
 // bf16 K/V are widened to f32 in registers (exact); all arithmetic is f32.
 //
@@ -835,7 +839,10 @@ struct PrefetchingRows {
   NextRows far{};
   std::int64_t far_last = 0;
   int far_lines = 0;
-  auto operator()(std::int64_t i) const {
+  // Always inlined: paged decode's row lists made GCC 12 call it out of line (24 call sites),
+  // which clobbers every vector register around each row of the kernel loops (bf16, B 8, P 16:
+  // 23.1-23.4 -> 23.5-23.7 GB/s, three alternated pairs).
+  [[gnu::always_inline]] auto operator()(std::int64_t i) const {
     // Both addresses before either prefetch (int8 fast, T 8192: 21.7 -> 23.0 GB/s against
     // prefetching each as soon as it is known).
     const void* p = next(i < last ? i : last);
@@ -1175,6 +1182,52 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
   });
 }
 
+// One work item over token-major K/V (a token's KV heads adjacent: [T, H_kv, d] as an engine
+// stores it, not KVCache's head-major layout): keys [t0, t1) of KV heads [j0, j1), read block by
+// block, each block's rows of every head in turn (chunk_state_rows lets an item interleave its
+// heads). One head alone would read a few lines of every token's run, a pattern the hardware
+// prefetchers follow badly; a block of all heads is one contiguous run. The steps (block, head)
+// prefetch the next step's rows into L1 and the one after into L2 (PrefetchingRows), as paged
+// decode does. Each head keeps its own state and every block's arithmetic depends only on its
+// rows, so the bits equal chunk_state's, head by head.
+template <bool Vectorized, class KV, class ScoreTransform = NoScoreTransform>
+void chunk_state_heads(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, std::int64_t j0,
+                       std::int64_t j1, std::int64_t h0, std::int64_t h1, std::int64_t t0, std::int64_t t1,
+                       float* o_part, float* lse_part, const ScoreTransform& transform, const QuantScales& qsc) {
+  constexpr bool quant = std::is_same_v<KV, std::int8_t>;
+  const std::int64_t ks = k.stride[0], vs = v.stride[0], nh = j1 - j0;
+  const bool l1 = near_prefetch<KV>(pb.dk, pb.dv);
+  const int kl = row_lines<KV>(pb.dk), vl = row_lines<KV>(pb.dv);
+  chunk_state_rows<Vectorized, KV>(pb, q, j0, j1, h0, h1, o_part, lse_part, nullptr, transform, qsc,
+                                   [&](const auto& block) {
+    for (std::int64_t s = t0; s < t1; s += kBlock) {
+      const int n = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - s));
+      for (std::int64_t jj = 0; jj < nh; ++jj) {
+        // The step `by` steps on: (block, head) in the item's order; past the item's end, none.
+        struct Target {
+          const KV *k, *v;
+          std::int64_t last;
+          bool valid;
+        };
+        const auto ahead = [&](std::int64_t by) {
+          const std::int64_t sb = s + (jj + by) / nh * kBlock, hj = j0 + (jj + by) % nh;
+          if (sb >= t1) return Target{k.ptr(s, j0 + jj), v.ptr(s, j0 + jj), 0, false};
+          return Target{k.ptr(sb, hj), v.ptr(sb, hj), std::min<std::int64_t>(kBlock, t1 - sb) - 1, true};
+        };
+        const Target near = ahead(1), far = ahead(2);
+        using R = PrefetchingRows<StridedRows<KV>, StridedRows<KV>>;
+        // int8 keeps the near prefetch alone, as over pages (batched_decode.hpp).
+        block(j0 + jj,
+              R{{k.ptr(s, j0 + jj), ks}, {near.k, ks}, near.last, near.valid && l1 ? kl : 0, {far.k, ks}, far.last,
+                far.valid && !quant ? kl : 0},
+              R{{v.ptr(s, j0 + jj), vs}, {near.v, vs}, near.last, near.valid && l1 ? vl : 0, {far.v, vs}, far.last,
+                far.valid && !quant ? vl : 0},
+              n, s);
+      }
+    }
+  });
+}
+
 template <class KV>
 void validate(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<float> out, const DecodeOptions& opt,
               View1<float> lse) {
@@ -1286,6 +1339,23 @@ void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<
     const std::int64_t c = item % n_chunks;
     return ItemKeys{j_begin + item / n_chunks, c * chunk, std::min(T, c * chunk + chunk)};
   };
+  // Token-major K/V (see chunk_state_heads): items of (chunk, group of KV heads), all heads in
+  // one group unless there are too few chunks to keep the threads busy; any thread may take any
+  // item (the groups never change a bit).
+  if (idx == nullptr && j_end - j_begin > 1 && k.stride[1] < k.stride[0] && v.stride[1] < v.stride[0]) {
+    const std::int64_t n_heads = j_end - j_begin;
+    const std::int64_t want = 4 * static_cast<std::int64_t>(resolve_threads(opt.num_threads));
+    std::int64_t groups = std::min<std::int64_t>(n_heads, (want + n_chunks - 1) / n_chunks);
+    const std::int64_t per_group = std::min<std::int64_t>((n_heads + groups - 1) / groups, kMaxItemHeads);
+    groups = (n_heads + per_group - 1) / per_group;
+    parallel_for(n_chunks * groups, opt.num_threads, [&](std::int64_t item) {
+      ATTNKIT_FAULT_POINT("decode");
+      const std::int64_t c = item / groups, ja = j_begin + item % groups * per_group;
+      const std::int64_t jb = std::min(j_end, ja + per_group);
+      chunk_state_heads<Vectorized>(pb, q, k, v, ja, jb, hb, he, c * chunk, std::min(T, c * chunk + chunk),
+                                    part + (c * H + ja * G) * pb.dv_pad, part_lse + c * H + ja * G, transform, qsc);
+    }, /*dynamic=*/true);
+  } else
   parallel_ranges(n_items, opt.num_threads, [&](std::int64_t i0, std::int64_t i1) {
     for (std::int64_t item = i0; item < i1; ++item) {
       ATTNKIT_FAULT_POINT("decode");
