@@ -72,6 +72,15 @@ void BM_roofline_mem_read(benchmark::State& state) {
 }
 BENCHMARK(BM_roofline_mem_read)->Name("roofline/mem_read")->UseRealTime()->Unit(benchmark::kMillisecond);
 
+// GBps of a decode that reads `bytes` per iteration, and bw_frac: that over the DRAM read
+// bandwidth measured in the same run (roofline/mem_read).
+void stream_counters(benchmark::State& state, std::int64_t bytes) {
+  const double gb = static_cast<double>(bytes) * 1e-9;
+  state.counters["GBps"] = benchmark::Counter(gb, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["bw_frac"] =
+      benchmark::Counter(gb / roofline().read_gbps, benchmark::Counter::kIsIterationInvariantRate);
+}
+
 // Decode of one token with Qwen3-0.6B attention shapes (H = 16, H_kv = 8, d = 128) against a
 // head-major KVCache of T_kv tokens, 2 threads. To measure DRAM rather than cache, the
 // iterations rotate over enough separate caches (>= 2 GiB in all) that each one is read again
@@ -110,10 +119,7 @@ void BM_decode(benchmark::State& state) {
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
-  const double gb = static_cast<double>(bytes) * 1e-9;
-  state.counters["GBps"] = benchmark::Counter(gb, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["bw_frac"] =
-      benchmark::Counter(gb / roofline().read_gbps, benchmark::Counter::kIsIterationInvariantRate);
+  stream_counters(state, bytes);
   state.counters["caches"] = static_cast<double>(n_caches);
 }
 BENCHMARK_TEMPLATE(BM_decode, float)
@@ -164,10 +170,7 @@ void BM_decode_token_major(benchmark::State& state) {
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
-  const double gb = static_cast<double>(bytes) * 1e-9;
-  state.counters["GBps"] = benchmark::Counter(gb, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["bw_frac"] =
-      benchmark::Counter(gb / roofline().read_gbps, benchmark::Counter::kIsIterationInvariantRate);
+  stream_counters(state, bytes);
   state.counters["caches"] = static_cast<double>(n_caches);
 }
 BENCHMARK_TEMPLATE(BM_decode_token_major, float)
@@ -278,10 +281,7 @@ void BM_decode_paged(benchmark::State& state) {
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
-  const double gb = static_cast<double>(ps.bytes) * 1e-9;
-  state.counters["GBps"] = benchmark::Counter(gb, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["bw_frac"] =
-      benchmark::Counter(gb / roofline().read_gbps, benchmark::Counter::kIsIterationInvariantRate);
+  stream_counters(state, ps.bytes);
   state.counters["sets"] = static_cast<double>(ps.n_sets);
 }
 BENCHMARK_TEMPLATE(BM_decode_paged, attnkit::bf16)
@@ -354,10 +354,7 @@ void BM_decode_paged_variant(benchmark::State& state, bool sparse) {
     pairs.add(variant_s, std::chrono::duration<double>(t1 - t0).count());
     state.SetIterationTime(variant_s);
   }
-  const double gb = (sparse ? static_cast<double>(2 * selected * PagedSets::Hk * d * 2) : static_cast<double>(ps.bytes)) * 1e-9;
-  state.counters["GBps"] = benchmark::Counter(gb, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["bw_frac"] =
-      benchmark::Counter(gb / roofline().read_gbps, benchmark::Counter::kIsIterationInvariantRate);
+  stream_counters(state, sparse ? 2 * selected * PagedSets::Hk * d * 2 : ps.bytes);
   state.counters["vs_plain"] = pairs.time_ratio();
   if (sparse) state.counters["rows_frac"] = static_cast<double>(selected) / (static_cast<double>(ps.bytes) / (2.0 * PagedSets::Hk * d * 2));
 }
@@ -526,10 +523,7 @@ void BM_decode_paged_contig(benchmark::State& state) {
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
-  const double gb = static_cast<double>(bytes) * 1e-9;
-  state.counters["GBps"] = benchmark::Counter(gb, benchmark::Counter::kIsIterationInvariantRate);
-  state.counters["bw_frac"] =
-      benchmark::Counter(gb / roofline().read_gbps, benchmark::Counter::kIsIterationInvariantRate);
+  stream_counters(state, bytes);
   state.counters["sets"] = static_cast<double>(n_sets);
 }
 BENCHMARK(BM_decode_paged_contig)

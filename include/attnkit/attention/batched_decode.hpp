@@ -154,14 +154,11 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
   // 1/H_kv of each page, strided in an NHD page ([P, H_kv, d]), which the prefetchers follow
   // badly: bf16, B 8, T 8192, NHD pages: 18.7 -> 21.5 GB/s; the pool's HND pages (a head's
   // rows contiguous within a page) are unchanged at ~21. The heads are split into groups only
-  // when there are too few chunks to keep the threads busy (want_items). Each head keeps its
-  // own state, so the grouping never changes a bit.
-  const std::int64_t want_items = 4 * static_cast<std::int64_t>(resolve_threads(opt.num_threads));
-  std::int64_t n_groups = std::min<std::int64_t>(
-      n_heads, std::max<std::int64_t>(1, (want_items + std::max<std::int64_t>(n_chunks, 1) - 1) /
-                                             std::max<std::int64_t>(n_chunks, 1)));
-  const std::int64_t heads_per_group = std::min<std::int64_t>((n_heads + n_groups - 1) / n_groups, kMaxItemHeads);
-  n_groups = (n_heads + heads_per_group - 1) / heads_per_group;
+  // when there are too few chunks to keep the threads busy (heads_per_item, decode.hpp). Each
+  // head keeps its own state, so the grouping never changes a bit.
+  const std::int64_t heads_per_group =
+      heads_per_item(std::max<std::int64_t>(n_chunks, 1), n_heads, resolve_threads(opt.num_threads));
+  const std::int64_t n_groups = (n_heads + heads_per_group - 1) / heads_per_group;
   const std::int64_t n_items = n_groups * n_chunks;
   float* part = thread_scratch<PartialScratch>().get(std::max<std::int64_t>(n_chunks, 1) * H * (pb.dv_pad + 1));
   float* part_lse = part + n_chunks * H * pb.dv_pad;
