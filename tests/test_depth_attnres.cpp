@@ -33,7 +33,7 @@ namespace {
 
 using attnkit::test::kScale;
 
-constexpr double kTol = 1e-5;     // relative L2 of out and of the weights against the float64 reference
+constexpr double kTol = 1e-5;     // relative L2 of the weights, and of out (random cases: against ref.mag), vs float64
 constexpr double kSumTol = 1e-5;  // |Σ_n w_n − 1| of every token's weights
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kInf = std::numeric_limits<float>::infinity();
@@ -253,7 +253,10 @@ void check_random(std::uint64_t seed, Mix mix) {
     opt.num_threads = static_cast<int>(rng.integer(1, 2));
     attnres_route(span_of(plain), partial, query, out_a.view(), opt);
     const std::vector<float> out = out_a.values();
-    CHECK(test::rel_l2(out, values(ref.out)) <= kTol);
+    // Against the magnitude Σ w |V| + |residual| (ref.mag): a case may have a single output (T 1,
+    // D 1), a sum of sources that can nearly cancel; seed 0x3e4bf56ae57a6505 (bf16) had 5.5e-5
+    // relative to that one value.
+    CHECK(test::err_vs_magnitude(out, values(ref.out), values(ref.mag)) <= kTol);
     CHECK(out_a.gaps_untouched());
     if (want_weights) {
       CHECK(test::rel_l2(w_a.values(), values(ref.weights)) <= kTol);

@@ -9,7 +9,9 @@
 //   logit_{S-1} += bias                                          (only with a partial)
 //   w = softmax(logit)        (+inf logits share all the weight; all -inf: uniform)
 //   out[t] = residual[t] + Σ_n w_n V_n[t]
-// Returns out [T, D] and the weights [T, S].
+// Returns out [T, D], the weights [T, S], and mag[t] = |residual[t]| + Σ_n w_n |V_n[t]|: the
+// scale of out's rounding errors, which a nearly cancelling out[t] does not show (tests measure
+// errors against it where a case may have only a few outputs).
 #pragma once
 
 #include <Eigen/Dense>
@@ -24,6 +26,7 @@ using MatrixXdR = Eigen::Matrix<double, Eigen::Dynamic, Eigen::Dynamic, Eigen::R
 struct AttnResResult {
   MatrixXdR out;      // [T, D]
   MatrixXdR weights;  // [T, S]
+  MatrixXdR mag;      // [T, D]
 };
 
 // softmax(logits); with an infinite maximum the logits equal to it share the weight equally.
@@ -51,6 +54,7 @@ inline AttnResResult reference_attnres(const std::vector<MatrixXdR>& sources, co
 
   AttnResResult r;
   r.out = residual.size() > 0 ? residual : MatrixXdR::Zero(T, D);
+  r.mag = r.out.cwiseAbs();
   r.weights.resize(T, S);
   for (Eigen::Index t = 0; t < T; ++t) {
     Eigen::VectorXd logits(S);
@@ -61,7 +65,10 @@ inline AttnResResult reference_attnres(const std::vector<MatrixXdR>& sources, co
     }
     if (has_partial) logits[S - 1] += bias;
     const Eigen::VectorXd w = depth_softmax(logits);
-    for (Eigen::Index n = 0; n < S; ++n) r.out.row(t) += w[n] * all[static_cast<std::size_t>(n)]->row(t);
+    for (Eigen::Index n = 0; n < S; ++n) {
+      r.out.row(t) += w[n] * all[static_cast<std::size_t>(n)]->row(t);
+      r.mag.row(t) += w[n] * all[static_cast<std::size_t>(n)]->row(t).cwiseAbs();
+    }
     r.weights.row(t) = w.transpose();
   }
   return r;
