@@ -233,43 +233,21 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
             };
             list(0, t0);
             if (t0 + kBlock < t1) list(1, t0 + kBlock);
-            const int kl = row_lines<KV>(dk), vl = row_lines<KV>(dv);
-            const bool l1 = near_prefetch<KV>(dk, dv);
             const std::int64_t nh = jb - ja;
             int cur = 0;
             for (std::int64_t s = t0; s < t1; s += kBlock, cur = cur == 2 ? 0 : cur + 1) {
               const int n = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - s));
               if (s + 2 * kBlock < t1) list(cur == 0 ? 2 : cur - 1, s + 2 * kBlock);
-              // The item runs in steps (block, head): each block's heads ja .. jb - 1 in turn.
-              // Step + 1's rows are prefetched into L1 and step + 2's into L2 as a step runs
-              // (PrefetchingRows), so the lines arrive just before their step whatever the
-              // group size: the same head's next block, 8 heads on, is 128 KiB of reads away and
-              // gone from L1 by then (bf16, B 8, T 8192: 21.8 -> 25.3 GB/s). Past the item's
-              // end: the step's own rows, and no lines.
-              const auto ahead = [&](std::int64_t jj, std::int64_t by) {
-                struct Target {
-                  PtrRows<KV> k, v;
-                  std::int64_t last;
-                  bool valid;
-                };
-                const std::int64_t bo = (jj + by) / nh, hj = (jj + by) % nh;
-                if (s + bo * kBlock >= t1) return Target{{rows[cur][0], jj * k_head}, {rows[cur][1], jj * v_head}, 0, false};
-                const int slot = (cur + static_cast<int>(bo)) % 3;
-                return Target{{rows[slot][0], hj * k_head}, {rows[slot][1], hj * v_head},
-                              std::min<std::int64_t>(kBlock, t1 - s - bo * kBlock) - 1, true};
-              };
-              using R = PrefetchingRows<PtrRows<KV>, PtrRows<KV>>;
+              // The item runs in steps (block, head), each block's heads ja .. jb - 1 in turn,
+              // prefetching the next two steps' rows as it goes (interleaved_step_rows): the same
+              // head's next block, 8 heads on, is 128 KiB of reads away and gone from L1 by then
+              // (bf16, B 8, T 8192: 21.8 -> 25.3 GB/s).
               for (std::int64_t jj = 0; jj < nh; ++jj) {
-                const auto near = ahead(jj, 1), far = ahead(jj, 2);
-                // int8 rows keep the near prefetch alone: their pages' 2 KiB runs measured no
-                // faster with the far one (mixed lengths, P 16, fast: 18.8 -> 17.5-18.4 GB/s),
-                // though contiguous int8 decode gains from it.
-                block(ja + jj,
-                      R{{rows[cur][0], jj * k_head}, near.k, near.last, near.valid && l1 ? kl : 0, far.k, far.last,
-                        far.valid && !quant ? kl : 0},
-                      R{{rows[cur][1], jj * v_head}, near.v, near.last, near.valid && l1 ? vl : 0, far.v, far.last,
-                        far.valid && !quant ? vl : 0},
-                      n, s);
+                const auto [kr, vr] = interleaved_step_rows<KV>(s, t1, jj, nh, dk, dv, [&](std::int64_t bo, std::int64_t hj) {
+                  const int slot = (cur + static_cast<int>(bo)) % 3;
+                  return std::pair{PtrRows<KV>{rows[slot][0], hj * k_head}, PtrRows<KV>{rows[slot][1], hj * v_head}};
+                });
+                block(ja + jj, kr, vr, n, s);
               }
             }
           });
