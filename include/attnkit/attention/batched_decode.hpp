@@ -230,6 +230,12 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
                     }
                 }
               }
+              // Entries past a shorter block's end repeat its last row: PrefetchingRows reads
+              // entry i of the next blocks' lists for every row i of the block being read.
+              for (std::int64_t i = n; i < kBlock; ++i) {
+                rows[par][0][i] = rows[par][0][n - 1];
+                rows[par][1][i] = rows[par][1][n - 1];
+              }
             };
             list(0, t0);
             if (t0 + kBlock < t1) list(1, t0 + kBlock);

@@ -46,6 +46,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -803,6 +804,10 @@ struct StridedRows {
   std::int64_t stride;
   const KV* operator()(std::int64_t i) const { return base + i * stride; }
 };
+template <class Rows>
+inline constexpr bool is_strided_rows_v = false;
+template <class KV>
+inline constexpr bool is_strided_rows_v<StridedRows<KV>> = true;
 // ... or the positions a sparse selection lists (sparse/sparse_attention.hpp).
 template <class KV>
 struct GatheredRows {
@@ -822,23 +827,22 @@ struct PtrRows {
 
 // Rows of the current block that, on each access to row i, also prefetch row i of the block
 // that comes next (into L1, `lines` cache lines from its start; 0: nothing to prefetch) and,
-// where `far_lines` > 0, row i of the block after it into L2 (row far(min(i, far_last))).
-// "Next" is the next block the same thread reads: the same head's next block here, the next
-// head's rows of the same block in paged decode, whose items interleave heads. The
-// requests are spread over the block's compute, one row per access: issuing a whole block's
-// lines at once fills the load buffer and the L1 fill buffers, so the core stalls on memory and
-// computes afterwards instead of both at once. The L2 requests two blocks ahead keep more lines
-// in flight than the L1 fill buffers allow (bf16 decode, T 8192, 2 threads: 22.5 -> 25 GB/s of
-// a 34 GB/s read roofline on the 2-core VM). Row i of the next block is read as
-// next(min(i, last)), of the far block as far(min(i, far_last)) (a last block may be shorter).
+// where `far_lines` > 0, row i of the block after it into L2. "Next" is the next block the same
+// thread reads: the same head's next block here, the next head's rows of the same block in
+// paged decode, whose items interleave heads. The requests are spread over the block's compute,
+// one row per access: issuing a whole block's lines at once fills the load buffer and the L1
+// fill buffers, so the core stalls on memory and computes afterwards instead of both at once.
+// The L2 requests two blocks ahead keep more lines in flight than the L1 fill buffers allow
+// (bf16 decode, T 8192, 2 threads: 22.5 -> 25 GB/s of a 34 GB/s read roofline on the 2-core VM).
+// next(i) and far(i) must give an address for every i < kBlock, also past a shorter block's end:
+// a prefetch never faults, and a last block's few extra requests cost less than clamping i on
+// every access.
 template <class Rows, class NextRows>
 struct PrefetchingRows {
   Rows rows;
   NextRows next;
-  std::int64_t last;
   int lines;
   NextRows far{};
-  std::int64_t far_last = 0;
   int far_lines = 0;
   // Always inlined: paged decode's row lists made GCC 12 call it out of line (24 call sites),
   // which clobbers every vector register around each row of the kernel loops (bf16, B 8, P 16:
@@ -846,13 +850,52 @@ struct PrefetchingRows {
   [[gnu::always_inline]] auto operator()(std::int64_t i) const {
     // Both addresses before either prefetch (int8 fast, T 8192: 21.7 -> 23.0 GB/s against
     // prefetching each as soon as it is known).
-    const void* p = next(i < last ? i : last);
-    const void* f = far(i < far_last ? i : far_last);
+    const void* p = next(i);
+    const void* f = far(i);
     prefetch_lines<3>(p, lines);
     prefetch_lines<1>(f, far_lines);
     return rows(i);
   }
 };
+
+// PrefetchingRows for strided rows (a cache's consecutive positions): the next and far blocks'
+// rows sit at fixed byte offsets from the row being read, so an access costs one address and
+// two prefetches from it. In cache (1 thread, T 512, G 2, int8 fast) 26.8 -> 24.7 TSC cycles a
+// key row against the row lookups PrefetchingRows made (clamped to a shorter block, as they
+// were then); from DRAM (T 8192, 2 threads, old and new headers alternated in one process,
+// median ratio of rounds): int8 fast 1.04-1.06x (faster in 116 of 140 rounds), bf16
+// 1.04-1.05x (53 of 70), f32 1.03x (12 of 20). Same bits.
+template <class KV>
+struct StridedPrefetchingRows {
+  const KV* base;
+  std::int64_t stride;
+  std::ptrdiff_t near_off, far_off;  // bytes from a row to the same row of the next / far block
+  int lines, far_lines;
+  [[gnu::always_inline]] const KV* operator()(std::int64_t i) const {
+    const KV* r = base + i * stride;
+    const char* c = reinterpret_cast<const char*>(r);
+    prefetch_lines<3>(c + near_off, lines);
+    prefetch_lines<1>(c + far_off, far_lines);
+    return r;
+  }
+};
+
+// The accessor of rows `cur` that prefetches `next` (`lines` lines of each row, into L1) and
+// `far` (`far_lines`, into L2): StridedPrefetchingRows for strided rows, PrefetchingRows
+// otherwise.
+template <class Rows>
+[[gnu::always_inline]] inline auto prefetching_rows(const Rows& cur, const Rows& next, int lines, const Rows& far,
+                                                    int far_lines) {
+  if constexpr (is_strided_rows_v<Rows>) {
+    const auto off = [&](const Rows& to) {
+      return reinterpret_cast<const char*>(to.base) - reinterpret_cast<const char*>(cur.base);
+    };
+    using KV = std::remove_cv_t<std::remove_pointer_t<decltype(cur.base)>>;
+    return StridedPrefetchingRows<KV>{cur.base, cur.stride, off(next), off(far), lines, far_lines};
+  } else {
+    return PrefetchingRows<Rows, Rows>{cur, next, lines, far, far_lines};
+  }
+}
 
 // 64-byte lines of a row of `elems` elements.
 template <class KV>
@@ -895,22 +938,19 @@ template <class KV, class RowsAt>
   struct Target {
     KR k;
     VR v;
-    std::int64_t last;
     bool valid;
   };
   const auto ahead = [&](std::int64_t by) {
     const std::int64_t bo = (jj + by) / nh, sb = s + bo * kBlock;
-    if (sb >= t1) return Target{k0, v0, 0, false};
+    if (sb >= t1) return Target{k0, v0, false};
     const auto rows = at(bo, (jj + by) % nh);
-    return Target{rows.first, rows.second, std::min<std::int64_t>(kBlock, t1 - sb) - 1, true};
+    return Target{rows.first, rows.second, true};
   };
   const Target near = ahead(1), far = ahead(2);
   const bool l1 = near_prefetch<KV>(dk, dv);
   const int kl = row_lines<KV>(dk), vl = row_lines<KV>(dv);
-  return std::pair{PrefetchingRows<KR, KR>{k0, near.k, near.last, near.valid && l1 ? kl : 0, far.k, far.last,
-                                           far.valid && !quant ? kl : 0},
-                   PrefetchingRows<VR, VR>{v0, near.v, near.last, near.valid && l1 ? vl : 0, far.v, far.last,
-                                           far.valid && !quant ? vl : 0}};
+  return std::pair{prefetching_rows(k0, near.k, near.valid && l1 ? kl : 0, far.k, far.valid && !quant ? kl : 0),
+                   prefetching_rows(v0, near.v, near.valid && l1 ? vl : 0, far.v, far.valid && !quant ? vl : 0)};
 }
 
 // Rows the next block will gather: a selection jumps around the cache, which the hardware
@@ -1206,11 +1246,10 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
         // contiguous schedule usually the same head's next chunk, so one stream continues).
         const std::int64_t bi = (b - t0) / kBlock;
         const Ahead nx = ahead(bi + 1), fr = ahead(bi + 2);
-        using R = PrefetchingRows<StridedRows<KV>, StridedRows<KV>>;
+        using R = StridedRows<KV>;
         const bool nr = nx.n > 0 && near;
-        block(j, R{{k.ptr(b, j), ks}, {nx.k, ks}, nx.n - 1, nr ? kl : 0, {fr.k, ks}, fr.n - 1, fr.n > 0 ? kl : 0},
-              R{{v.ptr(b, j), vs}, {nx.v, vs}, nx.n - 1, nr ? vl : 0, {fr.v, vs}, fr.n - 1, fr.n > 0 ? vl : 0},
-              n, b);
+        block(j, prefetching_rows(R{k.ptr(b, j), ks}, R{nx.k, ks}, nr ? kl : 0, R{fr.k, ks}, fr.n > 0 ? kl : 0),
+              prefetching_rows(R{v.ptr(b, j), vs}, R{nx.v, vs}, nr ? vl : 0, R{fr.v, vs}, fr.n > 0 ? vl : 0), n, b);
       } else {
         const GatheredRows<KV> kr{k.ptr(0, j), ks, idx + b}, vr{v.ptr(0, j), vs, idx + b};
         if (prefetch_gather && b + kBlock < t1) {
