@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <thread>
+#include <atomic>
 #include <vector>
 
 #include "attnkit/core/bf16.hpp"
@@ -179,4 +181,42 @@ TEST_CASE("parallel_for runs every item once and carries worker exceptions to th
                         }, dynamic),
                         Catch::Contains("item 37 failed"));
   }
+}
+
+TEST_CASE("StealingRanges hands out every item once, own ranges first", "[core]") {
+  // n items over `ranges` ranges, claimed by `team` threads (team <= ranges: the ranges of
+  // threads that never come are stolen); grains 1..5, steal grains 1..3; hits counted atomically.
+  for (const std::int64_t n : {0, 1, 7, 64, 1001})
+    for (const int ranges : {1, 2, 3, 8})
+      for (const int team : {1, 2, 3})
+        for (const std::int64_t grain : {1, 5})
+          for (const std::int64_t steal : {1, 3}) {
+            if (team > ranges) continue;
+            INFO("n " << n << " ranges " << ranges << " team " << team << " grain " << grain << " steal " << steal);
+            StealingRanges sr(n, ranges);
+            std::vector<std::atomic<int>> hits(static_cast<std::size_t>(n));
+            std::atomic<int> oversized{0};  // Catch's CHECK is not for worker threads
+            std::vector<std::thread> workers;
+            for (int t = 0; t < team; ++t)
+              workers.emplace_back([&, t] {
+                for (auto r = sr.next(t, grain, steal); r.first < r.second; r = sr.next(t, grain, steal)) {
+                  if (r.second - r.first > std::max(grain, steal)) oversized.fetch_add(1);
+                  for (std::int64_t i = r.first; i < r.second; ++i) hits[i].fetch_add(1);
+                }
+              });
+            for (auto& w : workers) w.join();
+            for (std::int64_t i = 0; i < n; ++i) REQUIRE(hits[i].load() == 1);
+            CHECK(oversized.load() == 0);
+          }
+  // One thread alone: its own range front to back in grains, then the back of the fullest other
+  // range (the first with most items on a tie), a steal grain at a time.
+  StealingRanges sr(10, 2);  // ranges [0, 5) and [5, 10)
+  using R = std::pair<std::int64_t, std::int64_t>;
+  CHECK(sr.next(0, 2, 3) == R{0, 2});
+  CHECK(sr.next(0, 2, 3) == R{2, 4});
+  CHECK(sr.next(0, 2, 3) == R{4, 5});
+  CHECK(sr.next(0, 2, 3) == R{7, 10});
+  CHECK(sr.next(1, 2, 3) == R{5, 7});
+  CHECK(sr.next(1, 2, 3) == R{0, 0});  // all claimed
+  CHECK(sr.next(0, 2, 3) == R{0, 0});
 }

@@ -42,6 +42,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <new>
 
 #include "attnkit/core/bf16.hpp"
@@ -363,6 +364,12 @@ class PackedLinear {
     const std::uint32_t* W = static_cast<const std::uint32_t*>(data_.get());
     const std::int64_t ldw = kpairs_ * kBlock;
     auto none = [](std::int64_t, int) {};
+    // Decode (one chunk of at most two token tiles): threads claim strips of kNB blocks from
+    // their own range and then from the back of the others' (StealingRanges); each output's sum
+    // runs over K in the same order whoever computes it, so the bits do not depend on the split.
+    const bool stealing = single_tile && T <= MC && nt > 1 && nt <= StealingRanges::kMaxThreads;
+    std::optional<StealingRanges> ranges;
+    if (stealing) ranges.emplace(blocks_, nt);
     auto body = [&](int t, int nthreads) {
       const std::int64_t b0 = block_begin(t, nthreads), b1 = block_begin(t + 1, nthreads);
       float* panel = single_tile ? nullptr : L::panel_scratch(static_cast<std::size_t>(L::kNB * L::kKC * kBlock));
@@ -381,11 +388,18 @@ class PackedLinear {
         float* ym = y.data + m0 * y.stride[0];
         const std::int64_t ldy = y.stride[0];
         if (single_tile) {
-          tile_loop(b0, b1, mc, [](int mr, int nb) { return L::pick_bf16<true>(mr, nb); }, none,
-                    [&](L::KernelBf16 kern, std::int64_t bs, std::int64_t t0, int last_lanes) {
-                      kern(xa + t0 * lda, lda, W + bs * ldw, ldw, K / 2, K % 2 != 0, ym + t0 * ldy + bs * kBlock,
-                           ldy, last_lanes, accumulate);
-                    });
+          const auto strips = [&](std::int64_t s0, std::int64_t s1) {
+            tile_loop(s0, s1, mc, [](int mr, int nb) { return L::pick_bf16<true>(mr, nb); }, none,
+                      [&](L::KernelBf16 kern, std::int64_t bs, std::int64_t t0, int last_lanes) {
+                        kern(xa + t0 * lda, lda, W + bs * ldw, ldw, K / 2, K % 2 != 0, ym + t0 * ldy + bs * kBlock,
+                             ldy, last_lanes, accumulate);
+                      });
+          };
+          if (!stealing) strips(b0, b1);
+          else
+            // A stolen block at a time: the end of the call waits on at most one block.
+            for (auto r = ranges->next(t, L::kNB, 1); r.first < r.second; r = ranges->next(t, L::kNB, 1))
+              strips(r.first, r.second);
         } else {
           for (std::int64_t k0 = 0; k0 < KP; k0 += KCP) {
             const std::int64_t kcp = std::min(KCP, KP - k0), kc = std::min(2 * kcp, K - 2 * k0);

@@ -1,0 +1,234 @@
+// benchmarks/experiments/decode_ab.cpp — two versions of the decode headers in one process,
+// alternated round by round over the same kind of data, so that a change of a few percent shows
+// through this machine's noise (between processes the same binary's DRAM rate spreads 16-25
+// GB/s; within one process, consecutive rounds see the same neighbours). Each version gets its
+// own >= 2 GiB of rotated caches (contiguous KVCaches, or PagePool pages shuffled as in
+// bench_decode.cpp's decode/paged); a round times one pass of each, in alternating order, and the
+// program prints both medians, the median of the per-round ratios B/A, how many rounds B won,
+// and a hash of each version's last output (equal hashes: the same bits). Not built by CMake:
+// this file is compiled three times,
+//   F="-std=c++20 -O3 -march=native -fopenmp -ffp-contract=off -DNDEBUG"
+//   g++ $F -DAB_NS=ab_a -I<old>/include -c decode_ab.cpp -o a.o
+//   g++ $F -DAB_NS=ab_b -I<new>/include -c decode_ab.cpp -o b.o
+//   g++ $F -DAB_MAIN -c decode_ab.cpp -o main.o && g++ $F main.o a.o b.o -o decode_ab
+//   ./decode_ab <f32|bf16|int8|int8f> <T> <rounds>            contiguous, Qwen3-0.6B heads
+//   ./decode_ab paged:<bf16|int8|int8f> <T, 0: 512..8192 mixed> <P> <rounds>
+// (the namespace macro renames attnkit in each version, so both link into one program). Used on
+// 2026-12-01 for StridedPrefetchingRows (attention/decode.hpp): int8 fast T 8192 1.04-1.06x,
+// faster in 116 of 140 rounds, where separate processes had shown nothing but noise.
+#include <algorithm>
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#if defined(AB_MAIN)
+#define AB_DECLARE(N)                                                    \
+  extern "C" {                                                           \
+  void* N##_make(const char* kind, long long T, long long P);            \
+  long long N##_bytes(void*);                                            \
+  long long N##_sets(void*);                                             \
+  void N##_run(void*, long long calls);                                  \
+  unsigned long long N##_hash(void*);                                    \
+  }
+AB_DECLARE(ab_a)
+AB_DECLARE(ab_b)
+int main(int argc, char** argv) {
+  if (argc < 4) {
+    std::fprintf(stderr, "usage: %s <f32|bf16|int8|int8f> T rounds | paged:<bf16|int8|int8f> T P rounds\n", argv[0]);
+    return 2;
+  }
+  const bool paged = std::strncmp(argv[1], "paged:", 6) == 0;
+  const long long T = std::atoll(argv[2]), P = paged ? std::atoll(argv[3]) : 0;
+  const int rounds = std::atoi(argv[paged ? 4 : 3]);
+  void* a = ab_a_make(argv[1], T, P);
+  void* b = ab_b_make(argv[1], T, P);
+  ab_a_run(a, 1);
+  ab_b_run(b, 1);
+  const long long bytes = ab_a_bytes(a), calls = std::max(ab_a_sets(a), 16ll);
+  std::vector<double> ga, gb, ratio;
+  for (int r = 0; r < rounds; ++r) {
+    double g[2];
+    for (int s = 0; s < 2; ++s) {
+      const bool run_a = (r + s) % 2 == 0;  // A first in even rounds, B first in odd ones
+      const auto t0 = std::chrono::steady_clock::now();
+      run_a ? ab_a_run(a, calls) : ab_b_run(b, calls);
+      const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      g[run_a ? 0 : 1] = static_cast<double>(bytes) * static_cast<double>(calls) / sec * 1e-9;
+    }
+    ga.push_back(g[0]);
+    gb.push_back(g[1]);
+    ratio.push_back(g[1] / g[0]);
+  }
+  const auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  const long wins = std::count_if(ratio.begin(), ratio.end(), [](double x) { return x > 1; });
+  std::printf("%s T %lld%s: A %.2f GB/s, B %.2f GB/s, B/A median %.3f, B faster in %ld of %d rounds; hashes %s\n",
+              argv[1], T, paged ? (" P " + std::to_string(P)).c_str() : "", median(ga), median(gb), median(ratio),
+              wins, rounds, ab_a_hash(a) == ab_b_hash(b) ? "equal" : "DIFFER");
+}
+#else
+#define attnkit AB_NS  // this version's own namespace
+#include "attnkit/attention/batched_decode.hpp"
+#include "attnkit/attention/decode.hpp"
+#include "attnkit/attention/kv_cache.hpp"
+#define AB_CAT2(a, b) a##b
+#define AB_CAT(a, b) AB_CAT2(a, b)
+#define AB_FN(name) AB_CAT(AB_NS, name)
+
+namespace {
+using namespace attnkit;
+constexpr std::int64_t kH = 16, kHkv = 8, kD = 128;
+constexpr std::int64_t kRotated = std::int64_t{2} << 30;
+
+struct Case {
+  virtual ~Case() = default;
+  std::int64_t bytes = 0, sets = 0;
+  std::vector<float> q, out;
+  virtual void call(std::int64_t i, const DecodeOptions& opt) = 0;
+  Precision precision = Precision::exact;
+  std::int64_t next = 0;
+};
+
+template <class KV>
+std::int64_t row_bytes() {
+  return kD * static_cast<std::int64_t>(sizeof(KV)) + (std::is_same_v<KV, std::int8_t> ? 4 : 0);
+}
+
+std::vector<float> normal(std::int64_t n, unsigned seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> nd;
+  std::vector<float> x(static_cast<std::size_t>(n));
+  for (auto& v : x) v = nd(gen);
+  return x;
+}
+
+template <class KV>
+struct Contiguous : Case {
+  std::vector<KVCache<KV>> caches;
+  explicit Contiguous(std::int64_t T) {
+    bytes = 2 * T * kHkv * row_bytes<KV>();
+    sets = std::max<std::int64_t>(2, (kRotated + bytes - 1) / bytes);
+    const auto src = normal(T * kHkv * kD, 42);
+    const ConstView3<float> kv(src.data(), {T, kHkv, kD});
+    caches.reserve(static_cast<std::size_t>(sets));
+    for (std::int64_t c = 0; c < sets; ++c) {
+      caches.emplace_back(kHkv, kD, kD, T);
+      caches.back().append(kv, kv);
+    }
+    q = normal(kH * kD, 43);
+    out.resize(q.size());
+  }
+  void call(std::int64_t i, const DecodeOptions& opt) override {
+    const auto& c = caches[static_cast<std::size_t>(i % sets)];
+    attention_decode<KV>(ConstView2<float>(q.data(), {kH, kD}), c.keys(), c.values(),
+                         View2<float>(out.data(), {kH, kD}), opt);
+  }
+};
+
+// bench_decode.cpp's PagedSetsT: pages of P tokens shuffled through >= 2 GiB of pool.
+template <class KV>
+struct Paged : Case {
+  static constexpr bool quant = std::is_same_v<KV, std::int8_t>;
+  std::vector<std::int64_t> lengths;
+  std::int64_t B;
+  PagePool<KV> pool;
+  std::vector<std::vector<std::int64_t>> indptr;
+  std::vector<std::vector<std::int32_t>> indices;
+  static std::vector<std::int64_t> lengths_for(std::int64_t T) {
+    if (T > 0) return std::vector<std::int64_t>(8, T);
+    return {512, 768, 1024, 1536, 2048, 3072, 4096, 8192};
+  }
+  static std::int64_t pages(const std::vector<std::int64_t>& l, std::int64_t P) {
+    std::int64_t n = 0;
+    for (auto L : l) n += (L + P - 1) / P;
+    return n;
+  }
+  static std::int64_t count_sets(const std::vector<std::int64_t>& l) {
+    std::int64_t t = 0;
+    for (auto L : l) t += L;
+    const std::int64_t b = 2 * t * kHkv * row_bytes<KV>();
+    return std::max<std::int64_t>(2, (kRotated + b - 1) / b);
+  }
+  Paged(std::int64_t T, std::int64_t P)
+      : lengths(lengths_for(T)), B(static_cast<std::int64_t>(lengths.size())),
+        pool(count_sets(lengths) * pages(lengths, P), P, kHkv, kD, kD) {
+    sets = count_sets(lengths);
+    for (auto L : lengths) bytes += 2 * L * kHkv * row_bytes<KV>();
+    const auto view = pool.view();
+    std::mt19937 gen(42);
+    std::normal_distribution<float> nd;
+    std::vector<KV> pattern(std::size_t{1} << 20);  // copied at shifting offsets: 2 GiB of normal() is slow
+    for (auto& x : pattern)
+      x = quant ? static_cast<KV>(std::clamp(std::lround(40.f * nd(gen)), -127l, 127l)) : KV(nd(gen));
+    const std::int64_t step = static_cast<std::int64_t>(pattern.size()) - 512;
+    for (KV* base : {view.k.data, view.v.data})
+      for (std::int64_t i = 0, n = pool.num_pages() * P * kHkv * kD; i < n; i += step)
+        std::copy_n(pattern.begin() + (i / step) % 512, std::min(n - i, step), base + i);
+    if constexpr (quant)
+      for (float* sc : {view.k_scale.data, view.v_scale.data}) std::fill_n(sc, pool.num_pages() * P * kHkv, 0.02f);
+    std::vector<std::int32_t> ids;
+    for (std::int64_t i = 0; i < pool.num_pages(); ++i) ids.push_back(pool.allocate());
+    std::shuffle(ids.begin(), ids.end(), std::mt19937(7));
+    std::size_t next_id = 0;
+    indptr.resize(static_cast<std::size_t>(sets));
+    indices.resize(static_cast<std::size_t>(sets));
+    for (std::int64_t s = 0; s < sets; ++s) {
+      indptr[s].push_back(0);
+      for (auto L : lengths) {
+        for (std::int64_t p = 0; p < (L + P - 1) / P; ++p) indices[s].push_back(ids[next_id++]);
+        indptr[s].push_back(static_cast<std::int64_t>(indices[s].size()));
+      }
+    }
+    q = normal(B * kH * kD, 43);
+    out.resize(q.size());
+  }
+  void call(std::int64_t i, const DecodeOptions& opt) override {
+    const auto s = static_cast<std::size_t>(i % sets);
+    attention_decode_paged<KV>(ConstView3<float>(q.data(), {B, kH, kD}), pool.view(),
+                               PageTable{indptr[s], indices[s], lengths}, View3<float>(out.data(), {B, kH, kD}), opt);
+  }
+};
+}  // namespace
+
+extern "C" void* AB_FN(_make)(const char* kind, long long T, long long P) {
+  std::string k = kind;
+  const bool paged = k.rfind("paged:", 0) == 0;
+  if (paged) k = k.substr(6);
+  Case* c = nullptr;
+  if (k == "f32" && !paged) c = new Contiguous<float>(T);
+  else if (k == "bf16") c = paged ? static_cast<Case*>(new Paged<bf16>(T, P)) : new Contiguous<bf16>(T);
+  else if (k == "int8" || k == "int8f")
+    c = paged ? static_cast<Case*>(new Paged<std::int8_t>(T, P)) : new Contiguous<std::int8_t>(T);
+  if (c == nullptr) {
+    std::fprintf(stderr, "unknown kind %s\n", kind);
+    std::exit(2);
+  }
+  c->precision = k == "int8f" ? Precision::fast : Precision::exact;
+  return c;
+}
+extern "C" long long AB_FN(_bytes)(void* c) { return static_cast<Case*>(c)->bytes; }
+extern "C" long long AB_FN(_sets)(void* c) { return static_cast<Case*>(c)->sets; }
+extern "C" void AB_FN(_run)(void* p, long long calls) {
+  auto* c = static_cast<Case*>(p);
+  DecodeOptions opt;
+  opt.num_threads = 2;
+  opt.precision = c->precision;
+  for (long long i = 0; i < calls; ++i) c->call(c->next++, opt);
+}
+extern "C" unsigned long long AB_FN(_hash)(void* p) {
+  unsigned long long h = 1469598103934665603ull;
+  for (float x : static_cast<Case*>(p)->out) {
+    std::uint32_t u;
+    std::memcpy(&u, &x, 4);
+    h = (h ^ u) * 1099511628211ull;
+  }
+  return h;
+}
+#endif
