@@ -1411,7 +1411,9 @@ void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<
   }();
   // Each thread takes a contiguous run of items (a head's chunks in order), so its reads form
   // one stream that the prefetches follow from item to item (chunk_state's `after`). Handing items out
-  // dynamically interleaves the threads' chunks, and each item's start then waits on memory.
+  // dynamically interleaves the threads' chunks, and each item's start then waits on memory. A
+  // thread done with its run takes items from the back of the other's (parallel_stealing), so
+  // neither streams alone at the end of a call when the cores' speeds differ.
   const auto item_keys = [&](std::int64_t item) {
     const std::int64_t c = item % n_chunks;
     return ItemKeys{j_begin + item / n_chunks, c * chunk, std::min(T, c * chunk + chunk)};
@@ -1429,16 +1431,14 @@ void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<
                                     part + (c * H + ja * G) * pb.dv_pad, part_lse + c * H + ja * G, transform, qsc);
     }, /*dynamic=*/true);
   } else
-  parallel_ranges(n_items, opt.num_threads, [&](std::int64_t i0, std::int64_t i1) {
-    for (std::int64_t item = i0; item < i1; ++item) {
-      ATTNKIT_FAULT_POINT("decode");
-      const ItemKeys it = item_keys(item);
-      const std::int64_t j = it.j, c = item % n_chunks;
-      const std::int64_t g0 = std::max(hb, j * G) - j * G, g1 = std::min(he, (j + 1) * G) - j * G;
-      chunk_state<Vectorized>(pb, q, k, v, j, g0, g1, it.t0, it.t1, part + (c * H + j * G) * pb.dv_pad,
-                              part_lse + c * H + j * G, idx, true, transform, qsc,
-                              item + 1 < i1 && idx == nullptr ? item_keys(item + 1) : ItemKeys{});
-    }
+  parallel_stealing(n_items, opt.num_threads, [&](std::int64_t item, std::int64_t next) {
+    ATTNKIT_FAULT_POINT("decode");
+    const ItemKeys it = item_keys(item);
+    const std::int64_t j = it.j, c = item % n_chunks;
+    const std::int64_t g0 = std::max(hb, j * G) - j * G, g1 = std::min(he, (j + 1) * G) - j * G;
+    chunk_state<Vectorized>(pb, q, k, v, j, g0, g1, it.t0, it.t1, part + (c * H + j * G) * pb.dv_pad,
+                            part_lse + c * H + j * G, idx, true, transform, qsc,
+                            next >= 0 && idx == nullptr ? item_keys(next) : ItemKeys{});
   });
 
   // Merge the chunk states of each head in chunk order (fixed, so bits do not depend on threads).

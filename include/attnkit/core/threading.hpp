@@ -95,6 +95,11 @@ class StealingRanges {
   }
   // Thread t's next items [begin, end): up to `grain` from the front of its own range, else up to
   // `steal_grain` from the back of the fullest other range; begin == end when all are claimed.
+  // The item thread t's next claim of its own range would start at, or -1 (its range is empty).
+  std::int64_t peek(int t) const {
+    const std::uint64_t w = slot_[t].v.load(std::memory_order_relaxed);
+    return front(w) < back(w) ? front(w) : -1;
+  }
   std::pair<std::int64_t, std::int64_t> next(int t, std::int64_t grain, std::int64_t steal_grain) {
     std::uint64_t cur = slot_[t].v.load(std::memory_order_relaxed);
     for (;;) {
@@ -130,6 +135,26 @@ class StealingRanges {
   int threads_;
   Slot slot_[kMaxThreads];
 };
+
+// Runs fn(item, next) for items [0, n) on `threads` threads (0 = default) through StealingRanges,
+// an item at a time: `next` is the item the thread expects to run next (its own range's next
+// one, or -1), so that it can prefetch across the boundary. Exceptions as parallel_for.
+template <class F>
+void parallel_stealing(std::int64_t n, int threads, F&& fn) {
+  if (n <= 0) return;
+  const int nt = static_cast<int>(std::min<std::int64_t>(resolve_threads(threads), n));
+  if (nt <= 1 || nt > StealingRanges::kMaxThreads) {
+    parallel_ranges(n, nt, [&](std::int64_t i0, std::int64_t i1) {
+      for (std::int64_t i = i0; i < i1; ++i) fn(i, i + 1 < i1 ? i + 1 : std::int64_t{-1});
+    });
+    return;
+  }
+  StealingRanges ranges(n, nt);
+  parallel_for(nt, nt, [&](std::int64_t t) {  // one role per thread (a smaller team: roles in turn)
+    const int role = static_cast<int>(t);
+    for (auto r = ranges.next(role, 1, 1); r.first < r.second; r = ranges.next(role, 1, 1)) fn(r.first, ranges.peek(role));
+  });
+}
 
 // A team whose body synchronises with barriers (run_team / team_barrier). The barrier can be
 // broken: when one thread's body throws, the threads waiting in (or later reaching) a barrier
