@@ -87,6 +87,12 @@ inline void widen_panel(const std::uint32_t* w, std::int64_t ldw, int nb, std::i
 // `Stream` adds software prefetch of the weight streams.
 
 inline constexpr std::int64_t kPrefetchBytes = 1024;
+// With one or two tokens (MR <= 2: decode, about 2 flops per weight byte) each weight stream is
+// also prefetched this far ahead into L2, which keeps more lines in flight than the L1 fill
+// buffers allow. 28 Qwen3-0.6B layers of GEMVs, without and with it alternated in one process:
+// T 1 1.07x (faster in 32 of 40 rounds; 4 KiB ahead 1.06x, 16 KiB 1.07x), T 2 1.05x (19 of 20).
+// At T 8 it measured slower (0.96x, 7 of 30), at T 4 level (1.00x), so larger tiles go without.
+inline constexpr std::int64_t kFarPrefetchBytes = 8192;
 
 #if defined(__AVX512F__)
 
@@ -124,7 +130,10 @@ void kernel_bf16(const float* x, std::int64_t ldx, const std::uint32_t* w, std::
 #pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) {
       const std::uint32_t* wp = w + j * ldw + k * kBlock;
-      if constexpr (Stream) _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes, _MM_HINT_T0);
+      if constexpr (Stream) {
+        _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes, _MM_HINT_T0);
+        if constexpr (MR <= 2) _mm_prefetch(reinterpret_cast<const char*>(wp) + kFarPrefetchBytes, _MM_HINT_T2);
+      }
       const __m512i v = _mm512_load_si512(wp);
       we[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
       wo[j] = _mm512_castsi512_ps(_mm512_and_si512(v, hi_mask));
