@@ -15,6 +15,7 @@
 #include "attnkit/attention/loop.hpp"
 #include "attnkit/sparse/sparse_attention.hpp"
 #include "bench_data.hpp"
+#include "paged_sets.hpp"
 #include "roofline.hpp"
 
 namespace {
@@ -192,71 +193,6 @@ BENCHMARK_TEMPLATE(BM_decode_token_major, std::int8_t, attnkit::Precision::fast)
 // sequences; bw_frac divides by the measured DRAM read bandwidth (roofline/mem_read).
 // decode/paged_contig/bf16 is the same-run baseline: B single-sequence attention_decode calls on
 // contiguous KVCaches of the same lengths (also >= 2 GiB rotated).
-std::vector<std::int64_t> paged_bench_lengths(std::int64_t T) {
-  if (T > 0) return std::vector<std::int64_t>(8, T);
-  return {512, 768, 1024, 1536, 2048, 3072, 4096, 8192};
-}
-
-// The pool and the rotating sets of page tables of decode/paged (see above). int8 pages: random
-// codes and a scale per row (GBps counts the codes and the scales).
-template <class KVT>
-struct PagedSetsT {
-  using KV = KVT;
-  static constexpr bool quant = std::is_same_v<KV, std::int8_t>;
-  static constexpr std::int64_t H = 16, Hk = 8, d = 128;
-  std::vector<std::int64_t> lengths;
-  std::int64_t B = 0, bytes = 0, n_sets = 0;
-  attnkit::PagePool<KV> pool;
-  std::vector<std::vector<std::int64_t>> indptr;
-  std::vector<std::vector<std::int32_t>> indices;
-  attnkit::PageTable table(std::size_t s) const { return {indptr[s], indices[s], lengths}; }
-
-  static std::int64_t pages_per_set(const std::vector<std::int64_t>& lengths, std::int64_t P) {
-    std::int64_t n = 0;
-    for (auto L : lengths) n += (L + P - 1) / P;
-    return n;
-  }
-  static std::int64_t kv_bytes(const std::vector<std::int64_t>& lengths) {
-    std::int64_t t = 0;
-    for (auto L : lengths) t += L;
-    return 2 * t * Hk * (d * static_cast<std::int64_t>(sizeof(KV)) + (quant ? 4 : 0));
-  }
-  PagedSetsT(std::vector<std::int64_t> lens, std::int64_t P)
-      : lengths(std::move(lens)), B(static_cast<std::int64_t>(lengths.size())), bytes(kv_bytes(lengths)),
-        n_sets(std::max<std::int64_t>(2, ((std::int64_t{2} << 30) + bytes - 1) / bytes)),
-        pool(n_sets * pages_per_set(lengths, P), P, Hk, d, d) {
-    {  // random values (int8: codes), written straight into the pool's storage
-      std::mt19937 gen(42);
-      std::normal_distribution<float> nd;
-      std::vector<KV> pattern(std::size_t{1} << 20);
-      for (auto& x : pattern)
-        x = quant ? static_cast<KV>(std::clamp(std::lround(40.f * nd(gen)), -127l, 127l)) : KV(nd(gen));
-      const auto view = pool.view();
-      if constexpr (quant)
-        for (float* sc : {view.k_scale.data, view.v_scale.data}) std::fill_n(sc, pool.num_pages() * P * Hk, 0.02f);
-      for (KV* base : {view.k.data, view.v.data}) {
-        const std::int64_t n = pool.num_pages() * P * Hk * d;
-        const std::int64_t step = static_cast<std::int64_t>(pattern.size()) - 512;  // every element written
-        for (std::int64_t i = 0; i < n; i += step)
-          std::copy_n(pattern.begin() + (i / step) % 512, std::min(n - i, step), base + i);
-      }
-    }
-    std::vector<std::int32_t> ids;
-    for (std::int64_t i = 0; i < pool.num_pages(); ++i) ids.push_back(pool.allocate());
-    std::shuffle(ids.begin(), ids.end(), std::mt19937(7));
-    indptr.resize(static_cast<std::size_t>(n_sets));
-    indices.resize(static_cast<std::size_t>(n_sets));
-    std::size_t next = 0;
-    for (std::int64_t s = 0; s < n_sets; ++s) {
-      indptr[s].push_back(0);
-      for (auto L : lengths) {
-        for (std::int64_t p = 0; p < (L + P - 1) / P; ++p) indices[s].push_back(ids[next++]);
-        indptr[s].push_back(static_cast<std::int64_t>(indices[s].size()));
-      }
-    }
-  }
-};
-
 using PagedSets = PagedSetsT<attnkit::bf16>;
 
 template <class KV, attnkit::Precision Prec = attnkit::Precision::exact>

@@ -78,6 +78,7 @@ int main(int argc, char** argv) {
 #include "attnkit/attention/batched_decode.hpp"
 #include "attnkit/attention/decode.hpp"
 #include "attnkit/attention/kv_cache.hpp"
+#include "../paged_sets.hpp"
 #define AB_CAT2(a, b) a##b
 #define AB_CAT(a, b) AB_CAT2(a, b)
 #define AB_FN(name) AB_CAT(AB_NS, name)
@@ -85,7 +86,7 @@ int main(int argc, char** argv) {
 namespace {
 using namespace attnkit;
 constexpr std::int64_t kH = 16, kHkv = 8, kD = 128;
-constexpr std::int64_t kRotated = std::int64_t{2} << 30;
+constexpr std::int64_t kRotated = std::int64_t{2} << 30;  // bytes of caches rotated over
 
 struct Case {
   virtual ~Case() = default;
@@ -132,67 +133,20 @@ struct Contiguous : Case {
   }
 };
 
-// bench_decode.cpp's PagedSetsT: pages of P tokens shuffled through >= 2 GiB of pool.
+// bench_decode.cpp's decode/paged caches (benchmarks/paged_sets.hpp).
 template <class KV>
 struct Paged : Case {
-  static constexpr bool quant = std::is_same_v<KV, std::int8_t>;
-  std::vector<std::int64_t> lengths;
-  std::int64_t B;
-  PagePool<KV> pool;
-  std::vector<std::vector<std::int64_t>> indptr;
-  std::vector<std::vector<std::int32_t>> indices;
-  static std::vector<std::int64_t> lengths_for(std::int64_t T) {
-    if (T > 0) return std::vector<std::int64_t>(8, T);
-    return {512, 768, 1024, 1536, 2048, 3072, 4096, 8192};
-  }
-  static std::int64_t pages(const std::vector<std::int64_t>& l, std::int64_t P) {
-    std::int64_t n = 0;
-    for (auto L : l) n += (L + P - 1) / P;
-    return n;
-  }
-  static std::int64_t count_sets(const std::vector<std::int64_t>& l) {
-    std::int64_t t = 0;
-    for (auto L : l) t += L;
-    const std::int64_t b = 2 * t * kHkv * row_bytes<KV>();
-    return std::max<std::int64_t>(2, (kRotated + b - 1) / b);
-  }
-  Paged(std::int64_t T, std::int64_t P)
-      : lengths(lengths_for(T)), B(static_cast<std::int64_t>(lengths.size())),
-        pool(count_sets(lengths) * pages(lengths, P), P, kHkv, kD, kD) {
-    sets = count_sets(lengths);
-    for (auto L : lengths) bytes += 2 * L * kHkv * row_bytes<KV>();
-    const auto view = pool.view();
-    std::mt19937 gen(42);
-    std::normal_distribution<float> nd;
-    std::vector<KV> pattern(std::size_t{1} << 20);  // copied at shifting offsets: 2 GiB of normal() is slow
-    for (auto& x : pattern)
-      x = quant ? static_cast<KV>(std::clamp(std::lround(40.f * nd(gen)), -127l, 127l)) : KV(nd(gen));
-    const std::int64_t step = static_cast<std::int64_t>(pattern.size()) - 512;
-    for (KV* base : {view.k.data, view.v.data})
-      for (std::int64_t i = 0, n = pool.num_pages() * P * kHkv * kD; i < n; i += step)
-        std::copy_n(pattern.begin() + (i / step) % 512, std::min(n - i, step), base + i);
-    if constexpr (quant)
-      for (float* sc : {view.k_scale.data, view.v_scale.data}) std::fill_n(sc, pool.num_pages() * P * kHkv, 0.02f);
-    std::vector<std::int32_t> ids;
-    for (std::int64_t i = 0; i < pool.num_pages(); ++i) ids.push_back(pool.allocate());
-    std::shuffle(ids.begin(), ids.end(), std::mt19937(7));
-    std::size_t next_id = 0;
-    indptr.resize(static_cast<std::size_t>(sets));
-    indices.resize(static_cast<std::size_t>(sets));
-    for (std::int64_t s = 0; s < sets; ++s) {
-      indptr[s].push_back(0);
-      for (auto L : lengths) {
-        for (std::int64_t p = 0; p < (L + P - 1) / P; ++p) indices[s].push_back(ids[next_id++]);
-        indptr[s].push_back(static_cast<std::int64_t>(indices[s].size()));
-      }
-    }
-    q = normal(B * kH * kD, 43);
+  bench::PagedSetsT<KV> ps;
+  Paged(std::int64_t T, std::int64_t P) : ps(bench::paged_bench_lengths(T), P) {
+    bytes = ps.bytes;
+    sets = ps.n_sets;
+    q = normal(ps.B * kH * kD, 43);
     out.resize(q.size());
   }
   void call(std::int64_t i, const DecodeOptions& opt) override {
     const auto s = static_cast<std::size_t>(i % sets);
-    attention_decode_paged<KV>(ConstView3<float>(q.data(), {B, kH, kD}), pool.view(),
-                               PageTable{indptr[s], indices[s], lengths}, View3<float>(out.data(), {B, kH, kD}), opt);
+    attention_decode_paged<KV>(ConstView3<float>(q.data(), {ps.B, kH, kD}), ps.pool.view(), ps.table(s),
+                               View3<float>(out.data(), {ps.B, kH, kD}), opt);
   }
 };
 }  // namespace
