@@ -91,15 +91,16 @@ class StealingRanges {
  public:
   static constexpr int kMaxThreads = 64;
   StealingRanges(std::int64_t n, int threads) : threads_(threads) {
-    for (int t = 0; t < threads; ++t) slot_[t].v.store(pack(n * t / threads, n * (t + 1) / threads), std::memory_order_relaxed);
+    for (int t = 0; t < threads; ++t)
+      slot_[t].v.store(pack(n * t / threads, n * (t + 1) / threads), std::memory_order_relaxed);
   }
-  // Thread t's next items [begin, end): up to `grain` from the front of its own range, else up to
-  // `steal_grain` from the back of the fullest other range; begin == end when all are claimed.
   // The item thread t's next claim of its own range would start at, or -1 (its range is empty).
   std::int64_t peek(int t) const {
     const std::uint64_t w = slot_[t].v.load(std::memory_order_relaxed);
     return front(w) < back(w) ? front(w) : -1;
   }
+  // Thread t's next items [begin, end): up to `grain` from the front of its own range, else up to
+  // `steal_grain` from the back of the fullest other range; begin == end when all are claimed.
   std::pair<std::int64_t, std::int64_t> next(int t, std::int64_t grain, std::int64_t steal_grain) {
     std::uint64_t cur = slot_[t].v.load(std::memory_order_relaxed);
     for (;;) {
