@@ -33,9 +33,10 @@
 // off by the quantisation error (README: accuracy). opt.precision = fast (on a build with
 // AVX512-VNNI) quantises each query head to int8 once per work item and scores the key codes
 // with vpdpbusd, 64 codes per instruction instead of 16 widened ones per FMA: the scores are
-// then off by the query's rounding as well; on AVX512-FP16 each block's P·V sums are then taken
-// in fp16, 32 lanes per FMA (accumulate_block_f16; tests/test_attention_decode.cpp states both
-// bounds).
+// then off by the query's rounding as well; each block's P·V sums are then taken in fp16, 32
+// lanes per FMA, on AVX512-FP16 (accumulate_block_f16), and otherwise on vpdpbusd with the
+// probabilities in 16-bit fixed point (accumulate_block_vnni: AMD Zen 4 and 5);
+// tests/test_attention_decode.cpp states the bounds.
 //
 // Variants (attention/variant.hpp), the last argument: the query metric is applied once per call
 // before the chunks; soft-cap and ALiBi transform each block's scores before its softmax update
@@ -756,6 +757,113 @@ inline void accumulate_block_f16(const Rows& v0, int n, const ItemState& st, flo
   for (; g + 2 <= g1; g += 2) accumulate_heads_f16<2>(v0, n, st, o, g, dv, dv_pad);
   if (g < g1) accumulate_heads_f16<1>(v0, n, st, o, g, dv, dv_pad);
 }
+#else  // no AVX512-FP16 (AMD Zen 4 and 5, Ice Lake): P·V on vpdpbusd as well
+#define ATTNKIT_DECODE_VNNI_PV 1
+// Precision::fast P·V over int8 values on VNNI: each head's block of probabilities (already
+// times their rows' value scales, all >= 0) becomes 16-bit fixed point u = round(p / m · 65535),
+// m the block's largest, split into a high and a low byte; vpdpbusd then sums 4 keys' u8 · s8
+// products per int32 lane, so 4 value rows are interleaved byte by byte first (8 unpacks per 64
+// columns) and each 4-key group costs 2 vpdpbusd per head and 64 columns, where the f32 path
+// widens 16 codes with two instructions for every two FMAs. The unpacks leave the columns
+// permuted within 128-bit lanes; one 4 x 4 transpose of lanes per 64 columns and block puts them
+// back. Sums stay exact in int32 (|Σ| <= 32 · 255 · 128 per byte plane); each probability is off
+// by at most m / 131070 (fp16 would be 2^-12 of itself). A block whose probabilities are not
+// all finite and >= 0, or whose largest is 0 or below 1e-30 (NaN queries, caller scales that are
+// negative), takes the f32 path, which gives what exact would.
+template <int GT, class Rows>
+inline void accumulate_heads_vnni(const Rows& v0, int n, const ItemState& st, float* o, std::int64_t g0,
+                                  std::int64_t dv, std::int64_t dv_pad) {
+  alignas(64) std::uint8_t hi[GT][kBlock], lo[GT][kBlock];
+  float back[GT];
+  static_assert(kBlock == 32);
+  const __mmask16 m0 = tail_mask(n), m1 = tail_mask(n - 16);
+  for (int t = 0; t < GT; ++t) {
+    const float* p = st.p + (g0 + t) * kBlock;
+    const __m512 a = _mm512_maskz_loadu_ps(m0, p), b = _mm512_maskz_loadu_ps(m1, p + 16);
+    const __m512 zero = _mm512_setzero_ps();
+    const __mmask16 bad = _mm512_cmp_ps_mask(a, zero, _CMP_NGE_UQ) | _mm512_cmp_ps_mask(b, zero, _CMP_NGE_UQ);
+    const float mx = _mm512_reduce_max_ps(_mm512_max_ps(a, b));
+    if (bad != 0 || !(mx >= 1e-30f && mx <= std::numeric_limits<float>::max())) {
+      accumulate_heads<GT>(v0, n, st, o, g0, dv, dv_pad);
+      return;
+    }
+    const __m512 inv = _mm512_set1_ps(65535.f / mx);
+    const __m512i top = _mm512_set1_epi32(65535), byte = _mm512_set1_epi32(255);
+    const __m512i ua = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(a, inv)), top);
+    const __m512i ub = _mm512_min_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(b, inv)), top);
+    _mm_store_si128(reinterpret_cast<__m128i*>(hi[t]), _mm512_cvtepi32_epi8(_mm512_srli_epi32(ua, 8)));
+    _mm_store_si128(reinterpret_cast<__m128i*>(hi[t] + 16), _mm512_cvtepi32_epi8(_mm512_srli_epi32(ub, 8)));
+    _mm_store_si128(reinterpret_cast<__m128i*>(lo[t]), _mm512_cvtepi32_epi8(_mm512_and_si512(ua, byte)));
+    _mm_store_si128(reinterpret_cast<__m128i*>(lo[t] + 16), _mm512_cvtepi32_epi8(_mm512_and_si512(ub, byte)));
+    back[t] = mx / 65535.f;
+  }
+  // Rows past n repeat the last one (their probabilities are 0); each row looked up once.
+  const int n4 = (n + 3) / 4 * 4;
+  const std::int8_t* rows[kBlock];
+  for (int i = 0; i < n; ++i) rows[i] = v0(i);
+  for (int i = n; i < n4; ++i) rows[i] = rows[n - 1];
+  for (std::int64_t e0 = 0; e0 < dv; e0 += 64) {
+    const __mmask64 m = dv - e0 >= 64 ? ~__mmask64{0} : (__mmask64{1} << (dv - e0)) - 1;
+    __m512i acc[GT][2][4];
+#pragma GCC unroll 2
+    for (int t = 0; t < GT; ++t)
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h)
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) acc[t][h][k] = _mm512_setzero_si512();
+    for (int i = 0; i < n4; i += 4) {
+      const __m512i r0 = _mm512_maskz_loadu_epi8(m, rows[i] + e0), r1 = _mm512_maskz_loadu_epi8(m, rows[i + 1] + e0);
+      const __m512i r2 = _mm512_maskz_loadu_epi8(m, rows[i + 2] + e0), r3 = _mm512_maskz_loadu_epi8(m, rows[i + 3] + e0);
+      const __m512i a = _mm512_unpacklo_epi8(r0, r1), b = _mm512_unpackhi_epi8(r0, r1);
+      const __m512i c = _mm512_unpacklo_epi8(r2, r3), d = _mm512_unpackhi_epi8(r2, r3);
+      // w[k] lane L, dword j: rows i .. i + 3 of column 16 L + 4 k + j.
+      const __m512i w[4] = {_mm512_unpacklo_epi16(a, c), _mm512_unpackhi_epi16(a, c), _mm512_unpacklo_epi16(b, d),
+                            _mm512_unpackhi_epi16(b, d)};
+#pragma GCC unroll 2
+      for (int t = 0; t < GT; ++t) {
+        std::int32_t ph, pl;
+        std::memcpy(&ph, hi[t] + i, 4);
+        std::memcpy(&pl, lo[t] + i, 4);
+        const __m512i bh = _mm512_set1_epi32(ph), bl = _mm512_set1_epi32(pl);
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) {
+          acc[t][0][k] = dpbusd(acc[t][0][k], bh, w[k]);
+          acc[t][1][k] = dpbusd(acc[t][1][k], bl, w[k]);
+        }
+      }
+    }
+#pragma GCC unroll 2
+    for (int t = 0; t < GT; ++t) {
+      __m512 f[4];
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k)
+        f[k] = _mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(acc[t][0][k], 8), acc[t][1][k]));
+      // 128-bit lane L of output vector L' = lane L' of f[L]: a 4 x 4 transpose of lanes.
+      const __m512 t01l = _mm512_shuffle_f32x4(f[0], f[1], 0x44), t01h = _mm512_shuffle_f32x4(f[0], f[1], 0xee);
+      const __m512 t23l = _mm512_shuffle_f32x4(f[2], f[3], 0x44), t23h = _mm512_shuffle_f32x4(f[2], f[3], 0xee);
+      const __m512 out[4] = {_mm512_shuffle_f32x4(t01l, t23l, 0x88), _mm512_shuffle_f32x4(t01l, t23l, 0xdd),
+                             _mm512_shuffle_f32x4(t01h, t23h, 0x88), _mm512_shuffle_f32x4(t01h, t23h, 0xdd)};
+      const __m512 alpha = _mm512_set1_ps(st.alpha[g0 + t]), scale = _mm512_set1_ps(back[t]);
+      float* og = o + (g0 + t) * dv_pad + e0;
+#pragma GCC unroll 4
+      for (int s = 0; s < 4; ++s) {
+        // Lanes past d_v (masked off) stay untouched; dv_pad rounds d_v to 16 only.
+        const __mmask16 ms = tail_mask(dv - e0 - 16 * s);
+        if (ms == 0) break;
+        float* dst = og + 16 * s;
+        _mm512_mask_storeu_ps(dst, ms, _mm512_fmadd_ps(scale, out[s], _mm512_mul_ps(alpha, _mm512_maskz_loadu_ps(ms, dst))));
+      }
+    }
+  }
+}
+
+template <class Rows>
+inline void accumulate_block_vnni(const Rows& v0, int n, const ItemState& st, float* o, std::int64_t g0,
+                                  std::int64_t g1, std::int64_t dv, std::int64_t dv_pad) {
+  std::int64_t g = g0;
+  for (; g + 2 <= g1; g += 2) accumulate_heads_vnni<2>(v0, n, st, o, g, dv, dv_pad);
+  if (g < g1) accumulate_heads_vnni<1>(v0, n, st, o, g, dv, dv_pad);
+}
 #endif  // AVX512-FP16
 #endif  // VNNI
 
@@ -1145,6 +1253,9 @@ void chunk_state_rows(const Problem& pb, ConstView2<float> q, std::int64_t j0, s
       scale_rows(st, g0, g1, vsb);
 #if defined(ATTNKIT_DECODE_FP16_PV)
       if (pb.quantized_query) accumulate_block_f16(vr, n, st, oj, g0, g1, pb.dv, pb.dv_pad);
+      else
+#elif defined(ATTNKIT_DECODE_VNNI_PV)
+      if (pb.quantized_query) accumulate_block_vnni(vr, n, st, oj, g0, g1, pb.dv, pb.dv_pad);
       else
 #endif
         accumulate_block(vr, n, st, oj, g0, g1, pb.dv, pb.dv_pad);
