@@ -689,6 +689,17 @@ inline void scores_block_vnni(const Rows& k0, int n, const ItemState& st, std::i
   if (g < g1) scores_group_vnni<1>(k0, n, st, g, dk, qq);
 }
 
+// Four rows' 64 codes each (r0 .. r3) interleaved into dwords for vpdpbusd, in two rounds of
+// unpacks: w[m], 128-bit lane L, dword k holds the four rows' codes of column 16 L + 4 m + k.
+inline void interleave_quads(__m512i r0, __m512i r1, __m512i r2, __m512i r3, __m512i (&w)[4]) {
+  const __m512i a = _mm512_unpacklo_epi8(r0, r1), b = _mm512_unpackhi_epi8(r0, r1);
+  const __m512i c = _mm512_unpacklo_epi8(r2, r3), d = _mm512_unpackhi_epi8(r2, r3);
+  w[0] = _mm512_unpacklo_epi16(a, c);
+  w[1] = _mm512_unpackhi_epi16(a, c);
+  w[2] = _mm512_unpacklo_epi16(b, d);
+  w[3] = _mm512_unpackhi_epi16(b, d);
+}
+
 #if defined(__AVX512FP16__)
 #define ATTNKIT_DECODE_FP16_PV 1
 // Precision::fast P·V over int8 values (with the VNNI scores above): each block's sums are
@@ -812,13 +823,9 @@ inline void accumulate_heads_vnni(const Rows& v0, int n, const ItemState& st, fl
 #pragma GCC unroll 4
         for (int k = 0; k < 4; ++k) acc[t][h][k] = _mm512_setzero_si512();
     for (int i = 0; i < n4; i += 4) {
-      const __m512i r0 = _mm512_maskz_loadu_epi8(m, rows[i] + e0), r1 = _mm512_maskz_loadu_epi8(m, rows[i + 1] + e0);
-      const __m512i r2 = _mm512_maskz_loadu_epi8(m, rows[i + 2] + e0), r3 = _mm512_maskz_loadu_epi8(m, rows[i + 3] + e0);
-      const __m512i a = _mm512_unpacklo_epi8(r0, r1), b = _mm512_unpackhi_epi8(r0, r1);
-      const __m512i c = _mm512_unpacklo_epi8(r2, r3), d = _mm512_unpackhi_epi8(r2, r3);
-      // w[k] lane L, dword j: rows i .. i + 3 of column 16 L + 4 k + j.
-      const __m512i w[4] = {_mm512_unpacklo_epi16(a, c), _mm512_unpackhi_epi16(a, c), _mm512_unpacklo_epi16(b, d),
-                            _mm512_unpackhi_epi16(b, d)};
+      __m512i w[4];
+      interleave_quads(_mm512_maskz_loadu_epi8(m, rows[i] + e0), _mm512_maskz_loadu_epi8(m, rows[i + 1] + e0),
+                       _mm512_maskz_loadu_epi8(m, rows[i + 2] + e0), _mm512_maskz_loadu_epi8(m, rows[i + 3] + e0), w);
 #pragma GCC unroll 2
       for (int t = 0; t < GT; ++t) {
         std::int32_t ph, pl;

@@ -530,14 +530,11 @@ inline void pv_heads_vnni(const Row& row, std::int64_t n, const std::uint8_t* u,
       for (int q = 0; q < 4; ++q) acc[t][q] = _mm512_setzero_si512();
     for (std::int64_t x = 0; x < n; x += 4) {
       // Rows past n repeat the last one, against u = 0.
-      const __m512i v0 = _mm512_maskz_loadu_epi8(m, row(x) + e0);
-      const __m512i v1 = _mm512_maskz_loadu_epi8(m, row(std::min(x + 1, n - 1)) + e0);
-      const __m512i v2 = _mm512_maskz_loadu_epi8(m, row(std::min(x + 2, n - 1)) + e0);
-      const __m512i v3 = _mm512_maskz_loadu_epi8(m, row(std::min(x + 3, n - 1)) + e0);
-      const __m512i a = _mm512_unpacklo_epi8(v0, v1), b = _mm512_unpackhi_epi8(v0, v1);
-      const __m512i c = _mm512_unpacklo_epi8(v2, v3), d = _mm512_unpackhi_epi8(v2, v3);
-      const __m512i w[4] = {_mm512_unpacklo_epi16(a, c), _mm512_unpackhi_epi16(a, c), _mm512_unpacklo_epi16(b, d),
-                            _mm512_unpackhi_epi16(b, d)};
+      __m512i w[4];
+      decode::interleave_quads(_mm512_maskz_loadu_epi8(m, row(x) + e0),
+                               _mm512_maskz_loadu_epi8(m, row(std::min(x + 1, n - 1)) + e0),
+                               _mm512_maskz_loadu_epi8(m, row(std::min(x + 2, n - 1)) + e0),
+                               _mm512_maskz_loadu_epi8(m, row(std::min(x + 3, n - 1)) + e0), w);
 #pragma GCC unroll 2
       for (int t = 0; t < GT; ++t) {
         std::int32_t quad;
