@@ -56,6 +56,17 @@ inline double median(std::vector<double> x) {
   return n % 2 ? x[n / 2] : 0.5 * (x[n / 2 - 1] + x[n / 2]);
 }
 
+// One untimed call for each of the n rotated data sets, before the timed loop rotates over
+// them. The timed reads are then those of an engine that reads its cache every step, not the
+// first reads of memory written seconds before in the setup: on the Zen 5 VM of 2026-12, whose
+// host takes back memory its guest leaves untouched for a few seconds, such first reads ran at
+// well under 1 GB/s (decode/int8/fast T 8192 rotates over 125 caches and google-benchmark ran it
+// for 100 iterations, so every timed call was a first read: 3-12 ms a call instead of 0.45).
+template <class Call>
+void warm_rotation(std::int64_t n, Call&& call) {
+  for (std::int64_t i = 0; i < n; ++i) call(i);
+}
+
 // A variant timed alternately with the plain kernel or model it varies, call for call: load
 // from elsewhere on a shared machine skews one pair, not the medians of the pairs' ratios.
 struct Paired {

@@ -112,11 +112,14 @@ void BM_decode(benchmark::State& state) {
   attnkit::DecodeOptions opt;
   opt.num_threads = 2;
   opt.precision = P;
-  std::size_t i = 0;
-  for (auto _ : state) {
-    const auto& c = caches[i++ % caches.size()];
-    attnkit::attention_decode<KV>(attnkit::ConstView2<float>(q.data(), {H, d}), c.keys(), c.values(),
+  const auto call = [&](std::int64_t c) {
+    attnkit::attention_decode<KV>(attnkit::ConstView2<float>(q.data(), {H, d}), caches[c].keys(), caches[c].values(),
                                   attnkit::View2<float>(out.data(), {H, d}), opt);
+  };
+  warm_rotation(n_caches, call);
+  std::int64_t i = 0;
+  for (auto _ : state) {
+    call(i++ % n_caches);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
@@ -156,9 +159,7 @@ void BM_decode_token_major(benchmark::State& state) {
   attnkit::DecodeOptions opt;
   opt.num_threads = 2;
   opt.precision = P;
-  std::int64_t i = 0;
-  for (auto _ : state) {
-    const std::int64_t c = i++ % n_caches;
+  const auto call = [&](std::int64_t c) {
     const attnkit::ConstView3<KV> kc(k.data() + c * T * Hk * d, {T, Hk, d}), vc(v.data() + c * T * Hk * d, {T, Hk, d});
     const attnkit::ConstView2<float> q2(q.data(), {H, d});
     const attnkit::View2<float> o2(out.data(), {H, d});
@@ -168,6 +169,11 @@ void BM_decode_token_major(benchmark::State& state) {
                                 opt);
     else
       attnkit::attention_decode<KV>(q2, kc, vc, o2, opt);
+  };
+  warm_rotation(n_caches, call);
+  std::int64_t i = 0;
+  for (auto _ : state) {
+    call(i++ % n_caches);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
@@ -209,11 +215,14 @@ void BM_decode_paged(benchmark::State& state) {
   opt.num_threads = 2;
   opt.precision = Prec;
   const attnkit::PagedKV<KV> cache = ps.pool.view();
-  std::size_t i = 0;
-  for (auto _ : state) {
-    const std::size_t s = i++ % static_cast<std::size_t>(ps.n_sets);
+  const auto call = [&](std::int64_t s) {
     attnkit::attention_decode_paged<KV>(attnkit::ConstView3<float>(q.data(), {B, H, d}), cache, ps.table(s),
                                         attnkit::View3<float>(out.data(), {B, H, d}), opt);
+  };
+  warm_rotation(ps.n_sets, call);
+  std::int64_t i = 0;
+  for (auto _ : state) {
+    call(i++ % ps.n_sets);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }
@@ -268,6 +277,10 @@ void BM_decode_paged_variant(benchmark::State& state, bool sparse) {
   so.num_threads = 2;
   const attnkit::PagedKV<KV> cache = ps.pool.view();
   Paired pairs;
+  warm_rotation(ps.n_sets, [&](std::int64_t s) {  // the variants read the same pages
+    attnkit::attention_decode_paged<KV>(attnkit::ConstView3<float>(q.data(), {B, H, d}), cache, ps.table(s),
+                                        attnkit::View3<float>(plain.data(), {B, H, d}), opt);
+  });
   std::size_t i = 0;
   for (auto _ : state) {
     const std::size_t s = i++ % static_cast<std::size_t>(ps.n_sets);
@@ -448,14 +461,17 @@ void BM_decode_paged_contig(benchmark::State& state) {
     }
   attnkit::DecodeOptions opt;
   opt.num_threads = 2;
-  std::size_t i = 0;
-  for (auto _ : state) {
-    const std::size_t s = i++ % static_cast<std::size_t>(n_sets);
+  const auto call = [&](std::int64_t s) {
     for (std::int64_t b = 0; b < B; ++b) {
-      const auto& c = caches[s * static_cast<std::size_t>(B) + static_cast<std::size_t>(b)];
+      const auto& c = caches[static_cast<std::size_t>(s * B + b)];
       attnkit::attention_decode<KV>(attnkit::ConstView2<float>(q.data() + b * H * d, {H, d}), c.keys(), c.values(),
                                     attnkit::View2<float>(out.data() + b * H * d, {H, d}), opt);
     }
+  };
+  warm_rotation(n_sets, call);
+  std::int64_t i = 0;
+  for (auto _ : state) {
+    call(i++ % n_sets);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
   }

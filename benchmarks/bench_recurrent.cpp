@@ -173,6 +173,10 @@ void BM_decode_attention(benchmark::State& state, std::int64_t T_kv) {
   DecodeOptions opt;
   opt.num_threads = kThreads;
   bench::roofline();
+  bench::warm_rotation(n_caches, [&](std::int64_t c) {
+    attention_decode<float>(ConstView2<float>(layer.q.data(), {kHeads, kDim}), caches[c].keys(), caches[c].values(),
+                            View2<float>(out.data(), {kHeads, kDim}), opt);
+  });
   bench::Paired pairs;
   std::size_t i = 0;
   for (auto _ : state) {

@@ -91,6 +91,10 @@ void BM_sparse_decode(benchmark::State& state, std::int64_t T, Precision precisi
   std::vector<float> staged_k(quant ? static_cast<std::size_t>(T * kHkv * kD) : 0), staged_v(staged_k.size());
   bench::Paired pairs;
   double idx_s = 0, staged_s = 0;
+  bench::warm_rotation(static_cast<std::int64_t>(sets.size()), [&](std::int64_t c) {
+    if constexpr (quant) attention_decode(qv, sets[c].cache.keys(), sets[c].cache.values(), ov, dopt);
+    else attention_decode<KV>(qv, sets[c].cache.keys(), sets[c].cache.values(), ov, dopt);
+  });
   std::size_t i = 0;
   for (auto _ : state) {
     const Set& a = sets[i % sets.size()];
