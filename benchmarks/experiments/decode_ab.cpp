@@ -78,6 +78,7 @@ int main(int argc, char** argv) {
 #include "attnkit/attention/batched_decode.hpp"
 #include "attnkit/attention/decode.hpp"
 #include "attnkit/attention/kv_cache.hpp"
+#include "attnkit/linalg/packed_linear.hpp"
 #include "../paged_sets.hpp"
 #define AB_CAT2(a, b) a##b
 #define AB_CAT(a, b) AB_CAT2(a, b)
@@ -149,6 +150,26 @@ struct Paged : Case {
                                View3<float>(out.data(), {ps.B, kH, kD}), opt);
   }
 };
+// One token through bf16 PackedLinear weights [N, K] (a decode GEMV), rotated over >= 2 GiB of
+// separately packed copies. The precision does not change the single-token bf16 path.
+struct Linear : Case {
+  std::int64_t N, K;
+  std::vector<PackedLinear> layers;
+  Linear(std::int64_t n, std::int64_t k) : N(n), K(k) {
+    bytes = N * K * 2;
+    sets = std::max<std::int64_t>(2, (kRotated + bytes - 1) / bytes);
+    std::vector<float> w = normal(N * K, 42);
+    for (auto& x : w) x *= 0.05f;
+    for (std::int64_t c = 0; c < sets; ++c) layers.push_back(PackedLinear::pack_as_bf16(w.data(), N, K, K));
+    q = normal(K, 43);
+    out.resize(static_cast<std::size_t>(N));
+  }
+  void call(std::int64_t i, const DecodeOptions& opt) override {
+    layers[static_cast<std::size_t>(i % sets)].forward(ConstView2<float>(q.data(), {1, K}),
+                                                        View2<float>(out.data(), {1, N}),
+                                                        LinearOptions{opt.precision, opt.num_threads, false});
+  }
+};
 }  // namespace
 
 extern "C" void* AB_FN(_make)(const char* kind, long long T, long long P) {
@@ -156,7 +177,10 @@ extern "C" void* AB_FN(_make)(const char* kind, long long T, long long P) {
   const bool paged = k.rfind("paged:", 0) == 0;
   if (paged) k = k.substr(6);
   Case* c = nullptr;
-  if (k == "f32" && !paged) c = new Contiguous<float>(T);
+  if (k.rfind("linear:", 0) == 0) {  // linear:N:K
+    const std::size_t colon = k.find(':', 7);
+    c = new Linear(std::stoll(k.substr(7, colon - 7)), std::stoll(k.substr(colon + 1)));
+  } else if (k == "f32" && !paged) c = new Contiguous<float>(T);
   else if (k == "bf16") c = paged ? static_cast<Case*>(new Paged<bf16>(T, P)) : new Contiguous<bf16>(T);
   else if (k == "int8" || k == "int8f")
     c = paged ? static_cast<Case*>(new Paged<std::int8_t>(T, P)) : new Contiguous<std::int8_t>(T);

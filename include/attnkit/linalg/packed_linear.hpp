@@ -405,7 +405,7 @@ class PackedLinear {
         const std::int64_t ldy = y.stride[0];
         if (single_tile) {
           const auto strips = [&](std::int64_t s0, std::int64_t s1) {
-            tile_loop(s0, s1, mc, [](int mr, int nb) { return L::pick_bf16<true>(mr, nb); }, none,
+            tile_loop(s0, s1, mc, [](int mr, int nb) { return L::pick_bf16_stream(mr, nb); }, none,
                       [&](L::KernelBf16 kern, std::int64_t bs, std::int64_t t0, int last_lanes) {
                         kern(xa + t0 * lda, lda, W + bs * ldw, ldw, K / 2, K % 2 != 0, ym + t0 * ldy + bs * kBlock,
                              ldy, last_lanes, accumulate);

@@ -84,7 +84,7 @@ inline void widen_panel(const std::uint32_t* w, std::int64_t ldw, int nb, std::i
 // kernel_bf16 widens packed bf16 pairs in registers (exact: bf16 -> f32 is a shift) and
 // multiplies with FMA; it serves the few-token case, where each weight is used once and the
 // loop is bound by memory bandwidth. `tail` adds the even half of one more pair (odd K).
-// `Stream` adds software prefetch of the weight streams.
+// `Stream` adds software prefetch of the weight streams, and `Far` (with MR <= 2) the far one.
 
 inline constexpr std::int64_t kPrefetchBytes = 1024;
 // With one or two tokens (MR <= 2: decode, about 2 flops per weight byte) each weight stream is
@@ -93,6 +93,25 @@ inline constexpr std::int64_t kPrefetchBytes = 1024;
 // T 1 1.07x (faster in 32 of 40 rounds; 4 KiB ahead 1.06x, 16 KiB 1.07x), T 2 1.05x (19 of 20).
 // At T 8 it measured slower (0.96x, 7 of 30), at T 4 level (1.00x), so larger tiles go without.
 inline constexpr std::int64_t kFarPrefetchBytes = 8192;
+
+// Whether that far prefetch runs on this CPU: it helps on Intel and hurts on AMD. Decode GEMVs
+// (one token, bf16 weights, 2 threads) without it against with it, alternated in one process
+// (benchmarks/experiments/decode_ab.cpp linear:N:K, N x K = 4096 x 1024, 1024 x 3072, 6144 x 1024):
+// Intel Xeon with AMX (the device host, 2026-12-02) 0.87-0.91x, faster in 0 of 76 rounds;
+// AMD EPYC Zen 5 (the 2-core VM of the same day) 1.17-1.22x, faster in 94 of 98 rounds (its
+// L2 prefetcher follows the streams alone, and the extra requests only take miss slots).
+// Zen 4 is taken to behave as Zen 5 (unmeasured); no other AMD CPU runs these AVX-512 kernels.
+inline bool far_weight_prefetch() {
+  static const bool on = [] {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+    __builtin_cpu_init();
+    return !__builtin_cpu_is("amd");
+#else
+    return true;
+#endif
+  }();
+  return on;
+}
 
 #if defined(__AVX512F__)
 
@@ -118,7 +137,7 @@ inline void store_tile(const __m512 (&acc)[MR][NB], float* y, std::int64_t ldy, 
     }
 }
 
-template <int MR, int NB, bool Stream>
+template <int MR, int NB, bool Stream, bool Far = Stream>
 void kernel_bf16(const float* x, std::int64_t ldx, const std::uint32_t* w, std::int64_t ldw, std::int64_t kc,
                  bool tail, float* y, std::int64_t ldy, int last_lanes, bool load_y) {
   const __mmask16 last_mask = static_cast<__mmask16>((1u << last_lanes) - 1u);
@@ -132,7 +151,7 @@ void kernel_bf16(const float* x, std::int64_t ldx, const std::uint32_t* w, std::
       const std::uint32_t* wp = w + j * ldw + k * kBlock;
       if constexpr (Stream) {
         _mm_prefetch(reinterpret_cast<const char*>(wp) + kPrefetchBytes, _MM_HINT_T0);
-        if constexpr (MR <= 2) _mm_prefetch(reinterpret_cast<const char*>(wp) + kFarPrefetchBytes, _MM_HINT_T2);
+        if constexpr (Far && MR <= 2) _mm_prefetch(reinterpret_cast<const char*>(wp) + kFarPrefetchBytes, _MM_HINT_T2);
       }
       const __m512i v = _mm512_load_si512(wp);
       we[j] = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
@@ -158,7 +177,7 @@ void kernel_bf16(const float* x, std::int64_t ldx, const std::uint32_t* w, std::
 
 #else  // portable fallback: same layouts and order of operations, scalar float32
 
-template <int MR, int NB, bool Stream>
+template <int MR, int NB, bool Stream, bool Far = Stream>
 void kernel_bf16(const float* x, std::int64_t ldx, const std::uint32_t* w, std::int64_t ldw, std::int64_t kc,
                  bool tail, float* y, std::int64_t ldy, int last_lanes, bool load_y) {
   for (int i = 0; i < MR; ++i)
@@ -297,12 +316,16 @@ using KernelBf16 = void (*)(const float*, std::int64_t, const std::uint32_t*, st
 using KernelF32 = void (*)(const float*, std::int64_t, const float*, std::int64_t, std::int64_t, float*,
                            std::int64_t, int, bool);
 
-template <bool Stream, int MR = 1, int NB = 1>
+template <bool Stream, bool Far = Stream, int MR = 1, int NB = 1>
 KernelBf16 pick_bf16(int mr, int nb) {
-  if (mr == MR && nb == NB) return &kernel_bf16<MR, NB, Stream>;
-  if constexpr (NB < kNB) return pick_bf16<Stream, MR, NB + 1>(mr, nb);
-  else if constexpr (MR < kMR) return pick_bf16<Stream, MR + 1, 1>(mr, nb);
+  if (mr == MR && nb == NB) return &kernel_bf16<MR, NB, Stream, Far>;
+  if constexpr (NB < kNB) return pick_bf16<Stream, Far, MR, NB + 1>(mr, nb);
+  else if constexpr (MR < kMR) return pick_bf16<Stream, Far, MR + 1, 1>(mr, nb);
   else return nullptr;
+}
+// The streaming kernels with this CPU's far prefetch (far_weight_prefetch).
+inline KernelBf16 pick_bf16_stream(int mr, int nb) {
+  return far_weight_prefetch() ? pick_bf16<true, true>(mr, nb) : pick_bf16<true, false>(mr, nb);
 }
 
 template <bool Stream, int MR = 1, int NB = 1>
