@@ -13,6 +13,8 @@
 //   g++ $F -DAB_MAIN -c decode_ab.cpp -o main.o && g++ $F main.o a.o b.o -o decode_ab
 //   ./decode_ab <f32|bf16|int8|int8f> <T> <rounds>            contiguous, Qwen3-0.6B heads
 //   ./decode_ab paged:<bf16|int8|int8f> <T, 0: 512..8192 mixed> <P> <rounds>
+//   ./decode_ab linear:<N>:<K> 0 <rounds>      one token through bf16 PackedLinear weights
+//   ./decode_ab model:<depth> 0 <rounds>       a Qwen3-0.6B decode step after depth tokens
 // (the namespace macro renames attnkit in each version, so both link into one program). Used on
 // 2026-12-01 for StridedPrefetchingRows (attention/decode.hpp): int8 fast T 8192 1.04-1.06x,
 // faster in 116 of 140 rounds, where separate processes had shown nothing but noise.
@@ -79,6 +81,9 @@ int main(int argc, char** argv) {
 #include "attnkit/attention/decode.hpp"
 #include "attnkit/attention/kv_cache.hpp"
 #include "attnkit/linalg/packed_linear.hpp"
+#include "attnkit/model/builtin.hpp"
+#include "attnkit/model/mixers/attention.hpp"
+#include "attnkit/model/qwen3.hpp"
 #include "../paged_sets.hpp"
 #define AB_CAT2(a, b) a##b
 #define AB_CAT(a, b) AB_CAT2(a, b)
@@ -170,6 +175,41 @@ struct Linear : Case {
                                                         LinearOptions{opt.precision, opt.num_threads, false});
   }
 };
+// One decode step of a random Qwen3-0.6B (bf16 weights, bf16 cache) after `depth` prompt
+// tokens, the caches cut back to depth after each step; bytes: the weights a token streams.
+struct ModelStep : Case {
+  model::Qwen3Model m;
+  model::Session s;
+  std::int64_t depth;
+  explicit ModelStep(std::int64_t d)
+      : m(model::Qwen3Model::random(model::default_registry().parse_config(io::qwen3_0_6b_config().raw, "qwen3-0.6b"),
+                                    model::WeightType::bf16, 1)),
+        s(m.new_session({model::CacheType::bf16, d + 8})),
+        depth(d) {
+    bytes = m.streamed_bytes_per_token();
+    sets = 16;
+    std::vector<std::int64_t> ids(static_cast<std::size_t>(depth));
+    for (std::int64_t i = 0; i < depth; ++i) ids[static_cast<std::size_t>(i)] = (i * 7919) % m.config().vocab_size;
+    out.resize(static_cast<std::size_t>(m.config().vocab_size));
+    model::ForwardOptions fo;
+    fo.logits = model::LogitsRows::last;
+    m.forward(s, ids, View2<float>(out.data(), {1, m.config().vocab_size}), fo);
+  }
+  void call(std::int64_t, const DecodeOptions& opt) override {
+    model::ForwardOptions fo;
+    fo.logits = model::LogitsRows::last;
+    fo.num_threads = opt.num_threads;
+    const std::int64_t next = 1;
+    m.forward(s, std::span<const std::int64_t>(&next, 1), View2<float>(out.data(), {1, m.config().vocab_size}), fo);
+    for (int l = 0; l < m.num_layers(); ++l)
+      if (const auto* attn = dynamic_cast<const model::Qwen3Attention*>(&m.mixer(l)))
+        for (int p = 0; p < m.passes(); ++p)
+          attn->cache(s.state(l), p).visit([&](auto& c) {
+            if constexpr (!requires { c.total(); }) c.truncate(depth);
+          });
+    s.set_position(depth);
+  }
+};
 }  // namespace
 
 extern "C" void* AB_FN(_make)(const char* kind, long long T, long long P) {
@@ -177,7 +217,9 @@ extern "C" void* AB_FN(_make)(const char* kind, long long T, long long P) {
   const bool paged = k.rfind("paged:", 0) == 0;
   if (paged) k = k.substr(6);
   Case* c = nullptr;
-  if (k.rfind("linear:", 0) == 0) {  // linear:N:K
+  if (k.rfind("model:", 0) == 0) {  // model:depth
+    c = new ModelStep(std::stoll(k.substr(6)));
+  } else if (k.rfind("linear:", 0) == 0) {  // linear:N:K
     const std::size_t colon = k.find(':', 7);
     c = new Linear(std::stoll(k.substr(7, colon - 7)), std::stoll(k.substr(colon + 1)));
   } else if (k == "f32" && !paged) c = new Contiguous<float>(T);
