@@ -7,6 +7,7 @@
 #include <limits>
 #include <thread>
 #include <atomic>
+#include <chrono>
 #include <vector>
 
 #include "attnkit/core/bf16.hpp"
@@ -181,6 +182,63 @@ TEST_CASE("parallel_for runs every item once and carries worker exceptions to th
                         }, dynamic),
                         Catch::Contains("item 37 failed"));
   }
+}
+
+TEST_CASE("attnkit's workers: nested loops, several caller threads, sleeping workers, team barriers", "[core]") {
+  // Every item once, whatever runs it: attnkit's workers (the default), OpenMP (pool off), a
+  // loop inside a job (runs on its thread), callers racing for the pool (the losers on OpenMP).
+  for (const bool pool : {true, false}) {
+    set_worker_pool(pool);
+    for (const int threads : {2, 3, 5}) {
+      std::vector<std::atomic<int>> hits(300);
+      parallel_for(30, threads, [&](std::int64_t i) {
+        parallel_for(10, threads, [&](std::int64_t j) { hits[static_cast<std::size_t>(i * 10 + j)].fetch_add(1); });
+      });
+      for (auto& h : hits) REQUIRE(h.load() == 1);
+    }
+    std::atomic<std::int64_t> sum{0};
+    std::vector<std::thread> callers;
+    for (int c = 0; c < 4; ++c)
+      callers.emplace_back([&] {
+        for (int rep = 0; rep < 200; ++rep)
+          parallel_for(64, 2, [&](std::int64_t i) { sum.fetch_add(i + 1); }, rep % 2 == 1);
+      });
+    for (auto& c : callers) c.join();
+    CHECK(sum.load() == 4 * 200 * (64 * 65 / 2));
+  }
+  set_worker_pool(true);
+  // Workers that sleep at once between jobs must still wake for each (a lost wake-up hangs here).
+  set_worker_spin_us(0);
+  std::int64_t total = 0;
+  for (int rep = 0; rep < 500; ++rep) {
+    std::atomic<int> n{0};
+    parallel_for(3, 3, [&](std::int64_t) { n.fetch_add(1); });
+    total += n.load();
+    if (rep % 50 == 0) std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  set_worker_spin_us(200);
+  CHECK(total == 1500);
+  // run_team: all members meet at barriers; a member that throws breaks them for the others and
+  // its exception reaches the caller.
+  for (const bool pool : {true, false}) {
+    set_worker_pool(pool);
+    std::vector<int> phase(3, 0);
+    std::atomic<int> bad{0};
+    run_team(3, [&](int t, int nt) {
+      phase[static_cast<std::size_t>(t)] = 1;
+      team_barrier(nt);
+      for (int u = 0; u < nt; ++u)
+        if (phase[static_cast<std::size_t>(u)] != 1) bad.fetch_add(1);
+    });
+    CHECK(bad.load() == 0);
+    REQUIRE_THROWS_WITH(run_team(3, [&](int t, int nt) {
+                          if (t == 1) throw Error("member 1 failed");
+                          team_barrier(nt);
+                          team_barrier(nt);
+                        }),
+                        Catch::Contains("member 1 failed"));
+  }
+  set_worker_pool(true);
 }
 
 TEST_CASE("StealingRanges hands out every item once, own ranges first", "[core]") {

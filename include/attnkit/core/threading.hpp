@@ -1,17 +1,33 @@
-// attnkit/core/threading.hpp — OpenMP with a fixed work partition.
+// attnkit/core/threading.hpp — a fixed work partition, run on attnkit's own spinning workers
+// (OpenMP where those are taken).
 //
 // Why fixed: results must be bit-identical for any thread count. Kernels therefore split work
 // into items whose arithmetic does not depend on who runs them (a head, a query tile, a fixed
 // KV chunk) and only the assignment of items to threads varies. Engines with their own pool
 // call kernels with num_threads = 1 and an explicit head/query range instead.
+//
+// Why our own workers: a decode step is a hundred or more short parallel regions (a Qwen3-0.6B
+// token: 141, most of them 20-300 µs), and libgomp's fork and join make two futex system calls
+// each, even while its threads spin: 3.4-3.7 µs an empty region on the 2-core Zen 5 VM, where a
+// system call leaves the guest. WorkerPool's workers wait for a job by spinning on one counter
+// (then sleep, after ATTNKIT_SPIN_US microseconds idle, default 200), and the caller waits for
+// them the same way: 0.5 µs. It serves one caller thread at a time; a second caller thread, a
+// call from inside a job or from inside an OpenMP region runs on OpenMP exactly as before (the
+// partition, hence every bit, is the same either way).
 #pragma once
 
 #include <algorithm>
 #include <atomic>
-#include <exception>
+#include <chrono>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdlib>
+#include <exception>
+#include <memory>
+#include <mutex>
 #include <thread>
 #include <utility>
+#include <vector>
 
 #include "attnkit/core/fault.hpp"
 
@@ -32,6 +48,184 @@ inline int default_num_threads() {
 
 inline int resolve_threads(int requested) { return requested > 0 ? requested : default_num_threads(); }
 
+namespace detail {
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#else
+  std::this_thread::yield();
+#endif
+}
+
+// Workers that run one job at a time for one caller thread: job(t) for t in [1, nt) on workers
+// 0 .. nt - 2 while the caller runs job(0). Each worker has its own slot: the caller writes the
+// job into the slots of the workers it needs and bumps each one's generation; an idle worker
+// spins on its generation for spin_us, then sleeps (a condition variable), and the caller
+// wakes only a worker that sleeps, so back-to-back jobs make no system call. Workers
+// are created on first need (up to kMaxWorkers) and joined at exit.
+class WorkerPool {
+ public:
+  static constexpr int kMaxWorkers = 255;
+  static WorkerPool& instance() {
+    static WorkerPool pool;
+    return pool;
+  }
+  // Runs job(t), t in [0, nt), nt >= 2, and returns true; or returns false at once, having run
+  // nothing, when the pool is disabled, held by another caller, or nt is beyond kMaxWorkers + 1.
+  // Not for a thread inside a job (inside_job: the callers run such loops on their own thread,
+  // as OpenMP runs a nested region). job must not throw (the callers catch per item).
+  template <class Job>
+  bool try_run(int nt, Job& job) {
+    if (!enabled_.load(std::memory_order_relaxed) || nt - 1 > kMaxWorkers) return false;
+#if defined(_OPENMP)
+    if (omp_in_parallel()) return false;
+#endif
+    if (busy_.exchange(true, std::memory_order_acquire)) return false;
+    try {
+      grow(nt - 1);
+    } catch (...) {  // no thread to be had: OpenMP's turn
+      busy_.store(false, std::memory_order_release);
+      return false;
+    }
+    pending_.store(nt - 1, std::memory_order_relaxed);
+    for (int w = 0; w + 1 < nt; ++w) {
+      Slot& s = slots_[w];
+      s.fn = [](void* ctx, int t) { (*static_cast<Job*>(ctx))(t); };
+      s.ctx = &job;
+      s.t = w + 1;
+      s.generation.fetch_add(1, std::memory_order_seq_cst);
+      if (s.sleeping.load(std::memory_order_seq_cst)) s.wake();
+    }
+    in_job() = true;
+    job(0);
+    in_job() = false;
+    // The workers are running (or about to): spin, but yield after 100 µs, in case one of them
+    // waits for this core (more runnable threads than cores).
+    const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(100);
+    for (int i = 1; pending_.load(std::memory_order_acquire) != 0; ++i) {
+      if (i % 256 == 0 && std::chrono::steady_clock::now() >= until) std::this_thread::yield();
+      else cpu_relax();
+    }
+    busy_.store(false, std::memory_order_release);
+    return true;
+  }
+  static bool inside_job() { return in_job(); }
+  void set_enabled(bool on) { enabled_.store(on, std::memory_order_relaxed); }
+  void set_spin_us(int us) { spin_us_.store(std::max(us, 0), std::memory_order_relaxed); }
+  WorkerPool(const WorkerPool&) = delete;
+  WorkerPool& operator=(const WorkerPool&) = delete;
+  ~WorkerPool() {
+    quit_.store(true, std::memory_order_seq_cst);
+    for (std::size_t w = 0; w < workers_.size(); ++w) {
+      slots_[w].generation.fetch_add(1, std::memory_order_seq_cst);
+      slots_[w].wake();
+    }
+    for (auto& w : workers_) w.join();
+  }
+
+ private:
+  struct alignas(64) Slot {
+    std::atomic<std::uint32_t> generation{0};
+    std::atomic<bool> sleeping{false};
+    void (*fn)(void*, int) = nullptr;
+    void* ctx = nullptr;
+    int t = 0;
+    std::mutex mutex;  // sleeping and waking only
+    std::condition_variable cv;
+    void wake() {
+      std::lock_guard<std::mutex> lock(mutex);
+      cv.notify_one();
+    }
+    void sleep(std::uint32_t seen) {  // until the generation moves on from seen
+      std::unique_lock<std::mutex> lock(mutex);
+      sleeping.store(true, std::memory_order_seq_cst);
+      while (generation.load(std::memory_order_seq_cst) == seen) cv.wait(lock);
+      sleeping.store(false, std::memory_order_relaxed);
+    }
+  };
+  WorkerPool() : slots_(new Slot[kMaxWorkers]) {
+    if (const char* e = std::getenv("ATTNKIT_SPIN_US")) set_spin_us(std::atoi(e));
+    if (const char* e = std::getenv("ATTNKIT_WORKERS")) set_enabled(std::atoi(e) != 0);
+  }
+  static bool& in_job() {
+    thread_local bool inside = false;
+    return inside;
+  }
+  void grow(int n) {  // under busy_
+    while (static_cast<int>(workers_.size()) < n) {
+      const int id = static_cast<int>(workers_.size());
+      workers_.emplace_back([this, id] { work(slots_[id]); });
+    }
+  }
+  void work(Slot& s) {
+#if defined(_OPENMP)
+    // OpenMP code inside a job (Eigen's GEMM) stays on this thread, as in a nested region.
+    omp_set_num_threads(1);
+#endif
+    in_job() = true;  // a parallel_for inside a job runs its items here
+    std::uint32_t seen = 0;  // the generation a slot starts at (its first job may come before this line)
+    for (;;) {
+      std::uint32_t g = s.generation.load(std::memory_order_acquire);
+      if (g == seen) {
+        const auto until = std::chrono::steady_clock::now() + std::chrono::microseconds(spin_us_.load());
+        for (int i = 1; (g = s.generation.load(std::memory_order_acquire)) == seen; ++i) {
+          if (i % 256 == 0 && std::chrono::steady_clock::now() >= until) {
+            s.sleep(seen);
+          } else {
+            cpu_relax();
+          }
+        }
+      }
+      seen = g;
+      if (quit_.load(std::memory_order_acquire)) return;
+      s.fn(s.ctx, s.t);
+      pending_.fetch_sub(1, std::memory_order_release);
+    }
+  }
+  std::unique_ptr<Slot[]> slots_;
+  std::vector<std::thread> workers_;
+  std::atomic<bool> enabled_{true};
+  std::atomic<int> spin_us_{200};
+  std::atomic<bool> quit_{false};
+  alignas(64) std::atomic<bool> busy_{false};
+  alignas(64) std::atomic<int> pending_{0};
+};
+
+// First exception of a parallel loop's items: kept, the rest skipped, rethrown by the caller.
+class LoopErrors {
+ public:
+  bool failed() const { return failed_.load(std::memory_order_relaxed); }
+  template <class F>
+  void run(F& fn, std::int64_t i) {
+    if (failed()) return;
+    try {
+      fn(i);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!error_) error_ = std::current_exception();
+      failed_.store(true, std::memory_order_relaxed);
+    }
+  }
+  void rethrow() const {
+    if (error_) std::rethrow_exception(error_);
+  }
+
+ private:
+  std::atomic<bool> failed_{false};
+  std::mutex mutex_;
+  std::exception_ptr error_;
+};
+
+}  // namespace detail
+
+// attnkit's workers (core/threading.hpp's top): on by default; off, every parallel call runs
+// on OpenMP. The spin is how long an idle worker polls for the next job before it sleeps (its
+// core is busy meanwhile: an engine with work of its own between calls may want it short).
+// Also set by the environment: ATTNKIT_WORKERS=0, ATTNKIT_SPIN_US=<microseconds>.
+inline void set_worker_pool(bool enabled) { detail::WorkerPool::instance().set_enabled(enabled); }
+inline void set_worker_spin_us(int microseconds) { detail::WorkerPool::instance().set_spin_us(microseconds); }
+
 // Runs fn(i) for i in [0, n) on `threads` threads (0 = default). Items are handed out
 // dynamically when `dynamic` is set (uneven item costs, e.g. causal tiles) and in static
 // contiguous blocks otherwise; either way each item's arithmetic is independent of the thread
@@ -40,31 +234,32 @@ inline int resolve_threads(int requested) { return requested > 0 ? requested : d
 template <class F>
 void parallel_for(std::int64_t n, int threads, F&& fn, bool dynamic = false) {
   threads = static_cast<int>(std::min<std::int64_t>(resolve_threads(threads), std::max<std::int64_t>(n, 1)));
-#if defined(_OPENMP)
-  if (threads > 1 && n > 1) {
-    std::exception_ptr error;
-    std::atomic<bool> failed{false};
-    auto guarded = [&](std::int64_t i) {
-      if (failed.load(std::memory_order_relaxed)) return;
-      try {
-        fn(i);
-      } catch (...) {
-#pragma omp critical(attnkit_parallel_for_error)
-        if (!error) error = std::current_exception();
-        failed.store(true, std::memory_order_relaxed);
+  if (threads > 1 && n > 1 && !detail::WorkerPool::inside_job()) {
+    detail::LoopErrors errors;
+    std::atomic<std::int64_t> next{0};
+    auto job = [&](int t) {
+      if (dynamic) {
+        for (std::int64_t i; !errors.failed() && (i = next.fetch_add(1, std::memory_order_relaxed)) < n;) errors.run(fn, i);
+      } else {
+        for (std::int64_t i = n * t / threads, e = n * (t + 1) / threads; i < e; ++i) errors.run(fn, i);
       }
     };
+    if (detail::WorkerPool::instance().try_run(threads, job)) {
+      errors.rethrow();
+      return;
+    }
+#if defined(_OPENMP)
     if (dynamic) {
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-      for (std::int64_t i = 0; i < n; ++i) guarded(i);
+      for (std::int64_t i = 0; i < n; ++i) errors.run(fn, i);
     } else {
 #pragma omp parallel for num_threads(threads) schedule(static)
-      for (std::int64_t i = 0; i < n; ++i) guarded(i);
+      for (std::int64_t i = 0; i < n; ++i) errors.run(fn, i);
     }
-    if (error) std::rethrow_exception(error);
+    errors.rethrow();
     return;
-  }
 #endif
+  }
   for (std::int64_t i = 0; i < n; ++i) fn(i);
 }
 
@@ -181,10 +376,10 @@ class Team {
     if (failed_.load(std::memory_order_acquire)) throw Aborted{};
   }
   void fail(std::exception_ptr e) {
-#if defined(_OPENMP)
-#pragma omp critical(attnkit_team_error)
-#endif
-    if (!error_) error_ = std::move(e);
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (!error_) error_ = std::move(e);
+    }
     failed_.store(true, std::memory_order_release);
   }
   const std::exception_ptr& error() const { return error_; }
@@ -197,34 +392,44 @@ class Team {
   std::atomic<int> arrived_{0};
   std::atomic<unsigned> generation_{0};
   std::atomic<bool> failed_{false};
+  std::mutex mutex_;
   std::exception_ptr error_;
 };
 }  // namespace detail
 
-// Runs body(t, nt) on nt threads of one OpenMP team; body may call team_barrier(nt). An
-// exception of any thread ends the team (the others leave at their next barrier or when their
-// body returns) and is rethrown here; outputs the body writes are then partly written.
+// Runs body(t, nt) on nt threads at once (attnkit's workers, or one OpenMP team); body may call
+// team_barrier(nt). An exception of any thread ends the team (the others leave at their next
+// barrier or when their body returns) and is rethrown here; outputs the body writes are then
+// partly written.
 template <class Body>
 void run_team(int nt, Body&& body) {
-#if defined(_OPENMP)
-  if (nt > 1) {
+  if (nt > 1 && !detail::WorkerPool::inside_job()) {
     detail::Team team;
-#pragma omp parallel num_threads(nt)
-    {
+    const auto member = [&](int t, int size) {
       detail::Team* outer = detail::Team::current();
       detail::Team::current() = &team;
       try {
-        body(omp_get_thread_num(), omp_get_num_threads());
+        body(t, size);
       } catch (const detail::Team::Aborted&) {
       } catch (...) {
         team.fail(std::current_exception());
       }
       detail::Team::current() = outer;
+    };
+    auto job = [&](int t) { member(t, nt); };
+    bool ran = detail::WorkerPool::instance().try_run(nt, job);
+#if defined(_OPENMP)
+    if (!ran) {
+#pragma omp parallel num_threads(nt)
+      member(omp_get_thread_num(), omp_get_num_threads());
+      ran = true;
     }
-    if (team.error()) std::rethrow_exception(team.error());
-    return;
-  }
 #endif
+    if (ran) {
+      if (team.error()) std::rethrow_exception(team.error());
+      return;
+    }
+  }
   body(0, 1);
 }
 
