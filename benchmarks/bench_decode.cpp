@@ -132,6 +132,11 @@ BENCHMARK_TEMPLATE(BM_decode, float)
 BENCHMARK_TEMPLATE(BM_decode, attnkit::bf16)
     ->Name("decode/bf16")->ArgName("T")->Arg(512)->Arg(2048)->Arg(8192)->Arg(32768)
     ->UseRealTime()->Unit(benchmark::kMicrosecond);
+// Precision::fast over bf16: scores and P·V on vdpbf16ps (the query and the probabilities
+// rounded to bf16), beside decode/bf16 above.
+BENCHMARK_TEMPLATE(BM_decode, attnkit::bf16, attnkit::Precision::fast)
+    ->Name("decode/bf16/fast")->ArgName("T")->Arg(512)->Arg(2048)->Arg(8192)->Arg(32768)
+    ->UseRealTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK_TEMPLATE(BM_decode, std::int8_t)
     ->Name("decode/int8")->ArgName("T")->Arg(512)->Arg(2048)->Arg(8192)->Arg(32768)
     ->UseRealTime()->Unit(benchmark::kMicrosecond);
@@ -232,6 +237,9 @@ void BM_decode_paged(benchmark::State& state) {
 BENCHMARK_TEMPLATE(BM_decode_paged, attnkit::bf16)
     ->Name("decode/paged/bf16")->ArgNames({"T", "P"})
     ->Args({512, 16})->Args({2048, 16})->Args({8192, 16})->Args({0, 16})->Args({0, 64})
+    ->UseRealTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_TEMPLATE(BM_decode_paged, attnkit::bf16, attnkit::Precision::fast)
+    ->Name("decode/paged/bf16/fast")->ArgNames({"T", "P"})->Args({8192, 16})->Args({0, 16})
     ->UseRealTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK_TEMPLATE(BM_decode_paged, std::int8_t)
     ->Name("decode/paged/int8")->ArgNames({"T", "P"})->Args({8192, 16})->Args({0, 16})

@@ -544,8 +544,9 @@ const bool registered_depth = [] {
           ->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(depth >= 32768 ? 8 : 16);
       // int8 with Precision::fast: the keys scored on VNNI against an int8 query (the linear
       // layers' fast path costs the same as exact on FMA: bf16 weights are widened either way).
-      if (kv.type == model::CacheType::int8)
-        benchmark::RegisterBenchmark((base + "decode/bf16/kv:int8/fast/depth:" + std::to_string(depth)).c_str(),
+      // bf16 with Precision::fast: scores and P·V on vdpbf16ps where the build has AVX512-BF16.
+      if (kv.type == model::CacheType::int8 || kv.type == model::CacheType::bf16)
+        benchmark::RegisterBenchmark((base + "decode/bf16/kv:" + kv.name + "/fast/depth:" + std::to_string(depth)).c_str(),
                                      BM_model_decode_depth, kv, depth, Precision::fast)
             ->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(depth >= 32768 ? 8 : 16);
       // Prefill after depth right after the decode case of the same context (built once).

@@ -133,9 +133,7 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
   if (hb == he || B == 0) return;
   const int shift = log2_exact(P);
   const std::int64_t slot_mask = P - 1;
-  constexpr bool pairs = uses_pairs_v<Vectorized, KV>;
-  const Problem pb{H, G, dk, dv, pairs ? round_up32(dk) : round_up16(dk), pairs ? round_up32(dv) : round_up16(dv),
-                   resolve_scale(opt.scale, dk) * kLog2e, quantized_query<Vectorized, KV>(opt)};
+  const Problem pb = make_problem<Vectorized, KV>(H, G, dk, dv, opt);
   const std::int64_t chunk = opt.kv_chunk > 0 ? opt.kv_chunk : std::max(kDefaultChunk, P);
   // Sequence b sees keys [start[b], lengths[b]); its chunks c0[b] .. are global indices
   // [first[b], first[b + 1]).

@@ -20,7 +20,9 @@
 // contiguous run (chunk_state_heads; one head alone would read a few lines of every token's
 // run: bf16, T 8192, 2 threads, 19.2 -> 25 GB/s). The per-chunk states are then merged
 // by log-sum-exp in chunk order, so the result is bit-identical for any number of threads.
-// bf16 K/V are widened to f32 in registers (exact); all arithmetic is f32.
+// bf16 K/V are widened to f32 in registers (exact); all arithmetic is f32. opt.precision = fast
+// over bf16 K/V (on a build with AVX512-BF16) scores and sums them on vdpbf16ps instead, the
+// scaled query and the probabilities rounded to bf16 (scores_block_dot, accumulate_block_dot).
 //
 // int8 K/V (QuantView3, attention/quant.hpp: codes + a scale per token and KV head, as
 // KVCache<std::int8_t> stores them): the same kernel, the codes widened to f32 in registers
@@ -79,9 +81,11 @@ struct DecodeOptions {
   // Positions, read only by position-dependent variants (ALiBi):
   std::int64_t q_position = -1;  // the query's position; -1 -> T_kv - 1 (the newest key is the query's own)
   std::int64_t ring = 0;         // 0: key row s at position s; W: rows are ring slots, position = q_position - ((q_position - s) mod W)
-  // int8 K/V only (ignored for f32 and bf16): fast scores the keys with the query quantised to
-  // int8 per head, on VNNI (vpdpbusd) where the build has it (README: accuracy); exact keeps the
-  // query in f32, so the result is attention over the dequantised K/V.
+  // int8 K/V: fast scores the keys with the query quantised to int8 per head, on VNNI
+  // (vpdpbusd) where the build has it (README: accuracy); exact keeps the query in f32, so the
+  // result is attention over the dequantised K/V. bf16 K/V: fast runs scores and P·V on
+  // vdpbf16ps where the build has AVX512-BF16, the query and the probabilities rounded to bf16
+  // (about 3e-3 of the output's magnitude). f32 K/V: ignored.
   Precision precision = Precision::exact;
 };
 
@@ -116,6 +120,7 @@ struct Problem {
   std::int64_t dk_pad, dv_pad;  // padded to 16 (f32) or 32 (bf16 pairs) floats; dv_pad is the partial row stride
   float scale_log2;  // scale * log2(e): scores are kept in base 2
   bool quantized_query = false;  // int8 keys scored on VNNI against an int8 query (Precision::fast)
+  bool bf16_dot = false;         // bf16 K/V: scores and P·V on vdpbf16ps (Precision::fast)
 };
 
 // Per-item state layout inside the item scratch: qs [G][dk_pad] (scaled query, zero padded),
@@ -129,6 +134,14 @@ struct ItemState {
 };
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
+
+#if defined(__AVX512BF16__)
+// x rounded to bf16 (to nearest even), as f32.
+inline __m512 round_bf16_ps(__m512 x) {
+  const __m256i h = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(x));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+#endif
 
 inline __mmask16 tail_mask(std::int64_t n) {  // lanes [0, n) of a 16-lane slice
   return static_cast<__mmask16>(n >= 16 ? 0xffffu : n <= 0 ? 0u : (1u << n) - 1u);
@@ -236,6 +249,8 @@ inline __m512 exp2_ps(__m512 x) {
 
 // Online-softmax update of head g for one block: p[g][0, n) holds base-2 scores on entry and
 // probabilities exp2(score - m_new) on exit; alpha[g] = exp2(m_old - m_new) rescales the past.
+// RoundBf16 (Precision::fast over bf16 K/V): each probability rounded to bf16, the sum of those.
+template <bool RoundBf16 = false>
 inline void softmax_block(int n, const ItemState& st, std::int64_t g) {
   static_assert(kBlock % 16 == 0);
   float* p = st.p + g * kBlock;
@@ -250,7 +265,10 @@ inline void softmax_block(int n, const ItemState& st, std::int64_t g) {
   for (int i = 0; i < kBlock; i += 16) {
     const __mmask16 msk = tail_mask(n - i);
     const __m512 s = _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), msk, p + i);
-    const __m512 e = exp2_ps(_mm512_sub_ps(s, vb));
+    __m512 e = exp2_ps(_mm512_sub_ps(s, vb));
+#if defined(__AVX512BF16__)
+    if constexpr (RoundBf16) e = round_bf16_ps(e);
+#endif
     sum = _mm512_add_ps(sum, e);
     _mm512_storeu_ps(p + i, e);
   }
@@ -874,6 +892,208 @@ inline void accumulate_block_vnni(const Rows& v0, int n, const ItemState& st, fl
 #endif  // AVX512-FP16
 #endif  // VNNI
 
+#if defined(__AVX512BF16__)
+#define ATTNKIT_DECODE_BF16_DOT 1
+// Precision::fast over bf16 K/V on AVX512-BF16: scores and P·V on vdpbf16ps, which multiplies
+// 32 bf16 pairs and adds them two by two into 16 f32 lanes in one instruction, where the exact
+// path widens the 32 values with two instructions and takes two FMAs (Zen 5: two vdpbf16ps a
+// cycle, as many as FMAs; the widening shifts one a cycle).
+// - Scores: each query head's scaled query is rounded to bf16 once per work item (stored in
+//   natural order over its own f32 copy, zero padded), and the key rows are read as they are.
+// - Softmax: each probability is rounded to bf16 (softmax_block<true>), so the sum l is that
+//   of the weights P·V uses.
+// - P·V: two value rows are interleaved 16 bits by 16 bits (vpunpcklwd / vpunpckhwd within each
+//   128-bit lane) so that one vdpbf16ps against the broadcast pair (p_i, p_i+1) adds
+//   p_i v_i + p_i+1 v_i+1 to each column. The columns then sit permuted within 128-bit lanes
+//   (32-column group: lanes 4L + j of the low vector hold column 8L + j, of the high one
+//   8L + 4 + j); unpermute_dot puts them back once per item.
+// So the scores are off by the query's bf16 rounding (up to 2^-8 of each element) and the output by
+// that of the probabilities; tests/test_attention_decode.cpp states the bound. vdpbf16ps
+// flushes denormal inputs and results to zero.
+inline __m512bh as_bh(__m512i x) { return reinterpret_cast<__m512bh>(x); }
+
+// qs [dk_pad] f32 -> bf16 [dk_pad] in place (each 64-byte read precedes the 32-byte write
+// that can overlap it).
+inline void query_to_bf16(float* qs, std::int64_t dk_pad) {
+  auto* out = reinterpret_cast<char*>(qs);
+  for (std::int64_t e = 0; e < dk_pad; e += 16) {
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_load_ps(qs + e));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + e * 2), reinterpret_cast<__m256i>(h));
+  }
+}
+inline const char* query_bf16(const ItemState& st, std::int64_t g, std::int64_t qs_pad) {
+  return reinterpret_cast<const char*>(st.qs + g * qs_pad);
+}
+
+// Scores of heads [g0, g1) one at a time, 16 rows at a time, pairs [p0, p0 + NP) of 32 values.
+template <int NP, class Rows>
+inline void scores_group_dot(const Rows& k0, int n, const ItemState& st, std::int64_t g0, std::int64_t g1,
+                             std::int64_t dk, std::int64_t qs_pad, std::int64_t p0, bool add) {
+  const __mmask32 last = tail_mask32(dk - (p0 + NP - 1) * 32);
+  for (std::int64_t g = g0; g < g1; ++g) {
+    const char* qg = query_bf16(st, g, qs_pad) + p0 * 64;
+    __m512i q[NP];
+#pragma GCC unroll 4
+    for (int s = 0; s < NP; ++s) q[s] = _mm512_loadu_si512(qg + s * 64);
+    for (int i0 = 0; i0 < n; i0 += 16) {
+      __m512 acc[16];
+#pragma GCC unroll 16
+      for (int r = 0; r < 16; ++r) {
+        const auto* kr = k0(std::min(i0 + r, n - 1)) + p0 * 32;
+        acc[r] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+        for (int s = 0; s < NP; ++s)
+          acc[r] = _mm512_dpbf16_ps(acc[r], as_bh(q[s]),
+                                    as_bh(_mm512_maskz_loadu_epi16(s == NP - 1 ? last : __mmask32(0xffffffffu), kr + s * 32)));
+      }
+      put_scores(st, g, i0, reduce16(acc), add);
+    }
+  }
+}
+
+// Heads g and g + 1 together, 8 rows at a time, each key slice loaded once for both; the same
+// instructions per head as scores_group_dot, so pairing does not change the bits.
+template <int NP, class Rows>
+inline void scores_pair_group_dot(const Rows& k0, int n, const ItemState& st, std::int64_t g, std::int64_t dk,
+                                  std::int64_t qs_pad, std::int64_t p0, bool add) {
+  const __mmask32 last = tail_mask32(dk - (p0 + NP - 1) * 32);
+  const char* qa = query_bf16(st, g, qs_pad) + p0 * 64;
+  const char* qb = query_bf16(st, g + 1, qs_pad) + p0 * 64;
+  for (int i0 = 0; i0 < n; i0 += 8) {
+    decltype(k0(0)) rows[8];
+#pragma GCC unroll 8
+    for (int r = 0; r < 8; ++r) rows[r] = k0(std::min(i0 + r, n - 1)) + p0 * 32;
+    __m512 acc[16];
+#pragma GCC unroll 16
+    for (int r = 0; r < 16; ++r) acc[r] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int s = 0; s < NP; ++s) {
+      const __mmask32 m = s == NP - 1 ? last : __mmask32(0xffffffffu);
+      const __m512bh a = as_bh(_mm512_loadu_si512(qa + s * 64)), b = as_bh(_mm512_loadu_si512(qb + s * 64));
+#pragma GCC unroll 8
+      for (int r = 0; r < 8; ++r) {
+        const __m512bh k = as_bh(_mm512_maskz_loadu_epi16(m, rows[r] + s * 32));
+        acc[r] = _mm512_dpbf16_ps(acc[r], a, k);
+        acc[8 + r] = _mm512_dpbf16_ps(acc[8 + r], b, k);
+      }
+    }
+    put_scores_pair(st, g, i0, reduce16(acc), add);
+  }
+}
+
+template <int NP, class Rows>
+inline void scores_heads_dot(const Rows& k0, int n, const ItemState& st, std::int64_t g0, std::int64_t g1,
+                             std::int64_t dk, std::int64_t qs_pad, std::int64_t p0, bool add) {
+  std::int64_t g = g0;
+  for (; g + 2 <= g1; g += 2) scores_pair_group_dot<NP>(k0, n, st, g, dk, qs_pad, p0, add);
+  if (g < g1) scores_group_dot<NP>(k0, n, st, g, g1, dk, qs_pad, p0, add);
+}
+
+template <class Rows>
+inline void scores_block_dot(const Rows& k0, int n, const ItemState& st, std::int64_t g0, std::int64_t g1,
+                             std::int64_t dk, std::int64_t qs_pad) {
+  const std::int64_t np = qs_pad / 32;
+  for (std::int64_t p0 = 0; p0 < np; p0 += 4) {
+    const bool add = p0 > 0;
+    switch (std::min<std::int64_t>(4, np - p0)) {
+      case 1: scores_heads_dot<1>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
+      case 2: scores_heads_dot<2>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
+      case 3: scores_heads_dot<3>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
+      default: scores_heads_dot<4>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
+    }
+  }
+}
+
+// The block's probabilities of heads g0 .. g0 + GT - 1 as bf16 pairs: pairs[t][i / 2] holds
+// (p_i, p_i+1) for even i. They are bf16 values already (softmax_block<true>), and 0 past n.
+template <int GT>
+inline void probability_pairs(const ItemState& st, std::int64_t g0, std::uint32_t (&pairs)[GT][kBlock / 2]) {
+  static_assert(kBlock == 32);
+  for (int t = 0; t < GT; ++t) {
+    const float* p = st.p + (g0 + t) * kBlock;
+    const __m512bh h = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + 16), _mm512_loadu_ps(p));
+    _mm512_storeu_si512(pairs[t], reinterpret_cast<__m512i>(h));
+  }
+}
+
+template <int NP, int GT, class Rows>
+inline void accumulate_group_dot(const Rows& v0, int n, const ItemState& st, const std::uint32_t (&pairs)[GT][kBlock / 2],
+                                 float* o, std::int64_t g0, std::int64_t dv, std::int64_t dv_pad, std::int64_t p0) {
+  const __mmask32 last = tail_mask32(dv - (p0 + NP - 1) * 32);
+  __m512 acc[GT][2 * NP];
+#pragma GCC unroll 2
+  for (int t = 0; t < GT; ++t) {
+    const __m512 alpha = _mm512_set1_ps(st.alpha[g0 + t]);
+#pragma GCC unroll 8
+    for (int s = 0; s < 2 * NP; ++s)
+      acc[t][s] = _mm512_mul_ps(alpha, _mm512_load_ps(o + (g0 + t) * dv_pad + p0 * 32 + s * 16));
+  }
+  // Rows i and i + 1 (a zero row past n: its probability is 0 and it must not be read).
+  const auto step = [&](int i, const bf16* a, const bf16* b) {
+    __m512bh pb[GT];
+#pragma GCC unroll 2
+    for (int t = 0; t < GT; ++t) pb[t] = as_bh(_mm512_set1_epi32(static_cast<int>(pairs[t][i / 2])));
+#pragma GCC unroll 4
+    for (int s = 0; s < NP; ++s) {
+      const __mmask32 m = s == NP - 1 ? last : __mmask32(0xffffffffu);
+      const __m512i va = _mm512_maskz_loadu_epi16(m, a + s * 32);
+      const __m512i vb = b ? _mm512_maskz_loadu_epi16(m, b + s * 32) : _mm512_setzero_si512();
+      const __m512bh lo = as_bh(_mm512_unpacklo_epi16(va, vb)), hi = as_bh(_mm512_unpackhi_epi16(va, vb));
+#pragma GCC unroll 2
+      for (int t = 0; t < GT; ++t) {
+        acc[t][2 * s] = _mm512_dpbf16_ps(acc[t][2 * s], lo, pb[t]);
+        acc[t][2 * s + 1] = _mm512_dpbf16_ps(acc[t][2 * s + 1], hi, pb[t]);
+      }
+    }
+  };
+  int i = 0;
+  for (; i + 2 <= n; i += 2) {
+    const bf16* a = v0(i) + p0 * 32;
+    step(i, a, v0(i + 1) + p0 * 32);
+  }
+  if (i < n) step(i, v0(i) + p0 * 32, nullptr);
+#pragma GCC unroll 2
+  for (int t = 0; t < GT; ++t)
+#pragma GCC unroll 8
+    for (int s = 0; s < 2 * NP; ++s) _mm512_store_ps(o + (g0 + t) * dv_pad + p0 * 32 + s * 16, acc[t][s]);
+}
+
+template <int GT, class Rows>
+inline void accumulate_heads_dot(const Rows& v0, int n, const ItemState& st, float* o, std::int64_t g,
+                                 std::int64_t dv, std::int64_t dv_pad) {
+  std::uint32_t pairs[GT][kBlock / 2];
+  probability_pairs<GT>(st, g, pairs);
+  const std::int64_t np = dv_pad / 32;
+  for (std::int64_t p0 = 0; p0 < np; p0 += 4) {
+    switch (std::min<std::int64_t>(4, np - p0)) {
+      case 1: accumulate_group_dot<1, GT>(v0, n, st, pairs, o, g, dv, dv_pad, p0); break;
+      case 2: accumulate_group_dot<2, GT>(v0, n, st, pairs, o, g, dv, dv_pad, p0); break;
+      case 3: accumulate_group_dot<3, GT>(v0, n, st, pairs, o, g, dv, dv_pad, p0); break;
+      default: accumulate_group_dot<4, GT>(v0, n, st, pairs, o, g, dv, dv_pad, p0); break;
+    }
+  }
+}
+
+template <class Rows>
+inline void accumulate_block_dot(const Rows& v0, int n, const ItemState& st, float* o, std::int64_t g0,
+                                 std::int64_t g1, std::int64_t dv, std::int64_t dv_pad) {
+  std::int64_t g = g0;
+  for (; g + 2 <= g1; g += 2) accumulate_heads_dot<2>(v0, n, st, o, g, dv, dv_pad);
+  if (g < g1) accumulate_heads_dot<1>(v0, n, st, o, g, dv, dv_pad);
+}
+
+// Row of dv_pad (a multiple of 32) floats in accumulate_group_dot's column order -> natural order.
+inline void unpermute_dot(float* o, std::int64_t dv_pad) {
+  const __m512i i0 = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
+  const __m512i i1 = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
+  for (std::int64_t p = 0; p < dv_pad; p += 32) {
+    const __m512 lo = _mm512_load_ps(o + p), hi = _mm512_load_ps(o + p + 16);
+    _mm512_store_ps(o + p, _mm512_permutex2var_ps(lo, i0, hi));
+    _mm512_store_ps(o + p + 16, _mm512_permutex2var_ps(lo, i1, hi));
+  }
+}
+#endif  // AVX512-BF16
+
 #endif  // AVX-512
 
 // Portable block primitives (scalar + xsimd through core/simd.hpp), same structure.
@@ -1205,6 +1425,10 @@ void chunk_state_rows(const Problem& pb, ConstView2<float> q, std::int64_t j0, s
       std::copy(qr, qr + pb.dk, qs);
       simd::scale(pb.scale_log2, qs, pb.dk);  // vectorised (a loop over qr and qs may alias)
       std::fill(qs + pb.dk, qs + pb.dk_pad, 0.f);
+#if defined(ATTNKIT_DECODE_BF16_DOT)
+      if (pb.bf16_dot) query_to_bf16(qs, pb.dk_pad);
+      else
+#endif
 #if defined(__AVX512F__) && defined(__AVX512BW__)
       if constexpr (uses_pairs_v<Vectorized, KV>) permute_query_pairs(qs, pb.dk_pad);
 #endif
@@ -1268,6 +1492,15 @@ void chunk_state_rows(const Problem& pb, ConstView2<float> q, std::int64_t j0, s
         accumulate_block(vr, n, st, oj, g0, g1, pb.dv, pb.dv_pad);
       return;
     } else if constexpr (uses_pairs_v<Vectorized, KV>) {
+#if defined(ATTNKIT_DECODE_BF16_DOT)
+      if (pb.bf16_dot) {
+        scores_block_dot(kr, n, st, g0, g1, pb.dk, pb.dk_pad);
+        transform_block();
+        for (std::int64_t g = g0; g < g1; ++g) softmax_block<true>(n, st, g);
+        accumulate_block_dot(vr, n, st, oj, g0, g1, pb.dv, pb.dv_pad);
+        return;
+      }
+#endif
       scores_block_bf16(kr, n, st, g0, g1, pb.dk, pb.dk_pad);
       transform_block();
       for (std::int64_t g = g0; g < g1; ++g) softmax_block(n, st, g);
@@ -1308,6 +1541,10 @@ void chunk_state_rows(const Problem& pb, ConstView2<float> q, std::int64_t j0, s
     for (std::int64_t g = g_lo[jj]; g < g_hi[jj]; ++g) {
       const float l = st.l[g];
       float* og = o_part + (jj * G + g) * pb.dv_pad;
+#if defined(ATTNKIT_DECODE_BF16_DOT)
+      if (pb.bf16_dot) unpermute_dot(og, pb.dv_pad);
+      else
+#endif
 #if defined(__AVX512F__) && defined(__AVX512BW__)
       if constexpr (uses_pairs_v<Vectorized, KV>) unpermute_pairs(og, pb.dv_pad);
 #endif
@@ -1472,6 +1709,26 @@ inline bool quantized_query(const DecodeOptions& opt) {
 #endif
 }
 
+// Whether bf16 K/V are scored and summed on vdpbf16ps (Precision::fast on an AVX512-BF16 build).
+template <bool Vectorized, class KV>
+inline bool bf16_dot(const DecodeOptions& opt) {
+#if defined(ATTNKIT_DECODE_BF16_DOT)
+  return Vectorized && std::is_same_v<KV, bf16> && opt.precision == Precision::fast;
+#else
+  (void)opt;
+  return false;
+#endif
+}
+
+// A call's Problem: rows padded for the path KV takes, the fast paths opt.precision selects.
+template <bool Vectorized, class KV>
+inline Problem make_problem(std::int64_t H, std::int64_t G, std::int64_t dk, std::int64_t dv, const DecodeOptions& opt) {
+  constexpr bool pairs = uses_pairs_v<Vectorized, KV>;
+  return Problem{H, G, dk, dv, pairs ? round_up32(dk) : round_up16(dk), pairs ? round_up32(dv) : round_up16(dv),
+                 resolve_scale(opt.scale, dk) * kLog2e, quantized_query<Vectorized, KV>(opt),
+                 bf16_dot<Vectorized, KV>(opt)};
+}
+
 // The work of a validated call over T keys: positions 0 .. T-1 of k/v, or with idx the
 // positions idx[0 .. T) (a sparse selection).
 // int8 K/V: qsc holds their scales.
@@ -1505,9 +1762,7 @@ void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<
       for (std::int64_t d = 0; d < dk; ++d) simd::axpy(q(h, d), var.query.M.ptr(d), q_metric.data() + h * dk, dk);
     q = ConstView2<float>(q_metric.data(), {H, dk});
   }
-  constexpr bool pairs = uses_pairs_v<Vectorized, KV>;
-  const Problem pb{H, G, dk, dv, pairs ? round_up32(dk) : round_up16(dk), pairs ? round_up32(dv) : round_up16(dv),
-                   resolve_scale(opt.scale, dk) * kLog2e, quantized_query<Vectorized, KV>(opt)};
+  const Problem pb = make_problem<Vectorized, KV>(H, G, dk, dv, opt);
   const std::int64_t chunk = opt.kv_chunk > 0 ? opt.kv_chunk : kDefaultChunk;
   const std::int64_t n_chunks = (T + chunk - 1) / chunk;
   const std::int64_t j_begin = hb / G, j_end = (he - 1) / G + 1;
