@@ -29,6 +29,10 @@ constexpr bool kVnniBuilt = false;
 
 namespace {
 
+// bf16 Precision::fast takes the vdpbf16ps path on any build that has it, whatever the CPU's
+// vendor (by default only AMD's, where it pays: decode.hpp's bf16_dot_pays).
+const bool kBf16DotForced = (attnkit::detail::decode::bf16_dot_override() = 1, true);
+
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 

@@ -25,6 +25,11 @@ using Catch::Contains;
 
 namespace {
 
+// bf16 Precision::fast takes the vdpbf16ps path on any build that has it, whatever the CPU's
+// vendor (by default only AMD's, where it pays: decode.hpp's bf16_dot_pays).
+const bool kBf16DotForced = (attnkit::detail::decode::bf16_dot_override() = 1, true);
+
+
 #if defined(ATTNKIT_SANITIZED)
 constexpr std::int64_t kMaxLen = 700;
 constexpr int kRounds = 1;

@@ -21,8 +21,9 @@
 // run: bf16, T 8192, 2 threads, 19.2 -> 25 GB/s). The per-chunk states are then merged
 // by log-sum-exp in chunk order, so the result is bit-identical for any number of threads.
 // bf16 K/V are widened to f32 in registers (exact); all arithmetic is f32. opt.precision = fast
-// over bf16 K/V (on a build with AVX512-BF16) scores and sums them on vdpbf16ps instead, the
-// scaled query and the probabilities rounded to bf16 (scores_block_dot, accumulate_block_dot).
+// over bf16 K/V (an AVX512-BF16 build on AMD's cores: bf16_dot_pays) scores and sums them on
+// vdpbf16ps instead, the scaled query and the probabilities rounded to bf16 (scores_block_dot,
+// accumulate_block_dot).
 //
 // int8 K/V (QuantView3, attention/quant.hpp: codes + a scale per token and KV head, as
 // KVCache<std::int8_t> stores them): the same kernel, the codes widened to f32 in registers
@@ -48,6 +49,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -64,6 +66,7 @@
 #include "attnkit/attention/quant.hpp"
 #include "attnkit/attention/variant.hpp"
 #include "attnkit/core/bf16.hpp"
+#include "attnkit/core/cpu.hpp"
 #include "attnkit/core/error.hpp"
 #include "attnkit/core/memory.hpp"
 #include "attnkit/core/precision.hpp"
@@ -84,8 +87,9 @@ struct DecodeOptions {
   // int8 K/V: fast scores the keys with the query quantised to int8 per head, on VNNI
   // (vpdpbusd) where the build has it (README: accuracy); exact keeps the query in f32, so the
   // result is attention over the dequantised K/V. bf16 K/V: fast runs scores and P·V on
-  // vdpbf16ps where the build has AVX512-BF16, the query and the probabilities rounded to bf16
-  // (about 3e-3 of the output's magnitude). f32 K/V: ignored.
+  // vdpbf16ps where the build has AVX512-BF16 and the CPU is AMD's (where it pays), the query
+  // and the probabilities rounded to bf16 (about 3e-3 of the output's magnitude); elsewhere
+  // it is exact. f32 K/V: ignored.
   Precision precision = Precision::exact;
 };
 
@@ -1709,11 +1713,27 @@ inline bool quantized_query(const DecodeOptions& opt) {
 #endif
 }
 
-// Whether bf16 K/V are scored and summed on vdpbf16ps (Precision::fast on an AVX512-BF16 build).
+// Whether vdpbf16ps pays over widening on this CPU. AMD's cores issue it as often as an FMA
+// (Zen 5: two a cycle) for twice the products; Intel's AVX512-BF16 cores one every two cycles,
+// and there the fast path measured slower (Xeon with AMX, 2026-12-02, exact and fast alternated
+// in one process, 2 threads: T 512 0.96x, faster in 0 of 10 rounds; T 8192 0.97x, 1 of 6), so
+// fast keeps the exact kernel there. bf16_dot_override() = 1 or 0 forces the choice (the tests
+// check the vdpbf16ps path on any build that has it); -1, the default, asks the CPU.
+inline std::atomic<int>& bf16_dot_override() {
+  static std::atomic<int> mode{-1};
+  return mode;
+}
+inline bool bf16_dot_pays() {
+  const int mode = bf16_dot_override().load(std::memory_order_relaxed);
+  return mode >= 0 ? mode != 0 : cpu::is_amd();
+}
+
+// Whether bf16 K/V are scored and summed on vdpbf16ps (Precision::fast on an AVX512-BF16 build,
+// where that pays).
 template <bool Vectorized, class KV>
 inline bool bf16_dot(const DecodeOptions& opt) {
 #if defined(ATTNKIT_DECODE_BF16_DOT)
-  return Vectorized && std::is_same_v<KV, bf16> && opt.precision == Precision::fast;
+  return Vectorized && std::is_same_v<KV, bf16> && opt.precision == Precision::fast && bf16_dot_pays();
 #else
   (void)opt;
   return false;

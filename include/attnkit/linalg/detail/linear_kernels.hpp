@@ -22,6 +22,7 @@
 
 #include "attnkit/core/amx.hpp"
 #include "attnkit/core/bf16.hpp"
+#include "attnkit/core/cpu.hpp"
 
 #if defined(ATTNKIT_AMX)
 #define ATTNKIT_LINEAR_AMX 1
@@ -101,17 +102,7 @@ inline constexpr std::int64_t kFarPrefetchBytes = 8192;
 // AMD EPYC Zen 5 (the 2-core VM of the same day) 1.17-1.22x, faster in 94 of 98 rounds (its
 // L2 prefetcher follows the streams alone, and the extra requests only take miss slots).
 // Zen 4 is taken to behave as Zen 5 (unmeasured); no other AMD CPU runs these AVX-512 kernels.
-inline bool far_weight_prefetch() {
-  static const bool on = [] {
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
-    __builtin_cpu_init();
-    return !__builtin_cpu_is("amd");
-#else
-    return true;
-#endif
-  }();
-  return on;
-}
+inline bool far_weight_prefetch() { return !cpu::is_amd(); }
 
 #if defined(__AVX512F__)
 
