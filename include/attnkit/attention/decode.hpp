@@ -432,27 +432,30 @@ inline void scores_pair_group_bf16(const Rows& k0, int n, const ItemState& st, s
   }
 }
 
-template <int NP, class Rows>
-inline void scores_heads_bf16(const Rows& k0, int n, const ItemState& st, std::int64_t g0, std::int64_t g1,
-                              std::int64_t dk, std::int64_t qs_pad, std::int64_t p0, bool add) {
-  std::int64_t g = g0;
-  for (; g + 2 <= g1; g += 2) scores_pair_group_bf16<NP>(k0, n, st, g, dk, qs_pad, p0, add);
-  if (g < g1) scores_group_bf16<NP>(k0, n, st, g, g1, dk, qs_pad, p0, add);
+// Calls f(std::integral_constant<int, NP>{}, p0) for each group [p0, p0 + NP) of at most 4
+// pairs (32 values each) of a row of np pairs: the kernels take their pair count as a template
+// argument, so each group's slices stay in registers.
+template <class F>
+inline void for_pair_groups(std::int64_t np, const F& f) {
+  for (std::int64_t p0 = 0; p0 < np; p0 += 4) {
+    switch (std::min<std::int64_t>(4, np - p0)) {
+      case 1: f(std::integral_constant<int, 1>{}, p0); break;
+      case 2: f(std::integral_constant<int, 2>{}, p0); break;
+      case 3: f(std::integral_constant<int, 3>{}, p0); break;
+      default: f(std::integral_constant<int, 4>{}, p0); break;
+    }
+  }
 }
 
 template <class Rows>
 inline void scores_block_bf16(const Rows& k0, int n, const ItemState& st, std::int64_t g0,
                               std::int64_t g1, std::int64_t dk, std::int64_t qs_pad) {
-  const std::int64_t np = qs_pad / 32;
-  for (std::int64_t p0 = 0; p0 < np; p0 += 4) {
-    const bool add = p0 > 0;
-    switch (std::min<std::int64_t>(4, np - p0)) {
-      case 1: scores_heads_bf16<1>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
-      case 2: scores_heads_bf16<2>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
-      case 3: scores_heads_bf16<3>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
-      default: scores_heads_bf16<4>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
-    }
-  }
+  for_pair_groups(qs_pad / 32, [&](auto np, std::int64_t p0) {
+    constexpr int NP = decltype(np)::value;
+    std::int64_t g = g0;
+    for (; g + 2 <= g1; g += 2) scores_pair_group_bf16<NP>(k0, n, st, g, dk, qs_pad, p0, p0 > 0);
+    if (g < g1) scores_group_bf16<NP>(k0, n, st, g, g1, dk, qs_pad, p0, p0 > 0);
+  });
 }
 
 template <int NP, int GT, class Rows>
@@ -492,15 +495,9 @@ inline void accumulate_group_bf16(const Rows& v0, int n, const ItemState& st, fl
 template <int GT, class Rows>
 inline void accumulate_heads_bf16(const Rows& v0, int n, const ItemState& st, float* o,
                                   std::int64_t g, std::int64_t dv, std::int64_t dv_pad) {
-  const std::int64_t np = dv_pad / 32;
-  for (std::int64_t p0 = 0; p0 < np; p0 += 4) {
-    switch (std::min<std::int64_t>(4, np - p0)) {
-      case 1: accumulate_group_bf16<1, GT>(v0, n, st, o, g, dv, dv_pad, p0); break;
-      case 2: accumulate_group_bf16<2, GT>(v0, n, st, o, g, dv, dv_pad, p0); break;
-      case 3: accumulate_group_bf16<3, GT>(v0, n, st, o, g, dv, dv_pad, p0); break;
-      default: accumulate_group_bf16<4, GT>(v0, n, st, o, g, dv, dv_pad, p0); break;
-    }
-  }
+  for_pair_groups(dv_pad / 32, [&](auto np, std::int64_t p0) {
+    accumulate_group_bf16<decltype(np)::value, GT>(v0, n, st, o, g, dv, dv_pad, p0);
+  });
 }
 
 template <class Rows>
@@ -985,27 +982,15 @@ inline void scores_pair_group_dot(const Rows& k0, int n, const ItemState& st, st
   }
 }
 
-template <int NP, class Rows>
-inline void scores_heads_dot(const Rows& k0, int n, const ItemState& st, std::int64_t g0, std::int64_t g1,
-                             std::int64_t dk, std::int64_t qs_pad, std::int64_t p0, bool add) {
-  std::int64_t g = g0;
-  for (; g + 2 <= g1; g += 2) scores_pair_group_dot<NP>(k0, n, st, g, dk, qs_pad, p0, add);
-  if (g < g1) scores_group_dot<NP>(k0, n, st, g, g1, dk, qs_pad, p0, add);
-}
-
 template <class Rows>
 inline void scores_block_dot(const Rows& k0, int n, const ItemState& st, std::int64_t g0, std::int64_t g1,
                              std::int64_t dk, std::int64_t qs_pad) {
-  const std::int64_t np = qs_pad / 32;
-  for (std::int64_t p0 = 0; p0 < np; p0 += 4) {
-    const bool add = p0 > 0;
-    switch (std::min<std::int64_t>(4, np - p0)) {
-      case 1: scores_heads_dot<1>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
-      case 2: scores_heads_dot<2>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
-      case 3: scores_heads_dot<3>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
-      default: scores_heads_dot<4>(k0, n, st, g0, g1, dk, qs_pad, p0, add); break;
-    }
-  }
+  for_pair_groups(qs_pad / 32, [&](auto np, std::int64_t p0) {
+    constexpr int NP = decltype(np)::value;
+    std::int64_t g = g0;
+    for (; g + 2 <= g1; g += 2) scores_pair_group_dot<NP>(k0, n, st, g, dk, qs_pad, p0, p0 > 0);
+    if (g < g1) scores_group_dot<NP>(k0, n, st, g, g1, dk, qs_pad, p0, p0 > 0);
+  });
 }
 
 // The block's probabilities of heads g0 .. g0 + GT - 1 as bf16 pairs: pairs[t][i / 2] holds
@@ -1067,15 +1052,9 @@ inline void accumulate_heads_dot(const Rows& v0, int n, const ItemState& st, flo
                                  std::int64_t dv, std::int64_t dv_pad) {
   std::uint32_t pairs[GT][kBlock / 2];
   probability_pairs<GT>(st, g, pairs);
-  const std::int64_t np = dv_pad / 32;
-  for (std::int64_t p0 = 0; p0 < np; p0 += 4) {
-    switch (std::min<std::int64_t>(4, np - p0)) {
-      case 1: accumulate_group_dot<1, GT>(v0, n, st, pairs, o, g, dv, dv_pad, p0); break;
-      case 2: accumulate_group_dot<2, GT>(v0, n, st, pairs, o, g, dv, dv_pad, p0); break;
-      case 3: accumulate_group_dot<3, GT>(v0, n, st, pairs, o, g, dv, dv_pad, p0); break;
-      default: accumulate_group_dot<4, GT>(v0, n, st, pairs, o, g, dv, dv_pad, p0); break;
-    }
-  }
+  for_pair_groups(dv_pad / 32, [&](auto np, std::int64_t p0) {
+    accumulate_group_dot<decltype(np)::value, GT>(v0, n, st, pairs, o, g, dv, dv_pad, p0);
+  });
 }
 
 template <class Rows>
