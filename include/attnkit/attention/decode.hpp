@@ -1233,6 +1233,16 @@ inline bool near_prefetch(std::int64_t dk, std::int64_t dv) {
   return kBlock * (dk + dv) * static_cast<std::int64_t>(sizeof(KV)) <= kNearBlockBytes;
 }
 
+// Whether a head's contiguous rows (head-major decode_keys) that are prefetched into L1 a block
+// ahead also get the L2 prefetch two blocks ahead. The two vendors measured opposite ways (2
+// threads, T 8192 / 512, without it against with it, in-process alternation over >= 1 GiB):
+// Intel Xeon (AMX device host) bf16 0.84x / 0.93x, bf16 fast 0.87x / 0.93x, int8 fast 0.87x /
+// 0.92x; AMD Zen 5 bf16 1.04x / 1.11x, bf16 fast 1.07x, int8 fast 1.07x / 1.12x (its L2
+// streamer follows a head's run, so the requests only cost issue slots). Rows without the near
+// prefetch (f32) keep the far one, as do interleaved heads (token-major, paged), whose short runs
+// the streamer does not follow (token-major bf16 on Zen 5 without it: 0.92x).
+inline bool far_prefetch_beside_near() { return !cpu::is_amd(); }
+
 // The row accessors of one step of an item that interleaves its KV heads block by block
 // (token-major decode below, paged decode in attention/batched_decode.hpp): the steps are
 // (block, head), each block's heads 0 .. nh - 1 in turn, and step (block at s, head jj) reads
@@ -1563,6 +1573,7 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
   };
   const std::int64_t item_blocks = (t1 - t0 + kBlock - 1) / kBlock;
   const bool near = near_prefetch<KV>(pb.dk, pb.dv);
+  const bool far = !near || far_prefetch_beside_near();
   const int kl = row_lines<KV>(pb.dk), vl = row_lines<KV>(pb.dv);
   const auto ahead = [&](std::int64_t m) -> Ahead {
     std::int64_t hj = j, s = t0 + m * kBlock, e = t1;
@@ -1579,15 +1590,17 @@ void chunk_state(const Problem& pb, ConstView2<float> q, ConstView3<KV> k, Const
       const int n = static_cast<int>(std::min<std::int64_t>(kBlock, t1 - b));
       if (idx == nullptr) {
         // The next block's rows are prefetched a row per access into L1 and the one after into
-        // L2 (PrefetchingRows): the hardware prefetcher alone leaves the core waiting for memory
+        // L2 where far_prefetch_beside_near() says so (PrefetchingRows): the hardware prefetcher
+        // alone leaves the core waiting for memory
         // at each block. Past t1 they run on into the thread's next item (with a static
         // contiguous schedule usually the same head's next chunk, so one stream continues).
         const std::int64_t bi = (b - t0) / kBlock;
         const Ahead nx = ahead(bi + 1), fr = ahead(bi + 2);
         using R = StridedRows<KV>;
         const bool nr = nx.n > 0 && near;
-        block(j, prefetching_rows(R{k.ptr(b, j), ks}, R{nx.k, ks}, nr ? kl : 0, R{fr.k, ks}, fr.n > 0 ? kl : 0),
-              prefetching_rows(R{v.ptr(b, j), vs}, R{nx.v, vs}, nr ? vl : 0, R{fr.v, vs}, fr.n > 0 ? vl : 0), n, b);
+        const bool fa = fr.n > 0 && far;
+        block(j, prefetching_rows(R{k.ptr(b, j), ks}, R{nx.k, ks}, nr ? kl : 0, R{fr.k, ks}, fa ? kl : 0),
+              prefetching_rows(R{v.ptr(b, j), vs}, R{nx.v, vs}, nr ? vl : 0, R{fr.v, vs}, fa ? vl : 0), n, b);
       } else {
         const GatheredRows<KV> kr{k.ptr(0, j), ks, idx + b}, vr{v.ptr(0, j), vs, idx + b};
         if (prefetch_gather && b + kBlock < t1) {
