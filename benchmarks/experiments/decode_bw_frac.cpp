@@ -1,0 +1,111 @@
+// benchmarks/experiments/decode_bw_frac.cpp — the decode cases of issues 12 and 14 with their
+// bw_frac, in one small program that builds on any host without Google Benchmark (the AMX device
+// host has none): contiguous decode (f32, bf16, bf16 `fast`, int8 `fast`) at T 512 and 8192 over
+// >= 1 GiB of rotated caches, and paged bf16 decode of B 8 sequences (all 8192, or mixed
+// 512-8192; pages of 16 shuffled through >= 2 GiB, benchmarks/paged_sets.hpp), Qwen3-0.6B heads,
+// 2 threads, medians of 5 passes. The read roofline (benchmarks/roofline.hpp, as
+// roofline/mem_read) is measured before and after the cases and the higher figure divides.
+// Not built by CMake:
+//   F="-std=c++20 -O3 -march=native -fopenmp -ffp-contract=off -DNDEBUG -Iinclude -Ibenchmarks"
+//   g++ $F benchmarks/experiments/decode_bw_frac.cpp -o decode_bw_frac && ./decode_bw_frac
+// Used on 2026-12-02 on the Zen 5 VM and on the Intel AMX device host (README, int8-cache section).
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <random>
+#include <vector>
+
+#include "attnkit/attention/batched_decode.hpp"
+#include "attnkit/attention/decode.hpp"
+#include "attnkit/attention/kv_cache.hpp"
+#include "paged_sets.hpp"
+#include "roofline.hpp"
+
+using namespace attnkit;
+using clk = std::chrono::steady_clock;
+
+namespace {
+
+constexpr int kThreads = 2, kPasses = 5;
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v[v.size() / 2];
+}
+
+// GB/s of `pass` (which reads `bytes`), median of kPasses after one warm-up pass.
+template <class Pass>
+double rate(const Pass& pass, double bytes) {
+  pass();
+  std::vector<double> g;
+  for (int r = 0; r < kPasses; ++r) {
+    const auto t0 = clk::now();
+    pass();
+    g.push_back(bytes / std::chrono::duration<double>(clk::now() - t0).count() * 1e-9);
+  }
+  return median(g);
+}
+
+template <class KV>
+double contiguous(std::int64_t T, Precision precision) {
+  constexpr std::int64_t H = 16, Hk = 8, d = 128;
+  const double bytes = double(T) * Hk * 2 * (d * sizeof(KV) + (std::is_same_v<KV, std::int8_t> ? 4 : 0));
+  const int n_caches = std::max(16, static_cast<int>((std::int64_t{1} << 30) / bytes));
+  std::mt19937 gen(1);
+  std::normal_distribution<float> nd;
+  std::vector<float> k(T * Hk * d), v(T * Hk * d), q(H * d), o(H * d);
+  for (auto* x : {&k, &v, &q})
+    for (auto& e : *x) e = nd(gen);
+  std::vector<KVCache<KV>> caches;
+  for (int c = 0; c < n_caches; ++c) {
+    caches.emplace_back(Hk, d, d, T);
+    caches.back().append(ConstView3<float>(k.data(), {T, Hk, d}), ConstView3<float>(v.data(), {T, Hk, d}));
+  }
+  DecodeOptions opt;
+  opt.num_threads = kThreads;
+  opt.precision = precision;
+  return rate([&] {
+    for (const auto& c : caches)
+      attention_decode<KV>(ConstView2<float>(q.data(), {H, d}), c.keys(), c.values(), View2<float>(o.data(), {H, d}), opt);
+  }, bytes * n_caches);
+}
+
+double paged(std::int64_t T) {
+  const bench::PagedSetsT<bf16> ps(bench::paged_bench_lengths(T), 16);
+  const std::int64_t B = ps.B, H = bench::PagedSetsT<bf16>::H, d = bench::PagedSetsT<bf16>::d;
+  std::vector<float> q(B * H * d), out(B * H * d);
+  for (std::size_t i = 0; i < q.size(); ++i) q[i] = static_cast<float>(std::sin(double(i)));
+  DecodeOptions opt;
+  opt.num_threads = kThreads;
+  return rate([&] {
+    for (std::int64_t s = 0; s < ps.n_sets; ++s)
+      attention_decode_paged<bf16>(ConstView3<float>(q.data(), {B, H, d}), ps.pool.view(), ps.table(s),
+                                   View3<float>(out.data(), {B, H, d}), opt);
+  }, double(ps.bytes) * ps.n_sets);
+}
+
+}  // namespace
+
+int main() {
+  const double read0 = bench::roofline_detail::read_bandwidth(kThreads) * 1e-9;
+  struct Row {
+    const char* name;
+    double gbps;
+  };
+  std::vector<Row> rows;
+  rows.push_back({"f32 T 512", contiguous<float>(512, Precision::exact)});
+  rows.push_back({"bf16 T 512", contiguous<bf16>(512, Precision::exact)});
+  rows.push_back({"bf16 fast T 512", contiguous<bf16>(512, Precision::fast)});
+  rows.push_back({"int8 fast T 512", contiguous<std::int8_t>(512, Precision::fast)});
+  rows.push_back({"f32 T 8192", contiguous<float>(8192, Precision::exact)});
+  rows.push_back({"bf16 T 8192", contiguous<bf16>(8192, Precision::exact)});
+  rows.push_back({"bf16 fast T 8192", contiguous<bf16>(8192, Precision::fast)});
+  rows.push_back({"int8 fast T 8192", contiguous<std::int8_t>(8192, Precision::fast)});
+  rows.push_back({"paged bf16 8 x 8192, P 16", paged(8192)});
+  rows.push_back({"paged bf16 mixed, P 16", paged(0)});
+  const double read1 = bench::roofline_detail::read_bandwidth(kThreads) * 1e-9;
+  const double read = std::max(read0, read1);
+  std::printf("read roofline (%d threads): %.1f GB/s before, %.1f after\n", kThreads, read0, read1);
+  for (const auto& r : rows) std::printf("%-28s %6.2f GB/s  bw_frac %.2f\n", r.name, r.gbps, r.gbps / read);
+}
