@@ -3,8 +3,10 @@
 // host has none): contiguous decode (f32, bf16, bf16 `fast`, int8 `fast`) at T 512 and 8192 over
 // >= 1 GiB of rotated caches, and paged bf16 decode of B 8 sequences (all 8192, or mixed
 // 512-8192; pages of 16 shuffled through >= 2 GiB, benchmarks/paged_sets.hpp), Qwen3-0.6B heads,
-// 2 threads, medians of 5 passes. The read roofline (benchmarks/roofline.hpp, as
-// roofline/mem_read) is measured before and after the cases and the higher figure divides.
+// 2 threads, medians of 5 passes. Two fractions: bw_frac divides by the read roofline
+// (benchmarks/roofline.hpp, as roofline/mem_read: best of 5 passes, measured before and after the
+// cases, the higher figure), "per pass" is the median over the passes of each pass's GB/s over a
+// read pass of the same 1 GiB buffer taken just before it (the host's bandwidth drifts within a run).
 // Not built by CMake:
 //   F="-std=c++20 -O3 -march=native -fopenmp -ffp-contract=off -DNDEBUG -Iinclude -Ibenchmarks"
 //   g++ $F benchmarks/experiments/decode_bw_frac.cpp -o decode_bw_frac && ./decode_bw_frac
@@ -34,21 +36,36 @@ double median(std::vector<double> v) {
   return v[v.size() / 2];
 }
 
+struct Rate {
+  double gbps;   // median of the passes
+  double ratio;  // median over the passes of (the pass's GB/s) / (the read pass just before it)
+};
+
+// One read pass of a 1 GiB buffer (the roofline's), taken before each timed pass: the VM's
+// bandwidth drifts by tens of percent within a run, so each pass is also set against the read
+// bandwidth of its own moment.
+double read_now() {
+  static const auto buf = bench::roofline_detail::make_read_buffer(bench::roofline_detail::kReadBufferFloats, kThreads);
+  return bench::roofline_detail::read_pass(buf.get(), bench::roofline_detail::kReadBufferFloats, kThreads) * 1e-9;
+}
+
 // GB/s of `pass` (which reads `bytes`), median of kPasses after one warm-up pass.
 template <class Pass>
-double rate(const Pass& pass, double bytes) {
+Rate rate(const Pass& pass, double bytes) {
   pass();
-  std::vector<double> g;
+  std::vector<double> g, ratio;
   for (int r = 0; r < kPasses; ++r) {
+    const double read = read_now();
     const auto t0 = clk::now();
     pass();
     g.push_back(bytes / std::chrono::duration<double>(clk::now() - t0).count() * 1e-9);
+    ratio.push_back(g.back() / read);
   }
-  return median(g);
+  return {median(g), median(ratio)};
 }
 
 template <class KV>
-double contiguous(std::int64_t T, Precision precision) {
+Rate contiguous(std::int64_t T, Precision precision) {
   constexpr std::int64_t H = 16, Hk = 8, d = 128;
   const double bytes = double(T) * Hk * 2 * (d * sizeof(KV) + (std::is_same_v<KV, std::int8_t> ? 4 : 0));
   const int n_caches = std::max(16, static_cast<int>((std::int64_t{1} << 30) / bytes));
@@ -71,7 +88,7 @@ double contiguous(std::int64_t T, Precision precision) {
   }, bytes * n_caches);
 }
 
-double paged(std::int64_t T) {
+Rate paged(std::int64_t T) {
   const bench::PagedSetsT<bf16> ps(bench::paged_bench_lengths(T), 16);
   const std::int64_t B = ps.B, H = bench::PagedSetsT<bf16>::H, d = bench::PagedSetsT<bf16>::d;
   std::vector<float> q(B * H * d), out(B * H * d);
@@ -91,7 +108,7 @@ int main() {
   const double read0 = bench::roofline_detail::read_bandwidth(kThreads) * 1e-9;
   struct Row {
     const char* name;
-    double gbps;
+    Rate r;
   };
   std::vector<Row> rows;
   rows.push_back({"f32 T 512", contiguous<float>(512, Precision::exact)});
@@ -107,5 +124,6 @@ int main() {
   const double read1 = bench::roofline_detail::read_bandwidth(kThreads) * 1e-9;
   const double read = std::max(read0, read1);
   std::printf("read roofline (%d threads): %.1f GB/s before, %.1f after\n", kThreads, read0, read1);
-  for (const auto& r : rows) std::printf("%-28s %6.2f GB/s  bw_frac %.2f\n", r.name, r.gbps, r.gbps / read);
+  std::printf("%-28s %10s %8s %9s\n", "case", "GB/s", "bw_frac", "per pass");
+  for (const auto& r : rows) std::printf("%-28s %10.2f %8.2f %9.2f\n", r.name, r.r.gbps, r.r.gbps / read, r.r.ratio);
 }
