@@ -11,8 +11,9 @@
 //   g++ $F -DAB_NS=ab_a -I<old>/include -c decode_ab.cpp -o a.o
 //   g++ $F -DAB_NS=ab_b -I<new>/include -c decode_ab.cpp -o b.o
 //   g++ $F -DAB_MAIN -c decode_ab.cpp -o main.o && g++ $F main.o a.o b.o -o decode_ab
-//   ./decode_ab <f32|bf16|int8|int8f> <T> <rounds>            contiguous, Qwen3-0.6B heads
-//   ./decode_ab paged:<bf16|int8|int8f> <T, 0: 512..8192 mixed> <P> <rounds>
+//   ./decode_ab <f32|bf16|bf16f|int8|int8f> <T> <rounds>      contiguous, Qwen3-0.6B heads
+//   ./decode_ab paged:<bf16|bf16f|int8|int8f> <T, 0: 512..8192 mixed> <P> <rounds>
+// (bf16f, int8f: Precision::fast)
 //   ./decode_ab linear:<N>:<K> 0 <rounds>      one token through bf16 PackedLinear weights
 //   ./decode_ab model:<depth> 0 <rounds>       a Qwen3-0.6B decode step after depth tokens
 // (the namespace macro renames attnkit in each version, so both link into one program). Used on
@@ -41,7 +42,7 @@ AB_DECLARE(ab_a)
 AB_DECLARE(ab_b)
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(stderr, "usage: %s <f32|bf16|int8|int8f> T rounds | paged:<bf16|int8|int8f> T P rounds\n", argv[0]);
+    std::fprintf(stderr, "usage: %s <f32|bf16|bf16f|int8|int8f> T rounds | paged:<bf16|bf16f|int8|int8f> T P rounds\n", argv[0]);
     return 2;
   }
   const bool paged = std::strncmp(argv[1], "paged:", 6) == 0;
@@ -223,14 +224,14 @@ extern "C" void* AB_FN(_make)(const char* kind, long long T, long long P) {
     const std::size_t colon = k.find(':', 7);
     c = new Linear(std::stoll(k.substr(7, colon - 7)), std::stoll(k.substr(colon + 1)));
   } else if (k == "f32" && !paged) c = new Contiguous<float>(T);
-  else if (k == "bf16") c = paged ? static_cast<Case*>(new Paged<bf16>(T, P)) : new Contiguous<bf16>(T);
+  else if (k == "bf16" || k == "bf16f") c = paged ? static_cast<Case*>(new Paged<bf16>(T, P)) : new Contiguous<bf16>(T);
   else if (k == "int8" || k == "int8f")
     c = paged ? static_cast<Case*>(new Paged<std::int8_t>(T, P)) : new Contiguous<std::int8_t>(T);
   if (c == nullptr) {
     std::fprintf(stderr, "unknown kind %s\n", kind);
     std::exit(2);
   }
-  c->precision = k == "int8f" ? Precision::fast : Precision::exact;
+  c->precision = k == "int8f" || k == "bf16f" ? Precision::fast : Precision::exact;
   return c;
 }
 extern "C" long long AB_FN(_bytes)(void* c) { return static_cast<Case*>(c)->bytes; }

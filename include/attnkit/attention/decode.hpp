@@ -331,12 +331,21 @@ inline void accumulate_heads(const Rows& v0, int n, const ItemState& st, float* 
   }
 }
 
+// Calls f(std::integral_constant<int, GT>{}, g) for query heads [g0, g1) two at a time (GT = 2:
+// the kernels share each K/V row's loads between the pair), then for an odd last one (GT = 1).
+template <class F>
+[[gnu::always_inline]] inline void for_head_pairs(std::int64_t g0, std::int64_t g1, const F& f) {
+  std::int64_t g = g0;
+  for (; g + 2 <= g1; g += 2) f(std::integral_constant<int, 2>{}, g);
+  if (g < g1) f(std::integral_constant<int, 1>{}, g);
+}
+
 template <class Rows>
 inline void accumulate_block(const Rows& v0, int n, const ItemState& st, float* o,
                              std::int64_t g0, std::int64_t g1, std::int64_t dv, std::int64_t dv_pad) {
-  std::int64_t g = g0;
-  for (; g + 2 <= g1; g += 2) accumulate_heads<2>(v0, n, st, o, g, dv, dv_pad);
-  if (g < g1) accumulate_heads<1>(v0, n, st, o, g, dv, dv_pad);
+  for_head_pairs(g0, g1, [&](auto gt, std::int64_t g) {
+    accumulate_heads<decltype(gt)::value>(v0, n, st, o, g, dv, dv_pad);
+  });
 }
 
 // bf16 K/V: a 64-byte load holds 32 values; shifting each 32-bit lane left by 16 widens the
@@ -503,20 +512,26 @@ inline void accumulate_heads_bf16(const Rows& v0, int n, const ItemState& st, fl
 template <class Rows>
 inline void accumulate_block_bf16(const Rows& v0, int n, const ItemState& st, float* o,
                                   std::int64_t g0, std::int64_t g1, std::int64_t dv, std::int64_t dv_pad) {
-  std::int64_t g = g0;
-  for (; g + 2 <= g1; g += 2) accumulate_heads_bf16<2>(v0, n, st, o, g, dv, dv_pad);
-  if (g < g1) accumulate_heads_bf16<1>(v0, n, st, o, g, dv, dv_pad);
+  for_head_pairs(g0, g1, [&](auto gt, std::int64_t g) {
+    accumulate_heads_bf16<decltype(gt)::value>(v0, n, st, o, g, dv, dv_pad);
+  });
+}
+
+// Each 32 floats of a row of dv_pad (a multiple of 32), as vectors a = [0, 16) and b = [16, 32),
+// replaced by permutex2var(a, lo, b) and permutex2var(a, hi, b): the P·V kernels keep their
+// accumulators in a permuted column order and put it back once per item.
+inline void permute_row32(float* o, std::int64_t dv_pad, __m512i lo, __m512i hi) {
+  for (std::int64_t p = 0; p < dv_pad; p += 32) {
+    const __m512 a = _mm512_load_ps(o + p), b = _mm512_load_ps(o + p + 16);
+    _mm512_store_ps(o + p, _mm512_permutex2var_ps(a, lo, b));
+    _mm512_store_ps(o + p + 16, _mm512_permutex2var_ps(a, hi, b));
+  }
 }
 
 // Row of dv_pad (a multiple of 32) floats stored as (even, odd) pairs -> natural order.
 inline void unpermute_pairs(float* o, std::int64_t dv_pad) {
-  const __m512i lo = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  const __m512i hi = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-  for (std::int64_t p = 0; p < dv_pad; p += 32) {
-    const __m512 ev = _mm512_load_ps(o + p), od = _mm512_load_ps(o + p + 16);
-    _mm512_store_ps(o + p, _mm512_permutex2var_ps(ev, lo, od));
-    _mm512_store_ps(o + p + 16, _mm512_permutex2var_ps(ev, hi, od));
-  }
+  permute_row32(o, dv_pad, _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0),
+                _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8));
 }
 
 // The permuted query layout of load_pair: within each 32-block, evens then odds.
@@ -703,9 +718,7 @@ inline void scores_group_vnni(const Rows& k0, int n, const ItemState& st, std::i
 template <class Rows>
 inline void scores_block_vnni(const Rows& k0, int n, const ItemState& st, std::int64_t g0, std::int64_t g1,
                               std::int64_t dk, const QuantQuery& qq) {
-  std::int64_t g = g0;
-  for (; g + 2 <= g1; g += 2) scores_group_vnni<2>(k0, n, st, g, dk, qq);
-  if (g < g1) scores_group_vnni<1>(k0, n, st, g, dk, qq);
+  for_head_pairs(g0, g1, [&](auto gt, std::int64_t g) { scores_group_vnni<decltype(gt)::value>(k0, n, st, g, dk, qq); });
 }
 
 // Four rows' 64 codes each (r0 .. r3) interleaved into dwords for vpdpbusd, in two rounds of
@@ -783,9 +796,9 @@ inline void accumulate_heads_f16(const Rows& v0, int n, const ItemState& st, flo
 template <class Rows>
 inline void accumulate_block_f16(const Rows& v0, int n, const ItemState& st, float* o, std::int64_t g0,
                                  std::int64_t g1, std::int64_t dv, std::int64_t dv_pad) {
-  std::int64_t g = g0;
-  for (; g + 2 <= g1; g += 2) accumulate_heads_f16<2>(v0, n, st, o, g, dv, dv_pad);
-  if (g < g1) accumulate_heads_f16<1>(v0, n, st, o, g, dv, dv_pad);
+  for_head_pairs(g0, g1, [&](auto gt, std::int64_t g) {
+    accumulate_heads_f16<decltype(gt)::value>(v0, n, st, o, g, dv, dv_pad);
+  });
 }
 #else  // no AVX512-FP16 (AMD Zen 4 and 5, Ice Lake): P·V on vpdpbusd as well
 #define ATTNKIT_DECODE_VNNI_PV 1
@@ -886,9 +899,9 @@ inline void accumulate_heads_vnni(const Rows& v0, int n, const ItemState& st, fl
 template <class Rows>
 inline void accumulate_block_vnni(const Rows& v0, int n, const ItemState& st, float* o, std::int64_t g0,
                                   std::int64_t g1, std::int64_t dv, std::int64_t dv_pad) {
-  std::int64_t g = g0;
-  for (; g + 2 <= g1; g += 2) accumulate_heads_vnni<2>(v0, n, st, o, g, dv, dv_pad);
-  if (g < g1) accumulate_heads_vnni<1>(v0, n, st, o, g, dv, dv_pad);
+  for_head_pairs(g0, g1, [&](auto gt, std::int64_t g) {
+    accumulate_heads_vnni<decltype(gt)::value>(v0, n, st, o, g, dv, dv_pad);
+  });
 }
 #endif  // AVX512-FP16
 #endif  // VNNI
@@ -1060,20 +1073,15 @@ inline void accumulate_heads_dot(const Rows& v0, int n, const ItemState& st, flo
 template <class Rows>
 inline void accumulate_block_dot(const Rows& v0, int n, const ItemState& st, float* o, std::int64_t g0,
                                  std::int64_t g1, std::int64_t dv, std::int64_t dv_pad) {
-  std::int64_t g = g0;
-  for (; g + 2 <= g1; g += 2) accumulate_heads_dot<2>(v0, n, st, o, g, dv, dv_pad);
-  if (g < g1) accumulate_heads_dot<1>(v0, n, st, o, g, dv, dv_pad);
+  for_head_pairs(g0, g1, [&](auto gt, std::int64_t g) {
+    accumulate_heads_dot<decltype(gt)::value>(v0, n, st, o, g, dv, dv_pad);
+  });
 }
 
 // Row of dv_pad (a multiple of 32) floats in accumulate_group_dot's column order -> natural order.
 inline void unpermute_dot(float* o, std::int64_t dv_pad) {
-  const __m512i i0 = _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0);
-  const __m512i i1 = _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8);
-  for (std::int64_t p = 0; p < dv_pad; p += 32) {
-    const __m512 lo = _mm512_load_ps(o + p), hi = _mm512_load_ps(o + p + 16);
-    _mm512_store_ps(o + p, _mm512_permutex2var_ps(lo, i0, hi));
-    _mm512_store_ps(o + p + 16, _mm512_permutex2var_ps(lo, i1, hi));
-  }
+  permute_row32(o, dv_pad, _mm512_set_epi32(23, 22, 21, 20, 7, 6, 5, 4, 19, 18, 17, 16, 3, 2, 1, 0),
+                _mm512_set_epi32(31, 30, 29, 28, 15, 14, 13, 12, 27, 26, 25, 24, 11, 10, 9, 8));
 }
 #endif  // AVX512-BF16
 
