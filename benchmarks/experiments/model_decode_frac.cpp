@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cstdio>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "attnkit/attnkit.hpp"
@@ -71,9 +72,13 @@ int main(int argc, char** argv) {
     });
     s.set_position(depth);
   }
-  const double row_bytes = int8 ? 2.0 * (d + 4) : 2.0 * d * 2;  // K and V of one (token, KV head)
-  const double step_bytes =
-      static_cast<double>(m.streamed_bytes_per_token()) + static_cast<double>(m.num_layers() * (depth + 1) * Hkv) * row_bytes;
+  // A step reads the weights and depth + 1 rows of every cache (the caches' own byte rule).
+  double step_bytes = static_cast<double>(m.streamed_bytes_per_token());
+  for_each_cache([&](auto& cache) {
+    using T = std::remove_const_t<typename decltype(cache.keys())::element_type>;
+    step_bytes += static_cast<double>(
+        detail::kv::bytes<T>(cache.kv_heads(), depth + 1, cache.head_dim_k(), cache.head_dim_v()));
+  });
 
   const std::int64_t V = c.vocab_size;
   std::vector<float> logits(static_cast<std::size_t>(V));
