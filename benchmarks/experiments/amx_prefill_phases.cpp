@@ -168,52 +168,28 @@ double chain_cycles_per_dp(const Bufs& b, int len) {
 }
 
 // ---- Overlap: can the tile products and the vector softmax run at once? ----
-// The online softmax of 16 rows (the kernel's softmax_rows16, unmasked, plain) cut into slices
-// of about one PV step's length: one row's max pass, the 16-row bookkeeping, one row's exp
-// pass. Same arithmetic as the kernel's.
+// The online softmax of 16 rows (the kernel's softmax_rows16, unmasked, plain, rows past their
+// first key tile as in the steady state) cut into slices of about one PV step's length: one
+// row's exp pass, then the 16-row bookkeeping. Same arithmetic as the kernel's.
 struct SoftmaxSlices {
   const Bufs* b = nullptr;
-  int g = 0, stage = 0, i = 0;  // group of 16 rows, stage (0 max, 1 bookkeeping, 2 exp), row
-  alignas(64) __m512 mx[16], sums[16];
-  alignas(64) float mu[16];
-  __m512 a{};
-  void start(const Bufs& bb) { b = &bb, g = 0, stage = 0, i = 0; }
+  int g = 0, i = 0;  // group of 16 rows, row (16: the bookkeeping)
+  alignas(64) __m512 sums[16];
+  alignas(64) float ref[16], a[16];
+  void start(const Bufs& bb) { b = &bb, g = 0, i = 0; }
   bool done() const { return g * 16 >= b->rows; }
   void slice() {
     if (done()) return;
-    const int r = g * 16 + i;
-    if (stage == 0) {
-      const float* srow = b->s + r * kSLd;
-      __m512 v = _mm512_set1_ps(-INFINITY);
-      for (int c = 0; c < kK; c += 16) v = _mm512_max_ps(v, _mm512_load_ps(srow + c));
-      mx[i] = v;
-      if (++i == 16) stage = 1, i = 0;
-    } else if (stage == 1) {
-      const int r0 = g * 16;
-      const __m512 m_old = _mm512_load_ps(b->m + r0);
-      const __m512 m_new = _mm512_max_ps(m_old, detail::decode::reduce16_tree(mx, [](__m512 x, __m512 y) { return _mm512_max_ps(x, y); }));
-      a = exp2v(_mm512_sub_ps(m_old, m_new));
-      _mm512_store_ps(mu, m_new);
-      _mm512_store_ps(b->m + r0, m_new);
-      _mm512_store_ps(b->alpha + r0, a);
-      stage = 2;
+    const int r0 = g * 16;
+    if (i < 16) {
+      const int r = r0 + i;
+      ref[i] = b->m[r];
+      a[i] = 1.f;
+      sums[i] = exp_row_ref(b->s + r * kSLd, b->p + r * kPLd, 0, kK, ref[i]);
+      ++i;
     } else {
-      const float* in = b->s + r * kSLd;
-      u16* prow = b->p + r * kPLd;
-      const __m512 vm = _mm512_set1_ps(mu[i]);
-      __m512 sum = _mm512_setzero_ps();
-      for (int c = 0; c < kK; c += 32) {
-        const __m512 p0 = exp2v(_mm512_sub_ps(_mm512_load_ps(in + c), vm));
-        const __m512 p1 = exp2v(_mm512_sub_ps(_mm512_load_ps(in + c + 16), vm));
-        sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
-        _mm512_storeu_si512(prow + c, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
-      }
-      sums[i] = sum;
-      if (++i == 16) {
-        const int r0 = g * 16;
-        _mm512_store_ps(b->l + r0, _mm512_fmadd_ps(_mm512_load_ps(b->l + r0), a, detail::decode::reduce16(sums)));
-        ++g, stage = 0, i = 0;
-      }
+      settle_rows16_ref(b->s, b->p, r0, 0, kK, sums, ref, a, b->m, b->l, b->alpha);
+      ++g, i = 0;
     }
   }
 };
@@ -287,7 +263,7 @@ void overlap_report(int rows) {
         softmax_sliced(*y);
       } else {  // interleaved
         sm.start(*y);
-        const int slices = (rows / 16) * 33, steps = (na / 2) * (kD / 32) * (kK / 32);
+        const int slices = (rows / 16) * 17, steps = (na / 2) * (kD / 32) * (kK / 32);
         pv_interleaved(*x, sm, (slices + steps - 1) / steps);
       }
       rescale(*y);
