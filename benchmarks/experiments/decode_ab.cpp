@@ -16,6 +16,8 @@
 // (bf16f, int8f: Precision::fast)
 //   ./decode_ab linear:<N>:<K> 0 <rounds>      one token through bf16 PackedLinear weights
 //   ./decode_ab model:<depth> 0 <rounds>       a Qwen3-0.6B decode step after depth tokens
+// AB_ROTATED=<bytes> sets how much cache the contiguous and linear cases rotate over (2 GiB; 0:
+// two copies, in cache for short T), AB_CALLS=<n> the calls per timed pass (at least 16).
 // (the namespace macro renames attnkit in each version, so both link into one program). Used on
 // 2026-12-01 for StridedPrefetchingRows (attention/decode.hpp): int8 fast T 8192 1.04-1.06x,
 // faster in 116 of 140 rounds, where separate processes had shown nothing but noise.
@@ -52,7 +54,8 @@ int main(int argc, char** argv) {
   void* b = ab_b_make(argv[1], T, P);
   ab_a_run(a, 1);
   ab_b_run(b, 1);
-  const long long bytes = ab_a_bytes(a), calls = std::max(ab_a_sets(a), 16ll);
+  const char* min_calls = std::getenv("AB_CALLS");  // calls per pass: at least 16, or AB_CALLS
+  const long long bytes = ab_a_bytes(a), calls = std::max(ab_a_sets(a), min_calls ? std::atoll(min_calls) : 16ll);
   std::vector<double> ga, gb, ratio;
   for (int r = 0; r < rounds; ++r) {
     double g[2];
@@ -93,7 +96,12 @@ int main(int argc, char** argv) {
 namespace {
 using namespace attnkit;
 constexpr std::int64_t kH = 16, kHkv = 8, kD = 128;
-constexpr std::int64_t kRotated = std::int64_t{2} << 30;  // bytes of caches rotated over
+// Bytes of caches rotated over: 2 GiB, or AB_ROTATED=<bytes> (AB_ROTATED=0: two caches, so a
+// short one stays in cache and the compute shows alone).
+const std::int64_t kRotated = [] {
+  const char* e = std::getenv("AB_ROTATED");
+  return e ? std::atoll(e) : std::int64_t{2} << 30;
+}();
 
 struct Case {
   virtual ~Case() = default;
