@@ -233,6 +233,23 @@ inline void scores_block(const Rows& k0, int n, const ItemState& st, std::int64_
   }
 }
 
+// 2^x to 8.6e-5 relative, for the `fast` paths whose probabilities are rounded next (to fp16 or
+// bf16: 2^-11 or 2^-8): f = x - floor(x) in one vreduceps, a degree-3 minimax polynomial of 2^f
+// on [0, 1) (constant term 1, so 2^0 = 1 exactly), and vscalefps, which floors its exponent
+// itself: 5 vector uops against exp2_ps's 12, and a dependency chain half as long. No clamp:
+// x = -inf (or below -150) gives exactly 0 and a NaN stays NaN. The AMX prefill kernel's softmax
+// folds a power of two into the same coefficients (flash_prefill_amx.hpp).
+inline constexpr float kExp2Short[4] = {1.f, 6.95116786e-01f, 2.27644991e-01f, 7.7067042e-02f};
+#if defined(__AVX512DQ__)
+inline __m512 exp2_short_ps(__m512 x) {
+  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(kExp2Short[3]), f, _mm512_set1_ps(kExp2Short[2]));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Short[1]));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Short[0]));
+  return _mm512_scalef_ps(p, x);
+}
+#endif
+
 // 2^x for x <= 128, relative error ~1e-7; x = -inf (or anything below -160) gives exactly 0, NaN
 // gives NaN (so a NaN score reaches the softmax sum and the output).
 // x = n + f with n = round(x), |f| <= 1/2; 2^f = e^{f ln 2} by its degree-7 Taylor polynomial.
@@ -259,11 +276,12 @@ inline __m512 exp2_ps(__m512 x) {
 // and a scalar exp2 between a block's scores and its exponentials: in cache (T 512, G 2, one
 // process alternating both versions) int8 `fast` 1.06-1.11x, int8 and bf16 1.03-1.06x, f32
 // 0.99x. RoundBf16 (Precision::fast over bf16 K/V): each probability rounded to bf16, the sum
-// of those.
+// of those. Short (the fast paths: RoundBf16, int8 under fast): exp2_short_ps instead of
+// exp2_ps, within the rounding that follows.
 // The slack keeps probabilities <= 8: the fp16 P·V (accumulate_heads_f16) sums 32 of them
 // times int8 codes, 32 · 8 · 128 = 32768 within fp16's 65504.
 inline constexpr float kDecodeSlack = 8.f;
-template <bool RoundBf16 = false>
+template <bool RoundBf16 = false, bool Short = RoundBf16>
 inline void softmax_block(int n, const ItemState& st, std::int64_t g) {
   static_assert(kBlock % 16 == 0);
   constexpr int NV = kBlock / 16;
@@ -278,7 +296,11 @@ inline void softmax_block(int n, const ItemState& st, std::int64_t g) {
   const auto exps = [&](float base) {
     const __m512 vb = _mm512_set1_ps(base);
     for (int v = 0; v < NV; ++v) {
-      e[v] = exp2_ps(_mm512_sub_ps(s[v], vb));
+#if defined(__AVX512DQ__)
+      if constexpr (Short) e[v] = exp2_short_ps(_mm512_sub_ps(s[v], vb));
+      else
+#endif
+        e[v] = exp2_ps(_mm512_sub_ps(s[v], vb));
 #if defined(__AVX512BF16__)
       if constexpr (RoundBf16) e[v] = round_bf16_ps(e[v]);
 #endif
@@ -1508,7 +1530,10 @@ void chunk_state_rows(const Problem& pb, ConstView2<float> q, std::int64_t j0, s
         scores_block_paired(kr, n, st, g0, g1, pb.dk, pb.dk_pad);
       scale_rows(st, g0, g1, ksb);
       transform_block();
-      for (std::int64_t g = g0; g < g1; ++g) softmax_block(n, st, g);
+      if (pb.quantized_query)  // fast: the probabilities are rounded to 11 or 16 bits next
+        for (std::int64_t g = g0; g < g1; ++g) softmax_block<false, true>(n, st, g);
+      else
+        for (std::int64_t g = g0; g < g1; ++g) softmax_block(n, st, g);
       scale_rows(st, g0, g1, vsb);
 #if defined(ATTNKIT_DECODE_FP16_PV)
       if (pb.quantized_query) accumulate_block_f16(vr, n, st, oj, g0, g1, pb.dv, pb.dv_pad);

@@ -260,23 +260,13 @@ inline void pack_v(const KVRows<KV>& v, std::int64_t head, std::int64_t k0, std:
   }
 }
 
-// 2^x for x <= 0 to 8.6e-5 relative (P is rounded to bf16, 2e-3, next): f = x - floor(x) in
-// one vreduceps, a degree-3 minimax polynomial of 2^f on [0, 1) (constant term 1, so 2^0 = 1
-// exactly: an unchanged maximum leaves alpha = 1), and vscalefps, which floors its exponent
-// itself: 5 vector uops where a clamp, round, subtract and a degree-4 series took 8. The softmax
-// is bound by the two vector ports: 6.1 -> 4.7 TSC cycles per 16 scores on the AMX host
-// (benchmarks/experiments/amx_prefill_phases.cpp, with the clamp). No clamp is needed:
-// vreduceps gives 0 for -inf and vscalefps 0 for a huge negative exponent, so x = -inf (a
-// masked score) or x < -150 gives exactly 0, and a NaN stays NaN (a NaN score reaches the
-// output, as in the FMA kernel; the old max(x, -150) turned it into 0).
-inline __m512 exp2v(__m512 x) {
-  const __m512 f = _mm512_reduce_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  __m512 p = _mm512_set1_ps(7.7067042e-02f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.27644991e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.95116786e-01f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
-  return _mm512_scalef_ps(p, x);
-}
+// The softmax's 2^x: detail::decode::exp2_short_ps (vreduceps, a degree-3 minimax polynomial
+// with 2^0 = 1 exactly, vscalefps; no clamp: -inf gives 0, NaN stays NaN). It took the softmax
+// from 6.1 to 4.7 TSC cycles per 16 scores on the AMX host against a clamp, round, subtract and
+// degree-4 series (benchmarks/experiments/amx_prefill_phases.cpp); the old max(x, -150) also
+// turned a NaN score into 0 where the FMA kernel passes it on.
+using detail::decode::exp2_short_ps;
+using detail::decode::kExp2Short;
 
 // One sub-tile: rows (head h_begin + r / nq, query t_begin + r % nq), rp = rows padded to 16.
 struct AmxSub {
@@ -335,8 +325,8 @@ inline __m512 exp_row_ref(const float* srow, u16* prow, std::int64_t cb, std::in
   __m512 sum = _mm512_setzero_ps();
   if (std::fabs(ref) <= 100.f) {  // 2^-ref folded into the coefficients (exact: a power of two)
     const float sc = pow2i(-static_cast<int>(ref));
-    const __m512 k3 = _mm512_set1_ps(7.7067042e-02f * sc), k2 = _mm512_set1_ps(2.27644991e-01f * sc),
-                 k1 = _mm512_set1_ps(6.95116786e-01f * sc), k0 = _mm512_set1_ps(sc);
+    const __m512 k3 = _mm512_set1_ps(kExp2Short[3] * sc), k2 = _mm512_set1_ps(kExp2Short[2] * sc),
+                 k1 = _mm512_set1_ps(kExp2Short[1] * sc), k0 = _mm512_set1_ps(kExp2Short[0] * sc);
     const auto ex = [&](__m512 s) {
       const __m512 f = _mm512_reduce_ps(s, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
       return _mm512_scalef_ps(_mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_fmadd_ps(k3, f, k2), f, k1), f, k0), s);
@@ -349,8 +339,8 @@ inline __m512 exp_row_ref(const float* srow, u16* prow, std::int64_t cb, std::in
   } else {
     const __m512 vm = _mm512_set1_ps(ref);
     for (std::int64_t c = cb; c < ce; c += 32) {
-      const __m512 p0 = exp2v(_mm512_sub_ps(_mm512_load_ps(srow + c), vm));
-      const __m512 p1 = exp2v(_mm512_sub_ps(_mm512_load_ps(srow + c + 16), vm));
+      const __m512 p0 = exp2_short_ps(_mm512_sub_ps(_mm512_load_ps(srow + c), vm));
+      const __m512 p1 = exp2_short_ps(_mm512_sub_ps(_mm512_load_ps(srow + c + 16), vm));
       sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
       _mm512_storeu_si512(prow + c, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
     }
