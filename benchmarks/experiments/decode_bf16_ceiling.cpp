@@ -14,14 +14,10 @@
 #include <vector>
 #include "attnkit/attention/batched_decode.hpp"
 #include "attnkit/attention/decode.hpp"
+#include "decode_stage_timer.hpp"
 #include "attnkit/attention/kv_cache.hpp"
 using namespace attnkit;
 using clk = std::chrono::steady_clock;
-
-static double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 // GB/s of attention_decode over `n_caches` caches of T tokens (H_kv heads), threads threads.
 static double run_decode(std::int64_t H, std::int64_t Hk, std::int64_t T, std::int64_t n_caches, int threads, int reps) {
@@ -52,7 +48,7 @@ static double run_decode(std::int64_t H, std::int64_t Hk, std::int64_t T, std::i
     }
     rates.push_back(bytes * iters / std::chrono::duration<double>(clk::now() - t0).count() * 1e-9);
   }
-  return median(rates);
+  return median_of(rates);
 }
 
 // Cycles (TSC) per key row of each stage on one chunk of 512 keys of one KV head, G = 2.
@@ -69,16 +65,7 @@ static void stages(std::int64_t T) {
   const ItemState st{buf, buf + G * d, buf + G * (d + kBlock), buf + G * (d + kBlock) + G, buf + G * (d + kBlock) + 2 * G};
   for (int i = 0; i < G * d; ++i) buf[i] = nd(gen) * 0.1f;
   for (int g = 0; g < G; ++g) st.m[g] = kNegInf, st.l[g] = 0, st.alpha[g] = 1;
-  const auto time = [&](auto&& f) {
-    std::vector<double> c;
-    for (int r = 0; r < 31; ++r) {
-      const auto t0 = __rdtsc();
-      for (std::int64_t it = 0; it < 10240 / T; ++it)
-        for (std::int64_t b = 0; b < T; b += kBlock) f(b);
-      c.push_back(double(__rdtsc() - t0) / (10240.0));
-    }
-    return median(c);
-  };
+  const auto time = [&](auto&& f) { return stage_cycles_per_row(T, f); };
   const double sc = time([&](std::int64_t b) {
     scores_block_bf16(StridedRows<bf16>{k.data() + b * d, d}, kBlock, st, 0, G, d, d);
   });
@@ -139,7 +126,7 @@ static double run_paged(std::int64_t T, std::int64_t P, int reps, std::int64_t s
     }
     rates.push_back(double(bytes) * iters / std::chrono::duration<double>(clk::now() - t0).count() * 1e-9);
   }
-  return median(rates);
+  return median_of(rates);
 }
 
 int main(int argc, char** argv) {

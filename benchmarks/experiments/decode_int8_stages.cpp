@@ -23,14 +23,10 @@
 #include <type_traits>
 #include <vector>
 #include "attnkit/attention/decode.hpp"
+#include "decode_stage_timer.hpp"
 #include "attnkit/core/amx.hpp"
 using namespace attnkit;
 using namespace attnkit::detail::decode;
-
-static double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
 
 #if defined(ATTNKIT_AMX) && defined(__AMX_INT8__)
 // Tiles: 0, 1 C [16 keys][G] int32; 2, 3 B (the query codes of d 0-63 and 64-127, [16 dwords][G]);
@@ -93,16 +89,7 @@ static void stages(std::int64_t T, std::int64_t ld) {
   for (int i = 0; i < G * d; ++i) buf[i] = nd(gen) * 0.1f;
   for (int g = 0; g < G; ++g) st.m[g] = kNegInf, st.l[g] = 0, st.alpha[g] = 1;
   const QuantQuery qq = quantize_query(st, G, 0, G, d, d, qbase);
-  const auto time = [&](auto&& f) {
-    std::vector<double> c;
-    for (int r = 0; r < 31; ++r) {
-      const auto t0 = __rdtsc();
-      for (std::int64_t it = 0; it < 10240 / T; ++it)
-        for (std::int64_t b = 0; b < T; b += kBlock) f(b);
-      c.push_back(double(__rdtsc() - t0) / 10240.0);
-    }
-    return median(c);
-  };
+  const auto time = [&](auto&& f) { return stage_cycles_per_row(T, f); };
   const double sc = time([&](std::int64_t b) { scores_block_vnni(StridedRows<std::int8_t>{k.data() + b * ld, ld}, kBlock, st, 0, G, d, qq); });
   std::vector<float> want(G * kBlock);
   std::copy(st.p, st.p + G * kBlock, want.begin());  // the last block's scores
