@@ -22,46 +22,27 @@ namespace {
 
 using namespace attnkit::bench;
 
-// Each case re-runs the measurement kernel of roofline.hpp per iteration and reports its rate.
-void BM_roofline_fp32_fma(benchmark::State& state) {
-  const int threads = attnkit::default_num_threads();
-  const std::int64_t iters = roofline_detail::calibrate(roofline_detail::fma_thread, 0.1);
-  double rate = 0;
-  for (auto _ : state) rate = roofline_detail::parallel_rate(threads, iters, roofline_detail::fma_thread);
-  state.counters["GFLOPS"] = rate * 1e-9;
-}
-BENCHMARK(BM_roofline_fp32_fma)->Name("roofline/fp32_fma")->UseRealTime()->Unit(benchmark::kMillisecond);
-
-void BM_roofline_bf16_dot(benchmark::State& state) {
-  const int threads = attnkit::default_num_threads();
-  const std::int64_t iters = roofline_detail::calibrate(roofline_detail::bf16_thread, 0.1);
-  double rate = 0;
-  for (auto _ : state) rate = roofline_detail::parallel_rate(threads, iters, roofline_detail::bf16_thread);
-  state.counters["GFLOPS"] = rate * 1e-9;
-}
-BENCHMARK(BM_roofline_bf16_dot)->Name("roofline/bf16_dot")->UseRealTime()->Unit(benchmark::kMillisecond);
-
-void BM_roofline_int8_dot(benchmark::State& state) {
-  const int threads = attnkit::default_num_threads();
-  const std::int64_t iters = roofline_detail::calibrate(roofline_detail::int8_thread, 0.1);
-  double rate = 0;
-  for (auto _ : state) rate = roofline_detail::parallel_rate(threads, iters, roofline_detail::int8_thread);
-  state.counters["GOPS"] = rate * 1e-9;
-}
-BENCHMARK(BM_roofline_int8_dot)->Name("roofline/int8_dot")->UseRealTime()->Unit(benchmark::kMillisecond);
-
-void BM_roofline_amx_bf16(benchmark::State& state) {
-  if (!roofline_detail::amx_usable()) {
+// Each case re-runs one measurement kernel of roofline.hpp per iteration and reports its rate
+// (`unit`: GFLOPS, or GOPS for the int8 dot products).
+void BM_roofline_compute(benchmark::State& state, double (*per_thread)(std::int64_t), const char* unit) {
+  if (per_thread == roofline_detail::amx_thread && !roofline_detail::amx_usable()) {
     state.SkipWithError("AMX tiles not usable here (not compiled for AMX, or the kernel refused the tile state)");
     return;
   }
   const int threads = attnkit::default_num_threads();
-  const std::int64_t iters = roofline_detail::calibrate(roofline_detail::amx_thread, 0.1);
+  const std::int64_t iters = roofline_detail::calibrate(per_thread, 0.1);
   double rate = 0;
-  for (auto _ : state) rate = roofline_detail::parallel_rate(threads, iters, roofline_detail::amx_thread);
-  state.counters["GFLOPS"] = rate * 1e-9;
+  for (auto _ : state) rate = roofline_detail::parallel_rate(threads, iters, per_thread);
+  state.counters[unit] = rate * 1e-9;
 }
-BENCHMARK(BM_roofline_amx_bf16)->Name("roofline/amx_bf16")->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_roofline_compute, fp32_fma, roofline_detail::fma_thread, "GFLOPS")
+    ->Name("roofline/fp32_fma")->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_roofline_compute, bf16_dot, roofline_detail::bf16_thread, "GFLOPS")
+    ->Name("roofline/bf16_dot")->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_roofline_compute, int8_dot, roofline_detail::int8_thread, "GOPS")
+    ->Name("roofline/int8_dot")->UseRealTime()->Unit(benchmark::kMillisecond);
+BENCHMARK_CAPTURE(BM_roofline_compute, amx_bf16, roofline_detail::amx_thread, "GFLOPS")
+    ->Name("roofline/amx_bf16")->UseRealTime()->Unit(benchmark::kMillisecond);
 
 void BM_roofline_mem_read(benchmark::State& state) {
   const int threads = attnkit::default_num_threads();
