@@ -21,22 +21,16 @@
 #include <vector>
 
 #include "attnkit/attnkit.hpp"
+#include "experiments/model_context.hpp"
 #include "roofline.hpp"
 
 using namespace attnkit;
-using clk = std::chrono::steady_clock;
 namespace rl = bench::roofline_detail;
+using namespace bench::context;
 
 namespace {
 
 constexpr int kThreads = 2;
-
-double median(std::vector<double> v) {
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
-}
-
-double seconds(clk::time_point t0) { return std::chrono::duration<double>(clk::now() - t0).count(); }
 
 }  // namespace
 
@@ -47,34 +41,14 @@ int main(int argc, char** argv) {
   const int rounds = argc > 4 ? std::atoi(argv[4]) : 15;
 
   const auto reg = model::default_registry();
-  const auto m = model::Qwen3Model::random(reg.parse_config(io::qwen3_0_6b_config().raw, "qwen3-0.6b"),
-                                           model::WeightType::bf16, 1, &reg);
+  const auto m = random_qwen3_0_6b(reg);
   const auto& c = m.config();
   auto s = m.new_session({int8 ? model::CacheType::int8 : model::CacheType::bf16, depth + 64});
-  const auto for_each_cache = [&](auto&& f) {
-    for (int l = 0; l < m.num_layers(); ++l) {
-      const auto* attn = dynamic_cast<const model::Qwen3Attention*>(&m.mixer(l));
-      attn->cache(s.state(l), 0).visit([&](auto& cache) {
-        if constexpr (!requires { cache.total(); }) f(cache);
-      });
-    }
-  };
-  const std::int64_t Hkv = c.num_key_value_heads, d = c.head_dim, chunk = 512;
-  {
-    std::vector<float> rows(static_cast<std::size_t>(chunk * Hkv * d));
-    for (std::size_t i = 0; i < rows.size(); ++i) rows[i] = static_cast<float>((i * 7919) % 2001) / 1000.f - 1.f;
-    const ConstView3<float> rv(rows.data(), {chunk, Hkv, d});
-    for_each_cache([&](auto& cache) {
-      for (std::int64_t t = 0; t < depth; t += chunk) {
-        const auto part = rv.slice(0, 0, std::min(chunk, depth - t));
-        cache.append(part, part);
-      }
-    });
-    s.set_position(depth);
-  }
+  const std::int64_t Hkv = c.num_key_value_heads, d = c.head_dim;
+  fill(m, s, depth);
   // A step reads the weights and depth + 1 rows of every cache (the caches' own byte rule).
   double step_bytes = static_cast<double>(m.streamed_bytes_per_token());
-  for_each_cache([&](auto& cache) {
+  for_each_cache(m, s, [&](auto& cache) {
     using T = std::remove_const_t<typename decltype(cache.keys())::element_type>;
     step_bytes += static_cast<double>(
         detail::kv::bytes<T>(cache.kv_heads(), depth + 1, cache.head_dim_k(), cache.head_dim_v()));
@@ -92,8 +66,7 @@ int main(int argc, char** argv) {
     m.forward(s, std::span<const std::int64_t>(&next, 1), View2<float>(logits.data(), {1, V}), fo);
     const double sec = seconds(t0);
     next = ops::argmax(logits.data(), V);
-    for_each_cache([&](auto& cache) { cache.truncate(depth); });
-    s.set_position(depth);
+    rewind(m, s, depth);
     return sec;
   };
 
