@@ -99,6 +99,35 @@ void softmax(const Bufs& b) {
   for (int r0 = 0; r0 < b.rows; r0 += 16)
     softmax_rows16<false, 1>(b.s, b.p, 0, r0, b.rows, 0, kK, b.m, b.l, b.alpha, var, 1.f, info);
 }
+// The softmax of one sub-tile of 64 rows (2 heads x 32 queries at positions pos .. pos + 31)
+// over every key tile it sees, as run_item_amx calls it: W > 0 a sliding window of W keys, else
+// causal. S holds fixed scores; m starts finite, so no row takes the first-tile path.
+void softmax_masked(const Bufs& b, std::int64_t pos, std::int64_t W) {
+  const std::int64_t nq = b.rows / 2;
+  const auto first_key = [&](std::int64_t p) { return W > 0 ? std::max<std::int64_t>(p - W + 1, 0) : 0; };
+  const PlainAttention var{};
+  for (std::int64_t k0 = first_key(pos) / kK * kK; k0 <= pos + nq - 1; k0 += kK) {
+    const auto info = [&](std::int64_t r) {
+      struct Row {
+        std::int64_t lo, hi;
+        float slope;
+        std::int64_t dist0;
+      };
+      const std::int64_t p = pos + r % nq;
+      return Row{first_key(p) - k0, p - k0, 0.f, 0};
+    };
+    const bool masked = first_key(pos + nq - 1) > k0 || k0 + kK - 1 > pos;
+    std::int64_t cb = 0, ce = kK;
+    if (masked) {
+      cb = std::clamp<std::int64_t>(first_key(pos) - k0, 0, kK) / 32 * 32;
+      ce = (std::clamp<std::int64_t>(pos + nq - 1 - k0 + 1, 0, kK) + 31) / 32 * 32;
+    }
+    for (int r0 = 0; r0 < b.rows; r0 += 16) {
+      if (masked) softmax_rows16<true, 1>(b.s, b.p, 0, r0, b.rows, cb, ce, b.m, b.l, b.alpha, var, 1.f, info);
+      else softmax_rows16<false, 1>(b.s, b.p, 0, r0, b.rows, cb, ce, b.m, b.l, b.alpha, var, 1.f, info);
+    }
+  }
+}
 void rescale(const Bufs& b) {
   for (int r = 0; r < b.rows; ++r) {
     const __m512 a = _mm512_set1_ps(b.alpha[r] * 0.999f);  // force the multiply, as a moved max does
@@ -313,6 +342,19 @@ int main() {
                 dqk * pk / qk22, pv22, dpv * pk / pv22, sm, sm / (rows * kK / 16.0), rs);
     std::printf("  all 2x2 %.0f (sum of parts %.0f; %.2f of peak, %.0f GFLOP/s per core)\n", all22, qk22 + sm + rs + pv22,
                 ideal / all22, (dqk + dpv) * 16384 / all22 * ghz);
+  }
+  {  // masked sub-tiles, 64 rows, over the 8 alignments of 32 queries in a 256-key tile
+    Bufs b = make(64);
+    for (std::int64_t W : {512, 0}) {
+      double c = 0, vis = 0;
+      for (std::int64_t off = 0; off < kK; off += 32) {
+        const std::int64_t pos = 2048 + off;
+        c += cycles([&] { softmax_masked(b, pos, W); }, 500);
+        for (std::int64_t q = pos; q < pos + 32; ++q) vis += 2.0 * (W > 0 ? W : q + 1);
+      }
+      std::printf("softmax of a 64-row sub-tile, %s at query 2048-2335: %.0f cycles (%.2f per 16 visible scores)\n",
+                  W > 0 ? "window 512" : "causal", c / 8, c / (vis / 16));
+    }
   }
   for (int rows : {32, 64}) overlap_report(rows);
   detail::amx::amx_release();

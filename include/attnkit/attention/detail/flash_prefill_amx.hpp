@@ -320,16 +320,44 @@ inline constexpr float kRefSlack = 65536.f;  // 2^16: a tile's largest row sum b
 // 2^e for an integer e in [-126, 127], from its bits (std::ldexp is a call into libm).
 inline float pow2i(int e) { return std::bit_cast<float>(static_cast<std::uint32_t>(e + 127) << 23); }
 
+// A row's visible key columns in a masked tile, [lo, lo + span] relative to k0 (span >= 0).
+// exp_row_ref<true> gives the other columns P = 0 through a zero-masked vscalefps: two uops more
+// per 16 scores (an add and an unsigned compare), where a masking pass through S (prepare_row:
+// a load, two compares, a blend and a store per 16) cost as much as a third of the exp pass
+// (a sliding window's sub-tiles are masked in two of their three key tiles).
+struct RowCols {
+  std::int32_t lo = 0, span = 0;
+};
+
+// Columns [c, c + 16)'s visibility for a row: its lanes' (column - lo) are `rel`, advanced by 16.
+inline __mmask16 visible16(__m512i& rel, __m512i span) {
+  const __mmask16 k = _mm512_cmple_epu32_mask(rel, span);
+  rel = _mm512_add_epi32(rel, _mm512_set1_epi32(16));
+  return k;
+}
+inline __m512i cols_rel(std::int64_t cb, RowCols cols) {
+  return _mm512_add_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                          _mm512_set1_epi32(static_cast<std::int32_t>(cb) - cols.lo));
+}
+
 // Row sum of P = bf16(2^(s - ref)) over [cb, ce), P written to prow; ref finite or +inf.
-inline __m512 exp_row_ref(const float* srow, u16* prow, std::int64_t cb, std::int64_t ce, float ref) {
+// Masked: columns outside `cols` get P = 0 whatever S holds there.
+template <bool Masked = false>
+inline __m512 exp_row_ref(const float* srow, u16* prow, std::int64_t cb, std::int64_t ce, float ref,
+                          [[maybe_unused]] RowCols cols = {}) {
   __m512 sum = _mm512_setzero_ps();
+  [[maybe_unused]] __m512i rel = _mm512_setzero_si512();
+  [[maybe_unused]] const __m512i span = _mm512_set1_epi32(cols.span);
+  if constexpr (Masked) rel = cols_rel(cb, cols);
   if (std::fabs(ref) <= 100.f) {  // 2^-ref folded into the coefficients (exact: a power of two)
     const float sc = pow2i(-static_cast<int>(ref));
     const __m512 k3 = _mm512_set1_ps(kExp2Short[3] * sc), k2 = _mm512_set1_ps(kExp2Short[2] * sc),
                  k1 = _mm512_set1_ps(kExp2Short[1] * sc), k0 = _mm512_set1_ps(kExp2Short[0] * sc);
     const auto ex = [&](__m512 s) {
       const __m512 f = _mm512_reduce_ps(s, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-      return _mm512_scalef_ps(_mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_fmadd_ps(k3, f, k2), f, k1), f, k0), s);
+      const __m512 poly = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_fmadd_ps(k3, f, k2), f, k1), f, k0);
+      if constexpr (Masked) return _mm512_maskz_scalef_ps(visible16(rel, span), poly, s);
+      else return _mm512_scalef_ps(poly, s);
     };
     for (std::int64_t c = cb; c < ce; c += 32) {
       const __m512 p0 = ex(_mm512_load_ps(srow + c)), p1 = ex(_mm512_load_ps(srow + c + 16));
@@ -338,9 +366,13 @@ inline __m512 exp_row_ref(const float* srow, u16* prow, std::int64_t cb, std::in
     }
   } else {
     const __m512 vm = _mm512_set1_ps(ref);
+    const auto ex = [&](__m512 s) {
+      const __m512 p = exp2_short_ps(_mm512_sub_ps(s, vm));
+      if constexpr (Masked) return _mm512_maskz_mov_ps(visible16(rel, span), p);
+      else return p;
+    };
     for (std::int64_t c = cb; c < ce; c += 32) {
-      const __m512 p0 = exp2_short_ps(_mm512_sub_ps(_mm512_load_ps(srow + c), vm));
-      const __m512 p1 = exp2_short_ps(_mm512_sub_ps(_mm512_load_ps(srow + c + 16), vm));
+      const __m512 p0 = ex(_mm512_load_ps(srow + c)), p1 = ex(_mm512_load_ps(srow + c + 16));
       sum = _mm512_add_ps(sum, _mm512_add_ps(p0, p1));
       _mm512_storeu_si512(prow + c, (__m512i)_mm512_cvtne2ps_pbh(p1, p0));
     }
@@ -348,13 +380,30 @@ inline __m512 exp_row_ref(const float* srow, u16* prow, std::int64_t cb, std::in
   return sum;
 }
 
+// The largest score of a row over [cb, ce) (Masked: of its visible columns); NaN scores are
+// skipped, as prepare_row skips them.
+template <bool Masked = false>
+inline float row_max(const float* srow, std::int64_t cb, std::int64_t ce, [[maybe_unused]] RowCols cols = {}) {
+  __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  [[maybe_unused]] __m512i rel = _mm512_setzero_si512();
+  [[maybe_unused]] const __m512i span = _mm512_set1_epi32(cols.span);
+  if constexpr (Masked) rel = cols_rel(cb, cols);
+  for (std::int64_t c = cb; c < ce; c += 16) {
+    if constexpr (Masked) mx = _mm512_mask_max_ps(mx, visible16(rel, span), _mm512_load_ps(srow + c), mx);
+    else mx = _mm512_max_ps(_mm512_load_ps(srow + c), mx);
+  }
+  return _mm512_reduce_max_ps(mx);
+}
+
 // The 16-row bookkeeping after exp_row_ref's passes (sums[i], ref[i] and a[i] per row, a = 1
 // unless the row's reference was set this tile): rows whose sum passed kRefSlack (a score more
 // than 16 - log2(keys) above ref) move ref to ceil(max) and are redone, with alpha = 2^(old -
-// new); NaN sums compare false and stay NaN. Then l = l · alpha + sum, m = ref.
+// new); NaN sums compare false and stay NaN. Then l = l · alpha + sum, m = ref. Masked: the
+// rows' visible columns, cols[i], as their exp passes had them.
+template <bool Masked = false>
 inline void settle_rows16_ref(const float* s_buf, u16* p_buf, std::int64_t r0, std::int64_t cb, std::int64_t ce,
                               const __m512 (&sums)[16], float (&ref)[16], float (&a)[16], float* m, float* l,
-                              float* alpha) {
+                              float* alpha, [[maybe_unused]] const RowCols* cols = nullptr) {
   alignas(64) float tot[16];
   _mm512_store_ps(tot, detail::decode::reduce16(sums));
   for (__mmask16 big = _mm512_cmp_ps_mask(_mm512_load_ps(tot), _mm512_set1_ps(kRefSlack), _CMP_GT_OQ); big;
@@ -362,12 +411,11 @@ inline void settle_rows16_ref(const float* s_buf, u16* p_buf, std::int64_t r0, s
     const int i = __builtin_ctz(big);
     const std::int64_t r = r0 + i;
     const float* srow = s_buf + r * kSLd;
-    __m512 mx = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (std::int64_t c = cb; c < ce; c += 16) mx = _mm512_max_ps(_mm512_load_ps(srow + c), mx);
-    const float moved = std::ceil(_mm512_reduce_max_ps(mx));
+    const RowCols ci = Masked ? cols[i] : RowCols{};
+    const float moved = std::ceil(row_max<Masked>(srow, cb, ce, ci));
     a[i] = ref[i] - moved >= -126.f ? pow2i(static_cast<int>(ref[i] - moved)) : 0.f;
     ref[i] = moved;
-    tot[i] = _mm512_reduce_add_ps(exp_row_ref(srow, p_buf + r * kPLd, cb, ce, moved));
+    tot[i] = _mm512_reduce_add_ps(exp_row_ref<Masked>(srow, p_buf + r * kPLd, cb, ce, moved, ci));
   }
   const __m512 av = _mm512_load_ps(a);
   _mm512_store_ps(l + r0, _mm512_fmadd_ps(_mm512_load_ps(l + r0), av, _mm512_load_ps(tot)));
@@ -398,6 +446,10 @@ inline void softmax_rows16(float* s_buf, u16* p_buf, std::int64_t plane, std::in
   };
   if constexpr (Planes == 1) {
     alignas(64) float ref[16], a[16];
+    // A plain masked tile applies each row's mask inside its exp pass (RowCols); a variant with a
+    // logits transform rewrites S first (prepare_row), masking it on the way.
+    constexpr bool fused_mask = Masked && !Var::has_logits;
+    RowCols cols[16];
     for (int i = 0; i < 16; ++i) {
       const std::int64_t r = r0 + i;
       sums[i] = _mm512_setzero_ps();
@@ -411,6 +463,22 @@ inline void softmax_rows16(float* s_buf, u16* p_buf, std::int64_t plane, std::in
       float* srow = s_buf + r * kSLd;
       const bool first = ref[i] == ninf;  // O and l are still 0: alpha stays 1
       float use = ref[i];
+      if constexpr (fused_mask) {
+        const auto row = info(r);
+        const std::int64_t lo = std::max<std::int64_t>(row.lo, cb), hi = std::min<std::int64_t>(row.hi, ce - 1);
+        if (hi < lo) {  // nothing visible in this tile: P = 0, the sum 0, ref as it was
+          zero_p(prow);
+          continue;
+        }
+        cols[i] = {static_cast<std::int32_t>(lo), static_cast<std::int32_t>(hi - lo)};
+        if (first) {
+          const float top = row_max<true>(srow, cb, ce, cols[i]);
+          use = top == ninf ? 0.f : std::ceil(top);  // nothing but -inf (or NaN) yet: P = 0 (NaN for a NaN score)
+          if (top != ninf) ref[i] = use;
+        }
+        sums[i] = exp_row_ref<true>(srow, prow, cb, ce, use, cols[i]);
+        continue;
+      }
       if (transform || first) {
         const auto row = info(r);
         const __m512 mx = first ? prepare_row<Masked, true>(srow, cb, ce, var, c2, row)
@@ -423,7 +491,7 @@ inline void softmax_rows16(float* s_buf, u16* p_buf, std::int64_t plane, std::in
       }
       sums[i] = exp_row_ref(srow, prow, cb, ce, use);
     }
-    settle_rows16_ref(s_buf, p_buf, r0, cb, ce, sums, ref, a, m, l, alpha);
+    settle_rows16_ref<fused_mask>(s_buf, p_buf, r0, cb, ce, sums, ref, a, m, l, alpha, cols);
   } else {
     __m512 mx[16];
     for (int i = 0; i < 16; ++i) {
