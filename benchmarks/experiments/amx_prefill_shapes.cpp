@@ -13,6 +13,7 @@
 // case) with f32 K/V 769 828 1076 / 886 639 977 / 662 656 874, bf16 K/V 906 678 736 / 689 958
 // 928 / 956 917 973; causal T 2048 768 749 711 / 564 786 832 / 755 730 931. No order beyond the
 // host's noise, so items stay at 512 rows.
+// AMX_THREADS=1 runs the calls on one thread.
 // Not built by CMake (needs an AMX CPU):
 //   g++ -std=c++20 -O3 -march=native -fopenmp -ffp-contract=off -DNDEBUG -Iinclude \
 //       [-DATTNKIT_AMX_ROWS=32 -DATTNKIT_AMX_4X1=0 ...] benchmarks/experiments/amx_prefill_shapes.cpp
@@ -34,6 +35,12 @@ using namespace attnkit;
 namespace {
 
 constexpr std::int64_t kH = 16, kHkv = 8, kD = 128;
+
+// Threads per call: AMX_THREADS (default 2, the setting; 1 compares a core alone).
+int threads() {
+  const char* e = std::getenv("AMX_THREADS");
+  return e && std::atoi(e) > 0 ? std::atoi(e) : 2;
+}
 
 // (query, key) pairs attended by T queries continuing a context of C - T keys (C = T: plain prefill).
 double attended(std::int64_t T, std::int64_t W, std::int64_t C) {
@@ -61,7 +68,7 @@ void run(std::int64_t T, std::int64_t W, std::int64_t C, int reps) {
   std::size_t which = 0;
   ConstView3<KV> kv(k.data(), {C, kHkv, kD}, {kD, C * kD, 1}), vv(v.data(), {C, kHkv, kD}, {kD, C * kD, 1});
   AttentionOptions opt;
-  opt.num_threads = 2;
+  opt.num_threads = threads();
   const auto call = [&](std::vector<float>& o, Precision p) {
     opt.precision = p;
     kv.data = ks[which].data();
@@ -90,8 +97,8 @@ void run(std::int64_t T, std::int64_t W, std::int64_t C, int reps) {
     hash = (hash ^ b) * 1099511628211ull;
   }
   const double flops = attended(T, W, C) * kH * 4.0 * kD;
-  std::printf("T %6lld W %4lld C %6lld %s  fast %7.1f GFLOP/s (min %.4f s, median %.4f s)  rel %.2e  hash %016llx%s\n",
-              (long long)T, (long long)W, (long long)C, std::is_same_v<KV, float> ? "f32 " : "bf16", flops / ts[ts.size() / 2] * 1e-9, ts.front(), ts[ts.size() / 2],
+  std::printf("%dt T %6lld W %4lld C %6lld %s  fast %7.1f GFLOP/s (min %.4f s, median %.4f s)  rel %.2e  hash %016llx%s\n",
+              threads(), (long long)T, (long long)W, (long long)C, std::is_same_v<KV, float> ? "f32 " : "bf16", flops / ts[ts.size() / 2] * 1e-9, ts.front(), ts[ts.size() / 2],
               std::sqrt(num / den), (unsigned long long)hash, std::isfinite(num) ? "" : "  NaN!");
 }
 
