@@ -539,10 +539,30 @@ inline void softmax_rows16(float* s_buf, u16* p_buf, std::int64_t plane, std::in
 
 }  // namespace amx_tiles
 
+// Where a work item's time goes, for benchmarks/experiments/amx_prefill_profile.cpp: built with
+// ATTNKIT_AMX_PROFILE, each phase's TSC cycles add up in amx_profile() (meant for one-thread
+// calls: the counters are shared); otherwise ATTNKIT_AMX_PHASE is nothing.
+enum class AmxPhase { item, pack_kv, pack_q, qk, softmax, pv, finalize, count };
+#if defined(ATTNKIT_AMX_PROFILE)
+inline std::uint64_t* amx_profile() {
+  static std::uint64_t cycles[static_cast<int>(AmxPhase::count)] = {};
+  return cycles;
+}
+struct AmxPhaseTimer {
+  AmxPhase phase;
+  std::uint64_t t0 = __rdtsc();
+  ~AmxPhaseTimer() { amx_profile()[static_cast<int>(phase)] += __rdtsc() - t0; }
+};
+#define ATTNKIT_AMX_PHASE(name) const AmxPhaseTimer attnkit_amx_phase_##name{AmxPhase::name}
+#else
+#define ATTNKIT_AMX_PHASE(name) static_cast<void>(0)
+#endif
+
 template <int Planes, class KV, class Mask, class Var = PlainAttention>
 void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const WorkItem& it, const Var& var,
                   const VariantPrep& prep) {
   using namespace amx_tiles;
+  ATTNKIT_AMX_PHASE(item);
   const std::int64_t nh = it.h_end - it.h_begin, d_k = sh.d_k, d_v = sh.d_v;
   const std::int64_t d_kp = round_up(d_k, 32), d_vp = round_up(d_v, 16);
   const std::int64_t o_ld = d_vp + 16 * ATTNKIT_AMX_PAD;  // O's row stride (floats), padded as S's
@@ -616,6 +636,7 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
   }();
   std::vector<char> done(static_cast<std::size_t>(n_sub), 0);
   const auto finalize = [&](std::int64_t s) {
+    ATTNKIT_AMX_PHASE(finalize);
     const AmxSub& sub = subs[s];
     done[s] = 1;
     const auto out_row = [&](std::int64_t r) { return seg.out.ptr(sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq); };
@@ -629,8 +650,11 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
     amx::amx_configure();
     for (std::int64_t kt = key_lo / kKeys; kt <= key_hi / kKeys; ++kt) {
       const std::int64_t k0 = kt * kKeys, kc = std::min(kKeys, n_keys - k0);
-      pack_k(seg.k, it.kv_head, k0, kc, d_k, d_kp, k_buf);
-      pack_v(seg.v, it.kv_head, k0, kc, d_v, d_vp, v_buf);
+      {
+        ATTNKIT_AMX_PHASE(pack_kv);
+        pack_k(seg.k, it.kv_head, k0, kc, d_k, d_kp, k_buf);
+        pack_v(seg.v, it.kv_head, k0, kc, d_v, d_vp, v_buf);
+      }
       const auto [s_first, s_end] = subtiles_seeing(
           subs, k0, kc, [&](const AmxSub& sub) { return key_range(sub.t_begin, sub.t_begin + sub.nq - 1); });
       // The next tile's K/V rows (usually from DRAM), spread over this tile's sub-tiles.
@@ -644,6 +668,7 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
       for (std::int64_t s = s_first; s < s_end; ++s) {
         AmxSub& sub = subs[s];
         if (!packed[s]) {
+          ATTNKIT_AMX_PHASE(pack_q);
           pack_q(sub);
           packed[s] = 1;
         }
@@ -658,10 +683,13 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
         }
         const std::int64_t na = sub.rp / 16;
         // S = Q · K^T over the visible key blocks.
-        tile_products<false, Planes>({reinterpret_cast<const char*>(sub.q), d_kp * 2, 16 * d_kp * 2, 64, rp_max * d_kp * 2,
-                              reinterpret_cast<const char*>(k_buf), (kKeys / 16) * kTileElems * 2, kTileElems * 2,
-                              reinterpret_cast<char*>(s_buf), kSLd * 4, 16 * kSLd * 4},
-                             na, cb / 16, ce / 16, 0, d_kp / 32);
+        {
+          ATTNKIT_AMX_PHASE(qk);
+          tile_products<false, Planes>({reinterpret_cast<const char*>(sub.q), d_kp * 2, 16 * d_kp * 2, 64, rp_max * d_kp * 2,
+                                        reinterpret_cast<const char*>(k_buf), (kKeys / 16) * kTileElems * 2, kTileElems * 2,
+                                        reinterpret_cast<char*>(s_buf), kSLd * 4, 16 * kSLd * 4},
+                                       na, cb / 16, ce / 16, 0, d_kp / 32);
+        }
         pf.tick();
         pf.tick();
         const auto info = [&](std::int64_t r) {
@@ -675,21 +703,25 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
                      alibi ? sub.slope[r] : 0.f, k0 - p};
         };
         for (std::int64_t r0 = 0; r0 < sub.rp; r0 += 16) {
+          ATTNKIT_AMX_PHASE(softmax);
           if (masked) softmax_rows16<true, Planes>(s_buf, p_buf, rp_max * kPLd, r0, sub.rows, cb, ce, sub.m, sub.l, alpha, var, c2, info);
           else softmax_rows16<false, Planes>(s_buf, p_buf, rp_max * kPLd, r0, sub.rows, cb, ce, sub.m, sub.l, alpha, var, c2, info);
         }
         pf.tick();
         // O = alpha · O (rows whose max moved), then O += P · V on the tiles.
-        for (std::int64_t r = 0; r < sub.rows; ++r) {
-          if (alpha[r] == 1.f) continue;
-          const __m512 a = _mm512_set1_ps(alpha[r]);
-          float* orow = sub.o + r * o_ld;
-          for (std::int64_t d = 0; d < d_vp; d += 16) _mm512_store_ps(orow + d, _mm512_mul_ps(a, _mm512_load_ps(orow + d)));
+        {
+          ATTNKIT_AMX_PHASE(pv);
+          for (std::int64_t r = 0; r < sub.rows; ++r) {
+            if (alpha[r] == 1.f) continue;
+            const __m512 a = _mm512_set1_ps(alpha[r]);
+            float* orow = sub.o + r * o_ld;
+            for (std::int64_t d = 0; d < d_vp; d += 16) _mm512_store_ps(orow + d, _mm512_mul_ps(a, _mm512_load_ps(orow + d)));
+          }
+          tile_products<true, Planes>({reinterpret_cast<const char*>(p_buf), kPLd * 2, 16 * kPLd * 2, 64, rp_max * kPLd * 2,
+                                       reinterpret_cast<const char*>(v_buf), (d_vp / 16) * kTileElems * 2, kTileElems * 2,
+                                       reinterpret_cast<char*>(sub.o), o_ld * 4, 16 * o_ld * 4},
+                                      na, 0, d_vp / 16, cb / 32, ce / 32);
         }
-        tile_products<true, Planes>({reinterpret_cast<const char*>(p_buf), kPLd * 2, 16 * kPLd * 2, 64, rp_max * kPLd * 2,
-                             reinterpret_cast<const char*>(v_buf), (d_vp / 16) * kTileElems * 2, kTileElems * 2,
-                             reinterpret_cast<char*>(sub.o), o_ld * 4, 16 * o_ld * 4},
-                            na, 0, d_vp / 16, cb / 32, ce / 32);
         pf.tick();
         if (key_range(sub.t_begin, sub.t_begin + sub.nq - 1).second < k0 + kc) finalize(s);
       }
