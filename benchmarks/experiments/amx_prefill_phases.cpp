@@ -12,6 +12,11 @@
 // grain, the pipeline costs the same as the sequence (11362-11573 cycles per 32-row sub-tile
 // against 11445-11573; 64 rows likewise): the vector softmax does not run under the tile
 // products on this CPU, so only making either one cheaper speeds the kernel up.
+// The masked report times the softmax of a 64-row sub-tile over all the key tiles it sees, as
+// the kernel calls it (window 512, or causal), averaged over the 8 alignments of its 32 queries
+// in a key tile. 2026-12-04, one AMX host, three alternated pairs: with the mask applied inside
+// the exp pass (RowCols) instead of a masking pass through S, window 512 11085-11304 ->
+// 9692-9782 cycles (5.4-5.5 -> 4.7-4.8 per 16 visible scores), causal 34802-39802 -> 34097-35544.
 // Not built by CMake (needs an AMX CPU):
 //   g++ -std=c++20 -O3 -march=native -fopenmp -ffp-contract=off -DNDEBUG -Iinclude \
 //       benchmarks/experiments/amx_prefill_phases.cpp

@@ -15,7 +15,9 @@
 // amx_prefill_phases.cpp): the tile products run at 0.55 of the tiles' peak and the softmax
 // takes as long as they do, one after the other. 2026-12-02: the softmax against an integer
 // row reference instead of a running maximum (softmax_rows16, below): 5.8-6.4 -> 4.5-4.6
-// cycles per 16 scores in cache, a sub-tile 5% faster.
+// cycles per 16 scores in cache, a sub-tile 5% faster. 2026-12-04: a masked tile's mask applied
+// in the exp pass (RowCols) instead of a pass through S: a sliding-window sub-tile's softmax 13%
+// faster in cache. A one-thread call's phases: amx_prefill_profile.cpp (ATTNKIT_AMX_PROFILE).
 //
 // Same work items, key-tile walk and online softmax as the FMA kernel (flash_prefill.hpp), with
 // the two products on tiles and the scores row-major:
