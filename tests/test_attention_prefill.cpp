@@ -584,6 +584,39 @@ TEST_CASE("fast prefill: Qwen3 heads, T crossing several 256-key tiles, causal a
   }
 }
 
+TEST_CASE("fast prefill: scores growing along the keys move the softmax's reference, causal and window", "[prefill][fast]") {
+  // The tile kernel's softmax keeps an integer reference per row and redoes a row when a key
+  // tile's probabilities sum past 2^16 (settle_rows16_ref). Here every query leans on one
+  // direction and key j carries 3 · j / T_k of it, so a row's scores climb about 12 nats per
+  // 256-key tile: the reference moves in full tiles, in the diagonal's masked ones and in a
+  // window's (whose mask the exp pass applies). Elsewhere fast is the exact kernel.
+  const auto seed = test::fresh_seed();
+  CAPTURE(seed);
+  INFO("fast runs on AMX tiles: " << fast_on_amx());
+  Rng rng(seed);
+  const std::int64_t T = 700 / kScale + rng.integer(0, 63);
+  const Dims d{T, T, 4, 2, 128, 128};
+  Inputs<bf16> in(rng, d);
+  for (float& x : in.q) x += 1.f;
+  for (std::int64_t j = 0; j < T; ++j)
+    for (std::int64_t e = 0; e < d.H_kv * d.d_k; ++e) {
+      float& kf = in.kf[static_cast<std::size_t>(j * d.H_kv * d.d_k + e)];
+      kf = 0.5f * kf + 3.f * static_cast<float>(j) / static_cast<float>(T);
+    }
+  convert(in.kf.data(), in.k.data(), static_cast<long>(in.kf.size()));  // K as the kernel reads it, and its float copy
+  convert(in.k.data(), in.kf.data(), static_cast<long>(in.kf.size()));
+  for (std::int64_t window : {std::int64_t{0}, std::int64_t{300}, std::int64_t{37}}) {
+    CAPTURE(T, window);
+    Outputs o(d);
+    AttentionOptions opt;
+    opt.precision = Precision::fast;
+    run(in, window, opt, o);
+    const auto r = reference(in, -1, window);
+    CHECK(test::rel_l2(o.out, r.out) <= kFastOutTol);
+    check_lse(o.lse, r.lse, kFastLseTol);
+  }
+}
+
 TEMPLATE_TEST_CASE("fast prefill: threads and sub-ranges give the full call's bits", "[prefill][fast]", float, bf16) {
   const auto seed = test::fresh_seed();
   CAPTURE(seed);
