@@ -44,6 +44,7 @@
 #include <memory>
 #include <optional>
 #include <new>
+#include <utility>
 
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/error.hpp"
@@ -367,9 +368,13 @@ class PackedLinear {
     {
       const std::uint32_t* W = static_cast<const std::uint32_t*>(data_.get());
       const std::int64_t ldw = kpairs_ * kBlock;
-      auto stored = [&](int, std::int64_t bs, int) { return W + bs * ldw; };
-      return exact ? forward_amx<3>(x, y, accumulate, nt, kpairs_, ldw, stored)
-                   : forward_amx<1>(x, y, accumulate, nt, kpairs_, ldw, stored);
+      auto strip = [&](int, std::int64_t bs, int) { return W + bs * ldw; };
+      auto stored = [&](std::int64_t bs, int nw) {
+        return std::pair<const char*, const char*>{reinterpret_cast<const char*>(W + bs * ldw),
+                                                   reinterpret_cast<const char*>(W + (bs + nw) * ldw)};
+      };
+      return exact ? forward_amx<3>(x, y, accumulate, nt, kpairs_, ldw, strip, stored)
+                   : forward_amx<1>(x, y, accumulate, nt, kpairs_, ldw, strip, stored);
     }
 #endif
     const std::int64_t MC = std::min<std::int64_t>(L::kMC, T);
@@ -437,9 +442,11 @@ class PackedLinear {
   // are tiles, so there is no K blocking). strip(t, bs, nw) gives worker t's B-tile layout
   // weights of blocks [bs, bs + nw) (kpairs K-pairs per block, ldw uint32 apart): the packed
   // bf16 weights themselves, or a dequantised q8 panel.
-  template <int P, class Strip>
+  // stored(bs, nw) is the byte range of blocks [bs, bs + nw) in memory, prefetched while the
+  // strip before them runs (empty when strips are made on the fly).
+  template <int P, class Strip, class Stored>
   void forward_amx(ConstView2<float> x, View2<float> y, bool accumulate, int nt, std::int64_t kpairs, std::int64_t ldw,
-                   Strip&& strip, std::int64_t max_chunk = detail::linear::kMCAmx,
+                   Strip&& strip, Stored&& stored, std::int64_t max_chunk = detail::linear::kMCAmx,
                    std::int64_t chunk_bytes = detail::linear::kAmxChunkBytes, bool even_chunks = false) const {
     namespace L = detail::linear;
     const std::int64_t T = x.shape[0], K = in_;
@@ -469,9 +476,15 @@ class PackedLinear {
         for (std::int64_t bs = b0; bs < b1; bs += 2) {
           const int nw = static_cast<int>(std::min<std::int64_t>(2, b1 - bs));
           const std::uint32_t* w = strip(t, bs, nw);
+          // The strip after this one: the next of this chunk, else the first of the next chunk.
+          const std::int64_t bn = bs + 2 < b1 ? bs + 2 : m0 + MC < T ? b0 : b1;
+          const auto [pf, pf_end] = bn < b1 ? stored(bn, static_cast<int>(std::min<std::int64_t>(2, b1 - bn)))
+                                             : std::pair<const char*, const char*>{nullptr, nullptr};
           for (std::int64_t t0 = 0; t0 < mc; t0 += 32) {
             const int na = mc - t0 > 16 ? 2 : 1;
-            L::pick_amx<P>(na, nw)(xb + t0 * lda, lda * 2, plane * 2, w, ldw, ksteps, c);
+            const char* pf_t =
+                pf ? pf + std::min<std::int64_t>(t0 / 32 * ksteps * L::kAmxPrefetchLines * 64, pf_end - pf) : nullptr;
+            L::pick_amx<P>(na, nw)(xb + t0 * lda, lda * 2, plane * 2, w, ldw, ksteps, c, pf_t, pf_end);
             for (int a = 0; a < na; ++a)
               for (int b = 0; b < nw; ++b) {
                 const std::int64_t o0 = (bs + b) * kBlock;
@@ -553,7 +566,8 @@ class PackedLinear {
         std::uint32_t* panel = panels + t * 2 * ldp;
         L::q8_widen_panel_bf16(W + bs * ldw, ldw, kq, nw, panel);
         return static_cast<const std::uint32_t*>(panel);
-      }, L::kMCAmxQ8, L::kAmxChunkBytesQ8, true);
+      }, [](std::int64_t, int) { return std::pair<const char*, const char*>{nullptr, nullptr}; },
+         L::kMCAmxQ8, L::kAmxChunkBytesQ8, true);
     }
 #endif
     // Prefill on FMA: a K block (kKC, whole groups) of a strip widened once into an f32 panel.
