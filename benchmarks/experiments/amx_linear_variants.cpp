@@ -10,7 +10,8 @@
 //   in cache, one thread: 586-599 FLOP per TSC cycle once warm (the tiles' peak is 1024): the
 //     32 x 32 kernel's four tile loads per K step come from L2, which bounds it;
 //   M 512, prefetching the next strip 8 lines per K step against none: 1569 / 1447, 688 / 648,
-//     735 / 667, 1311 / 1216, 1473 / 1285 (1.06-1.15x); M 2048: 1096 / 951.
+//     735 / 667, 1311 / 1216, 1473 / 1285, 755 / 605, 803 / 652 (1.06-1.25x); M 1024: 1340 / 1055;
+//     M 2048: 1096 / 951.
 //   Also measured, no better than 8 lines: 4 or 16 lines per step; 256- or 512-token chunks
 //     (1464 / 1516 against 1447); loads placed next to their first use alone (1467 / 1447,
 //     616 / 648, 673 / 667), kept since the prefetch was measured with it.
@@ -210,7 +211,7 @@ int main(int argc, char** argv) {
   };
   const Variant variants[] = {
       {"library", true, {}},                           // prefetches the next strip, 8 lines per K step
-      {"no prefetch", false, {L::kMCAmx, 0, false}},   // the library before 2026-12-04
+      {"no prefetch", false, {L::kMCAmx, 0, false}},   // the library before 2026-12-04 (loads since moved, measured alike)
       {"prefetch 4", false, {L::kMCAmx, 4, true}},
       {"prefetch 16", false, {L::kMCAmx, 16, true}},
   };

@@ -259,8 +259,9 @@ using amx::amx_release;
 // c[(a*NW + b)*256]. P = 3 planes are x = hi + mid + lo (Precision::exact), P = 1 is bf16(x).
 // Each K step also prefetches into L2 the next kAmxPrefetchLines lines of [pf, pf_end): the
 // weights of the strip that comes next, which would otherwise arrive by the first token tile's
-// tile loads, unprefetched (2 threads, the Qwen3-0.6B projections on 512 tokens: 1.06-1.15x in
-// five runs on three AMX hosts, 2048 tokens 1.15x; experiments/amx_linear_variants.cpp).
+// tile loads, unprefetched (2 threads, the Qwen3-0.6B projections on 512 tokens: 1.06-1.25x in
+// seven runs on four AMX hosts; 1024 and 2048 tokens 1.27x and 1.15x;
+// experiments/amx_linear_variants.cpp).
 inline constexpr int kAmxPrefetchLines = 8;
 template <int NA, int NW, int P>
 void amx_kernel(const std::uint16_t* a, std::int64_t lda_bytes, std::int64_t plane_bytes, const std::uint32_t* w,
