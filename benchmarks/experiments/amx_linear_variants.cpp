@@ -5,6 +5,10 @@
 // Part 2 (2 threads): the Qwen3-0.6B projections (qkv 1024->4096, o 2048->1024, gate_up
 // 1024->6144, down 3072->1024) on M tokens, Precision::fast, bf16 weights: the library's
 // PackedLinear::forward against replicas of forward_amx with one change each, alternated, medians.
+// Part 3 (argument 3 = q8): the library's q8 weights (int8 strips widened into bf16 tiles)
+// against its bf16 weights, alternated; built against two versions of the library, the q8 / bf16
+// ratio compares their q8 paths.
+// Arguments: M (512), rounds (5), q8.
 // Measured 2026-12-04 on the AMX device hosts (2 threads, GFLOP/s, medians of 9 rounds; the
 // hosts differ up to 2x, so compare within a line):
 //   in cache, one thread: 586-599 FLOP per TSC cycle once warm (the tiles' peak is 1024): the
@@ -16,6 +20,9 @@
 //     (1464 / 1516 against 1447); loads placed next to their first use alone (1467 / 1447,
 //     616 / 648, 673 / 667), kept since the prefetch was measured with it.
 // So the library prefetches 8 lines per step (detail/linear_kernels.hpp, amx_kernel).
+// q8 (part 3, M 512, three alternated pairs of processes on one host): the q8 path prefetching
+// the int8 blocks of its next strip against not, q8 / bf16 speed 0.900, 0.847, 0.896 against
+// 0.917, 0.785, 0.833 (q8 705, 658, 1114 against 693, 584, 707 GFLOP/s; the host drifted).
 // Not built by CMake (needs an AMX CPU):
 //   g++ -std=c++20 -O3 -march=native -fopenmp -DNDEBUG -Iinclude benchmarks/experiments/amx_linear_variants.cpp
 #include <algorithm>
@@ -25,6 +32,7 @@
 #include <cstdlib>
 #include <memory>
 #include <optional>
+#include <string_view>
 #include <vector>
 #include <x86intrin.h>
 
@@ -248,6 +256,34 @@ int main(int argc, char** argv) {
                 variants[v].name, flop / s[s.size() / 2] * 1e-9, rounds, flop / s.back() * 1e-9, flop / s[0] * 1e-9);
   }
   std::printf("max |replica - library| %.3g (must be 0)\n", max_diff);
+  // Part 3: the library's q8 path (int8 strips widened into bf16 tiles) beside its bf16 path,
+  // alternated; build this file against two versions of the library to compare their q8 paths
+  // through the q8 / bf16 ratio (the bf16 path the same in both).
+  if (argc > 3 && std::string_view(argv[3]) == "q8") {
+    std::vector<std::vector<PackedLinear>> q8(std::size(kShapes));
+    for (std::size_t i = 0; i < std::size(kShapes); ++i)
+      for (int c = 0; c < copies; ++c) {
+        const auto w = random_floats(kShapes[i].N * kShapes[i].K, 10 + i * 100 + c, 0.05f);
+        q8[i].push_back(PackedLinear::pack_q8(w.data(), kShapes[i].N, kShapes[i].K, kShapes[i].K));
+      }
+    std::vector<double> tq, tb, ratio;
+    for (int r = 0; r < rounds; ++r)
+      for (int v = 0; v < 2; ++v) {
+        const double t0 = now();
+        for (int c = 0; c < copies; ++c)
+          for (std::size_t i = 0; i < std::size(kShapes); ++i)
+            (v == 0 ? q8 : layers)[i][c].forward(ConstView2<float>(x.data(), {M, kShapes[i].K}),
+                                                 View2<float>(y.data(), {M, kShapes[i].N}), opt);
+        (v == 0 ? tq : tb).push_back(now() - t0);
+        if (v == 1) ratio.push_back(tb.back() / tq.back());
+      }
+    const auto median = [](std::vector<double> v) {
+      std::sort(v.begin(), v.end());
+      return v[v.size() / 2];
+    };
+    std::printf("M %4lld  q8 %7.0f GFLOP/s, bf16 %7.0f (medians of %d); q8 / bf16 speed %.3f (median of rounds)\n",
+                static_cast<long long>(M), flop / median(tq) * 1e-9, flop / median(tb) * 1e-9, rounds, median(ratio));
+  }
   return max_diff == 0 ? 0 : 1;
 }
 #endif

@@ -442,8 +442,9 @@ class PackedLinear {
   // are tiles, so there is no K blocking). strip(t, bs, nw) gives worker t's B-tile layout
   // weights of blocks [bs, bs + nw) (kpairs K-pairs per block, ldw uint32 apart): the packed
   // bf16 weights themselves, or a dequantised q8 panel.
-  // stored(bs, nw) is the byte range of blocks [bs, bs + nw) in memory, prefetched while the
-  // strip before them runs (empty when strips are made on the fly).
+  // stored(bs, nw) is the byte range in memory that blocks [bs, bs + nw) come from (the packed
+  // bf16 weights, or the int8 blocks a q8 strip is widened from), prefetched while the strip
+  // before them runs.
   template <int P, class Strip, class Stored>
   void forward_amx(ConstView2<float> x, View2<float> y, bool accumulate, int nt, std::int64_t kpairs, std::int64_t ldw,
                    Strip&& strip, Stored&& stored, std::int64_t max_chunk = detail::linear::kMCAmx,
@@ -566,8 +567,10 @@ class PackedLinear {
         std::uint32_t* panel = panels + t * 2 * ldp;
         L::q8_widen_panel_bf16(W + bs * ldw, ldw, kq, nw, panel);
         return static_cast<const std::uint32_t*>(panel);
-      }, [](std::int64_t, int) { return std::pair<const char*, const char*>{nullptr, nullptr}; },
-         L::kMCAmxQ8, L::kAmxChunkBytesQ8, true);
+      }, [&](std::int64_t bs, int nw) {  // the int8 blocks the next strip is widened from
+        return std::pair<const char*, const char*>{reinterpret_cast<const char*>(W + bs * ldw),
+                                                   reinterpret_cast<const char*>(W + (bs + nw) * ldw)};
+      }, L::kMCAmxQ8, L::kAmxChunkBytesQ8, true);
     }
 #endif
     // Prefill on FMA: a K block (kKC, whole groups) of a strip widened once into an f32 panel.
