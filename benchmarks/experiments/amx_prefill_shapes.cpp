@@ -12,7 +12,8 @@
 // alternated rounds each, GFLOP/s: 512 queries after 8192 keys (the model's prefill-after-depth
 // case) with f32 K/V 769 828 1076 / 886 639 977 / 662 656 874, bf16 K/V 906 678 736 / 689 958
 // 928 / 956 917 973; causal T 2048 768 749 711 / 564 786 832 / 755 730 931. No order beyond the
-// host's noise, so items stay at 512 rows.
+// host's noise between processes; alternated call by call in one process (amx_prefill_ab.cpp)
+// 1024-row items won in every case, so the kernel's items are 1024 rows since.
 // AMX_THREADS=1 runs the calls on one thread.
 // Not built by CMake (needs an AMX CPU):
 //   g++ -std=c++20 -O3 -march=native -fopenmp -ffp-contract=off -DNDEBUG -Iinclude \

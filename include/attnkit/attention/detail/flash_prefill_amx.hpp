@@ -56,8 +56,15 @@ namespace amx_tiles {
 // Tile shape. Measured on AMX Xeon hosts (2 threads, T 2048): 256 keys beat 128 (fewer O tile
 // loads per P·V step); 32 rows beat 64 with the old softmax, 64 rows beat 32 since (2026-12-01,
 // alternated runs: the per-sub-tile work — the 16-row softmax bookkeeping, Q packing, finalize —
-// halves per row); 4 x 1 tile groups (each K/V tile serving four Q/P tiles) and 1024-row items
-// were no faster. The macros are for benchmarks/experiments/amx_prefill_shapes.cpp.
+// halves per row); 4 x 1 tile groups (each K/V tile serving four Q/P tiles) were no faster.
+// Items of 1024 rows (2026-12-04): each item packs every key tile it sees once, so bigger items
+// pack less per product. Separate processes could not tell 512 from 1024 through the hosts'
+// noise; the two builds alternated call by call in one process (amx_prefill_ab.cpp, 2 threads
+// pinned to the quietest vCPUs, B/A medians, two AMX hosts): 512 queries after 8192 keys (the
+// model's prefill at depth) 1.105x (faster in 14 of 15 rounds) and 1.023x (13 of 21); causal
+// T 2048 1.07x (9 of 15) and 1.03x (17 of 21); T 8192 1.09x (14 of 15); sliding T 32768 /
+// W 512 1.03x (4 of 7) and 1.04x (8 of 9); bits equal. 2048-row items: 1.09x, 0.97x, 0.96x.
+// The macros are for benchmarks/experiments/amx_prefill_shapes.cpp and amx_prefill_ab.cpp.
 #ifndef ATTNKIT_AMX_KEYS
 #define ATTNKIT_AMX_KEYS 256
 #endif
@@ -65,7 +72,7 @@ namespace amx_tiles {
 #define ATTNKIT_AMX_ROWS 64
 #endif
 #ifndef ATTNKIT_AMX_ITEM_ROWS
-#define ATTNKIT_AMX_ITEM_ROWS 512
+#define ATTNKIT_AMX_ITEM_ROWS 1024
 #endif
 inline constexpr std::int64_t kKeys = ATTNKIT_AMX_KEYS;  // keys per key tile (multiple of 32)
 inline constexpr std::int64_t kRows = ATTNKIT_AMX_ROWS;   // rows per sub-tile, about (multiple of 16 after padding)
@@ -737,7 +744,7 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
     }
 }
 
-// Queries per work item: about 512 rows, as the FMA kernel.
+// Queries per work item: about ATTNKIT_AMX_ITEM_ROWS rows (1024; the FMA kernel's are 512).
 inline std::int64_t amx_item_queries(std::int64_t G) {
   const std::int64_t bq = std::max<std::int64_t>(1, amx_tiles::kRows / std::max<std::int64_t>(G, 1));
   return bq * std::max<std::int64_t>(1, ATTNKIT_AMX_ITEM_ROWS / (bq * std::max<std::int64_t>(G, 1)));
