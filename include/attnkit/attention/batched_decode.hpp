@@ -188,16 +188,25 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
     const Item it = item_at(item_index);
     const std::int64_t gc = it.gc, b = it.b, ja = it.ja, jb = it.jb, t0 = it.t0, t1 = it.t1;
     const Item next = next_index >= 0 ? item_at(next_index) : Item{0, 0, 0, 0, 0, 0};
-    // Row i < kBlock of the next item's first block, head next.ja + jh, into L2 (K and V).
+    // The rows of the next item's first block, head next.ja + jh, into L2 (K and V). Its rows of
+    // head next.ja are looked up in the page table once; head j is at + (j - next.ja) · head stride.
     const int kl = row_lines<KV>(dk), vl = row_lines<KV>(dv);
+    const KV* next_rows[2][kBlock];
+    std::int64_t next_n = -1;  // -1: not listed yet
     const auto prefetch_next = [&](std::int64_t jh) {
       if (next.ja + jh >= next.jb) return;
-      const std::int64_t n = std::min<std::int64_t>(kBlock, next.t1 - next.t0);
-      for (std::int64_t i = 0; i < n; ++i) {
-        const std::int64_t p = key_position(next.b, next.t0 + i);
-        const std::int32_t pg = table.page(next.b, p, shift);
-        prefetch_lines<1>(cache.k.ptr(pg, p & slot_mask, next.ja + jh), kl);
-        prefetch_lines<1>(cache.v.ptr(pg, p & slot_mask, next.ja + jh), vl);
+      if (next_n < 0) {
+        next_n = std::min<std::int64_t>(kBlock, next.t1 - next.t0);
+        for (std::int64_t i = 0; i < next_n; ++i) {
+          const std::int64_t p = key_position(next.b, next.t0 + i);
+          const std::int32_t pg = table.page(next.b, p, shift);
+          next_rows[0][i] = cache.k.ptr(pg, p & slot_mask, next.ja);
+          next_rows[1][i] = cache.v.ptr(pg, p & slot_mask, next.ja);
+        }
+      }
+      for (std::int64_t i = 0; i < next_n; ++i) {
+        prefetch_lines<1>(next_rows[0][i] + jh * k_head, kl);
+        prefetch_lines<1>(next_rows[1][i] + jh * v_head, vl);
       }
     };
     const ConstView2<float> qb(q.ptr(b), {H, dk}, {q.stride[1], 1});
