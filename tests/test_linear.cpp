@@ -169,6 +169,33 @@ TEST_CASE("PackedLinear exact and fast match the float64 reference", "[linear]")
   }
 }
 
+// The one tile configuration of every AMX kernel, read back after amx_configure loads it: GCC
+// 12's _tile_loadconfig let -O2 drop the configuration's stores (core/amx.hpp), and every tile
+// instruction then raised SIGILL. Runs where the CPU has AMX (not on the CI machine).
+TEST_CASE("AMX: amx_configure loads the kernels' tile configuration", "[linear][amx]") {
+#if defined(ATTNKIT_AMX)
+  if (!detail::amx::amx_available()) {
+    SUCCEED("this CPU has no usable AMX");
+    return;
+  }
+  // Through a pointer, so the test runs the function's own (not inlined) code, as the kernels
+  // that showed the fault did.
+  void (*volatile configure)() = &detail::amx::amx_configure;
+  configure();
+  const detail::amx::TileConfig got = detail::amx::stored_tile_config(), want = detail::amx::kernel_tile_config();
+  detail::amx::amx_release();
+  CHECK(got.palette == 1);
+  for (int t = 0; t < 8; ++t) {
+    INFO("tile " << t);
+    CHECK(got.rows[t] == 16);
+    CHECK(got.colsb[t] == 64);
+  }
+  CHECK(std::memcmp(&got, &want, sizeof want) == 0);
+#else
+  SUCCEED("not an AMX build");
+#endif
+}
+
 TEST_CASE("PackedLinear accumulate adds to y", "[linear]") {
   const auto seed = attnkit::test::fresh_seed();
   CAPTURE(seed);

@@ -36,7 +36,7 @@ static void amx_configure_scores(int G) {
   for (int t = 0; t < 8; ++t) cfg.rows[t] = 16;
   for (int t = 0; t < 4; ++t) cfg.colsb[t] = static_cast<std::uint16_t>(4 * G);
   for (int t = 4; t < 8; ++t) cfg.colsb[t] = 64;
-  _tile_loadconfig(&cfg);
+  detail::amx::load_tile_config(cfg);  // not _tile_loadconfig: core/amx.hpp says why
 }
 // B[k][4 g + i] = q_g[64 h + 4 k + i]
 static void pack_query_b(const QuantQuery& qq, int G, std::int8_t* b /* [2][16][4G] */) {

@@ -50,7 +50,7 @@ int main() {
       }
 #pragma omp parallel num_threads(2)
       {
-        Cfg c; c.colsb[0] = 64; c.rows[0] = 16; c.colsb[1] = 32; c.rows[1] = 16; c.colsb[2] = 64; c.rows[2] = 8; _tile_loadconfig(&c);
+        Cfg c; c.colsb[0] = 64; c.rows[0] = 16; c.colsb[1] = 32; c.rows[1] = 16; c.colsb[2] = 64; c.rows[2] = 8; __asm__ volatile("ldtilecfg %0" : : "m"(c));  // core/amx.hpp says why
         alignas(64) std::int32_t buf[256];
         const int t = omp_get_thread_num();
         for (std::int64_t bb = nb * t / 2; bb < nb * (t + 1) / 2; ++bb)

@@ -46,15 +46,28 @@ struct alignas(64) TileConfig {
   std::uint8_t rows[16] = {};
 };
 
-// Every tile 16 rows x 64 bytes.
-inline void amx_configure() {
+// ldtilecfg / sttilecfg with the whole 64-byte configuration as the memory operand. GCC 12's
+// _tile_loadconfig names only its first 8 bytes ("m" of a void*), so at -O2 (CMake's
+// RelWithDebInfo) the compiler dropped the stores of the tiles' rows and columns as dead: every
+// tile was left unconfigured and the first tile instruction raised SIGILL. -O3 merged the stores
+// into one that the 8 bytes overlap, which hid it.
+inline void load_tile_config(const TileConfig& cfg) { __asm__ volatile("ldtilecfg %0" : : "m"(cfg)); }
+inline TileConfig stored_tile_config() {
+  TileConfig cfg;
+  __asm__ volatile("sttilecfg %0" : "=m"(cfg));
+  return cfg;
+}
+
+// The configuration every kernel uses: 8 tiles of 16 rows x 64 bytes.
+inline TileConfig kernel_tile_config() {
   TileConfig cfg;
   for (int t = 0; t < 8; ++t) {
     cfg.colsb[t] = 64;
     cfg.rows[t] = 16;
   }
-  _tile_loadconfig(&cfg);
+  return cfg;
 }
+inline void amx_configure() { load_tile_config(kernel_tile_config()); }
 inline void amx_release() { _tile_release(); }
 
 inline __m512 widen_bf16(__m256i h) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16)); }
