@@ -4,9 +4,9 @@
 // tenant's thread runs on its physical core's sibling (quiet_cores.cpp), which comes and goes
 // within seconds, so separate processes (amx_prefill_shapes.cpp) differ by more than most
 // changes. Each round times one call of A and one of B (A first in even rounds), Qwen3-0.6B
-// heads (16, 8 KV heads, d 128), bf16 K/V stored head-major as KVCache keeps them, `fast`, 2
-// threads (AMX_THREADS); a continuation's K/V rotate through >= 1 GiB of copies so that they come
-// from DRAM as a model's layers do. Prints both medians (GFLOP/s), the median of the per-round
+// heads (16, 8 KV heads, d 128), bf16 K/V stored head-major as KVCache keeps them, `fast` (or
+// AB_PRECISION=exact: the FMA kernel), 2 threads (AMX_THREADS); a continuation's K/V rotate
+// through >= 1 GiB of copies so that they come from DRAM as a model's layers do. Prints both medians (GFLOP/s), the median of the per-round
 // ratios B/A, how many rounds B won, and whether the outputs' bits agree.
 // Not built by CMake (needs an AMX CPU). This file is compiled three times:
 //   F="-std=c++20 -O3 -march=native -fopenmp -ffp-contract=off -DNDEBUG"
@@ -23,6 +23,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <random>
+#include <string>
 #include <vector>
 
 #if defined(AB_MAIN)
@@ -125,7 +126,8 @@ extern "C" double AB_CAT(AB_NS, call)(const float* q, const void* k, const void*
   AttentionOptions opt;
   const char* e = std::getenv("AMX_THREADS");
   opt.num_threads = e && std::atoi(e) > 0 ? std::atoi(e) : 2;
-  opt.precision = Precision::fast;
+  const char* p = std::getenv("AB_PRECISION");  // "exact": the FMA kernel (as on a CPU without AMX)
+  opt.precision = p && std::string(p) == "exact" ? Precision::exact : Precision::fast;
   const auto t0 = std::chrono::steady_clock::now();
   if (W > 0) attention_prefill(qv, kv, vv, ov, SlidingWindowMask{W}, opt);
   else attention_prefill(qv, kv, vv, ov, CausalMask{}, opt);

@@ -634,11 +634,57 @@ inline void prefetch_row_ahead(const RowPtr& row, std::int64_t r, std::int64_t n
   if (r + kRowsAhead < n) prefetch_bytes<Write>(row(r + kRowsAhead), bytes);
 }
 
+// dst[0, n) = o · inv: finalize_row's default store.
+struct ScaledStore {
+  void operator()(float* dst, const float* o, float inv, std::int64_t n) const {
+    for (std::int64_t d = 0; d < n; ++d) dst[d] = o[d] * inv;
+  }
+};
+
+// ScaledStore with the row's whole cache lines written by streaming stores (no read for
+// ownership, nothing evicted for them), the partial lines at either end with plain ones; the
+// kernels end each work item with an sfence. A sub-tile's output rows lie H·d floats apart,
+// each in lines no prefetcher foresees: read for ownership, they cost the AMX kernel's finalize
+// 8-15% of a one-thread call (amx_prefill_profile.cpp). Measured in flash_prefill_amx.hpp's
+// header for the AMX kernel; for this one (amx_prefill_ab.cpp with AB_PRECISION=exact, 2
+// threads, B/A medians, bits equal): sliding T 32768 / W 512 1.013, 1.006x on Zen 5 and 0.984x
+// on an AMX Xeon; causal T 2048 1.016, 1.004x and 1.086x; 512 after 8192 keys 1.043, 0.998x and
+// 1.043x.
+struct StreamingStore {
+  void operator()(float* dst, const float* o, float inv, std::int64_t n) const {
+    std::int64_t d = 0;
+#if defined(__AVX512F__)
+    constexpr std::int64_t kLanes = 16;
+#elif defined(__AVX__)
+    constexpr std::int64_t kLanes = 8;
+#else
+    constexpr std::int64_t kLanes = 0;
+#endif
+    if constexpr (kLanes > 0) {
+      if (reinterpret_cast<std::uintptr_t>(dst) % 4 == 0) {
+        const std::int64_t head = std::min<std::int64_t>(n, ((64 - reinterpret_cast<std::uintptr_t>(dst) % 64) % 64) / 4);
+        for (; d < head; ++d) dst[d] = o[d] * inv;
+#if defined(__AVX512F__)
+        const __m512 vi = _mm512_set1_ps(inv);
+        for (; d + 16 <= n; d += 16) _mm512_stream_ps(dst + d, _mm512_mul_ps(vi, _mm512_loadu_ps(o + d)));
+#elif defined(__AVX__)
+        const __m256 vi = _mm256_set1_ps(inv);
+        for (; d + 16 <= n; d += 16) {  // whole lines: two halves
+          _mm256_stream_ps(dst + d, _mm256_mul_ps(vi, _mm256_loadu_ps(o + d)));
+          _mm256_stream_ps(dst + d + 8, _mm256_mul_ps(vi, _mm256_loadu_ps(o + d + 8)));
+        }
+#endif
+      }
+    }
+    for (; d < n; ++d) dst[d] = o[d] * inv;
+  }
+};
+
 // out[t, h] = o / l (and lse) for a row with running max m (base 2) and sum l, with the
-// variant's sink and output scale. Shared by the FMA and AMX kernels.
-template <class KV, class Var>
+// variant's sink and output scale. Shared by the FMA and AMX kernels; `store` writes the row.
+template <class KV, class Var, class Store = ScaledStore>
 inline void finalize_row(const Segment<KV>& seg, const Shape& sh, const Var& var, std::int64_t t, std::int64_t h,
-                         const float* o, float m, float l) {
+                         const float* o, float m, float l, const Store& store = {}) {
   constexpr float neg_inf = -std::numeric_limits<float>::infinity();
   float* dst = seg.out.ptr(t, h);
   float sink = neg_inf;
@@ -648,19 +694,19 @@ inline void finalize_row(const Segment<KV>& seg, const Shape& sh, const Var& var
     if (seg.lse.data) seg.lse(t, h) = sink;
     return;
   }
-  float inv, lse;
+  // The log only where an lse is wanted: it is a libm call per row (errno keeps it alive).
+  float inv;
   if constexpr (Var::has_sink) {  // the sink joins the denominator: l' = l·2^(m - M) + 2^(sink - M)
     const float s2 = sink * kLog2e, mx = std::max(m, s2);
     const float a = std::exp2(m - mx), l2 = l * a + std::exp2(s2 - mx);
     inv = a / l2;
-    lse = mx * kLn2 + std::log(l2);
+    if (seg.lse.data) seg.lse(t, h) = mx * kLn2 + std::log(l2);
   } else {
     inv = 1.f / l;
-    lse = m * kLn2 + std::log(l);
+    if (seg.lse.data) seg.lse(t, h) = m * kLn2 + std::log(l);
   }
   if constexpr (Var::has_output) inv *= var.output.scale(seg.row0 + t, h);
-  for (std::int64_t d = 0; d < sh.d_v; ++d) dst[d] = o[d] * inv;
-  if (seg.lse.data) seg.lse(t, h) = lse;
+  store(dst, o, inv, sh.d_v);
 }
 
 // The sub-tiles [first, end) that see key tile [k0, k0 + kc): a contiguous run, since visible
@@ -794,7 +840,7 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
     done[s] = 1;
     const auto out_row = [&](std::int64_t r) { return seg.out.ptr(sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq); };
     for (std::int64_t r = 0; r < sub.rows; ++r) {
-      prefetch_row_ahead<true>(out_row, r, sub.rows, sh.d_v * 4);
+      if constexpr (gated) prefetch_row_ahead<true>(out_row, r, sub.rows, sh.d_v * 4);
       const std::int64_t t = sub.t_begin + r % sub.nq, h = it.h_begin + r / sub.nq;
       float* dst = out_row(r);
       const float* src = sub.obuf + r * dvp;
@@ -810,7 +856,7 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
         if (ex.gate.out.data) ex.gate.out(t, h) = g;
         continue;
       }
-      finalize_row(seg, sh, var, t, h, src, sub.m[r], sub.l[r]);
+      finalize_row(seg, sh, var, t, h, src, sub.m[r], sub.l[r], StreamingStore{});
     }
   };
   // The key-tile loop over (k, v) under mask m (query row 0 at position q_off). window_state:
@@ -870,6 +916,9 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
 
   for (std::int64_t s = 0; s < n_sub; ++s)
     if (!done[s]) finalize(s);
+#if defined(__SSE__)
+  _mm_sfence();  // the streamed output rows are visible before the item counts as done
+#endif
 }
 
 // The variant's once-per-call preparation: M^T, row e = column e of M, zero rows up to a

@@ -18,6 +18,11 @@
 // cycles per 16 scores in cache, a sub-tile 5% faster. 2026-12-04: a masked tile's mask applied
 // in the exp pass (RowCols) instead of a pass through S: a sliding-window sub-tile's softmax 13%
 // faster in cache. A one-thread call's phases: amx_prefill_profile.cpp (ATTNKIT_AMX_PROFILE).
+// Output rows written with streaming stores (StreamingStore, flash_prefill.hpp), old and new alternated in
+// one process (amx_prefill_ab.cpp, 2 threads, B/A medians, five processes on four hosts):
+// sliding T 32768 / W 512 1.069, 1.040, 1.083, 1.056, 1.054x; causal T 2048 1.073, 1.034, 1.053,
+// 1.046, 1.040x; 512 after 8192 keys 1.014, 0.992, 1.071, 1.047, 0.985x; T 8192 1.011, 1.047x;
+// bits equal.
 //
 // Same work items, key-tile walk and online softmax as the FMA kernel (flash_prefill.hpp), with
 // the two products on tiles and the scores row-major:
@@ -648,11 +653,9 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
     ATTNKIT_AMX_PHASE(finalize);
     const AmxSub& sub = subs[s];
     done[s] = 1;
-    const auto out_row = [&](std::int64_t r) { return seg.out.ptr(sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq); };
-    for (std::int64_t r = 0; r < sub.rows; ++r) {
-      prefetch_row_ahead<true>(out_row, r, sub.rows, d_v * 4);
-      finalize_row(seg, sh, var, sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq, sub.o + r * o_ld, sub.m[r], sub.l[r]);
-    }
+    for (std::int64_t r = 0; r < sub.rows; ++r)
+      finalize_row(seg, sh, var, sub.t_begin + r % sub.nq, it.h_begin + r / sub.nq, sub.o + r * o_ld, sub.m[r], sub.l[r],
+                   StreamingStore{});
   };
   Prefetcher pf;
   if (key_hi >= key_lo) {
@@ -742,6 +745,7 @@ void run_item_amx(const Segment<KV>& seg, const Shape& sh, const Mask& mask, con
       if (!packed[s]) pack_q(subs[s]);
       finalize(s);
     }
+  _mm_sfence();  // the streamed output rows are visible before the item counts as done
 }
 
 // Queries per work item: about ATTNKIT_AMX_ITEM_ROWS rows (1024; the FMA kernel's are 512).
