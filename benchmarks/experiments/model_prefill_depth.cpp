@@ -15,6 +15,11 @@
 // Measured 2026-12-04 on an AMX host (fast, after 8192, four processes alternating the cache):
 // f32 341 and 238 tok/s, bf16 245 and 355 (fastest calls 1.29-1.30 s); linear layers alone
 // 0.42-0.63 s (711-1087 GFLOP/s), the rest 0.97-1.61 s.
+// Built with -DATTNKIT_AMX_PROFILE it also prints the AMX attention kernel's own time (its work
+// items' cycles): late on 2026-12-04, two processes on one AMX host (bf16 cache), calls 1.435 and
+// 1.704 s, linear layers alone 0.390 and 0.468 s, attention items 0.803 and 0.876 s on 2 threads
+// (1236 and 1132 GFLOP/s), so 0.24-0.36 s went to the rest of the layer and to what the linear
+// layers lose in the call against alone.
 #include <cstdio>
 #include <cstdlib>
 #include <string>
@@ -91,6 +96,11 @@ int main(int argc, char** argv) {
 
   call();  // warm-up: thread scratch, first touch of the call's buffers
   linear_alone();
+#if defined(ATTNKIT_AMX_PROFILE)
+  // Built with -DATTNKIT_AMX_PROFILE: the AMX attention items' TSC cycles during the timed calls
+  // (both threads' items add up in one counter), to tell the attention kernel from the rest.
+  std::fill_n(detail::flash::amx_profile(), static_cast<int>(detail::flash::AmxPhase::count), 0);
+#endif
   std::vector<double> calls, lins, rest;
   for (int r = 0; r < rounds; ++r) {
     calls.push_back(call());
@@ -106,4 +116,15 @@ int main(int argc, char** argv) {
   std::printf("  its linear layers alone: %.3f s, %.1f GFLOP/s; the rest (attention, norms, RoPE, cache): %.3f s, "
               "attention at %.1f GFLOP/s if it were all of it\n",
               median(lins), linear_flops / median(lins) * 1e-9, median(rest), attn_flops / median(rest) * 1e-9);
+#if defined(ATTNKIT_AMX_PROFILE)
+  const auto t0 = clk::now();
+  const std::uint64_t c0 = __rdtsc();
+  while (seconds(t0) < 0.2) {
+  }
+  const double tsc_hz = static_cast<double>(__rdtsc() - c0) / seconds(t0);
+  const double item_s = static_cast<double>(detail::flash::amx_profile()[0]) / tsc_hz / rounds;
+  std::printf("  attention kernel (AMX items, ATTNKIT_AMX_PROFILE): %.3f s of thread time per call, %.3f s on %d "
+              "threads if balanced (%.1f GFLOP/s)\n",
+              item_s, item_s / kThreads, kThreads, attn_flops / (item_s / kThreads) * 1e-9);
+#endif
 }
