@@ -653,29 +653,20 @@ struct ScaledStore {
 struct StreamingStore {
   void operator()(float* dst, const float* o, float inv, std::int64_t n) const {
     std::int64_t d = 0;
+#if defined(__AVX__)
+    if (reinterpret_cast<std::uintptr_t>(dst) % 4 == 0) {
+      const std::int64_t head = std::min<std::int64_t>(n, ((64 - reinterpret_cast<std::uintptr_t>(dst) % 64) % 64) / 4);
+      for (; d < head; ++d) dst[d] = o[d] * inv;
+      for (; d + 16 <= n; d += 16) {  // one whole line
 #if defined(__AVX512F__)
-    constexpr std::int64_t kLanes = 16;
-#elif defined(__AVX__)
-    constexpr std::int64_t kLanes = 8;
+        _mm512_stream_ps(dst + d, _mm512_mul_ps(_mm512_set1_ps(inv), _mm512_loadu_ps(o + d)));
 #else
-    constexpr std::int64_t kLanes = 0;
-#endif
-    if constexpr (kLanes > 0) {
-      if (reinterpret_cast<std::uintptr_t>(dst) % 4 == 0) {
-        const std::int64_t head = std::min<std::int64_t>(n, ((64 - reinterpret_cast<std::uintptr_t>(dst) % 64) % 64) / 4);
-        for (; d < head; ++d) dst[d] = o[d] * inv;
-#if defined(__AVX512F__)
-        const __m512 vi = _mm512_set1_ps(inv);
-        for (; d + 16 <= n; d += 16) _mm512_stream_ps(dst + d, _mm512_mul_ps(vi, _mm512_loadu_ps(o + d)));
-#elif defined(__AVX__)
-        const __m256 vi = _mm256_set1_ps(inv);
-        for (; d + 16 <= n; d += 16) {  // whole lines: two halves
-          _mm256_stream_ps(dst + d, _mm256_mul_ps(vi, _mm256_loadu_ps(o + d)));
-          _mm256_stream_ps(dst + d + 8, _mm256_mul_ps(vi, _mm256_loadu_ps(o + d + 8)));
-        }
+        _mm256_stream_ps(dst + d, _mm256_mul_ps(_mm256_set1_ps(inv), _mm256_loadu_ps(o + d)));
+        _mm256_stream_ps(dst + d + 8, _mm256_mul_ps(_mm256_set1_ps(inv), _mm256_loadu_ps(o + d + 8)));
 #endif
       }
     }
+#endif
     for (; d < n; ++d) dst[d] = o[d] * inv;
   }
 };
