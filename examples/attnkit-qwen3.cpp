@@ -103,6 +103,9 @@ run:
   --precision exact|fast   matrix products: fp32-accurate (default) or bf16-rounded activations (faster;
                            with q8 weights, decode also quantises activations to int8: VNNI)
   --kv-cache f32|bf16|int8 KV cache storage (default f32; int8: a scale per token and KV head)
+  --profile                after the prefill and after the generation, the wall time of each stage of the
+                           forward: norms, projections, RoPE, cache appends, the attention kernel, the MLP's
+                           products and activation, the head (stages nest: mixer > attn.*, mlp > mlp.*)
   --help
 text (stdout carries only the generated text, streamed; the summary and timing lines go to stderr):
   --prompt TEXT            generate a continuation of TEXT (special tokens such as <|im_start|> in it count)
@@ -299,6 +302,21 @@ std::vector<std::int64_t> config_eos_ids(const nlohmann::json& raw) {
   return ids;
 }
 
+// --profile: the wall time of each stage of the forward since the last report
+// (core/stage_profile.hpp; nested stages are part of their parents), then cleared.
+void print_stages(std::FILE* f, const char* what) {
+  if (!profile::stage_profile_enabled()) return;
+  const auto rows = profile::stage_totals();
+  double total = 0;
+  for (const auto& r : rows)
+    if (r.name == "forward") total = r.seconds;
+  std::fprintf(f, "profile (%s): wall time per stage (nested: mixer > attn.*, mlp > mlp.*)\n", what);
+  for (const auto& r : rows)
+    std::fprintf(f, "  %-18s %10.3f ms %6.1f%% %8lld calls\n", r.name.c_str(), r.seconds * 1e3,
+                 total > 0 ? 100.0 * r.seconds / total : 0.0, (long long)r.calls);
+  profile::reset_stage_totals();
+}
+
 void print_timing(const text::GenerateResult& r) {
   std::fprintf(stderr, "prefill: %.1f tok/s (%lld tokens in %.3f s)\n",
                r.prefill_seconds > 0 ? r.prompt_tokens / r.prefill_seconds : 0.0, (long long)r.prompt_tokens,
@@ -381,6 +399,7 @@ void run_text(const model::Qwen3Model& m, const TextArgs& a, const std::string& 
     std::fputc('\n', stdout);
     std::fflush(stdout);
     print_timing(r);
+    print_stages(stderr, "prefill and decode");
   };
 
   auto first_turn = [&](const std::string& user) {
@@ -522,6 +541,7 @@ void run_batch(const model::Qwen3Model& m, std::int64_t B, const std::vector<std
               shared.empty() ? "" : ", one shared prompt prefilled once and forked");
   std::printf("prefill: %.1f tok/s (%lld tokens of %zu sequences in %.3f s)\n", prefilled / in_s, (long long)prefilled,
               prompts.size(), in_s);
+  print_stages(stdout, "prefill");
   for (std::size_t i = 0; i < traces.size(); ++i)
     write_trace(m, traces[i], per_sequence_path(tr.trace_out, static_cast<std::int64_t>(i)),
                 per_sequence_path(tr.plot_out, static_cast<std::int64_t>(i)), tr.plot_layer,
@@ -559,6 +579,7 @@ void run_batch(const model::Qwen3Model& m, std::int64_t B, const std::vector<std
   if (generate > 1)
     std::printf("decode: %.1f tok/s (%lld tokens in %.3f s, %lld sequences per step)\n", B * (generate - 1) / gs,
                 (long long)(B * (generate - 1)), gs, (long long)B);
+  print_stages(stdout, "decode");
   std::printf("pages: %lld in use after prefill, %lld now, of %lld (%lld tokens each)\n", (long long)pages_after_prefill,
               (long long)bs.pages_in_use(), (long long)bs.pool_pages(), (long long)page_size);
 }
@@ -674,6 +695,7 @@ int main(int argc, char** argv) {
     else if (a == "--sample-seed") ta.sample_seed = static_cast<std::uint64_t>(parse_int(value(), "--sample-seed"));
     else if (a == "--allow-unused") allow_unused = true;
     else if (a == "--decode") decode = true;
+    else if (a == "--profile") profile::enable_stage_profile(true);
     else if (a == "--chunk") chunk = parse_int(value(), "--chunk", 1, kMaxTokens);
     else if (a == "--batch") batch = parse_int(value(), "--batch", 1, 1 << 16);
     else if (a == "--page-size") page_size = parse_int(value(), "--page-size", 1, 1 << 20);
@@ -872,6 +894,7 @@ int main(int argc, char** argv) {
     }
     const double in_s = std::chrono::duration<double>(Clock::now() - t0).count();
     std::printf("%s: %.1f tok/s (%lld tokens in %.3f s)\n", decode ? "decode" : "prefill", T / in_s, (long long)T, in_s);
+    print_stages(stdout, decode ? "decode" : "prefill");
 
     fo.trace = nullptr;  // the trace covers the input tokens
     if (!trace_out.empty() || !plot_out.empty()) write_trace(m, trace, trace_out, plot_out, plot_layer, "");
@@ -892,6 +915,7 @@ int main(int argc, char** argv) {
       for (auto g : gen) std::printf(" %lld", (long long)g);
       std::printf("\n");
       if (generate > 1) std::printf("decode: %.1f tok/s (%lld tokens in %.3f s)\n", (generate - 1) / gs, (long long)(generate - 1), gs);
+      print_stages(stdout, "generation");
     }
   } catch (const std::exception& e) {
     die(e.what(), kRuntimeError);

@@ -18,6 +18,10 @@ namespace attnkit::test {
 
 namespace fs = std::filesystem;
 
+// Every model test runs with the layers' scratch buffers poisoned (model/workspace.hpp): a layer
+// reading scratch it did not write gives NaN, which no comparison passes.
+inline const bool kWorkspacesPoisoned = (model::poison_workspaces() = true, true);
+
 inline fs::path fixture(const std::string& name) { return fs::path(ATTNKIT_TEST_DATA) / "fixtures" / name; }
 
 // T token ids drawn uniformly from [0, V) by a seeded generator.

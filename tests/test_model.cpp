@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -224,6 +225,44 @@ TEST_CASE("model results do not depend on the thread count", "[model]") {
   one.num_threads = 1;
   two.num_threads = 2;
   CHECK(test::bit_equal(prefill_logits(m, ref.ids, one), prefill_logits(m, ref.ids, two)));
+}
+
+TEST_CASE("the stage profile times each stage of a forward, and records nothing while off", "[model][profile]") {
+  const model::Qwen3Model m = model::Qwen3Model::load(fixture("qwen3-tiny-swa"));
+  const Reference ref = load_reference(fixture("qwen3-tiny-swa"));
+  const auto L = static_cast<std::int64_t>(m.num_layers());
+  const auto totals = [] {
+    std::map<std::string, profile::StageTotal> t;
+    for (const auto& r : profile::stage_totals()) t[r.name] = r;
+    return t;
+  };
+  profile::enable_stage_profile(false);
+  profile::reset_stage_totals();
+  const auto off = prefill_logits(m, ref.ids, {});
+  CHECK(profile::stage_totals().empty());
+
+  profile::enable_stage_profile(true);
+  const auto on = prefill_logits(m, ref.ids, {});
+  profile::enable_stage_profile(false);
+  CHECK(test::bit_equal(on, off));  // timing changes no number
+  const auto t = totals();
+  for (const char* name : {"forward", "embed", "layer.norm", "mixer", "attn.qkv_proj", "attn.qk_norm", "attn.rope",
+                           "attn.cache_append", "attn.kernel", "attn.o_proj", "layer.residual", "mlp", "mlp.gate_up",
+                           "mlp.silu_mul", "mlp.down", "readout"}) {
+    CAPTURE(name);
+    REQUIRE(t.count(name) == 1);
+    CHECK(t.at(name).seconds >= 0);
+  }
+  CHECK(t.at("forward").calls == 1);
+  CHECK(t.at("readout").calls == 1);
+  for (const char* name : {"mixer", "mlp", "attn.kernel", "attn.o_proj", "mlp.down"}) CHECK(t.at(name).calls == L);
+  CHECK(t.at("layer.norm").calls == 2 * L);  // the block has no output norms
+  // Nested stages lie inside their parents.
+  CHECK(t.at("mixer").seconds + t.at("mlp").seconds <= t.at("forward").seconds);
+  CHECK(t.at("attn.kernel").seconds + t.at("attn.o_proj").seconds <= t.at("mixer").seconds);
+  CHECK(t.at("mlp.gate_up").seconds + t.at("mlp.silu_mul").seconds + t.at("mlp.down").seconds <= t.at("mlp").seconds);
+  profile::reset_stage_totals();
+  CHECK(profile::stage_totals().empty());
 }
 
 TEST_CASE("random models are deterministic and run every layer type", "[model]") {

@@ -103,6 +103,8 @@ int main(int argc, char** argv) {
   step();  // warm-up: thread scratch, first touch of the step's buffers
   gemvs();
   std::vector<double> reads, step_gbps, gemv_gbps, step_ratio, gemv_ratio;
+  profile::enable_stage_profile(true);  // the steps' stages (core/stage_profile.hpp); the GEMVs have none
+  profile::reset_stage_totals();
   for (int r = 0; r < rounds; ++r) {
     const double read = rl::read_pass(buf.get(), rl::kReadBufferFloats, kThreads) * 1e-9;
     const double gs = step_bytes / step() * 1e-9;
@@ -123,4 +125,9 @@ int main(int argc, char** argv) {
               median(step_ratio), rounds);
   std::printf("  its GEMVs alone: %.1f GB/s: %.3f of the best read, %.3f per round\n", median(gemv_gbps),
               median(gemv_gbps) / best_read, median(gemv_ratio));
+  profile::enable_stage_profile(false);
+  std::printf("  stages (wall time per step, mean of the rounds; nested: mixer > attn.*, mlp > mlp.*):\n");
+  for (const auto& st : profile::stage_totals())
+    std::printf("    %-18s %9.1f us  (%lld calls)\n", st.name.c_str(), st.seconds / rounds * 1e6,
+                static_cast<long long>(st.calls / rounds));
 }

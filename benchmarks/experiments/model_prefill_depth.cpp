@@ -101,6 +101,8 @@ int main(int argc, char** argv) {
   // (both threads' items add up in one counter), to tell the attention kernel from the rest.
   std::fill_n(detail::flash::amx_profile(), static_cast<int>(detail::flash::AmxPhase::count), 0);
 #endif
+  profile::enable_stage_profile(true);
+  profile::reset_stage_totals();
   std::vector<double> calls, lins, rest;
   for (int r = 0; r < rounds; ++r) {
     calls.push_back(call());
@@ -116,6 +118,13 @@ int main(int argc, char** argv) {
   std::printf("  its linear layers alone: %.3f s, %.1f GFLOP/s; the rest (attention, norms, RoPE, cache): %.3f s, "
               "attention at %.1f GFLOP/s if it were all of it\n",
               median(lins), linear_flops / median(lins) * 1e-9, median(rest), attn_flops / median(rest) * 1e-9);
+  // Wall time per stage of the forward (core/stage_profile.hpp), per call (stages nest: "mixer"
+  // holds the "attn.*" ones, "mlp" the "mlp.*" ones).
+  profile::enable_stage_profile(false);
+  std::printf("  stages (wall time per call):\n");
+  for (const auto& st : profile::stage_totals())
+    std::printf("    %-18s %8.4f s  %6.1f%%  (%lld calls)\n", st.name.c_str(), st.seconds / rounds,
+                100.0 * st.seconds / rounds / median(calls), static_cast<long long>(st.calls / rounds));
 #if defined(ATTNKIT_AMX_PROFILE)
   const auto t0 = clk::now();
   const std::uint64_t c0 = __rdtsc();

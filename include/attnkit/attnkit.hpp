@@ -6,6 +6,7 @@
 #include "attnkit/core/error.hpp"
 #include "attnkit/core/memory.hpp"
 #include "attnkit/core/simd.hpp"
+#include "attnkit/core/stage_profile.hpp"
 #include "attnkit/core/trace_tensor.hpp"
 #include "attnkit/core/threading.hpp"
 #include "attnkit/core/view.hpp"
@@ -41,6 +42,7 @@
 #include "attnkit/model/recipe.hpp"
 #include "attnkit/model/residuals/attention_residuals.hpp"
 #include "attnkit/model/trace.hpp"
+#include "attnkit/model/workspace.hpp"
 
 #include "attnkit/viz/trace_plot.hpp"
 #include "attnkit/model/mixer.hpp"

@@ -217,6 +217,7 @@ inline BatchSession Qwen3Model::new_batch_session(const SessionOptions& opt, con
 
 inline void Qwen3Model::forward_batch(BatchSession& bs, std::span<const SequenceTokens> step, View2<float> logits,
                                       const ForwardOptions& opt) const {
+  ATTNKIT_STAGE("forward");
   constexpr const char* fn = "Qwen3Model::forward_batch";
   const std::int64_t B = static_cast<std::int64_t>(step.size()), V = config_.vocab_size;
   ATTNKIT_REQUIRE(bs.model_ == this, fn, ": argument 'session': made by another model");

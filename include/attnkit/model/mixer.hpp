@@ -18,6 +18,8 @@
 
 #include "attnkit/attention/paged_kv.hpp"
 #include "attnkit/core/error.hpp"
+#include "attnkit/core/stage_profile.hpp"
+#include "attnkit/model/workspace.hpp"
 #include "attnkit/core/view.hpp"
 #include "attnkit/io/config.hpp"
 #include "attnkit/linalg/packed_linear.hpp"
@@ -44,6 +46,7 @@ struct StepContext {
   const ops::Rope::Angles* rope = nullptr;  // RoPE angles of this step's positions, shared by all layers
   int pass = 0;                             // which run over the layer stack (looped stacks run it several times)
   Trace* trace = nullptr;                   // where mechanisms record their internals (gates, ...); may be null
+  Workspace* workspace = nullptr;           // the step's scratch buffers (workspace.hpp); null: allocate
 };
 
 class MixerState {

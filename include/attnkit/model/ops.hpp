@@ -20,8 +20,16 @@ namespace attnkit::ops {
 // y = w * (x / sqrt(mean(x^2) + eps)) for one row of n elements (Qwen3RMSNorm; w multiplies
 // after normalising). y may equal x.
 inline void rms_norm_row(const float* x, const float* w, float eps, float* y, std::int64_t n) {
-  double ss = 0;  // double accumulation: cheap here and removes the length dependence of fp32 sums
-  for (std::int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
+  // Double accumulation removes the length dependence of fp32 sums. Eight partial sums (element
+  // i into part[i % 8], added up in a fixed tree) let the loop vectorise: one chain of dependent
+  // double adds made the norms of a 512-token prefill 0.05 s of Qwen3-0.6B's 2.1 s on the AMX
+  // host (ATTNKIT_STAGE_PROFILE's "layer.norm" and "attn.qk_norm").
+  double part[8] = {};
+  std::int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) part[j] += static_cast<double>(x[i + j]) * x[i + j];
+  for (int j = 0; i < n; ++i, ++j) part[j] += static_cast<double>(x[i]) * x[i];
+  const double ss = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
   const float inv = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(n) + eps));
   for (std::int64_t i = 0; i < n; ++i) y[i] = w[i] * (x[i] * inv);
 }
@@ -127,15 +135,16 @@ inline void silu_mul(ConstView2<float> gate_up, View2<float> act, int threads = 
   });
 }
 
-// y += x over [rows, n].
-inline void add_inplace(View2<float> y, ConstView2<float> x) {
+// y += x over [rows, n], rows split over `threads` (from 16 rows).
+inline void add_inplace(View2<float> y, ConstView2<float> x, int threads = 1) {
   ATTNKIT_REQUIRE(x.shape == y.shape, "add_inplace: argument 'x': shape ", detail::shape_string(x), " != ",
                   detail::shape_string(y));
-  for (std::int64_t r = 0; r < y.shape[0]; ++r) {
+  parallel_for(y.shape[0], y.shape[0] >= 16 ? threads : 1, [&](std::int64_t r) {
+    ATTNKIT_FAULT_POINT("ops");
     float* a = y.ptr(r);
     const float* b = x.ptr(r);
     for (std::int64_t i = 0; i < y.shape[1]; ++i) a[i] += b[i];
-  }
+  });
 }
 
 // Index of the largest element (lowest index on ties); NaN is never chosen over a number.

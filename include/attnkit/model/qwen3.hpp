@@ -26,6 +26,7 @@
 #include <string>
 #include <vector>
 
+#include "attnkit/core/stage_profile.hpp"
 #include "attnkit/io/config.hpp"
 #include "attnkit/io/safetensors.hpp"
 #include "attnkit/model/builtin.hpp"
@@ -53,10 +54,19 @@ class SwiGLU {
   }
   void forward(ConstView2<float> x, View2<float> out, const StepContext& ctx) const {
     const std::int64_t T = x.shape[0];
-    std::vector<float> gu(static_cast<std::size_t>(T * 2 * I_)), act(static_cast<std::size_t>(T * I_));
-    gate_up_.forward(x, View2<float>(gu.data(), {T, 2 * I_}), {ctx.precision, ctx.num_threads, false});
-    ops::silu_mul(View2<float>(gu.data(), {T, 2 * I_}), View2<float>(act.data(), {T, I_}), ctx.num_threads);
-    down_.forward(View2<float>(act.data(), {T, I_}), out, {ctx.precision, ctx.num_threads, false});
+    std::vector<float> own_gu, own_act;
+    float* gu = scratch(ctx.workspace, Scratch::mlp_gate_up, static_cast<std::size_t>(T * 2 * I_), own_gu);
+    float* act = scratch(ctx.workspace, Scratch::mlp_act, static_cast<std::size_t>(T * I_), own_act);
+    {
+      ATTNKIT_STAGE("mlp.gate_up");
+      gate_up_.forward(x, View2<float>(gu, {T, 2 * I_}), {ctx.precision, ctx.num_threads, false});
+    }
+    {
+      ATTNKIT_STAGE("mlp.silu_mul");
+      ops::silu_mul(View2<float>(gu, {T, 2 * I_}), View2<float>(act, {T, I_}), ctx.num_threads);
+    }
+    ATTNKIT_STAGE("mlp.down");
+    down_.forward(View2<float>(act, {T, I_}), out, {ctx.precision, ctx.num_threads, false});
   }
   std::size_t weight_bytes() const { return gate_up_.bytes() + down_.bytes(); }
 
@@ -419,6 +429,7 @@ class Qwen3Model::Readout {
         cum_(static_cast<std::size_t>(T), 0.f), p_(static_cast<std::size_t>(T)), chosen_(static_cast<std::size_t>(rows_), 0) {}
 
   void step(int pass, ConstView2<float> out) {
+    ATTNKIT_STAGE("readout");
     const int passes = m_.stack_->passes();
     const bool last = pass + 1 == passes;
     ops::rms_norm(out, m_.final_norm_.data(), static_cast<float>(m_.config_.rms_norm_eps), h_, opt_.num_threads);
@@ -532,8 +543,14 @@ template <class MixerCall>
 void Qwen3Model::run_stack(const char* fn, std::span<const std::int64_t> ids, std::vector<std::int64_t> row_tokens,
                            View2<float> logits, StepContext ctx, const ForwardOptions& opt, MixerCall&& mixer) const {
   const std::int64_t T = static_cast<std::int64_t>(ids.size()), D = config_.hidden_size;
-  std::vector<float> x(static_cast<std::size_t>(T * D)), xn(x.size()), y(x.size());
-  for (std::int64_t t = 0; t < T; ++t) embed(ids[t], x.data() + t * D);
+  std::vector<float> x, xn, y;
+  {
+    ATTNKIT_STAGE("embed");
+    x.resize(static_cast<std::size_t>(T * D));
+    xn.resize(x.size());
+    y.resize(x.size());
+    for (std::int64_t t = 0; t < T; ++t) embed(ids[t], x.data() + t * D);
+  }
   View2<float> xv(x.data(), {T, D}), xnv(xn.data(), {T, D}), yv(y.data(), {T, D});
   if (opt.on_hidden) opt.on_hidden(0, xv);
 
@@ -543,6 +560,8 @@ void Qwen3Model::run_stack(const char* fn, std::span<const std::int64_t> ids, st
   using K = ExitRule::Kind;
   const bool per_step = passes > 1 && (opt.trace || rule.kind != K::last);
   Readout readout(*this, opt, rule, ctx.pos0, T, std::move(row_tokens), logits, xnv);
+  Workspace workspace;  // the layers' scratch buffers, reused by each
+  ctx.workspace = &workspace;
   std::unique_ptr<ResidualStream> stream;
   for (int pass = 0; pass < passes; ++pass) {  // x holds this pass's input
     ctx.pass = pass;
@@ -552,14 +571,38 @@ void Qwen3Model::run_stack(const char* fn, std::span<const std::int64_t> ids, st
     for (std::size_t l = 0; l < layers_.size(); ++l) {
       const DecoderLayer& layer = layers_[l];
       const int li = static_cast<int>(l);
-      ops::rms_norm(stream->input(li, Sublayer::mixer), layer.input_norm.data(), eps, xnv, opt.num_threads);
-      mixer(l, xnv, yv, ctx);
-      if (!layer.mixer_out_norm.empty()) ops::rms_norm(yv, layer.mixer_out_norm.data(), eps, yv, opt.num_threads);
-      stream->add_output(li, Sublayer::mixer, yv);
-      ops::rms_norm(stream->input(li, Sublayer::mlp), layer.post_norm.data(), eps, xnv, opt.num_threads);
-      layer.mlp.forward(xnv, yv, ctx);
-      if (!layer.mlp_out_norm.empty()) ops::rms_norm(yv, layer.mlp_out_norm.data(), eps, yv, opt.num_threads);
-      stream->add_output(li, Sublayer::mlp, yv);
+      {
+        ATTNKIT_STAGE("layer.norm");
+        ops::rms_norm(stream->input(li, Sublayer::mixer), layer.input_norm.data(), eps, xnv, opt.num_threads);
+      }
+      {
+        ATTNKIT_STAGE("mixer");
+        mixer(l, xnv, yv, ctx);
+      }
+      if (!layer.mixer_out_norm.empty()) {
+        ATTNKIT_STAGE("layer.norm");
+        ops::rms_norm(yv, layer.mixer_out_norm.data(), eps, yv, opt.num_threads);
+      }
+      {
+        ATTNKIT_STAGE("layer.residual");
+        stream->add_output(li, Sublayer::mixer, yv);
+      }
+      {
+        ATTNKIT_STAGE("layer.norm");
+        ops::rms_norm(stream->input(li, Sublayer::mlp), layer.post_norm.data(), eps, xnv, opt.num_threads);
+      }
+      {
+        ATTNKIT_STAGE("mlp");
+        layer.mlp.forward(xnv, yv, ctx);
+      }
+      if (!layer.mlp_out_norm.empty()) {
+        ATTNKIT_STAGE("layer.norm");
+        ops::rms_norm(yv, layer.mlp_out_norm.data(), eps, yv, opt.num_threads);
+      }
+      {
+        ATTNKIT_STAGE("layer.residual");
+        stream->add_output(li, Sublayer::mlp, yv);
+      }
       if (report && l + 1 < layers_.size()) opt.on_hidden(li + 1, stream->output());
       if (opt.on_pass_hidden) opt.on_pass_hidden(pass, li + 1, stream->output());
     }
@@ -576,6 +619,7 @@ void Qwen3Model::run_stack(const char* fn, std::span<const std::int64_t> ids, st
 
 inline void Qwen3Model::forward(Session& s, std::span<const std::int64_t> ids, View2<float> logits,
                                 const ForwardOptions& opt) const {
+  ATTNKIT_STAGE("forward");
   const std::int64_t T = static_cast<std::int64_t>(ids.size());
   const std::int64_t V = config_.vocab_size;
   ATTNKIT_REQUIRE(T > 0, "Qwen3Model::forward: argument 'ids': empty");

@@ -48,23 +48,25 @@ class ResidualPolicy {
 class SumResidual final : public ResidualPolicy {
  public:
   std::string kind() const override { return "sum"; }
-  std::unique_ptr<ResidualStream> begin(ConstView2<float> input, const StepContext&) const override {
-    return std::make_unique<Stream>(input);
+  std::unique_ptr<ResidualStream> begin(ConstView2<float> input, const StepContext& ctx) const override {
+    return std::make_unique<Stream>(input, ctx.num_threads);
   }
 
  private:
   class Stream final : public ResidualStream {
    public:
-    explicit Stream(ConstView2<float> e) : rows_(e.shape[0]), cols_(e.shape[1]), x_(static_cast<std::size_t>(rows_ * cols_)) {
+    Stream(ConstView2<float> e, int threads)
+        : rows_(e.shape[0]), cols_(e.shape[1]), threads_(threads), x_(static_cast<std::size_t>(rows_ * cols_)) {
       for (std::int64_t r = 0; r < rows_; ++r) std::copy(e.ptr(r), e.ptr(r) + cols_, x_.data() + r * cols_);
     }
     ConstView2<float> input(int, Sublayer) override { return view(); }
-    void add_output(int, Sublayer, ConstView2<float> out) override { ops::add_inplace(view(), out); }
+    void add_output(int, Sublayer, ConstView2<float> out) override { ops::add_inplace(view(), out, threads_); }
     ConstView2<float> output() override { return view(); }
 
    private:
     View2<float> view() { return View2<float>(x_.data(), {rows_, cols_}); }
     std::int64_t rows_, cols_;
+    int threads_;
     std::vector<float> x_;
   };
 };

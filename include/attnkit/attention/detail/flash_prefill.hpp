@@ -63,6 +63,7 @@
 #include "attnkit/core/bf16.hpp"
 #include "attnkit/core/memory.hpp"
 #include "attnkit/core/simd.hpp"
+#include "attnkit/core/stage_profile.hpp"
 #include "attnkit/core/threading.hpp"
 #include "attnkit/core/view.hpp"
 
@@ -963,6 +964,7 @@ void run_prefill(const std::vector<Segment<KV>>& segs, const Shape& sh, const Ma
   std::vector<float> metric_t;
   const VariantPrep prep = prepare_variant(sh, var, metric_t);
   const std::vector<WorkItem> items = plan_items(segs, sh, h_begin, h_end, q_ranges, item_queries(sh.G));
+  ATTNKIT_STAGE("prefill.items");
   parallel_for(
       static_cast<std::int64_t>(items.size()), num_threads,
       [&](std::int64_t i) { ATTNKIT_FAULT_POINT("prefill"); run_item<Arch>(segs[items[i].segment], sh, mask, items[i], ex, var, prep); }, /*dynamic=*/true);

@@ -51,6 +51,7 @@
 #include "attnkit/core/amx.hpp"
 #include "attnkit/core/memory.hpp"
 #include "attnkit/core/precision.hpp"
+#include "attnkit/core/stage_profile.hpp"
 
 namespace attnkit::detail::flash {
 
@@ -792,6 +793,7 @@ void run_prefill_at([[maybe_unused]] Precision precision, const std::vector<Segm
     std::vector<float> metric_t;
     const VariantPrep prep = prepare_variant(sh, var, metric_t);
     const std::vector<WorkItem> items = plan_items(segs, sh, h_begin, h_end, q_ranges, amx_item_queries(sh.G));
+    ATTNKIT_STAGE("prefill.items");
     parallel_for(
         static_cast<std::int64_t>(items.size()), num_threads,
         [&](std::int64_t i) {

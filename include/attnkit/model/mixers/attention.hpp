@@ -96,10 +96,12 @@ class Qwen3Attention final : public TokenMixer {
     const std::int64_t T = x.shape[0], H = proj_.heads(), d = proj_.head_dim();
     QKV qkv;
     proj_.forward(x, qkv, ctx);
-    std::vector<float> attn(static_cast<std::size_t>(T * H * d));
-    st->caches[static_cast<std::size_t>(ctx.pass)].attend(qkv.q, qkv.k, qkv.v, View3<float>(attn.data(), {T, H, d}), ctx);
-    if (proj_.output_gate()) apply_output_gate(qkv.gate, attn.data(), layer_, ctx);
-    o_.forward(View2<float>(attn.data(), {T, H * d}), out, {ctx.precision, ctx.num_threads, false});
+    std::vector<float> own;
+    float* attn = scratch(ctx.workspace, Scratch::attention, static_cast<std::size_t>(T * H * d), own);
+    st->caches[static_cast<std::size_t>(ctx.pass)].attend(qkv.q, qkv.k, qkv.v, View3<float>(attn, {T, H, d}), ctx);
+    if (proj_.output_gate()) apply_output_gate(qkv.gate, attn, layer_, ctx);
+    ATTNKIT_STAGE("attn.o_proj");
+    o_.forward(View2<float>(attn, {T, H * d}), out, {ctx.precision, ctx.num_threads, false});
   }
 
   // Batch sessions: full attention in every pass keeps its K/V in the session's page pool (f32
@@ -114,11 +116,16 @@ class Qwen3Attention final : public TokenMixer {
     const std::int64_t N = x.shape[0], H = proj_.heads(), d = proj_.head_dim();
     QKV qkv;
     proj_.forward_batch(x, qkv, step, ctx);
-    std::vector<float> attn(static_cast<std::size_t>(N * H * d));
-    attend_paged(qkv.q, qkv.k, qkv.v, View3<float>(attn.data(), {N, H, d}), step,
-                 step.kv_head0 + ctx.pass * proj_.kv_heads(), ctx);
-    if (proj_.output_gate()) apply_output_gate(qkv.gate, attn.data(), layer_, ctx);
-    o_.forward(View2<float>(attn.data(), {N, H * d}), out, {ctx.precision, ctx.num_threads, false});
+    std::vector<float> own;
+    float* attn = scratch(ctx.workspace, Scratch::attention, static_cast<std::size_t>(N * H * d), own);
+    {
+      ATTNKIT_STAGE("attn.kernel");  // with the step's appends to its pages
+      attend_paged(qkv.q, qkv.k, qkv.v, View3<float>(attn, {N, H, d}), step,
+                   step.kv_head0 + ctx.pass * proj_.kv_heads(), ctx);
+    }
+    if (proj_.output_gate()) apply_output_gate(qkv.gate, attn, layer_, ctx);
+    ATTNKIT_STAGE("attn.o_proj");
+    o_.forward(View2<float>(attn, {N, H * d}), out, {ctx.precision, ctx.num_threads, false});
   }
 
  private:

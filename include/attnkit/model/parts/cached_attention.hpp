@@ -193,7 +193,11 @@ class AttentionCache {
   template <class KV>
   void attend_in(KVCache<KV>& cache, ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, View3<float> out,
                  const StepContext& ctx) {
-    cache.append(k, v);
+    {
+      ATTNKIT_STAGE("attn.cache_append");
+      cache.append(k, v);
+    }
+    ATTNKIT_STAGE("attn.kernel");
     if (q.shape[0] == 1) return decode_one<KV>(q, cache.keys(), cache.values(), out, ctx);
     AttentionOptions opt;
     opt.num_threads = ctx.num_threads;
@@ -208,14 +212,26 @@ class AttentionCache {
   void attend_in(RingKVCache<KV>& ring, ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, View3<float> out,
                  const StepContext& ctx) {
     if (q.shape[0] == 1) {
-      ring.append(k, v);  // the ring now holds exactly the W positions the query may see
+      {
+        ATTNKIT_STAGE("attn.cache_append");
+        ring.append(k, v);  // the ring now holds exactly the W positions the query may see
+      }
+      ATTNKIT_STAGE("attn.kernel");
       return decode_one<KV>(q, ring.keys(), ring.values(), out, ctx);
     }
-    const auto w = window_keys(ring, k, v);
-    AttentionOptions opt;
-    opt.num_threads = ctx.num_threads;
-    opt.precision = ctx.precision;
-    attention_prefill<staged_t<KV>>(q, w.k, w.v, out, SlidingWindowMask{window_}, opt);
+    WindowKV<staged_t<KV>> w;
+    {
+      ATTNKIT_STAGE("attn.window_keys");
+      w = window_keys(ring, k, v);
+    }
+    {
+      ATTNKIT_STAGE("attn.kernel");
+      AttentionOptions opt;
+      opt.num_threads = ctx.num_threads;
+      opt.precision = ctx.precision;
+      attention_prefill<staged_t<KV>>(q, w.k, w.v, out, SlidingWindowMask{window_}, opt);
+    }
+    ATTNKIT_STAGE("attn.cache_append");
     ring.append(k, v);
   }
 

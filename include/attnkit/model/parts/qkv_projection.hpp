@@ -24,7 +24,7 @@ namespace attnkit::model {
 // The projected q, k, v of one step: views into one buffer, [T, heads, d] each; gate [T, H, d]
 // when the projection has an output gate (else an empty view).
 struct QKV {
-  std::vector<float> buffer;
+  std::vector<float> buffer;  // the rows' storage where the step has no workspace
   View3<float> q, k, v, gate;
 };
 
@@ -101,15 +101,18 @@ class QKVProjection {
   // The fused product and the q/k norms.
   void project(ConstView2<float> x, QKV& out, const StepContext& ctx) const {
     const std::int64_t qw = (gated_ ? 2 : 1) * H_ * d_, width = qw + 2 * Hkv_ * d_, T = x.shape[0];
-    out.buffer.resize(static_cast<std::size_t>(T * width));
-    qkv_.forward(x, View2<float>(out.buffer.data(), {T, width}), {ctx.precision, ctx.num_threads, false});
-    float* b = out.buffer.data();
+    float* b = scratch(ctx.workspace, Scratch::qkv, static_cast<std::size_t>(T * width), out.buffer);
+    {
+      ATTNKIT_STAGE("attn.qkv_proj");
+      qkv_.forward(x, View2<float>(b, {T, width}), {ctx.precision, ctx.num_threads, false});
+    }
     const std::int64_t head_stride = gated_ ? 2 * d_ : d_;  // gated: [q | gate] per head
     out.q = View3<float>(b, {T, H_, d_}, {width, head_stride, 1});
     out.gate = gated_ ? View3<float>(b + d_, {T, H_, d_}, {width, head_stride, 1}) : View3<float>();
     out.k = View3<float>(b + qw, {T, Hkv_, d_}, {width, d_, 1});
     out.v = View3<float>(b + qw + Hkv_ * d_, {T, Hkv_, d_}, {width, d_, 1});
     if (!q_norm_.empty()) {
+      ATTNKIT_STAGE("attn.qk_norm");
       ops::rms_norm_heads(out.q, q_norm_.data(), eps_, ctx.num_threads);
       ops::rms_norm_heads(out.k, k_norm_.data(), eps_, ctx.num_threads);
     }
@@ -118,6 +121,7 @@ class QKVProjection {
   // RoPE on q and k [T, heads, d] at positions pos0 ...; `shared` angles serve when they were
   // made for this rotary width and these positions.
   void rotate(View3<float> q, View3<float> k, std::int64_t pos0, const ops::Rope::Angles* shared, int threads) const {
+    ATTNKIT_STAGE("attn.rope");
     const std::int64_t T = q.shape[0];
     const bool use = shared && shared->half * 2 == rotary_ && shared->tokens == T && shared->pos0 == pos0;
     const ops::Rope::Angles own = use ? ops::Rope::Angles{} : rope_->angles(pos0, T);
