@@ -19,8 +19,13 @@
 // items' cycles): late on 2026-12-04, two processes on one AMX host (bf16 cache), calls 1.435 and
 // 1.704 s, linear layers alone 0.390 and 0.468 s, attention items 0.803 and 0.876 s on 2 threads
 // (1236 and 1132 GFLOP/s), so 0.24-0.36 s went to the rest of the layer and to what the linear
-// layers lose in the call against alone.
+// layers lose in the call against alone. It also prints the stage profile (core/stage_profile.hpp:
+// wall time per stage of the forward) and the minor page faults per call: late on 2026-12-04 the
+// stages showed 0.08-0.09 s of zero-filled scratch buffers and 0.05 s of scalar norms per call;
+// with the per-call workspace and vectorised norms, old and new alternated on one AMX host (three
+// processes each): new 414.0, 450.2 and 270.0 tok/s (a slow core pair), old 302.3, 299.5, 289.5.
 #include <cstdio>
+#include <sys/resource.h>
 #include <cstdlib>
 #include <string>
 #include <vector>
@@ -55,10 +60,19 @@ int main(int argc, char** argv) {
   fo.logits = model::LogitsRows::last;
   fo.precision = precision;
   fo.num_threads = kThreads;
+  // Minor page faults (a buffer's first touch), per call and per pass of the linear layers alone.
+  const auto faults = [] {
+    rusage u{};
+    getrusage(RUSAGE_SELF, &u);
+    return static_cast<double>(u.ru_minflt);
+  };
+  double call_faults = 0, linear_faults = 0;
   const auto call = [&] {
+    const double f0 = faults();
     const auto t0 = clk::now();
     m.forward(s, std::span<const std::int64_t>(ids), View2<float>(logits.data(), {1, V}), fo);
     const double sec = seconds(t0);
+    call_faults += faults() - f0;
     rewind(m, s, depth);
     return sec;
   };
@@ -81,11 +95,14 @@ int main(int argc, char** argv) {
   const std::int64_t widest = std::max({2 * I, I, H * d, (H + 2 * Hkv) * d, D});
   std::vector<float> x(static_cast<std::size_t>(kTokens * widest), 0.5f), y(x.size());
   const auto linear_alone = [&] {
+    const double f0 = faults();
     const auto t0 = clk::now();
     for (const auto& lin : linears)
       lin.forward(ConstView2<float>(x.data(), {kTokens, lin.in_features()}),
                   View2<float>(y.data(), {kTokens, lin.out_features()}), {precision, kThreads, false});
-    return seconds(t0);
+    const double sec = seconds(t0);
+    linear_faults += faults() - f0;
+    return sec;
   };
 
   const double params = static_cast<double>(D * (H + 2 * Hkv) * d + H * d * D + 3 * D * I);
@@ -103,6 +120,7 @@ int main(int argc, char** argv) {
 #endif
   profile::enable_stage_profile(true);
   profile::reset_stage_totals();
+  call_faults = linear_faults = 0;
   std::vector<double> calls, lins, rest;
   for (int r = 0; r < rounds; ++r) {
     calls.push_back(call());
@@ -115,6 +133,8 @@ int main(int argc, char** argv) {
   std::printf("  call: %.3f s, %.1f tok/s, %.1f GFLOP/s (calls %.3f-%.3f s)\n", median(calls), kTokens / median(calls),
               flops / median(calls) * 1e-9, *std::min_element(calls.begin(), calls.end()),
               *std::max_element(calls.begin(), calls.end()));
+  std::printf("  minor page faults: %.0f per call, %.0f per pass of the linear layers alone\n", call_faults / rounds,
+              linear_faults / rounds);
   std::printf("  its linear layers alone: %.3f s, %.1f GFLOP/s; the rest (attention, norms, RoPE, cache): %.3f s, "
               "attention at %.1f GFLOP/s if it were all of it\n",
               median(lins), linear_flops / median(lins) * 1e-9, median(rest), attn_flops / median(rest) * 1e-9);
