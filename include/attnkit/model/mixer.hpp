@@ -19,13 +19,13 @@
 #include "attnkit/attention/paged_kv.hpp"
 #include "attnkit/core/error.hpp"
 #include "attnkit/core/stage_profile.hpp"
-#include "attnkit/model/workspace.hpp"
 #include "attnkit/core/view.hpp"
 #include "attnkit/io/config.hpp"
 #include "attnkit/linalg/packed_linear.hpp"
 #include "attnkit/model/ops.hpp"
 #include "attnkit/model/tensor_source.hpp"
 #include "attnkit/model/trace.hpp"
+#include "attnkit/model/workspace.hpp"
 
 namespace attnkit::model {
 

@@ -55,8 +55,8 @@ class SwiGLU {
   void forward(ConstView2<float> x, View2<float> out, const StepContext& ctx) const {
     const std::int64_t T = x.shape[0];
     std::vector<float> own_gu, own_act;
-    float* gu = scratch(ctx.workspace, Scratch::mlp_gate_up, static_cast<std::size_t>(T * 2 * I_), own_gu);
-    float* act = scratch(ctx.workspace, Scratch::mlp_act, static_cast<std::size_t>(T * I_), own_act);
+    float* gu = scratch(ctx.workspace, ScratchSlot::mlp_gate_up, static_cast<std::size_t>(T * 2 * I_), own_gu);
+    float* act = scratch(ctx.workspace, ScratchSlot::mlp_act, static_cast<std::size_t>(T * I_), own_act);
     {
       ATTNKIT_STAGE("mlp.gate_up");
       gate_up_.forward(x, View2<float>(gu, {T, 2 * I_}), {ctx.precision, ctx.num_threads, false});

@@ -3,8 +3,8 @@
 // A layer's intermediates (the fused q/k/v rows, the attention output, the MLP's gate/up rows
 // and activations) are dead when the layer ends, and the next layer wants the same sizes.
 // Allocating and zero-filling them per layer cost 0.09 s of a 2.1 s prefill of 512 tokens after
-// 8192 (Qwen3-0.6B, AMX host, 2 threads, ATTNKIT_STAGE_PROFILE's "attn.buffers" and
-// "mlp.buffers"): ~31 MB per layer written by one thread just before the kernels wrote it again.
+// 8192 (Qwen3-0.6B, AMX host, 2 threads, timed by core/stage_profile.hpp): ~31 MB per layer
+// written by one thread just before the kernels wrote it again.
 // A Workspace lives for one forward (Qwen3Model::run_stack makes it and hands it to the layers in
 // StepContext::workspace); each slot is uninitialised, 64-byte aligned memory that grows when a
 // layer asks for more and is otherwise reused. Whoever takes a slot writes all of it before
@@ -25,7 +25,8 @@
 
 namespace attnkit::model {
 
-enum class Scratch { qkv, attention, mlp_gate_up, mlp_act, count };
+// What a slot holds (one buffer per purpose).
+enum class ScratchSlot { qkv, attention, mlp_gate_up, mlp_act, count };
 
 // Switched on, every buffer a Workspace hands out is first filled with NaN, so a layer that
 // reads scratch it did not write shows NaN instead of the previous layer's numbers (the model
@@ -38,8 +39,8 @@ inline std::atomic<bool>& poison_workspaces() {
 class Workspace {
  public:
   // At least n floats of slot s, uninitialised (the previous layer's values, or garbage).
-  float* get(Scratch s, std::size_t n) {
-    Slot& slot = slots_[static_cast<std::size_t>(s)];
+  float* get(ScratchSlot s, std::size_t n) {
+    Buffer& slot = slots_[static_cast<std::size_t>(s)];
     if (slot.capacity < n) {
       slot.data.reset();  // before the new one: a step's peak stays one buffer per slot
       slot.data.reset(static_cast<float*>(allocate_aligned(n * sizeof(float))));
@@ -54,16 +55,16 @@ class Workspace {
   struct Free {
     void operator()(float* p) const { std::free(p); }
   };
-  struct Slot {
+  struct Buffer {
     std::unique_ptr<float, Free> data;
     std::size_t capacity = 0;
   };
-  std::array<Slot, static_cast<std::size_t>(Scratch::count)> slots_;
+  std::array<Buffer, static_cast<std::size_t>(ScratchSlot::count)> slots_;
 };
 
 // n floats for slot s: the step's workspace where there is one (a model's forward), else `own`
 // resized (a mixer called on its own).
-inline float* scratch(Workspace* ws, Scratch s, std::size_t n, std::vector<float>& own) {
+inline float* scratch(Workspace* ws, ScratchSlot s, std::size_t n, std::vector<float>& own) {
   if (ws) return ws->get(s, n);
   own.resize(n);
   return own.data();

@@ -97,7 +97,7 @@ class Qwen3Attention final : public TokenMixer {
     QKV qkv;
     proj_.forward(x, qkv, ctx);
     std::vector<float> own;
-    float* attn = scratch(ctx.workspace, Scratch::attention, static_cast<std::size_t>(T * H * d), own);
+    float* attn = scratch(ctx.workspace, ScratchSlot::attention, static_cast<std::size_t>(T * H * d), own);
     st->caches[static_cast<std::size_t>(ctx.pass)].attend(qkv.q, qkv.k, qkv.v, View3<float>(attn, {T, H, d}), ctx);
     if (proj_.output_gate()) apply_output_gate(qkv.gate, attn, layer_, ctx);
     ATTNKIT_STAGE("attn.o_proj");
@@ -117,7 +117,7 @@ class Qwen3Attention final : public TokenMixer {
     QKV qkv;
     proj_.forward_batch(x, qkv, step, ctx);
     std::vector<float> own;
-    float* attn = scratch(ctx.workspace, Scratch::attention, static_cast<std::size_t>(N * H * d), own);
+    float* attn = scratch(ctx.workspace, ScratchSlot::attention, static_cast<std::size_t>(N * H * d), own);
     {
       ATTNKIT_STAGE("attn.kernel");  // with the step's appends to its pages
       attend_paged(qkv.q, qkv.k, qkv.v, View3<float>(attn, {N, H, d}), step,

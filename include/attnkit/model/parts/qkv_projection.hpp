@@ -101,7 +101,7 @@ class QKVProjection {
   // The fused product and the q/k norms.
   void project(ConstView2<float> x, QKV& out, const StepContext& ctx) const {
     const std::int64_t qw = (gated_ ? 2 : 1) * H_ * d_, width = qw + 2 * Hkv_ * d_, T = x.shape[0];
-    float* b = scratch(ctx.workspace, Scratch::qkv, static_cast<std::size_t>(T * width), out.buffer);
+    float* b = scratch(ctx.workspace, ScratchSlot::qkv, static_cast<std::size_t>(T * width), out.buffer);
     {
       ATTNKIT_STAGE("attn.qkv_proj");
       qkv_.forward(x, View2<float>(b, {T, width}), {ctx.precision, ctx.num_threads, false});
