@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdint>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -225,6 +226,29 @@ TEST_CASE("model results do not depend on the thread count", "[model]") {
   one.num_threads = 1;
   two.num_threads = 2;
   CHECK(test::bit_equal(prefill_logits(m, ref.ids, one), prefill_logits(m, ref.ids, two)));
+}
+
+TEST_CASE("a workspace reuses a slot's buffer, grows it when asked for more, and poisons what it hands out",
+          "[model][workspace]") {
+  model::Workspace ws;
+  float* a = ws.get(model::ScratchSlot::qkv, 100);
+  REQUIRE(a != nullptr);
+  CHECK(reinterpret_cast<std::uintptr_t>(a) % 64 == 0);
+  REQUIRE(model::poison_workspaces().load());  // model_test_util.hpp switched it on
+  for (int i = 0; i < 100; ++i) CHECK(std::isnan(a[i]));
+  std::fill_n(a, 100, 1.f);
+  float* b = ws.get(model::ScratchSlot::attention, 50);
+  CHECK(b != a);  // another purpose, another buffer
+  CHECK(ws.get(model::ScratchSlot::qkv, 60) == a);  // the same slot, no bigger: the same memory, poisoned again
+  CHECK(std::isnan(a[0]));
+  CHECK(std::isnan(a[59]));
+  float* c = ws.get(model::ScratchSlot::qkv, 1000);  // bigger: a new buffer, all of it poisoned
+  for (int i = 0; i < 1000; i += 111) CHECK(std::isnan(c[i]));
+  std::vector<float> own;
+  float* d = model::scratch(nullptr, model::ScratchSlot::qkv, 7, own);  // no workspace: the caller's vector
+  CHECK(d == own.data());
+  CHECK(own.size() == 7);
+  CHECK(model::scratch(&ws, model::ScratchSlot::qkv, 7, own) == c);
 }
 
 TEST_CASE("the stage profile times each stage of a forward, and records nothing while off", "[model][profile]") {
