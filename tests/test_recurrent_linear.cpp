@@ -207,17 +207,37 @@ TEST_CASE("linear_attention: both paths match the float64 reference", "[linear_a
             c.opt.norm_q, c.opt.norm_k, c.opt.scale, c.padded);
     const auto ref = test::reference_linear_attention(c.q, c.k, c.v, c.T, c.Hq, c.Hk, c.Hv, c.dk, c.dv, c.opt,
                                                       c.state0, c.z0);
+    // The state sums k_t v_tᵀ terms of both signs; where they cancel, f32 rounding is relative to
+    // the terms, not to their sum (a 1 x 1 state over 83 tokens drew 1.1e-5 against its small
+    // sum). So its error is taken relative to the same state over |k|, |v| and |state0|, which
+    // bounds each of its entries from above for all three feature maps (φ(|k|) >= |φ(k)|).
+    const auto abs_of = [](std::vector<float> x) {
+      for (auto& e : x) e = std::fabs(e);
+      return x;
+    };
+    const auto scale = test::reference_linear_attention(c.q, abs_of(c.k), abs_of(c.v), c.T, c.Hq, c.Hk, c.Hv, c.dk,
+                                                        c.dv, c.opt, abs_of(c.state0), c.z0);
+    const auto state_err = [&](const std::vector<float>& got, const std::vector<double>& want) {
+      double e = 0, n = 0;
+      for (std::size_t j = 0; j < got.size(); ++j) {
+        e += (got[j] - want[j]) * (got[j] - want[j]);
+        n += scale.state[j] * scale.state[j];
+      }
+      return got.size() != want.size() || got.size() != scale.state.size() ? std::numeric_limits<double>::infinity()
+             : n > 0                                                         ? std::sqrt(e / n)
+                                                                             : std::sqrt(e);
+    };
     const LaResult rec = run_la(c, LinearAttentionMode::recurrent);
     const LaResult chk = run_la(c, LinearAttentionMode::chunked);
     CHECK(rel_l2(rec.out, ref.out) <= kRefBound);
     CHECK(rel_l2(chk.out, ref.out) <= kRefBound);
-    CHECK(rel_l2(rec.state, ref.state) <= kRefBound);
-    CHECK(rel_l2(chk.state, ref.state) <= kRefBound);
+    CHECK(state_err(rec.state, ref.state) <= kRefBound);
+    CHECK(state_err(chk.state, ref.state) <= kRefBound);
     CHECK(rel_l2(rec.z, ref.z) <= kRefBound);
     CHECK(rel_l2(chk.z, ref.z) <= kRefBound);
     std::vector<double> rec_out(rec.out.begin(), rec.out.end()), rec_state(rec.state.begin(), rec.state.end());
     CHECK(rel_l2(chk.out, rec_out) <= kPathBound);
-    CHECK(rel_l2(chk.state, rec_state) <= kPathBound);
+    CHECK(state_err(chk.state, rec_state) <= kPathBound);
     // automatic takes the recurrent path up to recurrent_max_tokens, else the chunked one
     const LaResult aut = run_la(c, LinearAttentionMode::automatic);
     const LaResult& expect = c.T <= c.opt.recurrent_max_tokens ? rec : chk;
