@@ -218,14 +218,7 @@ TEST_CASE("linear_attention: both paths match the float64 reference", "[linear_a
     const auto scale = test::reference_linear_attention(c.q, abs_of(c.k), abs_of(c.v), c.T, c.Hq, c.Hk, c.Hv, c.dk,
                                                         c.dv, c.opt, abs_of(c.state0), c.z0);
     const auto state_err = [&](const std::vector<float>& got, const std::vector<double>& want) {
-      double e = 0, n = 0;
-      for (std::size_t j = 0; j < got.size(); ++j) {
-        e += (got[j] - want[j]) * (got[j] - want[j]);
-        n += scale.state[j] * scale.state[j];
-      }
-      return got.size() != want.size() || got.size() != scale.state.size() ? std::numeric_limits<double>::infinity()
-             : n > 0                                                         ? std::sqrt(e / n)
-                                                                             : std::sqrt(e);
+      return test::err_vs_magnitude(got, want, scale.state);
     };
     const LaResult rec = run_la(c, LinearAttentionMode::recurrent);
     const LaResult chk = run_la(c, LinearAttentionMode::chunked);
