@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <numeric>
 #include <random>
@@ -13,6 +14,7 @@
 #include "attnkit/attention/decode.hpp"
 #include "attnkit/attention/kv_cache.hpp"
 #include "attnkit/attention/loop.hpp"
+#include "attnkit/attention/variant.hpp"
 #include "attnkit/sparse/sparse_attention.hpp"
 #include "bench_data.hpp"
 #include "paged_sets.hpp"
@@ -230,14 +232,20 @@ BENCHMARK_TEMPLATE(BM_decode_paged, std::int8_t, attnkit::Precision::fast)
     ->UseRealTime()->Unit(benchmark::kMicrosecond);
 
 // Loop Attention and sparse attention over the same pages (the mixed lengths 512 .. 8192, P 16),
-// each step alternating with plain paged decode of the same page tables: vs_plain = median of
-// (variant time / plain time).
+// each step alternating with plain paged decode of another set of page tables of the same
+// lengths: vs_plain = median of (variant time / plain time).
 //  * decode/paged/loop/bf16: loop_attention_decode_paged, layer reading (global over all keys,
 //    local over the last W = 64 of the same pages, gate and blend). Ideal: 1 + W / length.
 //  * decode/paged/sparse/bf16: sparse_attention_decode_paged with each sequence's own random
 //    selection of min(2048, length) keys (DSA's top-2048). GBps / bw_frac count the selected rows'
 //    K and V bytes; vs_plain should approach the fraction of the rows read.
-void BM_decode_paged_variant(benchmark::State& state, bool sparse) {
+//  * decode/paged/<variant>/bf16: attention_decode_paged with a variant of attention/variant.hpp:
+//    softcap (SoftCap{30}), alibi (alibi_slopes(16)), sinks (a logit per head), tuneable
+//    (QueryMetric, a random M [128, 128]). Ideal: vs_plain 1 (the same rows, a few operations
+//    more per block of 32 keys).
+enum class PagedVariant { loop, sparse, softcap, alibi, sinks, tuneable };
+void BM_decode_paged_variant(benchmark::State& state, PagedVariant kind) {
+  const bool sparse = kind == PagedVariant::sparse;
   using KV = PagedSets::KV;
   constexpr std::int64_t H = PagedSets::H, d = PagedSets::d, W = 64, top_k = 2048;
   const PagedSets ps(paged_bench_lengths(0), 16);
@@ -249,6 +257,10 @@ void BM_decode_paged_variant(benchmark::State& state, bool sparse) {
   std::vector<float> gate_w(static_cast<std::size_t>(H * d)), gate_b(static_cast<std::size_t>(H));
   for (auto& x : gate_w) x = 0.05f * nd(gen);
   for (auto& x : gate_b) x = nd(gen);
+  const std::vector<float> slopes = attnkit::alibi_slopes(H);
+  std::vector<float> sinks(static_cast<std::size_t>(H)), metric(static_cast<std::size_t>(d * d));
+  for (auto& x : sinks) x = nd(gen);
+  for (auto& x : metric) x = nd(gen) / std::sqrt(static_cast<float>(d));  // |q M| ~ |q|
   std::vector<std::int32_t> idx(static_cast<std::size_t>(B * top_k), -1);
   std::int64_t selected = 0;
   for (std::int64_t b = 0; b < B; ++b) {  // a random ascending selection per sequence
@@ -272,19 +284,33 @@ void BM_decode_paged_variant(benchmark::State& state, bool sparse) {
   });
   std::size_t i = 0;
   for (auto _ : state) {
-    const std::size_t s = i++ % static_cast<std::size_t>(ps.n_sets);
+    // The plain call and the variant read different sets (same lengths, other pages), so neither
+    // finds the other's rows still in cache (each set is read once per n_sets calls).
+    const std::size_t n = static_cast<std::size_t>(ps.n_sets), sp = (2 * i) % n, s = (2 * i + 1) % n;
+    ++i;
     const auto t0 = std::chrono::steady_clock::now();
-    attnkit::attention_decode_paged<KV>(attnkit::ConstView3<float>(q.data(), {B, H, d}), cache, ps.table(s),
+    attnkit::attention_decode_paged<KV>(attnkit::ConstView3<float>(q.data(), {B, H, d}), cache, ps.table(sp),
                                         attnkit::View3<float>(plain.data(), {B, H, d}), opt);
     const auto t1 = std::chrono::steady_clock::now();
-    if (sparse)
-      attnkit::sparse_attention_decode_paged<KV>(attnkit::ConstView3<float>(q.data(), {B, H, d}), cache, ps.table(s),
-                                                 attnkit::ConstView2<std::int32_t>(idx.data(), {B, top_k}),
-                                                 attnkit::View3<float>(out.data(), {B, H, d}), so);
-    else
-      attnkit::loop_attention_decode_paged<KV>(attnkit::ConstView3<float>(q.data(), {B, H, d}), cache, cache, ps.table(s),
-                                               attnkit::ConstView2<float>(gate_w.data(), {H, d}), gate_b, W,
-                                               attnkit::View3<float>(out.data(), {B, H, d}), opt);
+    const attnkit::ConstView3<float> qv(q.data(), {B, H, d});
+    const attnkit::View3<float> ov(out.data(), {B, H, d});
+    const auto with = [&](const auto& var) { attnkit::attention_decode_paged<KV>(qv, cache, ps.table(s), ov, opt, {}, 0, var); };
+    switch (kind) {
+      case PagedVariant::sparse:
+        attnkit::sparse_attention_decode_paged<KV>(qv, cache, ps.table(s), attnkit::ConstView2<std::int32_t>(idx.data(), {B, top_k}),
+                                                   ov, so);
+        break;
+      case PagedVariant::loop:
+        attnkit::loop_attention_decode_paged<KV>(qv, cache, cache, ps.table(s), attnkit::ConstView2<float>(gate_w.data(), {H, d}),
+                                                 gate_b, W, ov, opt);
+        break;
+      case PagedVariant::softcap: with(attnkit::make_variant(attnkit::SoftCap{30.f})); break;
+      case PagedVariant::alibi: with(attnkit::make_variant(attnkit::Alibi{slopes.data()})); break;
+      case PagedVariant::sinks: with(attnkit::make_variant(attnkit::Sinks{sinks.data()})); break;
+      case PagedVariant::tuneable:
+        with(attnkit::make_variant(attnkit::QueryMetric{attnkit::ConstView2<float>(metric.data(), {d, d})}));
+        break;
+    }
     const auto t2 = std::chrono::steady_clock::now();
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
@@ -296,10 +322,18 @@ void BM_decode_paged_variant(benchmark::State& state, bool sparse) {
   state.counters["vs_plain"] = pairs.time_ratio();
   if (sparse) state.counters["rows_frac"] = static_cast<double>(selected) / (static_cast<double>(ps.bytes) / (2.0 * PagedSets::Hk * d * 2));
 }
-BENCHMARK_CAPTURE(BM_decode_paged_variant, loop, false)
+BENCHMARK_CAPTURE(BM_decode_paged_variant, loop, PagedVariant::loop)
     ->Name("decode/paged/loop/bf16")->UseManualTime()->Unit(benchmark::kMicrosecond);
-BENCHMARK_CAPTURE(BM_decode_paged_variant, sparse, true)
+BENCHMARK_CAPTURE(BM_decode_paged_variant, sparse, PagedVariant::sparse)
     ->Name("decode/paged/sparse/bf16")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_decode_paged_variant, softcap, PagedVariant::softcap)
+    ->Name("decode/paged/softcap/bf16")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_decode_paged_variant, alibi, PagedVariant::alibi)
+    ->Name("decode/paged/alibi/bf16")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_decode_paged_variant, sinks, PagedVariant::sinks)
+    ->Name("decode/paged/sinks/bf16")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_decode_paged_variant, tuneable, PagedVariant::tuneable)
+    ->Name("decode/paged/tuneable/bf16")->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 // Chunked prefill over a paged cache (attention_prefill_paged): B = 4 sequences of 4096
 // cached tokens each, the last 256 of each the new chunk (T = 1024 packed query rows), bf16

@@ -17,7 +17,9 @@
 #include "reference/decode_ref.hpp"
 #include "reference/loop_ref.hpp"
 #include "reference/sparse_ref.hpp"
+#include "reference/variant_ref.hpp"
 #include "test_util.hpp"
+#include "variant_combos.hpp"
 
 using namespace attnkit;
 using attnkit::test::rel_l2;
@@ -441,6 +443,151 @@ void check_int8_pages(std::uint64_t seed, std::int64_t P, std::int64_t H, std::i
     }
 }
 
+// Attention variants over pages (every combination of tests/variant_combos.hpp): batched decode
+// (all keys, or a sliding window) and paged prefill (causal or sliding), f32, bf16 and int8 pages,
+// random shapes and pages; against the float64 oracle (tests/reference/variant_ref.hpp, the
+// contiguous variant tests' 2e-5 bound) and bit for bit against the contiguous kernels with the
+// same variant (decode: each sequence's output-scale row; prefill: its rows).
+template <class KV>
+void check_variants_paged(std::uint64_t seed) {
+  CAPTURE(seed);
+  test::Rng rng(seed);
+  const std::int64_t P = std::int64_t{1} << rng.integer(0, 5), Hk = rng.integer(1, 3), H = Hk * rng.integer(1, 4);
+  const std::int64_t dk = rng.integer(0, 1) ? rng.integer(3, 40) : 16 * rng.integer(1, 8) + rng.integer(0, 1);
+  const std::int64_t dv = rng.integer(0, 1) ? dk : rng.integer(5, 70), B = rng.integer(1, 9);
+  CAPTURE(P, H, Hk, dk, dv, B);
+  Batch<KV> bt = make_batch<KV>(rng, B, P, Hk, dk, dv, kMaxLen / 4);
+  CAPTURE(bt.lengths);
+  // Each sequence's rows as the kernels see them (int8: code · scale) and, for int8, its codes.
+  constexpr bool quant = std::is_same_v<KV, std::int8_t>;
+  std::vector<QuantSeq> qs;
+  std::vector<std::vector<float>> kf = bt.k, vf = bt.v;
+  if constexpr (quant)
+    for (std::int64_t b = 0; b < B; ++b) {
+      qs.push_back(read_quant(bt, b));
+      kf[b] = qs[b].kf;
+      vf[b] = qs[b].vf;
+    }
+  const double scale = 1.0 / std::sqrt(double(dk));
+
+  // Decode: one query per sequence; the output scale has a row per sequence.
+  const std::vector<float> q = rng.normal_vec(static_cast<std::size_t>(B * H * dk));
+  const test::VariantInputs vd(rng, H, dk, B);
+  const std::int64_t W = rng.integer(0, 1) ? rng.integer(1, 300) : 0;
+  DecodeOptions opt;
+  opt.kv_chunk = P * rng.integer(1, 512 / P + 2);
+  CAPTURE(W, opt.kv_chunk);
+  for (test::Combo c : test::kCombos) {
+    INFO("decode, variant " << test::combo_name(c));
+    std::vector<float> out(static_cast<std::size_t>(B * H * dv)), lse(static_cast<std::size_t>(B * H)), out2(out.size());
+    test::poison(out), test::poison(lse), test::poison(out2);
+    test::with_variant(vd, c, [&](const auto& var) {
+      opt.num_threads = 1;
+      attention_decode_paged<KV>(ConstView3<float>(q.data(), {B, H, dk}), bt.pool.view(), bt.table(),
+                                 View3<float>(out.data(), {B, H, dv}), opt, View2<float>(lse.data(), {B, H}), W, var);
+      opt.num_threads = 2;
+      attention_decode_paged<KV>(ConstView3<float>(q.data(), {B, H, dk}), bt.pool.view(), bt.table(),
+                                 View3<float>(out2.data(), {B, H, dv}), opt, {}, W, var);
+    });
+    CHECK(test::bit_equal(out, out2));
+    for (std::int64_t b = 0; b < B; ++b) {
+      CAPTURE(b);
+      const std::int64_t L = bt.lengths[b];
+      const std::vector<float> qb(q.begin() + b * H * dk, q.begin() + (b + 1) * H * dk);
+      const std::vector<float> ob(out.begin() + b * H * dv, out.begin() + (b + 1) * H * dv),
+          lb(lse.begin() + b * H, lse.begin() + (b + 1) * H);
+      const auto want = ref::variant_attention(qb, kf[b], vf[b], 1, L, H, Hk, dk, dv, L - 1, W, scale,
+                                               test::variant_params(vd, c, b, 1));
+      CHECK(rel_l2(ob, want.out) < 2e-5);
+      CHECK(test::lse_close(want.lse, lb));
+      if (W > 0) continue;  // a window's chunks keep their positions: not the contiguous kernel's split
+      std::vector<float> oc(static_cast<std::size_t>(H * dv)), lc(static_cast<std::size_t>(H));
+      test::poison(oc), test::poison(lc);
+      test::with_variant(vd, c, [&](const auto& var) {
+        DecodeOptions o1 = opt;
+        o1.num_threads = 2;
+        const ConstView2<float> q1(qb.data(), {H, dk});
+        const View2<float> out1(oc.data(), {H, dv});
+        const View1<float> lse1(lc.data(), {H});
+        if constexpr (quant) {
+          attention_decode(q1, qs[b].keys(L, Hk, dk), qs[b].values(L, Hk, dv), out1, o1, lse1, var);
+        } else {
+          const std::vector<KV> kc = as_kv<KV>(bt.k[b]), vc = as_kv<KV>(bt.v[b]);
+          attention_decode<KV>(q1, ConstView3<KV>(kc.data(), {L, Hk, dk}), ConstView3<KV>(vc.data(), {L, Hk, dv}), out1,
+                               o1, lse1, var);
+        }
+      }, b, 1);
+      CHECK(test::bit_equal(ob, oc));
+      CHECK(test::bit_equal(lb, lc));
+    }
+  }
+
+  // Prefill: the last n_b tokens of each sequence; the output scale has a row per packed token.
+  std::vector<std::int64_t> cu{0};
+  for (std::int64_t b = 0; b < B; ++b) cu.push_back(cu.back() + rng.integer(0, std::min<std::int64_t>(bt.lengths[b], 9)));
+  const std::int64_t T = cu.back(), Wp = rng.integer(0, 1) ? rng.integer(1, 60) : 0;
+  CAPTURE(T, Wp);
+  const std::vector<float> qp = rng.normal_vec(static_cast<std::size_t>(T * H * dk));
+  const test::VariantInputs vp(rng, H, dk, T);
+  for (test::Combo c : test::kCombos) {
+    INFO("prefill, variant " << test::combo_name(c));
+    std::vector<float> out(static_cast<std::size_t>(T * H * dv)), lse(static_cast<std::size_t>(T * H));
+    test::poison(out), test::poison(lse);
+    AttentionOptions opt2;
+    opt2.num_threads = 2;
+    test::with_variant(vp, c, [&](const auto& var) {
+      const auto run = [&](const auto& mask) {
+        attention_prefill_paged<KV>(ConstView3<float>(qp.data(), {T, H, dk}), bt.pool.view(), bt.table(), cu,
+                                    View3<float>(out.data(), {T, H, dv}), mask, opt2, View2<float>(lse.data(), {T, H}), var);
+      };
+      if (Wp > 0) run(SlidingWindowMask{Wp});
+      else run(CausalMask{});
+    });
+    for (std::int64_t b = 0; b < B; ++b) {
+      const std::int64_t n = cu[b + 1] - cu[b], L = bt.lengths[b];
+      if (n == 0) continue;
+      CAPTURE(b, n);
+      const std::vector<float> qb(qp.begin() + cu[b] * H * dk, qp.begin() + cu[b + 1] * H * dk);
+      const std::vector<float> ob(out.begin() + cu[b] * H * dv, out.begin() + cu[b + 1] * H * dv),
+          lb(lse.begin() + cu[b] * H, lse.begin() + cu[b + 1] * H);
+      const auto want = ref::variant_attention(qb, kf[b], vf[b], n, L, H, Hk, dk, dv, L - n, Wp, scale,
+                                               test::variant_params(vp, c, cu[b], n));
+      CHECK(rel_l2(ob, want.out) < 2e-5);
+      CHECK(test::lse_close(want.lse, lb));
+      // Bit for bit attention_prefill on the sequence's rows held contiguously (int8: dequantised).
+      std::vector<float> oc(ob.size()), lc(lb.size());
+      test::poison(oc), test::poison(lc);
+      test::with_variant(vp, c, [&](const auto& var) {
+        AttentionOptions o1;
+        o1.q_offset = L - n;
+        const auto run = [&](const auto& mask) {
+          const ConstView3<float> q1(qb.data(), {n, H, dk});
+          const View3<float> out1(oc.data(), {n, H, dv});
+          const View2<float> lse1(lc.data(), {n, H});
+          if constexpr (quant) {
+            attention_prefill<float>(q1, ConstView3<float>(kf[b].data(), {L, Hk, dk}),
+                                     ConstView3<float>(vf[b].data(), {L, Hk, dv}), out1, mask, o1, lse1, var);
+          } else {
+            const std::vector<KV> kc = as_kv<KV>(bt.k[b]), vc = as_kv<KV>(bt.v[b]);
+            attention_prefill<KV>(q1, ConstView3<KV>(kc.data(), {L, Hk, dk}), ConstView3<KV>(vc.data(), {L, Hk, dv}), out1,
+                                  mask, o1, lse1, var);
+          }
+        };
+        if (Wp > 0) run(SlidingWindowMask{Wp});
+        else run(CausalMask{});
+      }, cu[b], n);
+      CHECK(test::bit_equal(ob, oc));
+      CHECK(test::bit_equal(lb, lc));
+    }
+  }
+  // A variant whose output scale has the wrong number of rows is refused by name.
+  std::vector<float> out(static_cast<std::size_t>(B * H * dv)), bad(static_cast<std::size_t>((B + 1) * H), 1.f);
+  CHECK_THROWS_WITH(attention_decode_paged<KV>(ConstView3<float>(q.data(), {B, H, dk}), bt.pool.view(), bt.table(),
+                                               View3<float>(out.data(), {B, H, dv}), opt, {}, 0,
+                                               make_variant(OutputScale{ConstView2<float>(bad.data(), {B + 1, H})})),
+                    Contains("attention_decode_paged: argument 'variant.output.scale'"));
+}
+
 }  // namespace
 
 TEST_CASE("paged batched decode matches float64 and the contiguous kernel, any thread count", "[paged][decode]") {
@@ -483,6 +630,15 @@ TEST_CASE("int8 pages: quantised appends, decode (exact and fast) and prefill eq
   REQUIRE_THROWS_WITH(attention_decode_paged<std::int8_t>(ConstView3<float>(q.data(), {1, 4, 8}), bare,
                                                           PageTable{indptr, pages, lengths}, View3<float>(out.data(), {1, 4, 8})),
                       Contains("attention_decode_paged: argument 'cache.v_scale': int8 pages need their scales"));
+}
+
+TEST_CASE("attention variants over pages: decode and prefill match float64 and the contiguous kernels",
+          "[paged][variants]") {
+  for (int r = 0; r < kRounds; ++r) {
+    check_variants_paged<float>(test::fresh_seed());
+    check_variants_paged<bf16>(test::fresh_seed());
+    check_variants_paged<std::int8_t>(test::fresh_seed());
+  }
 }
 
 TEST_CASE("paged prefill (chunked, several sequences) matches attention_prefill and float64", "[paged][prefill]") {

@@ -15,11 +15,19 @@
 #include "attnkit/attention/variant.hpp"
 #include "reference/variant_ref.hpp"
 #include "test_util.hpp"
+#include "variant_combos.hpp"
 
 using namespace attnkit;
 using attnkit::test::poison;
 using attnkit::test::rel_l2;
 using attnkit::test::Rng;
+using attnkit::test::Combo;
+using attnkit::test::combo_name;
+using attnkit::test::kCombos;
+using attnkit::test::lse_close;
+using attnkit::test::lse_entry_close;
+using attnkit::test::variant_params;
+using attnkit::test::with_variant;
 using Catch::Contains;
 
 namespace {
@@ -27,25 +35,12 @@ namespace {
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr int kCases = 24 / attnkit::test::kScale;
 
-std::vector<double> to_double(const std::vector<float>& x) { return {x.begin(), x.end()}; }
-
-// One lse entry: -inf must match exactly, the rest within 1e-5 (relative past 1).
-bool lse_entry_close(double want, double got) {
-  return std::isinf(want) ? got == want : std::abs(got - want) < 1e-5 * std::max(1.0, std::abs(want));
-}
-bool lse_close(const std::vector<double>& want, const std::vector<float>& got) {
-  bool ok = want.size() == got.size();
-  for (std::size_t i = 0; ok && i < want.size(); ++i) ok = lse_entry_close(want[i], got[i]);
-  return ok;
-}
-
 // One random problem: shapes with odd sizes and tails, q/k/v stored as the kernel reads them.
 template <class KV>
-struct Problem {
+struct Problem : attnkit::test::VariantInputs {
   std::int64_t T_q, T_k, H, H_kv, d_k, d_v, q_offset, window;
   std::vector<float> q, kf, vf;  // kf / vf: k, v as float exactly as stored
   std::vector<KV> k, v;
-  std::vector<float> M, slopes, sinks, scale_tok;  // variant parameters
   Problem(Rng& rng, bool decode) {
     H_kv = rng.integer(1, 3);
     H = H_kv * rng.integer(1, 4);
@@ -58,87 +53,19 @@ struct Problem {
     q = rng.normal_vec(static_cast<std::size_t>(T_q * H * d_k));
     attnkit::test::rounded_normal(rng, static_cast<std::size_t>(T_k * H_kv * d_k), kf, k);
     attnkit::test::rounded_normal(rng, static_cast<std::size_t>(T_k * H_kv * d_v), vf, v);
-    // A metric like Tuneable's M = U Uᵀ (U [d_k, 2 d_k] scaled so M stays near the identity's size).
-    std::vector<float> U = rng.normal_vec(static_cast<std::size_t>(d_k * 2 * d_k), 1.f / std::sqrt(2.f * d_k));
-    M.assign(static_cast<std::size_t>(d_k * d_k), 0.f);
-    for (std::int64_t a = 0; a < d_k; ++a)
-      for (std::int64_t b = 0; b < d_k; ++b) {
-        double s = 0;
-        for (std::int64_t r = 0; r < 2 * d_k; ++r) s += static_cast<double>(U[a * 2 * d_k + r]) * U[b * 2 * d_k + r];
-        M[a * d_k + b] = static_cast<float>(s);
-      }
-    slopes = alibi_slopes(H);
-    for (auto& s : slopes) s *= rng.uniform(0.5f, 4.f);  // steeper than standard, so the bias matters at short range
-    sinks = rng.normal_vec(static_cast<std::size_t>(H), 2.f);
-    if (H > 1) sinks[0] = kNegInf;  // a head without a sink
-    scale_tok.resize(static_cast<std::size_t>(T_q * H));
-    for (auto& w : scale_tok) w = rng.uniform(0.f, 2.f);
+    static_cast<VariantInputs&>(*this) = VariantInputs(rng, H, d_k, T_q);
   }
   ConstView3<float> qv() const { return {q.data(), {T_q, H, d_k}}; }
   ConstView3<KV> kv() const { return {k.data(), {T_k, H_kv, d_k}}; }
   ConstView3<KV> vv() const { return {v.data(), {T_k, H_kv, d_v}}; }
-  ConstView2<float> Mv() const { return {M.data(), {d_k, d_k}}; }
-  ConstView2<float> scale_v() const { return {scale_tok.data(), {T_q, H}}; }
 };
-
-// The variant combinations every test walks: names, the kernel's variant, the oracle's params.
-enum class Combo { plain, metric, softcap, alibi, sinks, output, metric_softcap_sinks_output, metric_alibi_sinks_output };
-constexpr Combo kCombos[] = {Combo::plain, Combo::metric, Combo::softcap, Combo::alibi, Combo::sinks, Combo::output,
-                             Combo::metric_softcap_sinks_output, Combo::metric_alibi_sinks_output};
-const char* combo_name(Combo c) {
-  switch (c) {
-    case Combo::plain: return "plain";
-    case Combo::metric: return "metric";
-    case Combo::softcap: return "softcap";
-    case Combo::alibi: return "alibi";
-    case Combo::sinks: return "sinks";
-    case Combo::output: return "output";
-    case Combo::metric_softcap_sinks_output: return "metric+softcap+sinks+output";
-    default: return "metric+alibi+sinks+output";
-  }
-}
-constexpr float kCap = 2.5f;  // small enough that the cap bends typical logits
-
-template <class KV>
-ref::VariantParams params(const Problem<KV>& p, Combo c) {
-  ref::VariantParams vp;
-  const bool metric = c == Combo::metric || c == Combo::metric_softcap_sinks_output || c == Combo::metric_alibi_sinks_output;
-  const bool softcap = c == Combo::softcap || c == Combo::metric_softcap_sinks_output;
-  const bool alibi = c == Combo::alibi || c == Combo::metric_alibi_sinks_output;
-  const bool sinks = c == Combo::sinks || c == Combo::metric_softcap_sinks_output || c == Combo::metric_alibi_sinks_output;
-  const bool output = c == Combo::output || c == Combo::metric_softcap_sinks_output || c == Combo::metric_alibi_sinks_output;
-  if (metric) vp.M = to_double(p.M);
-  if (softcap) vp.cap = kCap;
-  if (alibi) vp.slopes = to_double(p.slopes);
-  if (sinks) vp.sinks = to_double(p.sinks);
-  if (output) vp.out_scale = to_double(p.scale_tok);
-  return vp;
-}
-
-// Calls f(variant) with the kernel variant of combination c.
-template <class KV, class F>
-void with_variant(const Problem<KV>& p, Combo c, F&& f) {
-  const QueryMetric m{p.Mv()};
-  const Sinks s{p.sinks.data()};
-  const OutputScale o{p.scale_v()};
-  switch (c) {
-    case Combo::plain: return f(PlainAttention{});
-    case Combo::metric: return f(make_variant(m));
-    case Combo::softcap: return f(make_variant(SoftCap{kCap}));
-    case Combo::alibi: return f(make_variant(Alibi{p.slopes.data()}));
-    case Combo::sinks: return f(make_variant(s));
-    case Combo::output: return f(make_variant(o));
-    case Combo::metric_softcap_sinks_output: return f(make_variant(o, s, SoftCap{kCap}, m));
-    default: return f(make_variant(m, Alibi{p.slopes.data()}, s, o));
-  }
-}
 
 template <class KV>
 void prefill_case(Rng& rng, std::uint64_t seed) {
   const Problem<KV> p(rng, false);
   for (Combo c : kCombos) {
     const ref::VariantResult want = ref::variant_attention(p.q, p.kf, p.vf, p.T_q, p.T_k, p.H, p.H_kv, p.d_k, p.d_v,
-                                                           p.q_offset, p.window, 1.0 / std::sqrt(double(p.d_k)), params(p, c));
+                                                           p.q_offset, p.window, 1.0 / std::sqrt(double(p.d_k)), variant_params(p, c));
     std::vector<float> out1(static_cast<std::size_t>(p.T_q * p.H * p.d_v)), lse1(static_cast<std::size_t>(p.T_q * p.H));
     std::vector<float> out2 = out1, lse2 = lse1;
     poison(out1), poison(lse1), poison(out2), poison(lse2);
@@ -175,7 +102,7 @@ void decode_case(Rng& rng, std::uint64_t seed, bool ring) {
   if (ring)
     for (std::int64_t s = 0; s < p.T_k; ++s) key_pos.push_back(P - ((P - s) % W + W) % W);
   for (Combo c : kCombos) {
-    ref::VariantParams vp = params(p, c);
+    ref::VariantParams vp = variant_params(p, c);
     // Decode has no window (the caller passes the keys it sees); only ALiBi reads positions.
     const ref::VariantResult want = ref::variant_attention(p.q, p.kf, p.vf, 1, p.T_k, p.H, p.H_kv, p.d_k, p.d_v, P, 0,
                                                            1.0 / std::sqrt(double(p.d_k)), vp, key_pos);

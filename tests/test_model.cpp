@@ -532,57 +532,8 @@ std::vector<float> session_logits(const model::Qwen3Model& m, const std::vector<
   return test::run(m, ids, {}, so).logits;
 }
 
-// A plan of batch steps: per step, how many new tokens each sequence runs (0: not in the step).
-using Plan = std::vector<std::vector<std::int64_t>>;
-
-// Runs the sequences' ids through a batch session by `plan` (LogitsRows::all) and returns each
-// sequence's logits rows in position order. traces: one per sequence, recorded in the steps
-// (and then rows: LogitsRows::last is allowed; the logits returned are empty).
-std::vector<std::vector<float>> batch_logits(const model::Qwen3Model& m, const std::vector<std::vector<std::int64_t>>& ids,
-                                             const Plan& plan, const model::SessionOptions& so, std::int64_t page_size,
-                                             int threads, std::vector<model::Trace>* traces = nullptr,
-                                             model::LogitsRows rows = model::LogitsRows::all) {
-  const std::int64_t V = m.config().vocab_size;
-  model::BatchOptions bo;
-  bo.page_size = page_size;
-  bo.initial_pages = 2;  // the pool must grow
-  auto bs = m.new_batch_session(so, bo);
-  std::vector<std::int64_t> seq, done(ids.size(), 0);
-  for (std::size_t i = 0; i < ids.size(); ++i) seq.push_back(bs.add());
-  std::vector<std::vector<float>> out(ids.size());
-  for (const auto& counts : plan) {
-    std::vector<model::SequenceTokens> step;
-    std::vector<std::size_t> who;
-    std::int64_t N = 0;
-    for (std::size_t i = 0; i < ids.size(); ++i) {
-      const std::int64_t n = std::min<std::int64_t>(counts[i], static_cast<std::int64_t>(ids[i].size()) - done[i]);
-      if (n <= 0) continue;
-      step.push_back({seq[i], std::span<const std::int64_t>(ids[i].data() + done[i], static_cast<std::size_t>(n)),
-                      traces ? &(*traces)[i] : nullptr});
-      who.push_back(i);
-      N += n;
-    }
-    if (step.empty()) continue;
-    const std::int64_t R = rows == model::LogitsRows::all ? N : static_cast<std::int64_t>(step.size());
-    std::vector<float> all(static_cast<std::size_t>(R * V));
-    test::poison(all);
-    model::ForwardOptions fo;
-    fo.num_threads = threads;
-    fo.logits = rows;
-    m.forward_batch(bs, step, View2<float>(all.data(), {R, V}), fo);
-    std::int64_t row = 0;
-    for (std::size_t e = 0; e < step.size(); ++e) {
-      const std::size_t i = who[e];
-      const std::int64_t n = static_cast<std::int64_t>(step[e].ids.size());
-      if (rows == model::LogitsRows::all) out[i].insert(out[i].end(), all.begin() + row * V, all.begin() + (row + n) * V);
-      row += n;
-      done[i] += n;
-      CHECK(bs.position(seq[i]) == done[i]);
-    }
-  }
-  for (std::size_t i = 0; i < ids.size(); ++i) REQUIRE(done[i] == static_cast<std::int64_t>(ids[i].size()));
-  return out;
-}
+using test::batch_logits;
+using test::Plan;
 
 }  // namespace
 

@@ -32,8 +32,11 @@
 //   its chunk states in chunk order. So results are bit-identical for any thread count, and
 //   bit-identical to attention_decode on a contiguous copy of each sequence's keys with the
 //   same opt.kv_chunk (B single-sequence decodes).
-//   Not supported here (yet): attention variants; opt.q_position and opt.ring must
-//   keep their defaults. The same kernel serves Loop Attention over pages (attention/loop.hpp:
+//   Variants (attention/variant.hpp), the last argument, as attention_decode takes them: the
+//   query metric, soft-cap, ALiBi (sequence b's query at position lengths[b] - 1, key s at s),
+//   sinks and an output scale of [B, H] (one row per sequence); bit-identical to attention_decode
+//   with the same variant on a contiguous copy. opt.q_position and opt.ring must keep their
+//   defaults (the positions come from the table). The same kernel serves Loop Attention over pages (attention/loop.hpp:
 //   a global and a windowed call) and sparse attention over pages (sparse/sparse_attention.hpp:
 //   the rows of each sequence's selection instead of its first lengths[b], detail::paged::Selection).
 //
@@ -44,7 +47,8 @@
 //   lengths[b] - n_b + t and sees its keys under `mask` (causal or sliding window), so a chunk
 //   of a long prompt (chunked prefill) attends to everything cached before it. out [T, H, d_v],
 //   lse [T, H] optional. opt.q_offset must stay -1; opt.queries counts packed rows, opt.heads,
-//   opt.precision and opt.num_threads as in attention_prefill. Results equal attention_prefill
+//   opt.precision and opt.num_threads as in attention_prefill. A variant (the last argument) as
+//   attention_prefill takes it, its output scale [T, H] by packed row. Results equal attention_prefill
 //   of each sequence on its contiguous keys (q_offset = lengths[b] - n_b), bit for bit.
 //   Design: the flash prefill kernel (detail/flash_prefill.hpp) runs all sequences as the
 //   segments of one varlen call, reading the pages in place: it reads K/V rows only through
@@ -111,8 +115,8 @@ void check_decode(const char* fn, ConstView3<float> q, const PagedKV<KV>& cache,
   ATTNKIT_REQUIRE(opt.num_threads >= 0, fn, ": argument 'opt.num_threads': must be >= 0 (0 = default), got ",
                   opt.num_threads);
   ATTNKIT_REQUIRE(opt.q_position == -1 && opt.ring == 0, fn,
-                  ": arguments 'opt.q_position' / 'opt.ring': are not supported by the paged kernel (variants only); "
-                  "leave them at -1 / 0");
+                  ": arguments 'opt.q_position' / 'opt.ring': are not supported by the paged kernel (the positions "
+                  "come from the page table); leave them at -1 / 0");
 }
 
 // With `sel` (a sparse selection, sparse/sparse_attention.hpp): sequence b's keys are the
@@ -124,15 +128,25 @@ struct Selection {
   const std::int64_t* count = nullptr;
 };
 
-template <bool Vectorized, class KV>
+template <bool Vectorized, class KV, class Var = PlainAttention>
 void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& table, View3<float> out,
-            const DecodeOptions& opt, View2<float> lse, std::int64_t window, const Selection& sel = {}) {
+            const DecodeOptions& opt, View2<float> lse, std::int64_t window, const Selection& sel = {},
+            const Var& var = {}) {
   using namespace detail::decode;
   const std::int64_t B = table.batch(), H = q.shape[1], dk = q.shape[2], H_kv = cache.kv_heads(),
                      dv = cache.head_dim_v(), P = cache.page_size();
   const std::int64_t G = H / H_kv;
   const std::int64_t hb = opt.heads.begin, he = opt.heads.resolve_end(H);
   if (hb == he || B == 0) return;
+  // Tuneable's metric: q̃ = q · M once per call, for every sequence's active heads.
+  std::vector<float> q_metric;
+  if constexpr (Var::has_query) {
+    q_metric.assign(static_cast<std::size_t>(B * H * dk), 0.f);
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t h = hb; h < he; ++h) metric_row(var, q.ptr(b, h), q_metric.data() + (b * H + h) * dk, dk);
+    q = ConstView3<float>(q_metric.data(), {B, H, dk});
+  }
+  const std::vector<float> slopes2 = alibi_slopes2(var, H);
   const int shift = log2_exact(P);
   const std::int64_t slot_mask = P - 1;
   const Problem pb = make_problem<Vectorized, KV>(H, G, dk, dv, opt);
@@ -210,6 +224,9 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
       }
     };
     const ConstView2<float> qb(q.ptr(b), {H, dk}, {q.stride[1], 1});
+    // ALiBi: the query sits at the sequence's last position, its keys at theirs.
+    const auto transform =
+        score_transform(var, slopes2, table.lengths[b] - 1, 0, sel.idx ? sel.idx + b * sel.stride : nullptr);
     // position(i): the key position of entry i (a selection's, or i itself: no branch per row
     // on the plain path).
     const auto run_item = [&](auto position) {
@@ -244,7 +261,7 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
       const std::int64_t ks_head = quant ? cache.k_scale.stride[2] : 0, vs_head = quant ? cache.v_scale.stride[2] : 0;
       chunk_state_rows<Vectorized, KV>(
           pb, qb, ja, jb, hb, he, part + (gc * H + ja * G) * pb.dv_pad, part_lse + gc * H + ja * G, nullptr,
-          NoScoreTransform{}, ListedScales{scales, t0, ja, ks_head, vs_head}, [&](const auto& block) {
+          transform, ListedScales{scales, t0, ja, ks_head, vs_head}, [&](const auto& block) {
             // Each row access prefetches the same row of the next block into L1 and of the one
             // after into L2 (PrefetchingRows), spread over this block's compute; over all the
             // heads of a block, that is the next blocks' pages whole.
@@ -321,6 +338,7 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
       for (std::int64_t c = c0 + 1; c < first[b + 1]; ++c)
         merge_state_inplace(o, l, part + (c * H + h) * pb.dv_pad, part_lse[c * H + h], dv);
     }
+    finish_variant_head(var, o, l, dv, b, h);
     if (want_lse) lse(b, h) = l;
   });
 }
@@ -435,19 +453,23 @@ Staged<staged_t<KV>> stage(const char* fn, const PagedKV<KV>& cache, const PageT
 }  // namespace detail::paged
 
 // See the contract at the top of this file.
-template <class KV>
+// var: an AttentionVariant (make_variant(...)); lse then includes the sink, if any.
+template <class KV, class Var = PlainAttention>
 void attention_decode_paged(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& table, View3<float> out,
-                            const DecodeOptions& opt = {}, View2<float> lse = {}, std::int64_t window = 0) {
+                            const DecodeOptions& opt = {}, View2<float> lse = {}, std::int64_t window = 0,
+                            const Var& var = {}) {
   detail::paged::check_decode("attention_decode_paged", q, cache, table, out, opt, lse);
   ATTNKIT_REQUIRE(window >= 0, "attention_decode_paged: argument 'window': must be >= 0 (0: every key), got ", window);
-  detail::paged::decode<true>(q, cache, table, out, opt, lse, window);
+  detail::check_variant("attention_decode_paged", var, q.shape[1], q.shape[2], q.shape[0]);
+  detail::paged::decode<true>(q, cache, table, out, opt, lse, window, {}, var);
 }
 
 // See the contract at the top of this file.
-template <class KV, class Mask = CausalMask>
+// var: an AttentionVariant (make_variant(...)); lse then includes the sink, if any.
+template <class KV, class Mask = CausalMask, class Var = PlainAttention>
 void attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& table,
                              std::span<const std::int64_t> cu_seqlens, View3<float> out, const Mask& mask = {},
-                             const AttentionOptions& opt = {}, View2<float> lse = {}) {
+                             const AttentionOptions& opt = {}, View2<float> lse = {}, const Var& var = {}) {
   constexpr const char* fn = "attention_prefill_paged";
   check_page_table(fn, cache, table);
   check_view(q, fn, "q");
@@ -461,6 +483,7 @@ void attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cache, cons
   static const KV dummy{};
   const ConstView3<KV> k0(&dummy, {0, H_kv, dk}), v0(&dummy, {0, H_kv, dv});
   const detail::flash::Shape sh = detail::check_prefill(fn, q, k0, v0, out, mask, opt, lse, "cache.k", "cache.v");
+  detail::check_variant(fn, var, sh.H, sh.d_k, T);
 
   // Sequences with queries in opt.queries, their pages read in place (int8: widened to code ·
   // scale as the kernel packs its key tiles).
@@ -476,7 +499,7 @@ void attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cache, cons
     ranges.emplace_back(std::max(qb, s0) - s0, std::min(qe, s1) - s0);
   }
   detail::flash::run_prefill_at<simd::default_arch>(opt.precision, segs, sh, mask, opt.heads.begin,
-                                                    opt.heads.resolve_end(sh.H), ranges, opt.num_threads);
+                                                    opt.heads.resolve_end(sh.H), ranges, opt.num_threads, var);
 }
 
 }  // namespace attnkit

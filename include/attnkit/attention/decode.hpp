@@ -1801,6 +1801,39 @@ inline Problem make_problem(std::int64_t H, std::int64_t G, std::int64_t dk, std
                  bf16_dot<Vectorized, KV>(opt)};
 }
 
+// What a variant (attention/variant.hpp) does around the chunks, shared by attention_decode and
+// the paged kernels (attention/batched_decode.hpp):
+// q̃ = q · M for one query head (QueryMetric), into dst [d_k].
+template <class Var>
+inline void metric_row(const Var& var, const float* q, float* dst, std::int64_t dk) {
+  std::fill(dst, dst + dk, 0.f);
+  for (std::int64_t d = 0; d < dk; ++d) simd::axpy(q[d], var.query.M.ptr(d), dst, dk);
+}
+// ALiBi's slopes in base-2 units (the kernel's scores are base 2); empty without ALiBi.
+template <class Var>
+inline std::vector<float> alibi_slopes2(const Var& var, std::int64_t H) {
+  std::vector<float> s;
+  if constexpr (Var::has_alibi)
+    for (std::int64_t h = 0; h < H; ++h) s.push_back(var.logits.slopes[h] * kLog2e);
+  return s;
+}
+// The block transform of the variant's logits policy for a query at position q_pos (key row s at
+// position s, idx[s] for a selection, or a ring's slot as DecodeOptions::ring says).
+template <class Var>
+inline auto score_transform(const Var& var, const std::vector<float>& slopes2, std::int64_t q_pos, std::int64_t ring,
+                            const std::int32_t* idx) {
+  if constexpr (Var::has_softcap) return SoftCapScores{var.logits.cap * kLog2e, 1.f / (var.logits.cap * kLog2e)};
+  else if constexpr (Var::has_alibi) return AlibiScores{slopes2.data(), q_pos, ring, idx};
+  else return NoScoreTransform{};
+}
+// The merged state (o, l) of query head h of query row `row` made final: the sink joins the
+// denominator, then the output scale of (row, h).
+template <class Var>
+inline void finish_variant_head(const Var& var, float* o, float& l, std::int64_t dv, std::int64_t row, std::int64_t h) {
+  if constexpr (Var::has_sink) apply_sink(o, l, var.sink.logits[h], dv);
+  if constexpr (Var::has_output) simd::scale(var.output.scale(row, h), o, dv);
+}
+
 // The work of a validated call over T keys: positions 0 .. T-1 of k/v, or with idx the
 // positions idx[0 .. T) (a sparse selection).
 // int8 K/V: qsc holds their scales.
@@ -1813,10 +1846,8 @@ void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<
   const std::int64_t hb = opt.heads.begin, he = opt.heads.resolve_end(H);
   if (hb == he) return;
   const bool want_lse = !lse.empty();
-  // The merged state of head h -> out: the sink joins the denominator, then the output scale.
   const auto finish = [&](std::int64_t h, float* o, float l) {
-    if constexpr (Var::has_sink) apply_sink(o, l, var.sink.logits[h], dv);
-    if constexpr (Var::has_output) simd::scale(var.output.scale(0, h), o, dv);
+    finish_variant_head(var, o, l, dv, 0, h);
     if (want_lse) lse(h) = l;
   };
   if (T == 0) {
@@ -1830,8 +1861,7 @@ void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<
   std::vector<float> q_metric;
   if constexpr (Var::has_query) {
     q_metric.assign(static_cast<std::size_t>(H * dk), 0.f);
-    for (std::int64_t h = hb; h < he; ++h)
-      for (std::int64_t d = 0; d < dk; ++d) simd::axpy(q(h, d), var.query.M.ptr(d), q_metric.data() + h * dk, dk);
+    for (std::int64_t h = hb; h < he; ++h) metric_row(var, q.ptr(h), q_metric.data() + h * dk, dk);
     q = ConstView2<float>(q_metric.data(), {H, dk});
   }
   const Problem pb = make_problem<Vectorized, KV>(H, G, dk, dv, opt);
@@ -1844,16 +1874,8 @@ void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<
   float* part = thread_scratch<PartialScratch>().get(n_chunks * H * (pb.dv_pad + 1));
   float* part_lse = part + n_chunks * H * pb.dv_pad;
 
-  std::vector<float> slopes2;
-  if constexpr (Var::has_alibi)
-    for (std::int64_t h = 0; h < H; ++h) slopes2.push_back(var.logits.slopes[h] * kLog2e);
-  const auto transform = [&] {
-    if constexpr (Var::has_softcap) return SoftCapScores{var.logits.cap * kLog2e, 1.f / (var.logits.cap * kLog2e)};
-    else if constexpr (Var::has_alibi) {
-      const std::int64_t q_pos = opt.q_position >= 0 ? opt.q_position : T - 1;
-      return AlibiScores{slopes2.data(), q_pos, opt.ring, idx};
-    } else return NoScoreTransform{};
-  }();
+  const std::vector<float> slopes2 = alibi_slopes2(var, H);
+  const auto transform = score_transform(var, slopes2, opt.q_position >= 0 ? opt.q_position : T - 1, opt.ring, idx);
   // Each thread takes a contiguous run of items (a head's chunks in order), so its reads form
   // one stream that the prefetches follow from item to item (chunk_state's `after`). Handing items out
   // dynamically interleaves the threads' chunks, and each item's start then waits on memory. A

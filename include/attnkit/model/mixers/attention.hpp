@@ -104,8 +104,8 @@ class Qwen3Attention final : public TokenMixer {
     o_.forward(View2<float>(attn, {T, H * d}), out, {ctx.precision, ctx.num_threads, false});
   }
 
-  // Batch sessions: full attention in every pass keeps its K/V in the session's page pool (f32
-  // or bf16 caches); sliding windows and int8 caches keep a state per sequence.
+  // Batch sessions: full attention in every pass keeps its K/V in the session's page pool (f32,
+  // bf16 or int8 caches); sliding windows keep a state per sequence.
   PagedLayout paged_layout(const SessionOptions&) const override {
     for (auto w : windows_)
       if (w) return {};
@@ -113,19 +113,10 @@ class Qwen3Attention final : public TokenMixer {
   }
   void forward_batch(ConstView2<float> x, View2<float> out, const BatchStep& step, const StepContext& ctx) const override {
     if (step.kv_head0 < 0) return TokenMixer::forward_batch(x, out, step, ctx);
-    const std::int64_t N = x.shape[0], H = proj_.heads(), d = proj_.head_dim();
-    QKV qkv;
-    proj_.forward_batch(x, qkv, step, ctx);
-    std::vector<float> own;
-    float* attn = scratch(ctx.workspace, ScratchSlot::attention, static_cast<std::size_t>(N * H * d), own);
-    {
-      ATTNKIT_STAGE("attn.kernel");  // with the step's appends to its pages
-      attend_paged(qkv.q, qkv.k, qkv.v, View3<float>(attn, {N, H, d}), step,
-                   step.kv_head0 + ctx.pass * proj_.kv_heads(), ctx);
-    }
-    if (proj_.output_gate()) apply_output_gate(qkv.gate, attn, layer_, ctx);
-    ATTNKIT_STAGE("attn.o_proj");
-    o_.forward(View2<float>(attn, {N, H * d}), out, {ctx.precision, ctx.num_threads, false});
+    paged_attention_step(proj_, o_, x, out, step, ctx, detail_paged_attention::CausalPaged<>{ctx},
+                         [&](const QKV& qkv, float* attn) {
+                           if (proj_.output_gate()) apply_output_gate(qkv.gate, attn, layer_, ctx);
+                         });
   }
 
  private:

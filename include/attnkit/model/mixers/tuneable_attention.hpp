@@ -16,7 +16,9 @@
 // Tensors under model.layers.{i}.self_attn.: q_proj, k_proj, v_proj, o_proj, q_norm, k_norm (as
 // Qwen3 attention) and U [d_k, r]. Config fields: tuneable_rank (r, required), tuneable_form
 // (folded | unfolded). Full causal attention (there is no sliding Tuneable layer). State per
-// pass of the layer stack: the KV cache.
+// pass of the layer stack: the KV cache; in a batch session the folded form's K/V live in the
+// session's page pool (the paged kernels take the metric as their variant), the unfolded form
+// keeps its r-wide keys per sequence.
 #pragma once
 
 #include <cmath>
@@ -29,6 +31,7 @@
 #include "attnkit/core/threading.hpp"
 #include "attnkit/model/mixer.hpp"
 #include "attnkit/model/parts/cached_attention.hpp"
+#include "attnkit/model/parts/paged_attention.hpp"
 #include "attnkit/model/parts/qkv_projection.hpp"
 
 namespace attnkit::model {
@@ -51,6 +54,8 @@ inline TuneableSettings read_tuneable_settings(io::ConfigFields& f) {
 }
 
 class TuneableAttention final : public TokenMixer {
+  using MetricVariant = decltype(make_variant(QueryMetric{}));  // the folded form's: q̃ = q M in the kernels
+
  public:
   TuneableAttention(const BuildContext& ctx, int layer, const TuneableSettings& s, QKVProjection::Options po = {})
       : s_(s), passes_(ctx.passes) {
@@ -112,12 +117,13 @@ class TuneableAttention final : public TokenMixer {
     AttentionCache& cache = st->caches[static_cast<std::size_t>(ctx.pass)];
 
     if (!s_.unfolded) {
-      const auto var = make_variant(QueryMetric{ConstView2<float>(m_.data(), {d, d})});
+      const auto var = metric_variant();
       cache.append_then(qkv.k, qkv.v, ctx, [&](auto k, auto v, const auto& mask) {
         using KV = std::remove_const_t<typename decltype(k)::element_type>;
         if (T == 1) {
           DecodeOptions o;
           o.num_threads = ctx.num_threads;
+          o.precision = ctx.precision;
           attention_decode<KV>(ConstView2<float>(qkv.q.data, {H, d}, {qkv.q.stride[1], 1}), k, v,
                                View2<float>(attn.data(), {H, d}), o, {}, var);
         } else {
@@ -141,6 +147,7 @@ class TuneableAttention final : public TokenMixer {
         if (T == 1) {
           DecodeOptions o;
           o.num_threads = ctx.num_threads;
+          o.precision = ctx.precision;
           o.scale = scale_;
           attention_decode<KV>(ConstView2<float>(qu.data(), {H, r}), k, v, View2<float>(attn.data(), {H, d}), o);
         } else {
@@ -155,7 +162,26 @@ class TuneableAttention final : public TokenMixer {
     o_.forward(View2<float>(attn.data(), {T, H * d}), out, {ctx.precision, ctx.num_threads, false});
   }
 
+  // Batch sessions: the folded form keeps its K/V in the session's page pool (keys d_k wide, as
+  // plain attention's; the metric rides on the query in the paged kernels); the unfolded form's
+  // keys are r wide, so it keeps a cache per sequence (TokenMixer::forward_batch).
+  PagedLayout paged_layout(const SessionOptions&) const override {
+    if (s_.unfolded) return {};
+    return {proj_.kv_heads() * passes_, proj_.head_dim()};
+  }
+  void forward_batch(ConstView2<float> x, View2<float> out, const BatchStep& step, const StepContext& ctx) const override {
+    if (step.kv_head0 < 0) return TokenMixer::forward_batch(x, out, step, ctx);
+    paged_attention_step(proj_, o_, x, out, step, ctx, detail_paged_attention::CausalPaged<MetricVariant>{ctx, metric_variant()},
+                         [](const QKV&, float*) {});
+  }
+
  private:
+  // The folded form's variant: q̃ = q M inside the kernels.
+  MetricVariant metric_variant() const {
+    const std::int64_t d = proj_.head_dim();
+    return make_variant(QueryMetric{ConstView2<float>(m_.data(), {d, d})});
+  }
+
   struct State final : MixerState {
     std::vector<AttentionCache> caches;  // one per pass
     std::unique_ptr<MixerState> clone(const std::string&) const override { return std::make_unique<State>(*this); }

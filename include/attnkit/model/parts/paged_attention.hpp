@@ -20,6 +20,7 @@
 #include "attnkit/attention/batched_decode.hpp"
 #include "attnkit/attention/paged_kv.hpp"
 #include "attnkit/model/mixer.hpp"
+#include "attnkit/model/parts/qkv_projection.hpp"
 
 namespace attnkit::model {
 
@@ -89,17 +90,22 @@ void attend(const MutablePagedKV<KV>& pool, ConstView3<float> q, ConstView3<floa
   }
 }
 
-// Plain causal softmax attention (Qwen3 full attention).
+// Causal softmax attention (Qwen3 full attention), with a variant of the kernels' (Tuneable
+// attention's query metric). Policies with a row per query (OutputScale) would need the step's
+// rows of each sub-batch: not taken here.
+template <class Var = PlainAttention>
 struct CausalPaged {
+  static_assert(!Var::has_output, "CausalPaged: an output scale per query row is not routed through sub-batches");
   static constexpr bool reads_int8 = true;  // attention_decode_paged / attention_prefill_paged take int8 pages
   const StepContext& ctx;
+  Var var = {};
   template <class KV>
   void decode(ConstView3<float> q, const PagedKV<KV>& pages, const PageTable& table, View3<float> out,
               const std::vector<std::int64_t>&) const {
     DecodeOptions o;
     o.num_threads = ctx.num_threads;
     o.precision = ctx.precision;  // int8 pages: fast scores the codes on VNNI
-    attention_decode_paged<KV>(q, pages, table, out, o);
+    attention_decode_paged<KV>(q, pages, table, out, o, {}, 0, var);
   }
   template <class KV>
   void prefill(ConstView3<float> q, const PagedKV<KV>& pages, const PageTable& table, std::span<const std::int64_t> cu,
@@ -107,7 +113,7 @@ struct CausalPaged {
     AttentionOptions o;
     o.num_threads = ctx.num_threads;
     o.precision = ctx.precision;
-    attention_prefill_paged<KV>(q, pages, table, cu, out, CausalMask{}, o);
+    attention_prefill_paged<KV>(q, pages, table, cu, out, CausalMask{}, o, {}, var);
   }
 };
 
@@ -130,7 +136,27 @@ void attend_paged(ConstView3<float> q, ConstView3<float> k, ConstView3<float> v,
 }
 inline void attend_paged(ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, View3<float> out,
                          const BatchStep& step, std::int64_t head0, const StepContext& ctx) {
-  attend_paged(q, k, v, out, step, head0, detail_paged_attention::CausalPaged{ctx});
+  attend_paged(q, k, v, out, step, head0, detail_paged_attention::CausalPaged<>{ctx});
+}
+
+// A softmax-attention mixer's batch step over the pool (Qwen3 and Tuneable attention): q/k/v of
+// the step's tokens (proj), append then attend over this pass's heads of the pages (att), then
+// after_attention(qkv, attn) (Qwen3's output gate; nothing elsewhere) and the output projection o.
+template <class Att, class After>
+void paged_attention_step(const QKVProjection& proj, const PackedLinear& o, ConstView2<float> x, View2<float> out,
+                          const BatchStep& step, const StepContext& ctx, const Att& att, const After& after_attention) {
+  const std::int64_t N = x.shape[0], H = proj.heads(), d = proj.head_dim();
+  QKV qkv;
+  proj.forward_batch(x, qkv, step, ctx);
+  std::vector<float> own;
+  float* attn = scratch(ctx.workspace, ScratchSlot::attention, static_cast<std::size_t>(N * H * d), own);
+  {
+    ATTNKIT_STAGE("attn.kernel");  // with the step's appends to its pages
+    attend_paged(qkv.q, qkv.k, qkv.v, View3<float>(attn, {N, H, d}), step, step.kv_head0 + ctx.pass * proj.kv_heads(), att);
+  }
+  after_attention(qkv, attn);
+  ATTNKIT_STAGE("attn.o_proj");
+  o.forward(View2<float>(attn, {N, H * d}), out, {ctx.precision, ctx.num_threads, false});
 }
 
 }  // namespace attnkit::model
