@@ -36,9 +36,10 @@
 //   query metric, soft-cap, ALiBi (sequence b's query at position lengths[b] - 1, key s at s),
 //   sinks and an output scale of [B, H] (one row per sequence); bit-identical to attention_decode
 //   with the same variant on a contiguous copy. opt.q_position and opt.ring must keep their
-//   defaults (the positions come from the table). The same kernel serves Loop Attention over pages (attention/loop.hpp:
-//   a global and a windowed call) and sparse attention over pages (sparse/sparse_attention.hpp:
-//   the rows of each sequence's selection instead of its first lengths[b], detail::paged::Selection).
+//   defaults (the positions come from the table). The same kernel serves Loop Attention over
+//   pages (attention/loop.hpp: a global and a windowed call) and sparse attention over pages
+//   (sparse/sparse_attention.hpp: the rows of each sequence's selection instead of its first
+//   lengths[b], detail::paged::Selection).
 //
 // attention_prefill_paged(q, cache, table, cu_seqlens, out, mask, opt, lse):
 //   q [T, H, d_k] f32 packs the new tokens of B sequences: rows cu_seqlens[b] .. cu_seqlens[b + 1]
@@ -47,9 +48,10 @@
 //   lengths[b] - n_b + t and sees its keys under `mask` (causal or sliding window), so a chunk
 //   of a long prompt (chunked prefill) attends to everything cached before it. out [T, H, d_v],
 //   lse [T, H] optional. opt.q_offset must stay -1; opt.queries counts packed rows, opt.heads,
-//   opt.precision and opt.num_threads as in attention_prefill. A variant (the last argument) as
-//   attention_prefill takes it, its output scale [T, H] by packed row. Results equal attention_prefill
-//   of each sequence on its contiguous keys (q_offset = lengths[b] - n_b), bit for bit.
+//   opt.precision and opt.num_threads as in attention_prefill; a variant (the last argument) as
+//   attention_prefill takes it, its output scale [T, H] by packed row. Results equal
+//   attention_prefill of each sequence on its contiguous keys (q_offset = lengths[b] - n_b), bit
+//   for bit.
 //   Design: the flash prefill kernel (detail/flash_prefill.hpp) runs all sequences as the
 //   segments of one varlen call, reading the pages in place: it reads K/V rows only through
 //   KVRows::ptr(s, head), which resolves a sequence's position s through its page table (its key
