@@ -144,8 +144,9 @@ void decode(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& tabl
   std::vector<float> q_metric;
   if constexpr (Var::has_query) {
     q_metric.assign(static_cast<std::size_t>(B * H * dk), 0.f);
-    for (std::int64_t b = 0; b < B; ++b)
-      for (std::int64_t h = hb; h < he; ++h) metric_row(var, q.ptr(b, h), q_metric.data() + (b * H + h) * dk, dk);
+    const std::int64_t nh = he - hb;  // heads [hb, he) of each sequence (the rest stay 0, unread)
+    metric_rows(var, B * nh, [&](std::int64_t i) { return q.ptr(i / nh, hb + i % nh); },
+                [&](std::int64_t i) { return q_metric.data() + (i / nh * H + hb + i % nh) * dk; }, dk, opt.num_threads);
     q = ConstView3<float>(q_metric.data(), {B, H, dk});
   }
   const std::vector<float> slopes2 = alibi_slopes2(var, H);

@@ -1803,11 +1803,39 @@ inline Problem make_problem(std::int64_t H, std::int64_t G, std::int64_t dk, std
 
 // What a variant (attention/variant.hpp) does around the chunks, shared by attention_decode and
 // the paged kernels (attention/batched_decode.hpp):
-// q̃ = q · M for one query head (QueryMetric), into dst [d_k].
+// q̃ = q · M for one query head (QueryMetric), into dst [d_k]: up to 8 vectors of columns summed
+// in registers over the rows of M (the same fused sums, in the same order, as an axpy per row of
+// M, without storing and reloading q̃ for each: 8 x 16 Qwen3-0.6B heads 0.2 -> 0.05 ms a call).
 template <class Var>
 inline void metric_row(const Var& var, const float* q, float* dst, std::int64_t dk) {
-  std::fill(dst, dst + dk, 0.f);
-  for (std::int64_t d = 0; d < dk; ++d) simd::axpy(q[d], var.query.M.ptr(d), dst, dk);
+  using Bt = simd::fbatch<>;
+  constexpr std::int64_t W = static_cast<std::int64_t>(Bt::size), NB = 8;
+  std::int64_t c = 0;
+  while (c + W <= dk) {
+    const std::int64_t nb = std::min<std::int64_t>(NB, (dk - c) / W);
+    Bt acc[NB];
+    for (std::int64_t j = 0; j < nb; ++j) acc[j] = Bt(0.f);
+    for (std::int64_t d = 0; d < dk; ++d) {
+      const Bt a(q[d]);
+      const float* m = var.query.M.ptr(d) + c;
+      for (std::int64_t j = 0; j < nb; ++j) acc[j] = simd::fma(a, Bt::load_unaligned(m + j * W), acc[j]);
+    }
+    for (std::int64_t j = 0; j < nb; ++j) acc[j].store_unaligned(dst + c + j * W);
+    c += nb * W;
+  }
+  for (; c < dk; ++c) {  // columns past the last whole vector
+    float s = 0.f;
+    for (std::int64_t d = 0; d < dk; ++d) s += q[d] * var.query.M.ptr(d)[c];
+    dst[c] = s;
+  }
+}
+// q̃ for `rows` query heads (row i: q(i) -> dst(i)), on `threads` where the products are big
+// enough to pay for a fork.
+template <class Var, class QRow, class DstRow>
+inline void metric_rows(const Var& var, std::int64_t rows, const QRow& q, const DstRow& dst, std::int64_t dk,
+                        int threads) {
+  parallel_for(rows, rows * dk * dk >= (std::int64_t{1} << 17) ? threads : 1,
+               [&](std::int64_t i) { metric_row(var, q(i), dst(i), dk); });
 }
 // ALiBi's slopes in base-2 units (the kernel's scores are base 2); empty without ALiBi.
 template <class Var>
@@ -1861,7 +1889,8 @@ void decode_keys(ConstView2<float> q, ConstView3<KV> k, ConstView3<KV> v, View2<
   std::vector<float> q_metric;
   if constexpr (Var::has_query) {
     q_metric.assign(static_cast<std::size_t>(H * dk), 0.f);
-    for (std::int64_t h = hb; h < he; ++h) metric_row(var, q.ptr(h), q_metric.data() + h * dk, dk);
+    metric_rows(var, he - hb, [&](std::int64_t i) { return q.ptr(hb + i); },
+                [&](std::int64_t i) { return q_metric.data() + (hb + i) * dk; }, dk, opt.num_threads);
     q = ConstView2<float>(q_metric.data(), {H, dk});
   }
   const Problem pb = make_problem<Vectorized, KV>(H, G, dk, dv, opt);
