@@ -14,6 +14,7 @@
 #include "attnkit/attention/decode.hpp"
 #include "attnkit/attention/kv_cache.hpp"
 #include "attnkit/attention/loop.hpp"
+#include "attnkit/attention/routed.hpp"
 #include "attnkit/attention/variant.hpp"
 #include "attnkit/sparse/sparse_attention.hpp"
 #include "bench_data.hpp"
@@ -243,7 +244,10 @@ BENCHMARK_TEMPLATE(BM_decode_paged, std::int8_t, attnkit::Precision::fast)
 //    softcap (SoftCap{30}), alibi (alibi_slopes(16)), sinks (a logit per head), tuneable
 //    (QueryMetric, a random M [128, 128]). Ideal: vs_plain 1 (the same rows, a few operations
 //    more per block of 32 keys).
-enum class PagedVariant { loop, sparse, softcap, alibi, sinks, tuneable };
+//  * decode/paged/rgqa/bf16: routed_attention_decode_paged, R-GQA as qwen3-0.6b-rgqa routes (the
+//    top 1 of each KV group's G = 2 query heads, a random choice per sequence and group, renorm
+//    weight 1). Every K/V row is still read once, for half the query heads: vs_plain <= 1.
+enum class PagedVariant { loop, sparse, softcap, alibi, sinks, tuneable, rgqa };
 void BM_decode_paged_variant(benchmark::State& state, PagedVariant kind) {
   const bool sparse = kind == PagedVariant::sparse;
   using KV = PagedSets::KV;
@@ -272,6 +276,10 @@ void BM_decode_paged_variant(benchmark::State& state, PagedVariant kind) {
     std::copy_n(all.begin(), n, idx.begin() + b * top_k);
     selected += n;
   }
+  std::vector<std::int32_t> kept(static_cast<std::size_t>(B * PagedSets::Hk));  // R-GQA: one head of each group
+  for (std::size_t i = 0; i < kept.size(); ++i)
+    kept[i] = static_cast<std::int32_t>((i % PagedSets::Hk) * (H / PagedSets::Hk) + gen() % (H / PagedSets::Hk));
+  const std::vector<float> kept_w(kept.size(), 1.f);
   attnkit::DecodeOptions opt;
   opt.num_threads = 2;
   attnkit::SparseAttentionOptions so;
@@ -310,6 +318,11 @@ void BM_decode_paged_variant(benchmark::State& state, PagedVariant kind) {
       case PagedVariant::tuneable:
         with(attnkit::make_variant(attnkit::QueryMetric{attnkit::ConstView2<float>(metric.data(), {d, d})}));
         break;
+      case PagedVariant::rgqa:
+        attnkit::routed_attention_decode_paged<KV>(qv, cache, ps.table(s),
+                                                   attnkit::ConstView3<std::int32_t>(kept.data(), {B, PagedSets::Hk, 1}),
+                                                   attnkit::ConstView3<float>(kept_w.data(), {B, PagedSets::Hk, 1}), ov, opt);
+        break;
     }
     const auto t2 = std::chrono::steady_clock::now();
     benchmark::DoNotOptimize(out.data());
@@ -334,6 +347,8 @@ BENCHMARK_CAPTURE(BM_decode_paged_variant, sinks, PagedVariant::sinks)
     ->Name("decode/paged/sinks/bf16")->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(BM_decode_paged_variant, tuneable, PagedVariant::tuneable)
     ->Name("decode/paged/tuneable/bf16")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_decode_paged_variant, rgqa, PagedVariant::rgqa)
+    ->Name("decode/paged/rgqa/bf16")->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 // Chunked prefill over a paged cache (attention_prefill_paged): B = 4 sequences of 4096
 // cached tokens each, the last 256 of each the new chunk (T = 1024 packed query rows), bf16

@@ -13,6 +13,7 @@
 
 #include "attnkit/attention/batched_decode.hpp"
 #include "attnkit/attention/loop.hpp"
+#include "attnkit/attention/routed.hpp"
 #include "attnkit/sparse/sparse_attention.hpp"
 #include "reference/decode_ref.hpp"
 #include "reference/loop_ref.hpp"
@@ -588,6 +589,166 @@ void check_variants_paged(std::uint64_t seed) {
                     Contains("attention_decode_paged: argument 'variant.output.scale'"));
 }
 
+// Routed attention (R-GQA) over pages: random routes (k_r of G heads per KV group, weights);
+// decode and prefill (causal or sliding) against the float64 oracle (plain attention scaled by
+// each kept head's weight, 0 elsewhere; lse -inf for the heads not kept), bit for bit against
+// the contiguous routed kernels on each sequence's rows (int8 prefill: over the dequantised
+// rows; int8 decode reads the codes, so it is checked against float64 only), and for any thread
+// count.
+template <class KV>
+void check_routed_paged(std::uint64_t seed) {
+  CAPTURE(seed);
+  test::Rng rng(seed);
+  const std::int64_t P = std::int64_t{1} << rng.integer(0, 5), Hk = rng.integer(1, 3), G = rng.integer(2, 4), H = Hk * G;
+  const std::int64_t K = rng.integer(1, G);
+  const std::int64_t dk = rng.integer(0, 1) ? rng.integer(3, 40) : 16 * rng.integer(1, 8) + rng.integer(0, 1);
+  const std::int64_t dv = rng.integer(0, 1) ? dk : rng.integer(5, 70), B = rng.integer(1, 9);
+  CAPTURE(P, H, Hk, K, dk, dv, B);
+  Batch<KV> bt = make_batch<KV>(rng, B, P, Hk, dk, dv, kMaxLen / 4);
+  CAPTURE(bt.lengths);
+  constexpr bool quant = std::is_same_v<KV, std::int8_t>;
+  std::vector<std::vector<float>> kf = bt.k, vf = bt.v;
+  if constexpr (quant)
+    for (std::int64_t b = 0; b < B; ++b) {
+      const QuantSeq qs = read_quant(bt, b);
+      kf[b] = qs.kf;
+      vf[b] = qs.vf;
+    }
+  const double scale = 1.0 / std::sqrt(double(dk));
+  const std::int64_t R = Hk * K;  // routes per token
+  // Token t's routes alone, and whether head h is kept.
+  const auto routes_of = [&](const test::Routes& r, std::int64_t t, std::int64_t n) {
+    return test::Routes{{r.heads.begin() + t * R, r.heads.begin() + (t + n) * R},
+                        {r.weights.begin() + t * R, r.weights.begin() + (t + n) * R}};
+  };
+  const auto lse_ok = [&](const test::Routes& r, const std::vector<double>& want, const float* got, std::int64_t n) {
+    bool ok = true;
+    for (std::int64_t t = 0; t < n; ++t)
+      for (std::int64_t h = 0; h < H; ++h) {
+        const bool kept = std::count(r.heads.begin() + t * R, r.heads.begin() + (t + 1) * R, h) > 0;
+        ok = ok && (kept ? test::lse_entry_close(want[t * H + h], got[t * H + h])
+                         : got[t * H + h] == -std::numeric_limits<float>::infinity());
+      }
+    return ok;
+  };
+
+  // Decode: one token per sequence.
+  {
+    const std::vector<float> q = rng.normal_vec(static_cast<std::size_t>(B * H * dk));
+    const test::Routes r = test::random_routes(rng, B, Hk, G, K);
+    const ConstView3<std::int32_t> hv(r.heads.data(), {B, Hk, K});
+    const ConstView3<float> wv(r.weights.data(), {B, Hk, K});
+    std::vector<float> out(static_cast<std::size_t>(B * H * dv)), lse(static_cast<std::size_t>(B * H)), out2(out.size());
+    test::poison(out), test::poison(lse), test::poison(out2);
+    DecodeOptions opt;
+    opt.kv_chunk = P * rng.integer(1, 512 / P + 2);
+    opt.num_threads = 1;
+    routed_attention_decode_paged<KV>(ConstView3<float>(q.data(), {B, H, dk}), bt.pool.view(), bt.table(), hv, wv,
+                                      View3<float>(out.data(), {B, H, dv}), opt, View2<float>(lse.data(), {B, H}));
+    opt.num_threads = 2;
+    routed_attention_decode_paged<KV>(ConstView3<float>(q.data(), {B, H, dk}), bt.pool.view(), bt.table(), hv, wv,
+                                      View3<float>(out2.data(), {B, H, dv}), opt);
+    CHECK(test::bit_equal(out, out2));
+    for (std::int64_t b = 0; b < B; ++b) {
+      CAPTURE(b);
+      const std::int64_t L = bt.lengths[b];
+      const std::vector<float> qb(q.begin() + b * H * dk, q.begin() + (b + 1) * H * dk);
+      const std::vector<float> ob(out.begin() + b * H * dv, out.begin() + (b + 1) * H * dv);
+      const test::Routes rb = routes_of(r, b, 1);
+      ref::VariantParams vp;
+      vp.out_scale = test::routed_scale(rb, 1, H, Hk, K);
+      const auto want = ref::variant_attention(qb, kf[b], vf[b], 1, L, H, Hk, dk, dv, L - 1, 0, scale, vp);
+      CHECK(rel_l2(ob, want.out) < 2e-5);
+      CHECK(lse_ok(rb, want.lse, lse.data() + b * H, 1));
+      if constexpr (!quant) {
+        std::vector<float> oc(static_cast<std::size_t>(H * dv));
+        test::poison(oc);
+        const std::vector<KV> kc = as_kv<KV>(bt.k[b]), vc = as_kv<KV>(bt.v[b]);
+        DecodeOptions o1 = opt;
+        routed_attention_decode<KV>(ConstView2<float>(qb.data(), {H, dk}), ConstView3<KV>(kc.data(), {L, Hk, dk}),
+                                    ConstView3<KV>(vc.data(), {L, Hk, dv}), ConstView3<std::int32_t>(rb.heads.data(), {1, Hk, K}),
+                                    ConstView3<float>(rb.weights.data(), {1, Hk, K}), View2<float>(oc.data(), {H, dv}), o1);
+        CHECK(test::bit_equal(ob, oc));
+      }
+    }
+  }
+
+  // Prefill: the last n_b tokens of each sequence, causal or a sliding window.
+  std::vector<std::int64_t> cu{0};
+  for (std::int64_t b = 0; b < B; ++b) cu.push_back(cu.back() + rng.integer(0, std::min<std::int64_t>(bt.lengths[b], 9)));
+  const std::int64_t T = cu.back(), W = rng.integer(0, 1) ? rng.integer(1, 60) : 0;
+  CAPTURE(T, W);
+  const std::vector<float> q = rng.normal_vec(static_cast<std::size_t>(T * H * dk));
+  const test::Routes r = test::random_routes(rng, T, Hk, G, K);
+  std::vector<float> out(static_cast<std::size_t>(T * H * dv)), lse(static_cast<std::size_t>(T * H)), out1(out.size());
+  test::poison(out), test::poison(lse), test::poison(out1);
+  for (int threads : {2, 1}) {
+    AttentionOptions opt;
+    opt.num_threads = threads;
+    const auto run = [&](const auto& mask) {
+      routed_attention_prefill_paged<KV>(ConstView3<float>(q.data(), {T, H, dk}), bt.pool.view(), bt.table(), cu,
+                                         ConstView3<std::int32_t>(r.heads.data(), {T, Hk, K}),
+                                         ConstView3<float>(r.weights.data(), {T, Hk, K}),
+                                         View3<float>((threads == 2 ? out : out1).data(), {T, H, dv}), mask, opt,
+                                         threads == 2 ? View2<float>(lse.data(), {T, H}) : View2<float>{});
+    };
+    if (W > 0) run(SlidingWindowMask{W});
+    else run(CausalMask{});
+  }
+  CHECK(test::bit_equal(out, out1));
+  for (std::int64_t b = 0; b < B; ++b) {
+    const std::int64_t n = cu[b + 1] - cu[b], L = bt.lengths[b];
+    if (n == 0) continue;
+    CAPTURE(b, n);
+    const std::vector<float> qb(q.begin() + cu[b] * H * dk, q.begin() + cu[b + 1] * H * dk);
+    const std::vector<float> ob(out.begin() + cu[b] * H * dv, out.begin() + cu[b + 1] * H * dv),
+        lb(lse.begin() + cu[b] * H, lse.begin() + cu[b + 1] * H);
+    const test::Routes rb = routes_of(r, cu[b], n);
+    ref::VariantParams vp;
+    vp.out_scale = test::routed_scale(rb, n, H, Hk, K);
+    const auto want = ref::variant_attention(qb, kf[b], vf[b], n, L, H, Hk, dk, dv, L - n, W, scale, vp);
+    CHECK(rel_l2(ob, want.out) < 2e-5);
+    CHECK(lse_ok(rb, want.lse, lb.data(), n));
+    // Bit for bit routed_attention_prefill on the sequence's rows held contiguously (int8: dequantised).
+    std::vector<float> oc(ob.size()), lc(lb.size());
+    test::poison(oc), test::poison(lc);
+    AttentionOptions o1;
+    o1.q_offset = L - n;
+    const auto run = [&](const auto& mask) {
+      const ConstView3<std::int32_t> h1(rb.heads.data(), {n, Hk, K});
+      const ConstView3<float> w1(rb.weights.data(), {n, Hk, K});
+      const ConstView3<float> q1(qb.data(), {n, H, dk});
+      const View3<float> out1v(oc.data(), {n, H, dv});
+      const View2<float> lse1(lc.data(), {n, H});
+      if constexpr (quant) {
+        routed_attention_prefill<float>(q1, ConstView3<float>(kf[b].data(), {L, Hk, dk}), ConstView3<float>(vf[b].data(), {L, Hk, dv}),
+                                        h1, w1, out1v, mask, o1, lse1);
+      } else {
+        const std::vector<KV> kc = as_kv<KV>(bt.k[b]), vc = as_kv<KV>(bt.v[b]);
+        routed_attention_prefill<KV>(q1, ConstView3<KV>(kc.data(), {L, Hk, dk}), ConstView3<KV>(vc.data(), {L, Hk, dv}), h1, w1,
+                                     out1v, mask, o1, lse1);
+      }
+    };
+    if (W > 0) run(SlidingWindowMask{W});
+    else run(CausalMask{});
+    CHECK(test::bit_equal(ob, oc));
+    CHECK(test::bit_equal(lb, lc));
+  }
+  // Routes that do not fit the step are refused by the paged function's name.
+  std::vector<std::int32_t> bad(static_cast<std::size_t>(B * (Hk + 1) * K), 0);
+  std::vector<float> o(static_cast<std::size_t>(B * H * dv));
+  const std::vector<float> qd(static_cast<std::size_t>(B * H * dk), 0.f);
+  if (Hk > 1)
+    CHECK_THROWS_WITH(routed_attention_decode_paged<KV>(ConstView3<float>(qd.data(), {B, H, dk}), bt.pool.view(), bt.table(),
+                                                        ConstView3<std::int32_t>(bad.data(), {B, Hk, K}), ConstView3<float>{},
+                                                        View3<float>(o.data(), {B, H, dv})),
+                      Contains("routed_attention_decode_paged: argument 'heads'"));
+  CHECK_THROWS_WITH(routed_attention_decode_paged<KV>(ConstView3<float>(qd.data(), {B, H, dk}), bt.pool.view(), bt.table(),
+                                                      ConstView3<std::int32_t>(bad.data(), {B, Hk + 1, K}), ConstView3<float>{},
+                                                      View3<float>(o.data(), {B, H, dv})),
+                    Contains("routed_attention_decode_paged: argument 'heads': shape"));
+}
+
 }  // namespace
 
 TEST_CASE("paged batched decode matches float64 and the contiguous kernel, any thread count", "[paged][decode]") {
@@ -638,6 +799,15 @@ TEST_CASE("attention variants over pages: decode and prefill match float64 and t
     check_variants_paged<float>(test::fresh_seed());
     check_variants_paged<bf16>(test::fresh_seed());
     check_variants_paged<std::int8_t>(test::fresh_seed());
+  }
+}
+
+TEST_CASE("routed attention (R-GQA) over pages matches float64 and the contiguous routed kernels",
+          "[paged][routed]") {
+  for (int r = 0; r < 3 * kRounds; ++r) {
+    check_routed_paged<float>(test::fresh_seed());
+    check_routed_paged<bf16>(test::fresh_seed());
+    check_routed_paged<std::int8_t>(test::fresh_seed());
   }
 }
 

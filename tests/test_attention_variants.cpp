@@ -28,6 +28,9 @@ using attnkit::test::lse_close;
 using attnkit::test::lse_entry_close;
 using attnkit::test::variant_params;
 using attnkit::test::with_variant;
+using attnkit::test::Routes;
+using attnkit::test::random_routes;
+using attnkit::test::routed_scale;
 using Catch::Contains;
 
 namespace {
@@ -284,36 +287,6 @@ TEST_CASE("routed: route_heads against float64 (scopes, weightings, top_k, ties)
 }
 
 namespace {
-
-// Random routes: heads [T, H_kv, K] ascending within each group, weights random.
-struct Routes {
-  std::vector<std::int32_t> heads;
-  std::vector<float> weights;
-};
-Routes random_routes(Rng& rng, std::int64_t T, std::int64_t H_kv, std::int64_t G, std::int64_t K) {
-  Routes r;
-  for (std::int64_t t = 0; t < T; ++t)
-    for (std::int64_t j = 0; j < H_kv; ++j) {
-      std::vector<std::int32_t> g(static_cast<std::size_t>(G));
-      for (std::int64_t i = 0; i < G; ++i) g[i] = static_cast<std::int32_t>(j * G + i);
-      std::shuffle(g.begin(), g.end(), rng.gen);
-      g.resize(static_cast<std::size_t>(K));
-      std::sort(g.begin(), g.end());
-      for (auto h : g) {
-        r.heads.push_back(h);
-        r.weights.push_back(rng.uniform(0.f, 1.f));
-      }
-    }
-  return r;
-}
-
-// The oracle of a routed call: plain attention with the output scale w on kept heads, 0 elsewhere.
-std::vector<double> routed_scale(const Routes& r, std::int64_t T, std::int64_t H, std::int64_t H_kv, std::int64_t K) {
-  std::vector<double> s(static_cast<std::size_t>(T * H), 0.0);
-  for (std::int64_t t = 0; t < T; ++t)
-    for (std::int64_t n = 0; n < H_kv * K; ++n) s[t * H + r.heads[t * H_kv * K + n]] = r.weights[t * H_kv * K + n];
-  return s;
-}
 
 template <class KV>
 void routed_case(Rng& rng, std::uint64_t seed) {

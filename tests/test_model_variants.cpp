@@ -300,6 +300,61 @@ TEST_CASE("tuneable attention in a batch session: folded over pages, unfolded pe
   }
 }
 
+TEST_CASE("routed attention in a batch session: over pages, = one session each, its trace too",
+          "[model][variants][routed][batch]") {
+  const std::vector<std::string> types = {"routed_attention", "full_attention", "routed_attention"};
+  const std::vector<std::int64_t> len = {1, 9, 17, 30};
+  std::vector<std::vector<std::int64_t>> ids;
+  for (std::size_t i = 0; i < len.size(); ++i) ids.push_back(random_ids(len[i], 97, 60 + i));
+  // Whole prompts, chunks and decode tokens mixed in one step.
+  const test::Plan plan = {{1, 5, 17, 0}, {0, 1, 0, 12}, {0, 1, 0, 1}, {0, 1, 0, 9}, {0, 1, 0, 1}, {0, 0, 0, 7}};
+  const TestSource src;
+  for (const std::string w : {"renorm", "none"}) {
+    auto j = tiny(types);
+    j["rgqa_weighting"] = w;
+    const auto m = build(j, src);
+    for (const auto kv : {model::CacheType::f32, model::CacheType::bf16, model::CacheType::int8}) {
+      CAPTURE(w, static_cast<int>(kv));
+      model::SessionOptions so;
+      so.kv_type = kv;
+      {
+        const auto bs = m.new_batch_session(so, {});
+        CHECK(bs.layer_paged(0));
+        CHECK(bs.layer_paged(2));
+      }
+      std::vector<model::Trace> traces(ids.size());
+      const auto got = test::batch_logits(m, ids, plan, so, 4, 0);
+      test::batch_logits(m, ids, plan, so, 4, 0, &traces);
+      for (std::size_t i = 0; i < ids.size(); ++i) {
+        CAPTURE(i);
+        const auto want = run(m, ids[i], {}, so);
+        // As Tuneable's batch test above; int8: the session stages the rows to f32 where the
+        // pages are read as codes, the same values in another order of rounding.
+        CHECK(test::rel_l2(got[i], want.logits) <= (kv == model::CacheType::int8 ? 1e-4 : 2e-6));
+        for (const std::string name : {"router_probs", "router_weight"}) {
+          CAPTURE(name);
+          const auto g = traces[i].tensor(name), e = want.trace.tensor(name);
+          REQUIRE(g.shape == e.shape);
+          // The full-attention layer records nothing (NaN in both); the routed layers' rows agree.
+          std::vector<float> gv, ev;
+          std::size_t nan_mismatch = 0;
+          for (std::size_t k = 0; k < e.data.size(); ++k) {
+            if (std::isnan(e.data[k]) || std::isnan(g.data[k])) {
+              nan_mismatch += std::isnan(e.data[k]) != std::isnan(g.data[k]);
+              continue;
+            }
+            gv.push_back(g.data[k]);
+            ev.push_back(e.data[k]);
+          }
+          CHECK(nan_mismatch == 0);
+          REQUIRE_FALSE(ev.empty());
+          CHECK(test::rel_l2(gv, ev) <= 1e-5);
+        }
+      }
+    }
+  }
+}
+
 TEST_CASE("variant layers: named shapes, tiny models and the random U", "[model][variants][config]") {
   const auto& reg = builtin_registry();
   struct Named {

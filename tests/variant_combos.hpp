@@ -1,7 +1,8 @@
 // tests/variant_combos.hpp — the attention variant combinations the kernel tests walk
 // (test_attention_variants.cpp over contiguous K/V, test_attention_paged.cpp over pages): random
 // variant parameters, each combination as the kernel's AttentionVariant and as the float64
-// oracle's parameters (tests/reference/variant_ref.hpp).
+// oracle's parameters (tests/reference/variant_ref.hpp); random routes of routed attention (R-GQA)
+// and the output scale that makes them the oracle's.
 #pragma once
 
 #include <algorithm>
@@ -108,6 +109,36 @@ void with_variant(const VariantInputs& p, Combo c, F&& f, std::int64_t row0 = 0,
     case Combo::metric_softcap_sinks_output: return f(make_variant(o, s, SoftCap{kCap}, m));
     default: return f(make_variant(m, Alibi{p.slopes.data()}, s, o));
   }
+}
+
+// Random routes: heads [T, H_kv, K] ascending within each group, weights random.
+struct Routes {
+  std::vector<std::int32_t> heads;
+  std::vector<float> weights;
+};
+inline Routes random_routes(Rng& rng, std::int64_t T, std::int64_t H_kv, std::int64_t G, std::int64_t K) {
+  Routes r;
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t j = 0; j < H_kv; ++j) {
+      std::vector<std::int32_t> g(static_cast<std::size_t>(G));
+      for (std::int64_t i = 0; i < G; ++i) g[i] = static_cast<std::int32_t>(j * G + i);
+      std::shuffle(g.begin(), g.end(), rng.gen);
+      g.resize(static_cast<std::size_t>(K));
+      std::sort(g.begin(), g.end());
+      for (auto h : g) {
+        r.heads.push_back(h);
+        r.weights.push_back(rng.uniform(0.f, 1.f));
+      }
+    }
+  return r;
+}
+
+// The oracle of a routed call: plain attention with the output scale w on kept heads, 0 elsewhere.
+inline std::vector<double> routed_scale(const Routes& r, std::int64_t T, std::int64_t H, std::int64_t H_kv, std::int64_t K) {
+  std::vector<double> s(static_cast<std::size_t>(T * H), 0.0);
+  for (std::int64_t t = 0; t < T; ++t)
+    for (std::int64_t n = 0; n < H_kv * K; ++n) s[t * H + r.heads[t * H_kv * K + n]] = r.weights[t * H_kv * K + n];
+  return s;
 }
 
 }  // namespace attnkit::test

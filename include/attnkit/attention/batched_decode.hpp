@@ -37,9 +37,11 @@
 //   sinks and an output scale of [B, H] (one row per sequence); bit-identical to attention_decode
 //   with the same variant on a contiguous copy. opt.q_position and opt.ring must keep their
 //   defaults (the positions come from the table). The same kernel serves Loop Attention over
-//   pages (attention/loop.hpp: a global and a windowed call) and sparse attention over pages
+//   pages (attention/loop.hpp: a global and a windowed call), sparse attention over pages
 //   (sparse/sparse_attention.hpp: the rows of each sequence's selection instead of its first
-//   lengths[b], detail::paged::Selection).
+//   lengths[b], detail::paged::Selection) and routed attention over pages (attention/routed.hpp:
+//   each token's kept heads as a GQA problem of k_r heads per group; its prefill packs them as
+//   the contiguous kernel does, one segment per sequence and KV group).
 //
 // attention_prefill_paged(q, cache, table, cu_seqlens, out, mask, opt, lse):
 //   q [T, H, d_k] f32 packs the new tokens of B sequences: rows cu_seqlens[b] .. cu_seqlens[b + 1]

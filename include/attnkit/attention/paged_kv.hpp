@@ -310,12 +310,14 @@ class PagePool {
   }
 };
 
-// Heads [h0, h1) of a cache's KV-head axis (one layer's share of a pool holding several).
-template <class KV>
-MutablePagedKV<KV> kv_head_range(const MutablePagedKV<KV>& c, std::int64_t h0, std::int64_t h1) {
+// Heads [h0, h1) of a cache's KV-head axis (one layer's share of a pool holding several, or
+// one KV group of a read-only cache): Cache = MutablePagedKV<KV> or PagedKV<KV>.
+template <class Cache>
+  requires requires(const Cache& c) { c.k.slice(2, 0, 1); c.k_scale.slice(2, 0, 1); }
+Cache kv_head_range(const Cache& c, std::int64_t h0, std::int64_t h1) {
   ATTNKIT_REQUIRE(h0 >= 0 && h0 < h1 && h1 <= c.k.shape[2], "kv_head_range: heads [", h0, ", ", h1,
                   ") are not within the cache's ", c.k.shape[2], " KV heads");
-  MutablePagedKV<KV> r{c.k.slice(2, h0, h1), c.v.slice(2, h0, h1)};
+  Cache r{c.k.slice(2, h0, h1), c.v.slice(2, h0, h1)};
   if (c.k_scale.data) {
     r.k_scale = c.k_scale.slice(2, h0, h1);
     r.v_scale = c.v_scale.slice(2, h0, h1);

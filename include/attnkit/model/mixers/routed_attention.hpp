@@ -17,7 +17,9 @@
 // G = H / H_kv), rgqa_weighting none|prob|renorm (default renorm), rgqa_scope group|all (default
 // group). Every token's k/v are cached for all H_kv heads, whichever heads it kept, so later
 // tokens may route anywhere. Routed layers attend causally over the whole cache (there is no
-// sliding routed layer). State per pass of the layer stack: the KV cache.
+// sliding routed layer). State per pass of the layer stack: the KV cache; in a batch session the
+// K/V of every pass live in the session's page pool (f32, bf16 or int8 pages, read in place)
+// and the routes of all the step's rows are taken at once (forward_batch).
 // A trace records "router_probs" [layers, T, H] (the router softmax) and "router_weight"
 // [layers, T, H] (each head's output factor: the kept heads' weight, 0 for the heads not kept),
 // of the last pass for looped stacks.
@@ -25,12 +27,14 @@
 
 #include <cmath>
 #include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "attnkit/attention/routed.hpp"
 #include "attnkit/model/mixer.hpp"
 #include "attnkit/model/parts/cached_attention.hpp"
+#include "attnkit/model/parts/paged_attention.hpp"
 #include "attnkit/model/parts/qkv_projection.hpp"
 #include "attnkit/model/trace.hpp"
 
@@ -99,53 +103,117 @@ class RoutedAttention final : public TokenMixer {
     ATTNKIT_REQUIRE(st != nullptr, "RoutedAttention::forward: argument 'state': not created by this mixer");
     ATTNKIT_REQUIRE(ctx.pass >= 0 && ctx.pass < static_cast<int>(st->caches.size()), "RoutedAttention::forward: pass ",
                     ctx.pass, " but the model was built for ", st->caches.size(), " passes");
-    const std::int64_t T = x.shape[0], H = proj_.heads(), Hkv = proj_.kv_heads(), d = proj_.head_dim(), K = route_.top_k;
+    const std::int64_t T = x.shape[0], H = proj_.heads(), d = proj_.head_dim();
     QKV qkv;
     proj_.forward(x, qkv, ctx);
-
-    // The router: logits, probabilities, the kept heads and their weights.
-    std::vector<float> logits(static_cast<std::size_t>(T * H)), probs(static_cast<std::size_t>(T * H));
-    router_.forward(x, View2<float>(logits.data(), {T, H}), {ctx.precision, ctx.num_threads, false});
-    std::vector<std::int32_t> heads(static_cast<std::size_t>(T * Hkv * K));
-    std::vector<float> weights(static_cast<std::size_t>(T * Hkv * K));
-    RouteOptions ro = route_;
-    ro.num_threads = ctx.num_threads;
-    route_heads(ConstView2<float>(logits.data(), {T, H}), Hkv, ro, View3<std::int32_t>(heads.data(), {T, Hkv, K}),
-                View3<float>(weights.data(), {T, Hkv, K}), View2<float>(probs.data(), {T, H}));
-    const ConstView3<std::int32_t> hv(heads.data(), {T, Hkv, K});
-    const ConstView3<float> wv(weights.data(), {T, Hkv, K});
-
+    const Routes r = route(x, ctx);
     std::vector<float> attn(static_cast<std::size_t>(T * H * d));
     st->caches[static_cast<std::size_t>(ctx.pass)].append_then(qkv.k, qkv.v, ctx, [&](auto k, auto v, const auto& mask) {
       using KV = std::remove_const_t<typename decltype(k)::element_type>;
       if (T == 1) {
         DecodeOptions o;
         o.num_threads = ctx.num_threads;
-        routed_attention_decode<KV>(ConstView2<float>(qkv.q.data, {H, d}, {qkv.q.stride[1], 1}), k, v, hv, wv,
+        o.precision = ctx.precision;
+        routed_attention_decode<KV>(ConstView2<float>(qkv.q.data, {H, d}, {qkv.q.stride[1], 1}), k, v, r.heads(), r.weights(),
                                     View2<float>(attn.data(), {H, d}), o);
       } else {
         AttentionOptions o;
         o.num_threads = ctx.num_threads;
         o.precision = ctx.precision;
-        routed_attention_prefill<KV>(ConstView3<float>(qkv.q), k, v, hv, wv, View3<float>(attn.data(), {T, H, d}), mask, o);
+        routed_attention_prefill<KV>(ConstView3<float>(qkv.q), k, v, r.heads(), r.weights(), View3<float>(attn.data(), {T, H, d}),
+                                     mask, o);
       }
     });
     o_.forward(View2<float>(attn.data(), {T, H * d}), out, {ctx.precision, ctx.num_threads, false});
+    record(ctx, r);
+  }
 
-    if (ctx.trace) {
-      std::vector<float> kept(static_cast<std::size_t>(T * H), 0.f);
-      for (std::int64_t t = 0; t < T; ++t)
-        for (std::int64_t j = 0; j < Hkv; ++j)
-          for (std::int64_t i = 0; i < K; ++i)
-            kept[static_cast<std::size_t>(t * H + hv(t, j, i))] = wv(t, j, i);
-      ctx.trace->describe("router_probs", {"layer", "token", "head"});
-      ctx.trace->record("router_probs", layer_, ctx.pos0, ConstView2<float>(probs.data(), {T, H}));
-      ctx.trace->describe("router_weight", {"layer", "token", "head"});
-      ctx.trace->record("router_weight", layer_, ctx.pos0, ConstView2<float>(kept.data(), {T, H}));
-    }
+  // A batch session keeps the K/V in its page pool (every pass's heads), the routes are taken
+  // for all the step's rows at once, and the kept heads attend over their pages.
+  PagedLayout paged_layout(const SessionOptions&) const override { return {proj_.kv_heads() * passes_, proj_.head_dim()}; }
+  void forward_batch(ConstView2<float> x, View2<float> out, const BatchStep& step, const StepContext& ctx) const override {
+    if (step.kv_head0 < 0) return TokenMixer::forward_batch(x, out, step, ctx);
+    const Routes r = route(x, ctx);
+    paged_attention_step(proj_, o_, x, out, step, ctx, RoutedPaged{ctx, r}, [](const QKV&, float*) {});
+    record(ctx, r);
   }
 
  private:
+  // The router's output for T rows: probabilities [T, H], kept heads and weights [T, H_kv, k_r].
+  struct Routes {
+    std::int64_t T = 0, H_kv = 0, K = 0, H = 0;
+    std::vector<float> probs, weight;
+    std::vector<std::int32_t> head;
+    ConstView3<std::int32_t> heads() const { return {head.data(), {T, H_kv, K}}; }
+    ConstView3<float> weights() const { return {weight.data(), {T, H_kv, K}}; }
+    // Rows `rows` of the routes (a sub-batch's packed rows), gathered.
+    Routes rows(const std::vector<std::int64_t>& rows) const {
+      Routes g{static_cast<std::int64_t>(rows.size()), H_kv, K, H, {}, {}, {}};
+      const std::int64_t R = H_kv * K;
+      for (const std::int64_t t : rows) {
+        g.head.insert(g.head.end(), head.begin() + t * R, head.begin() + (t + 1) * R);
+        g.weight.insert(g.weight.end(), weight.begin() + t * R, weight.begin() + (t + 1) * R);
+      }
+      return g;
+    }
+  };
+
+  Routes route(ConstView2<float> x, const StepContext& ctx) const {
+    Routes r{x.shape[0], proj_.kv_heads(), route_.top_k, proj_.heads(), {}, {}, {}};
+    std::vector<float> logits(static_cast<std::size_t>(r.T * r.H));
+    r.probs.resize(logits.size());
+    r.head.resize(static_cast<std::size_t>(r.T * r.H_kv * r.K));
+    r.weight.resize(r.head.size());
+    router_.forward(x, View2<float>(logits.data(), {r.T, r.H}), {ctx.precision, ctx.num_threads, false});
+    RouteOptions ro = route_;
+    ro.num_threads = ctx.num_threads;
+    route_heads(ConstView2<float>(logits.data(), {r.T, r.H}), r.H_kv, ro, View3<std::int32_t>(r.head.data(), {r.T, r.H_kv, r.K}),
+                View3<float>(r.weight.data(), {r.T, r.H_kv, r.K}), View2<float>(r.probs.data(), {r.T, r.H}));
+    return r;
+  }
+
+  // A trace's "router_probs" and "router_weight" rows (in a batch step, by packed row: the
+  // routing trace files each sequence's rows at its own positions).
+  void record(const StepContext& ctx, const Routes& r) const {
+    if (!ctx.trace) return;
+    std::vector<float> kept(static_cast<std::size_t>(r.T * r.H), 0.f);
+    const ConstView3<std::int32_t> hv = r.heads();
+    const ConstView3<float> wv = r.weights();
+    for (std::int64_t t = 0; t < r.T; ++t)
+      for (std::int64_t j = 0; j < r.H_kv; ++j)
+        for (std::int64_t i = 0; i < r.K; ++i) kept[static_cast<std::size_t>(t * r.H + hv(t, j, i))] = wv(t, j, i);
+    ctx.trace->describe("router_probs", {"layer", "token", "head"});
+    ctx.trace->record("router_probs", layer_, ctx.pos0, ConstView2<float>(r.probs.data(), {r.T, r.H}));
+    ctx.trace->describe("router_weight", {"layer", "token", "head"});
+    ctx.trace->record("router_weight", layer_, ctx.pos0, ConstView2<float>(kept.data(), {r.T, r.H}));
+  }
+
+  // The kept heads over the pages (detail_paged_attention::attend's policy): each sub-batch
+  // takes its rows' routes.
+  struct RoutedPaged {
+    static constexpr bool reads_int8 = true;
+    const StepContext& ctx;
+    const Routes& routes;
+    template <class KV>
+    void decode(ConstView3<float> q, const PagedKV<KV>& pages, const PageTable& table, View3<float> out,
+                const std::vector<std::int64_t>& rows) const {
+      DecodeOptions o;
+      o.num_threads = ctx.num_threads;
+      o.precision = ctx.precision;
+      const Routes r = routes.rows(rows);
+      routed_attention_decode_paged<KV>(q, pages, table, r.heads(), r.weights(), out, o);
+    }
+    template <class KV>
+    void prefill(ConstView3<float> q, const PagedKV<KV>& pages, const PageTable& table, std::span<const std::int64_t> cu,
+                 View3<float> out, const std::vector<std::int64_t>& rows) const {
+      AttentionOptions o;
+      o.num_threads = ctx.num_threads;
+      o.precision = ctx.precision;
+      const Routes r = routes.rows(rows);
+      routed_attention_prefill_paged<KV>(q, pages, table, cu, r.heads(), r.weights(), out, CausalMask{}, o);
+    }
+  };
+
   struct State final : MixerState {
     std::vector<AttentionCache> caches;  // one per pass
     std::unique_ptr<MixerState> clone(const std::string&) const override { return std::make_unique<State>(*this); }
