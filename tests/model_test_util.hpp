@@ -3,6 +3,8 @@
 // through a batch session by a plan of steps, temporary checkpoint directories.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
 #include <fstream>
 #include <optional>
@@ -68,6 +70,34 @@ inline Run run(const model::Qwen3Model& m, const std::vector<std::int64_t>& ids,
     b += n;
   }
   return r;
+}
+
+// Every series of `want` is in `got` with the same shape, NaN (never recorded) at the same
+// places and the rest within `bound` (relative L2); got has no other series.
+inline void check_same_trace(const model::Trace& got, const model::Trace& want, double bound) {
+  CHECK(got.names() == want.names());
+  for (const auto& name : want.names()) {
+    CAPTURE(name);
+    const auto names = got.names();
+    if (std::find(names.begin(), names.end(), name) == names.end()) continue;
+    const auto g = got.tensor(name), w = want.tensor(name);
+    REQUIRE(g.shape == w.shape);
+    CHECK(g.dims == w.dims);
+    CHECK(g.marks.size() == w.marks.size());
+    std::vector<float> gv, wv;
+    std::size_t nan_mismatch = 0;
+    for (std::size_t i = 0; i < w.data.size(); ++i) {
+      if (std::isnan(w.data[i]) || std::isnan(g.data[i])) {
+        nan_mismatch += std::isnan(w.data[i]) != std::isnan(g.data[i]);
+        continue;
+      }
+      gv.push_back(g.data[i]);
+      wv.push_back(w.data[i]);
+    }
+    CHECK(nan_mismatch == 0);
+    REQUIRE_FALSE(wv.empty());
+    CHECK(test::rel_l2(gv, wv) <= bound);
+  }
 }
 
 // A plan of batch steps: per step, how many new tokens each sequence runs (0: not in the step).

@@ -713,35 +713,6 @@ TEST_CASE("batch sessions refuse bad steps before anything changes", "[model][ba
   CHECK_THROWS_WITH(other.forward_batch(bs, ok, two, last), Contains("'session': made by another model"));
 }
 
-namespace {
-// Every series of `want` is in `got` with the same shape, NaN (never recorded) at the same
-// places and the rest within `bound` (relative L2); got has no other series.
-void check_same_trace(const model::Trace& got, const model::Trace& want, double bound) {
-  CHECK(got.names() == want.names());
-  for (const auto& name : want.names()) {
-    CAPTURE(name);
-    const auto names = got.names();
-    if (std::find(names.begin(), names.end(), name) == names.end()) continue;
-    const auto g = got.tensor(name), w = want.tensor(name);
-    REQUIRE(g.shape == w.shape);
-    CHECK(g.dims == w.dims);
-    CHECK(g.marks.size() == w.marks.size());
-    std::vector<float> gv, wv;
-    std::size_t nan_mismatch = 0;
-    for (std::size_t i = 0; i < w.data.size(); ++i) {
-      if (std::isnan(w.data[i]) || std::isnan(g.data[i])) {
-        nan_mismatch += std::isnan(w.data[i]) != std::isnan(g.data[i]);
-        continue;
-      }
-      gv.push_back(g.data[i]);
-      wv.push_back(w.data[i]);
-    }
-    CHECK(nan_mismatch == 0);
-    REQUIRE_FALSE(wv.empty());
-    CHECK(test::rel_l2(gv, wv) <= bound);
-  }
-}
-}  // namespace
 
 TEST_CASE("a batch step records each sequence's trace as that sequence's own session does", "[model][batch][trace]") {
   // Loop Attention (layer and stack modes: gates, the looping passes'), LT2 GDN+DSA with the
@@ -774,7 +745,7 @@ TEST_CASE("a batch step records each sequence's trace as that sequence's own ses
       REQUIRE_FALSE(want.trace.empty());
       // As the logits (batch test above): the linear layers' row blocking moves values by ulps;
       // the selections of the sparse layer come out the same.
-      check_same_trace(traces[i], want.trace, 1e-5);
+      test::check_same_trace(traces[i], want.trace, 1e-5);
     }
     if (what == "ouro") {  // last rows only: each step records its sequences' last tokens
       std::vector<model::Trace> last(ids.size());
