@@ -8,7 +8,9 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <numeric>
+#include <optional>
 #include <vector>
 
 #include "attnkit/attention/batched_decode.hpp"
@@ -310,8 +312,8 @@ struct QuantSeq {
   }
 };
 
-QuantSeq read_quant(const Batch<std::int8_t>& bt, std::int64_t b) {
-  const PagedKV<std::int8_t> c = bt.pool.view();
+// c: the pool's pages, or other int8 pages under the same page ids (Loop Attention's stack reading).
+QuantSeq read_quant(const Batch<std::int8_t>& bt, std::int64_t b, const PagedKV<std::int8_t>& c) {
   const std::int64_t L = bt.lengths[b], Hk = bt.Hk, dk = bt.dk, dv = bt.dv, P = bt.P;
   QuantSeq q;
   for (std::int64_t s = 0; s < L; ++s) {
@@ -332,6 +334,7 @@ QuantSeq read_quant(const Batch<std::int8_t>& bt, std::int64_t b) {
   }
   return q;
 }
+QuantSeq read_quant(const Batch<std::int8_t>& bt, std::int64_t b) { return read_quant(bt, b, bt.pool.view()); }
 
 // int8 pages: paged_append stores quantize_row's codes and scales; decode (exact and fast)
 // equals attention_decode on the same int8 rows held contiguously, bit for bit and for any
@@ -982,9 +985,44 @@ void drop_empty(Batch<KV>& bt) {
   bt.B = static_cast<std::int64_t>(lengths.size());
 }
 
+// Other pages under the pool's page ids (loop 2's own K/V in the "stack" reading: the same page
+// ids, other contents): every slot of every page random; int8 quantised as paged_append stores it.
+template <class KV>
+struct OtherPages {
+  std::vector<KV> k, v;                                  // float / bf16
+  std::unique_ptr<PagePool<std::int8_t>> quant;          // int8
+  OtherPages(test::Rng& rng, const Batch<KV>& bt) {
+    const std::int64_t N = bt.pool.num_pages(), n = N * bt.P;
+    if constexpr (std::is_same_v<KV, std::int8_t>) {
+      quant = std::make_unique<PagePool<std::int8_t>>(N, bt.P, bt.Hk, bt.dk, bt.dv);
+      std::vector<std::int32_t> all(static_cast<std::size_t>(N));
+      std::iota(all.begin(), all.end(), 0);
+      const std::vector<float> kf = rng.normal_vec(static_cast<std::size_t>(n * bt.Hk * bt.dk)),
+                               vf = rng.normal_vec(static_cast<std::size_t>(n * bt.Hk * bt.dv));
+      paged_append(quant->view(), std::span<const std::int32_t>(all), 0, ConstView3<float>(kf.data(), {n, bt.Hk, bt.dk}),
+                   ConstView3<float>(vf.data(), {n, bt.Hk, bt.dv}));
+    } else {
+      k = random_pages(rng, bt, bt.dk);
+      v = random_pages(rng, bt, bt.dv);
+    }
+  }
+  PagedKV<KV> view(const Batch<KV>& bt) const {
+    if constexpr (std::is_same_v<KV, std::int8_t>) {
+      return quant->view();
+    } else {
+      const std::int64_t N = bt.pool.num_pages();
+      return {ConstView4<KV>(k.data(), {N, bt.P, bt.Hk, bt.dk}), ConstView4<KV>(v.data(), {N, bt.P, bt.Hk, bt.dv})};
+    }
+  }
+};
+
+// Loop Attention over pages: decode against float64 (the rows the kernels see: int8 dequantised),
+// 1 = 2 = 3 threads bit for bit; prefill bit for bit loop_attention on each sequence's rows held
+// contiguously (int8: its codes and scales, QuantView3) and against float64.
 template <class KV>
 void check_loop_paged(std::uint64_t seed, std::int64_t P, bool stack) {
   constexpr std::int64_t H = 6, Hk = 3, dk = 40, dv = 24;
+  constexpr bool quant = std::is_same_v<KV, std::int8_t>;
   CAPTURE(seed, P, stack);
   test::Rng rng(seed);
   Batch<KV> bt = make_batch<KV>(rng, rng.integer(2, 9), P, Hk, dk, dv, kMaxLen / 2);
@@ -993,11 +1031,22 @@ void check_loop_paged(std::uint64_t seed, std::int64_t P, bool stack) {
   CAPTURE(B, W, bt.lengths);
   if (B == 0) return;
   const PagedKV<KV> glob = bt.pool.view();
-  std::vector<KV> lk = stack ? random_pages(rng, bt, dk) : std::vector<KV>{},
-                  lv = stack ? random_pages(rng, bt, dv) : std::vector<KV>{};
-  const std::int64_t N = bt.pool.num_pages();
-  const PagedKV<KV> loc = stack ? PagedKV<KV>{ConstView4<KV>(lk.data(), {N, P, Hk, dk}), ConstView4<KV>(lv.data(), {N, P, Hk, dv})}
-                                : glob;
+  const std::optional<OtherPages<KV>> other = stack ? std::optional<OtherPages<KV>>(std::in_place, rng, bt) : std::nullopt;
+  const PagedKV<KV> loc = stack ? other->view(bt) : glob;
+  // Each sequence's global and local rows as the kernels see them, and (int8) their codes.
+  std::vector<std::vector<float>> kg(B), vg(B), kl(B), vl(B);
+  std::vector<QuantSeq> qg(B), ql(B);
+  for (std::int64_t b = 0; b < B; ++b) {
+    if constexpr (quant) {
+      qg[b] = read_quant(bt, b);
+      ql[b] = stack ? read_quant(bt, b, loc) : qg[b];
+      kg[b] = qg[b].kf, vg[b] = qg[b].vf, kl[b] = ql[b].kf, vl[b] = ql[b].vf;
+    } else {
+      kg[b] = bt.k[b], vg[b] = bt.v[b];
+      kl[b] = stack ? gather_seq(other->k, bt, b, dk) : bt.k[b];
+      vl[b] = stack ? gather_seq(other->v, bt, b, dv) : bt.v[b];
+    }
+  }
   const std::vector<float> gw = rng.normal_vec(static_cast<std::size_t>(H * dk), 0.2f), gb = rng.normal_vec(H);
   const double scale = 1.0 / std::sqrt(double(dk));
 
@@ -1025,8 +1074,7 @@ void check_loop_paged(std::uint64_t seed, std::int64_t P, bool stack) {
       CAPTURE(b);
       const std::int64_t L = bt.lengths[b];
       const std::vector<float> qb(q.begin() + b * H * dk, q.begin() + (b + 1) * H * dk);
-      const std::vector<float> kl = stack ? gather_seq(lk, bt, b, dk) : bt.k[b], vl = stack ? gather_seq(lv, bt, b, dv) : bt.v[b];
-      const auto ref = ref::reference_loop(qb, bt.k[b], bt.v[b], kl, vl, gw, gb, {1, L, L, H, Hk, dk, dv}, L - 1, 0, W, scale);
+      const auto ref = ref::reference_loop(qb, kg[b], vg[b], kl[b], vl[b], gw, gb, {1, L, L, H, Hk, dk, dv}, L - 1, 0, W, scale);
       CHECK(rel_l2(std::vector<float>(out.begin() + b * H * dv, out.begin() + (b + 1) * H * dv), ref.out) <= 1e-5);
       CHECK(rel_l2(std::vector<float>(gates.begin() + b * H, gates.begin() + (b + 1) * H), ref.gates) <= 1e-6);
     }
@@ -1049,19 +1097,26 @@ void check_loop_paged(std::uint64_t seed, std::int64_t P, bool stack) {
     CAPTURE(b);
     const std::int64_t L = bt.lengths[b], n = cu[b + 1] - cu[b];
     if (n == 0) continue;
-    const std::vector<float> kl = stack ? gather_seq(lk, bt, b, dk) : bt.k[b], vl = stack ? gather_seq(lv, bt, b, dv) : bt.v[b];
-    const std::vector<KV> kg = as_kv<KV>(bt.k[b]), vg = as_kv<KV>(bt.v[b]), kc = as_kv<KV>(kl), vc = as_kv<KV>(vl);
     const std::vector<float> qb(qp.begin() + cu[b] * H * dk, qp.begin() + cu[b + 1] * H * dk);
     std::vector<float> oc(static_cast<std::size_t>(n * H * dv)), gc(static_cast<std::size_t>(n * H));
     test::poison(oc);
-    const ConstView3<KV> kgv(kg.data(), {L, Hk, dk}), vgv(vg.data(), {L, Hk, dv});
-    loop_attention<KV>(ConstView3<float>(qb.data(), {n, H, dk}), kgv, vgv,
-                       stack ? ConstView3<KV>(kc.data(), {L, Hk, dk}) : kgv, stack ? ConstView3<KV>(vc.data(), {L, Hk, dv}) : vgv,
-                       ConstView2<float>(gw.data(), {H, dk}), gb, W, View3<float>(oc.data(), {n, H, dv}), lo,
-                       View2<float>(gc.data(), {n, H}));
+    const ConstView3<float> qv(qb.data(), {n, H, dk});
+    const ConstView2<float> gwv(gw.data(), {H, dk});
+    const View3<float> ov(oc.data(), {n, H, dv});
+    const View2<float> gv(gc.data(), {n, H});
+    if constexpr (quant) {  // the same views twice in the layer reading: the fused path, as over the pages
+      const QuantView3 kgq = qg[b].keys(L, Hk, dk), vgq = qg[b].values(L, Hk, dv);
+      loop_attention(qv, kgq, vgq, stack ? ql[b].keys(L, Hk, dk) : kgq, stack ? ql[b].values(L, Hk, dv) : vgq, gwv, gb, W,
+                     ov, lo, gv);
+    } else {
+      const std::vector<KV> kgc = as_kv<KV>(kg[b]), vgc = as_kv<KV>(vg[b]), klc = as_kv<KV>(kl[b]), vlc = as_kv<KV>(vl[b]);
+      const ConstView3<KV> kgv(kgc.data(), {L, Hk, dk}), vgv(vgc.data(), {L, Hk, dv});
+      loop_attention<KV>(qv, kgv, vgv, stack ? ConstView3<KV>(klc.data(), {L, Hk, dk}) : kgv,
+                         stack ? ConstView3<KV>(vlc.data(), {L, Hk, dv}) : vgv, gwv, gb, W, ov, lo, gv);
+    }
     CHECK(test::bit_equal(std::vector<float>(out.begin() + cu[b] * H * dv, out.begin() + cu[b + 1] * H * dv), oc));
     CHECK(test::bit_equal(std::vector<float>(gates.begin() + cu[b] * H, gates.begin() + cu[b + 1] * H), gc));
-    const auto ref = ref::reference_loop(qb, bt.k[b], bt.v[b], kl, vl, gw, gb, {n, L, L, H, Hk, dk, dv}, L - n, 0, W, scale);
+    const auto ref = ref::reference_loop(qb, kg[b], vg[b], kl[b], vl[b], gw, gb, {n, L, L, H, Hk, dk, dv}, L - n, 0, W, scale);
     CHECK(rel_l2(oc, ref.out) <= 1e-5);
   }
 }
@@ -1078,8 +1133,14 @@ std::vector<std::int32_t> random_selection(test::Rng& rng, std::int64_t p, std::
   return sel;
 }
 
+// Sparse attention over pages: decode against float64 (the rows the kernels see: int8
+// dequantised), 1 = 2 = 3 threads, and bit for bit the contiguous kernel on each sequence's rows
+// (int8: its codes and scales, QuantView3); prefill likewise. int8 pages also under
+// Precision::fast (scores on VNNI against the quantised query): bit for bit the contiguous fast
+// kernels, and within the int8 decode test's bound of float64.
 template <class KV>
 void check_sparse_paged(std::uint64_t seed, std::int64_t P, std::int64_t H, std::int64_t Hk, std::int64_t dk, std::int64_t dv) {
+  constexpr bool quant = std::is_same_v<KV, std::int8_t>;
   CAPTURE(seed, P, H, Hk, dk, dv);
   test::Rng rng(seed);
   Batch<KV> bt = make_batch<KV>(rng, rng.integer(1, 12), P, Hk, dk, dv, kMaxLen / 2);
@@ -1087,6 +1148,17 @@ void check_sparse_paged(std::uint64_t seed, std::int64_t P, std::int64_t H, std:
   CAPTURE(B, K, bt.lengths);
   const PagedKV<KV> cache = bt.pool.view();
   const double scale = 1.0 / std::sqrt(double(dk));
+  std::vector<std::vector<float>> kf = bt.k, vf = bt.v;
+  std::vector<QuantSeq> qs(static_cast<std::size_t>(B));
+  if constexpr (quant)
+    for (std::int64_t b = 0; b < B; ++b) {
+      qs[b] = read_quant(bt, b);
+      kf[b] = qs[b].kf;
+      vf[b] = qs[b].vf;
+    }
+  const std::vector<Precision> precisions =
+      quant ? std::vector<Precision>{Precision::exact, Precision::fast} : std::vector<Precision>{Precision::exact};
+  const auto tol = [](Precision p) { return p == Precision::exact ? 1e-5 : 4e-2; };
 
   // Decode: each sequence's query at its newest position with its own selection.
   std::vector<std::int32_t> idx;
@@ -1097,41 +1169,51 @@ void check_sparse_paged(std::uint64_t seed, std::int64_t P, std::int64_t H, std:
   const std::vector<float> q = rng.normal_vec(static_cast<std::size_t>(B * H * dk));
   SparseAttentionOptions opt;
   opt.kv_chunk = P * rng.integer(1, 256 / P + 2);
-  std::vector<float> first;
-  for (int threads : {1, 2, 3}) {
-    opt.num_threads = threads;
-    std::vector<float> out(static_cast<std::size_t>(B * H * dv)), lse(static_cast<std::size_t>(B * H));
-    test::poison(out);
-    test::poison(lse);
-    sparse_attention_decode_paged<KV>(ConstView3<float>(q.data(), {B, H, dk}), cache, bt.table(),
-                                      ConstView2<std::int32_t>(idx.data(), {B, K}), View3<float>(out.data(), {B, H, dv}),
-                                      opt, View2<float>(lse.data(), {B, H}));
-    if (threads > 1) {
-      CHECK(test::bit_equal(out, first));
-      continue;
-    }
-    first = out;
-    for (std::int64_t b = 0; b < B; ++b) {
-      CAPTURE(b);
-      const std::int64_t L = bt.lengths[b];
-      const std::vector<float> qb(q.begin() + b * H * dk, q.begin() + (b + 1) * H * dk);
-      const std::vector<std::int32_t> ib(idx.begin() + b * K, idx.begin() + (b + 1) * K);
-      std::vector<double> ro, rl;
-      ref::sparse_attention(qb, bt.k[b], bt.v[b], ib, 1, K, H, Hk, dk, dv, scale, ro, rl);
-      const std::vector<float> ob(out.begin() + b * H * dv, out.begin() + (b + 1) * H * dv);
-      CHECK(rel_l2(ob, ro) <= 1e-5);
-      for (std::int64_t h = 0; h < H; ++h) {
-        if (std::isinf(rl[h])) CHECK(lse[b * H + h] == -std::numeric_limits<float>::infinity());
-        else CHECK(std::abs(lse[b * H + h] - rl[h]) <= 1e-4 * std::max(1.0, std::abs(rl[h])));
+  for (const Precision prec : precisions) {
+    CAPTURE(static_cast<int>(prec));
+    opt.precision = prec;
+    std::vector<float> first;
+    for (int threads : {1, 2, 3}) {
+      opt.num_threads = threads;
+      std::vector<float> out(static_cast<std::size_t>(B * H * dv)), lse(static_cast<std::size_t>(B * H));
+      test::poison(out);
+      test::poison(lse);
+      sparse_attention_decode_paged<KV>(ConstView3<float>(q.data(), {B, H, dk}), cache, bt.table(),
+                                        ConstView2<std::int32_t>(idx.data(), {B, K}), View3<float>(out.data(), {B, H, dv}),
+                                        opt, View2<float>(lse.data(), {B, H}));
+      if (threads > 1) {
+        CHECK(test::bit_equal(out, first));
+        continue;
       }
-      if (L == 0) continue;
-      const std::vector<KV> kc = as_kv<KV>(bt.k[b]), vc = as_kv<KV>(bt.v[b]);
-      std::vector<float> oc(static_cast<std::size_t>(H * dv));
-      test::poison(oc);
-      sparse_attention_decode<KV>(ConstView2<float>(qb.data(), {H, dk}), ConstView3<KV>(kc.data(), {L, Hk, dk}),
-                                  ConstView3<KV>(vc.data(), {L, Hk, dv}), ConstView1<std::int32_t>(ib.data(), {K}),
-                                  View2<float>(oc.data(), {H, dv}), opt);
-      CHECK(test::bit_equal(ob, oc));
+      first = out;
+      for (std::int64_t b = 0; b < B; ++b) {
+        CAPTURE(b);
+        const std::int64_t L = bt.lengths[b];
+        const std::vector<float> qb(q.begin() + b * H * dk, q.begin() + (b + 1) * H * dk);
+        const std::vector<std::int32_t> ib(idx.begin() + b * K, idx.begin() + (b + 1) * K);
+        std::vector<double> ro, rl;
+        ref::sparse_attention(qb, kf[b], vf[b], ib, 1, K, H, Hk, dk, dv, scale, ro, rl);
+        const std::vector<float> ob(out.begin() + b * H * dv, out.begin() + (b + 1) * H * dv);
+        CHECK(rel_l2(ob, ro) <= tol(prec));
+        for (std::int64_t h = 0; h < H && prec == Precision::exact; ++h) {
+          if (std::isinf(rl[h])) CHECK(lse[b * H + h] == -std::numeric_limits<float>::infinity());
+          else CHECK(std::abs(lse[b * H + h] - rl[h]) <= 1e-4 * std::max(1.0, std::abs(rl[h])));
+        }
+        if (L == 0) continue;
+        std::vector<float> oc(static_cast<std::size_t>(H * dv));
+        test::poison(oc);
+        const ConstView2<float> qv(qb.data(), {H, dk});
+        const ConstView1<std::int32_t> iv(ib.data(), {K});
+        const View2<float> ov(oc.data(), {H, dv});
+        if constexpr (quant) {
+          sparse_attention_decode(qv, qs[b].keys(L, Hk, dk), qs[b].values(L, Hk, dv), iv, ov, opt);
+        } else {
+          const std::vector<KV> kc = as_kv<KV>(bt.k[b]), vc = as_kv<KV>(bt.v[b]);
+          sparse_attention_decode<KV>(qv, ConstView3<KV>(kc.data(), {L, Hk, dk}), ConstView3<KV>(vc.data(), {L, Hk, dv}), iv,
+                                      ov, opt);
+        }
+        CHECK(test::bit_equal(ob, oc));
+      }
     }
   }
   // An entry past its sequence's length is named.
@@ -1166,30 +1248,40 @@ void check_sparse_paged(std::uint64_t seed, std::int64_t P, std::int64_t H, std:
     }
   }
   const std::vector<float> qp = rng.normal_vec(static_cast<std::size_t>(T * H * dk));
-  std::vector<float> po(static_cast<std::size_t>(T * H * dv));
-  test::poison(po);
-  opt.num_threads = 2;
-  sparse_attention_prefill_paged<KV>(ConstView3<float>(qp.data(), {T, H, dk}), cache, bt.table(), cu,
-                                     ConstView2<std::int32_t>(pidx.data(), {T, K}), View3<float>(po.data(), {T, H, dv}), opt);
-  for (std::int64_t b = 0; b < B; ++b) {
-    CAPTURE(b);
-    const std::int64_t L = bt.lengths[b], n = cu[b + 1] - cu[b];
-    if (n == 0) continue;
-    const std::vector<float> qb(qp.begin() + cu[b] * H * dk, qp.begin() + cu[b + 1] * H * dk);
-    const std::vector<std::int32_t> ib(pidx.begin() + cu[b] * K, pidx.begin() + cu[b + 1] * K);
-    const std::vector<float> ob(po.begin() + cu[b] * H * dv, po.begin() + cu[b + 1] * H * dv);
-    std::vector<double> ro, rl;
-    ref::sparse_attention(qb, bt.k[b], bt.v[b], ib, n, K, H, Hk, dk, dv, scale, ro, rl);
-    CHECK(rel_l2(ob, ro) <= 1e-5);
-    const std::vector<KV> kc = as_kv<KV>(bt.k[b]), vc = as_kv<KV>(bt.v[b]);
-    std::vector<float> oc(static_cast<std::size_t>(n * H * dv));
-    test::poison(oc);
-    SparseAttentionOptions o1 = opt;
-    o1.q_offset = L - n;
-    sparse_attention_prefill<KV>(ConstView3<float>(qb.data(), {n, H, dk}), ConstView3<KV>(kc.data(), {L, Hk, dk}),
-                                 ConstView3<KV>(vc.data(), {L, Hk, dv}), ConstView2<std::int32_t>(ib.data(), {n, K}),
-                                 View3<float>(oc.data(), {n, H, dv}), o1);
-    CHECK(test::bit_equal(ob, oc));
+  for (const Precision prec : precisions) {
+    CAPTURE(static_cast<int>(prec));
+    std::vector<float> po(static_cast<std::size_t>(T * H * dv));
+    test::poison(po);
+    opt.num_threads = 2;
+    opt.precision = prec;
+    sparse_attention_prefill_paged<KV>(ConstView3<float>(qp.data(), {T, H, dk}), cache, bt.table(), cu,
+                                       ConstView2<std::int32_t>(pidx.data(), {T, K}), View3<float>(po.data(), {T, H, dv}), opt);
+    for (std::int64_t b = 0; b < B; ++b) {
+      CAPTURE(b);
+      const std::int64_t L = bt.lengths[b], n = cu[b + 1] - cu[b];
+      if (n == 0) continue;
+      const std::vector<float> qb(qp.begin() + cu[b] * H * dk, qp.begin() + cu[b + 1] * H * dk);
+      const std::vector<std::int32_t> ib(pidx.begin() + cu[b] * K, pidx.begin() + cu[b + 1] * K);
+      const std::vector<float> ob(po.begin() + cu[b] * H * dv, po.begin() + cu[b + 1] * H * dv);
+      std::vector<double> ro, rl;
+      ref::sparse_attention(qb, kf[b], vf[b], ib, n, K, H, Hk, dk, dv, scale, ro, rl);
+      CHECK(rel_l2(ob, ro) <= tol(prec));
+      std::vector<float> oc(static_cast<std::size_t>(n * H * dv));
+      test::poison(oc);
+      SparseAttentionOptions o1 = opt;
+      o1.q_offset = L - n;
+      const ConstView3<float> qv(qb.data(), {n, H, dk});
+      const ConstView2<std::int32_t> iv(ib.data(), {n, K});
+      const View3<float> ov(oc.data(), {n, H, dv});
+      if constexpr (quant) {
+        sparse_attention_prefill(qv, qs[b].keys(L, Hk, dk), qs[b].values(L, Hk, dv), iv, ov, o1);
+      } else {
+        const std::vector<KV> kc = as_kv<KV>(bt.k[b]), vc = as_kv<KV>(bt.v[b]);
+        sparse_attention_prefill<KV>(qv, ConstView3<KV>(kc.data(), {L, Hk, dk}), ConstView3<KV>(vc.data(), {L, Hk, dv}), iv,
+                                     ov, o1);
+      }
+      CHECK(test::bit_equal(ob, oc));
+    }
   }
 }
 
@@ -1200,6 +1292,8 @@ TEST_CASE("Loop Attention over pages (layer and stack readings) matches float64 
   check_loop_paged<float>(test::fresh_seed(), 16, false);
   check_loop_paged<bf16>(test::fresh_seed(), 32, true);
   check_loop_paged<bf16>(test::fresh_seed(), 1, false);  // P = 1
+  check_loop_paged<std::int8_t>(test::fresh_seed(), 16, false);
+  check_loop_paged<std::int8_t>(test::fresh_seed(), 8, true);
 }
 
 TEST_CASE("sparse attention over pages matches float64 and the contiguous kernels, any thread count",
@@ -1207,4 +1301,7 @@ TEST_CASE("sparse attention over pages matches float64 and the contiguous kernel
   check_sparse_paged<float>(test::fresh_seed(), 16, 8, 2, 64, 64);
   check_sparse_paged<bf16>(test::fresh_seed(), 64, 16, 8, 128, 128);
   check_sparse_paged<bf16>(test::fresh_seed(), 8, 6, 3, 40, 24);  // odd head dims
+  check_sparse_paged<std::int8_t>(test::fresh_seed(), 16, 16, 8, 128, 128);
+  check_sparse_paged<std::int8_t>(test::fresh_seed(), 4, 6, 3, 40, 24);
+  check_sparse_paged<std::int8_t>(test::fresh_seed(), 32, 4, 1, 264, 72);  // past the key-major kernel's reach: staged
 }

@@ -377,7 +377,8 @@ void loop_attention_decode_paged(ConstView3<float> q, const PagedKV<KV>& glob, c
                                  const PageTable& table, ConstView2<float> gate_w, std::span<const float> gate_b,
                                  std::int64_t window, View3<float> out /*[B, H, d_v]*/, const DecodeOptions& opt = {},
                                  View2<float> gates = {} /*optional [B, H]*/) {
-  static_assert(is_storage_type_v<KV>, "loop_attention_decode_paged: pages must be float or bf16 (int8 pages: attention_decode_paged, attention_prefill_paged)");
+  static_assert(is_storage_type_v<KV> || std::is_same_v<KV, std::int8_t>,
+                "loop_attention_decode_paged: pages must be float, bf16 or int8");
   constexpr const char* fn = "loop_attention_decode_paged";
   detail::paged::check_decode(fn, q, glob, table, out, opt, {});
   const std::int64_t B = table.batch(), H = q.shape[1], d_k = q.shape[2], d_v = out.shape[2];
@@ -411,7 +412,8 @@ void loop_attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& glob, 
                                   ConstView2<float> gate_w, std::span<const float> gate_b, std::int64_t window,
                                   View3<float> out /*[T, H, d_v]*/, const LoopOptions& opt = {},
                                   View2<float> gates = {} /*optional [T, H]*/) {
-  static_assert(is_storage_type_v<KV>, "loop_attention_prefill_paged: pages must be float or bf16 (int8 pages: attention_decode_paged, attention_prefill_paged)");
+  static_assert(is_storage_type_v<KV> || std::is_same_v<KV, std::int8_t>,
+                "loop_attention_prefill_paged: pages must be float, bf16 or int8");
   constexpr const char* fn = "loop_attention_prefill_paged";
   check_view(q, fn, "q");
   const std::int64_t B = table.batch(), T = q.shape[0];
@@ -424,15 +426,17 @@ void loop_attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& glob, 
                   " rows, but q has T = ", T);
   const std::vector<std::int64_t> seqs = detail::paged::sequences_with_queries(fn, table, cu_seqlens);
   // The pages are read in place (the flash kernel's rows through the page table, as
-  // attention_prefill_paged); one table for both sets, so a shared pool takes the fused path.
+  // attention_prefill_paged; int8: widened to code · scale as the key tiles are packed); one
+  // table for both sets, so a shared pool takes the fused path.
   for (std::size_t i = 0; i < seqs.size(); ++i) {
     const std::int64_t b = seqs[i], s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1], L = table.lengths[b];
     LoopOptions o = opt;
     o.q_offset = L - (s1 - s0);
     o.local_offset = 0;
-    const auto rows = [&](const ConstView4<KV>& pool) { return detail::paged::sequence_rows(pool, table, b, L); };
-    detail::loop_attention_arch<simd::default_arch, KV>(q.slice(0, s0, s1), rows(glob.k), rows(glob.v), rows(loc.k),
-                                                        rows(loc.v), gate_w, gate_b, window, out.slice(0, s0, s1), o,
+    const auto [kg, vg] = detail::paged::sequence_kv(glob, table, b, L);
+    const auto [kl, vl] = detail::paged::sequence_kv(loc, table, b, L);
+    detail::loop_attention_arch<simd::default_arch, KV>(q.slice(0, s0, s1), kg, vg, kl, vl, gate_w, gate_b, window,
+                                                        out.slice(0, s0, s1), o,
                                                         gates.data == nullptr ? View2<float>{} : gates.slice(0, s0, s1));
   }
 }

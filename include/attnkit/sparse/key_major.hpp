@@ -301,11 +301,10 @@ void scores_rows(const Tile& tl, const float* qs, const QuantHead& qh, const KRo
 template <int NS, class KV, bool Vnni>
 void scores(const Tile& tl, const float* qs, const QuantHead& qh, const flash::KVRows<KV>& k,
             const flash::KVRows<KV>& v, std::int64_t j, std::int64_t s0, std::int64_t nb) {
-  const StridedRows<KV> ks{k.ptr(s0, j), k.stride[0]}, vs{v.ptr(s0, j), v.stride[0]};
-  // int8 rows are contiguous here (run_tile): paged sparse entries take f32 and bf16 pages.
-  if (std::is_same_v<KV, std::int8_t> || (k.pages == nullptr && v.pages == nullptr))
-    scores_rows<NS, KV, Vnni>(tl, qs, qh, ks, vs, nb);
-  else if constexpr (!std::is_same_v<KV, std::int8_t>)
+  if (k.pages == nullptr && v.pages == nullptr)
+    scores_rows<NS, KV, Vnni>(tl, qs, qh, StridedRows<KV>{k.ptr(s0, j), k.stride[0]},
+                              StridedRows<KV>{v.ptr(s0, j), v.stride[0]}, nb);
+  else
     scores_rows<NS, KV, Vnni>(tl, qs, qh, PagedRows<KV>{&k, j, s0}, PagedRows<KV>{&v, j, s0}, nb);
 }
 
@@ -468,11 +467,11 @@ void accumulate_rows(const Tile& tl, const std::int32_t* const* idx, float* cons
 
 template <class KV>
 void accumulate(const Tile& tl, const std::int32_t* const* idx, const flash::KVRows<KV>& v, std::int64_t j, float* const oh) {
-  if (std::is_same_v<KV, std::int8_t> || v.pages == nullptr) {  // int8: contiguous only (run_tile)
+  if (v.pages == nullptr) {
     const KV* base = v.ptr(0, j);
     const std::int64_t stride = v.stride[0];
     accumulate_rows<KV>(tl, idx, oh, [&](const std::int32_t* sel) { return decode::GatheredRows<KV>{base, stride, sel}; });
-  } else if constexpr (!std::is_same_v<KV, std::int8_t>) {
+  } else {
     accumulate_rows<KV>(tl, idx, oh, [&](const std::int32_t* sel) { return PagedGatheredRows<KV>{&v, j, sel}; });
   }
 }
@@ -627,8 +626,6 @@ void run_tile(ConstView3<float> q, const flash::KVRows<KV>& k, const flash::KVRo
               std::int64_t G, float scale_log2, View3<float> out, View2<float> lse, bool vnni = false) {
   constexpr bool pairs = decode::uses_pairs_v<true, KV>;
   constexpr bool quant = std::is_same_v<KV, std::int8_t>;
-  if constexpr (quant)
-    ATTNKIT_REQUIRE(k.pages == nullptr && v.pages == nullptr, "sparse key-major kernel: int8 rows must be contiguous, not paged");
   ATTNKIT_REQUIRE(t1 - t0 <= kTile, "sparse key-major kernel: a tile holds at most ", kTile, " queries, got ", t1 - t0);
   Tile tl;
   tl.nt = t1 - t0;
@@ -722,9 +719,10 @@ void run_tile(ConstView3<float> q, const flash::KVRows<KV>& k, const flash::KVRo
       score_fn(tl, tl.qs + h * rows * tl.dkp, qh, k, v, j, s0, nb);
       if constexpr (quant) {
         const float* qscale = vnni ? tl.qscale + h * rows : nullptr;
-        // Gathers index in int32: contiguous scales within its reach (else one by one).
+        // Gathers index in int32: contiguous scales within its reach (else, and through a page
+        // table, one by one).
         const auto reach = [&](const flash::KVRows<KV>& r) {
-          return (r.shape[0] - 1) * r.scale_stride[0] <= INT32_MAX;
+          return r.pages == nullptr && (r.shape[0] - 1) * r.scale_stride[0] <= INT32_MAX;
         };
         if (reach(k) && reach(v))
           softmax(tl, tl.m + h * rows, tl.l + h * rows, idx, qscale,
@@ -735,11 +733,15 @@ void run_tile(ConstView3<float> q, const flash::KVRows<KV>& k, const flash::KVRo
 #if defined(ATTNKIT_DECODE_VNNI)
         if (vnni) {
           float* oh = tl.o + h * rows * tl.dv_pad;
-          const std::int8_t* vb = v.ptr(0, j);
-          const std::int64_t vst = v.stride[0];
-          accumulate_vnni(tl, idx, oh, [&](const std::int32_t* sel) {
-            return [=](std::int64_t x) { return vb + static_cast<std::int64_t>(sel[x]) * vst; };
-          });
+          if (v.pages == nullptr) {
+            const std::int8_t* vb = v.ptr(0, j);
+            const std::int64_t vst = v.stride[0];
+            accumulate_vnni(tl, idx, oh, [&](const std::int32_t* sel) {
+              return [=](std::int64_t x) { return vb + static_cast<std::int64_t>(sel[x]) * vst; };
+            });
+          } else {
+            accumulate_vnni(tl, idx, oh, [&](const std::int32_t* sel) { return PagedGatheredRows<KV>{&v, j, sel}; });
+          }
           continue;
         }
 #endif

@@ -396,7 +396,7 @@ template <class KV>
 void sparse_attention_decode_paged(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& table,
                                    ConstView2<std::int32_t> indices, View3<float> out,
                                    const SparseAttentionOptions& opt = {}, View2<float> lse = {}) {
-  static_assert(is_storage_type_v<KV>, "sparse_attention_decode_paged: pages must be float or bf16 (int8 pages: attention_decode_paged, attention_prefill_paged)");
+  static_assert(is_storage_type_v<KV> || std::is_same_v<KV, std::int8_t>, "sparse_attention_decode_paged: pages must be float, bf16 or int8");
   constexpr const char* fn = "sparse_attention_decode_paged";
   detail::sparse::check_options(fn, opt);
   DecodeOptions dopt;
@@ -426,7 +426,7 @@ template <class KV>
 void sparse_attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cache, const PageTable& table,
                                     std::span<const std::int64_t> cu_seqlens, ConstView2<std::int32_t> indices,
                                     View3<float> out, const SparseAttentionOptions& opt = {}, View2<float> lse = {}) {
-  static_assert(is_storage_type_v<KV>, "sparse_attention_prefill_paged: pages must be float or bf16 (int8 pages: attention_decode_paged, attention_prefill_paged)");
+  static_assert(is_storage_type_v<KV> || std::is_same_v<KV, std::int8_t>, "sparse_attention_prefill_paged: pages must be float, bf16 or int8");
   constexpr const char* fn = "sparse_attention_prefill_paged";
   check_page_table(fn, cache, table);
   check_view(q, fn, "q");
@@ -457,7 +457,7 @@ void sparse_attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cach
     const detail::flash::Shape sh{H, H_kv, H / H_kv, dk, dv, resolve_scale(opt.scale, dk) * detail::flash::kLog2e};
     for (const std::int64_t b : seqs) {
       const std::int64_t s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1], L = table.lengths[b], off = L - (s1 - s0);
-      const auto kr = detail::paged::sequence_rows(cache.k, table, b, L), vr = detail::paged::sequence_rows(cache.v, table, b, L);
+      const auto [kr, vr] = detail::paged::sequence_kv(cache, table, b, L);  // int8: with the scales, read in place
       const ConstView3<float> qb = q.slice(0, s0, s1);
       const View3<float> ob = out.slice(0, s0, s1);
       const View2<float> lb = lse.empty() ? View2<float>{} : lse.slice(0, s0, s1);
@@ -482,7 +482,7 @@ void sparse_attention_prefill_paged(ConstView3<float> q, const PagedKV<KV>& cach
     const std::int64_t b = seqs[i], s0 = cu_seqlens[b], s1 = cu_seqlens[b + 1], L = table.lengths[b];
     SparseAttentionOptions o = opt;
     o.q_offset = L - (s1 - s0);
-    sparse_attention_prefill<KV>(q.slice(0, s0, s1), st.keys().slice(0, st.offset[i], st.offset[i] + L),
+    sparse_attention_prefill<detail::paged::staged_t<KV>>(q.slice(0, s0, s1), st.keys().slice(0, st.offset[i], st.offset[i] + L),
                                  st.values().slice(0, st.offset[i], st.offset[i] + L), indices.slice(0, s0, s1),
                                  out.slice(0, s0, s1), o, lse.empty() ? View2<float>{} : lse.slice(0, s0, s1));
   }
