@@ -59,7 +59,8 @@
 // Over a paged cache (attention/paged_kv.hpp), for many sequences at once: k_glob / k_loc become
 // two PagedKV read through one page table (the "layer" reading passes the same pages twice; the
 // "stack" reading loop 1's and loop 2's pages, which hold the same positions under the same page
-// ids, as a batch session's pool lays them out):
+// ids, as a batch session's pool lays them out; f32, bf16 or int8 pages, int8 read in place as
+// the contiguous int8 kernels read it):
 //   loop_attention_decode_paged(q [B, H, d_k], glob, loc, table, gate_w, gate_b, window,
 //     out [B, H, d_v], opt, gates [B, H] optional): global = attention_decode_paged over glob,
 //     local = attention_decode_paged over loc's last `window` keys (pages below the window are

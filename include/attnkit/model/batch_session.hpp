@@ -8,14 +8,14 @@
 // weights once per step instead of once per sequence.
 //
 // K/V storage: the mixers that ask for it (TokenMixer::paged_layout: Qwen3 full attention, Tuneable
-// attention's folded form, Loop Attention, sparse attention; f32 or bf16 caches; Qwen3 and Tuneable
-// attention also int8) keep their K/V in ONE page pool of the
+// attention's folded form, routed attention, Loop Attention, sparse attention; f32, bf16 or int8
+// caches) keep their K/V in ONE page pool of the
 // session (attention/paged_kv.hpp; pages of BatchOptions::page_size tokens; every such layer and
 // pass owns a range of the pool's KV-head axis, so one page id holds the same positions in every
 // layer), plus what else they keep per sequence (TokenMixer::new_paged_state: Loop Attention's
 // stack-mode rings, sparse attention's index keys). Each sequence has a page table; the pool
 // doubles when it runs out (BatchOptions::initial_pages first). Other mixers (sliding windows,
-// Loop and sparse attention with int8 caches, Tuneable's unfolded form, Gated DeltaNet, ...) keep a state per sequence and run per sequence inside
+// Tuneable's unfolded form, Gated DeltaNet, ...) keep a state per sequence and run per sequence inside
 // the step (TokenMixer::forward_batch's default): every model works in a batch session, and the
 // MLPs and the head are still batched. Sliding windows stay per sequence on purpose: one page id
 // holds a position in every layer, so a windowed layer in the pool could not drop the pages

@@ -17,7 +17,9 @@
 #include <vector>
 
 #include "attnkit/attention/paged_kv.hpp"
+#include "attnkit/core/bf16.hpp"
 #include "attnkit/core/error.hpp"
+#include "attnkit/core/memory.hpp"
 #include "attnkit/core/stage_profile.hpp"
 #include "attnkit/core/view.hpp"
 #include "attnkit/io/config.hpp"
@@ -31,6 +33,13 @@ namespace attnkit::model {
 
 // KV cache storage: f32, bf16, or int8 with a scale per token and KV head (attention/quant.hpp).
 enum class CacheType { f32, bf16, int8 };
+
+// Bytes one token's K and V take in a cache of type t for kv_heads heads of head_dim (int8: the
+// codes and a float scale per row).
+inline std::uint64_t kv_token_bytes(CacheType t, std::int64_t kv_heads, std::int64_t head_dim) {
+  if (t == CacheType::int8) return mul_bytes(kv_heads, 2, add_bytes(static_cast<std::uint64_t>(head_dim), sizeof(float)));
+  return mul_bytes(kv_heads, 2 * head_dim, t == CacheType::f32 ? sizeof(float) : sizeof(bf16));
+}
 
 // Per-sequence settings that shape the mixer states.
 struct SessionOptions {

@@ -239,9 +239,7 @@ class Qwen3Model {
   // Bytes of layer l's state after `positions` tokens (estimated; see estimate_memory).
   std::uint64_t layer_state_bytes(int l, std::int64_t positions, const SessionOptions& opt = {}) const {
     const auto& c = config_;
-    const std::uint64_t elem = opt.kv_type == CacheType::f32 ? 4 : opt.kv_type == CacheType::bf16 ? 2 : 1;
-    const std::uint64_t per_row = add_bytes(mul_bytes(c.num_key_value_heads, 2 * c.head_dim, elem),
-                                            opt.kv_type == CacheType::int8 ? mul_bytes(c.num_key_value_heads, 8) : 0);
+    const std::uint64_t per_row = kv_token_bytes(opt.kv_type, c.num_key_value_heads, c.head_dim);
     const std::string k = layers_.at(static_cast<std::size_t>(l)).mixer->kind();
     if (k == "linear_attention") return 0;  // fixed-size state
     std::int64_t rows = positions;

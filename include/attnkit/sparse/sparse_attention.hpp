@@ -35,7 +35,9 @@
 // Results are bit-identical for any thread count; decode over every key equals
 // attention_decode bit for bit (same chunks, same arithmetic).
 //
-// Over a paged cache (attention/paged_kv.hpp; positions are those of each sequence's page table):
+// Over a paged cache (attention/paged_kv.hpp; positions are those of each sequence's page table;
+// f32, bf16 or int8 pages, int8 read in place with their scales as the QuantView3 overloads read
+// a contiguous int8 cache, Precision::fast included):
 //   sparse_attention_decode_paged(q [B, H, d_k], cache, table, indices [B, K], out [B, H, d_v],
 //     opt, lse [B, H]): one query per sequence at its newest position lengths[b] - 1, each with
 //     its own selection (checked as above against that sequence's length). The paged decode
@@ -49,7 +51,7 @@
 //     sequence runs as sparse_attention_prefill with q_offset = lengths[b] - n_b, bit for bit
 //     the contiguous call: the key-major kernel (and the flash kernel for a leading run of full
 //     selections) reads the pages in place; the query-major kernel (head dimensions above 256,
-//     or no AVX-512) reads a staged contiguous copy of the sequence's pages.
+//     or no AVX-512) reads a staged contiguous copy of the sequence's pages (int8: dequantised).
 #pragma once
 
 #include <algorithm>

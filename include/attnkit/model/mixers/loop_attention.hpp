@@ -90,7 +90,7 @@ class LoopAttention final : public TokenMixer {
     return st;
   }
 
-  // Batch sessions (f32 or bf16 caches; int8 keeps a state per sequence):
+  // Batch sessions (f32, bf16 or int8 caches):
   //  * layer mode: every pass's full cache lives in the session's page pool and the paged Loop
   //    Attention kernels (attention/loop.hpp) run over it: global over the pages, local over
   //    their last W positions;
@@ -98,8 +98,7 @@ class LoopAttention final : public TokenMixer {
   //    ring of W keys per sequence (new_paged_state: pages shared across layers would hold every
   //    position instead). Decoding sequences run the global pass over the pages together, then
   //    each its ring; a sequence with several tokens stages its pages and runs loop_attention.
-  PagedLayout paged_layout(const SessionOptions& opt) const override {
-    if (opt.kv_type == CacheType::int8) return {};
+  PagedLayout paged_layout(const SessionOptions&) const override {
     return {proj_.kv_heads() * (s_.mode == LoopMode::stack ? 1 : passes_), proj_.head_dim()};
   }
   std::unique_ptr<MixerState> new_paged_state(const SessionOptions& opt) const override {
@@ -110,8 +109,7 @@ class LoopAttention final : public TokenMixer {
   }
   std::uint64_t paged_state_bytes(std::int64_t positions, const SessionOptions& opt) const override {
     if (s_.mode != LoopMode::stack) return 0;
-    const std::uint64_t elem = opt.kv_type == CacheType::f32 ? 4 : 2;
-    return mul_bytes(passes_ - 1, std::min(positions, s_.window), mul_bytes(proj_.kv_heads(), 2 * proj_.head_dim(), elem));
+    return mul_bytes(passes_ - 1, std::min(positions, s_.window), kv_token_bytes(opt.kv_type, proj_.kv_heads(), proj_.head_dim()));
   }
   void forward_batch(ConstView2<float> x, View2<float> out, const BatchStep& step, const StepContext& ctx) const override {
     if (step.kv_head0 < 0) return TokenMixer::forward_batch(x, out, step, ctx);
@@ -130,6 +128,8 @@ class LoopAttention final : public TokenMixer {
       attend_paged(qkv.q, qkv.k, qkv.v, a, step, step.kv_head0, ctx);  // the global pass: plain attention, keeps K1/V1
     else if (step.pages_bf16.k.data)
       looping_pass_paged(step.pages_bf16, qkv, a, gv, step, ctx);
+    else if (step.pages_int8.k.data)
+      looping_pass_paged(step.pages_int8, qkv, a, gv, step, ctx);
     else
       looping_pass_paged(step.pages_f32, qkv, a, gv, step, ctx);
     if (!gates.empty()) record(ctx, gv, gates_name(ctx.pass));
@@ -177,7 +177,9 @@ class LoopAttention final : public TokenMixer {
 
   // Stack mode, pass >= 1, in a batch step: global over pass 0's pages (which already hold the
   // step's tokens: pass 0 ran first), local over each sequence's ring of this pass plus the
-  // step's own keys; the same kernels and blend as looping_pass, so the same bits.
+  // step's own keys; the same kernels and blend as looping_pass, so the same bits (int8: decode
+  // reads the codes of the pages and of the ring; a chunk stages the pages dequantised, as
+  // looping_pass stages the cache).
   template <class KV>
   void looping_pass_paged(const MutablePagedKV<KV>& pool, const QKV& qkv, View3<float> a, View2<float> gates,
                           const BatchStep& step, const StepContext& ctx) const {
@@ -207,7 +209,7 @@ class LoopAttention final : public TokenMixer {
         const std::int64_t r = sub.rows[static_cast<std::size_t>(i)];
         ring_of(decode[static_cast<std::size_t>(i)]).visit([&](auto& ring) {
           using R = std::remove_reference_t<decltype(ring)>;
-          if constexpr (!is_ring_v<R> || !std::is_same_v<decltype(ring.keys()), ConstView3<KV>>) {
+          if constexpr (!std::is_same_v<R, RingKVCache<KV>>) {
             throw Error("LoopAttention: the local cache is not a ring buffer of the pages' storage type");
           } else {
             ring.append(qkv.k.slice(0, r, r + 1), qkv.v.slice(0, r, r + 1));
@@ -231,10 +233,10 @@ class LoopAttention final : public TokenMixer {
                                                std::span<const std::int64_t>(&only, 1), ctx.num_threads);
       ring_of(b).visit([&](auto& ring) {
         using R = std::remove_reference_t<decltype(ring)>;
-        if constexpr (!is_ring_v<R> || !std::is_same_v<decltype(ring.keys()), ConstView3<KV>>) {
+        if constexpr (!std::is_same_v<R, RingKVCache<KV>>) {
           throw Error("LoopAttention: the local cache is not a ring buffer of the pages' storage type");
         } else {
-          ring_chunk<KV>(qkv.q.slice(0, r0, r1), qkv.k.slice(0, r0, r1), qkv.v.slice(0, r0, r1),
+          ring_chunk<detail::paged::staged_t<KV>>(qkv.q.slice(0, r0, r1), qkv.k.slice(0, r0, r1), qkv.v.slice(0, r0, r1),
                          staged.keys().slice(0, 0, L), staged.values().slice(0, 0, L), ring, a.slice(0, r0, r1),
                          gates.data ? gates.slice(0, r0, r1) : View2<float>{}, step.pos0[b], ctx.num_threads);
         }
@@ -244,7 +246,6 @@ class LoopAttention final : public TokenMixer {
 
   // Layer mode over pages: the same pages are the global and the local keys.
   struct LayerPaged {
-    static constexpr bool reads_int8 = false;  // the paged Loop / sparse kernels take f32 or bf16 pages
     const LoopAttention& m;
     const StepContext& ctx;
     View2<float> gates;  // [N, H] of the step's rows (a trace's), or empty

@@ -191,7 +191,6 @@ class RoutedAttention final : public TokenMixer {
   // The kept heads over the pages (detail_paged_attention::attend's policy): each sub-batch
   // takes its rows' routes.
   struct RoutedPaged {
-    static constexpr bool reads_int8 = true;
     const StepContext& ctx;
     const Routes& routes;
     template <class KV>

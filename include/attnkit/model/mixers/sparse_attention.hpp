@@ -21,7 +21,7 @@
 // indexer.weights_proj.weight [H_I, D]. Config fields: index_n_heads (H_I), index_head_dim (d_I),
 // index_topk (k), index_rope_dim (default d_I; even, ≤ d_I).
 // State per pass of the layer stack: the KV cache (f32, bf16 or int8, SessionOptions::kv_type; an
-// int8 cache is read in place, in registers, by decode and prefill alike) and the index-key cache (d_I floats per token, f32). In a batch session the f32 / bf16 K/V live in the
+// int8 cache is read in place, in registers, by decode and prefill alike) and the index-key cache (d_I floats per token, f32). In a batch session the K/V (any cache type) live in the
 // session's page pool and only the index keys are per sequence (forward_batch). Prefill, chunked prefill and decode run the same
 // indexer and attention over the cached keys, so they agree. A trace records "topk_indices"
 // [layers, tokens, index_topk]: each query's selected positions (as floats, ascending, -1
@@ -127,13 +127,11 @@ class SparseAttention final : public TokenMixer {
     return st;
   }
 
-  // Batch sessions: every pass's K/V (f32 or bf16) in the session's page pool, the index keys
-  // (d_I floats per token and pass) in a state per sequence; int8 caches keep the whole state per
-  // sequence. The projections run once over the step's rows; the indexer and its top-k per
+  // Batch sessions: every pass's K/V (f32, bf16 or int8) in the session's page pool, the index
+  // keys (d_I floats per token and pass) in a state per sequence. The projections run once over the step's rows; the indexer and its top-k per
   // sequence (each against its own index keys); the attention over the selected rows of every
   // sequence in one paged call for the decoding ones and one for the rest.
-  PagedLayout paged_layout(const SessionOptions& opt) const override {
-    if (opt.kv_type == CacheType::int8) return {};
+  PagedLayout paged_layout(const SessionOptions&) const override {
     return {proj_.kv_heads() * passes_, proj_.head_dim()};
   }
   std::unique_ptr<MixerState> new_paged_state(const SessionOptions&) const override {
@@ -269,7 +267,6 @@ class SparseAttention final : public TokenMixer {
 
   // The paged attention over each query's selection (idx [N, K]: the step's packed rows).
   struct SelectedPaged {
-    static constexpr bool reads_int8 = false;  // the paged Loop / sparse kernels take f32 or bf16 pages
     const std::vector<std::int32_t>& idx;
     std::int64_t K;
     const StepContext& ctx;

@@ -96,7 +96,6 @@ void attend(const MutablePagedKV<KV>& pool, ConstView3<float> q, ConstView3<floa
 template <class Var = PlainAttention>
 struct CausalPaged {
   static_assert(!Var::has_output, "CausalPaged: an output scale per query row is not routed through sub-batches");
-  static constexpr bool reads_int8 = true;  // attention_decode_paged / attention_prefill_paged take int8 pages
   const StepContext& ctx;
   Var var = {};
   template <class KV>
@@ -121,16 +120,14 @@ struct CausalPaged {
 
 // See the top of the file. out [N, H, d_v] is overwritten.
 // att: the attention the queries run over their pages (a policy with decode() and prefill() as
-// described in detail_paged_attention::attend, and reads_int8: whether they take int8 pages; the
-// default is causal softmax attention).
+// described in detail_paged_attention::attend, for f32, bf16 and int8 pages; the default is
+// causal softmax attention).
 template <class Att>
 void attend_paged(ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, View3<float> out,
                   const BatchStep& step, std::int64_t head0, const Att& att) {
   ATTNKIT_REQUIRE(head0 >= 0, "attend_paged: the step gives this mixer no heads of the page pool");
   if (step.pages_bf16.k.data) return detail_paged_attention::attend(step.pages_bf16, q, k, v, out, step, head0, att);
-  if constexpr (Att::reads_int8)
-    if (step.pages_int8.k.data) return detail_paged_attention::attend(step.pages_int8, q, k, v, out, step, head0, att);
-  ATTNKIT_REQUIRE(step.pages_int8.k.data == nullptr, "attend_paged: this mixer's kernels do not read int8 pages");
+  if (step.pages_int8.k.data) return detail_paged_attention::attend(step.pages_int8, q, k, v, out, step, head0, att);
   ATTNKIT_REQUIRE(step.pages_f32.k.data != nullptr, "attend_paged: the step has no page pool");
   detail_paged_attention::attend(step.pages_f32, q, k, v, out, step, head0, att);
 }
