@@ -247,10 +247,13 @@ BENCHMARK_TEMPLATE(BM_decode_paged, std::int8_t, attnkit::Precision::fast)
 //  * decode/paged/rgqa/bf16: routed_attention_decode_paged, R-GQA as qwen3-0.6b-rgqa routes (the
 //    top 1 of each KV group's G = 2 query heads, a random choice per sequence and group, renorm
 //    weight 1). Every K/V row is still read once, for half the query heads: vs_plain <= 1.
+//  * decode/paged/{loop,sparse}/int8/fast: the same over int8 pages, Precision::fast (scores on
+//    VNNI), beside plain paged decode of the same int8 pages under fast.
 enum class PagedVariant { loop, sparse, softcap, alibi, sinks, tuneable, rgqa };
+template <class KV = attnkit::bf16, attnkit::Precision Prec = attnkit::Precision::exact>
 void BM_decode_paged_variant(benchmark::State& state, PagedVariant kind) {
+  using PagedSets = PagedSetsT<KV>;
   const bool sparse = kind == PagedVariant::sparse;
-  using KV = PagedSets::KV;
   constexpr std::int64_t H = PagedSets::H, d = PagedSets::d, W = 64, top_k = 2048;
   const PagedSets ps(paged_bench_lengths(0), 16);
   const std::int64_t B = ps.B;
@@ -282,8 +285,10 @@ void BM_decode_paged_variant(benchmark::State& state, PagedVariant kind) {
   const std::vector<float> kept_w(kept.size(), 1.f);
   attnkit::DecodeOptions opt;
   opt.num_threads = 2;
+  opt.precision = Prec;
   attnkit::SparseAttentionOptions so;
   so.num_threads = 2;
+  so.precision = Prec;
   const attnkit::PagedKV<KV> cache = ps.pool.view();
   Paired pairs;
   warm_rotation(ps.n_sets, [&](std::int64_t s) {  // the variants read the same pages
@@ -331,9 +336,11 @@ void BM_decode_paged_variant(benchmark::State& state, PagedVariant kind) {
     pairs.add(variant_s, std::chrono::duration<double>(t1 - t0).count());
     state.SetIterationTime(variant_s);
   }
-  stream_counters(state, sparse ? 2 * selected * PagedSets::Hk * d * 2 : ps.bytes);
+  // A position's K and V bytes (int8: codes and scales) from the sets' total.
+  const std::int64_t positions = std::accumulate(ps.lengths.begin(), ps.lengths.end(), std::int64_t{0});
+  stream_counters(state, sparse ? selected * (ps.bytes / positions) : ps.bytes);
   state.counters["vs_plain"] = pairs.time_ratio();
-  if (sparse) state.counters["rows_frac"] = static_cast<double>(selected) / (static_cast<double>(ps.bytes) / (2.0 * PagedSets::Hk * d * 2));
+  if (sparse) state.counters["rows_frac"] = static_cast<double>(selected) / static_cast<double>(positions);
 }
 BENCHMARK_CAPTURE(BM_decode_paged_variant, loop, PagedVariant::loop)
     ->Name("decode/paged/loop/bf16")->UseManualTime()->Unit(benchmark::kMicrosecond);
@@ -349,6 +356,13 @@ BENCHMARK_CAPTURE(BM_decode_paged_variant, tuneable, PagedVariant::tuneable)
     ->Name("decode/paged/tuneable/bf16")->UseManualTime()->Unit(benchmark::kMicrosecond);
 BENCHMARK_CAPTURE(BM_decode_paged_variant, rgqa, PagedVariant::rgqa)
     ->Name("decode/paged/rgqa/bf16")->UseManualTime()->Unit(benchmark::kMicrosecond);
+void BM_decode_paged_variant_int8_fast(benchmark::State& state, PagedVariant kind) {
+  BM_decode_paged_variant<std::int8_t, attnkit::Precision::fast>(state, kind);
+}
+BENCHMARK_CAPTURE(BM_decode_paged_variant_int8_fast, loop, PagedVariant::loop)
+    ->Name("decode/paged/loop/int8/fast")->UseManualTime()->Unit(benchmark::kMicrosecond);
+BENCHMARK_CAPTURE(BM_decode_paged_variant_int8_fast, sparse, PagedVariant::sparse)
+    ->Name("decode/paged/sparse/int8/fast")->UseManualTime()->Unit(benchmark::kMicrosecond);
 
 // Chunked prefill over a paged cache (attention_prefill_paged): B = 4 sequences of 4096
 // cached tokens each, the last 256 of each the new chunk (T = 1024 packed query rows), bf16

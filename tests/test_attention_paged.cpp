@@ -1133,6 +1133,19 @@ std::vector<std::int32_t> random_selection(test::Rng& rng, std::int64_t p, std::
   return sel;
 }
 
+// Calls f(k, v) with sequence b's rows held contiguously, as the contiguous kernels take them:
+// int8 its codes and scales (QuantView3, qs[b]), else ConstView3<KV> copies.
+template <class KV, class F>
+void with_contiguous(const Batch<KV>& bt, const std::vector<QuantSeq>& qs, std::int64_t b, const F& f) {
+  const std::int64_t L = bt.lengths[b];
+  if constexpr (std::is_same_v<KV, std::int8_t>) {
+    f(qs[b].keys(L, bt.Hk, bt.dk), qs[b].values(L, bt.Hk, bt.dv));
+  } else {
+    const std::vector<KV> kc = as_kv<KV>(bt.k[b]), vc = as_kv<KV>(bt.v[b]);
+    f(ConstView3<KV>(kc.data(), {L, bt.Hk, bt.dk}), ConstView3<KV>(vc.data(), {L, bt.Hk, bt.dv}));
+  }
+}
+
 // Sparse attention over pages: decode against float64 (the rows the kernels see: int8
 // dequantised), 1 = 2 = 3 threads, and bit for bit the contiguous kernel on each sequence's rows
 // (int8: its codes and scales, QuantView3); prefill likewise. int8 pages also under
@@ -1205,13 +1218,7 @@ void check_sparse_paged(std::uint64_t seed, std::int64_t P, std::int64_t H, std:
         const ConstView2<float> qv(qb.data(), {H, dk});
         const ConstView1<std::int32_t> iv(ib.data(), {K});
         const View2<float> ov(oc.data(), {H, dv});
-        if constexpr (quant) {
-          sparse_attention_decode(qv, qs[b].keys(L, Hk, dk), qs[b].values(L, Hk, dv), iv, ov, opt);
-        } else {
-          const std::vector<KV> kc = as_kv<KV>(bt.k[b]), vc = as_kv<KV>(bt.v[b]);
-          sparse_attention_decode<KV>(qv, ConstView3<KV>(kc.data(), {L, Hk, dk}), ConstView3<KV>(vc.data(), {L, Hk, dv}), iv,
-                                      ov, opt);
-        }
+        with_contiguous(bt, qs, b, [&](const auto& k, const auto& v) { sparse_attention_decode(qv, k, v, iv, ov, opt); });
         CHECK(test::bit_equal(ob, oc));
       }
     }
@@ -1273,13 +1280,7 @@ void check_sparse_paged(std::uint64_t seed, std::int64_t P, std::int64_t H, std:
       const ConstView3<float> qv(qb.data(), {n, H, dk});
       const ConstView2<std::int32_t> iv(ib.data(), {n, K});
       const View3<float> ov(oc.data(), {n, H, dv});
-      if constexpr (quant) {
-        sparse_attention_prefill(qv, qs[b].keys(L, Hk, dk), qs[b].values(L, Hk, dv), iv, ov, o1);
-      } else {
-        const std::vector<KV> kc = as_kv<KV>(bt.k[b]), vc = as_kv<KV>(bt.v[b]);
-        sparse_attention_prefill<KV>(qv, ConstView3<KV>(kc.data(), {L, Hk, dk}), ConstView3<KV>(vc.data(), {L, Hk, dv}), iv,
-                                     ov, o1);
-      }
+      with_contiguous(bt, qs, b, [&](const auto& k, const auto& v) { sparse_attention_prefill(qv, k, v, iv, ov, o1); });
       CHECK(test::bit_equal(ob, oc));
     }
   }
