@@ -500,7 +500,7 @@ TEMPLATE_TEST_CASE("strided views: fused qkv buffer, head-major K/V, padded out 
 
 // int8 K/V (QuantView3) read in place: bit for bit loop_attention<float> over the dequantised
 // rows (held to float64 above) on every path: layer mode (the same views: fused), stack mode
-// (two-source, trimmed local rows) and two-pass.
+// (two-source, trimmed local rows) and two-pass; and int8 global rows beside f32 local rows.
 TEST_CASE("loop_attention on int8 K/V (QuantView3) equals the f32 kernel over the dequantised rows", "[loop][int8]") {
   const auto seed = test::fresh_seed();
   CAPTURE(seed);
@@ -544,6 +544,13 @@ TEST_CASE("loop_attention on int8 K/V (QuantView3) equals the f32 kernel over th
       const Outputs e = run(in, opt);  // f32 over the dequantised rows
       CHECK(test::bit_equal(o.out, e.out));
       CHECK(test::bit_equal(o.gates, e.gates));
+      if (c.mode == Mode::stack) {  // int8 global rows beside an f32 window (a ring staged in f32, as the model runs it)
+        Outputs m(c);
+        detail::loop_attention_arch<simd::default_arch, std::int8_t, float>(in.qv(), kgq, vgq, in.klv(), in.vlv(), in.wv(),
+                                                                           in.bv(), c.window, m.ov(c), opt, m.gv(c));
+        CHECK(test::bit_equal(m.out, e.out));
+        CHECK(test::bit_equal(m.gates, e.gates));
+      }
     }
   }
 }

@@ -81,6 +81,7 @@
 #include <cmath>
 #include <cstdint>
 #include <span>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -133,9 +134,9 @@ bool same_view(const flash::KVRows<KV>& a, const flash::KVRows<KV>& b) {
          a.scale_page_stride == b.scale_page_stride;
 }
 
-template <class KV>
+template <class KV, class LKV>
 LoopPlan check_loop(const char* fn, const ConstView3<float>& q, const flash::KVRows<KV>& k_glob,
-                    const flash::KVRows<KV>& v_glob, const flash::KVRows<KV>& k_loc, const flash::KVRows<KV>& v_loc,
+                    const flash::KVRows<KV>& v_glob, const flash::KVRows<LKV>& k_loc, const flash::KVRows<LKV>& v_loc,
                     const ConstView2<float>& gate_w, std::span<const float> gate_b, std::int64_t window,
                     const View3<float>& out, const LoopOptions& opt, const View2<float>& gates) {
   const flash::Shape sh = check_prefill(fn, q, k_glob, v_glob, out, CausalMask{}, opt, View2<float>{}, "k_glob", "v_glob");
@@ -177,15 +178,19 @@ LoopPlan check_loop(const char* fn, const ConstView3<float>& q, const flash::KVR
                     ", ", local_offset + T_l, "), which end before the last query's position ", p_last);
   }
   const bool one_run = opt.fuse == LoopOptions::Fuse::automatic;
-  const bool shared = local_offset == 0 && same_view(k_loc, k_glob) && same_view(v_loc, v_glob);
+  bool shared = false;
+  if constexpr (std::is_same_v<KV, LKV>) shared = local_offset == 0 && same_view(k_loc, k_glob) && same_view(v_loc, v_glob);
   return {sh, q_offset, local_offset, one_run ? (shared ? LoopPath::fused : LoopPath::two_source) : LoopPath::two_pass};
 }
 
 // loop_attention on an explicit xsimd instruction set (the public function uses the best one
-// the compiler targets); tests use it to exercise the portable code path.
-template <class Arch, class KV>
-void loop_attention_arch(ConstView3<float> q, flash::KVRows<KV> k_glob, flash::KVRows<KV> v_glob, flash::KVRows<KV> k_loc,
-                         flash::KVRows<KV> v_loc, ConstView2<float> gate_w, std::span<const float> gate_b,
+// the compiler targets); tests use it to exercise the portable code path. The local K/V may be of
+// another storage type LKV than the global ones (the stack reading's window staged in f32 from a
+// ring beside an int8 or paged global cache read in place): the two-source or two-pass path.
+template <class Arch, class KV, class LKV = KV>  // LKV named, never deduced (views convert to KVRows)
+void loop_attention_arch(ConstView3<float> q, flash::KVRows<KV> k_glob, flash::KVRows<KV> v_glob,
+                         std::type_identity_t<flash::KVRows<LKV>> k_loc, std::type_identity_t<flash::KVRows<LKV>> v_loc,
+                         ConstView2<float> gate_w, std::span<const float> gate_b,
                          std::int64_t window, View3<float> out, const LoopOptions& opt = {}, View2<float> gates = {}) {
   static_assert(is_storage_type_v<KV> || std::is_same_v<KV, std::int8_t>,
                 "loop_attention: K/V must be float or bf16 (int8: QuantView3)");
@@ -199,17 +204,18 @@ void loop_attention_arch(ConstView3<float> q, flash::KVRows<KV> k_glob, flash::K
   const std::int64_t local_q_offset = plan.q_offset - plan.local_offset;  // query row 0 among the local rows
   switch (plan.path) {
     case LoopPath::fused:
-      flash::run_prefill<Arch>(glob, plan.sh, CausalMask{}, hb, he, ranges, opt.num_threads,
-                               flash::FusedWindow{gate, window});
+      if constexpr (std::is_same_v<KV, LKV>)  // (shared views: one storage type)
+        flash::run_prefill<Arch>(glob, plan.sh, CausalMask{}, hb, he, ranges, opt.num_threads,
+                                 flash::FusedWindow{gate, window});
       return;
     case LoopPath::two_source:
       flash::run_prefill<Arch>(glob, plan.sh, CausalMask{}, hb, he, ranges, opt.num_threads,
-                               flash::WindowSource<KV>{gate, window, k_loc, v_loc, local_q_offset});
+                               flash::WindowSource<LKV>{gate, window, k_loc, v_loc, local_q_offset});
       return;
     case LoopPath::two_pass: break;
   }
   flash::run_prefill<Arch>(glob, plan.sh, CausalMask{}, hb, he, ranges, opt.num_threads);
-  const std::vector<flash::Segment<KV>> loc{{q, k_loc, v_loc, out, View2<float>{}, local_q_offset}};
+  const std::vector<flash::Segment<LKV>> loc{{q, k_loc, v_loc, out, View2<float>{}, local_q_offset}};
   flash::run_prefill<Arch>(loc, plan.sh, SlidingWindowMask{window}, hb, he, ranges, opt.num_threads,
                            flash::BlendIntoOut{gate});
 }

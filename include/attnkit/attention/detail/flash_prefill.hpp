@@ -166,7 +166,9 @@ struct FusedWindow {
 };
 // The window's K/V are separate (stack reading): after the global key tiles of a work item,
 // its sub-tiles sweep the local key tiles (the sliding-window kernel's loop, into the second
-// state) — one kernel run, Q packed and the gate computed once, one blended finalize.
+// state) — one kernel run, Q packed and the gate computed once, one blended finalize. Their
+// storage type may differ from the global K/V's (an int8 cache read in place beside a window
+// staged in f32 from a ring).
 template <class KV>
 struct WindowSource {
   LoopGate gate;
@@ -854,7 +856,7 @@ void run_item(const Segment<KV>& seg, const Shape& sh, const Mask& mask, const W
   // The key-tile loop over (k, v) under mask m (query row 0 at position q_off). window_state:
   // the sub-tiles accumulate into their window state (o2, m2, l2); finish: a sub-tile is
   // finalised right after its last key tile. tile_extra goes to tile_step.
-  const auto sweep = [&](const KVRows<KV>& k, const KVRows<KV>& v, const auto& m, std::int64_t q_off,
+  const auto sweep = [&](const auto& k, const auto& v, const auto& m, std::int64_t q_off,  // KVRows of any storage
                          bool window_state, bool finish, const auto& tile_extra) {
     const std::int64_t n_keys = k.shape[0];
     const auto [key_lo, key_hi] = key_range(m, q_off, n_keys, it.t_begin, it.t_end - 1);

@@ -97,7 +97,8 @@ class LoopAttention final : public TokenMixer {
   //  * stack mode: pass 0's K1/V1 (the full cache) live in the pool; each looping pass keeps its
   //    ring of W keys per sequence (new_paged_state: pages shared across layers would hold every
   //    position instead). Decoding sequences run the global pass over the pages together, then
-  //    each its ring; a sequence with several tokens stages its pages and runs loop_attention.
+  //    each its ring; a sequence with several tokens runs loop_attention's kernel over its
+  //    pages in place and the window from its ring.
   PagedLayout paged_layout(const SessionOptions&) const override {
     return {proj_.kv_heads() * (s_.mode == LoopMode::stack ? 1 : passes_), proj_.head_dim()};
   }
@@ -178,8 +179,7 @@ class LoopAttention final : public TokenMixer {
   // Stack mode, pass >= 1, in a batch step: global over pass 0's pages (which already hold the
   // step's tokens: pass 0 ran first), local over each sequence's ring of this pass plus the
   // step's own keys; the same kernels and blend as looping_pass, so the same bits (int8: decode
-  // reads the codes of the pages and of the ring; a chunk stages the pages dequantised, as
-  // looping_pass stages the cache).
+  // reads the codes of the pages and of the ring, a chunk the pages' codes in place).
   template <class KV>
   void looping_pass_paged(const MutablePagedKV<KV>& pool, const QKV& qkv, View3<float> a, View2<float> gates,
                           const BatchStep& step, const StepContext& ctx) const {
@@ -226,19 +226,18 @@ class LoopAttention final : public TokenMixer {
       }
     }
     for (const std::int64_t b : chunks) {
-      const std::int64_t r0 = step.cu_seqlens[b], r1 = step.cu_seqlens[b + 1], L = step.pos0[b] + (r1 - r0);
+      const std::int64_t r0 = step.cu_seqlens[b], r1 = step.cu_seqlens[b + 1];
       const dp::SubBatch sub = dp::subset(step, {b});
-      const std::int64_t only = 0;
-      const auto staged = detail::paged::stage("LoopAttention::forward_batch", k1, sub.table(),
-                                               std::span<const std::int64_t>(&only, 1), ctx.num_threads);
+      const PageTable table = sub.table();
+      const auto [gk, gv] = detail::paged::sequence_kv(k1, table, 0, sub.lengths[0]);  // the pages in place
       ring_of(b).visit([&](auto& ring) {
         using R = std::remove_reference_t<decltype(ring)>;
         if constexpr (!std::is_same_v<R, RingKVCache<KV>>) {
           throw Error("LoopAttention: the local cache is not a ring buffer of the pages' storage type");
         } else {
-          ring_chunk<detail::paged::staged_t<KV>>(qkv.q.slice(0, r0, r1), qkv.k.slice(0, r0, r1), qkv.v.slice(0, r0, r1),
-                         staged.keys().slice(0, 0, L), staged.values().slice(0, 0, L), ring, a.slice(0, r0, r1),
-                         gates.data ? gates.slice(0, r0, r1) : View2<float>{}, step.pos0[b], ctx.num_threads);
+          ring_chunk(qkv.q.slice(0, r0, r1), qkv.k.slice(0, r0, r1), qkv.v.slice(0, r0, r1), gk, gv, ring,
+                     a.slice(0, r0, r1), gates.data ? gates.slice(0, r0, r1) : View2<float>{}, step.pos0[b],
+                     ctx.num_threads);
         }
       });
     }
@@ -300,8 +299,8 @@ class LoopAttention final : public TokenMixer {
   // Stack mode, pass >= 1: global over pass 0's cache g (already holding this step), local over
   // the ring r of this pass plus the step's own keys.
   // int8 caches: decode reads the int8 rows (loop_attention_decode's QuantView3 overload), and so
-  // does a layer-mode chunk of several queries (loop_attention's QuantView3 overload); a
-  // stack-mode chunk runs loop_attention on f32 staging copies (stage_f32, window_keys).
+  // does a chunk of several queries (the flash kernel widens them as it packs its key tiles),
+  // beside a stack-mode chunk's window staged in f32 from the ring (window_keys: W - 1 + T rows).
   template <class C>
   static constexpr bool is_full_v =
       std::is_same_v<C, KVCache<float>> || std::is_same_v<C, KVCache<bf16>> || std::is_same_v<C, KVCache<std::int8_t>>;
@@ -328,27 +327,26 @@ class LoopAttention final : public TokenMixer {
                                   gate_b(), row0(a), o, std::span<float>(gv.data, static_cast<std::size_t>(gv.shape[1])));
         return;
       }
-      if constexpr (std::is_same_v<KV, std::int8_t>) {
-        std::vector<float> kb, vb;
-        ring_chunk<float>(qkv.q, qkv.k, qkv.v, stage_f32(g.keys(), kb), stage_f32(g.values(), vb), r, a, gv, ctx.pos0,
-                          ctx.num_threads);
-      } else {
-        ring_chunk<KV>(qkv.q, qkv.k, qkv.v, g.keys(), g.values(), r, a, gv, ctx.pos0, ctx.num_threads);
-      }
+      ring_chunk(qkv.q, qkv.k, qkv.v, detail::flash::KVRows<KV>(g.keys()), detail::flash::KVRows<KV>(g.values()), r, a,
+                 gv, ctx.pos0, ctx.num_threads);
     }
   }
 
-  // Stack mode, pass >= 1, several tokens at pos0: global over (gk, gv), local over the ring's
-  // last W - 1 positions followed by the chunk's own keys; then the chunk joins the ring.
-  template <class S, class R>
-  void ring_chunk(ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, ConstView3<S> gk, ConstView3<S> gv,
-                  R& ring, View3<float> a, View2<float> gates, std::int64_t pos0, int threads) const {
+  // Stack mode, pass >= 1, several tokens at pos0: global over (gk, gv), the cache's rows read in
+  // place (a contiguous cache or a sequence's pages; int8 widened as the key tiles are packed),
+  // local over the ring's last W - 1 positions followed by the chunk's own keys (window_keys'
+  // copy: int8 dequantised); then the chunk joins the ring.
+  template <class G, class R>
+  void ring_chunk(ConstView3<float> q, ConstView3<float> k, ConstView3<float> v, const detail::flash::KVRows<G>& gk,
+                  const detail::flash::KVRows<G>& gv, R& ring, View3<float> a, View2<float> gates, std::int64_t pos0,
+                  int threads) const {
     const auto w = window_keys(ring, k, v);
+    using S = std::remove_const_t<typename decltype(w.k)::element_type>;
     LoopOptions o;
     o.num_threads = threads;
     o.q_offset = pos0;
     o.local_offset = w.pos0;
-    loop_attention<S>(q, gk, gv, w.k, w.v, gate_w(), gate_b(), s_.window, a, o, gates);
+    detail::loop_attention_arch<simd::default_arch, G, S>(q, gk, gv, w.k, w.v, gate_w(), gate_b(), s_.window, a, o, gates);
     ring.append(k, v);
   }
 
