@@ -229,7 +229,11 @@ class LoopAttention final : public TokenMixer {
       const std::int64_t r0 = step.cu_seqlens[b], r1 = step.cu_seqlens[b + 1];
       const dp::SubBatch sub = dp::subset(step, {b});
       const PageTable table = sub.table();
-      const auto [gk, gv] = detail::paged::sequence_kv(k1, table, 0, sub.lengths[0]);  // the pages in place
+      // The pages in place; named pair members, not a structured binding, because clang 14 cannot capture
+      // a binding in the lambda below.
+      const auto gkv = detail::paged::sequence_kv(k1, table, 0, sub.lengths[0]);
+      const auto& gk = gkv.first;
+      const auto& gv = gkv.second;
       ring_of(b).visit([&](auto& ring) {
         using R = std::remove_reference_t<decltype(ring)>;
         if constexpr (!std::is_same_v<R, RingKVCache<KV>>) {
