@@ -74,6 +74,9 @@ const model::Qwen3Model& qwen3_0_6b(const std::string& variant = "plain") {
           j.erase(k);
       }
       if (variant.size() > 3 && variant.compare(variant.size() - 3, 3, "-5l") == 0) j["num_hidden_layers"] = 5;
+    } else if (variant.rfind("tuneable", 0) == 0) {
+      j = model::qwen3_0_6b_tuneable_config();  // r = 384 = 3 d_k
+      if (variant == "tuneable-unfolded") j["tuneable_form"] = "unfolded";
     } else if (variant.rfind("ouro-1.4b", 0) == 0) {
       j = model::ouro_1_4b_config();
       if (variant == "ouro-1.4b-1step") j["total_ut_steps"] = 1;
@@ -234,13 +237,16 @@ void BM_model_decode(benchmark::State& state, model::CacheType kv, std::string v
 // against the plain Session's decode (at B = 1: what batching costs one sequence). GBps counts the
 // weight bytes once per step (the KV pages add 2 x context x layers x H_kv x d x 2 bytes per
 // sequence); bw_frac = that / the measured DRAM read bandwidth.
+// model/tuneable{,-unfolded}/batch: the same at B 8 for Tuneable attention (r = 384) in every layer,
+// folded (d_k-wide keys, the metric on the query) and unfolded (384-wide keys in 3 pool slots per
+// KV head), beside the plain model's figures of the same run.
 struct BatchDecode {
   const model::Qwen3Model& m;
   model::BatchSession bs;
   std::int64_t root = 0;
   std::vector<float> root_logits;
-  explicit BatchDecode(const model::Qwen3Model& mm, std::int64_t prompt_len)
-      : m(mm), bs(mm.new_batch_session({model::CacheType::bf16, 0}, {16, 4096})) {
+  BatchDecode(const model::Qwen3Model& mm, std::int64_t prompt_len, std::int64_t pages)
+      : m(mm), bs(mm.new_batch_session({model::CacheType::bf16, 0}, {16, pages})) {
     const std::int64_t V = m.config().vocab_size;
     const auto ids = prompt(prompt_len, V);
     root = bs.add();
@@ -253,8 +259,12 @@ struct BatchDecode {
   }
 };
 
-void BM_model_batch_decode(benchmark::State& state) {
-  static BatchDecode bd(qwen3_0_6b("plain"), 512);
+void BM_model_batch_decode(benchmark::State& state, std::string variant) {
+  static std::map<std::string, std::unique_ptr<BatchDecode>> built;
+  auto& slot = built[variant];
+  // The variants' pools start small: a 3-slot unfolded layer takes 3x plain's bytes per page.
+  if (!slot) slot = std::make_unique<BatchDecode>(qwen3_0_6b(variant), 512, variant == "plain" ? 4096 : 256);
+  BatchDecode& bd = *slot;
   const auto& m = bd.m;
   const std::int64_t B = state.range(0), V = m.config().vocab_size;
   const int threads = static_cast<int>(state.range(1));
@@ -277,7 +287,10 @@ void BM_model_batch_decode(benchmark::State& state) {
   };
   step(seqs, next);  // untimed: the first step copies the shared last page of every fork
   step(one, next1);
-  static DecodeStream session(m, model::CacheType::bf16, 512, threads);
+  static std::map<std::string, std::unique_ptr<DecodeStream>> sessions;
+  auto& session_slot = sessions[variant];
+  if (!session_slot) session_slot = std::make_unique<DecodeStream>(m, model::CacheType::bf16, 512, threads);
+  DecodeStream& session = *session_slot;
   bench::Paired pairs, vs_session;
   double total = 0;
   for (auto _ : state) {
@@ -592,9 +605,13 @@ const bool registered = [] {
     benchmark::RegisterBenchmark(kv == model::CacheType::f32 ? "model/ouro-1.4b/decode/bf16/kv:f32" : "model/ouro-1.4b/decode/bf16/kv:bf16",
                                  BM_model_decode, kv, std::string("ouro-1.4b"))
         ->ArgNames({"T", "threads"})->Args({512, 2})->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(8);
-  benchmark::RegisterBenchmark("model/batch/decode/bf16/kv:bf16", BM_model_batch_decode)
+  benchmark::RegisterBenchmark("model/batch/decode/bf16/kv:bf16", BM_model_batch_decode, std::string("plain"))
       ->ArgNames({"B", "threads"})->Args({1, 2})->Args({4, 2})->Args({8, 2})->Args({16, 2})
       ->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(16);
+  for (const char* v : {"tuneable", "tuneable-unfolded"})
+    benchmark::RegisterBenchmark((std::string("model/") + v + "/batch/decode/bf16/kv:bf16").c_str(), BM_model_batch_decode,
+                                 std::string(v))
+        ->ArgNames({"B", "threads"})->Args({8, 2})->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(16);
   add("model/hybrid/prefill/bf16/exact", 3, BM_model_prefill, Precision::exact, std::string("hybrid"));
   add("model/hybrid/decode/bf16/kv:f32", 32, BM_model_decode, model::CacheType::f32, std::string("hybrid"));
   for (const auto kv : {model::CacheType::f32, model::CacheType::bf16, model::CacheType::int8})

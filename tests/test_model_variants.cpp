@@ -263,7 +263,7 @@ TEST_CASE("tuneable attention: folded = unfolded; an orthogonal U is plain Qwen3
   }
 }
 
-TEST_CASE("tuneable attention in a batch session: folded over pages, unfolded per sequence, = one session each",
+TEST_CASE("tuneable attention in a batch session: both forms over pages, = one session each",
           "[model][variants][tuneable][batch]") {
   const std::vector<std::string> types = {"tuneable_attention", "full_attention", "tuneable_attention"};
   const std::vector<std::int64_t> len = {1, 9, 17, 30};
@@ -272,20 +272,22 @@ TEST_CASE("tuneable attention in a batch session: folded over pages, unfolded pe
   // Whole prompts, chunks and decode tokens mixed in one step.
   const test::Plan plan = {{1, 5, 17, 0}, {0, 1, 0, 12}, {0, 1, 0, 1}, {0, 1, 0, 9}, {0, 1, 0, 1}, {0, 0, 0, 7}};
   const TestSource src;
-  for (const std::string f : {"folded", "unfolded"}) {
+  // head_dim 10: the unfolded keys take 1, 2 and 3 pool slots per KV head (r 7, 13, 27).
+  const std::pair<std::string, std::int64_t> forms[] = {{"folded", 7}, {"unfolded", 7}, {"unfolded", 13}, {"unfolded", 27}};
+  for (const auto& [f, rank] : forms) {
     auto j = tiny(types);
-    j["tuneable_rank"] = 7;
+    j["tuneable_rank"] = rank;
     j["tuneable_form"] = f;
     const auto m = build(j, src);
     for (const auto kv : {model::CacheType::f32, model::CacheType::bf16, model::CacheType::int8}) {
-      CAPTURE(f, static_cast<int>(kv));
+      CAPTURE(f, rank, static_cast<int>(kv));
       model::SessionOptions so;
       so.kv_type = kv;
-      {  // The folded form's K/V live in the page pool (the metric rides on the query); the unfolded form's
-         // keys are r wide, so it keeps a cache per sequence.
+      {  // Both forms keep their K/V in the page pool (folded: the metric rides on the query).
         const auto bs = m.new_batch_session(so, {});
-        CHECK(bs.layer_paged(0) == (f == "folded"));
+        CHECK(bs.layer_paged(0));
         CHECK(bs.layer_paged(1));
+        CHECK(bs.layer_paged(2));
       }
       const auto got = test::batch_logits(m, ids, plan, so, 4, 0);
       for (std::size_t i = 0; i < ids.size(); ++i) {

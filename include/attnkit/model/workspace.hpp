@@ -26,7 +26,8 @@
 namespace attnkit::model {
 
 // What a slot holds (one buffer per purpose).
-enum class ScratchSlot { qkv, attention, mlp_gate_up, mlp_act, count };
+// mixer: a mixer's own transforms of its q and k (Tuneable's unfolded q U, k U).
+enum class ScratchSlot { qkv, attention, mlp_gate_up, mlp_act, mixer, count };
 
 // Switched on, every buffer a Workspace hands out is first filled with NaN, so a layer that
 // reads scratch it did not write shows NaN instead of the previous layer's numbers (the model

@@ -16,18 +16,18 @@
 // Tensors under model.layers.{i}.self_attn.: q_proj, k_proj, v_proj, o_proj, q_norm, k_norm (as
 // Qwen3 attention) and U [d_k, r]. Config fields: tuneable_rank (r, required), tuneable_form
 // (folded | unfolded). Full causal attention (there is no sliding Tuneable layer). State per
-// pass of the layer stack: the KV cache; in a batch session the folded form's K/V live in the
-// session's page pool (the paged kernels take the metric as their variant), the unfolded form
-// keeps its r-wide keys per sequence.
+// pass of the layer stack: the KV cache; in a batch session the K/V live in the session's page pool
+// (folded: the paged kernels take the metric as their variant; unfolded: the r-wide keys span
+// ceil(r / d_k) adjacent d_k-wide slots of the pool per KV head).
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "attnkit/attention/variant.hpp"
-#include "attnkit/core/simd.hpp"
 #include "attnkit/core/threading.hpp"
 #include "attnkit/model/mixer.hpp"
 #include "attnkit/model/parts/cached_attention.hpp"
@@ -64,19 +64,23 @@ class TuneableAttention final : public TokenMixer {
     proj_ = QKVProjection(ctx, po);
     const std::int64_t d = proj_.head_dim(), r = s.rank;
     o_ = pack_linear(ctx.source.get(po.prefix + "o_proj.weight", {ctx.config.hidden_size, proj_.heads() * d}));
-    u_ = ctx.source.get(po.prefix + "U", {d, r}).to_f32();
-    for (std::size_t i = 0; i < u_.size(); ++i)
-      ATTNKIT_REQUIRE(std::isfinite(u_[i]), "TuneableAttention: ", po.prefix, "U: element ", i, " is ", u_[i]);
-    if (!s.unfolded) {  // M = U Uᵀ in double, rounded once
+    const std::vector<float> u = ctx.source.get(po.prefix + "U", {d, r}).to_f32();  // [d_k, r] row-major
+    for (std::size_t i = 0; i < u.size(); ++i)
+      ATTNKIT_REQUIRE(std::isfinite(u[i]), "TuneableAttention: ", po.prefix, "U: element ", i, " is ", u[i]);
+    if (s.unfolded) {  // Uᵀ [r, d_k] as an f32 linear layer: q U and k U of all rows in one product
+      std::vector<float> ut(static_cast<std::size_t>(r * d));
+      for (std::int64_t i = 0; i < d; ++i)
+        for (std::int64_t c = 0; c < r; ++c) ut[static_cast<std::size_t>(c * d + i)] = u[static_cast<std::size_t>(i * r + c)];
+      u_packed_ = pack_as(ut.data(), r, d, WeightType::f32, po.prefix + "U");
+    } else {  // M = U Uᵀ in double, rounded once
       m_.resize(static_cast<std::size_t>(d * d));
       for (std::int64_t i = 0; i < d; ++i)
         for (std::int64_t j = 0; j < d; ++j) {
           double acc = 0;
           for (std::int64_t c = 0; c < r; ++c)
-            acc += static_cast<double>(u_[static_cast<std::size_t>(i * r + c)]) * u_[static_cast<std::size_t>(j * r + c)];
+            acc += static_cast<double>(u[static_cast<std::size_t>(i * r + c)]) * u[static_cast<std::size_t>(j * r + c)];
           m_[static_cast<std::size_t>(i * d + j)] = static_cast<float>(acc);
         }
-      u_.clear();
     }
     scale_ = static_cast<float>(1.0 / std::sqrt(static_cast<double>(d)));
   }
@@ -95,7 +99,7 @@ class TuneableAttention final : public TokenMixer {
   const TuneableSettings& settings() const { return s_; }
   // The folded metric M = U Uᵀ [d_k, d_k] (row-major; empty in the unfolded form).
   const std::vector<float>& metric() const { return m_; }
-  std::size_t weight_bytes() const override { return proj_.weight_bytes() + o_.bytes() + (u_.size() + m_.size()) * sizeof(float); }
+  std::size_t weight_bytes() const override { return proj_.weight_bytes() + o_.bytes() + u_packed_.bytes() + m_.size() * sizeof(float); }
 
   std::unique_ptr<MixerState> new_state(const SessionOptions& opt) const override {
     auto st = std::make_unique<State>();
@@ -109,7 +113,7 @@ class TuneableAttention final : public TokenMixer {
     ATTNKIT_REQUIRE(st != nullptr, "TuneableAttention::forward: argument 'state': not created by this mixer");
     ATTNKIT_REQUIRE(ctx.pass >= 0 && ctx.pass < static_cast<int>(st->caches.size()), "TuneableAttention::forward: pass ",
                     ctx.pass, " but the model was built for ", st->caches.size(), " passes");
-    const std::int64_t T = x.shape[0], H = proj_.heads(), Hkv = proj_.kv_heads(), d = proj_.head_dim(), r = s_.rank;
+    const std::int64_t T = x.shape[0], H = proj_.heads(), d = proj_.head_dim(), r = s_.rank;
     QKV qkv;
     proj_.forward(x, qkv, ctx);
     std::vector<float> attn(static_cast<std::size_t>(T * H * d));
@@ -134,45 +138,45 @@ class TuneableAttention final : public TokenMixer {
         }
       });
     } else {
-      // q' = q U [T, H, r], k' = k U [T, H_kv, r].
-      std::vector<float> qu(static_cast<std::size_t>(T * H * r)), ku(static_cast<std::size_t>(T * Hkv * r));
-      parallel_for(T, T >= 16 ? ctx.num_threads : 1, [&](std::int64_t t) {
-        ATTNKIT_FAULT_POINT("mixer");
-        for (std::int64_t h = 0; h < H; ++h) project(qkv.q.ptr(t, h), qu.data() + (t * H + h) * r);
-        for (std::int64_t h = 0; h < Hkv; ++h) project(qkv.k.ptr(t, h), ku.data() + (t * Hkv + h) * r);
-      });
-      const ConstView3<float> qv(qu.data(), {T, H, r});
-      cache.append_then(ConstView3<float>(ku.data(), {T, Hkv, r}), qkv.v, ctx, [&](auto k, auto v, const auto& mask) {
+      std::vector<float> own;
+      const PagedQK unf = unfold(qkv, own, ctx);
+      cache.append_then(unf.k, qkv.v, ctx, [&](auto k, auto v, const auto& mask) {
         using KV = std::remove_const_t<typename decltype(k)::element_type>;
         if (T == 1) {
           DecodeOptions o;
           o.num_threads = ctx.num_threads;
           o.precision = ctx.precision;
           o.scale = scale_;
-          attention_decode<KV>(ConstView2<float>(qu.data(), {H, r}), k, v, View2<float>(attn.data(), {H, d}), o);
+          attention_decode<KV>(ConstView2<float>(unf.q.data, {H, r}), k, v, View2<float>(attn.data(), {H, d}), o);
         } else {
           AttentionOptions o;
           o.num_threads = ctx.num_threads;
           o.precision = ctx.precision;
           o.scale = scale_;
-          attention_prefill<KV>(qv, k, v, av, mask, o);
+          attention_prefill<KV>(unf.q, k, v, av, mask, o);
         }
       });
     }
     o_.forward(View2<float>(attn.data(), {T, H * d}), out, {ctx.precision, ctx.num_threads, false});
   }
 
-  // Batch sessions: the folded form keeps its K/V in the session's page pool (keys d_k wide, as
-  // plain attention's; the metric rides on the query in the paged kernels); the unfolded form's
-  // keys are r wide, so it keeps a cache per sequence (TokenMixer::forward_batch).
+  // Batch sessions keep the K/V of both forms in the session's page pool. The folded form's keys are
+  // d_k wide, as plain attention's (the metric rides on the query in the paged kernels). The
+  // unfolded form's r-wide keys take ceil(r / d_k) adjacent slots of the pool per KV head (its V the
+  // first of them): the pool is d_k wide for every layer, so r > d_k leaves (slots - 1) V slots
+  // unused, memory the paged form spends so that one page id still covers every layer.
   PagedLayout paged_layout(const SessionOptions&) const override {
-    if (s_.unfolded) return {};
-    return {proj_.kv_heads() * passes_, proj_.head_dim()};
+    return {proj_.kv_heads() * slots() * passes_, proj_.head_dim()};
   }
   void forward_batch(ConstView2<float> x, View2<float> out, const BatchStep& step, const StepContext& ctx) const override {
     if (step.kv_head0 < 0) return TokenMixer::forward_batch(x, out, step, ctx);
-    paged_attention_step(proj_, o_, x, out, step, ctx, detail_paged_attention::CausalPaged<MetricVariant>{ctx, metric_variant()},
-                         [](const QKV&, float*) {});
+    const auto none = [](const QKV&, float*) {};
+    if (!s_.unfolded)
+      return paged_attention_step(proj_, o_, x, out, step, ctx,
+                                  detail_paged_attention::CausalPaged<MetricVariant>{ctx, metric_variant()}, none);
+    std::vector<float> own;
+    paged_attention_step(proj_, o_, x, out, step, ctx, detail_paged_attention::CausalPaged<>{ctx, {}, scale_}, none,
+                         [&](const QKV& qkv) { return unfold(qkv, own, ctx); });
   }
 
  private:
@@ -187,18 +191,31 @@ class TuneableAttention final : public TokenMixer {
     std::unique_ptr<MixerState> clone(const std::string&) const override { return std::make_unique<State>(*this); }
   };
 
-  // y [r] = x [d] · U.
-  void project(const float* x, float* y) const {
-    const std::int64_t d = proj_.head_dim(), r = s_.rank;
-    std::fill(y, y + r, 0.f);
-    for (std::int64_t i = 0; i < d; ++i) simd::axpy(x[i], u_.data() + i * r, y, r);
+  // Pool slots per KV head in a batch session: the keys' width over the pool's d_k.
+  std::int64_t slots() const { return s_.unfolded ? (s_.rank + proj_.head_dim() - 1) / proj_.head_dim() : 1; }
+
+  // The unfolded form's q' = q U [T, H, r] and k' = k U [T, H_kv, r]: the step's q and k heads
+  // gathered into rows, then one product with Uᵀ (a linear layer: Precision::fast rounds the rows
+  // to bf16, as the projections do), into the workspace's mixer slot (or own).
+  PagedQK unfold(const QKV& qkv, std::vector<float>& own, const StepContext& ctx) const {
+    const std::int64_t T = qkv.q.shape[0], H = proj_.heads(), Hkv = proj_.kv_heads(), d = proj_.head_dim(), r = s_.rank;
+    const std::int64_t rows = T * (H + Hkv);
+    float* buf = scratch(ctx.workspace, ScratchSlot::mixer, static_cast<std::size_t>(rows * (d + r)), own);
+    float* in = buf + rows * r;  // [T * H + T * H_kv, d]; the products go to buf [T * H, r] then [T * H_kv, r]
+    parallel_for(T, T >= 16 ? ctx.num_threads : 1, [&](std::int64_t t) {
+      ATTNKIT_FAULT_POINT("mixer");
+      for (std::int64_t h = 0; h < H; ++h) std::copy_n(qkv.q.ptr(t, h), d, in + (t * H + h) * d);
+      for (std::int64_t h = 0; h < Hkv; ++h) std::copy_n(qkv.k.ptr(t, h), d, in + (T * H + t * Hkv + h) * d);
+    });
+    u_packed_.forward(ConstView2<float>(in, {rows, d}), View2<float>(buf, {rows, r}), {ctx.precision, ctx.num_threads, false});
+    return {ConstView3<float>(buf, {T, H, r}), ConstView3<float>(buf + T * H * r, {T, Hkv, r}), slots()};
   }
 
   TuneableSettings s_;
   int passes_;
   QKVProjection proj_;
   PackedLinear o_;
-  std::vector<float> u_;  // U [d_k, r] row-major (unfolded form only)
+  PackedLinear u_packed_;  // Uᵀ [r, d_k] (unfolded form only)
   std::vector<float> m_;  // M = U Uᵀ [d_k, d_k] (folded form only)
   float scale_ = 1.f;     // 1 / sqrt(d_k)
 };
