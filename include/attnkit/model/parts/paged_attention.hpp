@@ -42,9 +42,9 @@ MutablePagedKV<KV> head_slots(const MutablePagedKV<KV>& pool, std::int64_t head0
                   slots, " slots of ", d);
   ATTNKIT_REQUIRE(k.stride[3] == 1 && k.stride[1] == d && k.stride[2] == P * d, "attend_paged: keys ", dk, " wide need ",
                   slots, " pool slots per head, read as one block: the pool's pages must be [H, P, d] (PagePool's)");
+  const auto& v = pool.v;
   MutablePagedKV<KV> r{View4<KV>(k.data + head0 * k.stride[2], {k.shape[0], P, n, dk}, {k.stride[0], w, k.stride[2] * slots, 1}),
-                       pool.v.slice(2, head0, head0 + n * slots)};
-  r.v = View4<KV>(r.v.data, {r.v.shape[0], P, n, dv}, {r.v.stride[0], r.v.stride[1], r.v.stride[2] * slots, 1});
+                       View4<KV>(v.data + head0 * v.stride[2], {v.shape[0], P, n, dv}, {v.stride[0], v.stride[1], v.stride[2] * slots, 1})};
   if (pool.k_scale.data)
     for (auto [from, to] : {std::pair{&pool.k_scale, &r.k_scale}, std::pair{&pool.v_scale, &r.v_scale}})
       *to = View3<float>(from->data + head0 * from->stride[2], {from->shape[0], P, n},
