@@ -77,6 +77,11 @@ const model::Qwen3Model& qwen3_0_6b(const std::string& variant = "plain") {
     } else if (variant.rfind("tuneable", 0) == 0) {
       j = model::qwen3_0_6b_tuneable_config();  // r = 384 = 3 d_k
       if (variant == "tuneable-unfolded") j["tuneable_form"] = "unfolded";
+    } else if (variant == "swa") {  // every other layer a sliding window of 128 keys (Gemma / Qwen3 SWA style)
+      j["use_sliding_window"] = true;
+      j["sliding_window"] = 128;
+      j["layer_types"] = nlohmann::json::array();
+      for (int l = 0; l < 28; ++l) j["layer_types"].push_back(l % 2 ? "full_attention" : "sliding_attention");
     } else if (variant.rfind("ouro-1.4b", 0) == 0) {
       j = model::ouro_1_4b_config();
       if (variant == "ouro-1.4b-1step") j["total_ut_steps"] = 1;
@@ -239,7 +244,8 @@ void BM_model_decode(benchmark::State& state, model::CacheType kv, std::string v
 // sequence); bw_frac = that / the measured DRAM read bandwidth.
 // model/tuneable{,-unfolded}/batch: the same at B 8 for Tuneable attention (r = 384) in every layer,
 // folded (d_k-wide keys, the metric on the query) and unfolded (384-wide keys in 3 pool slots per
-// KV head), beside the plain model's figures of the same run.
+// KV head), beside the plain model's figures of the same run. model/swa/batch: every other layer
+// a sliding window of 128 keys (in the session's window pool, its pages below the window freed).
 struct BatchDecode {
   const model::Qwen3Model& m;
   model::BatchSession bs;
@@ -608,7 +614,7 @@ const bool registered = [] {
   benchmark::RegisterBenchmark("model/batch/decode/bf16/kv:bf16", BM_model_batch_decode, std::string("plain"))
       ->ArgNames({"B", "threads"})->Args({1, 2})->Args({4, 2})->Args({8, 2})->Args({16, 2})
       ->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(16);
-  for (const char* v : {"tuneable", "tuneable-unfolded"})
+  for (const char* v : {"tuneable", "tuneable-unfolded", "swa"})
     benchmark::RegisterBenchmark((std::string("model/") + v + "/batch/decode/bf16/kv:bf16").c_str(), BM_model_batch_decode,
                                  std::string(v))
         ->ArgNames({"B", "threads"})->Args({8, 2})->Unit(benchmark::kMillisecond)->UseManualTime()->Iterations(16);

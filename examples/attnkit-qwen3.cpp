@@ -550,9 +550,15 @@ void run_batch(const model::Qwen3Model& m, std::int64_t B, const std::vector<std
     for (std::int64_t b = 1; b < B; ++b) seq.push_back(bs.fork(seq[0]));
     for (std::int64_t b = 1; b < B; ++b) std::copy(logits.begin(), logits.begin() + V, logits.begin() + b * V);
   }
-  const std::int64_t pages_after_prefill = bs.pages_in_use();
+  // Pages in use per pool (the full-attention pool first; a sliding window's pool frees the
+  // pages below its window as sequences advance).
+  const auto windows = bs.pool_windows();
+  std::vector<std::int64_t> pages_after_prefill;
+  for (auto w : windows) pages_after_prefill.push_back(bs.pages_in_use(w));
+  const auto pool_name = [](std::int64_t w) { return w ? " (window " + std::to_string(w) + ")" : std::string(); };
   if (generate <= 0) {
-    std::printf("pages: %lld in use\n", (long long)pages_after_prefill);
+    for (std::size_t i = 0; i < windows.size(); ++i)
+      std::printf("pages%s: %lld in use\n", pool_name(windows[i]).c_str(), (long long)pages_after_prefill[i]);
     return;
   }
   std::vector<std::vector<std::int64_t>> out(static_cast<std::size_t>(B));
@@ -580,8 +586,10 @@ void run_batch(const model::Qwen3Model& m, std::int64_t B, const std::vector<std
     std::printf("decode: %.1f tok/s (%lld tokens in %.3f s, %lld sequences per step)\n", B * (generate - 1) / gs,
                 (long long)(B * (generate - 1)), gs, (long long)B);
   print_stages(stdout, "decode");
-  std::printf("pages: %lld in use after prefill, %lld now, of %lld (%lld tokens each)\n", (long long)pages_after_prefill,
-              (long long)bs.pages_in_use(), (long long)bs.pool_pages(), (long long)page_size);
+  for (std::size_t i = 0; i < windows.size(); ++i)
+    std::printf("pages%s: %lld in use after prefill, %lld now, of %lld (%lld tokens each)\n", pool_name(windows[i]).c_str(),
+                (long long)pages_after_prefill[i], (long long)bs.pages_in_use(windows[i]),
+                (long long)bs.pool_pages(windows[i]), (long long)page_size);
 }
 
 int main(int argc, char** argv) {

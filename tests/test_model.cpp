@@ -559,7 +559,7 @@ TEST_CASE("a batch session equals one session per sequence: prefill, chunks and 
     const auto want = session_logits(m, ids[i], so);
     // The attention kernels see the same rows; the linear layers block more rows together
     // (f32 sums in another order): a few ulp of the logits. int8 pages (full-attention layers
-    // paged, sliding ones per sequence): a last-bit difference upstream can round a K/V element
+    // and sliding layers in their pools): a last-bit difference upstream can round a K/V element
     // to the neighbouring code (a step of max|row| / 127); measured up to 1.5e-7 (no code moved).
     const double e = test::rel_l2(got[i], want);
     if (std::getenv("ATTNKIT_PRINT_INT8") && kv == model::CacheType::int8) std::printf("int8 batch: %.3g\n", e);
@@ -571,13 +571,17 @@ TEST_CASE("a batch session equals one session per sequence: prefill, chunks and 
 }
 
 TEST_CASE("a batch session runs a looped stack, each pass with its own pages", "[model][batch]") {
-  const auto cfg = io::Qwen3Config::from_json(tiny_json(false), "test");
+  const bool sliding = GENERATE(false, true);  // sliding layers: every pass's K/V in the window's pool
+  CAPTURE(sliding);
+  const auto cfg = io::Qwen3Config::from_json(tiny_json(sliding), "test");
   model::RandomSource rnd(model::WeightType::f32, 9);
   const auto m = model::Qwen3Model::build(cfg, rnd, model::default_mixers(), std::make_shared<model::SumResidual>(),
                                           std::make_shared<model::RepeatStack>(3));
   std::vector<std::vector<std::int64_t>> ids = {random_ids(11, cfg.vocab_size, 1), random_ids(20, cfg.vocab_size, 2)};
   const auto got = batch_logits(m, ids, {{11, 5}, {0, 1}, {0, 14}}, {}, 8, 0);
   for (std::size_t i = 0; i < ids.size(); ++i) CHECK(test::rel_l2(got[i], session_logits(m, ids[i], {})) <= 2e-6);
+  const auto bs = m.new_batch_session({}, {});
+  for (int l = 0; l < m.num_layers(); ++l) CHECK(bs.layer_paged(l));
 }
 
 TEST_CASE("Loop Attention and sparse attention keep their K/V in pages; both equal one session each",
@@ -623,7 +627,7 @@ TEST_CASE("Loop Attention and sparse attention keep their K/V in pages; both equ
 }
 
 TEST_CASE("forks share a prompt's pages and copy the last one on write", "[model][batch]") {
-  const bool sliding = GENERATE(false, true);  // sliding layers: their rings are copied
+  const bool sliding = GENERATE(false, true);  // sliding layers: their window's pool too
   CAPTURE(sliding);
   const auto cfg = io::Qwen3Config::from_json(tiny_json(sliding), "test");
   const auto m = model::Qwen3Model::random(cfg, model::WeightType::bf16, 3);
@@ -644,6 +648,10 @@ TEST_CASE("forks share a prompt's pages and copy the last one on write", "[model
   CHECK(bs.position(b) == 21);
   CHECK(bs.pages_in_use() == 3);  // stored once
   CHECK(bs.pages(b) == bs.pages(a));
+  // The window (6) of position 21 starts at 16: pages 0 and 1 went back, page 2 is held.
+  CHECK(bs.pages_in_use(6) == (sliding ? 1 : 0));
+  CHECK(bs.pages(b, 6) == bs.pages(a, 6));
+  CHECK(bs.first_page(a, 6) == (sliding ? 2 : 0));
   // Each continues with its own token: two of the three copy the shared last page first
   // (and, with sliding layers, each writes its own copy of the rings).
   const std::int64_t next[3] = {5, 17, 101};
@@ -653,6 +661,7 @@ TEST_CASE("forks share a prompt's pages and copy the last one on write", "[model
   CHECK(bs.pages_in_use() == 5);
   CHECK(bs.pages(a)[0] == bs.pages(c)[0]);  // full pages stay shared
   CHECK(bs.pages(a)[2] != bs.pages(b)[2]);
+  CHECK(bs.pages_in_use(6) == (sliding ? 3 : 0));  // the windowed pool's shared last page, copied twice
   for (int i = 0; i < 3; ++i) {
     auto ids = prompt;
     ids.push_back(next[i]);
@@ -663,7 +672,79 @@ TEST_CASE("forks share a prompt's pages and copy the last one on write", "[model
   bs.remove(a);
   bs.remove(b);
   CHECK(bs.pages_in_use() == 3);  // c's three pages
+  CHECK(bs.pages_in_use(6) == (sliding ? 1 : 0));
   bs.remove(c);
+  CHECK(bs.pages_in_use() == 0);
+  CHECK(bs.pages_in_use(6) == 0);
+}
+
+TEST_CASE("a sliding layer's pool gives back the pages below its window as sequences advance", "[model][batch]") {
+  // Window 6, pages of 4: a sequence at position p (its next token's) holds the window pool's
+  // pages of positions max(0, p - 5) .. p - 1, at most 2 however long it runs; the full-attention
+  // pool keeps all. A step's own new tokens get pages first (a prompt's whole length).
+  const auto kv = GENERATE(model::CacheType::f32, model::CacheType::int8);
+  const auto cfg = io::Qwen3Config::from_json(tiny_json(true), "test");
+  const auto m = model::Qwen3Model::random(cfg, model::WeightType::f32, 8);
+  const std::int64_t V = cfg.vocab_size, W = 6, P = 4;
+  model::SessionOptions so;
+  so.kv_type = kv;
+  model::BatchOptions bo;
+  bo.page_size = P;
+  bo.initial_pages = 1;
+  auto bs = m.new_batch_session(so, bo);
+  const std::vector<std::vector<std::int64_t>> prompts = {random_ids(37, V, 61), random_ids(3, V, 62), random_ids(58, V, 63)};
+  std::vector<std::int64_t> seq;
+  for (std::size_t i = 0; i < prompts.size(); ++i) seq.push_back(bs.add());
+  const auto held = [&](std::int64_t p) { return (p + P - 1) / P - std::max<std::int64_t>(0, p - W + 1) / P; };
+  std::vector<std::vector<std::int64_t>> ids = prompts;
+  std::vector<std::vector<float>> got(prompts.size());
+  model::ForwardOptions last;
+  last.logits = model::LogitsRows::last;
+  std::vector<float> lg(static_cast<std::size_t>(3 * V));
+  std::int64_t pool_after_prompts = 0;
+  for (int step = 0; step < 12; ++step) {  // the prompts (the second one in two chunks), then decode
+    std::vector<model::SequenceTokens> st;
+    std::vector<std::vector<std::int64_t>> chunk(prompts.size());
+    for (std::size_t i = 0; i < prompts.size(); ++i) {
+      const std::int64_t at = bs.position(seq[i]), n = static_cast<std::int64_t>(ids[i].size()) - at;
+      chunk[i].assign(ids[i].begin() + at, ids[i].begin() + at + (i == 1 && step == 0 ? 2 : n));
+      st.push_back({seq[i], chunk[i]});
+    }
+    test::poison(lg);
+    m.forward_batch(bs, st, View2<float>(lg.data(), {3, V}), last);
+    std::int64_t want_window = 0, want_full = 0;
+    for (std::size_t i = 0; i < prompts.size(); ++i) {
+      const std::int64_t p = bs.position(seq[i]);
+      CAPTURE(step, i, p);
+      CHECK(static_cast<std::int64_t>(bs.pages(seq[i], W).size()) == held(p));
+      CHECK(bs.first_page(seq[i], W) == std::max<std::int64_t>(0, p - W + 1) / P);
+      CHECK(static_cast<std::int64_t>(bs.pages(seq[i]).size()) == (p + P - 1) / P);
+      want_window += held(p);
+      want_full += (p + P - 1) / P;
+      if (step > 0) {  // the next token: the argmax, as generation runs
+        got[i].insert(got[i].end(), lg.begin() + static_cast<std::ptrdiff_t>(i) * V, lg.begin() + static_cast<std::ptrdiff_t>(i + 1) * V);
+        ids[i].push_back(ops::argmax(lg.data() + i * V, V));
+      } else if (i != 1) {
+        ids[i].push_back(ops::argmax(lg.data() + i * V, V));
+      }
+    }
+    CHECK(bs.pages_in_use(W) == want_window);
+    CHECK(bs.pages_in_use() == want_full);
+    if (step == 0) pool_after_prompts = bs.pool_pages(W);
+  }
+  CHECK(bs.pool_pages(W) == pool_after_prompts);  // decode reuses the freed pages: no growth
+  // Each sequence's logits equal its own session's over the same tokens.
+  for (std::size_t i = 0; i < prompts.size(); ++i) {
+    CAPTURE(i);
+    const auto want = session_logits(m, ids[i], so);
+    const std::size_t n = got[i].size() / static_cast<std::size_t>(V), T = ids[i].size() - 1;
+    REQUIRE(n >= 10);
+    // The last n generated positions: logits rows T - n .. T - 1 of the session (the last token of ids has none yet).
+    CHECK(test::rel_l2(got[i].data(), want.data() + (T - n) * static_cast<std::size_t>(V), n * static_cast<std::size_t>(V)) <=
+          (kv == model::CacheType::int8 ? 1e-4 : 2e-6));
+  }
+  for (auto s : seq) bs.remove(s);
+  CHECK(bs.pages_in_use(W) == 0);
   CHECK(bs.pages_in_use() == 0);
 }
 
@@ -706,9 +787,12 @@ TEST_CASE("batch sessions refuse bad steps before anything changes", "[model][ba
   CHECK_FALSE(bs.broken(s));
   m.forward_batch(bs, ok, two, last);  // and the session still works
   CHECK(bs.position(t) == 3);
-  // Sliding layers keep a ring per sequence (copied by a fork); full attention is paged.
-  CHECK_FALSE(bs.layer_paged(0));
+  // Sliding layers are paged in the pool of their window, full attention in the window-0 pool.
+  CHECK(bs.layer_paged(0));
+  CHECK(bs.layer_window(0) == 6);
   CHECK(bs.layer_paged(1));
+  CHECK(bs.layer_window(1) == 0);
+  CHECK(bs.pool_windows() == std::vector<std::int64_t>{6, 0});
   CHECK(bs.position(bs.fork(t)) == 3);
   CHECK_THROWS_WITH(bs.remove(9), Contains("BatchSession::remove: argument 'sequence': no sequence 9"));
   const auto other = model::Qwen3Model::random(cfg, model::WeightType::f32, 2);

@@ -71,8 +71,11 @@ class MixerState {
 
 // K/V a mixer keeps in a batch session's shared page pool instead of per-sequence states: its
 // number of KV heads (all its passes together) and head dimension; none: per-sequence states.
+// window > 0: the mixer reads only each sequence's last `window` positions (a sliding window), so
+// its K/V go to the session's pool of that window, whose pages wholly below every sequence's
+// window are freed as the sequences advance (their table entries stay, never read).
 struct PagedLayout {
-  std::int64_t kv_heads = 0, head_dim = 0;
+  std::int64_t kv_heads = 0, head_dim = 0, window = 0;
   bool paged() const { return kv_heads > 0; }
 };
 
@@ -86,14 +89,15 @@ struct BatchStep {
   // Each sequence's own state (B of them): new_state()'s for mixers without a paged layout,
   // new_paged_state()'s (possibly null) for paged ones.
   std::span<MixerState* const> states;
-  // Paged mixers: the session's pool (f32, bf16 or int8: the others are empty) and this mixer's heads
-  // in it, [kv_head0, kv_head0 + layout.kv_heads); the sequences' page tables with their
-  // lengths before the step (= pos0), covering the step's new tokens (pages allocated, none
-  // shared where the step writes).
+  // Paged mixers: the session's pool of the mixer's window (f32, bf16 or int8: the others are
+  // empty) and this mixer's heads in it, [kv_head0, kv_head0 + layout.kv_heads); the sequences'
+  // page tables in that pool with their lengths before the step (= pos0), covering the step's new
+  // tokens (pages allocated, none shared where the step writes). window: the pool's (0: full);
+  // entries of a windowed pool's tables below each sequence's window may point at freed pages.
   MutablePagedKV<float> pages_f32;
   MutablePagedKV<bf16> pages_bf16;
   MutablePagedKV<std::int8_t> pages_int8;  // codes and a scale per token and KV head
-  std::int64_t kv_head0 = -1;
+  std::int64_t kv_head0 = -1, window = 0;
   PageTable table;
   std::int64_t batch() const { return static_cast<std::int64_t>(pos0.size()); }
   std::int64_t tokens(std::int64_t b) const { return cu_seqlens[b + 1] - cu_seqlens[b]; }

@@ -104,16 +104,21 @@ class Qwen3Attention final : public TokenMixer {
     o_.forward(View2<float>(attn, {T, H * d}), out, {ctx.precision, ctx.num_threads, false});
   }
 
-  // Batch sessions: full attention in every pass keeps its K/V in the session's page pool (f32,
-  // bf16 or int8 caches); sliding windows keep a state per sequence.
+  // Batch sessions: the K/V of every pass go to the session's page pool of the layer's window
+  // (f32, bf16 or int8 caches; a sliding layer's pages below the window are freed as sequences
+  // advance). Passes with different windows (a looped stack's pass_windows) keep a state per
+  // sequence.
   PagedLayout paged_layout(const SessionOptions&) const override {
     for (auto w : windows_)
-      if (w) return {};
-    return {proj_.kv_heads() * passes_, proj_.head_dim()};
+      if (w != windows_.front()) return {};
+    return {proj_.kv_heads() * passes_, proj_.head_dim(), windows_.front()};
   }
   void forward_batch(ConstView2<float> x, View2<float> out, const BatchStep& step, const StepContext& ctx) const override {
     if (step.kv_head0 < 0) return TokenMixer::forward_batch(x, out, step, ctx);
-    paged_attention_step(proj_, o_, x, out, step, ctx, detail_paged_attention::CausalPaged<>{ctx},
+    const std::int64_t w = windows_.front();
+    ATTNKIT_REQUIRE(step.window == w, "Qwen3Attention::forward_batch: layer ", layer_, " has a window of ", w,
+                    " keys but the step's pages are those of a window of ", step.window);
+    paged_attention_step(proj_, o_, x, out, step, ctx, detail_paged_attention::CausalPaged<>{ctx, {}, 0.f, w},
                          [&](const QKV& qkv, float* attn) {
                            if (proj_.output_gate()) apply_output_gate(qkv.gate, attn, layer_, ctx);
                          });

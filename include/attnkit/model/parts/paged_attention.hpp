@@ -118,15 +118,17 @@ void attend(const MutablePagedKV<KV>& pool, ConstView3<float> q, ConstView3<floa
   }
 }
 
-// Causal softmax attention (Qwen3 full attention), with a variant of the kernels' (Tuneable
-// attention's query metric). Policies with a row per query (OutputScale) would need the step's
-// rows of each sub-batch: not taken here.
+// Causal softmax attention (Qwen3 full attention; window > 0: a sliding window of that many keys,
+// the query's own included), with a variant of the kernels' (Tuneable attention's query metric).
+// Policies with a row per query (OutputScale) would need the step's rows of each sub-batch: not
+// taken here.
 template <class Var = PlainAttention>
 struct CausalPaged {
   static_assert(!Var::has_output, "CausalPaged: an output scale per query row is not routed through sub-batches");
   const StepContext& ctx;
   Var var = {};
   float scale = 0.f;  // 0: 1/sqrt(d_k); Tuneable's unfolded form keeps 1/sqrt(d) for r-wide keys
+  std::int64_t window = 0;
   template <class KV>
   void decode(ConstView3<float> q, const PagedKV<KV>& pages, const PageTable& table, View3<float> out,
               const std::vector<std::int64_t>&) const {
@@ -134,7 +136,7 @@ struct CausalPaged {
     o.num_threads = ctx.num_threads;
     o.precision = ctx.precision;  // int8 pages: fast scores the codes on VNNI
     o.scale = scale;
-    attention_decode_paged<KV>(q, pages, table, out, o, {}, 0, var);
+    attention_decode_paged<KV>(q, pages, table, out, o, {}, window, var);
   }
   template <class KV>
   void prefill(ConstView3<float> q, const PagedKV<KV>& pages, const PageTable& table, std::span<const std::int64_t> cu,
@@ -143,7 +145,8 @@ struct CausalPaged {
     o.num_threads = ctx.num_threads;
     o.precision = ctx.precision;
     o.scale = scale;
-    attention_prefill_paged<KV>(q, pages, table, cu, out, CausalMask{}, o, {}, var);
+    if (window > 0) attention_prefill_paged<KV>(q, pages, table, cu, out, SlidingWindowMask{window}, o, {}, var);
+    else attention_prefill_paged<KV>(q, pages, table, cu, out, CausalMask{}, o, {}, var);
   }
 };
 
