@@ -112,8 +112,10 @@ Batch<KV> make_batch(test::Rng& rng, std::int64_t B, std::int64_t P, std::int64_
     bt.k.push_back(std::move(fk));
     bt.v.push_back(std::move(fv));
   }
+  // On 1 or 2 threads (rows spread over threads from kParallelAppendRows on): every stored row
+  // is read back through the kernels against bt.k / bt.v.
   paged_append(bt.pool.view(), bt.table(), cu, ConstView3<float>(ak.data(), {cu.back(), Hk, dk}),
-               ConstView3<float>(av.data(), {cu.back(), Hk, dv}));
+               ConstView3<float>(av.data(), {cu.back(), Hk, dv}), static_cast<int>(rng.integer(1, 2)));
   for (std::int64_t b = 0; b < B; ++b) bt.lengths[b] += own[b];
   return bt;
 }

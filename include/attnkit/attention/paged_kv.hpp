@@ -44,7 +44,8 @@
 // cu_seqlens = {0, 1, ..., B}. The table's pages must already cover lengths[b] + n_b tokens;
 // lengths are NOT advanced (the caller owns them): attend with lengths[b] + n_b afterwards.
 // Everything is checked before the first row is written. Writing into a page that another
-// sequence shares is the caller's business (copy-on-write is the engine's).
+// sequence shares is the caller's business (copy-on-write is the engine's). num_threads (the last
+// argument, default 1; 0 = default) spreads the rows over threads from 64 rows on.
 #pragma once
 
 #include <algorithm>
@@ -60,6 +61,7 @@
 #include "attnkit/core/error.hpp"
 #include "attnkit/core/memory.hpp"
 #include "attnkit/core/simd.hpp"
+#include "attnkit/core/threading.hpp"
 #include "attnkit/core/view.hpp"
 
 namespace attnkit {
@@ -325,10 +327,13 @@ Cache kv_head_range(const Cache& c, std::int64_t h0, std::int64_t h1) {
   return r;
 }
 
+// Rows from which paged_append spreads over its threads.
+inline constexpr std::int64_t kParallelAppendRows = 64;
+
 // See the top of the file.
 template <class KV>
 void paged_append(const MutablePagedKV<KV>& cache, const PageTable& table, std::span<const std::int64_t> cu_seqlens,
-                  ConstView3<float> k, ConstView3<float> v) {
+                  ConstView3<float> k, ConstView3<float> v, int num_threads = 1) {
   constexpr const char* fn = "paged_append";
   const PagedKV<KV> c = cache;
   detail::paged::check_pages(fn, c);
@@ -350,8 +355,12 @@ void paged_append(const MutablePagedKV<KV>& cache, const PageTable& table, std::
   }
   const int shift = detail::paged::log2_exact(c.page_size());
   const std::int64_t mask = c.page_size() - 1;
-  for (std::int64_t b = 0; b < B; ++b)
-    for (std::int64_t r = cu_seqlens[b]; r < cu_seqlens[b + 1]; ++r) {
+  std::vector<std::int64_t> seq_of(static_cast<std::size_t>(n));  // row -> its sequence
+  for (std::int64_t b = 0; b < B; ++b) std::fill(seq_of.begin() + cu_seqlens[b], seq_of.begin() + cu_seqlens[b + 1], b);
+  // Rows in parallel only where there are enough of them (a prefill: the first touch of fresh
+  // pages costs as much as the copy); a decode step's B rows stay on the caller's thread.
+  parallel_for(n, n >= kParallelAppendRows ? num_threads : 1, [&](std::int64_t r) {
+      const std::int64_t b = seq_of[static_cast<std::size_t>(r)];
       const std::int64_t s = table.lengths[b] + (r - cu_seqlens[b]);
       const std::int64_t page = table.page(b, s, shift), slot = s & mask;
       for (std::int64_t h = 0; h < H_kv; ++h) {
@@ -368,7 +377,7 @@ void paged_append(const MutablePagedKV<KV>& cache, const PageTable& table, std::
           std::copy(v.ptr(r, h), v.ptr(r, h) + dv, vd);
         }
       }
-    }
+  });
 }
 
 // One sequence: its page ids and current length; k/v [n, H_kv, d] go to positions length ...

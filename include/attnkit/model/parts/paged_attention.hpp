@@ -87,6 +87,7 @@ inline View3<float> gather(ConstView3<float> x, const std::vector<std::int64_t>&
 //   att.decode(qs, pages, table, os, rows)       qs [n, H, d_k] -> os [n, H, d_v]
 //   att.prefill(qs, pages, table, cu, os, rows)  the same, cu: the group's cu_seqlens
 // rows: the step's packed row of each query (for per-row inputs such as sparse selections).
+// att.ctx: the step's context (its threads also append the step's rows).
 template <class KV, class Att>
 void attend(const MutablePagedKV<KV>& pool, ConstView3<float> q, ConstView3<float> k, ConstView3<float> v,
             View3<float> out, const BatchStep& step, std::int64_t head0, const Att& att, std::int64_t slots) {
@@ -94,7 +95,10 @@ void attend(const MutablePagedKV<KV>& pool, ConstView3<float> q, ConstView3<floa
   const MutablePagedKV<KV> mine = slots == 1 && k.shape[2] == pool.k.shape[3] && v.shape[2] == pool.v.shape[3]
                                       ? kv_head_range(pool, head0, head0 + Hkv)
                                       : head_slots(pool, head0, Hkv, slots, k.shape[2], v.shape[2]);
-  paged_append(mine, step.table, step.cu_seqlens, k, v);
+  {
+    ATTNKIT_STAGE("attn.cache_append");
+    paged_append(mine, step.table, step.cu_seqlens, k, v, att.ctx.num_threads);
+  }
   std::vector<std::int64_t> decode, prefill;
   for (std::int64_t b = 0; b < step.batch(); ++b)
     if (step.tokens(b) > 0) (step.tokens(b) == 1 ? decode : prefill).push_back(b);
