@@ -1364,16 +1364,26 @@ struct NoScoreTransform {
   void operator()(float*, int, std::int64_t, std::int64_t, std::int64_t, std::int64_t) const {}
 };
 // Soft-cap: s -> c2 · tanh(s / c2), c2 = cap · log2(e) (whole rows of kBlock: lanes past n are ignored later).
+// Soft-capping: s -> c2 · tanh(s / c2). simd::softcap picks its polynomial once per vector (all
+// lanes small or not), so a lane's bits depend on the others in its vector: only the vectors
+// holding the block's n keys are capped, their lanes past n set to 0 first. Lanes past n held
+// whatever the thread's scratch last held there (or the last row's score, repeated), and a
+// short block's bits then changed with the items the thread ran before (paged decode against
+// attention_decode: 1 ulp, one test run in 15). The softmax masks the lanes past n.
 struct SoftCapScores {
   static constexpr bool active = true;
   float c2, inv_c2;
-  void operator()(float* p, int /*n*/, std::int64_t /*h0*/, std::int64_t g0, std::int64_t g1, std::int64_t /*b*/) const {
+  void operator()(float* p, int n, std::int64_t /*h0*/, std::int64_t g0, std::int64_t g1, std::int64_t /*b*/) const {
     using B = simd::fbatch<>;
-    for (std::int64_t g = g0; g < g1; ++g)
-      for (int i = 0; i < kBlock; i += static_cast<int>(B::size)) {
+    constexpr int W = static_cast<int>(B::size);
+    const int end = (n + W - 1) / W * W;
+    for (std::int64_t g = g0; g < g1; ++g) {
+      std::fill(p + g * kBlock + n, p + g * kBlock + end, 0.f);
+      for (int i = 0; i < end; i += W) {
         float* x = p + g * kBlock + i;
         simd::softcap(B::load_unaligned(x), c2, inv_c2).store_unaligned(x);
       }
+    }
   }
 };
 // ALiBi: s -> s + slope_h · (key position - query position), slopes in base-2 units.

@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <algorithm>
 #include <memory>
@@ -81,6 +82,30 @@ template <int Locality = 3>
   }
 }
 
+#if defined(ATTNKIT_POISON_SCRATCH)
+// Tests only (define it for a whole program or not at all, as ATTNKIT_FAULT_INJECTION): every
+// GrowScratch::get fills the n floats it hands out with finite values that change from call to
+// call, all tiny (|v| < 2^-8) in some calls and of any magnitude up to 2^24 in others. A kernel
+// whose bits depend on scratch it did not write in the same call then gives different bits from
+// call to call, and the tests' bit-equality checks (paged against contiguous, 1 thread against
+// 2) see it. Finite, because a NaN is what a read-before-write hides behind (vmaxps returns its
+// second operand, a compare is false) while a value steers a branch or a maximum.
+inline void poison_scratch(float* p, std::int64_t n) {
+  thread_local std::uint64_t calls = 0;
+  std::uint64_t x = ++calls * 0x9E3779B97F4A7C15ull + 1;
+  const auto next = [&] {
+    x ^= x >> 12, x ^= x << 25, x ^= x >> 27;
+    return static_cast<std::uint32_t>((x * 0x2545F4914F6CDD1Dull) >> 32);
+  };
+  const bool tiny = next() & 1u;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::uint32_t r = next(), e = tiny ? 100u + r % 20u : 103u + r % 48u;  // 2^-27..2^-8 or 2^-24..2^24
+    const std::uint32_t bits = (r & 0x807fffffu) | (e << 23);
+    std::memcpy(p + i, &bits, sizeof bits);
+  }
+}
+#endif
+
 // Grow-only aligned float scratch (kernels keep one per thread in a thread_local and reuse it
 // across calls, so a steady stream of calls allocates nothing). Grows by at least half its size.
 class GrowScratch {
@@ -91,6 +116,9 @@ class GrowScratch {
       data_.reset(static_cast<float*>(allocate_aligned(static_cast<std::size_t>(cap) * sizeof(float))));
       capacity_ = cap;
     }
+#if defined(ATTNKIT_POISON_SCRATCH)
+    poison_scratch(data_.get(), n);
+#endif
     return data_.get();
   }
 
