@@ -1363,8 +1363,7 @@ struct NoScoreTransform {
   static constexpr bool active = false;
   void operator()(float*, int, std::int64_t, std::int64_t, std::int64_t, std::int64_t) const {}
 };
-// Soft-cap: s -> c2 · tanh(s / c2), c2 = cap · log2(e) (whole rows of kBlock: lanes past n are ignored later).
-// Soft-capping: s -> c2 · tanh(s / c2). simd::softcap picks its polynomial once per vector (all
+// Soft-cap: s -> c2 · tanh(s / c2), c2 = cap · log2(e). simd::softcap picks its polynomial once per vector (all
 // lanes small or not), so a lane's bits depend on the others in its vector: only the vectors
 // holding the block's n keys are capped, their lanes past n set to 0 first. Lanes past n held
 // whatever the thread's scratch last held there (or the last row's score, repeated), and a
