@@ -873,6 +873,36 @@ TEST_CASE("PagePool allocates and frees pages; paged_append refuses what does no
   REQUIRE_THROWS_WITH(paged_append(pool.view(), std::span<const std::int32_t>(pages), 0,
                                    ConstView3<float>(k.data(), {5, 2, 8}), ConstView3<float>(k.data(), {5, 1, 8})),
                       Contains("paged_append: argument 'v': shape [5, 1, 8] must be [n, H_kv, d_v] = [5, 2, 8]"));
+
+  // Two rows of one call into the same slot: two sequences appending into the page they share
+  // (not copied on write), or one sequence whose table lists a page twice; refused before any
+  // write, on one thread and on two (from kParallelAppendRows rows on).
+  const std::int64_t indptr[3] = {0, 2, 4}, cu[3] = {0, 1, 2};
+  const std::int32_t shared[4] = {2, 0, 1, 0};
+  std::int64_t lengths[2] = {5, 6};
+  const auto append_two = [&] {
+    paged_append(pool.view(), PageTable{indptr, shared, lengths}, cu, ConstView3<float>(k.data(), {2, 2, 8}),
+                 ConstView3<float>(k.data(), {2, 2, 8}));
+  };
+  REQUIRE_NOTHROW(append_two());  // page 0, slots 1 and 2
+  lengths[1] = 5;
+  REQUIRE_THROWS_WITH(append_two(), Contains("paged_append: argument 'table': rows 0 and 1 (sequence 0 position 5, "
+                                             "sequence 1 position 5) would both be written to slot 1 of page 0"));
+  const std::int32_t twice[2] = {2, 2};
+  REQUIRE_THROWS_WITH(paged_append(pool.view(), std::span<const std::int32_t>(twice), 0,
+                                   ConstView3<float>(k.data(), {5, 2, 8}), ConstView3<float>(k.data(), {5, 2, 8})),
+                      Contains("rows 0 and 4 (sequence 0 position 0, sequence 0 position 4) would both be written to "
+                               "slot 0 of page 2"));
+  PagePool<float> big(8, 16, 1, 4, 4);
+  std::vector<float> rows(kParallelAppendRows * 4, 1.f), kept(8 * 16 * 4, -3.f);
+  std::copy(kept.begin(), kept.end(), big.view().k.data);
+  const std::vector<std::int32_t> many(4, 5);  // 4 entries, all page 5: 64 rows over one page
+  const std::vector<std::int64_t> many_indptr{0, 4}, many_lengths{0}, many_cu{0, kParallelAppendRows};
+  const ConstView3<float> rv(rows.data(), {kParallelAppendRows, 1, 4});
+  REQUIRE_THROWS_WITH(paged_append(big.view(), PageTable{many_indptr, many, many_lengths}, many_cu, rv, rv, 2),
+                      Contains("rows 0 and 16 (sequence 0 position 0, sequence 0 position 16) would both be written to "
+                               "slot 0 of page 5"));
+  CHECK(std::equal(kept.begin(), kept.end(), big.view().k.data));  // nothing written
 }
 
 TEST_CASE("paged kernels name bad page tables and arguments", "[paged][errors]") {

@@ -43,8 +43,10 @@
 // scale for int8 pages, which refuse a NaN or infinite row before writing anything). A decode step is
 // cu_seqlens = {0, 1, ..., B}. The table's pages must already cover lengths[b] + n_b tokens;
 // lengths are NOT advanced (the caller owns them): attend with lengths[b] + n_b afterwards.
-// Everything is checked before the first row is written. Writing into a page that another
-// sequence shares is the caller's business (copy-on-write is the engine's). num_threads (the last
+// Everything is checked before the first row is written, including that no two rows of the call
+// land in the same slot (two sequences appending into a page they share); writing into a page
+// that another sequence shares is otherwise the caller's business (copy-on-write is the
+// engine's: PagePool::copy_page). num_threads (the last
 // argument, default 1; 0 = default) spreads the rows over threads from 64 rows on.
 #pragma once
 
@@ -54,6 +56,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "attnkit/attention/kv_cache.hpp"
@@ -330,6 +333,39 @@ Cache kv_head_range(const Cache& c, std::int64_t h0, std::int64_t h1) {
 // Rows from which paged_append spreads over its threads.
 inline constexpr std::int64_t kParallelAppendRows = 64;
 
+namespace detail::paged {
+
+// paged_append's rows must land in distinct slots. Two sequences that share a partly filled page
+// (a prompt prefix not yet copied on write) and append in the same step would otherwise write
+// the same slot: each overwrites the other's token in silence, and from 64 rows on (threads)
+// the bits depend on which thread wins. Sorting the rows' (page, slot) keys costs O(n log n) on
+// n rows, nothing beside the copy of n · H_kv rows that follows.
+inline void check_distinct_slots(const char* fn, const PageTable& table, std::span<const std::int64_t> cu_seqlens,
+                                 const std::vector<std::int64_t>& seq_of, int shift) {
+  const std::int64_t n = static_cast<std::int64_t>(seq_of.size());
+  if (n < 2) return;
+  const auto position = [&](std::int64_t r) {
+    const std::int64_t b = seq_of[static_cast<std::size_t>(r)];
+    return table.lengths[b] + (r - cu_seqlens[b]);
+  };
+  std::vector<std::pair<std::int64_t, std::int64_t>> keys(static_cast<std::size_t>(n));  // (page · P + slot, row)
+  for (std::int64_t r = 0; r < n; ++r) {
+    const std::int64_t b = seq_of[static_cast<std::size_t>(r)], s = position(r);
+    keys[r] = {(static_cast<std::int64_t>(table.page(b, s, shift)) << shift) | (s & ((std::int64_t{1} << shift) - 1)), r};
+  }
+  std::sort(keys.begin(), keys.end());
+  for (std::int64_t i = 1; i < n; ++i) {
+    if (keys[i].first != keys[i - 1].first) continue;
+    const std::int64_t r0 = keys[i - 1].second, r1 = keys[i].second;
+    throw_error(fn, ": argument 'table': rows ", r0, " and ", r1, " (sequence ", seq_of[r0], " position ", position(r0),
+                 ", sequence ", seq_of[r1], " position ", position(r1), ") would both be written to slot ",
+                 keys[i].first & ((std::int64_t{1} << shift) - 1), " of page ", keys[i].first >> shift,
+                 ": the sequences share that page (copy it on write first, PagePool::copy_page)");
+  }
+}
+
+}  // namespace detail::paged
+
 // See the top of the file.
 template <class KV>
 void paged_append(const MutablePagedKV<KV>& cache, const PageTable& table, std::span<const std::int64_t> cu_seqlens,
@@ -357,6 +393,7 @@ void paged_append(const MutablePagedKV<KV>& cache, const PageTable& table, std::
   const std::int64_t mask = c.page_size() - 1;
   std::vector<std::int64_t> seq_of(static_cast<std::size_t>(n));  // row -> its sequence
   for (std::int64_t b = 0; b < B; ++b) std::fill(seq_of.begin() + cu_seqlens[b], seq_of.begin() + cu_seqlens[b + 1], b);
+  detail::paged::check_distinct_slots(fn, table, cu_seqlens, seq_of, shift);
   // Rows in parallel only where there are enough of them (a prefill: the first touch of fresh
   // pages costs as much as the copy); a decode step's B rows stay on the caller's thread.
   parallel_for(n, n >= kParallelAppendRows ? num_threads : 1, [&](std::int64_t r) {
