@@ -887,12 +887,13 @@ TEST_CASE("PagePool allocates and frees pages; paged_append refuses what does no
   REQUIRE_NOTHROW(append_two());  // page 0, slots 1 and 2
   lengths[1] = 5;
   REQUIRE_THROWS_WITH(append_two(), Contains("paged_append: argument 'table': rows 0 and 1 (sequence 0 position 5, "
-                                             "sequence 1 position 5) would both be written to slot 1 of page 0"));
+                                             "sequence 1 position 5) would both be written to slot 1 of page 0: "
+                                             "the sequences share that page"));
   const std::int32_t twice[2] = {2, 2};
   REQUIRE_THROWS_WITH(paged_append(pool.view(), std::span<const std::int32_t>(twice), 0,
                                    ConstView3<float>(k.data(), {5, 2, 8}), ConstView3<float>(k.data(), {5, 2, 8})),
                       Contains("rows 0 and 4 (sequence 0 position 0, sequence 0 position 4) would both be written to "
-                               "slot 0 of page 2"));
+                               "slot 0 of page 2: the sequence's table lists that page twice"));
   PagePool<float> big(8, 16, 1, 4, 4);
   std::vector<float> rows(kParallelAppendRows * 4, 1.f), kept(8 * 16 * 4, -3.f);
   std::copy(kept.begin(), kept.end(), big.view().k.data);

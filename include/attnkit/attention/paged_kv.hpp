@@ -360,7 +360,8 @@ inline void check_distinct_slots(const char* fn, const PageTable& table, std::sp
     throw_error(fn, ": argument 'table': rows ", r0, " and ", r1, " (sequence ", seq_of[r0], " position ", position(r0),
                  ", sequence ", seq_of[r1], " position ", position(r1), ") would both be written to slot ",
                  keys[i].first & ((std::int64_t{1} << shift) - 1), " of page ", keys[i].first >> shift,
-                 ": the sequences share that page (copy it on write first, PagePool::copy_page)");
+                 seq_of[r0] == seq_of[r1] ? ": the sequence's table lists that page twice"
+                                          : ": the sequences share that page (copy it on write first, PagePool::copy_page)");
   }
 }
 
