@@ -10,7 +10,7 @@
 // Not built by CMake:
 //   F="-std=c++20 -O3 -march=native -fopenmp -ffp-contract=off -DNDEBUG -Iinclude -Ibenchmarks"
 //   g++ $F benchmarks/experiments/decode_bw_frac.cpp -o decode_bw_frac && ./decode_bw_frac
-// Used on 2026-12-02 on the Zen 5 VM and on the Intel AMX device host (README, int8-cache section).
+// Used on 2026-12-02 on the Zen 5 VM and on the Intel AMX device host (docs/performance.md, "int8 KV cache").
 #include <algorithm>
 #include <chrono>
 #include <cmath>

@@ -10,7 +10,7 @@
 //   softmax         scale_rows (key scales), softmax_block per head, scale_rows (value scales);
 //                   with exp2_ps and with exp2_short_ps (what `fast` runs)
 //   P·V             accumulate_block_f16 (AVX512-FP16) or accumulate_block_vnni (elsewhere)
-// Measured 2026-12-03 (README, int8 KV cache): on the Intel AMX host the AMX scores were no faster
+// Measured 2026-12-03 (docs/performance.md, "int8 KV cache"): on the Intel AMX host the AMX scores were no faster
 // than vpdpbusd (6.8-10.1 against 6.7-9.1 cycles a row at a 128-byte stride, 11.2-12.3 at 1024),
 // so the kernel keeps VNNI; the short exp2 took the softmax stage from 2.5 to 1.5.
 // Not built by CMake (AMX needs an AMX host):

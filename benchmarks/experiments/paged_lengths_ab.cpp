@@ -4,7 +4,7 @@
 // of 256 and 1024 keys beside the default 512. Pages of 16 shuffled through >= 2 GiB per batch
 // (benchmarks/paged_sets.hpp), Qwen3-0.6B heads. Prints each case's median GB/s, its ratio to
 // 8 x 8192 on 2 threads, and its fraction of the read roofline taken after the rounds.
-// Used on 2026-12-04 (README, "Attention on AMX tiles", late that day). Not built by CMake:
+// Used on 2026-12-04 (docs/performance.md, "Attention on AMX tiles", late that day). Not built by CMake:
 //   g++ -std=c++20 -O3 -march=native -fopenmp -ffp-contract=off -DNDEBUG -Iinclude -Ibenchmarks \
 //       benchmarks/experiments/paged_lengths_ab.cpp -o paged_lengths_ab && ./paged_lengths_ab 11
 #include <algorithm>

@@ -8,7 +8,7 @@
 // found 3 to 6 of the 16 vCPUs at half the tile rate (908-1318 against 1941-2859 GFLOP/s for
 // one thread), which ones changing from one scan to the next, seconds apart; two threads pinned
 // to cores 2 and 3 got 2601 GFLOP/s, to 3 and 5 4484, to 2 and 4 1946 within one minute. That
-// is the "2x from host to host and from process to process" of the README's AMX figures. The
+// is the "2x from host to host and from process to process" of the AMX figures (docs/performance.md). The
 // reference machine of the issues is a 2-core VM with its own cores, so benchmarks there are
 // pinned to the quietest pair found just before each run:
 //   taskset -c $(./quiet_cores 2>/dev/null) ./amx_prefill_shapes ...

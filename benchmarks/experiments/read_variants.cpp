@@ -10,7 +10,7 @@
 // and prints each variant's median and best GB/s over the rounds.
 // Used on 2026-12-06 on a second AMX host (the first was gone): plain 29.2-30.0 GB/s (medians of
 // 15), prefetching 24.5-29.4, streams 27.4-28.4, 256 MiB again no faster (no L3 reuse); the
-// model's step there stayed below the plain read, so the roofline stays the plain read (README,
+// model's step there stayed below the plain read, so the roofline stays the plain read (README's
 // "Where the open targets stand").
 // Not built by CMake:
 //   g++ -std=c++20 -O3 -march=native -fopenmp -DNDEBUG -Iinclude -Ibenchmarks \

@@ -31,7 +31,7 @@
 // The order of every sum is fixed by the selections alone, so results are bit-identical for any
 // thread count. Head dimensions up to kMaxDim (the K row in registers, zero padded to 16, 32, 64,
 // 128 or 256 lanes); sparse_attention_prefill uses the query-major kernel for larger ones and
-// without AVX-512. Measured against it (README): 0.89× the time on random selections at T 16384.
+// without AVX-512. Measured against it (docs/performance.md): 0.89× the time on random selections at T 16384.
 #pragma once
 
 #include <algorithm>

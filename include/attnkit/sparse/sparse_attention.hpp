@@ -28,7 +28,7 @@
 // attending to its selected keys inside the block with decode's kernel and merging that partial
 // state into its running one. Random selections leave little reuse (each key of a late block
 // is wanted by about K/T_k of the queries), so prefill runs at a third of dense attention's
-// rate per selected pair (see the README's measurements).
+// rate per selected pair (docs/performance.md, "Sparse attention").
 // A leading run of queries whose selections hold every key they see (the first K tokens of a
 // prompt under top-K) is dense causal attention and runs as such: attention_prefill's flash
 // kernel computes those rows (bit for bit its result), the sparse kernels the rest.
