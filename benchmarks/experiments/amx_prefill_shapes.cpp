@@ -50,13 +50,34 @@ double attended(std::int64_t T, std::int64_t W, std::int64_t C) {
   return n;
 }
 
+// Buffers from attnkit's allocator (core/memory.hpp: 2 MiB aligned and MADV_HUGEPAGE from 4
+// MiB on), as attnkit-bench's (bench_data.hpp) and the model's workspace are. On 4 KiB pages
+// (std::vector's) every query and output row of a sub-tile, 8 KiB apart, is a TLB miss: the
+// same kernel on both, alternated in one process (amx_prefill_ab.cpp, AB_HUGE), 2026-12-06 on
+// one AMX host: sliding T 32768 / W 512 1.068-1.089x faster on huge pages, causal T 2048
+// 1.015-1.024x, 512 after 8192 keys 1.001-1.012x. Before that day this program's figures were
+// on 4 KiB pages.
+template <class T>
+struct HugeAlloc {
+  using value_type = T;
+  HugeAlloc() = default;
+  template <class U>
+  HugeAlloc(const HugeAlloc<U>&) {}
+  T* allocate(std::size_t n) { return static_cast<T*>(allocate_aligned(n * sizeof(T))); }
+  void deallocate(T* p, std::size_t) { std::free(p); }
+  template <class U>
+  bool operator==(const HugeAlloc<U>&) const { return true; }
+};
+template <class T>
+using Vec = std::vector<T, HugeAlloc<T>>;
+
 // K/V of C keys stored head-major ([H_kv, C, d], as KVCache keeps them), element type KV.
 template <class KV>
 void run(std::int64_t T, std::int64_t W, std::int64_t C, int reps) {
   std::mt19937 gen(7);
   std::normal_distribution<float> nd;
-  std::vector<float> q(T * kH * kD), out(q.size()), ref(q.size());
-  std::vector<KV> k(C * kHkv * kD), v(k.size());
+  Vec<float> q(T * kH * kD), out(q.size()), ref(q.size());
+  Vec<KV> k(C * kHkv * kD), v(k.size());
   for (auto& x : q) x = nd(gen);
   for (auto& x : k) x = KV(nd(gen));
   for (auto& x : v) x = KV(nd(gen));
@@ -65,12 +86,12 @@ void run(std::int64_t T, std::int64_t W, std::int64_t C, int reps) {
   // rotate through copies filling >= 1 GiB, so they are not served from L3.
   const std::size_t kv_bytes = 2 * k.size() * sizeof(KV);
   const std::size_t copies = C > T ? std::max<std::size_t>(1, (std::size_t(1) << 30) / kv_bytes + 1) : 1;
-  std::vector<std::vector<KV>> ks(copies, k), vs(copies, v);
+  std::vector<Vec<KV>> ks(copies, k), vs(copies, v);
   std::size_t which = 0;
   ConstView3<KV> kv(k.data(), {C, kHkv, kD}, {kD, C * kD, 1}), vv(v.data(), {C, kHkv, kD}, {kD, C * kD, 1});
   AttentionOptions opt;
   opt.num_threads = threads();
-  const auto call = [&](std::vector<float>& o, Precision p) {
+  const auto call = [&](Vec<float>& o, Precision p) {
     opt.precision = p;
     kv.data = ks[which].data();
     vv.data = vs[which].data();
