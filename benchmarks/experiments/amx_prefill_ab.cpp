@@ -11,7 +11,7 @@
 // puts that side's buffers on transparent huge pages (2 MiB aligned, MADV_HUGEPAGE, as
 // attnkit's allocator does for large buffers); with one build on both sides the ratio is what
 // 4 KiB pages cost the kernel. 2026-12-06, one AMX host, three runs (B on huge pages, then A,
-// then B): sliding T 32768 / W 512 1.082, 1/0.918, 1.068x faster on huge pages (B faster in 15
+// then B): sliding T 32768 / W 512 1.082, 1/0.918, 1.068x faster on huge pages (the huge side faster in 15
 // of 15 rounds each time); causal T 2048 1.017, 1/0.977, 1.015x; 512 after 8192 keys 1.012,
 // 1/0.999, 1.007x. A sub-tile's 64 query and 64 output rows lie 8 KiB apart: on 4 KiB pages
 // each is a TLB miss, and a window's sub-tile has the fewest keys to spread them over.
