@@ -7,6 +7,12 @@
 // (benchmarks/roofline.hpp, as roofline/mem_read: best of 5 passes, measured before and after the
 // cases, the higher figure), "per pass" is the median over the passes of each pass's GB/s over a
 // read pass of the same 1 GiB buffer taken just before it (the host's bandwidth drifts within a run).
+// "its pages, plain read" sums the paged case's pages in the same order without the kernel: what
+// the access pattern allows. 2026-12-06: on the Intel VM 0.81 / 0.86 (8 x 8192 / mixed; per pass
+// 0.87) against the kernel's 0.71 / 0.69 (0.74 / 0.72); on an AMX host, two passes, per pass
+// 0.88 / 0.88-0.89 against the kernel's 0.78-0.79 / 0.68-0.71. Pages of 16 bf16 tokens are 32
+// KiB runs scattered through 2 GiB: read with nothing else to do they give about 0.88 of one long
+// sequential read, so bw_frac 0.80 at P 16 asks the kernel for 0.9 of its own pattern's read.
 // Not built by CMake:
 //   F="-std=c++20 -O3 -march=native -fopenmp -ffp-contract=off -DNDEBUG -Iinclude -Ibenchmarks"
 //   g++ $F benchmarks/experiments/decode_bw_frac.cpp -o decode_bw_frac && ./decode_bw_frac
@@ -102,6 +108,41 @@ Rate paged(std::int64_t T) {
   }, double(ps.bytes) * ps.n_sets);
 }
 
+// The paged case's pages read in the same order with no kernel: each thread sums whole K and V
+// pages (32 KiB each at P 16, bf16) of its half of each set's page list, as integers (bf16 bits
+// read as floats would be denormals, whose adds take assists). What the access pattern allows
+// (pages scattered at random through 2 GiB, each a short sequential run) against the roofline's
+// one long sequential read.
+Rate paged_read(std::int64_t T) {
+  const bench::PagedSetsT<bf16> ps(bench::paged_bench_lengths(T), 16);
+  const auto view = ps.pool.view();
+  const std::int64_t page_elems = view.k.stride[0];
+  if (page_elems != 16 * ps.Hk * ps.d || view.v.stride[0] != page_elems) {
+    std::fprintf(stderr, "paged_read: pages are not contiguous runs\n");
+    return {0, 0};
+  }
+  return rate([&] {
+    for (std::int64_t s = 0; s < ps.n_sets; ++s) {
+      const std::vector<std::int32_t>& idx = ps.indices[static_cast<std::size_t>(s)];
+      const auto n = static_cast<std::int64_t>(idx.size());
+      std::int64_t sums[kThreads] = {};
+      parallel_for(kThreads, kThreads, [&](std::int64_t t) {
+        __m512i acc = _mm512_setzero_si512();
+        for (std::int64_t i = n * t / kThreads; i < n * (t + 1) / kThreads; ++i)
+          for (const bf16* base : {view.k.data, view.v.data}) {
+            const char* pg = reinterpret_cast<const char*>(base + idx[static_cast<std::size_t>(i)] * page_elems);
+            for (std::int64_t off = 0; off < page_elems * 2; off += 256)
+              acc = _mm512_add_epi32(acc, _mm512_add_epi32(
+                  _mm512_add_epi32(_mm512_load_si512(pg + off), _mm512_load_si512(pg + off + 64)),
+                  _mm512_add_epi32(_mm512_load_si512(pg + off + 128), _mm512_load_si512(pg + off + 192))));
+          }
+        sums[t] = _mm512_reduce_add_epi32(acc);
+      });
+      bench::roofline_detail::keep(sums[0] + sums[kThreads - 1]);
+    }
+  }, double(ps.bytes) * ps.n_sets);
+}
+
 }  // namespace
 
 int main() {
@@ -121,6 +162,8 @@ int main() {
   rows.push_back({"int8 fast T 8192", contiguous<std::int8_t>(8192, Precision::fast)});
   rows.push_back({"paged bf16 8 x 8192, P 16", paged(8192)});
   rows.push_back({"paged bf16 mixed, P 16", paged(0)});
+  rows.push_back({"  its pages, plain read", paged_read(8192)});
+  rows.push_back({"  mixed, plain read", paged_read(0)});
   const double read1 = bench::roofline_detail::read_bandwidth(kThreads) * 1e-9;
   const double read = std::max(read0, read1);
   std::printf("read roofline (%d threads): %.1f GB/s before, %.1f after\n", kThreads, read0, read1);
