@@ -8,11 +8,14 @@
 // cases, the higher figure), "per pass" is the median over the passes of each pass's GB/s over a
 // read pass of the same 1 GiB buffer taken just before it (the host's bandwidth drifts within a run).
 // "its pages, plain read" sums the paged case's pages in the same order without the kernel: what
-// the access pattern allows. 2026-12-06: on the Intel VM 0.81 / 0.86 (8 x 8192 / mixed; per pass
-// 0.87) against the kernel's 0.71 / 0.69 (0.74 / 0.72); on an AMX host, two passes, per pass
-// 0.88 / 0.88-0.89 against the kernel's 0.78-0.79 / 0.68-0.71. Pages of 16 bf16 tokens are 32
-// KiB runs scattered through 2 GiB: read with nothing else to do they give about 0.88 of one long
-// sequential read, so bw_frac 0.80 at P 16 asks the kernel for 0.9 of its own pattern's read.
+// the access pattern allows; "K, V side by side" runs the kernel (and the read) on a copy of the
+// pool whose pages hold K and V together (FlashInfer's [pages, 2, ...]). 2026-12-06: on the
+// Intel VM the pages' plain read 0.87 per pass (8 x 8192 and mixed) against the kernel's 0.74 /
+// 0.72; on one AMX host 0.88 / 0.88-0.89 against 0.78-0.79 / 0.68-0.71, on another (two passes)
+// 0.92-0.96 against 0.82-0.83 / 0.76-0.83. K and V side by side: the plain read 0.97-0.99 per
+// pass, the kernel 0.76 and 0.86 (8 x 8192), 0.80 and 0.84 (mixed): no steady gain, so the
+// pool keeps K and V apart. Pages of 16 bf16 tokens are 32 KiB runs scattered through 2 GiB:
+// alone they stream at 0.87-0.96 of one long sequential read, depending on the host.
 // Not built by CMake:
 //   F="-std=c++20 -O3 -march=native -fopenmp -ffp-contract=off -DNDEBUG -Iinclude -Ibenchmarks"
 //   g++ $F benchmarks/experiments/decode_bw_frac.cpp -o decode_bw_frac && ./decode_bw_frac
@@ -94,8 +97,29 @@ Rate contiguous(std::int64_t T, Precision precision) {
   }, bytes * n_caches);
 }
 
-Rate paged(std::int64_t T) {
-  const bench::PagedSetsT<bf16> ps(bench::paged_bench_lengths(T), 16);
+// K and V of each page side by side (FlashInfer's [pages, 2, ...] layout): one 64 KiB run a
+// page at P 16 instead of two 32 KiB runs in separate arrays. The kernels read any strides, so
+// only the views change; a copy of the pool's pages, same ids.
+struct JointPages {
+  std::shared_ptr<void> buf;
+  PagedKV<bf16> view;
+  explicit JointPages(const PagePool<bf16>& pool) {
+    const PagedKV<bf16> v = pool.view();
+    const std::int64_t n = v.num_pages(), pe = v.k.stride[0];
+    buf = allocate_aligned_shared(static_cast<std::size_t>(n * 2 * pe) * sizeof(bf16));
+    bf16* j = static_cast<bf16*>(buf.get());
+    for (std::int64_t i = 0; i < n; ++i) {
+      std::copy(v.k.data + i * pe, v.k.data + (i + 1) * pe, j + 2 * i * pe);
+      std::copy(v.v.data + i * pe, v.v.data + (i + 1) * pe, j + (2 * i + 1) * pe);
+    }
+    view.k = ConstView4<bf16>(j, {v.k.shape[0], v.k.shape[1], v.k.shape[2], v.k.shape[3]},
+                              {2 * pe, v.k.stride[1], v.k.stride[2], 1});
+    view.v = ConstView4<bf16>(j + pe, {v.v.shape[0], v.v.shape[1], v.v.shape[2], v.v.shape[3]},
+                              {2 * pe, v.v.stride[1], v.v.stride[2], 1});
+  }
+};
+
+Rate paged(const bench::PagedSetsT<bf16>& ps, const PagedKV<bf16>& cache) {
   const std::int64_t B = ps.B, H = bench::PagedSetsT<bf16>::H, d = bench::PagedSetsT<bf16>::d;
   std::vector<float> q(B * H * d), out(B * H * d);
   for (std::size_t i = 0; i < q.size(); ++i) q[i] = static_cast<float>(std::sin(double(i)));
@@ -103,7 +127,7 @@ Rate paged(std::int64_t T) {
   opt.num_threads = kThreads;
   return rate([&] {
     for (std::int64_t s = 0; s < ps.n_sets; ++s)
-      attention_decode_paged<bf16>(ConstView3<float>(q.data(), {B, H, d}), ps.pool.view(), ps.table(s),
+      attention_decode_paged<bf16>(ConstView3<float>(q.data(), {B, H, d}), cache, ps.table(s),
                                    View3<float>(out.data(), {B, H, d}), opt);
   }, double(ps.bytes) * ps.n_sets);
 }
@@ -113,14 +137,8 @@ Rate paged(std::int64_t T) {
 // read as floats would be denormals, whose adds take assists). What the access pattern allows
 // (pages scattered at random through 2 GiB, each a short sequential run) against the roofline's
 // one long sequential read.
-Rate paged_read(std::int64_t T) {
-  const bench::PagedSetsT<bf16> ps(bench::paged_bench_lengths(T), 16);
-  const auto view = ps.pool.view();
-  const std::int64_t page_elems = view.k.stride[0];
-  if (page_elems != 16 * ps.Hk * ps.d || view.v.stride[0] != page_elems) {
-    std::fprintf(stderr, "paged_read: pages are not contiguous runs\n");
-    return {0, 0};
-  }
+Rate paged_read(const bench::PagedSetsT<bf16>& ps, const PagedKV<bf16>& cache) {
+  const std::int64_t page_elems = 16 * ps.Hk * ps.d;
   return rate([&] {
     for (std::int64_t s = 0; s < ps.n_sets; ++s) {
       const std::vector<std::int32_t>& idx = ps.indices[static_cast<std::size_t>(s)];
@@ -129,8 +147,8 @@ Rate paged_read(std::int64_t T) {
       parallel_for(kThreads, kThreads, [&](std::int64_t t) {
         __m512i acc = _mm512_setzero_si512();
         for (std::int64_t i = n * t / kThreads; i < n * (t + 1) / kThreads; ++i)
-          for (const bf16* base : {view.k.data, view.v.data}) {
-            const char* pg = reinterpret_cast<const char*>(base + idx[static_cast<std::size_t>(i)] * page_elems);
+          for (const auto* view : {&cache.k, &cache.v}) {
+            const char* pg = reinterpret_cast<const char*>(view->data + idx[static_cast<std::size_t>(i)] * view->stride[0]);
             for (std::int64_t off = 0; off < page_elems * 2; off += 256)
               acc = _mm512_add_epi32(acc, _mm512_add_epi32(
                   _mm512_add_epi32(_mm512_load_si512(pg + off), _mm512_load_si512(pg + off + 64)),
@@ -160,10 +178,15 @@ int main() {
   rows.push_back({"bf16 T 8192", contiguous<bf16>(8192, Precision::exact)});
   rows.push_back({"bf16 fast T 8192", contiguous<bf16>(8192, Precision::fast)});
   rows.push_back({"int8 fast T 8192", contiguous<std::int8_t>(8192, Precision::fast)});
-  rows.push_back({"paged bf16 8 x 8192, P 16", paged(8192)});
-  rows.push_back({"paged bf16 mixed, P 16", paged(0)});
-  rows.push_back({"  its pages, plain read", paged_read(8192)});
-  rows.push_back({"  mixed, plain read", paged_read(0)});
+  for (const std::int64_t T : {8192, 0}) {
+    const bench::PagedSetsT<bf16> ps(bench::paged_bench_lengths(T), 16);
+    const JointPages joint(ps.pool);
+    const bool all = T > 0;
+    rows.push_back({all ? "paged bf16 8 x 8192, P 16" : "paged bf16 mixed, P 16", paged(ps, ps.pool.view())});
+    rows.push_back({"  its pages, plain read", paged_read(ps, ps.pool.view())});
+    rows.push_back({"  K, V side by side", paged(ps, joint.view)});
+    rows.push_back({"  side by side, plain read", paged_read(ps, joint.view)});
+  }
   const double read1 = bench::roofline_detail::read_bandwidth(kThreads) * 1e-9;
   const double read = std::max(read0, read1);
   std::printf("read roofline (%d threads): %.1f GB/s before, %.1f after\n", kThreads, read0, read1);
