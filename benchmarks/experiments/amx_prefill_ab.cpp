@@ -19,7 +19,7 @@
 //   F="-std=c++20 -O3 -march=native -fopenmp -ffp-contract=off -DNDEBUG"
 //   g++ $F -DAB_NS=ab_a [A's macros] -I<A>/include -c amx_prefill_ab.cpp -o a.o
 //   g++ $F -DAB_NS=ab_b [B's macros] -I<B>/include -c amx_prefill_ab.cpp -o b.o
-//   g++ $F -DAB_MAIN -c amx_prefill_ab.cpp -o main.o && g++ $F main.o a.o b.o -o amx_prefill_ab
+//   g++ $F -DAB_MAIN -I<A>/include -c amx_prefill_ab.cpp -o main.o && g++ $F main.o a.o b.o -o amx_prefill_ab
 //   ./amx_prefill_ab <rounds> T:W[:C] ...   (W 0: causal; C keys in all, the last T of them the
 //                                             queries' own; default 2048:0 512:0:8704)
 #include <algorithm>
@@ -34,9 +34,8 @@
 #include <string>
 #include <vector>
 
-#include <sys/mman.h>
-
 #if defined(AB_MAIN)
+#include "attnkit/core/memory.hpp"  // the huge side's buffers: attnkit's own allocator
 extern "C" {
 double ab_a_call(const float* q, const void* k, const void* v, float* out, long long T, long long W, long long C);
 double ab_b_call(const float* q, const void* k, const void* v, float* out, long long T, long long W, long long C);
@@ -64,7 +63,7 @@ std::uint16_t to_bf16(float x) {  // round to nearest even
 template <class T>
 struct SideBuf {
   std::vector<T> small;
-  std::shared_ptr<T> huge;
+  std::shared_ptr<void> huge;
   T* p = nullptr;
   SideBuf(const std::vector<T>& src, bool use_huge) {
     if (!use_huge) {
@@ -72,10 +71,8 @@ struct SideBuf {
       p = small.data();
       return;
     }
-    const std::size_t page = std::size_t(1) << 21, bytes = (src.size() * sizeof(T) + page - 1) / page * page;
-    huge.reset(static_cast<T*>(std::aligned_alloc(page, bytes)), [](T* x) { std::free(x); });
-    madvise(huge.get(), bytes, MADV_HUGEPAGE);
-    p = huge.get();
+    huge = attnkit::allocate_aligned_shared(src.size() * sizeof(T));
+    p = static_cast<T*>(huge.get());
     std::memcpy(p, src.data(), src.size() * sizeof(T));
   }
 };
