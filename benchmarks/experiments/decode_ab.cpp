@@ -18,6 +18,8 @@
 //   ./decode_ab model:<depth> 0 <rounds>       a Qwen3-0.6B decode step after depth tokens
 // AB_ROTATED=<bytes> sets how much cache the contiguous and linear cases rotate over (2 GiB; 0:
 // two copies, in cache for short T), AB_CALLS=<n> the calls per timed pass (at least 16).
+// ab_a_KV_CHUNK=<keys> / ab_b_KV_CHUNK=<keys> set each side's opt.kv_chunk (the same headers on
+// both sides then compare two chunk sizes; the hashes then differ, as the chunks change the bits).
 // (the namespace macro renames attnkit in each version, so both link into one program). Used on
 // 2026-12-01 for StridedPrefetchingRows (attention/decode.hpp): int8 fast T 8192 1.04-1.06x,
 // faster in 116 of 140 rounds, where separate processes had shown nothing but noise.
@@ -92,6 +94,8 @@ int main(int argc, char** argv) {
 #define AB_CAT2(a, b) a##b
 #define AB_CAT(a, b) AB_CAT2(a, b)
 #define AB_FN(name) AB_CAT(AB_NS, name)
+#define AB_STR2(a) #a
+#define AB_STR(a) AB_STR2(a)
 
 namespace {
 using namespace attnkit;
@@ -249,6 +253,13 @@ extern "C" void AB_FN(_run)(void* p, long long calls) {
   DecodeOptions opt;
   opt.num_threads = 2;
   opt.precision = c->precision;
+  // <namespace>_KV_CHUNK=<keys> (ab_a_KV_CHUNK, ab_b_KV_CHUNK): this version's opt.kv_chunk, so
+  // two chunk sizes of the same headers can be alternated.
+  static const long long chunk = [] {
+    const char* e = std::getenv(AB_STR(AB_NS) "_KV_CHUNK");
+    return e ? std::atoll(e) : 0ll;
+  }();
+  opt.kv_chunk = chunk;
   for (long long i = 0; i < calls; ++i) c->call(c->next++, opt);
 }
 extern "C" unsigned long long AB_FN(_hash)(void* p) {
