@@ -457,6 +457,11 @@ inline void put_scores_pair(const ItemState& st, std::int64_t g, int i0, __m512 
 // head's products and sums are those of scores_group_bf16, in the same order (reduce16 sums
 // every vector by the same tree whatever its position), so the bits do not depend on whether
 // a head is computed alone or paired.
+// The 8 rows are read as two halves of 4 (the query slices loaded again for the second): with
+// all 8 row addresses live across the slice loop, GCC 12 ran out of general registers and sent
+// 12 of the 32 loaded K vectors of a block through the stack (a 64-byte store and two reloads
+// each). In one process, same bits (decode_ab, Intel VM, 2 threads): in cache bf16 T 256 / 512
+// 1.11x / 1.12x, paged B 8 mixed 512-8192 from DRAM 1.05x (11 of 11 rounds).
 template <int NP, class Rows>
 inline void scores_pair_group_bf16(const Rows& k0, int n, const ItemState& st, std::int64_t g, std::int64_t dk,
                                    std::int64_t qs_pad, std::int64_t p0, bool add) {
@@ -464,25 +469,28 @@ inline void scores_pair_group_bf16(const Rows& k0, int n, const ItemState& st, s
   const float* qa = st.qs + g * qs_pad + p0 * 32;
   const float* qb = qa + qs_pad;
   for (int i0 = 0; i0 < n; i0 += 8) {
-    decltype(k0(0)) rows[8];
-#pragma GCC unroll 8
-    for (int r = 0; r < 8; ++r) rows[r] = k0(std::min(i0 + r, n - 1)) + p0 * 32;
-    __m512 acc[16];
+    __m512 acc[16];  // [r]: head g, row i0 + r; [8 + r]: head g + 1
+#pragma GCC unroll 2
+    for (int h = 0; h < 8; h += 4) {
+      decltype(k0(0)) rows[4];
 #pragma GCC unroll 4
-    for (int s = 0; s < NP; ++s) {
-      const __mmask32 m = s == NP - 1 ? last : __mmask32(0xffffffffu);
-      const __m512 ae = _mm512_loadu_ps(qa + s * 32), ao = _mm512_loadu_ps(qa + s * 32 + 16);
-      const __m512 be = _mm512_loadu_ps(qb + s * 32), bo = _mm512_loadu_ps(qb + s * 32 + 16);
-#pragma GCC unroll 8
-      for (int r = 0; r < 8; ++r) {
-        __m512 ev, od;
-        load_pair(rows[r] + s * 32, m, ev, od);
-        if (s == 0) {
-          acc[r] = _mm512_fmadd_ps(ao, od, _mm512_mul_ps(ae, ev));
-          acc[8 + r] = _mm512_fmadd_ps(bo, od, _mm512_mul_ps(be, ev));
-        } else {
-          acc[r] = _mm512_fmadd_ps(ao, od, _mm512_fmadd_ps(ae, ev, acc[r]));
-          acc[8 + r] = _mm512_fmadd_ps(bo, od, _mm512_fmadd_ps(be, ev, acc[8 + r]));
+      for (int r = 0; r < 4; ++r) rows[r] = k0(std::min(i0 + h + r, n - 1)) + p0 * 32;
+#pragma GCC unroll 4
+      for (int s = 0; s < NP; ++s) {
+        const __mmask32 m = s == NP - 1 ? last : __mmask32(0xffffffffu);
+        const __m512 ae = _mm512_loadu_ps(qa + s * 32), ao = _mm512_loadu_ps(qa + s * 32 + 16);
+        const __m512 be = _mm512_loadu_ps(qb + s * 32), bo = _mm512_loadu_ps(qb + s * 32 + 16);
+#pragma GCC unroll 4
+        for (int r = h; r < h + 4; ++r) {
+          __m512 ev, od;
+          load_pair(rows[r - h] + s * 32, m, ev, od);
+          if (s == 0) {
+            acc[r] = _mm512_fmadd_ps(ao, od, _mm512_mul_ps(ae, ev));
+            acc[8 + r] = _mm512_fmadd_ps(bo, od, _mm512_mul_ps(be, ev));
+          } else {
+            acc[r] = _mm512_fmadd_ps(ao, od, _mm512_fmadd_ps(ae, ev, acc[r]));
+            acc[8 + r] = _mm512_fmadd_ps(bo, od, _mm512_fmadd_ps(be, ev, acc[8 + r]));
+          }
         }
       }
     }
