@@ -460,8 +460,9 @@ inline void put_scores_pair(const ItemState& st, std::int64_t g, int i0, __m512 
 // The 8 rows are read as two halves of 4 (the query slices loaded again for the second): with
 // all 8 row addresses live across the slice loop, GCC 12 ran out of general registers and sent
 // 12 of the 32 loaded K vectors of a block through the stack (a 64-byte store and two reloads
-// each). In one process, same bits (decode_ab, Intel VM, 2 threads): in cache bf16 T 256 / 512
-// 1.11x / 1.12x, paged B 8 mixed 512-8192 from DRAM 1.05x (11 of 11 rounds).
+// each). In one process, same bits (decode_ab, 2 threads): Intel VM in cache bf16 T 256 / 512
+// 1.11x / 1.12x, paged B 8 mixed 512-8192 1.05x; AMX hosts paged mixed 1.05x / 1.05x / 1.03x,
+// contiguous T 8192 1.04x.
 template <int NP, class Rows>
 inline void scores_pair_group_bf16(const Rows& k0, int n, const ItemState& st, std::int64_t g, std::int64_t dk,
                                    std::int64_t qs_pad, std::int64_t p0, bool add) {
