@@ -14,7 +14,7 @@
 //   ./decode_ab <f32|bf16|bf16f|int8|int8f> <T> <rounds>      contiguous, Qwen3-0.6B heads
 //   ./decode_ab paged:<bf16|bf16f|int8|int8f> <T, 0: 512..8192 mixed> <P> <rounds>
 // (bf16f, int8f: Precision::fast)
-//   ./decode_ab linear:<N>:<K> 0 <rounds>      one token through bf16 PackedLinear weights
+//   ./decode_ab linear:<N>:<K>[:<T>] 0 <rounds> T tokens (default 1) through bf16 PackedLinear weights
 //   ./decode_ab model:<depth> 0 <rounds>       a Qwen3-0.6B decode step after depth tokens
 // AB_ROTATED=<bytes> sets how much cache the contiguous and linear cases rotate over (2 GiB; 0:
 // two copies, in cache for short T), AB_CALLS=<n> the calls per timed pass (at least 16).
@@ -171,20 +171,20 @@ struct Paged : Case {
 // One token through bf16 PackedLinear weights [N, K] (a decode GEMV), rotated over >= 2 GiB of
 // separately packed copies. The precision does not change the single-token bf16 path.
 struct Linear : Case {
-  std::int64_t N, K;
+  std::int64_t N, K, T;
   std::vector<PackedLinear> layers;
-  Linear(std::int64_t n, std::int64_t k) : N(n), K(k) {
+  Linear(std::int64_t n, std::int64_t k, std::int64_t t) : N(n), K(k), T(t) {
     bytes = N * K * 2;
     sets = std::max<std::int64_t>(2, (kRotated + bytes - 1) / bytes);
     std::vector<float> w = normal(N * K, 42);
     for (auto& x : w) x *= 0.05f;
     for (std::int64_t c = 0; c < sets; ++c) layers.push_back(PackedLinear::pack_as_bf16(w.data(), N, K, K));
-    q = normal(K, 43);
-    out.resize(static_cast<std::size_t>(N));
+    q = normal(K * T, 43);
+    out.resize(static_cast<std::size_t>(N * T));
   }
   void call(std::int64_t i, const DecodeOptions& opt) override {
-    layers[static_cast<std::size_t>(i % sets)].forward(ConstView2<float>(q.data(), {1, K}),
-                                                        View2<float>(out.data(), {1, N}),
+    layers[static_cast<std::size_t>(i % sets)].forward(ConstView2<float>(q.data(), {T, K}),
+                                                        View2<float>(out.data(), {T, N}),
                                                         LinearOptions{opt.precision, opt.num_threads, false});
   }
 };
@@ -232,9 +232,10 @@ extern "C" void* AB_FN(_make)(const char* kind, long long T, long long P) {
   Case* c = nullptr;
   if (k.rfind("model:", 0) == 0) {  // model:depth
     c = new ModelStep(std::stoll(k.substr(6)));
-  } else if (k.rfind("linear:", 0) == 0) {  // linear:N:K
-    const std::size_t colon = k.find(':', 7);
-    c = new Linear(std::stoll(k.substr(7, colon - 7)), std::stoll(k.substr(colon + 1)));
+  } else if (k.rfind("linear:", 0) == 0) {  // linear:N:K[:T]
+    const std::size_t colon = k.find(':', 7), colon2 = k.find(':', colon + 1);
+    c = new Linear(std::stoll(k.substr(7, colon - 7)), std::stoll(k.substr(colon + 1, colon2 - colon - 1)),
+                   colon2 == std::string::npos ? 1 : std::stoll(k.substr(colon2 + 1)));
   } else if (k == "f32" && !paged) c = new Contiguous<float>(T);
   else if (k == "bf16" || k == "bf16f") c = paged ? static_cast<Case*>(new Paged<bf16>(T, P)) : new Contiguous<bf16>(T);
   else if (k == "int8" || k == "int8f")
