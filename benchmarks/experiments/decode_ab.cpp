@@ -168,8 +168,9 @@ struct Paged : Case {
                                View3<float>(out.data(), {ps.B, kH, kD}), opt);
   }
 };
-// One token through bf16 PackedLinear weights [N, K] (a decode GEMV), rotated over >= 2 GiB of
-// separately packed copies. The precision does not change the single-token bf16 path.
+// T tokens (1: a decode GEMV; 2-8: a batch decode step) through bf16 PackedLinear weights [N, K],
+// rotated over >= 2 GiB of separately packed copies; bytes counts the weights only. The precision
+// does not change the single-token bf16 path; with more tokens `fast` rounds the activations.
 struct Linear : Case {
   std::int64_t N, K, T;
   std::vector<PackedLinear> layers;
